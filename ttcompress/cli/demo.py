@@ -1,0 +1,3 @@
+"""`ttcompress demo` (work in progress)."""
+
+from ttcompress.cli import app  # noqa: F401
