@@ -1,0 +1,107 @@
+"""Forward+backward time of TTLinear vs nn.Linear and vs a single-einsum TT layer (issue 2, section 5).
+
+Setup: 4096 x 4096, modes 8*8*8*8, ranks 4/8/16, batch 64/256, CPU float32, all in one run.
+Prints one Markdown table: time ratios to dense (median of ``--repeats`` independent timing rounds)
+and the FLOP ratio (``torch.utils.flop_counter``, forward + backward) beside each.
+
+Usage::
+
+    python benchmarks/bench_tt_linear.py [--min-run-time 1.0] [--repeats 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import string
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+from torch.utils.flop_counter import FlopCounterMode
+
+from ttcompress.layers.tt_linear import TTLinear
+
+
+class EinsumTT(nn.Module):
+    """The common TT-layer implementation: one ``torch.einsum`` over the input and all cores."""
+
+    def __init__(self, layer: TTLinear) -> None:
+        super().__init__()
+        self.cores = nn.ParameterList(nn.Parameter(c.detach().clone()) for c in layer.cores)
+        self.bias = nn.Parameter(layer.bias.detach().clone())
+        self.in_modes, self.out_modes = layer.in_modes, layer.out_modes
+        d = len(self.in_modes)
+        letters = iter(string.ascii_letters)
+        ins = [next(letters) for _ in range(d)]
+        outs = [next(letters) for _ in range(d)]
+        rs = [next(letters) for _ in range(d + 1)]
+        terms = ["Z" + "".join(ins)] + [rs[k] + outs[k] + ins[k] + rs[k + 1] for k in range(d)]
+        self.equation = ",".join(terms) + "->Z" + "".join(outs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.einsum(self.equation, x.reshape(x.shape[0], *self.in_modes), *self.cores)
+        return y.reshape(x.shape[0], -1) + self.bias
+
+
+def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    for p in module.parameters():
+        p.grad = None
+    x.grad = None
+    module(x).backward(grad)
+
+
+def _flops(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter:
+        _step(module, x, grad)
+    return counter.get_total_flops()
+
+
+def _time(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, min_run_time: float) -> float:
+    timer = benchmark.Timer("step(m, x, g)", globals={"step": _step, "m": module, "x": x, "g": grad})
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timing")
+    parser.add_argument("--repeats", type=int, default=3, help="timing rounds; the median ratio is shown")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    size, modes = 4096, (8, 8, 8, 8)
+    print(f"# {datetime.date.today()} | torch {torch.__version__} | {platform.processor() or platform.machine()} "
+          f"| {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads | float32 fwd+bwd")
+    print("| batch | rank | TT params | dense ms | TTLinear / dense | einsum / dense "
+          "| FLOPs TTLinear / dense | FLOPs einsum / dense | TTLinear plan |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for batch in (64, 256):
+        x = torch.randn(batch, size, requires_grad=True)
+        grad = torch.randn(batch, size)
+        dense = nn.Linear(size, size)
+        for rank in (4, 8, 16):
+            tt = TTLinear(size, size, ranks=rank, in_modes=modes, out_modes=modes)
+            ein = EinsumTT(tt)
+            ratios_tt, ratios_ein, dense_ms = [], [], []
+            for _ in range(args.repeats):
+                t_dense = _time(dense, x, grad, args.min_run_time)
+                ratios_tt.append(_time(tt, x, grad, args.min_run_time) / t_dense)
+                ratios_ein.append(_time(ein, x, grad, args.min_run_time) / t_dense)
+                dense_ms.append(t_dense * 1e3)
+            f_dense = _flops(dense, x, grad)
+            plan = tt.forward_plan(batch)
+            groups = "+".join(f"{b - a}" for a, b in plan.groups) + f", chunk {plan.chunk_rows}"
+            print(f"| {batch} | {rank} | {sum(p.numel() for p in tt.parameters())} "
+                  f"| {statistics.median(dense_ms):.1f} "
+                  f"| {statistics.median(ratios_tt):.3f} | {statistics.median(ratios_ein):.3f} "
+                  f"| {_flops(tt, x, grad) / f_dense:.3f} | {_flops(ein, x, grad) / f_dense:.3f} "
+                  f"| cores {groups} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
