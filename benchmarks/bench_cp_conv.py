@@ -1,0 +1,195 @@
+"""Benchmark CPConv2d against nn.Conv2d (CPU, forward+backward) and time CP-ALS.
+
+Usage::
+
+    python benchmarks/bench_cp_conv.py                 # layer table + CP-ALS table
+    python benchmarks/bench_cp_conv.py --variants      # also every evaluation strategy
+    python benchmarks/bench_cp_conv.py --skip-als      # layer table only
+
+Layer rows: C -> C 3x3 convs, 32x32 maps, batch 32, CP ranks that give 4x / 8x / 16x fewer
+weights (``cp_rank_for_ratio``, weights only). ``time ratio`` is CPConv2d / nn.Conv2d, both timed
+in the same run with ``torch.utils.benchmark`` (median of blocked runs); ``FLOP ratio`` is from
+``torch.utils.flop_counter`` (forward + backward). CP-ALS rows: wall time of ``cp_als`` (default
+options) on a Gaussian kernel and the peak resident memory it adds on top of the process after
+``import torch`` (RSS sampled every 5 ms), each in a fresh subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+from torch.utils.flop_counter import FlopCounterMode
+
+from ttcompress.decompose.cp import cp_rank_for_ratio
+from ttcompress.layers.cp_conv import CPConv2d
+
+VARIANTS = {
+    "four convs": (False, False),
+    "fused dw": (True, False),
+    "four convs, channels_last": (False, True),
+    "fused dw, channels_last": (True, True),
+}
+
+
+def fwd_bwd(module: nn.Module, x: torch.Tensor) -> None:
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    module(x).sum().backward()
+
+
+def flops(module: nn.Module, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fwd_bwd(module, x)
+    return counter.get_total_flops()
+
+
+def time_it(module: nn.Module, x: torch.Tensor, min_run_time: float) -> float:
+    timer = benchmark.Timer(
+        stmt="fwd_bwd(m, x)", globals={"fwd_bwd": fwd_bwd, "m": module, "x": x}
+    )
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def layer_rows(args: argparse.Namespace) -> list[dict]:
+    torch.manual_seed(0)
+    rows = []
+    for channels in args.channels:
+        dense = nn.Conv2d(channels, channels, 3, padding=1)
+        x = torch.randn(args.batch, channels, 32, 32, requires_grad=True)
+        t_dense = time_it(dense, x, args.min_run_time)
+        f_dense = flops(dense, x)
+        for ratio in (4, 8, 16):
+            rank = cp_rank_for_ratio(channels, channels, 3, 3, ratio)
+            layer = CPConv2d(channels, channels, 3, rank=rank, padding=1)
+            variants = VARIANTS if args.variants else {"default": None}
+            for label, strategy in variants.items():
+                if strategy is not None:
+                    layer.fuse_spatial, layer.channels_last = strategy
+                else:
+                    layer.fuse_spatial, layer.channels_last = layer._default_strategy()
+                t_cp = time_it(layer, x, args.min_run_time)
+                rows.append(
+                    {
+                        "layer": f"{channels}->{channels} 3x3",
+                        "ratio": ratio,
+                        "rank": rank,
+                        "param ratio": round(layer.compression_ratio, 2),
+                        "variant": label
+                        if strategy is not None
+                        else f"fused={layer.fuse_spatial}, cl={layer.channels_last}",
+                        "dense ms": round(t_dense * 1e3, 2),
+                        "cp ms": round(t_cp * 1e3, 2),
+                        "time ratio": round(t_cp / t_dense, 3),
+                        "FLOP ratio": round(flops(layer, x) / f_dense, 3),
+                    }
+                )
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+ALS_CHILD = """
+import json, os, sys, threading, time, torch
+from ttcompress.decompose.cp import cp_als
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+c_out, c_in, k, rank = map(int, sys.argv[1:5])
+kernel = torch.randn(c_out, c_in, k, k, generator=torch.Generator().manual_seed(0))
+cp_als(torch.randn(4, 4, 3, 3), rank=2, n_iter_max=2)  # imports and lazy setup out of the way
+base = rss_mb()
+peak = [base]
+done = threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss_mb())
+        time.sleep(0.005)
+
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
+t = time.perf_counter()
+res = cp_als(kernel, rank=rank)
+dt = time.perf_counter() - t
+done.set()
+sampler.join()
+print(json.dumps({"seconds": dt, "extra_mb": peak[0] - base, "before_mb": base,
+                  "rel_error": res.rel_error, "n_iter": res.n_iter}))
+"""
+
+
+def als_rows(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for c_out, c_in, k, rank in args.als_cases:
+        out = subprocess.run(
+            [sys.executable, "-c", ALS_CHILD, str(c_out), str(c_in), str(k), str(rank)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(
+            {
+                "kernel": f"{c_out}x{c_in}x{k}x{k}",
+                "rank": rank,
+                "seconds": round(res["seconds"], 1),
+                "ALS iters": res["n_iter"],
+                "s / iter": round(res["seconds"] / max(res["n_iter"], 1), 3),
+                "peak extra RSS MB": round(res["extra_mb"]),
+                "RSS before MB": round(res["before_mb"]),
+                "rel_error": round(res["rel_error"], 4),
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--min-run-time", type=float, default=2.0)
+    parser.add_argument(
+        "--variants", action="store_true", help="time every evaluation strategy"
+    )
+    parser.add_argument("--skip-layers", action="store_true")
+    parser.add_argument("--skip-als", action="store_true")
+    args = parser.parse_args()
+    args.als_cases = [
+        (64, 64, 3, 32),
+        (128, 128, 3, 64),
+        (256, 256, 3, 128),
+        (512, 512, 3, 256),
+    ]
+
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M')} | torch {torch.__version__} | "
+        f"{platform.processor() or platform.machine()} | threads {torch.get_num_threads()}"
+    )
+    print(f"# command: python {' '.join(sys.argv)}\n")
+    if not args.skip_layers:
+        print(markdown(layer_rows(args)) + "\n")
+    if not args.skip_als:
+        print(markdown(als_rows(args)))
+
+
+if __name__ == "__main__":
+    main()
