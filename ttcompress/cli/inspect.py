@@ -1,3 +1,74 @@
-"""`ttcompress inspect` (work in progress)."""
+"""``ttcompress inspect``: what is in a model file, and what could be compressed.
 
-from ttcompress.cli import app  # noqa: F401
+A thin shell over :func:`ttcompress.surgery.inspect_file`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from rich.table import Table
+
+from ttcompress.cli import app
+from ttcompress.cli._common import cli_errors, out
+from ttcompress.cli.decompose import print_table
+from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, JsonOpt, ModelArg, PlanOpt, TrustPickleOpt, parse_arch_kwargs
+from ttcompress.plan import load_plan
+from ttcompress.surgery import ModelSummary, inspect_file
+
+
+@app.command("inspect")
+@cli_errors
+def inspect(
+    model: ModelArg,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    plan: PlanOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Show MODEL's layers: shapes, parameter share, what is compressible and suggested TT modes / CP ranks.
+
+    For a compressed ttcompress checkpoint, show its plan: format, modes and ranks of each layer.
+    """
+    summary = inspect_file(
+        model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle,
+        plan=load_plan(plan) if plan is not None else None,
+    )
+    if json_:
+        out.print_json(json.dumps(summary.to_dict()))
+        return
+    print_table(summary_table(summary, title=str(model)))
+
+
+def summary_table(summary: ModelSummary, *, title: str) -> Table:
+    """Render a :class:`ModelSummary` as a rich table."""
+    arch = summary.arch["name"] + (
+        f" {json.dumps(summary.arch['kwargs'])}" if summary.arch and summary.arch.get("kwargs") else ""
+    ) if summary.arch else "not rebuildable (pickled module)"
+    caption = f"{summary.kind} · arch {arch} · {summary.total_params:,} params"
+    table = Table(title=title, caption=caption)
+    cols = ["layer", "type", "shape", "params", "share", "format"]
+    cols += ["modes / ranks", "before", "rel. error"] if summary.compressed else ["compressible", "suggestion"]
+    for c in cols:
+        table.add_column(c, justify="right" if c in ("params", "share", "before", "rel. error") else "left")
+    for r in summary.layers:
+        row = [r.name, r.type, "x".join(map(str, r.shape)), f"{r.params:,}", f"{100 * r.share:.1f}%",
+               r.format.upper() if r.format != "dense" else "dense"]
+        if summary.compressed:
+            if r.format == "tt":
+                ranks = (f"{'x'.join(map(str, r.out_modes or ()))}<-{'x'.join(map(str, r.in_modes or ()))} "
+                         f"r={','.join(map(str, r.ranks or ()))}")
+            elif r.format == "cp":
+                ranks = f"r={','.join(map(str, r.ranks or ()))}"
+            else:
+                ranks = "–"
+            row += [ranks, f"{r.params_before:,}" if r.params_before else "–",
+                    f"{r.rel_error:.4f}" if r.rel_error is not None else "–"]
+        else:
+            row += ["yes" if r.compressible else f"no: {r.reason}", r.suggestion or "–"]
+        table.add_row(*row)
+    if summary.other_params:
+        table.add_row("(other parameters)", "", "", f"{summary.other_params:,}",
+                      f"{100 * summary.other_params / max(summary.total_params, 1):.1f}%", "", *[""] * (len(cols) - 6))
+    return table

@@ -1,0 +1,221 @@
+"""`ttcompress decompose` / `ttcompress inspect` through the CLI (typer's CliRunner)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from ttcompress.cli import app
+from ttcompress.errors import CheckpointError
+from ttcompress.io import build_model, get_meta, load
+from ttcompress.plan import CPSettings, Plan, TTSettings
+from ttcompress.surgery import compress
+
+runner = CliRunner()
+FAST_PLAN = "cp:\n  options: {n_iter_max: 3}\n"
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def ok(*args: str):
+    result = run(*args)
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return result
+
+
+def fails(*args: str, match: str):
+    result = run(*args)
+    assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
+    assert match in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1
+    return result
+
+
+@pytest.fixture(scope="module")
+def cnn_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cnn") / "cnn.pt"
+    torch.save(build_model("seed-cnn").state_dict(), path)
+    return path
+
+
+@pytest.fixture()
+def plan_file(tmp_path) -> Path:
+    path = tmp_path / "fast.yaml"
+    path.write_text(FAST_PLAN)
+    return path
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+
+
+def test_decompose_state_dict_default_output(cnn_file, tmp_path, plan_file):
+    src = tmp_path / "model.pt"
+    src.write_bytes(cnn_file.read_bytes())
+    result = ok("decompose", src, "--arch", "seed-cnn", "--tt-ranks", "4", "--cp-ranks", "3", "--plan", plan_file)
+    out = tmp_path / "model.tt.pt"
+    assert out.exists()
+    assert "total" in result.stdout and "classifier.1" in result.stdout
+    # The loaded file equals the in-memory compressed model (same plan, deterministic).
+    loaded = load(out)
+    model = load(src, arch="seed-cnn")
+    compress(model, Plan(tt=TTSettings(ranks=4), cp=CPSettings(rank=3, options={"n_iter_max": 3})))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(_x()), model(_x()), rtol=1e-6, atol=1e-6)
+    assert get_meta(loaded)["info"]["plan"]["tt"] == {"ranks": 4}
+
+
+def test_decompose_json_and_eps_bound(cnn_file, tmp_path):
+    eps = 0.6
+    out = tmp_path / "o.tt.pt"
+    result = ok("decompose", cnn_file, "--arch", "seed-cnn", "--tt-eps", eps, "--layers", "classifier.*", "-o", out,
+                "--json")
+    summary = json.loads(result.stdout)
+    assert summary["output"] == str(out) and summary["input_kind"] == "state_dict"
+    rows = {r["name"]: r for r in summary["layers"]}
+    assert rows["features.0"]["skipped"] == "not matched by --layers"
+    tt_rows = [r for r in summary["layers"] if r["format"] == "tt"]
+    assert tt_rows
+    for r in tt_rows:
+        assert r["rel_error"] <= eps
+    assert summary["params_before"] / summary["params_after"] == pytest.approx(summary["ratio"])
+
+
+def test_decompose_target_ratio(cnn_file, tmp_path, plan_file):
+    out = tmp_path / "t.tt.pt"
+    result = ok("decompose", cnn_file, "--arch", "seed-cnn", "--target-ratio", "8", "--plan", plan_file, "-o", out, "--json")
+    summary = json.loads(result.stdout)
+    assert summary["ratio"] >= 8.0
+    assert summary["ratio"] < 12.0  # the budget is used, not wasted
+
+
+def test_resnet18_end_to_end(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    src = tmp_path / "r18.pth"
+    torch.save(model.state_dict(), src)
+    plan = tmp_path / "plan.yaml"
+    # Low ranks, 2 ALS iterations, and the two deepest stages kept dense keep this fast on 2 cores.
+    plan.write_text("cp: {rank: 2, options: {n_iter_max: 2, init: random}}\ntt: {ranks: 2}\n"
+                    "rules:\n  - {pattern: 'layer3.*', format: dense}\n  - {pattern: 'layer4.*', format: dense}\n")
+    out = tmp_path / "r18.tt.pt"
+    result = ok("decompose", src, "--arch", "torchvision:resnet18", "--arch-kwargs", '{"num_classes": 10}',
+                "--plan", plan, "--exclude", "conv1", "-o", out, "--json")
+    summary = json.loads(result.stdout)
+    rows = {r["name"]: r for r in summary["layers"]}
+    assert rows["fc"]["format"] == "tt" and rows["layer1.0.conv1"]["format"] == "cp"
+    assert rows["conv1"]["skipped"] == "excluded by pattern 'conv1'"
+    assert rows["layer4.0.conv1"]["skipped"] == "plan rule: dense"
+    loaded = load(out)
+    assert get_meta(loaded)["arch"] == {"name": "torchvision:resnet18", "kwargs": {"num_classes": 10}}
+    with torch.no_grad():
+        assert loaded(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_pickled_mlp_end_to_end(tmp_path):
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    src = tmp_path / "mlp.pt"
+    torch.save(mlp, src)
+    fails("decompose", src, "--tt-ranks", "4", match="--trust-pickle")
+    assert not (tmp_path / "mlp.tt.pt").exists()
+    ok("decompose", src, "--tt-ranks", "4", "--trust-pickle")
+    out = tmp_path / "mlp.tt.pt"
+    # The base was a pickled module: the checkpoint is a pickle too and needs the same trust.
+    fails("inspect", out, match="--trust-pickle")
+    loaded = load(out, trust_pickle=True)
+    assert type(loaded[2]).__name__ == "TTLinear"
+    result = ok("inspect", out, "--trust-pickle", "--json")
+    assert json.loads(result.stdout)["compressed"] is True
+
+
+def test_near_full_ranks_close_to_original(cnn_file, tmp_path):
+    out = tmp_path / "full.tt.pt"
+    ok("decompose", cnn_file, "--arch", "seed-cnn", "--tt-ranks", "100000", "--layers", "classifier.*", "-o", out)
+    dense = load(cnn_file, arch="seed-cnn")
+    with torch.no_grad():
+        torch.testing.assert_close(load(out)(_x()), dense(_x()), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["raw-pickle", "torch-save"])
+def test_crafted_pickle_never_runs(tmp_path, how):
+    marker = tmp_path / "PWNED"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    src = tmp_path / "evil.pt"
+    if how == "raw-pickle":
+        src.write_bytes(pickle.dumps(Evil(), protocol=2))
+    else:
+        torch.save(Evil(), src)
+    for cmd in ("decompose", "inspect"):
+        fails(cmd, src, "--arch", "seed-cnn", match="--trust-pickle")
+        assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt"]
+
+
+def test_errors_exit_2_without_output(cnn_file, tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a model at all" * 10)
+    bad_plan = tmp_path / "bad.yaml"
+    bad_plan.write_text("rules: [{format: tt}]\n")
+    out = tmp_path / "out.tt.pt"
+    cases = [
+        (["decompose", tmp_path / "missing.pt"], "not found"),
+        (["decompose", garbage, "--arch", "seed-cnn"], "not a readable model file"),
+        (["decompose", cnn_file], "--arch"),
+        (["decompose", cnn_file, "--arch", "lenet5"], "missing key"),
+        (["decompose", cnn_file, "--arch", "seed-cnn", "--arch-kwargs", '{"num_classes": 5}'], "wrong shape"),
+        (["decompose", cnn_file, "--arch", "no-such-arch"], "unknown arch"),
+        (["decompose", cnn_file, "--arch", "seed-cnn", "--arch-kwargs", "{num_classes: 5}"], "--arch-kwargs"),
+        (["decompose", cnn_file, "--arch", "seed-cnn", "--tt-ranks", "0"], "--tt-ranks"),
+        (["decompose", cnn_file, "--arch", "seed-cnn", "--tt-eps", "1.5"], "--tt-eps"),
+        (["decompose", cnn_file, "--arch", "seed-cnn", "--cp-ranks", "4", "--cp-ratio", "3"], "mutually exclusive"),
+        (["decompose", cnn_file, "--arch", "seed-cnn", "--target-ratio", "100000"], "out of reach"),
+        (["decompose", cnn_file, "--arch", "seed-cnn", "--plan", bad_plan], "no pattern"),
+        (["decompose", cnn_file, "--arch", "seed-cnn", "--plan", tmp_path / "nope.yaml"], "plan file not found"),
+        (["inspect", tmp_path / "missing.pt"], "not found"),
+    ]
+    for args, match in cases:
+        fails(*args, "-o", out, match=match) if args[0] == "decompose" else fails(*args, match=match)
+        assert not out.exists(), args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "garbage.pt"]
+    fails("decompose", cnn_file, "--arch", "seed-cnn", "-o", cnn_file, match="must differ")
+
+
+def test_debug_shows_the_exception(tmp_path):
+    result = runner.invoke(app, ["--debug", "decompose", str(tmp_path / "missing.pt")])
+    assert result.exit_code != 0 and isinstance(result.exception, CheckpointError)
+
+
+def test_inspect_dense_and_compressed(cnn_file, tmp_path, plan_file):
+    result = ok("inspect", cnn_file, "--arch", "seed-cnn", "--json")
+    summary = json.loads(result.stdout)
+    assert summary["compressed"] is False and summary["kind"] == "state_dict"
+    rows = {r["name"]: r for r in summary["layers"]}
+    assert rows["classifier.1"]["compressible"] is True and rows["classifier.1"]["suggestion"].startswith("TT ")
+    assert sum(r["share"] for r in summary["layers"]) + summary["other_params"] / summary["total_params"] == pytest.approx(1)
+    table = ok("inspect", cnn_file, "--arch", "seed-cnn").stdout
+    assert "classifier.1" in table and "suggestion" in table
+    out = tmp_path / "c.tt.pt"
+    ok("decompose", cnn_file, "--arch", "seed-cnn", "--tt-ranks", "3", "--cp-ranks", "2", "--plan", plan_file, "-o", out)
+    summary = json.loads(ok("inspect", out, "--json").stdout)
+    assert summary["compressed"] is True and summary["kind"] == "ttcompress"
+    rows = {r["name"]: r for r in summary["layers"]}
+    assert rows["classifier.1"]["format"] == "tt" and max(rows["classifier.1"]["ranks"]) <= 3
+    assert rows["features.3"]["format"] == "cp" and rows["features.3"]["ranks"] == [2]
+    assert "r=2" in ok("inspect", out).stdout

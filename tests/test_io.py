@@ -1,0 +1,287 @@
+"""ttcompress.io: every input form round-trips; unsafe pickles are refused; writes are atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ttcompress import io as tio
+from ttcompress.errors import CheckpointError, UnsafePickleError
+from ttcompress.io import atomic_write, get_meta, load, load_checkpoint, save, update_meta
+
+ARCH = "seed-cnn"
+X = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+
+def _cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return tio.build_model(ARCH).eval()
+
+
+def _same(a: nn.Module, b: nn.Module, x: torch.Tensor = X) -> None:
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+class Evil:
+    """Unpickling this creates the marker file (stands for arbitrary code execution)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):  # noqa: D105
+        return (open, (self.marker, "w"))
+
+
+class TiedNet(nn.Module):
+    """Two Linear layers sharing one weight tensor (built by name: ``tests...:TiedNet``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# metadata
+# ---------------------------------------------------------------------------------------------
+def test_get_meta_defaults_and_copy():
+    m = nn.Linear(2, 2)
+    assert get_meta(m) == {"arch": None, "layers": {}, "info": {}}
+    update_meta(m, arch={"name": "x", "kwargs": {"a": 1}}, info={"k": [1]}, layers={"fc": {"format": "tt"}})
+    update_meta(m, info={"j": 2}, layers={"g": {"format": "cp"}})
+    meta = get_meta(m)
+    assert meta == {"arch": {"name": "x", "kwargs": {"a": 1}}, "layers": {"fc": {"format": "tt"}, "g": {"format": "cp"}},
+                    "info": {"k": [1], "j": 2}}
+    meta["info"]["k"].append(2)
+    assert get_meta(m)["info"]["k"] == [1]  # a deep copy
+    assert "ttcompress_meta" not in m.state_dict()
+
+
+def test_update_meta_rejects_bad_arch():
+    with pytest.raises(TypeError, match="arch"):
+        update_meta(nn.Linear(2, 2), arch={"kwargs": {}})
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic writes
+# ---------------------------------------------------------------------------------------------
+def test_atomic_write_success_and_failure(tmp_path):
+    dest = tmp_path / "sub" / "out.txt"
+    with atomic_write(dest, "w") as f:
+        f.write("hello")
+    assert dest.read_text() == "hello"
+    with pytest.raises(RuntimeError):
+        with atomic_write(dest, "w") as f:
+            f.write("partial")
+            raise RuntimeError("boom")
+    assert dest.read_text() == "hello"  # old content intact
+    fresh = tmp_path / "fresh.bin"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(fresh) as f:
+            f.write(b"x" * 1000)
+            raise KeyboardInterrupt
+    assert not fresh.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["out.txt", "sub"]  # no temp files left
+
+
+def test_atomic_write_bad_mode(tmp_path):
+    with pytest.raises(ValueError, match="mode"):
+        with atomic_write(tmp_path / "x", "ab"):
+            pass
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
+    def half_then_fail(f, data):
+        f.write(data[: len(data) // 2])
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(tio, "_write_bytes", half_then_fail)
+    dest = tmp_path / "model.tt.pt"
+    with pytest.raises(OSError, match="simulated"):
+        save(_cnn(), dest)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# round trips of every input form
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("form", ["pt", "pth-wrapped-state_dict", "wrapped-model", "ddp-prefix", "safetensors"])
+def test_state_dict_forms_round_trip(tmp_path, form):
+    model = _cnn()
+    sd = model.state_dict()
+    if form == "safetensors":
+        from safetensors.torch import save_file
+
+        path = tmp_path / "w.safetensors"
+        save_file(sd, str(path))
+    else:
+        obj = {"pt": sd, "pth-wrapped-state_dict": {"state_dict": sd, "epoch": 3},
+               "wrapped-model": {"model": sd}, "ddp-prefix": {f"module.{k}": v for k, v in sd.items()}}[form]
+        path = tmp_path / ("w.pth" if form.startswith("pth") else "w.pt")
+        torch.save(obj, path)
+    loaded = load_checkpoint(path, arch=ARCH)
+    assert loaded.kind == "state_dict"
+    assert get_meta(loaded.model)["arch"] == {"name": ARCH, "kwargs": {}}
+    assert not loaded.model.training
+    _same(model, loaded.model)
+
+
+def test_pickled_module_needs_trust(tmp_path):
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    path = tmp_path / "mlp.pt"
+    torch.save(mlp, path)
+    with pytest.raises(UnsafePickleError, match="--trust-pickle"):
+        load(path)
+    loaded = load_checkpoint(path, trust_pickle=True)
+    assert loaded.kind == "pickle"
+    assert get_meta(loaded.model)["arch"] is None
+    x = torch.randn(2, 8)
+    _same(mlp, loaded.model, x)
+
+
+def test_own_checkpoint_round_trip_is_safetensors(tmp_path):
+    model = _cnn()
+    update_meta(model, info={"dataset": "mnist-5k"})
+    path = save(model, tmp_path / "m.tt.pt", info={"note": "x"})
+    assert tio._is_safetensors(path)
+    header = tio.read_header(path)
+    assert header["format"] == "ttcompress" and header["version"] == 1
+    assert header["arch"] == {"name": ARCH, "kwargs": {}}
+    loaded = load_checkpoint(path)
+    assert loaded.kind == "ttcompress"
+    assert get_meta(loaded.model)["info"] == {"dataset": "mnist-5k", "note": "x"}
+    assert "note" not in get_meta(model)["info"]  # save's info does not touch the model
+    _same(model, loaded.model)
+    # Same arch given again is fine; a different one is an error.
+    load(path, arch=ARCH)
+    with pytest.raises(ValueError, match="self-describing"):
+        load(path, arch="lenet5")
+
+
+def test_arch_kwargs_are_recorded(tmp_path):
+    torch.manual_seed(0)
+    model = tio.build_model(ARCH, kwargs={"num_classes": 5, "hidden": 32}).eval()
+    path = save(model, tmp_path / "m.tt.pt")
+    loaded = load(path)
+    assert get_meta(loaded)["arch"] == {"name": ARCH, "kwargs": {"num_classes": 5, "hidden": 32}}
+    _same(model, loaded)
+
+
+def test_tied_weights_round_trip(tmp_path):
+    name = f"{__name__}:TiedNet"
+    torch.manual_seed(0)
+    model = tio.build_model(name).eval()
+    path = save(model, tmp_path / "tied.tt.pt")
+    header = tio.read_header(path)
+    assert header["tied"] == {"b.weight": "a.weight"}
+    loaded = load(path)
+    assert loaded.a.weight is loaded.b.weight
+    x = torch.randn(4, 16)
+    _same(model, loaded, x)
+
+
+def test_pickle_fallback_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    update_meta(mlp, info={"k": 1})
+    path = save(mlp, tmp_path / "mlp.tt.pt")
+    assert not tio._is_safetensors(path)
+    with pytest.raises(UnsafePickleError):
+        load(path)
+    loaded = load_checkpoint(path, trust_pickle=True)
+    assert loaded.kind == "ttcompress-pickle"
+    assert get_meta(loaded.model)["info"] == {"k": 1}
+    _same(mlp, loaded.model, torch.randn(2, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# unsafe pickles
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["raw-pickle", "torch-save"])
+def test_crafted_pickle_is_refused(tmp_path, how):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pt"
+    if how == "raw-pickle":
+        path.write_bytes(pickle.dumps({"state_dict": Evil(marker)}, protocol=4))
+    else:
+        torch.save({"state_dict": Evil(marker)}, path)
+    assert not marker.exists()
+    with pytest.raises(UnsafePickleError, match="trust-pickle"):
+        load(path, arch=ARCH)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+def _corrupt_files(tmp_path: Path) -> dict[str, Path]:
+    sd = _cnn().state_dict()
+    good = tmp_path / "good.pt"
+    torch.save(sd, good)
+    data = good.read_bytes()
+    files = {
+        "empty": tmp_path / "empty.pt",
+        "garbage": tmp_path / "garbage.pt",
+        "truncated-zip": tmp_path / "trunc.pt",
+        "bad-safetensors": tmp_path / "bad.safetensors",
+        "not-a-state-dict": tmp_path / "list.pt",
+    }
+    files["empty"].write_bytes(b"")
+    files["garbage"].write_bytes(os.urandom(256))
+    files["truncated-zip"].write_bytes(data[: len(data) // 2])
+    header = b'{"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}'
+    files["bad-safetensors"].write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 10)
+    torch.save([torch.zeros(2)], files["not-a-state-dict"])
+    return files
+
+
+def test_unreadable_files_raise_checkpoint_error(tmp_path):
+    for kind, path in _corrupt_files(tmp_path).items():
+        with pytest.raises(CheckpointError) as info:
+            load(path, arch=ARCH)
+        assert "\n" not in str(info.value), kind
+        assert isinstance(info.value, CheckpointError) and not isinstance(info.value, UnsafePickleError), kind
+    with pytest.raises(CheckpointError, match="not found"):
+        load(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="directory"):
+        load(tmp_path)
+
+
+def test_state_dict_mismatches(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save(_cnn().state_dict(), path)
+    with pytest.raises(CheckpointError, match="--arch"):
+        load(path)
+    with pytest.raises(CheckpointError, match=r"2 missing key\(s\): classifier\.5\.weight, classifier\.5\.bias"):
+        load(path, arch="lenet5")
+    extra = tmp_path / "extra.pt"
+    torch.save({**_cnn().state_dict(), "head.weight": torch.zeros(1)}, extra)
+    with pytest.raises(CheckpointError, match=r"1 unexpected key\(s\): head\.weight"):
+        load(extra, arch=ARCH)
+    with pytest.raises(CheckpointError, match=r"wrong shape.*classifier\.3\.weight \[10, 128\] vs \[5, 128\]"):
+        load(path, arch=ARCH, arch_kwargs={"num_classes": 5})
+    with pytest.raises(ValueError, match="unknown"):
+        load(path, arch="no-such-arch")
+
+
+def test_header_from_the_future(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "future.tt.pt"
+    save_file({"w": torch.zeros(1)}, str(path),
+              metadata={"format": "ttcompress", "ttcompress": json.dumps({"format": "ttcompress", "version": 99})})
+    with pytest.raises(CheckpointError, match="newer"):
+        load(path)

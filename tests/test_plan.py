@@ -1,0 +1,173 @@
+"""ttcompress.plan: plans as data, validation, layer decisions and target-ratio rank allocation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from ttcompress.plan import (
+    CPSettings,
+    Plan,
+    Rule,
+    TTSettings,
+    load_plan,
+    plan_from_options,
+    plan_layers,
+    save_plan,
+)
+
+FULL = Plan(
+    tt=TTSettings(ranks=6, d=3),
+    cp=CPSettings(ratio=3.0, options={"n_iter_max": 5}),
+    layers=("features.*", "classifier.*"),
+    exclude=("classifier.3",),
+    rules=(Rule("features.0", format="dense"), Rule("classifier.1", format="tt", ranks=(1, 4, 2, 1)),
+           Rule("features.3", ranks=5, options={"n_iter_max": 2})),
+)
+
+
+def test_to_dict_from_dict_round_trip():
+    data = FULL.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert Plan.from_dict(data) == FULL
+    assert Plan().to_dict() == {}
+    assert Plan.from_dict(None) == Plan()
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_plan_files_round_trip(tmp_path, suffix):
+    path = save_plan(FULL, tmp_path / f"plan{suffix}")
+    assert load_plan(path) == FULL
+
+
+def test_plan_file_yaml_by_hand(tmp_path):
+    path = tmp_path / "plan.yml"
+    path.write_text("tt: {ranks: 4}\ncp: {rank: 8}\nrules:\n  - {pattern: 'fc*', rank: 2}\n  - {pattern: head, format: dense}\n")
+    plan = load_plan(path)
+    assert plan.tt.ranks == 4 and plan.cp.rank == 8
+    assert plan.rules == (Rule("fc*", ranks=2), Rule("head", format="dense"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"tt_ranks": 0}, "--tt-ranks"),
+        ({"tt_ranks": -3}, "--tt-ranks"),
+        ({"tt_eps": 0.0}, "--tt-eps"),
+        ({"tt_eps": 1.0}, "--tt-eps"),
+        ({"tt_eps": 1.5}, "--tt-eps"),
+        ({"tt_d": 1}, "--tt-d"),
+        ({"cp_ranks": 0}, "--cp-ranks"),
+        ({"cp_ratio": 1.0}, "--cp-ratio"),
+        ({"cp_ranks": 4, "cp_ratio": 2.0}, "mutually exclusive"),
+        ({"target_ratio": 0.5}, "--target-ratio"),
+        ({"target_ratio": 4.0, "tt_ranks": 4}, "do not combine it with --tt-ranks"),
+        ({"target_ratio": 4.0, "cp_ratio": 2.0}, "--cp-ratio"),
+        ({"layers": [""]}, "--layers"),
+    ],
+)
+def test_invalid_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan_from_options(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"bogus": 1}, "unknown key"),
+        ({"tt": {"rank": 4}}, "unknown key"),
+        ({"rules": [{"format": "tt"}]}, "no pattern"),
+        ({"rules": [{"pattern": "x", "format": "svd"}]}, "format"),
+        ({"rules": [{"pattern": "x", "ranks": 2, "ratio": 3}]}, "mutually exclusive"),
+        ({"rules": "x"}, "list"),
+        ({"cp": {"rank": True}}, "positive integer"),
+    ],
+)
+def test_invalid_plan_dicts(data, match):
+    with pytest.raises(ValueError, match=match):
+        Plan.from_dict(data)
+
+
+def test_bad_plan_file(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("tt: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_plan(path)
+    with pytest.raises(FileNotFoundError):
+        load_plan(tmp_path / "none.yaml")
+
+
+def test_options_override_plan_file(tmp_path):
+    path = save_plan(Plan(tt=TTSettings(ranks=6, d=3), cp=CPSettings(ratio=3.0), exclude=("a",)), tmp_path / "p.yaml")
+    plan = plan_from_options(plan_file=path, tt_eps=0.1, cp_ranks=4, exclude=["b,c"], layers=["x*"])
+    assert plan.tt == TTSettings(ranks=6, eps=0.1, d=3)
+    assert plan.cp == CPSettings(rank=4)
+    assert plan.exclude == ("a", "b", "c") and plan.layers == ("x*",)
+
+
+def test_rules_merge_in_order():
+    plan = Plan(rules=(Rule("*", ranks=3, d=2), Rule("fc*", ranks=5), Rule("fc2", format="dense")))
+    assert plan.merged_rule("fc1") == Rule("fc1", ranks=5, d=2)
+    assert plan.merged_rule("fc2").format == "dense"
+    assert plan.merged_rule("conv") == Rule("conv", ranks=3, d=2)
+    assert Plan().merged_rule("x") is None
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(16, 32, 3)
+        self.dw = nn.Conv2d(32, 32, 3, groups=32)
+        self.grouped = nn.Conv2d(32, 32, 1, groups=4)
+        self.tiny = nn.Conv2d(32, 2, 1)
+        self.fc1 = nn.Linear(256, 256)
+        self.fc2 = nn.Linear(256, 10)
+
+
+def _by_name(decisions):
+    return {d.name: d for d in decisions}
+
+
+def test_layer_decisions_and_skip_reasons():
+    torch.manual_seed(0)
+    dec = _by_name(plan_layers(Net(), Plan(tt=TTSettings(ranks=4), cp=CPSettings(rank=4), exclude=("fc2",))))
+    assert dec["conv"].format == "cp" and dec["conv"].options["rank"] == 4
+    assert dec["conv"].params_after == 4 * (32 + 16 + 3 + 3) + 32
+    assert dec["dw"].skipped == "depthwise conv"
+    assert "groups=4" in dec["grouped"].skipped
+    assert dec["tiny"].skipped.startswith("would not shrink")
+    assert dec["fc1"].format == "tt" and dec["fc1"].params_after < dec["fc1"].params_before
+    assert dec["fc2"].skipped == "excluded by pattern 'fc2'"
+    only = _by_name(plan_layers(Net(), Plan(layers=("fc*",))))
+    assert only["conv"].skipped == "not matched by --layers"
+    mism = _by_name(plan_layers(Net(), Plan(rules=(Rule("conv", format="tt"),))))
+    assert "does not apply" in mism["conv"].skipped
+    ratio = _by_name(plan_layers(Net(), Plan(cp=CPSettings(ratio=5.0))))
+    assert ratio["conv"].params_before / ratio["conv"].params_after >= 5.0
+
+
+def test_target_ratio_spends_rank_where_it_helps():
+    from ttcompress.decompose.tt import tt_to_matrix
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False), nn.Conv2d(16, 16, 3, bias=False))
+    with torch.no_grad():
+        # Layer 0 has exact TT rank 2 (rank beyond 2 buys nothing); layer 1 is white noise.
+        model[0].weight.copy_(tt_to_matrix([torch.randn(1, 8, 8, 2), torch.randn(2, 8, 8, 1)]))
+    total = sum(p.numel() for p in model.parameters())
+    dec = plan_layers(model, Plan(target_ratio=4.0, tt=TTSettings(d=2)))
+    assert [d.options["in_modes"] for d in dec[:2]] == [[8, 8], [8, 8]]
+    after = sum(d.params_after for d in dec)
+    assert after <= total / 4.0
+    assert after > 0.8 * total / 4.0  # the budget is mostly spent
+    r = {d.name: d.options.get("ranks", d.options.get("rank")) for d in dec}
+    assert r["0"] == 2 and r["1"] > 2 and r["2"] >= 1
+
+
+def test_target_ratio_unreachable():
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))
+    with pytest.raises(ValueError, match="out of reach"):
+        plan_layers(model, Plan(target_ratio=50.0))

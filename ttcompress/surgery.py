@@ -1,0 +1,482 @@
+"""Apply a :class:`~ttcompress.plan.Plan` to a model: find targets, build replacements, swap them.
+
+The entry point is :func:`compress` (in place, like torchao's ``quantize_``)::
+
+    model = compress(model, Plan(tt=TTSettings(ranks=4), cp=CPSettings(rank=8)))
+
+:func:`compress_with_report` does the same and also returns one :class:`LayerRecord` per
+Linear/Conv2d (the data behind ``ttcompress decompose``'s table). :func:`decompose_file` is the
+whole ``decompose`` command as a function: load → compress → save atomically.
+:func:`summarize` / :func:`inspect_file` describe a model for ``ttcompress inspect``.
+
+Every replaced layer is recorded in ``model.ttcompress_meta["layers"][name]`` as
+``{"format", "config", "rel_error", "seconds", "params_before", "params_after"}``, which is what
+:func:`ttcompress.io.save` needs to rebuild the model later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ttcompress.io import get_meta, load_checkpoint, save, update_meta
+from ttcompress.layers import LAYER_TYPES, TTLinear
+from ttcompress.plan import DEFAULT_CP_RATIO, LayerDecision, Plan, plan_layers
+
+__all__ = [
+    "CompressionResult",
+    "DecomposeResult",
+    "LayerRecord",
+    "LayerSummary",
+    "ModelSummary",
+    "build_replacement",
+    "compress",
+    "compress_with_report",
+    "decompose_file",
+    "default_output_path",
+    "get_submodule",
+    "inspect_file",
+    "set_submodule",
+    "summarize",
+]
+
+#: ``progress(done, total, name)``: called before each layer is decomposed (``done`` layers are
+#: finished, ``name`` is the next one) and once at the end with ``done == total`` and ``name == ""``.
+ProgressFn = Callable[[int, int, str], None]
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+# --------------------------------------------------------------------------------------------------
+# Module surgery
+# --------------------------------------------------------------------------------------------------
+def get_submodule(root: nn.Module, name: str) -> nn.Module:
+    """The module at qualified ``name`` (``""`` is ``root``); ``AttributeError`` if absent."""
+    module = root
+    if name == "":
+        return module
+    for part in name.split("."):
+        children = module._modules
+        if part not in children or children[part] is None:
+            raise AttributeError(f"{type(module).__name__} has no submodule {part!r} (looking up {name!r})")
+        module = children[part]  # type: ignore[assignment]
+    return module
+
+
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at qualified ``name`` and return the (possibly new) root.
+
+    ``new`` takes the train/eval flag of the module it replaces. Replacing ``""`` returns ``new``
+    itself as the root (with ``root``'s metadata).
+    """
+    old = get_submodule(root, name)
+    new.train(old.training)
+    if name == "":
+        if hasattr(root, "ttcompress_meta"):
+            object.__setattr__(new, "ttcompress_meta", get_meta(root))
+        return new
+    parent_name, _, child = name.rpartition(".")
+    parent = get_submodule(root, parent_name)
+    parent._modules[child] = new  # also works for nn.Sequential/ModuleList/ModuleDict children
+    return root
+
+
+def build_replacement(module: nn.Module, decision: LayerDecision) -> nn.Module:
+    """Decompose ``module`` as ``decision`` says (``TTLinear.from_linear`` / ``CPConv2d.from_conv``)."""
+    types = LAYER_TYPES
+    opts = {k: v for k, v in decision.options.items() if v is not None}
+    if decision.format == "tt":
+        if isinstance(opts.get("ranks"), list):
+            opts["ranks"] = tuple(opts["ranks"])
+        for key in ("in_modes", "out_modes"):
+            if key in opts:
+                opts[key] = tuple(opts[key])
+        new = types["tt"].from_linear(module, **opts)
+    elif decision.format == "cp":
+        rank = opts.pop("rank")
+        opts.setdefault("name", decision.name)  # degenerate-fit warnings name the layer
+        new = types["cp"].from_conv(module, rank=rank, **opts)
+    else:
+        raise ValueError(f"layer {decision.name!r}: nothing to build for format {decision.format!r}")
+    weight = getattr(module, "weight", None)
+    if weight is not None:
+        new = new.to(device=weight.device)
+    return new
+
+
+# --------------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerRecord:
+    """One Linear/Conv2d of a compression run (a row of the decompose table).
+
+    ``format`` is ``"tt"``, ``"cp"`` or ``"dense"`` (then ``skipped`` says why). ``ranks`` is the
+    full TT rank tuple, or ``(rank,)`` for CP. ``rel_error`` is the relative Frobenius
+    reconstruction error of the weight, ``seconds`` the decomposition wall time.
+    """
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    format: str
+    params_before: int
+    params_after: int
+    in_modes: tuple[int, ...] | None = None
+    out_modes: tuple[int, ...] | None = None
+    ranks: tuple[int, ...] | None = None
+    rel_error: float | None = None
+    seconds: float | None = None
+    skipped: str | None = None
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def ratio(self) -> float:
+        return self.params_before / self.params_after if self.params_after else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ratio"] = self.ratio
+        for k in ("shape", "in_modes", "out_modes", "ranks", "aliases"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+
+@dataclass(frozen=True)
+class CompressionResult:
+    """What :func:`compress_with_report` did: the model, per-layer records and whole-model totals."""
+
+    model: nn.Module
+    records: tuple[LayerRecord, ...]
+    params_before: int
+    params_after: int
+    plan: Plan
+
+    @property
+    def ratio(self) -> float:
+        return self.params_before / self.params_after if self.params_after else float("inf")
+
+    @property
+    def compressed(self) -> tuple[LayerRecord, ...]:
+        return tuple(r for r in self.records if r.format != "dense")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "ratio": self.ratio,
+            "layers": [r.to_dict() for r in self.records],
+            "plan": self.plan.to_dict(),
+        }
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _as_plan(plan: Plan | Mapping[str, Any] | None) -> Plan:
+    if plan is None:
+        return Plan()
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, Mapping):
+        return Plan.from_dict(plan)
+    raise TypeError(f"plan must be a Plan, a dict or None, got {type(plan).__name__}")
+
+
+def compress_with_report(
+    model: nn.Module,
+    plan: Plan | Mapping[str, Any] | None = None,
+    *,
+    filter_fn: FilterFn | None = None,
+    progress: ProgressFn | None = None,
+) -> CompressionResult:
+    """Compress ``model`` in place per ``plan`` and report every Linear/Conv2d.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Modified in place (its Linear/Conv2d children are replaced). If the root itself is a
+        Linear/Conv2d, the result's ``model`` is the new root.
+    plan : Plan or dict, optional
+        What to compress and how (default ``Plan()``: TT max rank 8 for Linear, CP at 4x for Conv2d).
+    filter_fn : callable, optional
+        ``filter_fn(module, qualified_name) -> bool``; layers for which it is False stay dense.
+    progress : callable, optional
+        ``progress(done, total, name)``, see :data:`ProgressFn`.
+
+    Returns
+    -------
+    CompressionResult
+
+    Notes
+    -----
+    All replacements are built before any is swapped in, so a failing decomposition leaves the
+    model unchanged. A layer whose decomposition (e.g. at an ``eps``) would not be smaller than
+    the dense layer stays dense.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    plan = _as_plan(plan)
+    decisions = plan_layers(model, plan)
+    if filter_fn is not None:
+        decisions = [
+            LayerDecision(d.name, d.type, d.shape, "dense", {}, d.params_before, d.params_before,
+                          "filtered out by filter_fn", d.aliases)
+            if d.skipped is None and not filter_fn(get_submodule(model, d.name), d.name) else d
+            for d in decisions
+        ]
+    before = _count(model)
+    todo = [d for d in decisions if d.skipped is None]
+    built: dict[str, tuple[nn.Module, float]] = {}
+    for i, d in enumerate(todo):
+        if progress is not None:
+            progress(i, len(todo), d.name)
+        start = time.perf_counter()
+        built[d.name] = (build_replacement(get_submodule(model, d.name), d), time.perf_counter() - start)
+    if progress is not None:
+        progress(len(todo), len(todo), "")
+
+    records: list[LayerRecord] = []
+    meta_layers: dict[str, dict[str, Any]] = {}
+    root = model
+    for d in decisions:
+        if d.name not in built:
+            records.append(LayerRecord(d.name, d.type, d.shape, "dense", d.params_before, d.params_before,
+                                       skipped=d.skipped, aliases=d.aliases))
+            continue
+        new, seconds = built[d.name]
+        after = _count(new)
+        rel_error = getattr(new, "rel_error", None)
+        rel_error = None if rel_error is None else float(rel_error)
+        if after >= d.params_before:
+            records.append(LayerRecord(
+                d.name, d.type, d.shape, "dense", d.params_before, d.params_before, rel_error=rel_error,
+                seconds=seconds, skipped=f"would not shrink ({d.format.upper()} needs {after} >= {d.params_before} params)",
+                aliases=d.aliases))
+            continue
+        for name in (d.name, *d.aliases):
+            root = set_submodule(root, name, new)
+        if d.format == "tt":
+            ranks = tuple(int(r) for r in new.ranks)
+            in_modes, out_modes = tuple(new.in_modes), tuple(new.out_modes)
+        else:
+            ranks = (int(getattr(new, "rank", new.config().get("rank"))),)
+            in_modes = out_modes = None
+        records.append(LayerRecord(d.name, d.type, d.shape, d.format, d.params_before, after, in_modes, out_modes,
+                                   ranks, rel_error, seconds, None, d.aliases))
+        rec = {"format": d.format, "config": new.config(), "rel_error": rel_error, "seconds": seconds,
+               "params_before": d.params_before, "params_after": after}
+        try:  # stored as JSON in checkpoints: keep the in-memory record identical to a reloaded one
+            rec = json.loads(json.dumps(rec))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"layer {d.name!r}: config() is not JSON-serializable: {exc}") from None
+        for name in (d.name, *d.aliases):
+            meta_layers[name] = rec
+    if root is not model and not hasattr(root, "ttcompress_meta"):
+        object.__setattr__(root, "ttcompress_meta", get_meta(model))
+    update_meta(root, layers=meta_layers)
+    return CompressionResult(root, tuple(records), before, _count(root), plan)
+
+
+def compress(
+    model: nn.Module,
+    plan: Plan | Mapping[str, Any] | None = None,
+    *,
+    filter_fn: FilterFn | None = None,
+    progress: ProgressFn | None = None,
+) -> nn.Module:
+    """Compress ``model`` in place per ``plan``; return it (see :func:`compress_with_report`).
+
+    Examples
+    --------
+    >>> from ttcompress.plan import Plan, TTSettings
+    >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    >>> model = compress(model, Plan(tt=TTSettings(ranks=2)))
+    >>> sorted(model.ttcompress_meta["layers"])
+    ['0']
+    """
+    return compress_with_report(model, plan, filter_fn=filter_fn, progress=progress).model
+
+
+# --------------------------------------------------------------------------------------------------
+# File-level operation (what `ttcompress decompose` runs)
+# --------------------------------------------------------------------------------------------------
+def default_output_path(input_path: str | os.PathLike[str]) -> Path:
+    """``dir/model.pt`` → ``dir/model.tt.pt`` (any extension is replaced by ``.tt.pt``)."""
+    p = Path(input_path)
+    stem = p.name
+    for ext in (".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
+        if stem.endswith(ext) and len(stem) > len(ext):
+            stem = stem[: -len(ext)]
+            break
+    return p.with_name(stem + ".tt.pt")
+
+
+@dataclass(frozen=True)
+class DecomposeResult:
+    """:func:`decompose_file`'s result: the compression report plus where it came from and went."""
+
+    result: CompressionResult
+    input: Path
+    input_kind: str
+    output: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input": str(self.input), "input_kind": self.input_kind, "output": str(self.output),
+                **self.result.to_dict()}
+
+
+def decompose_file(
+    input_path: str | os.PathLike[str],
+    *,
+    output: str | os.PathLike[str] | None = None,
+    plan: Plan | Mapping[str, Any] | None = None,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    trust_pickle: bool = False,
+    progress: ProgressFn | None = None,
+) -> DecomposeResult:
+    """Load a model file, compress it per ``plan`` and save a ttcompress checkpoint atomically.
+
+    Parameters
+    ----------
+    input_path : path
+        Any input :func:`ttcompress.io.load` accepts.
+    output : path, optional
+        Default :func:`default_output_path` (``model.tt.pt`` next to ``model.pt``). Must differ
+        from the input. Nothing is written if anything fails.
+    plan, progress
+        As for :func:`compress_with_report`.
+    arch, arch_kwargs, trust_pickle
+        As for :func:`ttcompress.io.load`.
+    """
+    plan = _as_plan(plan)
+    src = Path(input_path)
+    dest = Path(output) if output is not None else default_output_path(src)
+    if src.exists() and dest.exists() and dest.resolve() == src.resolve():
+        raise ValueError(f"output (-o) must differ from the input file: {dest}")
+    loaded = load_checkpoint(src, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs)
+    result = compress_with_report(loaded.model, plan, progress=progress)
+    save(result.model, dest, info={"plan": plan.to_dict(), "source": src.name})
+    return DecomposeResult(result, src, loaded.kind, dest)
+
+
+# --------------------------------------------------------------------------------------------------
+# Description (what `ttcompress inspect` shows)
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerSummary:
+    """One layer of :class:`ModelSummary`: a dense Linear/Conv2d or a compressed layer."""
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    params: int
+    share: float
+    format: str
+    compressible: bool
+    reason: str | None = None
+    in_modes: tuple[int, ...] | None = None
+    out_modes: tuple[int, ...] | None = None
+    ranks: tuple[int, ...] | None = None
+    suggestion: str | None = None
+    params_before: int | None = None
+    rel_error: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("shape", "in_modes", "out_modes", "ranks"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """A model's layers, parameter shares, and (for a compressed one) its plan and ranks."""
+
+    kind: str
+    arch: dict[str, Any] | None
+    total_params: int
+    other_params: int
+    layers: tuple[LayerSummary, ...]
+    compressed: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "arch": self.arch, "total_params": self.total_params,
+                "other_params": self.other_params, "compressed": self.compressed,
+                "layers": [x.to_dict() for x in self.layers], "info": self.info}
+
+
+def summarize(model: nn.Module, *, plan: Plan | None = None, kind: str = "model") -> ModelSummary:
+    """Describe ``model``: every Linear/Conv2d and compressed layer with its parameter share.
+
+    Dense layers say whether ``plan`` (default ``Plan()``) would compress them, with the TT modes
+    or CP rank it would use; compressed layers show their recorded format, modes and ranks.
+    """
+    plan = _as_plan(plan)
+    meta = get_meta(model)
+    total = _count(model)
+    rows: list[LayerSummary] = []
+    counted = 0
+    layer_types = tuple(LAYER_TYPES.values())
+    decisions = {d.name: d for d in plan_layers(model, plan)}
+    for name, m in model.named_modules():
+        if isinstance(m, layer_types):
+            rec = meta["layers"].get(name, {})
+            fmt = rec.get("format") or ("tt" if isinstance(m, TTLinear) else "cp")
+            params = _count(m)
+            counted += params
+            if fmt == "tt":
+                ranks = tuple(int(r) for r in m.ranks)
+                in_modes, out_modes = tuple(m.in_modes), tuple(m.out_modes)
+                shape = (int(m.out_features), int(m.in_features))
+            else:
+                ranks = (int(getattr(m, "rank", rec.get("config", {}).get("rank", 0))),)
+                in_modes = out_modes = None
+                weight_shape = rec.get("config", {})
+                ks = weight_shape.get("kernel_size", getattr(m, "kernel_size", ()))
+                ks = tuple(ks) if isinstance(ks, (list, tuple)) else (ks, ks)
+                shape = (int(getattr(m, "out_channels", 0)), int(getattr(m, "in_channels", 0)), *map(int, ks))
+            rows.append(LayerSummary(name, type(m).__name__, shape, params, params / total if total else 0.0, fmt,
+                                     False, "already compressed", in_modes, out_modes, ranks, None,
+                                     rec.get("params_before"), rec.get("rel_error")))
+        elif name in decisions:
+            d = decisions[name]
+            params = _count(m)
+            counted += params
+            suggestion = None
+            in_modes = out_modes = None
+            if d.format == "tt" or (d.type == "Linear" and "in_modes" in d.options):
+                in_modes, out_modes = tuple(d.options["in_modes"]), tuple(d.options["out_modes"])
+                suggestion = f"TT {'x'.join(map(str, out_modes))} <- {'x'.join(map(str, in_modes))}"
+            elif d.type == "Conv2d" and "rank" in d.options:
+                ratio = plan.cp.ratio or (None if plan.cp.rank else DEFAULT_CP_RATIO)
+                suggestion = f"CP rank {d.options['rank']}" + (f" ({ratio:g}x)" if ratio else "")
+            rows.append(LayerSummary(name, d.type, d.shape, params, params / total if total else 0.0, "dense",
+                                     d.skipped is None, d.skipped, in_modes, out_modes, None, suggestion))
+    return ModelSummary(kind, meta["arch"], total, total - counted, tuple(rows), bool(meta["layers"]),
+                        {k: v for k, v in meta["info"].items() if k != "history"})
+
+
+def inspect_file(
+    path: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    trust_pickle: bool = False,
+    plan: Plan | None = None,
+) -> ModelSummary:
+    """Load a model file (any accepted form) and :func:`summarize` it."""
+    loaded = load_checkpoint(path, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs)
+    return summarize(loaded.model, plan=plan, kind=loaded.kind)
+
