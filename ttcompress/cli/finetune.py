@@ -1,3 +1,118 @@
-"""`ttcompress finetune` (work in progress)."""
+"""``ttcompress finetune``: recover the accuracy of a (compressed) model by training it further.
 
-from ttcompress.cli import app  # noqa: F401
+A thin shell over :func:`ttcompress.train.finetune_file`; the options are shared with
+``ttcompress train`` (:mod:`ttcompress.cli.train`) and :mod:`ttcompress.cli.options`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ttcompress.cli import app
+from ttcompress.cli._common import cli_errors, err
+from ttcompress.cli.options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    JsonOpt,
+    ModelArg,
+    OutputOpt,
+    TrustPickleOpt,
+    parse_arch_kwargs,
+)
+from ttcompress.cli.train import (
+    AlphaOpt,
+    AmpOpt,
+    BatchSizeOpt,
+    CompileOpt,
+    DataOpt,
+    DataRootOpt,
+    DeviceOpt,
+    DownloadOpt,
+    EpochsOpt,
+    EvalBatchSizeOpt,
+    GammaOpt,
+    ImageSizeOpt,
+    LrOpt,
+    MaxBatchesOpt,
+    MomentumOpt,
+    OptimizerOpt,
+    ResumeOpt,
+    ScheduleOpt,
+    SeedOpt,
+    StepSizeOpt,
+    TeacherOpt,
+    TemperatureOpt,
+    WeightDecayOpt,
+    WorkersOpt,
+    make_config,
+    render_result,
+    require_output,
+)
+from ttcompress.train import FinetuneConfig
+
+
+@app.command("finetune")
+@cli_errors
+def finetune(
+    model: ModelArg,
+    output: OutputOpt = None,
+    data: DataOpt = "mnist-5k",
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    image_size: ImageSizeOpt = None,
+    epochs: EpochsOpt = FinetuneConfig.epochs,
+    batch_size: BatchSizeOpt = FinetuneConfig.batch_size,
+    optimizer: OptimizerOpt = FinetuneConfig.optimizer,
+    lr: LrOpt = FinetuneConfig.lr,
+    momentum: MomentumOpt = FinetuneConfig.momentum,
+    weight_decay: WeightDecayOpt = FinetuneConfig.weight_decay,
+    schedule: ScheduleOpt = FinetuneConfig.schedule,
+    step_size: StepSizeOpt = FinetuneConfig.step_size,
+    gamma: GammaOpt = FinetuneConfig.gamma,
+    seed: SeedOpt = FinetuneConfig.seed,
+    max_batches: MaxBatchesOpt = None,
+    train_only: Annotated[str, typer.Option(
+        "--train-only", help="all, or decomposed: freeze every parameter outside the TT/CP layers.",
+        metavar="all|decomposed", rich_help_panel="Optimization")] = FinetuneConfig.train_only,
+    device: DeviceOpt = FinetuneConfig.device,
+    amp: AmpOpt = None,
+    compile_: CompileOpt = False,
+    workers: WorkersOpt = None,
+    eval_batch_size: EvalBatchSizeOpt = FinetuneConfig.eval_batch_size,
+    resume: ResumeOpt = False,
+    teacher: TeacherOpt = None,
+    alpha: AlphaOpt = FinetuneConfig.distill_alpha,
+    temperature: TemperatureOpt = FinetuneConfig.distill_temperature,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Fine-tune MODEL on --data and write the best checkpoint to -o.
+
+    Writes the best epoch (by validation accuracy) to OUT, and next to it NAME.last.EXT,
+    NAME.resume.pt and NAME.metrics.jsonl. Runs data-parallel under torchrun.
+
+    Example: ttcompress finetune model.tt.pt --data mnist-5k --epochs 3 -o model.ft.pt
+    """
+    from ttcompress.train import RichProgress, finetune_file
+
+    config = make_config(
+        FinetuneConfig, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, schedule=schedule, step_size=step_size, gamma=gamma, seed=seed, device=device,
+        amp=amp, compile=compile_, train_only=train_only, distill_alpha=alpha, distill_temperature=temperature,
+        eval_batch_size=eval_batch_size, num_workers=workers, max_batches=max_batches,
+    )  # fmt: skip
+    progress = RichProgress(err)
+    try:
+        result = finetune_file(
+            model, output=require_output(output), data=data, data_root=data_root, download=download,
+            image_size=image_size, config=config, teacher=teacher, arch=arch,
+            arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle, progress=progress,
+            resume=resume,
+        )  # fmt: skip
+    finally:
+        progress.close()
+    render_result(result, json_=json_, title=f"finetune {model.name} on {data}")

@@ -1,3 +1,182 @@
-"""`ttcompress train` (work in progress)."""
+"""``ttcompress train``: train a built-in (or any) architecture from scratch on a dataset.
 
-from ttcompress.cli import app  # noqa: F401
+A thin shell over :func:`ttcompress.train.train_arch`. The options shared with ``finetune`` are
+defined here (``Annotated`` aliases) and imported by :mod:`ttcompress.cli.finetune`; the model
+path, ``--arch-kwargs``, ``--trust-pickle``, ``-o`` and ``--json`` come from
+:mod:`ttcompress.cli.options`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ttcompress.cli import app
+from ttcompress.cli._common import cli_errors, err, out
+from ttcompress.cli.options import ArchKwargsOpt, JsonOpt, OutputOpt, TrustPickleOpt, parse_arch_kwargs
+from ttcompress.train import TrainConfig, TrainResult
+
+_DATA = "Data"
+_OPT = "Optimization"
+_RUN = "Device and run"
+_KD = "Distillation"
+
+# ----------------------------------------------------------------------------- shared options
+DataOpt = Annotated[str, typer.Option(
+    "--data", help="Dataset: mnist-5k (embedded, offline), mnist, fashion-mnist, cifar10, imagefolder:PATH.",
+    metavar="NAME", rich_help_panel=_DATA)]
+DataRootOpt = Annotated[Optional[Path], typer.Option(
+    "--data-root", help="Directory of mnist/fashion-mnist/cifar10 files (torchvision layout, or the IDX files "
+    "directly; fashion-mnist defaults to /usr/share/datasets/fashion-mnist when present).",
+    show_default=False, metavar="DIR", rich_help_panel=_DATA)]
+DownloadOpt = Annotated[bool, typer.Option(
+    "--download", help="Download the dataset into --data-root when it is missing.", rich_help_panel=_DATA)]
+ImageSizeOpt = Annotated[Optional[int], typer.Option(
+    "--image-size", help="Image side for imagefolder:PATH (default 224).", show_default=False, metavar="INT",
+    rich_help_panel=_DATA)]
+EpochsOpt = Annotated[int, typer.Option("--epochs", help="Number of epochs.", metavar="INT", rich_help_panel=_OPT)]
+BatchSizeOpt = Annotated[int, typer.Option(
+    "--batch-size", help="Batch size per process.", metavar="INT", rich_help_panel=_OPT)]
+OptimizerOpt = Annotated[str, typer.Option(
+    "--optimizer", help="sgd (with --momentum), adam, adamw or adadelta.", metavar="NAME", rich_help_panel=_OPT)]
+LrOpt = Annotated[float, typer.Option("--lr", help="Learning rate.", metavar="FLOAT", rich_help_panel=_OPT)]
+MomentumOpt = Annotated[float, typer.Option(
+    "--momentum", help="SGD momentum.", metavar="FLOAT", rich_help_panel=_OPT)]
+WeightDecayOpt = Annotated[float, typer.Option(
+    "--weight-decay", help="Weight decay.", metavar="FLOAT", rich_help_panel=_OPT)]
+ScheduleOpt = Annotated[str, typer.Option(
+    "--schedule", help="Learning-rate schedule per epoch: none, cosine (to 0 over --epochs), "
+    "step (x --gamma every --step-size epochs).", metavar="NAME", rich_help_panel=_OPT)]
+StepSizeOpt = Annotated[int, typer.Option(
+    "--step-size", help="Epochs between decays of --schedule step.", metavar="INT", rich_help_panel=_OPT)]
+GammaOpt = Annotated[float, typer.Option(
+    "--gamma", help="Decay factor of --schedule step.", metavar="FLOAT", rich_help_panel=_OPT)]
+SeedOpt = Annotated[int, typer.Option(
+    "--seed", help="Seed for initialization, data order and dropout (same seed on CPU = same weights).",
+    metavar="INT", rich_help_panel=_OPT)]
+MaxBatchesOpt = Annotated[Optional[int], typer.Option(
+    "--max-batches", help="Stop each epoch after this many batches (smoke tests).", show_default=False,
+    metavar="INT", rich_help_panel=_OPT)]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps. Under torchrun, "
+    "auto/cuda use cuda:LOCAL_RANK.", metavar="DEVICE", rich_help_panel=_RUN)]
+AmpOpt = Annotated[Optional[str], typer.Option(
+    "--amp", help="Mixed precision on CUDA: bf16, or fp16 (with gradient scaling).", show_default=False,
+    metavar="bf16|fp16", rich_help_panel=_RUN)]
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile", help="Run the model through torch.compile.", rich_help_panel=_RUN)]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", help="Data loader workers (default: 0 for in-memory datasets, else min(8, CPUs)).",
+    show_default=False, metavar="INT", rich_help_panel=_RUN)]
+EvalBatchSizeOpt = Annotated[int, typer.Option(
+    "--eval-batch-size", help="Batch size for validation.", metavar="INT", rich_help_panel=_RUN)]
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="Continue from OUT's resume state (NAME.resume.pt next to -o) after an interruption; "
+    "use the same options.", rich_help_panel=_RUN)]
+TeacherOpt = Annotated[Optional[Path], typer.Option(
+    "--teacher", help="Distill from this model file (e.g. the dense baseline).", show_default=False,
+    metavar="MODEL", rich_help_panel=_KD)]
+AlphaOpt = Annotated[float, typer.Option(
+    "--alpha", help="Weight of the distillation loss: alpha*T^2*KL + (1-alpha)*CE.", metavar="FLOAT",
+    rich_help_panel=_KD)]
+TemperatureOpt = Annotated[float, typer.Option(
+    "--temperature", help="Distillation temperature T.", metavar="FLOAT", rich_help_panel=_KD)]
+
+
+def make_config(cls: type[TrainConfig] = TrainConfig, **options: Any) -> TrainConfig:
+    """Build a config from CLI options (names as in the dataclass), validating them there."""
+    return cls(**options)
+
+
+def require_output(output: Optional[Path]) -> Path:
+    if output is None:
+        raise ValueError("missing -o/--output: where to write the trained model")
+    return output
+
+
+def render_result(result: TrainResult, *, json_: bool, title: str) -> None:
+    """Per-epoch table (or JSON) on stdout, file names and interruption notice on stderr (rank 0)."""
+    from ttcompress.train import history_table
+
+    if result.rank != 0:
+        return
+    paths = result.paths
+    if json_:
+        out.print_json(json.dumps(result.to_dict()))
+    elif result.history:
+        out.print(history_table(result.history, title=title))
+    if result.interrupted:
+        err.print(
+            f"interrupted: saved the current weights to {paths.last}; continue with the same command plus --resume"
+        )
+        raise typer.Exit(code=130)
+    if result.best_epoch is not None:
+        err.print(
+            f"best: epoch {result.best_epoch}, val acc {100 * (result.best_accuracy or 0):.2f}% -> {paths.best} "
+            f"(last: {paths.last.name}, metrics: {paths.metrics.name}, resume state: {paths.resume.name})"
+        )
+
+
+@app.command("train")
+@cli_errors
+def train(
+    arch: Annotated[str, typer.Option(
+        "--arch", help="Architecture: seed-cnn, seed-fc3, seed-tt2, lenet5, torchvision:NAME or "
+        "package.module:callable. Built-ins adapt classes/channels/size to --data.", metavar="NAME")],
+    output: OutputOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    data: DataOpt = "mnist-5k",
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    image_size: ImageSizeOpt = None,
+    epochs: EpochsOpt = TrainConfig.epochs,
+    batch_size: BatchSizeOpt = TrainConfig.batch_size,
+    optimizer: OptimizerOpt = TrainConfig.optimizer,
+    lr: LrOpt = TrainConfig.lr,
+    momentum: MomentumOpt = TrainConfig.momentum,
+    weight_decay: WeightDecayOpt = TrainConfig.weight_decay,
+    schedule: ScheduleOpt = TrainConfig.schedule,
+    step_size: StepSizeOpt = TrainConfig.step_size,
+    gamma: GammaOpt = TrainConfig.gamma,
+    seed: SeedOpt = TrainConfig.seed,
+    max_batches: MaxBatchesOpt = None,
+    device: DeviceOpt = TrainConfig.device,
+    amp: AmpOpt = None,
+    compile_: CompileOpt = False,
+    workers: WorkersOpt = None,
+    eval_batch_size: EvalBatchSizeOpt = TrainConfig.eval_batch_size,
+    resume: ResumeOpt = False,
+    teacher: TeacherOpt = None,
+    alpha: AlphaOpt = TrainConfig.distill_alpha,
+    temperature: TemperatureOpt = TrainConfig.distill_temperature,
+    trust_pickle: TrustPickleOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Train ARCH from scratch on --data and write a ttcompress checkpoint to -o.
+
+    Writes the best epoch (by validation accuracy) to OUT, and next to it NAME.last.EXT,
+    NAME.resume.pt and NAME.metrics.jsonl. Runs data-parallel under torchrun.
+
+    Example: ttcompress train --arch seed-cnn --data mnist-5k --epochs 5 -o baseline.pt
+    """
+    from ttcompress.train import RichProgress, train_arch
+
+    config = make_config(
+        TrainConfig, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, schedule=schedule, step_size=step_size, gamma=gamma, seed=seed, device=device,
+        amp=amp, compile=compile_, distill_alpha=alpha, distill_temperature=temperature,
+        eval_batch_size=eval_batch_size, num_workers=workers, max_batches=max_batches,
+    )  # fmt: skip
+    progress = RichProgress(err)
+    try:
+        result = train_arch(
+            arch, output=require_output(output), arch_kwargs=parse_arch_kwargs(arch_kwargs), data=data,
+            data_root=data_root, download=download, image_size=image_size, config=config, teacher=teacher,
+            trust_pickle=trust_pickle, progress=progress, resume=resume,
+        )  # fmt: skip
+    finally:
+        progress.close()
+    render_result(result, json_=json_, title=f"train {arch} on {data}")

