@@ -6,6 +6,7 @@ Results go to stdout (``out``), progress and messages to stderr (``err``).
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Any, Callable, TypeVar
 
@@ -14,7 +15,10 @@ from rich.console import Console
 
 from ttcompress.errors import TTCompressError
 
-out = Console(soft_wrap=True)
+# Tables are wide: when stdout is not a terminal (a pipe, a file, CI), render at 160 columns
+# unless COLUMNS says otherwise, rather than rich's 80.
+_PIPE_WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
+out = Console(soft_wrap=True, width=_PIPE_WIDTH)
 err = Console(stderr=True, soft_wrap=True)
 
 _state = {"debug": False}

@@ -1,0 +1,121 @@
+"""Sweeps: settings, the per-setting cache, resuming an interrupted sweep, and `demo --quick`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from typer.testing import CliRunner
+
+from ttcompress.cli import app
+from ttcompress.data import DatasetBundle
+from ttcompress.io import load, save
+from ttcompress.models import build_arch
+from ttcompress.sweep import SweepSetting, run_sweep, sweep_settings
+from ttcompress.train import FinetuneConfig, TrainCallback
+
+
+@pytest.fixture
+def bundle() -> DatasetBundle:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 8, 8, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long() + 2 * (x[:, 0, 0, 0] > 0).long()
+    ds = TensorDataset(x, y)
+    return DatasetBundle(name="toy", train=ds, test=ds, num_classes=4, input_shape=(1, 8, 8), classes=tuple("abcd"))
+
+
+@pytest.fixture
+def baseline(tmp_path):
+    torch.manual_seed(0)
+    model = build_arch("seed-cnn", kwargs={"input_size": 8, "num_classes": 4, "hidden": 16})
+    return save(model, tmp_path / "base.pt")
+
+
+def test_settings_are_the_cross_product_of_the_axes() -> None:
+    settings = sweep_settings(tt_ranks=[2, 4], tt_eps=[0.5], cp_ranks=[3, 6])
+    assert [s.key for s in settings] == [
+        "tt-r2_cp-r3", "tt-r2_cp-r6", "tt-r4_cp-r3", "tt-r4_cp-r6", "tt-e0.5_cp-r3", "tt-e0.5_cp-r6",
+    ]  # fmt: skip
+    assert [s.label for s in sweep_settings(cp_ranks=[3])] == ["CP r3"]
+    # None on an axis: that layer type stays dense; the all-dense combination is left out.
+    assert [s.label for s in sweep_settings(tt_ranks=[None, 8], cp_ranks=[None, 3])] == ["CP r3", "TT r8", "TT r8 + CP r3"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({}, "at least one"), ({"cp_ranks": [0]}, "positive"), ({"tt_eps": [1.5]}, r"\(0, 1\)"), ({"tt_ranks": [2, 2]}, "duplicate")],
+)
+def test_bad_settings_are_value_errors(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        sweep_settings(**kwargs)
+
+
+def test_an_axis_left_out_keeps_that_layer_type_dense() -> None:
+    cp_only = SweepSetting(cp_rank=3)
+    assert cp_only.selects(nn.Conv2d(2, 2, 3), "c") and not cp_only.selects(nn.Linear(2, 2), "l")
+    tt_only = SweepSetting(tt_ranks=2)
+    assert tt_only.selects(nn.Linear(2, 2), "l") and not tt_only.selects(nn.Conv2d(2, 2, 3), "c")
+
+
+class _StopAfter(TrainCallback):
+    """Simulates Ctrl-C at the end of the n-th epoch seen."""
+
+    def __init__(self, epochs: int) -> None:
+        self.left = epochs
+
+    def on_epoch_end(self, record) -> None:  # noqa: ANN001
+        self.left -= 1
+        if self.left == 0:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_sweep_resumes_where_it_stopped(bundle, baseline, tmp_path) -> None:
+    settings = sweep_settings(tt_ranks=[2], cp_ranks=[2, 3])
+    config = FinetuneConfig(epochs=2, lr=1e-3, device="cpu", batch_size=16)
+    out = tmp_path / "sweep"
+    # Interrupt during the second epoch of the second setting.
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(baseline, bundle=bundle, settings=settings, output_dir=out, config=config, progress=_StopAfter(3))
+    done = sorted(p.parent.name for p in out.glob("*/result.json"))
+    assert len(done) == 1 and done[0].startswith("tt-r2_cp-r2")
+
+    lines: list[str] = []
+    results = run_sweep(baseline, bundle=bundle, settings=settings, output_dir=out, config=config, log=lines.append)
+    assert [r.cached for r in results] == [True, False]
+    assert any("cached" in line for line in lines) and any("reusing the decomposed model" in line for line in lines)
+    # The resumed setting ran both epochs: 1 before the interruption, 1 after.
+    metrics = (results[1].model_path.parent / "model.metrics.jsonl").read_text().splitlines()
+    assert [json.loads(m)["epoch"] for m in metrics] == [1, 2]
+    for result in results:
+        model = load(result.model_path)
+        n = sum(p.numel() for p in model.parameters())
+        assert result.params == n and 0.0 <= result.accuracy_after <= 1.0
+    # Nothing left to do on a third run.
+    assert all(r.cached for r in run_sweep(baseline, bundle=bundle, settings=settings, output_dir=out, config=config))
+
+
+def test_changing_the_finetune_options_does_not_reuse_the_cache(bundle, baseline, tmp_path) -> None:
+    settings = [SweepSetting(cp_rank=2)]
+    out = tmp_path / "sweep"
+    first = run_sweep(baseline, bundle=bundle, settings=settings, output_dir=out,
+                      config=FinetuneConfig(epochs=1, device="cpu", batch_size=32))  # fmt: skip
+    second = run_sweep(baseline, bundle=bundle, settings=settings, output_dir=out,
+                       config=FinetuneConfig(epochs=1, device="cpu", batch_size=32, lr=1e-2))  # fmt: skip
+    assert not second[0].cached and first[0].model_path != second[0].model_path
+
+
+def test_sweep_cli_bad_list_exits_2(baseline) -> None:
+    result = CliRunner().invoke(app, ["sweep", str(baseline), "--cp-ranks", "3,x"])
+    assert result.exit_code == 2 and "--cp-ranks" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_demo_quick_runs_end_to_end(tmp_path) -> None:
+    result = CliRunner().invoke(app, ["demo", "--quick", "-o", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "| CP r3 |" in report and "| TT r8 + CP r3 |" in report and "| model | params |" in report
+    assert (tmp_path / "demo" / "tradeoff.png").read_bytes().startswith(b"\x89PNG")
+    assert "Decomposed layers" in result.stdout

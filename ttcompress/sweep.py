@@ -1,0 +1,369 @@
+"""Rank sweeps: for each setting, decompose → evaluate → fine-tune → evaluate, with a cache.
+
+A sweep is the cross product of a TT axis (``tt_ranks`` and ``tt_eps`` values, for ``nn.Linear``)
+and a CP axis (``cp_ranks``, for ``nn.Conv2d``). When one axis is empty, layers of that type stay
+dense in every setting (a CP-only sweep compresses only the convolutions, as in the CP paper).
+
+Every setting works in its own directory under ``output_dir``, named after the setting and a
+fingerprint of everything that determines its result (the baseline file's content, the dataset,
+the fine-tuning options and the base plan)::
+
+    output_dir/
+      tt-r4_cp-r3-1a2b3c4d/
+        decomposed.pt      the compressed model before fine-tuning (+ decomposed.json: its accuracy)
+        model.pt           the best fine-tuned checkpoint (and finetune's own files beside it)
+        result.json        written last: the setting's result
+
+A setting whose ``result.json`` exists is not run again, and an interrupted fine-tuning continues
+from its resume state, so re-running an interrupted sweep with the same arguments resumes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ttcompress.data import DatasetBundle
+from ttcompress.plan import Plan, plan_from_options
+from ttcompress.train import FinetuneConfig, TrainCallback, TrainConfig
+
+__all__ = ["SweepResult", "SweepSetting", "run_sweep", "sweep_settings"]
+
+
+@dataclass(frozen=True)
+class SweepSetting:
+    """One point of a sweep: a TT max rank or eps for Linear layers, a CP rank for Conv2d layers.
+
+    ``None`` on an axis keeps that layer type dense.
+    """
+
+    tt_ranks: int | None = None
+    tt_eps: float | None = None
+    cp_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.tt_ranks is not None and self.tt_eps is not None:
+            raise ValueError("a sweep setting takes tt_ranks or tt_eps, not both")
+        if self.tt_ranks is None and self.tt_eps is None and self.cp_rank is None:
+            raise ValueError("a sweep setting must compress something (tt_ranks, tt_eps or cp_rank)")
+
+    @property
+    def key(self) -> str:
+        """File-system-safe name, e.g. ``tt-r4_cp-r3`` or ``tt-e0.05``."""
+        parts = []
+        if self.tt_ranks is not None:
+            parts.append(f"tt-r{self.tt_ranks}")
+        if self.tt_eps is not None:
+            parts.append(f"tt-e{self.tt_eps:g}")
+        if self.cp_rank is not None:
+            parts.append(f"cp-r{self.cp_rank}")
+        return "_".join(parts)
+
+    @property
+    def label(self) -> str:
+        """Human-readable name, e.g. ``TT r4 + CP r3``."""
+        parts = []
+        if self.tt_ranks is not None:
+            parts.append(f"TT r{self.tt_ranks}")
+        if self.tt_eps is not None:
+            parts.append(f"TT ε{self.tt_eps:g}")
+        if self.cp_rank is not None:
+            parts.append(f"CP r{self.cp_rank}")
+        return " + ".join(parts)
+
+    def plan(self, base: Plan | None = None) -> Plan:
+        """The compression plan of this setting, on top of ``base`` (patterns, rules)."""
+        base = base or Plan()
+        options = plan_from_options(tt_ranks=self.tt_ranks, tt_eps=self.tt_eps, cp_ranks=self.cp_rank)
+        return dataclasses.replace(base, tt=options.tt if self.compresses_linear else base.tt,
+                                   cp=options.cp if self.cp_rank is not None else base.cp)  # fmt: skip
+
+    @property
+    def compresses_linear(self) -> bool:
+        return self.tt_ranks is not None or self.tt_eps is not None
+
+    def selects(self, module: nn.Module, name: str) -> bool:
+        """``filter_fn`` for :func:`ttcompress.surgery.compress_with_report`: the axes' layer types."""
+        if isinstance(module, nn.Linear):
+            return self.compresses_linear
+        if isinstance(module, nn.Conv2d):
+            return self.cp_rank is not None
+        return False
+
+
+def sweep_settings(
+    *,
+    tt_ranks: Sequence[int | None] = (),
+    tt_eps: Sequence[float] = (),
+    cp_ranks: Sequence[int | None] = (),
+) -> list[SweepSetting]:
+    """The cross product of the TT axis (ranks, then eps values) and the CP axis.
+
+    ``None`` in ``tt_ranks`` or ``cp_ranks`` is a point of that axis where the layer type stays
+    dense (``tt_ranks=[None, 8], cp_ranks=[3]`` gives "CP r3" and "TT r8 + CP r3"); the
+    combination that would compress nothing is left out.
+    """
+    for name, values in (("tt_ranks", tt_ranks), ("cp_ranks", cp_ranks)):
+        for v in values:
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must hold positive ints (or None for dense), got {v!r}")
+    for e in tt_eps:
+        if isinstance(e, bool) or not (isinstance(e, (int, float)) and 0 < e < 1):
+            raise ValueError(f"tt_eps values must be in (0, 1), got {e!r}")
+    tt_axis: list[tuple[int | None, float | None]] = [(r, None) for r in tt_ranks] + [(None, e) for e in tt_eps]
+    cp_axis: list[int | None] = list(cp_ranks)
+    if not any(r is not None for r, _ in tt_axis) and not any(e is not None for _, e in tt_axis) and not any(
+        c is not None for c in cp_axis
+    ):
+        raise ValueError("give at least one of tt_ranks (--tt-ranks), tt_eps (--tt-eps) or cp_ranks (--cp-ranks)")
+    settings = [
+        SweepSetting(tt_ranks=r, tt_eps=e, cp_rank=c)
+        for (r, e), c in itertools.product(tt_axis or [(None, None)], cp_axis or [None])
+        if not (r is None and e is None and c is None)
+    ]
+    if len({s.key for s in settings}) != len(settings):
+        raise ValueError("the sweep has duplicate settings; give each rank/eps once")
+    return settings
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """The outcome of one setting (what ``result.json`` holds)."""
+
+    setting: SweepSetting
+    model_path: Path
+    accuracy_before: float
+    accuracy_after: float
+    params: int
+    compression: float
+    cached: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "setting": dataclasses.asdict(self.setting),
+            "label": self.setting.label,
+            "model_path": self.model_path.name,
+            "accuracy_before": self.accuracy_before,
+            "accuracy_after": self.accuracy_after,
+            "params": self.params,
+            "compression": self.compression,
+        }
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fingerprint(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from ttcompress.io import atomic_write
+
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+SweepLog = Callable[[str], None]
+
+
+def run_sweep(
+    baseline: str | os.PathLike[str],
+    *,
+    bundle: DatasetBundle,
+    settings: Sequence[SweepSetting],
+    output_dir: str | os.PathLike[str],
+    config: TrainConfig | None = None,
+    base_plan: Plan | None = None,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    trust_pickle: bool = False,
+    teacher: nn.Module | None = None,
+    progress: TrainCallback | None = None,
+    log: SweepLog | None = None,
+) -> list[SweepResult]:
+    """Run (or resume) a sweep of ``settings`` from the model file ``baseline``.
+
+    Parameters
+    ----------
+    baseline : path
+        The dense model (any input :func:`ttcompress.io.load` accepts).
+    bundle : DatasetBundle
+        Fine-tuning uses its train split; accuracy is measured on its test split.
+    settings : sequence of SweepSetting
+        From :func:`sweep_settings`.
+    output_dir : path
+        Per-setting directories and the cache (see the module docstring).
+    config : TrainConfig, optional
+        Fine-tuning options (default :class:`~ttcompress.train.FinetuneConfig`).
+    base_plan : Plan, optional
+        Patterns and rules shared by all settings (its TT/CP defaults are replaced per setting).
+    arch, arch_kwargs, trust_pickle
+        As for :func:`ttcompress.io.load`.
+    teacher : nn.Module, optional
+        Distil from this model while fine-tuning (e.g. the baseline).
+    progress : TrainCallback, optional
+        Fine-tuning progress (rank 0).
+    log : callable, optional
+        Receives one line per step of the sweep.
+
+    Returns
+    -------
+    list of SweepResult
+        In the order of ``settings``.
+    """
+    from ttcompress.io import load, save
+    from ttcompress.report import count_params
+    from ttcompress.surgery import compress_with_report
+    from ttcompress.train import evaluate, finetune, run_paths
+
+    if not settings:
+        raise ValueError("settings must not be empty")
+    config = config or FinetuneConfig()
+    say = log or (lambda _line: None)
+    baseline = Path(baseline)
+    if not baseline.is_file():
+        raise FileNotFoundError(f"baseline model not found: {baseline}")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"sweep output is not a directory: {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    digest = _file_digest(baseline)
+    base_params = count_params(load(baseline, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs))
+    eval_device = config.device if config.device != "auto" else None
+
+    results = []
+    for index, setting in enumerate(settings, start=1):
+        plan = setting.plan(base_plan)
+        fp = _fingerprint(digest, bundle.name, config.to_dict(), plan.to_dict(), dataclasses.asdict(setting))
+        work = out / f"{setting.key}-{fp}"
+        work.mkdir(exist_ok=True)
+        result_file = work / "result.json"
+        model_path = work / "model.pt"
+        head = f"[{index}/{len(settings)}] {setting.label}"
+        if result_file.is_file():
+            data = json.loads(result_file.read_text(encoding="utf-8"))
+            results.append(
+                SweepResult(setting, model_path, data["accuracy_before"], data["accuracy_after"],
+                            data["params"], data["compression"], cached=True)  # fmt: skip
+            )
+            say(f"{head}: cached ({100 * data['accuracy_after']:.2f}%)")
+            continue
+
+        decomposed = work / "decomposed.pt"
+        before_file = work / "decomposed.json"
+        if decomposed.is_file() and before_file.is_file():
+            model = load(decomposed)
+            accuracy_before = json.loads(before_file.read_text(encoding="utf-8"))["accuracy"]
+            say(f"{head}: reusing the decomposed model")
+        else:
+            say(f"{head}: decomposing")
+            model = load(baseline, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs)
+            model = compress_with_report(model, plan, filter_fn=setting.selects).model
+            save(model, decomposed, info={"plan": plan.to_dict(), "sweep_setting": dataclasses.asdict(setting)})
+            accuracy_before = evaluate(model, bundle.test, device=_eval_device(eval_device)).accuracy
+            _write_json(before_file, {"accuracy": accuracy_before})
+        say(f"{head}: {100 * accuracy_before:.2f}% before fine-tuning; fine-tuning")
+        resume = run_paths(model_path).resume.is_file()
+        run = finetune(model, bundle, output=model_path, config=config, teacher=teacher,
+                       progress=progress, resume=resume)  # fmt: skip
+        if run.interrupted:
+            raise KeyboardInterrupt
+        best = load(model_path)
+        accuracy_after = evaluate(best, bundle.test, device=_eval_device(eval_device)).accuracy
+        params = count_params(best)
+        result = SweepResult(setting, model_path, accuracy_before, accuracy_after, params, base_params / params)
+        _write_json(result_file, result.to_dict())
+        say(f"{head}: {100 * accuracy_after:.2f}% after fine-tuning, {result.compression:.2f}× fewer params")
+        results.append(result)
+    return results
+
+
+def _eval_device(device: str | None) -> torch.device:
+    from ttcompress.train import resolve_device
+
+    return resolve_device(device or "auto")
+
+
+def default_output_dir(baseline: str | os.PathLike[str]) -> Path:
+    """``dir/baseline.pt`` → ``dir/baseline.sweep``."""
+    p = Path(baseline)
+    return p.with_name(p.stem + ".sweep")
+
+
+def sweep_report(
+    baseline: str | os.PathLike[str],
+    *,
+    settings: Sequence[SweepSetting],
+    output_dir: str | os.PathLike[str] | None = None,
+    data: str = "mnist-5k",
+    data_root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    config: TrainConfig | None = None,
+    plan_file: str | os.PathLike[str] | None = None,
+    distill: bool = False,
+    measure_speed: bool = True,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    trust_pickle: bool = False,
+    console: Any = None,
+) -> Any:
+    """Run (or resume) a sweep and measure every fine-tuned model against the baseline.
+
+    What ``ttcompress sweep`` runs. ``console`` (a rich console) receives progress; the result
+    is a :class:`ttcompress.report.Report` whose rows carry the accuracy before fine-tuning.
+    """
+    from ttcompress.data import load_dataset
+    from ttcompress.io import load
+    from ttcompress.plan import load_plan
+    from ttcompress.report import ModelEntry, build_report
+    from ttcompress.train import RichProgress, resolve_device
+
+    config = config or FinetuneConfig()
+    bundle = load_dataset(data, root=data_root, download=download)
+    base_plan = load_plan(plan_file) if plan_file is not None else None
+    out = Path(output_dir) if output_dir is not None else default_output_dir(baseline)
+    load_kwargs: dict[str, Any] = {"trust_pickle": trust_pickle}
+    if arch is not None:
+        load_kwargs.update(arch=arch, arch_kwargs=dict(arch_kwargs or {}))
+    base_model = load(baseline, **load_kwargs)
+    progress = RichProgress(console) if console is not None else None
+    try:
+        results = run_sweep(
+            baseline, bundle=bundle, settings=settings, output_dir=out, config=config, base_plan=base_plan,
+            arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,
+            teacher=base_model if distill else None, progress=progress,
+            log=console.print if console is not None else None,
+        )  # fmt: skip
+    finally:
+        if progress is not None:
+            progress.close()
+    entries = [
+        ModelEntry(label=r.setting.label, model=load(r.model_path), path=r.model_path, setting=r.setting.key,
+                   accuracy_before_finetune=r.accuracy_before)  # fmt: skip
+        for r in results
+    ]
+    return build_report(
+        baseline=ModelEntry(label=Path(baseline).stem, model=base_model, path=Path(baseline)),
+        models=entries,
+        data=bundle,
+        device=resolve_device(config.device),
+        measure_speed=measure_speed,
+    )
