@@ -300,8 +300,22 @@ def test_distillation_runs_and_teaches(tiny: DatasetBundle, baseline: nn.Module,
     cfg = FinetuneConfig(epochs=1, lr=2e-3, distill_alpha=0.7, distill_temperature=3.0, **CPU)
     result = finetune(student, tiny, output=tmp_path / "kd.pt", config=cfg, teacher=baseline)
     rec = result.history[0]
-    assert torch.isfinite(torch.tensor(rec.train_loss)) and rec.val_accuracy > 0.3
+    assert torch.isfinite(torch.tensor(rec.train_loss)) and evaluate(student, tiny).accuracy > 0.3
     assert all(p.requires_grad for p in baseline.parameters())  # the teacher itself is left alone
     bad_teacher = seeded(num_classes=7)
     with pytest.raises(ValueError, match="teacher has 7 outputs"):
         finetune(seeded(), tiny, output=tmp_path / "kd2.pt", config=cfg, teacher=bad_teacher)
+
+
+def test_holdout_split_is_fixed_disjoint_and_leaves_the_test_split_alone(tiny: DatasetBundle) -> None:
+    from ttcompress.train import holdout_split
+
+    train_a, val_a = holdout_split(tiny, fraction=0.1)
+    train_b, val_b = holdout_split(tiny, fraction=0.1)
+    n = len(tiny.train)
+    assert len(val_a) == max(1, round(0.1 * n)) and len(train_a) + len(val_a) == n
+    assert set(train_a.indices).isdisjoint(val_a.indices)
+    assert val_a.indices == val_b.indices  # the same samples in every run
+    assert holdout_split(tiny, fraction=0.0) == (tiny.train, tiny.test)
+    with pytest.raises(ValueError, match="val_fraction"):
+        TrainConfig(val_fraction=1.0)

@@ -9,7 +9,8 @@ distillation from a teacher [2]_, and training only the decomposed layers.
 Files written next to ``output`` (``OUT = dir/name.ext``), each atomically and on rank 0 only:
 
 ``OUT``
-    The best checkpoint by validation (test-split) top-1 accuracy, a ttcompress checkpoint
+    The best checkpoint by validation top-1 accuracy (on a seeded 10 % of the training split held
+    out, see ``TrainConfig.val_fraction``; the test split is not used), a ttcompress checkpoint
     written with :func:`ttcompress.io.save`.
 ``dir/name.last.ext``
     The checkpoint after the last finished epoch (or at the moment of a Ctrl-C).
@@ -73,6 +74,7 @@ __all__ = [
     "finetune_file",
     "fit",
     "history_table",
+    "holdout_split",
     "resolve_device",
     "run_paths",
     "train",
@@ -127,6 +129,10 @@ class TrainConfig:
     max_batches : int or None, default None
         Stop each epoch after this many batches (smoke tests, quick sweeps).
     log_every : int, default 10
+    val_fraction : float, default 0.1
+        Fraction of the training split held out (the same samples in every run, see
+        :func:`holdout_split`) to validate each epoch and select the best checkpoint, so the test split never takes part in training or model
+        selection. ``0`` validates on the test split instead (the old, optimistic behaviour).
         Progress updates (and, on GPU or under DDP, NaN checks) every this many steps.
     """
 
@@ -150,6 +156,7 @@ class TrainConfig:
     num_workers: int | None = None
     max_batches: int | None = None
     log_every: int = 10
+    val_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "step_size", "eval_batch_size", "log_every"):
@@ -166,6 +173,10 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) or not (
+            0 <= self.val_fraction < 1
+        ):
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.distill_alpha > 1:
@@ -645,7 +656,7 @@ def fit(
     resume: bool = False,
     mode: str = "finetune",
 ) -> TrainResult:
-    """Train ``model`` in place on ``bundle.train``, validate on ``bundle.test`` after each epoch.
+    """Train ``model`` in place on ``bundle.train``, validate after each epoch on a held-out part of it.
 
     Parameters
     ----------
@@ -804,6 +815,24 @@ def _read_resume(path: Path, config: TrainConfig) -> dict[str, Any]:
     return state
 
 
+def holdout_split(bundle: DatasetBundle, *, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """``(train, validation)``: a random ``fraction`` of ``bundle.train`` held out.
+
+    The split depends only on ``seed`` and the dataset size, not on the training seed, so it is
+    the same in every process, run and resume, and a model fine-tuned from a baseline is
+    validated on samples the baseline never trained on. With ``fraction == 0`` the validation
+    set is ``bundle.test``.
+    """
+    if fraction == 0:
+        return bundle.train, bundle.test
+    n = len(bundle.train)  # type: ignore[arg-type]
+    n_val = min(max(1, round(n * fraction)), n - 1)
+    if n < 2:
+        raise ValueError(f"val_fraction={fraction} needs at least 2 training samples, got {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(bundle.train, sorted(order[n_val:])), Subset(bundle.train, sorted(order[:n_val]))
+
+
 def _shard(dataset: Dataset, ctx: _Dist) -> Dataset:
     """Every ``world_size``-th sample for this rank, without padding (exact distributed eval)."""
     if not ctx.enabled:
@@ -897,12 +926,13 @@ def _fit(
             base_meta = json.loads(resume_state["base_meta_info"])
         _set_rng_state(resume_state.get("rng", {}))
 
+    train_set, val_set = holdout_split(bundle, fraction=config.val_fraction)
     train_loader = make_loader(
-        bundle.train, batch_size=config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers,
+        train_set, batch_size=config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers,
         distributed=ctx.enabled, pin_memory=device.type == "cuda",
     )  # fmt: skip
     test_loader = make_loader(
-        _shard(bundle.test, ctx), batch_size=config.eval_batch_size, shuffle=False, num_workers=config.num_workers,
+        _shard(val_set, ctx), batch_size=config.eval_batch_size, shuffle=False, num_workers=config.num_workers,
         pin_memory=device.type == "cuda",
     )  # fmt: skip
     steps = len(train_loader) if config.max_batches is None else min(len(train_loader), config.max_batches)

@@ -36,6 +36,7 @@ from ttcompress.cli.train import (
     ImageSizeOpt,
     LrOpt,
     MaxBatchesOpt,
+    ValFractionOpt,
     MomentumOpt,
     OptimizerOpt,
     ResumeOpt,
@@ -73,6 +74,7 @@ def finetune(
     gamma: GammaOpt = FinetuneConfig.gamma,
     seed: SeedOpt = FinetuneConfig.seed,
     max_batches: MaxBatchesOpt = None,
+    val_fraction: ValFractionOpt = FinetuneConfig.val_fraction,
     train_only: Annotated[str, typer.Option(
         "--train-only", help="all, or decomposed: freeze every parameter outside the TT/CP layers.",
         metavar="all|decomposed", rich_help_panel="Optimization")] = FinetuneConfig.train_only,
@@ -103,7 +105,7 @@ def finetune(
         FinetuneConfig, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
         weight_decay=weight_decay, schedule=schedule, step_size=step_size, gamma=gamma, seed=seed, device=device,
         amp=amp, compile=compile_, train_only=train_only, distill_alpha=alpha, distill_temperature=temperature,
-        eval_batch_size=eval_batch_size, num_workers=workers, max_batches=max_batches,
+        eval_batch_size=eval_batch_size, num_workers=workers, max_batches=max_batches, val_fraction=val_fraction,
     )  # fmt: skip
     progress = RichProgress(err)
     try:

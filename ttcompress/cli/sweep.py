@@ -28,6 +28,7 @@ from ttcompress.cli.train import (
     OptimizerOpt,
     ScheduleOpt,
     SeedOpt,
+    ValFractionOpt,
     WeightDecayOpt,
     make_config,
 )
@@ -82,6 +83,7 @@ def sweep_command(
     schedule: ScheduleOpt = FinetuneConfig.schedule,
     seed: SeedOpt = FinetuneConfig.seed,
     max_batches: MaxBatchesOpt = None,
+    val_fraction: ValFractionOpt = FinetuneConfig.val_fraction,
     device: DeviceOpt = FinetuneConfig.device,
     plan: PlanOpt = None,
     distill: Annotated[bool, typer.Option(
@@ -112,6 +114,7 @@ def sweep_command(
     config = make_config(
         FinetuneConfig, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
         weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, max_batches=max_batches,
+        val_fraction=val_fraction,
     )  # fmt: skip
     report = sweep_report(
         baseline,

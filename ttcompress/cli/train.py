@@ -60,6 +60,9 @@ SeedOpt = Annotated[int, typer.Option(
 MaxBatchesOpt = Annotated[Optional[int], typer.Option(
     "--max-batches", help="Stop each epoch after this many batches (smoke tests).", show_default=False,
     metavar="INT", rich_help_panel=_OPT)]
+ValFractionOpt = Annotated[float, typer.Option(
+    "--val-fraction", help="Fraction of the training split held out (the same samples in every run) to "
+    "select the best epoch; 0 selects on the test split instead.", metavar="FLOAT", rich_help_panel=_OPT)]
 DeviceOpt = Annotated[str, typer.Option(
     "--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps. Under torchrun, "
     "auto/cuda use cuda:LOCAL_RANK.", metavar="DEVICE", rich_help_panel=_RUN)]
@@ -143,6 +146,7 @@ def train(
     gamma: GammaOpt = TrainConfig.gamma,
     seed: SeedOpt = TrainConfig.seed,
     max_batches: MaxBatchesOpt = None,
+    val_fraction: ValFractionOpt = TrainConfig.val_fraction,
     device: DeviceOpt = TrainConfig.device,
     amp: AmpOpt = None,
     compile_: CompileOpt = False,
@@ -168,7 +172,7 @@ def train(
         TrainConfig, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
         weight_decay=weight_decay, schedule=schedule, step_size=step_size, gamma=gamma, seed=seed, device=device,
         amp=amp, compile=compile_, distill_alpha=alpha, distill_temperature=temperature,
-        eval_batch_size=eval_batch_size, num_workers=workers, max_batches=max_batches,
+        eval_batch_size=eval_batch_size, num_workers=workers, max_batches=max_batches, val_fraction=val_fraction,
     )  # fmt: skip
     progress = RichProgress(err)
     try:
