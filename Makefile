@@ -22,7 +22,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/bench_tt_linear.py --repeats 3
+	$(BIN)/python benchmarks/bench_cp_conv.py
+	$(BIN)/python benchmarks/bench_finetune.py --epochs 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info

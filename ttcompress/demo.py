@@ -26,7 +26,7 @@ __all__ = ["DemoResult", "DemoSettings", "run_demo"]
 class DemoSettings:
     """What the demo runs (defaults: the full demo)."""
 
-    train_epochs: int = 4
+    train_epochs: int = 12
     finetune_epochs: int = 2
     max_batches: int | None = None
     cp_ranks: tuple[int, ...] = (3, 6, 9)
