@@ -364,7 +364,7 @@ def _torch_load_trusted(p: Path) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(p, map_location="cpu", weights_only=False)
+            return torch.load(p, map_location="cpu", weights_only=False)  # only with trust_pickle=True
     except Exception as exc:
         raise CheckpointError(f"cannot unpickle {p} (corrupted, or a class it needs is not importable): {_short(exc)}") from None
 

@@ -94,7 +94,8 @@ def _min_sum_factorization(n: int, d: int, max_factor: int) -> tuple[int, ...] |
 
 def _balanced_cost(n: int, d: int) -> tuple[float, tuple[int, ...]]:
     factors = _min_sum_factorization(n, d, n)
-    assert factors is not None  # (n, 1, ..., 1) always exists
+    if factors is None:  # unreachable: (n, 1, ..., 1) always exists
+        raise RuntimeError(f"no factorization of {n} into {d} modes")
     return float(sum(factors)), factors
 
 
@@ -172,7 +173,8 @@ def _arrange(out_multiset: tuple[int, ...], in_multiset: tuple[int, ...], cap: t
             p = _params(outs, ins, cap)
             if best is None or p < best[0]:
                 best = (p, (outs, ins))
-    assert best is not None
+    if best is None:  # unreachable: the loops run at least once
+        raise RuntimeError("no mode arrangement found")
     return best[1]
 
 
