@@ -36,6 +36,7 @@ ModelArg = Annotated[
         help="Model file: a ttcompress checkpoint, a state dict (.pt/.pth/.safetensors, needs --arch), "
         "or a whole pickled nn.Module (needs --trust-pickle).",
         show_default=False,
+        metavar="MODEL",
     ),
 ]
 
