@@ -9,7 +9,7 @@ Accepted inputs (:func:`load`)
    (``DistributedDataParallel``) is stripped.
 3. **A whole pickled** ``nn.Module`` (``torch.save(model)``): unpickling can run arbitrary code, so
    it is refused with :class:`~ttcompress.errors.UnsafePickleError` unless ``trust_pickle=True``.
-   ``weights_only=False`` is used on that path only.
+   ``weights_only=False`` is used on that trust_pickle path only.
 
 The kind of a file is found from its content (magic bytes), not from its extension.
 
@@ -510,7 +510,7 @@ def load_checkpoint(
     path : str or PathLike
         The model file.
     trust_pickle : bool, default False
-        Allow unpickling arbitrary objects (``torch.load(weights_only=False)``). Needed for whole
+        Trust the file: allow unpickling arbitrary objects (``torch.load(weights_only=False)``). Needed for whole
         pickled modules only; never needed for ttcompress checkpoints of rebuildable models.
     arch : str, optional
         Architecture for a bare state dict (built-in name, ``torchvision:NAME`` or
