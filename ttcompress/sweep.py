@@ -20,6 +20,7 @@ from its resume state, so re-running an interrupted sweep with the same argument
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -246,7 +247,8 @@ def run_sweep(
         raise NotADirectoryError(f"sweep output is not a directory: {out}")
     out.mkdir(parents=True, exist_ok=True)
     digest = _file_digest(baseline)
-    base_params = count_params(load(baseline, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs))
+    base_model = load(baseline, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs)  # read once
+    base_params = count_params(base_model)
     eval_device = config.device if config.device != "auto" else None
 
     results = []
@@ -275,7 +277,7 @@ def run_sweep(
             say(f"{head}: reusing the decomposed model")
         else:
             say(f"{head}: decomposing")
-            model = load(baseline, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs)
+            model = copy.deepcopy(base_model)
             model = compress_with_report(model, plan, filter_fn=setting.selects).model
             save(model, decomposed, info={"plan": plan.to_dict(), "sweep_setting": dataclasses.asdict(setting)})
             accuracy_before = evaluate(model, bundle.test, device=_eval_device(eval_device)).accuracy
