@@ -647,6 +647,23 @@ def _load_cifar10(root: str | os.PathLike[str] | None, *, download: bool) -> Dat
     )
 
 
+def _read_image(path: str) -> Any:
+    """Open an image as RGB; any decoding failure is a :class:`DataError` naming the file.
+
+    PIL raises ``UnidentifiedImageError`` (not an image), ``OSError`` (truncated file),
+    ``DecompressionBombError`` (more than twice ``Image.MAX_IMAGE_PIXELS``) and others
+    (``ValueError``, ``SyntaxError`` from some decoders).
+    """
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path}: {' '.join(str(exc).split())[:200]}") from None
+
+
 def _load_imagefolder(path: str, *, image_size: int) -> DatasetBundle:
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
@@ -669,7 +686,7 @@ def _load_imagefolder(path: str, *, image_size: int) -> DatasetBundle:
 
     def folder(d: Path) -> ImageFolder:
         try:
-            return ImageFolder(str(d), transform=tf)
+            return ImageFolder(str(d), transform=tf, loader=_read_image)
         except (FileNotFoundError, OSError, RuntimeError) as exc:
             raise DataError(f"cannot read image folder {str(d)!r}: {exc}") from exc
 

@@ -280,6 +280,9 @@ def atomic_write(path: PathLike, mode: str = "wb", *, encoding: str | None = Non
     dest = Path(path)
     if dest.is_dir():
         raise IsADirectoryError(f"output path is a directory: {dest}")
+    blocker = next((p for p in dest.parents if p.exists() or p.is_symlink()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise NotADirectoryError(f"cannot write {dest}: {blocker} is not a directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(dest)
     with _sigterm_unwinds():

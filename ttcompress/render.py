@@ -153,6 +153,8 @@ def to_json(report: Report) -> str:
             dataset=report.dataset,
             device=report.device,
             batch_size=report.batch_size,
+            eval_samples=report.eval_samples,
+            eval_subset=report.eval_subset,
             layers=data["layers"],
         )
         rows.append(item)

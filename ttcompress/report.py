@@ -257,7 +257,9 @@ def _input_shape(model: nn.Module, data: Any | None, input_shape: Sequence[int] 
     shape = get_meta(model)["info"].get("input_shape")
     if shape:
         return tuple(int(s) for s in shape)
-    raise ValueError("input_shape is unknown: pass data or input_shape")
+    raise UserInputError(
+        "the input shape is unknown: the baseline does not record one; pass data or input_shape"
+    )
 
 
 def build_report(

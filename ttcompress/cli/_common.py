@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 import sys
 import traceback
 from collections.abc import Iterable
@@ -25,7 +26,7 @@ from typing import Any, Callable, TypeVar
 import typer
 from rich.console import Console
 
-from ttcompress.errors import OutputExistsError, TTCompressError
+from ttcompress.errors import OutputExistsError, TTCompressError, UserInputError
 
 DEFAULT_PIPE_WIDTH = 160
 
@@ -165,3 +166,20 @@ def check_outputs(
             raise OutputExistsError(f"output path is a directory: {p}")
         if not overwrite and (p.exists() or p.is_symlink()):
             raise OutputExistsError(f"{p} already exists; pass --overwrite to replace it")
+
+
+def check_inputs(*paths: str | os.PathLike[str] | None) -> None:
+    """Refuse an input that exists but is not a regular file or a directory (a FIFO, a device).
+
+    Reading a FIFO would block until someone writes to it. Missing files and directories are
+    left to the loaders, whose messages say what was expected.
+    """
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise UserInputError(f"{path} is not a regular file")

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ttcompress.cli import app
-from ttcompress.cli._common import check_outputs, cli_errors, err, out
+from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
 from ttcompress.cli.options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -75,6 +75,7 @@ def decompose(
 
     The output (default: MODEL's name with .tt.pt, next to it) is written atomically: on any error nothing is written. An existing output is replaced only with --overwrite. The per-layer table goes to stdout, progress to stderr.
     """
+    check_inputs(model, plan)
     with refused_input():
         the_plan = plan_from_options(
             plan_file=plan, tt_ranks=tt_ranks, tt_eps=tt_eps, tt_d=tt_d, cp_ranks=cp_ranks, cp_ratio=cp_ratio,

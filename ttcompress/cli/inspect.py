@@ -10,7 +10,7 @@ import json
 from rich.table import Table
 
 from ttcompress.cli import app
-from ttcompress.cli._common import cli_errors, out
+from ttcompress.cli._common import check_inputs, cli_errors, out
 from ttcompress.cli.decompose import print_table
 from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, JsonOpt, ModelArg, PlanOpt, TrustPickleOpt, parse_arch_kwargs
 from ttcompress.errors import refused_input
@@ -32,6 +32,7 @@ def inspect(
 
     For a compressed ttcompress checkpoint, show its plan: format, modes and ranks of each layer.
     """
+    check_inputs(model, plan)
     with refused_input():  # a named model or plan that cannot be read
         summary = inspect_file(
             model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle,

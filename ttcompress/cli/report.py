@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from ttcompress.cli import app
-from ttcompress.cli._common import check_outputs, cli_errors, err, out
+from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
 from ttcompress.errors import UserInputError
 from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, OverwriteOpt, TrustPickleOpt, parse_arch_kwargs
 from ttcompress.cli.train import DataRootOpt, DeviceOpt, DownloadOpt
@@ -95,6 +95,7 @@ def report_command(
     from ttcompress.report import report_files
 
     check_render_options(fmt=fmt, plot=plot)
+    check_inputs(baseline, *models)
     check_outputs([output, plot], overwrite=overwrite, inputs=[baseline, *models])
     result = report_files(
         baseline,

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from ttcompress.cli import app
-from ttcompress.cli._common import check_outputs, cli_errors, err
+from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err
 from ttcompress.errors import UserInputError
 from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, OverwriteOpt, PlanOpt, TrustPickleOpt, parse_arch_kwargs
 from ttcompress.cli.report import FormatOpt, PlotOpt, check_render_options, emit
@@ -108,6 +108,7 @@ def sweep_command(
     from ttcompress.sweep import sweep_report, sweep_settings
 
     check_render_options(fmt=fmt, plot=plot)
+    check_inputs(baseline, plan)
     check_outputs([report_file, plot], overwrite=overwrite, inputs=[baseline])
     settings = sweep_settings(
         tt_ranks=parse_list(tt_ranks, option="--tt-ranks", kind=int, allow_none=True),

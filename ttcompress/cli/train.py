@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ttcompress.cli import app
-from ttcompress.cli._common import check_outputs, cli_errors, err, out
+from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
 from ttcompress.errors import UserInputError
 from ttcompress.cli.options import ArchKwargsOpt, JsonOpt, OutputOpt, OverwriteOpt, TrustPickleOpt, parse_arch_kwargs
 from ttcompress.train import TrainConfig, TrainResult
@@ -107,6 +107,7 @@ def require_output(
 
     if output is None:
         raise UserInputError("missing -o/--output: where to write the trained model")
+    check_inputs(*inputs)
     paths = run_paths(output)
     check_outputs([paths.best, paths.last, paths.resume, paths.metrics], overwrite=overwrite or resume, inputs=inputs)
     return output
