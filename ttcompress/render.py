@@ -112,7 +112,11 @@ def _layer_table(report: Report) -> list[list[str]]:
 def _caption(report: Report) -> str:
     parts = [f"dataset: {report.dataset or '–'}"]
     if report.eval_samples is not None:
-        parts.append(f"{report.eval_samples:,} test samples")
+        parts.append(
+            f"a class-balanced subset of {report.eval_samples:,} test samples"
+            if report.eval_subset
+            else f"{report.eval_samples:,} test samples"
+        )
     parts.append(f"device: {report.device}")
     if any(row.latency_ms is not None for row in report.rows):
         parts.append(f"FLOPs per sample; latency: median ± IQR/2 of one forward pass on a batch of {report.batch_size}")
@@ -149,6 +153,8 @@ def to_json(report: Report) -> str:
             dataset=report.dataset,
             device=report.device,
             batch_size=report.batch_size,
+            eval_samples=report.eval_samples,
+            eval_subset=report.eval_subset,
             layers=data["layers"],
         )
         rows.append(item)

@@ -97,6 +97,10 @@ def build_replacement(module: nn.Module, decision: LayerDecision) -> nn.Module:
         for key in ("in_modes", "out_modes"):
             if key in opts:
                 opts[key] = tuple(opts[key])
+        for what in ("weight", "bias"):  # name the layer (TT-SVD alone cannot); a NaN bias would pass
+            tensor = getattr(module, what, None)
+            if tensor is not None and not bool(tensor.isfinite().all()):
+                raise ValueError(f"layer {decision.name!r} has NaN or Inf {what} values; cannot decompose it")
         new = types["tt"].from_linear(module, **opts)
     elif decision.format == "cp":
         rank = opts.pop("rank")

@@ -11,8 +11,9 @@ from typing import Annotated, Optional
 import typer
 
 from ttcompress.cli import app
-from ttcompress.cli._common import cli_errors, err, out
-from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, TrustPickleOpt, parse_arch_kwargs
+from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
+from ttcompress.errors import UserInputError
+from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, OverwriteOpt, TrustPickleOpt, parse_arch_kwargs
 from ttcompress.cli.train import DataRootOpt, DeviceOpt, DownloadOpt
 from ttcompress.report import Report
 
@@ -27,7 +28,7 @@ PlotOpt = Annotated[Optional[Path], typer.Option(
 LatencyBatchOpt = Annotated[int, typer.Option(
     "--batch-size", help="Batch size of the latency measurement.", metavar="INT")]
 EvalLimitOpt = Annotated[Optional[int], typer.Option(
-    "--eval-limit", help="Evaluate on the first N test samples only.", show_default=False, metavar="N")]
+    "--eval-limit", help="Evaluate on a seeded, class-balanced subset of N test samples.", show_default=False, metavar="N")]
 MinRunTimeOpt = Annotated[float, typer.Option(
     "--min-run-time", help="Seconds of timing per model (torch.utils.benchmark blocked_autorange).",
     metavar="SECONDS")]
@@ -39,9 +40,9 @@ def check_render_options(*, fmt: str, plot: Optional[Path]) -> None:
     from ttcompress.render import FORMATS
 
     if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+        raise UserInputError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     if plot is not None and plot.suffix.lower() != ".png":
-        raise ValueError(f"--plot must name a .png file, got {plot}")
+        raise UserInputError(f"--plot must name a .png file, got {plot}")
 
 
 def emit(report: Report, *, fmt: str, output: Optional[Path], plot: Optional[Path]) -> None:
@@ -82,6 +83,7 @@ def report_command(
     fmt: FormatOpt = "table",
     output: ReportOutputOpt = None,
     plot: PlotOpt = None,
+    overwrite: OverwriteOpt = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
@@ -93,6 +95,8 @@ def report_command(
     from ttcompress.report import report_files
 
     check_render_options(fmt=fmt, plot=plot)
+    check_inputs(baseline, *models)
+    check_outputs([output, plot], overwrite=overwrite, inputs=[baseline, *models])
     result = report_files(
         baseline,
         models,

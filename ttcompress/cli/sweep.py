@@ -12,8 +12,9 @@ from typing import Annotated, Optional
 import typer
 
 from ttcompress.cli import app
-from ttcompress.cli._common import cli_errors, err
-from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, PlanOpt, TrustPickleOpt, parse_arch_kwargs
+from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err
+from ttcompress.errors import UserInputError
+from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, OverwriteOpt, PlanOpt, TrustPickleOpt, parse_arch_kwargs
 from ttcompress.cli.report import FormatOpt, PlotOpt, check_render_options, emit
 from ttcompress.cli.train import (
     BatchSizeOpt,
@@ -44,12 +45,12 @@ def parse_list(text: Optional[str], *, option: str, kind: type, allow_none: bool
         return []
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
-        raise ValueError(f"{option} needs a comma-separated list, e.g. {option} 2,4,8")
+        raise UserInputError(f"{option} needs a comma-separated list, e.g. {option} 2,4,8")
     try:
         return [None if (allow_none and t.lower() == "none") else kind(t) for t in items]
     except ValueError:
         what = "integers" if kind is int else "numbers"
-        raise ValueError(f"{option} must be comma-separated {what}, got {text!r}") from None
+        raise UserInputError(f"{option} must be comma-separated {what}, got {text!r}") from None
 
 
 @app.command("sweep")
@@ -93,6 +94,7 @@ def sweep_command(
         "--report", help="Also write the report to this file (format from --format; md if table).",
         show_default=False, metavar="PATH")] = None,
     plot: PlotOpt = None,
+    overwrite: OverwriteOpt = False,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the latency measurement.")] = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -106,6 +108,8 @@ def sweep_command(
     from ttcompress.sweep import sweep_report, sweep_settings
 
     check_render_options(fmt=fmt, plot=plot)
+    check_inputs(baseline, plan)
+    check_outputs([report_file, plot], overwrite=overwrite, inputs=[baseline])
     settings = sweep_settings(
         tt_ranks=parse_list(tt_ranks, option="--tt-ranks", kind=int, allow_none=True),
         tt_eps=parse_list(tt_eps, option="--tt-eps", kind=float),
