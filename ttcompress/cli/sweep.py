@@ -13,8 +13,10 @@ import typer
 
 from ttcompress.cli import app
 from ttcompress.cli._common import cli_errors, err
-from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, PlanOpt, TrustPickleOpt, parse_arch_kwargs
-from ttcompress.cli.report import FormatOpt, PlotOpt, check_render_options, emit
+from ttcompress.cli.options import (
+    ArchKwargsOpt, ArchOpt, PlanOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustPickleOpt, parse_arch_kwargs,
+)
+from ttcompress.cli.report import FormatOpt, check_render_options, emit
 from ttcompress.cli.train import (
     BatchSizeOpt,
     DataOpt,
@@ -93,6 +95,8 @@ def sweep_command(
         "--report", help="Also write the report to this file (format from --format; md if table).",
         show_default=False, metavar="PATH")] = None,
     plot: PlotOpt = None,
+    plot_x: PlotXOpt = "params",
+    plot_title: PlotTitleOpt = None,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the latency measurement.")] = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -105,7 +109,7 @@ def sweep_command(
     """
     from ttcompress.sweep import sweep_report, sweep_settings
 
-    check_render_options(fmt=fmt, plot=plot)
+    check_render_options(fmt=fmt, plot=plot, plot_x=plot_x)
     settings = sweep_settings(
         tt_ranks=parse_list(tt_ranks, option="--tt-ranks", kind=int, allow_none=True),
         tt_eps=parse_list(tt_eps, option="--tt-eps", kind=float),
@@ -132,6 +136,6 @@ def sweep_command(
         trust_pickle=trust_pickle,
         console=err,
     )
-    emit(report, fmt=fmt, output=None, plot=plot)
+    emit(report, fmt=fmt, output=None, plot=plot, plot_x=plot_x, plot_title=plot_title)
     if report_file is not None:
         emit(report, fmt="md" if fmt == "table" else fmt, output=report_file, plot=None)
