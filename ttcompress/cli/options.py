@@ -120,3 +120,14 @@ def parse_arch_kwargs(text: str | None, *, option: str = "--arch-kwargs") -> dic
     if not isinstance(value, dict):
         raise UserInputError(f"{option} must be a JSON object, got {type(value).__name__}")
     return value
+
+
+PlotOpt = Annotated[Optional[Path], typer.Option(
+    "--plot", help="Also draw accuracy vs compression (log x, Pareto front marked) to this file; "
+    "the extension picks the format: .png (150 dpi), .pdf or .svg.", show_default=False, metavar="FILE")]
+PlotXOpt = Annotated[str, typer.Option(
+    "--x", help="Horizontal axis of --plot, as baseline / model: params (compression), flops, size (file "
+    "size) or latency (speed-up).", metavar="AXIS")]
+PlotTitleOpt = Annotated[Optional[str], typer.Option(
+    "--title", help="Title of --plot (default: Accuracy vs compression — DATASET).", show_default=False,
+    metavar="TEXT")]

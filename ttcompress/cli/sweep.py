@@ -13,9 +13,12 @@ import typer
 
 from ttcompress.cli import app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err
+from ttcompress.cli.options import (
+    ArchKwargsOpt, ArchOpt, OverwriteOpt, PlanOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustPickleOpt,
+    parse_arch_kwargs,
+)
+from ttcompress.cli.report import FormatOpt, check_render_options, emit
 from ttcompress.errors import UserInputError
-from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, OverwriteOpt, PlanOpt, TrustPickleOpt, parse_arch_kwargs
-from ttcompress.cli.report import FormatOpt, PlotOpt, check_render_options, emit
 from ttcompress.cli.train import (
     BatchSizeOpt,
     DataOpt,
@@ -95,6 +98,8 @@ def sweep_command(
         show_default=False, metavar="PATH")] = None,
     plot: PlotOpt = None,
     overwrite: OverwriteOpt = False,
+    plot_x: PlotXOpt = "params",
+    plot_title: PlotTitleOpt = None,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the latency measurement.")] = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -107,7 +112,7 @@ def sweep_command(
     """
     from ttcompress.sweep import sweep_report, sweep_settings
 
-    check_render_options(fmt=fmt, plot=plot)
+    check_render_options(fmt=fmt, plot=plot, plot_x=plot_x)
     check_inputs(baseline, plan)
     check_outputs([report_file, plot], overwrite=overwrite, inputs=[baseline])
     settings = sweep_settings(
@@ -136,6 +141,6 @@ def sweep_command(
         trust_pickle=trust_pickle,
         console=err,
     )
-    emit(report, fmt=fmt, output=None, plot=plot)
+    emit(report, fmt=fmt, output=None, plot=plot, plot_x=plot_x, plot_title=plot_title)
     if report_file is not None:
         emit(report, fmt="md" if fmt == "table" else fmt, output=report_file, plot=None)
