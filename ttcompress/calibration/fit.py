@@ -125,7 +125,9 @@ def output_error(weight: torch.Tensor, new_weight: torch.Tensor, stats: LayerSta
     """Relative output error ``||Y - Y^||_F / ||Y||_F`` on the calibration rows, from the statistics.
 
     ``Y = X W^T + 1 b^T`` is the dense layer's output and ``Y^ = X~ W^^T + 1 b^^T`` the
-    replacement's on the compressed model's inputs; a missing bias counts as zero.
+    replacement's on the compressed model's inputs; a missing bias counts as zero. Computed from
+    the Gram matrices as a difference of squared norms, it cannot resolve errors below about
+    ``sqrt(float64 eps) ~ 1e-8``.
     """
     w, w_hat = _check(weight, stats), _check(new_weight, stats, "new_weight")
     n = float(stats.count)
