@@ -229,12 +229,13 @@ def calibrate_sequentially(
     with torch.no_grad(), _eval_mode(dense_model, model):
         order = forward_order(model, names, batches[0])
         first_name: dict[int, str] = {}
+        alias_of = {}
+        for name in order:  # before any swap: module identities of the original model
+            alias_of[name] = first_name.setdefault(id(model.get_submodule(name)), name)
         for index, name in enumerate(order):
-            layer = model.get_submodule(name)
-            if id(layer) in first_name:
-                results[name] = LayerCalibration(name, reached=True, alias_of=first_name[id(layer)])
+            if alias_of[name] != name:
+                results[name] = LayerCalibration(name, reached=True, alias_of=alias_of[name])
                 continue
-            first_name[id(layer)] = name
             if progress is not None:
                 progress(name, index, len(order))
             results[name] = _calibrate_one(dense_model, model, name, build, batches, max_positions)
