@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ttcompress.decompose.modes import _check_positive_int
+
 __all__ = ["FactorizedMultiheadAttention", "disable_nested_fast_path", "unsupported_reason"]
 
 _PROJECTIONS = ("q", "k", "v", "out")
@@ -145,12 +147,8 @@ class FactorizedMultiheadAttention(nn.Module):
         super().__init__()
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("kdim", kdim),
                             ("vdim", vdim)):
-            if value is None and name in ("kdim", "vdim"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer (>= 1), got {value}")
+            if value is not None or name in ("embed_dim", "num_heads"):
+                _check_positive_int(value, name)
         if embed_dim % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide embed_dim={embed_dim}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
