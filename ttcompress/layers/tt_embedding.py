@@ -71,10 +71,10 @@ class TTEmbedding(nn.Module):
 
     Core ``k`` has shape ``(r_{k-1}, v_k, e_k, r_k)`` with ``prod v_k >= num_embeddings`` and
     ``prod e_k >= embedding_dim`` (padded sizes are exact: padded rows are never looked up and
-    padded columns are cropped). For each distinct index ``i`` in the input, the digits ``i_k`` of
-    ``i`` in the mixed radix ``(v_1, ..., v_d)`` select the slices ``G_k[:, i_k]`` of shape
-    ``(r_{k-1}, e_k, r_k)``, which are contracted left to right: ``O(sum_k e_1..e_k r_{k-1} r_k)``
-    multiply-adds per distinct index, and ``W`` is never built.
+    padded columns are cropped). A lookup (:func:`tt_rows`) never builds the table: the cores are
+    split in two (where that needs the fewest multiply-adds), each half is contracted once per distinct
+    vocabulary prefix / suffix in the batch, and each distinct index costs one
+    ``(N_left x r_s) @ (r_s x N_right)`` product, ``embedding_dim * r_s`` multiply-adds.
 
     Parameters
     ----------
@@ -265,8 +265,7 @@ class TTEmbedding(nn.Module):
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
             raise IndexError(f"indices must be in [0, {self.num_embeddings}), got values in "
                              f"[{int(flat.min())}, {int(flat.max())}]")
-        unique, inverse = torch.unique(flat, return_inverse=True)
-        rows = tt_rows(list(self.cores), unique, self.vocab_modes)[:, : self.embedding_dim][inverse]
+        rows = tt_rows(list(self.cores), flat, self.vocab_modes)[:, : self.embedding_dim]
         if self.padding_idx is not None:
             rows = rows.masked_fill((flat == self.padding_idx)[:, None], 0.0)
         return rows.reshape(*indices.shape, self.embedding_dim)
@@ -281,6 +280,13 @@ class TTEmbedding(nn.Module):
 def tt_rows(cores: Sequence[torch.Tensor], indices: torch.Tensor, row_modes: Sequence[int]) -> torch.Tensor:
     """Rows ``indices`` of the TT-matrix with the given cores, without building the matrix.
 
+    The digits ``(i_1, ..., i_d)`` of an index in the mixed radix ``row_modes`` select the slices
+    ``G_k[:, i_k]`` (shape ``(r_{k-1}, n_k, r_k)``); the row is their contraction. The cores
+    are split before a core ``s`` chosen by multiply-add count: the left chain ``G_1[:, i_1] ... G_s[:, i_s]`` is
+    contracted once per distinct prefix ``(i_1..i_s)`` present, the right chain once per distinct
+    suffix, and each row is one ``(N_left x r_s) @ (r_s x N_right)`` product, ``N_left N_right r_s``
+    multiply-adds (``N``: products of the column modes on each side).
+
     Parameters
     ----------
     cores : sequence of torch.Tensor
@@ -293,25 +299,72 @@ def tt_rows(cores: Sequence[torch.Tensor], indices: torch.Tensor, row_modes: Seq
     Returns
     -------
     torch.Tensor
-        ``(len(indices), prod n_k)``: row ``b`` is ``W[indices[b], :]``, computed by contracting the
-        slices ``G_k[:, i_k]`` (the digits ``i_k`` of the index in the mixed radix ``row_modes``)
-        from left to right, ``O(sum_k n_1..n_k r_{k-1} r_k)`` multiply-adds per row.
+        ``(len(indices), prod n_k)``: row ``b`` is ``W[indices[b], :]``.
     """
+    d = len(cores)
+    cols = math.prod(core.shape[2] for core in cores)
+    if indices.numel() == 0:
+        return cores[0].new_zeros(0, cols)
+    unique, inverse = torch.unique(indices, return_inverse=True)
+    if d == 1:
+        return cores[0][0, unique, :, 0][inverse]
+    count = unique.shape[0]
+    split = min(range(1, d), key=lambda s: _split_cost(cores, row_modes, s, count))
+    right_size = math.prod(row_modes[split:])
+    left = _chain(cores[:split], unique // right_size, row_modes[:split])  # (U, 1, N_l, r_s)
+    right = _chain(cores[split:], unique % right_size, row_modes[split:])  # (U, r_s, N_r, 1)
+    rank = cores[split].shape[0]
+    rows = torch.bmm(left.reshape(count, -1, rank), right.reshape(count, rank, -1))
+    return rows.reshape(count, cols).index_select(0, inverse)
+
+
+def _chain_cost(cores: Sequence[torch.Tensor], count: int) -> int:
+    """Multiply-adds of :func:`_chain` over ``count`` distinct indices."""
+    r_first, _, cols, _ = cores[0].shape
+    macs = 0
+    for core in cores[1:]:
+        r_left, _, n, r_right = core.shape
+        macs += count * r_first * cols * r_left * n * r_right
+        cols *= n
+    return macs
+
+
+def _split_cost(cores: Sequence[torch.Tensor], row_modes: Sequence[int], split: int, count: int) -> int:
+    """Multiply-adds of :func:`tt_rows` for ``count`` distinct indices when split before core ``split``
+    (at most ``prod`` of a side's row modes distinct prefixes / suffixes)."""
+    left = _chain_cost(cores[:split], min(count, math.prod(row_modes[:split])))
+    right = _chain_cost(cores[split:], min(count, math.prod(row_modes[split:])))
+    n_left = math.prod(core.shape[2] for core in cores[:split])
+    n_right = math.prod(core.shape[2] for core in cores[split:])
+    return left + right + count * n_left * cores[split].shape[0] * n_right
+
+
+def _chain(cores: Sequence[torch.Tensor], indices: torch.Tensor, row_modes: Sequence[int]) -> torch.Tensor:
+    """``G_1[:, i_1] ... G_k[:, i_k]`` for each index, as ``(B, r_0, n_1..n_k, r_k)``.
+
+    Computed once per distinct index and gathered, so a chain over few row modes costs little.
+    """
+    unique, inverse = torch.unique(indices, return_inverse=True)
     digits = []
-    rest = indices
+    rest = unique
     for m in reversed(row_modes):
         digits.append(rest % m)
         rest = rest // m
     digits.reverse()
-    batch = indices.shape[0]
-    state = cores[0][0, digits[0]]  # (B, n_1, r_1)
-    cols = state.shape[1]
+    count = unique.shape[0]
+    r_first, _, cols, r_next = cores[0].shape
+    state = _slices(cores[0], digits[0]).reshape(count, r_first * cols, r_next)
     for core, digit in zip(cores[1:], digits[1:]):
         r_left, _, n, r_right = core.shape
-        slices = core.permute(1, 0, 2, 3)[digit].reshape(batch, r_left, n * r_right)  # (B, r, n r')
         cols *= n
-        state = torch.bmm(state, slices).reshape(batch, cols, r_right)  # (B, n_1..n_k, r')
-    return state.reshape(batch, cols)
+        state = torch.bmm(state, _slices(core, digit).reshape(count, r_left, n * r_right))
+        state = state.reshape(count, r_first * cols, r_right)
+    return state.reshape(count, r_first, cols, -1).index_select(0, inverse)
+
+
+def _slices(core: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
+    """``core[:, digits]`` as a contiguous ``(len(digits), r * n * r')`` tensor (one gather of rows)."""
+    return core.transpose(0, 1).reshape(core.shape[1], -1).index_select(0, digits)
 
 
 def _check_padding_idx(padding_idx: int | None, num_embeddings: int) -> int | None:
