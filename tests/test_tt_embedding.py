@@ -73,6 +73,18 @@ def test_tt_rows_matches_matrix_rows() -> None:
     torch.testing.assert_close(tt_rows(cores, idx, (4, 3, 2)), full[idx], atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("d", [1, 2, 3, 4])
+def test_every_split_of_the_cores_gives_the_table_rows(monkeypatch, d: int) -> None:
+    torch.manual_seed(0)
+    layer = TTEmbedding(360, 24, ranks=3, d=d, dtype=torch.float64)
+    table = tt_to_matrix(list(layer.cores)).detach()
+    idx = torch.tensor([0, 359, 17, 17, 200, 5])
+    for split in range(1, max(d, 2)):
+        monkeypatch.setattr(module, "_split_cost", lambda cores, modes, s, count, split=split: abs(s - split))
+        got = tt_rows(list(layer.cores), idx, layer.vocab_modes).detach()
+        torch.testing.assert_close(got, table[idx], atol=1e-12, rtol=0)
+
+
 def test_lookup_does_not_build_the_table(monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("the forward built the full table")
