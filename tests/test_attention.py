@@ -248,6 +248,10 @@ def test_forward_validates_shapes() -> None:
         layer(x, x, x)
     with pytest.raises(ValueError, match="2-D"):
         layer(x[None], x[None], x[None])
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(2, 3\)"):
+        FactorizedMultiheadAttention(E, H)(x, x, x, key_padding_mask=torch.zeros(L, N, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(3,\)"):
+        FactorizedMultiheadAttention(E, H)(x[:, 0], x[:, 0], x[:, 0], key_padding_mask=torch.zeros(1, L))
     with pytest.raises(RuntimeError, match="2D attn_mask"):
         layer(x, torch.randn(S, N, KDIM), x[:1].expand(S, N, E), attn_mask=torch.zeros(L, L))
 
@@ -373,3 +377,18 @@ def test_torchvision_vision_transformer(train: bool) -> None:
     assert isinstance(ours.get_submodule("encoder.layers.encoder_layer_0.self_attention.q"), nn.Linear)
     x = torch.randn(2, 3, 28, 28)
     _assert_close(ours(x), dense(x), atol=1e-5)
+
+
+def test_full_nn_transformer() -> None:
+    torch.manual_seed(0)
+    dense = _randomize_biases(nn.Transformer(16, 2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32,
+                                             dropout=0.0, batch_first=True)).eval()
+    ours = _copy_with_replacement(dense, expected=3)
+    assert disable_nested_fast_path(ours) == ["encoder"]
+    src, tgt = torch.randn(N, S, 16), torch.randn(N, L, 16)
+    kpm = torch.zeros(N, S, dtype=torch.bool)
+    kpm[0, -1] = True
+    kwargs = dict(tgt_mask=nn.Transformer.generate_square_subsequent_mask(L), tgt_is_causal=True,
+                  memory_key_padding_mask=kpm)
+    with torch.no_grad():
+        _assert_close(ours(src, tgt, **kwargs), dense(src, tgt, **kwargs), atol=1e-5)

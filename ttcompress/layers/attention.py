@@ -402,9 +402,12 @@ class FactorizedMultiheadAttention(nn.Module):
         if key.shape[:-1] != value.shape[:-1]:
             raise ValueError(f"key and value must have the same sequence and batch sizes, got shapes "
                              f"{tuple(key.shape)} and {tuple(value.shape)}")
-        if key_padding_mask is not None and key_padding_mask.dim() != query.dim() - 1:
-            raise ValueError(f"key_padding_mask must be {query.dim() - 1}-D for {query.dim()}-D inputs, "
-                             f"got shape {tuple(key_padding_mask.shape)}")
+        if key_padding_mask is not None:
+            src_len = key.shape[1 if batched and self.batch_first else 0]
+            expected = (key.shape[0 if self.batch_first else 1], src_len) if batched else (src_len,)
+            if tuple(key_padding_mask.shape) != expected:
+                raise ValueError(f"key_padding_mask must have shape {expected} (batch, source length), "
+                                 f"got {tuple(key_padding_mask.shape)}")
         return batched
 
     def _to_batch_first(self, x: torch.Tensor, batched: bool) -> torch.Tensor:
