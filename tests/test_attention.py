@@ -392,3 +392,24 @@ def test_full_nn_transformer() -> None:
                   memory_key_padding_mask=kpm)
     with torch.no_grad():
         _assert_close(ours(src, tgt, **kwargs), dense(src, tgt, **kwargs), atol=1e-5)
+
+
+def test_factorized_feed_forward_in_encoder_layers() -> None:
+    """TT feed-forward layers: the encoder runs once attention is replaced and the nested path is off."""
+    torch.manual_seed(0)
+    dense = _randomize_biases(nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2, enable_nested_tensor=True)).eval()
+    ours = copy.deepcopy(dense)
+    for layer in ours.layers:
+        layer.linear1 = TTLinear.from_linear(layer.linear1, ranks=10**6)
+    x = torch.randn(N, S, 16)
+    kpm = torch.zeros(N, S, dtype=torch.bool)
+    kpm[1, -2:] = True
+    with torch.no_grad(), pytest.raises(AttributeError, match="weight"):
+        ours.layers[0](x)  # the layer's own fast path reads linear1.weight
+    assert disable_nested_fast_path(ours) == [""]
+    assert _replace_all(ours) == 2
+    with torch.no_grad():
+        _assert_close(ours(x), dense(x), atol=1e-5)
+        keep = ~kpm
+        _assert_close(ours(x, src_key_padding_mask=kpm)[keep], dense(x, src_key_padding_mask=kpm)[keep], atol=1e-5)

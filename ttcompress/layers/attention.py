@@ -115,10 +115,11 @@ class FactorizedMultiheadAttention(nn.Module):
     -----
     ``in_proj_weight`` and ``in_proj_bias`` are None and ``_qkv_same_embed_dim`` is False, so that
     the fast-path checks of ``nn.TransformerEncoderLayer`` (which read them) choose the regular path,
-    which calls this module. ``out_proj`` is a read-only alias of ``out``. A parent
-    ``nn.TransformerEncoder`` built with ``enable_nested_tensor=True`` must have its
-    ``use_nested_tensor`` set to False when its attention is replaced (see
-    :func:`disable_nested_fast_path`): its nested fast path bypasses the layers' own modules.
+    which calls this module (so replacing the attention of a layer whose feed-forward part is
+    factorized also keeps that layer off its fast path, which reads ``linear1.weight``). ``out_proj``
+    is a read-only alias of ``out``. A parent ``nn.TransformerEncoder`` built with
+    ``enable_nested_tensor=True`` must have its ``use_nested_tensor`` set to False when its layers
+    change (see :func:`disable_nested_fast_path`): its nested fast path reads their weights.
 
     References
     ----------
@@ -455,12 +456,20 @@ def _pad_last(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def disable_nested_fast_path(model: nn.Module) -> list[str]:
-    """Turn off the nested-tensor fast path of every ``nn.TransformerEncoder`` holding this attention.
+    """Turn off the nested-tensor fast path of every ``nn.TransformerEncoder`` whose layers changed.
 
     ``nn.TransformerEncoder.forward`` (eval mode, a ``src_key_padding_mask``, no grad) converts its
-    input to a nested tensor and reads ``self_attn.out_proj.weight`` and the FFN weights directly.
-    Setting its ``use_nested_tensor`` to False makes it take the regular path, which calls the
-    layers; outputs are unchanged (the nested path only skips padded positions).
+    input to a nested tensor and reads ``self_attn.in_proj_weight``, ``self_attn.out_proj.weight``
+    and ``linear1.weight`` / ``linear2.weight`` of its first layer itself; it decided at
+    construction, from the layers it was built with, whether to do so. For an encoder whose layers
+    hold a :class:`FactorizedMultiheadAttention` or a ``linear1`` / ``linear2`` that is no longer an
+    ``nn.Linear``, this sets ``use_nested_tensor`` to False so that it calls its layers instead.
+    Outputs at non-padded positions are unchanged; padded positions are computed instead of being
+    left at zero.
+
+    (The fast path of each ``nn.TransformerEncoderLayer`` also reads ``linear1.weight``: it is
+    skipped once its ``self_attn`` is a :class:`FactorizedMultiheadAttention`, so a layer whose
+    feed-forward part is factorized needs its attention replaced too, even at full rank.)
 
     Parameters
     ----------
@@ -475,7 +484,13 @@ def disable_nested_fast_path(model: nn.Module) -> list[str]:
     changed = []
     for name, module in model.named_modules():
         if (isinstance(module, nn.TransformerEncoder) and getattr(module, "use_nested_tensor", False)
-                and any(isinstance(m, FactorizedMultiheadAttention) for m in module.modules())):
+                and any(_changed_encoder_layer(layer) for layer in module.layers)):
             module.use_nested_tensor = False
             changed.append(name)
     return changed
+
+
+def _changed_encoder_layer(layer: nn.Module) -> bool:
+    if isinstance(getattr(layer, "self_attn", None), FactorizedMultiheadAttention):
+        return True
+    return any(not isinstance(getattr(layer, name, None), nn.Linear) for name in ("linear1", "linear2"))
