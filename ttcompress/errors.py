@@ -25,3 +25,7 @@ class DataError(TTCompressError):
 
 class TrainingError(TTCompressError):
     """Training cannot go on (for example the loss became NaN)."""
+
+
+class UntrustedCodeError(CheckpointError):
+    """A file names code to import (``package.module:callable``); the user must name it or pass ``trust_code``."""

@@ -23,6 +23,7 @@ from ttcompress.cli.options import (
     ModelArg,
     OutputOpt,
     PlanOpt,
+    TrustCodeOpt,
     TrustPickleOpt,
     parse_arch_kwargs,
 )
@@ -41,6 +42,7 @@ def decompose(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    trust_code: TrustCodeOpt = False,
     tt_ranks: Annotated[Optional[int], typer.Option(
         "--tt-ranks", help="Max TT rank of Linear layers (default 8 when neither --tt-ranks nor --tt-eps is given).",
         show_default=False, metavar="INT", rich_help_panel=_RANKS)] = None,
@@ -88,7 +90,7 @@ def decompose(
 
         result = decompose_file(
             model, output=output, plan=the_plan, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle,
-            progress=progress,
+            trust_code=trust_code, progress=progress,
         )
     if json_:
         out.print_json(json.dumps(result.to_dict()))

@@ -12,7 +12,16 @@ from rich.table import Table
 from ttcompress.cli import app
 from ttcompress.cli._common import cli_errors, out
 from ttcompress.cli.decompose import print_table
-from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, JsonOpt, ModelArg, PlanOpt, TrustPickleOpt, parse_arch_kwargs
+from ttcompress.cli.options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    JsonOpt,
+    ModelArg,
+    PlanOpt,
+    TrustCodeOpt,
+    TrustPickleOpt,
+    parse_arch_kwargs,
+)
 from ttcompress.plan import load_plan
 from ttcompress.surgery import ModelSummary, inspect_file
 
@@ -24,6 +33,7 @@ def inspect(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    trust_code: TrustCodeOpt = False,
     plan: PlanOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -33,7 +43,7 @@ def inspect(
     """
     summary = inspect_file(
         model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle,
-        plan=load_plan(plan) if plan is not None else None,
+        trust_code=trust_code, plan=load_plan(plan) if plan is not None else None,
     )
     if json_:
         out.print_json(json.dumps(summary.to_dict()))

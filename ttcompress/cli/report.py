@@ -12,7 +12,7 @@ import typer
 
 from ttcompress.cli import app
 from ttcompress.cli._common import cli_errors, err, out
-from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, TrustPickleOpt, parse_arch_kwargs
+from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, TrustCodeOpt, TrustPickleOpt, parse_arch_kwargs
 from ttcompress.cli.train import DataRootOpt, DeviceOpt, DownloadOpt
 from ttcompress.report import Report
 
@@ -85,6 +85,7 @@ def report_command(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Measure params, compression, file size, FLOPs, latency and accuracy of each MODEL vs BASELINE.
 
@@ -106,6 +107,6 @@ def report_command(
         measure_speed=not no_latency,
         arch=arch,
         arch_kwargs=parse_arch_kwargs(arch_kwargs),
-        trust_pickle=trust_pickle,
+        trust_pickle=trust_pickle, trust_code=trust_code,
     )
     emit(result, fmt=fmt, output=output, plot=plot)

@@ -13,7 +13,7 @@ import typer
 
 from ttcompress.cli import app
 from ttcompress.cli._common import cli_errors, err
-from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, PlanOpt, TrustPickleOpt, parse_arch_kwargs
+from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, PlanOpt, TrustCodeOpt, TrustPickleOpt, parse_arch_kwargs
 from ttcompress.cli.report import FormatOpt, PlotOpt, check_render_options, emit
 from ttcompress.cli.train import (
     BatchSizeOpt,
@@ -97,6 +97,7 @@ def sweep_command(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """For each setting (TT axis × CP axis): decompose, evaluate, fine-tune, evaluate; then report.
 
@@ -129,7 +130,7 @@ def sweep_command(
         measure_speed=not no_latency,
         arch=arch,
         arch_kwargs=parse_arch_kwargs(arch_kwargs),
-        trust_pickle=trust_pickle,
+        trust_pickle=trust_pickle, trust_code=trust_code,
         console=err,
     )
     emit(report, fmt=fmt, output=None, plot=plot)

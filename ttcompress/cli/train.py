@@ -16,7 +16,7 @@ import typer
 
 from ttcompress.cli import app
 from ttcompress.cli._common import cli_errors, err, out
-from ttcompress.cli.options import ArchKwargsOpt, JsonOpt, OutputOpt, TrustPickleOpt, parse_arch_kwargs
+from ttcompress.cli.options import ArchKwargsOpt, JsonOpt, OutputOpt, TrustCodeOpt, TrustPickleOpt, parse_arch_kwargs
 from ttcompress.train import TrainConfig, TrainResult
 
 _DATA = "Data"
@@ -157,6 +157,7 @@ def train(
     alpha: AlphaOpt = TrainConfig.distill_alpha,
     temperature: TemperatureOpt = TrainConfig.distill_temperature,
     trust_pickle: TrustPickleOpt = False,
+    trust_code: TrustCodeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Train ARCH from scratch on --data and write a ttcompress checkpoint to -o.
@@ -179,7 +180,7 @@ def train(
         result = train_arch(
             arch, output=require_output(output), arch_kwargs=parse_arch_kwargs(arch_kwargs), data=data,
             data_root=data_root, download=download, image_size=image_size, config=config, teacher=teacher,
-            trust_pickle=trust_pickle, progress=progress, resume=resume,
+            trust_pickle=trust_pickle, trust_code=trust_code, progress=progress, resume=resume,
         )  # fmt: skip
     finally:
         progress.close()
