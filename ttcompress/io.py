@@ -61,6 +61,7 @@ from typing import IO, Any, Literal
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ttcompress._version import __version__
 from ttcompress.errors import CheckpointError, UnsafePickleError
@@ -442,7 +443,7 @@ def _rebuild(
         if kept not in tensors:
             raise CheckpointError(f"{p}: tied tensor {dup!r} refers to {kept!r}, which is not in the file")
         tensors[dup] = tensors[kept]
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipRandomInit():
         skeleton = _build_structure(arch, layers, p)
     _compare_shapes(skeleton, tensors, layers, p)
     model = _build_structure(arch, layers, p)
@@ -454,6 +455,19 @@ def _rebuild(
          "info": dict(header.get("info") or {})},
     )
     return model
+
+
+class _SkipRandomInit(TorchFunctionMode):
+    """Skip random in-place fills of ``meta`` tensors (they hold no data; PyTorch's meta kernel for
+    ``normal_`` imports ``torch._dynamo``, seconds of start-up for nothing)."""
+
+    _OPS = frozenset({"normal_", "uniform_", "random_", "bernoulli_", "exponential_", "cauchy_", "log_normal_",
+                      "geometric_"})  # fmt: skip
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__name__", "") in self._OPS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
 
 
 def _build_structure(arch: Mapping[str, Any], layers: Mapping[str, Mapping[str, Any]], p: Path) -> nn.Module:
