@@ -446,7 +446,12 @@ def _rebuild(
     with torch.device("meta"), _SkipRandomInit():
         skeleton = _build_structure(arch, layers, p)
     _compare_shapes(skeleton, tensors, layers, p)
-    model = _build_structure(arch, layers, p)
+    # Allocate only what the file holds: the meta skeleton gets storage and the file's tensors fill
+    # it. A module with non-persistent buffers (not in the file) is built for real instead.
+    if {k for k, _ in skeleton.named_buffers()} <= set(skeleton.state_dict()):
+        model = _materialize(skeleton)
+    else:
+        model = _build_structure(arch, layers, p)
     _fit_state_dict(model, tensors, what=f"arch {name!r} (file {p})")
     object.__setattr__(
         model,
@@ -454,6 +459,21 @@ def _rebuild(
         {"arch": {"name": name, "kwargs": dict(arch.get("kwargs") or {})}, "layers": layers,
          "info": dict(header.get("info") or {})},
     )
+    return model
+
+
+def _materialize(model: nn.Module) -> nn.Module:
+    """Give a ``meta`` model uninitialized CPU storage in place, keeping shared parameters shared."""
+    memo: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for slots in (module._parameters, module._buffers):
+            for key, t in slots.items():
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in memo:
+                    empty = torch.empty_like(t, device="cpu")
+                    memo[id(t)] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+                slots[key] = memo[id(t)]
     return model
 
 

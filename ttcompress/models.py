@@ -262,7 +262,7 @@ def build_arch(name: str, *, kwargs: Mapping[str, Any] | None = None) -> nn.Modu
 def is_import_path(name: str) -> bool:
     """True if ``name`` is a ``package.module:callable`` import path (not a built-in, not torchvision)."""
     key = name.strip().lower()
-    return key not in BUILTIN_ARCHS and not key.startswith("torchvision:")
+    return ":" in key and not key.startswith("torchvision:")
 
 
 def check_arch_trusted(name: str, *, source: str, user_arch: str | None = None, trust_code: bool = False) -> None:
