@@ -248,3 +248,62 @@ def test_saved_configs_hold_no_build_fields(compressed: Path) -> None:
     header = read_header(compressed)
     for record in header["layers"].values():
         assert not {"device", "dtype"} & set(record["config"])
+
+
+class _ArrayBomb:
+    """Pickles to a NumPy array declaring ``shape`` but carrying only ``raw``."""
+
+    def __init__(self, shape: tuple[int, ...], raw: bytes, start: tuple[int, ...] = (0,)) -> None:
+        self.shape, self.raw, self.start = shape, raw, start
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import numpy as np
+
+        return (np.ndarray.__reduce__(np.zeros(0, np.uint8))[0], (np.ndarray, self.start, b"b"),
+                (1, self.shape, np.dtype(np.uint8), False, self.raw))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        (_ArrayBomb((10**9, 3072), b"\0" * 16), "bytes are present"),
+        (_ArrayBomb((0,), b"", start=(10**9, 3072)), "refusing array reconstruction"),
+        (_Touch(Path("MARKER")), "refusing to load"),
+    ],
+    ids=["declared-shape", "reconstruct-shape", "code"],
+)
+def test_cifar10_batches_are_bounded_by_their_bytes(payload: Any, match: str, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from ttcompress.data import load_dataset
+    from ttcompress.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    blob = pickle.dumps({b"data": payload, b"labels": [0]}, protocol=2)
+    assert len(blob) < 400
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (tmp_path / name).write_bytes(blob)
+    with pytest.raises(DataError, match=match):
+        load_dataset("cifar10", root=tmp_path)
+    assert not (tmp_path / "MARKER").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+         "c: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n", "aliases"),
+        ("!!python/object/apply:os.system ['touch MARKER']\n", "could not determine a constructor"),
+        ("tt: !!python/object:builtins.dict {}\n", "could not determine a constructor"),
+        ("[" * 5000 + "]" * 5000 + "\n", "nested deeper"),
+    ],
+    ids=["alias-bomb", "python-apply", "python-object", "deep"],
+)
+def test_plan_files_are_safe_yaml_without_aliases(text: str, match: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from ttcompress.plan import load_plan
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plan.yaml").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_plan(tmp_path / "plan.yaml")
+    assert not (tmp_path / "MARKER").exists()
