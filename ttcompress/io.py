@@ -447,8 +447,9 @@ def _rebuild(
         skeleton = _build_structure(arch, layers, p)
     _compare_shapes(skeleton, tensors, layers, p)
     # Allocate only what the file holds: the meta skeleton gets storage and the file's tensors fill
-    # it. A module with non-persistent buffers (not in the file) is built for real instead.
-    if {k for k, _ in skeleton.named_buffers()} <= set(skeleton.state_dict()):
+    # it. A module with tensors that the file does not hold (non-persistent buffers, plain tensor
+    # attributes) is built for real instead.
+    if {k for k, _ in skeleton.named_buffers()} <= set(skeleton.state_dict()) and not _plain_tensors(skeleton):
         model = _materialize(skeleton)
     else:
         model = _build_structure(arch, layers, p)
@@ -460,6 +461,14 @@ def _rebuild(
          "info": dict(header.get("info") or {})},
     )
     return model
+
+
+def _plain_tensors(model: nn.Module) -> bool:
+    """True if a submodule keeps a tensor as a plain attribute (neither parameter nor buffer)."""
+    return any(
+        isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in v))
+        for m in model.modules() for v in vars(m).values()
+    )  # fmt: skip
 
 
 def _materialize(model: nn.Module) -> nn.Module:
