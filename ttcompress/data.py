@@ -33,10 +33,13 @@ normalized per batch, so their loaders need no worker processes.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
+import math
 import os
 import pickle
+import pickletools
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
@@ -560,36 +563,89 @@ def _download(name: str, root: Path) -> None:
         raise DataError(f"could not download {name} into {str(root)!r} (offline?): {' '.join(str(exc).split())}") from exc
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickler for CIFAR batches: only NumPy array reconstruction and builtin containers."""
+class _BoundedArray(np.ndarray):
+    """Stand-in for ``numpy.ndarray`` while unpickling: its state must carry exactly the bytes its
+    shape and dtype declare, so a declaration larger than the data present is refused before
+    NumPy allocates it."""
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("_codecs", "encode"),
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise pickle.UnpicklingError("malformed array state")
+        _version, shape, dtype, _fortran, raw = state
+        if not isinstance(dtype, np.dtype) or dtype.hasobject or dtype.subdtype is not None:
+            raise pickle.UnpicklingError(f"refusing array dtype {dtype!r}")
+        if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise pickle.UnpicklingError(f"malformed array shape {shape!r}")
+        if isinstance(raw, str):
+            raw = raw.encode("latin1")
+        if not isinstance(raw, bytes) or len(raw) != math.prod(shape) * dtype.itemsize:
+            size = len(raw) if isinstance(raw, (bytes, str)) else type(raw).__name__
+            raise pickle.UnpicklingError(
+                f"array declared as shape {shape} of {dtype} ({math.prod(shape) * dtype.itemsize:,} bytes) "
+                f"but {size} bytes are present"
+            )
+        super().__setstate__((_version, shape, dtype, _fortran, raw))
+
+
+def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    # numpy pickles start from an empty array and fill it in __setstate__; refuse anything bigger
+    if subtype is not _BoundedArray or shape not in ((0,), [0]):
+        raise pickle.UnpicklingError(f"refusing array reconstruction of {getattr(subtype, '__name__', subtype)} {shape!r}")
+    return np.ndarray.__new__(_BoundedArray, (0,), np.uint8)
+
+
+def _scalar(dtype: Any, data: Any = b"") -> Any:
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, (bytes, str)):
+        raise pickle.UnpicklingError("refusing a non-numeric NumPy scalar")
+    raw = data.encode("latin1") if isinstance(data, str) else data
+    if len(raw) != dtype.itemsize:
+        raise pickle.UnpicklingError("malformed NumPy scalar")
+    return np.frombuffer(raw, dtype=dtype)[0]
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler for CIFAR batches: NumPy arrays of plain dtypes (sized by the bytes present) and
+    builtin containers only."""
+
+    _ALLOWED: dict[tuple[str, str], Any] = {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy", "ndarray"): _BoundedArray,
+        ("numpy", "dtype"): np.dtype,
+        ("numpy.core.multiarray", "scalar"): _scalar,
+        ("numpy._core.multiarray", "scalar"): _scalar,
+        ("_codecs", "encode"): codecs.encode,
     }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
-            if module.startswith("numpy.core"):
-                module = "numpy._core" + module[len("numpy.core") :] if hasattr(np, "_core") else module
-            return super().find_class(module, name)
+            return self._ALLOWED[(module, name)]
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
+
+
+def _check_memo(data: bytes) -> None:
+    """Refuse memo indices beyond the pickle's own length (the unpickler sizes its memo by them)."""
+    for op, arg, _pos in pickletools.genops(data):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET") and int(arg) > len(data):
+            raise pickle.UnpicklingError(f"memo index {arg} out of range")
 
 
 def _read_cifar_batch(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            obj = _ArrayUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise DataError(f"cannot read CIFAR-10 batch {path}: {exc}") from exc
+            raw = f.read()
+        _check_memo(raw)
+        obj = _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, MemoryError, RecursionError) as exc:  # fmt: skip
+        raise DataError(f"cannot read CIFAR-10 batch {path}: {' '.join(str(exc).split())[:200]}") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path} is not a CIFAR-10 batch (not a dict)")
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    return {k.decode("latin1") if isinstance(k, bytes) else k: _plain(v) for k, v in obj.items()}
+
+
+def _plain(value: Any) -> Any:
+    return value.view(np.ndarray) if isinstance(value, _BoundedArray) else value
 
 
 _CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))

@@ -54,3 +54,7 @@ def refused_input() -> Iterator[None]:
         raise
     except (ValueError, TypeError) as exc:
         raise UserInputError(str(exc)) from exc
+
+
+class UntrustedCodeError(CheckpointError):
+    """A file names code to import (``package.module:callable``); the user must name it or pass ``trust_code``."""

@@ -47,6 +47,7 @@ import copy
 import functools
 import io as _io
 import json
+import math
 import os
 import pickle
 import pickletools
@@ -63,9 +64,11 @@ from typing import IO, Any, Literal
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ttcompress._version import __version__
 from ttcompress.errors import CheckpointError, UnsafePickleError
+from ttcompress.header import parse_header_json, validate_header
 from ttcompress.layers import LAYER_TYPES
 
 __all__ = [
@@ -501,47 +504,141 @@ def _fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, what: s
         raise CheckpointError(f"state dict does not fit {what}: {_short(exc)}") from None
 
 
-def _rebuild(header: Mapping[str, Any], tensors: dict[str, torch.Tensor], p: Path) -> nn.Module:
+def _rebuild(
+    header: Mapping[str, Any],
+    tensors: dict[str, torch.Tensor],
+    p: Path,
+    *,
+    user_arch: str | None,
+    trust_code: bool,
+) -> nn.Module:
+    """Rebuild a checkpoint's model: check trust, build it on ``meta`` and compare shapes, then build it."""
+    from ttcompress.models import check_arch_trusted
+
     arch = header.get("arch")
-    if not isinstance(arch, Mapping) or not arch.get("name"):
+    if not isinstance(arch, Mapping):
         raise CheckpointError(f"{p}: ttcompress header has no architecture to rebuild")
-    model = build_model(str(arch["name"]), kwargs=arch.get("kwargs") or {})
-    layer_types = LAYER_TYPES
-    layers = dict(header.get("layers") or {})
-    # A module reachable under several names (shared) is replaced by one new instance.
-    by_id: dict[int, nn.Module] = {}
+    name = arch["name"]
+    check_arch_trusted(name, source=f"{p} (header field arch.name)", user_arch=user_arch, trust_code=trust_code)
+    layers = {str(k): dict(v) for k, v in (header.get("layers") or {}).items()}
+    tied = dict(header.get("tied") or {})
+    for dup, kept in tied.items():
+        if dup in tensors:
+            raise CheckpointError(f"{p}: tensor {dup!r} is stored and also listed as tied to {kept!r}")
+        if kept not in tensors:
+            raise CheckpointError(f"{p}: tied tensor {dup!r} refers to {kept!r}, which is not in the file")
+        tensors[dup] = tensors[kept]
+    with torch.device("meta"), _SkipRandomInit():
+        skeleton = _build_structure(arch, layers, p)
+    _compare_shapes(skeleton, tensors, layers, p)
+    # Allocate only what the file holds: the meta skeleton gets storage and the file's tensors fill
+    # it. A module with tensors that the file does not hold (non-persistent buffers, plain tensor
+    # attributes) is built for real instead.
+    if {k for k, _ in skeleton.named_buffers()} <= set(skeleton.state_dict()) and not _plain_tensors(skeleton):
+        model = _materialize(skeleton)
+    else:
+        model = _build_structure(arch, layers, p)
+    _fit_state_dict(model, tensors, what=f"arch {name!r} (file {p})")
+    object.__setattr__(
+        model,
+        META_ATTR,
+        {"arch": {"name": name, "kwargs": dict(arch.get("kwargs") or {})}, "layers": layers,
+         "info": dict(header.get("info") or {})},
+    )
+    return model
+
+
+def _plain_tensors(model: nn.Module) -> bool:
+    """True if a submodule keeps a tensor as a plain attribute (neither parameter nor buffer)."""
+    return any(
+        isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in v))
+        for m in model.modules() for v in vars(m).values()
+    )  # fmt: skip
+
+
+def _materialize(model: nn.Module) -> nn.Module:
+    """Give a ``meta`` model uninitialized CPU storage in place, keeping shared parameters shared."""
+    memo: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for slots in (module._parameters, module._buffers):
+            for key, t in slots.items():
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in memo:
+                    empty = torch.empty_like(t, device="cpu")
+                    memo[id(t)] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+                slots[key] = memo[id(t)]
+    return model
+
+
+class _SkipRandomInit(TorchFunctionMode):
+    """Skip random in-place fills of ``meta`` tensors (they hold no data; PyTorch's meta kernel for
+    ``normal_`` imports ``torch._dynamo``, seconds of start-up for nothing)."""
+
+    _OPS = frozenset({"normal_", "uniform_", "random_", "bernoulli_", "exponential_", "cauchy_", "log_normal_",
+                      "geometric_"})  # fmt: skip
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__name__", "") in self._OPS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def _build_structure(arch: Mapping[str, Any], layers: Mapping[str, Mapping[str, Any]], p: Path) -> nn.Module:
+    """The architecture with every recorded layer replaced by its (randomly initialized) compressed layer."""
     from ttcompress.surgery import get_submodule, set_submodule  # local: surgery imports io
 
-    for name, record in layers.items():
-        fmt = record.get("format")
-        if fmt not in layer_types:
-            raise CheckpointError(f"{p}: layer {name!r} has unknown format {fmt!r}")
+    name = arch["name"]
+    try:
+        model = build_model(name, kwargs=arch.get("kwargs") or {})
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{p}: cannot build arch {name!r} from the header: {_short(exc)}") from None
+    # A module reachable under several names (shared) is replaced by one new instance.
+    by_id: dict[int, nn.Module] = {}
+    for layer, record in layers.items():
+        fmt = record["format"]
         try:
-            old = get_submodule(model, name)
-        except (AttributeError, ValueError):
-            raise CheckpointError(f"{p}: layer {name!r} does not exist in arch {arch['name']!r}") from None
+            old = get_submodule(model, layer)
+        except (AttributeError, ValueError, TypeError):
+            raise CheckpointError(f"{p}: layer {layer!r} does not exist in arch {name!r}") from None
         new = by_id.get(id(old))
         if new is None:
             try:
-                new = layer_types[fmt](**dict(record.get("config") or {}))
-            except (TypeError, ValueError) as exc:
-                raise CheckpointError(f"{p}: cannot rebuild layer {name!r}: {_short(exc)}") from None
+                new = LAYER_TYPES[fmt](**dict(record["config"]))
+            except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+                raise CheckpointError(f"{p}: cannot rebuild layer {layer!r}: {_short(exc)}") from None
             if hasattr(new, "rel_error"):
                 with contextlib.suppress(AttributeError):
                     new.rel_error = record.get("rel_error")
             by_id[id(old)] = new
-        model = set_submodule(model, name, new)
-    for dup, kept in dict(header.get("tied") or {}).items():
-        if kept in tensors:
-            tensors[dup] = tensors[kept]
-    _fit_state_dict(model, tensors, what=f"arch {arch['name']!r} (file {p})")
-    object.__setattr__(
-        model,
-        META_ATTR,
-        {"arch": {"name": arch["name"], "kwargs": dict(arch.get("kwargs") or {})}, "layers": layers,
-         "info": dict(header.get("info") or {})},
-    )
+        model = set_submodule(model, layer, new)
     return model
+
+
+def _compare_shapes(
+    skeleton: nn.Module, tensors: Mapping[str, torch.Tensor], layers: Mapping[str, Any], p: Path
+) -> None:
+    """One line naming the layer whose recorded structure does not match the tensors in the file."""
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+
+    def owner(key: str) -> str:
+        hits = [n for n in layers if key.startswith(n + ".")]
+        return f"layer {max(hits, key=len)!r}" if hits else "the architecture"
+
+    for key, shape in expected.items():
+        if key not in tensors:
+            raise CheckpointError(f"{p}: {owner(key)} needs tensor {key!r} {list(shape)}, which is not in the file")
+        if tuple(tensors[key].shape) != shape:
+            raise CheckpointError(
+                f"{p}: {owner(key)} does not match the file: the header asks for {key!r} of shape {list(shape)} "
+                f"({math.prod(shape):,} elements), the file has {list(tensors[key].shape)}"
+            )
+    extra = [k for k in tensors if k not in expected]
+    if extra:
+        raise CheckpointError(
+            f"{p}: {owner(extra[0])} does not match the file: {len(extra)} tensor(s) not in the rebuilt model, "
+            f"e.g. {extra[0]!r}"
+        )
 
 
 def read_header(path: PathLike) -> dict[str, Any] | None:
@@ -566,18 +663,8 @@ def read_header(path: PathLike) -> dict[str, Any] | None:
 def _parse_header(metadata: Mapping[str, str], p: Path) -> dict[str, Any] | None:
     if metadata.get("format") != CHECKPOINT_FORMAT or CHECKPOINT_FORMAT not in metadata:
         return None
-    try:
-        header = json.loads(metadata[CHECKPOINT_FORMAT])
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{p}: corrupted ttcompress header (invalid JSON)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{p}: corrupted ttcompress header")
-    version = header.get("version")
-    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{p}: checkpoint format version {version!r} is newer than this ttcompress "
-            f"({__version__}) supports ({CHECKPOINT_VERSION}); upgrade ttcompress"
-        )
+    header = parse_header_json(metadata[CHECKPOINT_FORMAT], source=str(p))
+    validate_header(header, source=str(p), max_version=CHECKPOINT_VERSION)
     return header
 
 
@@ -587,6 +674,7 @@ def load_checkpoint(
     trust_pickle: bool = False,
     arch: str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
+    trust_code: bool = False,
 ) -> LoadedCheckpoint:
     """Load a model from any accepted input form and say which form it was.
 
@@ -603,6 +691,10 @@ def load_checkpoint(
         a different one is an error.
     arch_kwargs : dict, optional
         Constructor arguments for ``arch``.
+    trust_code : bool, default False
+        Allow a checkpoint header to name an import path (``package.module:callable``) as its
+        architecture; that code is imported and called. Without it only built-in names,
+        ``torchvision:NAME`` and the import path given as ``arch`` are accepted from a header.
 
     Returns
     -------
@@ -615,11 +707,15 @@ def load_checkpoint(
         not fit the architecture (missing/unexpected keys, wrong shapes).
     UnsafePickleError
         The file holds pickled objects and ``trust_pickle`` is False.
+    UntrustedCodeError
+        The header names an import path that ``arch`` does not name and ``trust_code`` is False.
     ValueError
         Unknown ``arch`` or ``arch_kwargs`` it does not accept.
     """
     if not isinstance(trust_pickle, bool):
         raise TypeError("trust_pickle must be a bool")
+    if not isinstance(trust_code, bool):
+        raise TypeError("trust_code must be a bool")
     if arch_kwargs is not None and arch is None:
         raise ValueError("arch_kwargs given without arch")
     p = _check_file(path)
@@ -629,7 +725,7 @@ def load_checkpoint(
         header = _parse_header(metadata, p)
         if header is not None:
             _check_arch_conflict(header, arch, arch_kwargs, p)
-            model = _rebuild(header, tensors, p)
+            model = _rebuild(header, tensors, p, user_arch=arch, trust_code=trust_code)
             return LoadedCheckpoint(model.eval(), "ttcompress", p, header)
         return LoadedCheckpoint(_from_state_dict(tensors, p, arch, arch_kwargs), "state_dict", p, {})
 
@@ -693,6 +789,7 @@ def load(
     trust_pickle: bool = False,
     arch: str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
+    trust_code: bool = False,
 ) -> nn.Module:
     """Load a model from a ttcompress checkpoint, a state dict + ``arch``, or (trusted) a pickle.
 
@@ -705,7 +802,9 @@ def load(
     >>> model = load("weights.pth", arch="torchvision:resnet18",
     ...              arch_kwargs={"num_classes": 10})                # doctest: +SKIP
     """
-    return load_checkpoint(path, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs).model
+    return load_checkpoint(
+        path, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code
+    ).model
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,6 +29,12 @@ Plus ``torchvision:NAME`` (any ``torchvision.models`` builder, keyword arguments
 e.g. ``{"num_classes": 10}``) and ``package.module:callable`` (any importable factory returning an
 ``nn.Module``).
 
+Trust: :func:`build_arch` imports and calls a ``package.module:callable`` because its caller (the
+user, on the command line or in Python) named it. A name read from a file is checked first with
+:func:`check_arch_trusted`: built-ins and ``torchvision:NAME`` (resolved through torchvision's own
+model registry, never by importing a string) are always allowed; an import path only when the user
+named the same path or passed ``trust_code=True``.
+
 References
 ----------
 .. [1] V. Lebedev, Y. Ganin, M. Rakhuba, I. Oseledets, V. Lempitsky, "Speeding-up Convolutional
@@ -49,11 +55,15 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ttcompress.errors import UntrustedCodeError
+
 __all__ = [
     "BUILTIN_ARCHS",
     "SeedCNN",
     "LeNet5",
     "build_arch",
+    "check_arch_trusted",
+    "is_import_path",
     "list_archs",
     "seed_fc3",
     "seed_tt2",
@@ -247,6 +257,44 @@ def build_arch(name: str, *, kwargs: Mapping[str, Any] | None = None) -> nn.Modu
         raise TypeError(f"arch {name!r} returned {type(model).__name__}, not an nn.Module")
     _set_arch_meta(model, {"name": name, "kwargs": kw})
     return model
+
+
+def is_import_path(name: str) -> bool:
+    """True if ``name`` is a ``package.module:callable`` import path (not a built-in, not torchvision)."""
+    key = name.strip().lower()
+    return ":" in key and not key.startswith("torchvision:")
+
+
+def check_arch_trusted(name: str, *, source: str, user_arch: str | None = None, trust_code: bool = False) -> None:
+    """Refuse an architecture name read from a file if building it would import code the user did not name.
+
+    Parameters
+    ----------
+    name : str
+        The architecture name found in the file.
+    source : str
+        Where it was found, for the message (e.g. ``"model.tt.pt, header field arch.name"``).
+    user_arch : str, optional
+        The architecture the user named (``arch=``); the same import path is allowed.
+    trust_code : bool, default False
+        Allow any import path.
+
+    Raises
+    ------
+    UntrustedCodeError
+        ``name`` is an import path, ``user_arch`` differs from it and ``trust_code`` is False.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if trust_code or not is_import_path(name):
+        return
+    if user_arch is not None and user_arch.strip() == name.strip():
+        return
+    raise UntrustedCodeError(
+        f"{source} names the import path {name!r}; ttcompress does not import or call code named in a "
+        "file. If you trust the file's source, pass --trust-code (Python: trust_code=True) or name the "
+        "same architecture with --arch (Python: arch=...)"
+    )
 
 
 def _resolve(name: str) -> Callable[..., nn.Module]:

@@ -427,9 +427,7 @@ def load_plan(path: str | Path) -> Plan:
         if p.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _safe_yaml(text)
     except Exception as exc:
         raise ValueError(f"plan file {p} is not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: "
                          f"{' '.join(str(exc).split())[:160]}") from None
@@ -439,6 +437,40 @@ def load_plan(path: str | Path) -> Plan:
         return Plan.from_dict(data)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"plan file {p}: {exc}") from None
+
+
+#: Most YAML nodes a plan may have, and the deepest nesting (plans are small and flat).
+MAX_PLAN_NODES = 100_000
+MAX_PLAN_DEPTH = 32
+
+
+def _safe_yaml(text: str) -> Any:
+    """``yaml.safe_load`` without aliases (no "billion laughs" expansion) and with bounded size and depth."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        nodes = 0
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise ValueError("YAML aliases (*name) are not allowed in a plan file")
+            Loader.nodes += 1
+            if Loader.nodes > MAX_PLAN_NODES:
+                raise ValueError(f"more than {MAX_PLAN_NODES:,} YAML nodes")
+            Loader.depth += 1
+            try:
+                if Loader.depth > MAX_PLAN_DEPTH:
+                    raise ValueError(f"YAML nested deeper than {MAX_PLAN_DEPTH} levels")
+                return super().compose_node(parent, index)
+            finally:
+                Loader.depth -= 1
+
+    loader = Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def save_plan(plan: Plan, path: str | Path) -> Path:

@@ -391,11 +391,13 @@ def report_files(
     arch: str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
+    trust_code: bool = False,
 ) -> Report:
     """Load the model files and measure them against ``baseline`` (what ``ttcompress report`` runs).
 
     ``arch``/``arch_kwargs`` name the architecture of bare state dicts (ttcompress checkpoints
-    describe themselves). ``data=None`` skips the accuracy columns. See :func:`build_report`.
+    describe themselves; one that records the same ``arch`` import path is then trusted, as with
+``trust_code``). ``data=None`` skips the accuracy columns. See :func:`build_report`.
     """
     from ttcompress.data import load_dataset
     from ttcompress.io import load
@@ -403,12 +405,15 @@ def report_files(
 
     def entry(path: str | os.PathLike[str], taken: set[str]) -> ModelEntry:
         p = Path(path)
-        kwargs: dict[str, Any] = {"trust_pickle": trust_pickle}
+        kwargs: dict[str, Any] = {"trust_pickle": trust_pickle, "trust_code": trust_code}
         if arch is not None:
             from ttcompress.io import read_header
 
-            if read_header(p) is None:  # only bare state dicts need (and accept) an arch
+            header = read_header(p)
+            if header is None:  # only bare state dicts need (and accept) arch kwargs
                 kwargs.update(arch=arch, arch_kwargs=dict(arch_kwargs or {}))
+            elif (header.get("arch") or {}).get("name") == arch:  # the user named this arch
+                kwargs.update(arch=arch)
         label = _label(p, taken)
         with refused_input():
             return ModelEntry(label=label, model=load(p, **kwargs), path=p)

@@ -346,6 +346,7 @@ def decompose_file(
     arch: str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
+    trust_code: bool = False,
     progress: ProgressFn | None = None,
 ) -> DecomposeResult:
     """Load a model file, compress it per ``plan`` and save a ttcompress checkpoint atomically.
@@ -359,7 +360,7 @@ def decompose_file(
         from the input. Nothing is written if anything fails.
     plan, progress
         As for :func:`compress_with_report`.
-    arch, arch_kwargs, trust_pickle
+    arch, arch_kwargs, trust_pickle, trust_code
         As for :func:`ttcompress.io.load`.
     """
     plan = _as_plan(plan)
@@ -367,7 +368,7 @@ def decompose_file(
     dest = Path(output) if output is not None else default_output_path(src)
     if src.exists() and dest.exists() and dest.resolve() == src.resolve():
         raise ValueError(f"output (-o) must differ from the input file: {dest}")
-    loaded = load_checkpoint(src, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs)
+    loaded = load_checkpoint(src, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
     result = compress_with_report(loaded.model, plan, progress=progress)
     save(result.model, dest, info={"plan": plan.to_dict(), "source": src.name})
     return DecomposeResult(result, src, loaded.kind, dest)
@@ -478,9 +479,10 @@ def inspect_file(
     arch: str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
+    trust_code: bool = False,
     plan: Plan | None = None,
 ) -> ModelSummary:
-    """Load a model file (any accepted form) and :func:`summarize` it."""
-    loaded = load_checkpoint(path, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs)
+    """Load a model file (any accepted form; options as for :func:`ttcompress.io.load`) and :func:`summarize` it."""
+    loaded = load_checkpoint(path, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
     return summarize(loaded.model, plan=plan, kind=loaded.kind)
 

@@ -235,6 +235,7 @@ def run_sweep(
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     trust_pickle: bool = False,
+    trust_code: bool = False,
     teacher: nn.Module | None = None,
     progress: TrainCallback | None = None,
     log: SweepLog | None = None,
@@ -256,8 +257,9 @@ def run_sweep(
         Fine-tuning options (default :class:`~ttcompress.train.FinetuneConfig`).
     base_plan : Plan, optional
         Patterns and rules shared by all settings (its TT/CP defaults are replaced per setting).
-    arch, arch_kwargs, trust_pickle
-        As for :func:`ttcompress.io.load`.
+    arch, arch_kwargs, trust_pickle, trust_code
+        As for :func:`ttcompress.io.load` (the cached models are loaded with the same ``arch`` and
+        ``trust_code``).
     teacher : nn.Module, optional
         Distil from this model while fine-tuning (e.g. the baseline).
     progress : TrainCallback, optional
@@ -290,9 +292,11 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     digest = _file_digest(baseline)
     with refused_input():
-        base_model = load(baseline, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs)  # read once
+        base_model = load(baseline, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs,
+                          trust_code=trust_code)  # read once
     check_model_fits(base_model, bundle, what=f"baseline {baseline.name!r}")
     teacher_digest = _weights_digest(teacher) if teacher is not None else None
+    cached = _cached_load_kwargs(arch, arch_kwargs, trust_code)
     base_params = count_params(base_model)
     eval_device = config.device if config.device != "auto" else None
 
@@ -318,7 +322,7 @@ def run_sweep(
         decomposed = work / "decomposed.pt"
         before_file = work / "decomposed.json"
         if decomposed.is_file() and before_file.is_file():
-            model = load(decomposed)
+            model = load(decomposed, **cached)
             accuracy_before = json.loads(before_file.read_text(encoding="utf-8"))["accuracy"]
             say(f"{head}: reusing the decomposed model")
         else:
@@ -334,7 +338,7 @@ def run_sweep(
                        progress=progress, resume=resume)  # fmt: skip
         if run.interrupted:
             raise KeyboardInterrupt
-        best = load(model_path)
+        best = load(model_path, **cached)
         accuracy_after = evaluate(best, bundle.test, device=_eval_device(eval_device)).accuracy
         params = count_params(best)
         result = SweepResult(setting, model_path, accuracy_before, accuracy_after, params, base_params / params)
@@ -371,6 +375,7 @@ def sweep_report(
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     trust_pickle: bool = False,
+    trust_code: bool = False,
     console: Any = None,
 ) -> Any:
     """Run (or resume) a sweep and measure every fine-tuned model against the baseline.
@@ -388,7 +393,7 @@ def sweep_report(
     bundle = load_dataset(data, root=data_root, download=download)
     base_plan = load_plan(plan_file) if plan_file is not None else None
     out = Path(output_dir) if output_dir is not None else default_output_dir(baseline)
-    load_kwargs: dict[str, Any] = {"trust_pickle": trust_pickle}
+    load_kwargs: dict[str, Any] = {"trust_pickle": trust_pickle, "trust_code": trust_code}
     if arch is not None:
         load_kwargs.update(arch=arch, arch_kwargs=dict(arch_kwargs or {}))
     with refused_input():
@@ -397,7 +402,7 @@ def sweep_report(
     try:
         results = run_sweep(
             baseline, bundle=bundle, settings=settings, output_dir=out, config=config, base_plan=base_plan,
-            arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,
+            arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, trust_code=trust_code,
             teacher=base_model if distill else None, progress=progress, data_root=data_root,
             log=console.print if console is not None else None,
         )  # fmt: skip
@@ -405,7 +410,8 @@ def sweep_report(
         if progress is not None:
             progress.close()
     entries = [
-        ModelEntry(label=r.setting.label, model=load(r.model_path), path=r.model_path, setting=r.setting.key,
+        ModelEntry(label=r.setting.label, model=load(r.model_path, **_cached_load_kwargs(arch, arch_kwargs, trust_code)),
+                   path=r.model_path, setting=r.setting.key,
                    accuracy_before_finetune=r.accuracy_before)  # fmt: skip
         for r in results
     ]
@@ -416,3 +422,11 @@ def sweep_report(
         device=resolve_device(config.device),
         measure_speed=measure_speed,
     )
+
+
+def _cached_load_kwargs(arch: str | None, arch_kwargs: dict[str, Any] | None, trust_code: bool) -> dict[str, Any]:
+    """How to load the sweep's own checkpoints: they record the baseline's arch, which the user named."""
+    kwargs: dict[str, Any] = {"trust_code": trust_code}
+    if arch is not None:
+        kwargs.update(arch=arch, arch_kwargs=arch_kwargs)
+    return kwargs

@@ -1172,6 +1172,7 @@ def train_arch(
     config: TrainConfig | None = None,
     teacher: str | os.PathLike[str] | None = None,
     trust_pickle: bool = False,
+    trust_code: bool = False,
     progress: TrainCallback | None = None,
     resume: bool = False,
 ) -> TrainResult:
@@ -1187,7 +1188,9 @@ def train_arch(
     torch.manual_seed(cfg.seed)
     with refused_input():
         model = build_arch(arch, kwargs=fit_arch_kwargs(arch, arch_kwargs, bundle))
-    teacher_model = _load_model(teacher, trust_pickle=trust_pickle) if teacher is not None else None
+    teacher_model = (
+        _load_model(teacher, trust_pickle=trust_pickle, trust_code=trust_code) if teacher is not None else None
+    )
     return fit(model, bundle, output=output, config=cfg, teacher=teacher_model, progress=progress,
                resume=resume, mode="train")  # fmt: skip
 
@@ -1205,21 +1208,24 @@ def finetune_file(
     arch: str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
+    trust_code: bool = False,
     progress: TrainCallback | None = None,
     resume: bool = False,
 ) -> TrainResult:
     """Load a model file with :func:`ttcompress.io.load`, then :func:`finetune` it on ``data``.
 
     What ``ttcompress finetune`` runs. ``teacher`` is a model file for distillation (loaded the
-    same way, with the same ``trust_pickle``).
+    same way, with the same ``trust_pickle`` and ``trust_code``).
     """
     cfg = config or FinetuneConfig()
     for other, name in ((model, "model"), (teacher, "teacher")):
         if other is not None and Path(other).exists() and Path(output).exists() and Path(output).resolve() == Path(other).resolve():
             raise UserInputError(f"output must differ from the {name} file: {output}")
     bundle = load_dataset(data, root=data_root, download=download, image_size=image_size)
-    net = _load_model(model, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs)
-    teacher_model = _load_model(teacher, trust_pickle=trust_pickle) if teacher is not None else None
+    net = _load_model(model, trust_pickle=trust_pickle, trust_code=trust_code, arch=arch, arch_kwargs=arch_kwargs)
+    teacher_model = (
+        _load_model(teacher, trust_pickle=trust_pickle, trust_code=trust_code) if teacher is not None else None
+    )
     return fit(net, bundle, output=output, config=cfg, teacher=teacher_model, progress=progress,
                resume=resume, mode="finetune")  # fmt: skip
 
@@ -1228,12 +1234,13 @@ def _load_model(
     path: str | os.PathLike[str],
     *,
     trust_pickle: bool = False,
+    trust_code: bool = False,
     arch: str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     from ttcompress import io as tio
 
-    kwargs: dict[str, Any] = {"trust_pickle": trust_pickle}
+    kwargs: dict[str, Any] = {"trust_pickle": trust_pickle, "trust_code": trust_code}
     if arch is not None:
         kwargs["arch"] = arch
         kwargs["arch_kwargs"] = dict(arch_kwargs or {})

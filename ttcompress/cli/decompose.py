@@ -24,6 +24,7 @@ from ttcompress.cli.options import (
     OutputOpt,
     OverwriteOpt,
     PlanOpt,
+    TrustCodeOpt,
     TrustPickleOpt,
     parse_arch_kwargs,
 )
@@ -44,6 +45,7 @@ def decompose(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    trust_code: TrustCodeOpt = False,
     tt_ranks: Annotated[Optional[int], typer.Option(
         "--tt-ranks", help="Max TT rank of Linear layers (default 8 when neither --tt-ranks nor --tt-eps is given).",
         show_default=False, metavar="INT", rich_help_panel=_RANKS)] = None,
@@ -95,7 +97,7 @@ def decompose(
         with refused_input():  # a named model that cannot be loaded, a plan that does not fit it
             result = decompose_file(
                 model, output=output, plan=the_plan, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle,
-                progress=progress,
+                trust_code=trust_code, progress=progress,
             )
     if json_:
         out.print_json(json.dumps(result.to_dict()))

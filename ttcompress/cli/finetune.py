@@ -19,6 +19,7 @@ from ttcompress.cli.options import (
     ModelArg,
     OutputOpt,
     OverwriteOpt,
+    TrustCodeOpt,
     TrustPickleOpt,
     parse_arch_kwargs,
 )
@@ -92,6 +93,7 @@ def finetune(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    trust_code: TrustCodeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Fine-tune MODEL on --data and write the best checkpoint to -o.
@@ -115,8 +117,8 @@ def finetune(
         result = finetune_file(
             model, output=require_output(output, overwrite=overwrite, resume=resume, inputs=(model, teacher)), data=data, data_root=data_root, download=download,
             image_size=image_size, config=config, teacher=teacher, arch=arch,
-            arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle, progress=progress,
-            resume=resume,
+            arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle, trust_code=trust_code,
+            progress=progress, resume=resume,
         )  # fmt: skip
     finally:
         progress.close()

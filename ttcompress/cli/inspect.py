@@ -12,7 +12,16 @@ from rich.table import Table
 from ttcompress.cli import app
 from ttcompress.cli._common import check_inputs, cli_errors, out
 from ttcompress.cli.decompose import print_table
-from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, JsonOpt, ModelArg, PlanOpt, TrustPickleOpt, parse_arch_kwargs
+from ttcompress.cli.options import (
+    ArchKwargsOpt,
+    ArchOpt,
+    JsonOpt,
+    ModelArg,
+    PlanOpt,
+    TrustCodeOpt,
+    TrustPickleOpt,
+    parse_arch_kwargs,
+)
 from ttcompress.errors import refused_input
 from ttcompress.plan import load_plan
 from ttcompress.surgery import ModelSummary, inspect_file
@@ -25,6 +34,7 @@ def inspect(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    trust_code: TrustCodeOpt = False,
     plan: PlanOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -35,7 +45,7 @@ def inspect(
     check_inputs(model, plan)
     with refused_input():  # a named model or plan that cannot be read
         summary = inspect_file(
-            model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle,
+            model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle, trust_code=trust_code,
             plan=load_plan(plan) if plan is not None else None,
         )
     if json_:

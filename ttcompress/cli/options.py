@@ -29,6 +29,7 @@ __all__ = [
     "OutputOpt",
     "OverwriteOpt",
     "PlanOpt",
+    "TrustCodeOpt",
     "TrustPickleOpt",
     "parse_arch_kwargs",
 ]
@@ -70,6 +71,16 @@ TrustPickleOpt = Annotated[
         "--trust-pickle",
         help="Allow loading a whole pickled nn.Module (torch.save(model)). Unpickling can run "
         "arbitrary code: use only for files from a source you trust.",
+    ),
+]
+
+TrustCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-code",
+        help="Allow a checkpoint to name its architecture as package.module:callable, which is then "
+        "imported and called. Without it, only built-in names, torchvision:NAME and the --arch you give "
+        "are accepted from a file. Use only for files from a source you trust.",
     ),
 ]
 

@@ -13,7 +13,7 @@ import typer
 from ttcompress.cli import app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
 from ttcompress.cli.options import (
-    ArchKwargsOpt, ArchOpt, OverwriteOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustPickleOpt, parse_arch_kwargs,
+    ArchKwargsOpt, ArchOpt, OverwriteOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustCodeOpt, TrustPickleOpt, parse_arch_kwargs,
 )
 from ttcompress.errors import UserInputError
 from ttcompress.cli.train import DataRootOpt, DeviceOpt, DownloadOpt
@@ -95,6 +95,7 @@ def report_command(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Measure params, compression, file size, FLOPs, latency and accuracy of each MODEL vs BASELINE.
 
@@ -118,6 +119,6 @@ def report_command(
         measure_speed=not no_latency,
         arch=arch,
         arch_kwargs=parse_arch_kwargs(arch_kwargs),
-        trust_pickle=trust_pickle,
+        trust_pickle=trust_pickle, trust_code=trust_code,
     )
     emit(result, fmt=fmt, output=output, plot=plot, plot_x=plot_x, plot_title=plot_title)

@@ -14,7 +14,7 @@ import typer
 from ttcompress.cli import app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err
 from ttcompress.cli.options import (
-    ArchKwargsOpt, ArchOpt, OverwriteOpt, PlanOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustPickleOpt,
+    ArchKwargsOpt, ArchOpt, OverwriteOpt, PlanOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustCodeOpt, TrustPickleOpt,
     parse_arch_kwargs,
 )
 from ttcompress.cli.report import FormatOpt, check_render_options, emit
@@ -104,6 +104,7 @@ def sweep_command(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """For each setting (TT axis × CP axis): decompose, evaluate, fine-tune, evaluate; then report.
 
@@ -138,7 +139,7 @@ def sweep_command(
         measure_speed=not no_latency,
         arch=arch,
         arch_kwargs=parse_arch_kwargs(arch_kwargs),
-        trust_pickle=trust_pickle,
+        trust_pickle=trust_pickle, trust_code=trust_code,
         console=err,
     )
     emit(report, fmt=fmt, output=None, plot=plot, plot_x=plot_x, plot_title=plot_title)

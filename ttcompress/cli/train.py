@@ -17,7 +17,7 @@ import typer
 from ttcompress.cli import app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
 from ttcompress.errors import UserInputError
-from ttcompress.cli.options import ArchKwargsOpt, JsonOpt, OutputOpt, OverwriteOpt, TrustPickleOpt, parse_arch_kwargs
+from ttcompress.cli.options import ArchKwargsOpt, JsonOpt, OutputOpt, OverwriteOpt, TrustCodeOpt, TrustPickleOpt, parse_arch_kwargs
 from ttcompress.train import TrainConfig, TrainResult
 
 _DATA = "Data"
@@ -175,6 +175,7 @@ def train(
     alpha: AlphaOpt = TrainConfig.distill_alpha,
     temperature: TemperatureOpt = TrainConfig.distill_temperature,
     trust_pickle: TrustPickleOpt = False,
+    trust_code: TrustCodeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Train ARCH from scratch on --data and write a ttcompress checkpoint to -o.
@@ -198,7 +199,7 @@ def train(
         result = train_arch(
             arch, output=require_output(output, overwrite=overwrite, resume=resume, inputs=(teacher,)), arch_kwargs=parse_arch_kwargs(arch_kwargs), data=data,
             data_root=data_root, download=download, image_size=image_size, config=config, teacher=teacher,
-            trust_pickle=trust_pickle, progress=progress, resume=resume,
+            trust_pickle=trust_pickle, trust_code=trust_code, progress=progress, resume=resume,
         )  # fmt: skip
     finally:
         progress.close()
