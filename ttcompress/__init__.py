@@ -26,11 +26,11 @@ from ttcompress.surgery import compress, compress_with_report
 # Loaded on first access (they pull in the training loop, datasets and reports).
 _LAZY = {
     "load_dataset": "ttcompress.data",
-    "train": "ttcompress.train",
-    "finetune": "ttcompress.train",
-    "evaluate": "ttcompress.train",
-    "TrainConfig": "ttcompress.train",
-    "FinetuneConfig": "ttcompress.train",
+    "train": "ttcompress.training",
+    "finetune": "ttcompress.training",
+    "evaluate": "ttcompress.evaluation",
+    "TrainConfig": "ttcompress.training",
+    "FinetuneConfig": "ttcompress.training",
     "build_report": "ttcompress.report",
     "run_sweep": "ttcompress.sweep",
     "run_demo": "ttcompress.demo",

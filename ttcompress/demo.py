@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ttcompress.train import FinetuneConfig, TrainConfig
+from ttcompress.training.api import train_arch
+from ttcompress.training.config import FinetuneConfig, TrainConfig
+from ttcompress.training.records import TrainCallback
 
 __all__ = ["DemoResult", "DemoSettings", "run_demo"]
 
@@ -55,17 +57,18 @@ def run_demo(
     quick: bool = False,
     settings: DemoSettings | None = None,
     console: Any = None,
+    progress: TrainCallback | None = None,
 ) -> DemoResult:
     """Run the demo into ``output_dir`` (created if needed) and return what it measured.
 
-    ``console`` (a rich console, e.g. stderr) receives progress. Re-running reuses the cached
+    ``console`` (a rich console, e.g. stderr) receives one line per stage and ``progress`` the hooks
+    of every training run (the CLI passes :class:`ttcompress.cli.progress.RichProgress`). Re-running reuses the cached
     sweep settings in ``output_dir/sweep``, but retrains the baseline if its file is missing.
     """
     from ttcompress.io import atomic_write
     from ttcompress.plot import plot_tradeoff
     from ttcompress.render import to_markdown
     from ttcompress.sweep import sweep_report, sweep_settings
-    from ttcompress.train import RichProgress, train_arch
 
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
     out = Path(output_dir)
@@ -81,12 +84,7 @@ def run_demo(
         say("[1/3] training the seed-cnn baseline on mnist-5k")
         train_config = TrainConfig(epochs=settings.train_epochs, lr=1e-3, seed=settings.seed, device="cpu",
                                    max_batches=settings.max_batches)  # fmt: skip
-        progress = RichProgress(console) if console is not None else None
-        try:
-            train_arch("seed-cnn", output=baseline, data="mnist-5k", config=train_config, progress=progress)
-        finally:
-            if progress is not None:
-                progress.close()
+        train_arch("seed-cnn", output=baseline, data="mnist-5k", config=train_config, progress=progress)
 
     say("[2/3] sweeping CP ranks on the convolutions, FC layers dense or TT, fine-tuning each")
     finetune_config = FinetuneConfig(epochs=settings.finetune_epochs, lr=1e-3, seed=settings.seed, device="cpu",
@@ -99,6 +97,7 @@ def run_demo(
         config=finetune_config,
         measure_speed=True,
         console=console,
+        progress=progress,
     )
 
     say("[3/3] writing the report")

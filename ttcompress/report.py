@@ -299,7 +299,7 @@ def build_report(
         ``False`` skips the latency measurement (``latency_ms`` is ``None``).
     """
     from ttcompress.data import balanced_subset, check_model_fits
-    from ttcompress.train import evaluate
+    from ttcompress.evaluation import evaluate
 
     if eval_limit is not None and eval_limit <= 0:
         raise UserInputError(f"eval_limit must be positive, got {eval_limit}")
@@ -401,7 +401,7 @@ def report_files(
     """
     from ttcompress.data import load_dataset
     from ttcompress.io import load
-    from ttcompress.train import resolve_device
+    from ttcompress.evaluation import resolve_device
 
     def entry(path: str | os.PathLike[str], taken: set[str]) -> ModelEntry:
         p = Path(path)

@@ -39,7 +39,11 @@ from ttcompress._version import __version__
 from ttcompress.data import DatasetBundle, check_model_fits
 from ttcompress.errors import UserInputError, refused_input
 from ttcompress.plan import Plan, plan_from_options
-from ttcompress.train import RESUME_FREE_OPTIONS, FinetuneConfig, TrainCallback, TrainConfig
+from ttcompress.evaluation import evaluate, resolve_device
+from ttcompress.training.api import finetune
+from ttcompress.training.checkpoint import RESUME_FREE_OPTIONS
+from ttcompress.training.config import FinetuneConfig, TrainConfig
+from ttcompress.training.records import TrainCallback, run_paths
 
 __all__ = ["SweepResult", "SweepSetting", "run_sweep", "sweep_settings"]
 
@@ -254,7 +258,7 @@ def run_sweep(
     output_dir : path
         Per-setting directories and the cache (see the module docstring).
     config : TrainConfig, optional
-        Fine-tuning options (default :class:`~ttcompress.train.FinetuneConfig`).
+        Fine-tuning options (default :class:`~ttcompress.training.config.FinetuneConfig`).
     base_plan : Plan, optional
         Patterns and rules shared by all settings (its TT/CP defaults are replaced per setting).
     arch, arch_kwargs, trust_pickle, trust_code
@@ -277,7 +281,6 @@ def run_sweep(
     from ttcompress.io import load, save
     from ttcompress.report import count_params
     from ttcompress.surgery import compress_with_report
-    from ttcompress.train import evaluate, finetune, run_paths
 
     if not settings:
         raise ValueError("settings must not be empty")
@@ -349,8 +352,6 @@ def run_sweep(
 
 
 def _eval_device(device: str | None) -> torch.device:
-    from ttcompress.train import resolve_device
-
     return resolve_device(device or "auto")
 
 
@@ -377,17 +378,19 @@ def sweep_report(
     trust_pickle: bool = False,
     trust_code: bool = False,
     console: Any = None,
+    progress: TrainCallback | None = None,
 ) -> Any:
     """Run (or resume) a sweep and measure every fine-tuned model against the baseline.
 
-    What ``ttcompress sweep`` runs. ``console`` (a rich console) receives progress; the result
-    is a :class:`ttcompress.report.Report` whose rows carry the accuracy before fine-tuning.
+    What ``ttcompress sweep`` runs. ``console`` (a rich console) receives one line per step and
+    ``progress`` the hooks of every fine-tuning run (the CLI passes
+    :class:`ttcompress.cli.progress.RichProgress`); the result is a :class:`ttcompress.report.Report`
+    whose rows carry the accuracy before fine-tuning.
     """
     from ttcompress.data import load_dataset
     from ttcompress.io import load
     from ttcompress.plan import load_plan
     from ttcompress.report import ModelEntry, build_report
-    from ttcompress.train import RichProgress, resolve_device
 
     config = config or FinetuneConfig()
     bundle = load_dataset(data, root=data_root, download=download)
@@ -398,17 +401,12 @@ def sweep_report(
         load_kwargs.update(arch=arch, arch_kwargs=dict(arch_kwargs or {}))
     with refused_input():
         base_model = load(baseline, **load_kwargs)
-    progress = RichProgress(console) if console is not None else None
-    try:
-        results = run_sweep(
-            baseline, bundle=bundle, settings=settings, output_dir=out, config=config, base_plan=base_plan,
-            arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, trust_code=trust_code,
-            teacher=base_model if distill else None, progress=progress, data_root=data_root,
-            log=console.print if console is not None else None,
-        )  # fmt: skip
-    finally:
-        if progress is not None:
-            progress.close()
+    results = run_sweep(
+        baseline, bundle=bundle, settings=settings, output_dir=out, config=config, base_plan=base_plan,
+        arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, trust_code=trust_code,
+        teacher=base_model if distill else None, progress=progress, data_root=data_root,
+        log=console.print if console is not None else None,
+    )  # fmt: skip
     entries = [
         ModelEntry(label=r.setting.label, model=load(r.model_path, **_cached_load_kwargs(arch, arch_kwargs, trust_code)),
                    path=r.model_path, setting=r.setting.key,

@@ -24,10 +24,15 @@ def demo_command(
 
     Offline, seeded, a few minutes on 2 CPU cores.
     """
+    from ttcompress.cli.progress import RichProgress
     from ttcompress.demo import run_demo
     from ttcompress.render import to_rich_tables
 
-    result = run_demo(output, quick=quick, console=err)
+    progress = RichProgress(err)
+    try:
+        result = run_demo(output, quick=quick, console=err, progress=progress)
+    finally:
+        progress.close()
     for table in to_rich_tables(result.report):
         out.print(table)
     err.print(f"wrote {result.report_md} and {result.plot}")

@@ -1,6 +1,6 @@
 """``ttcompress finetune``: recover the accuracy of a (compressed) model by training it further.
 
-A thin shell over :func:`ttcompress.train.finetune_file`; the options are shared with
+A thin shell over :func:`ttcompress.training.api.finetune_file`; the options are shared with
 ``ttcompress train`` (:mod:`ttcompress.cli.train`) and :mod:`ttcompress.cli.options`.
 """
 
@@ -53,7 +53,7 @@ from ttcompress.cli.train import (
     render_result,
     require_output,
 )
-from ttcompress.train import FinetuneConfig
+from ttcompress.training.config import FinetuneConfig
 
 
 @app.command("finetune")
@@ -104,7 +104,8 @@ def finetune(
 
     Example: ttcompress finetune model.tt.pt --data mnist-5k --epochs 3 -o model.ft.pt
     """
-    from ttcompress.train import RichProgress, finetune_file
+    from ttcompress.cli.progress import RichProgress
+    from ttcompress.training.api import finetune_file
 
     config = make_config(
         FinetuneConfig, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,

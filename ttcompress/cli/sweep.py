@@ -36,7 +36,7 @@ from ttcompress.cli.train import (
     WeightDecayOpt,
     make_config,
 )
-from ttcompress.train import FinetuneConfig
+from ttcompress.training.config import FinetuneConfig
 
 
 def parse_list(text: Optional[str], *, option: str, kind: type, allow_none: bool = False) -> list:
@@ -111,6 +111,7 @@ def sweep_command(
     A layer type whose axis is not given stays dense. Example:
     ttcompress sweep baseline.pt --cp-ranks 3,6,9 --tt-ranks 4 --epochs 2 --plot tradeoff.png
     """
+    from ttcompress.cli.progress import RichProgress
     from ttcompress.sweep import sweep_report, sweep_settings
 
     check_render_options(fmt=fmt, plot=plot, plot_x=plot_x)
@@ -126,22 +127,27 @@ def sweep_command(
         weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, max_batches=max_batches,
         val_fraction=val_fraction,
     )  # fmt: skip
-    report = sweep_report(
-        baseline,
-        settings=settings,
-        output_dir=output_dir,
-        data=data,
-        data_root=data_root,
-        download=download,
-        config=config,
-        plan_file=plan,
-        distill=distill,
-        measure_speed=not no_latency,
-        arch=arch,
-        arch_kwargs=parse_arch_kwargs(arch_kwargs),
-        trust_pickle=trust_pickle, trust_code=trust_code,
-        console=err,
-    )
+    progress = RichProgress(err)
+    try:
+        report = sweep_report(
+            baseline,
+            settings=settings,
+            output_dir=output_dir,
+            data=data,
+            data_root=data_root,
+            download=download,
+            config=config,
+            plan_file=plan,
+            distill=distill,
+            measure_speed=not no_latency,
+            arch=arch,
+            arch_kwargs=parse_arch_kwargs(arch_kwargs),
+            trust_pickle=trust_pickle, trust_code=trust_code,
+            console=err,
+            progress=progress,
+        )
+    finally:
+        progress.close()
     emit(report, fmt=fmt, output=None, plot=plot, plot_x=plot_x, plot_title=plot_title)
     if report_file is not None:
         emit(report, fmt="md" if fmt == "table" else fmt, output=report_file, plot=None)

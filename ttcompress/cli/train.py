@@ -1,6 +1,6 @@
 """``ttcompress train``: train a built-in (or any) architecture from scratch on a dataset.
 
-A thin shell over :func:`ttcompress.train.train_arch`. The options shared with ``finetune`` are
+A thin shell over :func:`ttcompress.training.api.train_arch`. The options shared with ``finetune`` are
 defined here (``Annotated`` aliases) and imported by :mod:`ttcompress.cli.finetune`; the model
 path, ``--arch-kwargs``, ``--trust-pickle``, ``-o`` and ``--json`` come from
 :mod:`ttcompress.cli.options`.
@@ -18,7 +18,8 @@ from ttcompress.cli import app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
 from ttcompress.errors import UserInputError
 from ttcompress.cli.options import ArchKwargsOpt, JsonOpt, OutputOpt, OverwriteOpt, TrustCodeOpt, TrustPickleOpt, parse_arch_kwargs
-from ttcompress.train import TrainConfig, TrainResult
+from ttcompress.training.config import TrainConfig
+from ttcompress.training.records import TrainResult
 
 _DATA = "Data"
 _OPT = "Optimization"
@@ -103,7 +104,7 @@ def require_output(
     With ``resume`` the run's files are its own and are continued; otherwise an existing one
     needs ``overwrite``. ``-o`` (or a file of the run) equal to an input is always refused.
     """
-    from ttcompress.train import run_paths
+    from ttcompress.training.records import run_paths
 
     if output is None:
         raise UserInputError("missing -o/--output: where to write the trained model")
@@ -115,7 +116,7 @@ def require_output(
 
 def render_result(result: TrainResult, *, json_: bool, title: str) -> None:
     """Per-epoch table (or JSON) on stdout, file names and interruption notice on stderr (rank 0)."""
-    from ttcompress.train import history_table
+    from ttcompress.cli.progress import history_table
 
     if result.rank != 0:
         return
@@ -186,7 +187,8 @@ def train(
 
     Example: ttcompress train --arch seed-cnn --data mnist-5k --epochs 5 -o baseline.pt
     """
-    from ttcompress.train import RichProgress, train_arch
+    from ttcompress.cli.progress import RichProgress
+    from ttcompress.training.api import train_arch
 
     config = make_config(
         TrainConfig, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,

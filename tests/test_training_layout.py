@@ -1,0 +1,42 @@
+"""Where the training code lives: reports measure without the loop; the old module still works."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import ttcompress.train as compat
+import ttcompress.training as training
+from ttcompress.cli.progress import RichProgress
+from ttcompress.evaluation import evaluate, resolve_device
+from ttcompress.training.records import TrainCallback
+
+
+def test_report_and_evaluation_do_not_import_the_training_loop() -> None:
+    code = (
+        "import sys, ttcompress.report, ttcompress.evaluation\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('ttcompress.training', 'ttcompress.train')))\n"
+        "print(','.join(loaded))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""
+
+
+def test_library_does_not_import_the_cli() -> None:
+    code = (
+        "import sys, ttcompress.train, ttcompress.sweep, ttcompress.demo\n"
+        "print(','.join(sorted(m for m in sys.modules if m.startswith('ttcompress.cli'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""
+
+
+def test_compat_module_reexports_the_training_api() -> None:
+    for name in training.__all__:
+        assert getattr(compat, name) is getattr(training, name)
+    assert compat.evaluate is evaluate
+    assert compat.resolve_device is resolve_device
+
+
+def test_rich_progress_is_a_train_callback() -> None:
+    assert issubclass(RichProgress, TrainCallback)

@@ -1,0 +1,100 @@
+"""Rich rendering of training runs: live progress bars (:class:`RichProgress`) and the history table.
+
+The library reports progress through :class:`ttcompress.training.records.TrainCallback`; this is
+the command line's implementation of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ttcompress.training.records import EpochRecord, TrainCallback, TrainResult
+
+__all__ = ["RichProgress", "history_table"]
+
+
+class RichProgress(TrainCallback):
+    """Rich progress bars with live loss, accuracy and samples/s, one line per finished epoch.
+
+    Parameters
+    ----------
+    console : rich.console.Console
+        Where to draw (the CLI passes its stderr console).
+    """
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self._progress: Any = None
+        self._task: Any = None
+        self._epochs = 0
+
+    def on_train_start(self, *, epochs: int, start_epoch: int, steps_per_epoch: int, device: str, world_size: int) -> None:
+        self._epochs = epochs
+        where = device + (f" × {world_size} processes" if world_size > 1 else "")
+        if start_epoch:
+            self.console.print(f"resuming after epoch {start_epoch}/{epochs} on {where}")
+        else:
+            self.console.print(f"training {epochs} epoch(s) on {where}")
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[speed]} samples/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+            disable=not self.console.is_terminal,
+        )
+        self._progress.start()
+
+    def on_epoch_start(self, *, epoch: int, steps: int) -> None:
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(f"epoch {epoch}/{self._epochs}", total=steps, loss="-", acc="-", speed="-")
+
+    def on_step(self, *, epoch: int, step: int, loss: float, accuracy: float, samples_per_s: float) -> None:
+        self._progress.update(
+            self._task, completed=step, loss=f"{loss:.4f}", acc=f"{100 * accuracy:.2f}%", speed=f"{samples_per_s:,.0f}"
+        )
+
+    def on_epoch_end(self, record: EpochRecord) -> None:
+        self._progress.console.print(
+            f"epoch {record.epoch}/{self._epochs}: loss {record.train_loss:.4f}, train acc "
+            f"{100 * record.train_accuracy:.2f}%, val acc {100 * record.val_accuracy:.2f}%"
+            f"{' (best)' if record.best else ''}, {record.seconds:.1f}s, {record.samples_per_s:,.0f} samples/s"
+        )
+
+    def on_train_end(self, result: TrainResult) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop drawing (idempotent); the next run starts new bars."""
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+            self._task = None
+
+
+def history_table(history: Sequence[EpochRecord], *, title: str | None = None) -> Table:
+    """A rich ``Table`` with one row per epoch (rendering only; the data is ``history``)."""
+    table = Table(title=title, box=None, caption="* = best (saved)", padding=(0, 1), header_style="bold underline")
+    for col in ("epoch", "loss", "acc", "val loss", "val acc", "top-5", "lr", "time", "samples/s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in history:
+        table.add_row(
+            f"{r.epoch}{' *' if r.best else ''}",
+            f"{r.train_loss:.4f}",
+            f"{100 * r.train_accuracy:.2f}%",
+            f"{r.val_loss:.4f}",
+            f"{100 * r.val_accuracy:.2f}%",
+            "-" if r.val_top5 is None else f"{100 * r.val_top5:.2f}%",
+            f"{r.lr:.3g}",
+            f"{r.seconds:.1f}s",
+            f"{r.samples_per_s:,.0f}",
+        )
+    return table

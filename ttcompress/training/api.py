@@ -1,0 +1,162 @@
+"""Entry points: :func:`train` and :func:`finetune` on models in memory, :func:`train_arch` and
+:func:`finetune_file` on architecture names and model files (what the CLI runs)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ttcompress import io as tio
+from ttcompress.data import DatasetBundle, load_dataset
+from ttcompress.errors import UserInputError, refused_input
+from ttcompress.models import build_arch
+from ttcompress.training.config import FinetuneConfig, TrainConfig
+from ttcompress.training.loop import fit
+from ttcompress.training.records import TrainCallback, TrainResult
+
+__all__ = ["finetune", "finetune_file", "fit_arch_kwargs", "train", "train_arch"]
+
+
+def train(
+    model: nn.Module,
+    bundle: DatasetBundle,
+    *,
+    output: str | os.PathLike[str],
+    config: TrainConfig | None = None,
+    teacher: nn.Module | None = None,
+    progress: TrainCallback | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train a (dense) model from its current weights, usually fresh from :func:`build_arch`.
+
+    Same as :func:`~ttcompress.training.loop.fit` with :class:`TrainConfig` defaults.
+    """
+    return fit(model, bundle, output=output, config=config or TrainConfig(), teacher=teacher,
+               progress=progress, resume=resume, mode="train")  # fmt: skip
+
+
+def finetune(
+    model: nn.Module,
+    bundle: DatasetBundle,
+    *,
+    output: str | os.PathLike[str],
+    config: FinetuneConfig | TrainConfig | None = None,
+    teacher: nn.Module | None = None,
+    progress: TrainCallback | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Fine-tune a (compressed) model; same as :func:`~ttcompress.training.loop.fit` with :class:`FinetuneConfig` defaults."""
+    return fit(model, bundle, output=output, config=config or FinetuneConfig(), teacher=teacher,
+               progress=progress, resume=resume, mode="finetune")  # fmt: skip
+
+
+def fit_arch_kwargs(name: str, kwargs: Mapping[str, Any] | None, bundle: DatasetBundle) -> dict[str, Any]:
+    """Fill a built-in architecture's shape kwargs from the dataset (explicit kwargs win).
+
+    ``seed-cnn``/``lenet5`` get ``num_classes``, ``in_channels`` and ``input_size``; ``seed-fc3``
+    gets ``num_classes`` and ``in_features``; ``torchvision:NAME`` gets ``num_classes`` unless
+    ``weights`` are requested. Other names are left alone.
+    """
+    kw = dict(kwargs or {})
+    key = name.strip().lower()
+    c, h, w = (tuple(bundle.input_shape) + (1, 1, 1))[:3]
+    if key in ("seed-cnn", "lenet5"):
+        kw.setdefault("num_classes", bundle.num_classes)
+        kw.setdefault("in_channels", int(c))
+        if h == w:
+            kw.setdefault("input_size", int(h))
+    elif key == "seed-fc3":
+        kw.setdefault("num_classes", bundle.num_classes)
+        kw.setdefault("in_features", int(math.prod(bundle.input_shape)))
+    elif key.startswith("torchvision:") and "weights" not in kw:
+        kw.setdefault("num_classes", bundle.num_classes)
+    return kw
+
+
+def train_arch(
+    arch: str,
+    *,
+    output: str | os.PathLike[str],
+    arch_kwargs: Mapping[str, Any] | None = None,
+    data: str = "mnist-5k",
+    data_root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+    config: TrainConfig | None = None,
+    teacher: str | os.PathLike[str] | None = None,
+    trust_pickle: bool = False,
+    trust_code: bool = False,
+    progress: TrainCallback | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Build ``arch`` (seeded with ``config.seed``), then :func:`train` it on dataset ``data``.
+
+    What ``ttcompress train`` runs. Built-in shape kwargs are filled from the dataset
+    (:func:`fit_arch_kwargs`), so ``seed-cnn`` works on CIFAR-10 as well.
+    """
+    cfg = config or TrainConfig()
+    bundle = load_dataset(data, root=data_root, download=download, image_size=image_size)
+    torch.manual_seed(cfg.seed)
+    with refused_input():
+        model = build_arch(arch, kwargs=fit_arch_kwargs(arch, arch_kwargs, bundle))
+    teacher_model = (
+        _load_model(teacher, trust_pickle=trust_pickle, trust_code=trust_code) if teacher is not None else None
+    )
+    return fit(model, bundle, output=output, config=cfg, teacher=teacher_model, progress=progress,
+               resume=resume, mode="train")  # fmt: skip
+
+
+def finetune_file(
+    model: str | os.PathLike[str],
+    *,
+    output: str | os.PathLike[str],
+    data: str = "mnist-5k",
+    data_root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+    config: TrainConfig | None = None,
+    teacher: str | os.PathLike[str] | None = None,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    trust_pickle: bool = False,
+    trust_code: bool = False,
+    progress: TrainCallback | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Load a model file with :func:`ttcompress.io.load`, then :func:`finetune` it on ``data``.
+
+    What ``ttcompress finetune`` runs. ``teacher`` is a model file for distillation (loaded the
+    same way, with the same ``trust_pickle`` and ``trust_code``).
+    """
+    cfg = config or FinetuneConfig()
+    for other, name in ((model, "model"), (teacher, "teacher")):
+        if other is not None and Path(other).exists() and Path(output).exists() and Path(output).resolve() == Path(other).resolve():
+            raise UserInputError(f"output must differ from the {name} file: {output}")
+    bundle = load_dataset(data, root=data_root, download=download, image_size=image_size)
+    net = _load_model(model, trust_pickle=trust_pickle, trust_code=trust_code, arch=arch, arch_kwargs=arch_kwargs)
+    teacher_model = (
+        _load_model(teacher, trust_pickle=trust_pickle, trust_code=trust_code) if teacher is not None else None
+    )
+    return fit(net, bundle, output=output, config=cfg, teacher=teacher_model, progress=progress,
+               resume=resume, mode="finetune")  # fmt: skip
+
+
+def _load_model(
+    path: str | os.PathLike[str],
+    *,
+    trust_pickle: bool = False,
+    trust_code: bool = False,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    kwargs: dict[str, Any] = {"trust_pickle": trust_pickle, "trust_code": trust_code}
+    if arch is not None:
+        kwargs["arch"] = arch
+        kwargs["arch_kwargs"] = dict(arch_kwargs or {})
+    with refused_input():
+        return tio.load(path, **kwargs)

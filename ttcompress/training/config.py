@@ -1,0 +1,142 @@
+"""Options of the training loop: :class:`TrainConfig`, :class:`FinetuneConfig` and their checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ttcompress.errors import UserInputError
+
+__all__ = ["AMP_MODES", "OPTIMIZERS", "SCHEDULES", "TRAIN_ONLY", "FinetuneConfig", "TrainConfig"]
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "adadelta")
+SCHEDULES: tuple[str, ...] = ("none", "cosine", "step")
+AMP_MODES: tuple[str, ...] = ("bf16", "fp16")
+TRAIN_ONLY: tuple[str, ...] = ("all", "decomposed")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of the training loop (defaults for training a baseline from scratch).
+
+    Attributes
+    ----------
+    epochs : int, default 5
+    batch_size : int, default 64
+        Per process.
+    optimizer : {"sgd", "adam", "adamw", "adadelta"}, default "adam"
+    lr : float, default 1e-3
+    momentum : float, default 0.9
+        For SGD.
+    weight_decay : float, default 0.0
+    schedule : {"none", "cosine", "step"}, default "none"
+        Stepped once per epoch: cosine annealing to 0 over ``epochs``, or ×``gamma`` every
+        ``step_size`` epochs.
+    step_size : int, default 1
+    gamma : float, default 0.1
+    seed : int, default 0
+    device : str, default "auto"
+        ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+    amp : {"bf16", "fp16"} or None, default None
+        Mixed precision, CUDA only; fp16 uses a gradient scaler.
+    compile : bool, default False
+        Run the model through ``torch.compile``.
+    train_only : {"all", "decomposed"}, default "all"
+        ``decomposed`` freezes every parameter outside the layers listed in
+        ``model.ttcompress_meta["layers"]`` (BatchNorm running statistics still update).
+    distill_alpha : float, default 0.5
+        Weight of the distillation term when a teacher is given: ``alpha·T²·KL + (1-alpha)·CE``.
+    distill_temperature : float, default 4.0
+    eval_batch_size : int, default 256
+    num_workers : int or None, default None
+        Loader workers (None: 0 for in-memory data, else ``min(8, cpus)``).
+    max_batches : int or None, default None
+        Stop each epoch after this many batches (smoke tests, quick sweeps).
+    log_every : int, default 10
+        Progress updates (and, on GPU or under DDP, NaN checks) every this many steps.
+    val_fraction : float, default 0.1
+        Fraction of the training split held out (the same samples in every run, see
+        :func:`~ttcompress.training.loop.holdout_split`) to validate each epoch and select the
+        best checkpoint, so the test split never takes part in training or model selection.
+        ``0`` validates on the test split instead (the old, optimistic behaviour).
+    """
+
+    epochs: int = 5
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "none"
+    step_size: int = 1
+    gamma: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    amp: str | None = None
+    compile: bool = False
+    train_only: str = "all"
+    distill_alpha: float = 0.5
+    distill_temperature: float = 4.0
+    eval_batch_size: int = 256
+    num_workers: int | None = None
+    max_batches: int | None = None
+    log_every: int = 10
+    val_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        self._check_counts()
+        self._check_numbers()
+        choice("optimizer", self.optimizer, OPTIMIZERS)
+        choice("schedule", self.schedule, SCHEDULES)
+        choice("train_only", self.train_only, TRAIN_ONLY)
+        if self.amp is not None:
+            choice("amp", self.amp, AMP_MODES)
+        if not isinstance(self.device, str):
+            raise TypeError(f"device must be a str, got {type(self.device).__name__}")
+
+    def _check_counts(self) -> None:
+        for name in ("epochs", "batch_size", "step_size", "eval_batch_size", "log_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UserInputError(f"{name} must be a positive int, got {v!r}")
+        if self.max_batches is not None and (not isinstance(self.max_batches, int) or self.max_batches < 1):
+            raise UserInputError(f"max_batches must be a positive int or None, got {self.max_batches!r}")
+        if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
+            raise UserInputError(f"num_workers must be a non-negative int or None, got {self.num_workers!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise UserInputError(f"seed must be a non-negative int, got {self.seed!r}")
+
+    def _check_numbers(self) -> None:
+        for name in ("lr", "momentum", "weight_decay", "gamma", "distill_alpha", "distill_temperature"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise UserInputError(f"{name} must be a finite number >= 0, got {v!r}")
+        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) or not (
+            0 <= self.val_fraction < 1
+        ):
+            raise UserInputError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.lr <= 0:
+            raise UserInputError(f"lr must be > 0, got {self.lr!r}")
+        if self.distill_alpha > 1:
+            raise UserInputError(f"distill_alpha must be in [0, 1], got {self.distill_alpha!r}")
+        if self.distill_temperature <= 0:
+            raise UserInputError(f"distill_temperature must be > 0, got {self.distill_temperature!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(TrainConfig):
+    """:class:`TrainConfig` with fine-tuning defaults: Adam at lr 1e-4, 3 epochs."""
+
+    epochs: int = 3
+    lr: float = 1e-4
+
+
+def choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """Raise ``UserInputError`` naming ``name`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise UserInputError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
