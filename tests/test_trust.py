@@ -190,6 +190,7 @@ BAD_HEADERS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ("device-meta", lambda h: _layer(h, "cp")["config"].update(device="meta"), "'device' is refused"),
     ("dtype", lambda h: _layer(h, "cp")["config"].update(dtype="float64"), "'dtype' is refused"),
     ("arch-device", lambda h: h["arch"]["kwargs"].update(device="meta"), "arch.kwargs.device is refused"),
+    ("arch-weights", lambda h: h["arch"]["kwargs"].update(weights="DEFAULT"), "arch.kwargs.weights is refused"),
     ("unknown-config", lambda h: _layer(h, "tt")["config"].update(weights_only=False), "unknown field 'weights_only'"),
     ("huge-cp-rank", lambda h: _layer(h, "cp")["config"].update(rank=2 * 10**7), "does not match the file"),
     ("huge-tt-rank", lambda h: _layer(h, "tt")["config"]["ranks"].__setitem__(1, 10**6), "does not match the file"),

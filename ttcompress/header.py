@@ -53,6 +53,9 @@ MAX_LIST = 4096
 MAX_INPUT_ELEMENTS = 2**24
 #: Config fields that decide where or how a model is built: the loader decides those.
 BUILD_FIELDS = frozenset({"device", "dtype", "memory_format", "requires_grad", "pin_memory"})
+#: Architecture arguments that would make a builder fetch pretrained weights (torchvision): the
+#: file holds the weights, and a header must not trigger a download.
+DOWNLOAD_FIELDS = frozenset({"weights", "weights_backbone", "pretrained", "pretrained_backbone", "progress"})
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
@@ -159,6 +162,9 @@ def _check_arch(arch: Any, source: str) -> None:
     for key, value in (kwargs or {}).items():
         if key in BUILD_FIELDS:
             raise CheckpointError(f"{source}: header field arch.kwargs.{key} is refused: the loader decides {key}")
+        if key in DOWNLOAD_FIELDS and value not in (None, False):
+            raise CheckpointError(f"{source}: header field arch.kwargs.{key} is refused: the file holds the "
+                                  "weights, and a header cannot ask for a download")
         _check_value(value, f"{source}: header field arch.kwargs.{key}")
 
 
