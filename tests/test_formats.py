@@ -327,3 +327,11 @@ def test_no_module_outside_the_format_packages_names_a_format():
         if hits:
             offenders[str(rel)] = hits
     assert offenders == {}
+
+
+def test_layers_inside_a_factorized_layer_are_not_candidates():
+    model = ttcompress.compress(nn.Sequential(nn.Conv2d(8, 16, 3)), Plan(formats=("tucker2",)))
+    assert [type(m).__name__ for m in model] == ["Tucker2Conv2d"]  # it holds three nn.Conv2d
+    assert plan_layers(model, Plan()) == []
+    with pytest.raises(PatternError, match="'0.core' matches no layer; layers are: 0$"):
+        plan_layers(model, Plan(exclude=("0.core",)))

@@ -473,12 +473,19 @@ def suggest_modes(
 Candidate = tuple[str, nn.Module, tuple[str, ...]]
 
 
+def _inside_factorized(model: nn.Module) -> set[int]:
+    """ids of the modules inside factorized layers (e.g. the convs of a Tucker-2 layer): not layers of their own."""
+    done = layer_classes()
+    return {id(sub) for m in model.modules() if isinstance(m, done) for sub in m.modules() if sub is not m}
+
+
 def _candidates(model: nn.Module) -> list[Candidate]:
     """``(name, module, aliases)`` of every module some registered format compresses."""
     names: dict[int, list[str]] = {}
     mods: dict[int, nn.Module] = {}
+    inner = _inside_factorized(model)
     for name, m in model.named_modules(remove_duplicate=False):
-        if compressible(m):
+        if compressible(m) and id(m) not in inner:
             names.setdefault(id(m), []).append(name)
             mods[id(m)] = m
     return [(ns[0], mods[i], tuple(ns[1:])) for i, ns in names.items()]
@@ -588,7 +595,9 @@ def plan_layers(model: nn.Module, plan: Plan) -> list[LayerDecision]:
         raise TypeError(f"plan must be a Plan, got {type(plan).__name__}")
     cands = _candidates(model)
     done = layer_classes()
-    names = [n for n, m in model.named_modules(remove_duplicate=False) if compressible(m) or isinstance(m, done)]
+    inner = _inside_factorized(model)
+    names = [n for n, m in model.named_modules(remove_duplicate=False)
+             if id(m) not in inner and (compressible(m) or isinstance(m, done))]
     check_patterns_match(plan, names)
     if plan.target_ratio is None:
         return [_decide(n, m, a, plan) for n, m, a in cands]
