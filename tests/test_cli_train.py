@@ -102,7 +102,7 @@ def _nan_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
         ("unknown-arch", "unknown arch 'nosuch'"),
         ("no-root", "needs a data root"),
         ("missing-root", "does not exist"),
-        ("classes", "has 7 outputs but dataset 'mnist-5k' has 10 classes"),
+        ("classes", "model does not fit mnist-5k: it has 7 outputs but the dataset has 10 classes"),
         ("nan", "loss became NaN"),
         ("no-output", "missing -o/--output"),
         ("bad-option", "optimizer must be one of"),

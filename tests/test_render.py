@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from ttcompress.render import plot_tradeoff, render, to_json
+from ttcompress.render import render, to_json
 from ttcompress.report import LayerRow, ModelRow, Report, pareto_front
 
 
@@ -84,21 +84,3 @@ def test_rich_table_renders_as_text(report: Report) -> None:
 def test_unknown_format_is_a_value_error(report: Report) -> None:
     with pytest.raises(ValueError, match="format"):
         render(report, "xml")  # type: ignore[arg-type]
-
-
-def test_plot_is_a_valid_png(report: Report, tmp_path) -> None:
-    path = plot_tradeoff(report, tmp_path / "tradeoff.png")
-    data = path.read_bytes()
-    assert data.startswith(b"\x89PNG\r\n\x1a\n")
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image.verify()
-    assert not list(tmp_path.glob("*.tmp*"))
-
-
-def test_plot_needs_accuracy(tmp_path) -> None:
-    empty = Report(rows=(_row("dense", 1000, None, base=True),), dataset=None, device="cpu", batch_size=1, eval_samples=None)
-    with pytest.raises(ValueError, match="accuracy"):
-        plot_tradeoff(empty, tmp_path / "x.png")
-    assert not (tmp_path / "x.png").exists()

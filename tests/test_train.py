@@ -171,7 +171,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny: DatasetBundle, tmp_
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"num_classes": 7}, "7 outputs but dataset 'mnist-5k' has 10 classes"), ({"in_channels": 3}, "cannot take")],
+    [({"num_classes": 7}, "7 outputs but the dataset has 10 classes"), ({"in_channels": 3}, "cannot take")],
 )
 def test_model_that_does_not_fit_the_data(tiny: DatasetBundle, tmp_path: Path, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -303,7 +303,7 @@ def test_distillation_runs_and_teaches(tiny: DatasetBundle, baseline: nn.Module,
     assert torch.isfinite(torch.tensor(rec.train_loss)) and evaluate(student, tiny).accuracy > 0.3
     assert all(p.requires_grad for p in baseline.parameters())  # the teacher itself is left alone
     bad_teacher = seeded(num_classes=7)
-    with pytest.raises(ValueError, match="teacher has 7 outputs"):
+    with pytest.raises(ValueError, match="teacher does not fit mnist-5k: it has 7 outputs"):
         finetune(seeded(), tiny, output=tmp_path / "kd2.pt", config=cfg, teacher=bad_teacher)
 
 

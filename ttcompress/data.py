@@ -45,9 +45,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
-from ttcompress.errors import DataError
+from ttcompress.errors import DataError, UserInputError
 
 __all__ = [
     "DATASETS",
@@ -55,6 +56,9 @@ __all__ = [
     "DatasetBundle",
     "EpochShuffleSampler",
     "ImageTensorDataset",
+    "balanced_subset",
+    "check_model_fits",
+    "dataset_targets",
     "load_dataset",
     "make_loader",
     "read_idx",
@@ -175,6 +179,115 @@ class ImageTensorDataset(TensorDataset):
         return list(zip(x.unbind(0), self.targets[idx].unbind(0)))
 
 
+def dataset_targets(dataset: Dataset) -> np.ndarray:
+    """The int64 label of every sample of ``dataset``, in order.
+
+    Read from ``targets`` (:class:`ImageTensorDataset`, torchvision ``ImageFolder``) and through
+    :class:`~torch.utils.data.Subset`; any other dataset is indexed sample by sample.
+    """
+    if isinstance(dataset, Subset):
+        return dataset_targets(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return np.asarray(targets.tolist() if isinstance(targets, torch.Tensor) else targets, dtype=np.int64)
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)  # type: ignore[arg-type]
+
+
+def balanced_subset(dataset: Dataset, n: int, *, seed: int = 0) -> Subset:
+    """A seeded subset of ``n`` samples with the classes as equally represented as possible.
+
+    Each class's samples are shuffled with ``seed``; samples are then taken one per class in
+    turn (classes in a seeded order) until ``n`` are taken, so class counts differ by at most
+    one unless a class runs out. Test splits are often sorted by class, so the first ``n``
+    samples would be one or two classes only.
+
+    Parameters
+    ----------
+    dataset : Dataset
+        Items ``(x, label)``; labels as read by :func:`dataset_targets`.
+    n : int
+        Number of samples, ``1 <= n``; ``n >= len(dataset)`` returns every sample.
+    seed : int, default 0
+
+    Returns
+    -------
+    torch.utils.data.Subset
+        Indices in increasing order.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserInputError(f"n must be a positive int, got {n!r}")
+    targets = dataset_targets(dataset)
+    if n >= len(targets):
+        return Subset(dataset, list(range(len(targets))))
+    rng = np.random.default_rng(seed)
+    classes = rng.permutation(np.unique(targets))
+    per_class = [rng.permutation(np.flatnonzero(targets == c)) for c in classes]
+    order = [idx[k] for k in range(max(len(p) for p in per_class)) for idx in per_class if k < len(idx)]
+    return Subset(dataset, sorted(int(i) for i in order[:n]))
+
+
+def check_model_fits(
+    model: nn.Module,
+    bundle: DatasetBundle,
+    *,
+    device: str | torch.device = "cpu",
+    what: str = "model",
+    require_finite: bool = False,
+) -> None:
+    """One eval-mode forward pass on two samples: the model takes the inputs and gives ``num_classes`` logits.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Already on ``device``; its train/eval mode is restored.
+    bundle : DatasetBundle
+        Samples come from the test split (the train split when the test split is empty).
+    device : str or torch.device, default "cpu"
+    what : str, default "model"
+        How messages name the model, e.g. ``"model 'r18'"`` or ``"teacher"``.
+    require_finite : bool, default False
+        Also refuse NaN/inf outputs.
+
+    Raises
+    ------
+    UserInputError
+        The forward pass fails (wrong input shape or channels), or the output is not
+        ``(batch, num_classes)`` (or not finite, with ``require_finite``). The message names
+        ``what`` and the shapes.
+    """
+    ds = bundle.test if len(bundle.test) else bundle.train  # type: ignore[arg-type]
+    n = min(2, len(ds))  # type: ignore[arg-type]
+    if n == 0:
+        raise DataError(f"dataset {bundle.name!r} is empty")
+    x = torch.stack([ds[i][0] for i in range(n)]).to(device)
+    shape = tuple(bundle.input_shape)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # how a shape mismatch surfaces
+        raise UserInputError(
+            f"{what} does not fit {bundle.name}: it cannot take inputs of shape {shape} "
+            f"({' '.join(str(exc).split())[:300]})"
+        ) from exc
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != n:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserInputError(
+            f"{what} does not fit {bundle.name}: it must return logits of shape (batch, {bundle.num_classes}), "
+            f"got {got}"
+        )
+    if out.shape[1] != bundle.num_classes:
+        raise UserInputError(
+            f"{what} does not fit {bundle.name}: it has {out.shape[1]} outputs but the dataset has "
+            f"{bundle.num_classes} classes"
+        )
+    if require_finite and not bool(torch.isfinite(out).all()):
+        raise UserInputError(f"{what} outputs NaN/inf on {bundle.name} samples")
+
+
 class EpochShuffleSampler(Sampler[int]):
     """Single-process shuffling that depends only on ``(seed, epoch)`` (call :meth:`set_epoch`).
 
@@ -237,11 +350,11 @@ def make_loader(
         Pin host memory (use when training on CUDA).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise UserInputError(f"batch_size must be a positive int, got {batch_size!r}")
     if num_workers is None:
         num_workers = 0 if _in_memory(dataset) else min(8, os.cpu_count() or 1)
     if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        raise UserInputError(f"num_workers must be >= 0, got {num_workers}")
     sampler: Sampler[int] | None
     if distributed:
         from torch.utils.data.distributed import DistributedSampler
@@ -300,7 +413,7 @@ def load_dataset(
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     key = name.strip()
     if image_size is not None and not key.lower().startswith("imagefolder:"):
-        raise ValueError("image_size only applies to imagefolder:PATH datasets")
+        raise UserInputError("image_size only applies to imagefolder:PATH datasets")
     if key.lower().startswith("imagefolder:"):
         return _load_imagefolder(key.split(":", 1)[1], image_size=image_size or 224)
     key = key.lower()
@@ -534,12 +647,29 @@ def _load_cifar10(root: str | os.PathLike[str] | None, *, download: bool) -> Dat
     )
 
 
+def _read_image(path: str) -> Any:
+    """Open an image as RGB; any decoding failure is a :class:`DataError` naming the file.
+
+    PIL raises ``UnidentifiedImageError`` (not an image), ``OSError`` (truncated file),
+    ``DecompressionBombError`` (more than twice ``Image.MAX_IMAGE_PIXELS``) and others
+    (``ValueError``, ``SyntaxError`` from some decoders).
+    """
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path}: {' '.join(str(exc).split())[:200]}") from None
+
+
 def _load_imagefolder(path: str, *, image_size: int) -> DatasetBundle:
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
 
     if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        raise UserInputError(f"image_size must be a positive int, got {image_size!r}")
     if not path:
         raise DataError("imagefolder needs a path: imagefolder:PATH")
     p = Path(path).expanduser()
@@ -556,7 +686,7 @@ def _load_imagefolder(path: str, *, image_size: int) -> DatasetBundle:
 
     def folder(d: Path) -> ImageFolder:
         try:
-            return ImageFolder(str(d), transform=tf)
+            return ImageFolder(str(d), transform=tf, loader=_read_image)
         except (FileNotFoundError, OSError, RuntimeError) as exc:
             raise DataError(f"cannot read image folder {str(d)!r}: {exc}") from exc
 

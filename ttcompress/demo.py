@@ -62,7 +62,8 @@ def run_demo(
     sweep settings in ``output_dir/sweep``, but retrains the baseline if its file is missing.
     """
     from ttcompress.io import atomic_write
-    from ttcompress.render import plot_tradeoff, to_markdown
+    from ttcompress.plot import plot_tradeoff
+    from ttcompress.render import to_markdown
     from ttcompress.sweep import sweep_report, sweep_settings
     from ttcompress.train import RichProgress, train_arch
 

@@ -1,10 +1,15 @@
 """Exceptions that mean "the user gave us something we cannot use".
 
-The CLI turns these (and ``ValueError``/``TypeError`` raised for bad arguments) into one line on
-stderr and exit code 2. Library code raises them with a message that names the offending input.
+The CLI turns these (and ``OSError``, ``MemoryError``, ``RecursionError``) into one line on stderr
+and exit code 2; any other exception is an internal error (see :mod:`ttcompress.cli._common`).
+Library code raises them with a message that names the offending input. :class:`UserInputError`
+is also a ``ValueError``, so Python callers that catch ``ValueError`` for bad arguments still do.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 
 class TTCompressError(Exception):
@@ -25,3 +30,27 @@ class DataError(TTCompressError):
 
 class TrainingError(TTCompressError):
     """Training cannot go on (for example the loss became NaN)."""
+
+
+class UserInputError(TTCompressError, ValueError):
+    """An option or argument the user gave is invalid (also a ``ValueError`` for Python callers)."""
+
+
+class OutputExistsError(TTCompressError, FileExistsError):
+    """An output file already exists and overwriting it was not allowed."""
+
+
+@contextlib.contextmanager
+def refused_input() -> Iterator[None]:
+    """Within: a ``ValueError``/``TypeError`` means an option or a file the user named was refused.
+
+    Wrap only calls that interpret user input (parsing options, loading a named model, building
+    a named architecture): their ``ValueError``/``TypeError`` becomes a :class:`UserInputError`
+    (still a ``ValueError``), while one raised by a bug elsewhere stays an internal error.
+    """
+    try:
+        yield
+    except TTCompressError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise UserInputError(str(exc)) from exc

@@ -1,4 +1,4 @@
-"""Render a :class:`ttcompress.report.Report`: rich table, Markdown, CSV, JSON, or a PNG plot.
+"""Render a :class:`ttcompress.report.Report`: rich table, Markdown, CSV or JSON (plots: :mod:`ttcompress.plot`).
 
 Rendering never measures anything; it only formats the report's data.
 """
@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from ttcompress.report import ModelRow, Report, pareto_front
 
-__all__ = ["FORMATS", "render", "to_csv", "to_json", "to_markdown", "to_rich_tables", "plot_tradeoff"]
+__all__ = ["FORMATS", "render", "to_csv", "to_json", "to_markdown", "to_rich_tables"]
 
 Format = Literal["table", "md", "csv", "json"]
 FORMATS: tuple[str, ...] = ("table", "md", "csv", "json")
@@ -112,7 +112,11 @@ def _layer_table(report: Report) -> list[list[str]]:
 def _caption(report: Report) -> str:
     parts = [f"dataset: {report.dataset or '–'}"]
     if report.eval_samples is not None:
-        parts.append(f"{report.eval_samples:,} test samples")
+        parts.append(
+            f"a class-balanced subset of {report.eval_samples:,} test samples"
+            if report.eval_subset
+            else f"{report.eval_samples:,} test samples"
+        )
     parts.append(f"device: {report.device}")
     if any(row.latency_ms is not None for row in report.rows):
         parts.append(f"FLOPs per sample; latency: median ± IQR/2 of one forward pass on a batch of {report.batch_size}")
@@ -149,6 +153,8 @@ def to_json(report: Report) -> str:
             dataset=report.dataset,
             device=report.device,
             batch_size=report.batch_size,
+            eval_samples=report.eval_samples,
+            eval_subset=report.eval_subset,
             layers=data["layers"],
         )
         rows.append(item)
@@ -204,57 +210,3 @@ def render(report: Report, fmt: Format) -> str:
             console.print(table)
         return console.export_text()
     raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
-
-
-def plot_tradeoff(report: Report, path: str | Path, *, title: str | None = None) -> Path:
-    """Accuracy vs compression ratio (log x), the Pareto front marked; written atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    from ttcompress.io import atomic_write
-
-    rows = [r for r in report.rows if r.accuracy is not None]
-    if not rows:
-        raise ValueError("the report has no accuracy to plot (run it with data)")
-    points = [(r.compression, 100 * r.accuracy) for r in rows]
-    front = pareto_front(points)
-
-    fig = Figure(figsize=(6.4, 4.4), dpi=120)
-    ax = fig.add_subplot()
-    ax.set_xscale("log")
-    for i, (row, (x, y)) in enumerate(zip(rows, points)):
-        on_front = i in front
-        ax.scatter(
-            [x],
-            [y],
-            marker="*" if row.is_baseline else "o",
-            s=140 if row.is_baseline else 50,
-            color="black" if row.is_baseline else ("tab:red" if on_front else "tab:blue"),
-            zorder=3,
-        )
-        ax.annotate(row.model, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        if row.accuracy_before_finetune is not None:
-            before = 100 * row.accuracy_before_finetune
-            ax.annotate(
-                "",
-                xy=(x, y),
-                xytext=(x, before),
-                arrowprops=dict(arrowstyle="->", color="0.6", lw=0.8),
-                zorder=2,
-            )
-            ax.scatter([x], [before], marker="x", color="0.6", s=25, zorder=2)
-    front_points = sorted(points[i] for i in front)
-    if len(front_points) > 1:
-        ax.plot(*zip(*front_points), color="tab:red", lw=1.2, ls="--", label="Pareto front", zorder=1)
-        ax.legend(loc="lower left", fontsize=8)
-    ax.set_xlabel("compression ratio (parameters, log scale)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title or f"Accuracy vs compression — {report.dataset or 'model'}")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_write(path, "wb") as handle:
-        fig.savefig(handle, format="png")
-    return path

@@ -13,7 +13,8 @@ Every number here is measured on the models given:
   :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts as 2 FLOPs);
 * ``latency_ms``: median wall time of one forward pass on a batch, measured with
   :class:`torch.utils.benchmark.Timer` (``latency_iqr_ms`` is the interquartile range);
-* ``accuracy`` / ``top5``: fractions of the test split classified correctly;
+* ``accuracy`` / ``top5``: fractions of the test split classified correctly (``eval_samples``
+  samples; with ``eval_subset``, a seeded class-balanced subset of it);
 * ``accuracy_delta``: ``accuracy - baseline accuracy`` (a fraction; negative means a loss).
 """
 
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ttcompress.errors import UserInputError, refused_input
 from ttcompress.formats import format_of
 
 __all__ = [
@@ -96,6 +98,7 @@ class Report:
     device: str
     batch_size: int
     eval_samples: int | None
+    eval_subset: bool = False
     torch_version: str = torch.__version__
 
     @property
@@ -108,6 +111,7 @@ class Report:
             "device": self.device,
             "batch_size": self.batch_size,
             "eval_samples": self.eval_samples,
+            "eval_subset": self.eval_subset,
             "torch_version": self.torch_version,
             "rows": [row.to_dict() for row in self.rows],
         }
@@ -263,7 +267,9 @@ def _input_shape(model: nn.Module, data: Any | None, input_shape: Sequence[int] 
     shape = get_meta(model)["info"].get("input_shape")
     if shape:
         return tuple(int(s) for s in shape)
-    raise ValueError("input_shape is unknown: pass data or input_shape")
+    raise UserInputError(
+        "the input shape is unknown: the baseline does not record one; pass data or input_shape"
+    )
 
 
 def build_report(
@@ -275,6 +281,7 @@ def build_report(
     batch_size: int = 64,
     eval_batch_size: int = 256,
     eval_limit: int | None = None,
+    eval_seed: int = 0,
     min_run_time: float = 0.5,
     input_shape: Sequence[int] | None = None,
     measure_speed: bool = True,
@@ -292,24 +299,31 @@ def build_report(
         Where latency and accuracy are measured.
     batch_size:
         Batch size of the latency measurement.
-    eval_batch_size, eval_limit:
-        Batch size of the accuracy pass, and an optional cap on the number of test samples.
+    eval_batch_size, eval_limit, eval_seed:
+        Batch size of the accuracy pass, and an optional number of test samples: a class-balanced
+        subset drawn with ``eval_seed`` (:func:`ttcompress.data.balanced_subset`); the report
+        records it (``eval_subset``).
     min_run_time:
         Seconds spent per model in :meth:`torch.utils.benchmark.Timer.blocked_autorange`.
     measure_speed:
         ``False`` skips the latency measurement (``latency_ms`` is ``None``).
     """
+    from ttcompress.data import balanced_subset, check_model_fits
     from ttcompress.train import evaluate
 
     if eval_limit is not None and eval_limit <= 0:
-        raise ValueError(f"eval_limit must be positive, got {eval_limit}")
+        raise UserInputError(f"eval_limit must be positive, got {eval_limit}")
     device = torch.device(device)
     shape = _input_shape(baseline.model, data, input_shape)
     test_set = None
+    subset = False
     if data is not None:
         test_set = data.test
         if eval_limit is not None and eval_limit < len(test_set):
-            test_set = torch.utils.data.Subset(test_set, range(eval_limit))
+            test_set = balanced_subset(test_set, eval_limit, seed=eval_seed)
+            subset = True
+        for entry in (baseline, *models):
+            check_model_fits(entry.model.to(device), data, device=device, what=f"model {entry.label!r}")
 
     base_params = count_params(baseline.model)
     measured: list[dict[str, Any]] = []
@@ -355,6 +369,7 @@ def build_report(
         device=str(device),
         batch_size=batch_size,
         eval_samples=len(test_set) if test_set is not None else None,
+        eval_subset=subset,
     )
 
 
@@ -404,7 +419,9 @@ def report_files(
 
             if read_header(p) is None:  # only bare state dicts need (and accept) an arch
                 kwargs.update(arch=arch, arch_kwargs=dict(arch_kwargs or {}))
-        return ModelEntry(label=_label(p, taken), model=load(p, **kwargs), path=p)
+        label = _label(p, taken)
+        with refused_input():
+            return ModelEntry(label=label, model=load(p, **kwargs), path=p)
 
     taken: set[str] = set()
     base = entry(baseline, taken)

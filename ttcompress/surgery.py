@@ -24,11 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from ttcompress.io import get_meta, load_checkpoint, save, update_meta
 from ttcompress.formats import DENSE, format_of, get_format, layer_classes
 from ttcompress.formats.base import build_note
+from ttcompress.io import get_meta, load_checkpoint, save, update_meta
 from ttcompress.plan import LayerDecision, Plan, plan_layers
 
 __all__ = [
@@ -95,6 +96,10 @@ def build_replacement(module: nn.Module, decision: LayerDecision, *, calib: Any 
     """
     if decision.format == DENSE:
         raise ValueError(f"layer {decision.name!r}: nothing to build for format {decision.format!r}")
+    for what in ("weight", "bias"):  # name the layer (a decomposition alone cannot); a NaN bias would pass
+        tensor = getattr(module, what, None)
+        if isinstance(tensor, torch.Tensor) and not bool(tensor.isfinite().all()):
+            raise ValueError(f"layer {decision.name!r} has NaN or Inf {what} values; cannot decompose it")
     new = get_format(decision.format).build(module, decision.options, calib=calib, name=decision.name)
     weight = getattr(module, "weight", None)
     if weight is not None:

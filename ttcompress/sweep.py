@@ -5,8 +5,9 @@ and a CP axis (``cp_ranks``, for ``nn.Conv2d``). When one axis is empty, layers 
 dense in every setting (a CP-only sweep compresses only the convolutions, as in the CP paper).
 
 Every setting works in its own directory under ``output_dir``, named after the setting and a
-fingerprint of everything that determines its result (the baseline file's content, the dataset,
-the fine-tuning options and the base plan)::
+fingerprint of everything that determines its result (:func:`cache_key`: the baseline file's
+content, the dataset and its root, the fine-tuning options that change results, the teacher's
+weights when distilling, the base plan and the ttcompress version; not the device or logging)::
 
     output_dir/
       tt-r4_cp-r3-1a2b3c4d/
@@ -34,9 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ttcompress.data import DatasetBundle
+from ttcompress._version import __version__
+from ttcompress.data import DatasetBundle, check_model_fits
+from ttcompress.errors import UserInputError, refused_input
 from ttcompress.plan import Plan, plan_from_options
-from ttcompress.train import FinetuneConfig, TrainCallback, TrainConfig
+from ttcompress.train import RESUME_FREE_OPTIONS, FinetuneConfig, TrainCallback, TrainConfig
 
 __all__ = ["SweepResult", "SweepSetting", "run_sweep", "sweep_settings"]
 
@@ -54,9 +57,9 @@ class SweepSetting:
 
     def __post_init__(self) -> None:
         if self.tt_ranks is not None and self.tt_eps is not None:
-            raise ValueError("a sweep setting takes tt_ranks or tt_eps, not both")
+            raise UserInputError("a sweep setting takes tt_ranks or tt_eps, not both")
         if self.tt_ranks is None and self.tt_eps is None and self.cp_rank is None:
-            raise ValueError("a sweep setting must compress something (tt_ranks, tt_eps or cp_rank)")
+            raise UserInputError("a sweep setting must compress something (tt_ranks, tt_eps or cp_rank)")
 
     @property
     def key(self) -> str:
@@ -117,23 +120,23 @@ def sweep_settings(
     for name, values in (("tt_ranks", tt_ranks), ("cp_ranks", cp_ranks)):
         for v in values:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ValueError(f"{name} must hold positive ints (or None for dense), got {v!r}")
+                raise UserInputError(f"{name} must hold positive ints (or None for dense), got {v!r}")
     for e in tt_eps:
         if isinstance(e, bool) or not (isinstance(e, (int, float)) and 0 < e < 1):
-            raise ValueError(f"tt_eps values must be in (0, 1), got {e!r}")
+            raise UserInputError(f"tt_eps values must be in (0, 1), got {e!r}")
     tt_axis: list[tuple[int | None, float | None]] = [(r, None) for r in tt_ranks] + [(None, e) for e in tt_eps]
     cp_axis: list[int | None] = list(cp_ranks)
     if not any(r is not None for r, _ in tt_axis) and not any(e is not None for _, e in tt_axis) and not any(
         c is not None for c in cp_axis
     ):
-        raise ValueError("give at least one of tt_ranks (--tt-ranks), tt_eps (--tt-eps) or cp_ranks (--cp-ranks)")
+        raise UserInputError("give at least one of tt_ranks (--tt-ranks), tt_eps (--tt-eps) or cp_ranks (--cp-ranks)")
     settings = [
         SweepSetting(tt_ranks=r, tt_eps=e, cp_rank=c)
         for (r, e), c in itertools.product(tt_axis or [(None, None)], cp_axis or [None])
         if not (r is None and e is None and c is None)
     ]
     if len({s.key for s in settings}) != len(settings):
-        raise ValueError("the sweep has duplicate settings; give each rank/eps once")
+        raise UserInputError("the sweep has duplicate settings; give each rank/eps once")
     return settings
 
 
@@ -174,6 +177,42 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
+def _weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state dict: names, dtypes, shapes and values."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cache_key(
+    *,
+    baseline_digest: str,
+    bundle: DatasetBundle,
+    data_root: str | os.PathLike[str] | None,
+    config: TrainConfig,
+    plan: Plan,
+    setting: SweepSetting,
+    teacher_digest: str | None,
+) -> dict[str, Any]:
+    """Everything that determines a setting's result, and nothing else (device, workers, logging).
+
+    The setting's directory is named after a hash of this.
+    """
+    return {
+        "ttcompress": __version__,
+        "baseline": baseline_digest,
+        "data": bundle.name,
+        "data_root": str(Path(data_root).expanduser().resolve()) if data_root is not None else None,
+        "config": {k: v for k, v in config.to_dict().items() if k not in RESUME_FREE_OPTIONS},
+        "plan": plan.to_dict(),
+        "setting": dataclasses.asdict(setting),
+        "teacher": teacher_digest,
+    }
+
+
 def _write_json(path: Path, data: Any) -> None:
     from ttcompress.io import atomic_write
 
@@ -199,6 +238,7 @@ def run_sweep(
     teacher: nn.Module | None = None,
     progress: TrainCallback | None = None,
     log: SweepLog | None = None,
+    data_root: str | os.PathLike[str] | None = None,
 ) -> list[SweepResult]:
     """Run (or resume) a sweep of ``settings`` from the model file ``baseline``.
 
@@ -224,6 +264,8 @@ def run_sweep(
         Fine-tuning progress (rank 0).
     log : callable, optional
         Receives one line per step of the sweep.
+    data_root : path, optional
+        Where ``bundle`` was read from; part of the cache key.
 
     Returns
     -------
@@ -247,14 +289,18 @@ def run_sweep(
         raise NotADirectoryError(f"sweep output is not a directory: {out}")
     out.mkdir(parents=True, exist_ok=True)
     digest = _file_digest(baseline)
-    base_model = load(baseline, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs)  # read once
+    with refused_input():
+        base_model = load(baseline, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs)  # read once
+    check_model_fits(base_model, bundle, what=f"baseline {baseline.name!r}")
+    teacher_digest = _weights_digest(teacher) if teacher is not None else None
     base_params = count_params(base_model)
     eval_device = config.device if config.device != "auto" else None
 
     results = []
     for index, setting in enumerate(settings, start=1):
         plan = setting.plan(base_plan)
-        fp = _fingerprint(digest, bundle.name, config.to_dict(), plan.to_dict(), dataclasses.asdict(setting))
+        fp = _fingerprint(cache_key(baseline_digest=digest, bundle=bundle, data_root=data_root, config=config,
+                                    plan=plan, setting=setting, teacher_digest=teacher_digest))  # fmt: skip
         work = out / f"{setting.key}-{fp}"
         work.mkdir(exist_ok=True)
         result_file = work / "result.json"
@@ -345,13 +391,14 @@ def sweep_report(
     load_kwargs: dict[str, Any] = {"trust_pickle": trust_pickle}
     if arch is not None:
         load_kwargs.update(arch=arch, arch_kwargs=dict(arch_kwargs or {}))
-    base_model = load(baseline, **load_kwargs)
+    with refused_input():
+        base_model = load(baseline, **load_kwargs)
     progress = RichProgress(console) if console is not None else None
     try:
         results = run_sweep(
             baseline, bundle=bundle, settings=settings, output_dir=out, config=config, base_plan=base_plan,
             arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle,
-            teacher=base_model if distill else None, progress=progress,
+            teacher=base_model if distill else None, progress=progress, data_root=data_root,
             log=console.print if console is not None else None,
         )  # fmt: skip
     finally:

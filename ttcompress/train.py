@@ -54,8 +54,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ttcompress.data import DatasetBundle, load_dataset, make_loader
-from ttcompress.errors import CheckpointError, TrainingError
+from ttcompress.data import DatasetBundle, check_model_fits, load_dataset, make_loader
+from ttcompress.errors import CheckpointError, TrainingError, UserInputError, refused_input
 
 __all__ = [
     "AMP_MODES",
@@ -86,6 +86,8 @@ SCHEDULES: tuple[str, ...] = ("none", "cosine", "step")
 AMP_MODES: tuple[str, ...] = ("bf16", "fp16")
 TRAIN_ONLY: tuple[str, ...] = ("all", "decomposed")
 RESUME_FORMAT = "ttcompress-resume"
+#: Options that do not change a run's result: they may differ between a run and its resumption.
+RESUME_FREE_OPTIONS: frozenset[str] = frozenset({"device", "num_workers", "log_every", "eval_batch_size", "compile"})
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -162,27 +164,27 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "step_size", "eval_batch_size", "log_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+                raise UserInputError(f"{name} must be a positive int, got {v!r}")
         if self.max_batches is not None and (not isinstance(self.max_batches, int) or self.max_batches < 1):
-            raise ValueError(f"max_batches must be a positive int or None, got {self.max_batches!r}")
+            raise UserInputError(f"max_batches must be a positive int or None, got {self.max_batches!r}")
         if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 0):
-            raise ValueError(f"num_workers must be a non-negative int or None, got {self.num_workers!r}")
+            raise UserInputError(f"num_workers must be a non-negative int or None, got {self.num_workers!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+            raise UserInputError(f"seed must be a non-negative int, got {self.seed!r}")
         for name in ("lr", "momentum", "weight_decay", "gamma", "distill_alpha", "distill_temperature"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+                raise UserInputError(f"{name} must be a finite number >= 0, got {v!r}")
         if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) or not (
             0 <= self.val_fraction < 1
         ):
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+            raise UserInputError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+            raise UserInputError(f"lr must be > 0, got {self.lr!r}")
         if self.distill_alpha > 1:
-            raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha!r}")
+            raise UserInputError(f"distill_alpha must be in [0, 1], got {self.distill_alpha!r}")
         if self.distill_temperature <= 0:
-            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature!r}")
+            raise UserInputError(f"distill_temperature must be > 0, got {self.distill_temperature!r}")
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("train_only", self.train_only, TRAIN_ONLY)
@@ -205,7 +207,7 @@ class FinetuneConfig(TrainConfig):
 
 def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise UserInputError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 # ------------------------------------------------------------------------------------ results
@@ -448,18 +450,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if spec == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise ValueError("device 'mps' requested but MPS is not available")
+            raise UserInputError("device 'mps' requested but MPS is not available")
         return torch.device("mps")
     if spec == "cuda" or spec.startswith("cuda:"):
         index = spec.partition(":")[2]
         if index and not index.isdigit():
-            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps; got {device!r}")
+            raise UserInputError(f"device must be auto, cpu, cuda, cuda:N or mps; got {device!r}")
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available (use --device auto or cpu)")
+            raise UserInputError(f"device {device!r} requested but CUDA is not available (use --device auto or cpu)")
         if index and int(index) >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise UserInputError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
         return torch.device(spec)
-    raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps; got {device!r}")
+    raise UserInputError(f"device must be auto, cpu, cuda, cuda:N or mps; got {device!r}")
 
 
 # ------------------------------------------------------------------------------------ evaluate
@@ -546,7 +548,7 @@ def evaluate(
         Autocast dtype (CUDA).
     """
     if not topk or any(not isinstance(k, int) or k < 1 for k in topk):
-        raise ValueError(f"topk must be positive ints, got {topk!r}")
+        raise UserInputError(f"topk must be positive ints, got {topk!r}")
     dev = resolve_device(device)
     src = _unwrap_loader_data(data)
     loader = src if isinstance(src, DataLoader) else make_loader(src, batch_size=batch_size, shuffle=False)
@@ -672,7 +674,9 @@ def fit(
     progress : TrainCallback or None
         Progress hooks, e.g. :class:`RichProgress` (rank 0 only).
     resume : bool, default False
-        Continue from the resume state next to ``output`` (same options as the interrupted run).
+        Continue from the resume state next to ``output``. Options that change the result must be
+        those of the interrupted run (all but ``RESUME_FREE_OPTIONS``; ``epochs`` may change
+        unless the schedule is cosine, which is stretched over them), and so must the dataset.
     mode : str, default "finetune"
         Recorded in the checkpoint's history ("train" or "finetune").
 
@@ -705,8 +709,8 @@ def fit(
 
     # Cheap argument checks before touching the process group or the device.
     if config.amp is not None and resolve_device_type(config.device) != "cuda":
-        raise ValueError(f"amp={config.amp!r} needs a CUDA device (device={config.device!r} resolves elsewhere)")
-    resume_state = _read_resume(paths.resume, config) if resume else None
+        raise UserInputError(f"amp={config.amp!r} needs a CUDA device (device={config.device!r} resolves elsewhere)")
+    resume_state = _read_resume(paths.resume, config, bundle.name) if resume else None
 
     ctx, device = _dist_setup(config.device)
     try:
@@ -725,33 +729,6 @@ def resolve_device_type(device: str) -> str:
     return resolve_device(device).type
 
 
-def _check_model_fits(model: nn.Module, bundle: DatasetBundle, device: torch.device, what: str = "model") -> None:
-    """One eval-mode forward on two test samples: right input shape, ``num_classes`` outputs."""
-    ds = bundle.test if len(bundle.test) else bundle.train  # type: ignore[arg-type]
-    n = min(2, len(ds))  # type: ignore[arg-type]
-    if n == 0:
-        raise ValueError(f"dataset {bundle.name!r} is empty")
-    x = torch.stack([ds[i][0] for i in range(n)]).to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x)
-    except Exception as exc:  # a shape mismatch surfaces as RuntimeError (or others) from forward
-        raise ValueError(
-            f"{what} cannot take {bundle.name} inputs of shape {tuple(bundle.input_shape)}: {' '.join(str(exc).split())[:300]}"
-        ) from exc
-    finally:
-        model.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != n:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"{what} must return logits of shape (batch, {bundle.num_classes}), got {shape}")
-    if out.shape[1] != bundle.num_classes:
-        raise ValueError(
-            f"{what} has {out.shape[1]} outputs but dataset {bundle.name!r} has {bundle.num_classes} classes"
-        )
-
-
 def _decomposed_names(model: nn.Module) -> list[str]:
     meta = getattr(model, "ttcompress_meta", None)
     layers = (meta or {}).get("layers") or {}
@@ -765,14 +742,14 @@ def _set_trainable(model: nn.Module, train_only: str) -> list[nn.Parameter]:
         return list(model.parameters())
     names = _decomposed_names(model)
     if not names:
-        raise ValueError("train_only='decomposed' but the model has no decomposed layers (ttcompress_meta['layers'] is empty)")
+        raise UserInputError("train_only='decomposed' but the model has no decomposed layers (ttcompress_meta['layers'] is empty)")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         try:
             sub = model.get_submodule(name)
         except AttributeError as exc:
-            raise ValueError(f"decomposed layer {name!r} listed in the metadata is not in the model") from exc
+            raise UserInputError(f"decomposed layer {name!r} listed in the metadata is not in the model") from exc
         for p in sub.parameters():
             p.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
@@ -780,7 +757,7 @@ def _set_trainable(model: nn.Module, train_only: str) -> list[nn.Parameter]:
 
 def _make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if not params:
-        raise ValueError("the model has no trainable parameters")
+        raise UserInputError("the model has no trainable parameters")
     wd = config.weight_decay
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=wd)
@@ -799,7 +776,7 @@ def _make_scheduler(opt: torch.optim.Optimizer, config: TrainConfig) -> Any:
     return None
 
 
-def _read_resume(path: Path, config: TrainConfig) -> dict[str, Any]:
+def _read_resume(path: Path, config: TrainConfig, data: str | None = None) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"no resume state at {path} (run without --resume to start over)")
     try:
@@ -809,9 +786,19 @@ def _read_resume(path: Path, config: TrainConfig) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise CheckpointError(f"{path} is not a ttcompress resume state")
     old = state.get("config") or {}
-    for key in ("optimizer", "train_only"):
-        if key in old and old[key] != getattr(config, key):
-            raise ValueError(f"cannot resume: {key} was {old[key]!r}, now {getattr(config, key)!r}")
+    now = config.to_dict()
+    # More (or fewer) epochs only change the result when the schedule is stretched over them.
+    free = RESUME_FREE_OPTIONS | ({"epochs"} if config.schedule != "cosine" else set())
+    changed = [
+        f"{key} {old[key]!r} -> {now[key]!r}" for key in now if key not in free and key in old and old[key] != now[key]
+    ]
+    if state.get("data") is not None and data is not None and state["data"] != data:
+        changed.append(f"data {state['data']!r} -> {data!r}")
+    if changed:
+        raise UserInputError(
+            f"cannot resume {path}: options that change the result differ from the interrupted run: "
+            f"{', '.join(changed)} (use the same options, or start over without resume)"
+        )
     return state
 
 
@@ -828,7 +815,7 @@ def holdout_split(bundle: DatasetBundle, *, fraction: float, seed: int = 0) -> t
     n = len(bundle.train)  # type: ignore[arg-type]
     n_val = min(max(1, round(n * fraction)), n - 1)
     if n < 2:
-        raise ValueError(f"val_fraction={fraction} needs at least 2 training samples, got {n}")
+        raise UserInputError(f"val_fraction={fraction} needs at least 2 training samples, got {n}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return Subset(bundle.train, sorted(order[n_val:])), Subset(bundle.train, sorted(order[:n_val]))
 
@@ -891,10 +878,10 @@ def _fit(
 ) -> TrainResult:
     cb = progress if (progress is not None and ctx.main) else TrainCallback()
     model.to(device)
-    _check_model_fits(model, bundle, device)
+    check_model_fits(model, bundle, device=device)
     if teacher is not None:
         teacher.to(device).eval()  # its forward runs under no_grad; parameters are left as they are
-        _check_model_fits(teacher, bundle, device, what="teacher")
+        check_model_fits(teacher, bundle, device=device, what="teacher", require_finite=True)
 
     torch.manual_seed(config.seed)
     params = _set_trainable(model, config.train_only)
@@ -988,6 +975,8 @@ def _fit(
                     if teacher is not None:
                         with torch.no_grad():
                             t_logits = teacher(x).float()
+                        if step % check_every == 0 or step == steps:
+                            _raise_if_teacher_nan(t_logits, ctx, epoch, step)
                         temp = config.distill_temperature
                         kd = F.kl_div(
                             F.log_softmax(logits.float() / temp, dim=1), F.log_softmax(t_logits / temp, dim=1),
@@ -1022,6 +1011,9 @@ def _fit(
             sums = _all_reduce(_eval_sums(eval_net, test_loader, device, topk, config.amp), ctx)
             sums[2] = n_classes  # summed over ranks above
             val = _sums_to_result(sums, topk)
+            if not math.isfinite(val.loss):  # NaN/inf outputs: never kept, never "best"
+                _raise_if_nan(torch.tensor(val.loss), ctx, epoch, steps, paths, best_epoch, reduce=False,
+                              what="validation loss")  # fmt: skip
             n_seen = max(float(totals[2]), 1.0)
             improved = best_acc is None or val.accuracy > best_acc
             if improved:
@@ -1059,6 +1051,7 @@ def _fit(
                         "best_epoch": best_epoch,
                         "history": [r.to_dict() for r in history],
                         "config": config.to_dict(),
+                        "data": bundle.name,
                         "base_meta_info": json.dumps(base_meta),
                     },
                 )
@@ -1066,10 +1059,11 @@ def _fit(
             cb.on_epoch_end(record)
     except KeyboardInterrupt:
         interrupted = True
-        if ctx.main:
-            acc = history[-1].val_accuracy if history else None
+        if ctx.main and history:  # before the first epoch ends there is no resume state: save nothing
             with contextlib.suppress(KeyboardInterrupt):
-                _save_checkpoint(model, paths.last, {**run_info(epoch, acc), "interrupted_in_epoch": epoch})
+                _save_checkpoint(
+                    model, paths.last, {**run_info(epoch, history[-1].val_accuracy), "interrupted_in_epoch": epoch}
+                )
     except BaseException:
         cb.on_train_end(TrainResult(paths, tuple(history), best_epoch, best_acc, start_epoch, False, ctx.world_size, str(device), ctx.rank))
         raise
@@ -1113,19 +1107,30 @@ def _raise_if_nan(
     best_epoch: int | None,
     *,
     reduce: bool = True,
+    what: str = "loss",
 ) -> None:
     bad = (~torch.isfinite(value)).to(torch.float32).reshape(1)
     if reduce:
         bad = _all_reduce(bad, ctx, op="max")
     if bool(bad.item()):
         kept = (
-            f"kept the checkpoints of epoch {epoch - 1} ({paths.best.name}, best: epoch {best_epoch})"
-            if epoch > 1
+            f"kept the checkpoints of epoch {best_epoch} ({paths.best.name}) and of the last finished epoch "
+            f"({paths.last.name})"
+            if best_epoch is not None
             else "no checkpoint was written"
         )
+        where = f"at step {step}" if what == "loss" else "after training"
         raise TrainingError(
-            f"loss became NaN/inf in epoch {epoch} at step {step}; stopped and {kept}. "
-            "Try a lower learning rate"
+            f"{what} became NaN/inf in epoch {epoch} {where}; stopped and {kept}. Try a lower learning rate"
+        )
+
+
+def _raise_if_teacher_nan(logits: torch.Tensor, ctx: _Dist, epoch: int, step: int) -> None:
+    bad = (~torch.isfinite(logits).all()).to(torch.float32).reshape(1)
+    if bool(_all_reduce(bad, ctx, op="max").item()):
+        raise TrainingError(
+            f"the teacher's outputs are NaN/inf in epoch {epoch} at step {step}: the teacher model is broken "
+            "(this is not a learning-rate problem)"
         )
 
 
@@ -1180,7 +1185,8 @@ def train_arch(
     cfg = config or TrainConfig()
     bundle = load_dataset(data, root=data_root, download=download, image_size=image_size)
     torch.manual_seed(cfg.seed)
-    model = build_arch(arch, kwargs=fit_arch_kwargs(arch, arch_kwargs, bundle))
+    with refused_input():
+        model = build_arch(arch, kwargs=fit_arch_kwargs(arch, arch_kwargs, bundle))
     teacher_model = _load_model(teacher, trust_pickle=trust_pickle) if teacher is not None else None
     return fit(model, bundle, output=output, config=cfg, teacher=teacher_model, progress=progress,
                resume=resume, mode="train")  # fmt: skip
@@ -1208,6 +1214,9 @@ def finetune_file(
     same way, with the same ``trust_pickle``).
     """
     cfg = config or FinetuneConfig()
+    for other, name in ((model, "model"), (teacher, "teacher")):
+        if other is not None and Path(other).exists() and Path(output).exists() and Path(output).resolve() == Path(other).resolve():
+            raise UserInputError(f"output must differ from the {name} file: {output}")
     bundle = load_dataset(data, root=data_root, download=download, image_size=image_size)
     net = _load_model(model, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs)
     teacher_model = _load_model(teacher, trust_pickle=trust_pickle) if teacher is not None else None
@@ -1228,4 +1237,6 @@ def _load_model(
     if arch is not None:
         kwargs["arch"] = arch
         kwargs["arch_kwargs"] = dict(arch_kwargs or {})
-    return tio.load(path, **kwargs)
+    with refused_input():
+        return tio.load(path, **kwargs)
+

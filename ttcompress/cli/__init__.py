@@ -46,6 +46,7 @@ def main() -> None:
 from ttcompress.cli import (  # noqa: E402,F401  (registration side effect)
     decompose,
     demo,
+    export,
     finetune,
     inspect,
     report,

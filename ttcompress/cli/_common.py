@@ -1,37 +1,66 @@
-"""Shared CLI plumbing: error handling, the ``--debug`` switch and consoles.
+"""Shared CLI plumbing: error handling, the ``--debug`` switch, consoles and the overwrite rule.
 
 Results go to stdout (``out``), progress and messages to stderr (``err``).
+
+Errors (see ``docs/cli.md``, "Errors and exit codes"):
+
+* a user error (:data:`USER_ERRORS`: our own :class:`~ttcompress.errors.TTCompressError`
+  types, ``OSError`` from reading or writing files, ``MemoryError``, ``RecursionError``) is one
+  ``error: ...`` line on stderr and exit code 2;
+* any other exception is a bug in ttcompress: an ``internal error: ...`` line, the traceback, and
+  exit code :data:`EXIT_INTERNAL` (70, ``EX_SOFTWARE``);
+* Ctrl-C exits with code 130; ``--debug`` lets every exception propagate with its traceback.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import stat
 import sys
+import traceback
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
 
-from ttcompress.errors import TTCompressError
+from ttcompress.errors import OutputExistsError, TTCompressError, UserInputError
+
+DEFAULT_PIPE_WIDTH = 160
+
+
+def pipe_width(environ: Any = os.environ) -> int:
+    """Width of tables when stdout is not a terminal: ``COLUMNS`` when it is a positive int, else 160.
+
+    A bad value (``COLUMNS=abc``, ``0``, ``-5``) falls back to the default instead of failing.
+    """
+    text = str(environ.get("COLUMNS", "")).strip()
+    if text.isdigit() and 0 < int(text) <= 10_000:
+        return int(text)
+    return DEFAULT_PIPE_WIDTH
+
 
 # Tables are wide: when stdout is not a terminal (a pipe, a file, CI), render at 160 columns
 # unless COLUMNS says otherwise, rather than rich's 80.
-_PIPE_WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
-out = Console(soft_wrap=True, width=_PIPE_WIDTH)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else pipe_width())
 err = Console(stderr=True, soft_wrap=True)
 
 _state = {"debug": False}
 
-# Exceptions that mean "bad input": one line on stderr, exit code 2 (traceback only with --debug).
+# Exceptions that mean "bad input or environment": one line on stderr, exit code 2 (traceback only
+# with --debug). Not ValueError/TypeError: outside our own error types they mean a bug.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     TTCompressError,
-    ValueError,
-    TypeError,
-    FileNotFoundError,
-    IsADirectoryError,
-    PermissionError,
+    OSError,
+    MemoryError,
+    RecursionError,
 )
+
+EXIT_USER = 2
+EXIT_INTERNAL = 70  # EX_SOFTWARE (sysexits.h): an internal software error
+BUG_REPORT = "please report it, with the traceback above, to the ttcompress maintainers"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,23 +76,52 @@ def is_debug() -> bool:
 def fail(message: str) -> typer.Exit:
     """Print ``error: message`` on stderr and return the exit to raise (code 2)."""
     print(f"error: {message}", file=sys.stderr)
-    return typer.Exit(code=2)
+    return typer.Exit(code=EXIT_USER)
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in text:
-        text = f"{text}: {exc.filename}"
+    if isinstance(exc, MemoryError):
+        text = f"out of memory{': ' + str(exc) if str(exc) else ''}"
+    elif isinstance(exc, RecursionError):
+        text = "input nested too deeply (maximum recursion depth exceeded)"
+    elif isinstance(exc, OSError) and not isinstance(exc, TTCompressError) and exc.strerror:
+        text = exc.strerror
+        where = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+        if where:
+            text = f"{text}: {' -> '.join(where)}"
+    else:
+        text = _worker_cause(str(exc).strip()) or type(exc).__name__
+        if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in text:
+            text = f"{text}: {exc.filename}"
     return " ".join(text.split())
 
 
+def _worker_cause(text: str) -> str:
+    """The original message of an exception re-raised from a DataLoader worker (its last line)."""
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    head, sep, rest = last.partition(": ")
+    return rest if sep and " " not in head else last
+
+
+def internal_error(exc: BaseException) -> typer.Exit:
+    """Print the traceback and ``internal error: ...`` on stderr; return the exit to raise (code 70)."""
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    summary = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    print(f"internal error: {summary}; this is a bug in ttcompress, {BUG_REPORT}", file=sys.stderr)
+    return typer.Exit(code=EXIT_INTERNAL)
+
+
 def cli_errors(fn: F) -> F:
-    """Decorator for commands: turn user errors into one stderr line and exit code 2."""
+    """Decorator for commands: user errors → one stderr line, exit 2; anything else → internal error."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
         except USER_ERRORS as exc:
             if is_debug():
                 raise
@@ -73,5 +131,55 @@ def cli_errors(fn: F) -> F:
                 raise
             print("interrupted", file=sys.stderr)
             raise typer.Exit(code=130) from None
+        except Exception as exc:
+            if is_debug():
+                raise
+            raise internal_error(exc) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_outputs(
+    paths: Iterable[str | os.PathLike[str] | None],
+    *,
+    overwrite: bool,
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
+) -> None:
+    """The overwrite rule: refuse to replace an existing output unless ``overwrite`` is set.
+
+    An output that is one of the command's ``inputs`` is refused even with ``overwrite``.
+
+    Raises
+    ------
+    OutputExistsError
+        One of ``paths`` exists (a directory is always refused) and ``overwrite`` is False, or
+        it is one of ``inputs``.
+    """
+    sources = {Path(i).resolve() for i in inputs if i is not None and Path(i).exists()}
+    for path in paths:
+        if path is None:
+            continue
+        p = Path(path)
+        if p.exists() and p.resolve() in sources:
+            raise OutputExistsError(f"output (-o) must differ from the input file: {p}")
+        if p.is_dir():
+            raise OutputExistsError(f"output path is a directory: {p}")
+        if not overwrite and (p.exists() or p.is_symlink()):
+            raise OutputExistsError(f"{p} already exists; pass --overwrite to replace it")
+
+
+def check_inputs(*paths: str | os.PathLike[str] | None) -> None:
+    """Refuse an input that exists but is not a regular file or a directory (a FIFO, a device).
+
+    Reading a FIFO would block until someone writes to it. Missing files and directories are
+    left to the loaders, whose messages say what was expected.
+    """
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise UserInputError(f"{path} is not a regular file")

@@ -15,20 +15,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ttcompress.cli import app
-from ttcompress.cli._common import cli_errors, err, out
+from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
 from ttcompress.cli.options import (
     ArchKwargsOpt,
     ArchOpt,
     JsonOpt,
     ModelArg,
     OutputOpt,
+    OverwriteOpt,
     PlanOpt,
     TrustPickleOpt,
     parse_arch_kwargs,
 )
+from ttcompress.errors import refused_input
 from ttcompress.formats import format_names, get_format
 from ttcompress.plan import plan_from_options
-from ttcompress.surgery import CompressionResult, DecomposeResult, LayerRecord, decompose_file
+from ttcompress.surgery import CompressionResult, DecomposeResult, LayerRecord, decompose_file, default_output_path
 
 _RANKS = "Ranks (pick at most one way per format)"
 _FORMAT_HELP = "; ".join(f"{n} ({get_format(n).summary})" for n in format_names())
@@ -40,6 +42,7 @@ _SELECT = "Layer selection"
 def decompose(
     model: ModelArg,
     output: OutputOpt = None,
+    overwrite: OverwriteOpt = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
@@ -78,13 +81,16 @@ def decompose(
 ) -> None:
     """Compress MODEL (default: nn.Linear -> TT-matrix, nn.Conv2d -> CP; see --format); write a ttcompress checkpoint.
 
-    The output (default: MODEL's name with .tt.pt, next to it) is written atomically: on any error nothing is written. The per-layer table goes to stdout, progress to stderr.
+    The output (default: MODEL's name with .tt.pt, next to it) is written atomically: on any error nothing is written. An existing output is replaced only with --overwrite. The per-layer table goes to stdout, progress to stderr.
     """
-    the_plan = plan_from_options(
-        plan_file=plan, tt_ranks=tt_ranks, tt_eps=tt_eps, tt_d=tt_d, cp_ranks=cp_ranks, cp_ratio=cp_ratio,
-        layers=layers or (), exclude=exclude or (), target_ratio=target_ratio, formats=formats or (),
-    )
+    check_inputs(model, plan)
+    with refused_input():
+        the_plan = plan_from_options(
+            plan_file=plan, tt_ranks=tt_ranks, tt_eps=tt_eps, tt_d=tt_d, cp_ranks=cp_ranks, cp_ratio=cp_ratio,
+            layers=layers or (), exclude=exclude or (), target_ratio=target_ratio, formats=formats or (),
+        )
     kwargs = parse_arch_kwargs(arch_kwargs)
+    check_outputs([output if output is not None else default_output_path(model)], overwrite=overwrite, inputs=[model])
     with Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal,
@@ -94,10 +100,11 @@ def decompose(
         def progress(done: int, total: int, name: str) -> None:
             bar.update(task, completed=done, total=total, description=f"decomposing {name}" if name else "saving")
 
-        result = decompose_file(
-            model, output=output, plan=the_plan, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle,
-            progress=progress,
-        )
+        with refused_input():  # a named model that cannot be loaded, a plan that does not fit it
+            result = decompose_file(
+                model, output=output, plan=the_plan, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle,
+                progress=progress,
+            )
     if json_:
         out.print_json(json.dumps(result.to_dict()))
         return

@@ -18,6 +18,7 @@ from ttcompress.cli.options import (
     JsonOpt,
     ModelArg,
     OutputOpt,
+    OverwriteOpt,
     TrustPickleOpt,
     parse_arch_kwargs,
 )
@@ -59,6 +60,7 @@ from ttcompress.train import FinetuneConfig
 def finetune(
     model: ModelArg,
     output: OutputOpt = None,
+    overwrite: OverwriteOpt = False,
     data: DataOpt = "mnist-5k",
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
@@ -95,7 +97,8 @@ def finetune(
     """Fine-tune MODEL on --data and write the best checkpoint to -o.
 
     Writes the best epoch (by validation accuracy) to OUT, and next to it NAME.last.EXT,
-    NAME.resume.pt and NAME.metrics.jsonl. Runs data-parallel under torchrun.
+    NAME.resume.pt and NAME.metrics.jsonl; existing ones are replaced only with --overwrite (or
+    continued with --resume). Runs data-parallel under torchrun.
 
     Example: ttcompress finetune model.tt.pt --data mnist-5k --epochs 3 -o model.ft.pt
     """
@@ -110,7 +113,7 @@ def finetune(
     progress = RichProgress(err)
     try:
         result = finetune_file(
-            model, output=require_output(output), data=data, data_root=data_root, download=download,
+            model, output=require_output(output, overwrite=overwrite, resume=resume, inputs=(model, teacher)), data=data, data_root=data_root, download=download,
             image_size=image_size, config=config, teacher=teacher, arch=arch,
             arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle, progress=progress,
             resume=resume,

@@ -10,9 +10,10 @@ import json
 from rich.table import Table
 
 from ttcompress.cli import app
-from ttcompress.cli._common import cli_errors, out
+from ttcompress.cli._common import check_inputs, cli_errors, out
 from ttcompress.cli.decompose import print_table
 from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, JsonOpt, ModelArg, PlanOpt, TrustPickleOpt, parse_arch_kwargs
+from ttcompress.errors import refused_input
 from ttcompress.plan import load_plan
 from ttcompress.surgery import ModelSummary, inspect_file
 
@@ -31,10 +32,12 @@ def inspect(
 
     For a compressed ttcompress checkpoint, show its plan: format, modes and ranks of each layer.
     """
-    summary = inspect_file(
-        model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle,
-        plan=load_plan(plan) if plan is not None else None,
-    )
+    check_inputs(model, plan)
+    with refused_input():  # a named model or plan that cannot be read
+        summary = inspect_file(
+            model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle,
+            plan=load_plan(plan) if plan is not None else None,
+        )
     if json_:
         out.print_json(json.dumps(summary.to_dict()))
         return

@@ -19,12 +19,15 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from ttcompress.errors import UserInputError
+
 __all__ = [
     "ArchKwargsOpt",
     "ArchOpt",
     "JsonOpt",
     "ModelArg",
     "OutputOpt",
+    "OverwriteOpt",
     "PlanOpt",
     "TrustPickleOpt",
     "parse_arch_kwargs",
@@ -75,6 +78,14 @@ OutputOpt = Annotated[
     typer.Option("-o", "--output", help="Output file (written atomically).", show_default=False, metavar="PATH"),
 ]
 
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace output files that already exist (without it, an existing output is an error).",
+    ),
+]
+
 JsonOpt = Annotated[
     bool,
     typer.Option("--json", help="Print a machine-readable JSON summary on stdout instead of the table."),
@@ -97,15 +108,26 @@ def parse_arch_kwargs(text: str | None, *, option: str = "--arch-kwargs") -> dic
 
     Raises
     ------
-    ValueError
-        Not valid JSON, or not a JSON object.
+    UserInputError
+        Not valid JSON, or not a JSON object (a ``ValueError``).
     """
     if text is None:
         return None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{option} must be a JSON object, e.g. '{{\"num_classes\": 10}}' ({exc.msg})") from None
+        raise UserInputError(f"{option} must be a JSON object, e.g. '{{\"num_classes\": 10}}' ({exc.msg})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{option} must be a JSON object, got {type(value).__name__}")
+        raise UserInputError(f"{option} must be a JSON object, got {type(value).__name__}")
     return value
+
+
+PlotOpt = Annotated[Optional[Path], typer.Option(
+    "--plot", help="Also draw accuracy vs compression (log x, Pareto front marked) to this file; "
+    "the extension picks the format: .png (150 dpi), .pdf or .svg.", show_default=False, metavar="FILE")]
+PlotXOpt = Annotated[str, typer.Option(
+    "--x", help="Horizontal axis of --plot, as baseline / model: params (compression), flops, size (file "
+    "size) or latency (speed-up).", metavar="AXIS")]
+PlotTitleOpt = Annotated[Optional[str], typer.Option(
+    "--title", help="Title of --plot (default: Accuracy vs compression — DATASET).", show_default=False,
+    metavar="TEXT")]

@@ -11,8 +11,11 @@ from typing import Annotated, Optional
 import typer
 
 from ttcompress.cli import app
-from ttcompress.cli._common import cli_errors, err, out
-from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, TrustPickleOpt, parse_arch_kwargs
+from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
+from ttcompress.cli.options import (
+    ArchKwargsOpt, ArchOpt, OverwriteOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustPickleOpt, parse_arch_kwargs,
+)
+from ttcompress.errors import UserInputError
 from ttcompress.cli.train import DataRootOpt, DeviceOpt, DownloadOpt
 from ttcompress.report import Report
 
@@ -21,36 +24,40 @@ FormatOpt = Annotated[str, typer.Option(
 ReportOutputOpt = Annotated[Optional[Path], typer.Option(
     "-o", "--output", help="Write the report to this file (atomically) instead of stdout.",
     show_default=False, metavar="PATH")]
-PlotOpt = Annotated[Optional[Path], typer.Option(
-    "--plot", help="Also draw accuracy vs compression ratio (log x, Pareto front marked) to this PNG.",
-    show_default=False, metavar="FILE.png")]
 LatencyBatchOpt = Annotated[int, typer.Option(
     "--batch-size", help="Batch size of the latency measurement.", metavar="INT")]
 EvalLimitOpt = Annotated[Optional[int], typer.Option(
-    "--eval-limit", help="Evaluate on the first N test samples only.", show_default=False, metavar="N")]
+    "--eval-limit", help="Evaluate on a seeded, class-balanced subset of N test samples.", show_default=False, metavar="N")]
 MinRunTimeOpt = Annotated[float, typer.Option(
     "--min-run-time", help="Seconds of timing per model (torch.utils.benchmark blocked_autorange).",
     metavar="SECONDS")]
 NoLatencyOpt = Annotated[bool, typer.Option("--no-latency", help="Skip the latency measurement.")]
 
 
-def check_render_options(*, fmt: str, plot: Optional[Path]) -> None:
-    """Validate --format/--plot before any measurement starts (shared with sweep)."""
+def check_render_options(*, fmt: str, plot: Optional[Path], plot_x: str = "params") -> None:
+    """Validate --format/--plot/--x before any measurement starts (shared with sweep)."""
+    from ttcompress.plot import AXES, PLOT_SUFFIXES
     from ttcompress.render import FORMATS
 
     if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise ValueError(f"--plot must name a .png file, got {plot}")
+        raise UserInputError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
+        raise UserInputError(f"--plot must name a {', '.join(PLOT_SUFFIXES)} file, got {plot}")
+    if plot_x not in AXES:
+        raise UserInputError(f"--x must be one of {', '.join(AXES)}; got {plot_x!r}")
 
 
-def emit(report: Report, *, fmt: str, output: Optional[Path], plot: Optional[Path]) -> None:
+def emit(
+    report: Report, *, fmt: str, output: Optional[Path], plot: Optional[Path], plot_x: str = "params",
+    plot_title: Optional[str] = None,
+) -> None:
     """Render ``report`` to stdout or ``output`` and draw ``plot`` (options already checked)."""
     from ttcompress.io import atomic_write
-    from ttcompress.render import plot_tradeoff, render, to_rich_tables
+    from ttcompress.plot import plot_tradeoff
+    from ttcompress.render import render, to_rich_tables
 
     if plot is not None:
-        plot_tradeoff(report, plot)
+        plot_tradeoff(report, plot, x=plot_x, title=plot_title)  # type: ignore[arg-type]
         err.print(f"plot: {plot}")
     if output is not None:
         with atomic_write(output, "w", encoding="utf-8") as f:
@@ -82,6 +89,9 @@ def report_command(
     fmt: FormatOpt = "table",
     output: ReportOutputOpt = None,
     plot: PlotOpt = None,
+    overwrite: OverwriteOpt = False,
+    plot_x: PlotXOpt = "params",
+    plot_title: PlotTitleOpt = None,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
@@ -92,7 +102,9 @@ def report_command(
     """
     from ttcompress.report import report_files
 
-    check_render_options(fmt=fmt, plot=plot)
+    check_render_options(fmt=fmt, plot=plot, plot_x=plot_x)
+    check_inputs(baseline, *models)
+    check_outputs([output, plot], overwrite=overwrite, inputs=[baseline, *models])
     result = report_files(
         baseline,
         models,
@@ -108,4 +120,4 @@ def report_command(
         arch_kwargs=parse_arch_kwargs(arch_kwargs),
         trust_pickle=trust_pickle,
     )
-    emit(result, fmt=fmt, output=output, plot=plot)
+    emit(result, fmt=fmt, output=output, plot=plot, plot_x=plot_x, plot_title=plot_title)

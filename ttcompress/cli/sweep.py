@@ -12,9 +12,13 @@ from typing import Annotated, Optional
 import typer
 
 from ttcompress.cli import app
-from ttcompress.cli._common import cli_errors, err
-from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, PlanOpt, TrustPickleOpt, parse_arch_kwargs
-from ttcompress.cli.report import FormatOpt, PlotOpt, check_render_options, emit
+from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err
+from ttcompress.cli.options import (
+    ArchKwargsOpt, ArchOpt, OverwriteOpt, PlanOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustPickleOpt,
+    parse_arch_kwargs,
+)
+from ttcompress.cli.report import FormatOpt, check_render_options, emit
+from ttcompress.errors import UserInputError
 from ttcompress.cli.train import (
     BatchSizeOpt,
     DataOpt,
@@ -44,12 +48,12 @@ def parse_list(text: Optional[str], *, option: str, kind: type, allow_none: bool
         return []
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
-        raise ValueError(f"{option} needs a comma-separated list, e.g. {option} 2,4,8")
+        raise UserInputError(f"{option} needs a comma-separated list, e.g. {option} 2,4,8")
     try:
         return [None if (allow_none and t.lower() == "none") else kind(t) for t in items]
     except ValueError:
         what = "integers" if kind is int else "numbers"
-        raise ValueError(f"{option} must be comma-separated {what}, got {text!r}") from None
+        raise UserInputError(f"{option} must be comma-separated {what}, got {text!r}") from None
 
 
 @app.command("sweep")
@@ -93,6 +97,9 @@ def sweep_command(
         "--report", help="Also write the report to this file (format from --format; md if table).",
         show_default=False, metavar="PATH")] = None,
     plot: PlotOpt = None,
+    overwrite: OverwriteOpt = False,
+    plot_x: PlotXOpt = "params",
+    plot_title: PlotTitleOpt = None,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the latency measurement.")] = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -105,7 +112,9 @@ def sweep_command(
     """
     from ttcompress.sweep import sweep_report, sweep_settings
 
-    check_render_options(fmt=fmt, plot=plot)
+    check_render_options(fmt=fmt, plot=plot, plot_x=plot_x)
+    check_inputs(baseline, plan)
+    check_outputs([report_file, plot], overwrite=overwrite, inputs=[baseline])
     settings = sweep_settings(
         tt_ranks=parse_list(tt_ranks, option="--tt-ranks", kind=int, allow_none=True),
         tt_eps=parse_list(tt_eps, option="--tt-eps", kind=float),
@@ -132,6 +141,6 @@ def sweep_command(
         trust_pickle=trust_pickle,
         console=err,
     )
-    emit(report, fmt=fmt, output=None, plot=plot)
+    emit(report, fmt=fmt, output=None, plot=plot, plot_x=plot_x, plot_title=plot_title)
     if report_file is not None:
         emit(report, fmt="md" if fmt == "table" else fmt, output=report_file, plot=None)

@@ -15,8 +15,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ttcompress.cli import app
-from ttcompress.cli._common import cli_errors, err, out
-from ttcompress.cli.options import ArchKwargsOpt, JsonOpt, OutputOpt, TrustPickleOpt, parse_arch_kwargs
+from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
+from ttcompress.errors import UserInputError
+from ttcompress.cli.options import ArchKwargsOpt, JsonOpt, OutputOpt, OverwriteOpt, TrustPickleOpt, parse_arch_kwargs
 from ttcompress.train import TrainConfig, TrainResult
 
 _DATA = "Data"
@@ -94,9 +95,21 @@ def make_config(cls: type[TrainConfig] = TrainConfig, **options: Any) -> TrainCo
     return cls(**options)
 
 
-def require_output(output: Optional[Path]) -> Path:
+def require_output(
+    output: Optional[Path], *, overwrite: bool, resume: bool, inputs: tuple[Optional[Path], ...] = ()
+) -> Path:
+    """``-o``, checked by the overwrite rule over every file of the run (see :func:`run_paths`).
+
+    With ``resume`` the run's files are its own and are continued; otherwise an existing one
+    needs ``overwrite``. ``-o`` (or a file of the run) equal to an input is always refused.
+    """
+    from ttcompress.train import run_paths
+
     if output is None:
-        raise ValueError("missing -o/--output: where to write the trained model")
+        raise UserInputError("missing -o/--output: where to write the trained model")
+    check_inputs(*inputs)
+    paths = run_paths(output)
+    check_outputs([paths.best, paths.last, paths.resume, paths.metrics], overwrite=overwrite or resume, inputs=inputs)
     return output
 
 
@@ -112,9 +125,13 @@ def render_result(result: TrainResult, *, json_: bool, title: str) -> None:
     elif result.history:
         out.print(history_table(result.history, title=title))
     if result.interrupted:
-        err.print(
-            f"interrupted: saved the current weights to {paths.last}; continue with the same command plus --resume"
-        )
+        if result.history and paths.resume.is_file():
+            err.print(
+                f"interrupted: saved the current weights to {paths.last}; continue with the same command plus "
+                "--resume"
+            )
+        else:
+            err.print("interrupted before the first epoch ended: nothing was saved")
         raise typer.Exit(code=130)
     if result.best_epoch is not None:
         err.print(
@@ -130,6 +147,7 @@ def train(
         "--arch", help="Architecture: seed-cnn, seed-fc3, seed-tt2, lenet5, torchvision:NAME or "
         "package.module:callable. Built-ins adapt classes/channels/size to --data.", metavar="NAME")],
     output: OutputOpt = None,
+    overwrite: OverwriteOpt = False,
     arch_kwargs: ArchKwargsOpt = None,
     data: DataOpt = "mnist-5k",
     data_root: DataRootOpt = None,
@@ -162,7 +180,8 @@ def train(
     """Train ARCH from scratch on --data and write a ttcompress checkpoint to -o.
 
     Writes the best epoch (by validation accuracy) to OUT, and next to it NAME.last.EXT,
-    NAME.resume.pt and NAME.metrics.jsonl. Runs data-parallel under torchrun.
+    NAME.resume.pt and NAME.metrics.jsonl; existing ones are replaced only with --overwrite (or
+    continued with --resume). Runs data-parallel under torchrun.
 
     Example: ttcompress train --arch seed-cnn --data mnist-5k --epochs 5 -o baseline.pt
     """
@@ -177,7 +196,7 @@ def train(
     progress = RichProgress(err)
     try:
         result = train_arch(
-            arch, output=require_output(output), arch_kwargs=parse_arch_kwargs(arch_kwargs), data=data,
+            arch, output=require_output(output, overwrite=overwrite, resume=resume, inputs=(teacher,)), arch_kwargs=parse_arch_kwargs(arch_kwargs), data=data,
             data_root=data_root, download=download, image_size=image_size, config=config, teacher=teacher,
             trust_pickle=trust_pickle, progress=progress, resume=resume,
         )  # fmt: skip

@@ -1,0 +1,121 @@
+"""Export: ONNX (checked with onnxruntime), TorchScript, and dense merge-back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import ttcompress
+from ttcompress.export import ExportError, export_model, merge_to_dense
+from ttcompress.io import load, save, update_meta
+from ttcompress.models import build_arch
+from ttcompress.plan import CPSettings, Plan, TTSettings
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def compressed() -> nn.Module:
+    torch.manual_seed(0)
+    model = build_arch("seed-cnn", kwargs={"hidden": 256})
+    model = ttcompress.compress(model, Plan(tt=TTSettings(ranks=4), cp=CPSettings(rank=4)))
+    update_meta(model, info={"input_shape": [1, 28, 28]})
+    return model.eval()
+
+
+def _dense_param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_onnx_matches_at_two_batch_sizes_and_stays_factorized(compressed, tmp_path) -> None:
+    result = export_model(compressed, tmp_path / "m.onnx", format="onnx", batch_size=2)
+    assert result.checked_batches == (2, 4) and result.max_error is not None and result.max_error <= 1e-4
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    x = torch.randn(7, 1, 28, 28)
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, compressed(x), atol=1e-4, rtol=1e-4)
+    # The factorized layers stay factorized: the file is far smaller than the dense weights.
+    dense_bytes = _dense_param_bytes(build_arch("seed-cnn", kwargs={"hidden": 256}))
+    assert result.size_bytes < dense_bytes / 5
+
+
+def test_torchscript_matches(compressed, tmp_path) -> None:
+    result = export_model(compressed, tmp_path / "m.ts", format="torchscript", batch_size=3)
+    loaded = torch.jit.load(str(result.path))
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), compressed(x), atol=1e-5, rtol=1e-5)
+
+
+def test_dense_export_loads_into_the_plain_architecture(compressed, tmp_path) -> None:
+    result = export_model(compressed, tmp_path / "dense.tt.pt", format="dense")
+    assert all(layer.merged for layer in result.layers) and len(result.layers) == 4
+    plain = build_arch("seed-cnn", kwargs={"hidden": 256})
+    from safetensors.torch import load_file
+
+    plain.load_state_dict(load_file(str(result.path)), strict=True)
+    again = load(result.path)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), compressed(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(again(x), compressed(x), atol=1e-4, rtol=1e-4)
+    assert not any(type(m).__module__.startswith("ttcompress.layers") for m in again.modules())
+
+
+def test_merge_slower_decides_per_layer_by_measured_time(compressed) -> None:
+    merged, layers = merge_to_dense(compressed, merge="slower", example_input=torch.randn(1, 1, 28, 28),
+                                    min_run_time=0.01)
+    assert {layer.name for layer in layers} == set(ttcompress.get_meta(compressed)["layers"])
+    for layer in layers:
+        assert layer.factorized_ms is not None and layer.dense_ms is not None
+        assert layer.merged == (layer.dense_ms < layer.factorized_ms)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), compressed(x), atol=1e-4, rtol=1e-4)
+
+
+def test_a_failing_check_writes_nothing(compressed, tmp_path, monkeypatch) -> None:
+    import ttcompress.export as export
+
+    monkeypatch.setattr(export, "_run_onnx", lambda data, xs: [torch.zeros(len(x), 10) + 5 for x in xs])
+    with pytest.raises(ExportError, match="does not reproduce"):
+        export_model(compressed, tmp_path / "m.onnx", format="onnx")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"format": "tflite"}, "format must be one of"),
+    ({"format": "onnx", "merge": "slower"}, "merge applies"),
+    ({"format": "onnx", "batch_size": 0}, "batch_size"),
+    ({"format": "onnx", "input_shape": [3, 32, 32]}, "does not run"),
+])
+def test_bad_options(compressed, tmp_path, kwargs, message) -> None:
+    with pytest.raises((ValueError, ExportError), match=message):
+        export_model(compressed, tmp_path / "m.out", **kwargs)
+    assert not list(tmp_path.iterdir())
+
+
+def test_input_shape_must_be_known(tmp_path) -> None:
+    model = nn.Sequential(nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="input_shape is unknown"):
+        export_model(model, tmp_path / "m.onnx", format="onnx")
+
+
+def test_cli_export_onnx_and_bad_format(compressed, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from ttcompress.cli import app
+
+    src = save(compressed, tmp_path / "m.tt.pt")
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", str(src), "--format", "onnx", "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "onnx:" in result.stdout and "checked at batch sizes 1, 3" in result.stdout
+    assert "torch.onnx" not in result.stdout  # the exporter's chatter stays off stdout
+    result = runner.invoke(app, ["export", str(src), "--format", "tflite", "-o", str(tmp_path / "m.x")])
+    assert result.exit_code == 2 and "--format must be one of" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.x").exists()

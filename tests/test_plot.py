@@ -1,0 +1,105 @@
+"""The trade-off plot: formats by extension, readable ticks, a legend for every mark, no overlaps."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from matplotlib.text import Text
+
+from ttcompress.plot import AXES, plot_tradeoff, tradeoff_figure
+from ttcompress.report import ModelRow, Report
+
+
+def _row(name: str, comp: float, acc: float | None, before: float | None = None, *, base: bool = False) -> ModelRow:
+    return ModelRow(
+        model=name, params=int(60_000 / comp), compression=comp, size_bytes=int(250_000 / comp),
+        flops=int(600_000 / comp**0.5), latency_ms=3.0 / comp**0.2, latency_iqr_ms=0.1, accuracy=acc, top5=None,
+        accuracy_delta=None if acc is None else acc - 0.95, is_baseline=base, accuracy_before_finetune=before,
+    )
+
+
+def _report(rows: list[ModelRow]) -> Report:
+    return Report(rows=tuple(rows), dataset="mnist-5k", device="cpu", batch_size=64, eval_samples=1000)
+
+
+SPARSE = [_row("baseline", 1, 0.954, base=True), _row("CP r3", 1.01, 0.945, 0.88), _row("TT r8", 19.0, 0.91, 0.36)]
+# Crowded: many points at nearly the same place, with long labels, as a demo of settings that
+# barely differ would give.
+CROWDED = [_row("baseline", 1, 0.954, base=True)] + [
+    _row(f"a rather long setting name number {i}", 1.0 + 0.01 * i, 0.95 - 0.001 * i, 0.9 - 0.001 * i) for i in range(12)
+] + [_row(f"TT r{r} + CP r{c}", 18.0 + 0.3 * c, 0.91 - 0.001 * c, 0.36) for r in (4, 8) for c in (3, 6, 9)]
+
+
+def _texts(fig) -> list[Text]:
+    """Every text the renderer draws (tick labels outside the view limits exist but are not drawn)."""
+    fig.canvas.draw()
+    hidden = set()
+    for ax in fig.axes:
+        for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                if not lo <= tick.get_loc() <= hi:
+                    hidden.update({id(tick.label1), id(tick.label2)})
+    return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip() and id(t) not in hidden]
+
+
+@pytest.mark.parametrize("rows", [SPARSE, CROWDED], ids=["sparse", "crowded"])
+@pytest.mark.parametrize("x", sorted(AXES))
+def test_no_two_text_boxes_overlap(rows: list[ModelRow], x: str) -> None:
+    fig = tradeoff_figure(_report(rows), x=x)  # type: ignore[arg-type]
+    renderer = fig.canvas.get_renderer()
+    texts = _texts(fig)
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    page = fig.bbox
+    for text, box in boxes:
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, text
+    for (ta, a), (tb, b) in itertools.combinations(boxes, 2):
+        assert not a.overlaps(b), f"{ta!r} overlaps {tb!r}"
+    # Every model is named somewhere (label at the point, numbered key or legend entry).
+    shown = " ".join(t for t, _ in boxes)
+    assert all(row.model in shown for row in rows)
+
+
+def test_ticks_read_as_ratios_and_legend_explains_every_mark() -> None:
+    fig = tradeoff_figure(_report(SPARSE))
+    texts = [t.get_text() for t in _texts(fig)]
+    ax = fig.axes[0]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks[:2] == ["1×", "2×"] and "10×" in ticks and "20×" in ticks
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "baseline (dense)" in legend and "Pareto front" in legend
+    assert any("before fine-tuning" in t for t in legend)
+    assert any("Pareto front" in t and "after" in t for t in legend)
+    assert "Accuracy vs compression — mnist-5k" in texts
+
+
+@pytest.mark.parametrize("suffix, magic", [(".png", b"\x89PNG\r\n\x1a\n"), (".pdf", b"%PDF"), (".svg", b"<?xml")])
+def test_format_follows_the_extension(tmp_path, suffix: str, magic: bytes) -> None:
+    path = plot_tradeoff(_report(SPARSE), tmp_path / f"t{suffix}", title="custom title")
+    assert path.read_bytes().startswith(magic)
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_png_is_at_least_150_dpi(tmp_path) -> None:
+    from PIL import Image
+
+    path = plot_tradeoff(_report(SPARSE), tmp_path / "t.png")
+    with Image.open(path) as image:
+        width, _ = image.size
+        dpi = image.info.get("dpi", (0, 0))[0]
+    assert dpi >= 149.5 and width >= 7 * 150
+
+
+@pytest.mark.parametrize("name", ["t.jpg", "t", "t.png.txt"])
+def test_other_extensions_are_refused(tmp_path, name: str) -> None:
+    with pytest.raises(ValueError, match=r"\.png, \.pdf, \.svg"):
+        plot_tradeoff(_report(SPARSE), tmp_path / name)
+    assert not list(tmp_path.iterdir())
+
+
+def test_needs_accuracy_and_a_known_axis(tmp_path) -> None:
+    with pytest.raises(ValueError, match="accuracy"):
+        plot_tradeoff(_report([_row("dense", 1, None, base=True)]), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="x must be one of"):
+        plot_tradeoff(_report(SPARSE), tmp_path / "x.png", x="memory")  # type: ignore[arg-type]
+    assert not list(tmp_path.iterdir())

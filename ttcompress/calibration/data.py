@@ -1,0 +1,174 @@
+"""Calibration inputs: normalise what a user passes as ``calib_data`` into input batches.
+
+Data-aware decomposition only needs inputs, never labels: every accepted form is reduced to an
+iterator of input tensors whose first dimension is the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+
+__all__ = ["DEFAULT_BATCH_SIZE", "calib_batches", "dataset_targets", "sample_calibration_set"]
+
+#: Rows per batch when ``calib_data`` is one big tensor or a map-style ``Dataset``.
+DEFAULT_BATCH_SIZE = 128
+
+
+def calib_batches(calib_data: Any, *, max_samples: int | None = None) -> Iterator[torch.Tensor]:
+    """Iterate over the input batches of ``calib_data``; targets are dropped.
+
+    Parameters
+    ----------
+    calib_data : tensor, iterable, DataLoader or Dataset
+        One of: a tensor (its first dimension is the batch; split into batches of
+        :data:`DEFAULT_BATCH_SIZE`); a map-style :class:`torch.utils.data.Dataset` (batched by a
+        non-shuffling ``DataLoader``); a ``DataLoader`` or any other iterable whose items are
+        tensors or ``(input, target, ...)`` tuples / lists with a tensor first (the rest is
+        ignored).
+    max_samples : int, optional
+        Stop after this many samples (rows of the first dimension), cutting the last batch.
+
+    Returns
+    -------
+    iterator of torch.Tensor
+        Batches with at least one sample each. The type of ``calib_data`` is checked at once;
+        the items are checked as they are read.
+
+    Raises
+    ------
+    TypeError
+        ``calib_data`` is not one of the accepted forms, or one of its items is not a tensor /
+        a tuple or list with a tensor first.
+    ValueError
+        ``calib_data`` holds no samples, an item is a 0-d tensor, or ``max_samples < 1``.
+    """
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)):
+        raise TypeError(f"max_samples must be an int, got {type(max_samples).__name__}")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    if isinstance(calib_data, torch.Tensor):
+        if calib_data.dim() == 0:
+            raise ValueError("calib_data must have a batch dimension, got a 0-d tensor")
+        items: Iterable[Any] = calib_data.split(DEFAULT_BATCH_SIZE)
+    elif isinstance(calib_data, Dataset) and not isinstance(calib_data, IterableDataset):
+        if not hasattr(calib_data, "__len__"):
+            raise TypeError(f"calib_data is a Dataset without __len__ ({type(calib_data).__name__})")
+        items = DataLoader(calib_data, batch_size=DEFAULT_BATCH_SIZE, shuffle=False)
+    elif isinstance(calib_data, (str, bytes, dict)) or not isinstance(calib_data, Iterable):
+        raise TypeError("calib_data must be a tensor, an iterable of tensors or (input, target) pairs, "
+                        f"a DataLoader or a Dataset, got {type(calib_data).__name__}")
+    else:
+        items = calib_data
+    return _batches(items, max_samples)
+
+
+def _batches(items: Iterable[Any], max_samples: int | None) -> Iterator[torch.Tensor]:
+    seen = 0
+    for index, item in enumerate(items):
+        x = _input_of(item, index)
+        if max_samples is not None:
+            x = x[: max_samples - seen]
+        if x.shape[0] == 0:
+            continue
+        seen += x.shape[0]
+        yield x
+        if max_samples is not None and seen >= max_samples:
+            break
+    if seen == 0:
+        raise ValueError("calib_data is empty: it holds no input samples")
+
+
+def _input_of(item: Any, index: int) -> torch.Tensor:
+    if isinstance(item, (tuple, list)) and item:
+        item = item[0]
+    if not isinstance(item, torch.Tensor):
+        raise TypeError(f"calib_data item {index} must be a tensor or an (input, target) pair with a "
+                        f"tensor input, got {type(item).__name__}")
+    if item.dim() == 0:
+        raise ValueError(f"calib_data item {index} is a 0-d tensor; inputs need a batch dimension")
+    return item
+
+
+def dataset_targets(dataset: Dataset) -> torch.Tensor | None:
+    """The class labels of ``dataset`` as a 1-D int64 tensor, or None when it exposes none.
+
+    Reads a ``targets`` attribute (tensor, array or list, as torchvision datasets and
+    :class:`ttcompress.data.ImageTensorDataset` have), looking through
+    :class:`torch.utils.data.Subset` wrappers.
+    """
+    if isinstance(dataset, Subset):
+        parent = dataset_targets(dataset.dataset)
+        if parent is None:
+            return None
+        return parent[torch.as_tensor(list(dataset.indices), dtype=torch.int64)]
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        return None
+    try:
+        t = torch.as_tensor(targets)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.numel() != len(dataset):  # type: ignore[arg-type]
+        return None
+    return t.to(torch.int64)
+
+
+def sample_calibration_set(dataset: Dataset, *, n: int, seed: int = 0) -> Subset:
+    """A seeded subset of ``n`` samples of ``dataset``, class-balanced when it has labels.
+
+    With labels (see :func:`dataset_targets`) the classes are visited in turn, each giving its
+    next sample in a seeded random order, so class counts differ by at most one (a class that
+    runs out drops out). Without labels the subset is a seeded random choice. ``n`` larger than
+    the dataset takes all of it. Indices are returned in increasing order.
+
+    Parameters
+    ----------
+    dataset : torch.utils.data.Dataset
+        A map-style dataset with ``__len__``.
+    n : int
+        Number of samples, ``>= 1``.
+    seed : int, default 0
+        Seed of the random choice.
+
+    Raises
+    ------
+    TypeError
+        ``dataset`` is not a sized map-style dataset, or ``n`` / ``seed`` are not ints.
+    ValueError
+        ``n < 1`` or the dataset is empty.
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n (number of calibration samples) must be >= 1, got {n}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not isinstance(dataset, Dataset) or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        raise TypeError(f"dataset must be a map-style Dataset with a length, got {type(dataset).__name__}")
+    size = len(dataset)  # type: ignore[arg-type]
+    if size == 0:
+        raise ValueError("dataset is empty")
+    gen = torch.Generator().manual_seed(seed)
+    targets = dataset_targets(dataset)
+    if targets is None:
+        chosen: Sequence[int] = torch.randperm(size, generator=gen)[:n].tolist()
+    else:
+        chosen = _balanced(targets, n, gen)
+    return Subset(dataset, sorted(chosen))
+
+
+def _balanced(targets: torch.Tensor, n: int, gen: torch.Generator) -> list[int]:
+    per_class = []
+    for c in torch.unique(targets).tolist():
+        idx = torch.nonzero(targets == c).flatten()
+        per_class.append(idx[torch.randperm(idx.numel(), generator=gen)].tolist())
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < n and any(depth < len(p) for p in per_class):
+        chosen.extend(p[depth] for p in per_class if depth < len(p))
+        depth += 1
+    return chosen[:n]

@@ -1,0 +1,531 @@
+"""Fit a compressed layer to the dense layer's *outputs* on calibration data, not its weight.
+
+For a layer with dense weight ``W`` (``out x K``; a conv kernel reshaped to ``out x (C_in/groups
+kh kw)``, one block per group), dense-model inputs ``X`` and compressed-model inputs ``X~`` (rows),
+a replacement ``W^`` is scored by the output error::
+
+    E(W^) = ||X W^T - X~ W^^T||_F^2 = tr(W G W^T) - 2 tr(W C W^^T) + tr(W^ G~ W^^T)
+
+with ``G = X^T X``, ``C = X^T X~``, ``G~ = X~^T X~`` (:class:`~ttcompress.calibration.stats.LayerStats`).
+``E`` is a convex quadratic in ``W^``; its unconstrained minimiser solves ``W^ G~ = W C``.
+Writing ``G~ = L L^T``, ``E(W^) = ||(W^ - T) L||_F^2 + const`` with ``T L = W C L^{-T}``, so the
+best rank-``r`` ``W^`` is the truncated SVD of the *whitened* target ``W C L^{-T}``, un-whitened by
+``L^{-1}`` (:func:`whitened_lowrank`; Eckart-Young in the ``G~`` metric). A TT-matrix is linear
+in each core, so one core with the others fixed is a linear least-squares problem
+(:func:`refine_tt_cores`). Any other factorisation gets a bounded number of optimiser steps on
+its own parameters (:func:`refine_by_gradient`). With a bias, the joint optimum of weight and
+bias is the fit on mean-centred statistics followed by :func:`corrected_bias`.
+
+Damping
+-------
+``G~`` is rank-deficient when there are fewer rows than features or inputs span a subspace. We
+add ``lambda I`` to ``G``, ``G~`` *and* ``C`` (``lambda = damping * tr(G~) / K``): this is the
+exact objective for the calibration rows plus ``K`` extra rows ``sqrt(lambda) I`` in both
+models, i.e. ``E(W^) + lambda ||W - W^||_F^2``. Directions the data never excite then keep the
+dense weight instead of being set to zero, and every solve stays well posed.
+
+References
+----------
+.. [1] Z. Yuan et al., "ASVD: Activation-aware Singular Value Decomposition for Compressing Large
+       Language Models", 2023 (scaling the weight by input statistics before the SVD).
+.. [2] X. Wang, Y. Zheng, Z. Wan, M. Zhang, "SVD-LLM: Truncation-aware Singular Value
+       Decomposition for Large Language Model Compression", 2024 (whitening by the Cholesky
+       factor of ``X^T X``: truncation error equals output error).
+.. [3] E. Frantar, S. Ashkboos, T. Hoefler, D. Alistarh, "GPTQ: Accurate Post-Training
+       Quantization for Generative Pre-trained Transformers", ICLR 2023 (layer-wise output
+       objective, sequential calibration, relative Hessian damping).
+.. [4] S. Holtz, T. Rohwedder, R. Schneider, "The alternating linear scheme for tensor
+       optimization in the tensor train format", SIAM J. Sci. Comput. 34(2), 2012 (ALS for TT).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ttcompress.calibration.reconstruct import dense_weight, effective_bias, set_effective_bias
+from ttcompress.calibration.stats import LayerStats
+from ttcompress.decompose.tt import tt_to_matrix
+from ttcompress.layers.tt_linear import TTLinear
+
+__all__ = [
+    "DAMPING",
+    "FitResult",
+    "corrected_bias",
+    "fit_layer",
+    "objective",
+    "output_error",
+    "refine_by_gradient",
+    "refine_tt_cores",
+    "whitened_lowrank",
+]
+
+#: Default relative damping ``lambda / (tr(G~) / K)``.
+DAMPING = 1e-4
+# Eigenvalues of G~ below this fraction of the largest are treated as zero (pseudo-inverse).
+_EIG_RTOL = 1e-12
+# Ridge on the ALS normal equations, relative to their mean diagonal (only for solvability).
+_SOLVE_RIDGE = 1e-12
+
+
+# --------------------------------------------------------------------------------------------------
+# the objective
+# --------------------------------------------------------------------------------------------------
+def _check(weight: torch.Tensor, stats: LayerStats, name: str = "weight") -> torch.Tensor:
+    if not isinstance(stats, LayerStats):
+        raise TypeError(f"stats must be a LayerStats, got {type(stats).__name__}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor (out, K)")
+    if weight.shape[1] != stats.features or weight.shape[0] % stats.groups:
+        raise ValueError(f"{name} of shape {tuple(weight.shape)} does not fit statistics with "
+                         f"{stats.groups} group(s) of {stats.features} features")
+    return weight.detach().to(device="cpu", dtype=torch.float64).reshape(stats.groups, -1, stats.features)
+
+
+def _damped(stats: LayerStats, damping: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(G, G~, C)`` with ``lambda I`` added to each (see the module docstring)."""
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
+        raise ValueError(f"damping must be a non-negative number, got {damping!r}")
+    k = stats.features
+    lam = damping * torch.diagonal(stats.gram, dim1=1, dim2=2).sum(-1) / k  # (groups,)
+    eye = torch.eye(k, dtype=torch.float64)[None] * lam[:, None, None]
+    return stats.dense_gram + eye, stats.gram + eye, stats.cross + eye
+
+
+def _quadratic(w: torch.Tensor, w_hat: torch.Tensor, g: torch.Tensor, gt: torch.Tensor,
+               c: torch.Tensor) -> torch.Tensor:
+    """``sum_groups tr(W G W^T) - 2 tr(W C W^^T) + tr(W^ G~ W^^T)`` for ``(groups, out/g, K)`` blocks."""
+    return (((w @ g) * w).sum() - 2 * ((w @ c) * w_hat).sum() + ((w_hat @ gt) * w_hat).sum())
+
+
+def objective(weight: torch.Tensor, new_weight: torch.Tensor, stats: LayerStats, *,
+              damping: float = 0.0) -> float:
+    """The output error ``||X W^T - X~ W^^T||_F^2`` (plus ``lambda ||W - W^||^2`` when damped).
+
+    Parameters
+    ----------
+    weight, new_weight : torch.Tensor
+        ``(out, K)`` dense and replacement weights.
+    stats : LayerStats
+        Input statistics of the layer.
+    damping : float, default 0
+        Relative damping (see the module docstring); 0 gives the plain output error.
+    """
+    w, w_hat = _check(weight, stats), _check(new_weight, stats, "new_weight")
+    return float(_quadratic(w, w_hat, *_damped(stats, damping)))
+
+
+def output_error(weight: torch.Tensor, new_weight: torch.Tensor, stats: LayerStats, *,
+                 bias: torch.Tensor | None = None, new_bias: torch.Tensor | None = None) -> float:
+    """Relative output error ``||Y - Y^||_F / ||Y||_F`` on the calibration rows, from the statistics.
+
+    ``Y = X W^T + 1 b^T`` is the dense layer's output and ``Y^ = X~ W^^T + 1 b^^T`` the
+    replacement's on the compressed model's inputs; a missing bias counts as zero. Computed from
+    the Gram matrices as a difference of squared norms, it cannot resolve errors below about
+    ``sqrt(float64 eps) ~ 1e-8``.
+    """
+    w, w_hat = _check(weight, stats), _check(new_weight, stats, "new_weight")
+    n = float(stats.count)
+    out = w.shape[0] * w.shape[1]
+    zero = torch.zeros(out, dtype=torch.float64)
+    b = zero if bias is None else bias.detach().to("cpu", torch.float64).reshape(-1)
+    b_hat = zero if new_bias is None else new_bias.detach().to("cpu", torch.float64).reshape(-1)
+    if b.numel() != out or b_hat.numel() != out:
+        raise ValueError(f"bias and new_bias must have {out} entries")
+    g, gt, c = _damped(stats, 0.0)
+    err = _quadratic(w, w_hat, g, gt, c)
+    wmu = (w @ stats.dense_mean[:, :, None]).reshape(-1)
+    wmu_hat = (w_hat @ stats.mean[:, :, None]).reshape(-1)
+    db = b - b_hat
+    err = err + 2 * n * ((wmu - wmu_hat) @ db) + n * (db @ db)
+    ref = ((w @ g) * w).sum() + 2 * n * (wmu @ b) + n * (b @ b)
+    err_f, ref_f = max(float(err), 0.0), float(ref)
+    if ref_f <= 0.0:
+        return 0.0 if err_f == 0.0 else math.inf
+    return math.sqrt(err_f / ref_f)
+
+
+def corrected_bias(weight: torch.Tensor, bias: torch.Tensor | None, new_weight: torch.Tensor,
+                   stats: LayerStats) -> torch.Tensor:
+    """The bias that makes the replacement's mean output equal the dense layer's.
+
+    ``b^ = b + W mu - W^ mu~`` with ``mu``, ``mu~`` the mean input rows of the dense and the
+    compressed model (Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias
+    Correction", ICCV 2019, use the same correction with expected inputs). Returned in
+    ``new_weight``'s dtype; a missing ``bias`` counts as zero.
+    """
+    w, w_hat = _check(weight, stats), _check(new_weight, stats, "new_weight")
+    shift = (w @ stats.dense_mean[:, :, None] - w_hat @ stats.mean[:, :, None]).reshape(-1)
+    if bias is not None:
+        shift = shift + bias.detach().to("cpu", torch.float64).reshape(-1)
+    return shift.to(device=new_weight.device, dtype=new_weight.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# closed form: whitened truncated SVD
+# --------------------------------------------------------------------------------------------------
+def whitened_lowrank(weight: torch.Tensor, stats: LayerStats, rank: int, *,
+                     damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank-``rank`` ``W^ = A B`` minimising the (damped) output error, in closed form.
+
+    With ``G~ = Q diag(e) Q^T`` (eigenvalues below ``1e-12 max(e)`` treated as zero: the
+    pseudo-inverse square root, so ``damping=0`` is exact for rank-deficient inputs), the
+    whitened target ``M = W C Q diag(e)^{-1/2}`` is truncated by SVD, ``M_r = U S V^T``, and
+    ``A = U S^{1/2}``, ``B = S^{1/2} V^T diag(e)^{-1/2} Q^T`` (SVD-LLM [2]_, ASVD [1]_; GPTQ's
+    damping [3]_). This is the exact optimum for a two-factor (``svd``) layer.
+
+    Parameters
+    ----------
+    weight : torch.Tensor
+        ``(out, K)`` dense weight (one group).
+    stats : LayerStats
+        The layer's statistics (``groups == 1``).
+    rank : int
+        Target rank (capped at ``min(out, K)``).
+    damping : float, default DAMPING
+        Relative damping.
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor)
+        ``A`` of shape ``(out, r)`` and ``B`` of shape ``(r, K)`` in ``weight``'s dtype.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    w = _check(weight, stats)
+    if stats.groups != 1:
+        raise ValueError(f"whitened_lowrank needs a single group, got stats with {stats.groups}")
+    _, gt, c = (t[0] for t in _damped(stats, damping))
+    evals, q = torch.linalg.eigh(gt)
+    keep = evals > _EIG_RTOL * max(float(evals.max()), 0.0)
+    inv_sqrt = torch.where(keep, evals.clamp_min(1e-300).rsqrt(), torch.zeros_like(evals))
+    m = (w[0] @ c @ q) * inv_sqrt
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    a = u[:, :r] * root
+    b = (root[:, None] * vh[:r] * inv_sqrt) @ q.T
+    return a.to(weight.dtype), b.to(weight.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# ALS for TT-matrix cores
+# --------------------------------------------------------------------------------------------------
+def _merge_left(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Cores ``G_1 .. G_{k-1}`` contracted to ``(M_<, N_<, r_{k-1})``."""
+    result = torch.ones(1, 1, 1, dtype=torch.float64)
+    for core in cores:
+        big_m, big_n, _ = result.shape
+        _, m, n, r_right = core.shape
+        result = torch.einsum("MNa,amnb->MmNnb", result, core).reshape(big_m * m, big_n * n, r_right)
+    return result
+
+
+def _merge_right(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Cores ``G_{k+1} .. G_d`` contracted to ``(r_k, M_>, N_>)``."""
+    result = torch.ones(1, 1, 1, dtype=torch.float64)
+    for core in reversed(cores):
+        _, big_m, big_n = result.shape
+        r_left, m, n, _ = core.shape
+        result = torch.einsum("amnb,bMN->amMnN", core, result).reshape(r_left, m * big_m, n * big_n)
+    return result
+
+
+def _normal_equations(cores: Sequence[torch.Tensor], k: int, gt: torch.Tensor, d: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``H`` (``p x p``, ``p = r_{k-1} n_k r_k``) and the right-hand sides ``(p, m_k)`` for core ``k``.
+
+    ``W^[(i<, i, i>), (j<, j, j>)] = sum L[i<, j<, a] G_k[a, i, j, b] R[b, i>, j>]``: for each
+    output index ``i`` of the core, the rows it touches are linear in ``G_k[:, i, :, :]`` through
+    the same map, so ``H = sum_{i<, i>} Phi^T G~ Phi`` is shared by all ``i``.
+    """
+    left, right = _merge_left(cores[:k]), _merge_right(cores[k + 1:])
+    r_l, m, n, r_r = cores[k].shape
+    n_l, n_r = left.shape[1], right.shape[2]
+    m_l, m_r = left.shape[0], right.shape[1]
+    g6 = gt.reshape(n_l, n, n_r, n_l, n, n_r)
+    pl = torch.einsum("ixa,iyc->xayc", left, left)
+    pr = torch.einsum("boz,dow->bzdw", right, right)
+    t1 = torch.einsum("xpzyqw,xayc->apzcqw", g6, pl)
+    h = torch.einsum("apzcqw,bzdw->apbcqd", t1, pr).reshape(r_l * n * r_r, r_l * n * r_r)
+    d6 = d.reshape(m_l, m, m_r, n_l, n, n_r)
+    t2 = torch.einsum("isoxpz,ixa->asopz", d6, left)
+    rhs = torch.einsum("asopz,boz->apbs", t2, right).reshape(r_l * n * r_r, m)
+    return h, rhs
+
+
+def _solve_core(cores: list[torch.Tensor], k: int, gt: torch.Tensor, d: torch.Tensor) -> None:
+    """Replace core ``k`` by the least-squares optimum unless that does not lower the objective."""
+    h, rhs = _normal_equations(cores, k, gt, d)
+    r_l, m, n, r_r = cores[k].shape
+    old = cores[k].permute(0, 2, 3, 1).reshape(-1, m)
+    ridge = _SOLVE_RIDGE * float(torch.diagonal(h).mean().clamp_min(1e-300))
+    h_reg = h + ridge * torch.eye(h.shape[0], dtype=h.dtype)
+    chol, info = torch.linalg.cholesky_ex(h_reg)
+    new = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.lstsq(h_reg, rhs).solution
+    quad = lambda x: float(((h @ x) * x).sum() - 2 * (x * rhs).sum())  # noqa: E731
+    if torch.isfinite(new).all() and quad(new) <= quad(old):
+        cores[k] = new.reshape(r_l, n, r_r, m).permute(0, 3, 1, 2).contiguous()
+
+
+def _left_orthogonalize(cores: list[torch.Tensor], k: int) -> None:
+    """QR of core ``k``'s left unfolding; the triangular factor moves into core ``k + 1``."""
+    r_l, m, n, r_r = cores[k].shape
+    if r_l * m * n < r_r:
+        return
+    q, rr = torch.linalg.qr(cores[k].reshape(-1, r_r))
+    cores[k] = q.reshape(r_l, m, n, r_r)
+    cores[k + 1] = torch.einsum("ab,bmnc->amnc", rr, cores[k + 1])
+
+
+def _right_orthogonalize(cores: list[torch.Tensor], k: int) -> None:
+    """LQ of core ``k``'s right unfolding; the triangular factor moves into core ``k - 1``."""
+    r_l, m, n, r_r = cores[k].shape
+    if m * n * r_r < r_l:
+        return
+    q, rr = torch.linalg.qr(cores[k].reshape(r_l, -1).T)
+    cores[k] = q.T.reshape(r_l, m, n, r_r)
+    cores[k - 1] = torch.einsum("amnb,cb->amnc", cores[k - 1], rr)
+
+
+def refine_tt_cores(
+    cores: Sequence[torch.Tensor],
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    weight: torch.Tensor,
+    stats: LayerStats,
+    *,
+    sweeps: int = 2,
+    damping: float = DAMPING,
+) -> tuple[torch.Tensor, ...]:
+    """Alternating least squares on TT-matrix cores for the (damped) output error.
+
+    The TT-matrix ``W^`` is linear in each core, so with the others fixed the objective is a
+    quadratic in one core whose minimiser solves normal equations of size ``r_{k-1} n_k r_k``
+    (shared by the ``m_k`` output slices). Cores are updated left to right and back, ``sweeps``
+    times, keeping the others orthogonal (QR gauge moves, which do not change ``W^``) for a well
+    conditioned solve, as in the alternating linear scheme of Holtz et al. [4]_. A solve that does
+    not lower its quadratic is discarded, and the result is the input when the sweeps did not
+    lower the damped output error: the objective never increases.
+
+    When the modes are padded (their products exceed ``weight``'s shape), the solves also drive
+    the padded output rows towards zero (an upper bound of the objective); the final check is on
+    the exact objective.
+
+    Parameters
+    ----------
+    cores : sequence of torch.Tensor
+        Core ``k`` of shape ``(r_{k-1}, out_modes[k], in_modes[k], r_k)`` (as :class:`TTLinear`
+        stores them).
+    in_modes, out_modes : sequence of int
+        The modes.
+    weight : torch.Tensor
+        ``(out_features, in_features)`` dense weight.
+    stats : LayerStats
+        Input statistics of the layer (one group).
+    sweeps : int, default 2
+        Left-to-right-and-back sweeps.
+    damping : float, default DAMPING
+        Relative damping.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        New cores, in the dtype and device of the given ones.
+    """
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
+        raise ValueError(f"sweeps must be a non-negative int, got {sweeps!r}")
+    w = _check(weight, stats)
+    if stats.groups != 1:
+        raise ValueError("TT cores need statistics with a single group")
+    ins, outs = tuple(in_modes), tuple(out_modes)
+    if len(cores) != len(ins) or len(ins) != len(outs) or any(
+            c.dim() != 4 or c.shape[1:3] != (m, n) for c, m, n in zip(cores, outs, ins)):
+        raise ValueError("cores must have shapes (r_{k-1}, out_modes[k], in_modes[k], r_k)")
+    big_m, big_n = math.prod(outs), math.prod(ins)
+    out_f, in_f = weight.shape
+    if big_m < out_f or big_n < in_f:
+        raise ValueError(f"modes {outs} x {ins} are smaller than weight's shape {tuple(weight.shape)}")
+    g, gt, c = (t[0] for t in _damped(stats, damping))
+    lam = float(gt[0, 0] - stats.gram[0, 0, 0])
+    gt_pad = torch.eye(big_n, dtype=torch.float64) * lam
+    gt_pad[:in_f, :in_f] = gt
+    d_pad = torch.zeros(big_m, big_n, dtype=torch.float64)
+    d_pad[:out_f, :in_f] = w[0] @ c
+
+    def exact(cs: Sequence[torch.Tensor]) -> float:
+        w_hat = tt_to_matrix(list(cs))[:out_f, :in_f]
+        return float(_quadratic(w, w_hat[None], g[None], gt[None], c[None]))
+
+    start = [core.detach().to("cpu", torch.float64) for core in cores]
+    work = list(start)
+    dim = len(work)
+    if dim > 1:
+        for k in range(dim - 1, 0, -1):
+            _right_orthogonalize(work, k)
+        for _ in range(sweeps):
+            for k in range(dim - 1):
+                _solve_core(work, k, gt_pad, d_pad)
+                _left_orthogonalize(work, k)
+            for k in range(dim - 1, 0, -1):
+                _solve_core(work, k, gt_pad, d_pad)
+                _right_orthogonalize(work, k)
+    if sweeps:
+        _solve_core(work, 0, gt_pad, d_pad)
+    best = work if exact(work) <= exact(start) else start
+    return tuple(b.to(device=o.device, dtype=o.dtype) for b, o in zip(best, cores))
+
+
+# --------------------------------------------------------------------------------------------------
+# generic: a bounded number of optimiser steps
+# --------------------------------------------------------------------------------------------------
+def refine_by_gradient(
+    layer: nn.Module,
+    dense_weight_fn: Callable[[nn.Module], torch.Tensor],
+    weight: torch.Tensor,
+    stats: LayerStats,
+    *,
+    steps: int = 100,
+    lr: float = 1.0,
+    damping: float = DAMPING,
+) -> float:
+    """Minimise the damped output error over ``layer``'s own parameters by L-BFGS, in place.
+
+    ``dense_weight_fn(layer)`` must rebuild the layer's ``(out, K)`` weight differentiably (e.g.
+    :func:`ttcompress.calibration.reconstruct.dense_weight`). The optimisation runs on a float64
+    copy with at most ``steps`` L-BFGS iterations (strong-Wolfe line search) on the objective
+    divided by ``tr(W G W^T)``; parameters named ``bias`` are left alone (see
+    :func:`corrected_bias`). The best parameters seen are written back, so the objective never
+    increases.
+
+    Returns
+    -------
+    float
+        The relative damped objective ``E / tr(W G W^T)`` of the parameters written back.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    w = _check(weight, stats)
+    g, gt, c = _damped(stats, damping)
+    scale = float(((w @ g) * w).sum()) or 1.0
+    work = copy.deepcopy(layer).to(device="cpu", dtype=torch.float64)
+    params = [p for name, p in work.named_parameters() if name.rsplit(".", 1)[-1] != "bias"]
+
+    def loss() -> torch.Tensor:
+        w_hat = dense_weight_fn(work).reshape(stats.groups, -1, stats.features)
+        return _quadratic(w, w_hat, g, gt, c) / scale
+
+    def snapshot() -> list[torch.Tensor]:
+        return [p.detach().clone() for p in params]
+
+    with torch.no_grad():
+        best_value, best = float(loss()), snapshot()
+    if steps and params:
+        opt = torch.optim.LBFGS(params, lr=lr, max_iter=steps, history_size=20,
+                                line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            value = loss()
+            value.backward()
+            return value
+
+        opt.step(closure)
+        with torch.no_grad():
+            value = float(loss())
+        if math.isfinite(value) and value < best_value:
+            best_value, best = value, snapshot()
+    names = [name for name, _ in work.named_parameters() if name.rsplit(".", 1)[-1] != "bias"]
+    own = dict(layer.named_parameters())
+    with torch.no_grad():
+        for name, value in zip(names, best):
+            own[name].copy_(value)
+    return best_value
+
+
+# --------------------------------------------------------------------------------------------------
+# one layer, end to end
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class FitResult:
+    """A layer fitted to calibration data.
+
+    Attributes
+    ----------
+    module : nn.Module
+        The fitted replacement (the start, modified in place).
+    error_before, error_after : float
+        Relative output error (:func:`output_error`, bias included) of the start and the fit.
+    method : str
+        ``"whitened-svd"``, ``"tt-als"``, ``"gradient"`` or ``"none"`` (the fit was not better
+        and the start was kept).
+    """
+
+    module: nn.Module
+    error_before: float
+    error_after: float
+    method: str
+
+
+def _two_factor(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Sequential) and len(module) == 2
+            and all(isinstance(m, nn.Linear) for m in module) and module[0].bias is None)
+
+
+def fit_layer(
+    dense: nn.Module,
+    start: nn.Module,
+    stats: LayerStats,
+    *,
+    damping: float = DAMPING,
+    sweeps: int = 2,
+    steps: int = 100,
+) -> FitResult:
+    """Fit a compressed layer ``start`` (e.g. its data-free decomposition) to ``dense``'s outputs.
+
+    The weight is fitted by the closed form when there is one -- :func:`whitened_lowrank` for a
+    two-factor ``nn.Sequential(Linear(K, r, bias=False), Linear(r, out))`` and
+    :func:`refine_tt_cores` for a :class:`TTLinear` -- and otherwise by :func:`refine_by_gradient`
+    (e.g. :class:`ttcompress.CPConv2d`). With a bias the weight is fitted on centred statistics
+    and the bias set by :func:`corrected_bias`, the joint optimum. ``start`` is modified in place;
+    if the fit does not lower the output error the original parameters are restored.
+    """
+    w = dense_weight(dense).detach()
+    b = effective_bias(dense)
+    before_state = copy.deepcopy(start.state_dict())
+    error_before = output_error(w, dense_weight(start).detach(), stats, bias=b, new_bias=effective_bias(start))
+    has_bias = effective_bias(start) is not None
+    fit_stats = stats.centered() if has_bias else stats
+    with torch.no_grad():
+        if _two_factor(start):
+            rank = start[0].out_features
+            a, bb = whitened_lowrank(w, fit_stats, rank, damping=damping)
+            start[0].weight.copy_(bb)  # type: ignore[index]
+            start[1].weight.copy_(a)  # type: ignore[index]
+            method = "whitened-svd"
+        elif isinstance(start, TTLinear):
+            new = refine_tt_cores(list(start.cores), start.in_modes, start.out_modes, w, fit_stats,
+                                  sweeps=sweeps, damping=damping)
+            for param, core in zip(start.cores, new):
+                param.copy_(core)
+            method = "tt-als"
+        else:
+            method = "gradient"
+    if method == "gradient":
+        refine_by_gradient(start, dense_weight, w, fit_stats, steps=steps, damping=damping)
+    with torch.no_grad():
+        w_hat = dense_weight(start).detach()
+        if has_bias:
+            set_effective_bias(start, corrected_bias(w, b, w_hat, stats))
+        error_after = output_error(w, w_hat, stats, bias=b, new_bias=effective_bias(start))
+    if not error_after <= error_before:
+        start.load_state_dict(before_state)
+        return FitResult(start, error_before, error_before, "none")
+    return FitResult(start, error_before, error_after, method)

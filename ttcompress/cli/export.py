@@ -1,0 +1,88 @@
+"""``ttcompress export``: a model for deployment (ONNX, TorchScript, or merged back to dense).
+
+A thin shell over :func:`ttcompress.export.export_model`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ttcompress.cli import app
+from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
+from ttcompress.cli.options import (
+    ArchKwargsOpt, ArchOpt, JsonOpt, ModelArg, OverwriteOpt, TrustPickleOpt, parse_arch_kwargs,
+)
+from ttcompress.errors import UserInputError
+
+
+def _shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UserInputError(f"--input-shape must be comma-separated sizes such as 1,28,28; got {text!r}") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise UserInputError(f"--input-shape must be positive sizes, got {text!r}")
+    return shape
+
+
+@app.command("export")
+@cli_errors
+def export(
+    model: ModelArg,
+    fmt: Annotated[str, typer.Option(
+        "--format", "-f", help="onnx, torchscript, or dense (every factorized layer merged back).",
+        metavar="FORMAT")],
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", help="Output file (written atomically, after the check passed).", metavar="PATH")],
+    input_shape: Annotated[Optional[str], typer.Option(
+        "--input-shape", help="One sample's shape, e.g. 1,28,28 (default: the shape the model records).",
+        show_default=False, metavar="C,H,W")] = None,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Batch size of the example input (the export keeps the batch dimension dynamic).",
+        metavar="INT")] = 1,
+    merge: Annotated[str, typer.Option(
+        "--merge", help="For --format dense: all (a plain model of the original architecture), or slower "
+        "(merge only the layers measured slower than their merged form).", metavar="all|slower")] = "all",
+    no_check: Annotated[bool, typer.Option(
+        "--no-check", help="Skip running the export against the model before writing it.")] = False,
+    overwrite: OverwriteOpt = False,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Export MODEL for deployment, checked against the model at two batch sizes before it is written.
+
+    Example: ttcompress export model.tt.pt --format onnx -o model.onnx
+    """
+    from ttcompress.export import EXPORT_FORMATS, export_model
+    from ttcompress.io import load
+
+    if fmt not in EXPORT_FORMATS:
+        raise UserInputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}")
+    if merge not in ("all", "slower"):
+        raise UserInputError(f"--merge must be all or slower; got {merge!r}")
+    if merge != "all" and fmt != "dense":
+        raise UserInputError("--merge applies to --format dense only")
+    shape = _shape(input_shape)
+    check_inputs(model)
+    check_outputs([output], overwrite=overwrite, inputs=[model])
+    loaded = load(model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle)
+    result = export_model(loaded, output, format=fmt, input_shape=shape, batch_size=batch_size,  # type: ignore[arg-type]
+                          merge=merge, check=not no_check)  # type: ignore[arg-type]
+    if json_:
+        out.print_json(json.dumps(result.to_dict()))
+        return
+    checked = (f"checked at batch sizes {', '.join(map(str, result.checked_batches))}: "
+               f"max relative error {result.max_error:.1e}") if result.max_error is not None else "not checked"
+    out.print(f"{result.format}: {result.path} ({result.size_bytes:,} bytes; {checked})")
+    for layer in result.layers:
+        timing = (f" (factorized {layer.factorized_ms:.3f} ms vs dense {layer.dense_ms:.3f} ms)"
+                  if layer.factorized_ms is not None else "")
+        err.print(f"  {layer.name}: {'merged' if layer.merged else 'kept factorized'}{timing}")

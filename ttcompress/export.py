@@ -1,0 +1,337 @@
+"""Export a (compressed) model for deployment: ONNX, TorchScript, or merged back to dense.
+
+* ``onnx``: :func:`torch.onnx.export` with the ``torch.export`` (dynamo) exporter and a dynamic
+  batch dimension. The factorized layers stay factorized in the graph, so the file holds the
+  compressed parameters.
+* ``torchscript``: :func:`torch.jit.trace` (the factorized layers choose their contraction in
+  Python, which scripting cannot compile; tracing records it).
+* ``dense``: every factorized layer merged back into the dense layer it replaced
+  (``merge="all"``): a plain model of the original architecture, whose state dict loads into that
+  architecture with no ttcompress code. ``merge="slower"`` merges only the layers whose factorized
+  form measured slower than the merged one on the layer's real input shape, and keeps the rest.
+
+Every export is checked before it is written: the exported program is run (onnxruntime for ONNX)
+at two batch sizes, so that a batch size baked into the graph is caught, and its outputs must match
+the model's within ``atol`` (relative to the output's scale). Nothing is written when a check fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ttcompress.errors import TTCompressError, UserInputError
+from ttcompress.io import atomic_write, get_meta, save, update_meta
+from ttcompress.surgery import get_submodule, set_submodule
+
+__all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "LayerMerge", "export_model", "merge_to_dense"]
+
+ExportFormat = Literal["onnx", "torchscript", "dense"]
+#: The formats :func:`export_model` writes.
+EXPORT_FORMATS: tuple[str, ...] = ("onnx", "torchscript", "dense")
+#: The methods a factorized layer offers to rebuild the dense module it replaced.
+_TO_DENSE = ("to_dense", "to_linear", "to_conv", "to_embedding", "to_mha")
+
+
+class ExportError(TTCompressError):
+    """The model cannot be exported in that format, or the export does not reproduce the model."""
+
+
+@dataclass(frozen=True)
+class LayerMerge:
+    """What ``dense`` export did with one factorized layer (times in ms per call, when measured)."""
+
+    name: str
+    merged: bool
+    factorized_ms: float | None = None
+    dense_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Where the export went and how it was checked."""
+
+    path: Path
+    format: str
+    size_bytes: int
+    max_error: float | None
+    checked_batches: tuple[int, ...]
+    layers: tuple[LayerMerge, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "format": self.format, "size_bytes": self.size_bytes,
+            "max_error": self.max_error, "checked_batches": list(self.checked_batches),
+            "layers": [vars(layer) for layer in self.layers],
+        }
+
+
+def _dense_method(module: nn.Module) -> Callable[[], nn.Module] | None:
+    for attr in _TO_DENSE:
+        method = getattr(module, attr, None)
+        if callable(method):
+            return method
+    return None
+
+
+def _factorized(model: nn.Module) -> list[str]:
+    """Qualified names of the factorized layers recorded in the model's metadata that exist."""
+    names = []
+    for name in get_meta(model)["layers"]:
+        try:
+            module = get_submodule(model, name)
+        except (AttributeError, ValueError):
+            continue
+        if _dense_method(module) is not None:
+            names.append(name)
+    return names
+
+
+def _layer_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, tuple[Any, ...]]:
+    """The positional inputs each named layer receives when ``model(x)`` runs."""
+    seen: dict[str, tuple[Any, ...]] = {}
+    handles = []
+    for name in names:
+        def hook(_m: nn.Module, args: tuple[Any, ...], *, _name: str = name) -> None:
+            seen.setdefault(_name, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+
+        handles.append(get_submodule(model, name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _time_ms(module: nn.Module, args: tuple[Any, ...], min_run_time: float) -> float:
+    from torch.utils import benchmark
+
+    with torch.no_grad():
+        module(*args)
+        timer = benchmark.Timer(stmt="module(*args)", globals={"module": module, "args": args},
+                                num_threads=torch.get_num_threads())
+        return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def merge_to_dense(
+    model: nn.Module,
+    *,
+    merge: Literal["all", "slower"] = "all",
+    example_input: torch.Tensor | None = None,
+    min_run_time: float = 0.2,
+) -> tuple[nn.Module, tuple[LayerMerge, ...]]:
+    """A copy of ``model`` with factorized layers merged back into dense ones.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A compressed model (its ``ttcompress_meta`` names the factorized layers).
+    merge : {"all", "slower"}
+        ``"all"`` merges every factorized layer; ``"slower"`` only those whose factorized form is
+        slower than the merged layer on the input that ``example_input`` gives them (eval mode,
+        no grad, timed with :mod:`torch.utils.benchmark`).
+    example_input : Tensor, optional
+        Needed for ``merge="slower"``.
+    min_run_time : float
+        Seconds of timing per layer and form.
+
+    Returns
+    -------
+    (nn.Module, tuple of LayerMerge)
+        The new model (eval mode, metadata updated) and what happened to each layer.
+    """
+    if merge not in ("all", "slower"):
+        raise UserInputError(f"merge must be 'all' or 'slower', got {merge!r}")
+    if merge == "slower" and example_input is None:
+        raise UserInputError("merge='slower' needs example_input to time the layers")
+    new = copy.deepcopy(model).eval()
+    names = _factorized(new)
+    inputs = _layer_inputs(new, names, example_input) if merge == "slower" else {}
+    meta_layers = dict(get_meta(new)["layers"])
+    done: list[LayerMerge] = []
+    root = new
+    for name in names:
+        layer = get_submodule(root, name)
+        dense = _dense_method(layer)().eval()  # type: ignore[misc]
+        if merge == "slower":
+            if name not in inputs:  # not reached by the forward: nothing to gain either way
+                done.append(LayerMerge(name, merged=False))
+                continue
+            fact_ms = _time_ms(layer, inputs[name], min_run_time)
+            dense_ms = _time_ms(dense, inputs[name], min_run_time)
+            if dense_ms >= fact_ms:
+                done.append(LayerMerge(name, merged=False, factorized_ms=fact_ms, dense_ms=dense_ms))
+                continue
+            done.append(LayerMerge(name, merged=True, factorized_ms=fact_ms, dense_ms=dense_ms))
+        else:
+            done.append(LayerMerge(name, merged=True))
+        root = set_submodule(root, name, dense)
+        meta_layers.pop(name, None)
+    object.__setattr__(root, "ttcompress_meta", {**get_meta(new), "layers": meta_layers})
+    update_meta(root, info={"merged_to_dense": [m.name for m in done if m.merged]})
+    return root.eval(), tuple(done)
+
+
+def _input_shape(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[int, ...]:
+    if input_shape is not None:
+        shape = tuple(int(s) for s in input_shape)
+    else:
+        recorded = get_meta(model)["info"].get("input_shape")
+        if not recorded:
+            raise UserInputError("input_shape is unknown: the model does not record it, pass input_shape")
+        shape = tuple(int(s) for s in recorded)
+    if not shape or any(s <= 0 for s in shape):
+        raise UserInputError(f"input_shape must be positive sizes, got {shape}")
+    return shape
+
+
+def _inputs(shape: tuple[int, ...], batches: Sequence[int]) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(b, *shape, generator=generator) for b in batches]
+
+
+def _max_error(reference: torch.Tensor, got: torch.Tensor) -> float:
+    """Largest absolute difference, relative to the reference's largest magnitude (at least 1)."""
+    scale = max(float(reference.abs().max()), 1.0)
+    return float((reference.double() - got.double()).abs().max()) / scale
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """The exporters print progress on stdout and warn a lot; results go to stdout, so silence them."""
+    with contextlib.redirect_stdout(sys.stderr if os.environ.get("TTCOMPRESS_VERBOSE_EXPORT") else io.StringIO()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+
+
+def _onnx_bytes(model: nn.Module, x: torch.Tensor) -> bytes:
+    with _quiet():
+        try:
+            program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim.AUTO},),
+                                        verbose=False)
+        except Exception as exc:  # the exporter raises many types; all mean "cannot export"
+            raise ExportError(f"ONNX export failed: {' '.join(str(exc).split())[:300]}") from None
+    return program.model_proto.SerializeToString()
+
+
+def _run_onnx(data: bytes, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ExportError("checking an ONNX export needs onnxruntime: pip install 'ttcompress[export]', "
+                          "or skip the check (check=False)") from None
+    try:
+        session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return [torch.from_numpy(session.run(None, {name: x.numpy()})[0]) for x in xs]
+    except Exception as exc:  # onnxruntime's own error types
+        raise ExportError(f"the ONNX export does not run in onnxruntime: {' '.join(str(exc).split())[:200]}") from None
+
+
+def _torchscript_bytes(model: nn.Module, x: torch.Tensor) -> tuple[bytes, Any]:
+    with _quiet():
+        try:
+            traced = torch.jit.trace(model, (x,), check_trace=False)
+        except Exception as exc:
+            raise ExportError(f"TorchScript trace failed: {' '.join(str(exc).split())[:300]}") from None
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+    return buffer.getvalue(), traced
+
+
+def export_model(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    format: ExportFormat,
+    input_shape: Sequence[int] | None = None,
+    batch_size: int = 1,
+    merge: Literal["all", "slower"] = "all",
+    check: bool = True,
+    atol: float = 1e-4,
+) -> ExportResult:
+    """Export ``model`` to ``path`` in ``format``, checked against the model first.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any model; compressed models keep their factorized layers (``onnx``/``torchscript``) or
+        have them merged (``dense``).
+    path : str or PathLike
+        Output file (written atomically, only after the check passed).
+    format : {"onnx", "torchscript", "dense"}
+        See the module docstring. ``dense`` writes a ttcompress checkpoint (safetensors) whose
+        tensors are the dense architecture's state dict.
+    input_shape : sequence of int, optional
+        One sample's shape (without the batch dimension); default: the shape the model records.
+    batch_size : int
+        Batch size of the example input the export is traced with (and of the timing for
+        ``merge="slower"``).
+    merge : {"all", "slower"}
+        For ``dense`` only: merge every factorized layer, or only those measured slower.
+    check : bool
+        Run the exported model at two batch sizes and compare with ``model``.
+    atol : float
+        Largest accepted difference, relative to the output's largest magnitude.
+
+    Returns
+    -------
+    ExportResult
+    """
+    if format not in EXPORT_FORMATS:
+        raise UserInputError(f"format must be one of {', '.join(EXPORT_FORMATS)}; got {format!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if merge != "all" and format != "dense":
+        raise UserInputError(f"merge applies to format='dense' only, got format={format!r}")
+    model = model.eval()
+    shape = _input_shape(model, input_shape)
+    batches = (batch_size, batch_size + 2)
+    xs = _inputs(shape, batches)
+    # torch.export specializes a batch of 1 into a constant: trace with at least 2.
+    example = xs[0] if batch_size > 1 else xs[1]
+    with torch.no_grad():
+        try:
+            expected = [model(x) for x in xs]
+        except (RuntimeError, ValueError) as exc:
+            raise ExportError(f"the model does not run on inputs of shape {list(shape)}: "
+                              f"{' '.join(str(exc).split())[:200]}") from None
+    if not all(isinstance(y, torch.Tensor) for y in expected):
+        raise ExportError("export supports models that return one tensor")
+
+    dest = Path(path)
+    layers: tuple[LayerMerge, ...] = ()
+    with torch.no_grad():
+        if format == "onnx":
+            data = _onnx_bytes(model, example)
+            got = _run_onnx(data, xs) if check else []
+        elif format == "torchscript":
+            data, traced = _torchscript_bytes(model, example)
+            got = [traced(x) for x in xs] if check else []
+        else:
+            merged, layers = merge_to_dense(model, merge=merge, example_input=xs[0])  # time at batch_size
+            data = b""
+            got = [merged(x) for x in xs] if check else []
+    error = max(_max_error(e, g) for e, g in zip(expected, got)) if check else None
+    if error is not None and not error <= atol:
+        raise ExportError(f"the {format} export does not reproduce the model: relative error {error:.2e} > {atol:g}")
+    if format == "dense":
+        save(merged, dest)
+    else:
+        with atomic_write(dest, "wb") as f:
+            f.write(data)
+    return ExportResult(dest, format, dest.stat().st_size, error, batches if check else (), layers)

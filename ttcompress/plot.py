@@ -1,0 +1,324 @@
+"""The accuracy/compression trade-off plot: one point per model, written as PNG, PDF or SVG.
+
+What the marks mean (the legend repeats it):
+
+* black star: the baseline (the dense model every ratio is relative to);
+* filled circle: a compressed model after fine-tuning, red when it is on the Pareto front
+  (no other model is both smaller and more accurate), blue otherwise;
+* grey cross and arrow: the same model before fine-tuning, and what fine-tuning gained;
+* dashed red line: the Pareto front.
+
+Labels are placed by measuring their rendered extents: each label tries a ring of offsets around
+its point (with a leader line when it sits away from the point) and takes the first that overlaps
+no other label, no point and stays inside the axes. When some label finds no place, every point is
+numbered instead and the names move into a key beside the axes; when even the numbers find no
+place, each point gets its own marker and colour in the legend. Nothing therefore overlaps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ttcompress.errors import UserInputError
+from ttcompress.io import atomic_write
+from ttcompress.report import ModelRow, Report, pareto_front
+
+__all__ = ["AXES", "PLOT_SUFFIXES", "plot_tradeoff", "tradeoff_figure"]
+
+XAxis = Literal["params", "flops", "size", "latency"]
+
+#: What ``x`` may be, and the axis label for each (every ratio is baseline / model, log scale).
+AXES: dict[str, str] = {
+    "params": "compression (parameters, baseline / model)",
+    "flops": "FLOP reduction (baseline / model)",
+    "size": "file size reduction (baseline / model)",
+    "latency": "speed-up (baseline latency / model latency)",
+}
+#: Output formats, chosen by the file's extension.
+PLOT_SUFFIXES: dict[str, str] = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
+
+_DPI = 150
+_NICE = (1, 2, 5)
+
+
+@dataclass(frozen=True)
+class _Point:
+    row: ModelRow
+    x: float
+    y: float
+    before: float | None
+
+
+def _ratio(row: ModelRow, base: ModelRow, x: XAxis) -> float | None:
+    """``baseline / row`` for the chosen quantity, or None when either side was not measured."""
+    if x == "params":
+        return row.compression
+    pairs = {
+        "flops": (base.flops, row.flops),
+        "size": (base.size_bytes, row.size_bytes),
+        "latency": (base.latency_ms, row.latency_ms),
+    }
+    num, den = pairs[x]
+    if num is None or den is None or den <= 0 or num <= 0:
+        return None
+    return float(num) / float(den)
+
+
+def _points(report: Report, x: XAxis) -> list[_Point]:
+    base = report.baseline
+    points = []
+    for row in report.rows:
+        if row.accuracy is None:
+            continue
+        ratio = _ratio(row, base, x)
+        if ratio is None:
+            continue
+        before = None if row.accuracy_before_finetune is None else 100 * row.accuracy_before_finetune
+        points.append(_Point(row, ratio, 100 * row.accuracy, before))
+    return points
+
+
+def _nice_ticks(lo: float, hi: float) -> list[float]:
+    """1, 2, 5, 10, 20, 50, ... (and 0.5, 0.2, ...) that fall in ``[lo, hi]``."""
+    ticks = []
+    for exp in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1):
+        for m in _NICE:
+            t = m * 10.0**exp
+            if lo <= t <= hi:
+                ticks.append(t)
+    return ticks
+
+
+def _tick_label(value: float, _pos: Any = None) -> str:
+    return f"{value:g}×"
+
+
+def _x_limits(xs: Sequence[float]) -> tuple[float, float]:
+    lo, hi = min(min(xs), 1.0), max(max(xs), 1.0)
+    span = math.log10(hi / lo)
+    pad = max(0.08 * span, 0.08)
+    lo, hi = lo / 10**pad, hi * 10**pad
+    if len(_nice_ticks(lo, hi)) < 2:  # at least two labelled ticks
+        lo, hi = min(lo, 0.9), max(hi, 2.2)
+    return lo, hi
+
+
+def _y_limits(points: Sequence[_Point]) -> tuple[float, float]:
+    ys = [p.y for p in points] + [p.before for p in points if p.before is not None]
+    lo, hi = min(ys), max(ys)
+    pad = max(0.12 * (hi - lo), 0.5)
+    return max(lo - pad, 0.0), min(hi + pad, 100.0 + pad)
+
+
+def _overlaps(a: Any, b: Any) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+class _Placer:
+    """Places text near points so that no two boxes overlap and every box stays in the axes."""
+
+    # offsets in points: near ones first, then farther (with a leader line)
+    _RING = [(dx, dy) for r in (6, 14, 26, 40) for dx, dy in
+             ((r, r * 0.6), (r, -r * 0.6), (-r, r * 0.6), (-r, -r * 0.6), (0, r), (0, -r), (r * 1.3, 0), (-r * 1.3, 0))]
+
+    def __init__(self, fig: Any, ax: Any, obstacles: list[Any]) -> None:
+        self.fig, self.ax = fig, ax
+        self.renderer = fig.canvas.get_renderer()
+        self.taken = list(obstacles)
+
+    def place(self, text: str, xy: tuple[float, float], *, fontsize: float) -> Any | None:
+        inside = self.ax.get_window_extent(self.renderer)
+        for dx, dy in self._RING:
+            far = math.hypot(dx, dy) > 10
+            ann = self.ax.annotate(
+                text, xy, xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                ha="left" if dx > 0 else ("right" if dx < 0 else "center"),
+                va="bottom" if dy > 0 else ("top" if dy < 0 else "center"),
+                arrowprops=dict(arrowstyle="-", color="0.55", lw=0.6, shrinkA=0, shrinkB=3) if far else None,
+                zorder=4,
+            )
+            box = ann.get_window_extent(self.renderer)
+            fits = (box.x0 >= inside.x0 and box.x1 <= inside.x1 and box.y0 >= inside.y0 and box.y1 <= inside.y1)
+            if fits and not any(_overlaps(box, other) for other in self.taken):
+                self.taken.append(box)
+                return ann
+            ann.remove()
+        return None
+
+
+def _marker_boxes(ax: Any, renderer: Any, xys: Sequence[tuple[float, float]], half: float) -> list[Any]:
+    from matplotlib.transforms import Bbox
+
+    boxes = []
+    for xy in xys:
+        px, py = ax.transData.transform(xy)
+        boxes.append(Bbox.from_extents(px - half, py - half, px + half, py + half))
+    return boxes
+
+
+def _draw_marks(ax: Any, points: Sequence[_Point], front: set[int]) -> None:
+    for i, p in enumerate(points):
+        if p.row.is_baseline:
+            ax.scatter([p.x], [p.y], marker="*", s=170, color="black", zorder=3)
+            continue
+        ax.scatter([p.x], [p.y], marker="o", s=46, color="tab:red" if i in front else "tab:blue", zorder=3)
+        if p.before is not None:
+            ax.annotate("", xy=(p.x, p.y), xytext=(p.x, p.before),
+                        arrowprops=dict(arrowstyle="->", color="0.6", lw=0.8), zorder=2)
+            ax.scatter([p.x], [p.before], marker="x", color="0.6", s=26, zorder=2)
+    front_xy = sorted((points[i].x, points[i].y) for i in front)
+    if len(front_xy) > 1:
+        ax.plot(*zip(*front_xy), color="tab:red", lw=1.1, ls="--", zorder=1)
+
+
+def _legend_handles(points: Sequence[_Point], front: set[int]) -> list[Any]:
+    """One legend entry per kind of mark that the plot actually shows."""
+    from matplotlib.lines import Line2D
+
+    compressed = [i for i, p in enumerate(points) if not p.row.is_baseline]
+    tuned = "after fine-tuning" if any(p.before is not None for p in points) else "compressed"
+    handles = []
+    if len(compressed) < len(points):
+        handles.append(Line2D([], [], ls="", marker="*", ms=11, color="black", label="baseline (dense)"))
+    if any(i in front for i in compressed):
+        handles.append(Line2D([], [], ls="", marker="o", ms=6.5, color="tab:red", label=f"{tuned}, on the Pareto front"))
+    if any(i not in front for i in compressed):
+        handles.append(Line2D([], [], ls="", marker="o", ms=6.5, color="tab:blue", label=f"{tuned}, dominated"))
+    if any(p.before is not None for p in points):
+        handles.append(Line2D([], [], ls="-", marker="x", ms=5, color="0.6", lw=0.8,
+                              label="before fine-tuning (arrow: fine-tuning gain)"))
+    if len(front) > 1:
+        handles.append(Line2D([], [], ls="--", color="tab:red", lw=1.1, label="Pareto front"))
+    return handles
+
+
+def _new_figure(points: Sequence[_Point], x: XAxis, title: str) -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    fig = Figure(figsize=(7.6, 4.8), dpi=_DPI)
+    FigureCanvasAgg(fig)  # the canvas whose renderer measures the labels
+    ax = fig.add_subplot()
+    ax.set_xscale("log")
+    lo, hi = _x_limits([p.x for p in points])
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(*_y_limits(points))
+    ax.xaxis.set_major_locator(FixedLocator(_nice_ticks(lo, hi)))
+    ax.xaxis.set_major_formatter(FuncFormatter(_tick_label))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(AXES[x] + ", log scale")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, which="major", alpha=0.3)
+    return fig, ax
+
+
+def _layout(fig: Any, ax: Any, handles: list[Any], key: list[str] | None) -> Any:
+    """Legend (and the numbered key) outside the axes, on the right; returns the legend."""
+    if key:
+        from matplotlib.lines import Line2D
+
+        handles = handles + [Line2D([], [], ls="", label=entry) for entry in key]
+    legend = ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7.5,
+                       frameon=False, borderaxespad=0.0, handlelength=1.6)
+    fig.tight_layout()
+    return legend
+
+
+def _label_points(fig: Any, ax: Any, points: Sequence[_Point], labels: Sequence[str], fontsize: float) -> bool:
+    """Place one label per point; False (and nothing left drawn) when some label finds no place."""
+    renderer = fig.canvas.get_renderer()
+    xys = [(p.x, p.y) for p in points] + [(p.x, p.before) for p in points if p.before is not None]
+    placer = _Placer(fig, ax, _marker_boxes(ax, renderer, xys, half=5.0))
+    placed = []
+    order = sorted(range(len(points)), key=lambda i: (points[i].x, -points[i].y))
+    for i in order:
+        ann = placer.place(labels[i], (points[i].x, points[i].y), fontsize=fontsize)
+        if ann is None:
+            for a in placed:
+                a.remove()
+            return False
+        placed.append(ann)
+    return True
+
+
+def _distinct_marks(ax: Any, points: Sequence[_Point]) -> list[Any]:
+    """Last resort: one marker/colour per point, named in the legend."""
+    from matplotlib.lines import Line2D
+
+    markers = "osD^v<>PXhp*"
+    colors = [f"C{i}" for i in range(10)]
+    handles = []
+    for i, p in enumerate(points):
+        style = dict(marker=markers[i % len(markers)], color=colors[(i // len(markers) + i) % len(colors)])
+        ax.scatter([p.x], [p.y], s=40, zorder=5, edgecolors="white", linewidths=0.5, **style)
+        handles.append(Line2D([], [], ls="", ms=6, label=p.row.model, **style))
+    return handles
+
+
+def tradeoff_figure(report: Report, *, x: XAxis = "params", title: str | None = None) -> Any:
+    """The trade-off plot as a matplotlib ``Figure`` (see :func:`plot_tradeoff`)."""
+    if x not in AXES:
+        raise UserInputError(f"x must be one of {', '.join(AXES)}; got {x!r}")
+    points = _points(report, x)
+    if not points:
+        what = "accuracy (run it with data)" if x == "params" else f"accuracy and a measured {x}"
+        raise UserInputError(f"the report has no model with {what} to plot")
+    front = {i for i in pareto_front([(p.x, p.y) for p in points]) if not points[i].row.is_baseline}
+
+    fig, ax = _new_figure(points, x, title or f"Accuracy vs compression — {report.dataset or 'model'}")
+    _draw_marks(ax, points, front)
+    handles = _legend_handles(points, front)
+    names = [p.row.model for p in points]
+    numbers = [str(i + 1) for i in range(len(points))]
+    _layout(fig, ax, handles, None)
+    if not _label_points(fig, ax, points, names, fontsize=8):
+        _layout(fig, ax, handles, [f"{n}  {name}" for n, name in zip(numbers, names)])
+        if not _label_points(fig, ax, points, numbers, fontsize=7.5):
+            ax.get_legend().remove()
+            _layout(fig, ax, handles + _distinct_marks(ax, points), None)
+    return fig
+
+
+def plot_tradeoff(
+    report: Report,
+    path: str | os.PathLike[str],
+    *,
+    x: XAxis = "params",
+    title: str | None = None,
+) -> Path:
+    """Draw accuracy against a compression ratio and write it atomically.
+
+    Parameters
+    ----------
+    report : Report
+        The measured models; rows without accuracy (or without the chosen ``x`` measured) are left
+        out.
+    path : str or PathLike
+        Output file; its extension picks the format: ``.png`` (150 dpi), ``.pdf`` or ``.svg``.
+    x : {"params", "flops", "size", "latency"}
+        The horizontal axis, as baseline / model: parameter compression, FLOP reduction, file size
+        reduction or speed-up (log scale, ticks at 1×, 2×, 5×, 10×, ...).
+    title : str, optional
+        Figure title (default: "Accuracy vs compression — DATASET").
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    dest = Path(path)
+    fmt = PLOT_SUFFIXES.get(dest.suffix.lower())
+    if fmt is None:
+        raise UserInputError(f"path must end in one of {', '.join(PLOT_SUFFIXES)}; got {dest.name!r}")
+    fig = tradeoff_figure(report, x=x, title=title)
+    with atomic_write(dest, "wb") as handle:
+        fig.savefig(handle, format=fmt, dpi=_DPI)
+    return dest
