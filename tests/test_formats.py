@@ -338,3 +338,13 @@ def test_layers_inside_a_factorized_layer_are_not_candidates():
     assert plan_layers(model, Plan()) == []
     with pytest.raises(PatternError, match="'0.core' matches no layer; layers are: 0$"):
         plan_layers(model, Plan(exclude=("0.core",)))
+
+
+def test_new_layers_work_with_calibration_reconstruct():
+    from ttcompress.calibration.reconstruct import dense_weight
+
+    conv = _double(nn.Conv2d(4, 6, 3, groups=2))
+    layer = Tucker2Conv2d.from_conv(conv, in_rank=2, out_rank=3)
+    assert torch.allclose(dense_weight(layer), conv.weight.reshape(6, -1), atol=TOL)
+    lin = _double(nn.Linear(5, 4))
+    assert torch.allclose(dense_weight(SVDLinear.from_linear(lin, rank=4)), lin.weight, atol=TOL)

@@ -168,6 +168,11 @@ class Tucker2Conv2d(nn.Module):
             parts.append(tucker2_reconstruct(core, u, v))
         return torch.cat(parts)
 
+    def dense_weight(self) -> torch.Tensor:
+        """The kernel as a ``(C_out, C_in/groups * kh * kw)`` matrix (differentiable), the form
+        :func:`ttcompress.calibration.reconstruct.dense_weight` works with."""
+        return self.kernel().reshape(self.out_channels, -1)
+
     def to_conv(self) -> nn.Conv2d:
         """The equivalent ``nn.Conv2d`` (same attributes, reconstructed kernel)."""
         w = self.core.weight
