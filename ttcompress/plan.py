@@ -2,29 +2,34 @@
 
 A :class:`Plan` holds
 
-* defaults per format: :class:`TTSettings` for ``nn.Linear`` → TT-matrix (``ranks``, ``eps``,
-  ``d``, modes) and :class:`CPSettings` for ``nn.Conv2d`` → CP (``rank`` or ``ratio``, extra ALS
-  options);
+* settings per registered format (:mod:`ttcompress.formats`): the ``tt`` and ``cp`` fields
+  (:class:`TTSettings` for ``nn.Linear`` → TT-matrix, :class:`CPSettings` for ``nn.Conv2d`` → CP,
+  the defaults), and ``settings`` for the others (``svd``, ``tucker2``, ``auto``);
+* ``formats``: the formats to use, the first one that compresses a layer's type wins;
 * ``layers`` / ``exclude``: glob patterns (:func:`fnmatch.fnmatchcase`) on qualified module names
-  (``layer1.0.conv1``; ``*`` also matches dots);
-* ``rules``: per-layer overrides, name pattern → format (``"tt"``, ``"cp"`` or ``"dense"``) and
+  (``layer1.0.conv1``; ``*`` also matches dots); a pattern that matches no layer is an error;
+* ``rules``: per-layer overrides, name pattern → format (a registered name or ``"dense"``) and
   ranks / eps / d / ratio. Every rule whose pattern matches applies, in order; a later rule's
   fields override an earlier one's (like CSS);
 * ``target_ratio``: a whole-model parameter compression to reach; per-layer ranks are then chosen
-  by :func:`plan_layers` (see "Rank allocation" there).
+  by :func:`plan_layers` (see "Rank allocation" there), and layers get the ``auto`` format unless
+  ``formats`` says otherwise.
 
-Plan files are YAML or JSON with the same keys as :meth:`Plan.to_dict`::
+Plan files are YAML or JSON with the same keys as :meth:`Plan.to_dict` (one section per format)::
 
     tt: {ranks: 8, d: 3}
     cp: {ratio: 4, options: {n_iter_max: 50}}
+    svd: {rank: 16}
+    formats: [svd]
     exclude: ["conv1"]
     rules:
       - {pattern: "fc", format: tt, ranks: 4}
-      - {pattern: "layer4.*", format: cp, ranks: 32}
+      - {pattern: "layer4.*", format: tucker2, ranks: [16, 32]}
       - {pattern: "classifier.*", format: dense}
 
-:func:`plan_layers` turns a plan and a model into one :class:`LayerDecision` per Linear/Conv2d
-(format, constructor options, predicted parameter counts, or the reason it stays dense).
+:func:`plan_layers` turns a plan and a model into one :class:`LayerDecision` per layer a format
+compresses (format, build options, predicted parameter counts, or the reason it stays dense); it
+never names a format itself but asks the registry.
 """
 
 from __future__ import annotations
@@ -459,7 +464,7 @@ def plan_from_options(
 def suggest_modes(
     in_features: int, out_features: int, *, d: int | None = None, ranks: int | Sequence[int] | None = None
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The ``(in_modes, out_modes)`` a TTLinear of this shape gets with ``d`` cores.
+    """The ``(in_modes, out_modes)`` a TT-matrix layer of this shape gets with ``d`` cores.
 
     Delegates to :func:`ttcompress.decompose.modes.choose_modes` (balanced modes, zero-padding
     sizes that factor badly, arranged for the smallest parameter count at ``ranks``; default 8).
