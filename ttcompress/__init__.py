@@ -17,6 +17,7 @@ from ttcompress._version import __version__
 from ttcompress.decompose.cp import CPDecomposition, cp_als, cp_param_count
 from ttcompress.decompose.modes import choose_modes
 from ttcompress.decompose.tt import TTMatrix, tt_param_count, tt_svd
+from ttcompress.formats import CompressionFormat, format_names, format_of, formats_for, get_format, register_format
 from ttcompress.io import get_meta, load, save
 from ttcompress.layers import LAYER_TYPES, CPConv2d, TTLinear
 from ttcompress.models import build_arch
@@ -38,6 +39,7 @@ _LAZY = {
 
 __all__ = [
     "LAYER_TYPES",
+    "CompressionFormat",
     "CPConv2d",
     "CPDecomposition",
     "CPSettings",
@@ -53,10 +55,15 @@ __all__ = [
     "compress_with_report",
     "cp_als",
     "cp_param_count",
+    "format_names",
+    "format_of",
+    "formats_for",
+    "get_format",
     "get_meta",
     "load",
     "load_plan",
     "plan_from_options",
+    "register_format",
     "save",
     "tt_param_count",
     "tt_svd",

@@ -2,238 +2,114 @@
 
 A :class:`Plan` holds
 
-* defaults per format: :class:`TTSettings` for ``nn.Linear`` → TT-matrix (``ranks``, ``eps``,
-  ``d``, modes) and :class:`CPSettings` for ``nn.Conv2d`` → CP (``rank`` or ``ratio``, extra ALS
-  options);
+* settings per registered format (:mod:`ttcompress.formats`): the ``tt`` and ``cp`` fields
+  (:class:`TTSettings` for ``nn.Linear`` → TT-matrix, :class:`CPSettings` for ``nn.Conv2d`` → CP,
+  the defaults), and ``settings`` for the others (``svd``, ``tucker2``, ``auto``);
+* ``formats``: the formats to use, the first one that compresses a layer's type wins;
 * ``layers`` / ``exclude``: glob patterns (:func:`fnmatch.fnmatchcase`) on qualified module names
-  (``layer1.0.conv1``; ``*`` also matches dots);
-* ``rules``: per-layer overrides, name pattern → format (``"tt"``, ``"cp"`` or ``"dense"``) and
+  (``layer1.0.conv1``; ``*`` also matches dots); a pattern that matches no layer is an error;
+* ``rules``: per-layer overrides, name pattern → format (a registered name or ``"dense"``) and
   ranks / eps / d / ratio. Every rule whose pattern matches applies, in order; a later rule's
   fields override an earlier one's (like CSS);
 * ``target_ratio``: a whole-model parameter compression to reach; per-layer ranks are then chosen
-  by :func:`plan_layers` (see "Rank allocation" there).
+  by :func:`plan_layers` (see "Rank allocation" there), and layers get the ``auto`` format unless
+  ``formats`` says otherwise.
 
-Plan files are YAML or JSON with the same keys as :meth:`Plan.to_dict`::
+Plan files are YAML or JSON with the same keys as :meth:`Plan.to_dict` (one section per format)::
 
     tt: {ranks: 8, d: 3}
     cp: {ratio: 4, options: {n_iter_max: 50}}
+    svd: {rank: 16}
+    formats: [svd]
     exclude: ["conv1"]
     rules:
       - {pattern: "fc", format: tt, ranks: 4}
-      - {pattern: "layer4.*", format: cp, ranks: 32}
+      - {pattern: "layer4.*", format: tucker2, ranks: [16, 32]}
       - {pattern: "classifier.*", format: dense}
 
-:func:`plan_layers` turns a plan and a model into one :class:`LayerDecision` per Linear/Conv2d
-(format, constructor options, predicted parameter counts, or the reason it stays dense).
+:func:`plan_layers` turns a plan and a model into one :class:`LayerDecision` per layer a format
+compresses (format, build options, predicted parameter counts, or the reason it stays dense); it
+never names a format itself but asks the registry.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import heapq
 import json
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
 from torch import nn
 
-from ttcompress.decompose.cp import cp_param_count, cp_rank_for_ratio
-from ttcompress.decompose.tt import tt_param_count, tt_ranks
+from ttcompress.decompose.modes import choose_modes
+from ttcompress.errors import TTCompressError
+from ttcompress.formats import (
+    DENSE,
+    CompressionFormat,
+    LayerDecision,
+    compressible,
+    default_format,
+    format_names,
+    get_format,
+    layer_classes,
+)
+from ttcompress.formats.base import dense_params
+from ttcompress.formats.checks import (
+    check_d,
+    check_eps,
+    check_keys,
+    check_modes,
+    check_patterns,
+    check_ranks,
+    check_ratio,
+    freeze_options,
+)
+from ttcompress.formats.cp import DEFAULT_CP_RATIO, CPSettings, cp_params, cp_rank_for
+from ttcompress.formats.tt import DEFAULT_TT_RANKS, TTSettings, tt_params
 
 __all__ = [
     "DEFAULT_CP_RATIO",
+    "PatternError",
     "DEFAULT_TT_RANKS",
     "CPSettings",
     "LayerDecision",
     "Plan",
     "Rule",
     "TTSettings",
+    "check_patterns_match",
+    "cp_params",
+    "cp_rank_for",
     "load_plan",
     "plan_from_options",
     "plan_layers",
     "save_plan",
     "suggest_modes",
+    "tt_params",
 ]
 
-Format = Literal["tt", "cp", "dense"]
-FORMATS: tuple[str, ...] = ("tt", "cp", "dense")
 
-#: TT max rank used when neither ranks nor eps is given anywhere.
-DEFAULT_TT_RANKS = 8
-#: CP compression factor per conv used when neither rank nor ratio is given anywhere.
-DEFAULT_CP_RATIO = 4.0
-
-
-# --------------------------------------------------------------------------------------------------
-# Validation helpers
-# --------------------------------------------------------------------------------------------------
-def _pos_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{what} must be a positive integer, got {value}")
-    return value
-
-
-def _ranks(value: Any, what: str) -> int | tuple[int, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise ValueError(f"{what} must not be empty")
-        return tuple(_pos_int(v, what) for v in value)
-    return _pos_int(value, what)
-
-
-def _modes(value: Any, what: str) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError(f"{what} must be a non-empty list of positive integers, got {value!r}")
-    return tuple(_pos_int(v, what) for v in value)
-
-
-def _eps(value: Any, what: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
-        raise ValueError(f"{what} must be a relative error in (0, 1), got {value!r}")
-    return float(value)
-
-
-def _ratio(value: Any, what: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 1.0:
-        raise ValueError(f"{what} must be a compression factor > 1, got {value!r}")
-    return float(value)
-
-
-def _d(value: Any, what: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ValueError(f"{what} must be an integer >= 2 (number of TT cores), got {value!r}")
-    return value
-
-
-def _patterns(value: Any, what: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{what} must be a list of glob patterns, got {value!r}")
-    out: list[str] = []
-    for v in value:
-        if not isinstance(v, str) or not v.strip():
-            raise ValueError(f"{what} must hold non-empty glob patterns, got {v!r}")
-        out.extend(p.strip() for p in v.split(",") if p.strip())
-    return tuple(out)
-
-
-def _check_keys(data: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(allowed)}")
-
-
-def _freeze_options(options: Any, what: str) -> tuple[tuple[str, Any], ...]:
-    if options is None:
-        return ()
-    if isinstance(options, Mapping):
-        items = list(options.items())
-    elif isinstance(options, (list, tuple)):
-        items = [tuple(kv) for kv in options]
-    else:
-        raise ValueError(f"{what} must be a mapping of keyword arguments, got {options!r}")
-    for k, v in items:
-        if not isinstance(k, str):
-            raise ValueError(f"{what}: keys must be strings, got {k!r}")
-        try:
-            json.dumps(v)
-        except (TypeError, ValueError):
-            raise ValueError(f"{what}[{k!r}] must be JSON-serializable, got {v!r}") from None
-    return tuple(sorted(items))
-
-
-# --------------------------------------------------------------------------------------------------
-# Plan data
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TTSettings:
-    """How ``nn.Linear`` layers become :class:`~ttcompress.layers.tt_linear.TTLinear`.
-
-    Parameters
-    ----------
-    ranks : int or tuple of int, optional
-        Max TT rank (int) or the full rank tuple ``(1, r1, ..., 1)``.
-    eps : float, optional
-        Relative Frobenius error per layer for TT-SVD, in (0, 1). With ``ranks`` too, both apply.
-    d : int, optional
-        Number of TT cores (>= 2); the layer's default when None.
-    in_modes, out_modes : tuple of int, optional
-        Explicit factorizations of in/out features (rules only, usually).
-    """
-
-    ranks: int | tuple[int, ...] | None = None
-    eps: float | None = None
-    d: int | None = None
-    in_modes: tuple[int, ...] | None = None
-    out_modes: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ranks", _ranks(self.ranks, "tt ranks (--tt-ranks)"))
-        object.__setattr__(self, "eps", _eps(self.eps, "tt eps (--tt-eps)"))
-        object.__setattr__(self, "d", _d(self.d, "tt d (--tt-d)"))
-        object.__setattr__(self, "in_modes", _modes(self.in_modes, "tt in_modes"))
-        object.__setattr__(self, "out_modes", _modes(self.out_modes, "tt out_modes"))
-
-
-@dataclass(frozen=True)
-class CPSettings:
-    """How ``nn.Conv2d`` layers become :class:`~ttcompress.layers.cp_conv.CPConv2d`.
-
-    Parameters
-    ----------
-    rank : int, optional
-        CP rank. Mutually exclusive with ``ratio``.
-    ratio : float, optional
-        Choose, per conv, the largest rank that compresses it by at least this factor (> 1).
-    options : tuple of (str, value), optional
-        Extra keyword arguments for ``CPConv2d.from_conv`` (e.g. ``n_iter_max``); a dict is
-        accepted and frozen.
-    """
-
-    rank: int | None = None
-    ratio: float | None = None
-    options: tuple[tuple[str, Any], ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "rank", None if self.rank is None else _pos_int(self.rank, "cp rank (--cp-ranks)"))
-        object.__setattr__(self, "ratio", _ratio(self.ratio, "cp ratio (--cp-ratio)"))
-        object.__setattr__(self, "options", _freeze_options(self.options, "cp options"))
-        if self.rank is not None and self.ratio is not None:
-            raise ValueError("cp rank (--cp-ranks) and cp ratio (--cp-ratio) are mutually exclusive; give one")
+class PatternError(TTCompressError, ValueError):
+    """A ``layers``/``exclude``/rule glob matches no layer of the model."""
 
 
 @dataclass(frozen=True)
 class Rule:
     """Override for the layers whose qualified name matches ``pattern`` (a glob).
 
-    ``ranks`` means the max TT rank for a TT layer and the CP rank for a CP layer; ``eps``,
-    ``d``, ``in_modes``, ``out_modes`` apply to TT, ``ratio`` and ``options`` to CP.
-    ``format="dense"`` keeps matching layers uncompressed.
+    ``format`` is any registered format name (:func:`ttcompress.formats.format_names`) or
+    ``"dense"`` (keep matching layers uncompressed). The other fields are handed to the chosen
+    format, which reads those it understands: ``ranks`` is the max TT rank for TT, the rank for
+    CP and SVD, the ``(in, out)`` ranks for Tucker-2; ``eps`` a relative error (TT, SVD); ``d``,
+    ``in_modes``, ``out_modes`` TT's; ``ratio`` a per-layer compression factor; ``options``
+    extra build options (CP-ALS, Tucker-2 HOOI).
     """
 
     pattern: str
-    format: Format | None = None
+    format: str | None = None
     ranks: int | tuple[int, ...] | None = None
     eps: float | None = None
     d: int | None = None
@@ -245,25 +121,49 @@ class Rule:
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, str) or not self.pattern.strip():
             raise ValueError(f"rule pattern must be a non-empty glob, got {self.pattern!r}")
-        if self.format is not None and self.format not in FORMATS:
-            raise ValueError(f"rule {self.pattern!r}: format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        allowed = (*format_names(), DENSE)
+        if self.format is not None and self.format not in allowed:
+            raise ValueError(f"rule {self.pattern!r}: format must be one of {', '.join(allowed)}, got {self.format!r}")
         where = f"rule {self.pattern!r}"
-        object.__setattr__(self, "ranks", _ranks(self.ranks, f"{where} ranks"))
-        object.__setattr__(self, "eps", _eps(self.eps, f"{where} eps"))
-        object.__setattr__(self, "d", _d(self.d, f"{where} d"))
-        object.__setattr__(self, "in_modes", _modes(self.in_modes, f"{where} in_modes"))
-        object.__setattr__(self, "out_modes", _modes(self.out_modes, f"{where} out_modes"))
-        object.__setattr__(self, "ratio", _ratio(self.ratio, f"{where} ratio"))
-        object.__setattr__(self, "options", _freeze_options(self.options, f"{where} options"))
+        object.__setattr__(self, "ranks", check_ranks(self.ranks, f"{where} ranks"))
+        object.__setattr__(self, "eps", check_eps(self.eps, f"{where} eps"))
+        object.__setattr__(self, "d", check_d(self.d, f"{where} d"))
+        object.__setattr__(self, "in_modes", check_modes(self.in_modes, f"{where} in_modes"))
+        object.__setattr__(self, "out_modes", check_modes(self.out_modes, f"{where} out_modes"))
+        object.__setattr__(self, "ratio", check_ratio(self.ratio, f"{where} ratio"))
+        object.__setattr__(self, "options", freeze_options(self.options, f"{where} options"))
         if self.ranks is not None and self.ratio is not None:
             raise ValueError(f"{where}: ranks and ratio are mutually exclusive")
 
     def matches(self, name: str) -> bool:
         return fnmatch.fnmatchcase(name, self.pattern)
 
+    def override(self) -> dict[str, Any]:
+        """The fields a format reads (all but ``pattern`` and ``format``) that are set."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("pattern", "format") and v is not None and v != ()}
+
 
 _RULE_KEYS = ("pattern", "format", "ranks", "rank", "eps", "d", "in_modes", "out_modes", "ratio", "options")
-_PLAN_KEYS = ("tt", "cp", "layers", "exclude", "rules", "target_ratio")
+_PLAN_KEYS = ("layers", "exclude", "rules", "target_ratio", "formats")
+#: Settings fields of a format (when set, the rank allocator of ``target_ratio`` cannot choose ranks).
+_RANK_FIELDS = ("rank", "ranks", "eps", "ratio")
+
+
+def _check_formats(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [p.strip() for p in value.split(",") if p.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"formats must be a list of format names, got {value!r}")
+    names = format_names()
+    for v in value:
+        if v not in names:
+            raise ValueError(f"formats: unknown format {v!r}; registered: {', '.join(names)}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"formats must not repeat a name, got {list(value)}")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -273,9 +173,9 @@ class Plan:
     Parameters
     ----------
     tt : TTSettings
-        Defaults for Linear layers.
+        Settings of the ``tt`` format (Linear layers by default).
     cp : CPSettings
-        Defaults for Conv2d layers.
+        Settings of the ``cp`` format (Conv2d layers by default).
     layers : tuple of str
         Only layers matching one of these globs are compressed (all when empty).
     exclude : tuple of str
@@ -284,6 +184,13 @@ class Plan:
         Per-layer overrides, applied in order.
     target_ratio : float, optional
         Whole-model parameter compression factor (> 1) to reach by choosing per-layer ranks.
+    formats : tuple of str
+        Registered format names to use: each layer gets the first one that compresses its type;
+        types none of them covers get ``auto`` when ``target_ratio`` is given, else their
+        default format (TT for Linear, CP for Conv2d).
+    settings : dict or tuple of (name, settings)
+        Settings of the other registered formats, by name (each an instance of that format's
+        ``settings`` class, or a dict of its fields); missing ones take their defaults.
     """
 
     tt: TTSettings = field(default_factory=TTSettings)
@@ -292,23 +199,27 @@ class Plan:
     exclude: tuple[str, ...] = ()
     rules: tuple[Rule, ...] = ()
     target_ratio: float | None = None
+    formats: tuple[str, ...] = ()
+    settings: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.tt, TTSettings):
-            raise TypeError(f"tt must be TTSettings, got {type(self.tt).__name__}")
-        if not isinstance(self.cp, CPSettings):
-            raise TypeError(f"cp must be CPSettings, got {type(self.cp).__name__}")
-        object.__setattr__(self, "layers", _patterns(self.layers, "layers (--layers)"))
-        object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude (--exclude)"))
+        for name in _field_formats():
+            fmt_settings = get_format(name).settings
+            if not isinstance(getattr(self, name), fmt_settings):
+                raise TypeError(f"{name} must be {fmt_settings.__name__}, got {type(getattr(self, name)).__name__}")
+        object.__setattr__(self, "layers", check_patterns(self.layers, "layers (--layers)"))
+        object.__setattr__(self, "exclude", check_patterns(self.exclude, "exclude (--exclude)"))
         rules = tuple(self.rules)
         for r in rules:
             if not isinstance(r, Rule):
                 raise TypeError(f"rules must hold Rule objects, got {type(r).__name__}")
         object.__setattr__(self, "rules", rules)
-        object.__setattr__(self, "target_ratio", _ratio(self.target_ratio, "target ratio (--target-ratio)"))
+        object.__setattr__(self, "target_ratio", check_ratio(self.target_ratio, "target ratio (--target-ratio)"))
+        object.__setattr__(self, "formats", _check_formats(self.formats))
+        object.__setattr__(self, "settings", _check_settings(self.settings))
         if self.target_ratio is not None:
-            fixed = [n for n, v in (("--tt-ranks", self.tt.ranks), ("--tt-eps", self.tt.eps),
-                                    ("--cp-ranks", self.cp.rank), ("--cp-ratio", self.cp.ratio)) if v is not None]
+            fixed = [f"{name} {k}" for name in format_names() for k in _RANK_FIELDS
+                     if getattr(self.settings_for(name), k, None) is not None]
             if fixed:
                 raise ValueError(
                     f"target ratio (--target-ratio) chooses the ranks itself; do not combine it with {', '.join(fixed)}"
@@ -316,56 +227,65 @@ class Plan:
             if any(r.eps is not None or r.ratio is not None for r in rules):
                 raise ValueError("target ratio (--target-ratio) cannot be combined with plan rules that set eps or ratio")
 
+    def settings_for(self, name: str) -> Any:
+        """The settings of format ``name`` (a field of the plan, an entry of ``settings``, or the defaults)."""
+        fmt = get_format(name)
+        if name in _field_formats():
+            return getattr(self, name)
+        return dict(self.settings).get(name) or fmt.settings()
+
+    def format_for(self, module: nn.Module, rule: Rule | None = None) -> str | None:
+        """Name of the format ``module`` gets (``"dense"`` by a rule; None when no format applies)."""
+        if rule is not None and rule.format is not None:
+            return rule.format
+        for name in self.formats:
+            if get_format(name).applies_to(module):
+                return name
+        if self.target_ratio is not None:
+            for fmt in _formats():
+                if fmt.default_under_target_ratio and fmt.applies_to(module):
+                    return fmt.name
+        fmt = default_format(module)
+        return None if fmt is None else fmt.name
+
     # ---- (de)serialization ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (the plan file format); ``None`` fields are left out."""
-
-        def clean(d: dict[str, Any]) -> dict[str, Any]:
-            out = {}
-            for k, v in d.items():
-                if v is None or v == ():
-                    continue
-                if k == "options":
-                    v = dict(v)
-                elif isinstance(v, tuple):
-                    v = list(v)
-                out[k] = v
-            return out
-
         data: dict[str, Any] = {}
-        if clean(asdict(self.tt)):
-            data["tt"] = clean(asdict(self.tt))
-        if clean(asdict(self.cp)):
-            data["cp"] = clean(asdict(self.cp))
+        for name in format_names():
+            section = get_format(name).settings_to_dict(self.settings_for(name))
+            if section:
+                data[name] = section
         if self.layers:
             data["layers"] = list(self.layers)
         if self.exclude:
             data["exclude"] = list(self.exclude)
         if self.rules:
-            data["rules"] = [clean(asdict(r)) for r in self.rules]
+            data["rules"] = [_rule_to_dict(r) for r in self.rules]
         if self.target_ratio is not None:
             data["target_ratio"] = self.target_ratio
+        if self.formats:
+            data["formats"] = list(self.formats)
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Plan:
         """Inverse of :meth:`to_dict`; unknown keys are a ``ValueError`` naming them."""
         data = dict(data or {})
-        _check_keys(data, _PLAN_KEYS, "plan")
-        tt = dict(data.get("tt") or {})
-        _check_keys(tt, ("ranks", "eps", "d", "in_modes", "out_modes"), "plan tt")
-        cp = dict(data.get("cp") or {})
-        _check_keys(cp, ("rank", "ranks", "ratio", "options"), "plan cp")
-        if "ranks" in cp:
-            if "rank" in cp:
-                raise ValueError("plan cp: give rank or ranks, not both")
-            cp["rank"] = cp.pop("ranks")
+        check_keys(data, (*format_names(), *_PLAN_KEYS), "plan")
+        own = _field_formats()
+        kwargs: dict[str, Any] = {}
+        others: dict[str, Any] = {}
+        for name in format_names():
+            if name in data:
+                settings = get_format(name).settings_from_dict(data[name])
+                (kwargs if name in own else others)[name] = settings
         rules_data = data.get("rules") or []
         if not isinstance(rules_data, list):
             raise ValueError("plan rules must be a list of {pattern: ..., ...} entries")
         rules = []
         for i, r in enumerate(rules_data):
-            _check_keys(r, _RULE_KEYS, f"plan rule #{i + 1}")
+            check_keys(r, _RULE_KEYS, f"plan rule #{i + 1}")
             r = dict(r)
             if "rank" in r:
                 if "ranks" in r:
@@ -375,12 +295,13 @@ class Plan:
                 raise ValueError(f"plan rule #{i + 1} has no pattern")
             rules.append(Rule(**r))
         return cls(
-            tt=TTSettings(**tt),
-            cp=CPSettings(**cp),
+            **kwargs,
             layers=data.get("layers") or (),
             exclude=data.get("exclude") or (),
             rules=tuple(rules),
             target_ratio=data.get("target_ratio"),
+            formats=data.get("formats") or (),
+            settings=others,
         )
 
     # ---- matching ---------------------------------------------------------------------------------
@@ -407,6 +328,41 @@ class Plan:
             last = [r for r in self.rules if r.matches(name) and (r.ranks is not None or r.ratio is not None)][-1]
             merged.pop("ratio" if last.ranks is not None else "ranks")
         return Rule(**merged)
+
+
+def _formats() -> tuple[CompressionFormat, ...]:
+    return tuple(get_format(n) for n in format_names())
+
+
+def _field_formats() -> tuple[str, ...]:
+    """Registered formats whose settings are a field of :class:`Plan` (the others go in ``settings``)."""
+    own = {f.name for f in fields(Plan)}
+    return tuple(n for n in format_names() if n in own)
+
+
+def _check_settings(value: Any) -> tuple[tuple[str, Any], ...]:
+    items = dict(value or {}) if isinstance(value, Mapping) else dict(value or ())
+    out = []
+    for name, s in items.items():
+        fmt = get_format(name)
+        if name in _field_formats():
+            raise ValueError(f"settings: give the {name} settings as the plan's {name} field")
+        if isinstance(s, Mapping):
+            s = fmt.settings_from_dict(s)
+        if not isinstance(s, fmt.settings):
+            raise TypeError(f"settings[{name!r}] must be {fmt.settings.__name__}, got {type(s).__name__}")
+        if s != fmt.settings():
+            out.append((name, s))
+    return tuple(sorted(out))
+
+
+def _rule_to_dict(rule: Rule) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in asdict(rule).items():
+        if v is None or v == ():
+            continue
+        out[k] = dict(v) if k == "options" else list(v) if isinstance(v, tuple) else v
+    return out
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -500,11 +456,13 @@ def plan_from_options(
     layers: Sequence[str] = (),
     exclude: Sequence[str] = (),
     target_ratio: float | None = None,
+    formats: Sequence[str] = (),
 ) -> Plan:
     """Build a plan from command-line style options, on top of an optional plan file.
 
-    Options given here override the file's defaults (``--cp-ranks`` replaces a file's
-    ``cp.ratio`` and vice versa); ``layers``/``exclude`` patterns are added to the file's.
+    Options given here override the file's defaults (``cp_ranks`` replaces a file's
+    ``cp.ratio`` and vice versa); ``layers``/``exclude`` patterns are added to the file's;
+    ``formats`` (registered names, each may be comma-separated) replace the file's.
     """
     base = load_plan(plan_file) if plan_file is not None else Plan()
     tt = base.tt
@@ -523,202 +481,106 @@ def plan_from_options(
         cp = CPSettings(rank=cp_ranks, options=cp.options)
     elif cp_ratio is not None:
         cp = CPSettings(ratio=cp_ratio, options=cp.options)
-    return Plan(
+    names = tuple(n for f in formats for n in check_patterns(f, "formats"))
+    return replace(
+        base,
         tt=tt,
         cp=cp,
-        layers=tuple(base.layers) + tuple(_patterns(list(layers), "layers (--layers)")),
-        exclude=tuple(base.exclude) + tuple(_patterns(list(exclude), "exclude (--exclude)")),
-        rules=base.rules,
+        layers=tuple(base.layers) + tuple(check_patterns(list(layers), "layers (--layers)")),
+        exclude=tuple(base.exclude) + tuple(check_patterns(list(exclude), "exclude (--exclude)")),
         target_ratio=target_ratio if target_ratio is not None else base.target_ratio,
+        formats=names or base.formats,
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# Parameter counts and modes (from the decompose package)
-# --------------------------------------------------------------------------------------------------
 def suggest_modes(
     in_features: int, out_features: int, *, d: int | None = None, ranks: int | Sequence[int] | None = None
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The ``(in_modes, out_modes)`` a TTLinear of this shape gets with ``d`` cores.
+    """The ``(in_modes, out_modes)`` a TT-matrix layer of this shape gets with ``d`` cores.
 
     Delegates to :func:`ttcompress.decompose.modes.choose_modes` (balanced modes, zero-padding
     sizes that factor badly, arranged for the smallest parameter count at ``ranks``; default 8).
     """
-    from ttcompress.decompose.modes import choose_modes
-
     return choose_modes(in_features, out_features, d=d, ranks=ranks if ranks is not None else DEFAULT_TT_RANKS)
-
-
-def tt_params(in_modes: Sequence[int], out_modes: Sequence[int], ranks: int | Sequence[int]) -> int:
-    """Parameters of the TT cores (no bias) for these modes and ranks (int = max-rank cap)."""
-    return int(tt_param_count(tuple(in_modes), tuple(out_modes), ranks if isinstance(ranks, int) else tuple(ranks)))
-
-
-def cp_params(out_channels: int, in_per_group: int, kh: int, kw: int, rank: int, groups: int = 1) -> int:
-    """Parameters of the CP factors (no bias) of a conv kernel at ``rank``."""
-    return int(cp_param_count(out_channels, in_per_group, kh, kw, rank, groups=groups))
-
-
-def _bias_params(module: nn.Module) -> int:
-    b = getattr(module, "bias", None)
-    return int(b.numel()) if isinstance(b, torch.Tensor) else 0
-
-
-def _dense_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def cp_rank_for(conv: nn.Conv2d, ratio: float) -> int:
-    """Largest CP rank whose layer (bias included) is at least ``ratio`` times smaller than ``conv``.
-
-    Returns 0 when even rank 1 does not reach ``ratio``.
-    """
-    out_c, in_g, kh, kw = conv.weight.shape
-    has_bias = conv.bias is not None
-    return int(cp_rank_for_ratio(out_c, in_g, kh, kw, ratio, conv.groups, bias=has_bias))
 
 
 # --------------------------------------------------------------------------------------------------
 # Layer decisions
 # --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LayerDecision:
-    """What the plan says for one Linear/Conv2d layer.
-
-    Attributes
-    ----------
-    name : str
-        Qualified module name (the first one, for a module shared under several names).
-    type : str
-        ``"Linear"`` or ``"Conv2d"``.
-    shape : tuple of int
-        Weight shape.
-    format : {"tt", "cp", "dense"}
-        ``"dense"`` when the layer is skipped.
-    options : dict
-        Keyword arguments for ``TTLinear.from_linear`` / ``CPConv2d.from_conv``.
-    params_before : int
-        Parameters of the dense layer (weight + bias).
-    params_after : int or None
-        Predicted parameters after compression (None when only ``eps`` fixes the ranks).
-    skipped : str or None
-        Why the layer stays dense.
-    aliases : tuple of str
-        Other names under which the same module object is reachable.
-    """
-
-    name: str
-    type: str
-    shape: tuple[int, ...]
-    format: Format
-    options: dict[str, Any]
-    params_before: int
-    params_after: int | None
-    skipped: str | None = None
-    aliases: tuple[str, ...] = ()
+Candidate = tuple[str, nn.Module, tuple[str, ...]]
 
 
-def _candidates(model: nn.Module) -> list[tuple[str, nn.Module, tuple[str, ...]]]:
+def _inside_factorized(model: nn.Module) -> set[int]:
+    """ids of the modules inside factorized layers (e.g. the convs of a Tucker-2 layer): not layers of their own."""
+    done = layer_classes()
+    return {id(sub) for m in model.modules() if isinstance(m, done) for sub in m.modules() if sub is not m}
+
+
+def _candidates(model: nn.Module) -> list[Candidate]:
+    """``(name, module, aliases)`` of every module some registered format compresses."""
     names: dict[int, list[str]] = {}
     mods: dict[int, nn.Module] = {}
+    inner = _inside_factorized(model)
     for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, nn.modules.lazy.LazyModuleMixin):
+        if compressible(m) and id(m) not in inner:
             names.setdefault(id(m), []).append(name)
             mods[id(m)] = m
     return [(ns[0], mods[i], tuple(ns[1:])) for i, ns in names.items()]
 
 
-def _decide(
-    name: str, module: nn.Module, aliases: tuple[str, ...], plan: Plan, score_ranks: int | None = None
-) -> LayerDecision:
-    kind = "Linear" if isinstance(module, nn.Linear) else "Conv2d"
-    shape = tuple(module.weight.shape)
-    before = _dense_params(module)
+def _kind(module: nn.Module) -> str:
+    """The dense type a format targets (``Linear`` for a Linear subclass too)."""
+    for fmt in _formats():
+        for t in fmt.targets:
+            if isinstance(module, t):
+                return t.__name__
+    return type(module).__name__
+
+
+def _decide(name: str, module: nn.Module, aliases: tuple[str, ...], plan: Plan, *, lowest: bool = False) -> LayerDecision:
+    before = dense_params(module)
 
     def dense(reason: str) -> LayerDecision:
-        return LayerDecision(name, kind, shape, "dense", {}, before, before, reason, aliases)
+        return LayerDecision(name, _kind(module), tuple(module.weight.shape), DENSE, {}, before, before, reason, aliases)
 
     reason = plan.selects(name)
     if reason is not None:
         return dense(reason)
     rule = plan.merged_rule(name)
-    default_fmt = "tt" if kind == "Linear" else "cp"
-    fmt = (rule.format if rule is not None and rule.format is not None else default_fmt)
-    if fmt == "dense":
+    fmt_name = plan.format_for(module, rule)
+    if fmt_name == DENSE:
         return dense("plan rule: dense")
-    if fmt != default_fmt:
-        return dense(f"format {fmt} does not apply to {kind} (use {default_fmt})")
-    bias = _bias_params(module)
+    if fmt_name is None:
+        return dense(f"no registered format compresses {type(module).__name__}")
+    fmt = get_format(fmt_name)
+    if not fmt.applies_to(module):
+        usable = ", ".join(f.name for f in _formats() if f.applies_to(module))
+        return dense(f"format {fmt_name} does not apply to {_kind(module)} (use {usable})")
+    override = rule.override() if rule is not None else {}
+    decision = fmt.decide(module, name, plan.settings_for(fmt_name), override=override, aliases=aliases,
+                          lowest=lowest, settings_of=plan.settings_for)
+    return replace(decision, type=_kind(module))
 
-    if fmt == "tt":
-        s = plan.tt
-        ranks = s.ranks
-        eps = s.eps
-        d = s.d
-        in_modes, out_modes = s.in_modes, s.out_modes
-        if rule is not None:
-            if rule.ranks is not None or rule.eps is not None:  # a rule's ranks/eps replace both defaults
-                ranks, eps = rule.ranks, rule.eps
-            d = rule.d if rule.d is not None else d
-            in_modes = rule.in_modes if rule.in_modes is not None else in_modes
-            out_modes = rule.out_modes if rule.out_modes is not None else out_modes
-        if ranks is None and eps is None:
-            ranks = DEFAULT_TT_RANKS
-        out_f, in_f = shape
-        if in_modes is None or out_modes is None:
-            d_eff = d if d is not None else (len(in_modes or out_modes or ()) or None)
-            sug_in, sug_out = suggest_modes(in_f, out_f, d=d_eff, ranks=score_ranks or ranks)
-            in_modes = in_modes or sug_in
-            out_modes = out_modes or sug_out
-        from ttcompress.decompose.modes import validate_modes
 
-        try:
-            in_modes = validate_modes(in_modes, in_f, name="in_modes")
-            out_modes = validate_modes(out_modes, out_f, name="out_modes", d=len(in_modes))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"layer {name!r} ({in_f} -> {out_f}): {exc}") from None
-        options: dict[str, Any] = {"ranks": list(ranks) if isinstance(ranks, tuple) else ranks, "eps": eps,
-                                   "in_modes": list(in_modes), "out_modes": list(out_modes)}
-        if len(in_modes) < 2:
-            return dense(f"{in_f}x{out_f} cannot be split into TT cores")
-        after = None if ranks is None else tt_params(in_modes, out_modes, ranks) + bias
-        if after is not None and after >= before:
-            return LayerDecision(name, kind, shape, "dense", options, before, after,
-                                 f"would not shrink at TT ranks {ranks} ({after} >= {before} params)", aliases)
-        return LayerDecision(name, kind, shape, "tt", options, before, after, None, aliases)
+def check_patterns_match(plan: Plan, names: Sequence[str]) -> None:
+    """Raise :class:`PatternError` if a ``layers``/``exclude``/rule glob of ``plan`` matches none of ``names``.
 
-    # fmt == "cp"
-    conv: nn.Conv2d = module  # type: ignore[assignment]
-    if conv.groups > 1:
-        if conv.groups == conv.in_channels:
-            return dense("depthwise conv")
-        return dense(f"grouped conv (groups={conv.groups}) unsupported")
-    s = plan.cp
-    rank, ratio = s.rank, s.ratio
-    options = dict(s.options)
-    if rule is not None:
-        if rule.ranks is not None or rule.ratio is not None:
-            if isinstance(rule.ranks, tuple):
-                raise ValueError(f"rule {rule.pattern!r}: a CP layer takes one integer rank, got {list(rule.ranks)}")
-            rank, ratio = rule.ranks, rule.ratio  # type: ignore[assignment]
-        options.update(dict(rule.options))
-    if rank is None and ratio is None:
-        ratio = DEFAULT_CP_RATIO
-    if rank is None:
-        rank = cp_rank_for(conv, ratio)  # type: ignore[arg-type]
-        if rank < 1:
-            return dense(f"would not shrink {ratio:g}x even at CP rank 1")
-    out_c, in_g, kh, kw = shape
-    after = cp_params(out_c, in_g, kh, kw, rank, conv.groups) + bias
-    options = {"rank": rank, **options}
-    if after >= before:
-        return LayerDecision(name, kind, shape, "dense", options, before, after,
-                             f"would not shrink at CP rank {rank} ({after} >= {before} params)", aliases)
-    return LayerDecision(name, kind, shape, "cp", options, before, after, None, aliases)
+    The message names the pattern and the closest layer names (:func:`difflib.get_close_matches`).
+    """
+    groups = (("layers", plan.layers), ("exclude", plan.exclude), ("rule", tuple(r.pattern for r in plan.rules)))
+    for what, patterns in groups:
+        for p in patterns:
+            if any(fnmatch.fnmatchcase(n, p) for n in names):
+                continue
+            close = difflib.get_close_matches(p, list(names), n=3, cutoff=0.5)
+            hint = (f"closest: {', '.join(close)}" if close else
+                    f"layers are: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}" if names else
+                    "the model has no compressible layer")
+            raise PatternError(f"{what} pattern {p!r} matches no layer; {hint}")
 
 
 def plan_layers(model: nn.Module, plan: Plan) -> list[LayerDecision]:
-    """Decide, for every ``nn.Linear`` and ``nn.Conv2d`` of ``model``, what the plan does with it.
+    """Decide, for every layer of ``model`` a registered format compresses, what the plan does with it.
 
     Parameters
     ----------
@@ -732,14 +594,21 @@ def plan_layers(model: nn.Module, plan: Plan) -> list[LayerDecision]:
     list of LayerDecision
         In module order. Layers that stay dense carry the reason in ``skipped``.
 
+    Raises
+    ------
+    PatternError
+        A ``layers``, ``exclude`` or rule pattern matches no layer (dense or already compressed).
+
     Notes
     -----
     **Rank allocation for** ``target_ratio``. The budget is ``total params / target_ratio``.
-    Every selected layer starts at rank 1; then ranks are raised one step at a time, always on the
-    layer whose next step buys the largest decrease of the estimated squared relative error per
-    added parameter (a greedy marginal-gain allocation, as in rank-selection methods for low-rank
-    compression), as long as the step fits the budget. A layer never grows to a rank at which it
-    would not shrink. The errors are estimated from singular values, without decomposing:
+    Every selected layer starts at its lowest rank; then ranks are raised one step at a time,
+    always on the layer whose next step buys the largest decrease of the estimated squared
+    relative error per added parameter (a greedy marginal-gain allocation, as in rank-selection
+    methods for low-rank compression), as long as the step fits the budget. A layer never grows
+    to a rank at which it would not shrink. Each format gives its steps and error estimates
+    (:meth:`~ttcompress.formats.base.CompressionFormat.ladder`), computed from singular values
+    without decomposing, e.g.
 
     * TT (uniform max rank ``r``): TT-SVD's bound ``||W - W_r||^2 <= sum_k tail_k(r)^2``, where
       ``tail_k(r)`` is the error of the best rank-``r`` approximation of the ``k``-th unfolding of
@@ -749,7 +618,8 @@ def plan_layers(model: nn.Module, plan: Plan) -> list[LayerDecision]:
       CP error [Kolda & Bader 2009]; it serves as a cheap proxy.
 
     Layers fixed by a rule (explicit ``ranks``) keep their ranks and count as fixed parameters.
-    If rank 1 everywhere still exceeds the budget, a ``ValueError`` gives the best ratio reachable.
+    If the lowest rank everywhere still exceeds the budget, a ``ValueError`` gives the best ratio
+    reachable.
 
     References
     ----------
@@ -761,66 +631,65 @@ def plan_layers(model: nn.Module, plan: Plan) -> list[LayerDecision]:
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a Plan, got {type(plan).__name__}")
     cands = _candidates(model)
+    done = layer_classes()
+    inner = _inside_factorized(model)
+    names = [n for n, m in model.named_modules(remove_duplicate=False)
+             if id(m) not in inner and (compressible(m) or isinstance(m, done))]
+    check_patterns_match(plan, names)
     if plan.target_ratio is None:
         return [_decide(n, m, a, plan) for n, m, a in cands]
     return _allocate(model, cands, plan)
 
 
 # ---- target-ratio allocation -------------------------------------------------------------------
-def _tails(mat: torch.Tensor) -> torch.Tensor:
-    """tail[r] = sum_{j >= r} s_j^2 (squared error of the best rank-r approximation), r = 0..len."""
-    a = mat.to(torch.float64)
-    gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a  # squared singular values = its eigenvalues
-    s2 = torch.linalg.eigvalsh(gram).clamp_min(0.0).flip(0)  # descending
-    sq = s2.flip(0).cumsum(0).flip(0)
-    return torch.cat([sq, sq.new_zeros(1)])
+def _greedy(ladders: Mapping[int, Any], spent: int, budget: float) -> dict[int, int]:
+    """Raise levels where the error drops most per parameter while the budget allows; idx -> level."""
+    level = {idx: 0 for idx in ladders}
+    heap: list[tuple[float, int, int]] = []
+
+    def push(idx: int) -> None:
+        params, errs = ladders[idx].params, ladders[idx].errors
+        k = level[idx]
+        if k + 1 < len(params):
+            cost = params[k + 1] - params[k]
+            gain = errs[k] - errs[k + 1]
+            heapq.heappush(heap, (-(gain / max(cost, 1)), idx, k))
+
+    for idx in ladders:
+        push(idx)
+    while heap:
+        _neg, idx, k = heapq.heappop(heap)
+        if level[idx] != k:
+            continue
+        params = ladders[idx].params
+        cost = params[k + 1] - params[k]
+        if spent + cost > budget:
+            continue  # this layer cannot grow further; others may
+        spent += cost
+        level[idx] = k + 1
+        push(idx)
+    return level
 
 
-def _tt_error_curve(weight: torch.Tensor, in_modes: Sequence[int], out_modes: Sequence[int], rmax: int) -> list[float]:
-    d = len(in_modes)
-    w = weight.detach().to(torch.float64)
-    pad_out, pad_in = math.prod(out_modes) - w.shape[0], math.prod(in_modes) - w.shape[1]
-    if pad_out or pad_in:  # modes may zero-pad the layer's sizes
-        w = torch.nn.functional.pad(w, (0, pad_in, 0, pad_out))
-    w = w.reshape(*out_modes, *in_modes)
-    perm = [x for k in range(d) for x in (k, d + k)]
-    t = w.permute(*perm).reshape([out_modes[k] * in_modes[k] for k in range(d)])
-    norm2 = float(t.square().sum()) or 1.0
-    sizes = list(t.shape)
-    tails = []
-    for k in range(1, d):
-        tails.append(_tails(t.reshape(math.prod(sizes[:k]), -1)))
-    out = []
-    for r in range(1, rmax + 1):
-        e2 = sum(float(tl[min(r, len(tl) - 1)]) for tl in tails)
-        out.append(e2 / norm2)
-    return out
-
-
-def _cp_error_curve(weight: torch.Tensor, rmax: int) -> list[float]:
-    w = weight.detach().to(torch.float64)
-    o, i, kh, kw = w.shape
-    norm2 = float(w.square().sum()) or 1.0
-    unfold = [w.reshape(o, -1), w.permute(1, 0, 2, 3).reshape(i, -1), w.permute(2, 3, 0, 1).reshape(kh * kw, -1)]
-    tails = [_tails(u) for u in unfold]
-    return [max(float(tl[min(r, len(tl) - 1)]) for tl in tails) / norm2 for r in range(1, rmax + 1)]
-
-
-def _allocate(model: nn.Module, cands: list[tuple[str, nn.Module, tuple[str, ...]]], plan: Plan) -> list[LayerDecision]:
+def _allocate(model: nn.Module, cands: list[Candidate], plan: Plan) -> list[LayerDecision]:
     target = float(plan.target_ratio)  # type: ignore[arg-type]
     total = sum(p.numel() for p in model.parameters())
     budget = total / target
-    # First pass with rank 1 everywhere (rules with explicit ranks keep theirs).
-    base_plan = replace(plan, target_ratio=None, tt=replace(plan.tt, ranks=1), cp=CPSettings(rank=1, options=plan.cp.options))
-    decisions = [_decide(n, m, a, base_plan, score_ranks=DEFAULT_TT_RANKS) for n, m, a in cands]
-    free: list[int] = []
-    for idx, (dec, (name, _m, _a)) in enumerate(zip(decisions, cands)):
+    # types the plan's formats do not cover get the target-ratio default (auto)
+    extra = tuple(f.name for f in _formats() if f.default_under_target_ratio and f.name not in plan.formats)
+    base = replace(plan, target_ratio=None, formats=plan.formats + extra)
+    decisions: list[LayerDecision] = []
+    ladders: dict[int, Any] = {}
+    for idx, (name, module, aliases) in enumerate(cands):
         rule = plan.merged_rule(name)
         fixed = rule is not None and rule.ranks is not None
-        if fixed:
-            decisions[idx] = _decide(name, _m, _a, replace(plan, target_ratio=None))
-        elif dec.skipped is None:
-            free.append(idx)
+        dec = _decide(name, module, aliases, base, lowest=not fixed)
+        decisions.append(dec)
+        if not fixed and dec.skipped is None:
+            ladder = get_format(dec.format).ladder(module, dec)
+            if ladder is not None and ladder.params:
+                ladders[idx] = ladder
+                decisions[idx] = replace(dec, options=ladder.options[0], params_after=ladder.params[0])
     fixed_params = total - sum(d.params_before for d in decisions) + sum(
         (d.params_after if d.skipped is None and d.params_after is not None else d.params_before) for d in decisions
     )
@@ -829,67 +698,7 @@ def _allocate(model: nn.Module, cands: list[tuple[str, nn.Module, tuple[str, ...
             f"target ratio (--target-ratio) {target:g} is out of reach: rank 1 in every compressible layer gives "
             f"{total / fixed_params:.2f}x ({fixed_params} of {total} params)"
         )
-    # Ladders: params(r) and estimated squared relative error(r), r = 1..rmax.
-    ladders: dict[int, tuple[list[int], list[float]]] = {}
-    for idx in free:
-        dec = decisions[idx]
-        module = cands[idx][1]
-        bias = _bias_params(module)
-        params: list[int] = []
-        if dec.format == "tt":
-            in_m, out_m = dec.options["in_modes"], dec.options["out_modes"]
-            full = max(tt_ranks(in_m, out_m, 10**9))
-            for r in range(1, full + 1):
-                p = tt_params(in_m, out_m, r) + bias
-                if p >= dec.params_before:
-                    break
-                params.append(p)
-            errs = _tt_error_curve(module.weight, in_m, out_m, len(params))
-        else:
-            o, i, kh, kw = dec.shape
-            r = 1
-            while True:
-                p = cp_params(o, i, kh, kw, r, 1) + bias
-                if p >= dec.params_before:
-                    break
-                params.append(p)
-                r += 1
-            errs = _cp_error_curve(module.weight, len(params))
-        ladders[idx] = (params, errs)
-    level = {idx: 0 for idx in free}  # index into the ladder (rank = level + 1)
-    spent = fixed_params
-    heap: list[tuple[float, int, int]] = []
-
-    def push(idx: int) -> None:
-        params, errs = ladders[idx]
-        k = level[idx]
-        if k + 1 < len(params):
-            cost = params[k + 1] - params[k]
-            gain = errs[k] - errs[k + 1]
-            heapq.heappush(heap, (-(gain / max(cost, 1)), idx, k))
-
-    for idx in free:
-        push(idx)
-    while heap:
-        _neg, idx, k = heapq.heappop(heap)
-        if level[idx] != k:
-            continue
-        params, _ = ladders[idx]
-        cost = params[k + 1] - params[k]
-        if spent + cost > budget:
-            continue  # this layer cannot grow further; others may
-        spent += cost
-        level[idx] = k + 1
-        push(idx)
-    for idx in free:
-        dec = decisions[idx]
-        rank = level[idx] + 1
-        params, _ = ladders[idx]
-        opts = dict(dec.options)
-        if dec.format == "tt":
-            opts["ranks"] = rank
-            opts["eps"] = None
-        else:
-            opts["rank"] = rank
-        decisions[idx] = replace(dec, options=opts, params_after=params[level[idx]])
+    for idx, k in _greedy(ladders, fixed_params, budget).items():
+        ladder = ladders[idx]
+        decisions[idx] = replace(decisions[idx], options=ladder.options[k], params_after=ladder.params[k])
     return decisions

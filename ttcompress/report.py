@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ttcompress.errors import UserInputError, refused_input
+from ttcompress.formats import format_of
 
 __all__ = [
     "LayerRow",
@@ -216,23 +217,32 @@ def layer_rows(model: nn.Module) -> tuple[LayerRow, ...]:
 
     rows = []
     for name, record in get_meta(model)["layers"].items():
-        config = record.get("config", {})
-        ranks = config.get("ranks", config.get("rank"))
-        if isinstance(ranks, (list, tuple)):
-            ranks_text = "(" + ",".join(str(r) for r in ranks) + ")"
-        else:
-            ranks_text = str(ranks)
         rows.append(
             LayerRow(
                 name=name,
                 format=str(record.get("format", "?")).upper(),
-                ranks=ranks_text,
+                ranks=_ranks_text(model, name, record.get("config", {})),
                 params_before=int(record.get("params_before", 0)),
                 params_after=int(record.get("params_after", 0)),
                 rel_error=record.get("rel_error"),
             )
         )
     return tuple(rows)
+
+
+def _ranks_text(model: nn.Module, name: str, config: Any) -> str:
+    """The layer's ranks as its format describes them, else as recorded in its config."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        layer = None
+    fmt = format_of(layer) if layer is not None else None
+    if fmt is not None:
+        return fmt.describe(layer).text
+    ranks = config.get("ranks", config.get("rank")) if isinstance(config, dict) else None
+    if isinstance(ranks, (list, tuple)):
+        return "(" + ",".join(str(r) for r in ranks) + ")"
+    return str(ranks)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

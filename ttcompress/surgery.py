@@ -24,11 +24,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from ttcompress.formats import DENSE, format_of, get_format, layer_classes
+from ttcompress.formats.base import build_note
 from ttcompress.io import get_meta, load_checkpoint, save, update_meta
-from ttcompress.layers import LAYER_TYPES, TTLinear
-from ttcompress.plan import DEFAULT_CP_RATIO, LayerDecision, Plan, plan_layers
+from ttcompress.plan import LayerDecision, Plan, plan_layers
 
 __all__ = [
     "CompressionResult",
@@ -87,27 +89,18 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return root
 
 
-def build_replacement(module: nn.Module, decision: LayerDecision) -> nn.Module:
-    """Decompose ``module`` as ``decision`` says (``TTLinear.from_linear`` / ``CPConv2d.from_conv``)."""
-    types = LAYER_TYPES
-    opts = {k: v for k, v in decision.options.items() if v is not None}
-    if decision.format == "tt":
-        if isinstance(opts.get("ranks"), list):
-            opts["ranks"] = tuple(opts["ranks"])
-        for key in ("in_modes", "out_modes"):
-            if key in opts:
-                opts[key] = tuple(opts[key])
-        for what in ("weight", "bias"):  # name the layer (TT-SVD alone cannot); a NaN bias would pass
-            tensor = getattr(module, what, None)
-            if tensor is not None and not bool(tensor.isfinite().all()):
-                raise ValueError(f"layer {decision.name!r} has NaN or Inf {what} values; cannot decompose it")
-        new = types["tt"].from_linear(module, **opts)
-    elif decision.format == "cp":
-        rank = opts.pop("rank")
-        opts.setdefault("name", decision.name)  # degenerate-fit warnings name the layer
-        new = types["cp"].from_conv(module, rank=rank, **opts)
-    else:
+def build_replacement(module: nn.Module, decision: LayerDecision, *, calib: Any = None) -> nn.Module:
+    """Decompose ``module`` as ``decision`` says, with the decision's registered format.
+
+    ``calib`` (optional calibration statistics) is passed to the format's ``build``.
+    """
+    if decision.format == DENSE:
         raise ValueError(f"layer {decision.name!r}: nothing to build for format {decision.format!r}")
+    for what in ("weight", "bias"):  # name the layer (a decomposition alone cannot); a NaN bias would pass
+        tensor = getattr(module, what, None)
+        if isinstance(tensor, torch.Tensor) and not bool(tensor.isfinite().all()):
+            raise ValueError(f"layer {decision.name!r} has NaN or Inf {what} values; cannot decompose it")
+    new = get_format(decision.format).build(module, decision.options, calib=calib, name=decision.name)
     weight = getattr(module, "weight", None)
     if weight is not None:
         new = new.to(device=weight.device)
@@ -121,9 +114,11 @@ def build_replacement(module: nn.Module, decision: LayerDecision) -> nn.Module:
 class LayerRecord:
     """One Linear/Conv2d of a compression run (a row of the decompose table).
 
-    ``format`` is ``"tt"``, ``"cp"`` or ``"dense"`` (then ``skipped`` says why). ``ranks`` is the
-    full TT rank tuple, or ``(rank,)`` for CP. ``rel_error`` is the relative Frobenius
-    reconstruction error of the weight, ``seconds`` the decomposition wall time.
+    ``format`` is a registered format name or ``"dense"`` (then ``skipped`` says why). ``ranks``
+    and the modes come from the format's ``describe`` (e.g. the full TT rank tuple, or
+    ``(rank,)`` for CP), ``detail`` is their table cell. ``rel_error`` is the relative Frobenius
+    reconstruction error of the weight, ``seconds`` the decomposition wall time, ``note`` why the
+    format was chosen (``auto``).
     """
 
     name: str
@@ -139,6 +134,8 @@ class LayerRecord:
     seconds: float | None = None
     skipped: str | None = None
     aliases: tuple[str, ...] = ()
+    detail: str | None = None
+    note: str | None = None
 
     @property
     def ratio(self) -> float:
@@ -169,7 +166,7 @@ class CompressionResult:
 
     @property
     def compressed(self) -> tuple[LayerRecord, ...]:
-        return tuple(r for r in self.records if r.format != "dense")
+        return tuple(r for r in self.records if r.format != DENSE)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -232,7 +229,7 @@ def compress_with_report(
     decisions = plan_layers(model, plan)
     if filter_fn is not None:
         decisions = [
-            LayerDecision(d.name, d.type, d.shape, "dense", {}, d.params_before, d.params_before,
+            LayerDecision(d.name, d.type, d.shape, DENSE, {}, d.params_before, d.params_before,
                           "filtered out by filter_fn", d.aliases)
             if d.skipped is None and not filter_fn(get_submodule(model, d.name), d.name) else d
             for d in decisions
@@ -253,41 +250,49 @@ def compress_with_report(
     root = model
     for d in decisions:
         if d.name not in built:
-            records.append(LayerRecord(d.name, d.type, d.shape, "dense", d.params_before, d.params_before,
+            records.append(LayerRecord(d.name, d.type, d.shape, DENSE, d.params_before, d.params_before,
                                        skipped=d.skipped, aliases=d.aliases))
             continue
         new, seconds = built[d.name]
-        after = _count(new)
-        rel_error = getattr(new, "rel_error", None)
-        rel_error = None if rel_error is None else float(rel_error)
-        if after >= d.params_before:
-            records.append(LayerRecord(
-                d.name, d.type, d.shape, "dense", d.params_before, d.params_before, rel_error=rel_error,
-                seconds=seconds, skipped=f"would not shrink ({d.format.upper()} needs {after} >= {d.params_before} params)",
-                aliases=d.aliases))
+        record, meta = _record(d, new, seconds)
+        records.append(record)
+        if record.format == DENSE:
             continue
         for name in (d.name, *d.aliases):
             root = set_submodule(root, name, new)
-        if d.format == "tt":
-            ranks = tuple(int(r) for r in new.ranks)
-            in_modes, out_modes = tuple(new.in_modes), tuple(new.out_modes)
-        else:
-            ranks = (int(getattr(new, "rank", new.config().get("rank"))),)
-            in_modes = out_modes = None
-        records.append(LayerRecord(d.name, d.type, d.shape, d.format, d.params_before, after, in_modes, out_modes,
-                                   ranks, rel_error, seconds, None, d.aliases))
-        rec = {"format": d.format, "config": new.config(), "rel_error": rel_error, "seconds": seconds,
-               "params_before": d.params_before, "params_after": after}
-        try:  # stored as JSON in checkpoints: keep the in-memory record identical to a reloaded one
-            rec = json.loads(json.dumps(rec))
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"layer {d.name!r}: config() is not JSON-serializable: {exc}") from None
-        for name in (d.name, *d.aliases):
-            meta_layers[name] = rec
+            meta_layers[name] = meta
     if root is not model and not hasattr(root, "ttcompress_meta"):
         object.__setattr__(root, "ttcompress_meta", get_meta(model))
     update_meta(root, layers=meta_layers)
     return CompressionResult(root, tuple(records), before, _count(root), plan)
+
+
+def _record(d: LayerDecision, new: nn.Module, seconds: float) -> tuple[LayerRecord, dict[str, Any]]:
+    """The table record and the checkpoint record of a built layer (dense if it does not shrink)."""
+    after = _count(new)
+    rel_error = getattr(new, "rel_error", None)
+    rel_error = None if rel_error is None else float(rel_error)
+    fmt = format_of(new)
+    if fmt is None:
+        raise TypeError(f"layer {d.name!r}: format {d.format!r} built a {type(new).__name__}, which no format owns")
+    note = build_note(new)
+    if after >= d.params_before:
+        return LayerRecord(
+            d.name, d.type, d.shape, DENSE, d.params_before, d.params_before, rel_error=rel_error, seconds=seconds,
+            skipped=f"would not shrink ({fmt.name.upper()} needs {after} >= {d.params_before} params)",
+            aliases=d.aliases, note=note), {}
+    desc = fmt.describe(new)
+    record = LayerRecord(d.name, d.type, d.shape, fmt.name, d.params_before, after, desc.in_modes, desc.out_modes,
+                         desc.ranks, rel_error, seconds, None, d.aliases, desc.text, note)
+    meta = {"format": fmt.name, "config": new.config(), "rel_error": rel_error, "seconds": seconds,
+            "params_before": d.params_before, "params_after": after}
+    if note is not None:
+        meta["note"] = note
+    try:  # stored as JSON in checkpoints: keep the in-memory record identical to a reloaded one
+        meta = json.loads(json.dumps(meta))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"layer {d.name!r}: config() is not JSON-serializable: {exc}") from None
+    return record, meta
 
 
 def compress(
@@ -395,6 +400,7 @@ class LayerSummary:
     suggestion: str | None = None
     params_before: int | None = None
     rel_error: float | None = None
+    detail: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -423,54 +429,50 @@ class ModelSummary:
 
 
 def summarize(model: nn.Module, *, plan: Plan | None = None, kind: str = "model") -> ModelSummary:
-    """Describe ``model``: every Linear/Conv2d and compressed layer with its parameter share.
+    """Describe ``model``: every compressible and compressed layer with its parameter share.
 
-    Dense layers say whether ``plan`` (default ``Plan()``) would compress them, with the TT modes
-    or CP rank it would use; compressed layers show their recorded format, modes and ranks.
+    Dense layers say whether ``plan`` (default ``Plan()``) would compress them, with what the
+    plan's format would build (the format's ``suggest``); compressed layers show their format,
+    modes and ranks (the format's ``describe``).
     """
     plan = _as_plan(plan)
     meta = get_meta(model)
     total = _count(model)
     rows: list[LayerSummary] = []
     counted = 0
-    layer_types = tuple(LAYER_TYPES.values())
+    done = layer_classes()
     decisions = {d.name: d for d in plan_layers(model, plan)}
     for name, m in model.named_modules():
-        if isinstance(m, layer_types):
-            rec = meta["layers"].get(name, {})
-            fmt = rec.get("format") or ("tt" if isinstance(m, TTLinear) else "cp")
-            params = _count(m)
-            counted += params
-            if fmt == "tt":
-                ranks = tuple(int(r) for r in m.ranks)
-                in_modes, out_modes = tuple(m.in_modes), tuple(m.out_modes)
-                shape = (int(m.out_features), int(m.in_features))
-            else:
-                ranks = (int(getattr(m, "rank", rec.get("config", {}).get("rank", 0))),)
-                in_modes = out_modes = None
-                weight_shape = rec.get("config", {})
-                ks = weight_shape.get("kernel_size", getattr(m, "kernel_size", ()))
-                ks = tuple(ks) if isinstance(ks, (list, tuple)) else (ks, ks)
-                shape = (int(getattr(m, "out_channels", 0)), int(getattr(m, "in_channels", 0)), *map(int, ks))
-            rows.append(LayerSummary(name, type(m).__name__, shape, params, params / total if total else 0.0, fmt,
-                                     False, "already compressed", in_modes, out_modes, ranks, None,
-                                     rec.get("params_before"), rec.get("rel_error")))
+        if isinstance(m, done):
+            rows.append(_compressed_row(name, m, meta["layers"].get(name, {}), total))
         elif name in decisions:
-            d = decisions[name]
-            params = _count(m)
-            counted += params
-            suggestion = None
-            in_modes = out_modes = None
-            if d.format == "tt" or (d.type == "Linear" and "in_modes" in d.options):
-                in_modes, out_modes = tuple(d.options["in_modes"]), tuple(d.options["out_modes"])
-                suggestion = f"TT {'x'.join(map(str, out_modes))} <- {'x'.join(map(str, in_modes))}"
-            elif d.type == "Conv2d" and "rank" in d.options:
-                ratio = plan.cp.ratio or (None if plan.cp.rank else DEFAULT_CP_RATIO)
-                suggestion = f"CP rank {d.options['rank']}" + (f" ({ratio:g}x)" if ratio else "")
-            rows.append(LayerSummary(name, d.type, d.shape, params, params / total if total else 0.0, "dense",
-                                     d.skipped is None, d.skipped, in_modes, out_modes, None, suggestion))
+            rows.append(_dense_row(decisions[name], m, plan, total))
+        else:
+            continue
+        counted += rows[-1].params
     return ModelSummary(kind, meta["arch"], total, total - counted, tuple(rows), bool(meta["layers"]),
                         {k: v for k, v in meta["info"].items() if k != "history"})
+
+
+def _compressed_row(name: str, layer: nn.Module, record: Mapping[str, Any], total: int) -> LayerSummary:
+    fmt = format_of(layer)
+    desc = fmt.describe(layer)  # type: ignore[union-attr]  # layer is an instance of a registered class
+    params = _count(layer)
+    return LayerSummary(name, type(layer).__name__, desc.shape, params, params / total if total else 0.0, desc.format,
+                        False, "already compressed", desc.in_modes, desc.out_modes, desc.ranks, None,
+                        record.get("params_before"), record.get("rel_error"), desc.text)
+
+
+def _dense_row(d: LayerDecision, module: nn.Module, plan: Plan, total: int) -> LayerSummary:
+    params = _count(module)
+    fmt_name = d.format if d.format != DENSE else plan.format_for(module, plan.merged_rule(d.name))
+    suggestion = None
+    if d.options and fmt_name not in (None, DENSE):
+        suggestion = get_format(fmt_name).suggest(d)
+    in_modes, out_modes = d.options.get("in_modes"), d.options.get("out_modes")
+    return LayerSummary(d.name, d.type, d.shape, params, params / total if total else 0.0, DENSE,
+                        d.skipped is None, d.skipped, None if in_modes is None else tuple(in_modes),
+                        None if out_modes is None else tuple(out_modes), None, suggestion)
 
 
 def inspect_file(

@@ -29,10 +29,12 @@ from ttcompress.cli.options import (
     parse_arch_kwargs,
 )
 from ttcompress.errors import refused_input
+from ttcompress.formats import format_names, get_format
 from ttcompress.plan import plan_from_options
 from ttcompress.surgery import CompressionResult, DecomposeResult, LayerRecord, decompose_file, default_output_path
 
 _RANKS = "Ranks (pick at most one way per format)"
+_FORMAT_HELP = "; ".join(f"{n} ({get_format(n).summary})" for n in format_names())
 _SELECT = "Layer selection"
 
 
@@ -62,8 +64,14 @@ def decompose(
         show_default=False, metavar="FLOAT", rich_help_panel=_RANKS)] = None,
     target_ratio: Annotated[Optional[float], typer.Option(
         "--target-ratio", help="Whole-model parameter compression to reach (> 1): per-layer ranks are chosen "
-        "greedily where they lower the estimated reconstruction error most.",
+        "greedily where they lower the estimated reconstruction error most; with no --format, each layer "
+        "then gets the format with the lowest error at its budget (auto).",
         show_default=False, metavar="FLOAT", rich_help_panel=_RANKS)] = None,
+    formats: Annotated[Optional[list[str]], typer.Option(
+        "--format", help=f"Format to use: {_FORMAT_HELP}. Each layer gets the first given format that "
+        "compresses its type; other types keep their default (tt for Linear, cp for Conv2d). "
+        "Repeatable, or comma-separated.",
+        show_default=False, metavar="NAME", rich_help_panel=_RANKS)] = None,
     layers: Annotated[Optional[list[str]], typer.Option(
         "--layers", help="Compress only layers whose qualified name matches this glob (repeatable, or comma-separated).",
         show_default=False, metavar="GLOB", rich_help_panel=_SELECT)] = None,
@@ -73,7 +81,7 @@ def decompose(
     plan: PlanOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Compress MODEL: nn.Linear -> TT-matrix, nn.Conv2d -> CP; write a ttcompress checkpoint.
+    """Compress MODEL (default: nn.Linear -> TT-matrix, nn.Conv2d -> CP; see --format); write a ttcompress checkpoint.
 
     The output (default: MODEL's name with .tt.pt, next to it) is written atomically: on any error nothing is written. An existing output is replaced only with --overwrite. The per-layer table goes to stdout, progress to stderr.
     """
@@ -81,7 +89,7 @@ def decompose(
     with refused_input():
         the_plan = plan_from_options(
             plan_file=plan, tt_ranks=tt_ranks, tt_eps=tt_eps, tt_d=tt_d, cp_ranks=cp_ranks, cp_ratio=cp_ratio,
-            layers=layers or (), exclude=exclude or (), target_ratio=target_ratio,
+            layers=layers or (), exclude=exclude or (), target_ratio=target_ratio, formats=formats or (),
         )
     kwargs = parse_arch_kwargs(arch_kwargs)
     check_outputs([output if output is not None else default_output_path(model)], overwrite=overwrite, inputs=[model])
@@ -115,12 +123,7 @@ def print_table(table: Table) -> None:
 
 
 def _fmt_ranks(r: LayerRecord) -> str:
-    if r.format == "tt" and r.ranks is not None:
-        modes = f"{'x'.join(map(str, r.out_modes or ()))}<-{'x'.join(map(str, r.in_modes or ()))}"
-        return f"{modes} r={','.join(map(str, r.ranks))}"
-    if r.format == "cp" and r.ranks is not None:
-        return f"r={r.ranks[0]}"
-    return "–"
+    return r.detail or "–"
 
 
 def layer_table(result: CompressionResult) -> Table:
@@ -142,7 +145,7 @@ def layer_table(result: CompressionResult) -> Table:
             f"{r.ratio:.2f}×" if r.format != "dense" else "–",
             f"{r.rel_error:.4f}" if r.rel_error is not None and r.format != "dense" else "–",
             f"{r.seconds:.2f}s" if r.seconds is not None and r.format != "dense" else "–",
-            r.skipped or "",
+            r.skipped or r.note or "",
         )
     n = len(result.compressed)
     table.add_section()

@@ -38,7 +38,7 @@ def inspect(
     plan: PlanOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Show MODEL's layers: shapes, parameter share, what is compressible and suggested TT modes / CP ranks.
+    """Show MODEL's layers: shapes, parameter share, what is compressible and what the plan would build.
 
     For a compressed ttcompress checkpoint, show its plan: format, modes and ranks of each layer.
     """
@@ -69,14 +69,7 @@ def summary_table(summary: ModelSummary, *, title: str) -> Table:
         row = [r.name, r.type, "x".join(map(str, r.shape)), f"{r.params:,}", f"{100 * r.share:.1f}%",
                r.format.upper() if r.format != "dense" else "dense"]
         if summary.compressed:
-            if r.format == "tt":
-                ranks = (f"{'x'.join(map(str, r.out_modes or ()))}<-{'x'.join(map(str, r.in_modes or ()))} "
-                         f"r={','.join(map(str, r.ranks or ()))}")
-            elif r.format == "cp":
-                ranks = f"r={','.join(map(str, r.ranks or ()))}"
-            else:
-                ranks = "–"
-            row += [ranks, f"{r.params_before:,}" if r.params_before else "–",
+            row += [r.detail or "–", f"{r.params_before:,}" if r.params_before else "–",
                     f"{r.rel_error:.4f}" if r.rel_error is not None else "–"]
         else:
             row += ["yes" if r.compressible else f"no: {r.reason}", r.suggestion or "–"]

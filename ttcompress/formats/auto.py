@@ -1,0 +1,181 @@
+"""The ``auto`` format: per layer, the registered format with the lowest error at the layer's budget.
+
+For each layer, the parameter budget is what the layer's default format (TT for Linear, CP for
+Conv2d, under the plan's settings or the target-ratio allocation) would use. Every registered
+format that compresses the layer type is then built at the largest structure within that budget
+(:meth:`~ttcompress.formats.base.CompressionFormat.fit_budget`), and the one with the lowest
+relative Frobenius error of the weight wins. Errors within ``tie_tol`` of the best are a tie,
+broken by the fewest multiply-adds (:meth:`~ttcompress.formats.base.CompressionFormat.flops`),
+then by registration order. A FLOP count stands in for measured speed: timing every candidate of
+every layer would cost more than the decompositions and would make the choice depend on the
+machine's load, while the choice must be reproducible. The built layer carries a note saying
+which format won and why; it appears in the decompose table and the checkpoint's layer record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from torch import nn
+
+from ttcompress.formats.base import (
+    CompressionFormat,
+    FormatDescription,
+    Ladder,
+    LayerDecision,
+    dense_params,
+    set_build_note,
+)
+from ttcompress.formats.checks import check_patterns
+from ttcompress.formats.registry import default_format, format_names, formats_for, get_format, register_format
+
+__all__ = ["AutoFormat", "AutoSettings", "Trial", "choose"]
+
+_PRIVATE = ("budget", "reference", "trials", "tie_tol", "candidates")
+
+
+@dataclass(frozen=True)
+class AutoSettings:
+    """Options of the ``auto`` format.
+
+    Parameters
+    ----------
+    candidates : tuple of str
+        Formats to compare (default: every registered format that compresses the layer).
+    tie_tol : float
+        Relative errors within this of the best count as a tie (default 1e-3).
+    """
+
+    candidates: tuple[str, ...] = ()
+    tie_tol: float = 1e-3
+
+    def __post_init__(self) -> None:
+        names = check_patterns(self.candidates, "auto candidates")
+        for n in names:
+            if n not in format_names() or get_format(n).layer_class is None:
+                raise ValueError(f"auto candidates: {n!r} is not a format with a layer of its own")
+        object.__setattr__(self, "candidates", names)
+        if isinstance(self.tie_tol, bool) or not isinstance(self.tie_tol, (int, float)) or not 0 <= self.tie_tol < 1:
+            raise ValueError(f"auto tie_tol must be in [0, 1), got {self.tie_tol!r}")
+        object.__setattr__(self, "tie_tol", float(self.tie_tol))
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One candidate of an ``auto`` choice: its format, size, error and cost."""
+
+    format: str
+    params: int
+    rel_error: float
+    flops: int
+
+
+def choose(trials: list[Trial], *, tie_tol: float) -> tuple[Trial, str]:
+    """The winning trial and a one-line reason (lowest error; ties by FLOPs, then list order)."""
+    if not trials:
+        raise ValueError("trials must not be empty")
+    best = min(t.rel_error for t in trials)
+    tied = [t for t in trials if t.rel_error - best <= tie_tol]
+    winner = min(tied, key=lambda t: t.flops)  # min keeps the first of equals: registration order
+    others = ", ".join(f"{t.format} {t.rel_error:.4f}" for t in trials if t is not winner)
+    why = f"auto: {winner.format} has the lowest error {winner.rel_error:.4f} at {winner.params} params"
+    if len(tied) > 1:
+        why = (f"auto: {winner.format} ties within {tie_tol:g} on error ({winner.rel_error:.4f}) and needs the "
+               f"fewest multiply-adds ({winner.flops})")
+    return winner, why + (f" (vs {others})" if others else "")
+
+
+@register_format
+class AutoFormat(CompressionFormat):
+    """Per layer, the best registered format at the default format's parameter budget."""
+
+    name = "auto"
+    targets = (nn.Linear, nn.Conv2d)
+    layer_class = None
+    settings = AutoSettings
+    default_under_target_ratio = True
+    summary = "per layer, the format with the lowest error at the same parameter budget"
+
+    def applies_to(self, module: nn.Module) -> bool:
+        return default_format(module) is not None
+
+    def _candidates(self, module: nn.Module, settings: AutoSettings) -> list[CompressionFormat]:
+        found = formats_for(module)
+        if settings.candidates:
+            found = tuple(f for f in found if f.name in settings.candidates)
+        return list(found)
+
+    def decide(self, module: nn.Module, name: str, settings: Any, *, override: Mapping[str, Any] | None = None,
+               aliases: tuple[str, ...] = (), lowest: bool = False, settings_of: Any = None) -> LayerDecision:
+        s = settings if settings is not None else AutoSettings()
+        ref = default_format(module)
+        if ref is None:
+            return self.dense_decision(module, name, f"no format compresses {type(module).__name__}", aliases)
+        of = settings_of if settings_of is not None else (lambda n: get_format(n).settings())
+        dec = ref.decide(module, name, of(ref.name), override=override, aliases=aliases, lowest=lowest,
+                         settings_of=of)
+        if dec.skipped is not None:
+            return dec
+        if dec.params_after is None:
+            raise ValueError(f"layer {name!r}: the auto format compares formats at a parameter budget; give "
+                             f"{ref.name} ranks or a ratio, not only an error bound")
+        trials = self._trials(module, dec.params_after, ref.name, dec.options, s, of)
+        options = {**dec.options, "budget": dec.params_after, "reference": ref.name, "trials": trials,
+                   "tie_tol": s.tie_tol, "candidates": list(s.candidates)}
+        return replace(dec, format=self.name, options=options)
+
+    def _trials(self, module: nn.Module, budget: int, reference: str, ref_options: Mapping[str, Any],
+                settings: AutoSettings, settings_of: Any) -> dict[str, dict[str, Any]]:
+        trials: dict[str, dict[str, Any]] = {}
+        for fmt in self._candidates(module, settings):
+            opts = dict(ref_options) if fmt.name == reference else fmt.fit_budget(module, budget, settings_of(fmt.name))
+            if opts is not None:
+                trials[fmt.name] = opts
+        return trials
+
+    def build(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
+              name: str | None = None) -> nn.Module:
+        trials = dict(options.get("trials") or {})
+        if not trials:
+            raise ValueError(f"layer {name!r}: auto has no candidate format within the budget")
+        built: dict[str, nn.Module] = {}
+        results: list[Trial] = []
+        for fmt_name, opts in trials.items():
+            fmt = get_format(fmt_name)
+            layer = fmt.build(module, opts, calib=calib, name=name)
+            err = getattr(layer, "rel_error", None)
+            built[fmt_name] = layer
+            results.append(Trial(fmt_name, dense_params(layer), float("inf") if err is None else float(err),
+                                 fmt.flops(layer)))
+        winner, why = choose(results, tie_tol=float(options.get("tie_tol", AutoSettings().tie_tol)))
+        layer = built[winner.format]
+        set_build_note(layer, why)
+        return layer
+
+    def rebuild(self, config: Mapping[str, Any]) -> nn.Module:
+        raise ValueError("auto layers are recorded under the format that won; there is no auto layer to rebuild")
+
+    def describe(self, layer: nn.Module) -> FormatDescription:
+        raise ValueError("auto has no layer of its own; describe the layer with the format that won")
+
+    def suggest(self, decision: LayerDecision) -> str:
+        trials = decision.options.get("trials") or {}
+        return f"auto among {', '.join(trials)} at {decision.options.get('budget')} params"
+
+    def ladder(self, module: nn.Module, decision: LayerDecision) -> Ladder | None:
+        ref = get_format(decision.options["reference"])
+        ref_options = {k: v for k, v in decision.options.items() if k not in _PRIVATE}
+        inner = ref.ladder(module, replace(decision, format=ref.name, options=ref_options))
+        if inner is None:
+            return None
+        tie_tol, candidates = decision.options["tie_tol"], decision.options["candidates"]
+        settings = AutoSettings(candidates=tuple(candidates), tie_tol=tie_tol)
+        defaults = {n: get_format(n).settings() for n in format_names()}
+        options = tuple(
+            {**opt, "budget": p, "reference": ref.name, "tie_tol": tie_tol, "candidates": list(candidates),
+             "trials": self._trials(module, p, ref.name, opt, settings, defaults.__getitem__)}
+            for p, opt in zip(inner.params, inner.options)
+        )
+        return Ladder(inner.params, inner.errors, options)

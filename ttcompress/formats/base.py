@@ -1,0 +1,300 @@
+"""The compression-format abstraction: one :class:`CompressionFormat` per way of factorizing a layer.
+
+A format owns everything that differs between, say, TT-matrix Linear layers and CP convolutions:
+
+* ``settings``: a frozen dataclass of its plan options (``TTSettings``, ``CPSettings``, ...);
+* :meth:`~CompressionFormat.decide`: what a dense layer would become under those settings (a
+  :class:`LayerDecision` with the predicted parameter count), or why it stays dense;
+* :meth:`~CompressionFormat.build`: the factorized layer, decomposed from the dense one;
+* :meth:`~CompressionFormat.rebuild`: the same structure from a recorded ``config()`` (no
+  decomposition, no unpickling);
+* :meth:`~CompressionFormat.describe`: ranks and modes of a factorized layer, as typed data;
+* optionally :meth:`~CompressionFormat.ladder` (parameter / error steps for the target-ratio rank
+  allocator) and :meth:`~CompressionFormat.fit_budget` (the largest structure within a parameter
+  budget, used by the ``auto`` format).
+
+Formats are registered by name (:func:`ttcompress.formats.registry.register_format`); the plan,
+surgery, checkpoint, inspect and report code loop over the registry and never name a format.
+This follows torchao's "one config class per transform and a registry from config to handler".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ttcompress.formats.checks import check_keys
+
+__all__ = [
+    "CompressionFormat",
+    "FormatDescription",
+    "Ladder",
+    "LayerDecision",
+    "bias_params",
+    "build_note",
+    "dense_params",
+    "set_build_note",
+    "join",
+]
+
+#: Look up the settings of another format by name (used by formats that delegate, like ``auto``).
+SettingsOf = Callable[[str], Any]
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """What the plan says for one dense layer.
+
+    Attributes
+    ----------
+    name : str
+        Qualified module name (the first one, for a module shared under several names).
+    type : str
+        The dense layer's class name (``"Linear"``, ``"Conv2d"``).
+    shape : tuple of int
+        Weight shape.
+    format : str
+        A registered format name, or ``"dense"`` when the layer is skipped.
+    options : dict
+        Keyword options for the format's :meth:`CompressionFormat.build` (JSON-ready).
+    params_before : int
+        Parameters of the dense layer (weight + bias).
+    params_after : int or None
+        Predicted parameters after compression (None when only an error bound fixes the ranks).
+    skipped : str or None
+        Why the layer stays dense.
+    aliases : tuple of str
+        Other names under which the same module object is reachable.
+    """
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    format: str
+    options: dict[str, Any]
+    params_before: int
+    params_after: int | None
+    skipped: str | None = None
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FormatDescription:
+    """Typed description of a factorized layer, for tables and reports.
+
+    Attributes
+    ----------
+    format : str
+        The format's registered name.
+    shape : tuple of int
+        Shape of the equivalent dense weight.
+    ranks : tuple of int
+        The layer's ranks (TT: the full rank tuple; CP/SVD: one rank; Tucker-2: ``(in, out)``).
+    in_modes, out_modes : tuple of int, optional
+        Tensorized sizes, for formats that have them.
+    text : str
+        Ranks (and modes) as one short cell, e.g. ``"8x8<-4x4 r=1,4,1"`` or ``"r=12"``.
+    """
+
+    format: str
+    shape: tuple[int, ...]
+    ranks: tuple[int, ...]
+    in_modes: tuple[int, ...] | None = None
+    out_modes: tuple[int, ...] | None = None
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Ladder:
+    """Rank steps of one layer for the target-ratio allocator: level ``k`` has ``params[k]``
+    parameters (bias included), an estimated squared relative error ``errors[k]`` and the build
+    options ``options[k]``. ``params`` increases; every level is smaller than the dense layer."""
+
+    params: tuple[int, ...]
+    errors: tuple[float, ...]
+    options: tuple[dict[str, Any], ...]
+
+
+def bias_params(module: nn.Module) -> int:
+    """Elements of ``module.bias`` (0 without one)."""
+    b = getattr(module, "bias", None)
+    return int(b.numel()) if isinstance(b, torch.Tensor) else 0
+
+
+def dense_params(module: nn.Module) -> int:
+    """All parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_note(layer: nn.Module) -> str | None:
+    """Why a build chose what it did (set by delegating formats such as ``auto``), or None."""
+    note = getattr(layer, "ttcompress_note", None)
+    return note if isinstance(note, str) else None
+
+
+def set_build_note(layer: nn.Module, note: str) -> None:
+    """Attach ``note`` (see :func:`build_note`) to a freshly built layer."""
+    object.__setattr__(layer, "ttcompress_note", note)
+
+
+def join(values: Any, sep: str = "x") -> str:
+    """``(8, 4, 2)`` -> ``"8x4x2"``."""
+    return sep.join(str(int(v)) for v in values)
+
+
+class CompressionFormat(ABC):
+    """One way of factorizing a dense layer type. Subclass, set the class attributes, register.
+
+    Class attributes
+    ----------------
+    name : str
+        Lower-case registered name (``"tt"``, ``"cp"``, ...), used in plans and checkpoints.
+    targets : tuple of type
+        Dense module types this format compresses.
+    layer_class : type or None
+        The factorized layer; ``layer_class(**layer.config())`` rebuilds its structure. None for
+        a format that only delegates (``auto``).
+    settings : type
+        Frozen dataclass of the format's plan options; ``settings()`` are the defaults.
+    default_for : tuple of type
+        Dense types for which this format is the default when a plan names no format.
+    default_under_target_ratio : bool
+        This format is the default of a plan with a ``target_ratio`` (at most one should be).
+    summary : str
+        One line for help texts.
+    """
+
+    name: ClassVar[str]
+    targets: ClassVar[tuple[type[nn.Module], ...]]
+    layer_class: ClassVar[type[nn.Module] | None]
+    settings: ClassVar[type]
+    default_for: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: True for the format a plan with a ``target_ratio`` and no explicit format uses (``auto``).
+    default_under_target_ratio: ClassVar[bool] = False
+    summary: ClassVar[str] = ""
+    #: Alternative spellings accepted in plan files (``{"ranks": "rank"}``: ``ranks`` means ``rank``).
+    settings_aliases: ClassVar[Mapping[str, str]] = {}
+
+    # ---- what a layer would become ---------------------------------------------------------------
+    def applies_to(self, module: nn.Module) -> bool:
+        """True if ``module`` is a (non-lazy) instance of one of :attr:`targets`."""
+        return isinstance(module, self.targets) and not isinstance(module, nn.modules.lazy.LazyModuleMixin)
+
+    @abstractmethod
+    def decide(
+        self,
+        module: nn.Module,
+        name: str,
+        settings: Any,
+        *,
+        override: Mapping[str, Any] | None = None,
+        aliases: tuple[str, ...] = (),
+        lowest: bool = False,
+        settings_of: SettingsOf | None = None,
+    ) -> LayerDecision:
+        """What ``module`` (at qualified ``name``) becomes under ``settings``.
+
+        ``override`` holds a matching plan rule's fields (``ranks``, ``eps``, ``ratio``, ...), which
+        replace the settings'. ``lowest=True`` asks for the smallest structure (rank 1), the
+        starting point of the target-ratio allocator. ``settings_of(name)`` gives another
+        format's settings (for formats that delegate). The result's ``skipped`` says why the
+        layer stays dense.
+        """
+
+    def dense_decision(self, module: nn.Module, name: str, reason: str, aliases: tuple[str, ...] = (),
+                       options: dict[str, Any] | None = None, params_after: int | None = None) -> LayerDecision:
+        """A decision that keeps ``module`` dense because of ``reason``."""
+        before = dense_params(module)
+        return LayerDecision(name, type(module).__name__, tuple(module.weight.shape), "dense", options or {},
+                             before, before if params_after is None else params_after, reason, aliases)
+
+    def decision(self, module: nn.Module, name: str, options: dict[str, Any], params_after: int | None,
+                 aliases: tuple[str, ...] = (), what: str = "") -> LayerDecision:
+        """A decision for this format, or a dense one when ``params_after`` does not shrink the layer."""
+        before = dense_params(module)
+        if params_after is not None and params_after >= before:
+            return self.dense_decision(module, name, f"would not shrink at {what} ({params_after} >= {before} params)",
+                                       aliases, options, params_after)
+        return LayerDecision(name, type(module).__name__, tuple(module.weight.shape), self.name, options, before,
+                             params_after, None, aliases)
+
+    # ---- building --------------------------------------------------------------------------------
+    @abstractmethod
+    def build(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
+              name: str | None = None) -> nn.Module:
+        """The factorized layer decomposed from ``module`` with ``options`` (a decision's).
+
+        ``calib`` is optional calibration statistics for formats that can use them (ignored by
+        formats that cannot); ``name`` labels warnings and errors. The layer's ``rel_error``
+        attribute holds the relative Frobenius error of its weight.
+        """
+
+    def rebuild(self, config: Mapping[str, Any]) -> nn.Module:
+        """The layer's structure from a recorded ``config()``: no decomposition, no unpickling."""
+        if self.layer_class is None:
+            raise ValueError(f"format {self.name!r} has no layer of its own to rebuild")
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a mapping, got {type(config).__name__}")
+        return self.layer_class(**dict(config))
+
+    @abstractmethod
+    def describe(self, layer: nn.Module) -> FormatDescription:
+        """Ranks and modes of a factorized ``layer`` of this format."""
+
+    def suggest(self, decision: LayerDecision) -> str:
+        """One short cell saying what a decision would build (``"CP rank 12"``)."""
+        return f"{self.name.upper()} {decision.options}"
+
+    def flops(self, layer: nn.Module) -> int:
+        """Multiply-adds of ``layer`` per sample (Linear) or per output pixel (Conv2d)."""
+        return dense_params(layer)
+
+    # ---- optional: rank ladders and budgets --------------------------------------------------------
+    def ladder(self, module: nn.Module, decision: LayerDecision) -> Ladder | None:
+        """Rank steps for the target-ratio allocator, starting at ``decision`` (its lowest rank).
+
+        None when the format cannot be allocated (its layers then keep their planned ranks).
+        """
+        return None
+
+    def fit_budget(self, module: nn.Module, budget: int, settings: Any) -> dict[str, Any] | None:
+        """Build options of the largest structure with at most ``budget`` parameters (bias
+        included), or None when even the smallest does not fit."""
+        return None
+
+    # ---- plan files ------------------------------------------------------------------------------
+    def settings_from_dict(self, data: Mapping[str, Any] | None) -> Any:
+        """Settings from a plan file's section (unknown keys are a ``ValueError`` naming them)."""
+        data = dict(data or {})
+        names = [f.name for f in dataclasses.fields(self.settings)]
+        check_keys(data, [*names, *self.settings_aliases], f"plan {self.name}")
+        for alias, key in self.settings_aliases.items():
+            if alias in data:
+                if key in data:
+                    raise ValueError(f"plan {self.name}: give {key} or {alias}, not both")
+                data[key] = data.pop(alias)
+        return self.settings(**data)
+
+    def settings_to_dict(self, settings: Any) -> dict[str, Any]:
+        """The plan-file section for ``settings`` (None, empty and default fields left out)."""
+        out: dict[str, Any] = {}
+        default = self.settings()
+        for f in dataclasses.fields(settings):
+            v = getattr(settings, f.name)
+            if v is None or v == () or v == getattr(default, f.name):
+                continue
+            if f.name == "options":
+                v = dict(v)
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    def __repr__(self) -> str:
+        return f"<format {self.name!r}>"

@@ -1,0 +1,170 @@
+"""The ``cp`` format: ``nn.Conv2d`` -> :class:`~ttcompress.layers.cp_conv.CPConv2d` by CP-ALS.
+
+References
+----------
+V. Lebedev, Y. Ganin, M. Rakhuba, I. Oseledets, V. Lempitsky, "Speeding-up Convolutional Neural
+Networks Using Fine-tuned CP-Decomposition", ICLR 2015.
+T. G. Kolda and B. W. Bader, "Tensor Decompositions and Applications", SIAM Review 51(3), 2009.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ttcompress.decompose.cp import cp_param_count, cp_rank_for_ratio
+from ttcompress.decompose.spectra import singular_tails, unfold
+from ttcompress.formats.base import CompressionFormat, FormatDescription, Ladder, LayerDecision, bias_params, join
+from ttcompress.formats.checks import check_pos_int, check_ratio, freeze_options
+from ttcompress.formats.registry import register_format
+from ttcompress.layers.cp_conv import CPConv2d
+
+__all__ = ["DEFAULT_CP_RATIO", "CPFormat", "CPSettings", "cp_error_curve", "cp_params", "cp_rank_for"]
+
+#: CP compression factor per conv used when neither rank nor ratio is given anywhere.
+DEFAULT_CP_RATIO = 4.0
+
+
+@dataclass(frozen=True)
+class CPSettings:
+    """How ``nn.Conv2d`` layers become :class:`~ttcompress.layers.cp_conv.CPConv2d`.
+
+    Parameters
+    ----------
+    rank : int, optional
+        CP rank. Mutually exclusive with ``ratio``.
+    ratio : float, optional
+        Choose, per conv, the largest rank that compresses it by at least this factor (> 1).
+    options : tuple of (str, value), optional
+        Extra keyword arguments for ``CPConv2d.from_conv`` (e.g. ``n_iter_max``); a dict is
+        accepted and frozen.
+    """
+
+    rank: int | None = None
+    ratio: float | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rank", None if self.rank is None else check_pos_int(self.rank, "cp rank (--cp-ranks)"))
+        object.__setattr__(self, "ratio", check_ratio(self.ratio, "cp ratio (--cp-ratio)"))
+        object.__setattr__(self, "options", freeze_options(self.options, "cp options"))
+        if self.rank is not None and self.ratio is not None:
+            raise ValueError("cp rank (--cp-ranks) and cp ratio (--cp-ratio) are mutually exclusive; give one")
+
+
+def cp_params(out_channels: int, in_per_group: int, kh: int, kw: int, rank: int, groups: int = 1) -> int:
+    """Parameters of the CP factors (no bias) of a conv kernel at ``rank``."""
+    return int(cp_param_count(out_channels, in_per_group, kh, kw, rank, groups=groups))
+
+
+def cp_rank_for(conv: nn.Conv2d, ratio: float) -> int:
+    """Largest CP rank whose layer (bias included) is at least ``ratio`` times smaller than ``conv``.
+
+    Returns 0 when even rank 1 does not reach ``ratio``.
+    """
+    out_c, in_g, kh, kw = conv.weight.shape
+    return int(cp_rank_for_ratio(out_c, in_g, kh, kw, ratio, conv.groups, bias=conv.bias is not None))
+
+
+def cp_error_curve(weight: torch.Tensor, rmax: int) -> list[float]:
+    """A proxy of the squared relative CP error at rank ``R = 1..rmax``.
+
+    A rank-``R`` CP tensor has multilinear ranks ``<= R``, so ``max_n tail_n(R)^2`` over the
+    out/in/spatial unfoldings is a lower bound of the best rank-``R`` CP error [Kolda & Bader 2009].
+    """
+    w = weight.detach().to(torch.float64)
+    o, i, kh, kw = w.shape
+    norm2 = float(w.square().sum()) or 1.0
+    tails = [singular_tails(unfold(w, 0)), singular_tails(unfold(w, 1)),
+             singular_tails(w.permute(2, 3, 0, 1).reshape(kh * kw, -1))]
+    return [max(float(tl[min(r, len(tl) - 1)]) for tl in tails) / norm2 for r in range(1, rmax + 1)]
+
+
+@register_format
+class CPFormat(CompressionFormat):
+    """CP-decomposed Conv2d layers (CP-ALS of the kernel)."""
+
+    name = "cp"
+    targets = (nn.Conv2d,)
+    layer_class = CPConv2d
+    settings = CPSettings
+    default_for = (nn.Conv2d,)
+    summary = "Conv2d -> CP (CP-ALS; Lebedev et al. 2015)"
+    settings_aliases = {"ranks": "rank"}
+
+    def decide(self, module: nn.Module, name: str, settings: Any, *, override: Mapping[str, Any] | None = None,
+               aliases: tuple[str, ...] = (), lowest: bool = False, settings_of: Any = None) -> LayerDecision:
+        conv: nn.Conv2d = module  # type: ignore[assignment]
+        if conv.groups > 1:
+            reason = "depthwise conv" if conv.groups == conv.in_channels else f"grouped conv (groups={conv.groups}) unsupported"
+            return self.dense_decision(conv, name, reason, aliases)
+        s = settings if settings is not None else CPSettings()
+        o = dict(override or {})
+        rank, ratio = s.rank, s.ratio
+        options = dict(s.options)
+        if "ranks" in o or "ratio" in o:
+            if isinstance(o.get("ranks"), tuple):
+                raise ValueError(f"rule for {name!r}: a CP layer takes one integer rank, got {list(o['ranks'])}")
+            rank, ratio = o.get("ranks"), o.get("ratio")
+        options.update(dict(o.get("options", ())))
+        if lowest:
+            rank, ratio = 1, None
+        if rank is None and ratio is None:
+            ratio = DEFAULT_CP_RATIO
+        if rank is None:
+            rank = cp_rank_for(conv, ratio)  # type: ignore[arg-type]
+            if rank < 1:
+                return self.dense_decision(conv, name, f"would not shrink {ratio:g}x even at CP rank 1", aliases)
+        out_c, in_g, kh, kw = conv.weight.shape
+        after = cp_params(out_c, in_g, kh, kw, rank, conv.groups) + bias_params(conv)
+        return self.decision(conv, name, {"rank": rank, **options}, after, aliases, f"CP rank {rank}")
+
+    def build(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
+              name: str | None = None) -> nn.Module:
+        opts = {k: v for k, v in options.items() if v is not None}
+        rank = opts.pop("rank")
+        if name is not None:
+            opts.setdefault("name", name)  # degenerate-fit warnings name the layer
+        return CPConv2d.from_conv(module, rank=rank, **opts)
+
+    def describe(self, layer: nn.Module) -> FormatDescription:
+        kh, kw = layer.kernel_size
+        shape = (int(layer.out_channels), int(layer.in_channels) // int(layer.groups), int(kh), int(kw))
+        return FormatDescription(self.name, shape, (int(layer.rank),), text=f"r={int(layer.rank)}")
+
+    def suggest(self, decision: LayerDecision) -> str:
+        ratio = decision.params_before / decision.params_after if decision.params_after else None
+        return f"CP rank {decision.options['rank']}" + (f" ({ratio:.1f}x)" if ratio else "")
+
+    def flops(self, layer: nn.Module) -> int:
+        kh, kw = layer.kernel_size
+        g = layer.groups
+        return int(layer.rank * g * (layer.in_channels // g + kh * kw + layer.out_channels // g))
+
+    def ladder(self, module: nn.Module, decision: LayerDecision) -> Ladder | None:
+        o, i, kh, kw = decision.shape
+        bias = bias_params(module)
+        params: list[int] = []
+        r = 1
+        while (p := cp_params(o, i, kh, kw, r, 1) + bias) < decision.params_before:
+            params.append(p)
+            r += 1
+        errors = cp_error_curve(module.weight, len(params))
+        options = tuple({**decision.options, "rank": k + 1} for k in range(len(params)))
+        return Ladder(tuple(params), tuple(errors), options)
+
+    def fit_budget(self, module: nn.Module, budget: int, settings: Any) -> dict[str, Any] | None:
+        if module.groups > 1:
+            return None
+        o, i, kh, kw = module.weight.shape
+        bias = bias_params(module)
+        per_rank = cp_params(o, i, kh, kw, 1, 1)
+        rank = (budget - bias) // per_rank
+        if rank < 1:
+            return None
+        s = settings if settings is not None else CPSettings()
+        return {"rank": int(rank), **dict(s.options)}

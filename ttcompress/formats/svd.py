@@ -1,0 +1,125 @@
+"""The ``svd`` format: ``nn.Linear`` -> :class:`~ttcompress.layers.svd_linear.SVDLinear` by truncated SVD.
+
+References
+----------
+C. Eckart and G. Young, "The approximation of one matrix by another of lower rank", 1936.
+E. Denton et al., "Exploiting Linear Structure Within Convolutional Networks for Efficient
+Evaluation", NeurIPS 2014.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ttcompress.decompose.spectra import singular_tails
+from ttcompress.decompose.svd import svd_param_count, svd_rank_for_ratio
+from ttcompress.formats.base import CompressionFormat, FormatDescription, Ladder, LayerDecision, bias_params
+from ttcompress.formats.checks import check_eps, check_pos_int, check_ratio
+from ttcompress.formats.registry import register_format
+from ttcompress.layers.svd_linear import SVDLinear
+
+__all__ = ["DEFAULT_SVD_RATIO", "SVDFormat", "SVDSettings"]
+
+#: Compression factor per Linear used when neither rank, eps nor ratio is given.
+DEFAULT_SVD_RATIO = 4.0
+
+
+@dataclass(frozen=True)
+class SVDSettings:
+    """How ``nn.Linear`` layers become :class:`~ttcompress.layers.svd_linear.SVDLinear`.
+
+    Parameters
+    ----------
+    rank : int, optional
+        Rank of the product (capped at ``min(in, out)``).
+    eps : float, optional
+        Relative Frobenius error per layer, in (0, 1). With ``rank`` too, the smaller rank wins.
+    ratio : float, optional
+        Per layer, the largest rank that compresses it at least this much (> 1). Not with
+        ``rank`` or ``eps``. Default 4 when nothing is given.
+    """
+
+    rank: int | None = None
+    eps: float | None = None
+    ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rank", None if self.rank is None else check_pos_int(self.rank, "svd rank"))
+        object.__setattr__(self, "eps", check_eps(self.eps, "svd eps"))
+        object.__setattr__(self, "ratio", check_ratio(self.ratio, "svd ratio"))
+        if self.ratio is not None and (self.rank is not None or self.eps is not None):
+            raise ValueError("svd ratio excludes svd rank and svd eps; give ratio, or rank and/or eps")
+
+
+@register_format
+class SVDFormat(CompressionFormat):
+    """Low-rank Linear layers (truncated SVD, two matmuls)."""
+
+    name = "svd"
+    targets = (nn.Linear,)
+    layer_class = SVDLinear
+    settings = SVDSettings
+    summary = "Linear -> low-rank product (truncated SVD)"
+    settings_aliases = {"ranks": "rank"}
+
+    def decide(self, module: nn.Module, name: str, settings: Any, *, override: Mapping[str, Any] | None = None,
+               aliases: tuple[str, ...] = (), lowest: bool = False, settings_of: Any = None) -> LayerDecision:
+        s = settings if settings is not None else SVDSettings()
+        o = dict(override or {})
+        rank, eps, ratio = s.rank, s.eps, s.ratio
+        if "ranks" in o or "eps" in o or "ratio" in o:
+            if isinstance(o.get("ranks"), tuple):
+                raise ValueError(f"rule for {name!r}: an SVD layer takes one integer rank, got {list(o['ranks'])}")
+            rank, eps, ratio = o.get("ranks"), o.get("eps"), o.get("ratio")
+        if lowest:
+            rank, eps, ratio = 1, None, None
+        if rank is None and eps is None and ratio is None:
+            ratio = DEFAULT_SVD_RATIO
+        out_f, in_f = module.weight.shape
+        if ratio is not None:
+            rank = svd_rank_for_ratio(out_f, in_f, ratio, bias=bias_params(module) > 0)
+            if rank < 1:
+                return self.dense_decision(module, name, f"would not shrink {ratio:g}x even at SVD rank 1", aliases)
+        if rank is not None:
+            rank = min(rank, out_f, in_f)
+        after = None if rank is None else svd_param_count(out_f, in_f, rank) + bias_params(module)
+        return self.decision(module, name, {"rank": rank, "eps": eps}, after, aliases, f"SVD rank {rank}")
+
+    def build(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
+              name: str | None = None) -> nn.Module:
+        return SVDLinear.from_linear(module, rank=options.get("rank"), eps=options.get("eps"))
+
+    def describe(self, layer: nn.Module) -> FormatDescription:
+        return FormatDescription(self.name, (int(layer.out_features), int(layer.in_features)), (int(layer.rank),),
+                                 text=f"r={int(layer.rank)}")
+
+    def suggest(self, decision: LayerDecision) -> str:
+        rank = decision.options.get("rank")
+        return f"SVD rank {rank}" if rank is not None else f"SVD eps {decision.options.get('eps')}"
+
+    def flops(self, layer: nn.Module) -> int:
+        return int(layer.flops)
+
+    def ladder(self, module: nn.Module, decision: LayerDecision) -> Ladder | None:
+        out_f, in_f = module.weight.shape
+        bias = bias_params(module)
+        tails = singular_tails(module.weight)
+        norm2 = float(tails[0]) or 1.0
+        params, errors = [], []
+        for r in range(1, min(out_f, in_f) + 1):
+            p = svd_param_count(out_f, in_f, r) + bias
+            if p >= decision.params_before:
+                break
+            params.append(p)
+            errors.append(float(tails[r]) / norm2)
+        options = tuple({"rank": k + 1, "eps": None} for k in range(len(params)))
+        return Ladder(tuple(params), tuple(errors), options)
+
+    def fit_budget(self, module: nn.Module, budget: int, settings: Any) -> dict[str, Any] | None:
+        out_f, in_f = module.weight.shape
+        rank = min((budget - bias_params(module)) // (out_f + in_f), out_f, in_f)
+        return {"rank": int(rank), "eps": None} if rank >= 1 else None

@@ -1,0 +1,176 @@
+"""The ``tucker2`` format: ``nn.Conv2d`` -> :class:`~ttcompress.layers.tucker2_conv.Tucker2Conv2d`.
+
+References
+----------
+Y.-D. Kim et al., "Compression of Deep Convolutional Neural Networks for Fast and Low Power
+Mobile Applications", ICLR 2016.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ttcompress.decompose.spectra import singular_tails, unfold
+from ttcompress.decompose.tucker2 import tucker2_param_count
+from ttcompress.formats.base import CompressionFormat, FormatDescription, Ladder, LayerDecision, bias_params
+from ttcompress.formats.checks import check_ranks, check_ratio, freeze_options
+from ttcompress.formats.registry import register_format
+from ttcompress.layers.tucker2_conv import Tucker2Conv2d
+
+__all__ = ["DEFAULT_TUCKER2_RATIO", "Tucker2Format", "Tucker2Settings", "tucker2_rank_steps"]
+
+#: Compression factor per conv used when neither ranks nor ratio is given.
+DEFAULT_TUCKER2_RATIO = 4.0
+
+
+@dataclass(frozen=True)
+class Tucker2Settings:
+    """How ``nn.Conv2d`` layers become :class:`~ttcompress.layers.tucker2_conv.Tucker2Conv2d`.
+
+    Parameters
+    ----------
+    ranks : int or (int, int), optional
+        Ranks per group: one for both channel modes, or ``(in_rank, out_rank)``. Not with ``ratio``.
+    ratio : float, optional
+        Per conv, the largest ranks (in proportion to the channel counts) that compress it at
+        least this much (> 1). Default 4 when neither is given.
+    options : tuple of (str, value)
+        Extra keyword arguments for ``Tucker2Conv2d.from_conv`` (``n_iter_max``, ``tol``).
+    """
+
+    ranks: int | tuple[int, ...] | None = None
+    ratio: float | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        ranks = check_ranks(self.ranks, "tucker2 ranks")
+        if isinstance(ranks, tuple) and len(ranks) != 2:
+            raise ValueError(f"tucker2 ranks must be one int or (in_rank, out_rank), got {list(ranks)}")
+        object.__setattr__(self, "ranks", ranks)
+        object.__setattr__(self, "ratio", check_ratio(self.ratio, "tucker2 ratio"))
+        object.__setattr__(self, "options", freeze_options(self.options, "tucker2 options"))
+        if self.ranks is not None and self.ratio is not None:
+            raise ValueError("tucker2 ranks and tucker2 ratio are mutually exclusive; give one")
+
+
+def _sizes(conv: nn.Conv2d) -> tuple[int, int, int, int, int]:
+    g = conv.groups
+    _o, _i, kh, kw = conv.weight.shape
+    return conv.out_channels // g, conv.in_channels // g, kh, kw, g
+
+
+def _params(conv: nn.Conv2d, in_rank: int, out_rank: int) -> int:
+    cout_g, cin_g, kh, kw, g = _sizes(conv)
+    return tucker2_param_count(conv.out_channels, conv.in_channels, kh, kw, out_rank, in_rank, groups=g) + bias_params(conv)
+
+
+def tucker2_rank_steps(conv: nn.Conv2d) -> list[tuple[int, int]]:
+    """``(in_rank, out_rank)`` pairs in proportion to the channels per group, growing, that shrink ``conv``."""
+    cout_g, cin_g, *_ = _sizes(conv)
+    before = sum(p.numel() for p in conv.parameters())
+    steps: list[tuple[int, int]] = []
+    big = max(cout_g, cin_g)
+    for k in range(1, big + 1):
+        pair = (max(1, round(k * cin_g / big)), max(1, round(k * cout_g / big)))
+        if steps and pair == steps[-1]:
+            continue
+        if _params(conv, *pair) >= before:
+            break
+        steps.append(pair)
+    return steps
+
+
+@register_format
+class Tucker2Format(CompressionFormat):
+    """Tucker-2 Conv2d layers: 1x1 -> kh x kw core -> 1x1 (HOSVD + HOOI)."""
+
+    name = "tucker2"
+    targets = (nn.Conv2d,)
+    layer_class = Tucker2Conv2d
+    settings = Tucker2Settings
+    summary = "Conv2d -> 1x1, kxk core, 1x1 (Tucker-2, HOSVD + HOOI; Kim et al. 2016)"
+    settings_aliases = {"rank": "ranks"}
+
+    def decide(self, module: nn.Module, name: str, settings: Any, *, override: Mapping[str, Any] | None = None,
+               aliases: tuple[str, ...] = (), lowest: bool = False, settings_of: Any = None) -> LayerDecision:
+        cout_g, cin_g, kh, kw, g = _sizes(module)  # type: ignore[arg-type]
+        if cin_g == 1 and cout_g == 1:
+            return self.dense_decision(module, name, "depthwise conv: no channel mode to factor", aliases)
+        s = settings if settings is not None else Tucker2Settings()
+        o = dict(override or {})
+        ranks, ratio = s.ranks, s.ratio
+        options = dict(s.options)
+        if "ranks" in o or "ratio" in o:
+            ranks, ratio = o.get("ranks"), o.get("ratio")
+            if isinstance(ranks, tuple) and len(ranks) != 2:
+                raise ValueError(f"rule for {name!r}: a Tucker-2 layer takes one rank or (in_rank, out_rank), "
+                                 f"got {list(ranks)}")
+        options.update(dict(o.get("options", ())))
+        if lowest:
+            steps = tucker2_rank_steps(module)  # type: ignore[arg-type]
+            if not steps:
+                return self.dense_decision(module, name, "would not shrink even at Tucker-2 ranks (1, 1)", aliases)
+            ranks, ratio = steps[0], None
+        if ranks is None and ratio is None:
+            ratio = DEFAULT_TUCKER2_RATIO
+        if ranks is None:
+            before = sum(p.numel() for p in module.parameters())
+            fit = [p for p in tucker2_rank_steps(module) if _params(module, *p) * ratio <= before]  # type: ignore[arg-type]
+            if not fit:
+                return self.dense_decision(module, name, f"would not shrink {ratio:g}x even at Tucker-2 ranks (1, 1)",
+                                           aliases)
+            ranks = fit[-1]
+        r_in, r_out = (ranks, ranks) if isinstance(ranks, int) else ranks
+        r_in, r_out = min(r_in, cin_g, cout_g * kh * kw), min(r_out, cout_g, cin_g * kh * kw)
+        after = _params(module, r_in, r_out)  # type: ignore[arg-type]
+        return self.decision(module, name, {"in_rank": r_in, "out_rank": r_out, **options}, after, aliases,
+                             f"Tucker-2 ranks ({r_in}, {r_out})")
+
+    def build(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
+              name: str | None = None) -> nn.Module:
+        return Tucker2Conv2d.from_conv(module, **{k: v for k, v in options.items() if v is not None})
+
+    def describe(self, layer: nn.Module) -> FormatDescription:
+        kh, kw = layer.kernel_size
+        shape = (int(layer.out_channels), int(layer.in_channels) // int(layer.groups), int(kh), int(kw))
+        return FormatDescription(self.name, shape, (int(layer.in_rank), int(layer.out_rank)),
+                                 text=f"r={int(layer.in_rank)},{int(layer.out_rank)}")
+
+    def suggest(self, decision: LayerDecision) -> str:
+        return f"Tucker-2 ranks ({decision.options['in_rank']}, {decision.options['out_rank']})"
+
+    def flops(self, layer: nn.Module) -> int:
+        return int(layer.flops)
+
+    def ladder(self, module: nn.Module, decision: LayerDecision) -> Ladder | None:
+        cout_g, cin_g, kh, kw, g = _sizes(module)  # type: ignore[arg-type]
+        w = module.weight.detach().to(torch.float64)
+        norm2 = float(w.square().sum()) or 1.0
+        groups = [w[i * cout_g:(i + 1) * cout_g] for i in range(g)]
+        tails_out = [singular_tails(unfold(p, 0)) for p in groups]
+        tails_in = [singular_tails(unfold(p, 1)) for p in groups]
+        extra = {k: v for k, v in decision.options.items() if k not in ("in_rank", "out_rank")}
+        params, errors, options = [], [], []
+        for r_in, r_out in tucker2_rank_steps(module):  # type: ignore[arg-type]
+            # truncated HOSVD error bound: sum of the discarded tails of both channel modes [De Lathauwer 2000]
+            e2 = sum(float(to[min(r_out, len(to) - 1)]) + float(ti[min(r_in, len(ti) - 1)])
+                     for to, ti in zip(tails_out, tails_in))
+            params.append(_params(module, r_in, r_out))  # type: ignore[arg-type]
+            errors.append(e2 / norm2)
+            options.append({"in_rank": r_in, "out_rank": r_out, **extra})
+        return Ladder(tuple(params), tuple(errors), tuple(options))
+
+    def fit_budget(self, module: nn.Module, budget: int, settings: Any) -> dict[str, Any] | None:
+        cout_g, cin_g, *_ = _sizes(module)  # type: ignore[arg-type]
+        if cin_g == 1 and cout_g == 1:
+            return None
+        fit = [p for p in tucker2_rank_steps(module) if _params(module, *p) <= budget]  # type: ignore[arg-type]
+        if not fit:
+            return None
+        s = settings if settings is not None else Tucker2Settings()
+        return {"in_rank": fit[-1][0], "out_rank": fit[-1][1], **dict(s.options)}
