@@ -47,6 +47,8 @@ from torch import nn
 
 from ttcompress.decompose.modes import choose_modes
 from ttcompress.errors import TTCompressError
+from ttcompress.fsutil import atomic_write
+from ttcompress.modtree import named_with_aliases
 from ttcompress.formats import (
     DENSE,
     CompressionFormat,
@@ -431,8 +433,6 @@ def _safe_yaml(text: str) -> Any:
 
 def save_plan(plan: Plan, path: str | Path) -> Path:
     """Write ``plan`` as YAML (or JSON for a ``.json`` path), atomically."""
-    from ttcompress.io import atomic_write
-
     p = Path(path)
     with atomic_write(p, "w") as f:
         if p.suffix.lower() == ".json":
@@ -518,14 +518,8 @@ def _inside_factorized(model: nn.Module) -> set[int]:
 
 def _candidates(model: nn.Module) -> list[Candidate]:
     """``(name, module, aliases)`` of every module some registered format compresses."""
-    names: dict[int, list[str]] = {}
-    mods: dict[int, nn.Module] = {}
     inner = _inside_factorized(model)
-    for name, m in model.named_modules(remove_duplicate=False):
-        if compressible(m) and id(m) not in inner:
-            names.setdefault(id(m), []).append(name)
-            mods[id(m)] = m
-    return [(ns[0], mods[i], tuple(ns[1:])) for i, ns in names.items()]
+    return named_with_aliases(model, lambda m: compressible(m) and id(m) not in inner)
 
 
 def _kind(module: nn.Module) -> str:

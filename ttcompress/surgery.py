@@ -29,7 +29,9 @@ from torch import nn
 
 from ttcompress.formats import DENSE, format_of, get_format, layer_classes
 from ttcompress.formats.base import build_note
-from ttcompress.io import get_meta, load_checkpoint, save, update_meta
+from ttcompress.io import load_checkpoint, save
+from ttcompress.meta import copy_meta, get_meta, update_meta
+from ttcompress.modtree import get_submodule, set_submodule
 from ttcompress.plan import LayerDecision, Plan, plan_layers
 
 __all__ = [
@@ -58,37 +60,6 @@ FilterFn = Callable[[nn.Module, str], bool]
 # --------------------------------------------------------------------------------------------------
 # Module surgery
 # --------------------------------------------------------------------------------------------------
-def get_submodule(root: nn.Module, name: str) -> nn.Module:
-    """The module at qualified ``name`` (``""`` is ``root``); ``AttributeError`` if absent."""
-    module = root
-    if name == "":
-        return module
-    for part in name.split("."):
-        children = module._modules
-        if part not in children or children[part] is None:
-            raise AttributeError(f"{type(module).__name__} has no submodule {part!r} (looking up {name!r})")
-        module = children[part]  # type: ignore[assignment]
-    return module
-
-
-def set_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at qualified ``name`` and return the (possibly new) root.
-
-    ``new`` takes the train/eval flag of the module it replaces. Replacing ``""`` returns ``new``
-    itself as the root (with ``root``'s metadata).
-    """
-    old = get_submodule(root, name)
-    new.train(old.training)
-    if name == "":
-        if hasattr(root, "ttcompress_meta"):
-            object.__setattr__(new, "ttcompress_meta", get_meta(root))
-        return new
-    parent_name, _, child = name.rpartition(".")
-    parent = get_submodule(root, parent_name)
-    parent._modules[child] = new  # also works for nn.Sequential/ModuleList/ModuleDict children
-    return root
-
-
 def build_replacement(module: nn.Module, decision: LayerDecision, *, calib: Any = None) -> nn.Module:
     """Decompose ``module`` as ``decision`` says, with the decision's registered format.
 
@@ -262,7 +233,7 @@ def compress_with_report(
             root = set_submodule(root, name, new)
             meta_layers[name] = meta
     if root is not model and not hasattr(root, "ttcompress_meta"):
-        object.__setattr__(root, "ttcompress_meta", get_meta(model))
+        copy_meta(model, root)
     update_meta(root, layers=meta_layers)
     return CompressionResult(root, tuple(records), before, _count(root), plan)
 

@@ -218,7 +218,7 @@ def cache_key(
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from ttcompress.io import atomic_write
+    from ttcompress.fsutil import atomic_write
 
     with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
