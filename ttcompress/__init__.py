@@ -21,7 +21,8 @@ from ttcompress.formats import CompressionFormat, format_names, format_of, forma
 from ttcompress.io import get_meta, load, save
 from ttcompress.layers import LAYER_TYPES, CPConv2d, TTLinear
 from ttcompress.models import build_arch
-from ttcompress.plan import CPSettings, Plan, Rule, TTSettings, load_plan, plan_from_options
+from ttcompress.plan import CPSettings, Plan, Rule, TTSettings
+from ttcompress.planfile import load_plan, plan_from_options
 from ttcompress.surgery import compress, compress_with_report
 
 # Loaded on first access (they pull in the training loop, datasets and reports).

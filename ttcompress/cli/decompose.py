@@ -1,6 +1,6 @@
 """``ttcompress decompose``: compress a model file's Linear (TT) and Conv2d (CP) layers.
 
-A thin shell over :func:`ttcompress.plan.plan_from_options` (parse the options into a plan) and
+A thin shell over :func:`ttcompress.planfile.plan_from_options` (parse the options into a plan) and
 :func:`ttcompress.surgery.decompose_file` (load → compress → save atomically).
 """
 
@@ -30,7 +30,8 @@ from ttcompress.cli.options import (
 )
 from ttcompress.errors import refused_input
 from ttcompress.formats import format_names, get_format
-from ttcompress.plan import plan_from_options
+from ttcompress.cli.flags import flags_in_errors
+from ttcompress.planfile import plan_from_options
 from ttcompress.surgery import CompressionResult, DecomposeResult, LayerRecord, decompose_file, default_output_path
 
 _RANKS = "Ranks (pick at most one way per format)"
@@ -86,7 +87,7 @@ def decompose(
     The output (default: MODEL's name with .tt.pt, next to it) is written atomically: on any error nothing is written. An existing output is replaced only with --overwrite. The per-layer table goes to stdout, progress to stderr.
     """
     check_inputs(model, plan)
-    with refused_input():
+    with refused_input(), flags_in_errors():
         the_plan = plan_from_options(
             plan_file=plan, tt_ranks=tt_ranks, tt_eps=tt_eps, tt_d=tt_d, cp_ranks=cp_ranks, cp_ratio=cp_ratio,
             layers=layers or (), exclude=exclude or (), target_ratio=target_ratio, formats=formats or (),

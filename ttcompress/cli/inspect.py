@@ -23,7 +23,7 @@ from ttcompress.cli.options import (
     parse_arch_kwargs,
 )
 from ttcompress.errors import refused_input
-from ttcompress.plan import load_plan
+from ttcompress.planfile import load_plan
 from ttcompress.surgery import ModelSummary, inspect_file
 
 
