@@ -14,7 +14,8 @@ from ttcompress.cli import app
 from ttcompress.data import DatasetBundle
 from ttcompress.io import save
 from ttcompress.plan import Plan, TTSettings
-from ttcompress.report import ModelEntry, build_report, count_flops, count_params
+from ttcompress.layer_report import count_params
+from ttcompress.report import ModelEntry, build_report, count_flops
 from ttcompress.surgery import compress
 
 
@@ -66,7 +67,7 @@ def test_report_values_match_independent_counts(bundle: DatasetBundle, tmp_path)
     assert row.latency_ms > 0 and row.latency_iqr_ms >= 0
     assert 0 < row.flops < base.flops
     names = [layer.name for layer in row.layers]
-    assert names and all(layer.format == "TT" for layer in row.layers)
+    assert names and all(layer.format == "tt" for layer in row.layers)
     assert sum(layer.params_before - layer.params_after for layer in row.layers) == base.params - row.params
 
 

@@ -16,9 +16,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["PathLike", "atomic_write"]
+__all__ = ["MODEL_SUFFIXES", "PathLike", "atomic_write", "strip_model_suffix"]
 
 PathLike = str | os.PathLike[str]
+
+#: Extensions of model files, stripped from a file name to name its model (``model.pt`` -> ``model``).
+MODEL_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def strip_model_suffix(name: str) -> str:
+    """``name`` without one of :data:`MODEL_SUFFIXES` (kept when nothing would be left)."""
+    for ext in MODEL_SUFFIXES:
+        if name.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return name
 
 @functools.lru_cache(maxsize=1)
 def _umask_by_flipping() -> int:

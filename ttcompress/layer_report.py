@@ -10,8 +10,9 @@ replaced layer, of which :data:`META_FIELDS` go into a checkpoint's header.
 Adding a field: add it to :class:`LayerReport` with a default; if it belongs in checkpoints,
 append its name to :data:`META_FIELDS` (a ``None`` value is not written).
 
-This module also holds the two small helpers every table needs: :func:`count_params` (the one
-parameter counter) and :func:`ranks_text` (the one way ranks are written as text).
+This module also holds the small helpers every table needs: :func:`count_params` (the one
+parameter counter), :func:`ranks_text` (the one way ranks are written as text) and
+:func:`format_label` (a format name in a table).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["DENSE_FORMAT", "META_FIELDS", "LayerReport", "count_params", "ranks_text"]
+__all__ = ["DENSE_FORMAT", "META_FIELDS", "LayerReport", "count_params", "format_label", "ranks_text"]
 
 #: The ``format`` of a layer that stays (or is) dense.
 DENSE_FORMAT = "dense"
@@ -47,6 +48,11 @@ def ranks_text(ranks: Sequence[int] | int | None) -> str:
     if isinstance(ranks, (list, tuple)):
         return "(" + ",".join(str(int(r)) for r in ranks) + ")"
     return str(ranks)
+
+
+def format_label(fmt: str) -> str:
+    """A format name as tables show it: upper-case (``TT``, ``SVD``); ``dense`` stays lower-case."""
+    return fmt if fmt == DENSE_FORMAT else fmt.upper()
 
 
 def _tuple(value: Any) -> tuple[int, ...] | None:
@@ -127,10 +133,10 @@ class LayerReport:
         object.__setattr__(self, "aliases", tuple(self.aliases))
 
     @property
-    def ratio(self) -> float:
-        """``params_before / params_after`` (inf for an empty replacement, nan when unknown)."""
+    def ratio(self) -> float | None:
+        """``params_before / params_after`` (inf for an empty replacement, None when unknown)."""
         if self.params_before is None or self.params_after is None:
-            return float("nan")
+            return None
         return self.params_before / self.params_after if self.params_after else float("inf")
 
     @property

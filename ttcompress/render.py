@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+from ttcompress.layer_report import format_label
 from ttcompress.report import ModelRow, Report, pareto_front
 
 __all__ = ["FORMATS", "render", "to_csv", "to_json", "to_markdown", "to_rich_tables"]
@@ -93,8 +94,8 @@ def _columns(report: Report) -> list[tuple[str, Any]]:
 _LAYER_COLUMNS: list[tuple[str, Any]] = [
     ("model", None),
     ("layer", lambda l: l.name),
-    ("format", lambda l: l.format),
-    ("ranks", lambda l: l.ranks),
+    ("format", lambda l: format_label(l.format)),
+    ("ranks", lambda l: l.structure),
     ("params", lambda l: f"{l.params_before:,} → {l.params_after:,}"),
     ("ratio", lambda l: f"{l.ratio:.2f}×"),
     ("rel. error", lambda l: "–" if l.rel_error is None else f"{l.rel_error:.4f}"),

@@ -4,23 +4,25 @@ The entry point is :func:`compress` (in place, like torchao's ``quantize_``)::
 
     model = compress(model, Plan(tt=TTSettings(ranks=4), cp=CPSettings(rank=8)))
 
-:func:`compress_with_report` does the same and also returns one :class:`LayerRecord` per
+:func:`compress_with_report` does the same and also returns one :class:`~ttcompress.layer_report.LayerReport` per
 Linear/Conv2d (the data behind ``ttcompress decompose``'s table). :func:`decompose_file` is the
 whole ``decompose`` command as a function: load → compress → save atomically.
 :func:`summarize` / :func:`inspect_file` describe a model for ``ttcompress inspect``.
 
-Every replaced layer is recorded in ``model.ttcompress_meta["layers"][name]`` as
-``{"format", "config", "rel_error", "seconds", "params_before", "params_after"}``, which is what
+Every layer is reported as a :class:`~ttcompress.layer_report.LayerReport`; every replaced one is
+also kept in the model's metadata (:class:`~ttcompress.meta.ModelMeta`), whose checkpoint record
+``{"format", "config", "rel_error", "seconds", "params_before", "params_after"}`` is what
 :func:`ttcompress.io.save` needs to rebuild the model later.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +31,23 @@ from torch import nn
 
 from ttcompress.formats import DENSE, format_of, get_format, layer_classes
 from ttcompress.formats.base import build_note
+from ttcompress.layer_report import LayerReport, count_params, format_label
+from ttcompress.fsutil import strip_model_suffix
 from ttcompress.io import load_checkpoint, save
-from ttcompress.meta import copy_meta, get_meta, update_meta
+from ttcompress.meta import copy_meta, read_meta, update_meta
 from ttcompress.modtree import get_submodule, set_submodule
 from ttcompress.plan import LayerDecision, Plan, plan_layers
 
 __all__ = [
     "CompressionResult",
     "DecomposeResult",
-    "LayerRecord",
-    "LayerSummary",
     "ModelSummary",
     "build_replacement",
     "compress",
     "compress_with_report",
     "decompose_file",
     "default_output_path",
-    "get_submodule",
     "inspect_file",
-    "set_submodule",
     "summarize",
 ]
 
@@ -82,51 +82,11 @@ def build_replacement(module: nn.Module, decision: LayerDecision, *, calib: Any 
 # Records
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class LayerRecord:
-    """One Linear/Conv2d of a compression run (a row of the decompose table).
-
-    ``format`` is a registered format name or ``"dense"`` (then ``skipped`` says why). ``ranks``
-    and the modes come from the format's ``describe`` (e.g. the full TT rank tuple, or
-    ``(rank,)`` for CP), ``detail`` is their table cell. ``rel_error`` is the relative Frobenius
-    reconstruction error of the weight, ``seconds`` the decomposition wall time, ``note`` why the
-    format was chosen (``auto``).
-    """
-
-    name: str
-    type: str
-    shape: tuple[int, ...]
-    format: str
-    params_before: int
-    params_after: int
-    in_modes: tuple[int, ...] | None = None
-    out_modes: tuple[int, ...] | None = None
-    ranks: tuple[int, ...] | None = None
-    rel_error: float | None = None
-    seconds: float | None = None
-    skipped: str | None = None
-    aliases: tuple[str, ...] = ()
-    detail: str | None = None
-    note: str | None = None
-
-    @property
-    def ratio(self) -> float:
-        return self.params_before / self.params_after if self.params_after else float("inf")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ratio"] = self.ratio
-        for k in ("shape", "in_modes", "out_modes", "ranks", "aliases"):
-            if d[k] is not None:
-                d[k] = list(d[k])
-        return d
-
-
-@dataclass(frozen=True)
 class CompressionResult:
     """What :func:`compress_with_report` did: the model, per-layer records and whole-model totals."""
 
     model: nn.Module
-    records: tuple[LayerRecord, ...]
+    records: tuple[LayerReport, ...]
     params_before: int
     params_after: int
     plan: Plan
@@ -136,7 +96,7 @@ class CompressionResult:
         return self.params_before / self.params_after if self.params_after else float("inf")
 
     @property
-    def compressed(self) -> tuple[LayerRecord, ...]:
+    def compressed(self) -> tuple[LayerReport, ...]:
         return tuple(r for r in self.records if r.format != DENSE)
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,10 +107,6 @@ class CompressionResult:
             "layers": [r.to_dict() for r in self.records],
             "plan": self.plan.to_dict(),
         }
-
-
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _as_plan(plan: Plan | Mapping[str, Any] | None) -> Plan:
@@ -205,7 +161,7 @@ def compress_with_report(
             if d.skipped is None and not filter_fn(get_submodule(model, d.name), d.name) else d
             for d in decisions
         ]
-    before = _count(model)
+    before = count_params(model)
     todo = [d for d in decisions if d.skipped is None]
     built: dict[str, tuple[nn.Module, float]] = {}
     for i, d in enumerate(todo):
@@ -216,18 +172,17 @@ def compress_with_report(
     if progress is not None:
         progress(len(todo), len(todo), "")
 
-    records: list[LayerRecord] = []
-    meta_layers: dict[str, dict[str, Any]] = {}
+    records: list[LayerReport] = []
+    meta_layers: dict[str, LayerReport] = {}
     root = model
     for d in decisions:
         if d.name not in built:
-            records.append(LayerRecord(d.name, d.type, d.shape, DENSE, d.params_before, d.params_before,
-                                       skipped=d.skipped, aliases=d.aliases))
+            records.append(_dense_record(d, d.skipped))
             continue
         new, seconds = built[d.name]
         record, meta = _record(d, new, seconds)
         records.append(record)
-        if record.format == DENSE:
+        if meta is None:
             continue
         for name in (d.name, *d.aliases):
             root = set_submodule(root, name, new)
@@ -235,12 +190,17 @@ def compress_with_report(
     if root is not model and not hasattr(root, "ttcompress_meta"):
         copy_meta(model, root)
     update_meta(root, layers=meta_layers)
-    return CompressionResult(root, tuple(records), before, _count(root), plan)
+    return CompressionResult(root, tuple(records), before, count_params(root), plan)
 
 
-def _record(d: LayerDecision, new: nn.Module, seconds: float) -> tuple[LayerRecord, dict[str, Any]]:
-    """The table record and the checkpoint record of a built layer (dense if it does not shrink)."""
-    after = _count(new)
+def _dense_record(d: LayerDecision, skipped: str | None, **measured: Any) -> LayerReport:
+    return LayerReport(d.name, DENSE, d.type, d.shape, d.params_before, d.params_before, skipped=skipped,
+                       aliases=d.aliases, **measured)
+
+
+def _record(d: LayerDecision, new: nn.Module, seconds: float) -> tuple[LayerReport, LayerReport | None]:
+    """The record of a built layer, and the same record for the metadata (None: stays dense, it does not shrink)."""
+    after = count_params(new)
     rel_error = getattr(new, "rel_error", None)
     rel_error = None if rel_error is None else float(rel_error)
     fmt = format_of(new)
@@ -248,22 +208,17 @@ def _record(d: LayerDecision, new: nn.Module, seconds: float) -> tuple[LayerReco
         raise TypeError(f"layer {d.name!r}: format {d.format!r} built a {type(new).__name__}, which no format owns")
     note = build_note(new)
     if after >= d.params_before:
-        return LayerRecord(
-            d.name, d.type, d.shape, DENSE, d.params_before, d.params_before, rel_error=rel_error, seconds=seconds,
-            skipped=f"would not shrink ({fmt.name.upper()} needs {after} >= {d.params_before} params)",
-            aliases=d.aliases, note=note), {}
-    desc = fmt.describe(new)
-    record = LayerRecord(d.name, d.type, d.shape, fmt.name, d.params_before, after, desc.in_modes, desc.out_modes,
-                         desc.ranks, rel_error, seconds, None, d.aliases, desc.text, note)
-    meta = {"format": fmt.name, "config": new.config(), "rel_error": rel_error, "seconds": seconds,
-            "params_before": d.params_before, "params_after": after}
-    if note is not None:
-        meta["note"] = note
+        skipped = f"would not shrink ({format_label(fmt.name)} needs {after} >= {d.params_before} params)"
+        return _dense_record(d, skipped, rel_error=rel_error, seconds=seconds, note=note), None
     try:  # stored as JSON in checkpoints: keep the in-memory record identical to a reloaded one
-        meta = json.loads(json.dumps(meta))
+        config = json.loads(json.dumps(new.config()))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"layer {d.name!r}: config() is not JSON-serializable: {exc}") from None
-    return record, meta
+    desc = fmt.describe(new)
+    record = LayerReport(d.name, fmt.name, d.type, d.shape, d.params_before, after, in_modes=desc.in_modes,
+                         out_modes=desc.out_modes, ranks=desc.ranks, rel_error=rel_error, seconds=seconds,
+                         aliases=d.aliases, detail=desc.text, note=note, config=config)
+    return record, record
 
 
 def compress(
@@ -292,12 +247,7 @@ def compress(
 def default_output_path(input_path: str | os.PathLike[str]) -> Path:
     """``dir/model.pt`` → ``dir/model.tt.pt`` (any extension is replaced by ``.tt.pt``)."""
     p = Path(input_path)
-    stem = p.name
-    for ext in (".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
-        if stem.endswith(ext) and len(stem) > len(ext):
-            stem = stem[: -len(ext)]
-            break
-    return p.with_name(stem + ".tt.pt")
+    return p.with_name(strip_model_suffix(p.name) + ".tt.pt")
 
 
 @dataclass(frozen=True)
@@ -354,34 +304,6 @@ def decompose_file(
 # Description (what `ttcompress inspect` shows)
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class LayerSummary:
-    """One layer of :class:`ModelSummary`: a dense Linear/Conv2d or a compressed layer."""
-
-    name: str
-    type: str
-    shape: tuple[int, ...]
-    params: int
-    share: float
-    format: str
-    compressible: bool
-    reason: str | None = None
-    in_modes: tuple[int, ...] | None = None
-    out_modes: tuple[int, ...] | None = None
-    ranks: tuple[int, ...] | None = None
-    suggestion: str | None = None
-    params_before: int | None = None
-    rel_error: float | None = None
-    detail: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in ("shape", "in_modes", "out_modes", "ranks"):
-            if d[k] is not None:
-                d[k] = list(d[k])
-        return d
-
-
-@dataclass(frozen=True)
 class ModelSummary:
     """A model's layers, parameter shares, and (for a compressed one) its plan and ranks."""
 
@@ -389,7 +311,7 @@ class ModelSummary:
     arch: dict[str, Any] | None
     total_params: int
     other_params: int
-    layers: tuple[LayerSummary, ...]
+    layers: tuple[LayerReport, ...]
     compressed: bool
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -407,43 +329,45 @@ def summarize(model: nn.Module, *, plan: Plan | None = None, kind: str = "model"
     modes and ranks (the format's ``describe``).
     """
     plan = _as_plan(plan)
-    meta = get_meta(model)
-    total = _count(model)
-    rows: list[LayerSummary] = []
+    meta = read_meta(model)
+    total = count_params(model)
+    rows: list[LayerReport] = []
     counted = 0
     done = layer_classes()
     decisions = {d.name: d for d in plan_layers(model, plan)}
     for name, m in model.named_modules():
         if isinstance(m, done):
-            rows.append(_compressed_row(name, m, meta["layers"].get(name, {}), total))
+            rows.append(_compressed_row(name, m, meta.layers.get(name), total))
         elif name in decisions:
             rows.append(_dense_row(decisions[name], m, plan, total))
         else:
             continue
-        counted += rows[-1].params
-    return ModelSummary(kind, meta["arch"], total, total - counted, tuple(rows), bool(meta["layers"]),
-                        {k: v for k, v in meta["info"].items() if k != "history"})
+        counted += rows[-1].params or 0
+    info = {k: v for k, v in meta.info.items() if k != "history"}
+    arch = None if meta.arch is None else meta.arch.to_dict()
+    return ModelSummary(kind, arch, total, total - counted, tuple(rows), bool(meta.layers), info)
 
 
-def _compressed_row(name: str, layer: nn.Module, record: Mapping[str, Any], total: int) -> LayerSummary:
-    fmt = format_of(layer)
-    desc = fmt.describe(layer)  # type: ignore[union-attr]  # layer is an instance of a registered class
-    params = _count(layer)
-    return LayerSummary(name, type(layer).__name__, desc.shape, params, params / total if total else 0.0, desc.format,
-                        False, "already compressed", desc.in_modes, desc.out_modes, desc.ranks, None,
-                        record.get("params_before"), record.get("rel_error"), desc.text)
+def _compressed_row(name: str, layer: nn.Module, record: LayerReport | None, total: int) -> LayerReport:
+    """A factorized layer: its recorded facts (params before, error, config) and its structure now."""
+    desc = format_of(layer).describe(layer)  # type: ignore[union-attr]  # an instance of a registered class
+    params = count_params(layer)
+    return dataclasses.replace(
+        record or LayerReport(name, desc.format), name=name, format=desc.format, type=type(layer).__name__,
+        shape=desc.shape, in_modes=desc.in_modes, out_modes=desc.out_modes, ranks=desc.ranks, detail=desc.text,
+        params=params, share=params / total if total else 0.0, compressible=False, skipped="already compressed")
 
 
-def _dense_row(d: LayerDecision, module: nn.Module, plan: Plan, total: int) -> LayerSummary:
-    params = _count(module)
+def _dense_row(d: LayerDecision, module: nn.Module, plan: Plan, total: int) -> LayerReport:
+    """A dense layer: whether the plan would compress it, and into what."""
+    params = count_params(module)
     fmt_name = d.format if d.format != DENSE else plan.format_for(module, plan.merged_rule(d.name))
     suggestion = None
     if d.options and fmt_name not in (None, DENSE):
         suggestion = get_format(fmt_name).suggest(d)
-    in_modes, out_modes = d.options.get("in_modes"), d.options.get("out_modes")
-    return LayerSummary(d.name, d.type, d.shape, params, params / total if total else 0.0, DENSE,
-                        d.skipped is None, d.skipped, None if in_modes is None else tuple(in_modes),
-                        None if out_modes is None else tuple(out_modes), None, suggestion)
+    return LayerReport(d.name, DENSE, d.type, d.shape, in_modes=d.options.get("in_modes"),
+                       out_modes=d.options.get("out_modes"), skipped=d.skipped, params=params,
+                       share=params / total if total else 0.0, compressible=d.skipped is None, suggestion=suggestion)
 
 
 def inspect_file(

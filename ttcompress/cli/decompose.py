@@ -32,7 +32,8 @@ from ttcompress.errors import refused_input
 from ttcompress.formats import format_names, get_format
 from ttcompress.cli.flags import flags_in_errors
 from ttcompress.planfile import plan_from_options
-from ttcompress.surgery import CompressionResult, DecomposeResult, LayerRecord, decompose_file, default_output_path
+from ttcompress.layer_report import format_label
+from ttcompress.surgery import CompressionResult, DecomposeResult, decompose_file, default_output_path
 
 _RANKS = "Ranks (pick at most one way per format)"
 _FORMAT_HELP = "; ".join(f"{n} ({get_format(n).summary})" for n in format_names())
@@ -123,10 +124,6 @@ def print_table(table: Table) -> None:
         Console(width=max(out.width, 220), soft_wrap=True).print(table)
 
 
-def _fmt_ranks(r: LayerRecord) -> str:
-    return r.detail or "–"
-
-
 def layer_table(result: CompressionResult) -> Table:
     """The per-layer rich table of a compression run, with a total row."""
     table = Table(title="ttcompress decompose", show_footer=False)
@@ -135,17 +132,17 @@ def layer_table(result: CompressionResult) -> Table:
                       ("rel. error", "right"), ("time", "right"), ("note", "left")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for r in result.records:
-        params = f"{r.params_before:,}" if r.format == "dense" else f"{r.params_before:,} → {r.params_after:,}"
+        params = f"{r.params_before:,}" if not r.compressed else f"{r.params_before:,} → {r.params_after:,}"
         table.add_row(
             r.name + (f" (= {', '.join(r.aliases)})" if r.aliases else ""),
             r.type,
             "x".join(map(str, r.shape)),
-            r.format.upper() if r.format != "dense" else "dense",
-            _fmt_ranks(r),
+            format_label(r.format),
+            r.structure,
             params,
-            f"{r.ratio:.2f}×" if r.format != "dense" else "–",
-            f"{r.rel_error:.4f}" if r.rel_error is not None and r.format != "dense" else "–",
-            f"{r.seconds:.2f}s" if r.seconds is not None and r.format != "dense" else "–",
+            f"{r.ratio:.2f}×" if r.compressed else "–",
+            f"{r.rel_error:.4f}" if r.rel_error is not None and r.compressed else "–",
+            f"{r.seconds:.2f}s" if r.seconds is not None and r.compressed else "–",
             r.skipped or r.note or "",
         )
     n = len(result.compressed)
