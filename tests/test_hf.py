@@ -73,6 +73,19 @@ def test_load_hf_dir_matches_the_original(dirs, name):
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 
+def test_sharded_and_prefixless_layouts(dirs, tmp_path):
+    model, src = dirs["gpt2"]
+    model.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="40KB")
+    assert not (tmp_path / "sharded" / "model.safetensors").exists() and is_hf_dir(tmp_path / "sharded")
+    assert torch.equal(_out(load_hf_dir(tmp_path / "sharded")), _out(model))
+    # The hub's GPT-2 files: base-model names (no "transformer.") plus old causal-mask buffers.
+    bare = _copy_dir(src, tmp_path / "bare")
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(bare / "model.safetensors").items()}
+    tensors["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)
+    save_file(tensors, str(bare / "model.safetensors"), metadata={"format": "pt"})
+    assert torch.equal(_out(load_hf_dir(bare)), _out(model))
+
+
 def test_tied_parameters_found_and_kept_through_load(dirs):
     model, path = dirs["gpt2"]
     assert tied_parameters(model) == {"transformer.wte.weight": ["lm_head.weight"]}

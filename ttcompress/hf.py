@@ -447,6 +447,8 @@ def _open_weights(d: Path, *, trust_pickle: bool) -> Iterator[tuple[dict[str, tu
         if (d / PICKLE_FILES[0]).is_file() and trust_pickle:
             yield from _open_pickle(d / PICKLE_FILES[0])
             return
+        if (d / PICKLE_FILES[1]).is_file() and trust_pickle:
+            raise CheckpointError(f"{d}: sharded pickle weights ({PICKLE_FILES[1]}) are not supported")
         if any((d / name).is_file() for name in PICKLE_FILES):
             raise UnsafePickleError(
                 f"{d}: the weights are a pickle ({PICKLE_FILES[0]}); loading it could run code: convert it to "
