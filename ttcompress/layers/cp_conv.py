@@ -11,7 +11,9 @@ the convolution ``y = K * x + b`` factors into (per group)::
 The two depthwise convolutions are one depthwise ``kh x kw`` convolution whose per-channel filter
 is the rank-1 outer product ``U_kh[:, r] U_kw[:, r]^T`` -- the same numbers, one pass over memory.
 Which of the two evaluations runs is chosen per layer shape (see :attr:`CPConv2d.fuse_spatial`);
-both are exact. The full kernel is never formed in ``forward``.
+both are exact. When one convolution with the reconstructed kernel is cheaper (small layers, or
+shapes where the factorized passes run slowly), ``forward`` uses it instead (see
+:attr:`CPConv2d.evaluation`); in eval mode without gradients that kernel is cached.
 
 References
 ----------
