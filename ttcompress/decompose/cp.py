@@ -45,6 +45,8 @@ from typing import Any, Literal
 
 import torch
 
+from ttcompress.decompose._threads import at_most_threads
+
 __all__ = [
     "CPDecomposition",
     "cp_als",
@@ -452,15 +454,11 @@ def _few_threads(work: int) -> Iterator[None]:
     128x128x3x3 kernel at rank 64, and 6.2 s vs 12.4 s for 512x512x3x3 at rank 256, so every
     kernel up to that size (work = numel * R < :data:`SMALL_WORK`) runs on one thread.
     """
-    before = torch.get_num_threads()
-    if work >= SMALL_WORK or before == 1:
+    if work >= SMALL_WORK:
         yield
         return
-    torch.set_num_threads(1)
-    try:
+    with at_most_threads(1):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _als_run(
