@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ttcompress.cli import app
+from ttcompress.cli._app import command_app
 from ttcompress.cli._common import cli_errors, err, out
 from ttcompress.cli.options import (
     ArchKwargsOpt,
@@ -28,6 +28,8 @@ from ttcompress.cli.options import (
 )
 from ttcompress.plan import plan_from_options
 from ttcompress.surgery import CompressionResult, DecomposeResult, LayerRecord, decompose_file
+
+app = command_app()
 
 _RANKS = "Ranks (pick at most one way per format)"
 _SELECT = "Layer selection"

@@ -9,12 +9,14 @@ import json
 
 from rich.table import Table
 
-from ttcompress.cli import app
+from ttcompress.cli._app import command_app
 from ttcompress.cli._common import cli_errors, out
 from ttcompress.cli.decompose import print_table
 from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, JsonOpt, ModelArg, PlanOpt, TrustPickleOpt, parse_arch_kwargs
 from ttcompress.plan import load_plan
 from ttcompress.surgery import ModelSummary, inspect_file
+
+app = command_app()
 
 
 @app.command("inspect")

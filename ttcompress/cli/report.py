@@ -10,11 +10,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from ttcompress.cli import app
+from ttcompress.cli._app import command_app
 from ttcompress.cli._common import cli_errors, err, out
 from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, TrustPickleOpt, parse_arch_kwargs
 from ttcompress.cli.train import DataRootOpt, DeviceOpt, DownloadOpt
 from ttcompress.report import Report
+
+app = command_app()
 
 FormatOpt = Annotated[str, typer.Option(
     "--format", "-f", help="table (rich, terminal), md, csv or json.", metavar="FORMAT")]

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ttcompress.cli import app
+from ttcompress.cli._app import command_app
 from ttcompress.cli._common import cli_errors, err
 from ttcompress.cli.options import ArchKwargsOpt, ArchOpt, PlanOpt, TrustPickleOpt, parse_arch_kwargs
 from ttcompress.cli.report import FormatOpt, PlotOpt, check_render_options, emit
@@ -33,6 +33,8 @@ from ttcompress.cli.train import (
     make_config,
 )
 from ttcompress.train import FinetuneConfig
+
+app = command_app()
 
 
 def parse_list(text: Optional[str], *, option: str, kind: type, allow_none: bool = False) -> list:

@@ -14,10 +14,12 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ttcompress.cli import app
+from ttcompress.cli._app import command_app
 from ttcompress.cli._common import cli_errors, err, out
 from ttcompress.cli.options import ArchKwargsOpt, JsonOpt, OutputOpt, TrustPickleOpt, parse_arch_kwargs
 from ttcompress.train import TrainConfig, TrainResult
+
+app = command_app()
 
 _DATA = "Data"
 _OPT = "Optimization"
