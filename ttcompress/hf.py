@@ -1,0 +1,749 @@
+"""Hugging Face model directories, offline: read, rebuild and write them without running their code.
+
+A directory as ``save_pretrained(..., safe_serialization=True)`` writes it (``config.json`` plus
+``model.safetensors``, or a sharded ``model.safetensors.index.json`` and its shards) is a model
+input. :func:`load_hf_dir` builds the model from its config with ``transformers`` and loads the
+weights from safetensors only:
+
+* nothing is downloaded, and no code from the directory runs: a config that names custom code
+  (``auto_map``) is refused, and the model class is chosen among ``transformers``' own classes
+  registered for the config's ``model_type`` (``config.architectures[0]`` when it is one of them,
+  else ``AutoModel``'s class);
+* every size in ``config.json`` is checked against the tensor shapes in the safetensors headers on
+  a skeleton built on the ``meta`` device, before anything is allocated;
+* ``pytorch_model.bin`` (a pickle) is refused unless ``trust_pickle=True``;
+* the weights load strictly: a missing, unexpected or wrongly shaped tensor is a one-line
+  :class:`~ttcompress.errors.CheckpointError`. Tied parameters (an output layer sharing the
+  embedding matrix) may be stored once, as ``save_pretrained`` does.
+
+:func:`save_hf_dir` writes a model back in the same layout, atomically, with a ``ttcompress.json``
+beside it that records the factorized layers (format and ``config()``), the plan and the
+architecture, so that a compressed model round-trips through :func:`load_hf_dir`.
+
+The returned models carry ``ttcompress_meta`` whose architecture record,
+``{"name": "hf:<ModelClass>", "kwargs": {"config": {...}}}``, rebuilds the skeleton without the
+directory through :func:`build_hf_model` (``build_hf_model(class_name, **kwargs)``).
+
+GPT-2 stores its projections as ``transformers.pytorch_utils.Conv1D`` (a Linear with a transposed
+weight); :func:`linearize_conv1d` turns them into ``nn.Linear`` so Linear compression applies.
+
+``transformers`` is an optional dependency (``pip install 'ttcompress[hf]'``), imported on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from ttcompress._version import __version__
+from ttcompress.errors import CheckpointError, OutputExistsError, UnsafePickleError
+from ttcompress.layers import LAYER_TYPES
+from ttcompress.plan import Plan
+
+__all__ = [
+    "CONFIG_FILE",
+    "HF_ARCH_PREFIX",
+    "RECORD_FILE",
+    "WEIGHTS_FILE",
+    "build_hf_model",
+    "conv1d_to_linear",
+    "hf_arch",
+    "is_hf_dir",
+    "linearize_conv1d",
+    "load_hf_dir",
+    "save_hf_dir",
+    "tied_parameters",
+]
+
+HF_ARCH_PREFIX = "hf:"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+RECORD_FILE = "ttcompress.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+RECORD_FORMAT = "ttcompress-hf"
+RECORD_VERSION = 1
+_MAX_JSON_BYTES = 64 << 20
+_META_ATTR = "ttcompress_meta"
+
+PathLike = str | os.PathLike[str]
+TensorReader = Callable[[str], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers, configs and model classes
+# --------------------------------------------------------------------------------------------------
+def _transformers() -> ModuleType:
+    """The ``transformers`` module, or a one-line error naming the extra that installs it."""
+    try:
+        import transformers
+    except ImportError:
+        raise CheckpointError(
+            "Hugging Face models need the optional package transformers: pip install 'ttcompress[hf]'"
+        ) from None
+    return transformers
+
+
+def _find_key(data: Any, key: str) -> bool:
+    """Whether ``key`` occurs as a dict key anywhere in nested JSON ``data``."""
+    if isinstance(data, Mapping):
+        return key in data or any(_find_key(v, key) for v in data.values())
+    if isinstance(data, list):
+        return any(_find_key(v, key) for v in data)
+    return False
+
+
+def _make_config(config: Mapping[str, Any], where: str) -> Any:
+    """A ``transformers`` config object from a config dict, refusing anything that runs code.
+
+    The config class comes from ``transformers.CONFIG_MAPPING[model_type]`` only; ``auto_map``
+    (custom code) anywhere in the dict and an attention implementation taken from the hub
+    (``"org/repo"``) are refused.
+    """
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{where}: the config must be a JSON object, got {type(config).__name__}")
+    if _find_key(config, "auto_map"):
+        raise CheckpointError(f"{where}: the config names custom code (auto_map); refusing to run code from a model")
+    for key in ("attn_implementation", "_attn_implementation"):
+        if "/" in str(config.get(key) or ""):
+            raise CheckpointError(f"{where}: {key} {config[key]!r} would fetch a kernel from the hub; refusing it")
+    model_type = config.get("model_type")
+    mapping = _transformers().CONFIG_MAPPING
+    if not isinstance(model_type, str) or model_type not in mapping:
+        raise CheckpointError(f"{where}: unknown or missing model_type {model_type!r} (not a transformers model)")
+    try:
+        return mapping[model_type].from_dict(dict(config))
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{where}: invalid config: {_short(exc)}") from None
+
+
+def _registered_class_names(model_type: str) -> set[str]:
+    """Names of the model classes that transformers' auto mappings register for ``model_type``."""
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for attr in dir(modeling_auto):
+        if attr.startswith("MODEL_") and attr.endswith("_MAPPING_NAMES"):
+            value = getattr(modeling_auto, attr).get(model_type)
+            names.update([value] if isinstance(value, str) else list(value or ()))
+    return names
+
+
+def _model_class(config: Any, class_name: str | None, *, where: str, strict: bool) -> type[nn.Module]:
+    """The transformers class named ``class_name`` if it is registered for ``config``'s model type.
+
+    Otherwise ``AutoModel``'s class for the config (``strict=False``) or a :class:`CheckpointError`.
+    ``class_name`` is only looked up after it was found in transformers' own registry.
+    """
+    tf = _transformers()
+    if isinstance(class_name, str) and class_name in _registered_class_names(config.model_type):
+        cls = getattr(tf, class_name, None)
+        if isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel) and isinstance(config, cls.config_class):
+            return cls
+    if strict:
+        raise CheckpointError(
+            f"{where}: {class_name!r} is not a transformers model class for model_type {config.model_type!r}"
+        )
+    try:
+        return tf.AutoModel._model_mapping[type(config)]
+    except KeyError:
+        raise CheckpointError(f"{where}: transformers has no AutoModel for model_type {config.model_type!r}") from None
+
+
+def _instantiate(cls: type[nn.Module], config: Any, *, device: str, where: str) -> nn.Module:
+    try:
+        with torch.device(device):
+            return cls(config)
+    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise CheckpointError(f"{where}: cannot build {cls.__name__} from the config: {_short(exc)}") from None
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    """The complete config as plain JSON (what ``config.json`` holds)."""
+    return json.loads(config.to_json_string(use_diff=False))
+
+
+def hf_arch(model: nn.Module, *, conv1d_as_linear: bool = False) -> dict[str, Any]:
+    """The architecture record of a transformers model: ``{"name": "hf:Class", "kwargs": {...}}``.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A model of one of transformers' own classes.
+    conv1d_as_linear : bool, optional
+        Record that the model's ``Conv1D`` layers were replaced by ``nn.Linear``.
+
+    Returns
+    -------
+    dict
+        JSON-serializable; ``build_hf_model(name[3:], **kwargs)`` rebuilds the skeleton.
+    """
+    config = getattr(model, "config", None)
+    if not isinstance(model, nn.Module) or not hasattr(config, "to_json_string"):
+        raise TypeError(f"model must be a transformers model (with .config), got {type(model).__name__}")
+    kwargs: dict[str, Any] = {"config": _config_dict(config)}
+    kwargs["config"]["architectures"] = [type(model).__name__]
+    if conv1d_as_linear:
+        kwargs["conv1d_as_linear"] = True
+    return {"name": HF_ARCH_PREFIX + type(model).__name__, "kwargs": kwargs}
+
+
+def _set_meta(model: nn.Module, arch: Mapping[str, Any], layers: Mapping[str, Any], info: Mapping[str, Any]) -> None:
+    # Same layout as ttcompress.io.get_meta; object.__setattr__ keeps nn.Module out of it.
+    object.__setattr__(model, _META_ATTR, {"arch": dict(arch), "layers": dict(layers), "info": dict(info)})
+
+
+def build_hf_model(
+    class_name: str, config: Mapping[str, Any], *, conv1d_as_linear: bool = False, device: str = "cpu"
+) -> nn.Module:
+    """Build a transformers model skeleton (randomly initialized) from a recorded config.
+
+    Parameters
+    ----------
+    class_name : str
+        A transformers model class registered for ``config["model_type"]`` (e.g.
+        ``"GPT2LMHeadModel"``); any other name is refused, nothing else is imported.
+    config : dict
+        The config as ``config.json`` holds it (``model_type`` plus the model's sizes).
+    conv1d_as_linear : bool, optional
+        Replace GPT-2 style ``Conv1D`` layers by ``nn.Linear`` (see :func:`linearize_conv1d`).
+    device : str, optional
+        ``"cpu"`` (default) or ``"meta"`` (shapes only, nothing allocated).
+
+    Returns
+    -------
+    nn.Module
+        In eval mode, carrying ``ttcompress_meta`` with the ``hf:`` architecture record.
+
+    Raises
+    ------
+    CheckpointError
+        transformers is absent, the config names custom code or is invalid, or ``class_name`` is
+        not one of transformers' classes for that model type.
+    """
+    where = f"architecture {HF_ARCH_PREFIX}{class_name}"
+    cfg = _make_config(config, where)
+    model = _instantiate(_model_class(cfg, class_name, where=where, strict=True), cfg, device=device, where=where)
+    if conv1d_as_linear:
+        linearize_conv1d(model)
+    _set_meta(model, hf_arch(model, conv1d_as_linear=conv1d_as_linear), {}, {})
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Conv1D (GPT-2) and tied parameters
+# --------------------------------------------------------------------------------------------------
+def _is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def conv1d_to_linear(module: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` equal to a GPT-2 ``Conv1D`` (whose weight is stored transposed, ``(in, out)``).
+
+    Parameters
+    ----------
+    module : transformers.pytorch_utils.Conv1D
+        Computes ``x @ weight + bias``.
+
+    Returns
+    -------
+    nn.Linear
+        ``weight = module.weight.T`` (a copy), same bias, dtype, device and train/eval flag.
+    """
+    _transformers()
+    if not isinstance(module, nn.Module) or not _is_conv1d(module):
+        raise TypeError(f"module must be a transformers Conv1D, got {type(module).__name__}")
+    w = module.weight
+    in_features, out_features = w.shape
+    linear = nn.Linear(in_features, out_features, bias=module.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w.detach().t())
+        if module.bias is not None:
+            linear.bias.copy_(module.bias.detach())
+    linear.weight.requires_grad_(w.requires_grad)
+    if module.bias is not None:
+        linear.bias.requires_grad_(module.bias.requires_grad)
+    return linear.train(module.training)
+
+
+def linearize_conv1d(model: nn.Module) -> list[str]:
+    """Replace every ``Conv1D`` inside ``model`` by an equivalent ``nn.Linear``, in place.
+
+    A ``Conv1D`` reachable under several names becomes one shared ``nn.Linear``. When ``model``
+    carries an ``hf:`` architecture record, the record notes the change so the skeleton is rebuilt
+    the same way.
+
+    Returns
+    -------
+    list of str
+        Qualified names of the replaced modules (all names of a shared one).
+    """
+    _transformers()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if _is_conv1d(model):
+        raise ValueError("model is itself a Conv1D: use conv1d_to_linear(model)")
+    replaced: dict[int, nn.Linear] = {}
+    names: list[str] = []
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if _is_conv1d(module):
+            new = replaced.setdefault(id(module), conv1d_to_linear(module))
+            _set_child(model, name, new)
+            names.append(name)
+    meta = getattr(model, _META_ATTR, None)
+    arch = meta.get("arch") if isinstance(meta, Mapping) else None
+    if names and isinstance(arch, Mapping) and str(arch.get("name", "")).startswith(HF_ARCH_PREFIX):
+        kwargs = {**dict(arch.get("kwargs") or {}), "conv1d_as_linear": True}
+        _set_meta(model, {"name": arch["name"], "kwargs": kwargs}, meta.get("layers") or {}, meta.get("info") or {})
+    return names
+
+
+def _identity_groups(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, list[str]]:
+    groups: dict[int, list[str]] = {}
+    for name, tensor in named:
+        groups.setdefault(id(tensor), []).append(name)
+    return {names[0]: names[1:] for names in groups.values() if len(names) > 1}
+
+
+def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """Parameters registered under several names (one ``nn.Parameter`` object), e.g. tied embeddings.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any module; a module shared under two names makes all its parameters tied too.
+
+    Returns
+    -------
+    dict
+        ``{first_name: [other names]}`` for every parameter with more than one name, in
+        ``named_parameters`` order, e.g. ``{"transformer.wte.weight": ["lm_head.weight"]}``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return _identity_groups(model.named_parameters(remove_duplicate=False))
+
+
+def _state_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Like :func:`tied_parameters`, over parameters and buffers (the state dict's aliases)."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return _identity_groups(named)
+
+
+def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    parent._modules[child] = new
+
+
+# --------------------------------------------------------------------------------------------------
+# Factorized layers (format registry)
+# --------------------------------------------------------------------------------------------------
+def _build_layer(fmt: Any, config: Mapping[str, Any], where: str) -> nn.Module:
+    """A factorized layer of recorded ``fmt`` built from its ``config()`` (structure only)."""
+    if fmt not in LAYER_TYPES:
+        raise CheckpointError(f"{where}: unknown layer format {fmt!r}")
+    try:
+        return LAYER_TYPES[fmt](**dict(config))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: cannot rebuild the layer: {_short(exc)}") from None
+
+
+def _layer_format(module: nn.Module) -> str | None:
+    return next((fmt for fmt, cls in LAYER_TYPES.items() if type(module) is cls), None)
+
+
+def _apply_layers(model: nn.Module, layers: Mapping[str, Any], where: str) -> None:
+    """Replace every recorded layer by its factorized structure; one instance per shared module."""
+    if not isinstance(layers, Mapping):
+        raise CheckpointError(f"{where}: 'layers' must be a JSON object")
+    by_id: dict[int, nn.Module] = {}
+    for name, record in layers.items():
+        if not isinstance(record, Mapping) or not isinstance(record.get("config", {}), Mapping):
+            raise CheckpointError(f"{where}: layer {name!r}: malformed record")
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{where}: layer {name!r} does not exist in the model") from None
+        new = by_id.get(id(old))
+        if new is None:
+            new = by_id[id(old)] = _build_layer(record.get("format"), record.get("config") or {}, f"{where}: layer {name!r}")
+            with contextlib.suppress(AttributeError):
+                new.rel_error = record.get("rel_error")
+        _set_child(model, name, new.train(old.training))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a directory
+# --------------------------------------------------------------------------------------------------
+def _short(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _few(items: list[str]) -> str:
+    return ", ".join(items[:3]) + (f", ... (+{len(items) - 3})" if len(items) > 3 else "")
+
+
+def is_hf_dir(path: PathLike) -> bool:
+    """Whether ``path`` is a directory with ``config.json`` and safetensors weights.
+
+    The weights are ``model.safetensors`` or a sharded ``model.safetensors.index.json``. Any other
+    directory (e.g. one holding only ``pytorch_model.bin``) gives ``False``; :func:`load_hf_dir`
+    explains what is wrong with it.
+    """
+    p = Path(path)
+    return p.is_dir() and (p / CONFIG_FILE).is_file() and ((p / WEIGHTS_FILE).is_file() or (p / INDEX_FILE).is_file())
+
+
+def _read_json(p: Path, what: str) -> dict[str, Any]:
+    try:
+        if p.stat().st_size > _MAX_JSON_BYTES:
+            raise CheckpointError(f"{p}: {what} is larger than {_MAX_JSON_BYTES >> 20} MiB")
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{p.parent}: no {p.name} (not a Hugging Face model directory)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{p}: invalid {what}: {_short(exc)}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{p}: {what} must be a JSON object")
+    return data
+
+
+def _shard_files(d: Path) -> list[Path]:
+    """The safetensors files of ``d`` (one file or the shards its index names)."""
+    if (d / WEIGHTS_FILE).is_file():
+        return [d / WEIGHTS_FILE]
+    weight_map = _read_json(d / INDEX_FILE, "safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{d / INDEX_FILE}: no weight_map")
+    files = []
+    for name in sorted({str(v) for v in weight_map.values()}):
+        if Path(name).name != name or name.startswith(".") or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{d / INDEX_FILE}: invalid shard name {name!r}")
+        if not (d / name).is_file():
+            raise CheckpointError(f"{d}: shard {name} named by {INDEX_FILE} is missing")
+        files.append(d / name)
+    return files
+
+
+@contextlib.contextmanager
+def _open_weights(d: Path, *, trust_pickle: bool) -> Iterator[tuple[dict[str, tuple[int, ...]], TensorReader]]:
+    """Yield ``(shapes, read)``: every stored tensor's shape (from the headers) and a reader."""
+    if not (d / WEIGHTS_FILE).is_file() and not (d / INDEX_FILE).is_file():
+        if (d / PICKLE_FILES[0]).is_file() and trust_pickle:
+            yield from _open_pickle(d / PICKLE_FILES[0])
+            return
+        if (d / PICKLE_FILES[1]).is_file() and trust_pickle:
+            raise CheckpointError(f"{d}: sharded pickle weights ({PICKLE_FILES[1]}) are not supported")
+        if any((d / name).is_file() for name in PICKLE_FILES):
+            raise UnsafePickleError(
+                f"{d}: the weights are a pickle ({PICKLE_FILES[0]}); loading it could run code: convert it to "
+                f"{WEIGHTS_FILE} or pass trust_pickle=True"
+            )
+        raise CheckpointError(f"{d}: no weights ({WEIGHTS_FILE} or {INDEX_FILE})")
+    from safetensors import SafetensorError, safe_open
+
+    handles: dict[str, Any] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    with contextlib.ExitStack() as stack:
+        for path in _shard_files(d):
+            try:
+                f = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+                keys = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(f"{path}: not a readable safetensors file: {_short(exc)}") from None
+            twice = sorted(set(keys) & set(shapes))
+            if twice:
+                raise CheckpointError(f"{d}: tensor(s) stored in several shards: {_few(twice)}")
+            shapes.update(keys)
+            handles.update(dict.fromkeys(keys, f))
+        yield shapes, lambda key: handles[key].get_tensor(key)
+
+
+def _open_pickle(path: Path) -> Iterator[tuple[dict[str, tuple[int, ...]], TensorReader]]:
+    """The trust_pickle path: a ``pytorch_model.bin`` state dict, read with ``weights_only``."""
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any failure of a foreign file is one line
+        raise CheckpointError(f"{path}: cannot read the state dict: {_short(exc)}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    yield {str(k): tuple(v.shape) for k, v in sd.items()}, sd.__getitem__
+
+
+def _key_map(model: nn.Module, stored: Iterable[str]) -> dict[str, str]:
+    """Map stored tensor names to the model's state-dict names.
+
+    A ``base_model_prefix`` (``transformer.``, ``bert.``) is added or removed where that is what
+    matches; names the class declares ignorable (``_keys_to_ignore_on_load_unexpected``, e.g.
+    GPT-2's old causal-mask buffers) are dropped. An unmatched name maps to itself (unexpected).
+    """
+    expected = set(model.state_dict())
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    ignore = [re.compile(p) for p in getattr(type(model), "_keys_to_ignore_on_load_unexpected", None) or ()]
+    mapping: dict[str, str] = {}
+    for key in stored:
+        candidates = [key]
+        if prefix:
+            candidates += [f"{prefix}.{key}", key.removeprefix(f"{prefix}.")]
+        target = next((c for c in candidates if c in expected), None)
+        if target is None and any(p.search(key) for p in ignore):
+            continue
+        mapping[key] = target or key
+    return mapping
+
+
+def _check_fit(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """Refuse (one line) unless the stored shapes (by model key) fill the model's state dict.
+
+    A key may be absent when a tied alias of it is stored.
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    covered = set(shapes)
+    for first, others in _state_groups(model).items():
+        if covered & {first, *others}:
+            covered |= {first, *others}
+    missing = [k for k in expected if k not in covered]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [f"{k} {list(shapes[k])} vs {list(expected[k])}" for k in expected if k in shapes and shapes[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): {_few(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {_few(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} wrong shape(s) (file vs config): {_few(wrong)}")
+    if problems:
+        raise CheckpointError(f"{where}: the weights do not fit the config: " + "; ".join(problems))
+
+
+def _copy_weights(model: nn.Module, key_map: Mapping[str, str], read: TensorReader, where: str) -> None:
+    """Copy every stored tensor into the model (already checked to fit); tied copies must agree."""
+    state = model.state_dict(keep_vars=True)
+    alias = {o: first for first, others in _state_groups(model).items() for o in others}
+    written: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for stored, key in key_map.items():
+            tensor = read(stored)
+            canon = alias.get(key, key)
+            if canon in written:
+                if not torch.equal(written[canon].to(tensor.dtype), tensor):
+                    raise CheckpointError(f"{where}: tied tensors {key} and {canon} differ in the file")
+                continue
+            state[key].copy_(tensor)
+            written[canon] = state[key].detach()
+
+
+def _read_record(d: Path) -> dict[str, Any]:
+    if not (d / RECORD_FILE).is_file():
+        return {}
+    record = _read_json(d / RECORD_FILE, "ttcompress record")
+    if record.get("format") != RECORD_FORMAT or not isinstance(record.get("version"), int):
+        raise CheckpointError(f"{d / RECORD_FILE}: not a ttcompress record (format {record.get('format')!r})")
+    if record["version"] > RECORD_VERSION:
+        raise CheckpointError(f"{d / RECORD_FILE}: record version {record['version']} is newer than this ttcompress")
+    return record
+
+
+def load_hf_dir(path: PathLike, *, trust_pickle: bool = False) -> nn.Module:
+    """Load a Hugging Face model directory offline, without running code from it.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A directory with ``config.json`` and ``model.safetensors`` (or a sharded index), as
+        ``save_pretrained`` or :func:`save_hf_dir` writes it.
+    trust_pickle : bool, optional
+        Accept a directory whose only weights are ``pytorch_model.bin`` (read with
+        ``torch.load(weights_only=True)``). Default False: it is refused.
+
+    Returns
+    -------
+    nn.Module
+        The model, in eval mode, with float32 parameters (the class's default dtype), carrying
+        ``ttcompress_meta`` (``arch`` ``hf:Class`` with the config; ``layers`` from
+        ``ttcompress.json`` when the directory holds a compressed model).
+
+    Raises
+    ------
+    CheckpointError
+        Missing or invalid ``config.json``, custom code (``auto_map``), no weights, or weights that
+        do not fit the config (checked on a ``meta`` skeleton before allocating anything).
+    UnsafePickleError
+        Only pickled weights and ``trust_pickle`` is False.
+    """
+    d = Path(path)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: not a directory")
+    config_dict = _read_json(d / CONFIG_FILE, "config.json")
+    record = _read_record(d)
+    arch_kwargs = dict((record.get("arch") or {}).get("kwargs") or {})
+    linear = bool(arch_kwargs.get("conv1d_as_linear", False))
+    layers = record.get("layers") or {}
+    config = _make_config(config_dict, str(d / CONFIG_FILE))
+    archs = config_dict.get("architectures")
+    class_name = archs[0] if isinstance(archs, list) and archs else None
+    cls = _model_class(config, class_name, where=str(d), strict=False)
+
+    def skeleton(device: str) -> nn.Module:
+        model = _instantiate(cls, config, device=device, where=str(d))
+        if linear:
+            linearize_conv1d(model)
+        with torch.device(device):
+            _apply_layers(model, layers, str(d / RECORD_FILE))
+        return model
+
+    with _open_weights(d, trust_pickle=trust_pickle) as (shapes, read):
+        probe = skeleton("meta")
+        key_map = _key_map(probe, shapes)
+        _check_fit(probe, {key_map[k]: shapes[k] for k in key_map}, str(d))
+        model = skeleton("cpu")
+        _copy_weights(model, key_map, read, str(d))
+    _set_meta(model, hf_arch(model, conv1d_as_linear=linear), layers, record.get("info") or {})
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing a directory
+# --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _atomic_dir(dest: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside ``dest``; on success it replaces ``dest`` by renames.
+
+    On any failure the temporary directory is removed and ``dest`` is untouched.
+    """
+    if dest.exists() and not overwrite:
+        raise OutputExistsError(f"{dest} already exists (pass overwrite=True to replace it)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())
+        if dest.exists() or dest.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _layer_records(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """A record ``{"format", "config", ...}`` for every factorized layer of ``model``.
+
+    The structure comes from the layers themselves; statistics (``rel_error``, params) are kept
+    from ``model.ttcompress_meta`` where it has them.
+    """
+    meta = getattr(model, _META_ATTR, None)
+    known = dict(meta.get("layers") or {}) if isinstance(meta, Mapping) else {}
+    records: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        fmt = _layer_format(module)
+        if fmt is not None:
+            records[name] = {**dict(known.get(name) or {}), "format": fmt, "config": module.config()}
+    return records
+
+
+def _conv1d_replaced(model: nn.Module, cls: type[nn.Module]) -> bool:
+    """Whether a ``Conv1D`` of the class's own skeleton is something else in ``model``."""
+    skeleton = _instantiate(cls, model.config, device="meta", where="model")
+    current = dict(model.named_modules(remove_duplicate=False))
+    return any(_is_conv1d(m) and not _is_conv1d(current.get(n, m)) for n, m in skeleton.named_modules())
+
+
+def save_hf_dir(
+    model: nn.Module,
+    path: PathLike,
+    *,
+    plan: Plan | Mapping[str, Any] | None = None,
+    info: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a transformers model (dense or compressed) as a Hugging Face directory, atomically.
+
+    The directory holds ``config.json``, ``model.safetensors`` (one copy of each tied tensor,
+    metadata ``{"format": "pt"}``) and ``ttcompress.json``: the factorized layers (format and
+    ``config()``), the architecture record, ``plan`` and ``info``. A dense model's directory also
+    loads with ``transformers``' own ``from_pretrained``; a compressed one loads with
+    :func:`load_hf_dir`.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A model of one of transformers' own classes, possibly compressed by
+        :func:`ttcompress.compress` and/or with its ``Conv1D`` layers linearized.
+    path : str or PathLike
+        The directory to write. It is written beside as a temporary directory, then renamed.
+    plan : Plan or dict, optional
+        The plan that was applied, recorded for reproducibility.
+    info : dict, optional
+        Free-form JSON merged over the model's ``ttcompress_meta["info"]``.
+    overwrite : bool, optional
+        Replace an existing ``path`` (default False: :class:`OutputExistsError`).
+
+    Returns
+    -------
+    pathlib.Path
+        The directory written.
+    """
+    if not isinstance(model, nn.Module) or not hasattr(getattr(model, "config", None), "to_json_string"):
+        raise TypeError(f"model must be a transformers model (with .config), got {type(model).__name__}")
+    try:
+        cls = _model_class(model.config, type(model).__name__, where="model", strict=True)
+    except CheckpointError as exc:
+        raise TypeError(str(exc)) from None
+    meta = getattr(model, _META_ATTR, None)
+    meta = meta if isinstance(meta, Mapping) else {}
+    arch = hf_arch(model, conv1d_as_linear=_conv1d_replaced(model, cls))
+    if plan is not None and not isinstance(plan, (Plan, Mapping)):
+        raise TypeError(f"plan must be a Plan or a dict, got {type(plan).__name__}")
+    if info is not None and not isinstance(info, Mapping):
+        raise TypeError(f"info must be a mapping, got {type(info).__name__}")
+    plan_dict = (plan if isinstance(plan, Plan) else Plan.from_dict(plan)).to_dict() if plan is not None else None
+    state = model.state_dict(keep_vars=True)
+    tied = {o: first for first, others in _state_groups(model).items() for o in others if o in state}
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items() if k not in tied}
+    record = {
+        "format": RECORD_FORMAT, "version": RECORD_VERSION, "ttcompress_version": __version__,
+        "arch": {"name": arch["name"], "kwargs": {k: v for k, v in arch["kwargs"].items() if k != "config"}},
+        "layers": _layer_records(model), "plan": plan_dict,
+        "info": {**dict(meta.get("info") or {}), **dict(info or {})}, "tied": tied,
+    }
+    try:
+        record_json = json.dumps(record, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"info or layer records are not JSON-serializable: {exc}") from None
+    from safetensors.torch import save_file
+
+    dest = Path(path)
+    with _atomic_dir(dest, overwrite=overwrite) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(arch["kwargs"]["config"], indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / RECORD_FILE).write_text(record_json + "\n", encoding="utf-8")
+    return dest
