@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from ttcompress.formats import DENSE, format_of, get_format, layer_classes
 from ttcompress.formats.base import build_note
 from ttcompress.io import get_meta, load_checkpoint, save, update_meta
 from ttcompress.plan import LayerDecision, Plan, plan_layers
+from ttcompress.scaleout import build_all, process_group
 
 __all__ = [
     "CompressionResult",
@@ -87,6 +87,11 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     parent = get_submodule(root, parent_name)
     parent._modules[child] = new  # also works for nn.Sequential/ModuleList/ModuleDict children
     return root
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    weight = getattr(module, "weight", None)
+    return weight.device if isinstance(weight, torch.Tensor) else None
 
 
 def build_replacement(module: nn.Module, decision: LayerDecision, *, calib: Any = None) -> nn.Module:
@@ -236,14 +241,9 @@ def compress_with_report(
         ]
     before = _count(model)
     todo = [d for d in decisions if d.skipped is None]
-    built: dict[str, tuple[nn.Module, float]] = {}
-    for i, d in enumerate(todo):
-        if progress is not None:
-            progress(i, len(todo), d.name)
-        start = time.perf_counter()
-        built[d.name] = (build_replacement(get_submodule(model, d.name), d), time.perf_counter() - start)
-    if progress is not None:
-        progress(len(todo), len(todo), "")
+    # Under torchrun each process decomposes its share of the layers (ttcompress.scaleout).
+    built = build_all(todo, lambda d: build_replacement(get_submodule(model, d.name), d),
+                      device_of=lambda d: _device_of(get_submodule(model, d.name)), progress=progress)
 
     records: list[LayerRecord] = []
     meta_layers: dict[str, dict[str, Any]] = {}
@@ -374,8 +374,10 @@ def decompose_file(
     if src.exists() and dest.exists() and dest.resolve() == src.resolve():
         raise ValueError(f"output (-o) must differ from the input file: {dest}")
     loaded = load_checkpoint(src, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
-    result = compress_with_report(loaded.model, plan, progress=progress)
-    save(result.model, dest, info={"plan": plan.to_dict(), "source": src.name})
+    with process_group() as rank:  # under torchrun: every rank decomposes a share, rank 0 writes
+        result = compress_with_report(loaded.model, plan, progress=progress)
+        if rank == 0:
+            save(result.model, dest, info={"plan": plan.to_dict(), "source": src.name})
     return DecomposeResult(result, src, loaded.kind, dest)
 
 
