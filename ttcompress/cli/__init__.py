@@ -22,11 +22,11 @@ __all__ = ["COMMANDS", "app", "load_command", "main"]
 
 #: Command name -> (module under ``ttcompress.cli``, one-line help shown by ``ttcompress --help``).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "decompose": ("decompose", "Compress MODEL: nn.Linear -> TT-matrix, nn.Conv2d -> CP; write a ttcompress checkpoint."),
+    "decompose": ("decompose", "Compress MODEL (default: nn.Linear -> TT-matrix, nn.Conv2d -> CP; see --format); write a ttcompress checkpoint."),
     "demo": ("demo", "Train seed-cnn on mnist-5k, sweep CP ranks 3/6/9 (FC dense, then TT rank 8), fine-tune, report."),
     "train": ("train", "Train ARCH from scratch on --data and write a ttcompress checkpoint to -o."),
     "finetune": ("finetune", "Fine-tune MODEL on --data and write the best checkpoint to -o."),
-    "inspect": ("inspect", "Show MODEL's layers: shapes, parameter share, what is compressible and suggested TT modes / CP ranks."),
+    "inspect": ("inspect", "Show MODEL's layers: shapes, parameter share, what is compressible and what the plan would build."),
     "report": ("report", "Measure params, compression, file size, FLOPs, latency and accuracy of each MODEL vs BASELINE."),
     "export": ("export", "Export MODEL for deployment, checked against the model at two batch sizes before it is written."),
     "sweep": ("sweep", "For each setting (TT axis × CP axis): decompose, evaluate, fine-tune, evaluate; then report."),
