@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from ttcompress.io import load_checkpoint, save
 from ttcompress.meta import copy_meta, read_meta, update_meta
 from ttcompress.modtree import get_submodule, set_submodule
 from ttcompress.plan import LayerDecision, Plan, plan_layers
+from ttcompress.scaleout import build_all, process_group
 
 __all__ = [
     "CompressionResult",
@@ -60,6 +60,11 @@ FilterFn = Callable[[nn.Module, str], bool]
 # --------------------------------------------------------------------------------------------------
 # Module surgery
 # --------------------------------------------------------------------------------------------------
+def _device_of(module: nn.Module) -> torch.device | None:
+    weight = getattr(module, "weight", None)
+    return weight.device if isinstance(weight, torch.Tensor) else None
+
+
 def build_replacement(module: nn.Module, decision: LayerDecision, *, calib: Any = None) -> nn.Module:
     """Decompose ``module`` as ``decision`` says, with the decision's registered format.
 
@@ -163,14 +168,9 @@ def compress_with_report(
         ]
     before = count_params(model)
     todo = [d for d in decisions if d.skipped is None]
-    built: dict[str, tuple[nn.Module, float]] = {}
-    for i, d in enumerate(todo):
-        if progress is not None:
-            progress(i, len(todo), d.name)
-        start = time.perf_counter()
-        built[d.name] = (build_replacement(get_submodule(model, d.name), d), time.perf_counter() - start)
-    if progress is not None:
-        progress(len(todo), len(todo), "")
+    # Under torchrun each process decomposes its share of the layers (ttcompress.scaleout).
+    built = build_all(todo, lambda d: build_replacement(get_submodule(model, d.name), d),
+                      device_of=lambda d: _device_of(get_submodule(model, d.name)), progress=progress)
 
     records: list[LayerReport] = []
     meta_layers: dict[str, LayerReport] = {}
@@ -295,8 +295,10 @@ def decompose_file(
     if src.exists() and dest.exists() and dest.resolve() == src.resolve():
         raise ValueError(f"output (-o) must differ from the input file: {dest}")
     loaded = load_checkpoint(src, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
-    result = compress_with_report(loaded.model, plan, progress=progress)
-    save(result.model, dest, info={"plan": plan.to_dict(), "source": src.name})
+    with process_group() as rank:  # under torchrun: every rank decomposes a share, rank 0 writes
+        result = compress_with_report(loaded.model, plan, progress=progress)
+        if rank == 0:
+            save(result.model, dest, info={"plan": plan.to_dict(), "source": src.name})
     return DecomposeResult(result, src, loaded.kind, dest)
 
 

@@ -7,6 +7,7 @@ A thin shell over :func:`ttcompress.planfile.plan_from_options` (parse the optio
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Optional
 
 import typer
@@ -111,6 +112,8 @@ def decompose(
                 model, output=output, plan=the_plan, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle,
                 trust_code=trust_code, progress=progress,
             )
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports (and writes)
+        return
     if json_:
         out.print_json(json.dumps(result.to_dict()))
         return
