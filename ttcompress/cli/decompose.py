@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ttcompress.cli import app
+from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
 from ttcompress.cli.options import (
     ArchKwargsOpt,
@@ -32,6 +32,8 @@ from ttcompress.errors import refused_input
 from ttcompress.formats import format_names, get_format
 from ttcompress.plan import plan_from_options
 from ttcompress.surgery import CompressionResult, DecomposeResult, LayerRecord, decompose_file, default_output_path
+
+app = command_app()
 
 _RANKS = "Ranks (pick at most one way per format)"
 _FORMAT_HELP = "; ".join(f"{n} ({get_format(n).summary})" for n in format_names())

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from ttcompress.cli import app
+from ttcompress.cli._app import command_app
 from ttcompress.cli._common import cli_errors, err
 from ttcompress.cli.options import (
     ArchKwargsOpt,
@@ -54,6 +54,8 @@ from ttcompress.cli.train import (
     require_output,
 )
 from ttcompress.training.config import FinetuneConfig
+
+app = command_app()
 
 
 @app.command("finetune")
