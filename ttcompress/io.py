@@ -331,6 +331,11 @@ def load_checkpoint(
         sd = _extract_state_dict(obj, p)
         return LoadedCheckpoint(_from_state_dict(sd, p, arch, arch_kwargs), "state_dict", p, {})
 
+    return _load_trusted_pickle(p, arch, arch_kwargs)
+
+
+def _load_trusted_pickle(p: Path, arch: str | None, arch_kwargs: Mapping[str, Any] | None) -> LoadedCheckpoint:
+    """A pickled file the user trusts: a ttcompress pickle checkpoint, a whole module, or a state dict."""
     obj = _torch_load_trusted(p)
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT and isinstance(obj.get("model"), nn.Module):
         header = dict(obj.get("header") or {})

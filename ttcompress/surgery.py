@@ -186,25 +186,58 @@ def compress_with_report(
     reference = None if check_input is None else _reference_output(model, check_input)
     prep = prepare_model(model)
     try:
-        decisions = _guard_decisions(prep, plan_layers(prep.model, plan))
-        if filter_fn is not None:
-            decisions = [
-                LayerDecision(d.name, d.type, d.shape, DENSE, {}, d.params_before, d.params_before,
-                              "filtered out by filter_fn", d.aliases)
-                if d.skipped is None and not filter_fn(get_submodule(prep.model, d.name), d.name) else d
-                for d in decisions
-            ]
-        todo = [d for d in decisions if d.skipped is None]
-        # Under torchrun each process decomposes its share of the layers (ttcompress.scaleout).
-        built = build_all(todo, lambda d: build_replacement(get_submodule(prep.model, d.name), d),
-                          device_of=lambda d: _device_of(get_submodule(prep.model, d.name)), progress=progress)
+        decisions, built = _plan_and_build(prep, plan, filter_fn, progress)
     except BaseException:
         prep.undo()
         raise
+    records, meta_layers, swapped = _swap_in(prep, decisions, built)
+    root = finish_model(prep)
+    output_error = None
+    if reference is not None:
+        reverted = _forward_check(prep, swapped, check_input)
+        records = [_reverted_record(r, reverted[r.name]) if r.name in reverted else r for r in records]
+        for name in reverted:
+            for alias in (name, *swapped[name][1]):
+                meta_layers.pop(alias, None)
+        root = finish_model(prep)
+        output_error = _output_error(_run_model(root, check_input), reference)
+    if root is not model and not hasattr(root, "ttcompress_meta"):
+        copy_meta(model, root)
+    update_meta(root, layers={**prep.layer_records(root), **meta_layers})
+    return CompressionResult(root, tuple(records), before, count_params(root), plan, output_error)
 
+
+Swapped = dict[str, tuple[nn.Module, tuple[str, ...]]]
+
+
+def _plan_and_build(
+    prep: Preparation, plan: Plan, filter_fn: FilterFn | None, progress: ProgressFn | None
+) -> tuple[list[LayerDecision], dict[str, tuple[nn.Module, float]]]:
+    """The plan's decisions for the prepared model, and the replacement of every layer it compresses
+    (name -> (layer, seconds)); nothing is swapped in yet."""
+    decisions = _guard_decisions(prep, plan_layers(prep.model, plan))
+    if filter_fn is not None:
+        decisions = [
+            LayerDecision(d.name, d.type, d.shape, DENSE, {}, d.params_before, d.params_before,
+                          "filtered out by filter_fn", d.aliases)
+            if d.skipped is None and not filter_fn(get_submodule(prep.model, d.name), d.name) else d
+            for d in decisions
+        ]
+    todo = [d for d in decisions if d.skipped is None]
+    # Under torchrun each process decomposes its share of the layers (ttcompress.scaleout).
+    built = build_all(todo, lambda d: build_replacement(get_submodule(prep.model, d.name), d),
+                      device_of=lambda d: _device_of(get_submodule(prep.model, d.name)), progress=progress)
+    return decisions, built
+
+
+def _swap_in(
+    prep: Preparation, decisions: list[LayerDecision], built: Mapping[str, tuple[nn.Module, float]]
+) -> tuple[list[LayerReport], dict[str, LayerReport], Swapped]:
+    """Swap the built layers that shrink into ``prep.model`` (under every alias); return one record per
+    decision, the metadata records by name, and the dense layers replaced (name -> (layer, aliases))."""
     records: list[LayerReport] = []
     meta_layers: dict[str, LayerReport] = {}
-    swapped: dict[str, tuple[nn.Module, tuple[str, ...]]] = {}
+    swapped: Swapped = {}
     root = prep.model
     for d in decisions:
         if d.name not in built:
@@ -220,20 +253,7 @@ def compress_with_report(
             root = set_submodule(root, name, new)
             meta_layers[name] = meta
     prep.model = root
-    root = finish_model(prep)
-    output_error = None
-    if reference is not None:
-        reverted = _forward_check(prep, swapped, check_input)
-        records = [_reverted_record(r, reverted[r.name]) if r.name in reverted else r for r in records]
-        for name in reverted:
-            for alias in (name, *swapped[name][1]):
-                meta_layers.pop(alias, None)
-        root = finish_model(prep)
-        output_error = _output_error(_run_model(root, check_input), reference)
-    if root is not model and not hasattr(root, "ttcompress_meta"):
-        copy_meta(model, root)
-    update_meta(root, layers={**prep.layer_records(root), **meta_layers})
-    return CompressionResult(root, tuple(records), before, count_params(root), plan, output_error)
+    return records, meta_layers, swapped
 
 
 def _dense_record(d: LayerDecision, skipped: str | None, **measured: Any) -> LayerReport:
