@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import heapq
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -45,6 +44,7 @@ from typing import Any
 
 from torch import nn
 
+from ttcompress.allocate import Slot, allocate
 from ttcompress.decompose.modes import choose_modes
 from ttcompress.errors import TTCompressError
 from ttcompress.formats import (
@@ -601,30 +601,11 @@ def plan_layers(model: nn.Module, plan: Plan) -> list[LayerDecision]:
 
     Notes
     -----
-    **Rank allocation for** ``target_ratio``. The budget is ``total params / target_ratio``.
-    Every selected layer starts at its lowest rank; then ranks are raised one step at a time,
-    always on the layer whose next step buys the largest decrease of the estimated squared
-    relative error per added parameter (a greedy marginal-gain allocation, as in rank-selection
-    methods for low-rank compression), as long as the step fits the budget. A layer never grows
-    to a rank at which it would not shrink. Each format gives its steps and error estimates
-    (:meth:`~ttcompress.formats.base.CompressionFormat.ladder`), computed from singular values
-    without decomposing, e.g.
-
-    * TT (uniform max rank ``r``): TT-SVD's bound ``||W - W_r||^2 <= sum_k tail_k(r)^2``, where
-      ``tail_k(r)`` is the error of the best rank-``r`` approximation of the ``k``-th unfolding of
-      the reshaped weight [Oseledets 2011, Thm. 2.2];
-    * CP (rank ``R``): a CP tensor of rank ``R`` has multilinear ranks ``<= R``, so
-      ``max_n tail_n(R)^2`` over the out/in/spatial unfoldings is a lower bound of the best rank-R
-      CP error [Kolda & Bader 2009]; it serves as a cheap proxy.
-
-    Layers fixed by a rule (explicit ``ranks``) keep their ranks and count as fixed parameters.
-    If the lowest rank everywhere still exceeds the budget, a ``ValueError`` gives the best ratio
-    reachable.
-
-    References
-    ----------
-    I. V. Oseledets, "Tensor-Train Decomposition", SIAM J. Sci. Comput. 33(5), 2011.
-    T. G. Kolda and B. W. Bader, "Tensor Decompositions and Applications", SIAM Review 51(3), 2009.
+    **Rank allocation for** ``target_ratio``: every selected layer starts at its lowest rank and
+    :func:`ttcompress.allocate.allocate` raises ranks greedily where the estimated error drops most
+    per added parameter, within the budget ``total params / target_ratio``. Layers fixed by a rule
+    (explicit ``ranks``) keep their ranks and count as fixed parameters. If the lowest rank
+    everywhere still exceeds the budget, a ``ValueError`` gives the best ratio reachable.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -641,64 +622,15 @@ def plan_layers(model: nn.Module, plan: Plan) -> list[LayerDecision]:
     return _allocate(model, cands, plan)
 
 
-# ---- target-ratio allocation -------------------------------------------------------------------
-def _greedy(ladders: Mapping[int, Any], spent: int, budget: float) -> dict[int, int]:
-    """Raise levels where the error drops most per parameter while the budget allows; idx -> level."""
-    level = {idx: 0 for idx in ladders}
-    heap: list[tuple[float, int, int]] = []
-
-    def push(idx: int) -> None:
-        params, errs = ladders[idx].params, ladders[idx].errors
-        k = level[idx]
-        if k + 1 < len(params):
-            cost = params[k + 1] - params[k]
-            gain = errs[k] - errs[k + 1]
-            heapq.heappush(heap, (-(gain / max(cost, 1)), idx, k))
-
-    for idx in ladders:
-        push(idx)
-    while heap:
-        _neg, idx, k = heapq.heappop(heap)
-        if level[idx] != k:
-            continue
-        params = ladders[idx].params
-        cost = params[k + 1] - params[k]
-        if spent + cost > budget:
-            continue  # this layer cannot grow further; others may
-        spent += cost
-        level[idx] = k + 1
-        push(idx)
-    return level
-
-
 def _allocate(model: nn.Module, cands: list[Candidate], plan: Plan) -> list[LayerDecision]:
-    target = float(plan.target_ratio)  # type: ignore[arg-type]
-    total = sum(p.numel() for p in model.parameters())
-    budget = total / target
+    """The decisions of :func:`ttcompress.allocate.allocate` for ``plan.target_ratio``."""
     # types the plan's formats do not cover get the target-ratio default (auto)
     extra = tuple(f.name for f in _formats() if f.default_under_target_ratio and f.name not in plan.formats)
     base = replace(plan, target_ratio=None, formats=plan.formats + extra)
-    decisions: list[LayerDecision] = []
-    ladders: dict[int, Any] = {}
-    for idx, (name, module, aliases) in enumerate(cands):
+    slots = []
+    for name, module, aliases in cands:
         rule = plan.merged_rule(name)
         fixed = rule is not None and rule.ranks is not None
-        dec = _decide(name, module, aliases, base, lowest=not fixed)
-        decisions.append(dec)
-        if not fixed and dec.skipped is None:
-            ladder = get_format(dec.format).ladder(module, dec)
-            if ladder is not None and ladder.params:
-                ladders[idx] = ladder
-                decisions[idx] = replace(dec, options=ladder.options[0], params_after=ladder.params[0])
-    fixed_params = total - sum(d.params_before for d in decisions) + sum(
-        (d.params_after if d.skipped is None and d.params_after is not None else d.params_before) for d in decisions
-    )
-    if fixed_params > budget:
-        raise ValueError(
-            f"target ratio (--target-ratio) {target:g} is out of reach: rank 1 in every compressible layer gives "
-            f"{total / fixed_params:.2f}x ({fixed_params} of {total} params)"
-        )
-    for idx, k in _greedy(ladders, fixed_params, budget).items():
-        ladder = ladders[idx]
-        decisions[idx] = replace(decisions[idx], options=ladder.options[k], params_after=ladder.params[k])
-    return decisions
+        slots.append(Slot(module, _decide(name, module, aliases, base, lowest=not fixed), fixed))
+    total = sum(p.numel() for p in model.parameters())
+    return allocate(slots, total=total, target_ratio=float(plan.target_ratio))  # type: ignore[arg-type]
