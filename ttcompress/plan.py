@@ -80,7 +80,10 @@ __all__ = [
     "Plan",
     "Rule",
     "TTSettings",
+    "DEFAULT_MAX_ERROR",
+    "DEFAULT_MIN_SAVING",
     "check_patterns_match",
+    "compressible_layers",
     "cp_params",
     "cp_rank_for",
     "load_plan",
@@ -145,7 +148,18 @@ class Rule:
 
 
 _RULE_KEYS = ("pattern", "format", "ranks", "rank", "eps", "d", "in_modes", "out_modes", "ratio", "options")
-_PLAN_KEYS = ("layers", "exclude", "rules", "target_ratio", "formats")
+_PLAN_KEYS = ("layers", "exclude", "rules", "target_ratio", "formats", "min_saving", "max_error")
+#: Defaults of :attr:`Plan.min_saving` (fraction of the model's parameters) and :attr:`Plan.max_error`.
+DEFAULT_MIN_SAVING = 0.01
+DEFAULT_MAX_ERROR = 0.5
+
+
+def _check_fraction(value: Any, name: str, *, upper: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or (
+            upper is not None and not value < upper):
+        bound = f"in [0, {upper:g})" if upper is not None else ">= 0"
+        raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+    return float(value)
 #: Settings fields of a format (when set, the rank allocator of ``target_ratio`` cannot choose ranks).
 _RANK_FIELDS = ("rank", "ranks", "eps", "ratio")
 
@@ -191,7 +205,21 @@ class Plan:
     settings : dict or tuple of (name, settings)
         Settings of the other registered formats, by name (each an instance of that format's
         ``settings`` class, or a dict of its fields); missing ones take their defaults.
+    min_saving, max_error : float
+        A layer stays dense when compressing it saves fewer than ``min_saving`` times the model's
+        parameters while its relative error (output error on calibration data after fitting,
+        else weight error) exceeds ``max_error`` (default 0.5; e.g. a 128 -> 10 classifier that
+        would save 700 params at error 0.66). ``min_saving`` None (the default) means
+        :data:`DEFAULT_MIN_SAVING` (1%) when calibration data are given and 0 (off) without:
+        a weight error is a poor predictor of the accuracy cost, a measured output error is not.
+        ``min_saving=0`` turns the rule off.
     """
+
+    def saving_floor(self, calibrated: bool) -> float:
+        """The ``min_saving`` in force (see the class docstring)."""
+        if self.min_saving is not None:
+            return self.min_saving
+        return DEFAULT_MIN_SAVING if calibrated else 0.0
 
     tt: TTSettings = field(default_factory=TTSettings)
     cp: CPSettings = field(default_factory=CPSettings)
@@ -201,8 +229,14 @@ class Plan:
     target_ratio: float | None = None
     formats: tuple[str, ...] = ()
     settings: tuple[tuple[str, Any], ...] = ()
+    min_saving: float | None = None
+    max_error: float = DEFAULT_MAX_ERROR
 
     def __post_init__(self) -> None:
+        if self.min_saving is not None:
+            object.__setattr__(self, "min_saving",
+                               _check_fraction(self.min_saving, "min_saving (--min-saving)", upper=1.0))
+        object.__setattr__(self, "max_error", _check_fraction(self.max_error, "max_error (--max-error)"))
         for name in _field_formats():
             fmt_settings = get_format(name).settings
             if not isinstance(getattr(self, name), fmt_settings):
@@ -266,6 +300,10 @@ class Plan:
             data["target_ratio"] = self.target_ratio
         if self.formats:
             data["formats"] = list(self.formats)
+        if self.min_saving is not None:
+            data["min_saving"] = self.min_saving
+        if self.max_error != DEFAULT_MAX_ERROR:
+            data["max_error"] = self.max_error
         return data
 
     @classmethod
@@ -302,6 +340,8 @@ class Plan:
             target_ratio=data.get("target_ratio"),
             formats=data.get("formats") or (),
             settings=others,
+            min_saving=data.get("min_saving"),
+            max_error=data.get("max_error", DEFAULT_MAX_ERROR),
         )
 
     # ---- matching ---------------------------------------------------------------------------------
@@ -457,6 +497,8 @@ def plan_from_options(
     exclude: Sequence[str] = (),
     target_ratio: float | None = None,
     formats: Sequence[str] = (),
+    min_saving: float | None = None,
+    max_error: float | None = None,
 ) -> Plan:
     """Build a plan from command-line style options, on top of an optional plan file.
 
@@ -490,6 +532,8 @@ def plan_from_options(
         exclude=tuple(base.exclude) + tuple(check_patterns(list(exclude), "exclude (--exclude)")),
         target_ratio=target_ratio if target_ratio is not None else base.target_ratio,
         formats=names or base.formats,
+        min_saving=min_saving if min_saving is not None else base.min_saving,
+        max_error=max_error if max_error is not None else base.max_error,
     )
 
 
@@ -516,7 +560,7 @@ def _inside_factorized(model: nn.Module) -> set[int]:
     return {id(sub) for m in model.modules() if isinstance(m, done) for sub in m.modules() if sub is not m}
 
 
-def _candidates(model: nn.Module) -> list[Candidate]:
+def compressible_layers(model: nn.Module) -> list[Candidate]:
     """``(name, module, aliases)`` of every module some registered format compresses."""
     names: dict[int, list[str]] = {}
     mods: dict[int, nn.Module] = {}
@@ -579,7 +623,8 @@ def check_patterns_match(plan: Plan, names: Sequence[str]) -> None:
             raise PatternError(f"{what} pattern {p!r} matches no layer; {hint}")
 
 
-def plan_layers(model: nn.Module, plan: Plan) -> list[LayerDecision]:
+def plan_layers(model: nn.Module, plan: Plan, *,
+                sensitivity: Mapping[str, Any] | None = None) -> list[LayerDecision]:
     """Decide, for every layer of ``model`` a registered format compresses, what the plan does with it.
 
     Parameters
@@ -588,6 +633,10 @@ def plan_layers(model: nn.Module, plan: Plan) -> list[LayerDecision]:
         The dense (or partly compressed) model; it is not modified.
     plan : Plan
         What to do.
+    sensitivity : mapping of str to torch.Tensor, optional
+        Input Gram matrices by layer name (:func:`ttcompress.allocate.input_grams`): under
+        ``target_ratio`` the allocator then measures each rank's output error instead of the
+        weight error.
 
     Returns
     -------
@@ -611,7 +660,7 @@ def plan_layers(model: nn.Module, plan: Plan) -> list[LayerDecision]:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a Plan, got {type(plan).__name__}")
-    cands = _candidates(model)
+    cands = compressible_layers(model)
     done = layer_classes()
     inner = _inside_factorized(model)
     names = [n for n, m in model.named_modules(remove_duplicate=False)
@@ -619,10 +668,11 @@ def plan_layers(model: nn.Module, plan: Plan) -> list[LayerDecision]:
     check_patterns_match(plan, names)
     if plan.target_ratio is None:
         return [_decide(n, m, a, plan) for n, m, a in cands]
-    return _allocate(model, cands, plan)
+    return _allocate(model, cands, plan, sensitivity)
 
 
-def _allocate(model: nn.Module, cands: list[Candidate], plan: Plan) -> list[LayerDecision]:
+def _allocate(model: nn.Module, cands: list[Candidate], plan: Plan,
+              sensitivity: Mapping[str, Any] | None) -> list[LayerDecision]:
     """The decisions of :func:`ttcompress.allocate.allocate` for ``plan.target_ratio``."""
     # types the plan's formats do not cover get the target-ratio default (auto)
     extra = tuple(f.name for f in _formats() if f.default_under_target_ratio and f.name not in plan.formats)
@@ -633,4 +683,6 @@ def _allocate(model: nn.Module, cands: list[Candidate], plan: Plan) -> list[Laye
         fixed = rule is not None and rule.ranks is not None
         slots.append(Slot(module, _decide(name, module, aliases, base, lowest=not fixed), fixed))
     total = sum(p.numel() for p in model.parameters())
-    return allocate(slots, total=total, target_ratio=float(plan.target_ratio))  # type: ignore[arg-type]
+    return allocate(slots, total=total, target_ratio=float(plan.target_ratio),  # type: ignore[arg-type]
+                    sensitivity=sensitivity, min_saving=plan.saving_floor(sensitivity is not None),
+                    max_error=plan.max_error)

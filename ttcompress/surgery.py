@@ -16,6 +16,7 @@ Every replaced layer is recorded in ``model.ttcompress_meta["layers"][name]`` as
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -27,10 +28,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from ttcompress.allocate import input_grams
+from ttcompress.calibration.data import calib_batches
+from ttcompress.calibration.fit import FitResult
+from ttcompress.calibration.sequential import calibrate_sequentially
+from ttcompress.calibration.stats import LayerStats
 from ttcompress.formats import DENSE, format_of, get_format, layer_classes
 from ttcompress.formats.base import build_note
+from ttcompress.formats.fitting import calibration_fit
 from ttcompress.io import get_meta, load_checkpoint, save, update_meta
-from ttcompress.plan import LayerDecision, Plan, plan_layers
+from ttcompress.plan import LayerDecision, Plan, compressible_layers, plan_layers
+from ttcompress.teacher import source_record
 
 __all__ = [
     "CompressionResult",
@@ -45,6 +53,7 @@ __all__ = [
     "default_output_path",
     "get_submodule",
     "inspect_file",
+    "keep_dense_reason",
     "set_submodule",
     "summarize",
 ]
@@ -118,7 +127,9 @@ class LayerRecord:
     and the modes come from the format's ``describe`` (e.g. the full TT rank tuple, or
     ``(rank,)`` for CP), ``detail`` is their table cell. ``rel_error`` is the relative Frobenius
     reconstruction error of the weight, ``seconds`` the decomposition wall time, ``note`` why the
-    format was chosen (``auto``).
+    format was chosen (``auto``). With calibration data, ``out_error_before`` / ``out_error_after``
+    are the relative output errors on the calibration data (bias included) of the data-free
+    decomposition and of the fitted layer, and ``fit_method`` how it was fitted.
     """
 
     name: str
@@ -136,6 +147,9 @@ class LayerRecord:
     aliases: tuple[str, ...] = ()
     detail: str | None = None
     note: str | None = None
+    out_error_before: float | None = None
+    out_error_after: float | None = None
+    fit_method: str | None = None
 
     @property
     def ratio(self) -> float:
@@ -198,6 +212,8 @@ def compress_with_report(
     *,
     filter_fn: FilterFn | None = None,
     progress: ProgressFn | None = None,
+    calib_data: Any = None,
+    calib_samples: int | None = None,
 ) -> CompressionResult:
     """Compress ``model`` in place per ``plan`` and report every Linear/Conv2d.
 
@@ -212,6 +228,16 @@ def compress_with_report(
         ``filter_fn(module, qualified_name) -> bool``; layers for which it is False stay dense.
     progress : callable, optional
         ``progress(done, total, name)``, see :data:`ProgressFn`.
+    calib_data : optional
+        Calibration inputs: a tensor (first dimension the batch), an iterable of tensors or of
+        ``(input, target)`` pairs (targets are ignored), a ``DataLoader`` or a map-style
+        ``Dataset`` (:func:`ttcompress.calibration.data.calib_batches`). When given, every layer
+        is fitted to the dense layer's outputs on these inputs, sequentially
+        (:func:`_build_calibrated`), and under ``plan.target_ratio`` ranks are allocated by the
+        measured output error (:func:`ttcompress.allocate.input_grams`). Any input shape the
+        model accepts works (e.g. ``(batch, seq, features)``).
+    calib_samples : int, optional
+        Use at most this many samples of ``calib_data``.
 
     Returns
     -------
@@ -220,13 +246,25 @@ def compress_with_report(
     Notes
     -----
     All replacements are built before any is swapped in, so a failing decomposition leaves the
-    model unchanged. A layer whose decomposition (e.g. at an ``eps``) would not be smaller than
-    the dense layer stays dense.
+    model unchanged (with calibration data they are fitted on a copy of the model). A layer
+    whose decomposition would not be smaller than the dense layer, or that saves less than
+    ``plan.min_saving`` of the model's parameters at an error above ``plan.max_error`` (by
+    default only with calibration data, see :class:`~ttcompress.plan.Plan`), stays dense
+    (:func:`keep_dense_reason`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     plan = _as_plan(plan)
-    decisions = plan_layers(model, plan)
+    batches = None
+    if calib_data is not None:
+        batches = list(calib_batches(calib_data, max_samples=calib_samples))
+        if not batches:
+            raise ValueError("calib_data holds no samples")
+        _check_calib_fits(model, batches[0])
+    sensitivity = None
+    if batches is not None and plan.target_ratio is not None:
+        sensitivity = input_grams(model, [n for n, _m, _a in compressible_layers(model)], batches)
+    decisions = plan_layers(model, plan, sensitivity=sensitivity)
     if filter_fn is not None:
         decisions = [
             LayerDecision(d.name, d.type, d.shape, DENSE, {}, d.params_before, d.params_before,
@@ -236,12 +274,15 @@ def compress_with_report(
         ]
     before = _count(model)
     todo = [d for d in decisions if d.skipped is None]
-    built: dict[str, tuple[nn.Module, float]] = {}
-    for i, d in enumerate(todo):
-        if progress is not None:
-            progress(i, len(todo), d.name)
-        start = time.perf_counter()
-        built[d.name] = (build_replacement(get_submodule(model, d.name), d), time.perf_counter() - start)
+    if batches is None:
+        built: dict[str, tuple[nn.Module, float] | str] = {}
+        for i, d in enumerate(todo):
+            if progress is not None:
+                progress(i, len(todo), d.name)
+            start = time.perf_counter()
+            built[d.name] = (build_replacement(get_submodule(model, d.name), d), time.perf_counter() - start)
+    else:
+        built = _build_calibrated(model, todo, batches, plan, progress)
     if progress is not None:
         progress(len(todo), len(todo), "")
 
@@ -249,12 +290,13 @@ def compress_with_report(
     meta_layers: dict[str, dict[str, Any]] = {}
     root = model
     for d in decisions:
-        if d.name not in built:
+        entry = built.get(d.name)
+        if not isinstance(entry, tuple):
             records.append(LayerRecord(d.name, d.type, d.shape, DENSE, d.params_before, d.params_before,
-                                       skipped=d.skipped, aliases=d.aliases))
+                                       skipped=entry if isinstance(entry, str) else d.skipped, aliases=d.aliases))
             continue
-        new, seconds = built[d.name]
-        record, meta = _record(d, new, seconds)
+        new, seconds = entry
+        record, meta = _record(d, new, seconds, plan, before)
         records.append(record)
         if record.format == DENSE:
             continue
@@ -267,8 +309,86 @@ def compress_with_report(
     return CompressionResult(root, tuple(records), before, _count(root), plan)
 
 
-def _record(d: LayerDecision, new: nn.Module, seconds: float) -> tuple[LayerRecord, dict[str, Any]]:
-    """The table record and the checkpoint record of a built layer (dense if it does not shrink)."""
+def _check_calib_fits(model: nn.Module, batch: torch.Tensor) -> None:
+    """``ValueError`` naming ``calib_data`` when ``model`` cannot run on its inputs (one eval pass, 2 samples)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(batch[:2])
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"calib_data: the model cannot run on inputs of shape {tuple(batch.shape[1:])} "
+                         f"per sample: {first[:200]}") from None
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _build_calibrated(model: nn.Module, todo: list[LayerDecision], batches: list[torch.Tensor], plan: Plan,
+                      progress: ProgressFn | None) -> dict[str, tuple[nn.Module, float] | str]:
+    """Build every layer of ``todo`` fitted on sequential calibration statistics.
+
+    The layers are replaced one by one in forward order on a copy of ``model``
+    (:func:`ttcompress.calibration.sequential.calibrate_sequentially`): each is decomposed by its
+    format and fitted (``build(..., calib=stats)``) on the inputs that the copy, whose earlier
+    layers are already compressed, feeds it, against the dense outputs of ``model`` (which is
+    not modified). A layer kept dense (:func:`keep_dense_reason`) stays dense in the copy too, so
+    the next layers see its exact outputs. Returns ``name -> (layer, seconds)``, or ``name ->
+    reason`` for layers the calibration data never reach. Memory: the copy of the model, the
+    calibration inputs and one layer's Gram matrices at a time.
+    """
+    work = copy.deepcopy(model)
+    by_name = {d.name: d for d in todo}
+    total = _count(model)
+    layers: dict[str, nn.Module] = {}
+
+    def build(name: str, dense: nn.Module, stats: LayerStats) -> nn.Module | FitResult:
+        new = build_replacement(dense, by_name[name], calib=stats)
+        layers[name] = new
+        if keep_dense_reason(by_name[name], new, plan, total) is not None:
+            return FitResult(copy.deepcopy(dense), 0.0, 0.0, "none")
+        fit = calibration_fit(new)
+        return fit if fit is not None else new
+
+    def step(name: str, index: int, count: int) -> None:
+        if progress is not None:
+            progress(index, count, name)
+
+    done = calibrate_sequentially(model, work, list(by_name), build, batches, progress=step)
+    out: dict[str, tuple[nn.Module, float] | str] = {}
+    for name, cal in done.items():
+        out[name] = (layers[name], cal.seconds) if cal.reached else "not reached by the calibration data"
+    return out
+
+
+def keep_dense_reason(d: LayerDecision, new: nn.Module, plan: Plan, total: int) -> str | None:
+    """Why the built layer ``new`` should not replace the dense layer of decision ``d``, or None.
+
+    It does not shrink the layer; or it saves fewer than ``plan.min_saving * total`` parameters
+    while its error is above ``plan.max_error`` (the relative output error on calibration data
+    after fitting when there is one, else the relative weight error): a small saving is not
+    worth a large error (e.g. a 128 -> 10 classifier).
+    """
+    after = _count(new)
+    fmt = format_of(new)
+    label = fmt.name.upper() if fmt is not None else type(new).__name__
+    if after >= d.params_before:
+        return f"would not shrink ({label} needs {after} >= {d.params_before} params)"
+    fit = calibration_fit(new)
+    error = fit.error_after if fit is not None else getattr(new, "rel_error", None)
+    saved = d.params_before - after
+    floor = plan.saving_floor(fit is not None)
+    if error is not None and saved < floor * total and float(error) > plan.max_error:
+        kind = "output" if fit is not None else "weight"
+        return (f"kept dense: {label} saves only {saved:,} params ({saved / total:.2%} of the model) at "
+                f"{kind} error {float(error):.2f} (min_saving {floor:g}, max_error {plan.max_error:g})")
+    return None
+
+
+def _record(d: LayerDecision, new: nn.Module, seconds: float, plan: Plan,
+            total: int) -> tuple[LayerRecord, dict[str, Any]]:
+    """The table record and the checkpoint record of a built layer (dense if :func:`keep_dense_reason`)."""
     after = _count(new)
     rel_error = getattr(new, "rel_error", None)
     rel_error = None if rel_error is None else float(rel_error)
@@ -276,16 +396,19 @@ def _record(d: LayerDecision, new: nn.Module, seconds: float) -> tuple[LayerReco
     if fmt is None:
         raise TypeError(f"layer {d.name!r}: format {d.format!r} built a {type(new).__name__}, which no format owns")
     note = build_note(new)
-    if after >= d.params_before:
+    fit = calibration_fit(new)
+    errors = {} if fit is None else {"out_error_before": float(fit.error_before),
+                                     "out_error_after": float(fit.error_after), "fit_method": fit.method}
+    reason = keep_dense_reason(d, new, plan, total)
+    if reason is not None:
         return LayerRecord(
             d.name, d.type, d.shape, DENSE, d.params_before, d.params_before, rel_error=rel_error, seconds=seconds,
-            skipped=f"would not shrink ({fmt.name.upper()} needs {after} >= {d.params_before} params)",
-            aliases=d.aliases, note=note), {}
+            skipped=reason, aliases=d.aliases, note=note, **errors), {}
     desc = fmt.describe(new)
     record = LayerRecord(d.name, d.type, d.shape, fmt.name, d.params_before, after, desc.in_modes, desc.out_modes,
-                         desc.ranks, rel_error, seconds, None, d.aliases, desc.text, note)
+                         desc.ranks, rel_error, seconds, None, d.aliases, desc.text, note, **errors)
     meta = {"format": fmt.name, "config": new.config(), "rel_error": rel_error, "seconds": seconds,
-            "params_before": d.params_before, "params_after": after}
+            "params_before": d.params_before, "params_after": after, **errors}
     if note is not None:
         meta["note"] = note
     try:  # stored as JSON in checkpoints: keep the in-memory record identical to a reloaded one
@@ -301,6 +424,8 @@ def compress(
     *,
     filter_fn: FilterFn | None = None,
     progress: ProgressFn | None = None,
+    calib_data: Any = None,
+    calib_samples: int | None = None,
 ) -> nn.Module:
     """Compress ``model`` in place per ``plan``; return it (see :func:`compress_with_report`).
 
@@ -312,7 +437,8 @@ def compress(
     >>> sorted(model.ttcompress_meta["layers"])
     ['0']
     """
-    return compress_with_report(model, plan, filter_fn=filter_fn, progress=progress).model
+    return compress_with_report(model, plan, filter_fn=filter_fn, progress=progress, calib_data=calib_data,
+                                calib_samples=calib_samples).model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,6 +479,9 @@ def decompose_file(
     trust_pickle: bool = False,
     trust_code: bool = False,
     progress: ProgressFn | None = None,
+    calib_data: Any = None,
+    calib_samples: int | None = None,
+    calib_info: Mapping[str, Any] | None = None,
 ) -> DecomposeResult:
     """Load a model file, compress it per ``plan`` and save a ttcompress checkpoint atomically.
 
@@ -363,10 +492,19 @@ def decompose_file(
     output : path, optional
         Default :func:`default_output_path` (``model.tt.pt`` next to ``model.pt``). Must differ
         from the input. Nothing is written if anything fails.
-    plan, progress
+    plan, progress, calib_data, calib_samples
         As for :func:`compress_with_report`.
     arch, arch_kwargs, trust_pickle, trust_code
         As for :func:`ttcompress.io.load`.
+    calib_info : mapping, optional
+        How the calibration data were chosen (dataset, samples, seed), stored in the checkpoint
+        info under ``"calibration"`` (with ``{"used": False}`` when there were none).
+
+    Notes
+    -----
+    The checkpoint info records the source file: ``source`` (its name), ``source_path`` (absolute
+    path) and ``source_sha256`` (content hash), which ``finetune`` uses to find the dense model as
+    its default teacher (:func:`ttcompress.teacher.default_teacher`).
     """
     plan = _as_plan(plan)
     src = Path(input_path)
@@ -374,8 +512,11 @@ def decompose_file(
     if src.exists() and dest.exists() and dest.resolve() == src.resolve():
         raise ValueError(f"output (-o) must differ from the input file: {dest}")
     loaded = load_checkpoint(src, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
-    result = compress_with_report(loaded.model, plan, progress=progress)
-    save(result.model, dest, info={"plan": plan.to_dict(), "source": src.name})
+    result = compress_with_report(loaded.model, plan, progress=progress, calib_data=calib_data,
+                                  calib_samples=calib_samples)
+    calibration = {"used": calib_data is not None, **dict(calib_info or {})}
+    info = {"plan": plan.to_dict(), "source": src.name, "calibration": calibration, **source_record(src)}
+    save(result.model, dest, info=info)
     return DecomposeResult(result, src, loaded.kind, dest)
 
 
