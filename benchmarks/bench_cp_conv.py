@@ -6,10 +6,13 @@ Usage::
     python benchmarks/bench_cp_conv.py --variants      # also every evaluation strategy
     python benchmarks/bench_cp_conv.py --skip-als      # layer table only
 
-Layer rows: C -> C 3x3 convs, 32x32 maps, batch 32, CP ranks that give 4x / 8x / 16x fewer
-weights (``cp_rank_for_ratio``, weights only). ``time ratio`` is CPConv2d / nn.Conv2d, both timed
-in the same run with ``torch.utils.benchmark`` (median of blocked runs); ``FLOP ratio`` is from
-``torch.utils.flop_counter`` (forward + backward). CP-ALS rows: wall time of ``cp_als`` (default
+Layer rows (issue 15): C -> C 3x3 convs, 32x32 maps, batch 32, CP ranks that give ``--ratios``
+fewer weights (``cp_rank_for_ratio``, weights only), forward + backward. Every ratio is a time over
+nn.Conv2d's, all timed in the same run with ``torch.utils.benchmark`` (median of blocked runs),
+``--repeats`` rounds interleaving the layers, median shown. ``FLOP limit`` is CPConv2d's factorized
+FLOPs over dense (``torch.utils.flop_counter``, forward + backward). Peers: a plain 4-conv CP
+(``nn.Sequential`` of 1x1, kx1 depthwise, 1xk depthwise, 1x1: the seed's layer) and
+tensorly-torch's ``FactorizedConv`` (cp, factorized) when the ``bench`` extra is installed. CP-ALS rows: wall time of ``cp_als`` (default
 options) on a Gaussian kernel and the peak resident memory it adds on top of the process after
 ``import torch`` (RSS sampled every 5 ms), each in a fresh subprocess.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +34,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ttcompress.decompose.cp import cp_rank_for_ratio
 from ttcompress.layers.cp_conv import CPConv2d
+
+try:
+    import tltorch
+except ImportError:  # optional peer: pip install -e .[bench]
+    tltorch = None
 
 VARIANTS = {
     "four convs": (False, False),
@@ -58,40 +67,58 @@ def time_it(module: nn.Module, x: torch.Tensor, min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
+def plain_cp(channels: int, rank: int) -> nn.Module:
+    """The seed's CP layer: four ``nn.Conv2d`` in a row, 3x3 kernel, padding 1."""
+    return nn.Sequential(
+        nn.Conv2d(channels, rank, 1, bias=False),
+        nn.Conv2d(rank, rank, (3, 1), padding=(1, 0), groups=rank, bias=False),
+        nn.Conv2d(rank, rank, (1, 3), padding=(0, 1), groups=rank, bias=False),
+        nn.Conv2d(rank, channels, 1),
+    )
+
+
 def layer_rows(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     rows = []
     for channels in args.channels:
         dense = nn.Conv2d(channels, channels, 3, padding=1)
         x = torch.randn(args.batch, channels, 32, 32, requires_grad=True)
-        t_dense = time_it(dense, x, args.min_run_time)
         f_dense = flops(dense, x)
-        for ratio in (4, 8, 16):
+        for ratio in args.ratios:
             rank = cp_rank_for_ratio(channels, channels, 3, 3, ratio)
             layer = CPConv2d(channels, channels, 3, rank=rank, padding=1)
-            variants = VARIANTS if args.variants else {"default": None}
-            for label, strategy in variants.items():
-                if strategy is not None:
-                    layer.fuse_spatial, layer.channels_last = strategy
-                else:
-                    layer.fuse_spatial, layer.channels_last = layer._default_strategy()
-                t_cp = time_it(layer, x, args.min_run_time)
-                rows.append(
-                    {
-                        "layer": f"{channels}->{channels} 3x3",
-                        "ratio": ratio,
-                        "rank": rank,
-                        "param ratio": round(layer.compression_ratio, 2),
-                        "variant": label
-                        if strategy is not None
-                        else f"fused={layer.fuse_spatial}, cl={layer.channels_last}",
-                        "dense ms": round(t_dense * 1e3, 2),
-                        "cp ms": round(t_cp * 1e3, 2),
-                        "time ratio": round(t_cp / t_dense, 3),
-                        "FLOP ratio": round(flops(layer, x) / f_dense, 3),
-                    }
-                )
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            peers: dict[str, nn.Module] = {"ours": layer, "plain 4-conv": plain_cp(channels, rank)}
+            if tltorch is not None:
+                peers["tltorch"] = tltorch.FactorizedConv(
+                    channels, channels, 3, order=2, factorization="cp", rank=rank,
+                    implementation="factorized", padding=1)
+            if args.variants:
+                for label, (fuse, cl) in VARIANTS.items():
+                    variant = CPConv2d(channels, channels, 3, rank=rank, padding=1)
+                    variant.fuse_spatial, variant.channels_last = fuse, cl
+                    variant.evaluation = "factorized"
+                    peers[label] = variant
+            ratios: dict[str, list[float]] = {name: [] for name in peers}
+            dense_ms = []
+            for _ in range(args.repeats):
+                t_dense = time_it(dense, x, args.min_run_time)
+                dense_ms.append(t_dense * 1e3)
+                for name, module in peers.items():
+                    ratios[name].append(time_it(module, x, args.min_run_time) / t_dense)
+            layer.evaluation = "factorized"
+            flop_limit = flops(layer, x) / f_dense
+            layer.evaluation = "auto"
+            row = {
+                "layer": f"{channels}->{channels} 3x3",
+                "ratio": ratio,
+                "rank": rank,
+                "dense ms": round(statistics.median(dense_ms), 1),
+                "FLOP limit": round(flop_limit, 3),
+            }
+            row.update({f"{name} / dense": round(statistics.median(r), 3) for name, r in ratios.items()})
+            row["our path"] = "dense kernel" if layer.uses_dense_kernel(args.batch, 32, 32) else "factorized"
+            rows.append(row)
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
@@ -164,9 +191,11 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--channels", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--ratios", type=int, nargs="+", default=[8])
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--min-run-time", type=float, default=2.0)
+    parser.add_argument("--min-run-time", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--variants", action="store_true", help="time every evaluation strategy"
     )

@@ -1,8 +1,11 @@
-"""Forward+backward time of TTLinear vs nn.Linear and vs a single-einsum TT layer (issue 2, section 5).
+"""Forward+backward time of TTLinear vs nn.Linear and peers (issues 2 and 15).
 
 Setup: 4096 x 4096, modes 8*8*8*8, ranks 4/8/16, batch 64/256, CPU float32, all in one run.
-Prints one Markdown table: time ratios to dense (median of ``--repeats`` independent timing rounds)
-and the FLOP ratio (``torch.utils.flop_counter``, forward + backward) beside each.
+Prints one Markdown table: time ratios to dense (median of ``--repeats`` timing rounds, each round
+timing every layer one after the other) beside the FLOP limit (TTLinear's forward + backward FLOPs
+over dense's, ``torch.utils.flop_counter``). Peers: the seed's single ``torch.einsum`` TT layer and
+tensorly-torch's ``FactorizedLinear`` (blocktt, factorized implementation) when the ``bench`` extra
+is installed (``pip install -e .[bench]``).
 
 Usage::
 
@@ -24,6 +27,11 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from ttcompress.layers.tt_linear import TTLinear
+
+try:
+    import tltorch
+except ImportError:  # optional peer: pip install -e .[bench]
+    tltorch = None
 
 
 class EinsumTT(nn.Module):
@@ -70,6 +78,8 @@ def main() -> None:
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timing")
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds; the median ratio is shown")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--cases", nargs="+", default=["64/4", "64/8", "256/8", "256/16"],
+                        help="batch/rank pairs (default: the issue-15 table)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,30 +87,35 @@ def main() -> None:
     size, modes = 4096, (8, 8, 8, 8)
     print(f"# {datetime.date.today()} | torch {torch.__version__} | {platform.processor() or platform.machine()} "
           f"| {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads | float32 fwd+bwd")
-    print("| batch | rank | TT params | dense ms | TTLinear / dense | einsum / dense "
-          "| FLOPs TTLinear / dense | FLOPs einsum / dense | TTLinear plan |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for batch in (64, 256):
+    print("| batch | rank | TT params | dense ms | FLOP limit | TTLinear / dense | tltorch / dense "
+          "| einsum / dense | FLOPs einsum / dense | TTLinear plan |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    dense = nn.Linear(size, size)
+    for case in args.cases:
+        batch, rank = (int(v) for v in case.split("/"))
         x = torch.randn(batch, size, requires_grad=True)
         grad = torch.randn(batch, size)
-        dense = nn.Linear(size, size)
-        for rank in (4, 8, 16):
-            tt = TTLinear(size, size, ranks=rank, in_modes=modes, out_modes=modes)
-            ein = EinsumTT(tt)
-            ratios_tt, ratios_ein, dense_ms = [], [], []
-            for _ in range(args.repeats):
-                t_dense = _time(dense, x, grad, args.min_run_time)
-                ratios_tt.append(_time(tt, x, grad, args.min_run_time) / t_dense)
-                ratios_ein.append(_time(ein, x, grad, args.min_run_time) / t_dense)
-                dense_ms.append(t_dense * 1e3)
-            f_dense = _flops(dense, x, grad)
-            plan = tt.forward_plan(batch)
-            groups = "+".join(f"{b - a}" for a, b in plan.groups) + f", chunk {plan.chunk_rows}"
-            print(f"| {batch} | {rank} | {sum(p.numel() for p in tt.parameters())} "
-                  f"| {statistics.median(dense_ms):.1f} "
-                  f"| {statistics.median(ratios_tt):.3f} | {statistics.median(ratios_ein):.3f} "
-                  f"| {_flops(tt, x, grad) / f_dense:.3f} | {_flops(ein, x, grad) / f_dense:.3f} "
-                  f"| cores {groups} |", flush=True)
+        tt = TTLinear(size, size, ranks=rank, in_modes=modes, out_modes=modes)
+        ein = EinsumTT(tt)
+        peer = None if tltorch is None else tltorch.FactorizedLinear(
+            modes, modes, factorization="blocktt", rank=tt.ranks, implementation="factorized")
+        ratios_tt, ratios_ein, ratios_peer, dense_ms = [], [], [], []
+        for _ in range(args.repeats):
+            t_dense = _time(dense, x, grad, args.min_run_time)
+            ratios_tt.append(_time(tt, x, grad, args.min_run_time) / t_dense)
+            ratios_ein.append(_time(ein, x, grad, args.min_run_time) / t_dense)
+            if peer is not None:
+                ratios_peer.append(_time(peer, x, grad, args.min_run_time) / t_dense)
+            dense_ms.append(t_dense * 1e3)
+        peer_cell = f"{statistics.median(ratios_peer):.3f}" if ratios_peer else "n/a"
+        f_dense = _flops(dense, x, grad)
+        plan = tt.forward_plan(batch)
+        groups = "+".join(f"{b - a}" for a, b in plan.groups) + f", chunk {plan.chunk_rows}"
+        print(f"| {batch} | {rank} | {sum(p.numel() for p in tt.parameters())} "
+              f"| {statistics.median(dense_ms):.1f} | {_flops(tt, x, grad) / f_dense:.3f} "
+              f"| {statistics.median(ratios_tt):.3f} | {peer_cell} | {statistics.median(ratios_ein):.3f} "
+              f"| {_flops(ein, x, grad) / f_dense:.3f} "
+              f"| cores {groups} |", flush=True)
 
 
 if __name__ == "__main__":

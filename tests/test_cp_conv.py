@@ -79,6 +79,7 @@ def test_forward_equals_conv_with_reconstructed_kernel(
 ) -> None:
     layer = _build(CONFIGS[name])
     layer.fuse_spatial, layer.channels_last = strategy
+    layer.evaluation = "factorized"
     conv = layer.to_conv()
     x = torch.randn(2, layer.in_channels, 11, 13)
     with torch.no_grad():
@@ -175,6 +176,7 @@ def test_paper_mnist_net_ratios() -> None:
 def test_gradients_reach_all_factors(strategy: tuple[bool, bool]) -> None:
     layer = _build({"kernel_size": 3, "padding": 1, "groups": 2}, rank=3)
     layer.fuse_spatial, layer.channels_last = strategy
+    layer.evaluation = "factorized"
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
     layer(x).square().sum().backward()
     for name, p in layer.named_parameters():
@@ -308,3 +310,102 @@ def test_output_memory_format_follows_the_input() -> None:
     x_cl = x.contiguous(memory_format=torch.channels_last)
     assert layer(x_cl).is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(layer(x_cl), layer(x))
+
+
+# ---------------------------------------------------------------- evaluation paths and the eval cache
+
+
+@pytest.mark.parametrize("evaluation", ["factorized", "dense"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_gradcheck_every_evaluation(name: str, evaluation: str) -> None:
+    """Both exact evaluations have autograd-correct gradients (float64, odd shapes)."""
+    layer = _build(CONFIGS[name], rank=2).double()
+    layer.evaluation = evaluation
+    x = torch.randn(1, layer.in_channels, 5, 7, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in layer.named_parameters()]
+
+    def fn(inp: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(layer, dict(zip(names, params, strict=True)), (inp,))
+
+    assert torch.autograd.gradcheck(fn, (x, *layer.parameters()))
+
+
+def test_dense_and_factorized_paths_agree_in_training() -> None:
+    layer = _build({"kernel_size": (3, 5), "padding": (1, 2), "stride": (2, 1)}, rank=3)
+    x = torch.randn(3, 4, 9, 10)
+    grads = {}
+    for evaluation in ("factorized", "dense"):
+        layer.evaluation = evaluation
+        layer.zero_grad()
+        y = layer(x)
+        y.square().sum().backward()
+        grads[evaluation] = (y.detach(), [p.grad.clone() for p in layer.parameters()])
+    (y_f, g_f), (y_d, g_d) = grads["factorized"], grads["dense"]
+    assert _rel(y_d, y_f) <= 1e-5
+    for a, b in zip(g_d, g_f, strict=True):
+        assert _rel(a, b) <= 1e-5
+
+
+def test_training_cost_model_takes_dense_path_for_tiny_layers_only() -> None:
+    tiny = CPConv2d(1, 8, 5, rank=4, padding=2)
+    assert tiny.uses_dense_kernel(64, 28, 28)
+    wide = CPConv2d(256, 256, 3, rank=142, padding=1)  # 8x fewer weights
+    assert not wide.uses_dense_kernel(32, 32, 32)
+    wide.evaluation = "dense"
+    assert wide.uses_dense_kernel(32, 32, 32)
+
+
+def _eval_reference(layer: CPConv2d, x: torch.Tensor) -> torch.Tensor:
+    """Dense float64 conv with a kernel rebuilt from the current factors."""
+    conv = layer.to_conv().double()
+    with torch.no_grad():
+        return conv(x.double())
+
+
+@pytest.mark.parametrize("evaluation", ["auto", "dense"])
+def test_eval_cache_is_invalidated_when_parameters_change(evaluation: str) -> None:
+    torch.manual_seed(0)
+    layer = _build({"kernel_size": 3, "padding": 1}, rank=3)
+    layer.evaluation = evaluation
+    x = torch.randn(2, 4, 8, 8)
+    layer.eval()
+    with torch.no_grad():
+        assert _rel(layer(x), _eval_reference(layer, x)) <= 1e-5
+    if evaluation == "dense":
+        with torch.no_grad():
+            layer(x)
+        cached = layer._kernel_cache
+        with torch.no_grad():
+            layer(x)
+        assert layer._kernel_cache is cached  # reused while nothing changed
+    # an optimizer step changes the factors in place
+    layer.train()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(x).square().sum().backward()
+    opt.step()
+    layer.eval()
+    with torch.no_grad():
+        assert _rel(layer(x), _eval_reference(layer, x)) <= 1e-5
+        # an in-place update under no_grad, without a train() round trip
+        layer.in_factor.mul_(-2.0)
+        assert _rel(layer(x), _eval_reference(layer, x)) <= 1e-5
+    # load_state_dict copies into the parameters
+    other = _build({"kernel_size": 3, "padding": 1}, rank=3, seed=7)
+    layer.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert _rel(layer(x), _eval_reference(other, x)) <= 1e-5
+    # .to() gives new storages (and here a new dtype)
+    layer.double()
+    with torch.no_grad():
+        y = layer(x.double())
+    assert y.dtype == torch.float64
+    assert _rel(y, _eval_reference(layer, x)) <= 1e-12  # a stale float32 kernel would be ~1e-8 off
+
+
+def test_eval_cache_unused_when_gradients_are_needed() -> None:
+    layer = _build({"kernel_size": 3, "padding": 1}, rank=3).eval()
+    layer.evaluation = "dense"
+    x = torch.randn(2, 4, 8, 8)
+    layer(x).sum().backward()  # eval mode but grad enabled: differentiable kernel, no cache
+    assert layer._kernel_cache is None
+    assert layer.in_factor.grad is not None

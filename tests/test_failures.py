@@ -112,11 +112,11 @@ def test_balanced_subset_is_seeded_and_balanced(mnist: DatasetBundle) -> None:
 def test_report_eval_limit_is_a_balanced_subset_and_says_so(cnn: Path, tmp_path: Path) -> None:
     result = invoke("report", cnn, cnn, "--no-latency", "--eval-limit", "50", "--format", "json")
     assert result.exit_code == 0, result.stderr
-    data = json.loads(result.stdout)[1]
+    data = json.loads(result.stdout)["meta"]
     assert data["eval_samples"] == 50 and data["eval_subset"] is True
     md = invoke("report", cnn, cnn, "--no-latency", "--eval-limit", "50", "--format", "md")
     assert "a class-balanced subset of 50 test samples" in md.stdout
-    full = json.loads(invoke("report", cnn, cnn, "--no-latency", "--format", "json").stdout)[0]
+    full = json.loads(invoke("report", cnn, cnn, "--no-latency", "--format", "json").stdout)["meta"]
     assert full["eval_subset"] is False and full["eval_samples"] == 1000
 
 

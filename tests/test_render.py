@@ -28,6 +28,10 @@ def _row(name: str, params: int, acc: float | None, *, base: bool = False, befor
         is_baseline=base,
         accuracy_before_finetune=before,
         layers=layers,
+        params_by_kind={"conv": 0, "linear": params - 10, "embedding": 0, "attention": 0, "other": 10},
+        compression_by_kind={"conv": None, "linear": 990 / (params - 10), "embedding": None, "attention": None},
+        batch_size=64,
+        peak_memory_bytes=8 * params,
     )
 
 
@@ -49,10 +53,18 @@ def test_pareto_front_marks_non_dominated_points() -> None:
 
 
 def test_json_has_the_documented_keys_and_raw_numbers(report: Report) -> None:
-    rows = json.loads(to_json(report))
+    data = json.loads(to_json(report))
+    meta, rows = data["meta"], data["rows"]
+    assert meta["eval_samples"] == 1000 and meta["device"] == "cpu" and meta["batch_size"] == 64
+    assert meta["torch_version"] and meta["ttcompress_version"]
     assert len(rows) == 4
-    for key in ("model", "params", "compression", "size_bytes", "flops", "latency_ms", "accuracy", "accuracy_delta"):
+    for key in ("model", "params", "compression", "size_bytes", "flops", "latency_ms", "accuracy", "accuracy_delta",
+                "compression_conv", "compression_linear", "latency_per_sample_ms", "throughput", "peak_memory_bytes"):
         assert key in rows[0]
+    assert rows[1]["compression_conv"] is None  # no conv layer in the model
+    assert rows[1]["compression_linear"] == pytest.approx(990 / 240)  # full precision
+    assert rows[1]["latency_per_sample_ms"] == pytest.approx(1.5 / 64)
+    assert rows[1]["throughput"] == pytest.approx(64 / 1.5e-3)
     assert rows[0]["is_baseline"] and not rows[1]["is_baseline"]
     assert rows[1]["accuracy"] == pytest.approx(0.97)
     assert rows[1]["accuracy_delta"] == pytest.approx(-0.01)
@@ -60,11 +72,15 @@ def test_json_has_the_documented_keys_and_raw_numbers(report: Report) -> None:
     assert rows[1]["layers"][0]["ratio"] == pytest.approx(10.0)
 
 
-def test_csv_parses_back(report: Report) -> None:
-    rows = list(csv.DictReader(io.StringIO(render(report, "csv"))))
+def test_csv_parses_back_rounded_for_people(report: Report) -> None:
+    text = render(report, "csv")
+    rows = list(csv.DictReader(io.StringIO(text)))
     assert [r["model"] for r in rows] == ["dense", "tt4", "tt2", "bad"]
     assert int(rows[2]["params"]) == 125
-    assert float(rows[2]["accuracy_before_finetune"]) == pytest.approx(0.70)
+    assert float(rows[2]["top1_pre_ft_pct"]) == pytest.approx(70.0)
+    assert rows[1]["compression_linear"] == "4.125"  # 990/240 to 4 significant digits
+    assert rows[1]["delta_top1_pp"] == "-1.0"  # not -1.0000000000000009
+    assert "00000000" not in text and "9999999" not in text
 
 
 def test_markdown_has_model_and_layer_tables(report: Report) -> None:

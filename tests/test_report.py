@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from ttcompress.cli import app
 from ttcompress.data import DatasetBundle
 from ttcompress.io import save
+from ttcompress.models import build_arch
 from ttcompress.plan import Plan, TTSettings
 from ttcompress.report import ModelEntry, build_report, count_flops, count_params
 from ttcompress.surgery import compress
@@ -55,7 +56,11 @@ def test_report_values_match_independent_counts(bundle: DatasetBundle, tmp_path)
     n_small = sum(p.numel() for p in small.parameters())
     assert row.params == n_small
     assert row.compression == pytest.approx(base.params / n_small)
-    assert row.size_bytes == path.stat().st_size
+    assert row.file_bytes == path.stat().st_size
+    from safetensors.torch import save as st_save  # weights alone: the state dict, no header metadata
+
+    assert row.size_bytes == len(st_save({k: v.contiguous() for k, v in small.state_dict().items()}))
+    assert row.size_bytes < row.file_bytes
     # accuracy: an independent pass over the test set
     with torch.no_grad():
         x, y = bundle.test.tensors
@@ -66,7 +71,7 @@ def test_report_values_match_independent_counts(bundle: DatasetBundle, tmp_path)
     assert row.latency_ms > 0 and row.latency_iqr_ms >= 0
     assert 0 < row.flops < base.flops
     names = [layer.name for layer in row.layers]
-    assert names and all(layer.format == "TT" for layer in row.layers)
+    assert names and all(layer.format == "tt" for layer in row.layers)  # one lower-case vocabulary
     assert sum(layer.params_before - layer.params_after for layer in row.layers) == base.params - row.params
 
 
@@ -83,7 +88,7 @@ def test_report_cli_formats_and_plot(tmp_path) -> None:
     common = [str(base_path), str(small_path), "--eval-limit", "50", "--min-run-time", "0.01"]
     result = runner.invoke(app, ["report", *common, "--format", "json", "--plot", str(tmp_path / "t.png")])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)
+    rows = json.loads(result.stdout)["rows"]
     assert [r["model"] for r in rows] == ["base", "small"]
     for key in ("model", "params", "compression", "size_bytes", "flops", "latency_ms", "accuracy", "accuracy_delta"):
         assert key in rows[1]
@@ -115,3 +120,83 @@ def test_report_cli_bad_input_exits_2_without_output(tmp_path, args, message) ->
 def test_report_cli_missing_model_exits_2(tmp_path) -> None:
     result = CliRunner().invoke(app, ["report", str(tmp_path / "missing.pt"), str(tmp_path / "also.pt")])
     assert result.exit_code == 2 and "missing.pt" in result.stderr
+
+
+def test_per_kind_compression_matches_an_independent_count() -> None:
+    from ttcompress.measure import params_by_kind
+
+    torch.manual_seed(0)
+    dense = build_arch("seed-cnn")
+    small = compress(build_arch("seed-cnn"), Plan(tt=TTSettings(ranks=2)))  # Linear → TT; convs → CP at 4×
+
+    def count(model, kinds) -> int:  # by hand: the weights and biases of the layers of those kinds
+        return sum(p.numel() for m in model.modules() if isinstance(m, kinds) for p in m.parameters(recurse=False))
+
+    from ttcompress.formats import format_of
+
+    def by_format(model, target) -> int:  # factorized layers of that target, plus dense layers of that type
+        inside = {id(sub) for m in model.modules() if format_of(m) is not None for sub in m.modules()}
+        factorized = sum(p.numel() for m in model.modules() if (f := format_of(m)) is not None and target in f.targets
+                         for p in m.parameters())
+        dense = sum(p.numel() for m in model.modules() if isinstance(m, target) and id(m) not in inside
+                    for p in m.parameters(recurse=False))
+        return factorized + dense
+
+    base = params_by_kind(dense)
+    assert base["conv"] == count(dense, nn.Conv2d) and base["linear"] == count(dense, nn.Linear)
+    assert base["other"] == 0 and sum(base.values()) == count_params(dense)
+    comp = params_by_kind(small)
+    assert comp["conv"] == by_format(small, nn.Conv2d) and comp["linear"] == by_format(small, nn.Linear)
+    assert sum(comp.values()) == count_params(small)
+    report = build_report(baseline=ModelEntry("dense", dense), models=[ModelEntry("small", small)],
+                          input_shape=(1, 28, 28), measure_speed=False)
+    row = report.rows[1].to_dict()
+    assert row["compression_conv"] == pytest.approx(base["conv"] / comp["conv"])
+    assert row["compression_linear"] == pytest.approx(base["linear"] / comp["linear"])
+    assert row["compression_embedding"] is None and row["compression_attention"] is None
+    assert row["flops_by_kind"]["conv"] > 0 and row["flops_by_kind"]["linear"] > 0
+    assert sum(row["flops_by_kind"].values()) == row["flops"]
+
+
+def test_peak_memory_counts_weights_and_the_largest_live_activations() -> None:
+    from ttcompress.measure import peak_memory
+
+    model = nn.Sequential(nn.Linear(100, 1000, bias=False), nn.ReLU(), nn.Linear(1000, 10, bias=False))
+    weights = (100 * 1000 + 1000 * 10) * 4
+    peak = peak_memory(model, (100,), batch_size=50)
+    # At least the weights and the 50×1000 hidden activation; at most the weights, one temporary copy of
+    # them (a kernel may transpose a weight), the input and every activation.
+    assert weights + 50 * 1000 * 4 <= peak <= 2 * weights + (50 * 100 + 2 * 50 * 1000 + 50 * 10) * 4
+    assert peak_memory(model, (100,), batch_size=200) > peak
+
+
+@pytest.mark.parametrize("name, fmt, check", [
+    ("r.md", None, lambda t: t.startswith("_dataset")),
+    ("r.csv", None, lambda t: t.startswith("model,is_baseline,params")),
+    ("r.json", None, lambda t: json.loads(t)["meta"]["dataset"] == "mnist-5k"),
+    ("r.txt", None, lambda t: "ttcompress report" in t),
+    ("r.csv", "csv", lambda t: t.startswith("model,")),
+])
+def test_output_format_follows_the_extension(tmp_path, name, fmt, check) -> None:
+    base = save(build_arch("seed-cnn"), tmp_path / "base.pt")
+    args = ["report", str(base), str(base), "--eval-limit", "20", "--no-latency", "-o", str(tmp_path / name),
+            "--labels", "dense,again"]
+    result = CliRunner().invoke(app, args + (["--format", fmt] if fmt else []))
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / name).read_text()
+    assert check(text) and "again" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-o", "r.csv", "--format", "md"], "contradicts"),
+    (["-o", "r.xlsx"], "-o must end in one of"),
+    (["--labels", "only-one"], "labels must name each of the 2 models"),
+    (["--labels", "a,a"], "unique"),
+])
+def test_report_output_and_label_errors(tmp_path, args, message) -> None:
+    base = save(build_arch("seed-cnn"), tmp_path / "base.pt")
+    args = [a if not a.startswith("r.") else str(tmp_path / a) for a in args]
+    result = CliRunner().invoke(app, ["report", str(base), str(base), "--no-latency", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("r.")]

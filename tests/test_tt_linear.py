@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 import ttcompress.layers.tt_linear as tt_module
 from ttcompress.decompose.tt import tt_param_count
+from ttcompress.layers._tt_chain import tt_chain
 from ttcompress.layers.tt_linear import TTLinear, contraction_plan
 
 
@@ -118,6 +119,42 @@ def test_gradcheck_float64(groups, monkeypatch) -> None:
         return torch.func.functional_call(layer, dict(zip(names, ps)), (inp,))
 
     assert torch.autograd.gradcheck(fn, (x, *layer.parameters()), eps=1e-6, atol=1e-6)
+
+
+def _grads(layer: TTLinear, x: torch.Tensor, grad_out: torch.Tensor) -> list[torch.Tensor]:
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    layer(x).backward(grad_out)
+    grads = [p.grad.clone() for p in layer.parameters()]
+    return grads + ([x.grad.clone()] if x.requires_grad else [])
+
+
+@pytest.mark.parametrize("groups", tt_module._compositions(4)[1:])  # every multi-group plan of 4 cores
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_chain_gradients_equal_dense_path_every_grouping(groups, x_grad: bool, monkeypatch) -> None:
+    """The permute-free contraction (custom backward) gives the dense path's output and gradients."""
+    torch.manual_seed(3)
+    layer = TTLinear(29, 41, ranks=(1, 2, 3, 2, 1), in_modes=(2, 3, 1, 5), out_modes=(3, 1, 4, 4),
+                     dtype=torch.float64)
+    x = torch.randn(2, 3, 29, dtype=torch.float64, requires_grad=x_grad)
+    grad_out = torch.randn(2, 3, 41, dtype=torch.float64)
+    _force_plan(monkeypatch, ((0, 4),))
+    y_ref, ref = layer(x).detach(), _grads(layer, x, grad_out)
+    _force_plan(monkeypatch, groups, chunk_rows=4)  # 6 rows: one full chunk and one partial
+    assert _rel(layer(x).detach(), y_ref) <= 1e-12
+    for got, want in zip(_grads(layer, x, grad_out), ref, strict=True):
+        assert _rel(got, want) <= 1e-12
+
+
+def test_chain_gradcheck_direct() -> None:
+    """tt_chain's own backward against finite differences, for the inputs and the group matrices."""
+    torch.manual_seed(5)
+    # groups [0,1), [1,3), [3,4) of cores with modes out (2,3,1,2), in (3,1,2,2), ranks (1,2,3,2,1)
+    dims = ((1, 3, 1, 2, 2, 6), (3, 2, 2, 3, 2, 2), (6, 2, 2, 2, 1, 1))
+    mats = [torch.randn(r_a * m_g, n_g * r_b, dtype=torch.float64, requires_grad=True)
+            for _, n_g, r_a, m_g, r_b, _ in dims]
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda inp, *ms: tt_chain(inp, ms, dims, chunk_rows=2), (x, *mats))
 
 
 # ---------------------------------------------------------------------------- init and sizes

@@ -11,30 +11,13 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from ttcompress.report import ModelRow, Report, pareto_front
+from ttcompress.measure import KINDS
+from ttcompress.report import ModelRow, Report
 
 __all__ = ["FORMATS", "render", "to_csv", "to_json", "to_markdown", "to_rich_tables"]
 
 Format = Literal["table", "md", "csv", "json"]
 FORMATS: tuple[str, ...] = ("table", "md", "csv", "json")
-
-# Columns of the model table: (header, key, formatter).
-_JSON_KEYS = (
-    "model",
-    "params",
-    "compression",
-    "size_bytes",
-    "flops",
-    "latency_ms",
-    "latency_iqr_ms",
-    "accuracy",
-    "top5",
-    "accuracy_delta",
-    "accuracy_before_finetune",
-    "setting",
-    "path",
-)
-
 
 def _num(value: int | None) -> str:
     return "–" if value is None else f"{value:,}"
@@ -70,17 +53,43 @@ def _latency(row: ModelRow) -> str:
     return f"{row.latency_ms:.3f} ± {row.latency_iqr_ms / 2:.3f}" if row.latency_iqr_ms is not None else f"{row.latency_ms:.3f}"
 
 
+def _ratio(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return "∞" if value == float("inf") else f"{value:.2f}×"
+
+
+def _per_sample(row: ModelRow) -> str:
+    per = row.latency_per_sample_ms
+    if per is None:
+        return "–"
+    spread = f" ± {row.latency_iqr_ms / 2 / row.batch_size:.3g}" if row.latency_iqr_ms is not None and row.batch_size else ""
+    return f"{per:.3g}{spread}"
+
+
+def _throughput(row: ModelRow) -> str:
+    return "–" if row.throughput is None else f"{row.throughput:,.0f}"
+
+
+def _kinds(report: Report) -> list[str]:
+    """Layer kinds the baseline has (their compression gets a column)."""
+    base = report.baseline.compression_by_kind
+    return [k for k in KINDS if base.get(k) is not None]
+
+
 def _columns(report: Report) -> list[tuple[str, Any]]:
     has_top5 = any(row.top5 is not None for row in report.rows)
     has_before = any(row.accuracy_before_finetune is not None for row in report.rows)
+    has_speed = any(row.latency_ms is not None for row in report.rows)
     cols: list[tuple[str, Any]] = [
         ("model", lambda r: r.model + (" (baseline)" if r.is_baseline and "baseline" not in r.model else "")),
         ("params", lambda r: _num(r.params)),
-        ("compression", lambda r: f"{r.compression:.2f}×"),
-        ("file size", lambda r: _size(r.size_bytes)),
-        ("FLOPs", lambda r: _flops(r.flops)),
-        ("latency ms", _latency),
+        ("compression", lambda r: _ratio(r.compression)),
     ]
+    cols += [(f"{kind} ×", lambda r, k=kind: _ratio(r.compression_by_kind.get(k))) for kind in _kinds(report)]
+    cols += [("weights", lambda r: _size(r.size_bytes)), ("FLOPs", lambda r: _flops(r.flops))]
+    if has_speed:
+        cols += [("ms/sample", _per_sample), ("samples/s", _throughput), ("peak mem", lambda r: _size(r.peak_memory_bytes))]
     if has_before:
         cols.append(("top-1 pre-FT", lambda r: _pct(r.accuracy_before_finetune)))
     cols.append(("top-1", lambda r: _pct(r.accuracy)))
@@ -119,7 +128,9 @@ def _caption(report: Report) -> str:
         )
     parts.append(f"device: {report.device}")
     if any(row.latency_ms is not None for row in report.rows):
-        parts.append(f"FLOPs per sample; latency: median ± IQR/2 of one forward pass on a batch of {report.batch_size}")
+        parts.append(f"FLOPs per sample; ms/sample: median ± IQR/2 of one forward pass on a batch of "
+                     f"{report.batch_size}, divided by {report.batch_size}; peak mem: weights + activations of that batch")
+    parts.append("weights: size of the weights alone (safetensors, no metadata)")
     parts.append(f"torch {report.torch_version}")
     return ", ".join(parts)
 
@@ -143,32 +154,39 @@ def to_markdown(report: Report) -> str:
 
 
 def to_json(report: Report) -> str:
-    """A JSON list with one object per model (raw numbers; accuracy as a fraction 0..1)."""
-    rows = []
-    for row in report.rows:
-        data = row.to_dict()
-        item = {key: data[key] for key in _JSON_KEYS}
-        item.update(
-            is_baseline=row.is_baseline,
-            dataset=report.dataset,
-            device=report.device,
-            batch_size=report.batch_size,
-            eval_samples=report.eval_samples,
-            eval_subset=report.eval_subset,
-            layers=data["layers"],
-        )
-        rows.append(item)
-    return json.dumps(rows, indent=2) + "\n"
+    """``{"meta": {...}, "rows": [...]}`` with full-precision numbers (accuracy as a fraction 0..1)."""
+    return json.dumps(report.to_dict(), indent=2) + "\n"
+
+
+def _round(value: Any, digits: int = 4) -> Any:
+    """Numbers rounded for people: 4 significant digits, integers and None unchanged."""
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return value
+        return float(f"{value:.{digits}g}")
+    return value
 
 
 def to_csv(report: Report) -> str:
-    """One CSV line per model with raw numbers (per-layer details are in JSON/Markdown)."""
+    """One CSV line per model, numbers rounded for people (full precision: JSON)."""
+    kinds = _kinds(report)
+    columns: list[tuple[str, Any]] = [
+        ("model", lambda r: r.model), ("is_baseline", lambda r: r.is_baseline), ("params", lambda r: r.params),
+        ("compression", lambda r: r.compression),
+        *[(f"compression_{k}", lambda r, k=k: r.compression_by_kind.get(k)) for k in kinds],
+        ("weights_bytes", lambda r: r.size_bytes), ("flops", lambda r: r.flops),
+        ("batch_size", lambda r: r.batch_size), ("latency_per_sample_ms", lambda r: r.latency_per_sample_ms),
+        ("throughput_per_s", lambda r: r.throughput), ("peak_memory_bytes", lambda r: r.peak_memory_bytes),
+        ("top1_pre_ft_pct", lambda r: None if r.accuracy_before_finetune is None else 100 * r.accuracy_before_finetune),
+        ("top1_pct", lambda r: None if r.accuracy is None else 100 * r.accuracy),
+        ("top5_pct", lambda r: None if r.top5 is None else 100 * r.top5),
+        ("delta_top1_pp", lambda r: None if r.accuracy_delta is None else 100 * r.accuracy_delta),
+    ]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[*_JSON_KEYS, "is_baseline"], lineterminator="\n")
-    writer.writeheader()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([name for name, _ in columns])
     for row in report.rows:
-        data = row.to_dict()
-        writer.writerow({**{key: data[key] for key in _JSON_KEYS}, "is_baseline": row.is_baseline})
+        writer.writerow(["" if (v := _round(get(row))) is None else v for _, get in columns])
     return buffer.getvalue()
 
 

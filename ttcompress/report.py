@@ -8,11 +8,19 @@ Every number here is measured on the models given:
 * ``params``: all parameters of the model (``sum(p.numel())``; buffers such as BatchNorm running
   statistics are not parameters);
 * ``compression``: baseline params / model params;
-* ``size_bytes``: size of the model file on disk (``None`` for an in-memory model);
+* ``params_by_kind`` / ``compression_conv``, ``compression_linear``, ``compression_embedding``,
+  ``compression_attention``: the same per layer kind (:mod:`ttcompress.measure`; ``None`` when
+  the baseline has no layer of that kind), as papers report conv-only and FC-only ratios;
+* ``size_bytes``: size of the weights alone (a safetensors file of the state dict, no metadata);
+  ``file_bytes``: size of the model file on disk (``None`` for an in-memory model);
 * ``flops``: FLOPs of one forward pass on one sample, counted by
-  :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts as 2 FLOPs);
-* ``latency_ms``: median wall time of one forward pass on a batch, measured with
+  :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts as 2 FLOPs), and
+  ``flops_by_kind``;
+* ``latency_ms``: median wall time of one forward pass on a batch of ``batch_size``, measured with
   :class:`torch.utils.benchmark.Timer` (``latency_iqr_ms`` is the interquartile range);
+  ``latency_per_sample_ms`` = ``latency_ms / batch_size``; ``throughput`` = samples per second;
+* ``peak_memory_bytes``: peak tensor memory of inference on one batch (weights and buffers plus
+  the activations alive at once, :func:`ttcompress.measure.peak_memory`);
 * ``accuracy`` / ``top5``: fractions of the test split classified correctly (``eval_samples``
   samples; with ``eval_subset``, a seeded class-balanced subset of it);
 * ``accuracy_delta``: ``accuracy - baseline accuracy`` (a fraction; negative means a loss).
@@ -32,6 +40,9 @@ from torch import nn
 
 from ttcompress.errors import UserInputError, refused_input
 from ttcompress.formats import format_of
+from ttcompress.measure import (
+    KINDS, count_flops, count_params, flops_by_kind, measure_latency, params_by_kind, peak_memory, weights_bytes,
+)
 
 __all__ = [
     "LayerRow",
@@ -82,9 +93,32 @@ class ModelRow:
     setting: str | None = None
     accuracy_before_finetune: float | None = None
     layers: tuple[LayerRow, ...] = ()
+    params_by_kind: Mapping[str, int] = field(default_factory=dict)
+    compression_by_kind: Mapping[str, float | None] = field(default_factory=dict)
+    flops_by_kind: Mapping[str, int] = field(default_factory=dict)
+    batch_size: int | None = None
+    peak_memory_bytes: int | None = None
+    file_bytes: int | None = None
+
+    @property
+    def latency_per_sample_ms(self) -> float | None:
+        return None if self.latency_ms is None or not self.batch_size else self.latency_ms / self.batch_size
+
+    @property
+    def throughput(self) -> float | None:
+        """Samples per second of inference at ``batch_size``."""
+        per = self.latency_per_sample_ms
+        return None if not per else 1e3 / per
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        data["params_by_kind"] = dict(self.params_by_kind)
+        data["flops_by_kind"] = dict(self.flops_by_kind)
+        data.pop("compression_by_kind")
+        for kind in KINDS:  # compression_conv, compression_linear, ...: null when the model has none
+            data[f"compression_{kind}"] = self.compression_by_kind.get(kind)
+        data["latency_per_sample_ms"] = self.latency_per_sample_ms
+        data["throughput"] = self.throughput
         data["layers"] = [dict(dataclasses.asdict(layer), ratio=layer.ratio) for layer in self.layers]
         return data
 
@@ -105,16 +139,22 @@ class Report:
     def baseline(self) -> ModelRow:
         return self.rows[0]
 
-    def to_dict(self) -> dict[str, Any]:
+    def meta(self) -> dict[str, Any]:
+        """What the numbers were measured on: data, samples, device, batch size, versions."""
+        from ttcompress._version import __version__
+
         return {
             "dataset": self.dataset,
-            "device": self.device,
-            "batch_size": self.batch_size,
             "eval_samples": self.eval_samples,
             "eval_subset": self.eval_subset,
+            "device": self.device,
+            "batch_size": self.batch_size,
             "torch_version": self.torch_version,
-            "rows": [row.to_dict() for row in self.rows],
+            "ttcompress_version": __version__,
         }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"meta": self.meta(), "rows": [row.to_dict() for row in self.rows]}
 
 
 @dataclass(frozen=True)
@@ -129,88 +169,6 @@ class ModelEntry:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (shared parameters counted once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def _example_input(input_shape: Sequence[int], batch: int, device: torch.device) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch, *input_shape, generator=generator).to(device)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """FLOPs of one forward pass on one sample of shape ``input_shape`` (eval mode).
-
-    Counted by :class:`torch.utils.flop_counter.FlopCounterMode`: matmuls and convolutions, with a
-    multiply-add as 2 FLOPs; elementwise ops are not counted.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    try:
-        x = _example_input(input_shape, 1, _model_device(model))
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
-        return int(counter.get_total_flops())
-    finally:
-        model.train(was_training)
-
-
-def _import_benchmark() -> Any:
-    """``torch.utils.benchmark``, without the CUDA_HOME warning its import logs on CPU-only hosts."""
-    import logging
-
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        from torch.utils import benchmark
-    finally:
-        logger.setLevel(level)
-    return benchmark
-
-
-def measure_latency(
-    model: nn.Module,
-    input_shape: Sequence[int],
-    *,
-    batch_size: int,
-    min_run_time: float = 0.5,
-    num_threads: int | None = None,
-) -> tuple[float, float]:
-    """Median and interquartile range, in milliseconds, of one forward pass on a batch.
-
-    Uses :class:`torch.utils.benchmark.Timer` (which synchronizes CUDA) in eval mode under
-    ``no_grad``, after a warm-up call.
-    """
-    benchmark = _import_benchmark()
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    was_training = model.training
-    model.eval()
-    try:
-        x = _example_input(input_shape, batch_size, _model_device(model))
-        with torch.no_grad():
-            model(x)  # warm-up (lazy init, caches, cuDNN autotuning)
-            timer = benchmark.Timer(
-                stmt="model(x)",
-                globals={"model": model, "x": x},
-                num_threads=num_threads or torch.get_num_threads(),
-            )
-            measurement = timer.blocked_autorange(min_run_time=min_run_time)
-        return measurement.median * 1e3, measurement.iqr * 1e3
-    finally:
-        model.train(was_training)
-
-
 def layer_rows(model: nn.Module) -> tuple[LayerRow, ...]:
     """The decomposed layers recorded in ``model.ttcompress_meta`` (empty for a dense model)."""
     from ttcompress.io import get_meta
@@ -220,7 +178,7 @@ def layer_rows(model: nn.Module) -> tuple[LayerRow, ...]:
         rows.append(
             LayerRow(
                 name=name,
-                format=str(record.get("format", "?")).upper(),
+                format=str(record.get("format", "?")).lower(),
                 ranks=_ranks_text(model, name, record.get("config", {})),
                 params_before=int(record.get("params_before", 0)),
                 params_after=int(record.get("params_after", 0)),
@@ -326,10 +284,12 @@ def build_report(
             check_model_fits(entry.model.to(device), data, device=device, what=f"model {entry.label!r}")
 
     base_params = count_params(baseline.model)
+    base_kinds = params_by_kind(baseline.model)
     measured: list[dict[str, Any]] = []
     for entry in (baseline, *models):
         model = entry.model.to(device)
         params = count_params(model)
+        kinds = params_by_kind(model)
         accuracy = top5 = None
         if test_set is not None:
             result = evaluate(model, test_set, device=device, batch_size=eval_batch_size)
@@ -342,8 +302,17 @@ def build_report(
                 model=entry.label,
                 params=params,
                 compression=base_params / params if params else float("inf"),
-                size_bytes=os.path.getsize(entry.path) if entry.path is not None else None,
-                flops=count_flops(model, shape),
+                size_bytes=weights_bytes(model),
+                file_bytes=os.path.getsize(entry.path) if entry.path is not None else None,
+                flops=(flops := flops_by_kind(model, shape))["total"],
+                flops_by_kind={k: v for k, v in flops.items() if k != "total"},
+                params_by_kind=kinds,
+                compression_by_kind={
+                    k: (base_kinds[k] / kinds[k] if kinds[k] else float("inf")) if base_kinds[k] else None
+                    for k in KINDS
+                },
+                batch_size=batch_size,
+                peak_memory_bytes=peak_memory(model, shape, batch_size=batch_size) if measure_speed else None,
                 latency_ms=latency,
                 latency_iqr_ms=iqr,
                 accuracy=accuracy,
@@ -402,8 +371,12 @@ def report_files(
     arch_kwargs: Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
     trust_code: bool = False,
+    labels: Sequence[str] | None = None,
 ) -> Report:
     """Load the model files and measure them against ``baseline`` (what ``ttcompress report`` runs).
+
+    ``labels`` names the rows (baseline first, one per file, unique); by default a row is named
+    after its file.
 
     ``arch``/``arch_kwargs`` name the architecture of bare state dicts (ttcompress checkpoints
     describe themselves; one that records the same ``arch`` import path is then trusted, as with
@@ -412,6 +385,14 @@ def report_files(
     from ttcompress.data import load_dataset
     from ttcompress.io import load
     from ttcompress.evaluation import resolve_device
+
+    paths = [baseline, *models]
+    if labels is not None:
+        labels = [str(label).strip() for label in labels]
+        if len(labels) != len(paths):
+            raise UserInputError(f"labels must name each of the {len(paths)} models (baseline first), got {len(labels)}")
+        if any(not label for label in labels) or len(set(labels)) != len(labels):
+            raise UserInputError(f"labels must be unique and non-empty, got {labels}")
 
     def entry(path: str | os.PathLike[str], taken: set[str]) -> ModelEntry:
         p = Path(path)
@@ -424,7 +405,8 @@ def report_files(
                 kwargs.update(arch=arch, arch_kwargs=dict(arch_kwargs or {}))
             elif (header.get("arch") or {}).get("name") == arch:  # the user named this arch
                 kwargs.update(arch=arch)
-        label = _label(p, taken)
+        label = labels[len(taken)] if labels is not None else _label(p, taken)
+        taken.add(label)
         with refused_input():
             return ModelEntry(label=label, model=load(p, **kwargs), path=p)
 

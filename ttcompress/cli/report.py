@@ -19,11 +19,30 @@ from ttcompress.errors import UserInputError
 from ttcompress.cli.train import DataRootOpt, DeviceOpt, DownloadOpt
 from ttcompress.report import Report
 
-FormatOpt = Annotated[str, typer.Option(
-    "--format", "-f", help="table (rich, terminal), md, csv or json.", metavar="FORMAT")]
+FormatOpt = Annotated[Optional[str], typer.Option(
+    "--format", "-f", help="table (rich, terminal; the default on stdout), md, csv or json. With -o the "
+    "file's extension decides (.md, .csv, .json, .txt = table), and a --format that contradicts it is an error.",
+    show_default=False, metavar="FORMAT")]
 ReportOutputOpt = Annotated[Optional[Path], typer.Option(
-    "-o", "--output", help="Write the report to this file (atomically) instead of stdout.",
-    show_default=False, metavar="PATH")]
+    "-o", "--output", help="Write the report to this file (atomically) instead of stdout; its extension "
+    "(.md, .csv, .json, .txt) gives the format.", show_default=False, metavar="PATH")]
+LabelsOpt = Annotated[Optional[str], typer.Option(
+    "--labels", help="Comma-separated names of the rows, baseline first (default: the file names).",
+    show_default=False, metavar="A,B,...")]
+#: The format each report file extension means.
+OUTPUT_SUFFIXES: dict[str, str] = {".md": "md", ".csv": "csv", ".json": "json", ".txt": "table"}
+
+
+def resolve_format(fmt: Optional[str], output: Optional[Path]) -> str:
+    """The report format: from ``-o``'s extension when writing a file, else ``--format`` (default table)."""
+    if output is None:
+        return fmt or "table"
+    by_suffix = OUTPUT_SUFFIXES.get(output.suffix.lower())
+    if by_suffix is None:
+        raise UserInputError(f"-o must end in one of {', '.join(OUTPUT_SUFFIXES)} (it gives the format); got {output.name!r}")
+    if fmt is not None and fmt != by_suffix:
+        raise UserInputError(f"--format {fmt} contradicts -o {output.name} (a {by_suffix} file); drop one of them")
+    return by_suffix
 LatencyBatchOpt = Annotated[int, typer.Option(
     "--batch-size", help="Batch size of the latency measurement.", metavar="INT")]
 EvalLimitOpt = Annotated[Optional[int], typer.Option(
@@ -86,8 +105,9 @@ def report_command(
     eval_limit: EvalLimitOpt = None,
     min_run_time: MinRunTimeOpt = 0.5,
     no_latency: NoLatencyOpt = False,
-    fmt: FormatOpt = "table",
+    fmt: FormatOpt = None,
     output: ReportOutputOpt = None,
+    labels: LabelsOpt = None,
     plot: PlotOpt = None,
     overwrite: OverwriteOpt = False,
     plot_x: PlotXOpt = "params",
@@ -103,6 +123,7 @@ def report_command(
     """
     from ttcompress.report import report_files
 
+    fmt = resolve_format(fmt, output)
     check_render_options(fmt=fmt, plot=plot, plot_x=plot_x)
     check_inputs(baseline, *models)
     check_outputs([output, plot], overwrite=overwrite, inputs=[baseline, *models])
@@ -120,5 +141,6 @@ def report_command(
         arch=arch,
         arch_kwargs=parse_arch_kwargs(arch_kwargs),
         trust_pickle=trust_pickle, trust_code=trust_code,
+        labels=[part for part in labels.split(",")] if labels is not None else None,
     )
     emit(result, fmt=fmt, output=output, plot=plot, plot_x=plot_x, plot_title=plot_title)

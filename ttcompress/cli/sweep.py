@@ -17,7 +17,7 @@ from ttcompress.cli.options import (
     ArchKwargsOpt, ArchOpt, OverwriteOpt, PlanOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustCodeOpt, TrustPickleOpt,
     parse_arch_kwargs,
 )
-from ttcompress.cli.report import FormatOpt, check_render_options, emit
+from ttcompress.cli.report import FormatOpt, check_render_options, emit, resolve_format
 from ttcompress.errors import UserInputError
 from ttcompress.cli.train import (
     BatchSizeOpt,
@@ -92,9 +92,9 @@ def sweep_command(
     plan: PlanOpt = None,
     distill: Annotated[bool, typer.Option(
         "--distill", help="Distil from the baseline while fine-tuning.")] = False,
-    fmt: FormatOpt = "table",
+    fmt: FormatOpt = None,
     report_file: Annotated[Optional[Path], typer.Option(
-        "--report", help="Also write the report to this file (format from --format; md if table).",
+        "--report", help="Also write the report to this file; its extension gives the format (.md, .csv, .json, .txt).",
         show_default=False, metavar="PATH")] = None,
     plot: PlotOpt = None,
     overwrite: OverwriteOpt = False,
@@ -114,7 +114,9 @@ def sweep_command(
     from ttcompress.cli.progress import RichProgress
     from ttcompress.sweep import sweep_report, sweep_settings
 
+    fmt = fmt or "table"
     check_render_options(fmt=fmt, plot=plot, plot_x=plot_x)
+    file_fmt = resolve_format(None, report_file) if report_file is not None else None
     check_inputs(baseline, plan)
     check_outputs([report_file, plot], overwrite=overwrite, inputs=[baseline])
     settings = sweep_settings(
@@ -150,4 +152,4 @@ def sweep_command(
         progress.close()
     emit(report, fmt=fmt, output=None, plot=plot, plot_x=plot_x, plot_title=plot_title)
     if report_file is not None:
-        emit(report, fmt="md" if fmt == "table" else fmt, output=report_file, plot=None)
+        emit(report, fmt=file_fmt, output=report_file, plot=None)  # type: ignore[arg-type]

@@ -11,7 +11,9 @@ the convolution ``y = K * x + b`` factors into (per group)::
 The two depthwise convolutions are one depthwise ``kh x kw`` convolution whose per-channel filter
 is the rank-1 outer product ``U_kh[:, r] U_kw[:, r]^T`` -- the same numbers, one pass over memory.
 Which of the two evaluations runs is chosen per layer shape (see :attr:`CPConv2d.fuse_spatial`);
-both are exact. The full kernel is never formed in ``forward``.
+both are exact. When one convolution with the reconstructed kernel is cheaper (small layers, or
+shapes where the factorized passes run slowly), ``forward`` uses it instead (see
+:attr:`CPConv2d.evaluation`); in eval mode without gradients that kernel is cached.
 
 References
 ----------
@@ -22,6 +24,8 @@ References
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +35,20 @@ from torch import nn
 from ttcompress.decompose.cp import cp_als, cp_param_count
 
 __all__ = ["CPConv2d"]
+
+# Cost model of the training-time evaluation choice (see CPConv2d.uses_dense_kernel), from
+# benchmarks/bench_cp_eval.py and bench_cp_conv.py on CPU: MAC rate of the factorized chain
+# relative to one dense convolution (measured 1.5x to 6x slower per MAC, 3.5x typical); cost of one
+# element moved by a factorized pass, and of one extra convolution call, in MACs.
+_CHAIN_SLOWDOWN = 3
+_PASS_WEIGHT = 8
+_CALL_COST = 200_000
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 PaddingArg = int | tuple[int, int] | str
@@ -96,6 +114,14 @@ class CPConv2d(nn.Module):
         the per-channel rank-1 filter (exact). Chosen by shape; may be set by the user.
     channels_last : bool
         Run the chain in ``torch.channels_last`` memory format (faster on CPU for wide layers).
+    evaluation : {"auto", "factorized", "dense"}
+        ``"auto"`` (default) picks, per input shape, the factorized passes or one convolution with
+        the reconstructed kernel: in eval mode without gradients on CPU by timing both once per
+        input shape (as ``cudnn.benchmark`` does), otherwise by the cost model
+        (:meth:`uses_dense_kernel`). ``"factorized"`` / ``"dense"`` force one evaluation. All are
+        exact. In eval mode without gradients the reconstructed kernel is cached; the cache is
+        dropped whenever a factor changes (its version counter or storage), on ``.train()`` /
+        ``.eval()`` and on ``.to()``.
 
     Notes
     -----
@@ -172,6 +198,9 @@ class CPConv2d(nn.Module):
         self.rel_error: float | None = None
         self.n_iter: int | None = None
         self.fuse_spatial, self.channels_last = self._default_strategy()
+        self.evaluation: str = "auto"
+        self._kernel_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        self._eval_choice: dict[tuple[Any, ...], bool] = {}
         self.reset_parameters()
 
     # ---------------------------------------------------------------- construction helpers
@@ -426,9 +455,94 @@ class CPConv2d(nn.Module):
             s += f", padding_mode={self.padding_mode!r}"
         return s + f", params={self.num_params}, ratio={self.compression_ratio:.2f}x"
 
+    # ---------------------------------------------------------------- evaluation choice
+
+    def _output_hw(self, h: int, w: int) -> tuple[int, int]:
+        left, right, top, bottom = self._pad_lrtb
+        kh, kw = self.kernel_size
+        out_h = (h + top + bottom - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        out_w = (w + left + right - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        return max(out_h, 0), max(out_w, 0)
+
+    def uses_dense_kernel(self, batch: int, height: int, width: int) -> bool:
+        """Cost-model choice: evaluate an input ``(batch, C_in, height, width)`` as one dense conv?
+
+        Used in training (and wherever the eval-mode choice is not measured). In multiply-add
+        units: the dense path costs ``N Ho Wo C_out C_in/G kh kw`` MACs plus building the kernel
+        (``C_out C_in/G kh kw R``). The factorized chain costs ``_CHAIN_SLOWDOWN`` times its MACs
+        (pointwise ``N H W C_in R``, depthwise ``N Ho Wo G R kh kw``, pointwise ``N Ho Wo R
+        C_out``: small and depthwise convolutions run well below the rate of one large one), plus
+        ``_PASS_WEIGHT`` per element its passes read or write, plus ``_CALL_COST`` for each of its
+        three extra convolution calls (per-op overhead, which dominates small inputs).
+        """
+        if self.evaluation != "auto":
+            return self.evaluation == "dense"
+        g, r = self.groups, self.rank
+        kh, kw = self.kernel_size
+        out_h, out_w = self._output_hw(height, width)
+        cin, cout = self.in_channels // g, self.out_channels
+        dense = batch * out_h * out_w * cout * cin * kh * kw + cout * cin * kh * kw * r
+        pixels_in, pixels_out = batch * height * width, batch * out_h * out_w
+        macs = pixels_in * self.in_channels * r + pixels_out * g * r * (kh * kw + cout // g)
+        traffic = (pixels_in * (self.in_channels + g * r) + pixels_out * g * r * 2
+                   + pixels_out * (g * r + cout))
+        factorized = _CHAIN_SLOWDOWN * macs + _PASS_WEIGHT * traffic + _CALL_COST * 3
+        return factorized > dense
+
+    def _measured_dense(self, x: torch.Tensor) -> bool:
+        """Eval-mode choice for this input's shape: time both exact paths once and remember."""
+        key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
+        choice = self._eval_choice.get(key)
+        if choice is None:
+            kernel = self._cached_kernel()
+            dense_s, factorized_s = [], []
+            for _ in range(2):  # interleaved; the first round warms both paths up
+                dense_s.append(_seconds(lambda: self._dense_forward(x, kernel)))
+                factorized_s.append(_seconds(lambda: self._factorized_forward(x)))
+            choice = dense_s[-1] <= factorized_s[-1]
+            self._eval_choice[key] = choice
+        return choice
+
+    def _cached_kernel(self) -> torch.Tensor:
+        """The reconstructed kernel, rebuilt only when a factor has changed since the last call."""
+        factors = (self.in_factor, self.kh_factor, self.kw_factor, self.out_factor)
+        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in factors)
+        if self._kernel_cache is None or self._kernel_cache[0] != key:
+            self._kernel_cache = (key, self.kernel().detach())
+        return self._kernel_cache[1]
+
+    def train(self, mode: bool = True) -> CPConv2d:
+        self._kernel_cache = None
+        return super().train(mode)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> CPConv2d:
+        self._kernel_cache = None  # .to() / .half() / .cuda(): new storages, drop the old kernel
+        self._eval_choice = {}
+        return super()._apply(fn, recurse)
+
+    def _dense_forward(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._pad_lrtb, mode=self.padding_mode)
+            padding: tuple[int, int] | str = (0, 0)
+        else:
+            padding = self.padding
+        return F.conv2d(x, kernel, self.bias, self.stride, padding, self.dilation, self.groups)
+
     # ---------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() in (3, 4) and x.shape[-3] == self.in_channels:
+            batch = x.shape[0] if x.dim() == 4 else 1
+            inference = not (self.training or torch.is_grad_enabled()) and not torch.compiler.is_compiling()
+            if inference and self.evaluation == "auto" and x.device.type == "cpu":
+                dense = self._measured_dense(x)
+            else:
+                dense = self.uses_dense_kernel(batch, x.shape[-2], x.shape[-1])
+            if dense:
+                return self._dense_forward(x, self._cached_kernel() if inference else self.kernel())
+        return self._factorized_forward(x)
+
+    def _factorized_forward(self, x: torch.Tensor) -> torch.Tensor:
         g, r = self.groups, self.rank
         gr = g * r
         kh, kw = self.kernel_size

@@ -1,0 +1,275 @@
+"""What a report measures on one model: parameters and FLOPs by layer kind, latency, throughput,
+peak memory and the size of the weights.
+
+Layer kinds
+-----------
+Every parameter belongs to the outermost module that has a *kind*: ``conv`` (``nn.Conv1d/2d/3d``
+and every factorized layer whose format compresses convolutions), ``linear`` (``nn.Linear``, GPT-2's
+``Conv1D``, and the factorized layers of formats that compress Linear layers), ``embedding``
+(``nn.Embedding``/``EmbeddingBag`` and their factorized forms) and ``attention``
+(``nn.MultiheadAttention`` and its factorized replacement, projections included); everything else
+(normalization, biases of other modules, ...) is ``other``. Factorized layers are matched through
+the format registry, so a new format is counted under the kind of the dense layer it replaces.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ttcompress.formats import format_of
+
+__all__ = [
+    "KINDS",
+    "count_flops",
+    "count_params",
+    "flops_by_kind",
+    "layer_kind",
+    "measure_latency",
+    "params_by_kind",
+    "peak_memory",
+    "weights_bytes",
+]
+
+#: The layer kinds a report breaks parameters and FLOPs down by (plus ``other``).
+KINDS: tuple[str, ...] = ("conv", "linear", "embedding", "attention")
+
+_DENSE_KINDS: tuple[tuple[tuple[type[nn.Module], ...], str], ...] = (
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), "conv"),
+    ((nn.Linear,), "linear"),
+    ((nn.Embedding, nn.EmbeddingBag), "embedding"),
+    ((nn.MultiheadAttention,), "attention"),
+)
+# Factorized layers that replace a whole parent module expose its inverse under one of these names.
+_INVERSE_KINDS = (("to_mha", "attention"), ("to_embedding", "embedding"), ("to_conv", "conv"), ("to_linear", "linear"))
+
+
+def _dense_kind(cls: type) -> str | None:
+    for types, kind in _DENSE_KINDS:
+        if issubclass(cls, types):
+            return kind
+    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):  # GPT-2's transposed Linear
+        return "linear"
+    return None
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``conv``, ``linear``, ``embedding``, ``attention`` or None (see the module docstring)."""
+    kind = _dense_kind(type(module))
+    if kind is not None:
+        return kind
+    fmt = format_of(module)
+    if fmt is not None:
+        for target in fmt.targets:
+            kind = _dense_kind(target)
+            if kind is not None:
+                return kind
+    for method, kind in _INVERSE_KINDS:
+        if callable(getattr(module, method, None)):
+            return kind
+    return None
+
+
+def _outermost(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    """(name, module, kind) of every module with a kind whose ancestors have none."""
+    def walk(prefix: str, module: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+        kind = layer_kind(module)
+        if kind is not None:
+            yield prefix, module, kind
+            return
+        for child_name, child in module.named_children():
+            yield from walk(f"{prefix}.{child_name}" if prefix else child_name, child)
+
+    yield from walk("", model)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (a parameter shared by several modules counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def params_by_kind(model: nn.Module) -> dict[str, int]:
+    """Parameters per layer kind and ``other``; shared parameters counted once, under their first kind."""
+    seen: set[int] = set()
+    counts = dict.fromkeys((*KINDS, "other"), 0)
+    for _name, module, kind in _outermost(model):
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                counts[kind] += p.numel()
+    counts["other"] = sum(p.numel() for p in model.parameters() if id(p) not in seen)
+    return counts
+
+
+def _example_input(input_shape: Sequence[int], batch: int, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(batch, *input_shape, generator=generator).to(device)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+class _Eval:
+    """Eval mode for the duration of a ``with`` block, restoring the previous mode after."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> nn.Module:
+        return self.model.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.model.train(self.was_training)
+
+
+def flops_by_kind(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+    """FLOPs of one forward pass on one sample, per layer kind, plus ``other`` and ``total``.
+
+    Counted by :class:`torch.utils.flop_counter.FlopCounterMode` (matmuls and convolutions, a
+    multiply-add as 2 FLOPs, elementwise ops not counted), attributed to the outermost module of a
+    kind that ran them.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    owners = {name: kind for name, _m, kind in _outermost(model)}
+    with _Eval(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(_example_input(input_shape, 1, _model_device(model)))
+    total = int(counter.get_total_flops())
+    counts = dict.fromkeys((*KINDS, "other"), 0)
+    root = type(model).__name__
+    for path, ops in counter.get_flop_counts().items():
+        # FlopCounterMode names modules "RootClass.qualified.name"; "Global" is the total.
+        if not path.startswith(root + "."):
+            continue
+        name = path[len(root) + 1:]
+        if name in owners:
+            counts[owners[name]] += int(sum(ops.values()))
+    counts["other"] = total - sum(counts[k] for k in KINDS)
+    counts["total"] = total
+    return counts
+
+
+def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """FLOPs of one forward pass on one sample of shape ``input_shape`` (see :func:`flops_by_kind`)."""
+    return flops_by_kind(model, input_shape)["total"]
+
+
+def _import_benchmark() -> Any:
+    """``torch.utils.benchmark``, without the CUDA_HOME warning its import logs on CPU-only hosts."""
+    import logging
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        logger.setLevel(level)
+    return benchmark
+
+
+def measure_latency(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    batch_size: int,
+    min_run_time: float = 0.5,
+    num_threads: int | None = None,
+) -> tuple[float, float]:
+    """Median and interquartile range, in milliseconds, of one forward pass on a batch.
+
+    Uses :class:`torch.utils.benchmark.Timer` (which synchronizes CUDA) in eval mode under
+    ``no_grad``, after a warm-up call.
+    """
+    benchmark = _import_benchmark()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    with _Eval(model), torch.no_grad():
+        x = _example_input(input_shape, batch_size, _model_device(model))
+        model(x)  # warm-up (lazy init, caches, cuDNN autotuning)
+        timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x},
+                                num_threads=num_threads or torch.get_num_threads())
+        measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    return measurement.median * 1e3, measurement.iqr * 1e3
+
+
+class _LiveTensors:
+    """Counts the bytes of tensor storages created by ops while active, and their peak."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def add(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size and key not in self.live:
+            self.live[key] = size
+            self.current += size
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._free, key)
+
+
+def peak_memory(model: nn.Module, input_shape: Sequence[int], *, batch_size: int) -> int:
+    """Peak bytes of inference on one batch: parameters and buffers, plus the largest total of
+    tensors alive at once during the forward pass (eval mode, no grad).
+
+    On CUDA this is ``torch.cuda.max_memory_allocated`` during the pass; elsewhere every storage
+    that an op creates is tracked (a :class:`~torch.utils._python_dispatch.TorchDispatchMode`)
+    until it is freed, so the figure is the framework's tensor memory, not the process's RSS.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    device = _model_device(model)
+    resident = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    with _Eval(model), torch.no_grad():
+        x = _example_input(input_shape, batch_size, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            model(x)
+            torch.cuda.synchronize(device)
+            return resident + torch.cuda.max_memory_allocated(device) - base
+        live = _LiveTensors()
+
+        class _Track(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                        live.add(t)
+                return out
+
+        live.add(x)
+        with _Track():
+            model(x)
+    return resident + live.peak
+
+
+def weights_bytes(model: nn.Module) -> int:
+    """Size of the model's weights alone, as a safetensors file of its state dict (each tensor
+    shared under several names stored once), without any metadata."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = t.detach().to("cpu").contiguous().clone()
+    return len(save(tensors))
