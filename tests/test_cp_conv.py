@@ -232,8 +232,8 @@ def test_config_round_trip() -> None:
     }
     rebuilt.load_state_dict(layer.state_dict())
     x = torch.randn(2, 4, 12, 12)
-    with torch.no_grad():
-        assert torch.equal(rebuilt(x), layer(x))
+    with torch.no_grad():  # same weights; eval may pick another exact path by timing: equal to rounding
+        torch.testing.assert_close(rebuilt(x), layer(x), rtol=1e-5, atol=1e-6)
     assert rebuilt.rel_error is None and "rel_error" not in rebuilt.state_dict()
 
 

@@ -235,3 +235,41 @@ def test_paper_mnist_compression_numbers() -> None:
     for rank, ratio in expected.items():
         cp = cp_param_count(10, 1, 3, 3, rank) + cp_param_count(10, 10, 3, 3, rank)
         assert round(dense / cp, 1) == ratio
+
+
+# ---------------------------------------------------------------------------- stopping, progress, batches
+@pytest.mark.parametrize("tol", [1e-2, 1e-3])
+def test_stops_at_first_relative_improvement_below_tol(tol: float) -> None:
+    from ttcompress.decompose.cp import CPProgress
+
+    kernel = torch.randn(32, 24, 3, 3, generator=torch.Generator().manual_seed(3))
+    log: list[CPProgress] = []
+    res = cp_als(kernel, rank=20, n_iter_max=500, tol=tol, progress=log.append)
+    assert [p.iteration for p in log] == list(range(res.n_iter + 1))
+    assert all(p.n_iter_max == 500 and p.restart == 0 and p.n_restarts == 1 for p in log)
+    improvements = [p.improvement for p in log[1:]]
+    for prev, p in itertools.pairwise(log):
+        assert p.improvement == pytest.approx((prev.rel_error - p.rel_error) / prev.rel_error)
+    assert all(i >= tol for i in improvements[:-1]) and improvements[-1] < tol
+    assert res.n_iter < 500
+    assert res.rel_error == pytest.approx(log[-1].rel_error, rel=1e-6)
+
+
+def test_cp_als_many_matches_cp_als_in_order_serial_and_in_workers() -> None:
+    from ttcompress.decompose.cp_batch import cp_als_many
+
+    g = torch.Generator().manual_seed(4)
+    jobs = [(torch.randn(16, 8, 3, 3, generator=g), 5), (torch.randn(24, 16, 1, 1, generator=g), 3),
+            (torch.randn(8, 8, 3, 1, generator=g), 4)]
+    expected = [cp_als(k, rank=r, n_iter_max=30) for k, r in jobs]
+    done: list[int] = []
+    for workers in (1, 2):
+        results = cp_als_many(jobs, workers=workers, n_iter_max=30, on_done=lambda i, *_: done.append(i))
+        for (res, seconds), exp in zip(results, expected):
+            assert seconds >= 0 and res.rank == exp.rank and res.n_iter == exp.n_iter
+            assert res.rel_error == pytest.approx(exp.rel_error, rel=1e-9)
+            for a, b in zip(res.factors, exp.factors):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert sorted(done) == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="workers"):
+        cp_als_many(jobs, workers=0)

@@ -103,7 +103,8 @@ def test_every_format_exact_at_full_rank(name):
     assert format_of(layer).name == name
     rebuilt = get_format(name).rebuild(json.loads(json.dumps(layer.config()))).double()
     rebuilt.load_state_dict(layer.state_dict())
-    assert torch.equal(rebuilt(x), layer(x))
+    # float64; an eval-mode layer may pick another exact evaluation by timing: equal to rounding
+    torch.testing.assert_close(rebuilt(x), layer(x), rtol=1e-12, atol=1e-12)
 
 
 def test_formats_set_for_every_registered_format():
@@ -187,8 +188,12 @@ def test_every_format_round_trips_through_save_load(tmp_path, fmt):
     back = load(path)
     for r in result.compressed:
         assert format_of(back.get_submodule(r.name)).name == r.format
+    # The weights come back bit for bit; the outputs agree to rounding, because an eval-mode layer
+    # may pick another exact evaluation (factorized or merged kernel) by timing.
+    saved = result.model.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in back.state_dict().items()) and back.state_dict().keys() == saved.keys()
     with torch.no_grad():
-        assert torch.equal(back(x), result.model(x))
+        torch.testing.assert_close(back(x), result.model(x), rtol=1e-5, atol=1e-6)
 
 
 # ---- auto ------------------------------------------------------------------------------------------------

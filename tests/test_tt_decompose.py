@@ -209,6 +209,69 @@ def test_matches_tensorly_tensor_train_matrix(out_modes, in_modes, ranks, kind) 
     assert _rel(ours.to_dense(), w) == pytest.approx(_rel(peer_w, w), abs=1e-6)
 
 
+# ---------------------------------------------------------------------------- fast routes
+def _with_unfolding_spectrum(modes: tuple[int, int], kind: str, *, seed: int) -> torch.Tensor:
+    """A matrix whose (interleaved) TT unfolding has a flat or decaying singular spectrum."""
+    m1, m2 = modes
+    n = m1 * m2
+    g = torch.Generator().manual_seed(seed)
+    if kind == "flat":
+        unfolding = torch.randn(n, n, generator=g, dtype=torch.float64)
+    else:
+        u = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+        v = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+        i = torch.arange(1, n + 1, dtype=torch.float64)
+        s = {"power": i**-0.5, "exp": torch.exp(-i / 20), "cliff": torch.where(i <= 40, 1.0, 0.1)}[kind]
+        unfolding = (u * s) @ v.T
+    # unfolding[(i1 j1), (i2 j2)] -> W[(i1 i2), (j1 j2)]
+    return unfolding.reshape(m1, m1, m2, m2).permute(0, 2, 1, 3).reshape(n, n)
+
+
+@pytest.mark.parametrize(("kind", "rank"), [("flat", 64), ("power", 64), ("exp", 16), ("cliff", 64)])
+def test_randomized_route_within_2_percent_of_exact_tensorly(kind: str, rank: int) -> None:
+    """A rank cap on a 1024 x 1024 unfolding takes the range finder; error <= 1.02 x exact TT-SVD."""
+    tensorly = pytest.importorskip("tensorly")
+    from tensorly.decomposition import tensor_train_matrix
+    from tensorly.tt_matrix import tt_matrix_to_tensor
+
+    from ttcompress.decompose.tt import _use_randomized
+
+    modes = (32, 32)
+    assert _use_randomized(1024, 1024, rank)
+    w = _with_unfolding_spectrum(modes, kind, seed=20)
+    ours = tt_svd(w, ranks=rank, out_modes=modes, in_modes=modes)
+    with tensorly.backend_context("pytorch"):
+        peer = tensor_train_matrix(w.reshape(*modes, *modes), [1, rank, 1])
+        exact = _rel(tt_matrix_to_tensor(peer).reshape(w.shape), w)
+    assert ours.ranks == (1, rank, 1)
+    assert ours.rel_error == pytest.approx(_rel(ours.to_dense(), w), rel=1e-9)
+    assert exact <= ours.rel_error <= 1.02 * exact
+
+
+def test_route_rule() -> None:
+    from ttcompress.decompose.tt import _use_randomized
+
+    assert not _use_randomized(64, 262144, 16)  # thin: the 64 x 64 Gram is cheaper
+    assert _use_randomized(4096, 4096, 64)
+    assert not _use_randomized(4096, 4096, 4090)  # cap near full rank: exact route
+    assert not _use_randomized(256, 256, 8)  # small: exact route
+
+
+@pytest.mark.parametrize("eps", [0.3, 1e-3, 1e-9])
+def test_eps_route_keeps_exact_ranks_of_reference_svd(eps: float) -> None:
+    """With eps the ranks are those of the exact (float64 full SVD) spectrum, down to eps=1e-9."""
+    modes = (8, 8)
+    w = _with_unfolding_spectrum(modes, "exp", seed=21)
+    unfolding = w.reshape(8, 8, 8, 8).permute(0, 2, 1, 3).reshape(64, 64)
+    s = torch.linalg.svdvals(unfolding)
+    tail = torch.cat([s.flip(0).square().cumsum(0).flip(0), s.new_zeros(1)]).sqrt()
+    expected = int(torch.nonzero(tail <= eps * float(w.norm()))[0, 0])
+    tt = tt_svd(w, eps=eps, out_modes=modes, in_modes=modes)
+    assert tt.ranks == (1, expected, 1)
+    assert tt.rel_error == pytest.approx(_rel(tt.to_dense(), w), rel=1e-6, abs=1e-14)
+    assert tt.rel_error <= eps
+
+
 # ---------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(("weight", "kwargs", "exc", "match"), [
     (torch.randn(4, 4, 4), {"ranks": 2}, ValueError, "weight"),

@@ -5,27 +5,59 @@ layers CP-decomposed convolutions (:class:`CPConv2d`, by CP-ALS). A :class:`Plan
 compress and how; :func:`compress` applies it; :func:`save` / :func:`load` write and rebuild
 self-describing checkpoints.
 
-Importing this package touches no GPU, sets no tensorly backend and does not import the heavy
-optional modules (matplotlib, mlxtend); training, data and report helpers load on first use.
+Importing this package touches no GPU, sets no tensorly backend and imports neither torch nor
+the heavy optional modules (matplotlib, mlxtend): every public name loads on first access.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ttcompress._version import __version__
-from ttcompress.decompose.cp import CPDecomposition, cp_als, cp_param_count
-from ttcompress.decompose.modes import choose_modes
-from ttcompress.decompose.tt import TTMatrix, tt_param_count, tt_svd
-from ttcompress.formats import CompressionFormat, format_names, format_of, formats_for, get_format, register_format
-from ttcompress.io import get_meta, load, save
-from ttcompress.layers import LAYER_TYPES, CPConv2d, TTLinear
-from ttcompress.models import build_arch
-from ttcompress.plan import CPSettings, Plan, Rule, TTSettings, load_plan, plan_from_options
-from ttcompress.surgery import compress, compress_with_report
 
-# Loaded on first access (they pull in the training loop, datasets and reports).
+if TYPE_CHECKING:  # the names below, for type checkers; at run time they load on first access
+    from ttcompress.decompose.cp import CPDecomposition, cp_als, cp_param_count
+    from ttcompress.decompose.modes import choose_modes
+    from ttcompress.decompose.tt import TTMatrix, tt_param_count, tt_svd
+    from ttcompress.io import get_meta, load, save
+    from ttcompress.layers import LAYER_TYPES, CPConv2d, TTLinear
+    from ttcompress.models import build_arch
+    from ttcompress.plan import CPSettings, Plan, Rule, TTSettings, load_plan, plan_from_options
+    from ttcompress.surgery import compress, compress_with_report
+
+# Every public name is loaded on first access, so that ``import ttcompress`` (and with it
+# ``ttcompress --version`` / ``--help``) does not import torch.
 _LAZY = {
+    "CPDecomposition": "ttcompress.decompose.cp",
+    "cp_als": "ttcompress.decompose.cp",
+    "cp_param_count": "ttcompress.decompose.cp",
+    "choose_modes": "ttcompress.decompose.modes",
+    "TTMatrix": "ttcompress.decompose.tt",
+    "tt_param_count": "ttcompress.decompose.tt",
+    "tt_svd": "ttcompress.decompose.tt",
+    "get_meta": "ttcompress.io",
+    "load": "ttcompress.io",
+    "save": "ttcompress.io",
+    "LAYER_TYPES": "ttcompress.layers",
+    "CPConv2d": "ttcompress.layers",
+    "TTLinear": "ttcompress.layers",
+    "build_arch": "ttcompress.models",
+    "CPSettings": "ttcompress.plan",
+    "Plan": "ttcompress.plan",
+    "Rule": "ttcompress.plan",
+    "TTSettings": "ttcompress.plan",
+    "load_plan": "ttcompress.plan",
+    "plan_from_options": "ttcompress.plan",
+    "compress": "ttcompress.surgery",
+    "CompressionFormat": "ttcompress.formats",
+    "format_names": "ttcompress.formats",
+    "format_of": "ttcompress.formats",
+    "formats_for": "ttcompress.formats",
+    "get_format": "ttcompress.formats",
+    "register_format": "ttcompress.formats",
+    "compress_with_report": "ttcompress.surgery",
+    # these pull in the training loop, datasets and reports
     "load_dataset": "ttcompress.data",
     "train": "ttcompress.training",
     "finetune": "ttcompress.training",
@@ -37,45 +69,16 @@ _LAZY = {
     "run_demo": "ttcompress.demo",
 }
 
-__all__ = [
-    "LAYER_TYPES",
-    "CompressionFormat",
-    "CPConv2d",
-    "CPDecomposition",
-    "CPSettings",
-    "Plan",
-    "Rule",
-    "TTLinear",
-    "TTMatrix",
-    "TTSettings",
-    "__version__",
-    "build_arch",
-    "choose_modes",
-    "compress",
-    "compress_with_report",
-    "cp_als",
-    "cp_param_count",
-    "format_names",
-    "format_of",
-    "formats_for",
-    "get_format",
-    "get_meta",
-    "load",
-    "load_plan",
-    "plan_from_options",
-    "register_format",
-    "save",
-    "tt_param_count",
-    "tt_svd",
-    *_LAZY,
-]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'ttcompress' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from ttcompress.formats.base import build_note
 from ttcompress.formats.fitting import calibration_fit
 from ttcompress.io import get_meta, load_checkpoint, save, update_meta
 from ttcompress.plan import LayerDecision, Plan, compressible_layers, plan_layers
+from ttcompress.scaleout import build_all, process_group
 from ttcompress.teacher import source_record
 
 __all__ = [
@@ -96,6 +96,11 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     parent = get_submodule(root, parent_name)
     parent._modules[child] = new  # also works for nn.Sequential/ModuleList/ModuleDict children
     return root
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    weight = getattr(module, "weight", None)
+    return weight.device if isinstance(weight, torch.Tensor) else None
 
 
 def build_replacement(module: nn.Module, decision: LayerDecision, *, calib: Any = None) -> nn.Module:
@@ -274,17 +279,14 @@ def compress_with_report(
         ]
     before = _count(model)
     todo = [d for d in decisions if d.skipped is None]
-    if batches is None:
-        built: dict[str, tuple[nn.Module, float] | str] = {}
-        for i, d in enumerate(todo):
-            if progress is not None:
-                progress(i, len(todo), d.name)
-            start = time.perf_counter()
-            built[d.name] = (build_replacement(get_submodule(model, d.name), d), time.perf_counter() - start)
-    else:
+    built: dict[str, tuple[nn.Module, float] | str]
+    if batches is None:  # under torchrun each process decomposes its share of the layers (ttcompress.scaleout)
+        built = dict(build_all(todo, lambda d: build_replacement(get_submodule(model, d.name), d),
+                               device_of=lambda d: _device_of(get_submodule(model, d.name)), progress=progress))
+    else:  # sequential: each layer's statistics depend on the layers before it
         built = _build_calibrated(model, todo, batches, plan, progress)
-    if progress is not None:
-        progress(len(todo), len(todo), "")
+        if progress is not None:
+            progress(len(todo), len(todo), "")
 
     records: list[LayerRecord] = []
     meta_layers: dict[str, dict[str, Any]] = {}
@@ -512,11 +514,13 @@ def decompose_file(
     if src.exists() and dest.exists() and dest.resolve() == src.resolve():
         raise ValueError(f"output (-o) must differ from the input file: {dest}")
     loaded = load_checkpoint(src, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
-    result = compress_with_report(loaded.model, plan, progress=progress, calib_data=calib_data,
-                                  calib_samples=calib_samples)
-    calibration = {"used": calib_data is not None, **dict(calib_info or {})}
-    info = {"plan": plan.to_dict(), "source": src.name, "calibration": calibration, **source_record(src)}
-    save(result.model, dest, info=info)
+    with process_group() as rank:  # under torchrun: every rank decomposes a share, rank 0 writes
+        result = compress_with_report(loaded.model, plan, progress=progress, calib_data=calib_data,
+                                      calib_samples=calib_samples)
+        if rank == 0:
+            calibration = {"used": calib_data is not None, **dict(calib_info or {})}
+            info = {"plan": plan.to_dict(), "source": src.name, "calibration": calibration, **source_record(src)}
+            save(result.model, dest, info=info)
     return DecomposeResult(result, src, loaded.kind, dest)
 
 

@@ -1,23 +1,74 @@
 """The ``ttcompress`` command line: a Typer app whose commands are thin wrappers over the library.
 
-Each command lives in its own module and registers itself on :data:`app`.
+Each command lives in its own module (listed in :data:`COMMANDS`) with its own single-command
+Typer app. The root group imports a command module only when that command is invoked, so
+``ttcompress --help`` and ``ttcompress --version`` import neither torch nor any command module;
+the help listing is rendered from the static one-line descriptions in :data:`COMMANDS`
+(``tests/test_package.py`` checks them against the commands' docstrings).
 """
 
 from __future__ import annotations
 
+import importlib
+import click
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from ttcompress._version import __version__
+from ttcompress.cli._app import TYPER_SETTINGS
 from ttcompress.cli._common import set_debug
+
+__all__ = ["COMMANDS", "app", "load_command", "main"]
+
+#: Command name -> (module under ``ttcompress.cli``, one-line help shown by ``ttcompress --help``).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "decompose": ("decompose", "Compress MODEL (default: nn.Linear -> TT-matrix, nn.Conv2d -> CP; see --format); write a ttcompress checkpoint."),
+    "demo": ("demo", "Train seed-cnn on mnist-5k, sweep CP ranks 3/6/9 (FC dense, then TT rank 8), fine-tune, report."),
+    "train": ("train", "Train ARCH from scratch on --data and write a ttcompress checkpoint to -o."),
+    "finetune": ("finetune", "Fine-tune MODEL on --data and write the best checkpoint to -o."),
+    "inspect": ("inspect", "Show MODEL's layers: shapes, parameter share, what is compressible and what the plan would build."),
+    "report": ("report", "Measure params, compression, file size, FLOPs, latency and accuracy of each MODEL vs BASELINE."),
+    "export": ("export", "Export MODEL for deployment, checked against the model at two batch sizes before it is written."),
+    "sweep": ("sweep", "For each setting (TT axis × CP axis): decompose, evaluate, fine-tune, evaluate; then report."),
+}
+
+
+def load_command(name: str) -> click.Command:
+    """Import the module of command ``name`` and return its click command."""
+    module = importlib.import_module(f"ttcompress.cli.{COMMANDS[name][0]}")
+    command = typer.main.get_command(module.app)
+    if command.name != name:
+        raise RuntimeError(f"module ttcompress.cli.{COMMANDS[name][0]} defines {command.name!r}, not {name!r}")
+    return command
+
+
+class LazyGroup(TyperGroup):
+    """A root group that lists commands from :data:`COMMANDS` and imports one only when invoked."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*COMMANDS, *(name for name in self.commands if name not in COMMANDS)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in COMMANDS and cmd_name not in self.commands:
+            # listing only (``ttcompress --help``): a stand-in carrying the one-line help
+            return TyperCommand(cmd_name, short_help=COMMANDS[cmd_name][1])
+        return super().get_command(ctx, cmd_name)
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] in COMMANDS and args[0] not in self.commands:
+            self.commands[args[0]] = load_command(args[0])
+        return super().resolve_command(ctx, args)
+
 
 app = typer.Typer(
     name="ttcompress",
+    cls=LazyGroup,
     help="Compress trained PyTorch models with tensor decompositions "
     "(TT-matrix Linear layers, CP Conv2d layers), fine-tune them, and report the trade-off.",
     no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    **TYPER_SETTINGS,
 )
 
 
@@ -40,16 +91,3 @@ def _root(
 def main() -> None:
     """Console-script entry point."""
     app()
-
-
-# Importing a command module registers its command(s) on ``app``.
-from ttcompress.cli import (  # noqa: E402,F401  (registration side effect)
-    decompose,
-    demo,
-    export,
-    finetune,
-    inspect,
-    report,
-    sweep,
-    train,
-)

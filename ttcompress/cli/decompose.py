@@ -7,6 +7,7 @@ A thin shell over :func:`ttcompress.plan.plan_from_options` (parse the options i
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Any, Optional
 
 import typer
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ttcompress.cli import app
+from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
 from ttcompress.cli.options import (
     ArchKwargsOpt,
@@ -34,6 +35,8 @@ from ttcompress.errors import DataError, UserInputError, refused_input
 from ttcompress.formats import format_names, get_format
 from ttcompress.plan import plan_from_options
 from ttcompress.surgery import CompressionResult, DecomposeResult, LayerRecord, decompose_file, default_output_path
+
+app = command_app()
 
 _RANKS = "Ranks (pick at most one way per format)"
 _FORMAT_HELP = "; ".join(f"{n} ({get_format(n).summary})" for n in format_names())
@@ -146,6 +149,8 @@ def decompose(
                 model, output=output, plan=the_plan, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle,
                 trust_code=trust_code, progress=progress, calib_data=calib, calib_info=calib_info,
             )
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports (and writes)
+        return
     if json_:
         out.print_json(json.dumps(result.to_dict()))
         return

@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
-from ttcompress.cli import app
+from ttcompress.cli._app import command_app
 from ttcompress.cli._common import cli_errors, err, out
+
+app = command_app()
 
 
 @app.command("demo")

@@ -11,12 +11,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from ttcompress.cli import app
+from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
 from ttcompress.cli.options import (
     ArchKwargsOpt, ArchOpt, JsonOpt, ModelArg, OverwriteOpt, TrustPickleOpt, parse_arch_kwargs,
 )
 from ttcompress.errors import UserInputError
+
+app = command_app()
 
 
 def _shape(text: Optional[str]) -> Optional[tuple[int, ...]]:

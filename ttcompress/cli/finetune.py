@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ttcompress.cli import app
+from ttcompress.cli._app import command_app
 from ttcompress.cli._common import cli_errors, err
 from ttcompress.cli.options import (
     ArchKwargsOpt,
@@ -57,6 +57,8 @@ from ttcompress.cli.train import (
 from ttcompress.io import read_header
 from ttcompress.teacher import default_teacher
 from ttcompress.training.config import FinetuneConfig
+
+app = command_app()
 
 
 def _recorded_teacher(model: Path) -> Path | None:

@@ -9,7 +9,7 @@ import json
 
 from rich.table import Table
 
-from ttcompress.cli import app
+from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, cli_errors, out
 from ttcompress.cli.decompose import print_table
 from ttcompress.cli.options import (
@@ -25,6 +25,8 @@ from ttcompress.cli.options import (
 from ttcompress.errors import refused_input
 from ttcompress.plan import load_plan
 from ttcompress.surgery import ModelSummary, inspect_file
+
+app = command_app()
 
 
 @app.command("inspect")

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ttcompress.cli import app
+from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
 from ttcompress.cli.options import (
     ArchKwargsOpt, ArchOpt, OverwriteOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustCodeOpt, TrustPickleOpt, parse_arch_kwargs,
@@ -18,6 +18,8 @@ from ttcompress.cli.options import (
 from ttcompress.errors import UserInputError
 from ttcompress.cli.train import DataRootOpt, DeviceOpt, DownloadOpt
 from ttcompress.report import Report
+
+app = command_app()
 
 FormatOpt = Annotated[Optional[str], typer.Option(
     "--format", "-f", help="table (rich, terminal; the default on stdout), md, csv or json. With -o the "

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ttcompress.cli import app
+from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err
 from ttcompress.cli.options import (
     ArchKwargsOpt, ArchOpt, OverwriteOpt, PlanOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustCodeOpt, TrustPickleOpt,
@@ -37,6 +37,8 @@ from ttcompress.cli.train import (
     make_config,
 )
 from ttcompress.training.config import FinetuneConfig
+
+app = command_app()
 
 
 def parse_list(text: Optional[str], *, option: str, kind: type, allow_none: bool = False) -> list:

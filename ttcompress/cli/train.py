@@ -14,12 +14,14 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ttcompress.cli import app
+from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
 from ttcompress.errors import UserInputError
 from ttcompress.cli.options import ArchKwargsOpt, JsonOpt, OutputOpt, OverwriteOpt, TrustCodeOpt, TrustPickleOpt, parse_arch_kwargs
 from ttcompress.training.config import TrainConfig
 from ttcompress.training.records import TrainResult
+
+app = command_app()
 
 _DATA = "Data"
 _OPT = "Optimization"

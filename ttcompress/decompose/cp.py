@@ -38,15 +38,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
+from ttcompress.decompose._threads import at_most_threads
+
 __all__ = [
     "CPDecomposition",
+    "CPProgress",
     "cp_als",
     "cp_param_count",
     "cp_rank_for_ratio",
@@ -89,6 +93,41 @@ class CPDecomposition:
     def to_tensor(self) -> torch.Tensor:
         """Return the reconstructed kernel ``K_hat`` of shape ``(C_out, C_in/groups, kh, kw)``."""
         return cp_reconstruct(self.factors)
+
+
+@dataclass(frozen=True)
+class CPProgress:
+    """Per-iteration state of :func:`cp_als`, passed to its ``progress`` callback.
+
+    Attributes
+    ----------
+    iteration : int
+        ALS iterations done in this run (0: the start, before the first sweep).
+    n_iter_max : int
+        Maximum iterations of this run (the run may stop earlier, see ``tol``).
+    rel_error : float
+        Relative reconstruction error after ``iteration`` sweeps.
+    improvement : float
+        Relative improvement ``(e_prev - e) / e_prev`` of the last sweep (``nan`` at iteration 0);
+        the run stops once it is below ``tol``.
+    restart : int
+        Index of the run (``0 <= restart < n_restarts``).
+    n_restarts : int
+        Number of runs.
+    elapsed : float
+        Seconds since :func:`cp_als` started.
+    """
+
+    iteration: int
+    n_iter_max: int
+    rel_error: float
+    improvement: float
+    restart: int
+    n_restarts: int
+    elapsed: float
+
+
+ProgressFn = Callable[[CPProgress], None]
 
 
 def cp_reconstruct(
@@ -452,21 +491,28 @@ def _few_threads(work: int) -> Iterator[None]:
     128x128x3x3 kernel at rank 64, and 6.2 s vs 12.4 s for 512x512x3x3 at rank 256, so every
     kernel up to that size (work = numel * R < :data:`SMALL_WORK`) runs on one thread.
     """
-    before = torch.get_num_threads()
-    if work >= SMALL_WORK or before == 1:
+    if work >= SMALL_WORK:
         yield
         return
-    torch.set_num_threads(1)
-    try:
+    with at_most_threads(1):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _als_run(
-    target: torch.Tensor, rank: int, init: str, seed: int, n_iter_max: int, tol: float
+    target: torch.Tensor,
+    rank: int,
+    init: str,
+    seed: int,
+    n_iter_max: int,
+    tol: float,
+    report: Callable[[int, float, float], None] | None = None,
 ) -> tuple[float, list[torch.Tensor], int]:
-    """One ``parafac`` run on a unit-norm float64 tensor: (error, factors, n_iter)."""
+    """One ``parafac`` run on a unit-norm float64 tensor: (error, factors, n_iter).
+
+    Stops after ``n_iter_max`` sweeps, or once a sweep improves the relative error by less than
+    ``tol`` relative to the previous error, or on a non-finite error. ``report(iteration,
+    rel_error, improvement)`` is called at the start and after every sweep.
+    """
     import tensorly as tl
     from tensorly.decomposition import parafac
 
@@ -474,7 +520,14 @@ def _als_run(
 
     def watch(cp_tensor: Any, error: Any) -> bool:
         errors.append(float(error))
-        return not math.isfinite(errors[-1])  # stop: nothing useful will come of it
+        if not math.isfinite(errors[-1]):
+            return True  # stop: nothing useful will come of it
+        improvement = math.nan
+        if len(errors) >= 2:
+            improvement = (errors[-2] - errors[-1]) / errors[-2] if errors[-2] > 0 else 0.0
+        if report is not None:
+            report(len(errors) - 1, errors[-1], improvement)
+        return len(errors) >= 2 and (improvement < tol or errors[-1] == 0.0)
 
     with tl.backend_context("pytorch", local_threadsafe=True):
         if init == "svd":
@@ -487,7 +540,7 @@ def _als_run(
                 rank,
                 n_iter_max=n_iter_max,
                 init=start,
-                tol=tol,
+                tol=0.0,  # the relative-improvement test is in `watch`
                 random_state=seed,
                 normalize_factors=False,
                 callback=watch,
@@ -504,6 +557,27 @@ def _als_run(
     return err, factors, max(len(errors) - 1, 0)
 
 
+def _report(
+    progress: ProgressFn,
+    restart: int,
+    n_restarts: int,
+    n_iter_max: int,
+    started: float,
+    iteration: int,
+    rel_error: float,
+    improvement: float,
+) -> None:
+    progress(CPProgress(
+        iteration=iteration,
+        n_iter_max=n_iter_max,
+        rel_error=rel_error,
+        improvement=improvement,
+        restart=restart,
+        n_restarts=n_restarts,
+        elapsed=time.perf_counter() - started,
+    ))
+
+
 def cp_als(
     kernel: torch.Tensor,
     *,
@@ -514,6 +588,7 @@ def cp_als(
     n_restarts: int = 1,
     seed: int = 0,
     name: str | None = None,
+    progress: ProgressFn | None = None,
 ) -> CPDecomposition:
     """Rank-``rank`` CP decomposition of a conv kernel by ALS (TensorLy ``parafac``).
 
@@ -526,7 +601,11 @@ def cp_als(
     n_iter_max : int, default 100
         Maximum ALS iterations per restart.
     tol : float, default 1e-6
-        Stop when the relative error changes by less than ``tol`` between iterations.
+        Stop a run once an ALS sweep improves the relative error ``e`` by less than ``tol``
+        relative to the previous error: ``(e_prev - e) / e_prev < tol`` (``0``: run all
+        ``n_iter_max`` sweeps). Large kernels at high rank improve slowly; ``tol=1e-3`` there
+        stops long before ``n_iter_max`` at a nearly equal error (``docs/benchmarks.md``,
+        "Decomposition time").
     init : {"auto", "svd", "random"}, default "auto"
         ``"svd"``: leading left singular vectors of each unfolding (TensorLy's SVD start; columns
         beyond a mode's size are seeded random). ``"random"``: seeded uniform factors.
@@ -541,6 +620,10 @@ def cp_als(
         Seed of all random starts: a fixed seed gives the same result on the same device.
     name : str, optional
         Layer name used in warnings.
+    progress : callable, optional
+        Called with a :class:`CPProgress` at the start of each run and after every ALS sweep
+        (iteration, ``n_iter_max``, error, relative improvement, restart, elapsed seconds), e.g.
+        to drive a progress bar with an ETA. It must not modify anything it is given.
 
     Returns
     -------
@@ -581,10 +664,14 @@ def cp_als(
         first_init = "svd" if _svd_init_bytes(shape) <= SVD_INIT_MAX_BYTES else "random"
 
     runs = []
+    started = time.perf_counter()
     with _few_threads(math.prod(shape) * rank):
         for restart in range(n_restarts):
             kind = first_init if restart == 0 else "random"
-            runs.append(_als_run(target, rank, kind, seed + restart, n_iter_max, tol))
+            report = None
+            if progress is not None:
+                report = functools.partial(_report, progress, restart, n_restarts, n_iter_max, started)
+            runs.append(_als_run(target, rank, kind, seed + restart, n_iter_max, tol, report))
     best = min(runs, key=lambda run: run[0])  # first of equals: deterministic
     err, factors, n_iter = best
     if not math.isfinite(err):

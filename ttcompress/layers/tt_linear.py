@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from ttcompress.decompose.modes import _capped_ranks, _rank_caps
 from ttcompress.decompose.tt import resolve_modes, tt_svd, tt_to_matrix
-from ttcompress.layers._tt_chain import tt_chain
+from ttcompress.layers._tt_chain import _chain_forward, tt_chain
 
 __all__ = ["ContractionPlan", "TTLinear", "contraction_plan"]
 
@@ -29,6 +29,8 @@ __all__ = ["ContractionPlan", "TTLinear", "contraction_plan"]
 # around this many elements (cache-resident, and below glibc's 32 MiB mmap threshold, whose page
 # faults otherwise dominate the time of the memory-bound small-K matmuls).
 _CPU_CHUNK_ELEMENTS = 1 << 19
+#: Rows a compiled (or exported) forward plans for when the batch size is symbolic.
+_NOMINAL_ROWS = 64
 # Cost model of a plan: FLOPs + this weight * tensor elements read and written. Matmuls with a small
 # inner dimension are memory-bound, so FLOPs alone prefer too many small steps.
 _TRAFFIC_WEIGHT = 16
@@ -358,14 +360,18 @@ class TTLinear(nn.Module):
                              f"got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         rows = math.prod(lead)
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        if compiling:
             # Traced once per shape; dynamo does not use lru_cache, so call the plain function. No
-            # chunking: the compiler fuses and schedules the whole graph itself.
-            plan = _contraction_plan(int(rows), self.out_modes, self.in_modes, self.ranks, chunked=False)
+            # chunking: the compiler fuses and schedules the whole graph itself. A symbolic batch
+            # (torch.export / ONNX with a dynamic batch dimension) must stay symbolic: plan for a
+            # nominal row count instead of specializing it (every plan is exact, only speed differs).
+            nominal = rows if isinstance(rows, int) else _NOMINAL_ROWS
+            plan = _contraction_plan(nominal, self.out_modes, self.in_modes, self.ranks, chunked=False)
         else:
             plan = contraction_plan(int(rows), self.out_modes, self.in_modes, self.ranks,
                                     chunked=x.device.type == "cpu")
-        if plan.dense or rows == 0:
+        if plan.dense or (isinstance(rows, int) and rows == 0):
             return F.linear(x, self.dense_weight(), self.bias)
 
         x2 = x.reshape(rows, self.in_features)
@@ -380,7 +386,10 @@ class TTLinear(nn.Module):
             mats.append(merged.reshape(r_left * m_g, n_g * r_right))
             dims.append((math.prod(self.in_modes[:a]), n_g, r_left, m_g, r_right,
                          math.prod(self.out_modes[b:])))
-        y = tt_chain(x2, mats, dims, chunk_rows=plan.chunk_rows)
+        if compiling:  # plain differentiable ops: they trace with symbolic sizes
+            y, _ = _chain_forward(x2, mats, dims)
+        else:
+            y = tt_chain(x2, mats, dims, chunk_rows=plan.chunk_rows)
         if y.shape[1] > self.out_features:
             y = y[:, : self.out_features]
         if self.bias is not None:
