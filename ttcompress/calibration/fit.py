@@ -51,7 +51,6 @@ from torch import nn
 from ttcompress.calibration.reconstruct import dense_weight, effective_bias, set_effective_bias
 from ttcompress.calibration.stats import LayerStats
 from ttcompress.decompose.tt import tt_to_matrix
-from ttcompress.layers.tt_linear import TTLinear
 
 __all__ = [
     "DAMPING",
@@ -479,6 +478,12 @@ def _two_factor(module: nn.Module) -> bool:
             and all(isinstance(m, nn.Linear) for m in module) and module[0].bias is None)
 
 
+def _tt_matrix(module: nn.Module) -> bool:
+    """A TT-matrix layer (:class:`~ttcompress.layers.tt_linear.TTLinear`), recognised by its cores and modes."""
+    return (isinstance(getattr(module, "cores", None), nn.ParameterList)
+            and hasattr(module, "in_modes") and hasattr(module, "out_modes"))
+
+
 def fit_layer(
     dense: nn.Module,
     start: nn.Module,
@@ -510,7 +515,7 @@ def fit_layer(
             start[0].weight.copy_(bb)  # type: ignore[index]
             start[1].weight.copy_(a)  # type: ignore[index]
             method = "whitened-svd"
-        elif isinstance(start, TTLinear):
+        elif _tt_matrix(start):
             new = refine_tt_cores(list(start.cores), start.in_modes, start.out_modes, w, fit_stats,
                                   sweeps=sweeps, damping=damping)
             for param, core in zip(start.cores, new):

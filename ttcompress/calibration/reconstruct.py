@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ttcompress.layers.cp_conv import CPConv2d
-from ttcompress.layers.tt_linear import TTLinear
 
 __all__ = ["dense_weight", "effective_bias", "set_effective_bias"]
 
@@ -24,9 +22,12 @@ def _linear_chain(module: nn.Module) -> list[nn.Linear] | None:
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The equivalent dense weight as a 2-D ``(out, K)`` tensor, differentiable in the parameters.
 
-    Supports ``nn.Linear``, ``nn.Conv2d``, :class:`TTLinear`, :class:`CPConv2d`, an
-    ``nn.Sequential`` of ``nn.Linear`` (a low-rank product ``W_k ... W_1``), and any module with a
-    ``dense_weight()`` method.
+    Supports ``nn.Linear``, ``nn.Conv2d``, a module with a ``kernel()`` method and ``out_channels``
+    (:class:`~ttcompress.layers.cp_conv.CPConv2d`), an ``nn.Sequential`` of ``nn.Linear`` (a
+    low-rank product ``W_k ... W_1``), and any module with a ``dense_weight()`` method
+    (:class:`~ttcompress.layers.tt_linear.TTLinear`, ...). The layer classes are recognised by
+    these methods so that this package does not import :mod:`ttcompress.layers` (whose formats
+    use it).
 
     Raises
     ------
@@ -37,10 +38,9 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
         return module.weight
     if isinstance(module, nn.Conv2d):
         return module.weight.reshape(module.out_channels, -1)
-    if isinstance(module, CPConv2d):
-        return module.kernel().reshape(module.out_channels, -1)
-    if isinstance(module, TTLinear):
-        return module.dense_weight()
+    kernel = getattr(module, "kernel", None)  # CPConv2d (duck-typed: calibration does not import the layers)
+    if callable(kernel) and isinstance(getattr(module, "out_channels", None), int):
+        return kernel().reshape(module.out_channels, -1)
     chain = _linear_chain(module)
     if chain is not None:
         w = chain[0].weight
