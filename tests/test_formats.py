@@ -49,8 +49,11 @@ def _double(module: nn.Module) -> nn.Module:
 
 # ---- registry ----------------------------------------------------------------------------------------
 def test_registry_lists_every_format():
-    assert format_names() == ("tt", "cp", "svd", "tucker2", "auto")
-    assert dict(LAYER_TYPES) == {n: get_format(n).layer_class for n in ("tt", "cp", "svd", "tucker2")}
+    assert format_names() == ("tt", "cp", "svd", "tucker2", "tt_embedding", "mha", "auto")
+    assert dict(LAYER_TYPES) == {n: get_format(n).layer_class for n in ("tt", "cp", "svd", "tucker2", "tt_embedding",
+                                                                        "mha")}
+    assert [f.name for f in formats_for(nn.Embedding(4, 4))] == ["tt_embedding"]
+    assert formats_for(nn.MultiheadAttention(4, 2)) == ()  # structural: applied by surgery, never planned
     assert dict(ttcompress.LAYER_TYPES) == dict(LAYER_TYPES)
     assert [f.name for f in formats_for(nn.Linear(4, 4))] == ["tt", "svd"]
     assert [f.name for f in formats_for(nn.Conv2d(4, 4, 3))] == ["cp", "tucker2"]
@@ -108,7 +111,7 @@ def test_every_format_exact_at_full_rank(name):
 
 
 def test_formats_set_for_every_registered_format():
-    assert set(FULL_RANK) == {n for n in format_names() if get_format(n).layer_class is not None}
+    assert set(FULL_RANK) == {n for n in format_names() if get_format(n).layer_class is not None} - {"tt_embedding", "mha"}
 
 
 def test_truncated_svd_error_is_eckart_young():

@@ -19,8 +19,10 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from ttcompress.formats import DENSE, format_of, get_format, layer_classes
 from ttcompress.formats.base import build_note
 from ttcompress.formats.fitting import calibration_fit
 from ttcompress.io import get_meta, load_checkpoint, save, update_meta
+from ttcompress.formats.structure import Preparation, finish_model, parent_reason, prepare_model
 from ttcompress.plan import LayerDecision, Plan, compressible_layers, plan_layers
 from ttcompress.scaleout import build_all, process_group
 from ttcompress.teacher import source_record
@@ -178,6 +181,9 @@ class CompressionResult:
     params_before: int
     params_after: int
     plan: Plan
+    #: Relative Frobenius difference of the compressed model's output from the dense one on
+    #: ``check_input`` (None when no check input was given).
+    output_error: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -192,6 +198,7 @@ class CompressionResult:
             "params_before": self.params_before,
             "params_after": self.params_after,
             "ratio": self.ratio,
+            "output_error": self.output_error,
             "layers": [r.to_dict() for r in self.records],
             "plan": self.plan.to_dict(),
         }
@@ -219,16 +226,18 @@ def compress_with_report(
     progress: ProgressFn | None = None,
     calib_data: Any = None,
     calib_samples: int | None = None,
+    check_input: Any = None,
 ) -> CompressionResult:
-    """Compress ``model`` in place per ``plan`` and report every Linear/Conv2d.
+    """Compress ``model`` in place per ``plan`` and report every compressible layer.
 
     Parameters
     ----------
     model : nn.Module
-        Modified in place (its Linear/Conv2d children are replaced). If the root itself is a
-        Linear/Conv2d, the result's ``model`` is the new root.
+        Modified in place (its Linear/Conv2d/Embedding children are replaced). If the root itself is
+        a compressible layer, the result's ``model`` is the new root.
     plan : Plan or dict, optional
-        What to compress and how (default ``Plan()``: TT max rank 8 for Linear, CP at 4x for Conv2d).
+        What to compress and how (default ``Plan()``: TT max rank 8 for Linear and Embedding, CP
+        at 4x for Conv2d).
     filter_fn : callable, optional
         ``filter_fn(module, qualified_name) -> bool``; layers for which it is False stay dense.
     progress : callable, optional
@@ -243,6 +252,12 @@ def compress_with_report(
         model accepts works (e.g. ``(batch, seq, features)``).
     calib_samples : int, optional
         Use at most this many samples of ``calib_data``.
+    check_input : tensor, tuple of tensors or dict, optional
+        An input of the model (positional arguments as a tuple, keyword arguments as a dict).
+        The dense model runs on it first (it must run), and the compressed one at the end, in eval
+        mode without gradients: a layer in whose forward (or whose parent's forward) the
+        compressed model fails is put back to dense, with the error as its reason, until the
+        model runs. The result's ``output_error`` compares the two outputs.
 
     Returns
     -------
@@ -256,6 +271,16 @@ def compress_with_report(
     ``plan.min_saving`` of the model's parameters at an error above ``plan.max_error`` (by
     default only with calibration data, see :class:`~ttcompress.plan.Plan`), stays dense
     (:func:`keep_dense_reason`).
+
+    Before planning, structure the formats need is put in place, exactly (:func:`prepare_model`):
+    every ``nn.MultiheadAttention`` becomes a
+    :class:`~ttcompress.layers.attention.FactorizedMultiheadAttention` whose projections ``q``,
+    ``k``, ``v``, ``out`` are layers of their own, and GPT-2's ``Conv1D`` layers become
+    ``nn.Linear``. Layers a parent reads directly (the ``out_proj`` of an attention module that
+    cannot be converted) and layers whose weight is tied to another module's parameter stay dense
+    with the reason. After the swap, attention modules none of whose projections changed are put
+    back (unless their encoder layer's feed-forward part changed), and ``nn.TransformerEncoder``
+    nested-tensor fast paths that read changed weights are turned off.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -266,31 +291,40 @@ def compress_with_report(
         if not batches:
             raise ValueError("calib_data holds no samples")
         _check_calib_fits(model, batches[0])
-    sensitivity = None
-    if batches is not None and plan.target_ratio is not None:
-        sensitivity = input_grams(model, [n for n, _m, _a in compressible_layers(model)], batches)
-    decisions = plan_layers(model, plan, sensitivity=sensitivity)
-    if filter_fn is not None:
-        decisions = [
-            LayerDecision(d.name, d.type, d.shape, DENSE, {}, d.params_before, d.params_before,
-                          "filtered out by filter_fn", d.aliases)
-            if d.skipped is None and not filter_fn(get_submodule(model, d.name), d.name) else d
-            for d in decisions
-        ]
     before = _count(model)
-    todo = [d for d in decisions if d.skipped is None]
-    built: dict[str, tuple[nn.Module, float] | str]
-    if batches is None:  # under torchrun each process decomposes its share of the layers (ttcompress.scaleout)
-        built = dict(build_all(todo, lambda d: build_replacement(get_submodule(model, d.name), d),
-                               device_of=lambda d: _device_of(get_submodule(model, d.name)), progress=progress))
-    else:  # sequential: each layer's statistics depend on the layers before it
-        built = _build_calibrated(model, todo, batches, plan, progress)
-        if progress is not None:
-            progress(len(todo), len(todo), "")
+    reference = None if check_input is None else _reference_output(model, check_input)
+    prep = prepare_model(model)
+    try:
+        sensitivity = None
+        if batches is not None and plan.target_ratio is not None:
+            names = [n for n, m, _a in compressible_layers(prep.model) if isinstance(m, (nn.Linear, nn.Conv2d))]
+            sensitivity = input_grams(prep.model, names, batches)
+        decisions = _guard_decisions(prep, plan_layers(prep.model, plan, sensitivity=sensitivity))
+        if filter_fn is not None:
+            decisions = [
+                LayerDecision(d.name, d.type, d.shape, DENSE, {}, d.params_before, d.params_before,
+                              "filtered out by filter_fn", d.aliases)
+                if d.skipped is None and not filter_fn(get_submodule(prep.model, d.name), d.name) else d
+                for d in decisions
+            ]
+        todo = [d for d in decisions if d.skipped is None]
+        built: dict[str, tuple[nn.Module, float] | str]
+        if batches is None:  # under torchrun each process decomposes its share of the layers (ttcompress.scaleout)
+            built = dict(build_all(todo, lambda d: build_replacement(get_submodule(prep.model, d.name), d),
+                                   device_of=lambda d: _device_of(get_submodule(prep.model, d.name)),
+                                   progress=progress))
+        else:  # sequential: each layer's statistics depend on the layers before it
+            built = _build_calibrated(prep.model, todo, batches, plan, progress)
+            if progress is not None:
+                progress(len(todo), len(todo), "")
+    except BaseException:
+        prep.undo()
+        raise
 
     records: list[LayerRecord] = []
     meta_layers: dict[str, dict[str, Any]] = {}
-    root = model
+    swapped: dict[str, tuple[nn.Module, tuple[str, ...]]] = {}
+    root = prep.model
     for d in decisions:
         entry = built.get(d.name)
         if not isinstance(entry, tuple):
@@ -302,13 +336,25 @@ def compress_with_report(
         records.append(record)
         if record.format == DENSE:
             continue
+        swapped[d.name] = (get_submodule(root, d.name), d.aliases)
         for name in (d.name, *d.aliases):
             root = set_submodule(root, name, new)
             meta_layers[name] = meta
+    prep.model = root
+    root = finish_model(prep)
+    output_error = None
+    if reference is not None:
+        reverted = _forward_check(prep, swapped, check_input)
+        records = [_reverted_record(r, reverted[r.name]) if r.name in reverted else r for r in records]
+        for name in reverted:
+            for alias in (name, *swapped[name][1]):
+                meta_layers.pop(alias, None)
+        root = finish_model(prep)
+        output_error = _output_error(_run_model(root, check_input), reference)
     if root is not model and not hasattr(root, "ttcompress_meta"):
         object.__setattr__(root, "ttcompress_meta", get_meta(model))
-    update_meta(root, layers=meta_layers)
-    return CompressionResult(root, tuple(records), before, _count(root), plan)
+    update_meta(root, layers={**prep.layer_records(root), **meta_layers})
+    return CompressionResult(root, tuple(records), before, _count(root), plan, output_error)
 
 
 def _check_calib_fits(model: nn.Module, batch: torch.Tensor) -> None:
@@ -337,11 +383,13 @@ def _build_calibrated(model: nn.Module, todo: list[LayerDecision], batches: list
     layers are already compressed, feeds it, against the dense outputs of ``model`` (which is
     not modified). A layer kept dense (:func:`keep_dense_reason`) stays dense in the copy too, so
     the next layers see its exact outputs. Returns ``name -> (layer, seconds)``, or ``name ->
-    reason`` for layers the calibration data never reach. Memory: the copy of the model, the
+    reason`` for layers the calibration data never reach. Layers that are not ``nn.Linear`` /
+    ``nn.Conv2d`` (attention modules, embeddings) are built data-free. Memory: the copy of the model, the
     calibration inputs and one layer's Gram matrices at a time.
     """
     work = copy.deepcopy(model)
-    by_name = {d.name: d for d in todo}
+    fitted = [d for d in todo if isinstance(get_submodule(model, d.name), (nn.Linear, nn.Conv2d))]
+    by_name = {d.name: d for d in fitted}
     total = _count(model)
     layers: dict[str, nn.Module] = {}
 
@@ -361,6 +409,10 @@ def _build_calibrated(model: nn.Module, todo: list[LayerDecision], batches: list
     out: dict[str, tuple[nn.Module, float] | str] = {}
     for name, cal in done.items():
         out[name] = (layers[name], cal.seconds) if cal.reached else "not reached by the calibration data"
+    for d in todo:  # layers without calibration statistics (attention, embeddings): data-free
+        if d.name not in by_name:
+            start = time.perf_counter()
+            out[d.name] = (build_replacement(get_submodule(model, d.name), d), time.perf_counter() - start)
     return out
 
 
@@ -428,6 +480,7 @@ def compress(
     progress: ProgressFn | None = None,
     calib_data: Any = None,
     calib_samples: int | None = None,
+    check_input: Any = None,
 ) -> nn.Module:
     """Compress ``model`` in place per ``plan``; return it (see :func:`compress_with_report`).
 
@@ -440,7 +493,158 @@ def compress(
     ['0']
     """
     return compress_with_report(model, plan, filter_fn=filter_fn, progress=progress, calib_data=calib_data,
-                                calib_samples=calib_samples).model
+                                calib_samples=calib_samples, check_input=check_input).model
+
+
+# --------------------------------------------------------------------------------------------------
+# Structure around the swap: attention, GPT-2 Conv1D, tied weights, the forward check
+# --------------------------------------------------------------------------------------------------
+def _keep_dense(d: LayerDecision, reason: str) -> LayerDecision:
+    return LayerDecision(d.name, d.type, d.shape, DENSE, {}, d.params_before, d.params_before, reason, d.aliases)
+
+
+def _guard_decisions(prep: Preparation, decisions: list[LayerDecision]) -> list[LayerDecision]:
+    """Keep dense the layers a compressed replacement would break.
+
+    * the ``out_proj`` of an ``nn.MultiheadAttention`` that could not be converted (its forward
+      reads ``out_proj.weight``), and the feed-forward layers of a ``TransformerEncoderLayer``
+      whose attention could not be converted (its fast path reads ``linear1.weight``);
+    * a layer whose parameter is also registered under another module's name (tied weights,
+      e.g. a language model's output layer sharing the embedding): compressing it would untie them.
+    """
+    owners: dict[int, list[str]] = {}
+    for pname, p in prep.model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    out = []
+    for d in decisions:
+        if d.skipped is None:
+            reason = parent_reason(prep, d.name) or _tied_reason(prep.model, d, owners)
+            if reason is not None:
+                d = _keep_dense(d, reason)
+        out.append(d)
+    return out
+
+
+def _tied_reason(model: nn.Module, d: LayerDecision, owners: Mapping[int, list[str]]) -> str | None:
+    prefixes = tuple(n + "." if n else "" for n in (d.name, *d.aliases))
+    for p in get_submodule(model, d.name).parameters():
+        others = [n for n in owners.get(id(p), ()) if not n.startswith(prefixes)]
+        if others:
+            return f"tied to {others[0]} (compressing it would untie them)"
+    return None
+
+
+@contextmanager
+def _nested_off(encoders: list[nn.Module]) -> Iterator[None]:
+    for m in encoders:
+        m.use_nested_tensor = False
+    try:
+        yield
+    finally:
+        for m in encoders:
+            m.use_nested_tensor = True
+
+
+@contextmanager
+def _eval_no_grad(model: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _run_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(inputs)`` in eval mode without gradients, with every ``nn.TransformerEncoder``'s
+    nested-tensor path off (it leaves padded positions at zero: dense and compressed runs compare
+    like with like)."""
+    encoders = [m for m in model.modules() if isinstance(m, nn.TransformerEncoder) and m.use_nested_tensor]
+    with _eval_no_grad(model), _nested_off(encoders):
+        if isinstance(inputs, Mapping):
+            return model(**inputs)
+        if isinstance(inputs, tuple):
+            return model(*inputs)
+        return model(inputs)
+
+
+def _reference_output(model: nn.Module, inputs: Any) -> Any:
+    try:
+        return _run_model(model, inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's model is reported as bad input
+        raise ValueError(f"check_input does not run through the dense model: {type(exc).__name__}: {exc}") from None
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _tensors(v)]
+    return []
+
+
+def _output_error(out: Any, reference: Any) -> float:
+    """Relative Frobenius difference over the floating tensors of two outputs of the same structure."""
+    num = den = 0.0
+    for a, b in zip(_tensors(out), _tensors(reference)):
+        if a.is_floating_point() and a.shape == b.shape:
+            num += float((a.double() - b.double()).square().sum())
+            den += float(b.double().square().sum())
+    return (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def _failing_stack(model: nn.Module, inputs: Any) -> tuple[list[str], BaseException | None]:
+    """Run ``model``; on failure return the qualified names of the modules whose forward was running."""
+    stack: list[str] = []
+    handles = []
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(lambda mod, args, _n=name: stack.append(_n)))
+        handles.append(m.register_forward_hook(lambda mod, args, out: None if stack.pop() else None))
+    try:
+        _run_model(model, inputs)
+        return [], None
+    except Exception as exc:  # noqa: BLE001 - reported per layer below
+        return list(stack), exc
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _forward_check(prep: Preparation, swapped: Mapping[str, tuple[nn.Module, tuple[str, ...]]],
+                   inputs: Any) -> dict[str, str]:
+    """Run the compressed model; revert the compressed layers inside the innermost failing module
+    until it runs. Returns ``{layer: reason}`` of the reverted layers."""
+    reverted: dict[str, str] = {}
+    while True:
+        stack, exc = _failing_stack(prep.model, inputs)
+        if exc is None:
+            return reverted
+        live = [n for n in swapped if n not in reverted]
+        victims: list[str] = []
+        for where in reversed(stack or [""]):
+            victims = [n for n in live if where == "" or n == where or n.startswith(where + ".")]
+            if victims:
+                break
+        if not victims:
+            raise RuntimeError(f"the compressed model fails on check_input, and no compressed layer is the cause: "
+                               f"{type(exc).__name__}: {exc}")
+        where_text = f"in {where!r}" if where else "in the model"
+        reason = f"forward check failed {where_text}: {type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
+        for n in victims:
+            dense, aliases = swapped[n]
+            for alias in (n, *aliases):
+                prep.model = set_submodule(prep.model, alias, dense)
+            reverted[n] = reason
+        finish_model(prep)
+
+
+def _reverted_record(r: LayerRecord, reason: str) -> LayerRecord:
+    return replace(r, format=DENSE, params_after=r.params_before, in_modes=None, out_modes=None, ranks=None,
+                   detail=None, skipped=reason)
 
 
 # --------------------------------------------------------------------------------------------------

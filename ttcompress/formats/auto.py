@@ -101,7 +101,7 @@ class AutoFormat(CompressionFormat):
     summary = "per layer, the format with the lowest error at the same parameter budget"
 
     def applies_to(self, module: nn.Module) -> bool:
-        return default_format(module) is not None
+        return isinstance(module, self.targets) and default_format(module) is not None
 
     def _candidates(self, module: nn.Module, settings: AutoSettings) -> list[CompressionFormat]:
         found = formats_for(module)

@@ -168,6 +168,9 @@ class CompressionFormat(ABC):
         This format is the default of a plan with a ``target_ratio`` (at most one should be).
     summary : str
         One line for help texts.
+    structural : bool
+        The format only restructures a module exactly (``mha``): surgery applies it where needed,
+        plans never select it, and its layer's children stay layers of their own.
     """
 
     name: ClassVar[str]
@@ -178,6 +181,8 @@ class CompressionFormat(ABC):
     #: True for the format a plan with a ``target_ratio`` and no explicit format uses (``auto``).
     default_under_target_ratio: ClassVar[bool] = False
     summary: ClassVar[str] = ""
+    #: True for an exact restructuring whose layer's children remain compressible (see ``structural``).
+    structural: ClassVar[bool] = False
     #: Alternative spellings accepted in plan files (``{"ranks": "rank"}``: ``ranks`` means ``rank``).
     settings_aliases: ClassVar[Mapping[str, str]] = {}
 

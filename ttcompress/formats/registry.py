@@ -23,6 +23,7 @@ __all__ = [
     "get_format",
     "layer_classes",
     "register_format",
+    "structural_classes",
 ]
 
 _REGISTRY: dict[str, CompressionFormat] = {}
@@ -67,8 +68,11 @@ def get_format(name: str) -> CompressionFormat:
 
 
 def formats_for(module: nn.Module) -> tuple[CompressionFormat, ...]:
-    """Formats that can compress ``module`` (with a layer of their own), in registration order."""
-    return tuple(f for f in _REGISTRY.values() if f.layer_class is not None and f.applies_to(module))
+    """Formats that can compress ``module`` (with a layer of their own), in registration order.
+
+    Structural formats (exact restructurings such as ``mha``) are not among them."""
+    return tuple(f for f in _REGISTRY.values()
+                 if f.layer_class is not None and not f.structural and f.applies_to(module))
 
 
 def default_format(module: nn.Module) -> CompressionFormat | None:
@@ -91,8 +95,14 @@ def format_of(layer: nn.Module) -> CompressionFormat | None:
 
 
 def layer_classes() -> tuple[type[nn.Module], ...]:
-    """Every registered factorized layer class."""
-    return tuple(f.layer_class for f in _REGISTRY.values() if f.layer_class is not None)
+    """Every registered factorized layer class (structural formats' layers excluded: their children
+    are layers of their own)."""
+    return tuple(f.layer_class for f in _REGISTRY.values() if f.layer_class is not None and not f.structural)
+
+
+def structural_classes() -> tuple[type[nn.Module], ...]:
+    """The layer classes of structural formats (e.g. ``FactorizedMultiheadAttention``)."""
+    return tuple(f.layer_class for f in _REGISTRY.values() if f.layer_class is not None and f.structural)
 
 
 def compressible(module: nn.Module) -> bool:
