@@ -87,7 +87,7 @@ def run_demo(
         train_arch("seed-cnn", output=baseline, data="mnist-5k", config=train_config, progress=progress)
 
     say("[2/3] sweeping CP ranks on the convolutions, FC layers dense or TT, fine-tuning each")
-    finetune_config = FinetuneConfig(epochs=settings.finetune_epochs, lr=1e-3, seed=settings.seed, device="cpu",
+    finetune_config = FinetuneConfig(epochs=settings.finetune_epochs, seed=settings.seed, device="cpu",
                                      max_batches=settings.max_batches)  # fmt: skip
     report = sweep_report(
         baseline,

@@ -31,7 +31,8 @@ __all__ = ["DENSE_FORMAT", "META_FIELDS", "LayerReport", "count_params", "format
 DENSE_FORMAT = "dense"
 
 #: Fields of a :class:`LayerReport` kept in ``model.ttcompress_meta["layers"]`` and checkpoint headers.
-META_FIELDS: tuple[str, ...] = ("format", "config", "rel_error", "seconds", "params_before", "params_after", "note")
+META_FIELDS: tuple[str, ...] = ("format", "config", "rel_error", "seconds", "params_before", "params_after", "note",
+                                 "out_error_before", "out_error_after", "fit_method")
 
 _TUPLE_FIELDS = ("shape", "in_modes", "out_modes", "ranks", "aliases")
 
@@ -80,6 +81,11 @@ class LayerReport:
         CP/SVD: ``(rank,)``); ``in_modes``/``out_modes`` also for a planned TT layer.
     rel_error : float or None
         Relative Frobenius reconstruction error of the weight.
+    out_error_before, out_error_after : float or None
+        Relative output error on the calibration data before and after the layer was fitted to it
+        (None without calibration data).
+    fit_method : str or None
+        How the layer was fitted to the calibration data (whitened SVD, ALS, L-BFGS, ...).
     seconds : float or None
         Decomposition wall time.
     skipped : str or None
@@ -112,6 +118,9 @@ class LayerReport:
     out_modes: tuple[int, ...] | None = None
     ranks: tuple[int, ...] | None = None
     rel_error: float | None = None
+    out_error_before: float | None = None
+    out_error_after: float | None = None
+    fit_method: str | None = None
     seconds: float | None = None
     skipped: str | None = None
     aliases: tuple[str, ...] = ()

@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from torch import nn
 
+from ttcompress.allocate import Slot, allocate
 from ttcompress.decompose.modes import choose_modes
 from ttcompress.errors import TTCompressError
 from ttcompress.modtree import named_with_aliases
@@ -81,7 +81,10 @@ __all__ = [
     "Plan",
     "Rule",
     "TTSettings",
+    "DEFAULT_MAX_ERROR",
+    "DEFAULT_MIN_SAVING",
     "check_patterns_match",
+    "compressible_layers",
     "cp_params",
     "cp_rank_for",
     "plan_layers",
@@ -143,7 +146,18 @@ class Rule:
 
 
 _RULE_KEYS = ("pattern", "format", "ranks", "rank", "eps", "d", "in_modes", "out_modes", "ratio", "options")
-_PLAN_KEYS = ("layers", "exclude", "rules", "target_ratio", "formats")
+_PLAN_KEYS = ("layers", "exclude", "rules", "target_ratio", "formats", "min_saving", "max_error")
+#: Defaults of :attr:`Plan.min_saving` (fraction of the model's parameters) and :attr:`Plan.max_error`.
+DEFAULT_MIN_SAVING = 0.01
+DEFAULT_MAX_ERROR = 0.5
+
+
+def _check_fraction(value: Any, name: str, *, upper: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or (
+            upper is not None and not value < upper):
+        bound = f"in [0, {upper:g})" if upper is not None else ">= 0"
+        raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+    return float(value)
 #: Settings fields of a format (when set, the rank allocator of ``target_ratio`` cannot choose ranks).
 _RANK_FIELDS = ("rank", "ranks", "eps", "ratio")
 
@@ -189,7 +203,21 @@ class Plan:
     settings : dict or tuple of (name, settings)
         Settings of the other registered formats, by name (each an instance of that format's
         ``settings`` class, or a dict of its fields); missing ones take their defaults.
+    min_saving, max_error : float
+        A layer stays dense when compressing it saves fewer than ``min_saving`` times the model's
+        parameters while its relative error (output error on calibration data after fitting,
+        else weight error) exceeds ``max_error`` (default 0.5; e.g. a 128 -> 10 classifier that
+        would save 700 params at error 0.66). ``min_saving`` None (the default) means
+        :data:`DEFAULT_MIN_SAVING` (1%) when calibration data are given and 0 (off) without:
+        a weight error is a poor predictor of the accuracy cost, a measured output error is not.
+        ``min_saving=0`` turns the rule off.
     """
+
+    def saving_floor(self, calibrated: bool) -> float:
+        """The ``min_saving`` in force (see the class docstring)."""
+        if self.min_saving is not None:
+            return self.min_saving
+        return DEFAULT_MIN_SAVING if calibrated else 0.0
 
     tt: TTSettings = field(default_factory=TTSettings)
     cp: CPSettings = field(default_factory=CPSettings)
@@ -199,8 +227,14 @@ class Plan:
     target_ratio: float | None = None
     formats: tuple[str, ...] = ()
     settings: tuple[tuple[str, Any], ...] = ()
+    min_saving: float | None = None
+    max_error: float = DEFAULT_MAX_ERROR
 
     def __post_init__(self) -> None:
+        if self.min_saving is not None:
+            object.__setattr__(self, "min_saving",
+                               _check_fraction(self.min_saving, "min_saving", upper=1.0))
+        object.__setattr__(self, "max_error", _check_fraction(self.max_error, "max_error"))
         for name in _field_formats():
             fmt_settings = get_format(name).settings
             if not isinstance(getattr(self, name), fmt_settings):
@@ -264,6 +298,10 @@ class Plan:
             data["target_ratio"] = self.target_ratio
         if self.formats:
             data["formats"] = list(self.formats)
+        if self.min_saving is not None:
+            data["min_saving"] = self.min_saving
+        if self.max_error != DEFAULT_MAX_ERROR:
+            data["max_error"] = self.max_error
         return data
 
     @classmethod
@@ -300,6 +338,8 @@ class Plan:
             target_ratio=data.get("target_ratio"),
             formats=data.get("formats") or (),
             settings=others,
+            min_saving=data.get("min_saving"),
+            max_error=data.get("max_error", DEFAULT_MAX_ERROR),
         )
 
     # ---- matching ---------------------------------------------------------------------------------
@@ -386,7 +426,7 @@ def _inside_factorized(model: nn.Module) -> set[int]:
     return {id(sub) for m in model.modules() if isinstance(m, done) for sub in m.modules() if sub is not m}
 
 
-def _candidates(model: nn.Module) -> list[Candidate]:
+def compressible_layers(model: nn.Module) -> list[Candidate]:
     """``(name, module, aliases)`` of every module some registered format compresses."""
     inner = _inside_factorized(model)
     return named_with_aliases(model, lambda m: compressible(m) and id(m) not in inner)
@@ -443,7 +483,8 @@ def check_patterns_match(plan: Plan, names: Sequence[str]) -> None:
             raise PatternError(f"{what} pattern {p!r} matches no layer; {hint}")
 
 
-def plan_layers(model: nn.Module, plan: Plan) -> list[LayerDecision]:
+def plan_layers(model: nn.Module, plan: Plan, *,
+                sensitivity: Mapping[str, Any] | None = None) -> list[LayerDecision]:
     """Decide, for every layer of ``model`` a registered format compresses, what the plan does with it.
 
     Parameters
@@ -452,6 +493,10 @@ def plan_layers(model: nn.Module, plan: Plan) -> list[LayerDecision]:
         The dense (or partly compressed) model; it is not modified.
     plan : Plan
         What to do.
+    sensitivity : mapping of str to torch.Tensor, optional
+        Input Gram matrices by layer name (:func:`ttcompress.allocate.input_grams`): under
+        ``target_ratio`` the allocator then measures each rank's output error instead of the
+        weight error.
 
     Returns
     -------
@@ -465,36 +510,17 @@ def plan_layers(model: nn.Module, plan: Plan) -> list[LayerDecision]:
 
     Notes
     -----
-    **Rank allocation for** ``target_ratio``. The budget is ``total params / target_ratio``.
-    Every selected layer starts at its lowest rank; then ranks are raised one step at a time,
-    always on the layer whose next step buys the largest decrease of the estimated squared
-    relative error per added parameter (a greedy marginal-gain allocation, as in rank-selection
-    methods for low-rank compression), as long as the step fits the budget. A layer never grows
-    to a rank at which it would not shrink. Each format gives its steps and error estimates
-    (:meth:`~ttcompress.formats.base.CompressionFormat.ladder`), computed from singular values
-    without decomposing, e.g.
-
-    * TT (uniform max rank ``r``): TT-SVD's bound ``||W - W_r||^2 <= sum_k tail_k(r)^2``, where
-      ``tail_k(r)`` is the error of the best rank-``r`` approximation of the ``k``-th unfolding of
-      the reshaped weight [Oseledets 2011, Thm. 2.2];
-    * CP (rank ``R``): a CP tensor of rank ``R`` has multilinear ranks ``<= R``, so
-      ``max_n tail_n(R)^2`` over the out/in/spatial unfoldings is a lower bound of the best rank-R
-      CP error [Kolda & Bader 2009]; it serves as a cheap proxy.
-
-    Layers fixed by a rule (explicit ``ranks``) keep their ranks and count as fixed parameters.
-    If the lowest rank everywhere still exceeds the budget, a ``ValueError`` gives the best ratio
-    reachable.
-
-    References
-    ----------
-    I. V. Oseledets, "Tensor-Train Decomposition", SIAM J. Sci. Comput. 33(5), 2011.
-    T. G. Kolda and B. W. Bader, "Tensor Decompositions and Applications", SIAM Review 51(3), 2009.
+    **Rank allocation for** ``target_ratio``: every selected layer starts at its lowest rank and
+    :func:`ttcompress.allocate.allocate` raises ranks greedily where the estimated error drops most
+    per added parameter, within the budget ``total params / target_ratio``. Layers fixed by a rule
+    (explicit ``ranks``) keep their ranks and count as fixed parameters. If the lowest rank
+    everywhere still exceeds the budget, a ``ValueError`` gives the best ratio reachable.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a Plan, got {type(plan).__name__}")
-    cands = _candidates(model)
+    cands = compressible_layers(model)
     done = layer_classes()
     inner = _inside_factorized(model)
     names = [n for n, m in model.named_modules(remove_duplicate=False)
@@ -502,67 +528,21 @@ def plan_layers(model: nn.Module, plan: Plan) -> list[LayerDecision]:
     check_patterns_match(plan, names)
     if plan.target_ratio is None:
         return [_decide(n, m, a, plan) for n, m, a in cands]
-    return _allocate(model, cands, plan)
+    return _allocate(model, cands, plan, sensitivity)
 
 
-# ---- target-ratio allocation -------------------------------------------------------------------
-def _greedy(ladders: Mapping[int, Any], spent: int, budget: float) -> dict[int, int]:
-    """Raise levels where the error drops most per parameter while the budget allows; idx -> level."""
-    level = {idx: 0 for idx in ladders}
-    heap: list[tuple[float, int, int]] = []
-
-    def push(idx: int) -> None:
-        params, errs = ladders[idx].params, ladders[idx].errors
-        k = level[idx]
-        if k + 1 < len(params):
-            cost = params[k + 1] - params[k]
-            gain = errs[k] - errs[k + 1]
-            heapq.heappush(heap, (-(gain / max(cost, 1)), idx, k))
-
-    for idx in ladders:
-        push(idx)
-    while heap:
-        _neg, idx, k = heapq.heappop(heap)
-        if level[idx] != k:
-            continue
-        params = ladders[idx].params
-        cost = params[k + 1] - params[k]
-        if spent + cost > budget:
-            continue  # this layer cannot grow further; others may
-        spent += cost
-        level[idx] = k + 1
-        push(idx)
-    return level
-
-
-def _allocate(model: nn.Module, cands: list[Candidate], plan: Plan) -> list[LayerDecision]:
-    target = float(plan.target_ratio)  # type: ignore[arg-type]
-    total = sum(p.numel() for p in model.parameters())
-    budget = total / target
+def _allocate(model: nn.Module, cands: list[Candidate], plan: Plan,
+              sensitivity: Mapping[str, Any] | None) -> list[LayerDecision]:
+    """The decisions of :func:`ttcompress.allocate.allocate` for ``plan.target_ratio``."""
     # types the plan's formats do not cover get the target-ratio default (auto)
     extra = tuple(f.name for f in _formats() if f.default_under_target_ratio and f.name not in plan.formats)
     base = replace(plan, target_ratio=None, formats=plan.formats + extra)
-    decisions: list[LayerDecision] = []
-    ladders: dict[int, Any] = {}
-    for idx, (name, module, aliases) in enumerate(cands):
+    slots = []
+    for name, module, aliases in cands:
         rule = plan.merged_rule(name)
         fixed = rule is not None and rule.ranks is not None
-        dec = _decide(name, module, aliases, base, lowest=not fixed)
-        decisions.append(dec)
-        if not fixed and dec.skipped is None:
-            ladder = get_format(dec.format).ladder(module, dec)
-            if ladder is not None and ladder.params:
-                ladders[idx] = ladder
-                decisions[idx] = replace(dec, options=ladder.options[0], params_after=ladder.params[0])
-    fixed_params = total - sum(d.params_before for d in decisions) + sum(
-        (d.params_after if d.skipped is None and d.params_after is not None else d.params_before) for d in decisions
-    )
-    if fixed_params > budget:
-        raise ValueError(
-            f"target ratio (--target-ratio) {target:g} is out of reach: rank 1 in every compressible layer gives "
-            f"{total / fixed_params:.2f}x ({fixed_params} of {total} params)"
-        )
-    for idx, k in _greedy(ladders, fixed_params, budget).items():
-        ladder = ladders[idx]
-        decisions[idx] = replace(decisions[idx], options=ladder.options[k], params_after=ladder.params[k])
-    return decisions
+        slots.append(Slot(module, _decide(name, module, aliases, base, lowest=not fixed), fixed))
+    total = sum(p.numel() for p in model.parameters())
+    return allocate(slots, total=total, target_ratio=float(plan.target_ratio),  # type: ignore[arg-type]
+                    sensitivity=sensitivity, min_saving=plan.saving_floor(sensitivity is not None),
+                    max_error=plan.max_error)

@@ -114,6 +114,8 @@ def plan_from_options(
     exclude: Sequence[str] = (),
     target_ratio: float | None = None,
     formats: Sequence[str] = (),
+    min_saving: float | None = None,
+    max_error: float | None = None,
 ) -> Plan:
     """Build a plan from command-line style options, on top of an optional plan file.
 
@@ -147,4 +149,6 @@ def plan_from_options(
         exclude=tuple(base.exclude) + tuple(check_patterns(list(exclude), "exclude")),
         target_ratio=target_ratio if target_ratio is not None else base.target_ratio,
         formats=names or base.formats,
+        min_saving=min_saving if min_saving is not None else base.min_saving,
+        max_error=max_error if max_error is not None else base.max_error,
     )

@@ -17,9 +17,11 @@ also kept in the model's metadata (:class:`~ttcompress.meta.ModelMeta`), whose c
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -29,6 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ttcompress.allocate import input_grams
+from ttcompress.calibration.data import calib_batches
+from ttcompress.calibration.fit import FitResult
+from ttcompress.calibration.sequential import calibrate_sequentially
+from ttcompress.calibration.stats import LayerStats
 from ttcompress.formats import DENSE, format_of, get_format, layer_classes
 from ttcompress.formats.base import build_note
 from ttcompress.layer_report import LayerReport, count_params, format_label
@@ -36,9 +43,11 @@ from ttcompress.fsutil import strip_model_suffix
 from ttcompress.io import load_checkpoint, save
 from ttcompress.meta import copy_meta, read_meta, update_meta
 from ttcompress.modtree import get_submodule, set_submodule
+from ttcompress.formats.fitting import calibration_fit
 from ttcompress.formats.structure import Preparation, finish_model, parent_reason, prepare_model
-from ttcompress.plan import LayerDecision, Plan, plan_layers
+from ttcompress.plan import LayerDecision, Plan, compressible_layers, plan_layers
 from ttcompress.scaleout import build_all, process_group
+from ttcompress.teacher import source_record
 
 __all__ = [
     "CompressionResult",
@@ -50,6 +59,7 @@ __all__ = [
     "decompose_file",
     "default_output_path",
     "inspect_file",
+    "keep_dense_reason",
     "summarize",
 ]
 
@@ -136,6 +146,8 @@ def compress_with_report(
     *,
     filter_fn: FilterFn | None = None,
     progress: ProgressFn | None = None,
+    calib_data: Any = None,
+    calib_samples: int | None = None,
     check_input: Any = None,
 ) -> CompressionResult:
     """Compress ``model`` in place per ``plan`` and report every compressible layer.
@@ -152,6 +164,16 @@ def compress_with_report(
         ``filter_fn(module, qualified_name) -> bool``; layers for which it is False stay dense.
     progress : callable, optional
         ``progress(done, total, name)``, see :data:`ProgressFn`.
+    calib_data : optional
+        Calibration inputs: a tensor (first dimension the batch), an iterable of tensors or of
+        ``(input, target)`` pairs (targets are ignored), a ``DataLoader`` or a map-style
+        ``Dataset`` (:func:`ttcompress.calibration.data.calib_batches`). When given, every layer
+        is fitted to the dense layer's outputs on these inputs, sequentially
+        (:func:`_build_calibrated`), and under ``plan.target_ratio`` ranks are allocated by the
+        measured output error (:func:`ttcompress.allocate.input_grams`). Any input shape the
+        model accepts works (e.g. ``(batch, seq, features)``).
+    calib_samples : int, optional
+        Use at most this many samples of ``calib_data``.
     check_input : tensor, tuple of tensors or dict, optional
         An input of the model (positional arguments as a tuple, keyword arguments as a dict).
         The dense model runs on it first (it must run), and the compressed one at the end, in eval
@@ -166,8 +188,11 @@ def compress_with_report(
     Notes
     -----
     All replacements are built before any is swapped in, so a failing decomposition leaves the
-    model unchanged. A layer whose decomposition (e.g. at an ``eps``) would not be smaller than
-    the dense layer stays dense.
+    model unchanged (with calibration data they are fitted on a copy of the model). A layer
+    whose decomposition would not be smaller than the dense layer, or that saves less than
+    ``plan.min_saving`` of the model's parameters at an error above ``plan.max_error`` (by
+    default only with calibration data, see :class:`~ttcompress.plan.Plan`), stays dense
+    (:func:`keep_dense_reason`).
 
     Before planning, structure the formats need is put in place, exactly (:func:`prepare_model`):
     every ``nn.MultiheadAttention`` becomes a
@@ -182,15 +207,16 @@ def compress_with_report(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     plan = _as_plan(plan)
+    batches = _calibration_batches(model, calib_data, calib_samples)
     before = count_params(model)
     reference = None if check_input is None else _reference_output(model, check_input)
     prep = prepare_model(model)
     try:
-        decisions, built = _plan_and_build(prep, plan, filter_fn, progress)
+        decisions, built = _plan_and_build(prep, plan, filter_fn, progress, batches)
     except BaseException:
         prep.undo()
         raise
-    records, meta_layers, swapped = _swap_in(prep, decisions, built)
+    records, meta_layers, swapped = _swap_in(prep, decisions, built, plan, before)
     root = finish_model(prep)
     output_error = None
     if reference is not None:
@@ -208,14 +234,35 @@ def compress_with_report(
 
 
 Swapped = dict[str, tuple[nn.Module, tuple[str, ...]]]
+#: A built layer and its decomposition time, or why the layer stays dense (calibration never reached it).
+Built = dict[str, "tuple[nn.Module, float] | str"]
+
+
+def _calibration_batches(model: nn.Module, calib_data: Any, calib_samples: int | None) -> list[torch.Tensor] | None:
+    """The calibration inputs as a list of batches (None without calibration data), checked on ``model``."""
+    if calib_data is None:
+        return None
+    batches = list(calib_batches(calib_data, max_samples=calib_samples))
+    if not batches:
+        raise ValueError("calib_data holds no samples")
+    _check_calib_fits(model, batches[0])
+    return batches
 
 
 def _plan_and_build(
-    prep: Preparation, plan: Plan, filter_fn: FilterFn | None, progress: ProgressFn | None
-) -> tuple[list[LayerDecision], dict[str, tuple[nn.Module, float]]]:
+    prep: Preparation, plan: Plan, filter_fn: FilterFn | None, progress: ProgressFn | None,
+    batches: list[torch.Tensor] | None = None,
+) -> tuple[list[LayerDecision], Built]:
     """The plan's decisions for the prepared model, and the replacement of every layer it compresses
-    (name -> (layer, seconds)); nothing is swapped in yet."""
-    decisions = _guard_decisions(prep, plan_layers(prep.model, plan))
+    (name -> (layer, seconds), or name -> reason it stays dense); nothing is swapped in yet.
+
+    With calibration ``batches``, a ``target_ratio`` plan allocates ranks by the output error the
+    data measure, and the layers are fitted one after the other in forward order."""
+    sensitivity = None
+    if batches is not None and plan.target_ratio is not None:
+        names = [n for n, m, _a in compressible_layers(prep.model) if isinstance(m, (nn.Linear, nn.Conv2d))]
+        sensitivity = input_grams(prep.model, names, batches)
+    decisions = _guard_decisions(prep, plan_layers(prep.model, plan, sensitivity=sensitivity))
     if filter_fn is not None:
         decisions = [
             LayerDecision(d.name, d.type, d.shape, DENSE, {}, d.params_before, d.params_before,
@@ -224,27 +271,34 @@ def _plan_and_build(
             for d in decisions
         ]
     todo = [d for d in decisions if d.skipped is None]
-    # Under torchrun each process decomposes its share of the layers (ttcompress.scaleout).
-    built = build_all(todo, lambda d: build_replacement(get_submodule(prep.model, d.name), d),
-                      device_of=lambda d: _device_of(get_submodule(prep.model, d.name)), progress=progress)
+    if batches is None:  # under torchrun each process decomposes its share of the layers (ttcompress.scaleout)
+        built: Built = dict(build_all(todo, lambda d: build_replacement(get_submodule(prep.model, d.name), d),
+                                      device_of=lambda d: _device_of(get_submodule(prep.model, d.name)),
+                                      progress=progress))
+    else:  # sequential: each layer's statistics depend on the layers before it
+        built = _build_calibrated(prep.model, todo, batches, plan, progress)
+        if progress is not None:
+            progress(len(todo), len(todo), "")
     return decisions, built
 
 
 def _swap_in(
-    prep: Preparation, decisions: list[LayerDecision], built: Mapping[str, tuple[nn.Module, float]]
+    prep: Preparation, decisions: list[LayerDecision], built: Built, plan: Plan, total: int
 ) -> tuple[list[LayerReport], dict[str, LayerReport], Swapped]:
-    """Swap the built layers that shrink into ``prep.model`` (under every alias); return one record per
-    decision, the metadata records by name, and the dense layers replaced (name -> (layer, aliases))."""
+    """Swap the built layers that are worth it into ``prep.model`` (under every alias); return one
+    record per decision, the metadata records by name, and the dense layers replaced (name ->
+    (layer, aliases))."""
     records: list[LayerReport] = []
     meta_layers: dict[str, LayerReport] = {}
     swapped: Swapped = {}
     root = prep.model
     for d in decisions:
-        if d.name not in built:
-            records.append(_dense_record(d, d.skipped))
+        entry = built.get(d.name)
+        if not isinstance(entry, tuple):
+            records.append(_dense_record(d, entry if isinstance(entry, str) else d.skipped))
             continue
-        new, seconds = built[d.name]
-        record, meta = _record(d, new, seconds)
+        new, seconds = entry
+        record, meta = _record(d, new, seconds, plan, total)
         records.append(record)
         if meta is None:
             continue
@@ -261,8 +315,93 @@ def _dense_record(d: LayerDecision, skipped: str | None, **measured: Any) -> Lay
                        aliases=d.aliases, **measured)
 
 
-def _record(d: LayerDecision, new: nn.Module, seconds: float) -> tuple[LayerReport, LayerReport | None]:
-    """The record of a built layer, and the same record for the metadata (None: stays dense, it does not shrink)."""
+def _check_calib_fits(model: nn.Module, batch: torch.Tensor) -> None:
+    """``ValueError`` naming ``calib_data`` when ``model`` cannot run on its inputs (one eval pass, 2 samples)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(batch[:2])
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"calib_data: the model cannot run on inputs of shape {tuple(batch.shape[1:])} "
+                         f"per sample: {first[:200]}") from None
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _build_calibrated(model: nn.Module, todo: list[LayerDecision], batches: list[torch.Tensor], plan: Plan,
+                      progress: ProgressFn | None) -> dict[str, tuple[nn.Module, float] | str]:
+    """Build every layer of ``todo`` fitted on sequential calibration statistics.
+
+    The layers are replaced one by one in forward order on a copy of ``model``
+    (:func:`ttcompress.calibration.sequential.calibrate_sequentially`): each is decomposed by its
+    format and fitted (``build(..., calib=stats)``) on the inputs that the copy, whose earlier
+    layers are already compressed, feeds it, against the dense outputs of ``model`` (which is
+    not modified). A layer kept dense (:func:`keep_dense_reason`) stays dense in the copy too, so
+    the next layers see its exact outputs. Returns ``name -> (layer, seconds)``, or ``name ->
+    reason`` for layers the calibration data never reach. Layers that are not ``nn.Linear`` /
+    ``nn.Conv2d`` (attention modules, embeddings) are built data-free. Memory: the copy of the model, the
+    calibration inputs and one layer's Gram matrices at a time.
+    """
+    work = copy.deepcopy(model)
+    fitted = [d for d in todo if isinstance(get_submodule(model, d.name), (nn.Linear, nn.Conv2d))]
+    by_name = {d.name: d for d in fitted}
+    total = count_params(model)
+    layers: dict[str, nn.Module] = {}
+
+    def build(name: str, dense: nn.Module, stats: LayerStats) -> nn.Module | FitResult:
+        new = build_replacement(dense, by_name[name], calib=stats)
+        layers[name] = new
+        if keep_dense_reason(by_name[name], new, plan, total) is not None:
+            return FitResult(copy.deepcopy(dense), 0.0, 0.0, "none")
+        fit = calibration_fit(new)
+        return fit if fit is not None else new
+
+    def step(name: str, index: int, count: int) -> None:
+        if progress is not None:
+            progress(index, count, name)
+
+    done = calibrate_sequentially(model, work, list(by_name), build, batches, progress=step)
+    out: dict[str, tuple[nn.Module, float] | str] = {}
+    for name, cal in done.items():
+        out[name] = (layers[name], cal.seconds) if cal.reached else "not reached by the calibration data"
+    for d in todo:  # layers without calibration statistics (attention, embeddings): data-free
+        if d.name not in by_name:
+            start = time.perf_counter()
+            out[d.name] = (build_replacement(get_submodule(model, d.name), d), time.perf_counter() - start)
+    return out
+
+
+def keep_dense_reason(d: LayerDecision, new: nn.Module, plan: Plan, total: int) -> str | None:
+    """Why the built layer ``new`` should not replace the dense layer of decision ``d``, or None.
+
+    It does not shrink the layer; or it saves fewer than ``plan.min_saving * total`` parameters
+    while its error is above ``plan.max_error`` (the relative output error on calibration data
+    after fitting when there is one, else the relative weight error): a small saving is not
+    worth a large error (e.g. a 128 -> 10 classifier).
+    """
+    after = count_params(new)
+    fmt = format_of(new)
+    label = format_label(fmt.name) if fmt is not None else type(new).__name__
+    if after >= d.params_before:
+        return f"would not shrink ({label} needs {after} >= {d.params_before} params)"
+    fit = calibration_fit(new)
+    error = fit.error_after if fit is not None else getattr(new, "rel_error", None)
+    saved = d.params_before - after
+    floor = plan.saving_floor(fit is not None)
+    if error is not None and saved < floor * total and float(error) > plan.max_error:
+        kind = "output" if fit is not None else "weight"
+        return (f"kept dense: {label} saves only {saved:,} params ({saved / total:.2%} of the model) at "
+                f"{kind} error {float(error):.2f} (min_saving {floor:g}, max_error {plan.max_error:g})")
+    return None
+
+
+def _record(d: LayerDecision, new: nn.Module, seconds: float, plan: Plan,
+            total: int) -> tuple[LayerReport, LayerReport | None]:
+    """The record of a built layer, and the same record for the metadata (None: it stays dense, see
+    :func:`keep_dense_reason`)."""
     after = count_params(new)
     rel_error = getattr(new, "rel_error", None)
     rel_error = None if rel_error is None else float(rel_error)
@@ -270,9 +409,12 @@ def _record(d: LayerDecision, new: nn.Module, seconds: float) -> tuple[LayerRepo
     if fmt is None:
         raise TypeError(f"layer {d.name!r}: format {d.format!r} built a {type(new).__name__}, which no format owns")
     note = build_note(new)
-    if after >= d.params_before:
-        skipped = f"would not shrink ({format_label(fmt.name)} needs {after} >= {d.params_before} params)"
-        return _dense_record(d, skipped, rel_error=rel_error, seconds=seconds, note=note), None
+    fit = calibration_fit(new)
+    errors = {} if fit is None else {"out_error_before": float(fit.error_before),
+                                     "out_error_after": float(fit.error_after), "fit_method": fit.method}
+    reason = keep_dense_reason(d, new, plan, total)
+    if reason is not None:
+        return _dense_record(d, reason, rel_error=rel_error, seconds=seconds, note=note, **errors), None
     try:  # stored as JSON in checkpoints: keep the in-memory record identical to a reloaded one
         config = json.loads(json.dumps(new.config()))
     except (TypeError, ValueError) as exc:
@@ -280,7 +422,7 @@ def _record(d: LayerDecision, new: nn.Module, seconds: float) -> tuple[LayerRepo
     desc = fmt.describe(new)
     record = LayerReport(d.name, fmt.name, d.type, d.shape, d.params_before, after, in_modes=desc.in_modes,
                          out_modes=desc.out_modes, ranks=desc.ranks, rel_error=rel_error, seconds=seconds,
-                         aliases=d.aliases, detail=desc.text, note=note, config=config)
+                         aliases=d.aliases, detail=desc.text, note=note, config=config, **errors)
     return record, record
 
 
@@ -290,6 +432,8 @@ def compress(
     *,
     filter_fn: FilterFn | None = None,
     progress: ProgressFn | None = None,
+    calib_data: Any = None,
+    calib_samples: int | None = None,
     check_input: Any = None,
 ) -> nn.Module:
     """Compress ``model`` in place per ``plan``; return it (see :func:`compress_with_report`).
@@ -302,7 +446,8 @@ def compress(
     >>> sorted(model.ttcompress_meta["layers"])
     ['0']
     """
-    return compress_with_report(model, plan, filter_fn=filter_fn, progress=progress, check_input=check_input).model
+    return compress_with_report(model, plan, filter_fn=filter_fn, progress=progress, calib_data=calib_data,
+                                calib_samples=calib_samples, check_input=check_input).model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -489,6 +634,9 @@ def decompose_file(
     trust_pickle: bool = False,
     trust_code: bool = False,
     progress: ProgressFn | None = None,
+    calib_data: Any = None,
+    calib_samples: int | None = None,
+    calib_info: Mapping[str, Any] | None = None,
 ) -> DecomposeResult:
     """Load a model file, compress it per ``plan`` and save a ttcompress checkpoint atomically.
 
@@ -499,10 +647,19 @@ def decompose_file(
     output : path, optional
         Default :func:`default_output_path` (``model.tt.pt`` next to ``model.pt``). Must differ
         from the input. Nothing is written if anything fails.
-    plan, progress
+    plan, progress, calib_data, calib_samples
         As for :func:`compress_with_report`.
     arch, arch_kwargs, trust_pickle, trust_code
         As for :func:`ttcompress.io.load`.
+    calib_info : mapping, optional
+        How the calibration data were chosen (dataset, samples, seed), stored in the checkpoint
+        info under ``"calibration"`` (with ``{"used": False}`` when there were none).
+
+    Notes
+    -----
+    The checkpoint info records the source file: ``source`` (its name), ``source_path`` (absolute
+    path) and ``source_sha256`` (content hash), which ``finetune`` uses to find the dense model as
+    its default teacher (:func:`ttcompress.teacher.default_teacher`).
     """
     plan = _as_plan(plan)
     src = Path(input_path)
@@ -511,9 +668,12 @@ def decompose_file(
         raise ValueError(f"output (-o) must differ from the input file: {dest}")
     loaded = load_checkpoint(src, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
     with process_group() as rank:  # under torchrun: every rank decomposes a share, rank 0 writes
-        result = compress_with_report(loaded.model, plan, progress=progress)
+        result = compress_with_report(loaded.model, plan, progress=progress, calib_data=calib_data,
+                                      calib_samples=calib_samples)
         if rank == 0:
-            save(result.model, dest, info={"plan": plan.to_dict(), "source": src.name})
+            calibration = {"used": calib_data is not None, **dict(calib_info or {})}
+            info = {"plan": plan.to_dict(), "source": src.name, "calibration": calibration, **source_record(src)}
+            save(result.model, dest, info=info)
     return DecomposeResult(result, src, loaded.kind, dest)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -29,7 +29,9 @@ from ttcompress.cli.options import (
     TrustPickleOpt,
     parse_arch_kwargs,
 )
-from ttcompress.errors import refused_input
+from ttcompress.cli.train import DataRootOpt
+from ttcompress.data import balanced_subset, load_dataset
+from ttcompress.errors import DataError, UserInputError, refused_input
 from ttcompress.formats import format_names, get_format
 from ttcompress.cli.flags import flags_in_errors
 from ttcompress.planfile import plan_from_options
@@ -41,6 +43,21 @@ app = command_app()
 _RANKS = "Ranks (pick at most one way per format)"
 _FORMAT_HELP = "; ".join(f"{n} ({get_format(n).summary})" for n in format_names())
 _SELECT = "Layer selection"
+_CALIB = "Calibration (data-aware decomposition)"
+#: Default ``--calib-samples`` (see docs/results.md for 128 / 512 / 2048 compared).
+DEFAULT_CALIB_SAMPLES = 512
+
+
+def calibration_set(data: str, *, root: Any,  samples: int, seed: int) -> tuple[Any, dict[str, Any]]:
+    """``samples`` class-balanced, seeded inputs of ``data``'s training split, and their description."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise UserInputError(f"--calib-samples must be a positive integer, got {samples}")
+    bundle = load_dataset(data, root=root)
+    if len(bundle.train) == 0:
+        raise DataError(f"dataset {data!r} has an empty training split; nothing to calibrate on")
+    subset = balanced_subset(bundle.train, min(samples, len(bundle.train)), seed=seed)
+    return subset, {"dataset": bundle.name, "samples": len(subset), "seed": seed, "split": "train",
+                    "balanced": True}
 
 
 @app.command("decompose")
@@ -83,6 +100,25 @@ def decompose(
     exclude: Annotated[Optional[list[str]], typer.Option(
         "--exclude", help="Keep layers matching this glob dense (repeatable, or comma-separated).",
         show_default=False, metavar="GLOB", rich_help_panel=_SELECT)] = None,
+    min_saving: Annotated[Optional[float], typer.Option(
+        "--min-saving", help="Keep a layer dense when compressing it saves less than this fraction of the model's "
+        "params at an error above --max-error (default 0.01 with calibration data, 0 = off without).",
+        show_default=False, metavar="FLOAT", rich_help_panel=_SELECT)] = None,
+    max_error: Annotated[Optional[float], typer.Option(
+        "--max-error", help="Error above which --min-saving applies (output error after calibration, else weight "
+        "error; default 0.5).", show_default=False, metavar="FLOAT", rich_help_panel=_SELECT)] = None,
+    data: Annotated[Optional[str], typer.Option(
+        "--data", help="Calibrate on this dataset's training split (any dataset train accepts): each layer is "
+        "fitted to the dense layer's outputs, and --target-ratio ranks follow the measured output error.",
+        show_default=False, metavar="NAME", rich_help_panel=_CALIB)] = None,
+    data_root: DataRootOpt = None,
+    calib_samples: Annotated[int, typer.Option(
+        "--calib-samples", help="Calibration samples (class-balanced, seeded) from the training split.",
+        metavar="INT", rich_help_panel=_CALIB)] = DEFAULT_CALIB_SAMPLES,
+    no_calib: Annotated[bool, typer.Option(
+        "--no-calib", help="Ignore --data: data-free decomposition.", rich_help_panel=_CALIB)] = False,
+    seed: Annotated[int, typer.Option(
+        "--seed", help="Seed of the calibration sample.", metavar="INT", rich_help_panel=_CALIB)] = 0,
     plan: PlanOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -95,7 +131,10 @@ def decompose(
         the_plan = plan_from_options(
             plan_file=plan, tt_ranks=tt_ranks, tt_eps=tt_eps, tt_d=tt_d, cp_ranks=cp_ranks, cp_ratio=cp_ratio,
             layers=layers or (), exclude=exclude or (), target_ratio=target_ratio, formats=formats or (),
+            min_saving=min_saving, max_error=max_error,
         )
+        calib, calib_info = (None, None) if no_calib or data is None else calibration_set(
+            data, root=data_root, samples=calib_samples, seed=seed)
     kwargs = parse_arch_kwargs(arch_kwargs)
     check_outputs([output if output is not None else default_output_path(model)], overwrite=overwrite, inputs=[model])
     with Progress(
@@ -110,7 +149,7 @@ def decompose(
         with refused_input():  # a named model that cannot be loaded, a plan that does not fit it
             result = decompose_file(
                 model, output=output, plan=the_plan, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle,
-                trust_code=trust_code, progress=progress,
+                trust_code=trust_code, progress=progress, calib_data=calib, calib_info=calib_info,
             )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports (and writes)
         return
@@ -129,12 +168,19 @@ def print_table(table: Table) -> None:
         Console(width=max(out.width, 220), soft_wrap=True).print(table)
 
 
+def _fmt_out_error(r: LayerReport) -> str:
+    """``before → after`` relative output error on the calibration data (``–`` without calibration)."""
+    if r.out_error_before is None or r.out_error_after is None:
+        return "–"
+    return f"{r.out_error_before:.4f} → {r.out_error_after:.4f}"
+
+
 def layer_table(result: CompressionResult) -> Table:
     """The per-layer rich table of a compression run, with a total row."""
     table = Table(title="ttcompress decompose", show_footer=False)
     for col, just in (("layer", "left"), ("type", "left"), ("shape", "left"), ("format", "left"),
                       ("modes / ranks", "left"), ("params", "right"), ("ratio", "right"),
-                      ("rel. error", "right"), ("time", "right"), ("note", "left")):
+                      ("rel. error", "right"), ("out. error", "right"), ("time", "right"), ("note", "left")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for r in result.records:
         params = f"{r.params_before:,}" if not r.compressed else f"{r.params_before:,} → {r.params_after:,}"
@@ -147,13 +193,14 @@ def layer_table(result: CompressionResult) -> Table:
             params,
             f"{r.ratio:.2f}×" if r.compressed else "–",
             f"{r.rel_error:.4f}" if r.rel_error is not None and r.compressed else "–",
+            _fmt_out_error(r),
             f"{r.seconds:.2f}s" if r.seconds is not None and r.compressed else "–",
             r.skipped or r.note or "",
         )
     n = len(result.compressed)
     table.add_section()
     table.add_row(f"total ({n} of {len(result.records)} layers compressed)", "", "", "", "",
-                  f"{result.params_before:,} → {result.params_after:,}", f"{result.ratio:.2f}×", "", "", "",
+                  f"{result.params_before:,} → {result.params_after:,}", f"{result.ratio:.2f}×", "", "", "", "",
                   style="bold")
     return table
 

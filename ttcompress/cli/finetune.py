@@ -6,6 +6,7 @@ A thin shell over :func:`ttcompress.training.api.finetune_file`; the options are
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -53,9 +54,20 @@ from ttcompress.cli.train import (
     render_result,
     require_output,
 )
+from ttcompress.io import read_header
+from ttcompress.teacher import default_teacher
 from ttcompress.training.config import FinetuneConfig
 
 app = command_app()
+
+
+def _recorded_teacher(model: Path) -> Path | None:
+    """The source model recorded by ``decompose`` in MODEL's header, if unchanged (says so on stderr)."""
+    header = read_header(model) if model.is_file() else None
+    choice = default_teacher((header or {}).get("info") or {})
+    if choice.message is not None:
+        err.print(choice.message, style="yellow" if choice.warning else None, highlight=False, soft_wrap=True)
+    return choice.path
 
 
 @app.command("finetune")
@@ -90,6 +102,9 @@ def finetune(
     eval_batch_size: EvalBatchSizeOpt = FinetuneConfig.eval_batch_size,
     resume: ResumeOpt = False,
     teacher: TeacherOpt = None,
+    no_distill: Annotated[bool, typer.Option(
+        "--no-distill", help="Do not distill from the source model that decompose recorded (the default teacher "
+        "when that file is still there and unchanged).", rich_help_panel="Distillation")] = False,
     alpha: AlphaOpt = FinetuneConfig.distill_alpha,
     temperature: TemperatureOpt = FinetuneConfig.distill_temperature,
     arch: ArchOpt = None,
@@ -115,6 +130,8 @@ def finetune(
         amp=amp, compile=compile_, train_only=train_only, distill_alpha=alpha, distill_temperature=temperature,
         eval_batch_size=eval_batch_size, num_workers=workers, max_batches=max_batches, val_fraction=val_fraction,
     )  # fmt: skip
+    if teacher is None and not no_distill:
+        teacher = _recorded_teacher(model)
     progress = RichProgress(err)
     try:
         result = finetune_file(

@@ -4,7 +4,8 @@ For each layer, the parameter budget is what the layer's default format (TT for 
 Conv2d, under the plan's settings or the target-ratio allocation) would use. Every registered
 format that compresses the layer type is then built at the largest structure within that budget
 (:meth:`~ttcompress.formats.base.CompressionFormat.fit_budget`), and the one with the lowest
-relative Frobenius error of the weight wins. Errors within ``tie_tol`` of the best are a tie,
+relative Frobenius error of the weight wins (with calibration statistics: the lowest relative
+output error after fitting). Errors within ``tie_tol`` of the best are a tie,
 broken by the fewest multiply-adds (:meth:`~ttcompress.formats.base.CompressionFormat.flops`),
 then by registration order. A FLOP count stands in for measured speed: timing every candidate of
 every layer would cost more than the decompositions and would make the choice depend on the
@@ -29,6 +30,7 @@ from ttcompress.formats.base import (
     set_build_note,
 )
 from ttcompress.formats.checks import check_patterns
+from ttcompress.formats.fitting import calibration_fit
 from ttcompress.formats.registry import default_format, format_names, formats_for, get_format, register_format
 
 __all__ = ["AutoFormat", "AutoSettings", "Trial", "choose"]
@@ -145,7 +147,8 @@ class AutoFormat(CompressionFormat):
         for fmt_name, opts in trials.items():
             fmt = get_format(fmt_name)
             layer = fmt.build(module, opts, calib=calib, name=name)
-            err = getattr(layer, "rel_error", None)
+            fit = calibration_fit(layer)  # with calibration data: compare output errors
+            err = fit.error_after if fit is not None else getattr(layer, "rel_error", None)
             built[fmt_name] = layer
             results.append(Trial(fmt_name, dense_params(layer), float("inf") if err is None else float(err),
                                  fmt.flops(layer)))

@@ -20,6 +20,7 @@ from ttcompress.decompose.cp import cp_param_count, cp_rank_for_ratio
 from ttcompress.decompose.spectra import singular_tails, unfold
 from ttcompress.formats.base import CompressionFormat, FormatDescription, Ladder, LayerDecision, bias_params, join
 from ttcompress.formats.checks import check_pos_int, check_ratio, freeze_options
+from ttcompress.formats.fitting import calibrated
 from ttcompress.formats.registry import register_format
 from ttcompress.layers.cp_conv import CPConv2d
 
@@ -129,7 +130,7 @@ class CPFormat(CompressionFormat):
         rank = opts.pop("rank")
         if name is not None:
             opts.setdefault("name", name)  # degenerate-fit warnings name the layer
-        return CPConv2d.from_conv(module, rank=rank, **opts)
+        return calibrated(module, CPConv2d.from_conv(module, rank=rank, **opts), calib)
 
     def describe(self, layer: nn.Module) -> FormatDescription:
         kh, kw = layer.kernel_size

@@ -13,12 +13,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
+
+from ttcompress.calibration.fit import FitResult, corrected_bias, output_error, whitened_lowrank
+from ttcompress.calibration.stats import LayerStats
 
 from ttcompress.decompose.spectra import singular_tails
 from ttcompress.decompose.svd import svd_param_count, svd_rank_for_ratio
 from ttcompress.formats.base import CompressionFormat, FormatDescription, Ladder, LayerDecision, bias_params
 from ttcompress.formats.checks import check_eps, check_pos_int, check_ratio
+from ttcompress.formats.fitting import check_calib, record_fit
 from ttcompress.formats.registry import register_format
 from ttcompress.layers.svd_linear import SVDLinear
 
@@ -53,6 +58,35 @@ class SVDSettings:
         object.__setattr__(self, "ratio", check_ratio(self.ratio, "svd ratio"))
         if self.ratio is not None and (self.rank is not None or self.eps is not None):
             raise ValueError("svd ratio excludes svd rank and svd eps; give ratio, or rank and/or eps")
+
+
+def _fit_whitened(linear: nn.Module, layer: SVDLinear, stats: LayerStats) -> None:
+    """Refit ``layer``'s factors to ``linear``'s outputs by the whitened truncated SVD, in place.
+
+    :func:`~ttcompress.calibration.fit.whitened_lowrank` is the exact optimum of the (damped)
+    output error for a rank-``r`` product (SVD-LLM); with a bias it runs on centred statistics and
+    the bias is then corrected, the joint optimum. The data-free factors are kept when the fit
+    does not lower the output error. The fit is recorded (:func:`record_fit`).
+    """
+    w, b = linear.weight.detach(), linear.bias
+    before = output_error(w, layer.dense_weight().detach(), stats, bias=b, new_bias=layer.bias)
+    saved = (layer.first.detach().clone(), layer.second.detach().clone(),
+             None if layer.bias is None else layer.bias.detach().clone())
+    a, bb = whitened_lowrank(w, stats.centered() if b is not None else stats, layer.rank)
+    with torch.no_grad():
+        layer.first.copy_(bb)
+        layer.second.copy_(a)
+        if layer.bias is not None:
+            layer.bias.copy_(corrected_bias(w, b, layer.dense_weight(), stats))
+        after = output_error(w, layer.dense_weight(), stats, bias=b, new_bias=layer.bias)
+        method = "whitened-svd"
+        if not after <= before:
+            layer.first.copy_(saved[0])
+            layer.second.copy_(saved[1])
+            if layer.bias is not None:
+                layer.bias.copy_(saved[2])
+            after, method = before, "none"
+    record_fit(layer, FitResult(layer, before, after, method), w)
 
 
 @register_format
@@ -91,7 +125,11 @@ class SVDFormat(CompressionFormat):
 
     def build(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
               name: str | None = None) -> nn.Module:
-        return SVDLinear.from_linear(module, rank=options.get("rank"), eps=options.get("eps"))
+        layer = SVDLinear.from_linear(module, rank=options.get("rank"), eps=options.get("eps"))
+        stats = check_calib(calib)
+        if stats is not None:
+            _fit_whitened(module, layer, stats)
+        return layer
 
     def describe(self, layer: nn.Module) -> FormatDescription:
         return FormatDescription(self.name, (int(layer.out_features), int(layer.in_features)), (int(layer.rank),),

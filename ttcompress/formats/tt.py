@@ -21,6 +21,7 @@ from ttcompress.decompose.spectra import singular_tails
 from ttcompress.decompose.tt import tt_param_count, tt_ranks
 from ttcompress.formats.base import CompressionFormat, FormatDescription, Ladder, LayerDecision, bias_params, join
 from ttcompress.formats.checks import check_d, check_eps, check_modes, check_ranks
+from ttcompress.formats.fitting import calibrated
 from ttcompress.formats.registry import register_format
 from ttcompress.layers.tt_linear import TTLinear
 
@@ -135,7 +136,7 @@ class TTFormat(CompressionFormat):
         for key in ("in_modes", "out_modes"):
             if key in opts:
                 opts[key] = tuple(opts[key])
-        return TTLinear.from_linear(module, **opts)
+        return calibrated(module, TTLinear.from_linear(module, **opts), calib)
 
     def describe(self, layer: nn.Module) -> FormatDescription:
         ranks = tuple(int(r) for r in layer.ranks)

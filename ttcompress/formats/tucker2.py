@@ -26,6 +26,7 @@ from ttcompress.formats.base import (
     dense_params,
 )
 from ttcompress.formats.checks import check_ranks, check_ratio, freeze_options
+from ttcompress.formats.fitting import calibrated
 from ttcompress.formats.registry import register_format
 from ttcompress.layers.tucker2_conv import Tucker2Conv2d
 
@@ -140,7 +141,8 @@ class Tucker2Format(CompressionFormat):
 
     def build(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
               name: str | None = None) -> nn.Module:
-        return Tucker2Conv2d.from_conv(module, **{k: v for k, v in options.items() if v is not None})
+        layer = Tucker2Conv2d.from_conv(module, **{k: v for k, v in options.items() if v is not None})
+        return calibrated(module, layer, calib)
 
     def describe(self, layer: nn.Module) -> FormatDescription:
         kh, kw = layer.kernel_size
