@@ -117,7 +117,7 @@ def decompose_convs(model: nn.Module, *, rank: int, seed: int = 0) -> dict[str, 
     """
     from ttcompress.io import update_meta
     from ttcompress.layers.cp_conv import CPConv2d
-    from ttcompress.surgery import set_submodule
+    from ttcompress.modtree import set_submodule
 
     errors: dict[str, float | None] = {}
     layers: dict[str, dict[str, Any]] = {}

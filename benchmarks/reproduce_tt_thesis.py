@@ -126,7 +126,7 @@ def build_tt_fc3(variant: str, *, num_classes: int = 10) -> nn.Module:
     from ttcompress.io import update_meta
     from ttcompress.layers.tt_linear import TTLinear
     from ttcompress.models import build_arch
-    from ttcompress.surgery import get_submodule, set_submodule
+    from ttcompress.modtree import get_submodule, set_submodule
 
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")

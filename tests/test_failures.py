@@ -422,7 +422,7 @@ def test_stale_temp_files_are_removed_on_the_next_write(tmp_path: Path) -> None:
 
 
 def test_atomic_write_keeps_the_umask_and_closes_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ttcompress.io as tio
+    import ttcompress.fsutil as tio
 
     old = os.umask(0o027)
     try:

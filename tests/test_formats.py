@@ -259,7 +259,7 @@ def test_plan_files_accept_every_format(tmp_path):
         Plan(formats=("nope",))
     with pytest.raises(ValueError, match="tucker2 ranks must be one int"):
         Plan.from_dict({"tucker2": {"ranks": [1, 2, 3]}})
-    with pytest.raises(ValueError, match="do not combine it with svd rank"):
+    with pytest.raises(ValueError, match="do not combine it with svd.rank"):
         Plan(target_ratio=2.0, settings={"svd": {"rank": 3}})
 
 

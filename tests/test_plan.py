@@ -13,11 +13,9 @@ from ttcompress.plan import (
     Plan,
     Rule,
     TTSettings,
-    load_plan,
-    plan_from_options,
     plan_layers,
-    save_plan,
 )
+from ttcompress.planfile import load_plan, plan_from_options, save_plan
 
 FULL = Plan(
     tt=TTSettings(ranks=6, d=3),
@@ -54,19 +52,19 @@ def test_plan_file_yaml_by_hand(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"tt_ranks": 0}, "--tt-ranks"),
-        ({"tt_ranks": -3}, "--tt-ranks"),
-        ({"tt_eps": 0.0}, "--tt-eps"),
-        ({"tt_eps": 1.0}, "--tt-eps"),
-        ({"tt_eps": 1.5}, "--tt-eps"),
-        ({"tt_d": 1}, "--tt-d"),
-        ({"cp_ranks": 0}, "--cp-ranks"),
-        ({"cp_ratio": 1.0}, "--cp-ratio"),
+        ({"tt_ranks": 0}, "tt.ranks"),
+        ({"tt_ranks": -3}, "tt.ranks"),
+        ({"tt_eps": 0.0}, "tt.eps"),
+        ({"tt_eps": 1.0}, "tt.eps"),
+        ({"tt_eps": 1.5}, "tt.eps"),
+        ({"tt_d": 1}, "tt.d"),
+        ({"cp_ranks": 0}, "cp.rank"),
+        ({"cp_ratio": 1.0}, "cp.ratio"),
         ({"cp_ranks": 4, "cp_ratio": 2.0}, "mutually exclusive"),
-        ({"target_ratio": 0.5}, "--target-ratio"),
-        ({"target_ratio": 4.0, "tt_ranks": 4}, "do not combine it with tt ranks"),
-        ({"target_ratio": 4.0, "cp_ratio": 2.0}, "cp ratio"),
-        ({"layers": [""]}, "--layers"),
+        ({"target_ratio": 0.5}, "target_ratio"),
+        ({"target_ratio": 4.0, "tt_ranks": 4}, "do not combine it with tt.ranks"),
+        ({"target_ratio": 4.0, "cp_ratio": 2.0}, "cp.ratio"),
+        ({"layers": [""]}, "layers"),
     ],
 )
 def test_invalid_options(kwargs, match):

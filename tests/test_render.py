@@ -9,11 +9,12 @@ import json
 import pytest
 
 from ttcompress.render import render, to_json
-from ttcompress.report import LayerRow, ModelRow, Report, pareto_front
+from ttcompress.layer_report import LayerReport
+from ttcompress.report import ModelRow, Report, pareto_front
 
 
 def _row(name: str, params: int, acc: float | None, *, base: bool = False, before: float | None = None) -> ModelRow:
-    layers = () if base else (LayerRow("fc1", "TT", "(1,4,4,1)", 1000, 100, 0.125),)
+    layers = () if base else (LayerReport("fc1", "tt", ranks=(1, 4, 4, 1), params_before=1000, params_after=100, rel_error=0.125),)
     return ModelRow(
         model=name,
         params=params,

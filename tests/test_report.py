@@ -15,7 +15,8 @@ from ttcompress.data import DatasetBundle
 from ttcompress.io import save
 from ttcompress.models import build_arch
 from ttcompress.plan import Plan, TTSettings
-from ttcompress.report import ModelEntry, build_report, count_flops, count_params
+from ttcompress.layer_report import count_params
+from ttcompress.report import ModelEntry, build_report, count_flops
 from ttcompress.surgery import compress
 
 

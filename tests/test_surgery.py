@@ -10,7 +10,8 @@ from torch import nn
 
 from ttcompress.io import build_model, get_meta, load, save
 from ttcompress.plan import CPSettings, Plan, Rule, TTSettings
-from ttcompress.surgery import compress, compress_with_report, get_submodule, set_submodule
+from ttcompress.modtree import get_submodule, set_submodule
+from ttcompress.surgery import compress, compress_with_report
 
 CP_FAST = {"n_iter_max": 30}
 

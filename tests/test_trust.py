@@ -301,7 +301,7 @@ def test_cifar10_batches_are_bounded_by_their_bytes(payload: Any, match: str, tm
 )
 def test_plan_files_are_safe_yaml_without_aliases(text: str, match: str, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    from ttcompress.plan import load_plan
+    from ttcompress.planfile import load_plan
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "plan.yaml").write_text(text)

@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time they load o
     from ttcompress.io import get_meta, load, save
     from ttcompress.layers import LAYER_TYPES, CPConv2d, TTLinear
     from ttcompress.models import build_arch
-    from ttcompress.plan import CPSettings, Plan, Rule, TTSettings, load_plan, plan_from_options
+    from ttcompress.plan import CPSettings, Plan, Rule, TTSettings
+    from ttcompress.planfile import load_plan, plan_from_options
     from ttcompress.surgery import compress, compress_with_report
 
 # Every public name is loaded on first access, so that ``import ttcompress`` (and with it
@@ -47,8 +48,8 @@ _LAZY = {
     "Plan": "ttcompress.plan",
     "Rule": "ttcompress.plan",
     "TTSettings": "ttcompress.plan",
-    "load_plan": "ttcompress.plan",
-    "plan_from_options": "ttcompress.plan",
+    "load_plan": "ttcompress.planfile",
+    "plan_from_options": "ttcompress.planfile",
     "compress": "ttcompress.surgery",
     "CompressionFormat": "ttcompress.formats",
     "format_names": "ttcompress.formats",

@@ -65,7 +65,7 @@ def run_demo(
     of every training run (the CLI passes :class:`ttcompress.cli.progress.RichProgress`). Re-running reuses the cached
     sweep settings in ``output_dir/sweep``, but retrains the baseline if its file is missing.
     """
-    from ttcompress.io import atomic_write
+    from ttcompress.fsutil import atomic_write
     from ttcompress.plot import plot_tradeoff
     from ttcompress.render import to_markdown
     from ttcompress.sweep import sweep_report, sweep_settings

@@ -33,7 +33,7 @@ from torch import nn
 
 from ttcompress.errors import TTCompressError, UserInputError
 from ttcompress.io import atomic_write, get_meta, save, update_meta
-from ttcompress.surgery import get_submodule, set_submodule
+from ttcompress.modtree import get_submodule, set_submodule
 
 __all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "LayerMerge", "export_model", "merge_to_dense"]
 

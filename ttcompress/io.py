@@ -22,54 +22,50 @@ metadata has two string entries, ``"format": "ttcompress"`` and ``"ttcompress"``
 
     {"format": "ttcompress", "version": 1, "ttcompress_version": "0.1.0", "torch_version": "...",
      "arch": {"name": "torchvision:resnet18", "kwargs": {"num_classes": 10}},
-     "layers": {"fc": {"format": "tt", "config": {...TTLinear.config()...},
+     "layers": {"fc": {"format": NAME, "config": {...the layer's config()...},
                        "rel_error": 0.12, "seconds": 0.01,
                        "params_before": 5130, "params_after": 1210}, ...},
      "info": {...free-form JSON...},
      "tied": {"duplicate.key": "kept.key", ...}}
 
-Loading rebuilds it without unpickling anything: ``build_arch(arch)`` → every recorded layer is
-replaced by ``LAYER_TYPES[format](**config)`` (structure only, no decomposition) →
-``load_state_dict(strict=True)``.
+Loading rebuilds it without unpickling anything (:mod:`ttcompress.rebuild`): ``build_arch(arch)``
+→ every recorded layer is replaced by ``get_format(format).rebuild(config)`` (structure only, no
+decomposition) → ``load_state_dict(strict=True)``.
 
 When the model is not rebuildable (``meta["arch"] is None``, e.g. its base was a pickled module),
 :func:`save` falls back to ``torch.save({"format": "ttcompress", "version": 1, "header": {...},
 "model": model})``; loading such a file needs ``trust_pickle=True`` like any pickled module.
 
-Every model that this module returns carries ``model.ttcompress_meta`` (see :func:`get_meta`) and
-is in eval mode.
+Every model that this module returns carries ``model.ttcompress_meta`` (see
+:func:`ttcompress.meta.get_meta`) and is in eval mode. :func:`get_meta`, :func:`update_meta`
+(:mod:`ttcompress.meta`) and :func:`atomic_write` (:mod:`ttcompress.fsutil`) are re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
 import io as _io
 import json
-import math
-import os
 import pickle
 import pickletools
-import signal
 import struct
-import tempfile
-import threading
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ttcompress._version import __version__
 from ttcompress.errors import CheckpointError, UnsafePickleError
 from ttcompress.header import parse_header_json, validate_header
-from ttcompress.layers import LAYER_TYPES
+from ttcompress.fsutil import PathLike, atomic_write
+from ttcompress.meta import ModelMeta, get_meta, set_meta, update_meta
+from ttcompress.models import build_arch
+from ttcompress.rebuild import fit_state_dict, rebuild_model, short_error
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -87,240 +83,10 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "ttcompress"
 CHECKPOINT_VERSION = 1
-META_ATTR = "ttcompress_meta"
 
-_MISSING: Any = object()
-
-PathLike = str | os.PathLike[str]
 InputKind = Literal["ttcompress", "ttcompress-pickle", "state_dict", "pickle"]
 
 
-# --------------------------------------------------------------------------------------------------
-# Model metadata
-# --------------------------------------------------------------------------------------------------
-def _default_meta() -> dict[str, Any]:
-    return {"arch": None, "layers": {}, "info": {}}
-
-
-def get_meta(model: nn.Module) -> dict[str, Any]:
-    """Return a deep copy of ``model.ttcompress_meta``, with defaults filled in.
-
-    Parameters
-    ----------
-    model : nn.Module
-        Any module; one without metadata gives ``{"arch": None, "layers": {}, "info": {}}``.
-
-    Returns
-    -------
-    dict
-        ``{"arch": {"name": str, "kwargs": dict} | None, "layers": {name: record}, "info": dict}``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    meta = _default_meta()
-    stored = getattr(model, META_ATTR, None)
-    if isinstance(stored, Mapping):
-        meta.update(copy.deepcopy(dict(stored)))
-        meta["layers"] = dict(meta.get("layers") or {})
-        meta["info"] = dict(meta.get("info") or {})
-    return meta
-
-
-def update_meta(
-    model: nn.Module,
-    *,
-    arch: Mapping[str, Any] | None = _MISSING,
-    layers: Mapping[str, Mapping[str, Any]] | None = None,
-    info: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Update ``model.ttcompress_meta`` in place and return a copy of the result.
-
-    Parameters
-    ----------
-    model : nn.Module
-        The model to annotate.
-    arch : dict or None, optional
-        Replaces the architecture spec (``{"name": ..., "kwargs": {...}}``); ``None`` marks the
-        model as not rebuildable. Left unchanged when not given.
-    layers : dict, optional
-        Per-layer records merged into ``meta["layers"]`` (a record replaces one of the same name).
-    info : dict, optional
-        Free-form JSON entries merged into ``meta["info"]`` (shallow merge).
-
-    Returns
-    -------
-    dict
-        A deep copy of the updated metadata.
-    """
-    meta = get_meta(model)
-    if arch is not _MISSING:
-        if arch is not None:
-            if not isinstance(arch, Mapping) or not isinstance(arch.get("name"), str):
-                raise TypeError("arch must be a dict {'name': str, 'kwargs': dict} or None")
-            arch = {"name": arch["name"], "kwargs": dict(arch.get("kwargs") or {})}
-        meta["arch"] = copy.deepcopy(arch)
-    if layers is not None:
-        if not isinstance(layers, Mapping):
-            raise TypeError("layers must be a mapping {qualified_name: record}")
-        meta["layers"].update(copy.deepcopy({str(k): dict(v) for k, v in layers.items()}))
-    if info is not None:
-        if not isinstance(info, Mapping):
-            raise TypeError("info must be a mapping")
-        meta["info"].update(copy.deepcopy(dict(info)))
-    # object.__setattr__ keeps nn.Module from treating the dict as anything special.
-    object.__setattr__(model, META_ATTR, meta)
-    return copy.deepcopy(meta)
-
-
-# --------------------------------------------------------------------------------------------------
-# Atomic writes
-# --------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def _umask_by_flipping() -> int:
-    # Only where /proc is missing: os.umask can only be read by setting it, so do it once.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _umask() -> int:
-    """The process umask, read from ``/proc/self/status`` without changing it (else once, see above)."""
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    return _umask_by_flipping()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. EPERM: it exists, owned by someone else
-        return True
-    return True
-
-
-def _remove_stale_temps(dest: Path) -> None:
-    """Remove ``.NAME.PID.*.tmp`` files left beside ``dest`` by a writer that died (SIGKILL, power loss).
-
-    A temp file whose PID is a live process other than this one may be a concurrent write and
-    is left alone; names without a PID (older ttcompress) are stale by now.
-    """
-    prefix, me = f".{dest.name}.", os.getpid()
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(dest.parent):
-            name = entry.name
-            if not (name.startswith(prefix) and name.endswith(".tmp")) or not entry.is_file(follow_symlinks=False):
-                continue
-            pid_text = name[len(prefix) :].split(".", 1)[0]
-            if pid_text.isdigit() and (int(pid_text) == me or _pid_alive(int(pid_text))):
-                continue
-            with contextlib.suppress(OSError):
-                os.unlink(entry.path)
-
-
-class _Terminated(SystemExit):
-    """SIGTERM arrived during :func:`atomic_write`: unwind (removing the temp file), then exit 143."""
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """While inside, SIGTERM raises :class:`_Terminated` in the main thread instead of killing at once.
-
-    A Python handler already installed is kept (it is called); an ignored SIGTERM stays ignored.
-    Outside the main thread (where handlers cannot be set) this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous == signal.SIG_IGN or previous is None:
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if callable(previous):
-            previous(signum, frame)
-        raise _Terminated(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "wb", *, encoding: str | None = None) -> Iterator[IO[Any]]:
-    """Open a temporary file next to ``path``; on success fsync it and ``os.replace`` it onto ``path``.
-
-    If the ``with`` block raises, or SIGTERM arrives (it then ends the process with exit code
-    143 once the temporary file is removed), nothing is written at ``path``: an existing file
-    there stays as it was and the temporary file ``.NAME.PID.*.tmp`` is removed. One left by a
-    process that could not clean up (SIGKILL) is removed by the next write to ``path``.
-    Missing parent directories are created. The file gets the mode ``0o666 & ~umask``; the
-    umask is read without changing it.
-
-    Parameters
-    ----------
-    path : str or PathLike
-        Destination file.
-    mode : {"wb", "w"}
-        Binary or text mode.
-    encoding : str, optional
-        Text encoding for ``mode="w"`` (default UTF-8).
-
-    Yields
-    ------
-    file object
-        Write to it; do not close it yourself.
-    """
-    if mode not in ("wb", "w", "wt"):
-        raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
-    dest = Path(path)
-    if dest.is_dir():
-        raise IsADirectoryError(f"output path is a directory: {dest}")
-    blocker = next((p for p in dest.parents if p.exists() or p.is_symlink()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise NotADirectoryError(f"cannot write {dest}: {blocker} is not a directory")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(dest)
-    with _sigterm_unwinds():
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp")
-        tmp = Path(tmp_name)
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())
-            if "b" in mode:
-                handle: IO[Any] = os.fdopen(fd, "wb")
-            else:
-                handle = os.fdopen(fd, "w", encoding=encoding or "utf-8", newline="")
-            fd = -1  # owned (and closed) by ``handle`` from here on
-            with handle:
-                yield handle
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
-    with contextlib.suppress(OSError):  # make the rename durable (not possible on every platform)
-        dir_fd = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-# --------------------------------------------------------------------------------------------------
-# Architectures and layer types
-# --------------------------------------------------------------------------------------------------
 def build_model(name: str, *, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """Build an architecture by name; same as :func:`ttcompress.models.build_arch`.
 
@@ -331,8 +97,6 @@ def build_model(name: str, *, kwargs: Mapping[str, Any] | None = None) -> nn.Mod
     kwargs : dict, optional
         Constructor arguments (JSON-serializable, they are recorded in the checkpoint).
     """
-    from ttcompress.models import build_arch
-
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise TypeError(f"arch_kwargs must be a dict, got {type(kwargs).__name__}")
     return build_arch(name, kwargs=kwargs)
@@ -399,13 +163,8 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)
     except Exception as exc:  # safetensors raises its own SafetensorError / OSError
-        raise CheckpointError(f"{p} is not a readable safetensors file (corrupted?): {_short(exc)}") from None
+        raise CheckpointError(f"{p} is not a readable safetensors file (corrupted?): {short_error(exc)}") from None
     return tensors, metadata
-
-
-def _short(exc: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_valid_pickle(p: Path) -> bool:
@@ -445,7 +204,7 @@ def _torch_load_safe(p: Path) -> Any:
             raise UnsafePickleError(_unsafe_message(p)) from None
         raise CheckpointError(f"{p} is not a readable model file (corrupted or unknown format)") from None
     except Exception as exc:
-        raise CheckpointError(f"{p} is not a readable model file (corrupted?): {_short(exc, 100)}") from None
+        raise CheckpointError(f"{p} is not a readable model file (corrupted?): {short_error(exc, 100)}") from None
 
 
 def _torch_load_trusted(p: Path) -> Any:
@@ -454,7 +213,7 @@ def _torch_load_trusted(p: Path) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(p, map_location="cpu", weights_only=False)  # only with trust_pickle=True
     except Exception as exc:
-        raise CheckpointError(f"cannot unpickle {p} (corrupted, or a class it needs is not importable): {_short(exc)}") from None
+        raise CheckpointError(f"cannot unpickle {p} (corrupted, or a class it needs is not importable): {short_error(exc)}") from None
 
 
 def _extract_state_dict(obj: Any, p: Path) -> dict[str, torch.Tensor]:
@@ -475,170 +234,6 @@ def _extract_state_dict(obj: Any, p: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, what: str) -> None:
-    """``load_state_dict(strict=True)`` with one concise line for every kind of mismatch."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [
-        f"{k} {list(sd[k].shape)} vs {list(expected[k].shape)}"
-        for k in expected
-        if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)
-    ]
-
-    def few(items: list[str]) -> str:
-        return ", ".join(items[:3]) + (f", ... (+{len(items) - 3})" if len(items) > 3 else "")
-
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {few(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {few(unexpected)}")
-    if wrong:
-        problems.append(f"{len(wrong)} wrong shape(s) (file vs model): {few(wrong)}")
-    if problems:
-        raise CheckpointError(f"state dict does not fit {what}: " + "; ".join(problems))
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"state dict does not fit {what}: {_short(exc)}") from None
-
-
-def _rebuild(
-    header: Mapping[str, Any],
-    tensors: dict[str, torch.Tensor],
-    p: Path,
-    *,
-    user_arch: str | None,
-    trust_code: bool,
-) -> nn.Module:
-    """Rebuild a checkpoint's model: check trust, build it on ``meta`` and compare shapes, then build it."""
-    from ttcompress.models import check_arch_trusted
-
-    arch = header.get("arch")
-    if not isinstance(arch, Mapping):
-        raise CheckpointError(f"{p}: ttcompress header has no architecture to rebuild")
-    name = arch["name"]
-    check_arch_trusted(name, source=f"{p} (header field arch.name)", user_arch=user_arch, trust_code=trust_code)
-    layers = {str(k): dict(v) for k, v in (header.get("layers") or {}).items()}
-    tied = dict(header.get("tied") or {})
-    for dup, kept in tied.items():
-        if dup in tensors:
-            raise CheckpointError(f"{p}: tensor {dup!r} is stored and also listed as tied to {kept!r}")
-        if kept not in tensors:
-            raise CheckpointError(f"{p}: tied tensor {dup!r} refers to {kept!r}, which is not in the file")
-        tensors[dup] = tensors[kept]
-    with torch.device("meta"), _SkipRandomInit():
-        skeleton = _build_structure(arch, layers, p)
-    _compare_shapes(skeleton, tensors, layers, p)
-    # Allocate only what the file holds: the meta skeleton gets storage and the file's tensors fill
-    # it. A module with tensors that the file does not hold (non-persistent buffers, plain tensor
-    # attributes) is built for real instead.
-    if {k for k, _ in skeleton.named_buffers()} <= set(skeleton.state_dict()) and not _plain_tensors(skeleton):
-        model = _materialize(skeleton)
-    else:
-        model = _build_structure(arch, layers, p)
-    _fit_state_dict(model, tensors, what=f"arch {name!r} (file {p})")
-    object.__setattr__(
-        model,
-        META_ATTR,
-        {"arch": {"name": name, "kwargs": dict(arch.get("kwargs") or {})}, "layers": layers,
-         "info": dict(header.get("info") or {})},
-    )
-    return model
-
-
-def _plain_tensors(model: nn.Module) -> bool:
-    """True if a submodule keeps a tensor as a plain attribute (neither parameter nor buffer)."""
-    return any(
-        isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in v))
-        for m in model.modules() for v in vars(m).values()
-    )  # fmt: skip
-
-
-def _materialize(model: nn.Module) -> nn.Module:
-    """Give a ``meta`` model uninitialized CPU storage in place, keeping shared parameters shared."""
-    memo: dict[int, torch.Tensor] = {}
-    for module in model.modules():
-        for slots in (module._parameters, module._buffers):
-            for key, t in slots.items():
-                if t is None or not t.is_meta:
-                    continue
-                if id(t) not in memo:
-                    empty = torch.empty_like(t, device="cpu")
-                    memo[id(t)] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
-                slots[key] = memo[id(t)]
-    return model
-
-
-class _SkipRandomInit(TorchFunctionMode):
-    """Skip random in-place fills of ``meta`` tensors (they hold no data; PyTorch's meta kernel for
-    ``normal_`` imports ``torch._dynamo``, seconds of start-up for nothing)."""
-
-    _OPS = frozenset({"normal_", "uniform_", "random_", "bernoulli_", "exponential_", "cauchy_", "log_normal_",
-                      "geometric_"})  # fmt: skip
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        if getattr(func, "__name__", "") in self._OPS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
-            return args[0]
-        return func(*args, **(kwargs or {}))
-
-
-def _build_structure(arch: Mapping[str, Any], layers: Mapping[str, Mapping[str, Any]], p: Path) -> nn.Module:
-    """The architecture with every recorded layer replaced by its (randomly initialized) compressed layer."""
-    from ttcompress.surgery import get_submodule, set_submodule  # local: surgery imports io
-
-    name = arch["name"]
-    try:
-        model = build_model(name, kwargs=arch.get("kwargs") or {})
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{p}: cannot build arch {name!r} from the header: {_short(exc)}") from None
-    # A module reachable under several names (shared) is replaced by one new instance.
-    by_id: dict[int, nn.Module] = {}
-    for layer, record in layers.items():
-        fmt = record["format"]
-        try:
-            old = get_submodule(model, layer)
-        except (AttributeError, ValueError, TypeError):
-            raise CheckpointError(f"{p}: layer {layer!r} does not exist in arch {name!r}") from None
-        new = by_id.get(id(old))
-        if new is None:
-            try:
-                new = LAYER_TYPES[fmt](**dict(record["config"]))
-            except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
-                raise CheckpointError(f"{p}: cannot rebuild layer {layer!r}: {_short(exc)}") from None
-            if hasattr(new, "rel_error"):
-                with contextlib.suppress(AttributeError):
-                    new.rel_error = record.get("rel_error")
-            by_id[id(old)] = new
-        model = set_submodule(model, layer, new)
-    return model
-
-
-def _compare_shapes(
-    skeleton: nn.Module, tensors: Mapping[str, torch.Tensor], layers: Mapping[str, Any], p: Path
-) -> None:
-    """One line naming the layer whose recorded structure does not match the tensors in the file."""
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-
-    def owner(key: str) -> str:
-        hits = [n for n in layers if key.startswith(n + ".")]
-        return f"layer {max(hits, key=len)!r}" if hits else "the architecture"
-
-    for key, shape in expected.items():
-        if key not in tensors:
-            raise CheckpointError(f"{p}: {owner(key)} needs tensor {key!r} {list(shape)}, which is not in the file")
-        if tuple(tensors[key].shape) != shape:
-            raise CheckpointError(
-                f"{p}: {owner(key)} does not match the file: the header asks for {key!r} of shape {list(shape)} "
-                f"({math.prod(shape):,} elements), the file has {list(tensors[key].shape)}"
-            )
-    extra = [k for k in tensors if k not in expected]
-    if extra:
-        raise CheckpointError(
-            f"{p}: {owner(extra[0])} does not match the file: {len(extra)} tensor(s) not in the rebuilt model, "
-            f"e.g. {extra[0]!r}"
-        )
 
 
 def read_header(path: PathLike) -> dict[str, Any] | None:
@@ -656,7 +251,7 @@ def read_header(path: PathLike) -> dict[str, Any] | None:
         with safe_open(str(p), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
     except Exception as exc:
-        raise CheckpointError(f"{p} is not a readable safetensors file (corrupted?): {_short(exc)}") from None
+        raise CheckpointError(f"{p} is not a readable safetensors file (corrupted?): {short_error(exc)}") from None
     return _parse_header(metadata, p)
 
 
@@ -725,7 +320,7 @@ def load_checkpoint(
         header = _parse_header(metadata, p)
         if header is not None:
             _check_arch_conflict(header, arch, arch_kwargs, p)
-            model = _rebuild(header, tensors, p, user_arch=arch, trust_code=trust_code)
+            model = rebuild_model(header, tensors, p, user_arch=arch, trust_code=trust_code)
             return LoadedCheckpoint(model.eval(), "ttcompress", p, header)
         return LoadedCheckpoint(_from_state_dict(tensors, p, arch, arch_kwargs), "state_dict", p, {})
 
@@ -736,15 +331,16 @@ def load_checkpoint(
         sd = _extract_state_dict(obj, p)
         return LoadedCheckpoint(_from_state_dict(sd, p, arch, arch_kwargs), "state_dict", p, {})
 
+    return _load_trusted_pickle(p, arch, arch_kwargs)
+
+
+def _load_trusted_pickle(p: Path, arch: str | None, arch_kwargs: Mapping[str, Any] | None) -> LoadedCheckpoint:
+    """A pickled file the user trusts: a ttcompress pickle checkpoint, a whole module, or a state dict."""
     obj = _torch_load_trusted(p)
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT and isinstance(obj.get("model"), nn.Module):
         header = dict(obj.get("header") or {})
         model = obj["model"]
-        object.__setattr__(
-            model,
-            META_ATTR,
-            {"arch": None, "layers": dict(header.get("layers") or {}), "info": dict(header.get("info") or {})},
-        )
+        set_meta(model, ModelMeta.from_dict({"layers": header.get("layers"), "info": header.get("info")}))
         return LoadedCheckpoint(model.eval(), "ttcompress-pickle", p, header)
     if isinstance(obj, nn.Module):
         if arch is not None:
@@ -779,7 +375,7 @@ def _from_state_dict(
             "e.g. --arch torchvision:resnet18 --arch-kwargs '{\"num_classes\": 10}'"
         )
     model = build_model(arch, kwargs=arch_kwargs)
-    _fit_state_dict(model, sd, what=f"arch {arch!r}" + (f" {json.dumps(dict(arch_kwargs))}" if arch_kwargs else ""))
+    fit_state_dict(model, sd, what=f"arch {arch!r}" + (f" {json.dumps(dict(arch_kwargs))}" if arch_kwargs else ""))
     return model.eval()
 
 

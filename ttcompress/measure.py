@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ttcompress.formats import format_of
+from ttcompress.layer_report import count_params
 
 __all__ = [
     "KINDS",
@@ -85,11 +86,6 @@ def _outermost(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
             yield from walk(f"{prefix}.{child_name}" if prefix else child_name, child)
 
     yield from walk("", model)
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (a parameter shared by several modules counted once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def params_by_kind(model: nn.Module) -> dict[str, int]:

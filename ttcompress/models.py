@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from ttcompress.errors import UntrustedCodeError
+from ttcompress.meta import update_meta
 
 __all__ = [
     "BUILTIN_ARCHS",
@@ -331,8 +332,6 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
 
 
 def _set_arch_meta(model: nn.Module, arch: dict[str, Any]) -> None:
-    from ttcompress.io import update_meta
-
     update_meta(model, arch=arch)
 
 

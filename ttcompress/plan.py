@@ -15,7 +15,9 @@ A :class:`Plan` holds
   by :func:`plan_layers` (see "Rank allocation" there), and layers get the ``auto`` format unless
   ``formats`` says otherwise.
 
-Plan files are YAML or JSON with the same keys as :meth:`Plan.to_dict` (one section per format)::
+Plan files (read and written by :mod:`ttcompress.planfile`, which also maps command-line style
+options onto a plan) are YAML or JSON with the same keys as :meth:`Plan.to_dict` (one section per
+format)::
 
     tt: {ranks: 8, d: 3}
     cp: {ratio: 4, options: {n_iter_max: 50}}
@@ -37,16 +39,15 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import heapq
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ttcompress.decompose.modes import choose_modes
 from ttcompress.errors import TTCompressError
+from ttcompress.modtree import named_with_aliases
 from ttcompress.formats import (
     DENSE,
     CompressionFormat,
@@ -83,10 +84,7 @@ __all__ = [
     "check_patterns_match",
     "cp_params",
     "cp_rank_for",
-    "load_plan",
-    "plan_from_options",
     "plan_layers",
-    "save_plan",
     "suggest_modes",
     "tt_params",
 ]
@@ -207,25 +205,25 @@ class Plan:
             fmt_settings = get_format(name).settings
             if not isinstance(getattr(self, name), fmt_settings):
                 raise TypeError(f"{name} must be {fmt_settings.__name__}, got {type(getattr(self, name)).__name__}")
-        object.__setattr__(self, "layers", check_patterns(self.layers, "layers (--layers)"))
-        object.__setattr__(self, "exclude", check_patterns(self.exclude, "exclude (--exclude)"))
+        object.__setattr__(self, "layers", check_patterns(self.layers, "layers"))
+        object.__setattr__(self, "exclude", check_patterns(self.exclude, "exclude"))
         rules = tuple(self.rules)
         for r in rules:
             if not isinstance(r, Rule):
                 raise TypeError(f"rules must hold Rule objects, got {type(r).__name__}")
         object.__setattr__(self, "rules", rules)
-        object.__setattr__(self, "target_ratio", check_ratio(self.target_ratio, "target ratio (--target-ratio)"))
+        object.__setattr__(self, "target_ratio", check_ratio(self.target_ratio, "target_ratio"))
         object.__setattr__(self, "formats", _check_formats(self.formats))
         object.__setattr__(self, "settings", _check_settings(self.settings))
         if self.target_ratio is not None:
-            fixed = [f"{name} {k}" for name in format_names() for k in _RANK_FIELDS
+            fixed = [f"{name}.{k}" for name in format_names() for k in _RANK_FIELDS
                      if getattr(self.settings_for(name), k, None) is not None]
             if fixed:
                 raise ValueError(
-                    f"target ratio (--target-ratio) chooses the ranks itself; do not combine it with {', '.join(fixed)}"
+                    f"target_ratio chooses the ranks itself; do not combine it with {', '.join(fixed)}"
                 )
             if any(r.eps is not None or r.ratio is not None for r in rules):
-                raise ValueError("target ratio (--target-ratio) cannot be combined with plan rules that set eps or ratio")
+                raise ValueError("target_ratio cannot be combined with plan rules that set eps or ratio")
 
     def settings_for(self, name: str) -> Any:
         """The settings of format ``name`` (a field of the plan, an entry of ``settings``, or the defaults)."""
@@ -365,134 +363,6 @@ def _rule_to_dict(rule: Rule) -> dict[str, Any]:
     return out
 
 
-def load_plan(path: str | Path) -> Plan:
-    """Read a YAML (``.yaml``/``.yml``) or JSON plan file.
-
-    Raises
-    ------
-    FileNotFoundError
-        The file does not exist.
-    ValueError
-        It cannot be parsed, or it describes an invalid plan.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"plan file not found: {p}")
-    text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            data = _safe_yaml(text)
-    except Exception as exc:
-        raise ValueError(f"plan file {p} is not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: "
-                         f"{' '.join(str(exc).split())[:160]}") from None
-    if data is not None and not isinstance(data, Mapping):
-        raise ValueError(f"plan file {p} must hold a mapping at the top level")
-    try:
-        return Plan.from_dict(data)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"plan file {p}: {exc}") from None
-
-
-#: Most YAML nodes a plan may have, and the deepest nesting (plans are small and flat).
-MAX_PLAN_NODES = 100_000
-MAX_PLAN_DEPTH = 32
-
-
-def _safe_yaml(text: str) -> Any:
-    """``yaml.safe_load`` without aliases (no "billion laughs" expansion) and with bounded size and depth."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        nodes = 0
-        depth = 0
-
-        def compose_node(self, parent: Any, index: Any) -> Any:
-            if self.check_event(yaml.AliasEvent):
-                raise ValueError("YAML aliases (*name) are not allowed in a plan file")
-            Loader.nodes += 1
-            if Loader.nodes > MAX_PLAN_NODES:
-                raise ValueError(f"more than {MAX_PLAN_NODES:,} YAML nodes")
-            Loader.depth += 1
-            try:
-                if Loader.depth > MAX_PLAN_DEPTH:
-                    raise ValueError(f"YAML nested deeper than {MAX_PLAN_DEPTH} levels")
-                return super().compose_node(parent, index)
-            finally:
-                Loader.depth -= 1
-
-    loader = Loader(text)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
-
-
-def save_plan(plan: Plan, path: str | Path) -> Path:
-    """Write ``plan`` as YAML (or JSON for a ``.json`` path), atomically."""
-    from ttcompress.io import atomic_write
-
-    p = Path(path)
-    with atomic_write(p, "w") as f:
-        if p.suffix.lower() == ".json":
-            json.dump(plan.to_dict(), f, indent=2)
-            f.write("\n")
-        else:
-            import yaml
-
-            yaml.safe_dump(plan.to_dict(), f, sort_keys=False)
-    return p
-
-
-def plan_from_options(
-    *,
-    plan_file: str | Path | None = None,
-    tt_ranks: int | None = None,
-    tt_eps: float | None = None,
-    tt_d: int | None = None,
-    cp_ranks: int | None = None,
-    cp_ratio: float | None = None,
-    layers: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    target_ratio: float | None = None,
-    formats: Sequence[str] = (),
-) -> Plan:
-    """Build a plan from command-line style options, on top of an optional plan file.
-
-    Options given here override the file's defaults (``cp_ranks`` replaces a file's
-    ``cp.ratio`` and vice versa); ``layers``/``exclude`` patterns are added to the file's;
-    ``formats`` (registered names, each may be comma-separated) replace the file's.
-    """
-    base = load_plan(plan_file) if plan_file is not None else Plan()
-    tt = base.tt
-    if tt_ranks is not None or tt_eps is not None or tt_d is not None:
-        tt = TTSettings(
-            ranks=tt_ranks if tt_ranks is not None else tt.ranks,
-            eps=tt_eps if tt_eps is not None else tt.eps,
-            d=tt_d if tt_d is not None else tt.d,
-            in_modes=tt.in_modes,
-            out_modes=tt.out_modes,
-        )
-    cp = base.cp
-    if cp_ranks is not None and cp_ratio is not None:
-        raise ValueError("--cp-ranks and --cp-ratio are mutually exclusive; give one")
-    if cp_ranks is not None:
-        cp = CPSettings(rank=cp_ranks, options=cp.options)
-    elif cp_ratio is not None:
-        cp = CPSettings(ratio=cp_ratio, options=cp.options)
-    names = tuple(n for f in formats for n in check_patterns(f, "formats"))
-    return replace(
-        base,
-        tt=tt,
-        cp=cp,
-        layers=tuple(base.layers) + tuple(check_patterns(list(layers), "layers (--layers)")),
-        exclude=tuple(base.exclude) + tuple(check_patterns(list(exclude), "exclude (--exclude)")),
-        target_ratio=target_ratio if target_ratio is not None else base.target_ratio,
-        formats=names or base.formats,
-    )
-
-
 def suggest_modes(
     in_features: int, out_features: int, *, d: int | None = None, ranks: int | Sequence[int] | None = None
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -518,14 +388,8 @@ def _inside_factorized(model: nn.Module) -> set[int]:
 
 def _candidates(model: nn.Module) -> list[Candidate]:
     """``(name, module, aliases)`` of every module some registered format compresses."""
-    names: dict[int, list[str]] = {}
-    mods: dict[int, nn.Module] = {}
     inner = _inside_factorized(model)
-    for name, m in model.named_modules(remove_duplicate=False):
-        if compressible(m) and id(m) not in inner:
-            names.setdefault(id(m), []).append(name)
-            mods[id(m)] = m
-    return [(ns[0], mods[i], tuple(ns[1:])) for i, ns in names.items()]
+    return named_with_aliases(model, lambda m: compressible(m) and id(m) not in inner)
 
 
 def _kind(module: nn.Module) -> str:

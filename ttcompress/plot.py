@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ttcompress.errors import UserInputError
-from ttcompress.io import atomic_write
+from ttcompress.fsutil import atomic_write
 from ttcompress.report import ModelRow, Report, pareto_front
 
 __all__ = ["AXES", "PLOT_SUFFIXES", "plot_tradeoff", "tradeoff_figure"]

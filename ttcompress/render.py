@@ -107,7 +107,7 @@ _LAYER_COLUMNS: list[tuple[str, Any]] = [
     ("model", None),
     ("layer", lambda l: l.name),
     ("format", lambda l: l.format),
-    ("ranks", lambda l: l.ranks),
+    ("ranks", lambda l: l.structure),
     ("params", lambda l: f"{l.params_before:,} → {l.params_after:,}"),
     ("ratio", lambda l: f"{l.ratio:.2f}×"),
     ("rel. error", lambda l: "–" if l.rel_error is None else f"{l.rel_error:.4f}"),

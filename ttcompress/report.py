@@ -41,12 +41,14 @@ from torch import nn
 from ttcompress.errors import UserInputError, refused_input
 from ttcompress.usercode import import_callable
 from ttcompress.formats import format_of
+from ttcompress.fsutil import strip_model_suffix
+from ttcompress.layer_report import LayerReport, count_params
+from ttcompress.meta import read_meta
 from ttcompress.measure import (
-    KINDS, count_flops, count_params, flops_by_kind, measure_latency, params_by_kind, peak_memory, weights_bytes,
+    KINDS, count_flops, flops_by_kind, measure_latency, params_by_kind, peak_memory, weights_bytes,
 )
 
 __all__ = [
-    "LayerRow",
     "ModelEntry",
     "ModelRow",
     "Report",
@@ -57,22 +59,6 @@ __all__ = [
     "measure_latency",
     "pareto_front",
 ]
-
-
-@dataclass(frozen=True)
-class LayerRow:
-    """One decomposed layer of a model, from its recorded plan."""
-
-    name: str
-    format: str
-    ranks: str
-    params_before: int
-    params_after: int
-    rel_error: float | None
-
-    @property
-    def ratio(self) -> float:
-        return self.params_before / self.params_after if self.params_after else float("inf")
 
 
 @dataclass(frozen=True)
@@ -93,7 +79,7 @@ class ModelRow:
     path: str | None = None
     setting: str | None = None
     accuracy_before_finetune: float | None = None
-    layers: tuple[LayerRow, ...] = ()
+    layers: tuple[LayerReport, ...] = ()
     params_by_kind: Mapping[str, int] = field(default_factory=dict)
     compression_by_kind: Mapping[str, float | None] = field(default_factory=dict)
     flops_by_kind: Mapping[str, int] = field(default_factory=dict)
@@ -121,7 +107,7 @@ class ModelRow:
             data[f"compression_{kind}"] = self.compression_by_kind.get(kind)
         data["latency_per_sample_ms"] = self.latency_per_sample_ms
         data["throughput"] = self.throughput
-        data["layers"] = [dict(dataclasses.asdict(layer), ratio=layer.ratio) for layer in self.layers]
+        data["layers"] = [layer.to_dict() for layer in self.layers]
         return data
 
 
@@ -177,38 +163,27 @@ class ModelEntry:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
-def layer_rows(model: nn.Module) -> tuple[LayerRow, ...]:
-    """The decomposed layers recorded in ``model.ttcompress_meta`` (empty for a dense model)."""
-    from ttcompress.io import get_meta
-
+def layer_rows(model: nn.Module) -> tuple[LayerReport, ...]:
+    """The decomposed layers recorded in ``model``'s metadata (empty for a dense model), with the
+    structure (modes and ranks) their format describes."""
     rows = []
-    for name, record in get_meta(model)["layers"].items():
-        rows.append(
-            LayerRow(
-                name=name,
-                format=str(record.get("format", "?")).lower(),
-                ranks=_ranks_text(model, name, record.get("config", {})),
-                params_before=int(record.get("params_before", 0)),
-                params_after=int(record.get("params_after", 0)),
-                rel_error=record.get("rel_error"),
-            )
-        )
+    for name, record in read_meta(model).layers.items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            layer = None
+        fmt = format_of(layer) if layer is not None else None
+        if fmt is not None:
+            desc = fmt.describe(layer)
+            record = dataclasses.replace(record, in_modes=desc.in_modes, out_modes=desc.out_modes, ranks=desc.ranks,
+                                         detail=desc.text)
+        else:  # the layer is gone (e.g. merged back to dense): the ranks its config recorded
+            config = record.config or {}
+            ranks = config.get("ranks", config.get("rank"))
+            record = dataclasses.replace(record, ranks=(ranks,) if isinstance(ranks, int) else ranks)
+        rows.append(dataclasses.replace(record, params_before=record.params_before or 0,
+                                        params_after=record.params_after or 0))
     return tuple(rows)
-
-
-def _ranks_text(model: nn.Module, name: str, config: Any) -> str:
-    """The layer's ranks as its format describes them, else as recorded in its config."""
-    try:
-        layer = model.get_submodule(name)
-    except AttributeError:
-        layer = None
-    fmt = format_of(layer) if layer is not None else None
-    if fmt is not None:
-        return fmt.describe(layer).text
-    ranks = config.get("ranks", config.get("rank")) if isinstance(config, dict) else None
-    if isinstance(ranks, (list, tuple)):
-        return "(" + ",".join(str(r) for r in ranks) + ")"
-    return str(ranks)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -228,9 +203,7 @@ def _input_shape(model: nn.Module, data: Any | None, input_shape: Sequence[int] 
         return tuple(int(s) for s in input_shape)
     if data is not None:
         return tuple(int(s) for s in data.input_shape)
-    from ttcompress.io import get_meta
-
-    shape = get_meta(model)["info"].get("input_shape")
+    shape = read_meta(model).info.get("input_shape")
     if shape:
         return tuple(int(s) for s in shape)
     raise UserInputError(
@@ -393,11 +366,7 @@ def _user_metric(
 
 
 def _label(path: Path, taken: set[str]) -> str:
-    label = path.name
-    for ext in (".safetensors", ".pth", ".pt"):
-        if label.endswith(ext) and len(label) > len(ext):
-            label = label[: -len(ext)]
-            break
+    label = strip_model_suffix(path.name)
     if label in taken:  # same file name in two directories: add the parent to tell them apart
         label = f"{path.parent.name}/{label}"
     taken.add(label)

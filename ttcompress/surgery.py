@@ -4,23 +4,25 @@ The entry point is :func:`compress` (in place, like torchao's ``quantize_``)::
 
     model = compress(model, Plan(tt=TTSettings(ranks=4), cp=CPSettings(rank=8)))
 
-:func:`compress_with_report` does the same and also returns one :class:`LayerRecord` per
+:func:`compress_with_report` does the same and also returns one :class:`~ttcompress.layer_report.LayerReport` per
 Linear/Conv2d (the data behind ``ttcompress decompose``'s table). :func:`decompose_file` is the
 whole ``decompose`` command as a function: load → compress → save atomically.
 :func:`summarize` / :func:`inspect_file` describe a model for ``ttcompress inspect``.
 
-Every replaced layer is recorded in ``model.ttcompress_meta["layers"][name]`` as
-``{"format", "config", "rel_error", "seconds", "params_before", "params_after"}``, which is what
+Every layer is reported as a :class:`~ttcompress.layer_report.LayerReport`; every replaced one is
+also kept in the model's metadata (:class:`~ttcompress.meta.ModelMeta`), whose checkpoint record
+``{"format", "config", "rel_error", "seconds", "params_before", "params_after"}`` is what
 :func:`ttcompress.io.save` needs to rebuild the model later.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,11 @@ from torch import nn
 
 from ttcompress.formats import DENSE, format_of, get_format, layer_classes
 from ttcompress.formats.base import build_note
-from ttcompress.io import get_meta, load_checkpoint, save, update_meta
+from ttcompress.layer_report import LayerReport, count_params, format_label
+from ttcompress.fsutil import strip_model_suffix
+from ttcompress.io import load_checkpoint, save
+from ttcompress.meta import copy_meta, read_meta, update_meta
+from ttcompress.modtree import get_submodule, set_submodule
 from ttcompress.formats.structure import Preparation, finish_model, parent_reason, prepare_model
 from ttcompress.plan import LayerDecision, Plan, plan_layers
 from ttcompress.scaleout import build_all, process_group
@@ -37,17 +43,13 @@ from ttcompress.scaleout import build_all, process_group
 __all__ = [
     "CompressionResult",
     "DecomposeResult",
-    "LayerRecord",
-    "LayerSummary",
     "ModelSummary",
     "build_replacement",
     "compress",
     "compress_with_report",
     "decompose_file",
     "default_output_path",
-    "get_submodule",
     "inspect_file",
-    "set_submodule",
     "summarize",
 ]
 
@@ -60,37 +62,6 @@ FilterFn = Callable[[nn.Module, str], bool]
 # --------------------------------------------------------------------------------------------------
 # Module surgery
 # --------------------------------------------------------------------------------------------------
-def get_submodule(root: nn.Module, name: str) -> nn.Module:
-    """The module at qualified ``name`` (``""`` is ``root``); ``AttributeError`` if absent."""
-    module = root
-    if name == "":
-        return module
-    for part in name.split("."):
-        children = module._modules
-        if part not in children or children[part] is None:
-            raise AttributeError(f"{type(module).__name__} has no submodule {part!r} (looking up {name!r})")
-        module = children[part]  # type: ignore[assignment]
-    return module
-
-
-def set_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at qualified ``name`` and return the (possibly new) root.
-
-    ``new`` takes the train/eval flag of the module it replaces. Replacing ``""`` returns ``new``
-    itself as the root (with ``root``'s metadata).
-    """
-    old = get_submodule(root, name)
-    new.train(old.training)
-    if name == "":
-        if hasattr(root, "ttcompress_meta"):
-            object.__setattr__(new, "ttcompress_meta", get_meta(root))
-        return new
-    parent_name, _, child = name.rpartition(".")
-    parent = get_submodule(root, parent_name)
-    parent._modules[child] = new  # also works for nn.Sequential/ModuleList/ModuleDict children
-    return root
-
-
 def _device_of(module: nn.Module) -> torch.device | None:
     weight = getattr(module, "weight", None)
     return weight.device if isinstance(weight, torch.Tensor) else None
@@ -118,51 +89,11 @@ def build_replacement(module: nn.Module, decision: LayerDecision, *, calib: Any 
 # Records
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class LayerRecord:
-    """One Linear/Conv2d of a compression run (a row of the decompose table).
-
-    ``format`` is a registered format name or ``"dense"`` (then ``skipped`` says why). ``ranks``
-    and the modes come from the format's ``describe`` (e.g. the full TT rank tuple, or
-    ``(rank,)`` for CP), ``detail`` is their table cell. ``rel_error`` is the relative Frobenius
-    reconstruction error of the weight, ``seconds`` the decomposition wall time, ``note`` why the
-    format was chosen (``auto``).
-    """
-
-    name: str
-    type: str
-    shape: tuple[int, ...]
-    format: str
-    params_before: int
-    params_after: int
-    in_modes: tuple[int, ...] | None = None
-    out_modes: tuple[int, ...] | None = None
-    ranks: tuple[int, ...] | None = None
-    rel_error: float | None = None
-    seconds: float | None = None
-    skipped: str | None = None
-    aliases: tuple[str, ...] = ()
-    detail: str | None = None
-    note: str | None = None
-
-    @property
-    def ratio(self) -> float:
-        return self.params_before / self.params_after if self.params_after else float("inf")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ratio"] = self.ratio
-        for k in ("shape", "in_modes", "out_modes", "ranks", "aliases"):
-            if d[k] is not None:
-                d[k] = list(d[k])
-        return d
-
-
-@dataclass(frozen=True)
 class CompressionResult:
     """What :func:`compress_with_report` did: the model, per-layer records and whole-model totals."""
 
     model: nn.Module
-    records: tuple[LayerRecord, ...]
+    records: tuple[LayerReport, ...]
     params_before: int
     params_after: int
     plan: Plan
@@ -175,7 +106,7 @@ class CompressionResult:
         return self.params_before / self.params_after if self.params_after else float("inf")
 
     @property
-    def compressed(self) -> tuple[LayerRecord, ...]:
+    def compressed(self) -> tuple[LayerReport, ...]:
         return tuple(r for r in self.records if r.format != DENSE)
 
     def to_dict(self) -> dict[str, Any]:
@@ -187,10 +118,6 @@ class CompressionResult:
             "layers": [r.to_dict() for r in self.records],
             "plan": self.plan.to_dict(),
         }
-
-
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _as_plan(plan: Plan | Mapping[str, Any] | None) -> Plan:
@@ -255,45 +182,15 @@ def compress_with_report(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     plan = _as_plan(plan)
-    before = _count(model)
+    before = count_params(model)
     reference = None if check_input is None else _reference_output(model, check_input)
     prep = prepare_model(model)
     try:
-        decisions = _guard_decisions(prep, plan_layers(prep.model, plan))
-        if filter_fn is not None:
-            decisions = [
-                LayerDecision(d.name, d.type, d.shape, DENSE, {}, d.params_before, d.params_before,
-                              "filtered out by filter_fn", d.aliases)
-                if d.skipped is None and not filter_fn(get_submodule(prep.model, d.name), d.name) else d
-                for d in decisions
-            ]
-        todo = [d for d in decisions if d.skipped is None]
-        # Under torchrun each process decomposes its share of the layers (ttcompress.scaleout).
-        built = build_all(todo, lambda d: build_replacement(get_submodule(prep.model, d.name), d),
-                          device_of=lambda d: _device_of(get_submodule(prep.model, d.name)), progress=progress)
+        decisions, built = _plan_and_build(prep, plan, filter_fn, progress)
     except BaseException:
         prep.undo()
         raise
-
-    records: list[LayerRecord] = []
-    meta_layers: dict[str, dict[str, Any]] = {}
-    swapped: dict[str, tuple[nn.Module, tuple[str, ...]]] = {}
-    root = prep.model
-    for d in decisions:
-        if d.name not in built:
-            records.append(LayerRecord(d.name, d.type, d.shape, DENSE, d.params_before, d.params_before,
-                                       skipped=d.skipped, aliases=d.aliases))
-            continue
-        new, seconds = built[d.name]
-        record, meta = _record(d, new, seconds)
-        records.append(record)
-        if record.format == DENSE:
-            continue
-        swapped[d.name] = (get_submodule(root, d.name), d.aliases)
-        for name in (d.name, *d.aliases):
-            root = set_submodule(root, name, new)
-            meta_layers[name] = meta
-    prep.model = root
+    records, meta_layers, swapped = _swap_in(prep, decisions, built)
     root = finish_model(prep)
     output_error = None
     if reference is not None:
@@ -305,14 +202,68 @@ def compress_with_report(
         root = finish_model(prep)
         output_error = _output_error(_run_model(root, check_input), reference)
     if root is not model and not hasattr(root, "ttcompress_meta"):
-        object.__setattr__(root, "ttcompress_meta", get_meta(model))
+        copy_meta(model, root)
     update_meta(root, layers={**prep.layer_records(root), **meta_layers})
-    return CompressionResult(root, tuple(records), before, _count(root), plan, output_error)
+    return CompressionResult(root, tuple(records), before, count_params(root), plan, output_error)
 
 
-def _record(d: LayerDecision, new: nn.Module, seconds: float) -> tuple[LayerRecord, dict[str, Any]]:
-    """The table record and the checkpoint record of a built layer (dense if it does not shrink)."""
-    after = _count(new)
+Swapped = dict[str, tuple[nn.Module, tuple[str, ...]]]
+
+
+def _plan_and_build(
+    prep: Preparation, plan: Plan, filter_fn: FilterFn | None, progress: ProgressFn | None
+) -> tuple[list[LayerDecision], dict[str, tuple[nn.Module, float]]]:
+    """The plan's decisions for the prepared model, and the replacement of every layer it compresses
+    (name -> (layer, seconds)); nothing is swapped in yet."""
+    decisions = _guard_decisions(prep, plan_layers(prep.model, plan))
+    if filter_fn is not None:
+        decisions = [
+            LayerDecision(d.name, d.type, d.shape, DENSE, {}, d.params_before, d.params_before,
+                          "filtered out by filter_fn", d.aliases)
+            if d.skipped is None and not filter_fn(get_submodule(prep.model, d.name), d.name) else d
+            for d in decisions
+        ]
+    todo = [d for d in decisions if d.skipped is None]
+    # Under torchrun each process decomposes its share of the layers (ttcompress.scaleout).
+    built = build_all(todo, lambda d: build_replacement(get_submodule(prep.model, d.name), d),
+                      device_of=lambda d: _device_of(get_submodule(prep.model, d.name)), progress=progress)
+    return decisions, built
+
+
+def _swap_in(
+    prep: Preparation, decisions: list[LayerDecision], built: Mapping[str, tuple[nn.Module, float]]
+) -> tuple[list[LayerReport], dict[str, LayerReport], Swapped]:
+    """Swap the built layers that shrink into ``prep.model`` (under every alias); return one record per
+    decision, the metadata records by name, and the dense layers replaced (name -> (layer, aliases))."""
+    records: list[LayerReport] = []
+    meta_layers: dict[str, LayerReport] = {}
+    swapped: Swapped = {}
+    root = prep.model
+    for d in decisions:
+        if d.name not in built:
+            records.append(_dense_record(d, d.skipped))
+            continue
+        new, seconds = built[d.name]
+        record, meta = _record(d, new, seconds)
+        records.append(record)
+        if meta is None:
+            continue
+        swapped[d.name] = (get_submodule(root, d.name), d.aliases)
+        for name in (d.name, *d.aliases):
+            root = set_submodule(root, name, new)
+            meta_layers[name] = meta
+    prep.model = root
+    return records, meta_layers, swapped
+
+
+def _dense_record(d: LayerDecision, skipped: str | None, **measured: Any) -> LayerReport:
+    return LayerReport(d.name, DENSE, d.type, d.shape, d.params_before, d.params_before, skipped=skipped,
+                       aliases=d.aliases, **measured)
+
+
+def _record(d: LayerDecision, new: nn.Module, seconds: float) -> tuple[LayerReport, LayerReport | None]:
+    """The record of a built layer, and the same record for the metadata (None: stays dense, it does not shrink)."""
+    after = count_params(new)
     rel_error = getattr(new, "rel_error", None)
     rel_error = None if rel_error is None else float(rel_error)
     fmt = format_of(new)
@@ -320,22 +271,17 @@ def _record(d: LayerDecision, new: nn.Module, seconds: float) -> tuple[LayerReco
         raise TypeError(f"layer {d.name!r}: format {d.format!r} built a {type(new).__name__}, which no format owns")
     note = build_note(new)
     if after >= d.params_before:
-        return LayerRecord(
-            d.name, d.type, d.shape, DENSE, d.params_before, d.params_before, rel_error=rel_error, seconds=seconds,
-            skipped=f"would not shrink ({fmt.name.upper()} needs {after} >= {d.params_before} params)",
-            aliases=d.aliases, note=note), {}
-    desc = fmt.describe(new)
-    record = LayerRecord(d.name, d.type, d.shape, fmt.name, d.params_before, after, desc.in_modes, desc.out_modes,
-                         desc.ranks, rel_error, seconds, None, d.aliases, desc.text, note)
-    meta = {"format": fmt.name, "config": new.config(), "rel_error": rel_error, "seconds": seconds,
-            "params_before": d.params_before, "params_after": after}
-    if note is not None:
-        meta["note"] = note
+        skipped = f"would not shrink ({format_label(fmt.name)} needs {after} >= {d.params_before} params)"
+        return _dense_record(d, skipped, rel_error=rel_error, seconds=seconds, note=note), None
     try:  # stored as JSON in checkpoints: keep the in-memory record identical to a reloaded one
-        meta = json.loads(json.dumps(meta))
+        config = json.loads(json.dumps(new.config()))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"layer {d.name!r}: config() is not JSON-serializable: {exc}") from None
-    return record, meta
+    desc = fmt.describe(new)
+    record = LayerReport(d.name, fmt.name, d.type, d.shape, d.params_before, after, in_modes=desc.in_modes,
+                         out_modes=desc.out_modes, ranks=desc.ranks, rel_error=rel_error, seconds=seconds,
+                         aliases=d.aliases, detail=desc.text, note=note, config=config)
+    return record, record
 
 
 def compress(
@@ -505,9 +451,9 @@ def _forward_check(prep: Preparation, swapped: Mapping[str, tuple[nn.Module, tup
         finish_model(prep)
 
 
-def _reverted_record(r: LayerRecord, reason: str) -> LayerRecord:
+def _reverted_record(r: LayerReport, reason: str) -> LayerReport:
     return replace(r, format=DENSE, params_after=r.params_before, in_modes=None, out_modes=None, ranks=None,
-                   detail=None, skipped=reason)
+                   detail=None, config=None, skipped=reason)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -516,12 +462,7 @@ def _reverted_record(r: LayerRecord, reason: str) -> LayerRecord:
 def default_output_path(input_path: str | os.PathLike[str]) -> Path:
     """``dir/model.pt`` → ``dir/model.tt.pt`` (any extension is replaced by ``.tt.pt``)."""
     p = Path(input_path)
-    stem = p.name
-    for ext in (".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
-        if stem.endswith(ext) and len(stem) > len(ext):
-            stem = stem[: -len(ext)]
-            break
-    return p.with_name(stem + ".tt.pt")
+    return p.with_name(strip_model_suffix(p.name) + ".tt.pt")
 
 
 @dataclass(frozen=True)
@@ -580,34 +521,6 @@ def decompose_file(
 # Description (what `ttcompress inspect` shows)
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class LayerSummary:
-    """One layer of :class:`ModelSummary`: a dense Linear/Conv2d or a compressed layer."""
-
-    name: str
-    type: str
-    shape: tuple[int, ...]
-    params: int
-    share: float
-    format: str
-    compressible: bool
-    reason: str | None = None
-    in_modes: tuple[int, ...] | None = None
-    out_modes: tuple[int, ...] | None = None
-    ranks: tuple[int, ...] | None = None
-    suggestion: str | None = None
-    params_before: int | None = None
-    rel_error: float | None = None
-    detail: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in ("shape", "in_modes", "out_modes", "ranks"):
-            if d[k] is not None:
-                d[k] = list(d[k])
-        return d
-
-
-@dataclass(frozen=True)
 class ModelSummary:
     """A model's layers, parameter shares, and (for a compressed one) its plan and ranks."""
 
@@ -615,7 +528,7 @@ class ModelSummary:
     arch: dict[str, Any] | None
     total_params: int
     other_params: int
-    layers: tuple[LayerSummary, ...]
+    layers: tuple[LayerReport, ...]
     compressed: bool
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -633,43 +546,45 @@ def summarize(model: nn.Module, *, plan: Plan | None = None, kind: str = "model"
     modes and ranks (the format's ``describe``).
     """
     plan = _as_plan(plan)
-    meta = get_meta(model)
-    total = _count(model)
-    rows: list[LayerSummary] = []
+    meta = read_meta(model)
+    total = count_params(model)
+    rows: list[LayerReport] = []
     counted = 0
     done = layer_classes()
     decisions = {d.name: d for d in plan_layers(model, plan)}
     for name, m in model.named_modules():
         if isinstance(m, done):
-            rows.append(_compressed_row(name, m, meta["layers"].get(name, {}), total))
+            rows.append(_compressed_row(name, m, meta.layers.get(name), total))
         elif name in decisions:
             rows.append(_dense_row(decisions[name], m, plan, total))
         else:
             continue
-        counted += rows[-1].params
-    return ModelSummary(kind, meta["arch"], total, total - counted, tuple(rows), bool(meta["layers"]),
-                        {k: v for k, v in meta["info"].items() if k != "history"})
+        counted += rows[-1].params or 0
+    info = {k: v for k, v in meta.info.items() if k != "history"}
+    arch = None if meta.arch is None else meta.arch.to_dict()
+    return ModelSummary(kind, arch, total, total - counted, tuple(rows), bool(meta.layers), info)
 
 
-def _compressed_row(name: str, layer: nn.Module, record: Mapping[str, Any], total: int) -> LayerSummary:
-    fmt = format_of(layer)
-    desc = fmt.describe(layer)  # type: ignore[union-attr]  # layer is an instance of a registered class
-    params = _count(layer)
-    return LayerSummary(name, type(layer).__name__, desc.shape, params, params / total if total else 0.0, desc.format,
-                        False, "already compressed", desc.in_modes, desc.out_modes, desc.ranks, None,
-                        record.get("params_before"), record.get("rel_error"), desc.text)
+def _compressed_row(name: str, layer: nn.Module, record: LayerReport | None, total: int) -> LayerReport:
+    """A factorized layer: its recorded facts (params before, error, config) and its structure now."""
+    desc = format_of(layer).describe(layer)  # type: ignore[union-attr]  # an instance of a registered class
+    params = count_params(layer)
+    return dataclasses.replace(
+        record or LayerReport(name, desc.format), name=name, format=desc.format, type=type(layer).__name__,
+        shape=desc.shape, in_modes=desc.in_modes, out_modes=desc.out_modes, ranks=desc.ranks, detail=desc.text,
+        params=params, share=params / total if total else 0.0, compressible=False, skipped="already compressed")
 
 
-def _dense_row(d: LayerDecision, module: nn.Module, plan: Plan, total: int) -> LayerSummary:
-    params = _count(module)
+def _dense_row(d: LayerDecision, module: nn.Module, plan: Plan, total: int) -> LayerReport:
+    """A dense layer: whether the plan would compress it, and into what."""
+    params = count_params(module)
     fmt_name = d.format if d.format != DENSE else plan.format_for(module, plan.merged_rule(d.name))
     suggestion = None
     if d.options and fmt_name not in (None, DENSE):
         suggestion = get_format(fmt_name).suggest(d)
-    in_modes, out_modes = d.options.get("in_modes"), d.options.get("out_modes")
-    return LayerSummary(d.name, d.type, d.shape, params, params / total if total else 0.0, DENSE,
-                        d.skipped is None, d.skipped, None if in_modes is None else tuple(in_modes),
-                        None if out_modes is None else tuple(out_modes), None, suggestion)
+    return LayerReport(d.name, DENSE, d.type, d.shape, in_modes=d.options.get("in_modes"),
+                       out_modes=d.options.get("out_modes"), skipped=d.skipped, params=params,
+                       share=params / total if total else 0.0, compressible=d.skipped is None, suggestion=suggestion)
 
 
 def inspect_file(

@@ -38,8 +38,12 @@ from torch import nn
 from ttcompress._version import __version__
 from ttcompress.data import DatasetBundle, check_model_fits
 from ttcompress.errors import DataError, UserInputError, refused_input
-from ttcompress.plan import Plan, plan_from_options
+from ttcompress.plan import Plan
+from ttcompress.planfile import load_plan, plan_from_options
 from ttcompress.evaluation import evaluate, resolve_device
+from ttcompress.io import load, save
+from ttcompress.layer_report import count_params
+from ttcompress.surgery import compress_with_report
 from ttcompress.training.api import finetune
 from ttcompress.training.checkpoint import RESUME_FREE_OPTIONS
 from ttcompress.training.config import FinetuneConfig, TrainConfig
@@ -133,7 +137,7 @@ def sweep_settings(
     if not any(r is not None for r, _ in tt_axis) and not any(e is not None for _, e in tt_axis) and not any(
         c is not None for c in cp_axis
     ):
-        raise UserInputError("give at least one of tt_ranks (--tt-ranks), tt_eps (--tt-eps) or cp_ranks (--cp-ranks)")
+        raise UserInputError("give at least one of tt_ranks, tt_eps or cp_ranks")
     settings = [
         SweepSetting(tt_ranks=r, tt_eps=e, cp_rank=c)
         for (r, e), c in itertools.product(tt_axis or [(None, None)], cp_axis or [None])
@@ -218,7 +222,7 @@ def cache_key(
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from ttcompress.io import atomic_write
+    from ttcompress.fsutil import atomic_write
 
     with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
@@ -278,14 +282,9 @@ def run_sweep(
     list of SweepResult
         In the order of ``settings``.
     """
-    from ttcompress.io import load, save
-    from ttcompress.report import count_params
-    from ttcompress.surgery import compress_with_report
-
     if not settings:
         raise ValueError("settings must not be empty")
     config = config or FinetuneConfig()
-    say = log or (lambda _line: None)
     baseline = Path(baseline)
     if not baseline.is_file():
         raise FileNotFoundError(f"baseline model not found: {baseline}")
@@ -301,57 +300,81 @@ def run_sweep(
         base_model = load(baseline, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs,
                           trust_code=trust_code)  # read once
     check_model_fits(base_model, bundle, what=f"baseline {baseline.name!r}")
-    teacher_digest = _weights_digest(teacher) if teacher is not None else None
-    cached = _cached_load_kwargs(arch, arch_kwargs, trust_code)
-    base_params = count_params(base_model)
-    eval_device = config.device if config.device != "auto" else None
+    run = _SweepRun(
+        bundle=bundle, config=config, base_plan=base_plan, out=out, digest=digest,
+        base_model=base_model, base_params=count_params(base_model), teacher=teacher,
+        teacher_digest=_weights_digest(teacher) if teacher is not None else None,
+        cached=_cached_load_kwargs(arch, arch_kwargs, trust_code), data_root=data_root, progress=progress,
+        say=log or (lambda _line: None),
+    )
+    return [_run_setting(run, setting, f"[{i}/{len(settings)}] {setting.label}") for i, setting in enumerate(settings, 1)]
 
-    results = []
-    for index, setting in enumerate(settings, start=1):
-        plan = setting.plan(base_plan)
-        fp = _fingerprint(cache_key(baseline_digest=digest, bundle=bundle, data_root=data_root, config=config,
-                                    plan=plan, setting=setting, teacher_digest=teacher_digest))  # fmt: skip
-        work = out / f"{setting.key}-{fp}"
-        work.mkdir(exist_ok=True)
-        result_file = work / "result.json"
-        model_path = work / "model.pt"
-        head = f"[{index}/{len(settings)}] {setting.label}"
-        if result_file.is_file():
-            data = json.loads(result_file.read_text(encoding="utf-8"))
-            results.append(
-                SweepResult(setting, model_path, data["accuracy_before"], data["accuracy_after"],
-                            data["params"], data["compression"], cached=True)  # fmt: skip
-            )
-            say(f"{head}: cached ({100 * data['accuracy_after']:.2f}%)")
-            continue
 
-        decomposed = work / "decomposed.pt"
-        before_file = work / "decomposed.json"
-        if decomposed.is_file() and before_file.is_file():
-            model = load(decomposed, **cached)
-            accuracy_before = json.loads(before_file.read_text(encoding="utf-8"))["accuracy"]
-            say(f"{head}: reusing the decomposed model")
-        else:
-            say(f"{head}: decomposing")
-            model = copy.deepcopy(base_model)
-            model = compress_with_report(model, plan, filter_fn=setting.selects).model
-            save(model, decomposed, info={"plan": plan.to_dict(), "sweep_setting": dataclasses.asdict(setting)})
-            accuracy_before = evaluate(model, bundle.test, device=_eval_device(eval_device)).accuracy
-            _write_json(before_file, {"accuracy": accuracy_before})
-        say(f"{head}: {100 * accuracy_before:.2f}% before fine-tuning; fine-tuning")
-        resume = run_paths(model_path).resume.is_file()
-        run = finetune(model, bundle, output=model_path, config=config, teacher=teacher,
-                       progress=progress, resume=resume)  # fmt: skip
-        if run.interrupted:
-            raise KeyboardInterrupt
-        best = load(model_path, **cached)
-        accuracy_after = evaluate(best, bundle.test, device=_eval_device(eval_device)).accuracy
-        params = count_params(best)
-        result = SweepResult(setting, model_path, accuracy_before, accuracy_after, params, base_params / params)
-        _write_json(result_file, result.to_dict())
-        say(f"{head}: {100 * accuracy_after:.2f}% after fine-tuning, {result.compression:.2f}× fewer params")
-        results.append(result)
-    return results
+@dataclass(frozen=True)
+class _SweepRun:
+    """What every setting of one :func:`run_sweep` shares."""
+
+    bundle: DatasetBundle
+    config: TrainConfig
+    base_plan: Plan | None
+    out: Path
+    digest: str
+    base_model: nn.Module
+    base_params: int
+    teacher: nn.Module | None
+    teacher_digest: str | None
+    cached: dict[str, Any]
+    data_root: str | os.PathLike[str] | None
+    progress: TrainCallback | None
+    say: SweepLog
+
+    def evaluate(self, model: nn.Module) -> float:
+        device = self.config.device if self.config.device != "auto" else None
+        return evaluate(model, self.bundle.test, device=_eval_device(device)).accuracy
+
+
+def _run_setting(run: _SweepRun, setting: SweepSetting, head: str) -> SweepResult:
+    """One setting: its cached result, or decompose (or reuse the decomposed model), fine-tune, measure."""
+    plan = setting.plan(run.base_plan)
+    fp = _fingerprint(cache_key(baseline_digest=run.digest, bundle=run.bundle, data_root=run.data_root,
+                                config=run.config, plan=plan, setting=setting, teacher_digest=run.teacher_digest))
+    work = run.out / f"{setting.key}-{fp}"
+    work.mkdir(exist_ok=True)
+    result_file = work / "result.json"
+    model_path = work / "model.pt"
+    if result_file.is_file():
+        data = json.loads(result_file.read_text(encoding="utf-8"))
+        run.say(f"{head}: cached ({100 * data['accuracy_after']:.2f}%)")
+        return SweepResult(setting, model_path, data["accuracy_before"], data["accuracy_after"],
+                           data["params"], data["compression"], cached=True)  # fmt: skip
+    model, accuracy_before = _decomposed(run, setting, plan, work, head)
+    run.say(f"{head}: {100 * accuracy_before:.2f}% before fine-tuning; fine-tuning")
+    resume = run_paths(model_path).resume.is_file()
+    done = finetune(model, run.bundle, output=model_path, config=run.config, teacher=run.teacher,
+                    progress=run.progress, resume=resume)  # fmt: skip
+    if done.interrupted:
+        raise KeyboardInterrupt
+    best = load(model_path, **run.cached)
+    params = count_params(best)
+    result = SweepResult(setting, model_path, accuracy_before, run.evaluate(best), params, run.base_params / params)
+    _write_json(result_file, result.to_dict())
+    run.say(f"{head}: {100 * result.accuracy_after:.2f}% after fine-tuning, {result.compression:.2f}× fewer params")
+    return result
+
+
+def _decomposed(run: _SweepRun, setting: SweepSetting, plan: Plan, work: Path, head: str) -> tuple[nn.Module, float]:
+    """The setting's decomposed model and its accuracy before fine-tuning (reused from ``work`` if there)."""
+    decomposed = work / "decomposed.pt"
+    before_file = work / "decomposed.json"
+    if decomposed.is_file() and before_file.is_file():
+        run.say(f"{head}: reusing the decomposed model")
+        return load(decomposed, **run.cached), json.loads(before_file.read_text(encoding="utf-8"))["accuracy"]
+    run.say(f"{head}: decomposing")
+    model = compress_with_report(copy.deepcopy(run.base_model), plan, filter_fn=setting.selects).model
+    save(model, decomposed, info={"plan": plan.to_dict(), "sweep_setting": dataclasses.asdict(setting)})
+    accuracy_before = run.evaluate(model)
+    _write_json(before_file, {"accuracy": accuracy_before})
+    return model, accuracy_before
 
 
 def _eval_device(device: str | None) -> torch.device:
@@ -391,8 +414,6 @@ def sweep_report(
     whose rows carry the accuracy before fine-tuning.
     """
     from ttcompress.data import load_dataset
-    from ttcompress.io import load
-    from ttcompress.plan import load_plan
     from ttcompress.report import ModelEntry, build_report
 
     config = config or FinetuneConfig()

@@ -51,7 +51,6 @@ from torch import nn
 from ttcompress.calibration.reconstruct import dense_weight, effective_bias, set_effective_bias
 from ttcompress.calibration.stats import LayerStats
 from ttcompress.decompose.tt import tt_to_matrix
-from ttcompress.layers.tt_linear import TTLinear
 
 __all__ = [
     "DAMPING",
@@ -320,7 +319,7 @@ def refine_tt_cores(
     Parameters
     ----------
     cores : sequence of torch.Tensor
-        Core ``k`` of shape ``(r_{k-1}, out_modes[k], in_modes[k], r_k)`` (as :class:`TTLinear`
+        Core ``k`` of shape ``(r_{k-1}, out_modes[k], in_modes[k], r_k)`` (as a TT-matrix layer's ``tt_matrix_cores()``
         stores them).
     in_modes, out_modes : sequence of int
         The modes.
@@ -479,6 +478,13 @@ def _two_factor(module: nn.Module) -> bool:
             and all(isinstance(m, nn.Linear) for m in module) and module[0].bias is None)
 
 
+def _tt_matrix_cores(module: nn.Module) -> tuple[Sequence[torch.Tensor], tuple[int, ...], tuple[int, ...]] | None:
+    """``(cores, in_modes, out_modes)`` of a layer whose weight is one TT-matrix (the layer says so with a
+    ``tt_matrix_cores()`` method), else None."""
+    method = getattr(module, "tt_matrix_cores", None)
+    return method() if callable(method) else None
+
+
 def fit_layer(
     dense: nn.Module,
     start: nn.Module,
@@ -492,8 +498,8 @@ def fit_layer(
 
     The weight is fitted by the closed form when there is one -- :func:`whitened_lowrank` for a
     two-factor ``nn.Sequential(Linear(K, r, bias=False), Linear(r, out))`` and
-    :func:`refine_tt_cores` for a :class:`TTLinear` -- and otherwise by :func:`refine_by_gradient`
-    (e.g. :class:`ttcompress.CPConv2d`). With a bias the weight is fitted on centred statistics
+    :func:`refine_tt_cores` for a layer whose weight is one TT-matrix (it has ``tt_matrix_cores()``)
+    -- and otherwise by :func:`refine_by_gradient` (e.g. a CP convolution). With a bias the weight is fitted on centred statistics
     and the bias set by :func:`corrected_bias`, the joint optimum. ``start`` is modified in place;
     if the fit does not lower the output error the original parameters are restored.
     """
@@ -510,10 +516,10 @@ def fit_layer(
             start[0].weight.copy_(bb)  # type: ignore[index]
             start[1].weight.copy_(a)  # type: ignore[index]
             method = "whitened-svd"
-        elif isinstance(start, TTLinear):
-            new = refine_tt_cores(list(start.cores), start.in_modes, start.out_modes, w, fit_stats,
-                                  sweeps=sweeps, damping=damping)
-            for param, core in zip(start.cores, new):
+        elif (tt := _tt_matrix_cores(start)) is not None:
+            cores, in_modes, out_modes = tt
+            new = refine_tt_cores(list(cores), in_modes, out_modes, w, fit_stats, sweeps=sweeps, damping=damping)
+            for param, core in zip(cores, new):
                 param.copy_(core)
             method = "tt-als"
         else:

@@ -9,9 +9,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ttcompress.layers.cp_conv import CPConv2d
-from ttcompress.layers.tt_linear import TTLinear
-
 __all__ = ["dense_weight", "effective_bias", "set_effective_bias"]
 
 
@@ -24,9 +21,9 @@ def _linear_chain(module: nn.Module) -> list[nn.Linear] | None:
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The equivalent dense weight as a 2-D ``(out, K)`` tensor, differentiable in the parameters.
 
-    Supports ``nn.Linear``, ``nn.Conv2d``, :class:`TTLinear`, :class:`CPConv2d`, an
-    ``nn.Sequential`` of ``nn.Linear`` (a low-rank product ``W_k ... W_1``), and any module with a
-    ``dense_weight()`` method.
+    Supports ``nn.Linear``, ``nn.Conv2d``, an ``nn.Sequential`` of ``nn.Linear`` (a low-rank
+    product ``W_k ... W_1``), and any module with a ``dense_weight()`` method: every factorized
+    layer of :mod:`ttcompress.layers` has one, so this function never asks for a layer's class.
 
     Raises
     ------
@@ -37,10 +34,6 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
         return module.weight
     if isinstance(module, nn.Conv2d):
         return module.weight.reshape(module.out_channels, -1)
-    if isinstance(module, CPConv2d):
-        return module.kernel().reshape(module.out_channels, -1)
-    if isinstance(module, TTLinear):
-        return module.dense_weight()
     chain = _linear_chain(module)
     if chain is not None:
         w = chain[0].weight
@@ -50,8 +43,8 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     method = getattr(module, "dense_weight", None)
     if callable(method):
         return method()
-    raise TypeError(f"module must be a Linear, Conv2d, TTLinear, CPConv2d, a Sequential of Linear, or "
-                    f"have a dense_weight() method; got {type(module).__name__}")
+    raise TypeError(f"module must be a Linear, Conv2d, a Sequential of Linear, or a layer with a "
+                    f"dense_weight() method (every factorized layer); got {type(module).__name__}")
 
 
 def effective_bias(module: nn.Module) -> torch.Tensor | None:

@@ -1,6 +1,6 @@
 """``ttcompress decompose``: compress a model file's Linear (TT) and Conv2d (CP) layers.
 
-A thin shell over :func:`ttcompress.plan.plan_from_options` (parse the options into a plan) and
+A thin shell over :func:`ttcompress.planfile.plan_from_options` (parse the options into a plan) and
 :func:`ttcompress.surgery.decompose_file` (load → compress → save atomically).
 """
 
@@ -31,8 +31,10 @@ from ttcompress.cli.options import (
 )
 from ttcompress.errors import refused_input
 from ttcompress.formats import format_names, get_format
-from ttcompress.plan import plan_from_options
-from ttcompress.surgery import CompressionResult, DecomposeResult, LayerRecord, decompose_file, default_output_path
+from ttcompress.cli.flags import flags_in_errors
+from ttcompress.planfile import plan_from_options
+from ttcompress.layer_report import format_label
+from ttcompress.surgery import CompressionResult, DecomposeResult, decompose_file, default_output_path
 
 app = command_app()
 
@@ -89,7 +91,7 @@ def decompose(
     The output (default: MODEL's name with .tt.pt, next to it) is written atomically: on any error nothing is written. An existing output is replaced only with --overwrite. The per-layer table goes to stdout, progress to stderr.
     """
     check_inputs(model, plan)
-    with refused_input():
+    with refused_input(), flags_in_errors():
         the_plan = plan_from_options(
             plan_file=plan, tt_ranks=tt_ranks, tt_eps=tt_eps, tt_d=tt_d, cp_ranks=cp_ranks, cp_ratio=cp_ratio,
             layers=layers or (), exclude=exclude or (), target_ratio=target_ratio, formats=formats or (),
@@ -127,10 +129,6 @@ def print_table(table: Table) -> None:
         Console(width=max(out.width, 220), soft_wrap=True).print(table)
 
 
-def _fmt_ranks(r: LayerRecord) -> str:
-    return r.detail or "–"
-
-
 def layer_table(result: CompressionResult) -> Table:
     """The per-layer rich table of a compression run, with a total row."""
     table = Table(title="ttcompress decompose", show_footer=False)
@@ -139,17 +137,17 @@ def layer_table(result: CompressionResult) -> Table:
                       ("rel. error", "right"), ("time", "right"), ("note", "left")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for r in result.records:
-        params = f"{r.params_before:,}" if r.format == "dense" else f"{r.params_before:,} → {r.params_after:,}"
+        params = f"{r.params_before:,}" if not r.compressed else f"{r.params_before:,} → {r.params_after:,}"
         table.add_row(
             r.name + (f" (= {', '.join(r.aliases)})" if r.aliases else ""),
             r.type,
             "x".join(map(str, r.shape)),
-            r.format.upper() if r.format != "dense" else "dense",
-            _fmt_ranks(r),
+            format_label(r.format),
+            r.structure,
             params,
-            f"{r.ratio:.2f}×" if r.format != "dense" else "–",
-            f"{r.rel_error:.4f}" if r.rel_error is not None and r.format != "dense" else "–",
-            f"{r.seconds:.2f}s" if r.seconds is not None and r.format != "dense" else "–",
+            f"{r.ratio:.2f}×" if r.compressed else "–",
+            f"{r.rel_error:.4f}" if r.rel_error is not None and r.compressed else "–",
+            f"{r.seconds:.2f}s" if r.seconds is not None and r.compressed else "–",
             r.skipped or r.note or "",
         )
     n = len(result.compressed)

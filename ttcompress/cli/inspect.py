@@ -23,7 +23,8 @@ from ttcompress.cli.options import (
     parse_arch_kwargs,
 )
 from ttcompress.errors import refused_input
-from ttcompress.plan import load_plan
+from ttcompress.planfile import load_plan
+from ttcompress.layer_report import format_label
 from ttcompress.surgery import ModelSummary, inspect_file
 
 app = command_app()
@@ -69,12 +70,12 @@ def summary_table(summary: ModelSummary, *, title: str) -> Table:
         table.add_column(c, justify="right" if c in ("params", "share", "before", "rel. error") else "left")
     for r in summary.layers:
         row = [r.name, r.type, "x".join(map(str, r.shape)), f"{r.params:,}", f"{100 * r.share:.1f}%",
-               r.format.upper() if r.format != "dense" else "dense"]
+               format_label(r.format)]
         if summary.compressed:
-            row += [r.detail or "–", f"{r.params_before:,}" if r.params_before else "–",
+            row += [r.structure, f"{r.params_before:,}" if r.params_before else "–",
                     f"{r.rel_error:.4f}" if r.rel_error is not None else "–"]
         else:
-            row += ["yes" if r.compressible else f"no: {r.reason}", r.suggestion or "–"]
+            row += ["yes" if r.compressible else f"no: {r.skipped}", r.suggestion or "–"]
         table.add_row(*row)
     if summary.other_params:
         table.add_row("(other parameters)", "", "", f"{summary.other_params:,}",

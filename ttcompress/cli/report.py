@@ -73,7 +73,7 @@ def emit(
     plot_title: Optional[str] = None,
 ) -> None:
     """Render ``report`` to stdout or ``output`` and draw ``plot`` (options already checked)."""
-    from ttcompress.io import atomic_write
+    from ttcompress.fsutil import atomic_write
     from ttcompress.plot import plot_tradeoff
     from ttcompress.render import render, to_rich_tables
 

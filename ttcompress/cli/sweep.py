@@ -113,6 +113,7 @@ def sweep_command(
     A layer type whose axis is not given stays dense. Example:
     ttcompress sweep baseline.pt --cp-ranks 3,6,9 --tt-ranks 4 --epochs 2 --plot tradeoff.png
     """
+    from ttcompress.cli.flags import flags_in_errors
     from ttcompress.cli.progress import RichProgress
     from ttcompress.sweep import sweep_report, sweep_settings
 
@@ -121,11 +122,12 @@ def sweep_command(
     file_fmt = resolve_format(None, report_file) if report_file is not None else None
     check_inputs(baseline, plan)
     check_outputs([report_file, plot], overwrite=overwrite, inputs=[baseline])
-    settings = sweep_settings(
-        tt_ranks=parse_list(tt_ranks, option="--tt-ranks", kind=int, allow_none=True),
-        tt_eps=parse_list(tt_eps, option="--tt-eps", kind=float),
-        cp_ranks=parse_list(cp_ranks, option="--cp-ranks", kind=int, allow_none=True),
-    )
+    with flags_in_errors():
+        settings = sweep_settings(
+            tt_ranks=parse_list(tt_ranks, option="--tt-ranks", kind=int, allow_none=True),
+            tt_eps=parse_list(tt_eps, option="--tt-eps", kind=float),
+            cp_ranks=parse_list(cp_ranks, option="--cp-ranks", kind=int, allow_none=True),
+        )
     config = make_config(
         FinetuneConfig, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
         weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, max_batches=max_batches,

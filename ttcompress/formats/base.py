@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ttcompress.formats.checks import check_keys
+from ttcompress.layer_report import count_params
 
 __all__ = [
     "CompressionFormat",
@@ -128,8 +129,8 @@ def bias_params(module: nn.Module) -> int:
 
 
 def dense_params(module: nn.Module) -> int:
-    """All parameters of ``module``."""
-    return sum(p.numel() for p in module.parameters())
+    """All parameters of ``module`` (:func:`ttcompress.layer_report.count_params`)."""
+    return count_params(module)
 
 
 def build_note(layer: nn.Module) -> str | None:

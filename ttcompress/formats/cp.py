@@ -49,11 +49,11 @@ class CPSettings:
     options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "rank", None if self.rank is None else check_pos_int(self.rank, "cp rank (--cp-ranks)"))
-        object.__setattr__(self, "ratio", check_ratio(self.ratio, "cp ratio (--cp-ratio)"))
+        object.__setattr__(self, "rank", None if self.rank is None else check_pos_int(self.rank, "cp.rank"))
+        object.__setattr__(self, "ratio", check_ratio(self.ratio, "cp.ratio"))
         object.__setattr__(self, "options", freeze_options(self.options, "cp options"))
         if self.rank is not None and self.ratio is not None:
-            raise ValueError("cp rank (--cp-ranks) and cp ratio (--cp-ratio) are mutually exclusive; give one")
+            raise ValueError("cp.rank and cp.ratio are mutually exclusive; give one")
 
 
 def cp_params(out_channels: int, in_per_group: int, kh: int, kw: int, rank: int, groups: int = 1) -> int:

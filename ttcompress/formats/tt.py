@@ -53,9 +53,9 @@ class TTSettings:
     out_modes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ranks", check_ranks(self.ranks, "tt ranks (--tt-ranks)"))
-        object.__setattr__(self, "eps", check_eps(self.eps, "tt eps (--tt-eps)"))
-        object.__setattr__(self, "d", check_d(self.d, "tt d (--tt-d)"))
+        object.__setattr__(self, "ranks", check_ranks(self.ranks, "tt.ranks"))
+        object.__setattr__(self, "eps", check_eps(self.eps, "tt.eps"))
+        object.__setattr__(self, "d", check_d(self.d, "tt.d"))
         object.__setattr__(self, "in_modes", check_modes(self.in_modes, "tt in_modes"))
         object.__setattr__(self, "out_modes", check_modes(self.out_modes, "tt out_modes"))
 

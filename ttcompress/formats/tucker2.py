@@ -17,7 +17,14 @@ from torch import nn
 
 from ttcompress.decompose.spectra import singular_tails, unfold
 from ttcompress.decompose.tucker2 import tucker2_param_count
-from ttcompress.formats.base import CompressionFormat, FormatDescription, Ladder, LayerDecision, bias_params
+from ttcompress.formats.base import (
+    CompressionFormat,
+    FormatDescription,
+    Ladder,
+    LayerDecision,
+    bias_params,
+    dense_params,
+)
 from ttcompress.formats.checks import check_ranks, check_ratio, freeze_options
 from ttcompress.formats.registry import register_format
 from ttcompress.layers.tucker2_conv import Tucker2Conv2d
@@ -72,7 +79,7 @@ def _params(conv: nn.Conv2d, in_rank: int, out_rank: int) -> int:
 def tucker2_rank_steps(conv: nn.Conv2d) -> list[tuple[int, int]]:
     """``(in_rank, out_rank)`` pairs in proportion to the channels per group, growing, that shrink ``conv``."""
     cout_g, cin_g, *_ = _sizes(conv)
-    before = sum(p.numel() for p in conv.parameters())
+    before = dense_params(conv)
     steps: list[tuple[int, int]] = []
     big = max(cout_g, cin_g)
     for k in range(1, big + 1):
@@ -119,7 +126,7 @@ class Tucker2Format(CompressionFormat):
         if ranks is None and ratio is None:
             ratio = DEFAULT_TUCKER2_RATIO
         if ranks is None:
-            before = sum(p.numel() for p in module.parameters())
+            before = dense_params(module)
             fit = [p for p in tucker2_rank_steps(module) if _params(module, *p) * ratio <= before]  # type: ignore[arg-type]
             if not fit:
                 return self.dense_decision(module, name, f"would not shrink {ratio:g}x even at Tucker-2 ranks (1, 1)",

@@ -371,6 +371,10 @@ class CPConv2d(nn.Module):
         k = torch.bmm(u_out, inner.reshape(g, r, -1))  # (g, cout, cin*kh*kw)
         return k.reshape(self.out_channels, cin, kh, kw)
 
+    def dense_weight(self) -> torch.Tensor:
+        """The kernel as a ``(C_out, C_in/groups * kh * kw)`` matrix (differentiable)."""
+        return self.kernel().reshape(self.out_channels, -1)
+
     def to_conv(self) -> nn.Conv2d:
         """Return the equivalent ``nn.Conv2d`` (same attributes, reconstructed kernel)."""
         conv = nn.Conv2d(

@@ -326,6 +326,12 @@ class TTLinear(nn.Module):
         """The dense ``(out_features, in_features)`` weight, built from the cores (differentiable)."""
         return tt_to_matrix(list(self.cores))[: self.out_features, : self.in_features]
 
+    def tt_matrix_cores(self) -> tuple[nn.ParameterList, tuple[int, ...], tuple[int, ...]]:
+        """``(cores, in_modes, out_modes)``: the weight is ``tt_to_matrix(cores)`` (cropped to the layer's
+        size); core ``k`` has shape ``(r_{k-1}, out_modes[k], in_modes[k], r_k)``. What a data-aware
+        fit (:func:`ttcompress.calibration.fit.refine_tt_cores`) refines, in place."""
+        return self.cores, tuple(self.in_modes), tuple(self.out_modes)
+
     def config(self) -> dict[str, Any]:
         """JSON-serializable constructor kwargs: ``TTLinear(**layer.config())`` has the same structure."""
         return {

@@ -1,0 +1,175 @@
+"""Filesystem helpers: :func:`atomic_write` (write to a temporary file, then rename it into place).
+
+Kept apart from checkpoint I/O so that every module that writes a file (plans, reports, plots,
+training checkpoints) can import it without importing model loading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["MODEL_SUFFIXES", "PathLike", "atomic_write", "strip_model_suffix"]
+
+PathLike = str | os.PathLike[str]
+
+#: Extensions of model files, stripped from a file name to name its model (``model.pt`` -> ``model``).
+MODEL_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def strip_model_suffix(name: str) -> str:
+    """``name`` without one of :data:`MODEL_SUFFIXES` (kept when nothing would be left)."""
+    for ext in MODEL_SUFFIXES:
+        if name.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return name
+
+@functools.lru_cache(maxsize=1)
+def _umask_by_flipping() -> int:
+    # Only where /proc is missing: os.umask can only be read by setting it, so do it once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _umask() -> int:
+    """The process umask, read from ``/proc/self/status`` without changing it (else once, see above)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    return _umask_by_flipping()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temps(dest: Path) -> None:
+    """Remove ``.NAME.PID.*.tmp`` files left beside ``dest`` by a writer that died (SIGKILL, power loss).
+
+    A temp file whose PID is a live process other than this one may be a concurrent write and
+    is left alone; names without a PID (older ttcompress) are stale by now.
+    """
+    prefix, me = f".{dest.name}.", os.getpid()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(dest.parent):
+            name = entry.name
+            if not (name.startswith(prefix) and name.endswith(".tmp")) or not entry.is_file(follow_symlinks=False):
+                continue
+            pid_text = name[len(prefix) :].split(".", 1)[0]
+            if pid_text.isdigit() and (int(pid_text) == me or _pid_alive(int(pid_text))):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
+class _Terminated(SystemExit):
+    """SIGTERM arrived during :func:`atomic_write`: unwind (removing the temp file), then exit 143."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`_Terminated` in the main thread instead of killing at once.
+
+    A Python handler already installed is kept (it is called); an ignored SIGTERM stays ignored.
+    Outside the main thread (where handlers cannot be set) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_IGN or previous is None:
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if callable(previous):
+            previous(signum, frame)
+        raise _Terminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "wb", *, encoding: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path``; on success fsync it and ``os.replace`` it onto ``path``.
+
+    If the ``with`` block raises, or SIGTERM arrives (it then ends the process with exit code
+    143 once the temporary file is removed), nothing is written at ``path``: an existing file
+    there stays as it was and the temporary file ``.NAME.PID.*.tmp`` is removed. One left by a
+    process that could not clean up (SIGKILL) is removed by the next write to ``path``.
+    Missing parent directories are created. The file gets the mode ``0o666 & ~umask``; the
+    umask is read without changing it.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Destination file.
+    mode : {"wb", "w"}
+        Binary or text mode.
+    encoding : str, optional
+        Text encoding for ``mode="w"`` (default UTF-8).
+
+    Yields
+    ------
+    file object
+        Write to it; do not close it yourself.
+    """
+    if mode not in ("wb", "w", "wt"):
+        raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
+    dest = Path(path)
+    if dest.is_dir():
+        raise IsADirectoryError(f"output path is a directory: {dest}")
+    blocker = next((p for p in dest.parents if p.exists() or p.is_symlink()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise NotADirectoryError(f"cannot write {dest}: {blocker} is not a directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(dest)
+    with _sigterm_unwinds():
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp")
+        tmp = Path(tmp_name)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+            if "b" in mode:
+                handle: IO[Any] = os.fdopen(fd, "wb")
+            else:
+                handle = os.fdopen(fd, "w", encoding=encoding or "utf-8", newline="")
+            fd = -1  # owned (and closed) by ``handle`` from here on
+            with handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+    with contextlib.suppress(OSError):  # make the rename durable (not possible on every platform)
+        dir_fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+

@@ -1,0 +1,196 @@
+"""Rebuild a model from a checkpoint header and its tensors, without unpickling anything.
+
+The header is untrusted data, validated by :mod:`ttcompress.header` first. :func:`rebuild_model`
+then checks that the architecture may be built (:func:`ttcompress.models.check_arch_trusted`),
+builds the architecture on the ``meta`` device with every recorded layer replaced by its
+format's :meth:`~ttcompress.formats.base.CompressionFormat.rebuild`, compares every tensor shape
+with the tensors present in the file, and only then allocates real storage and loads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ttcompress.errors import CheckpointError
+from ttcompress.formats import get_format
+from ttcompress.meta import ArchSpec, ModelMeta, set_meta
+from ttcompress.layer_report import LayerReport
+from ttcompress.models import build_arch, check_arch_trusted
+from ttcompress.modtree import get_submodule, set_submodule
+
+__all__ = ["fit_state_dict", "rebuild_model", "short_error"]
+
+
+def short_error(exc: BaseException, limit: int = 160) -> str:
+    """``exc`` as one line of at most ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, what: str) -> None:
+    """``load_state_dict(strict=True)`` with one concise line for every kind of mismatch."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [
+        f"{k} {list(sd[k].shape)} vs {list(expected[k].shape)}"
+        for k in expected
+        if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)
+    ]
+
+    def few(items: list[str]) -> str:
+        return ", ".join(items[:3]) + (f", ... (+{len(items) - 3})" if len(items) > 3 else "")
+
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {few(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {few(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} wrong shape(s) (file vs model): {few(wrong)}")
+    if problems:
+        raise CheckpointError(f"state dict does not fit {what}: " + "; ".join(problems))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"state dict does not fit {what}: {short_error(exc)}") from None
+
+
+
+def rebuild_model(
+    header: Mapping[str, Any],
+    tensors: dict[str, torch.Tensor],
+    p: Path,
+    *,
+    user_arch: str | None,
+    trust_code: bool,
+) -> nn.Module:
+    """Rebuild a checkpoint's model: check trust, build it on ``meta`` and compare shapes, then build it."""
+    arch = header.get("arch")
+    if not isinstance(arch, Mapping):
+        raise CheckpointError(f"{p}: ttcompress header has no architecture to rebuild")
+    name = arch["name"]
+    check_arch_trusted(name, source=f"{p} (header field arch.name)", user_arch=user_arch, trust_code=trust_code)
+    layers = {str(k): dict(v) for k, v in (header.get("layers") or {}).items()}
+    tied = dict(header.get("tied") or {})
+    for dup, kept in tied.items():
+        if dup in tensors:
+            raise CheckpointError(f"{p}: tensor {dup!r} is stored and also listed as tied to {kept!r}")
+        if kept not in tensors:
+            raise CheckpointError(f"{p}: tied tensor {dup!r} refers to {kept!r}, which is not in the file")
+        tensors[dup] = tensors[kept]
+    with torch.device("meta"), _SkipRandomInit():
+        skeleton = _build_structure(arch, layers, p)
+    _compare_shapes(skeleton, tensors, layers, p)
+    # Allocate only what the file holds: the meta skeleton gets storage and the file's tensors fill
+    # it. A module with tensors that the file does not hold (non-persistent buffers, plain tensor
+    # attributes) is built for real instead.
+    if {k for k, _ in skeleton.named_buffers()} <= set(skeleton.state_dict()) and not _plain_tensors(skeleton):
+        model = _materialize(skeleton)
+    else:
+        model = _build_structure(arch, layers, p)
+    fit_state_dict(model, tensors, what=f"arch {name!r} (file {p})")
+    records = {k: LayerReport.from_meta(k, v) for k, v in layers.items()}
+    set_meta(model, ModelMeta(ArchSpec.from_dict(arch), records, dict(header.get("info") or {})))
+    return model
+
+
+
+def _plain_tensors(model: nn.Module) -> bool:
+    """True if a submodule keeps a tensor as a plain attribute (neither parameter nor buffer)."""
+    return any(
+        isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in v))
+        for m in model.modules() for v in vars(m).values()
+    )  # fmt: skip
+
+
+def _materialize(model: nn.Module) -> nn.Module:
+    """Give a ``meta`` model uninitialized CPU storage in place, keeping shared parameters shared."""
+    memo: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for slots in (module._parameters, module._buffers):
+            for key, t in slots.items():
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in memo:
+                    empty = torch.empty_like(t, device="cpu")
+                    memo[id(t)] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+                slots[key] = memo[id(t)]
+    return model
+
+
+class _SkipRandomInit(TorchFunctionMode):
+    """Skip random in-place fills of ``meta`` tensors (they hold no data; PyTorch's meta kernel for
+    ``normal_`` imports ``torch._dynamo``, seconds of start-up for nothing)."""
+
+    _OPS = frozenset({"normal_", "uniform_", "random_", "bernoulli_", "exponential_", "cauchy_", "log_normal_",
+                      "geometric_"})  # fmt: skip
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__name__", "") in self._OPS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def _build_structure(arch: Mapping[str, Any], layers: Mapping[str, Mapping[str, Any]], p: Path) -> nn.Module:
+    """The architecture with every recorded layer replaced by its (randomly initialized) compressed layer."""
+    name = arch["name"]
+    try:
+        model = build_arch(name, kwargs=arch.get("kwargs") or {})
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{p}: cannot build arch {name!r} from the header: {short_error(exc)}") from None
+    # A module reachable under several names (shared) is replaced by one new instance.
+    by_id: dict[int, nn.Module] = {}
+    for layer, record in layers.items():
+        fmt = record["format"]
+        try:
+            old = get_submodule(model, layer)
+        except (AttributeError, ValueError, TypeError):
+            raise CheckpointError(f"{p}: layer {layer!r} does not exist in arch {name!r}") from None
+        new = by_id.get(id(old))
+        if new is None:
+            try:
+                new = get_format(fmt).rebuild(record["config"])
+            except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+                raise CheckpointError(f"{p}: cannot rebuild layer {layer!r}: {short_error(exc)}") from None
+            if hasattr(new, "rel_error"):
+                with contextlib.suppress(AttributeError):
+                    new.rel_error = record.get("rel_error")
+            by_id[id(old)] = new
+        model = set_submodule(model, layer, new)
+    return model
+
+
+
+def _compare_shapes(
+    skeleton: nn.Module, tensors: Mapping[str, torch.Tensor], layers: Mapping[str, Any], p: Path
+) -> None:
+    """One line naming the layer whose recorded structure does not match the tensors in the file."""
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+
+    def owner(key: str) -> str:
+        hits = [n for n in layers if key.startswith(n + ".")]
+        return f"layer {max(hits, key=len)!r}" if hits else "the architecture"
+
+    for key, shape in expected.items():
+        if key not in tensors:
+            raise CheckpointError(f"{p}: {owner(key)} needs tensor {key!r} {list(shape)}, which is not in the file")
+        if tuple(tensors[key].shape) != shape:
+            raise CheckpointError(
+                f"{p}: {owner(key)} does not match the file: the header asks for {key!r} of shape {list(shape)} "
+                f"({math.prod(shape):,} elements), the file has {list(tensors[key].shape)}"
+            )
+    extra = [k for k in tensors if k not in expected]
+    if extra:
+        raise CheckpointError(
+            f"{p}: {owner(extra[0])} does not match the file: {len(extra)} tensor(s) not in the rebuilt model, "
+            f"e.g. {extra[0]!r}"
+        )
