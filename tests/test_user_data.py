@@ -24,7 +24,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from ttcompress.cli import app
-from ttcompress.data import load_dataset, user_bundle
+from ttcompress.data import balanced_subset, load_dataset, user_bundle
 from ttcompress.errors import DataError, UserInputError
 from ttcompress.evaluation import distill_loss
 from ttcompress.io import load, save, update_meta
@@ -383,3 +383,16 @@ def test_cli_bad_metric_and_label_free_without_teacher(tmp_path: Path, fc_file: 
     assert_user_error(invoke("sweep", fc_file, "--tt-ranks", "2", "--data", f"{MOD}:unlabelled", "--device", "cpu",
                              "-o", tmp_path / "sw"), "no class labels")  # fmt: skip
     assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_calibration_takes_user_data_inputs(tmp_path: Path, labelled: bool) -> None:
+    """Calibration reads inputs only: both forms give the stored inputs, labels or not."""
+    from ttcompress.calibration.data import calib_batches
+
+    spec = f"tensors:{write_tensors(tmp_path / 'c.npz', targets=labelled)}"
+    for bundle in (load_dataset(spec), load_dataset(f"{MOD}:{'classes' if labelled else 'unlabelled'}")):
+        subset = balanced_subset(bundle.train, 20, seed=0)
+        x = torch.cat(list(calib_batches(subset)))
+        assert x.shape == (20, 8)
+        assert torch.equal(x[0], bundle.train[subset.indices[0]][0])
