@@ -356,3 +356,19 @@ def test_new_layers_work_with_calibration_reconstruct():
     assert torch.allclose(dense_weight(layer), conv.weight.reshape(6, -1), atol=TOL)
     lin = _double(nn.Linear(5, 4))
     assert torch.allclose(dense_weight(SVDLinear.from_linear(lin, rank=4)), lin.weight, atol=TOL)
+
+
+@pytest.mark.parametrize("shape, ranks", [((128, 64, 1, 1), (6, 12)), ((64, 128, 1, 1), (12, 6)), ((32, 3, 7, 7), (8, 16))])
+def test_tucker2_sizes_the_layer_by_the_ranks_the_decomposition_returns(shape, ranks) -> None:
+    # A 1x1 kernel's output rank is at most its input rank (and vice versa): torchvision ResNet's
+    # downsample convs crashed here when the requested ranks differed.
+    from ttcompress.layers.tucker2_conv import Tucker2Conv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(shape[1], shape[0], shape[2:], padding=shape[2] // 2).double()
+    layer = Tucker2Conv2d.from_conv(conv, in_rank=ranks[0], out_rank=ranks[1])
+    x = torch.randn(2, shape[1], 9, 9, dtype=torch.float64)
+    assert layer(x).shape == conv(x).shape
+    assert layer.core.weight.shape[0] <= ranks[1] and layer.core.weight.shape[1] <= ranks[0]
+    full = Tucker2Conv2d.from_conv(conv, in_rank=shape[1], out_rank=shape[0])  # exact at full rank
+    torch.testing.assert_close(full(x), conv(x), rtol=1e-9, atol=1e-9)

@@ -135,9 +135,6 @@ class Tucker2Conv2d(nn.Module):
         cout_g, cin_g = conv.out_channels // g, conv.in_channels // g
         kh, kw = conv.kernel_size
         r_in, r_out = min(in_rank, cin_g, cout_g * kh * kw), min(out_rank, cout_g, cin_g * kh * kw)
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, in_rank=r_in, out_rank=r_out,
-                    stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=g,
-                    bias=conv.bias is not None, padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype)
         firsts, cores, lasts = [], [], []
         err2 = 0.0
         for i in range(g):
@@ -147,6 +144,12 @@ class Tucker2Conv2d(nn.Module):
             cores.append(dec.core)
             lasts.append(dec.out_factor)
             err2 += (dec.rel_error ** 2) * float(part.double().square().sum())
+        # The decomposition caps each rank further at what the other mode leaves (a 1x1 kernel's
+        # output rank is at most its input rank): size the layer by the ranks it returned.
+        r_out, r_in = int(cores[0].shape[0]), int(cores[0].shape[1])
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, in_rank=r_in, out_rank=r_out,
+                    stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=g,
+                    bias=conv.bias is not None, padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             layer.first.weight.copy_(torch.cat(firsts)[:, :, None, None])
             layer.core.weight.copy_(torch.cat(cores))
