@@ -27,6 +27,15 @@ Names
     resized and center-cropped to ``image_size`` (default 224) and normalized with ImageNet
     statistics.
 
+``tensors:FILE``
+    The user's arrays in a ``.pt`` (read with ``torch.load(weights_only=True)``), ``.npz`` (numeric
+    arrays only, never unpickled) or ``.safetensors`` file: inputs named ``inputs`` or ``x``,
+    optional targets named ``targets`` or ``y``. Split 90/10 at random with seed 0.
+``package.module:callable``
+    The user's own code, imported because the user named it: the callable takes no arguments and
+    returns a ``Dataset``, a ``(train, test)`` pair, or ``DataLoader`` s (see :func:`user_bundle`).
+    Never read from a file.
+
 MNIST-like and CIFAR data are held in memory as uint8 tensors (:class:`ImageTensorDataset`) and
 normalized per batch, so their loaders need no worker processes.
 """
@@ -49,9 +58,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset, TensorDataset
 
-from ttcompress.errors import DataError, UserInputError
+from ttcompress.errors import DataError, TTCompressError, UserInputError
+from ttcompress.usercode import import_callable, is_user_callable
 
 __all__ = [
     "DATASETS",
@@ -65,10 +75,15 @@ __all__ = [
     "load_dataset",
     "make_loader",
     "read_idx",
+    "read_tensors_file",
+    "sample_parts",
+    "user_bundle",
 ]
 
 #: Dataset names accepted by :func:`load_dataset` (``imagefolder:PATH`` takes a path after the colon).
-DATASETS: tuple[str, ...] = ("mnist-5k", "mnist", "fashion-mnist", "cifar10", "imagefolder:PATH")
+DATASETS: tuple[str, ...] = (
+    "mnist-5k", "mnist", "fashion-mnist", "cifar10", "imagefolder:PATH", "tensors:FILE", "package.module:callable",
+)  # fmt: skip
 
 #: Where Debian's ``dataset-fashion-mnist`` package installs the four gzipped IDX files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -109,32 +124,53 @@ class DatasetBundle:
     train, test : torch.utils.data.Dataset
         Items are ``(image, label)`` with a normalized float32 image of ``input_shape`` and an
         int64 label. The test split doubles as the validation set for checkpoint selection.
-    num_classes : int
+        The user's own data (:func:`user_bundle`) may have items that are an input alone, or
+        ``(input, target)`` with any target (see ``targets``).
+    num_classes : int or None
+        None when the data has no class labels (``targets`` is ``"regression"`` or ``"none"``).
     input_shape : tuple of int
-        ``(C, H, W)`` of one image.
+        Shape of one input (``(C, H, W)`` of an image).
     classes : tuple of str
-        Class names, index = label.
+        Class names, index = label (empty without class labels).
     mean, std : tuple of float
-        Per-channel normalization applied to images scaled to 0..1.
+        Per-channel normalization applied to images scaled to 0..1 (empty for the user's data).
+    targets : {"class", "regression", "none"}, default "class"
+        What the targets are: int class labels, other tensors (compared by mean squared error),
+        or absent (only label-free distillation and user metrics apply).
+    split : str or None
+        How the test split was made when the source gave one dataset only (e.g.
+        ``"random 90/10 split of 1000 samples, seed 0"``), else None.
     """
 
     name: str
     train: Dataset
     test: Dataset
-    num_classes: int
+    num_classes: int | None
     input_shape: tuple[int, ...]
     classes: tuple[str, ...]
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    targets: str = "class"
+    split: str | None = None
 
     def info(self) -> dict[str, Any]:
         """JSON-serializable description for ``model.ttcompress_meta["info"]``."""
-        return {
+        info: dict[str, Any] = {
             "dataset": self.name,
             "num_classes": self.num_classes,
             "input_shape": list(self.input_shape),
             "classes": list(self.classes),
         }
+        if self.targets != "class":
+            info["targets"] = self.targets
+        if self.split is not None:
+            info["split"] = self.split
+        return info
+
+    @property
+    def has_labels(self) -> bool:
+        """True when the items carry int class labels (accuracy is defined)."""
+        return self.targets == "class"
 
 
 class ImageTensorDataset(TensorDataset):
@@ -204,6 +240,8 @@ def balanced_subset(dataset: Dataset, n: int, *, seed: int = 0) -> Subset:
     one unless a class runs out. Test splits are often sorted by class, so the first ``n``
     samples would be one or two classes only.
 
+    A dataset without int class labels (the user's own data) gets a seeded random choice.
+
     Parameters
     ----------
     dataset : Dataset
@@ -219,10 +257,13 @@ def balanced_subset(dataset: Dataset, n: int, *, seed: int = 0) -> Subset:
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise UserInputError(f"n must be a positive int, got {n!r}")
-    targets = dataset_targets(dataset)
-    if n >= len(targets):
-        return Subset(dataset, list(range(len(targets))))
+    size = len(dataset)  # type: ignore[arg-type]
+    if n >= size:
+        return Subset(dataset, list(range(size)))
     rng = np.random.default_rng(seed)
+    targets = _class_labels(dataset)
+    if targets is None:  # no class labels: a seeded random choice
+        return Subset(dataset, sorted(int(i) for i in rng.permutation(size)[:n]))
     classes = rng.permutation(np.unique(targets))
     per_class = [rng.permutation(np.flatnonzero(targets == c)) for c in classes]
     order = [idx[k] for k in range(max(len(p) for p in per_class)) for idx in per_class if k < len(idx)]
@@ -262,7 +303,7 @@ def check_model_fits(
     n = min(2, len(ds))  # type: ignore[arg-type]
     if n == 0:
         raise DataError(f"dataset {bundle.name!r} is empty")
-    x = torch.stack([ds[i][0] for i in range(n)]).to(device)
+    x = torch.stack([torch.as_tensor(sample_parts(ds[i])[0]) for i in range(n)]).to(device)
     shape = tuple(bundle.input_shape)
     was_training = model.training
     model.eval()
@@ -276,6 +317,14 @@ def check_model_fits(
         ) from exc
     finally:
         model.train(was_training)
+    if not bundle.has_labels:
+        if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != n:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise UserInputError(f"{what} does not fit {bundle.name}: it must return a tensor with a batch "
+                                 f"dimension of {n}, got {got}")
+        if require_finite and not bool(torch.isfinite(out).all()):
+            raise UserInputError(f"{what} outputs NaN/inf on {bundle.name} samples")
+        return
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != n:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserInputError(
@@ -419,6 +468,10 @@ def load_dataset(
         raise UserInputError("image_size only applies to imagefolder:PATH datasets")
     if key.lower().startswith("imagefolder:"):
         return _load_imagefolder(key.split(":", 1)[1], image_size=image_size or 224)
+    if key.lower().startswith("tensors:"):
+        return _load_tensors_data(key.split(":", 1)[1])
+    if is_user_callable(key):  # named by the user: data names read from files never get here
+        return _load_callable_data(key)
     key = key.lower()
     if key == "mnist-5k":
         return _load_mnist5k()
@@ -771,3 +824,237 @@ def _load_imagefolder(path: str, *, image_size: int) -> DatasetBundle:
     return DatasetBundle(
         name, train, test, len(classes), (3, image_size, image_size), classes, IMAGENET_MEAN, IMAGENET_STD
     )
+
+
+# ------------------------------------------------------------------------------ the user's data
+
+#: Fraction of a single user dataset held out as its test split, and the seed of that split.
+USER_TEST_FRACTION = 0.1
+USER_SPLIT_SEED = 0
+
+_INPUT_KEYS = ("inputs", "x")
+_TARGET_KEYS = ("targets", "y")
+
+
+def sample_parts(item: Any) -> tuple[Any, Any]:
+    """``(input, target or None)`` of a dataset item or a collated batch.
+
+    An item is an input alone (a tensor or array), or a tuple/list whose first element is the
+    input and whose second, when present, is the target.
+    """
+    if isinstance(item, (tuple, list)):
+        if not item:
+            raise DataError("a dataset item is an empty tuple; expected an input, or (input, target)")
+        return item[0], (item[1] if len(item) > 1 else None)
+    return item, None
+
+
+def _class_labels(dataset: Dataset) -> np.ndarray | None:
+    """Int class labels of every sample (see :func:`dataset_targets`), or None when there are none."""
+    try:
+        labels = dataset_targets(dataset)
+    except (TypeError, ValueError, IndexError, DataError):
+        return None
+    return labels
+
+
+def user_bundle(data: Any, *, name: str = "user") -> DatasetBundle:
+    """A :class:`DatasetBundle` of the user's own data.
+
+    Parameters
+    ----------
+    data : Dataset, DataLoader, or a (train, test) pair of them
+        Map-style datasets with a length (a ``DataLoader`` stands for its ``dataset``; ttcompress
+        batches and shuffles with its own seeded loaders). Items are an input tensor alone, or
+        ``(input, target)``. A single dataset is split at random into train and test
+        (:data:`USER_TEST_FRACTION` held out, seed :data:`USER_SPLIT_SEED`; recorded in ``split``).
+    name : str, default "user"
+        The bundle's name (``--data`` records the import path or ``tensors:FILE``).
+
+    Returns
+    -------
+    DatasetBundle
+        ``input_shape`` from the first sample. With int targets (Python ints or integer 0-d
+        tensors) ``targets="class"`` and ``num_classes = max label + 1``; other targets give
+        ``"regression"``, none ``"none"`` (``num_classes`` None).
+
+    Raises
+    ------
+    DataError
+        Not one of the accepted forms, an iterable-style or empty dataset, an input that is not
+        a tensor/array, targets of mixed kinds or negative labels.
+    """
+    if isinstance(data, (tuple, list)):
+        if len(data) != 2:
+            raise DataError(f"data {name!r} must be a Dataset, a (train, test) pair or DataLoaders; got a "
+                            f"{type(data).__name__} of {len(data)}")
+        train, test = _as_dataset(data[0], name, "train"), _as_dataset(data[1], name, "test")
+        split = None
+    else:
+        full = _as_dataset(data, name, "dataset")
+        train, test, split = _split(full, name)
+    x, _ = sample_parts(train[0])
+    if not isinstance(x, (torch.Tensor, np.ndarray)):
+        raise DataError(f"data {name!r}: an input must be a tensor (or NumPy array), got {type(x).__name__}")
+    kind, num_classes = _target_kind(train, test, name)
+    classes = tuple(str(i) for i in range(num_classes)) if num_classes is not None else ()
+    return DatasetBundle(name, train, test, num_classes, tuple(int(d) for d in x.shape), classes,
+                         targets=kind, split=split)  # fmt: skip
+
+
+def _as_dataset(obj: Any, name: str, what: str) -> Dataset:
+    if isinstance(obj, DataLoader):
+        obj = obj.dataset
+    if isinstance(obj, IterableDataset) or not isinstance(obj, Dataset) or not hasattr(obj, "__len__"):
+        raise DataError(f"data {name!r}: the {what} must be a map-style Dataset with a length (or a DataLoader "
+                        f"over one), got {type(obj).__name__}")
+    if what != "test" and len(obj) == 0:  # type: ignore[arg-type]
+        raise DataError(f"data {name!r}: the {what} is empty")
+    return obj
+
+
+def _split(full: Dataset, name: str) -> tuple[Dataset, Dataset, str]:
+    n = len(full)  # type: ignore[arg-type]
+    if n < 2:
+        raise DataError(f"data {name!r} has {n} sample(s); a train/test split needs at least 2")
+    n_test = min(max(1, round(n * USER_TEST_FRACTION)), n - 1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(USER_SPLIT_SEED)).tolist()
+    pct = round(100 * USER_TEST_FRACTION)
+    note = f"random {100 - pct}/{pct} split of {n} samples (seed {USER_SPLIT_SEED}): {n - n_test} train, {n_test} test"
+    return Subset(full, sorted(order[n_test:])), Subset(full, sorted(order[:n_test])), note
+
+
+def _target_kind(train: Dataset, test: Dataset, name: str) -> tuple[str, int | None]:
+    """``("class", num_classes)``, ``("regression", None)`` or ``("none", None)``, read from every sample."""
+    kinds: set[str] = set()
+    top = -1
+    for ds in (train, test):
+        for i in range(len(ds)):  # type: ignore[arg-type]
+            _, y = sample_parts(ds[i])
+            if y is None:
+                kinds.add("none")
+            elif isinstance(y, (bool, np.bool_)) or (isinstance(y, (torch.Tensor, np.ndarray)) and y.dtype in (torch.bool, np.bool_)):
+                kinds.add("regression")
+            elif isinstance(y, (int, np.integer)) or (
+                isinstance(y, (torch.Tensor, np.ndarray)) and y.ndim == 0 and not _is_float(y)
+            ):
+                label = int(y)
+                if label < 0:
+                    raise DataError(f"data {name!r}: class label {label} is negative")
+                top = max(top, label)
+                kinds.add("class")
+            else:
+                kinds.add("regression")
+    if len(kinds) > 1:
+        raise DataError(f"data {name!r} mixes kinds of targets ({', '.join(sorted(kinds))}); give every sample "
+                        "a target of the same kind, or none")
+    kind = kinds.pop() if kinds else "none"
+    return kind, (top + 1 if kind == "class" else None)
+
+
+def _is_float(y: torch.Tensor | np.ndarray) -> bool:
+    if isinstance(y, torch.Tensor):
+        return y.is_floating_point() or y.is_complex()
+    return bool(np.issubdtype(y.dtype, np.inexact))
+
+
+def _load_callable_data(spec: str) -> DatasetBundle:
+    fn = import_callable(spec, what="data", error=DataError)
+    try:
+        data = fn()
+    except TTCompressError:
+        raise
+    except Exception as exc:  # the user's code may raise anything
+        raise DataError(f"data {spec!r} raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+    return user_bundle(data, name=spec.strip())
+
+
+def read_tensors_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The arrays of a ``.pt``/``.pth``, ``.npz`` or ``.safetensors`` file as CPU tensors, never unpickling.
+
+    ``.pt`` is read with ``torch.load(weights_only=True)`` and must hold a dict of tensors (or
+    one tensor, taken as ``inputs``); ``.npz`` members are parsed from their own bytes (an array
+    whose header declares more or fewer bytes than are present, or an object array, is refused);
+    ``.safetensors`` is read with ``safetensors.torch.load_file``.
+
+    Raises
+    ------
+    DataError
+        Unknown extension, unreadable or malformed file, non-tensor content.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"tensors file {str(p)!r} does not exist or is not a file")
+    suffix = p.suffix.lower()
+    try:
+        if suffix in (".pt", ".pth"):
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+            arrays = {"inputs": obj} if isinstance(obj, torch.Tensor) else obj
+        elif suffix == ".npz":
+            arrays = _read_npz(p)
+        elif suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            arrays = load_file(str(p), device="cpu")
+        else:
+            raise DataError(f"tensors file {p.name!r} must end in .pt, .pth, .npz or .safetensors")
+    except DataError:
+        raise
+    except Exception as exc:  # torch/zipfile/safetensors raise many types on a malformed file
+        raise DataError(f"cannot read tensors file {p}: {' '.join(str(exc).split())[:300]}") from None
+    if not isinstance(arrays, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in arrays.items()):
+        raise DataError(f"tensors file {p} must hold a mapping of names to tensors")
+    return arrays
+
+
+def _read_npz(path: Path) -> dict[str, torch.Tensor]:
+    import zipfile
+
+    out: dict[str, torch.Tensor] = {}
+    with zipfile.ZipFile(path) as zf:
+        for member in zf.namelist():
+            if not member.endswith(".npy"):
+                continue
+            raw = zf.read(member)
+            stream = io.BytesIO(raw)
+            version = np.lib.format.read_magic(stream)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+            else:
+                raise DataError(f"{path}: {member} has an unsupported .npy version {version}")
+            if dtype.hasobject:
+                raise DataError(f"{path}: {member} is an object array; only numeric arrays are read (never unpickled)")
+            body = raw[stream.tell():]
+            if len(body) != math.prod(shape) * dtype.itemsize:
+                raise DataError(f"{path}: {member} declares shape {shape} of {dtype} but holds {len(body)} bytes")
+            array = np.frombuffer(body, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+            out[member[: -len(".npy")]] = torch.from_numpy(np.ascontiguousarray(array).copy())
+    return out
+
+
+def _pick(arrays: dict[str, torch.Tensor], keys: tuple[str, ...], path: str) -> torch.Tensor | None:
+    found = [k for k in keys if k in arrays]
+    if len(found) > 1:
+        raise DataError(f"tensors file {path} has both {found[0]!r} and {found[1]!r}; keep one")
+    return arrays[found[0]] if found else None
+
+
+def _load_tensors_data(path: str) -> DatasetBundle:
+    if not path:
+        raise DataError("tensors needs a file: tensors:FILE")
+    arrays = read_tensors_file(path)
+    x = _pick(arrays, _INPUT_KEYS, path)
+    if x is None:
+        raise DataError(f"tensors file {path} has no inputs: expected an array named 'inputs' or 'x' "
+                        f"(found {', '.join(sorted(arrays)) or 'nothing'})")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise DataError(f"tensors file {path}: inputs must have a batch dimension with at least one sample")
+    y = _pick(arrays, _TARGET_KEYS, path)
+    if y is not None and (y.dim() == 0 or y.shape[0] != x.shape[0]):
+        raise DataError(f"tensors file {path}: targets {tuple(y.shape)} do not match inputs {tuple(x.shape)} "
+                        "(one target per sample)")
+    if x.dtype == torch.float64:  # models take float32
+        x = x.float()
+    return user_bundle(TensorDataset(x) if y is None else TensorDataset(x, y), name=f"tensors:{path}")

@@ -17,10 +17,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ttcompress.data import DatasetBundle, make_loader
+from ttcompress.data import DatasetBundle, make_loader, sample_parts
 from ttcompress.errors import UserInputError
 
-__all__ = ["EvalResult", "autocast", "evaluate", "resolve_device", "resolve_device_type"]
+__all__ = [
+    "EvalResult",
+    "autocast",
+    "distill_loss",
+    "evaluate",
+    "model_outputs",
+    "objective_sums",
+    "resolve_device",
+    "resolve_device_type",
+    "task_loss",
+]
 
 
 @dataclass(frozen=True)
@@ -29,17 +39,18 @@ class EvalResult:
 
     Attributes
     ----------
-    accuracy : float
-        Top-1, fraction 0..1.
+    accuracy : float or None
+        Top-1, fraction 0..1; None where accuracy is not defined (data without class labels).
     top5 : float or None
         Top-5 fraction when asked for and the model has more than 5 outputs.
     loss : float
-        Mean cross-entropy.
+        Mean cross-entropy (with class labels); else the mean objective (MSE on the targets, or
+        the distillation loss against a teacher).
     n : int
         Number of samples.
     """
 
-    accuracy: float
+    accuracy: float | None
     top5: float | None
     loss: float
     n: int
@@ -137,6 +148,103 @@ def eval_sums(model: nn.Module, loader: Any, device: torch.device, topk: Sequenc
     finally:
         model.train(was_training)
     return sums
+
+
+def task_loss(outputs: torch.Tensor, targets: torch.Tensor, kind: str, *, reduction: str = "mean") -> torch.Tensor:
+    """The supervised loss: cross-entropy for ``kind == "class"``, else mean squared error.
+
+    For MSE the targets are cast to the outputs' dtype and must have their shape (a target of
+    shape ``(N,)`` meets outputs of shape ``(N, 1)``). ``reduction="sum"`` sums the per-sample
+    losses (each sample's MSE is a mean over its elements).
+    """
+    outputs = outputs.float()
+    if kind == "class":
+        return F.cross_entropy(outputs, targets, reduction=reduction)
+    t = targets.to(outputs.dtype)
+    if t.shape != outputs.shape and t.numel() == outputs.numel():
+        t = t.reshape(outputs.shape)
+    if t.shape != outputs.shape:
+        raise UserInputError(f"targets of shape {tuple(targets.shape)} do not match outputs {tuple(outputs.shape)}")
+    per_sample = F.mse_loss(outputs, t, reduction="none").reshape(outputs.shape[0], -1).mean(dim=1)
+    return per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+
+def distill_loss(
+    outputs: torch.Tensor, teacher_outputs: torch.Tensor, *, kind: str, temperature: float = 4.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Distillation loss of a student's outputs against a teacher's.
+
+    ``kind="kl"``: ``T²·KL(softmax(t/T) || softmax(s/T))`` over dimension 1 (Hinton, Vinyals &
+    Dean 2015, "Distilling the Knowledge in a Neural Network"), for class logits.
+    ``kind="mse"``: mean squared error between the outputs, for any output shape (regression,
+    sequences, features). ``reduction="sum"`` sums the per-sample losses.
+    """
+    s, t = outputs.float(), teacher_outputs.float()
+    if kind == "kl":
+        per = F.kl_div(F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1),
+                       reduction="none", log_target=True).sum(dim=1) * (temperature * temperature)  # fmt: skip
+    elif kind == "mse":
+        per = F.mse_loss(s, t, reduction="none").reshape(s.shape[0], -1).mean(dim=1)
+    else:
+        raise ValueError(f"kind must be 'kl' or 'mse', got {kind!r}")
+    return per.sum() if reduction == "sum" else per.mean()
+
+
+def objective_sums(
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    amp: str | None,
+    *,
+    targets: str,
+    teacher: nn.Module | None = None,
+    distill: str | None = None,
+    temperature: float = 4.0,
+) -> torch.Tensor:
+    """(loss sum, n) as float64 on ``device``: distillation loss against ``teacher`` when given,
+    else the task loss on the batches' targets (see :func:`task_loss`)."""
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                x, y = sample_parts(batch)
+                x = x.to(device, non_blocking=True)
+                with autocast(device, amp):
+                    out = model(x)
+                    if teacher is not None:
+                        loss = distill_loss(out, teacher(x), kind=distill or "mse", temperature=temperature,
+                                            reduction="sum")  # fmt: skip
+                    else:
+                        loss = task_loss(out, y.to(device), targets, reduction="sum")
+                sums[0] += loss.double()
+                sums[1] += x.shape[0]
+    finally:
+        model.train(was_training)
+    return sums
+
+
+def model_outputs(
+    model: nn.Module, loader: Any, device: torch.device, amp: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's outputs over ``loader``, concatenated on the CPU, and the targets (None when absent)."""
+    outs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                x, y = sample_parts(batch)
+                with autocast(device, amp):
+                    outs.append(model(x.to(device)).float().cpu())
+                if y is not None:
+                    ys.append(torch.as_tensor(y))
+    finally:
+        model.train(was_training)
+    return torch.cat(outs), (torch.cat(ys) if ys and len(ys) == len(outs) else None)
 
 
 def sums_to_result(sums: torch.Tensor, topk: Sequence[int]) -> EvalResult:

@@ -90,6 +90,10 @@ def _columns(report: Report) -> list[tuple[str, Any]]:
     cols += [("weights", lambda r: _size(r.size_bytes)), ("FLOPs", lambda r: _flops(r.flops))]
     if has_speed:
         cols += [("ms/sample", _per_sample), ("samples/s", _throughput), ("peak mem", lambda r: _size(r.peak_memory_bytes))]
+    if report.metric_name is not None:
+        cols.append((report.metric_name, lambda r: "–" if r.metric is None else f"{r.metric:.4g}"))
+        if all(row.accuracy is None for row in report.rows):  # the metric instead of top-1 (no class labels)
+            return cols
     if has_before:
         cols.append(("top-1 pre-FT", lambda r: _pct(r.accuracy_before_finetune)))
     cols.append(("top-1", lambda r: _pct(r.accuracy)))
@@ -120,6 +124,12 @@ def _layer_table(report: Report) -> list[list[str]]:
 
 def _caption(report: Report) -> str:
     parts = [f"dataset: {report.dataset or '–'}"]
+    if report.data_split is not None:
+        parts.append(f"test split: {report.data_split}")
+    if report.dataset is not None and report.targets in ("none", "regression"):
+        parts.append("no class labels: top-1 not defined")
+    if report.metric_name is not None:
+        parts.append(f"metric: {report.metric_name}(outputs, targets) on the test split")
     if report.eval_samples is not None:
         parts.append(
             f"a class-balanced subset of {report.eval_samples:,} test samples"
@@ -181,6 +191,7 @@ def to_csv(report: Report) -> str:
         ("top1_pct", lambda r: None if r.accuracy is None else 100 * r.accuracy),
         ("top5_pct", lambda r: None if r.top5 is None else 100 * r.top5),
         ("delta_top1_pp", lambda r: None if r.accuracy_delta is None else 100 * r.accuracy_delta),
+        *([("metric", lambda r: r.metric)] if report.metric_name is not None else []),
     ]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

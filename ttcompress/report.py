@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ttcompress.errors import UserInputError, refused_input
+from ttcompress.usercode import import_callable
 from ttcompress.formats import format_of
 from ttcompress.fsutil import strip_model_suffix
 from ttcompress.layer_report import LayerReport, count_params
@@ -85,6 +86,7 @@ class ModelRow:
     batch_size: int | None = None
     peak_memory_bytes: int | None = None
     file_bytes: int | None = None
+    metric: float | None = None  # the user's metric (``Report.metric_name``) on the test split
 
     @property
     def latency_per_sample_ms(self) -> float | None:
@@ -120,6 +122,9 @@ class Report:
     eval_samples: int | None
     eval_subset: bool = False
     torch_version: str = torch.__version__
+    metric_name: str | None = None
+    data_split: str | None = None
+    targets: str | None = None
 
     @property
     def baseline(self) -> ModelRow:
@@ -133,6 +138,9 @@ class Report:
             "dataset": self.dataset,
             "eval_samples": self.eval_samples,
             "eval_subset": self.eval_subset,
+            "data_split": self.data_split,
+            "targets": self.targets,
+            "metric": self.metric_name,
             "device": self.device,
             "batch_size": self.batch_size,
             "torch_version": self.torch_version,
@@ -216,6 +224,8 @@ def build_report(
     min_run_time: float = 0.5,
     input_shape: Sequence[int] | None = None,
     measure_speed: bool = True,
+    metric: Callable[[torch.Tensor, torch.Tensor | None], float] | None = None,
+    metric_name: str | None = None,
 ) -> Report:
     """Measure the baseline and each model and return the report data.
 
@@ -238,12 +248,22 @@ def build_report(
         Seconds spent per model in :meth:`torch.utils.benchmark.Timer.blocked_autorange`.
     measure_speed:
         ``False`` skips the latency measurement (``latency_ms`` is ``None``).
+    metric, metric_name:
+        A user metric ``metric(outputs, targets) -> float``, called once per model on its outputs
+        over the (possibly limited) test split, concatenated, and the targets concatenated (None
+        when the data has none); its value is ``ModelRow.metric``, its name ``Report.metric_name``
+        (default: the callable's ``__name__``). Needs ``data``. Accuracy is measured only when
+        the data has class labels.
     """
     from ttcompress.data import balanced_subset, check_model_fits
     from ttcompress.evaluation import evaluate
 
     if eval_limit is not None and eval_limit <= 0:
         raise UserInputError(f"eval_limit must be positive, got {eval_limit}")
+    if metric is not None and data is None:
+        raise UserInputError("metric needs data to evaluate on")
+    if metric is not None and metric_name is None:
+        metric_name = getattr(metric, "__name__", "metric")
     device = torch.device(device)
     shape = _input_shape(baseline.model, data, input_shape)
     test_set = None
@@ -263,10 +283,12 @@ def build_report(
         model = entry.model.to(device)
         params = count_params(model)
         kinds = params_by_kind(model)
-        accuracy = top5 = None
-        if test_set is not None:
+        accuracy = top5 = value = None
+        if test_set is not None and data.has_labels:
             result = evaluate(model, test_set, device=device, batch_size=eval_batch_size)
             accuracy, top5 = result.accuracy, result.top5
+        if metric is not None and test_set is not None:
+            value = _user_metric(metric, metric_name or "metric", model, test_set, device, eval_batch_size)
         latency = iqr = None
         if measure_speed:
             latency, iqr = measure_latency(model, shape, batch_size=batch_size, min_run_time=min_run_time)
@@ -294,6 +316,7 @@ def build_report(
                 setting=entry.setting,
                 accuracy_before_finetune=entry.accuracy_before_finetune,
                 layers=layer_rows(model),
+                metric=value,
             )
         )
     base_acc = measured[0]["accuracy"]
@@ -312,7 +335,34 @@ def build_report(
         batch_size=batch_size,
         eval_samples=len(test_set) if test_set is not None else None,
         eval_subset=subset,
+        metric_name=metric_name,
+        data_split=getattr(data, "split", None),
+        targets=getattr(data, "targets", None),
     )
+
+
+def _user_metric(
+    metric: Callable[[torch.Tensor, torch.Tensor | None], float],
+    name: str,
+    model: nn.Module,
+    test_set: Any,
+    device: torch.device,
+    batch_size: int,
+) -> float:
+    """``metric(outputs, targets)`` on the whole test split, checked to be a real number."""
+    from ttcompress.data import make_loader
+    from ttcompress.evaluation import model_outputs
+
+    outputs, targets = model_outputs(model, make_loader(test_set, batch_size=batch_size, shuffle=False), device)
+    try:
+        value = metric(outputs, targets)
+    except Exception as exc:  # the user's code may raise anything
+        raise UserInputError(f"metric {name!r} raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserInputError(f"metric {name!r} must return a number, got {type(value).__name__}")
+    return float(value)
 
 
 def _label(path: Path, taken: set[str]) -> str:
@@ -341,6 +391,7 @@ def report_files(
     trust_pickle: bool = False,
     trust_code: bool = False,
     labels: Sequence[str] | None = None,
+    metric: str | None = None,
 ) -> Report:
     """Load the model files and measure them against ``baseline`` (what ``ttcompress report`` runs).
 
@@ -349,8 +400,11 @@ def report_files(
 
     ``arch``/``arch_kwargs`` name the architecture of bare state dicts (ttcompress checkpoints
     describe themselves; one that records the same ``arch`` import path is then trusted, as with
-``trust_code``). ``data=None`` skips the accuracy columns. See :func:`build_report`.
+``trust_code``). ``data=None`` skips the accuracy columns. ``metric`` is the import path
+    (``package.module:callable``) of a user metric, imported because the caller named it (see
+    :func:`build_report`). See :func:`build_report`.
     """
+    metric_fn = import_callable(metric, what="metric") if metric is not None else None
     from ttcompress.data import load_dataset
     from ttcompress.io import load
     from ttcompress.evaluation import resolve_device
@@ -393,4 +447,6 @@ def report_files(
         eval_limit=eval_limit,
         min_run_time=min_run_time,
         measure_speed=measure_speed,
+        metric=metric_fn,
+        metric_name=metric.strip() if metric is not None else None,
     )

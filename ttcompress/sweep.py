@@ -37,7 +37,7 @@ from torch import nn
 
 from ttcompress._version import __version__
 from ttcompress.data import DatasetBundle, check_model_fits
-from ttcompress.errors import UserInputError, refused_input
+from ttcompress.errors import DataError, UserInputError, refused_input
 from ttcompress.plan import Plan
 from ttcompress.planfile import load_plan, plan_from_options
 from ttcompress.evaluation import evaluate, resolve_device
@@ -288,6 +288,9 @@ def run_sweep(
     baseline = Path(baseline)
     if not baseline.is_file():
         raise FileNotFoundError(f"baseline model not found: {baseline}")
+    if not bundle.has_labels:
+        raise DataError(f"a sweep ranks settings by top-1 accuracy, and data {bundle.name!r} has no class labels "
+                        f"(targets: {bundle.targets}); use finetune and report --metric instead")
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"sweep output is not a directory: {out}")

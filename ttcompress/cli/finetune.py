@@ -32,6 +32,7 @@ from ttcompress.cli.train import (
     DataOpt,
     DataRootOpt,
     DeviceOpt,
+    DistillLossOpt,
     DownloadOpt,
     EpochsOpt,
     EvalBatchSizeOpt,
@@ -107,6 +108,7 @@ def finetune(
         "when that file is still there and unchanged).", rich_help_panel="Distillation")] = False,
     alpha: AlphaOpt = FinetuneConfig.distill_alpha,
     temperature: TemperatureOpt = FinetuneConfig.distill_temperature,
+    distill_loss: DistillLossOpt = FinetuneConfig.distill_loss,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
@@ -128,6 +130,7 @@ def finetune(
         FinetuneConfig, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
         weight_decay=weight_decay, schedule=schedule, step_size=step_size, gamma=gamma, seed=seed, device=device,
         amp=amp, compile=compile_, train_only=train_only, distill_alpha=alpha, distill_temperature=temperature,
+        distill_loss=distill_loss,
         eval_batch_size=eval_batch_size, num_workers=workers, max_batches=max_batches, val_fraction=val_fraction,
     )  # fmt: skip
     if teacher is None and not no_distill:

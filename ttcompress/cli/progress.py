@@ -57,16 +57,17 @@ class RichProgress(TrainCallback):
             self._progress.remove_task(self._task)
         self._task = self._progress.add_task(f"epoch {epoch}/{self._epochs}", total=steps, loss="-", acc="-", speed="-")
 
-    def on_step(self, *, epoch: int, step: int, loss: float, accuracy: float, samples_per_s: float) -> None:
+    def on_step(self, *, epoch: int, step: int, loss: float, accuracy: float | None, samples_per_s: float) -> None:
         self._progress.update(
-            self._task, completed=step, loss=f"{loss:.4f}", acc=f"{100 * accuracy:.2f}%", speed=f"{samples_per_s:,.0f}"
+            self._task, completed=step, loss=f"{loss:.4f}", acc=_pct(accuracy), speed=f"{samples_per_s:,.0f}"
         )
 
     def on_epoch_end(self, record: EpochRecord) -> None:
         self._progress.console.print(
-            f"epoch {record.epoch}/{self._epochs}: loss {record.train_loss:.4f}, train acc "
-            f"{100 * record.train_accuracy:.2f}%, val acc {100 * record.val_accuracy:.2f}%"
-            f"{' (best)' if record.best else ''}, {record.seconds:.1f}s, {record.samples_per_s:,.0f} samples/s"
+            f"epoch {record.epoch}/{self._epochs}: loss {record.train_loss:.4f}, "
+            + (f"train acc {_pct(record.train_accuracy)}, val acc {_pct(record.val_accuracy)}"
+               if record.val_accuracy is not None else f"val loss {record.val_loss:.4f} (no accuracy: no class labels)")
+            + f"{' (best)' if record.best else ''}, {record.seconds:.1f}s, {record.samples_per_s:,.0f} samples/s"
         )
 
     def on_train_end(self, result: TrainResult) -> None:
@@ -80,6 +81,11 @@ class RichProgress(TrainCallback):
             self._task = None
 
 
+def _pct(value: float | None) -> str:
+    """A fraction as a percentage; ``-`` where accuracy is not defined (no class labels)."""
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
 def history_table(history: Sequence[EpochRecord], *, title: str | None = None) -> Table:
     """A rich ``Table`` with one row per epoch (rendering only; the data is ``history``)."""
     table = Table(title=title, box=None, caption="* = best (saved)", padding=(0, 1), header_style="bold underline")
@@ -89,9 +95,9 @@ def history_table(history: Sequence[EpochRecord], *, title: str | None = None) -
         table.add_row(
             f"{r.epoch}{' *' if r.best else ''}",
             f"{r.train_loss:.4f}",
-            f"{100 * r.train_accuracy:.2f}%",
+            _pct(r.train_accuracy),
             f"{r.val_loss:.4f}",
-            f"{100 * r.val_accuracy:.2f}%",
+            _pct(r.val_accuracy),
             "-" if r.val_top5 is None else f"{100 * r.val_top5:.2f}%",
             f"{r.lr:.3g}",
             f"{r.seconds:.1f}s",

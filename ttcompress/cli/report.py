@@ -99,7 +99,8 @@ def report_command(
     models: Annotated[list[Path], typer.Argument(help="Model files to compare with the baseline.", metavar="MODEL...")],
     data: Annotated[str, typer.Option(
         "--data", help="Dataset whose test split measures accuracy: mnist-5k (embedded), mnist, "
-        "fashion-mnist, cifar10, imagefolder:PATH, or none to skip accuracy.", metavar="NAME")] = "mnist-5k",
+        "fashion-mnist, cifar10, imagefolder:PATH, tensors:FILE, package.module:callable, or none to skip "
+        "accuracy.", metavar="NAME")] = "mnist-5k",
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     device: DeviceOpt = "auto",
@@ -118,6 +119,11 @@ def report_command(
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
     trust_code: TrustCodeOpt = False,
+    metric: Annotated[Optional[str], typer.Option(
+        "--metric", help="Your metric, package.module:callable: metric(outputs, targets) -> float, called on "
+        "each model's outputs over the test split (concatenated) and the targets (None when the data has none). "
+        "Reported beside top-1, or instead of it when the data has no class labels.",
+        show_default=False, metavar="MODULE:CALLABLE")] = None,
 ) -> None:
     """Measure params, compression, file size, FLOPs, latency and accuracy of each MODEL vs BASELINE.
 
@@ -144,5 +150,6 @@ def report_command(
         arch_kwargs=parse_arch_kwargs(arch_kwargs),
         trust_pickle=trust_pickle, trust_code=trust_code,
         labels=[part for part in labels.split(",")] if labels is not None else None,
+        metric=metric,
     )
     emit(result, fmt=fmt, output=output, plot=plot, plot_x=plot_x, plot_title=plot_title)

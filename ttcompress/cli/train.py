@@ -30,7 +30,9 @@ _KD = "Distillation"
 
 # ----------------------------------------------------------------------------- shared options
 DataOpt = Annotated[str, typer.Option(
-    "--data", help="Dataset: mnist-5k (embedded, offline), mnist, fashion-mnist, cifar10, imagefolder:PATH.",
+    "--data", help="Dataset: mnist-5k (embedded, offline), mnist, fashion-mnist, cifar10, imagefolder:PATH, "
+    "tensors:FILE (.pt/.npz/.safetensors with 'inputs' and optional 'targets'), or package.module:callable "
+    "(your code, returning a Dataset, a (train, test) pair or DataLoaders).",
     metavar="NAME", rich_help_panel=_DATA)]
 DataRootOpt = Annotated[Optional[Path], typer.Option(
     "--data-root", help="Directory of mnist/fashion-mnist/cifar10 files (torchvision layout, or the IDX files "
@@ -87,8 +89,11 @@ TeacherOpt = Annotated[Optional[Path], typer.Option(
     "--teacher", help="Distill from this model file (e.g. the dense baseline).", show_default=False,
     metavar="MODEL", rich_help_panel=_KD)]
 AlphaOpt = Annotated[float, typer.Option(
-    "--alpha", help="Weight of the distillation loss: alpha*T^2*KL + (1-alpha)*CE.", metavar="FLOAT",
-    rich_help_panel=_KD)]
+    "--alpha", help="Weight of the distillation loss: alpha*T^2*KL + (1-alpha)*CE. Data without targets "
+    "trains on the distillation loss alone.", metavar="FLOAT", rich_help_panel=_KD)]
+DistillLossOpt = Annotated[str, typer.Option(
+    "--distill-loss", help="Distillation loss: kl (class logits, with --temperature), mse (any output), or auto "
+    "(kl for class logits, mse otherwise).", metavar="auto|kl|mse", rich_help_panel=_KD)]
 TemperatureOpt = Annotated[float, typer.Option(
     "--temperature", help="Distillation temperature T.", metavar="FLOAT", rich_help_panel=_KD)]
 
@@ -138,9 +143,16 @@ def render_result(result: TrainResult, *, json_: bool, title: str) -> None:
         raise typer.Exit(code=130)
     if result.best_epoch is not None:
         err.print(
-            f"best: epoch {result.best_epoch}, val acc {100 * (result.best_accuracy or 0):.2f}% -> {paths.best} "
+            f"best: epoch {result.best_epoch}, {_best_score(result)} -> {paths.best} "
             f"(last: {paths.last.name}, metrics: {paths.metrics.name}, resume state: {paths.resume.name})"
         )
+
+
+def _best_score(result: TrainResult) -> str:
+    if result.best_accuracy is not None:
+        return f"val acc {100 * result.best_accuracy:.2f}%"
+    best = next((r for r in result.history if r.epoch == result.best_epoch), None)
+    return f"val loss {best.val_loss:.4g} (no class labels: no accuracy)" if best else "no accuracy"
 
 
 @app.command("train")
@@ -177,6 +189,7 @@ def train(
     teacher: TeacherOpt = None,
     alpha: AlphaOpt = TrainConfig.distill_alpha,
     temperature: TemperatureOpt = TrainConfig.distill_temperature,
+    distill_loss: DistillLossOpt = TrainConfig.distill_loss,
     trust_pickle: TrustPickleOpt = False,
     trust_code: TrustCodeOpt = False,
     json_: JsonOpt = False,
@@ -195,7 +208,7 @@ def train(
     config = make_config(
         TrainConfig, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
         weight_decay=weight_decay, schedule=schedule, step_size=step_size, gamma=gamma, seed=seed, device=device,
-        amp=amp, compile=compile_, distill_alpha=alpha, distill_temperature=temperature,
+        amp=amp, compile=compile_, distill_alpha=alpha, distill_temperature=temperature, distill_loss=distill_loss,
         eval_batch_size=eval_batch_size, num_workers=workers, max_batches=max_batches, val_fraction=val_fraction,
     )  # fmt: skip
     progress = RichProgress(err)

@@ -65,6 +65,8 @@ def fit_arch_kwargs(name: str, kwargs: Mapping[str, Any] | None, bundle: Dataset
     kw = dict(kwargs or {})
     key = name.strip().lower()
     c, h, w = (tuple(bundle.input_shape) + (1, 1, 1))[:3]
+    if bundle.num_classes is None:  # no class labels: nothing to fill in
+        return kw
     if key in ("seed-cnn", "lenet5"):
         kw.setdefault("num_classes", bundle.num_classes)
         kw.setdefault("in_channels", int(c))

@@ -57,6 +57,7 @@ class RunState:
     history: list[EpochRecord] = field(default_factory=list)
     best_accuracy: float | None = None
     best_epoch: int | None = None
+    best_loss: float | None = None  # validation loss of the best epoch (what ranks runs without accuracy)
 
 
 # --------------------------------------------------------------------------------- read/check
@@ -127,6 +128,7 @@ def restore(
         history=[EpochRecord(**r) for r in resume_state.get("history", [])],
         best_accuracy=resume_state.get("best_accuracy"),
         best_epoch=resume_state.get("best_epoch"),
+        best_loss=resume_state.get("best_loss"),
     )
     set_rng_state(resume_state.get("rng", {}))
     return state
@@ -158,6 +160,7 @@ def resume_payload(
         "rng": rng_state(),
         "best_accuracy": state.best_accuracy,
         "best_epoch": state.best_epoch,
+        "best_loss": state.best_loss,
         "history": [r.to_dict() for r in state.history],
         "config": config.to_dict(),
         "data": data,

@@ -49,6 +49,12 @@ class TrainConfig:
     distill_alpha : float, default 0.5
         Weight of the distillation term when a teacher is given: ``alpha·T²·KL + (1-alpha)·CE``.
     distill_temperature : float, default 4.0
+    distill_loss : {"auto", "kl", "mse"}, default "auto"
+        The distillation term: ``kl`` (temperature-scaled KL between softmaxes, for class
+        logits) or ``mse`` (mean squared error between the outputs, for any output). ``auto``
+        picks ``kl`` when the outputs are class logits (see
+        :func:`~ttcompress.training.loop.distill_kind`), ``mse`` otherwise. Without targets in
+        the data the distillation term is the whole loss.
     eval_batch_size : int, default 256
     num_workers : int or None, default None
         Loader workers (None: 0 for in-memory data, else ``min(8, cpus)``).
@@ -79,6 +85,7 @@ class TrainConfig:
     train_only: str = "all"
     distill_alpha: float = 0.5
     distill_temperature: float = 4.0
+    distill_loss: str = "auto"
     eval_batch_size: int = 256
     num_workers: int | None = None
     max_batches: int | None = None
@@ -91,6 +98,7 @@ class TrainConfig:
         choice("optimizer", self.optimizer, OPTIMIZERS)
         choice("schedule", self.schedule, SCHEDULES)
         choice("train_only", self.train_only, TRAIN_ONLY)
+        choice("distill_loss", self.distill_loss, DISTILL_LOSSES)
         if self.amp is not None:
             choice("amp", self.amp, AMP_MODES)
         if not isinstance(self.device, str):
@@ -139,6 +147,10 @@ class FinetuneConfig(TrainConfig):
 
     epochs: int = 3
     lr: float = 1e-3
+
+
+#: Values of :attr:`TrainConfig.distill_loss`.
+DISTILL_LOSSES: tuple[str, ...] = ("auto", "kl", "mse")
 
 
 def choice(name: str, value: Any, choices: Sequence[str]) -> None:

@@ -21,9 +21,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ttcompress.data import DatasetBundle, check_model_fits, make_loader
+from ttcompress.data import DatasetBundle, check_model_fits, make_loader, sample_parts
 from ttcompress.errors import TrainingError, UserInputError
-from ttcompress.evaluation import EvalResult, autocast, eval_sums, resolve_device_type, sums_to_result
+from ttcompress.evaluation import (
+    EvalResult, autocast, distill_loss, eval_sums, objective_sums, resolve_device_type, sums_to_result, task_loss,
+)  # fmt: skip
 import ttcompress.training.distributed as distributed
 from ttcompress.training.checkpoint import (
     RunState,
@@ -42,7 +44,7 @@ from ttcompress.training.distributed import Dist
 from ttcompress.training.optim import make_optimizer, make_scheduler, set_trainable
 from ttcompress.training.records import EpochRecord, RunPaths, TrainCallback, TrainResult, run_paths
 
-__all__ = ["fit", "holdout_split"]
+__all__ = ["distill_kind", "fit", "holdout_split"]
 
 
 def fit(
@@ -68,7 +70,11 @@ def fit(
         Best checkpoint; the other files go next to it (see :mod:`ttcompress.training`).
     config : TrainConfig
     teacher : nn.Module or None
-        Knowledge distillation (Hinton et al. 2015) from this model's logits (kept frozen in eval mode).
+        Knowledge distillation (Hinton et al. 2015) from this model's outputs (kept frozen in eval
+        mode): KL on class logits or MSE on any output (``config.distill_loss``). Required when the
+        data has no targets (``bundle.targets == "none"``): the run then trains and validates on
+        the distillation loss alone, keeps the epoch of lowest validation loss, and records no
+        accuracy (None).
     progress : TrainCallback or None
         Progress hooks, e.g. :class:`ttcompress.cli.progress.RichProgress` (rank 0 only).
     resume : bool, default False
@@ -101,6 +107,10 @@ def fit(
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
     choice("mode", mode, ("train", "finetune"))
+    if bundle.targets == "none" and teacher is None:
+        raise UserInputError(
+            f"data {bundle.name!r} has no targets: training on it needs a teacher to distill from"
+        )
     paths = run_paths(output)
     if paths.best.exists() and paths.best.is_dir():
         raise IsADirectoryError(f"output is a directory: {paths.best}")
@@ -163,6 +173,7 @@ class _Run:
     val_loader: DataLoader
     steps: int  # batches per epoch
     check_every: int  # NaN checks every this many steps
+    distill: str | None  # "kl" or "mse" with a teacher, else None
 
     def info(self, state: RunState, epoch: int, accuracy: float | None) -> dict[str, Any]:
         """Checkpoint metadata after ``epoch``."""
@@ -221,10 +232,58 @@ def _prepare(
         net = torch.compile(net)  # type: ignore[assignment]
     eval_net: nn.Module = torch.compile(model) if config.compile else model  # type: ignore[assignment]
     check_every = 1 if (device.type == "cpu" and not ctx.enabled) else config.log_every
+    distill = distill_kind(model, teacher, bundle, choice=config.distill_loss, device=device) if teacher else None
     run = _Run(model=model, net=net, eval_net=eval_net, teacher=teacher, bundle=bundle, config=config, paths=paths,
                mode=mode, ctx=ctx, device=device, cb=cb, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-               train_loader=train_loader, val_loader=val_loader, steps=steps, check_every=check_every)  # fmt: skip
+               train_loader=train_loader, val_loader=val_loader, steps=steps, check_every=check_every,
+               distill=distill)  # fmt: skip
     return run, state
+
+
+def distill_kind(
+    model: nn.Module,
+    teacher: nn.Module,
+    bundle: DatasetBundle,
+    *,
+    choice: str = "auto",
+    device: str | torch.device = "cpu",
+) -> str:
+    """The distillation loss to use, ``"kl"`` or ``"mse"``.
+
+    ``choice`` ``"kl"``/``"mse"`` is taken as given (``"kl"`` needs 2-D outputs). ``"auto"`` picks
+    ``"kl"`` when the outputs are class logits: 2-D floating-point outputs of the same shape from
+    both models, and a classification task, meaning the data has class labels or, without
+    labels, the teacher's or the student's metadata records as many classes (``num_classes``)
+    as there are outputs; ``"mse"`` otherwise (regression, sequences, any shape).
+    """
+    ds = bundle.test if len(bundle.test) else bundle.train  # type: ignore[arg-type]
+    x = torch.stack([torch.as_tensor(sample_parts(ds[i])[0]) for i in range(min(2, len(ds)))]).to(device)  # type: ignore[arg-type]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out, t_out = model(x), teacher(x)
+    finally:
+        model.train(was)
+    if t_out.shape != out.shape:
+        raise UserInputError(f"the teacher's outputs {tuple(t_out.shape)} and the model's {tuple(out.shape)} differ "
+                             "in shape: it cannot be distilled from")
+    logits = out.dim() == 2 and out.is_floating_point() and out.shape[1] >= 2
+    if choice == "kl" and not logits:
+        raise UserInputError(f"distill_loss='kl' needs 2-D logits (batch, classes), got outputs {tuple(out.shape)}")
+    if choice != "auto":
+        return choice
+    if not logits:
+        return "mse"
+    if bundle.has_labels:
+        return "kl"
+    recorded = {_num_classes(m) for m in (model, teacher)}
+    return "kl" if out.shape[1] in recorded else "mse"
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    n = meta_snapshot(model).get("num_classes")
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 def _loaders(bundle: DatasetBundle, config: TrainConfig, ctx: Dist, device: torch.device) -> tuple[DataLoader, DataLoader]:
@@ -296,20 +355,25 @@ def _train_epoch(run: _Run, state: RunState, epoch: int) -> tuple[torch.Tensor, 
     run_loss = torch.zeros((), dtype=torch.float64, device=run.device)
     run_correct = torch.zeros((), dtype=torch.float64, device=run.device)
     seen = 0
-    for step, (x, y) in enumerate(run.train_loader, start=1):
+    labels = run.bundle.has_labels
+    for step, batch in enumerate(run.train_loader, start=1):
         if step > run.steps:
             break
-        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        x, y = sample_parts(batch)
+        x = x.to(run.device, non_blocking=True)
+        y = y.to(run.device, non_blocking=True) if y is not None else None
         loss, logits = _train_step(run, x, y, epoch=epoch, step=step)
-        batch = y.numel()
-        seen += batch
-        run_loss += loss.detach().double() * batch
-        run_correct += (logits.detach().argmax(dim=1) == y).sum().double()
+        n_batch = x.shape[0]
+        seen += n_batch
+        run_loss += loss.detach().double() * n_batch
+        if labels:
+            run_correct += (logits.detach().argmax(dim=1) == y).sum().double()
         if step % run.check_every == 0 or step == run.steps:
             _raise_if_nan(run_loss, run, state, epoch, step)
         if run.ctx.main and (step % run.config.log_every == 0 or step == run.steps):
             elapsed = max(time.perf_counter() - t0, 1e-9)
-            run.cb.on_step(epoch=epoch, step=step, loss=run_loss.item() / seen, accuracy=run_correct.item() / seen,
+            run.cb.on_step(epoch=epoch, step=step, loss=run_loss.item() / seen,
+                           accuracy=run_correct.item() / seen if labels else None,
                            samples_per_s=seen * run.ctx.world_size / elapsed)  # fmt: skip
     seconds = time.perf_counter() - t0
     n = torch.tensor(float(seen), dtype=torch.float64, device=run.device)
@@ -318,23 +382,28 @@ def _train_epoch(run: _Run, state: RunState, epoch: int) -> tuple[torch.Tensor, 
     return totals, seconds
 
 
-def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, *, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, loss (with distillation when there is a teacher), backward and optimizer step."""
+def _train_step(
+    run: _Run, x: torch.Tensor, y: torch.Tensor | None, *, epoch: int, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, loss (with distillation when there is a teacher), backward and optimizer step.
+
+    The loss is the task's (cross-entropy on class labels, MSE on other targets), mixed with the
+    distillation term as ``alpha·distill + (1-alpha)·task``; without targets it is the
+    distillation term alone.
+    """
     config = run.config
     with autocast(run.device, config.amp):
         logits = run.net(x)
-        loss = F.cross_entropy(logits.float(), y)
-        if run.teacher is not None:
+        loss = task_loss(logits, y, run.bundle.targets) if y is not None else None
+        if run.teacher is not None and run.distill is not None:
             with torch.no_grad():
                 t_logits = run.teacher(x).float()
             if step % run.check_every == 0 or step == run.steps:
                 _raise_if_teacher_nan(t_logits, run.ctx, epoch, step)
-            temp = config.distill_temperature
-            kd = F.kl_div(
-                F.log_softmax(logits.float() / temp, dim=1), F.log_softmax(t_logits / temp, dim=1),
-                reduction="batchmean", log_target=True,
-            ) * (temp * temp)  # fmt: skip
-            loss = config.distill_alpha * kd + (1.0 - config.distill_alpha) * loss
+            kd = distill_loss(logits, t_logits, kind=run.distill, temperature=config.distill_temperature)
+            loss = kd if loss is None else config.distill_alpha * kd + (1.0 - config.distill_alpha) * loss
+        if loss is None:  # fit() refuses data without targets and without a teacher
+            raise TrainingError("no loss: the data has no targets and there is no teacher")
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler is not None:
         run.scaler.scale(loss).backward()
@@ -347,7 +416,21 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, *, epoch: int, step
 
 
 def _validate(run: _Run, state: RunState, epoch: int) -> EvalResult:
-    """Accuracy on the validation split, summed over the processes' shards."""
+    """Accuracy on the validation split, summed over the processes' shards.
+
+    Without class labels: the training objective (MSE on the targets, or the distillation loss
+    when there are none) and no accuracy.
+    """
+    if not run.bundle.has_labels:
+        teacher = run.teacher if run.bundle.targets == "none" else None
+        sums = objective_sums(run.eval_net, run.val_loader, run.device, run.config.amp, targets=run.bundle.targets,
+                              teacher=teacher, distill=run.distill, temperature=run.config.distill_temperature)  # fmt: skip
+        sums = distributed.all_reduce(sums, run.ctx)
+        n = int(sums[1].item())
+        val = EvalResult(accuracy=None, top5=None, loss=float(sums[0]) / n if n else float("nan"), n=n)
+        if not math.isfinite(val.loss):
+            _raise_if_nan(torch.tensor(val.loss), run, state, epoch, run.steps, reduce=False, what="validation loss")
+        return val
     n_classes = run.bundle.num_classes
     topk = (1, 5) if n_classes > 5 else (1,)
     sums = distributed.all_reduce(eval_sums(run.eval_net, run.val_loader, run.device, topk, run.config.amp), run.ctx)
@@ -361,13 +444,16 @@ def _validate(run: _Run, state: RunState, epoch: int) -> EvalResult:
 def _record(state: RunState, epoch: int, *, totals: torch.Tensor, seconds: float, val: EvalResult, lr: float) -> EpochRecord:
     """Append the epoch's record to the history, updating the best accuracy; return it."""
     n_seen = max(float(totals[2]), 1.0)
-    improved = state.best_accuracy is None or val.accuracy > state.best_accuracy
+    if val.accuracy is None:  # no accuracy (data without class labels): the lowest validation loss wins
+        improved = state.best_loss is None or val.loss < state.best_loss
+    else:
+        improved = state.best_accuracy is None or val.accuracy > state.best_accuracy
     if improved:
-        state.best_accuracy, state.best_epoch = val.accuracy, epoch
+        state.best_accuracy, state.best_loss, state.best_epoch = val.accuracy, val.loss, epoch
     record = EpochRecord(
         epoch=epoch,
         train_loss=float(totals[0]) / n_seen,
-        train_accuracy=float(totals[1]) / n_seen,
+        train_accuracy=float(totals[1]) / n_seen if val.accuracy is not None else None,
         val_loss=val.loss,
         val_accuracy=val.accuracy,
         val_top5=val.top5,

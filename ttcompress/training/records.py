@@ -21,9 +21,9 @@ class EpochRecord:
 
     epoch: int
     train_loss: float
-    train_accuracy: float
+    train_accuracy: float | None  # None without class labels (accuracy is not defined)
     val_loss: float
-    val_accuracy: float
+    val_accuracy: float | None
     val_top5: float | None
     lr: float
     seconds: float
@@ -106,8 +106,8 @@ class TrainCallback:
     def on_epoch_start(self, *, epoch: int, steps: int) -> None:
         """Before each epoch (1-based)."""
 
-    def on_step(self, *, epoch: int, step: int, loss: float, accuracy: float, samples_per_s: float) -> None:
-        """Every ``log_every`` steps and at the end of the epoch."""
+    def on_step(self, *, epoch: int, step: int, loss: float, accuracy: float | None, samples_per_s: float) -> None:
+        """Every ``log_every`` steps and at the end of the epoch (``accuracy`` None without class labels)."""
 
     def on_epoch_end(self, record: EpochRecord) -> None:
         """After validation and saving."""
