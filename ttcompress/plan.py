@@ -13,7 +13,10 @@ A :class:`Plan` holds
   fields override an earlier one's (like CSS);
 * ``target_ratio``: a whole-model parameter compression to reach; per-layer ranks are then chosen
   by :func:`plan_layers` (see "Rank allocation" there), and layers get the ``auto`` format unless
-  ``formats`` says otherwise.
+  ``formats`` says otherwise;
+* ``others``: what a layer whose type none of ``formats`` covers gets: ``"default"`` (its type's
+  default format, or ``auto`` under ``target_ratio``) or ``"dense"`` (the command-line rule: once
+  any per-format option is given, a type whose options are not given stays dense).
 
 Plan files (read and written by :mod:`ttcompress.planfile`, which also maps command-line style
 options onto a plan) are YAML or JSON with the same keys as :meth:`Plan.to_dict` (one section per
@@ -143,7 +146,9 @@ class Rule:
 
 
 _RULE_KEYS = ("pattern", "format", "ranks", "rank", "eps", "d", "in_modes", "out_modes", "ratio", "options")
-_PLAN_KEYS = ("layers", "exclude", "rules", "target_ratio", "formats")
+_PLAN_KEYS = ("layers", "exclude", "rules", "target_ratio", "formats", "others")
+#: Values of :attr:`Plan.others`.
+OTHERS = ("default", DENSE)
 #: Settings fields of a format (when set, the rank allocator of ``target_ratio`` cannot choose ranks).
 _RANK_FIELDS = ("rank", "ranks", "eps", "ratio")
 
@@ -185,7 +190,10 @@ class Plan:
     formats : tuple of str
         Registered format names to use: each layer gets the first one that compresses its type;
         types none of them covers get ``auto`` when ``target_ratio`` is given, else their
-        default format (TT for Linear, CP for Conv2d).
+        default format (TT for Linear, CP for Conv2d), unless ``others`` is ``"dense"``.
+    others : {"default", "dense"}
+        What layers of a type that none of ``formats`` covers get: their default format
+        (``"default"``) or nothing (``"dense"``).
     settings : dict or tuple of (name, settings)
         Settings of the other registered formats, by name (each an instance of that format's
         ``settings`` class, or a dict of its fields); missing ones take their defaults.
@@ -199,6 +207,7 @@ class Plan:
     target_ratio: float | None = None
     formats: tuple[str, ...] = ()
     settings: tuple[tuple[str, Any], ...] = ()
+    others: str = "default"
 
     def __post_init__(self) -> None:
         for name in _field_formats():
@@ -215,6 +224,8 @@ class Plan:
         object.__setattr__(self, "target_ratio", check_ratio(self.target_ratio, "target_ratio"))
         object.__setattr__(self, "formats", _check_formats(self.formats))
         object.__setattr__(self, "settings", _check_settings(self.settings))
+        if self.others not in OTHERS:
+            raise ValueError(f"others must be one of {', '.join(OTHERS)}, got {self.others!r}")
         if self.target_ratio is not None:
             fixed = [f"{name}.{k}" for name in format_names() for k in _RANK_FIELDS
                      if getattr(self.settings_for(name), k, None) is not None]
@@ -239,6 +250,8 @@ class Plan:
         for name in self.formats:
             if get_format(name).applies_to(module):
                 return name
+        if self.others == DENSE:
+            return DENSE
         if self.target_ratio is not None:
             for fmt in _formats():
                 if fmt.default_under_target_ratio and fmt.applies_to(module):
@@ -264,6 +277,8 @@ class Plan:
             data["target_ratio"] = self.target_ratio
         if self.formats:
             data["formats"] = list(self.formats)
+        if self.others != "default":
+            data["others"] = self.others
         return data
 
     @classmethod
@@ -300,6 +315,7 @@ class Plan:
             target_ratio=data.get("target_ratio"),
             formats=data.get("formats") or (),
             settings=others,
+            others=data.get("others") or "default",
         )
 
     # ---- matching ---------------------------------------------------------------------------------
@@ -413,6 +429,8 @@ def _decide(name: str, module: nn.Module, aliases: tuple[str, ...], plan: Plan, 
     rule = plan.merged_rule(name)
     fmt_name = plan.format_for(module, rule)
     if fmt_name == DENSE:
+        if rule is None or rule.format != DENSE:
+            return dense(f"{_kind(module)} not selected: no format given for it")
         return dense("plan rule: dense")
     if fmt_name is None:
         return dense(f"no registered format compresses {type(module).__name__}")
@@ -540,7 +558,8 @@ def _allocate(model: nn.Module, cands: list[Candidate], plan: Plan) -> list[Laye
     total = sum(p.numel() for p in model.parameters())
     budget = total / target
     # types the plan's formats do not cover get the target-ratio default (auto)
-    extra = tuple(f.name for f in _formats() if f.default_under_target_ratio and f.name not in plan.formats)
+    extra = () if plan.others == DENSE else tuple(
+        f.name for f in _formats() if f.default_under_target_ratio and f.name not in plan.formats)
     base = replace(plan, target_ratio=None, formats=plan.formats + extra)
     decisions: list[LayerDecision] = []
     ladders: dict[int, Any] = {}

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Annotated, Optional
-
-import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -20,6 +17,15 @@ from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err,
 from ttcompress.cli.options import (
     ArchKwargsOpt,
     ArchOpt,
+    CPRanksOpt,
+    CPRatioOpt,
+    ExcludeOpt,
+    FormatsOpt,
+    LayersOpt,
+    TargetRatioOpt,
+    TTDOpt,
+    TTEpsOpt,
+    TTRanksOpt,
     JsonOpt,
     ModelArg,
     OutputOpt,
@@ -28,19 +34,13 @@ from ttcompress.cli.options import (
     TrustCodeOpt,
     TrustPickleOpt,
     parse_arch_kwargs,
+    plan_from_flags,
 )
 from ttcompress.errors import refused_input
-from ttcompress.formats import format_names, get_format
-from ttcompress.cli.flags import flags_in_errors
-from ttcompress.planfile import plan_from_options
 from ttcompress.layer_report import format_label
 from ttcompress.surgery import CompressionResult, DecomposeResult, decompose_file, default_output_path
 
 app = command_app()
-
-_RANKS = "Ranks (pick at most one way per format)"
-_FORMAT_HELP = "; ".join(f"{n} ({get_format(n).summary})" for n in format_names())
-_SELECT = "Layer selection"
 
 
 @app.command("decompose")
@@ -53,36 +53,15 @@ def decompose(
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
     trust_code: TrustCodeOpt = False,
-    tt_ranks: Annotated[Optional[int], typer.Option(
-        "--tt-ranks", help="Max TT rank of Linear layers (default 8 when neither --tt-ranks nor --tt-eps is given).",
-        show_default=False, metavar="INT", rich_help_panel=_RANKS)] = None,
-    tt_eps: Annotated[Optional[float], typer.Option(
-        "--tt-eps", help="Relative reconstruction error per Linear layer, in (0, 1) (TT-SVD truncation).",
-        show_default=False, metavar="FLOAT", rich_help_panel=_RANKS)] = None,
-    tt_d: Annotated[Optional[int], typer.Option(
-        "--tt-d", help="Number of TT cores (>= 2; default: by layer size, 2-4).",
-        show_default=False, metavar="INT", rich_help_panel=_RANKS)] = None,
-    cp_ranks: Annotated[Optional[int], typer.Option(
-        "--cp-ranks", help="CP rank of Conv2d layers.", show_default=False, metavar="INT", rich_help_panel=_RANKS)] = None,
-    cp_ratio: Annotated[Optional[float], typer.Option(
-        "--cp-ratio", help="Per conv, the rank that compresses it by this factor (> 1; default 4).",
-        show_default=False, metavar="FLOAT", rich_help_panel=_RANKS)] = None,
-    target_ratio: Annotated[Optional[float], typer.Option(
-        "--target-ratio", help="Whole-model parameter compression to reach (> 1): per-layer ranks are chosen "
-        "greedily where they lower the estimated reconstruction error most; with no --format, each layer "
-        "then gets the format with the lowest error at its budget (auto).",
-        show_default=False, metavar="FLOAT", rich_help_panel=_RANKS)] = None,
-    formats: Annotated[Optional[list[str]], typer.Option(
-        "--format", help=f"Format to use: {_FORMAT_HELP}. Each layer gets the first given format that "
-        "compresses its type; other types keep their default (tt for Linear, cp for Conv2d). "
-        "Repeatable, or comma-separated.",
-        show_default=False, metavar="NAME", rich_help_panel=_RANKS)] = None,
-    layers: Annotated[Optional[list[str]], typer.Option(
-        "--layers", help="Compress only layers whose qualified name matches this glob (repeatable, or comma-separated).",
-        show_default=False, metavar="GLOB", rich_help_panel=_SELECT)] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(
-        "--exclude", help="Keep layers matching this glob dense (repeatable, or comma-separated).",
-        show_default=False, metavar="GLOB", rich_help_panel=_SELECT)] = None,
+    tt_ranks: TTRanksOpt = None,
+    tt_eps: TTEpsOpt = None,
+    tt_d: TTDOpt = None,
+    cp_ranks: CPRanksOpt = None,
+    cp_ratio: CPRatioOpt = None,
+    target_ratio: TargetRatioOpt = None,
+    formats: FormatsOpt = None,
+    layers: LayersOpt = None,
+    exclude: ExcludeOpt = None,
     plan: PlanOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -91,11 +70,10 @@ def decompose(
     The output (default: MODEL's name with .tt.pt, next to it) is written atomically: on any error nothing is written. An existing output is replaced only with --overwrite. The per-layer table goes to stdout, progress to stderr.
     """
     check_inputs(model, plan)
-    with refused_input(), flags_in_errors():
-        the_plan = plan_from_options(
-            plan_file=plan, tt_ranks=tt_ranks, tt_eps=tt_eps, tt_d=tt_d, cp_ranks=cp_ranks, cp_ratio=cp_ratio,
-            layers=layers or (), exclude=exclude or (), target_ratio=target_ratio, formats=formats or (),
-        )
+    the_plan = plan_from_flags(
+        plan=plan, tt_ranks=tt_ranks, tt_eps=tt_eps, tt_d=tt_d, cp_ranks=cp_ranks, cp_ratio=cp_ratio,
+        layers=layers, exclude=exclude, target_ratio=target_ratio, formats=formats,
+    )
     kwargs = parse_arch_kwargs(arch_kwargs)
     check_outputs([output if output is not None else default_output_path(model)], overwrite=overwrite, inputs=[model])
     with Progress(

@@ -6,10 +6,6 @@ A thin shell over :func:`ttcompress.training.api.finetune_file`; the options are
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
-
 from ttcompress.cli._app import command_app
 from ttcompress.cli._common import cli_errors, err
 from ttcompress.cli.options import (
@@ -47,6 +43,7 @@ from ttcompress.cli.train import (
     StepSizeOpt,
     TeacherOpt,
     TemperatureOpt,
+    TrainOnlyOpt,
     WeightDecayOpt,
     WorkersOpt,
     make_config,
@@ -80,9 +77,7 @@ def finetune(
     seed: SeedOpt = FinetuneConfig.seed,
     max_batches: MaxBatchesOpt = None,
     val_fraction: ValFractionOpt = FinetuneConfig.val_fraction,
-    train_only: Annotated[str, typer.Option(
-        "--train-only", help="all, or decomposed: freeze every parameter outside the TT/CP layers.",
-        metavar="all|decomposed", rich_help_panel="Optimization")] = FinetuneConfig.train_only,
+    train_only: TrainOnlyOpt = FinetuneConfig.train_only,
     device: DeviceOpt = FinetuneConfig.device,
     amp: AmpOpt = None,
     compile_: CompileOpt = False,

@@ -89,6 +89,9 @@ TeacherOpt = Annotated[Optional[Path], typer.Option(
 AlphaOpt = Annotated[float, typer.Option(
     "--alpha", help="Weight of the distillation loss: alpha*T^2*KL + (1-alpha)*CE.", metavar="FLOAT",
     rich_help_panel=_KD)]
+TrainOnlyOpt = Annotated[str, typer.Option(
+    "--train-only", help="all, or decomposed: freeze every parameter outside the TT/CP layers.",
+    metavar="all|decomposed", rich_help_panel=_OPT)]
 TemperatureOpt = Annotated[float, typer.Option(
     "--temperature", help="Distillation temperature T.", metavar="FLOAT", rich_help_panel=_KD)]
 
