@@ -88,3 +88,31 @@ def test_sweep_takes_every_option_of_decompose_and_finetune() -> None:
     assert not set(ABSENT) & sweep, "an option listed as absent is there"
     help_text = invoke("sweep", "--help").stdout
     assert "--target-ratios" in help_text and "--train-only" in help_text
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(cnn_file, tmp_path) -> None:
+    before = sorted(p.name for p in cnn_file.parent.iterdir())
+    result = invoke("decompose", cnn_file, "--arch", "seed-cnn", "--cp-ranks", "1", "--tt-ranks", "2", "--dry-run")
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert sorted(p.name for p in cnn_file.parent.iterdir()) == before
+    out = result.stdout
+    assert "projected" in out and "~0." in out and "estimate" in out
+    assert " !" in out and "large error" in out  # rank 1 everywhere: some layer far above LARGE_ERROR
+    result = invoke("decompose", cnn_file, "--arch", "seed-cnn", "--dry-run", "-o", tmp_path / "x.pt")
+    assert result.exit_code == 0 and not (tmp_path / "x.pt").exists()
+
+
+def test_the_dry_run_projection_matches_the_real_run(cnn_file, tmp_path) -> None:
+    from ttcompress.dryrun import preview_plan
+    from ttcompress.io import load
+    from ttcompress.surgery import compress_with_report
+
+    plan = plan_from_flags(**NO_FLAGS, cp_ranks="3", tt_ranks="4")
+    model = load(cnn_file, arch="seed-cnn")
+    preview = preview_plan(model, plan)
+    done = compress_with_report(model, plan)
+    assert preview.params_after == done.params_after and preview.params_before == done.params_before
+
+
+def test_inspect_takes_the_plan_flags_of_decompose() -> None:
+    assert _option_names("decompose") - _option_names("inspect") == {"--output", "--overwrite", "--dry-run"}

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-from rich.console import Console
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
+from ttcompress.cli.tables import layer_table, preview_table, print_table
 from ttcompress.cli.options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -36,11 +39,18 @@ from ttcompress.cli.options import (
     parse_arch_kwargs,
     plan_from_flags,
 )
+from ttcompress.dryrun import PlanPreview, preview_plan
+from ttcompress.plan import Plan
 from ttcompress.errors import refused_input
-from ttcompress.layer_report import format_label
+from ttcompress.io import load_checkpoint
 from ttcompress.surgery import CompressionResult, DecomposeResult, decompose_file, default_output_path
 
 app = command_app()
+
+
+def preview_file(model: Path, *, plan: Plan, **load_options: Any) -> PlanPreview:
+    """Load ``model`` and preview ``plan`` on it (nothing is decomposed or written)."""
+    return preview_plan(load_checkpoint(model, **load_options).model, plan)
 
 
 @app.command("decompose")
@@ -63,6 +73,9 @@ def decompose(
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
     plan: PlanOpt = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the per-layer plan, projected parameters and compression (errors are cheap "
+        "estimates from singular values, marked ~), and write nothing.")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Compress MODEL (default: nn.Linear -> TT-matrix, nn.Conv2d -> CP; see --format); write a ttcompress checkpoint.
@@ -75,6 +88,13 @@ def decompose(
         layers=layers, exclude=exclude, target_ratio=target_ratio, formats=formats,
     )
     kwargs = parse_arch_kwargs(arch_kwargs)
+    if dry_run:
+        with refused_input():
+            preview = preview_file(model, plan=the_plan, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle,
+                                   trust_code=trust_code)  # fmt: skip
+        print_table(preview_table(preview, title=f"ttcompress decompose --dry-run {model.name}"))
+        err.print("dry run: nothing written")
+        return
     check_outputs([output if output is not None else default_output_path(model)], overwrite=overwrite, inputs=[model])
     with Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -99,41 +119,4 @@ def decompose(
     err.print(f"wrote {result.output}")
 
 
-def print_table(table: Table) -> None:
-    """Print a table on stdout; when stdout is not a terminal, wide enough not to wrap cells."""
-    if out.is_terminal:
-        out.print(table)
-    else:
-        Console(width=max(out.width, 220), soft_wrap=True).print(table)
-
-
-def layer_table(result: CompressionResult) -> Table:
-    """The per-layer rich table of a compression run, with a total row."""
-    table = Table(title="ttcompress decompose", show_footer=False)
-    for col, just in (("layer", "left"), ("type", "left"), ("shape", "left"), ("format", "left"),
-                      ("modes / ranks", "left"), ("params", "right"), ("ratio", "right"),
-                      ("rel. error", "right"), ("time", "right"), ("note", "left")):
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
-    for r in result.records:
-        params = f"{r.params_before:,}" if not r.compressed else f"{r.params_before:,} → {r.params_after:,}"
-        table.add_row(
-            r.name + (f" (= {', '.join(r.aliases)})" if r.aliases else ""),
-            r.type,
-            "x".join(map(str, r.shape)),
-            format_label(r.format),
-            r.structure,
-            params,
-            f"{r.ratio:.2f}×" if r.compressed else "–",
-            f"{r.rel_error:.4f}" if r.rel_error is not None and r.compressed else "–",
-            f"{r.seconds:.2f}s" if r.seconds is not None and r.compressed else "–",
-            r.skipped or r.note or "",
-        )
-    n = len(result.compressed)
-    table.add_section()
-    table.add_row(f"total ({n} of {len(result.records)} layers compressed)", "", "", "", "",
-                  f"{result.params_before:,} → {result.params_after:,}", f"{result.ratio:.2f}×", "", "", "",
-                  style="bold")
-    return table
-
-
-__all__ = ["DecomposeResult", "decompose", "layer_table", "print_table"]
+__all__ = ["DecomposeResult", "decompose"]
