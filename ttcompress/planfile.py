@@ -15,14 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ttcompress.formats import DENSE
+from ttcompress.formats import DENSE, format_names, get_format
 from ttcompress.formats.checks import check_patterns
 from ttcompress.formats.cp import CPSettings
 from ttcompress.formats.tt import TTSettings
 from ttcompress.fsutil import atomic_write
 from ttcompress.plan import Plan
 
-__all__ = ["MAX_PLAN_DEPTH", "MAX_PLAN_NODES", "NONE", "OPTION_FORMATS", "plan_kwargs", "load_plan", "plan_from_options", "save_plan"]
+__all__ = ["MAX_PLAN_DEPTH", "MAX_PLAN_NODES", "NONE", "option_formats", "plan_kwargs", "load_plan", "plan_from_options", "save_plan"]
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -103,9 +103,12 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
     return p
 
 
-#: Formats with their own options in :func:`plan_from_options` (the ``dense`` parameter names them),
-#: and the options of each.
-OPTION_FORMATS: Mapping[str, tuple[str, ...]] = {"tt": ("tt_ranks", "tt_eps", "tt_d"), "cp": ("cp_ranks", "cp_ratio")}
+def option_formats() -> dict[str, tuple[str, ...]]:
+    """Formats with their own options in :func:`plan_from_options` (the ``dense`` parameter names
+    them), with the options of each: the formats whose settings are :class:`TTSettings` and
+    :class:`CPSettings` (``tt`` and ``cp``)."""
+    by_settings = {get_format(n).settings: n for n in format_names()}
+    return {by_settings[TTSettings]: ("tt_ranks", "tt_eps", "tt_d"), by_settings[CPSettings]: ("cp_ranks", "cp_ratio")}
 #: The value that, given for a format's rank option (``tt_ranks``, ``tt_eps``, ``cp_ranks``,
 #: ``cp_ratio``), keeps that format's layers dense (``--tt-ranks none``); for any other option
 #: (``tt_d``, ``target_ratio``) it means "not given".
@@ -125,7 +128,7 @@ def plan_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
         if value is None:
             continue
         if isinstance(value, str) and value.lower() == NONE:
-            fmt = next((f for f, keys in OPTION_FORMATS.items() if key in keys and key in _RANK_OPTIONS), None)
+            fmt = next((f for f, keys in option_formats().items() if key in keys and key in _RANK_OPTIONS), None)
             if fmt is not None and fmt not in dense:
                 dense.append(fmt)
             continue
@@ -184,16 +187,17 @@ def plan_from_options(
     if base is None:
         base = load_plan(plan_file) if plan_file is not None else Plan()
     dense = tuple(dense)
+    owners = option_formats()
     for name in dense:
-        if name not in OPTION_FORMATS:
-            raise ValueError(f"dense must name formats among {', '.join(OPTION_FORMATS)}, got {name!r}")
+        if name not in owners:
+            raise ValueError(f"dense must name formats among {', '.join(owners)}, got {name!r}")
     values = {"tt_ranks": tt_ranks, "tt_eps": tt_eps, "tt_d": tt_d, "cp_ranks": cp_ranks, "cp_ratio": cp_ratio}
-    given = {f: [k for k in keys if values[k] is not None] for f, keys in OPTION_FORMATS.items()}
+    given = {f: [k for k in keys if values[k] is not None] for f, keys in owners.items()}
     for name in dense:
         if given[name]:
             raise ValueError(f"{given[name][0]} is given while {name} layers stay dense (none); give one")
     tt = base.tt
-    if given["tt"]:
+    if tt_ranks is not None or tt_eps is not None or tt_d is not None:
         tt = TTSettings(
             ranks=tt_ranks if tt_ranks is not None else tt.ranks,
             eps=tt_eps if tt_eps is not None else tt.eps,
@@ -209,9 +213,9 @@ def plan_from_options(
     elif cp_ratio is not None:
         cp = CPSettings(ratio=cp_ratio, options=cp.options)
     names = tuple(n for f in formats for n in check_patterns(f, "formats"))
-    selected = bool(names or dense or given["tt"] or given["cp"])
+    selected = bool(names or dense or any(given.values()))
     if selected:
-        names += tuple(n for n in OPTION_FORMATS if given[n] and n not in names)
+        names += tuple(n for n in owners if given[n] and n not in names)
     return replace(
         base,
         tt=tt,
