@@ -15,7 +15,8 @@ from ttcompress.plan import (
     TTSettings,
     plan_layers,
 )
-from ttcompress.planfile import load_plan, plan_from_options, save_plan
+from ttcompress.models import build_arch
+from ttcompress.planfile import load_plan, plan_from_options, plan_kwargs, save_plan
 
 FULL = Plan(
     tt=TTSettings(ranks=6, d=3),
@@ -169,3 +170,28 @@ def test_target_ratio_unreachable():
     model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))
     with pytest.raises(ValueError, match="out of reach"):
         plan_layers(model, Plan(target_ratio=50.0))
+
+
+def test_one_rule_for_which_types_are_compressed() -> None:
+    """No per-format option: every type its default; any given: the types not given stay dense."""
+    cnn = build_arch("seed-cnn")
+
+    def formats(plan: Plan) -> dict[str, set[str]]:  # layer type -> formats its layers get
+        out: dict[str, set[str]] = {}
+        for d in plan_layers(cnn, plan):
+            out.setdefault(d.type, set()).add(d.format)
+        return out
+
+    assert {t: f - {"dense"} for t, f in formats(plan_from_options()).items()} == {"Conv2d": {"cp"}, "Linear": {"tt"}}
+    assert formats(plan_from_options(cp_ranks=3))["Linear"] == {"dense"}
+    assert "cp" in formats(plan_from_options(cp_ranks=3))["Conv2d"]
+    assert formats(plan_from_options(tt_d=2)) == {"Conv2d": {"dense"}, "Linear": {"tt"}}
+    assert formats(plan_from_options(formats=["svd"]))["Conv2d"] == {"dense"}
+    # "none" (dense=...) counts as given: CP dense, and TT not given either -> nothing compressed
+    assert formats(plan_from_options(dense=["cp"])) == {"Conv2d": {"dense"}, "Linear": {"dense"}}
+    assert formats(plan_from_options(**plan_kwargs({"tt_ranks": 4, "cp_ranks": "none"}))) == formats(
+        plan_from_options(tt_ranks=4))
+    with pytest.raises(ValueError, match="stay dense"):
+        plan_from_options(tt_ranks=4, dense=["tt"])
+    plan = plan_from_options(cp_ratio=3.0)
+    assert Plan.from_dict(plan.to_dict()) == plan and plan.to_dict()["others"] == "dense"

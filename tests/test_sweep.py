@@ -14,6 +14,7 @@ from ttcompress.cli import app
 from ttcompress.data import DatasetBundle
 from ttcompress.io import load, save
 from ttcompress.models import build_arch
+from ttcompress.plan import plan_layers
 from ttcompress.sweep import SweepSetting, run_sweep, sweep_settings
 from ttcompress.train import FinetuneConfig, TrainCallback
 
@@ -54,10 +55,25 @@ def test_bad_settings_are_value_errors(kwargs, message) -> None:
 
 
 def test_an_axis_left_out_keeps_that_layer_type_dense() -> None:
-    cp_only = SweepSetting(cp_rank=3)
-    assert cp_only.selects(nn.Conv2d(2, 2, 3), "c") and not cp_only.selects(nn.Linear(2, 2), "l")
-    tt_only = SweepSetting(tt_ranks=2)
-    assert tt_only.selects(nn.Linear(2, 2), "l") and not tt_only.selects(nn.Conv2d(2, 2, 3), "c")
+    net = nn.Sequential(nn.Conv2d(16, 32, 3), nn.Flatten(), nn.Linear(256, 256))
+
+    def formats(setting: SweepSetting) -> list[str]:
+        return [d.format for d in plan_layers(net, setting.plan())]
+
+    assert formats(SweepSetting(cp_rank=3)) == ["cp", "dense"]
+    assert formats(SweepSetting(tt_ranks=2)) == ["dense", "tt"]
+    assert formats(SweepSetting(tt_ranks="none", cp_ratio=2.0)) == ["cp", "dense"]
+    assert formats(SweepSetting(target_ratio=2.0)) == ["auto", "auto"]
+
+
+def test_every_axis_takes_lists_and_none() -> None:
+    settings = sweep_settings(tt_d=[2, "none"], cp_ratio=[2.0, "none"], tt_ranks=[4], target_ratios=["none"])
+    assert [s.label for s in settings] == ["TT r4 + TT d2 + CP ×2", "TT r4 + TT d2", "TT r4 + CP ×2", "TT r4"]
+    assert [s.key for s in sweep_settings(target_ratios=[2, 4.5])] == ["target-x2", "target-x4.5"]
+    with pytest.raises(ValueError, match="target_ratio"):
+        sweep_settings(target_ratios=[4], cp_ranks=[3])  # fixed ranks and a target ratio
+    with pytest.raises(ValueError, match="compresses nothing"):
+        sweep_settings(tt_ranks=["none"])
 
 
 class _StopAfter(TrainCallback):

@@ -13,7 +13,10 @@ A :class:`Plan` holds
   fields override an earlier one's (like CSS);
 * ``target_ratio``: a whole-model parameter compression to reach; per-layer ranks are then chosen
   by :func:`plan_layers` (see "Rank allocation" there), and layers get the ``auto`` format unless
-  ``formats`` says otherwise.
+  ``formats`` says otherwise;
+* ``others``: what a layer whose type none of ``formats`` covers gets: ``"default"`` (its type's
+  default format, or ``auto`` under ``target_ratio``) or ``"dense"`` (the command-line rule: once
+  any per-format option is given, a type whose options are not given stays dense).
 
 Plan files (read and written by :mod:`ttcompress.planfile`, which also maps command-line style
 options onto a plan) are YAML or JSON with the same keys as :meth:`Plan.to_dict` (one section per
@@ -146,7 +149,7 @@ class Rule:
 
 
 _RULE_KEYS = ("pattern", "format", "ranks", "rank", "eps", "d", "in_modes", "out_modes", "ratio", "options")
-_PLAN_KEYS = ("layers", "exclude", "rules", "target_ratio", "formats", "min_saving", "max_error")
+_PLAN_KEYS = ("layers", "exclude", "rules", "target_ratio", "formats", "min_saving", "max_error", "others")
 #: Defaults of :attr:`Plan.min_saving` (fraction of the model's parameters) and :attr:`Plan.max_error`.
 DEFAULT_MIN_SAVING = 0.01
 DEFAULT_MAX_ERROR = 0.5
@@ -158,6 +161,8 @@ def _check_fraction(value: Any, name: str, *, upper: float | None = None) -> flo
         bound = f"in [0, {upper:g})" if upper is not None else ">= 0"
         raise ValueError(f"{name} must be a number {bound}, got {value!r}")
     return float(value)
+#: Values of :attr:`Plan.others`.
+OTHERS = ("default", DENSE)
 #: Settings fields of a format (when set, the rank allocator of ``target_ratio`` cannot choose ranks).
 _RANK_FIELDS = ("rank", "ranks", "eps", "ratio")
 
@@ -199,7 +204,10 @@ class Plan:
     formats : tuple of str
         Registered format names to use: each layer gets the first one that compresses its type;
         types none of them covers get ``auto`` when ``target_ratio`` is given, else their
-        default format (TT for Linear, CP for Conv2d).
+        default format (TT for Linear, CP for Conv2d), unless ``others`` is ``"dense"``.
+    others : {"default", "dense"}
+        What layers of a type that none of ``formats`` covers get: their default format
+        (``"default"``) or nothing (``"dense"``).
     settings : dict or tuple of (name, settings)
         Settings of the other registered formats, by name (each an instance of that format's
         ``settings`` class, or a dict of its fields); missing ones take their defaults.
@@ -229,6 +237,7 @@ class Plan:
     settings: tuple[tuple[str, Any], ...] = ()
     min_saving: float | None = None
     max_error: float = DEFAULT_MAX_ERROR
+    others: str = "default"
 
     def __post_init__(self) -> None:
         if self.min_saving is not None:
@@ -249,6 +258,8 @@ class Plan:
         object.__setattr__(self, "target_ratio", check_ratio(self.target_ratio, "target_ratio"))
         object.__setattr__(self, "formats", _check_formats(self.formats))
         object.__setattr__(self, "settings", _check_settings(self.settings))
+        if self.others not in OTHERS:
+            raise ValueError(f"others must be one of {', '.join(OTHERS)}, got {self.others!r}")
         if self.target_ratio is not None:
             fixed = [f"{name}.{k}" for name in format_names() for k in _RANK_FIELDS
                      if getattr(self.settings_for(name), k, None) is not None]
@@ -273,6 +284,8 @@ class Plan:
         for name in self.formats:
             if get_format(name).applies_to(module):
                 return name
+        if self.others == DENSE:
+            return DENSE
         if self.target_ratio is not None:
             for fmt in _formats():
                 if fmt.default_under_target_ratio and fmt.applies_to(module):
@@ -302,6 +315,8 @@ class Plan:
             data["min_saving"] = self.min_saving
         if self.max_error != DEFAULT_MAX_ERROR:
             data["max_error"] = self.max_error
+        if self.others != "default":
+            data["others"] = self.others
         return data
 
     @classmethod
@@ -340,6 +355,7 @@ class Plan:
             settings=others,
             min_saving=data.get("min_saving"),
             max_error=data.get("max_error", DEFAULT_MAX_ERROR),
+            others=data.get("others") or "default",
         )
 
     # ---- matching ---------------------------------------------------------------------------------
@@ -453,6 +469,8 @@ def _decide(name: str, module: nn.Module, aliases: tuple[str, ...], plan: Plan, 
     rule = plan.merged_rule(name)
     fmt_name = plan.format_for(module, rule)
     if fmt_name == DENSE:
+        if rule is None or rule.format != DENSE:
+            return dense(f"{_kind(module)} not selected: no format given for it")
         return dense("plan rule: dense")
     if fmt_name is None:
         return dense(f"no registered format compresses {type(module).__name__}")
@@ -535,7 +553,8 @@ def _allocate(model: nn.Module, cands: list[Candidate], plan: Plan,
               sensitivity: Mapping[str, Any] | None) -> list[LayerDecision]:
     """The decisions of :func:`ttcompress.allocate.allocate` for ``plan.target_ratio``."""
     # types the plan's formats do not cover get the target-ratio default (auto)
-    extra = tuple(f.name for f in _formats() if f.default_under_target_ratio and f.name not in plan.formats)
+    extra = () if plan.others == DENSE else tuple(
+        f.name for f in _formats() if f.default_under_target_ratio and f.name not in plan.formats)
     base = replace(plan, target_ratio=None, formats=plan.formats + extra)
     slots = []
     for name, module, aliases in cands:

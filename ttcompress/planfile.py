@@ -15,13 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ttcompress.formats import DENSE, format_names, get_format
 from ttcompress.formats.checks import check_patterns
 from ttcompress.formats.cp import CPSettings
 from ttcompress.formats.tt import TTSettings
 from ttcompress.fsutil import atomic_write
 from ttcompress.plan import Plan
 
-__all__ = ["MAX_PLAN_DEPTH", "MAX_PLAN_NODES", "load_plan", "plan_from_options", "save_plan"]
+__all__ = ["MAX_PLAN_DEPTH", "MAX_PLAN_NODES", "NONE", "option_formats", "plan_kwargs", "load_plan", "plan_from_options", "save_plan"]
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -102,6 +103,41 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
     return p
 
 
+def option_formats() -> dict[str, tuple[str, ...]]:
+    """Formats with their own options in :func:`plan_from_options` (the ``dense`` parameter names
+    them), with the options of each: the formats whose settings are :class:`TTSettings` and
+    :class:`CPSettings` (``tt`` and ``cp``)."""
+    by_settings = {get_format(n).settings: n for n in format_names()}
+    return {by_settings[TTSettings]: ("tt_ranks", "tt_eps", "tt_d"), by_settings[CPSettings]: ("cp_ranks", "cp_ratio")}
+#: The value that, given for a format's rank option (``tt_ranks``, ``tt_eps``, ``cp_ranks``,
+#: ``cp_ratio``), keeps that format's layers dense (``--tt-ranks none``); for any other option
+#: (``tt_d``, ``target_ratio``) it means "not given".
+NONE = "none"
+_RANK_OPTIONS = ("tt_ranks", "tt_eps", "cp_ranks", "cp_ratio")
+
+
+def plan_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of :func:`plan_from_options` from option values where :data:`NONE` may appear.
+
+    ``NONE`` for a format's rank option (``tt_ranks``, ``tt_eps``, ``cp_ranks``, ``cp_ratio``) puts
+    that format in ``dense``; for any other option it means "not given". ``None`` values are left out.
+    """
+    kwargs: dict[str, Any] = {}
+    dense: list[str] = []
+    for key, value in options.items():
+        if value is None:
+            continue
+        if isinstance(value, str) and value.lower() == NONE:
+            fmt = next((f for f, keys in option_formats().items() if key in keys and key in _RANK_OPTIONS), None)
+            if fmt is not None and fmt not in dense:
+                dense.append(fmt)
+            continue
+        kwargs[key] = value
+    if dense:
+        kwargs["dense"] = tuple(dense)
+    return kwargs
+
+
 def plan_from_options(
     *,
     plan_file: str | Path | None = None,
@@ -116,14 +152,52 @@ def plan_from_options(
     formats: Sequence[str] = (),
     min_saving: float | None = None,
     max_error: float | None = None,
+    dense: Sequence[str] = (),
+    base: Plan | None = None,
 ) -> Plan:
     """Build a plan from command-line style options, on top of an optional plan file.
+
+    **One rule for which layer types are compressed** (``decompose``, ``inspect`` and ``sweep``
+    share it): with no per-format option at all (``tt_*``, ``cp_*``, ``formats``, ``dense``),
+    every layer type gets its default format (or the plan file's ``formats``); once any is given,
+    the plan uses exactly the formats they name (``formats`` first, then ``tt`` if a ``tt_*``
+    option is given, then ``cp`` if a ``cp_*`` option is) and a layer type none of them covers
+    stays dense (``Plan.others = "dense"``). ``tt_ranks=8`` alone therefore compresses only the
+    Linear layers, ``cp_ranks=6`` alone only the convolutions.
 
     Options given here override the file's defaults (``cp_ranks`` replaces a file's
     ``cp.ratio`` and vice versa); ``layers``/``exclude`` patterns are added to the file's;
     ``formats`` (registered names, each may be comma-separated) replace the file's.
+
+    Parameters
+    ----------
+    base : Plan, optional
+        The plan to start from instead of ``plan_file``'s (give at most one of them).
+    dense : sequence of {"tt", "cp"}
+        Formats whose layers stay dense although their option was given (a ``none`` value on the
+        command line, e.g. ``--tt-ranks none``); they count as given, so other types stay dense
+        unless their own options are given too.
+
+    Raises
+    ------
+    ValueError
+        Conflicting options (``cp_ranks`` with ``cp_ratio``, a ``tt_*`` option with ``dense=["tt"]``),
+        bad values, or a bad plan file.
     """
-    base = load_plan(plan_file) if plan_file is not None else Plan()
+    if base is not None and plan_file is not None:
+        raise ValueError("give plan_file or base, not both")
+    if base is None:
+        base = load_plan(plan_file) if plan_file is not None else Plan()
+    dense = tuple(dense)
+    owners = option_formats()
+    for name in dense:
+        if name not in owners:
+            raise ValueError(f"dense must name formats among {', '.join(owners)}, got {name!r}")
+    values = {"tt_ranks": tt_ranks, "tt_eps": tt_eps, "tt_d": tt_d, "cp_ranks": cp_ranks, "cp_ratio": cp_ratio}
+    given = {f: [k for k in keys if values[k] is not None] for f, keys in owners.items()}
+    for name in dense:
+        if given[name]:
+            raise ValueError(f"{given[name][0]} is given while {name} layers stay dense (none); give one")
     tt = base.tt
     if tt_ranks is not None or tt_eps is not None or tt_d is not None:
         tt = TTSettings(
@@ -141,6 +215,9 @@ def plan_from_options(
     elif cp_ratio is not None:
         cp = CPSettings(ratio=cp_ratio, options=cp.options)
     names = tuple(n for f in formats for n in check_patterns(f, "formats"))
+    selected = bool(names or dense or any(given.values()))
+    if selected:
+        names += tuple(n for n in owners if given[n] and n not in names)
     return replace(
         base,
         tt=tt,
@@ -148,7 +225,8 @@ def plan_from_options(
         layers=tuple(base.layers) + tuple(check_patterns(list(layers), "layers")),
         exclude=tuple(base.exclude) + tuple(check_patterns(list(exclude), "exclude")),
         target_ratio=target_ratio if target_ratio is not None else base.target_ratio,
-        formats=names or base.formats,
+        formats=names if selected else base.formats,
+        others=DENSE if selected else base.others,
         min_saving=min_saving if min_saving is not None else base.min_saving,
         max_error=max_error if max_error is not None else base.max_error,
     )

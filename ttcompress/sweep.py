@@ -27,7 +27,7 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from ttcompress._version import __version__
 from ttcompress.data import DatasetBundle, check_model_fits
 from ttcompress.errors import DataError, UserInputError, refused_input
 from ttcompress.plan import Plan
-from ttcompress.planfile import load_plan, plan_from_options
+from ttcompress.planfile import NONE, load_plan, plan_from_options, plan_kwargs
 from ttcompress.evaluation import evaluate, resolve_device
 from ttcompress.io import load, save
 from ttcompress.layer_report import count_params
@@ -52,97 +52,126 @@ from ttcompress.training.records import TrainCallback, run_paths
 __all__ = ["SweepResult", "SweepSetting", "run_sweep", "sweep_settings"]
 
 
+#: A setting's plan options: field of :class:`SweepSetting` -> (parameter of
+#: :func:`~ttcompress.planfile.plan_from_options`, key prefix, label prefix).
+_AXES: dict[str, tuple[str, str, str]] = {
+    "tt_ranks": ("tt_ranks", "tt-r", "TT r"),
+    "tt_eps": ("tt_eps", "tt-e", "TT ε"),
+    "tt_d": ("tt_d", "tt-d", "TT d"),
+    "cp_rank": ("cp_ranks", "cp-r", "CP r"),
+    "cp_ratio": ("cp_ratio", "cp-x", "CP ×"),
+    "target_ratio": ("target_ratio", "target-x", "target ×"),
+}
+
+
 @dataclass(frozen=True)
 class SweepSetting:
-    """One point of a sweep: a TT max rank or eps for Linear layers, a CP rank for Conv2d layers.
+    """One point of a sweep: the per-setting plan options, as ``ttcompress decompose`` takes them.
 
-    ``None`` on an axis keeps that layer type dense.
+    ``None`` is "not given"; :data:`~ttcompress.planfile.NONE` (``"none"``) on a rank option
+    (``tt_ranks``, ``tt_eps``, ``cp_rank``, ``cp_ratio``) keeps that format's layers dense. Which
+    layer types are compressed follows :func:`~ttcompress.planfile.plan_from_options`'s one rule:
+    once any per-format option is given, a type whose options are not given stays dense.
     """
 
-    tt_ranks: int | None = None
-    tt_eps: float | None = None
-    cp_rank: int | None = None
+    tt_ranks: int | str | None = None
+    tt_eps: float | str | None = None
+    tt_d: int | None = None
+    cp_rank: int | str | None = None
+    cp_ratio: float | str | None = None
+    target_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.tt_ranks is not None and self.tt_eps is not None:
             raise UserInputError("a sweep setting takes tt_ranks or tt_eps, not both")
-        if self.tt_ranks is None and self.tt_eps is None and self.cp_rank is None:
-            raise UserInputError("a sweep setting must compress something (tt_ranks, tt_eps or cp_rank)")
+        if self.cp_rank is not None and self.cp_ratio is not None:
+            raise UserInputError("a sweep setting takes cp_rank or cp_ratio, not both")
+        for name in _AXES:
+            value = getattr(self, name)
+            if isinstance(value, str) and (value != NONE or name in ("tt_d", "target_ratio")):
+                raise UserInputError(f"{name} must be a number{' or none' if name not in ('tt_d', 'target_ratio') else ''}, "
+                                     f"got {value!r}")
+        if not any(getattr(self, n) not in (None, NONE) for n in ("tt_ranks", "tt_eps", "cp_rank", "cp_ratio",
+                                                                   "target_ratio")):
+            raise UserInputError("a sweep setting must compress something (tt_ranks, tt_eps, cp_rank, cp_ratio "
+                                 "or target_ratio)")
+
+    def _given(self) -> list[tuple[str, Any]]:
+        return [(name, getattr(self, name)) for name in _AXES if getattr(self, name) not in (None, NONE)]
 
     @property
     def key(self) -> str:
-        """File-system-safe name, e.g. ``tt-r4_cp-r3`` or ``tt-e0.05``."""
-        parts = []
-        if self.tt_ranks is not None:
-            parts.append(f"tt-r{self.tt_ranks}")
-        if self.tt_eps is not None:
-            parts.append(f"tt-e{self.tt_eps:g}")
-        if self.cp_rank is not None:
-            parts.append(f"cp-r{self.cp_rank}")
-        return "_".join(parts)
+        """File-system-safe name, e.g. ``tt-r4_cp-r3`` or ``target-x8``."""
+        return "_".join(f"{_AXES[n][1]}{v:g}" for n, v in self._given())
 
     @property
     def label(self) -> str:
-        """Human-readable name, e.g. ``TT r4 + CP r3``."""
-        parts = []
-        if self.tt_ranks is not None:
-            parts.append(f"TT r{self.tt_ranks}")
-        if self.tt_eps is not None:
-            parts.append(f"TT ε{self.tt_eps:g}")
-        if self.cp_rank is not None:
-            parts.append(f"CP r{self.cp_rank}")
-        return " + ".join(parts)
+        """Human-readable name, e.g. ``TT r4 + CP r3`` or ``target ×8``."""
+        return " + ".join(f"{_AXES[n][2]}{v:g}" for n, v in self._given())
 
-    def plan(self, base: Plan | None = None) -> Plan:
-        """The compression plan of this setting, on top of ``base`` (patterns, rules)."""
-        base = base or Plan()
-        options = plan_from_options(tt_ranks=self.tt_ranks, tt_eps=self.tt_eps, cp_ranks=self.cp_rank)
-        return dataclasses.replace(base, tt=options.tt if self.compresses_linear else base.tt,
-                                   cp=options.cp if self.cp_rank is not None else base.cp)  # fmt: skip
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~ttcompress.planfile.plan_from_options` for this setting."""
+        return plan_kwargs({_AXES[n][0]: getattr(self, n) for n in _AXES})
 
-    @property
-    def compresses_linear(self) -> bool:
-        return self.tt_ranks is not None or self.tt_eps is not None
-
-    def selects(self, module: nn.Module, name: str) -> bool:
-        """``filter_fn`` for :func:`ttcompress.surgery.compress_with_report`: the axes' layer types."""
-        if isinstance(module, nn.Linear):
-            return self.compresses_linear
-        if isinstance(module, nn.Conv2d):
-            return self.cp_rank is not None
-        return False
+    def plan(
+        self,
+        base: Plan | None = None,
+        *,
+        formats: Sequence[str] = (),
+        layers: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+    ) -> Plan:
+        """The compression plan of this setting, on top of ``base`` and the sweep's shared options."""
+        return plan_from_options(base=base, formats=formats, layers=layers, exclude=exclude, **self.options())
 
 
 def sweep_settings(
     *,
-    tt_ranks: Sequence[int | None] = (),
-    tt_eps: Sequence[float] = (),
-    cp_ranks: Sequence[int | None] = (),
+    tt_ranks: Sequence[int | str | None] = (),
+    tt_eps: Sequence[float | str | None] = (),
+    tt_d: Sequence[int | str | None] = (),
+    cp_ranks: Sequence[int | str | None] = (),
+    cp_ratio: Sequence[float | str | None] = (),
+    target_ratios: Sequence[float | str | None] = (),
 ) -> list[SweepSetting]:
-    """The cross product of the TT axis (ranks, then eps values) and the CP axis.
+    """The cross product of the axes: TT (ranks, then eps values) × TT cores × CP (ranks, then
+    ratios) × target ratios.
 
-    ``None`` in ``tt_ranks`` or ``cp_ranks`` is a point of that axis where the layer type stays
-    dense (``tt_ranks=[None, 8], cp_ranks=[3]`` gives "CP r3" and "TT r8 + CP r3"); the
+    ``None`` or ``"none"`` in a rank axis (``tt_ranks``, ``tt_eps``, ``cp_ranks``, ``cp_ratio``) is
+    a point where that layer type stays dense (``tt_ranks=[None, 8], cp_ranks=[3]`` gives "CP r3"
+    and "TT r8 + CP r3"); in ``tt_d`` or ``target_ratios`` it is a point without that option. A
     combination that would compress nothing is left out.
     """
-    for name, values in (("tt_ranks", tt_ranks), ("cp_ranks", cp_ranks)):
+    for name, values in (("tt_ranks", tt_ranks), ("cp_ranks", cp_ranks), ("tt_d", tt_d)):
         for v in values:
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise UserInputError(f"{name} must hold positive ints (or None for dense), got {v!r}")
+            if v is not None and v != NONE and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise UserInputError(f"{name} must hold positive ints (or none), got {v!r}")
     for e in tt_eps:
-        if isinstance(e, bool) or not (isinstance(e, (int, float)) and 0 < e < 1):
+        if e is not None and e != NONE and (isinstance(e, bool) or not (isinstance(e, (int, float)) and 0 < e < 1)):
             raise UserInputError(f"tt_eps values must be in (0, 1), got {e!r}")
-    tt_axis: list[tuple[int | None, float | None]] = [(r, None) for r in tt_ranks] + [(None, e) for e in tt_eps]
-    cp_axis: list[int | None] = list(cp_ranks)
-    if not any(r is not None for r, _ in tt_axis) and not any(e is not None for _, e in tt_axis) and not any(
-        c is not None for c in cp_axis
-    ):
-        raise UserInputError("give at least one of tt_ranks, tt_eps or cp_ranks")
-    settings = [
-        SweepSetting(tt_ranks=r, tt_eps=e, cp_rank=c)
-        for (r, e), c in itertools.product(tt_axis or [(None, None)], cp_axis or [None])
-        if not (r is None and e is None and c is None)
-    ]
+
+    def dense(v: Any) -> Any:
+        return NONE if v is None else v
+
+    def plain(v: Any) -> Any:
+        return None if v == NONE else v
+
+    tt_axis = [("tt_ranks", dense(v)) for v in tt_ranks] + [("tt_eps", dense(v)) for v in tt_eps] or [("tt_ranks", None)]
+    cp_axis = [("cp_rank", dense(v)) for v in cp_ranks] + [("cp_ratio", dense(v)) for v in cp_ratio] or [("cp_rank", None)]
+    d_axis = [plain(v) for v in tt_d] or [None]
+    target_axis = [plain(v) for v in target_ratios] or [None]
+    if not (tt_ranks or tt_eps or cp_ranks or cp_ratio or target_ratios):
+        raise UserInputError("give at least one of tt_ranks, tt_eps, cp_ranks, cp_ratio or target_ratios")
+    settings = []
+    for (tk, tv), d, (ck, cv), target in itertools.product(tt_axis, d_axis, cp_axis, target_axis):
+        values = {tk: tv, "tt_d": d, ck: cv, "target_ratio": target}
+        if all(v in (None, NONE) for k, v in values.items() if k != "tt_d"):
+            continue
+        setting = SweepSetting(**values)
+        setting.plan()  # checks the values (ranges, target ratio with fixed ranks, ...)
+        settings.append(setting)
+    if not settings:
+        raise UserInputError("the sweep compresses nothing: every setting keeps every layer dense")
     if len({s.key for s in settings}) != len(settings):
         raise UserInputError("the sweep has duplicate settings; give each rank/eps once")
     return settings
@@ -240,6 +269,7 @@ def run_sweep(
     output_dir: str | os.PathLike[str],
     config: TrainConfig | None = None,
     base_plan: Plan | None = None,
+    plan_options: Mapping[str, Sequence[str]] | None = None,
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     trust_pickle: bool = False,
@@ -265,6 +295,9 @@ def run_sweep(
         Fine-tuning options (default :class:`~ttcompress.training.config.FinetuneConfig`).
     base_plan : Plan, optional
         Patterns and rules shared by all settings (its TT/CP defaults are replaced per setting).
+    plan_options : mapping, optional
+        ``formats``, ``layers`` and ``exclude`` shared by all settings, as
+        :func:`~ttcompress.planfile.plan_from_options` takes them.
     arch, arch_kwargs, trust_pickle, trust_code
         As for :func:`ttcompress.io.load` (the cached models are loaded with the same ``arch`` and
         ``trust_code``).
@@ -301,7 +334,7 @@ def run_sweep(
                           trust_code=trust_code)  # read once
     check_model_fits(base_model, bundle, what=f"baseline {baseline.name!r}")
     run = _SweepRun(
-        bundle=bundle, config=config, base_plan=base_plan, out=out, digest=digest,
+        bundle=bundle, config=config, base_plan=base_plan, plan_options=dict(plan_options or {}), out=out, digest=digest,
         base_model=base_model, base_params=count_params(base_model), teacher=teacher,
         teacher_digest=_weights_digest(teacher) if teacher is not None else None,
         cached=_cached_load_kwargs(arch, arch_kwargs, trust_code), data_root=data_root, progress=progress,
@@ -317,6 +350,7 @@ class _SweepRun:
     bundle: DatasetBundle
     config: TrainConfig
     base_plan: Plan | None
+    plan_options: dict[str, Sequence[str]]
     out: Path
     digest: str
     base_model: nn.Module
@@ -335,7 +369,7 @@ class _SweepRun:
 
 def _run_setting(run: _SweepRun, setting: SweepSetting, head: str) -> SweepResult:
     """One setting: its cached result, or decompose (or reuse the decomposed model), fine-tune, measure."""
-    plan = setting.plan(run.base_plan)
+    plan = setting.plan(run.base_plan, **run.plan_options)
     fp = _fingerprint(cache_key(baseline_digest=run.digest, bundle=run.bundle, data_root=run.data_root,
                                 config=run.config, plan=plan, setting=setting, teacher_digest=run.teacher_digest))
     work = run.out / f"{setting.key}-{fp}"
@@ -344,7 +378,7 @@ def _run_setting(run: _SweepRun, setting: SweepSetting, head: str) -> SweepResul
     model_path = work / "model.pt"
     if result_file.is_file():
         data = json.loads(result_file.read_text(encoding="utf-8"))
-        run.say(f"{head}: cached ({100 * data['accuracy_after']:.2f}%)")
+        run.say(f"{head}: cached ({100 * data['accuracy_after']:.2f}%) in {model_path}")
         return SweepResult(setting, model_path, data["accuracy_before"], data["accuracy_after"],
                            data["params"], data["compression"], cached=True)  # fmt: skip
     model, accuracy_before = _decomposed(run, setting, plan, work, head)
@@ -358,7 +392,8 @@ def _run_setting(run: _SweepRun, setting: SweepSetting, head: str) -> SweepResul
     params = count_params(best)
     result = SweepResult(setting, model_path, accuracy_before, run.evaluate(best), params, run.base_params / params)
     _write_json(result_file, result.to_dict())
-    run.say(f"{head}: {100 * result.accuracy_after:.2f}% after fine-tuning, {result.compression:.2f}× fewer params")
+    run.say(f"{head}: {100 * result.accuracy_after:.2f}% after fine-tuning, {result.compression:.2f}× fewer params; "
+            f"wrote {model_path}")
     return result
 
 
@@ -370,7 +405,7 @@ def _decomposed(run: _SweepRun, setting: SweepSetting, plan: Plan, work: Path, h
         run.say(f"{head}: reusing the decomposed model")
         return load(decomposed, **run.cached), json.loads(before_file.read_text(encoding="utf-8"))["accuracy"]
     run.say(f"{head}: decomposing")
-    model = compress_with_report(copy.deepcopy(run.base_model), plan, filter_fn=setting.selects).model
+    model = compress_with_report(copy.deepcopy(run.base_model), plan).model
     save(model, decomposed, info={"plan": plan.to_dict(), "sweep_setting": dataclasses.asdict(setting)})
     accuracy_before = run.evaluate(model)
     _write_json(before_file, {"accuracy": accuracy_before})
@@ -397,7 +432,10 @@ def sweep_report(
     download: bool = False,
     config: TrainConfig | None = None,
     plan_file: str | os.PathLike[str] | None = None,
+    plan_options: Mapping[str, Sequence[str]] | None = None,
     distill: bool = False,
+    teacher: str | os.PathLike[str] | None = None,
+    image_size: int | None = None,
     measure_speed: bool = True,
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
@@ -412,12 +450,17 @@ def sweep_report(
     ``progress`` the hooks of every fine-tuning run (the CLI passes
     :class:`ttcompress.cli.progress.RichProgress`); the result is a :class:`ttcompress.report.Report`
     whose rows carry the accuracy before fine-tuning.
+
+    ``plan_options`` (``formats``, ``layers``, ``exclude``) apply to every setting. Fine-tuning
+    distils from ``teacher`` (a model file), or from the baseline with ``distill``.
     """
+    if distill and teacher is not None:
+        raise UserInputError("distill (from the baseline) and teacher (a model file) are exclusive; give one")
     from ttcompress.data import load_dataset
     from ttcompress.report import ModelEntry, build_report
 
     config = config or FinetuneConfig()
-    bundle = load_dataset(data, root=data_root, download=download)
+    bundle = load_dataset(data, root=data_root, download=download, image_size=image_size)
     base_plan = load_plan(plan_file) if plan_file is not None else None
     out = Path(output_dir) if output_dir is not None else default_output_dir(baseline)
     load_kwargs: dict[str, Any] = {"trust_pickle": trust_pickle, "trust_code": trust_code}
@@ -425,10 +468,11 @@ def sweep_report(
         load_kwargs.update(arch=arch, arch_kwargs=dict(arch_kwargs or {}))
     with refused_input():
         base_model = load(baseline, **load_kwargs)
+        teacher_model = load(teacher, trust_pickle=trust_pickle, trust_code=trust_code) if teacher is not None else None
     results = run_sweep(
         baseline, bundle=bundle, settings=settings, output_dir=out, config=config, base_plan=base_plan,
-        arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, trust_code=trust_code,
-        teacher=base_model if distill else None, progress=progress, data_root=data_root,
+        plan_options=plan_options, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, trust_code=trust_code,
+        teacher=base_model if distill else teacher_model, progress=progress, data_root=data_root,
         log=console.print if console is not None else None,
     )  # fmt: skip
     entries = [

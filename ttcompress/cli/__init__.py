@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "Show MODEL's layers: shapes, parameter share, what is compressible and what the plan would build."),
     "report": ("report", "Measure params, compression, file size, FLOPs, latency and accuracy of each MODEL vs BASELINE."),
     "export": ("export", "Export MODEL for deployment, checked against the model at two batch sizes before it is written."),
-    "sweep": ("sweep", "For each setting (TT axis × CP axis): decompose, evaluate, fine-tune, evaluate; then report."),
+    "sweep": ("sweep", "For each setting (cross product of the plan axes): decompose, evaluate, fine-tune, evaluate; then report."),
 }
 
 

@@ -8,18 +8,27 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
+from ttcompress.cli.tables import layer_table, preview_table, print_table
 from ttcompress.cli.options import (
     ArchKwargsOpt,
     ArchOpt,
+    CPRanksOpt,
+    CPRatioOpt,
+    ExcludeOpt,
+    FormatsOpt,
+    LayersOpt,
+    TargetRatioOpt,
+    TTDOpt,
+    TTEpsOpt,
+    TTRanksOpt,
     JsonOpt,
     ModelArg,
     OutputOpt,
@@ -28,20 +37,20 @@ from ttcompress.cli.options import (
     TrustCodeOpt,
     TrustPickleOpt,
     parse_arch_kwargs,
+    plan_from_flags,
 )
 from ttcompress.cli.train import DataRootOpt
 from ttcompress.data import balanced_subset, load_dataset
 from ttcompress.errors import DataError, UserInputError, refused_input
 from ttcompress.formats import format_names, get_format
-from ttcompress.cli.flags import flags_in_errors
-from ttcompress.planfile import plan_from_options
 from ttcompress.layer_report import format_label
+from ttcompress.dryrun import PlanPreview, preview_plan
+from ttcompress.plan import Plan
+from ttcompress.io import load_checkpoint
 from ttcompress.surgery import CompressionResult, DecomposeResult, decompose_file, default_output_path
 
 app = command_app()
 
-_RANKS = "Ranks (pick at most one way per format)"
-_FORMAT_HELP = "; ".join(f"{n} ({get_format(n).summary})" for n in format_names())
 _SELECT = "Layer selection"
 _CALIB = "Calibration (data-aware decomposition)"
 #: Default ``--calib-samples`` (see docs/results.md for 128 / 512 / 2048 compared).
@@ -59,6 +68,10 @@ def calibration_set(data: str, *, root: Any,  samples: int, seed: int) -> tuple[
     return subset, {"dataset": bundle.name, "samples": len(subset), "seed": seed, "split": "train",
                     "balanced": True}
 
+def preview_file(model: Path, *, plan: Plan, **load_options: Any) -> PlanPreview:
+    """Load ``model`` and preview ``plan`` on it (nothing is decomposed or written)."""
+    return preview_plan(load_checkpoint(model, **load_options).model, plan)
+
 
 @app.command("decompose")
 @cli_errors
@@ -70,36 +83,15 @@ def decompose(
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
     trust_code: TrustCodeOpt = False,
-    tt_ranks: Annotated[Optional[int], typer.Option(
-        "--tt-ranks", help="Max TT rank of Linear layers (default 8 when neither --tt-ranks nor --tt-eps is given).",
-        show_default=False, metavar="INT", rich_help_panel=_RANKS)] = None,
-    tt_eps: Annotated[Optional[float], typer.Option(
-        "--tt-eps", help="Relative reconstruction error per Linear layer, in (0, 1) (TT-SVD truncation).",
-        show_default=False, metavar="FLOAT", rich_help_panel=_RANKS)] = None,
-    tt_d: Annotated[Optional[int], typer.Option(
-        "--tt-d", help="Number of TT cores (>= 2; default: by layer size, 2-4).",
-        show_default=False, metavar="INT", rich_help_panel=_RANKS)] = None,
-    cp_ranks: Annotated[Optional[int], typer.Option(
-        "--cp-ranks", help="CP rank of Conv2d layers.", show_default=False, metavar="INT", rich_help_panel=_RANKS)] = None,
-    cp_ratio: Annotated[Optional[float], typer.Option(
-        "--cp-ratio", help="Per conv, the rank that compresses it by this factor (> 1; default 4).",
-        show_default=False, metavar="FLOAT", rich_help_panel=_RANKS)] = None,
-    target_ratio: Annotated[Optional[float], typer.Option(
-        "--target-ratio", help="Whole-model parameter compression to reach (> 1): per-layer ranks are chosen "
-        "greedily where they lower the estimated reconstruction error most; with no --format, each layer "
-        "then gets the format with the lowest error at its budget (auto).",
-        show_default=False, metavar="FLOAT", rich_help_panel=_RANKS)] = None,
-    formats: Annotated[Optional[list[str]], typer.Option(
-        "--format", help=f"Format to use: {_FORMAT_HELP}. Each layer gets the first given format that "
-        "compresses its type; other types keep their default (tt for Linear, cp for Conv2d). "
-        "Repeatable, or comma-separated.",
-        show_default=False, metavar="NAME", rich_help_panel=_RANKS)] = None,
-    layers: Annotated[Optional[list[str]], typer.Option(
-        "--layers", help="Compress only layers whose qualified name matches this glob (repeatable, or comma-separated).",
-        show_default=False, metavar="GLOB", rich_help_panel=_SELECT)] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(
-        "--exclude", help="Keep layers matching this glob dense (repeatable, or comma-separated).",
-        show_default=False, metavar="GLOB", rich_help_panel=_SELECT)] = None,
+    tt_ranks: TTRanksOpt = None,
+    tt_eps: TTEpsOpt = None,
+    tt_d: TTDOpt = None,
+    cp_ranks: CPRanksOpt = None,
+    cp_ratio: CPRatioOpt = None,
+    target_ratio: TargetRatioOpt = None,
+    formats: FormatsOpt = None,
+    layers: LayersOpt = None,
+    exclude: ExcludeOpt = None,
     min_saving: Annotated[Optional[float], typer.Option(
         "--min-saving", help="Keep a layer dense when compressing it saves less than this fraction of the model's "
         "params at an error above --max-error (default 0.01 with calibration data, 0 = off without).",
@@ -120,6 +112,9 @@ def decompose(
     seed: Annotated[int, typer.Option(
         "--seed", help="Seed of the calibration sample.", metavar="INT", rich_help_panel=_CALIB)] = 0,
     plan: PlanOpt = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the per-layer plan, projected parameters and compression (errors are cheap "
+        "estimates from singular values, marked ~), and write nothing.")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Compress MODEL (default: nn.Linear -> TT-matrix, nn.Conv2d -> CP; see --format); write a ttcompress checkpoint.
@@ -127,15 +122,22 @@ def decompose(
     The output (default: MODEL's name with .tt.pt, next to it) is written atomically: on any error nothing is written. An existing output is replaced only with --overwrite. The per-layer table goes to stdout, progress to stderr.
     """
     check_inputs(model, plan)
-    with refused_input(), flags_in_errors():
-        the_plan = plan_from_options(
-            plan_file=plan, tt_ranks=tt_ranks, tt_eps=tt_eps, tt_d=tt_d, cp_ranks=cp_ranks, cp_ratio=cp_ratio,
-            layers=layers or (), exclude=exclude or (), target_ratio=target_ratio, formats=formats or (),
-            min_saving=min_saving, max_error=max_error,
-        )
+    the_plan = plan_from_flags(
+        plan=plan, tt_ranks=tt_ranks, tt_eps=tt_eps, tt_d=tt_d, cp_ranks=cp_ranks, cp_ratio=cp_ratio,
+        layers=layers, exclude=exclude, target_ratio=target_ratio, formats=formats,
+        min_saving=min_saving, max_error=max_error,
+    )
+    with refused_input():
         calib, calib_info = (None, None) if no_calib or data is None else calibration_set(
             data, root=data_root, samples=calib_samples, seed=seed)
     kwargs = parse_arch_kwargs(arch_kwargs)
+    if dry_run:
+        with refused_input():
+            preview = preview_file(model, plan=the_plan, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle,
+                                   trust_code=trust_code)  # fmt: skip
+        print_table(preview_table(preview, title=f"ttcompress decompose --dry-run {model.name}"))
+        err.print("dry run: nothing written")
+        return
     check_outputs([output if output is not None else default_output_path(model)], overwrite=overwrite, inputs=[model])
     with Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -160,49 +162,4 @@ def decompose(
     err.print(f"wrote {result.output}")
 
 
-def print_table(table: Table) -> None:
-    """Print a table on stdout; when stdout is not a terminal, wide enough not to wrap cells."""
-    if out.is_terminal:
-        out.print(table)
-    else:
-        Console(width=max(out.width, 220), soft_wrap=True).print(table)
-
-
-def _fmt_out_error(r: LayerReport) -> str:
-    """``before → after`` relative output error on the calibration data (``–`` without calibration)."""
-    if r.out_error_before is None or r.out_error_after is None:
-        return "–"
-    return f"{r.out_error_before:.4f} → {r.out_error_after:.4f}"
-
-
-def layer_table(result: CompressionResult) -> Table:
-    """The per-layer rich table of a compression run, with a total row."""
-    table = Table(title="ttcompress decompose", show_footer=False)
-    for col, just in (("layer", "left"), ("type", "left"), ("shape", "left"), ("format", "left"),
-                      ("modes / ranks", "left"), ("params", "right"), ("ratio", "right"),
-                      ("rel. error", "right"), ("out. error", "right"), ("time", "right"), ("note", "left")):
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
-    for r in result.records:
-        params = f"{r.params_before:,}" if not r.compressed else f"{r.params_before:,} → {r.params_after:,}"
-        table.add_row(
-            r.name + (f" (= {', '.join(r.aliases)})" if r.aliases else ""),
-            r.type,
-            "x".join(map(str, r.shape)),
-            format_label(r.format),
-            r.structure,
-            params,
-            f"{r.ratio:.2f}×" if r.compressed else "–",
-            f"{r.rel_error:.4f}" if r.rel_error is not None and r.compressed else "–",
-            _fmt_out_error(r),
-            f"{r.seconds:.2f}s" if r.seconds is not None and r.compressed else "–",
-            r.skipped or r.note or "",
-        )
-    n = len(result.compressed)
-    table.add_section()
-    table.add_row(f"total ({n} of {len(result.records)} layers compressed)", "", "", "", "",
-                  f"{result.params_before:,} → {result.params_after:,}", f"{result.ratio:.2f}×", "", "", "", "",
-                  style="bold")
-    return table
-
-
-__all__ = ["DecomposeResult", "decompose", "layer_table", "print_table"]
+__all__ = ["DecomposeResult", "decompose"]

@@ -49,6 +49,7 @@ from ttcompress.cli.train import (
     StepSizeOpt,
     TeacherOpt,
     TemperatureOpt,
+    TrainOnlyOpt,
     WeightDecayOpt,
     WorkersOpt,
     make_config,
@@ -93,9 +94,7 @@ def finetune(
     seed: SeedOpt = FinetuneConfig.seed,
     max_batches: MaxBatchesOpt = None,
     val_fraction: ValFractionOpt = FinetuneConfig.val_fraction,
-    train_only: Annotated[str, typer.Option(
-        "--train-only", help="all, or decomposed: freeze every parameter outside the TT/CP layers.",
-        metavar="all|decomposed", rich_help_panel="Optimization")] = FinetuneConfig.train_only,
+    train_only: TrainOnlyOpt = FinetuneConfig.train_only,
     device: DeviceOpt = FinetuneConfig.device,
     amp: AmpOpt = None,
     compile_: CompileOpt = False,

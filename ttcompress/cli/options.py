@@ -19,11 +19,28 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ttcompress.errors import UserInputError
+from ttcompress.cli.flags import flags_in_errors
+from ttcompress.errors import UserInputError, refused_input
+from ttcompress.formats import format_names, get_format
+from ttcompress.plan import Plan
+from ttcompress.planfile import NONE, plan_from_options, plan_kwargs
 
 __all__ = [
+    "FORMAT_OPTIONS",
     "ArchKwargsOpt",
     "ArchOpt",
+    "CPRanksOpt",
+    "CPRatioOpt",
+    "ExcludeOpt",
+    "FormatsOpt",
+    "LayersOpt",
+    "TTDOpt",
+    "TTEpsOpt",
+    "TTRanksOpt",
+    "TargetRatioOpt",
+    "parse_list",
+    "parse_one",
+    "plan_from_flags",
     "JsonOpt",
     "ModelArg",
     "OutputOpt",
@@ -142,3 +159,116 @@ PlotXOpt = Annotated[str, typer.Option(
 PlotTitleOpt = Annotated[Optional[str], typer.Option(
     "--title", help="Title of --plot (default: Accuracy vs compression — DATASET).", show_default=False,
     metavar="TEXT")]
+
+
+# ---- plan options: shared by decompose, inspect and (as lists) sweep -------------------------------
+_RANKS = "Ranks (pick at most one way per format)"
+_SELECT = "Layer selection"
+#: How a format's option reads on the command line (the value ``none`` keeps that format's layers dense).
+_NONE_HELP = " 'none' keeps those layers dense. Once any per-format option (--tt-*, --cp-*, --format) is given, " \
+    "a layer type whose options are not given stays dense."
+_FORMAT_HELP = "; ".join(f"{n} ({get_format(n).summary})" for n in format_names())
+
+
+TTRanksOpt = Annotated[Optional[str], typer.Option(
+    "--tt-ranks", help="Max TT rank of Linear layers (default 8 when neither --tt-ranks nor --tt-eps is given)."
+    + _NONE_HELP, show_default=False, metavar="INT|none", rich_help_panel=_RANKS)]
+TTEpsOpt = Annotated[Optional[str], typer.Option(
+    "--tt-eps", help="Relative reconstruction error per Linear layer, in (0, 1) (TT-SVD truncation).",
+    show_default=False, metavar="FLOAT|none", rich_help_panel=_RANKS)]
+TTDOpt = Annotated[Optional[str], typer.Option(
+    "--tt-d", help="Number of TT cores (>= 2; default: by layer size, 2-4).",
+    show_default=False, metavar="INT|none", rich_help_panel=_RANKS)]
+CPRanksOpt = Annotated[Optional[str], typer.Option(
+    "--cp-ranks", help="CP rank of Conv2d layers; 'none' keeps them dense.", show_default=False,
+    metavar="INT|none", rich_help_panel=_RANKS)]
+CPRatioOpt = Annotated[Optional[str], typer.Option(
+    "--cp-ratio", help="Per conv, the rank that compresses it by this factor (> 1; default 4).",
+    show_default=False, metavar="FLOAT|none", rich_help_panel=_RANKS)]
+TargetRatioOpt = Annotated[Optional[float], typer.Option(
+    "--target-ratio", help="Whole-model parameter compression to reach (> 1): per-layer ranks are chosen "
+    "greedily where they lower the estimated reconstruction error most; with no --format, each layer "
+    "then gets the format with the lowest error at its budget (auto).",
+    show_default=False, metavar="FLOAT", rich_help_panel=_RANKS)]
+FormatsOpt = Annotated[Optional[list[str]], typer.Option(
+    "--format", help=f"Format to use: {_FORMAT_HELP}. Each layer gets the first given format that compresses its type; a type none covers stays dense "
+    "(unless its --tt-*/--cp-* options are given). Repeatable, or comma-separated.",
+    show_default=False, metavar="NAME", rich_help_panel=_RANKS)]
+LayersOpt = Annotated[Optional[list[str]], typer.Option(
+    "--layers", help="Compress only layers whose qualified name matches this glob (repeatable, or comma-separated).",
+    show_default=False, metavar="GLOB", rich_help_panel=_SELECT)]
+ExcludeOpt = Annotated[Optional[list[str]], typer.Option(
+    "--exclude", help="Keep layers matching this glob dense (repeatable, or comma-separated).",
+    show_default=False, metavar="GLOB", rich_help_panel=_SELECT)]
+
+#: The per-format options above: parameter name -> (flag, value type).
+FORMAT_OPTIONS: dict[str, tuple[str, type]] = {
+    "tt_ranks": ("--tt-ranks", int), "tt_eps": ("--tt-eps", float), "tt_d": ("--tt-d", int),
+    "cp_ranks": ("--cp-ranks", int), "cp_ratio": ("--cp-ratio", float),
+}  # fmt: skip
+
+
+def parse_one(text: str | None, *, option: str, kind: type) -> Any:
+    """One value of a per-format option: ``None`` (not given), ``"none"`` (dense) or a ``kind``.
+
+    Raises
+    ------
+    UserInputError
+        A list (``3,6``: lists are what ``sweep`` takes) or a value that is not a ``kind``.
+    """
+    if text is None:
+        return None
+    text = text.strip()
+    if text.lower() == NONE:
+        return NONE
+    if "," in text:
+        raise UserInputError(f"{option} takes one value here, got {text!r}; lists of values are for "
+                             f"`ttcompress sweep` (e.g. sweep {option} {text})")
+    try:
+        return kind(text)
+    except ValueError:
+        raise UserInputError(f"{option} must be {'an integer' if kind is int else 'a number'} or none, "
+                             f"got {text!r}") from None
+
+
+def parse_list(text: str | None, *, option: str, kind: type, allow_none: bool = True) -> list[Any]:
+    """``"2,4,8"`` → ``[2, 4, 8]`` (``kind`` int, float or str); ``None`` → ``[]``.
+
+    With ``allow_none``, the item ``none`` stays the string ``"none"`` (for a format's option: that
+    layer type dense; for another option: not given, in that setting).
+    """
+    if text is None:
+        return []
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise UserInputError(f"{option} needs a comma-separated list, e.g. {option} 2,4,8")
+    try:
+        return [NONE if (allow_none and t.lower() == NONE) else kind(t) for t in items]
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        raise UserInputError(f"{option} must be comma-separated {what}{' or none' if allow_none else ''}, "
+                             f"got {text!r}") from None
+
+
+def plan_from_flags(
+    *,
+    plan: Path | None,
+    formats: list[str] | None,
+    layers: list[str] | None,
+    exclude: list[str] | None,
+    target_ratio: float | None,
+    min_saving: float | None = None,
+    max_error: float | None = None,
+    **format_options: str | None,
+) -> Plan:
+    """The :class:`~ttcompress.plan.Plan` of ``decompose``/``inspect``'s plan flags (errors name the flags).
+
+    ``format_options`` are the raw :data:`FORMAT_OPTIONS` texts (``"6"``, ``"none"``, ``None``).
+    """
+    values = {k: parse_one(v, option=FORMAT_OPTIONS[k][0], kind=FORMAT_OPTIONS[k][1])
+              for k, v in format_options.items()}  # fmt: skip
+    with refused_input(), flags_in_errors():
+        return plan_from_options(
+            plan_file=plan, layers=layers or (), exclude=exclude or (), target_ratio=target_ratio,
+            formats=formats or (), min_saving=min_saving, max_error=max_error, **plan_kwargs(values),
+        )

@@ -1,7 +1,10 @@
-"""``ttcompress sweep``: decompose → evaluate → fine-tune → evaluate for each rank setting.
+"""``ttcompress sweep``: decompose → evaluate → fine-tune → evaluate for each setting of the plan axes.
 
 A thin shell over :func:`ttcompress.sweep.sweep_report`; the report is rendered like
-``ttcompress report``'s, with accuracy before and after fine-tuning.
+``ttcompress report``'s, with accuracy before and after fine-tuning. The per-format options take
+lists (each value one point of its axis); every other option of ``decompose`` and ``finetune``
+means here what it means there, for every setting. :data:`ABSENT` lists the options of those
+commands that ``sweep`` deliberately lacks, with the reason.
 """
 
 from __future__ import annotations
@@ -13,66 +16,79 @@ import typer
 
 from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err
+from ttcompress.cli.flags import flags_in_errors
 from ttcompress.cli.options import (
-    ArchKwargsOpt, ArchOpt, OverwriteOpt, PlanOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustCodeOpt, TrustPickleOpt,
-    parse_arch_kwargs,
+    ArchKwargsOpt, ArchOpt, ExcludeOpt, FormatsOpt, LayersOpt, OverwriteOpt, PlanOpt, PlotOpt, PlotTitleOpt,
+    PlotXOpt, TrustCodeOpt, TrustPickleOpt, parse_arch_kwargs, parse_list,
 )
-from ttcompress.cli.report import FormatOpt, check_render_options, emit, resolve_format
-from ttcompress.errors import UserInputError
+from ttcompress.cli.report import check_render_options, emit, resolve_format
 from ttcompress.cli.train import (
-    BatchSizeOpt,
-    DataOpt,
-    DataRootOpt,
-    DeviceOpt,
-    DownloadOpt,
+    AlphaOpt, AmpOpt, BatchSizeOpt, CompileOpt, DataOpt, DataRootOpt, DeviceOpt, DistillLossOpt, DownloadOpt,
     EpochsOpt,
-    LrOpt,
-    MaxBatchesOpt,
-    MomentumOpt,
-    OptimizerOpt,
-    ScheduleOpt,
-    SeedOpt,
-    ValFractionOpt,
-    WeightDecayOpt,
+    EvalBatchSizeOpt, GammaOpt, ImageSizeOpt, LrOpt, MaxBatchesOpt, MomentumOpt, OptimizerOpt, ScheduleOpt,
+    SeedOpt, StepSizeOpt, TeacherOpt, TemperatureOpt, TrainOnlyOpt, ValFractionOpt, WeightDecayOpt, WorkersOpt,
     make_config,
 )
 from ttcompress.training.config import FinetuneConfig
 
+__all__ = ["ABSENT", "sweep_command"]
+
 app = command_app()
 
+#: Options of ``decompose`` / ``finetune`` that ``sweep`` does not take, and why.
+ABSENT: dict[str, str] = {
+    "--output": "sweep writes one model per setting: -o/--output-dir names their directory",
+    "--json": "the report's format is --report-format json (or --report FILE.json)",
+    "--resume": "a sweep always resumes: re-running with the same arguments continues where it stopped",
+    "--dry-run": "preview one setting with `decompose --dry-run` and its flags",
+    "--calib-samples": "a sweep decomposes without calibration data (its --data is the fine-tuning data); "
+                       "calibrate one setting with `decompose --data`",
+    "--no-calib": "a sweep decomposes without calibration data already",
+    "--min-saving": "the keep-dense rule applies to calibrated decompositions, which a sweep does not run",
+    "--max-error": "the keep-dense rule applies to calibrated decompositions, which a sweep does not run",
+    "--no-distill": "a sweep distills only with --distill (off by default)",
+}
 
-def parse_list(text: Optional[str], *, option: str, kind: type, allow_none: bool = False) -> list:
-    """``"2,4,8"`` → ``[2, 4, 8]`` (``kind`` int or float); ``None`` → ``[]``.
-
-    With ``allow_none``, the item ``none`` becomes ``None`` (that layer type stays dense).
-    """
-    if text is None:
-        return []
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise UserInputError(f"{option} needs a comma-separated list, e.g. {option} 2,4,8")
-    try:
-        return [None if (allow_none and t.lower() == "none") else kind(t) for t in items]
-    except ValueError:
-        what = "integers" if kind is int else "numbers"
-        raise UserInputError(f"{option} must be comma-separated {what}, got {text!r}") from None
+_AXES = "Sweep axes (comma-separated lists; each value is one setting)"
+_LIST_NONE = " 'none' keeps those layers dense in that setting."
+TTRanksList = Annotated[Optional[str], typer.Option(
+    "--tt-ranks", help="TT max ranks for the Linear layers, e.g. 2,4,8 or none,8." + _LIST_NONE,
+    show_default=False, metavar="LIST", rich_help_panel=_AXES)]
+TTEpsList = Annotated[Optional[str], typer.Option(
+    "--tt-eps", help="TT relative errors for the Linear layers, e.g. 0.3,0.1 (alternatives to --tt-ranks)."
+    + _LIST_NONE, show_default=False, metavar="LIST", rich_help_panel=_AXES)]
+TTDList = Annotated[Optional[str], typer.Option(
+    "--tt-d", help="Numbers of TT cores, e.g. 2,3 ('none': by layer size).", show_default=False, metavar="LIST",
+    rich_help_panel=_AXES)]
+CPRanksList = Annotated[Optional[str], typer.Option(
+    "--cp-ranks", help="CP ranks for the Conv2d layers, e.g. 3,6,9." + _LIST_NONE,
+    show_default=False, metavar="LIST", rich_help_panel=_AXES)]
+CPRatioList = Annotated[Optional[str], typer.Option(
+    "--cp-ratio", help="Per-conv compression factors, e.g. 2,4 (alternatives to --cp-ranks)." + _LIST_NONE,
+    show_default=False, metavar="LIST", rich_help_panel=_AXES)]
+TargetRatiosList = Annotated[Optional[str], typer.Option(
+    "--target-ratios", "--target-ratio", help="Whole-model parameter compressions to reach, e.g. 2,4,8,16 "
+    "(ranks chosen per layer, as decompose --target-ratio; 'none': no target in that setting).",
+    show_default=False, metavar="LIST", rich_help_panel=_AXES)]
+ReportFormatOpt = Annotated[Optional[str], typer.Option(
+    "--report-format", "-f", help="Format of the report on stdout: table (default), md, csv or json.",
+    show_default=False, metavar="FORMAT")]
 
 
 @app.command("sweep")
 @cli_errors
 def sweep_command(
     baseline: Annotated[Path, typer.Argument(help="The dense baseline model file.", metavar="BASELINE")],
-    tt_ranks: Annotated[Optional[str], typer.Option(
-        "--tt-ranks", help="TT max ranks for the Linear layers, comma-separated (e.g. 2,4,8); "
-        "'none' keeps them dense in those settings (e.g. none,8).",
-        show_default=False, metavar="LIST")] = None,
-    tt_eps: Annotated[Optional[str], typer.Option(
-        "--tt-eps", help="TT relative errors for the Linear layers, comma-separated (e.g. 0.3,0.1).",
-        show_default=False, metavar="LIST")] = None,
-    cp_ranks: Annotated[Optional[str], typer.Option(
-        "--cp-ranks", help="CP ranks for the Conv2d layers, comma-separated (e.g. 3,6,9); "
-        "'none' keeps them dense in those settings.",
-        show_default=False, metavar="LIST")] = None,
+    tt_ranks: TTRanksList = None,
+    tt_eps: TTEpsList = None,
+    tt_d: TTDList = None,
+    cp_ranks: CPRanksList = None,
+    cp_ratio: CPRatioList = None,
+    target_ratios: TargetRatiosList = None,
+    formats: FormatsOpt = None,
+    layers: LayersOpt = None,
+    exclude: ExcludeOpt = None,
+    plan: PlanOpt = None,
     output_dir: Annotated[Optional[Path], typer.Option(
         "-o", "--output-dir", help="Directory of per-setting models and the cache "
         "(default: BASELINE's name + .sweep). Re-running with the same arguments resumes.",
@@ -80,6 +96,7 @@ def sweep_command(
     data: DataOpt = "mnist-5k",
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
+    image_size: ImageSizeOpt = None,
     epochs: EpochsOpt = FinetuneConfig.epochs,
     batch_size: BatchSizeOpt = FinetuneConfig.batch_size,
     optimizer: OptimizerOpt = FinetuneConfig.optimizer,
@@ -87,14 +104,25 @@ def sweep_command(
     momentum: MomentumOpt = FinetuneConfig.momentum,
     weight_decay: WeightDecayOpt = FinetuneConfig.weight_decay,
     schedule: ScheduleOpt = FinetuneConfig.schedule,
+    step_size: StepSizeOpt = FinetuneConfig.step_size,
+    gamma: GammaOpt = FinetuneConfig.gamma,
     seed: SeedOpt = FinetuneConfig.seed,
     max_batches: MaxBatchesOpt = None,
     val_fraction: ValFractionOpt = FinetuneConfig.val_fraction,
+    train_only: TrainOnlyOpt = FinetuneConfig.train_only,
+    distill_loss: DistillLossOpt = FinetuneConfig.distill_loss,
     device: DeviceOpt = FinetuneConfig.device,
-    plan: PlanOpt = None,
+    amp: AmpOpt = None,
+    compile_: CompileOpt = False,
+    workers: WorkersOpt = None,
+    eval_batch_size: EvalBatchSizeOpt = FinetuneConfig.eval_batch_size,
     distill: Annotated[bool, typer.Option(
-        "--distill", help="Distil from the baseline while fine-tuning.")] = False,
-    fmt: FormatOpt = None,
+        "--distill", help="Distil from the baseline while fine-tuning (same as --teacher BASELINE).",
+        rich_help_panel="Distillation")] = False,
+    teacher: TeacherOpt = None,
+    alpha: AlphaOpt = FinetuneConfig.distill_alpha,
+    temperature: TemperatureOpt = FinetuneConfig.distill_temperature,
+    fmt: ReportFormatOpt = None,
     report_file: Annotated[Optional[Path], typer.Option(
         "--report", help="Also write the report to this file; its extension gives the format (.md, .csv, .json, .txt).",
         show_default=False, metavar="PATH")] = None,
@@ -108,52 +136,55 @@ def sweep_command(
     trust_pickle: TrustPickleOpt = False,
     trust_code: TrustCodeOpt = False,
 ) -> None:
-    """For each setting (TT axis × CP axis): decompose, evaluate, fine-tune, evaluate; then report.
+    """For each setting (cross product of the plan axes): decompose, evaluate, fine-tune, evaluate; then report.
 
-    A layer type whose axis is not given stays dense. Example:
-    ttcompress sweep baseline.pt --cp-ranks 3,6,9 --tt-ranks 4 --epochs 2 --plot tradeoff.png
+    The flags mean what they mean in decompose and finetune; the per-format ones take lists. Once any per-format option is given, a layer type whose options are not given stays dense. Example:
+    ttcompress sweep baseline.pt --cp-ranks 3,6,9 --tt-ranks none,4 --epochs 2 --plot tradeoff.png
     """
-    from ttcompress.cli.flags import flags_in_errors
     from ttcompress.cli.progress import RichProgress
     from ttcompress.sweep import sweep_report, sweep_settings
 
     fmt = fmt or "table"
     check_render_options(fmt=fmt, plot=plot, plot_x=plot_x)
     file_fmt = resolve_format(None, report_file) if report_file is not None else None
-    check_inputs(baseline, plan)
+    check_inputs(baseline, plan, teacher)
     check_outputs([report_file, plot], overwrite=overwrite, inputs=[baseline])
-    with flags_in_errors():
+    with flags_in_errors({"tt_ranks": "--tt-ranks", "tt_eps": "--tt-eps", "tt_d": "--tt-d", "cp_ranks": "--cp-ranks",
+                          "cp_ratio": "--cp-ratio", "target_ratios": "--target-ratios", "teacher": "--teacher",
+                          "distill": "--distill"}):  # fmt: skip
         settings = sweep_settings(
-            tt_ranks=parse_list(tt_ranks, option="--tt-ranks", kind=int, allow_none=True),
+            tt_ranks=parse_list(tt_ranks, option="--tt-ranks", kind=int),
             tt_eps=parse_list(tt_eps, option="--tt-eps", kind=float),
-            cp_ranks=parse_list(cp_ranks, option="--cp-ranks", kind=int, allow_none=True),
+            tt_d=parse_list(tt_d, option="--tt-d", kind=int),
+            cp_ranks=parse_list(cp_ranks, option="--cp-ranks", kind=int),
+            cp_ratio=parse_list(cp_ratio, option="--cp-ratio", kind=float),
+            target_ratios=parse_list(target_ratios, option="--target-ratios", kind=float),
         )
+        if distill and teacher is not None:
+            raise ValueError("distill and teacher are exclusive: --distill is --teacher BASELINE")
     config = make_config(
         FinetuneConfig, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, max_batches=max_batches,
-        val_fraction=val_fraction,
+        weight_decay=weight_decay, schedule=schedule, step_size=step_size, gamma=gamma, seed=seed, device=device,
+        amp=amp, compile=compile_, train_only=train_only, distill_alpha=alpha, distill_temperature=temperature,
+        distill_loss=distill_loss,
+        eval_batch_size=eval_batch_size, num_workers=workers, max_batches=max_batches, val_fraction=val_fraction,
     )  # fmt: skip
     progress = RichProgress(err)
     try:
-        report = sweep_report(
-            baseline,
-            settings=settings,
-            output_dir=output_dir,
-            data=data,
-            data_root=data_root,
-            download=download,
-            config=config,
-            plan_file=plan,
-            distill=distill,
-            measure_speed=not no_latency,
-            arch=arch,
-            arch_kwargs=parse_arch_kwargs(arch_kwargs),
-            trust_pickle=trust_pickle, trust_code=trust_code,
-            console=err,
-            progress=progress,
-        )
+        with flags_in_errors():
+            report = sweep_report(
+                baseline, settings=settings, output_dir=output_dir, data=data, data_root=data_root,
+                download=download, image_size=image_size, config=config, plan_file=plan,
+                plan_options={"formats": formats or (), "layers": layers or (), "exclude": exclude or ()},
+                distill=distill, teacher=teacher, measure_speed=not no_latency, arch=arch,
+                arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle, trust_code=trust_code,
+                console=err, progress=progress,
+            )  # fmt: skip
     finally:
         progress.close()
     emit(report, fmt=fmt, output=None, plot=plot, plot_x=plot_x, plot_title=plot_title)
     if report_file is not None:
         emit(report, fmt=file_fmt, output=report_file, plot=None)  # type: ignore[arg-type]
+    err.print("models written:")
+    for row in report.rows[1:]:
+        err.print(f"  {row.model}: {row.path}")

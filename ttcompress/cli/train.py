@@ -94,6 +94,9 @@ AlphaOpt = Annotated[float, typer.Option(
 DistillLossOpt = Annotated[str, typer.Option(
     "--distill-loss", help="Distillation loss: kl (class logits, with --temperature), mse (any output), or auto "
     "(kl for class logits, mse otherwise).", metavar="auto|kl|mse", rich_help_panel=_KD)]
+TrainOnlyOpt = Annotated[str, typer.Option(
+    "--train-only", help="all, or decomposed: freeze every parameter outside the TT/CP layers.",
+    metavar="all|decomposed", rich_help_panel=_OPT)]
 TemperatureOpt = Annotated[float, typer.Option(
     "--temperature", help="Distillation temperature T.", metavar="FLOAT", rich_help_panel=_KD)]
 

@@ -1,0 +1,127 @@
+"""Per-layer tables shared by ``decompose``, ``inspect`` and ``decompose --dry-run`` (rich tables on stdout).
+
+A relative error above :data:`ttcompress.dryrun.LARGE_ERROR` is flagged (``!``) with a note.
+"""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from ttcompress.cli._common import out
+from ttcompress.dryrun import LARGE_ERROR, PlanPreview
+from ttcompress.formats import DENSE
+from ttcompress.layer_report import LayerReport, format_label
+from ttcompress.surgery import CompressionResult, ModelSummary
+
+__all__ = ["error_cell", "layer_table", "preview_table", "print_table", "summary_table"]
+
+
+def error_cell(error: float | None, *, estimate: bool = False) -> str:
+    """``0.1234``, ``~0.1234`` for an estimate, with ``!`` above :data:`LARGE_ERROR`; ``–`` for none."""
+    if error is None:
+        return "–"
+    return f"{'~' if estimate else ''}{error:.4f}{' !' if error > LARGE_ERROR else ''}"
+
+
+def _large_note(error: float | None) -> str:
+    return f"large error (> {LARGE_ERROR:g})" if error is not None and error > LARGE_ERROR else ""
+
+
+def print_table(table: Table) -> None:
+    """Print a table on stdout; when stdout is not a terminal, wide enough not to wrap cells."""
+    if out.is_terminal:
+        out.print(table)
+    else:
+        Console(width=max(out.width, 220), soft_wrap=True).print(table)
+
+
+def _out_error_cell(r: LayerReport) -> str:
+    """``before → after`` relative output error on the calibration data (``–`` without calibration)."""
+    if r.out_error_before is None or r.out_error_after is None:
+        return "–"
+    return f"{r.out_error_before:.4f} → {r.out_error_after:.4f}"
+
+
+def layer_table(result: CompressionResult) -> Table:
+    """The per-layer rich table of a compression run, with a total row."""
+    table = Table(title="ttcompress decompose", show_footer=False)
+    for col, just in (("layer", "left"), ("type", "left"), ("shape", "left"), ("format", "left"),
+                      ("modes / ranks", "left"), ("params", "right"), ("ratio", "right"),
+                      ("rel. error", "right"), ("out. error", "right"), ("time", "right"), ("note", "left")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in result.records:
+        params = f"{r.params_before:,}" if not r.compressed else f"{r.params_before:,} → {r.params_after:,}"
+        table.add_row(
+            r.name + (f" (= {', '.join(r.aliases)})" if r.aliases else ""),
+            r.type,
+            "x".join(map(str, r.shape)),
+            format_label(r.format),
+            r.structure,
+            params,
+            f"{r.ratio:.2f}×" if r.compressed else "–",
+            error_cell(r.rel_error) if r.compressed else "–",
+            _out_error_cell(r),
+            f"{r.seconds:.2f}s" if r.seconds is not None and r.compressed else "–",
+            "; ".join(x for x in (r.skipped or r.note or "", _large_note(r.rel_error if r.compressed else None)) if x),
+        )
+    n = len(result.compressed)
+    table.add_section()
+    table.add_row(f"total ({n} of {len(result.records)} layers compressed)", "", "", "", "",
+                  f"{result.params_before:,} → {result.params_after:,}", f"{result.ratio:.2f}×", "", "", "", "",
+                  style="bold")
+    return table
+
+
+def summary_table(summary: ModelSummary, *, title: str) -> Table:
+    """Render a :class:`ModelSummary` as a rich table."""
+    arch = summary.arch["name"] + (
+        f" {json.dumps(summary.arch['kwargs'])}" if summary.arch and summary.arch.get("kwargs") else ""
+    ) if summary.arch else "not rebuildable (pickled module)"
+    caption = f"{summary.kind} · arch {arch} · {summary.total_params:,} params"
+    table = Table(title=title, caption=caption)
+    cols = ["layer", "type", "shape", "params", "share", "format"]
+    cols += ["modes / ranks", "before", "rel. error"] if summary.compressed else ["compressible", "suggestion"]
+    for c in cols:
+        table.add_column(c, justify="right" if c in ("params", "share", "before", "rel. error") else "left")
+    for r in summary.layers:
+        row = [r.name, r.type, "x".join(map(str, r.shape)), f"{r.params:,}", f"{100 * r.share:.1f}%",
+               format_label(r.format)]
+        if summary.compressed:
+            row += [r.structure, f"{r.params_before:,}" if r.params_before else "–",
+                    error_cell(r.rel_error)]
+        else:
+            row += ["yes" if r.compressible else f"no: {r.skipped}", r.suggestion or "–"]
+        table.add_row(*row)
+    if summary.other_params:
+        table.add_row("(other parameters)", "", "", f"{summary.other_params:,}",
+                      f"{100 * summary.other_params / max(summary.total_params, 1):.1f}%", "", *[""] * (len(cols) - 6))
+    return table
+
+
+def preview_table(preview: PlanPreview, *, title: str) -> Table:
+    """A dry run's per-layer plan: format, projected parameters, estimated error (marked ~), with a total row."""
+    table = Table(title=title, caption=f"rel. error: ~ = estimate from singular values (no decomposition); "
+                                       f"! = above {LARGE_ERROR:g}")
+    for col in ("layer", "type", "shape", "format", "params", "ratio", "rel. error", "note"):
+        table.add_column(col, justify="right" if col in ("params", "ratio", "rel. error") else "left")
+    for lp in preview.layers:
+        d = lp.decision
+        compressed = d.format != DENSE
+        after = d.params_after if compressed and d.params_after is not None else None
+        table.add_row(
+            d.name, d.type, "x".join(map(str, d.shape)), format_label(d.format),
+            f"{d.params_before:,} → {after:,}" if after is not None else f"{d.params_before:,}",
+            f"{d.params_before / max(after, 1):.2f}×" if after is not None else "–",
+            error_cell(lp.est_error, estimate=True),
+            "; ".join(x for x in (d.skipped or ("ranks set by the error bound" if compressed and after is None else ""),
+                                  _large_note(lp.est_error)) if x),
+        )  # fmt: skip
+    n = sum(lp.decision.format != DENSE for lp in preview.layers)
+    table.add_section()
+    table.add_row(f"total ({n} of {len(preview.layers)} layers compressed, projected)", "", "", "",
+                  f"{preview.params_before:,} → {preview.params_after:,}", f"{preview.ratio:.2f}×", "", "",
+                  style="bold")
+    return table
