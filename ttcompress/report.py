@@ -264,16 +264,10 @@ def build_report(
     device = torch.device(device)
     shape = _input_shape(baseline.model, data, input_shape)
     test_set, subset = _test_split(data, (baseline, *models), device=device, eval_limit=eval_limit, eval_seed=eval_seed)
-    base_params = count_params(baseline.model)
-    base_kinds = params_by_kind(baseline.model)
-    measured = [
-        _measure_entry(
-            entry, data, test_set, device=device, shape=shape, base_params=base_params, base_kinds=base_kinds,
-            batch_size=batch_size, eval_batch_size=eval_batch_size, min_run_time=min_run_time,
-            measure_speed=measure_speed, metric=metric, metric_name=metric_name,
-        )  # fmt: skip
-        for entry in (baseline, *models)
-    ]
+    options = dict(device=device, shape=shape, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                   min_run_time=min_run_time, measure_speed=measure_speed, metric=metric, metric_name=metric_name)
+    base = dict(base_params=count_params(baseline.model), base_kinds=params_by_kind(baseline.model))
+    measured = [_measure_entry(entry, data, test_set, **base, **options) for entry in (baseline, *models)]
     base_acc = measured[0]["accuracy"]
     rows = tuple(
         ModelRow(

@@ -551,10 +551,8 @@ def cp_als(
         zeros = tuple(torch.zeros(n, rank, dtype=kernel.dtype, device=kernel.device) for n in k64.shape)
         return CPDecomposition(factors=zeros, rank=rank, rel_error=0.0, n_iter=0)  # type: ignore[arg-type]
     target = k64 / norm
-    err, factors, n_iter = _best_run(
-        target, rank, init=init, n_restarts=n_restarts, seed=seed, n_iter_max=n_iter_max, tol=tol,
-        progress=progress, label=label,
-    )  # fmt: skip
+    options = dict(init=init, n_restarts=n_restarts, seed=seed, n_iter_max=n_iter_max, tol=tol, progress=progress)
+    err, factors, n_iter = _best_run(target, rank, label=label, **options)
     _warn_if_degenerate(target, factors, err, rank=rank, label=label)
     out = _rescaled(factors, norm, like=kernel)
     return CPDecomposition(factors=out, rank=rank, rel_error=err, n_iter=n_iter)  # type: ignore[arg-type]
