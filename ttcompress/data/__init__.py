@@ -50,17 +50,27 @@ from ttcompress.data.builtin import (
     load_imagefolder,
     load_mnist5k,
     load_mnist_like,
+    mnist5k_split,
     read_idx,
 )
 from ttcompress.data.bundle import DatasetBundle, ImageTensorDataset, dataset_targets, sample_parts
 from ttcompress.data.loaders import EpochShuffleSampler, balanced_subset, check_model_fits, make_loader
-from ttcompress.data.user import load_callable_data, load_tensors_data, read_tensors_file, user_bundle
+from ttcompress.data.user import (
+    USER_SPLIT_SEED,
+    USER_TEST_FRACTION,
+    load_callable_data,
+    load_tensors_data,
+    read_tensors_file,
+    user_bundle,
+)
 from ttcompress.errors import DataError, UserInputError
 from ttcompress.usercode import is_user_callable
 
 __all__ = [
     "DATASETS",
     "DEBIAN_FASHION_MNIST",
+    "USER_SPLIT_SEED",
+    "USER_TEST_FRACTION",
     "DatasetBundle",
     "EpochShuffleSampler",
     "ImageTensorDataset",
@@ -69,6 +79,7 @@ __all__ = [
     "dataset_targets",
     "load_dataset",
     "make_loader",
+    "mnist5k_split",
     "read_idx",
     "read_tensors_file",
     "sample_parts",
