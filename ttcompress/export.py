@@ -253,6 +253,19 @@ def _torchscript_bytes(model: nn.Module, x: torch.Tensor) -> tuple[bytes, Any]:
     return buffer.getvalue(), traced
 
 
+def _reference_outputs(model: nn.Module, xs: Sequence[torch.Tensor], shape: Sequence[int]) -> list[torch.Tensor]:
+    """``model``'s outputs on ``xs`` (no grad); ExportError unless it runs and returns one tensor."""
+    with torch.no_grad():
+        try:
+            expected = [model(x) for x in xs]
+        except (RuntimeError, ValueError) as exc:
+            raise ExportError(f"the model does not run on inputs of shape {list(shape)}: "
+                              f"{' '.join(str(exc).split())[:200]}") from None
+    if not all(isinstance(y, torch.Tensor) for y in expected):
+        raise ExportError("export supports models that return one tensor")
+    return expected
+
+
 def export_model(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -304,14 +317,7 @@ def export_model(
     xs = _inputs(shape, batches)
     # torch.export specializes a batch of 1 into a constant: trace with at least 2.
     example = xs[0] if batch_size > 1 else xs[1]
-    with torch.no_grad():
-        try:
-            expected = [model(x) for x in xs]
-        except (RuntimeError, ValueError) as exc:
-            raise ExportError(f"the model does not run on inputs of shape {list(shape)}: "
-                              f"{' '.join(str(exc).split())[:200]}") from None
-    if not all(isinstance(y, torch.Tensor) for y in expected):
-        raise ExportError("export supports models that return one tensor")
+    expected = _reference_outputs(model, xs, shape)
 
     dest = Path(path)
     layers: tuple[LayerMerge, ...] = ()

@@ -35,10 +35,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -47,7 +46,25 @@ import torch
 from torch import nn
 
 from ttcompress._version import __version__
-from ttcompress.errors import CheckpointError, OutputExistsError, UnsafePickleError
+from ttcompress.errors import CheckpointError, OutputExistsError
+from ttcompress.hf_files import (
+    CONFIG_FILE,
+    RECORD_FILE,
+    RECORD_FORMAT,
+    RECORD_VERSION,
+    WEIGHTS_FILE,
+    PathLike,
+    check_fit,
+    copy_weights,
+    identity_groups,
+    is_hf_dir,
+    key_map,
+    open_weights,
+    read_json,
+    read_record,
+    short,
+    state_groups,
+)
 from ttcompress.layers import LAYER_TYPES
 from ttcompress.plan import Plan
 
@@ -67,18 +84,8 @@ __all__ = [
 ]
 
 HF_ARCH_PREFIX = "hf:"
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-RECORD_FILE = "ttcompress.json"
-PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-RECORD_FORMAT = "ttcompress-hf"
-RECORD_VERSION = 1
-_MAX_JSON_BYTES = 64 << 20
 _META_ATTR = "ttcompress_meta"
 
-PathLike = str | os.PathLike[str]
-TensorReader = Callable[[str], torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,7 +132,7 @@ def _make_config(config: Mapping[str, Any], where: str) -> Any:
     try:
         return mapping[model_type].from_dict(dict(config))
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise CheckpointError(f"{where}: invalid config: {_short(exc)}") from None
+        raise CheckpointError(f"{where}: invalid config: {short(exc)}") from None
 
 
 def _registered_class_names(model_type: str) -> set[str]:
@@ -166,7 +173,7 @@ def _instantiate(cls: type[nn.Module], config: Any, *, device: str, where: str) 
         with torch.device(device):
             return cls(config)
     except (TypeError, ValueError, RuntimeError, IndexError) as exc:
-        raise CheckpointError(f"{where}: cannot build {cls.__name__} from the config: {_short(exc)}") from None
+        raise CheckpointError(f"{where}: cannot build {cls.__name__} from the config: {short(exc)}") from None
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
@@ -311,13 +318,6 @@ def linearize_conv1d(model: nn.Module) -> list[str]:
     return names
 
 
-def _identity_groups(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, list[str]]:
-    groups: dict[int, list[str]] = {}
-    for name, tensor in named:
-        groups.setdefault(id(tensor), []).append(name)
-    return {names[0]: names[1:] for names in groups.values() if len(names) > 1}
-
-
 def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
     """Parameters registered under several names (one ``nn.Parameter`` object), e.g. tied embeddings.
 
@@ -334,13 +334,7 @@ def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    return _identity_groups(model.named_parameters(remove_duplicate=False))
-
-
-def _state_groups(model: nn.Module) -> dict[str, list[str]]:
-    """Like :func:`tied_parameters`, over parameters and buffers (the state dict's aliases)."""
-    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    return _identity_groups(named)
+    return identity_groups(model.named_parameters(remove_duplicate=False))
 
 
 def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -359,7 +353,7 @@ def _build_layer(fmt: Any, config: Mapping[str, Any], where: str) -> nn.Module:
     try:
         return LAYER_TYPES[fmt](**dict(config))
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: cannot rebuild the layer: {_short(exc)}") from None
+        raise CheckpointError(f"{where}: cannot rebuild the layer: {short(exc)}") from None
 
 
 def _layer_format(module: nn.Module) -> str | None:
@@ -389,176 +383,6 @@ def _apply_layers(model: nn.Module, layers: Mapping[str, Any], where: str) -> No
 # --------------------------------------------------------------------------------------------------
 # Reading a directory
 # --------------------------------------------------------------------------------------------------
-def _short(exc: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _few(items: list[str]) -> str:
-    return ", ".join(items[:3]) + (f", ... (+{len(items) - 3})" if len(items) > 3 else "")
-
-
-def is_hf_dir(path: PathLike) -> bool:
-    """Whether ``path`` is a directory with ``config.json`` and safetensors weights.
-
-    The weights are ``model.safetensors`` or a sharded ``model.safetensors.index.json``. Any other
-    directory (e.g. one holding only ``pytorch_model.bin``) gives ``False``; :func:`load_hf_dir`
-    explains what is wrong with it.
-    """
-    p = Path(path)
-    return p.is_dir() and (p / CONFIG_FILE).is_file() and ((p / WEIGHTS_FILE).is_file() or (p / INDEX_FILE).is_file())
-
-
-def _read_json(p: Path, what: str) -> dict[str, Any]:
-    try:
-        if p.stat().st_size > _MAX_JSON_BYTES:
-            raise CheckpointError(f"{p}: {what} is larger than {_MAX_JSON_BYTES >> 20} MiB")
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{p.parent}: no {p.name} (not a Hugging Face model directory)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{p}: invalid {what}: {_short(exc)}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{p}: {what} must be a JSON object")
-    return data
-
-
-def _shard_files(d: Path) -> list[Path]:
-    """The safetensors files of ``d`` (one file or the shards its index names)."""
-    if (d / WEIGHTS_FILE).is_file():
-        return [d / WEIGHTS_FILE]
-    weight_map = _read_json(d / INDEX_FILE, "safetensors index").get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{d / INDEX_FILE}: no weight_map")
-    files = []
-    for name in sorted({str(v) for v in weight_map.values()}):
-        if Path(name).name != name or name.startswith(".") or not name.endswith(".safetensors"):
-            raise CheckpointError(f"{d / INDEX_FILE}: invalid shard name {name!r}")
-        if not (d / name).is_file():
-            raise CheckpointError(f"{d}: shard {name} named by {INDEX_FILE} is missing")
-        files.append(d / name)
-    return files
-
-
-@contextlib.contextmanager
-def _open_weights(d: Path, *, trust_pickle: bool) -> Iterator[tuple[dict[str, tuple[int, ...]], TensorReader]]:
-    """Yield ``(shapes, read)``: every stored tensor's shape (from the headers) and a reader."""
-    if not (d / WEIGHTS_FILE).is_file() and not (d / INDEX_FILE).is_file():
-        if (d / PICKLE_FILES[0]).is_file() and trust_pickle:
-            yield from _open_pickle(d / PICKLE_FILES[0])
-            return
-        if (d / PICKLE_FILES[1]).is_file() and trust_pickle:
-            raise CheckpointError(f"{d}: sharded pickle weights ({PICKLE_FILES[1]}) are not supported")
-        if any((d / name).is_file() for name in PICKLE_FILES):
-            raise UnsafePickleError(
-                f"{d}: the weights are a pickle ({PICKLE_FILES[0]}); loading it could run code: convert it to "
-                f"{WEIGHTS_FILE} or pass trust_pickle=True"
-            )
-        raise CheckpointError(f"{d}: no weights ({WEIGHTS_FILE} or {INDEX_FILE})")
-    from safetensors import SafetensorError, safe_open
-
-    handles: dict[str, Any] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    with contextlib.ExitStack() as stack:
-        for path in _shard_files(d):
-            try:
-                f = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-                keys = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise CheckpointError(f"{path}: not a readable safetensors file: {_short(exc)}") from None
-            twice = sorted(set(keys) & set(shapes))
-            if twice:
-                raise CheckpointError(f"{d}: tensor(s) stored in several shards: {_few(twice)}")
-            shapes.update(keys)
-            handles.update(dict.fromkeys(keys, f))
-        yield shapes, lambda key: handles[key].get_tensor(key)
-
-
-def _open_pickle(path: Path) -> Iterator[tuple[dict[str, tuple[int, ...]], TensorReader]]:
-    """The trust_pickle path: a ``pytorch_model.bin`` state dict, read with ``weights_only``."""
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - any failure of a foreign file is one line
-        raise CheckpointError(f"{path}: cannot read the state dict: {_short(exc)}") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: not a state dict of tensors")
-    yield {str(k): tuple(v.shape) for k, v in sd.items()}, sd.__getitem__
-
-
-def _key_map(model: nn.Module, stored: Iterable[str]) -> dict[str, str]:
-    """Map stored tensor names to the model's state-dict names.
-
-    A ``base_model_prefix`` (``transformer.``, ``bert.``) is added or removed where that is what
-    matches; names the class declares ignorable (``_keys_to_ignore_on_load_unexpected``, e.g.
-    GPT-2's old causal-mask buffers) are dropped. An unmatched name maps to itself (unexpected).
-    """
-    expected = set(model.state_dict())
-    prefix = str(getattr(model, "base_model_prefix", "") or "")
-    ignore = [re.compile(p) for p in getattr(type(model), "_keys_to_ignore_on_load_unexpected", None) or ()]
-    mapping: dict[str, str] = {}
-    for key in stored:
-        candidates = [key]
-        if prefix:
-            candidates += [f"{prefix}.{key}", key.removeprefix(f"{prefix}.")]
-        target = next((c for c in candidates if c in expected), None)
-        if target is None and any(p.search(key) for p in ignore):
-            continue
-        mapping[key] = target or key
-    return mapping
-
-
-def _check_fit(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
-    """Refuse (one line) unless the stored shapes (by model key) fill the model's state dict.
-
-    A key may be absent when a tied alias of it is stored.
-    """
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    covered = set(shapes)
-    for first, others in _state_groups(model).items():
-        if covered & {first, *others}:
-            covered |= {first, *others}
-    missing = [k for k in expected if k not in covered]
-    unexpected = [k for k in shapes if k not in expected]
-    wrong = [f"{k} {list(shapes[k])} vs {list(expected[k])}" for k in expected if k in shapes and shapes[k] != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {_few(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {_few(unexpected)}")
-    if wrong:
-        problems.append(f"{len(wrong)} wrong shape(s) (file vs config): {_few(wrong)}")
-    if problems:
-        raise CheckpointError(f"{where}: the weights do not fit the config: " + "; ".join(problems))
-
-
-def _copy_weights(model: nn.Module, key_map: Mapping[str, str], read: TensorReader, where: str) -> None:
-    """Copy every stored tensor into the model (already checked to fit); tied copies must agree."""
-    state = model.state_dict(keep_vars=True)
-    alias = {o: first for first, others in _state_groups(model).items() for o in others}
-    written: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for stored, key in key_map.items():
-            tensor = read(stored)
-            canon = alias.get(key, key)
-            if canon in written:
-                if not torch.equal(written[canon].to(tensor.dtype), tensor):
-                    raise CheckpointError(f"{where}: tied tensors {key} and {canon} differ in the file")
-                continue
-            state[key].copy_(tensor)
-            written[canon] = state[key].detach()
-
-
-def _read_record(d: Path) -> dict[str, Any]:
-    if not (d / RECORD_FILE).is_file():
-        return {}
-    record = _read_json(d / RECORD_FILE, "ttcompress record")
-    if record.get("format") != RECORD_FORMAT or not isinstance(record.get("version"), int):
-        raise CheckpointError(f"{d / RECORD_FILE}: not a ttcompress record (format {record.get('format')!r})")
-    if record["version"] > RECORD_VERSION:
-        raise CheckpointError(f"{d / RECORD_FILE}: record version {record['version']} is newer than this ttcompress")
-    return record
-
-
 def load_hf_dir(path: PathLike, *, trust_pickle: bool = False) -> nn.Module:
     """Load a Hugging Face model directory offline, without running code from it.
 
@@ -589,8 +413,8 @@ def load_hf_dir(path: PathLike, *, trust_pickle: bool = False) -> nn.Module:
     d = Path(path)
     if not d.is_dir():
         raise CheckpointError(f"{d}: not a directory")
-    config_dict = _read_json(d / CONFIG_FILE, "config.json")
-    record = _read_record(d)
+    config_dict = read_json(d / CONFIG_FILE, "config.json")
+    record = read_record(d)
     arch_kwargs = dict((record.get("arch") or {}).get("kwargs") or {})
     linear = bool(arch_kwargs.get("conv1d_as_linear", False))
     layers = record.get("layers") or {}
@@ -607,12 +431,12 @@ def load_hf_dir(path: PathLike, *, trust_pickle: bool = False) -> nn.Module:
             _apply_layers(model, layers, str(d / RECORD_FILE))
         return model
 
-    with _open_weights(d, trust_pickle=trust_pickle) as (shapes, read):
+    with open_weights(d, trust_pickle=trust_pickle) as (shapes, read):
         probe = skeleton("meta")
-        key_map = _key_map(probe, shapes)
-        _check_fit(probe, {key_map[k]: shapes[k] for k in key_map}, str(d))
+        keys = key_map(probe, shapes)
+        check_fit(probe, {keys[k]: shapes[k] for k in keys}, str(d))
         model = skeleton("cpu")
-        _copy_weights(model, key_map, read, str(d))
+        copy_weights(model, keys, read, str(d))
     _set_meta(model, hf_arch(model, conv1d_as_linear=linear), layers, record.get("info") or {})
     return model.eval()
 
@@ -727,7 +551,7 @@ def save_hf_dir(
         raise TypeError(f"info must be a mapping, got {type(info).__name__}")
     plan_dict = (plan if isinstance(plan, Plan) else Plan.from_dict(plan)).to_dict() if plan is not None else None
     state = model.state_dict(keep_vars=True)
-    tied = {o: first for first, others in _state_groups(model).items() for o in others if o in state}
+    tied = {o: first for first, others in state_groups(model).items() for o in others if o in state}
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items() if k not in tied}
     record = {
         "format": RECORD_FORMAT, "version": RECORD_VERSION, "ttcompress_version": __version__,

@@ -255,9 +255,6 @@ def build_report(
         (default: the callable's ``__name__``). Needs ``data``. Accuracy is measured only when
         the data has class labels.
     """
-    from ttcompress.data import balanced_subset, check_model_fits
-    from ttcompress.evaluation import evaluate
-
     if eval_limit is not None and eval_limit <= 0:
         raise UserInputError(f"eval_limit must be positive, got {eval_limit}")
     if metric is not None and data is None:
@@ -266,59 +263,11 @@ def build_report(
         metric_name = getattr(metric, "__name__", "metric")
     device = torch.device(device)
     shape = _input_shape(baseline.model, data, input_shape)
-    test_set = None
-    subset = False
-    if data is not None:
-        test_set = data.test
-        if eval_limit is not None and eval_limit < len(test_set):
-            test_set = balanced_subset(test_set, eval_limit, seed=eval_seed)
-            subset = True
-        for entry in (baseline, *models):
-            check_model_fits(entry.model.to(device), data, device=device, what=f"model {entry.label!r}")
-
-    base_params = count_params(baseline.model)
-    base_kinds = params_by_kind(baseline.model)
-    measured: list[dict[str, Any]] = []
-    for entry in (baseline, *models):
-        model = entry.model.to(device)
-        params = count_params(model)
-        kinds = params_by_kind(model)
-        accuracy = top5 = value = None
-        if test_set is not None and data.has_labels:
-            result = evaluate(model, test_set, device=device, batch_size=eval_batch_size)
-            accuracy, top5 = result.accuracy, result.top5
-        if metric is not None and test_set is not None:
-            value = _user_metric(metric, metric_name or "metric", model, test_set, device, eval_batch_size)
-        latency = iqr = None
-        if measure_speed:
-            latency, iqr = measure_latency(model, shape, batch_size=batch_size, min_run_time=min_run_time)
-        measured.append(
-            dict(
-                model=entry.label,
-                params=params,
-                compression=base_params / params if params else float("inf"),
-                size_bytes=weights_bytes(model),
-                file_bytes=os.path.getsize(entry.path) if entry.path is not None else None,
-                flops=(flops := flops_by_kind(model, shape))["total"],
-                flops_by_kind={k: v for k, v in flops.items() if k != "total"},
-                params_by_kind=kinds,
-                compression_by_kind={
-                    k: (base_kinds[k] / kinds[k] if kinds[k] else float("inf")) if base_kinds[k] else None
-                    for k in KINDS
-                },
-                batch_size=batch_size,
-                peak_memory_bytes=peak_memory(model, shape, batch_size=batch_size) if measure_speed else None,
-                latency_ms=latency,
-                latency_iqr_ms=iqr,
-                accuracy=accuracy,
-                top5=top5,
-                path=str(entry.path) if entry.path is not None else None,
-                setting=entry.setting,
-                accuracy_before_finetune=entry.accuracy_before_finetune,
-                layers=layer_rows(model),
-                metric=value,
-            )
-        )
+    test_set, subset = _test_split(data, (baseline, *models), device=device, eval_limit=eval_limit, eval_seed=eval_seed)
+    options = dict(device=device, shape=shape, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                   min_run_time=min_run_time, measure_speed=measure_speed, metric=metric, metric_name=metric_name)
+    base = dict(base_params=count_params(baseline.model), base_kinds=params_by_kind(baseline.model))
+    measured = [_measure_entry(entry, data, test_set, **base, **options) for entry in (baseline, *models)]
     base_acc = measured[0]["accuracy"]
     rows = tuple(
         ModelRow(
@@ -338,6 +287,90 @@ def build_report(
         metric_name=metric_name,
         data_split=getattr(data, "split", None),
         targets=getattr(data, "targets", None),
+    )
+
+
+def _test_split(
+    data: Any | None,
+    entries: Sequence[ModelEntry],
+    *,
+    device: torch.device,
+    eval_limit: int | None,
+    eval_seed: int,
+) -> tuple[Any | None, bool]:
+    """The (possibly class-balanced, limited) test split and whether it is a subset.
+
+    Also checks that every model runs on ``data`` (:func:`ttcompress.data.check_model_fits`).
+    """
+    from ttcompress.data import balanced_subset, check_model_fits
+
+    if data is None:
+        return None, False
+    test_set = data.test
+    subset = False
+    if eval_limit is not None and eval_limit < len(test_set):
+        test_set = balanced_subset(test_set, eval_limit, seed=eval_seed)
+        subset = True
+    for entry in entries:
+        check_model_fits(entry.model.to(device), data, device=device, what=f"model {entry.label!r}")
+    return test_set, subset
+
+
+def _measure_entry(
+    entry: ModelEntry,
+    data: Any | None,
+    test_set: Any | None,
+    *,
+    device: torch.device,
+    shape: tuple[int, ...],
+    base_params: int,
+    base_kinds: dict[str, int],
+    batch_size: int,
+    eval_batch_size: int,
+    min_run_time: float,
+    measure_speed: bool,
+    metric: Callable[[torch.Tensor, torch.Tensor | None], float] | None,
+    metric_name: str | None,
+) -> dict[str, Any]:
+    """One model's :class:`ModelRow` fields except ``accuracy_delta`` and ``is_baseline``."""
+    from ttcompress.evaluation import evaluate
+
+    model = entry.model.to(device)
+    params = count_params(model)
+    kinds = params_by_kind(model)
+    accuracy = top5 = value = None
+    if test_set is not None and data.has_labels:
+        result = evaluate(model, test_set, device=device, batch_size=eval_batch_size)
+        accuracy, top5 = result.accuracy, result.top5
+    if metric is not None and test_set is not None:
+        value = _user_metric(metric, metric_name or "metric", model, test_set, device, eval_batch_size)
+    latency = iqr = None
+    if measure_speed:
+        latency, iqr = measure_latency(model, shape, batch_size=batch_size, min_run_time=min_run_time)
+    return dict(
+        model=entry.label,
+        params=params,
+        compression=base_params / params if params else float("inf"),
+        size_bytes=weights_bytes(model),
+        file_bytes=os.path.getsize(entry.path) if entry.path is not None else None,
+        flops=(flops := flops_by_kind(model, shape))["total"],
+        flops_by_kind={k: v for k, v in flops.items() if k != "total"},
+        params_by_kind=kinds,
+        compression_by_kind={
+            k: (base_kinds[k] / kinds[k] if kinds[k] else float("inf")) if base_kinds[k] else None
+            for k in KINDS
+        },
+        batch_size=batch_size,
+        peak_memory_bytes=peak_memory(model, shape, batch_size=batch_size) if measure_speed else None,
+        latency_ms=latency,
+        latency_iqr_ms=iqr,
+        accuracy=accuracy,
+        top5=top5,
+        path=str(entry.path) if entry.path is not None else None,
+        setting=entry.setting,
+        accuracy_before_finetune=entry.accuracy_before_finetune,
+        layers=layer_rows(model),
+        metric=value,
     )
 
 

@@ -22,9 +22,8 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,6 @@ import torch
 from torch import nn
 
 from ttcompress.allocate import input_grams
-from ttcompress.calibration.data import calib_batches
 from ttcompress.calibration.fit import FitResult
 from ttcompress.calibration.sequential import calibrate_sequentially
 from ttcompress.calibration.stats import LayerStats
@@ -44,9 +42,16 @@ from ttcompress.io import load_checkpoint, save
 from ttcompress.meta import copy_meta, read_meta, update_meta
 from ttcompress.modtree import get_submodule, set_submodule
 from ttcompress.formats.fitting import calibration_fit
-from ttcompress.formats.structure import Preparation, finish_model, parent_reason, prepare_model
+from ttcompress.formats.structure import Preparation, prepare_model
 from ttcompress.plan import LayerDecision, Plan, compressible_layers, plan_layers
 from ttcompress.scaleout import build_all, process_group
+from ttcompress.surgery_checks import (
+    Swapped,
+    calibration_batches,
+    finish_checked,
+    guard_decisions,
+    reference_output,
+)
 from ttcompress.teacher import source_record
 
 __all__ = [
@@ -207,46 +212,36 @@ def compress_with_report(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     plan = _as_plan(plan)
-    batches = _calibration_batches(model, calib_data, calib_samples)
+    batches = calibration_batches(model, calib_data, calib_samples)
     before = count_params(model)
-    reference = None if check_input is None else _reference_output(model, check_input)
+    reference = None if check_input is None else reference_output(model, check_input)
+    prep, decisions, built = _prepare_and_build(model, plan, filter_fn, progress, batches)
+    records, meta_layers, swapped = _swap_in(prep, decisions, built, plan, before)
+    root, records, error = finish_checked(
+        prep, swapped, records, meta_layers, check_input=check_input, reference=reference
+    )
+    if root is not model and not hasattr(root, "ttcompress_meta"):
+        copy_meta(model, root)
+    update_meta(root, layers={**prep.layer_records(root), **meta_layers})
+    return CompressionResult(root, tuple(records), before, count_params(root), plan, error)
+
+
+def _prepare_and_build(
+    model: nn.Module, plan: Plan, filter_fn: FilterFn | None, progress: ProgressFn | None,
+    batches: list[torch.Tensor] | None,
+) -> tuple[Preparation, list[LayerDecision], Built]:
+    """:func:`prepare_model`, then :func:`_plan_and_build`; the preparation is undone if that fails."""
     prep = prepare_model(model)
     try:
         decisions, built = _plan_and_build(prep, plan, filter_fn, progress, batches)
     except BaseException:
         prep.undo()
         raise
-    records, meta_layers, swapped = _swap_in(prep, decisions, built, plan, before)
-    root = finish_model(prep)
-    output_error = None
-    if reference is not None:
-        reverted = _forward_check(prep, swapped, check_input)
-        records = [_reverted_record(r, reverted[r.name]) if r.name in reverted else r for r in records]
-        for name in reverted:
-            for alias in (name, *swapped[name][1]):
-                meta_layers.pop(alias, None)
-        root = finish_model(prep)
-        output_error = _output_error(_run_model(root, check_input), reference)
-    if root is not model and not hasattr(root, "ttcompress_meta"):
-        copy_meta(model, root)
-    update_meta(root, layers={**prep.layer_records(root), **meta_layers})
-    return CompressionResult(root, tuple(records), before, count_params(root), plan, output_error)
+    return prep, decisions, built
 
 
-Swapped = dict[str, tuple[nn.Module, tuple[str, ...]]]
 #: A built layer and its decomposition time, or why the layer stays dense (calibration never reached it).
 Built = dict[str, "tuple[nn.Module, float] | str"]
-
-
-def _calibration_batches(model: nn.Module, calib_data: Any, calib_samples: int | None) -> list[torch.Tensor] | None:
-    """The calibration inputs as a list of batches (None without calibration data), checked on ``model``."""
-    if calib_data is None:
-        return None
-    batches = list(calib_batches(calib_data, max_samples=calib_samples))
-    if not batches:
-        raise ValueError("calib_data holds no samples")
-    _check_calib_fits(model, batches[0])
-    return batches
 
 
 def _plan_and_build(
@@ -262,7 +257,7 @@ def _plan_and_build(
     if batches is not None and plan.target_ratio is not None:
         names = [n for n, m, _a in compressible_layers(prep.model) if isinstance(m, (nn.Linear, nn.Conv2d))]
         sensitivity = input_grams(prep.model, names, batches)
-    decisions = _guard_decisions(prep, plan_layers(prep.model, plan, sensitivity=sensitivity))
+    decisions = guard_decisions(prep, plan_layers(prep.model, plan, sensitivity=sensitivity))
     if filter_fn is not None:
         decisions = [
             LayerDecision(d.name, d.type, d.shape, DENSE, {}, d.params_before, d.params_before,
@@ -313,22 +308,6 @@ def _swap_in(
 def _dense_record(d: LayerDecision, skipped: str | None, **measured: Any) -> LayerReport:
     return LayerReport(d.name, DENSE, d.type, d.shape, d.params_before, d.params_before, skipped=skipped,
                        aliases=d.aliases, **measured)
-
-
-def _check_calib_fits(model: nn.Module, batch: torch.Tensor) -> None:
-    """``ValueError`` naming ``calib_data`` when ``model`` cannot run on its inputs (one eval pass, 2 samples)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(batch[:2])
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"calib_data: the model cannot run on inputs of shape {tuple(batch.shape[1:])} "
-                         f"per sample: {first[:200]}") from None
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _build_calibrated(model: nn.Module, todo: list[LayerDecision], batches: list[torch.Tensor], plan: Plan,
@@ -448,157 +427,6 @@ def compress(
     """
     return compress_with_report(model, plan, filter_fn=filter_fn, progress=progress, calib_data=calib_data,
                                 calib_samples=calib_samples, check_input=check_input).model
-
-
-# --------------------------------------------------------------------------------------------------
-# Structure around the swap: attention, GPT-2 Conv1D, tied weights, the forward check
-# --------------------------------------------------------------------------------------------------
-def _keep_dense(d: LayerDecision, reason: str) -> LayerDecision:
-    return LayerDecision(d.name, d.type, d.shape, DENSE, {}, d.params_before, d.params_before, reason, d.aliases)
-
-
-def _guard_decisions(prep: Preparation, decisions: list[LayerDecision]) -> list[LayerDecision]:
-    """Keep dense the layers a compressed replacement would break.
-
-    * the ``out_proj`` of an ``nn.MultiheadAttention`` that could not be converted (its forward
-      reads ``out_proj.weight``), and the feed-forward layers of a ``TransformerEncoderLayer``
-      whose attention could not be converted (its fast path reads ``linear1.weight``);
-    * a layer whose parameter is also registered under another module's name (tied weights,
-      e.g. a language model's output layer sharing the embedding): compressing it would untie them.
-    """
-    owners: dict[int, list[str]] = {}
-    for pname, p in prep.model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(pname)
-    out = []
-    for d in decisions:
-        if d.skipped is None:
-            reason = parent_reason(prep, d.name) or _tied_reason(prep.model, d, owners)
-            if reason is not None:
-                d = _keep_dense(d, reason)
-        out.append(d)
-    return out
-
-
-def _tied_reason(model: nn.Module, d: LayerDecision, owners: Mapping[int, list[str]]) -> str | None:
-    prefixes = tuple(n + "." if n else "" for n in (d.name, *d.aliases))
-    for p in get_submodule(model, d.name).parameters():
-        others = [n for n in owners.get(id(p), ()) if not n.startswith(prefixes)]
-        if others:
-            return f"tied to {others[0]} (compressing it would untie them)"
-    return None
-
-
-@contextmanager
-def _nested_off(encoders: list[nn.Module]) -> Iterator[None]:
-    for m in encoders:
-        m.use_nested_tensor = False
-    try:
-        yield
-    finally:
-        for m in encoders:
-            m.use_nested_tensor = True
-
-
-@contextmanager
-def _eval_no_grad(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-def _run_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(inputs)`` in eval mode without gradients, with every ``nn.TransformerEncoder``'s
-    nested-tensor path off (it leaves padded positions at zero: dense and compressed runs compare
-    like with like)."""
-    encoders = [m for m in model.modules() if isinstance(m, nn.TransformerEncoder) and m.use_nested_tensor]
-    with _eval_no_grad(model), _nested_off(encoders):
-        if isinstance(inputs, Mapping):
-            return model(**inputs)
-        if isinstance(inputs, tuple):
-            return model(*inputs)
-        return model(inputs)
-
-
-def _reference_output(model: nn.Module, inputs: Any) -> Any:
-    try:
-        return _run_model(model, inputs)
-    except Exception as exc:  # noqa: BLE001 - any failure of the user's model is reported as bad input
-        raise ValueError(f"check_input does not run through the dense model: {type(exc).__name__}: {exc}") from None
-
-
-def _tensors(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _tensors(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _tensors(v)]
-    return []
-
-
-def _output_error(out: Any, reference: Any) -> float:
-    """Relative Frobenius difference over the floating tensors of two outputs of the same structure."""
-    num = den = 0.0
-    for a, b in zip(_tensors(out), _tensors(reference)):
-        if a.is_floating_point() and a.shape == b.shape:
-            num += float((a.double() - b.double()).square().sum())
-            den += float(b.double().square().sum())
-    return (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))
-
-
-def _failing_stack(model: nn.Module, inputs: Any) -> tuple[list[str], BaseException | None]:
-    """Run ``model``; on failure return the qualified names of the modules whose forward was running."""
-    stack: list[str] = []
-    handles = []
-    for name, m in model.named_modules():
-        handles.append(m.register_forward_pre_hook(lambda mod, args, _n=name: stack.append(_n)))
-        handles.append(m.register_forward_hook(lambda mod, args, out: None if stack.pop() else None))
-    try:
-        _run_model(model, inputs)
-        return [], None
-    except Exception as exc:  # noqa: BLE001 - reported per layer below
-        return list(stack), exc
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _forward_check(prep: Preparation, swapped: Mapping[str, tuple[nn.Module, tuple[str, ...]]],
-                   inputs: Any) -> dict[str, str]:
-    """Run the compressed model; revert the compressed layers inside the innermost failing module
-    until it runs. Returns ``{layer: reason}`` of the reverted layers."""
-    reverted: dict[str, str] = {}
-    while True:
-        stack, exc = _failing_stack(prep.model, inputs)
-        if exc is None:
-            return reverted
-        live = [n for n in swapped if n not in reverted]
-        victims: list[str] = []
-        for where in reversed(stack or [""]):
-            victims = [n for n in live if where == "" or n == where or n.startswith(where + ".")]
-            if victims:
-                break
-        if not victims:
-            raise RuntimeError(f"the compressed model fails on check_input, and no compressed layer is the cause: "
-                               f"{type(exc).__name__}: {exc}")
-        where_text = f"in {where!r}" if where else "in the model"
-        reason = f"forward check failed {where_text}: {type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
-        for n in victims:
-            dense, aliases = swapped[n]
-            for alias in (n, *aliases):
-                prep.model = set_submodule(prep.model, alias, dense)
-            reverted[n] = reason
-        finish_model(prep)
-
-
-def _reverted_record(r: LayerReport, reason: str) -> LayerReport:
-    return replace(r, format=DENSE, params_after=r.params_before, in_modes=None, out_modes=None, ranks=None,
-                   detail=None, config=None, skipped=reason)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -292,6 +292,30 @@ def _right_orthogonalize(cores: list[torch.Tensor], k: int) -> None:
     cores[k - 1] = torch.einsum("amnb,cb->amnc", cores[k - 1], rr)
 
 
+def _tt_als_sweeps(
+    work: list[torch.Tensor], sweeps: int, gt_pad: torch.Tensor, d_pad: torch.Tensor
+) -> list[torch.Tensor]:
+    """``sweeps`` left-to-right-and-back ALS sweeps over the float64 cores ``work`` (in place).
+
+    The cores are first right-orthogonalized; each solve is followed by a QR gauge move towards
+    the next core, and a last solve of core 0 ends the sweeps (see :func:`refine_tt_cores`).
+    """
+    dim = len(work)
+    if dim > 1:
+        for k in range(dim - 1, 0, -1):
+            _right_orthogonalize(work, k)
+        for _ in range(sweeps):
+            for k in range(dim - 1):
+                _solve_core(work, k, gt_pad, d_pad)
+                _left_orthogonalize(work, k)
+            for k in range(dim - 1, 0, -1):
+                _solve_core(work, k, gt_pad, d_pad)
+                _right_orthogonalize(work, k)
+    if sweeps:
+        _solve_core(work, 0, gt_pad, d_pad)
+    return work
+
+
 def refine_tt_cores(
     cores: Sequence[torch.Tensor],
     in_modes: Sequence[int],
@@ -362,20 +386,7 @@ def refine_tt_cores(
         return float(_quadratic(w, w_hat[None], g[None], gt[None], c[None]))
 
     start = [core.detach().to("cpu", torch.float64) for core in cores]
-    work = list(start)
-    dim = len(work)
-    if dim > 1:
-        for k in range(dim - 1, 0, -1):
-            _right_orthogonalize(work, k)
-        for _ in range(sweeps):
-            for k in range(dim - 1):
-                _solve_core(work, k, gt_pad, d_pad)
-                _left_orthogonalize(work, k)
-            for k in range(dim - 1, 0, -1):
-                _solve_core(work, k, gt_pad, d_pad)
-                _right_orthogonalize(work, k)
-    if sweeps:
-        _solve_core(work, 0, gt_pad, d_pad)
+    work = _tt_als_sweeps(list(start), sweeps, gt_pad, d_pad)
     best = work if exact(work) <= exact(start) else start
     return tuple(b.to(device=o.device, dtype=o.dtype) for b, o in zip(best, cores))
 

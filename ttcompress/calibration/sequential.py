@@ -158,6 +158,24 @@ def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
                 parent._modules[child_name] = new
 
 
+def _checked_names(names: Sequence[str], *, model: nn.Module, dense_model: nn.Module) -> list[str]:
+    """``names`` without repeats; ValueError naming ``names`` when one is not in both models."""
+    names = list(dict.fromkeys(names))
+    for name in names:
+        for label, root in (("model", model), ("dense_model", dense_model)):
+            try:
+                root.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"names: {name!r} is not a submodule of {label}") from None
+    return names
+
+
+def _first_names(model: nn.Module, order: Sequence[str]) -> dict[str, str]:
+    """Each name of ``order`` -> the first name in ``order`` of the same module object."""
+    first_name: dict[int, str] = {}
+    return {name: first_name.setdefault(id(model.get_submodule(name)), name) for name in order}
+
+
 def calibrate_sequentially(
     dense_model: nn.Module,
     model: nn.Module,
@@ -216,22 +234,13 @@ def calibrate_sequentially(
     ValueError
         A name is not in ``model`` / ``dense_model``, or the calibration data are empty.
     """
-    names = list(dict.fromkeys(names))
-    for name in names:
-        for label, root in (("model", model), ("dense_model", dense_model)):
-            try:
-                root.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"names: {name!r} is not a submodule of {label}") from None
+    names = _checked_names(names, model=model, dense_model=dense_model)
     target = torch.device(device) if device is not None else _device_of(model)
     batches = [x.to(target) for x in calib_batches(calib_data, max_samples=max_samples)]
     results: dict[str, LayerCalibration] = {}
     with torch.no_grad(), _eval_mode(dense_model, model):
         order = forward_order(model, names, batches[0])
-        first_name: dict[int, str] = {}
-        alias_of = {}
-        for name in order:  # before any swap: module identities of the original model
-            alias_of[name] = first_name.setdefault(id(model.get_submodule(name)), name)
+        alias_of = _first_names(model, order)  # before any swap: module identities of the original model
         for index, name in enumerate(order):
             if alias_of[name] != name:
                 results[name] = LayerCalibration(name, reached=True, alias_of=alias_of[name])

@@ -47,6 +47,13 @@ from typing import Any, Literal
 import torch
 
 from ttcompress.decompose._threads import at_most_threads
+from ttcompress.decompose.cp_lean import (
+    balance_factors,
+    lean_backend_class,
+    slice_svd_upper_bound,
+    svd_init_bytes,
+    svd_start,
+)
 
 __all__ = [
     "CPDecomposition",
@@ -254,190 +261,6 @@ def cp_rank_for_ratio(
 # --------------------------------------------------------------------------------------------
 
 
-def _lean_mttkrp(tensor: torch.Tensor, cp_tensor: Any, mode: int) -> torch.Tensor:
-    """``unfold(tensor, mode) @ khatri_rao(factors, skip=mode)`` without forming the product.
-
-    Contracts the largest other mode with one matrix product (result ``numel / n * R``), then
-    the remaining modes by broadcasting: same result as TensorLy's MTTKRP, far less memory.
-    """
-    weights, factors = cp_tensor
-    ndim = tensor.ndim
-    others = [m for m in range(ndim) if m != mode]
-    big = max(others, key=lambda m: tensor.shape[m])
-    rank = factors[0].shape[1]
-    # (..., n_big) @ (n_big, R) -> remaining dims in order + R
-    moved = torch.movedim(tensor, big, -1)
-    partial = moved.reshape(-1, tensor.shape[big]) @ factors[big]
-    rest = [m for m in range(ndim) if m != big]
-    partial = partial.reshape(*[tensor.shape[m] for m in rest], rank)
-    # multiply the small remaining factors in and sum them out
-    for m in rest:
-        if m == mode:
-            continue
-        axis = rest.index(m)
-        shape = [1] * (len(rest) + 1)
-        shape[axis] = tensor.shape[m]
-        shape[-1] = rank
-        partial = (partial * factors[m].reshape(shape)).sum(dim=axis, keepdim=True)
-    result = partial.reshape(tensor.shape[mode], rank)
-    if weights is not None:
-        result = result * weights.reshape(1, -1)
-    return result
-
-
-@functools.cache
-def _lean_backend_class() -> type:
-    """TensorLy tensor-algebra backend class: "core" with a cached, memory-lean MTTKRP.
-
-    Built on first use (no import-time registration). Modes 0 and 1 (the channel modes) use
-    :func:`_lean_mttkrp`. For a 4-way tensor the updates of the two small spatial modes share
-    ``T x_0 U_0 x_1 U_1`` (the dimension-tree idea of Phan, Tichavsky & Cichocki, IEEE TSP
-    61(19), 2013), so one ALS sweep needs three large matrix products instead of four.
-    """
-    from tensorly.tenalg.core_tenalg import CoreTenalgBackend
-
-    class _LeanMTTKRPBackend(CoreTenalgBackend, backend_name="ttcompress-lean-mttkrp"):
-        def __init__(self) -> None:
-            super().__init__()
-            self._cache: dict[
-                tuple[int, ...], tuple[tuple[Any, ...], torch.Tensor]
-            ] = {}
-
-        def _shared(
-            self, tensor: torch.Tensor, factors: Any, pair: tuple[int, int]
-        ) -> torch.Tensor:
-            # contraction of `tensor` with the factors of `pair`, summed over those modes;
-            # result has the two other modes and R, cached while tensor and factors are unchanged
-            key_objs = (tensor, factors[pair[0]], factors[pair[1]])
-            versions = tuple(t._version for t in key_objs)
-            hit = self._cache.get(pair)
-            if hit is not None:
-                objs, value = hit
-                if (
-                    all(a is b for a, b in zip(objs[:3], key_objs))
-                    and objs[3] == versions
-                ):
-                    return value
-            value = _contract_pair(tensor, factors, pair)
-            self._cache[pair] = ((*key_objs, versions), value)
-            return value
-
-        def unfolding_dot_khatri_rao(
-            self, tensor: Any, cp_tensor: Any, mode: int
-        ) -> Any:
-            weights, factors = cp_tensor
-            if tensor.ndim != 4 or mode in (0, 1):
-                return _lean_mttkrp(tensor, cp_tensor, mode)
-            shared = self._shared(tensor, factors, (0, 1))  # (R, n2, n3)
-            if mode == 2:  # sum over mode 3
-                result = torch.bmm(shared, factors[3].T.unsqueeze(-1)).squeeze(-1).T
-            else:  # sum over mode 2
-                result = torch.bmm(factors[2].T.unsqueeze(1), shared).squeeze(1).T
-            if weights is not None:
-                result = result * weights.reshape(1, -1)
-            return result
-
-    return _LeanMTTKRPBackend
-
-
-def _contract_pair(
-    tensor: torch.Tensor, factors: Any, pair: tuple[int, int]
-) -> torch.Tensor:
-    """``sum_{i_0, i_1} T[i_0, i_1, :, :] U_0[i_0, r] U_1[i_1, r]`` as ``(R, n2, n3)`` (4-way).
-
-    The larger channel mode is contracted by one matrix product with a large inner dimension
-    (compute-bound), the other by a broadcast sum over a ``(n, n2 n3, R)`` array.
-    """
-    if pair != (0, 1):
-        raise ValueError(f"only the channel pair (0, 1) is shared, got {pair}")
-    rank = factors[0].shape[1]
-    n = tensor.shape
-    if n[0] >= n[1]:
-        part = tensor.reshape(n[0], -1).T @ factors[0]  # (n1 n2 n3, R)
-        part = part.reshape(n[1], n[2] * n[3], rank)
-        part = (part * factors[1][:, None, :]).sum(dim=0)
-    else:
-        moved = tensor.transpose(0, 1).reshape(n[1], -1)
-        part = moved.T @ factors[1]  # (n0 n2 n3, R)
-        part = part.reshape(n[0], n[2] * n[3], rank)
-        part = (part * factors[0][:, None, :]).sum(dim=0)
-    return part.T.reshape(rank, n[2], n[3]).contiguous()
-
-
-def _svd_start(kernel: torch.Tensor, rank: int, seed: int) -> list[torch.Tensor]:
-    """SVD start: leading left singular vectors of each unfolding (Kolda & Bader 2009, sec. 3.4).
-
-    The vectors come from the eigendecomposition of the small Gram matrix ``X X^T`` of each
-    unfolding (``n x n``), never from an SVD of the wide unfolding itself. Mode 0 is scaled by
-    the singular values so that the start is on the kernel's scale; columns beyond a mode's size
-    are seeded Gaussian noise of matching scale.
-    """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    factors = []
-    for mode, size in enumerate(kernel.shape):
-        unfolded = torch.movedim(kernel, mode, 0).reshape(size, -1)
-        gram = unfolded @ unfolded.T
-        evals, evecs = torch.linalg.eigh(gram)  # ascending
-        evals, evecs = evals.flip(0), evecs.flip(1)
-        keep = min(rank, size)
-        u = evecs[:, :keep]
-        # deterministic signs: largest entry of each vector positive
-        idx = u.abs().argmax(dim=0)
-        u = u * torch.sign(u[idx, torch.arange(keep, device=u.device)]).reshape(1, -1)
-        if mode == 0:
-            u = u * evals[:keep].clamp_min(0).sqrt().reshape(1, -1)
-        if keep < rank:
-            noise = torch.randn(size, rank - keep, generator=gen, dtype=torch.float64)
-            noise = (
-                noise.to(kernel.device) * float(u.norm(dim=0).mean()) / math.sqrt(size)
-            )
-            u = torch.cat([u, noise], dim=1)
-        factors.append(u)
-    return factors
-
-
-def _slice_svd_upper_bound(kernel: torch.Tensor, rank: int) -> float:
-    """Relative error of an explicit rank-``rank`` CP model built from per-tap SVDs.
-
-    Writing ``K = sum_{y,x} K[:, :, y, x] (x) e_y (x) e_x`` and keeping the ``rank`` largest
-    singular triplets over all ``kh*kw`` slices gives a valid CP model, so the best rank-R error
-    is at most this value. A run that ends far above it has stalled.
-    """
-    slices = kernel.permute(2, 3, 0, 1).reshape(-1, kernel.shape[0], kernel.shape[1])
-    if slices.shape[1] > slices.shape[2]:
-        slices = slices.transpose(1, 2)
-    # squared singular values = eigenvalues of the small Gram matrices; float32 is plenty for a
-    # warning threshold and several times faster than float64 here
-    gram = (slices @ slices.transpose(1, 2)).to(torch.float32)
-    sq = torch.linalg.eigvalsh(gram).clamp_min(0).reshape(-1).to(torch.float64)
-    total = float(sq.sum())
-    if total == 0.0:
-        return 0.0
-    tail = float(
-        torch.sort(sq).values[: max(sq.numel() - rank, 0)].sum()
-    )  # discarded part
-    return math.sqrt(min(tail / total, 1.0))
-
-
-def _svd_init_bytes(shape: tuple[int, ...]) -> int:
-    """Float64 bytes for one unfolding copy and the Gram matrices used by the SVD start."""
-    return 8 * (2 * math.prod(shape) + 3 * max(shape) ** 2)
-
-
-def _balance(factors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Spread each rank-1 term's norm evenly over its factor columns (same product)."""
-    norms = torch.stack([f.norm(dim=0) for f in factors])  # (4, R)
-    total = norms.prod(dim=0)
-    target = total ** (1.0 / len(factors))
-    out = []
-    for f, n in zip(factors, norms):
-        scale = torch.where(
-            n > 0, target / torch.where(n > 0, n, torch.ones_like(n)), 0.0
-        )
-        out.append(f * scale)
-    return out
-
-
 def _validate(
     kernel: Any,
     rank: Any,
@@ -531,10 +354,10 @@ def _als_run(
 
     with tl.backend_context("pytorch", local_threadsafe=True):
         if init == "svd":
-            start: Any = tl.cp_tensor.CPTensor((None, _svd_start(target, rank, seed)))
+            start: Any = tl.cp_tensor.CPTensor((None, svd_start(target, rank, seed)))
         else:
             start = "random"
-        with tl.tenalg.backend_context(_lean_backend_class()(), local_threadsafe=True):
+        with tl.tenalg.backend_context(lean_backend_class()(), local_threadsafe=True):
             cp, _ = parafac(
                 target,
                 rank,
@@ -576,6 +399,81 @@ def _report(
         n_restarts=n_restarts,
         elapsed=time.perf_counter() - started,
     ))
+
+
+def _best_run(
+    target: torch.Tensor,
+    rank: int,
+    *,
+    init: str,
+    n_restarts: int,
+    seed: int,
+    n_iter_max: int,
+    tol: float,
+    progress: ProgressFn | None,
+    label: str,
+) -> tuple[float, list[torch.Tensor], int]:
+    """The lowest-error of ``n_restarts`` ALS runs on a unit-norm float64 kernel: (error, factors, n_iter).
+
+    The first run starts from ``init`` (``"auto"`` resolved by :data:`SVD_INIT_MAX_BYTES`), the
+    others from seeded random starts; raises ValueError when the best run is not finite.
+    """
+    shape = tuple(target.shape)
+    first_init = init
+    if init == "auto":
+        first_init = "svd" if svd_init_bytes(shape) <= SVD_INIT_MAX_BYTES else "random"
+
+    runs = []
+    started = time.perf_counter()
+    with _few_threads(math.prod(shape) * rank):
+        for restart in range(n_restarts):
+            kind = first_init if restart == 0 else "random"
+            report = None
+            if progress is not None:
+                report = functools.partial(_report, progress, restart, n_restarts, n_iter_max, started)
+            runs.append(_als_run(target, rank, kind, seed + restart, n_iter_max, tol, report))
+    best = min(runs, key=lambda run: run[0])  # first of equals: deterministic
+    if not math.isfinite(best[0]):
+        raise ValueError(
+            f"CP-ALS of {label} (shape {shape}, rank {rank}) produced non-finite factors; "
+            "try another seed, init='svd' or a lower rank"
+        )
+    return best
+
+
+def _warn_if_degenerate(
+    target: torch.Tensor, factors: list[torch.Tensor], err: float, *, rank: int, label: str
+) -> None:
+    """Warn (at the caller of :func:`cp_als`) about diverging components or a stalled run."""
+    shape = tuple(target.shape)
+    term = torch.stack([f.norm(dim=0) for f in factors]).prod(dim=0)
+    if float(term.max()) > DIVERGENCE_RATIO:
+        warnings.warn(
+            f"CP-ALS of {label} (shape {shape}, rank {rank}) is degenerate: rank-1 terms up to "
+            f"{float(term.max()):.3g}x the kernel norm cancel each other (diverging components); "
+            f"rel_error={err:.4f}. Try a lower rank, more restarts or another seed.",
+            UserWarning,
+            stacklevel=3,
+        )
+    else:
+        bound = slice_svd_upper_bound(target, rank)
+        if err > 1.1 * bound + 1e-3:
+            warnings.warn(
+                f"CP-ALS of {label} (shape {shape}, rank {rank}) stalled at rel_error={err:.4f}, "
+                f"far above {bound:.4f} that a per-tap SVD model of the same rank reaches. "
+                "Try more iterations, n_restarts > 1 or init='svd'.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def _rescaled(factors: list[torch.Tensor], norm: float, *, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Balanced factors of the unit-norm fit scaled back to ``norm``, in ``like``'s dtype and device."""
+    scale = norm ** (1.0 / 4)
+    return tuple(
+        (f * scale).to(dtype=like.dtype, device=like.device).contiguous()
+        for f in balance_factors(factors)
+    )
 
 
 def cp_als(
@@ -647,63 +545,14 @@ def cp_als(
     label = f"layer {name!r}" if name else "kernel"
     if not bool(torch.isfinite(kernel).all()):
         raise ValueError(f"{label} has NaN or Inf weights; cannot decompose it")
-
     k64 = kernel.detach().to(torch.float64)
     norm = float(k64.norm())
-    shape = tuple(k64.shape)
     if norm == 0.0:
-        zeros = tuple(
-            torch.zeros(n, rank, dtype=kernel.dtype, device=kernel.device)
-            for n in shape
-        )
+        zeros = tuple(torch.zeros(n, rank, dtype=kernel.dtype, device=kernel.device) for n in k64.shape)
         return CPDecomposition(factors=zeros, rank=rank, rel_error=0.0, n_iter=0)  # type: ignore[arg-type]
     target = k64 / norm
-
-    first_init = init
-    if init == "auto":
-        first_init = "svd" if _svd_init_bytes(shape) <= SVD_INIT_MAX_BYTES else "random"
-
-    runs = []
-    started = time.perf_counter()
-    with _few_threads(math.prod(shape) * rank):
-        for restart in range(n_restarts):
-            kind = first_init if restart == 0 else "random"
-            report = None
-            if progress is not None:
-                report = functools.partial(_report, progress, restart, n_restarts, n_iter_max, started)
-            runs.append(_als_run(target, rank, kind, seed + restart, n_iter_max, tol, report))
-    best = min(runs, key=lambda run: run[0])  # first of equals: deterministic
-    err, factors, n_iter = best
-    if not math.isfinite(err):
-        raise ValueError(
-            f"CP-ALS of {label} (shape {shape}, rank {rank}) produced non-finite factors; "
-            "try another seed, init='svd' or a lower rank"
-        )
-
-    term = torch.stack([f.norm(dim=0) for f in factors]).prod(dim=0)
-    if float(term.max()) > DIVERGENCE_RATIO:
-        warnings.warn(
-            f"CP-ALS of {label} (shape {shape}, rank {rank}) is degenerate: rank-1 terms up to "
-            f"{float(term.max()):.3g}x the kernel norm cancel each other (diverging components); "
-            f"rel_error={err:.4f}. Try a lower rank, more restarts or another seed.",
-            UserWarning,
-            stacklevel=2,
-        )
-    else:
-        bound = _slice_svd_upper_bound(target, rank)
-        if err > 1.1 * bound + 1e-3:
-            warnings.warn(
-                f"CP-ALS of {label} (shape {shape}, rank {rank}) stalled at rel_error={err:.4f}, "
-                f"far above {bound:.4f} that a per-tap SVD model of the same rank reaches. "
-                "Try more iterations, n_restarts > 1 or init='svd'.",
-                UserWarning,
-                stacklevel=2,
-            )
-
-    factors = _balance(factors)
-    scale = norm ** (1.0 / 4)
-    out = tuple(
-        (f * scale).to(dtype=kernel.dtype, device=kernel.device).contiguous()
-        for f in factors
-    )
+    options = dict(init=init, n_restarts=n_restarts, seed=seed, n_iter_max=n_iter_max, tol=tol, progress=progress)
+    err, factors, n_iter = _best_run(target, rank, label=label, **options)
+    _warn_if_degenerate(target, factors, err, rank=rank, label=label)
+    out = _rescaled(factors, norm, like=kernel)
     return CPDecomposition(factors=out, rank=rank, rel_error=err, n_iter=n_iter)  # type: ignore[arg-type]

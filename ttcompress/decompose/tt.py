@@ -24,6 +24,7 @@ import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -208,6 +209,25 @@ def tt_svd(
         For a non-2-D or non-finite ``weight``, no truncation given, ``eps`` outside ``(0, 1)``,
         non-positive ranks, or modes that do not fit the sizes.
     """
+    _check_tt_args(weight, ranks=ranks, eps=eps)
+    in_modes_t, out_modes_t, caps = resolve_modes(
+        weight.shape[1], weight.shape[0], ranks=ranks, in_modes=in_modes, out_modes=out_modes, d=d
+    )
+    a, norm = _interleaved_float64(weight, out_modes_t, in_modes_t)
+    delta = None if eps is None else float(eps) * norm / math.sqrt(max(len(in_modes_t) - 1, 1))
+    cores, ranks_out, err2 = _tt_sweep(a, out_modes_t, in_modes_t, caps=caps, delta=delta)
+    return TTMatrix(
+        cores=tuple(core.to(weight.dtype) for core in cores),
+        ranks=tuple(ranks_out),
+        in_modes=in_modes_t,
+        out_modes=out_modes_t,
+        shape=(weight.shape[0], weight.shape[1]),
+        rel_error=_tt_rel_error(weight, cores, err2=err2, norm=norm),
+    )
+
+
+def _check_tt_args(weight: Any, *, ranks: Any, eps: Any) -> None:
+    """Type and value checks of :func:`tt_svd`'s ``weight``, ``ranks`` / ``eps`` presence and ``eps``."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.ndim != 2:
@@ -220,26 +240,43 @@ def tt_svd(
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
                             or not 0.0 < float(eps) < 1.0):
         raise ValueError(f"eps must be a float in the open interval (0, 1), got {eps!r}")
-    in_modes_t, out_modes_t, caps = resolve_modes(
-        weight.shape[1], weight.shape[0], ranks=ranks, in_modes=in_modes, out_modes=out_modes, d=d
-    )
+
+
+def _interleaved_float64(
+    weight: torch.Tensor, out_modes: tuple[int, ...], in_modes: tuple[int, ...]
+) -> tuple[torch.Tensor, float]:
+    """``weight`` zero-padded to the mode products, as float64 ``(m_1, n_1, ..., m_d, n_d)``, and its norm.
+
+    Raises ValueError when ``weight`` has NaN or Inf entries.
+    """
     out_features, in_features = weight.shape
-    d_ = len(in_modes_t)
-    big_m, big_n = math.prod(out_modes_t), math.prod(in_modes_t)
+    d_ = len(in_modes)
+    big_m, big_n = math.prod(out_modes), math.prod(in_modes)
     w = weight.detach()
     if (big_m, big_n) != (out_features, in_features):
         w = torch.nn.functional.pad(w, (0, big_n - in_features, 0, big_m - out_features))
     # (m_1..m_d, n_1..n_d) -> (m_1, n_1, ..., m_d, n_d), cast to float64 in the same copy
     perm = [p for k in range(d_) for p in (k, d_ + k)]
-    view = w.reshape(*out_modes_t, *in_modes_t).permute(perm)
+    view = w.reshape(*out_modes, *in_modes).permute(perm)
     a = torch.empty(view.shape, dtype=torch.float64, device=w.device).copy_(view)
     norm = float(torch.linalg.vector_norm(a))
     # a finite norm proves finite entries; only a non-finite one needs the elementwise check
     if not math.isfinite(norm) and not bool(torch.isfinite(a).all()):
         raise ValueError("weight contains NaN or Inf values")
-    delta = 0.0 if eps is None else float(eps) * norm / math.sqrt(max(d_ - 1, 1))
-    sizes = [m * n for m, n in zip(out_modes_t, in_modes_t)]
+    return a, norm
 
+
+def _tt_sweep(
+    a: torch.Tensor,
+    out_modes: tuple[int, ...],
+    in_modes: tuple[int, ...],
+    *,
+    caps: tuple[int, ...],
+    delta: float | None,
+) -> tuple[list[torch.Tensor], list[int], float]:
+    """The sequential truncated SVDs of TT-SVD: (float64 cores, ranks, sum of discarded squared values)."""
+    d_ = len(in_modes)
+    sizes = [m * n for m, n in zip(out_modes, in_modes)]
     cores: list[torch.Tensor] = []
     ranks_out = [1]
     err2 = 0.0
@@ -247,32 +284,30 @@ def tt_svd(
     c = a.reshape(-1)
     for k in range(d_ - 1):
         c = c.reshape(ranks_out[-1] * sizes[k], -1)
-        u, c, discarded = _truncate(c, cap=caps[k + 1], delta=None if eps is None else delta, gen=gen)
+        u, c, discarded = _truncate(c, cap=caps[k + 1], delta=delta, gen=gen)
         r = u.shape[1]
         err2 += discarded
-        cores.append(u.reshape(ranks_out[-1], out_modes_t[k], in_modes_t[k], r))
+        cores.append(u.reshape(ranks_out[-1], out_modes[k], in_modes[k], r))
         ranks_out.append(r)
-    cores.append(c.reshape(ranks_out[-1], out_modes_t[-1], in_modes_t[-1], 1))
+    cores.append(c.reshape(ranks_out[-1], out_modes[-1], in_modes[-1], 1))
     ranks_out.append(1)
+    return cores, ranks_out, err2
 
+
+def _tt_rel_error(weight: torch.Tensor, cores: list[torch.Tensor], *, err2: float, norm: float) -> float:
+    """Relative Frobenius error of the float64 ``cores`` against ``weight`` (norm ``norm``)."""
+    out_features, in_features = weight.shape
+    big_m = math.prod(core.shape[1] for core in cores)
+    big_n = math.prod(core.shape[2] for core in cores)
     if norm == 0.0:
-        rel_error = 0.0
-    elif (big_m, big_n) == (out_features, in_features):
+        return 0.0
+    if (big_m, big_n) == (out_features, in_features):
         # Exact: the step errors are orthogonal (Oseledets 2011, proof of Theorem 2.2).
-        rel_error = math.sqrt(max(err2, 0.0)) / norm
-    else:
-        # The padded part of W_hat is cropped away, so measure the error that remains.
-        w_hat = tt_to_matrix(cores)[:out_features, :in_features]
-        w = weight.detach().to(torch.float64)
-        rel_error = float(torch.linalg.matrix_norm(w - w_hat)) / norm
-    return TTMatrix(
-        cores=tuple(core.to(weight.dtype) for core in cores),
-        ranks=tuple(ranks_out),
-        in_modes=in_modes_t,
-        out_modes=out_modes_t,
-        shape=(out_features, in_features),
-        rel_error=rel_error,
-    )
+        return math.sqrt(max(err2, 0.0)) / norm
+    # The padded part of W_hat is cropped away, so measure the error that remains.
+    w_hat = tt_to_matrix(cores)[:out_features, :in_features]
+    w = weight.detach().to(torch.float64)
+    return float(torch.linalg.matrix_norm(w - w_hat)) / norm
 
 
 def resolve_modes(

@@ -364,16 +364,8 @@ class FactorizedMultiheadAttention(nn.Module):
 
         weights = None
         if need_weights:
-            scores = (q * math.sqrt(1.0 / head_dim)) @ k.transpose(-2, -1)
-            if attn_mask is not None:
-                scores = scores + attn_mask
-            weights = torch.softmax(scores, dim=-1)
-            dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
-            heads_out = dropped @ v
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
-            if not batched:
-                weights = weights.squeeze(0)
+            heads_out, weights = _attention_with_weights(q, k, v, attn_mask, dropout_p=dropout_p,
+                                                         average=average_attn_weights, batched=batched)
         else:
             heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                        is_causal=is_causal)
@@ -437,6 +429,28 @@ class FactorizedMultiheadAttention(nn.Module):
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kdim={self.kdim}, vdim={self.vdim}, "
                 f"dropout={self.dropout}, bias={self.bias}, add_bias_kv={self.bias_k is not None}, "
                 f"add_zero_attn={self.add_zero_attn}, batch_first={self.batch_first}")
+
+
+def _attention_with_weights(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, *,
+    dropout_p: float, average: bool, batched: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit softmax attention of ``(N, heads, L, head_dim)`` inputs: (per-head output, weights).
+
+    The weights are returned before dropout, averaged over heads when ``average``, and without
+    the batch dimension when not ``batched`` (as ``nn.MultiheadAttention`` returns them).
+    """
+    scores = (q * math.sqrt(1.0 / q.shape[-1])) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    weights = torch.softmax(scores, dim=-1)
+    dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
+    heads_out = dropped @ v
+    if average:
+        weights = weights.mean(dim=1)
+    if not batched:
+        weights = weights.squeeze(0)
+    return heads_out, weights
 
 
 def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype, *, name: str) -> torch.Tensor | None:

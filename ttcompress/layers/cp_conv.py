@@ -24,8 +24,6 @@ References
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,22 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ttcompress.decompose.cp import cp_als, cp_param_count
+from ttcompress.layers.cp_eval import dense_is_cheaper, seconds
 
 __all__ = ["CPConv2d"]
-
-# Cost model of the training-time evaluation choice (see CPConv2d.uses_dense_kernel), from
-# benchmarks/bench_cp_eval.py and bench_cp_conv.py on CPU: MAC rate of the factorized chain
-# relative to one dense convolution (measured 1.5x to 6x slower per MAC, 3.5x typical); cost of one
-# element moved by a factorized pass, and of one extra convolution call, in MACs.
-_CHAIN_SLOWDOWN = 3
-_PASS_WEIGHT = 8
-_CALL_COST = 200_000
-
-
-def _seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 PaddingArg = int | tuple[int, int] | str
@@ -77,6 +62,53 @@ def _positive_int(value: Any, name: str) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
     return value
+
+
+def _check_conv(conv: Any, *, rank: Any, label: str) -> None:
+    """ValueError unless ``conv`` is an initialized ``nn.Conv2d`` with finite weights and ``rank`` > 0."""
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(  # noqa: TRY004 -- issue 3 asks for ValueError here
+            f"CPConv2d.from_conv needs an nn.Conv2d, got {type(conv).__name__} ({label})"
+        )
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive int, got {rank!r} ({label})")
+    weight = conv.weight
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise ValueError(  # noqa: TRY004 -- a bad layer, not a bad argument type
+            f"{label} is a lazy conv that has not been initialized yet"
+        )
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{label} has NaN or Inf weights; cannot decompose it")
+    bias = conv.bias
+    if bias is not None and not bool(torch.isfinite(bias).all()):
+        raise ValueError(f"{label} has NaN or Inf bias values")
+
+
+def _fit_groups(
+    layer: CPConv2d, w: torch.Tensor, *, name: str | None, **cp_options: Any
+) -> tuple[float, int]:
+    """CP-ALS of each group's kernel block of ``w``, copied into ``layer``'s factors (no grad).
+
+    Returns the summed squared absolute error and the largest iteration count; ``cp_options``
+    go to :func:`ttcompress.decompose.cp.cp_als`.
+    """
+    groups, rank = layer.groups, layer.rank
+    out_per_group = layer.out_channels // groups
+    sq_err = 0.0
+    n_iter = 0
+    for g in range(groups):
+        block = w[g * out_per_group : (g + 1) * out_per_group]
+        group_name = name if groups == 1 else f"{name or 'conv'}[group {g}]"
+        cp = cp_als(block, rank=rank, name=group_name, **cp_options)
+        u_out, u_in, u_kh, u_kw = cp.factors
+        rows = slice(g * rank, (g + 1) * rank)
+        layer.out_factor[g * out_per_group : (g + 1) * out_per_group].copy_(u_out)
+        layer.in_factor[rows].copy_(u_in.T)
+        layer.kh_factor[rows].copy_(u_kh.T)
+        layer.kw_factor[rows].copy_(u_kw.T)
+        sq_err += (cp.rel_error * float(block.double().norm())) ** 2
+        n_iter = max(n_iter, cp.n_iter)
+    return sq_err, n_iter
 
 
 class CPConv2d(nn.Module):
@@ -285,23 +317,9 @@ class CPConv2d(nn.Module):
             ``conv`` is not an ``nn.Conv2d``, ``rank <= 0``, or the weights contain NaN/Inf.
         """
         label = f"layer {name!r}" if name else "layer"
-        if not isinstance(conv, nn.Conv2d):
-            raise ValueError(  # noqa: TRY004 -- issue 3 asks for ValueError here
-                f"CPConv2d.from_conv needs an nn.Conv2d, got {type(conv).__name__} ({label})"
-            )
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-            raise ValueError(f"rank must be a positive int, got {rank!r} ({label})")
+        _check_conv(conv, rank=rank, label=label)
         weight = conv.weight
-        if isinstance(weight, nn.parameter.UninitializedParameter):
-            raise ValueError(  # noqa: TRY004 -- a bad layer, not a bad argument type
-                f"{label} is a lazy conv that has not been initialized yet"
-            )
-        if not bool(torch.isfinite(weight).all()):
-            raise ValueError(f"{label} has NaN or Inf weights; cannot decompose it")
         bias = conv.bias
-        if bias is not None and not bool(torch.isfinite(bias).all()):
-            raise ValueError(f"{label} has NaN or Inf bias values")
-
         layer = cls(
             conv.in_channels,
             conv.out_channels,
@@ -316,35 +334,11 @@ class CPConv2d(nn.Module):
             device=weight.device,
             dtype=weight.dtype,
         )
-        groups = conv.groups
-        out_per_group = conv.out_channels // groups
-        sq_err = 0.0
-        n_iter = 0
         with torch.no_grad():
             w = weight.detach()
-            for g in range(groups):
-                block = w[g * out_per_group : (g + 1) * out_per_group]
-                group_name = name if groups == 1 else f"{name or 'conv'}[group {g}]"
-                cp = cp_als(
-                    block,
-                    rank=rank,
-                    n_iter_max=n_iter_max,
-                    tol=tol,
-                    init=init,  # type: ignore[arg-type]
-                    n_restarts=n_restarts,
-                    seed=seed,
-                    name=group_name,
-                )
-                u_out, u_in, u_kh, u_kw = cp.factors
-                rows = slice(g * rank, (g + 1) * rank)
-                layer.out_factor[g * out_per_group : (g + 1) * out_per_group].copy_(
-                    u_out
-                )
-                layer.in_factor[rows].copy_(u_in.T)
-                layer.kh_factor[rows].copy_(u_kh.T)
-                layer.kw_factor[rows].copy_(u_kw.T)
-                sq_err += (cp.rel_error * float(block.double().norm())) ** 2
-                n_iter = max(n_iter, cp.n_iter)
+            sq_err, n_iter = _fit_groups(
+                layer, w, name=name, n_iter_max=n_iter_max, tol=tol, init=init, n_restarts=n_restarts, seed=seed
+            )
             if bias is not None and layer.bias is not None:
                 layer.bias.copy_(bias.detach())
         total = float(w.double().norm())
@@ -471,27 +465,23 @@ class CPConv2d(nn.Module):
     def uses_dense_kernel(self, batch: int, height: int, width: int) -> bool:
         """Cost-model choice: evaluate an input ``(batch, C_in, height, width)`` as one dense conv?
 
-        Used in training (and wherever the eval-mode choice is not measured). In multiply-add
-        units: the dense path costs ``N Ho Wo C_out C_in/G kh kw`` MACs plus building the kernel
-        (``C_out C_in/G kh kw R``). The factorized chain costs ``_CHAIN_SLOWDOWN`` times its MACs
-        (pointwise ``N H W C_in R``, depthwise ``N Ho Wo G R kh kw``, pointwise ``N Ho Wo R
-        C_out``: small and depthwise convolutions run well below the rate of one large one), plus
-        ``_PASS_WEIGHT`` per element its passes read or write, plus ``_CALL_COST`` for each of its
-        three extra convolution calls (per-op overhead, which dominates small inputs).
+        Used in training (and wherever the eval-mode choice is not measured); the cost model is
+        :func:`ttcompress.layers.cp_eval.dense_is_cheaper`. ``evaluation`` other than ``"auto"``
+        overrides it.
         """
         if self.evaluation != "auto":
             return self.evaluation == "dense"
-        g, r = self.groups, self.rank
-        kh, kw = self.kernel_size
-        out_h, out_w = self._output_hw(height, width)
-        cin, cout = self.in_channels // g, self.out_channels
-        dense = batch * out_h * out_w * cout * cin * kh * kw + cout * cin * kh * kw * r
-        pixels_in, pixels_out = batch * height * width, batch * out_h * out_w
-        macs = pixels_in * self.in_channels * r + pixels_out * g * r * (kh * kw + cout // g)
-        traffic = (pixels_in * (self.in_channels + g * r) + pixels_out * g * r * 2
-                   + pixels_out * (g * r + cout))
-        factorized = _CHAIN_SLOWDOWN * macs + _PASS_WEIGHT * traffic + _CALL_COST * 3
-        return factorized > dense
+        return dense_is_cheaper(
+            batch=batch,
+            height=height,
+            width=width,
+            out_hw=self._output_hw(height, width),
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            groups=self.groups,
+            rank=self.rank,
+            kernel_size=self.kernel_size,
+        )
 
     def _measured_dense(self, x: torch.Tensor) -> bool:
         """Eval-mode choice for this input's shape: time both exact paths once and remember."""
@@ -501,8 +491,8 @@ class CPConv2d(nn.Module):
             kernel = self._cached_kernel()
             dense_s, factorized_s = [], []
             for _ in range(2):  # interleaved; the first round warms both paths up
-                dense_s.append(_seconds(lambda: self._dense_forward(x, kernel)))
-                factorized_s.append(_seconds(lambda: self._factorized_forward(x)))
+                dense_s.append(seconds(lambda: self._dense_forward(x, kernel)))
+                factorized_s.append(seconds(lambda: self._factorized_forward(x)))
             choice = dense_s[-1] <= factorized_s[-1]
             self._eval_choice[key] = choice
         return choice

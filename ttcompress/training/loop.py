@@ -47,6 +47,18 @@ from ttcompress.training.records import EpochRecord, RunPaths, TrainCallback, Tr
 __all__ = ["distill_kind", "fit", "holdout_split"]
 
 
+def _check_fit_types(model: Any, bundle: Any, config: Any, teacher: Any) -> None:
+    """TypeError naming the first of :func:`fit`'s arguments that has the wrong type."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(bundle, DatasetBundle):
+        raise TypeError(f"bundle must be a DatasetBundle, got {type(bundle).__name__}")
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
+
+
 def fit(
     model: nn.Module,
     bundle: DatasetBundle,
@@ -98,14 +110,7 @@ def fit(
     CheckpointError
         ``resume`` without a readable resume state.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(bundle, DatasetBundle):
-        raise TypeError(f"bundle must be a DatasetBundle, got {type(bundle).__name__}")
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    if teacher is not None and not isinstance(teacher, nn.Module):
-        raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
+    _check_fit_types(model, bundle, config, teacher)
     choice("mode", mode, ("train", "finetune"))
     if bundle.targets == "none" and teacher is None:
         raise UserInputError(

@@ -1,0 +1,215 @@
+"""Helpers of :func:`ttcompress.decompose.cp.cp_als`: the memory-lean MTTKRP backend and the SVD start.
+
+The MTTKRP (matricised tensor times Khatri-Rao product) of each ALS step is computed without
+forming the Khatri-Rao product (see the :mod:`ttcompress.decompose.cp` docstring for the memory
+figures); the SVD start follows Kolda & Bader 2009 [1]_, sec. 3.4.
+
+References
+----------
+.. [1] T. G. Kolda, B. W. Bader, "Tensor Decompositions and Applications", SIAM Review 51(3),
+       455-500, 2009.
+.. [2] A.-H. Phan, P. Tichavsky, A. Cichocki, "Fast Alternating LS Algorithms for High Order
+       CANDECOMP/PARAFAC Tensor Factorizations", IEEE TSP 61(19), 2013 (shared partial MTTKRP).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+
+__all__ = [
+    "balance_factors",
+    "contract_pair",
+    "lean_backend_class",
+    "lean_mttkrp",
+    "slice_svd_upper_bound",
+    "svd_init_bytes",
+    "svd_start",
+]
+
+
+def lean_mttkrp(tensor: torch.Tensor, cp_tensor: Any, mode: int) -> torch.Tensor:
+    """``unfold(tensor, mode) @ khatri_rao(factors, skip=mode)`` without forming the product.
+
+    Contracts the largest other mode with one matrix product (result ``numel / n * R``), then
+    the remaining modes by broadcasting: same result as TensorLy's MTTKRP, far less memory.
+    """
+    weights, factors = cp_tensor
+    ndim = tensor.ndim
+    others = [m for m in range(ndim) if m != mode]
+    big = max(others, key=lambda m: tensor.shape[m])
+    rank = factors[0].shape[1]
+    # (..., n_big) @ (n_big, R) -> remaining dims in order + R
+    moved = torch.movedim(tensor, big, -1)
+    partial = moved.reshape(-1, tensor.shape[big]) @ factors[big]
+    rest = [m for m in range(ndim) if m != big]
+    partial = partial.reshape(*[tensor.shape[m] for m in rest], rank)
+    # multiply the small remaining factors in and sum them out
+    for m in rest:
+        if m == mode:
+            continue
+        axis = rest.index(m)
+        shape = [1] * (len(rest) + 1)
+        shape[axis] = tensor.shape[m]
+        shape[-1] = rank
+        partial = (partial * factors[m].reshape(shape)).sum(dim=axis, keepdim=True)
+    result = partial.reshape(tensor.shape[mode], rank)
+    if weights is not None:
+        result = result * weights.reshape(1, -1)
+    return result
+
+
+@functools.cache
+def lean_backend_class() -> type:
+    """TensorLy tensor-algebra backend class: "core" with a cached, memory-lean MTTKRP.
+
+    Built on first use (no import-time registration). Modes 0 and 1 (the channel modes) use
+    :func:`lean_mttkrp`. For a 4-way tensor the updates of the two small spatial modes share
+    ``T x_0 U_0 x_1 U_1`` (the dimension-tree idea of Phan, Tichavsky & Cichocki, IEEE TSP
+    61(19), 2013), so one ALS sweep needs three large matrix products instead of four.
+    """
+    from tensorly.tenalg.core_tenalg import CoreTenalgBackend
+
+    class _LeanMTTKRPBackend(CoreTenalgBackend, backend_name="ttcompress-lean-mttkrp"):
+        def __init__(self) -> None:
+            super().__init__()
+            self._cache: dict[
+                tuple[int, ...], tuple[tuple[Any, ...], torch.Tensor]
+            ] = {}
+
+        def _shared(
+            self, tensor: torch.Tensor, factors: Any, pair: tuple[int, int]
+        ) -> torch.Tensor:
+            # contraction of `tensor` with the factors of `pair`, summed over those modes;
+            # result has the two other modes and R, cached while tensor and factors are unchanged
+            key_objs = (tensor, factors[pair[0]], factors[pair[1]])
+            versions = tuple(t._version for t in key_objs)
+            hit = self._cache.get(pair)
+            if hit is not None:
+                objs, value = hit
+                if (
+                    all(a is b for a, b in zip(objs[:3], key_objs))
+                    and objs[3] == versions
+                ):
+                    return value
+            value = contract_pair(tensor, factors, pair)
+            self._cache[pair] = ((*key_objs, versions), value)
+            return value
+
+        def unfolding_dot_khatri_rao(
+            self, tensor: Any, cp_tensor: Any, mode: int
+        ) -> Any:
+            weights, factors = cp_tensor
+            if tensor.ndim != 4 or mode in (0, 1):
+                return lean_mttkrp(tensor, cp_tensor, mode)
+            shared = self._shared(tensor, factors, (0, 1))  # (R, n2, n3)
+            if mode == 2:  # sum over mode 3
+                result = torch.bmm(shared, factors[3].T.unsqueeze(-1)).squeeze(-1).T
+            else:  # sum over mode 2
+                result = torch.bmm(factors[2].T.unsqueeze(1), shared).squeeze(1).T
+            if weights is not None:
+                result = result * weights.reshape(1, -1)
+            return result
+
+    return _LeanMTTKRPBackend
+
+
+def contract_pair(
+    tensor: torch.Tensor, factors: Any, pair: tuple[int, int]
+) -> torch.Tensor:
+    """``sum_{i_0, i_1} T[i_0, i_1, :, :] U_0[i_0, r] U_1[i_1, r]`` as ``(R, n2, n3)`` (4-way).
+
+    The larger channel mode is contracted by one matrix product with a large inner dimension
+    (compute-bound), the other by a broadcast sum over a ``(n, n2 n3, R)`` array.
+    """
+    if pair != (0, 1):
+        raise ValueError(f"only the channel pair (0, 1) is shared, got {pair}")
+    rank = factors[0].shape[1]
+    n = tensor.shape
+    if n[0] >= n[1]:
+        part = tensor.reshape(n[0], -1).T @ factors[0]  # (n1 n2 n3, R)
+        part = part.reshape(n[1], n[2] * n[3], rank)
+        part = (part * factors[1][:, None, :]).sum(dim=0)
+    else:
+        moved = tensor.transpose(0, 1).reshape(n[1], -1)
+        part = moved.T @ factors[1]  # (n0 n2 n3, R)
+        part = part.reshape(n[0], n[2] * n[3], rank)
+        part = (part * factors[0][:, None, :]).sum(dim=0)
+    return part.T.reshape(rank, n[2], n[3]).contiguous()
+
+
+def svd_start(kernel: torch.Tensor, rank: int, seed: int) -> list[torch.Tensor]:
+    """SVD start: leading left singular vectors of each unfolding (Kolda & Bader 2009, sec. 3.4).
+
+    The vectors come from the eigendecomposition of the small Gram matrix ``X X^T`` of each
+    unfolding (``n x n``), never from an SVD of the wide unfolding itself. Mode 0 is scaled by
+    the singular values so that the start is on the kernel's scale; columns beyond a mode's size
+    are seeded Gaussian noise of matching scale.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    factors = []
+    for mode, size in enumerate(kernel.shape):
+        unfolded = torch.movedim(kernel, mode, 0).reshape(size, -1)
+        gram = unfolded @ unfolded.T
+        evals, evecs = torch.linalg.eigh(gram)  # ascending
+        evals, evecs = evals.flip(0), evecs.flip(1)
+        keep = min(rank, size)
+        u = evecs[:, :keep]
+        # deterministic signs: largest entry of each vector positive
+        idx = u.abs().argmax(dim=0)
+        u = u * torch.sign(u[idx, torch.arange(keep, device=u.device)]).reshape(1, -1)
+        if mode == 0:
+            u = u * evals[:keep].clamp_min(0).sqrt().reshape(1, -1)
+        if keep < rank:
+            noise = torch.randn(size, rank - keep, generator=gen, dtype=torch.float64)
+            noise = (
+                noise.to(kernel.device) * float(u.norm(dim=0).mean()) / math.sqrt(size)
+            )
+            u = torch.cat([u, noise], dim=1)
+        factors.append(u)
+    return factors
+
+
+def slice_svd_upper_bound(kernel: torch.Tensor, rank: int) -> float:
+    """Relative error of an explicit rank-``rank`` CP model built from per-tap SVDs.
+
+    Writing ``K = sum_{y,x} K[:, :, y, x] (x) e_y (x) e_x`` and keeping the ``rank`` largest
+    singular triplets over all ``kh*kw`` slices gives a valid CP model, so the best rank-R error
+    is at most this value. A run that ends far above it has stalled.
+    """
+    slices = kernel.permute(2, 3, 0, 1).reshape(-1, kernel.shape[0], kernel.shape[1])
+    if slices.shape[1] > slices.shape[2]:
+        slices = slices.transpose(1, 2)
+    # squared singular values = eigenvalues of the small Gram matrices; float32 is plenty for a
+    # warning threshold and several times faster than float64 here
+    gram = (slices @ slices.transpose(1, 2)).to(torch.float32)
+    sq = torch.linalg.eigvalsh(gram).clamp_min(0).reshape(-1).to(torch.float64)
+    total = float(sq.sum())
+    if total == 0.0:
+        return 0.0
+    tail = float(
+        torch.sort(sq).values[: max(sq.numel() - rank, 0)].sum()
+    )  # discarded part
+    return math.sqrt(min(tail / total, 1.0))
+
+
+def svd_init_bytes(shape: tuple[int, ...]) -> int:
+    """Float64 bytes for one unfolding copy and the Gram matrices used by the SVD start."""
+    return 8 * (2 * math.prod(shape) + 3 * max(shape) ** 2)
+
+
+def balance_factors(factors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Spread each rank-1 term's norm evenly over its factor columns (same product)."""
+    norms = torch.stack([f.norm(dim=0) for f in factors])  # (4, R)
+    total = norms.prod(dim=0)
+    target = total ** (1.0 / len(factors))
+    out = []
+    for f, n in zip(factors, norms):
+        scale = torch.where(
+            n > 0, target / torch.where(n > 0, n, torch.ones_like(n)), 0.0
+        )
+        out.append(f * scale)
+    return out

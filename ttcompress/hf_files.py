@@ -1,0 +1,239 @@
+"""Reading a Hugging Face model directory: file names, JSON, safetensors shards, key mapping, checks.
+
+The helpers of :func:`ttcompress.hf.load_hf_dir` (and the constants :func:`ttcompress.hf.save_hf_dir`
+writes by). Every shape is read from the safetensors headers and checked against the model built
+from the config before any tensor is copied; pickled weights are read only with ``trust_pickle``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ttcompress.errors import CheckpointError, UnsafePickleError
+
+__all__ = [
+    "CONFIG_FILE",
+    "INDEX_FILE",
+    "PICKLE_FILES",
+    "RECORD_FILE",
+    "RECORD_FORMAT",
+    "RECORD_VERSION",
+    "WEIGHTS_FILE",
+    "PathLike",
+    "TensorReader",
+    "check_fit",
+    "copy_weights",
+    "few",
+    "identity_groups",
+    "is_hf_dir",
+    "key_map",
+    "open_weights",
+    "read_json",
+    "read_record",
+    "short",
+    "state_groups",
+]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+RECORD_FILE = "ttcompress.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+RECORD_FORMAT = "ttcompress-hf"
+RECORD_VERSION = 1
+MAX_JSON_BYTES = 64 << 20
+
+PathLike = str | os.PathLike[str]
+TensorReader = Callable[[str], torch.Tensor]
+
+
+def short(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def few(items: list[str]) -> str:
+    return ", ".join(items[:3]) + (f", ... (+{len(items) - 3})" if len(items) > 3 else "")
+
+
+def is_hf_dir(path: PathLike) -> bool:
+    """Whether ``path`` is a directory with ``config.json`` and safetensors weights.
+
+    The weights are ``model.safetensors`` or a sharded ``model.safetensors.index.json``. Any other
+    directory (e.g. one holding only ``pytorch_model.bin``) gives ``False``; :func:`load_hf_dir`
+    explains what is wrong with it.
+    """
+    p = Path(path)
+    return p.is_dir() and (p / CONFIG_FILE).is_file() and ((p / WEIGHTS_FILE).is_file() or (p / INDEX_FILE).is_file())
+
+
+def read_json(p: Path, what: str) -> dict[str, Any]:
+    try:
+        if p.stat().st_size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{p}: {what} is larger than {MAX_JSON_BYTES >> 20} MiB")
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{p.parent}: no {p.name} (not a Hugging Face model directory)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{p}: invalid {what}: {short(exc)}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{p}: {what} must be a JSON object")
+    return data
+
+
+def shard_files(d: Path) -> list[Path]:
+    """The safetensors files of ``d`` (one file or the shards its index names)."""
+    if (d / WEIGHTS_FILE).is_file():
+        return [d / WEIGHTS_FILE]
+    weight_map = read_json(d / INDEX_FILE, "safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{d / INDEX_FILE}: no weight_map")
+    files = []
+    for name in sorted({str(v) for v in weight_map.values()}):
+        if Path(name).name != name or name.startswith(".") or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{d / INDEX_FILE}: invalid shard name {name!r}")
+        if not (d / name).is_file():
+            raise CheckpointError(f"{d}: shard {name} named by {INDEX_FILE} is missing")
+        files.append(d / name)
+    return files
+
+
+@contextlib.contextmanager
+def open_weights(d: Path, *, trust_pickle: bool) -> Iterator[tuple[dict[str, tuple[int, ...]], TensorReader]]:
+    """Yield ``(shapes, read)``: every stored tensor's shape (from the headers) and a reader."""
+    if not (d / WEIGHTS_FILE).is_file() and not (d / INDEX_FILE).is_file():
+        if (d / PICKLE_FILES[0]).is_file() and trust_pickle:
+            yield from open_pickle(d / PICKLE_FILES[0])
+            return
+        if (d / PICKLE_FILES[1]).is_file() and trust_pickle:
+            raise CheckpointError(f"{d}: sharded pickle weights ({PICKLE_FILES[1]}) are not supported")
+        if any((d / name).is_file() for name in PICKLE_FILES):
+            raise UnsafePickleError(
+                f"{d}: the weights are a pickle ({PICKLE_FILES[0]}); loading it could run code: convert it to "
+                f"{WEIGHTS_FILE} or pass trust_pickle=True"
+            )
+        raise CheckpointError(f"{d}: no weights ({WEIGHTS_FILE} or {INDEX_FILE})")
+    from safetensors import SafetensorError, safe_open
+
+    handles: dict[str, Any] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    with contextlib.ExitStack() as stack:
+        for path in shard_files(d):
+            try:
+                f = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+                keys = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(f"{path}: not a readable safetensors file: {short(exc)}") from None
+            twice = sorted(set(keys) & set(shapes))
+            if twice:
+                raise CheckpointError(f"{d}: tensor(s) stored in several shards: {few(twice)}")
+            shapes.update(keys)
+            handles.update(dict.fromkeys(keys, f))
+        yield shapes, lambda key: handles[key].get_tensor(key)
+
+
+def open_pickle(path: Path) -> Iterator[tuple[dict[str, tuple[int, ...]], TensorReader]]:
+    """The trust_pickle path: a ``pytorch_model.bin`` state dict, read with ``weights_only``."""
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any failure of a foreign file is one line
+        raise CheckpointError(f"{path}: cannot read the state dict: {short(exc)}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    yield {str(k): tuple(v.shape) for k, v in sd.items()}, sd.__getitem__
+
+
+def key_map(model: nn.Module, stored: Iterable[str]) -> dict[str, str]:
+    """Map stored tensor names to the model's state-dict names.
+
+    A ``base_model_prefix`` (``transformer.``, ``bert.``) is added or removed where that is what
+    matches; names the class declares ignorable (``_keys_to_ignore_on_load_unexpected``, e.g.
+    GPT-2's old causal-mask buffers) are dropped. An unmatched name maps to itself (unexpected).
+    """
+    expected = set(model.state_dict())
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    ignore = [re.compile(p) for p in getattr(type(model), "_keys_to_ignore_on_load_unexpected", None) or ()]
+    mapping: dict[str, str] = {}
+    for key in stored:
+        candidates = [key]
+        if prefix:
+            candidates += [f"{prefix}.{key}", key.removeprefix(f"{prefix}.")]
+        target = next((c for c in candidates if c in expected), None)
+        if target is None and any(p.search(key) for p in ignore):
+            continue
+        mapping[key] = target or key
+    return mapping
+
+
+def check_fit(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """Refuse (one line) unless the stored shapes (by model key) fill the model's state dict.
+
+    A key may be absent when a tied alias of it is stored.
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    covered = set(shapes)
+    for first, others in state_groups(model).items():
+        if covered & {first, *others}:
+            covered |= {first, *others}
+    missing = [k for k in expected if k not in covered]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [f"{k} {list(shapes[k])} vs {list(expected[k])}" for k in expected if k in shapes and shapes[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): {few(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {few(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} wrong shape(s) (file vs config): {few(wrong)}")
+    if problems:
+        raise CheckpointError(f"{where}: the weights do not fit the config: " + "; ".join(problems))
+
+
+def copy_weights(model: nn.Module, key_map: Mapping[str, str], read: TensorReader, where: str) -> None:
+    """Copy every stored tensor into the model (already checked to fit); tied copies must agree."""
+    state = model.state_dict(keep_vars=True)
+    alias = {o: first for first, others in state_groups(model).items() for o in others}
+    written: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for stored, key in key_map.items():
+            tensor = read(stored)
+            canon = alias.get(key, key)
+            if canon in written:
+                if not torch.equal(written[canon].to(tensor.dtype), tensor):
+                    raise CheckpointError(f"{where}: tied tensors {key} and {canon} differ in the file")
+                continue
+            state[key].copy_(tensor)
+            written[canon] = state[key].detach()
+
+
+def read_record(d: Path) -> dict[str, Any]:
+    if not (d / RECORD_FILE).is_file():
+        return {}
+    record = read_json(d / RECORD_FILE, "ttcompress record")
+    if record.get("format") != RECORD_FORMAT or not isinstance(record.get("version"), int):
+        raise CheckpointError(f"{d / RECORD_FILE}: not a ttcompress record (format {record.get('format')!r})")
+    if record["version"] > RECORD_VERSION:
+        raise CheckpointError(f"{d / RECORD_FILE}: record version {record['version']} is newer than this ttcompress")
+    return record
+
+
+def identity_groups(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, list[str]]:
+    groups: dict[int, list[str]] = {}
+    for name, tensor in named:
+        groups.setdefault(id(tensor), []).append(name)
+    return {names[0]: names[1:] for names in groups.values() if len(names) > 1}
+
+
+def state_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Like :func:`tied_parameters`, over parameters and buffers (the state dict's aliases)."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return identity_groups(named)

@@ -1,0 +1,62 @@
+"""How :class:`ttcompress.layers.cp_conv.CPConv2d` picks its evaluation path: cost model and timer.
+
+A CP convolution can run as its factorized chain of small convolutions or as one convolution with
+the reconstructed kernel; both are exact. In training the choice follows :func:`dense_is_cheaper`;
+in eval mode ``CPConv2d`` times both paths once per input shape with :func:`seconds`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+__all__ = ["CALL_COST", "CHAIN_SLOWDOWN", "PASS_WEIGHT", "dense_is_cheaper", "seconds"]
+
+# Cost model of the training-time evaluation choice (see dense_is_cheaper), from
+# benchmarks/bench_cp_eval.py and bench_cp_conv.py on CPU: MAC rate of the factorized chain
+# relative to one dense convolution (measured 1.5x to 6x slower per MAC, 3.5x typical); cost of one
+# element moved by a factorized pass, and of one extra convolution call, in MACs.
+CHAIN_SLOWDOWN = 3
+PASS_WEIGHT = 8
+CALL_COST = 200_000
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    """Wall-clock seconds of one call of ``fn``."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def dense_is_cheaper(
+    *,
+    batch: int,
+    height: int,
+    width: int,
+    out_hw: tuple[int, int],
+    in_channels: int,
+    out_channels: int,
+    groups: int,
+    rank: int,
+    kernel_size: tuple[int, int],
+) -> bool:
+    """Cost-model choice: is one dense conv cheaper than the factorized chain for this input?
+
+    In multiply-add units: the dense path costs ``N Ho Wo C_out C_in/G kh kw`` MACs plus building
+    the kernel (``C_out C_in/G kh kw R``). The factorized chain costs :data:`CHAIN_SLOWDOWN` times
+    its MACs (pointwise ``N H W C_in R``, depthwise ``N Ho Wo G R kh kw``, pointwise ``N Ho Wo R
+    C_out``: small and depthwise convolutions run well below the rate of one large one), plus
+    :data:`PASS_WEIGHT` per element its passes read or write, plus :data:`CALL_COST` for each of
+    its three extra convolution calls (per-op overhead, which dominates small inputs).
+    """
+    g, r = groups, rank
+    kh, kw = kernel_size
+    out_h, out_w = out_hw
+    cin, cout = in_channels // g, out_channels
+    dense = batch * out_h * out_w * cout * cin * kh * kw + cout * cin * kh * kw * r
+    pixels_in, pixels_out = batch * height * width, batch * out_h * out_w
+    macs = pixels_in * in_channels * r + pixels_out * g * r * (kh * kw + cout // g)
+    traffic = (pixels_in * (in_channels + g * r) + pixels_out * g * r * 2
+               + pixels_out * (g * r + cout))
+    factorized = CHAIN_SLOWDOWN * macs + PASS_WEIGHT * traffic + CALL_COST * 3
+    return factorized > dense

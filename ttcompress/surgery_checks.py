@@ -1,0 +1,249 @@
+"""Structure around the swap of :func:`ttcompress.surgery.compress_with_report`.
+
+Which layers a compressed replacement would break (attention internals, tied weights:
+:func:`guard_decisions`), and the forward check that runs the compressed model on the user's
+``check_input`` and puts the layers inside a failing module back to dense until it runs
+(:func:`forward_check`, :func:`finish_checked`); and the check that the model runs on the
+calibration inputs (:func:`calibration_batches`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ttcompress.calibration.data import calib_batches
+from ttcompress.formats import DENSE
+from ttcompress.formats.structure import Preparation, finish_model, parent_reason
+from ttcompress.layer_report import LayerReport
+from ttcompress.modtree import get_submodule, set_submodule
+from ttcompress.plan import LayerDecision
+
+__all__ = [
+    "Swapped",
+    "calibration_batches",
+    "check_calib_fits",
+    "eval_no_grad",
+    "failing_stack",
+    "finish_checked",
+    "forward_check",
+    "guard_decisions",
+    "keep_dense",
+    "nested_off",
+    "output_error",
+    "output_tensors",
+    "reference_output",
+    "reverted_record",
+    "run_model",
+    "tied_reason",
+]
+
+#: Dense layers replaced by compressed ones: name -> (dense layer, aliases).
+Swapped = dict[str, tuple[nn.Module, tuple[str, ...]]]
+
+
+def calibration_batches(model: nn.Module, calib_data: Any, calib_samples: int | None) -> list[torch.Tensor] | None:
+    """The calibration inputs as a list of batches (None without calibration data), checked on ``model``."""
+    if calib_data is None:
+        return None
+    batches = list(calib_batches(calib_data, max_samples=calib_samples))
+    if not batches:
+        raise ValueError("calib_data holds no samples")
+    check_calib_fits(model, batches[0])
+    return batches
+
+
+def check_calib_fits(model: nn.Module, batch: torch.Tensor) -> None:
+    """``ValueError`` naming ``calib_data`` when ``model`` cannot run on its inputs (one eval pass, 2 samples)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(batch[:2])
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"calib_data: the model cannot run on inputs of shape {tuple(batch.shape[1:])} "
+                         f"per sample: {first[:200]}") from None
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def keep_dense(d: LayerDecision, reason: str) -> LayerDecision:
+    return LayerDecision(d.name, d.type, d.shape, DENSE, {}, d.params_before, d.params_before, reason, d.aliases)
+
+
+def guard_decisions(prep: Preparation, decisions: list[LayerDecision]) -> list[LayerDecision]:
+    """Keep dense the layers a compressed replacement would break.
+
+    * the ``out_proj`` of an ``nn.MultiheadAttention`` that could not be converted (its forward
+      reads ``out_proj.weight``), and the feed-forward layers of a ``TransformerEncoderLayer``
+      whose attention could not be converted (its fast path reads ``linear1.weight``);
+    * a layer whose parameter is also registered under another module's name (tied weights,
+      e.g. a language model's output layer sharing the embedding): compressing it would untie them.
+    """
+    owners: dict[int, list[str]] = {}
+    for pname, p in prep.model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    out = []
+    for d in decisions:
+        if d.skipped is None:
+            reason = parent_reason(prep, d.name) or tied_reason(prep.model, d, owners)
+            if reason is not None:
+                d = keep_dense(d, reason)
+        out.append(d)
+    return out
+
+
+def tied_reason(model: nn.Module, d: LayerDecision, owners: Mapping[int, list[str]]) -> str | None:
+    prefixes = tuple(n + "." if n else "" for n in (d.name, *d.aliases))
+    for p in get_submodule(model, d.name).parameters():
+        others = [n for n in owners.get(id(p), ()) if not n.startswith(prefixes)]
+        if others:
+            return f"tied to {others[0]} (compressing it would untie them)"
+    return None
+
+
+@contextmanager
+def nested_off(encoders: list[nn.Module]) -> Iterator[None]:
+    for m in encoders:
+        m.use_nested_tensor = False
+    try:
+        yield
+    finally:
+        for m in encoders:
+            m.use_nested_tensor = True
+
+
+@contextmanager
+def eval_no_grad(model: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def run_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(inputs)`` in eval mode without gradients, with every ``nn.TransformerEncoder``'s
+    nested-tensor path off (it leaves padded positions at zero: dense and compressed runs compare
+    like with like)."""
+    encoders = [m for m in model.modules() if isinstance(m, nn.TransformerEncoder) and m.use_nested_tensor]
+    with eval_no_grad(model), nested_off(encoders):
+        if isinstance(inputs, Mapping):
+            return model(**inputs)
+        if isinstance(inputs, tuple):
+            return model(*inputs)
+        return model(inputs)
+
+
+def reference_output(model: nn.Module, inputs: Any) -> Any:
+    try:
+        return run_model(model, inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's model is reported as bad input
+        raise ValueError(f"check_input does not run through the dense model: {type(exc).__name__}: {exc}") from None
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in output_tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in output_tensors(v)]
+    return []
+
+
+def output_error(out: Any, reference: Any) -> float:
+    """Relative Frobenius difference over the floating tensors of two outputs of the same structure."""
+    num = den = 0.0
+    for a, b in zip(output_tensors(out), output_tensors(reference)):
+        if a.is_floating_point() and a.shape == b.shape:
+            num += float((a.double() - b.double()).square().sum())
+            den += float(b.double().square().sum())
+    return (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def failing_stack(model: nn.Module, inputs: Any) -> tuple[list[str], BaseException | None]:
+    """Run ``model``; on failure return the qualified names of the modules whose forward was running."""
+    stack: list[str] = []
+    handles = []
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(lambda mod, args, _n=name: stack.append(_n)))
+        handles.append(m.register_forward_hook(lambda mod, args, out: None if stack.pop() else None))
+    try:
+        run_model(model, inputs)
+        return [], None
+    except Exception as exc:  # noqa: BLE001 - reported per layer below
+        return list(stack), exc
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def forward_check(prep: Preparation, swapped: Mapping[str, tuple[nn.Module, tuple[str, ...]]],
+                   inputs: Any) -> dict[str, str]:
+    """Run the compressed model; revert the compressed layers inside the innermost failing module
+    until it runs. Returns ``{layer: reason}`` of the reverted layers."""
+    reverted: dict[str, str] = {}
+    while True:
+        stack, exc = failing_stack(prep.model, inputs)
+        if exc is None:
+            return reverted
+        live = [n for n in swapped if n not in reverted]
+        victims: list[str] = []
+        for where in reversed(stack or [""]):
+            victims = [n for n in live if where == "" or n == where or n.startswith(where + ".")]
+            if victims:
+                break
+        if not victims:
+            raise RuntimeError(f"the compressed model fails on check_input, and no compressed layer is the cause: "
+                               f"{type(exc).__name__}: {exc}")
+        where_text = f"in {where!r}" if where else "in the model"
+        reason = f"forward check failed {where_text}: {type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
+        for n in victims:
+            dense, aliases = swapped[n]
+            for alias in (n, *aliases):
+                prep.model = set_submodule(prep.model, alias, dense)
+            reverted[n] = reason
+        finish_model(prep)
+
+
+def reverted_record(r: LayerReport, reason: str) -> LayerReport:
+    return replace(r, format=DENSE, params_after=r.params_before, in_modes=None, out_modes=None, ranks=None,
+                   detail=None, config=None, skipped=reason)
+
+
+def finish_checked(
+    prep: Preparation,
+    swapped: Swapped,
+    records: list[LayerReport],
+    meta_layers: dict[str, LayerReport],
+    *,
+    check_input: Any,
+    reference: Any,
+) -> tuple[nn.Module, list[LayerReport], float | None]:
+    """Finish the swapped model; with a ``reference`` output, forward-check it on ``check_input``.
+
+    Layers reverted by :func:`forward_check` get their reason in the records and lose their
+    ``meta_layers`` entries (under every alias). Returns ``(root, records, output_error)``;
+    ``output_error`` is None without a reference.
+    """
+    root = finish_model(prep)
+    if reference is None:
+        return root, records, None
+    reverted = forward_check(prep, swapped, check_input)
+    records = [reverted_record(r, reverted[r.name]) if r.name in reverted else r for r in records]
+    for name in reverted:
+        for alias in (name, *swapped[name][1]):
+            meta_layers.pop(alias, None)
+    root = finish_model(prep)
+    return root, records, output_error(run_model(root, check_input), reference)
