@@ -138,6 +138,25 @@ def plan_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _tt_settings(tt: TTSettings, ranks: int | None, eps: float | None, d: int | None) -> TTSettings:
+    """``tt`` with the given options replacing its own."""
+    if ranks is None and eps is None and d is None:
+        return tt
+    return TTSettings(ranks=ranks if ranks is not None else tt.ranks, eps=eps if eps is not None else tt.eps,
+                      d=d if d is not None else tt.d, in_modes=tt.in_modes, out_modes=tt.out_modes)
+
+
+def _cp_settings(cp: CPSettings, rank: int | None, ratio: float | None) -> CPSettings:
+    """``cp`` with the given rank or ratio replacing its own (not both)."""
+    if rank is not None and ratio is not None:
+        raise ValueError("cp_ranks and cp_ratio are mutually exclusive; give one")
+    if rank is not None:
+        return CPSettings(rank=rank, options=cp.options)
+    if ratio is not None:
+        return CPSettings(ratio=ratio, options=cp.options)
+    return cp
+
+
 def plan_from_options(
     *,
     plan_file: str | Path | None = None,
@@ -198,22 +217,8 @@ def plan_from_options(
     for name in dense:
         if given[name]:
             raise ValueError(f"{given[name][0]} is given while {name} layers stay dense (none); give one")
-    tt = base.tt
-    if tt_ranks is not None or tt_eps is not None or tt_d is not None:
-        tt = TTSettings(
-            ranks=tt_ranks if tt_ranks is not None else tt.ranks,
-            eps=tt_eps if tt_eps is not None else tt.eps,
-            d=tt_d if tt_d is not None else tt.d,
-            in_modes=tt.in_modes,
-            out_modes=tt.out_modes,
-        )
-    cp = base.cp
-    if cp_ranks is not None and cp_ratio is not None:
-        raise ValueError("cp_ranks and cp_ratio are mutually exclusive; give one")
-    if cp_ranks is not None:
-        cp = CPSettings(rank=cp_ranks, options=cp.options)
-    elif cp_ratio is not None:
-        cp = CPSettings(ratio=cp_ratio, options=cp.options)
+    tt = _tt_settings(base.tt, tt_ranks, tt_eps, tt_d)
+    cp = _cp_settings(base.cp, cp_ranks, cp_ratio)
     names = tuple(n for f in formats for n in check_patterns(f, "formats"))
     selected = bool(names or dense or any(given.values()))
     if selected:

@@ -68,6 +68,23 @@ def calibration_set(data: str, *, root: Any,  samples: int, seed: int) -> tuple[
     return subset, {"dataset": bundle.name, "samples": len(subset), "seed": seed, "split": "train",
                     "balanced": True}
 
+def _decompose_with_progress(model: Path, *, output: Optional[Path], plan: Plan, load: dict[str, Any],
+                             calib: Any, calib_info: Any) -> Any:
+    """:func:`ttcompress.surgery.decompose_file` with a progress bar on stderr (when it is a terminal)."""
+    with Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal,
+    ) as bar:
+        task = bar.add_task("decomposing", total=None)
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"decomposing {name}" if name else "saving")
+
+        with refused_input():  # a named model that cannot be loaded, a plan that does not fit it
+            return decompose_file(model, output=output, plan=plan, progress=progress, calib_data=calib,
+                                  calib_info=calib_info, **load)
+
+
 def preview_file(model: Path, *, plan: Plan, **load_options: Any) -> PlanPreview:
     """Load ``model`` and preview ``plan`` on it (nothing is decomposed or written)."""
     return preview_plan(load_checkpoint(model, **load_options).model, plan)
@@ -127,9 +144,6 @@ def decompose(
         layers=layers, exclude=exclude, target_ratio=target_ratio, formats=formats,
         min_saving=min_saving, max_error=max_error,
     )
-    with refused_input():
-        calib, calib_info = (None, None) if no_calib or data is None else calibration_set(
-            data, root=data_root, samples=calib_samples, seed=seed)
     kwargs = parse_arch_kwargs(arch_kwargs)
     if dry_run:
         with refused_input():
@@ -139,20 +153,12 @@ def decompose(
         err.print("dry run: nothing written")
         return
     check_outputs([output if output is not None else default_output_path(model)], overwrite=overwrite, inputs=[model])
-    with Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal,
-    ) as bar:
-        task = bar.add_task("decomposing", total=None)
-
-        def progress(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"decomposing {name}" if name else "saving")
-
-        with refused_input():  # a named model that cannot be loaded, a plan that does not fit it
-            result = decompose_file(
-                model, output=output, plan=the_plan, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle,
-                trust_code=trust_code, progress=progress, calib_data=calib, calib_info=calib_info,
-            )
+    with refused_input():
+        calib, calib_info = (None, None) if no_calib or data is None else calibration_set(
+            data, root=data_root, samples=calib_samples, seed=seed)
+    load = {"arch": arch, "arch_kwargs": kwargs, "trust_pickle": trust_pickle, "trust_code": trust_code}
+    result = _decompose_with_progress(model, output=output, plan=the_plan, load=load, calib=calib,
+                                      calib_info=calib_info)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports (and writes)
         return
     if json_:

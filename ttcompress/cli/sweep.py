@@ -10,7 +10,7 @@ commands that ``sweep`` deliberately lacks, with the reason.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -141,50 +141,68 @@ def sweep_command(
     The flags mean what they mean in decompose and finetune; the per-format ones take lists. Once any per-format option is given, a layer type whose options are not given stays dense. Example:
     ttcompress sweep baseline.pt --cp-ranks 3,6,9 --tt-ranks none,4 --epochs 2 --plot tradeoff.png
     """
-    from ttcompress.cli.progress import RichProgress
-    from ttcompress.sweep import sweep_report, sweep_settings
-
-    fmt = fmt or "table"
-    check_render_options(fmt=fmt, plot=plot, plot_x=plot_x)
-    file_fmt = resolve_format(None, report_file) if report_file is not None else None
+    o = dict(locals())  # the parsed options, handed to the steps below
+    o["fmt"] = fmt or "table"
+    check_render_options(fmt=o["fmt"], plot=plot, plot_x=plot_x)
     check_inputs(baseline, plan, teacher)
     check_outputs([report_file, plot], overwrite=overwrite, inputs=[baseline])
+    report = _run(o, _settings(o), _config(o))
+    emit(report, fmt=o["fmt"], output=None, plot=plot, plot_x=plot_x, plot_title=plot_title)
+    if report_file is not None:
+        emit(report, fmt=resolve_format(None, report_file), output=report_file, plot=None)
+    err.print("models written:")
+    for row in report.rows[1:]:
+        err.print(f"  {row.model}: {row.path}")
+
+
+def _settings(o: dict[str, Any]) -> Any:
+    """The sweep's settings: the cross product of the list axes (errors name the flags)."""
+    from ttcompress.sweep import sweep_settings
+
     with flags_in_errors({"tt_ranks": "--tt-ranks", "tt_eps": "--tt-eps", "tt_d": "--tt-d", "cp_ranks": "--cp-ranks",
                           "cp_ratio": "--cp-ratio", "target_ratios": "--target-ratios", "teacher": "--teacher",
                           "distill": "--distill"}):  # fmt: skip
         settings = sweep_settings(
-            tt_ranks=parse_list(tt_ranks, option="--tt-ranks", kind=int),
-            tt_eps=parse_list(tt_eps, option="--tt-eps", kind=float),
-            tt_d=parse_list(tt_d, option="--tt-d", kind=int),
-            cp_ranks=parse_list(cp_ranks, option="--cp-ranks", kind=int),
-            cp_ratio=parse_list(cp_ratio, option="--cp-ratio", kind=float),
-            target_ratios=parse_list(target_ratios, option="--target-ratios", kind=float),
+            tt_ranks=parse_list(o["tt_ranks"], option="--tt-ranks", kind=int),
+            tt_eps=parse_list(o["tt_eps"], option="--tt-eps", kind=float),
+            tt_d=parse_list(o["tt_d"], option="--tt-d", kind=int),
+            cp_ranks=parse_list(o["cp_ranks"], option="--cp-ranks", kind=int),
+            cp_ratio=parse_list(o["cp_ratio"], option="--cp-ratio", kind=float),
+            target_ratios=parse_list(o["target_ratios"], option="--target-ratios", kind=float),
         )
-        if distill and teacher is not None:
+        if o["distill"] and o["teacher"] is not None:
             raise ValueError("distill and teacher are exclusive: --distill is --teacher BASELINE")
-    config = make_config(
-        FinetuneConfig, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, schedule=schedule, step_size=step_size, gamma=gamma, seed=seed, device=device,
-        amp=amp, compile=compile_, train_only=train_only, distill_alpha=alpha, distill_temperature=temperature,
-        distill_loss=distill_loss,
-        eval_batch_size=eval_batch_size, num_workers=workers, max_batches=max_batches, val_fraction=val_fraction,
+    return settings
+
+
+def _config(o: dict[str, Any]) -> FinetuneConfig:
+    """The fine-tuning configuration of every setting, from finetune's flags."""
+    return make_config(
+        FinetuneConfig, epochs=o["epochs"], batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"],
+        momentum=o["momentum"], weight_decay=o["weight_decay"], schedule=o["schedule"], step_size=o["step_size"],
+        gamma=o["gamma"], seed=o["seed"], device=o["device"], amp=o["amp"], compile=o["compile_"],
+        train_only=o["train_only"], distill_alpha=o["alpha"], distill_temperature=o["temperature"],
+        distill_loss=o["distill_loss"], eval_batch_size=o["eval_batch_size"], num_workers=o["workers"],
+        max_batches=o["max_batches"], val_fraction=o["val_fraction"],
     )  # fmt: skip
+
+
+def _run(o: dict[str, Any], settings: Any, config: FinetuneConfig) -> Any:
+    """Decompose, evaluate and fine-tune every setting, with progress bars on stderr; the report."""
+    from ttcompress.cli.progress import RichProgress
+    from ttcompress.sweep import sweep_report
+
     progress = RichProgress(err)
     try:
         with flags_in_errors():
-            report = sweep_report(
-                baseline, settings=settings, output_dir=output_dir, data=data, data_root=data_root,
-                download=download, image_size=image_size, config=config, plan_file=plan,
-                plan_options={"formats": formats or (), "layers": layers or (), "exclude": exclude or ()},
-                distill=distill, teacher=teacher, measure_speed=not no_latency, arch=arch,
-                arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle, trust_code=trust_code,
-                console=err, progress=progress,
+            return sweep_report(
+                o["baseline"], settings=settings, output_dir=o["output_dir"], data=o["data"],
+                data_root=o["data_root"], download=o["download"], image_size=o["image_size"], config=config,
+                plan_file=o["plan"], plan_options={"formats": o["formats"] or (), "layers": o["layers"] or (),
+                                                   "exclude": o["exclude"] or ()},
+                distill=o["distill"], teacher=o["teacher"], measure_speed=not o["no_latency"], arch=o["arch"],
+                arch_kwargs=parse_arch_kwargs(o["arch_kwargs"]), trust_pickle=o["trust_pickle"],
+                trust_code=o["trust_code"], console=err, progress=progress,
             )  # fmt: skip
     finally:
         progress.close()
-    emit(report, fmt=fmt, output=None, plot=plot, plot_x=plot_x, plot_title=plot_title)
-    if report_file is not None:
-        emit(report, fmt=file_fmt, output=report_file, plot=None)  # type: ignore[arg-type]
-    err.print("models written:")
-    for row in report.rows[1:]:
-        err.print(f"  {row.model}: {row.path}")
