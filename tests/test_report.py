@@ -201,3 +201,16 @@ def test_report_output_and_label_errors(tmp_path, args, message) -> None:
     assert result.exit_code == 2, result.output
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("r.")]
+
+
+def test_flops_count_the_factorized_evaluation_whatever_path_eval_would_pick() -> None:
+    from ttcompress.layers.cp_conv import CPConv2d
+    from ttcompress.measure import count_flops
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    layer = CPConv2d.from_conv(conv, rank=4).eval()
+    layer.evaluation = "dense"  # as if timing had picked the merged kernel
+    factorized = count_flops(layer, (16, 12, 12))
+    assert layer.evaluation == "dense"  # restored
+    assert factorized < count_flops(conv.eval(), (16, 12, 12))  # rank 4 is far cheaper than the dense conv

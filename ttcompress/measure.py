@@ -125,17 +125,35 @@ class _Eval:
         self.model.train(self.was_training)
 
 
+class _factorized:  # noqa: N801 - used like a function
+    """Layers that may evaluate through a merged dense kernel when that measures faster (their
+    ``evaluation`` attribute) evaluate factorized for the ``with`` block, so FLOPs describe the
+    compressed structure rather than a timing-dependent choice."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved = [(m, m.evaluation) for m in model.modules() if isinstance(getattr(m, "evaluation", None), str)]
+
+    def __enter__(self) -> None:
+        for module, _ in self.saved:
+            module.evaluation = "factorized"
+
+    def __exit__(self, *exc: Any) -> None:
+        for module, value in self.saved:
+            module.evaluation = value
+
+
 def flops_by_kind(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     """FLOPs of one forward pass on one sample, per layer kind, plus ``other`` and ``total``.
 
     Counted by :class:`torch.utils.flop_counter.FlopCounterMode` (matmuls and convolutions, a
     multiply-add as 2 FLOPs, elementwise ops not counted), attributed to the outermost module of a
-    kind that ran them.
+    kind that ran them. Layers that can also run through a merged dense kernel are counted in their
+    factorized evaluation.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     owners = {name: kind for name, _m, kind in _outermost(model)}
-    with _Eval(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with _Eval(model), _factorized(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(_example_input(input_shape, 1, _model_device(model)))
     total = int(counter.get_total_flops())
     counts = dict.fromkeys((*KINDS, "other"), 0)

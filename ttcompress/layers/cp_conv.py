@@ -252,7 +252,7 @@ class CPConv2d(nn.Module):
     def _default_strategy(self) -> tuple[bool, bool]:
         """Pick the evaluation (fused spatial conv, channels_last) from the layer's shape.
 
-        From ``benchmarks/bench_cp_conv.py --variants`` on CPU (docs/benchmarks-cp.md): one fused
+        From ``benchmarks/bench_cp_conv.py --variants`` on CPU (docs/benchmarks.md): one fused
         depthwise ``kh x kw`` pass is faster than two 1-D passes when both kh, kw > 1, and
         channels_last is faster at every measured width (64..256 channels, ranks 17..284); for
         very narrow layers the layout copy is not worth it.
