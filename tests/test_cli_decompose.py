@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 from pathlib import Path
@@ -219,3 +220,20 @@ def test_inspect_dense_and_compressed(cnn_file, tmp_path, plan_file):
     assert rows["classifier.1"]["format"] == "tt" and max(rows["classifier.1"]["ranks"]) <= 3
     assert rows["features.3"]["format"] == "cp" and rows["features.3"]["ranks"] == [2]
     assert "r=2" in ok("inspect", out).stdout
+
+
+@pytest.mark.parametrize("out_after, flagged", [(0.2, False), (0.8, True), (None, True)])
+def test_large_error_flag_follows_the_output_error_when_calibrated(out_after, flagged) -> None:
+    # A fitted layer's weight may move far from the dense one on purpose (weight error 2.0 here);
+    # with calibration data the output error decides, without it the weight error does.
+    from rich.console import Console
+
+    from ttcompress.cli.tables import layer_table
+    from ttcompress.layer_report import LayerReport
+    from ttcompress.surgery import CompressionResult
+
+    record = LayerReport("fc", "tt", "Linear", (8, 8), 64, 16, ranks=(1, 2, 1), rel_error=2.0,
+                         out_error_before=None if out_after is None else 0.9, out_error_after=out_after)
+    console = Console(width=300, record=True, file=io.StringIO())
+    console.print(layer_table(CompressionResult(nn.Linear(8, 8), (record,), 64, 16, Plan())))
+    assert ("large error" in console.export_text()) is flagged

@@ -26,6 +26,12 @@ def error_cell(error: float | None, *, estimate: bool = False) -> str:
     return f"{'~' if estimate else ''}{error:.4f}{' !' if error > LARGE_ERROR else ''}"
 
 
+def _judged_error(r: LayerReport) -> float | None:
+    """The error a layer is judged by: its output error after calibration when there is one, else
+    its weight error."""
+    return r.out_error_after if r.out_error_after is not None else r.rel_error
+
+
 def _large_note(error: float | None) -> str:
     return f"large error (> {LARGE_ERROR:g})" if error is not None and error > LARGE_ERROR else ""
 
@@ -42,7 +48,8 @@ def _out_error_cell(r: LayerReport) -> str:
     """``before → after`` relative output error on the calibration data (``–`` without calibration)."""
     if r.out_error_before is None or r.out_error_after is None:
         return "–"
-    return f"{r.out_error_before:.4f} → {r.out_error_after:.4f}"
+    flag = " !" if r.out_error_after > LARGE_ERROR else ""
+    return f"{r.out_error_before:.4f} → {r.out_error_after:.4f}{flag}"
 
 
 def layer_table(result: CompressionResult) -> Table:
@@ -62,10 +69,14 @@ def layer_table(result: CompressionResult) -> Table:
             r.structure,
             params,
             f"{r.ratio:.2f}×" if r.compressed else "–",
-            error_cell(r.rel_error) if r.compressed else "–",
+            # With calibration data the output error is what matters (a fitted layer's weight may move
+            # far from the dense one on purpose): flag that one; without, the weight error.
+            (error_cell(r.rel_error) if r.out_error_after is None else f"{r.rel_error:.4f}") if r.compressed
+            and r.rel_error is not None else "–",
             _out_error_cell(r),
             f"{r.seconds:.2f}s" if r.seconds is not None and r.compressed else "–",
-            "; ".join(x for x in (r.skipped or r.note or "", _large_note(r.rel_error if r.compressed else None)) if x),
+            "; ".join(x for x in (r.skipped or r.note or "", _large_note(_judged_error(r) if r.compressed else None))
+                      if x),
         )
     n = len(result.compressed)
     table.add_section()
