@@ -9,7 +9,7 @@ is also a ``ValueError``, so Python callers that catch ``ValueError`` for bad ar
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 
 
 class TTCompressError(Exception):
@@ -58,3 +58,28 @@ def refused_input() -> Iterator[None]:
 
 class UntrustedCodeError(CheckpointError):
     """A file names code to import (``package.module:callable``); the user must name it or pass ``trust_code``."""
+
+
+def few(items: list[str]) -> str:
+    """The first three items, and how many more: ``"a, b, c, ... (+4)"``."""
+    return ", ".join(items[:3]) + (f", ... (+{len(items) - 3})" if len(items) > 3 else "")
+
+
+def shape_mismatches(expected: Mapping[str, tuple[int, ...]], present: Mapping[str, tuple[int, ...]], *,
+                     covered: Collection[str] | None = None, noun: str = "key", pair: str = "file vs model") -> list[str]:
+    """What keeps tensors of shapes ``present`` from filling a state dict of shapes ``expected``: the
+    missing keys (not in ``covered``, default ``present``), unexpected keys and wrong shapes, one
+    short phrase each (empty when they fit)."""
+    have = set(present) if covered is None else set(covered)
+    missing = [k for k in expected if k not in have]
+    unexpected = [k for k in present if k not in expected]
+    wrong = [f"{k} {list(present[k])} vs {list(expected[k])}" for k in expected
+             if k in present and tuple(present[k]) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing {noun}(s): {few(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected {noun}(s): {few(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} wrong shape(s) ({pair}): {few(wrong)}")
+    return problems

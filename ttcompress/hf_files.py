@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ttcompress.errors import CheckpointError, UnsafePickleError
+from ttcompress.errors import CheckpointError, UnsafePickleError, few, shape_mismatches
 
 __all__ = [
     "CONFIG_FILE",
@@ -59,10 +59,6 @@ TensorReader = Callable[[str], torch.Tensor]
 def short(exc: BaseException, limit: int = 160) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def few(items: list[str]) -> str:
-    return ", ".join(items[:3]) + (f", ... (+{len(items) - 3})" if len(items) > 3 else "")
 
 
 def is_hf_dir(path: PathLike) -> bool:
@@ -184,16 +180,7 @@ def check_fit(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], where: st
     for first, others in state_groups(model).items():
         if covered & {first, *others}:
             covered |= {first, *others}
-    missing = [k for k in expected if k not in covered]
-    unexpected = [k for k in shapes if k not in expected]
-    wrong = [f"{k} {list(shapes[k])} vs {list(expected[k])}" for k in expected if k in shapes and shapes[k] != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {few(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {few(unexpected)}")
-    if wrong:
-        problems.append(f"{len(wrong)} wrong shape(s) (file vs config): {few(wrong)}")
+    problems = shape_mismatches(expected, shapes, covered=covered, noun="tensor", pair="file vs config")
     if problems:
         raise CheckpointError(f"{where}: the weights do not fit the config: " + "; ".join(problems))
 

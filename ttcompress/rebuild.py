@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ttcompress.errors import CheckpointError
+from ttcompress.errors import CheckpointError, shape_mismatches
 from ttcompress.formats import get_format
 from ttcompress.meta import ArchSpec, ModelMeta, set_meta
 from ttcompress.layer_report import LayerReport
@@ -37,25 +37,8 @@ def short_error(exc: BaseException, limit: int = 160) -> str:
 
 def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, what: str) -> None:
     """``load_state_dict(strict=True)`` with one concise line for every kind of mismatch."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [
-        f"{k} {list(sd[k].shape)} vs {list(expected[k].shape)}"
-        for k in expected
-        if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)
-    ]
-
-    def few(items: list[str]) -> str:
-        return ", ".join(items[:3]) + (f", ... (+{len(items) - 3})" if len(items) > 3 else "")
-
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {few(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {few(unexpected)}")
-    if wrong:
-        problems.append(f"{len(wrong)} wrong shape(s) (file vs model): {few(wrong)}")
+    problems = shape_mismatches({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                                {k: tuple(v.shape) for k, v in sd.items()})
     if problems:
         raise CheckpointError(f"state dict does not fit {what}: " + "; ".join(problems))
     try:
