@@ -198,12 +198,63 @@ def test_tied_weights_round_trip(tmp_path):
     _same(model, load(path, trust_code=True), x)
 
 
-def test_pickle_fallback_checkpoint(tmp_path):
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def test_unknown_arch_saves_weights_and_plan_and_loads_with_arch(tmp_path):
+    """No pickle: a model of unknown architecture is saved as safetensors, rebuilt from ``arch=``."""
+    from ttcompress import Plan, TTSettings, compress
+    from ttcompress.errors import ArchRequiredError
+
     torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
-    update_meta(mlp, info={"k": 1})
-    path = save(mlp, tmp_path / "mlp.tt.pt")
-    assert not tio._is_safetensors(path)
+    model = compress(_mlp().eval(), Plan(tt=TTSettings(ranks=2)))
+    update_meta(model, info={"k": 1})
+    path = save(model, tmp_path / "mlp.tt.pt")
+    assert tio._is_safetensors(path)
+    header = tio.read_header(path)
+    assert header["arch"] is None and header["layers"]["0"]["format"] == "tt"
+    with pytest.raises(ArchRequiredError, match="arch="):
+        load(path)
+    with pytest.raises(ArchRequiredError, match="arch="):
+        load(path, trust_pickle=True, trust_code=True)  # trust does not make up an architecture
+    x = torch.randn(2, 8)
+    for arch in (_mlp(), _mlp, f"{__name__}:_mlp"):
+        loaded = load_checkpoint(path, arch=arch)
+        assert loaded.kind == "ttcompress"
+        assert type(loaded.model[0]) is type(model[0]) and get_meta(loaded.model)["info"] == {"k": 1}
+        _same(model, loaded.model, x)
+    assert get_meta(load(path, arch=f"{__name__}:_mlp"))["arch"]["name"] == f"{__name__}:_mlp"
+    skeleton = _mlp()
+    before = {k: v.clone() for k, v in skeleton.state_dict().items()}
+    load(path, arch=skeleton)
+    assert all(torch.equal(before[k], v) for k, v in skeleton.state_dict().items())  # the instance is copied
+    with pytest.raises(CheckpointError, match="layer '2' does not exist"):
+        load(path, arch=nn.Sequential(nn.Linear(8, 16)))  # wrong skeleton: layer '2' missing
+    with pytest.raises(CheckpointError, match="layer '2': the architecture has out_features=5, the file's layer 4"):
+        load(path, arch=lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5)))
+    with pytest.raises(TypeError, match="not an nn.Module"):
+        load(path, arch=lambda: 3)
+    with pytest.raises(TypeError, match="arch must be"):
+        load(path, arch=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="arch_kwargs"):
+        load(path, arch=_mlp(), arch_kwargs={"a": 1})
+
+
+def test_state_dict_with_module_or_callable_arch(tmp_path):
+    torch.manual_seed(0)
+    mlp = _mlp().eval()
+    torch.save(mlp.state_dict(), tmp_path / "sd.pt")
+    for arch in (_mlp(), _mlp):
+        _same(mlp, load(tmp_path / "sd.pt", arch=arch), torch.randn(2, 8))
+
+
+def test_legacy_pickle_checkpoint_needs_trust_pickle(tmp_path):
+    """Files written by older versions (torch.save of the module) still load when trusted."""
+    torch.manual_seed(0)
+    mlp = _mlp().eval()
+    path = tmp_path / "old.tt.pt"
+    torch.save({"format": "ttcompress", "version": 1, "header": {"info": {"k": 1}}, "model": mlp}, path)
     with pytest.raises(UnsafePickleError):
         load(path)
     loaded = load_checkpoint(path, trust_pickle=True)

@@ -24,6 +24,10 @@ class UnsafePickleError(CheckpointError):
     """Loading this file would unpickle arbitrary code; the user must opt in with ``trust_pickle``."""
 
 
+class ArchRequiredError(CheckpointError):
+    """A file holds weights (and maybe a plan) but no architecture; the caller must name one (``arch``)."""
+
+
 class DataError(TTCompressError):
     """A dataset is unknown, absent, or unusable."""
 

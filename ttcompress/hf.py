@@ -65,6 +65,7 @@ from ttcompress.hf_files import (
     short,
     state_groups,
 )
+from ttcompress.header import validate_header
 from ttcompress.layers import LAYER_TYPES
 from ttcompress.plan import Plan
 
@@ -79,6 +80,7 @@ __all__ = [
     "is_hf_dir",
     "linearize_conv1d",
     "load_hf_dir",
+    "recorded_hf_arch",
     "save_hf_dir",
     "tied_parameters",
 ]
@@ -168,9 +170,9 @@ def _model_class(config: Any, class_name: str | None, *, where: str, strict: boo
         raise CheckpointError(f"{where}: transformers has no AutoModel for model_type {config.model_type!r}") from None
 
 
-def _instantiate(cls: type[nn.Module], config: Any, *, device: str, where: str) -> nn.Module:
+def _instantiate(cls: type[nn.Module], config: Any, *, device: str | None, where: str) -> nn.Module:
     try:
-        with torch.device(device):
+        with torch.device(device) if device is not None else contextlib.nullcontext():
             return cls(config)
     except (TypeError, ValueError, RuntimeError, IndexError) as exc:
         raise CheckpointError(f"{where}: cannot build {cls.__name__} from the config: {short(exc)}") from None
@@ -206,13 +208,31 @@ def hf_arch(model: nn.Module, *, conv1d_as_linear: bool = False) -> dict[str, An
     return {"name": HF_ARCH_PREFIX + type(model).__name__, "kwargs": kwargs}
 
 
+def recorded_hf_arch(model: nn.Module) -> dict[str, Any] | None:
+    """The ``hf:`` architecture record of a model of one of transformers' own classes, else ``None``.
+
+    Works for a model the user built directly (``GPT2LMHeadModel(config)``), with no
+    ``ttcompress_meta``: whether its ``Conv1D`` layers were linearized is found by comparing it
+    with a skeleton of its class built on the ``meta`` device. ``transformers`` is only imported
+    when ``model``'s class comes from it.
+    """
+    if not type(model).__module__.startswith("transformers.") or not hasattr(getattr(model, "config", None),
+                                                                               "to_json_string"):
+        return None
+    try:
+        cls = _model_class(model.config, type(model).__name__, where="model", strict=True)
+    except CheckpointError:
+        return None
+    return hf_arch(model, conv1d_as_linear=_conv1d_replaced(model, cls))
+
+
 def _set_meta(model: nn.Module, arch: Mapping[str, Any], layers: Mapping[str, Any], info: Mapping[str, Any]) -> None:
     # Same layout as ttcompress.io.get_meta; object.__setattr__ keeps nn.Module out of it.
     object.__setattr__(model, _META_ATTR, {"arch": dict(arch), "layers": dict(layers), "info": dict(info)})
 
 
 def build_hf_model(
-    class_name: str, config: Mapping[str, Any], *, conv1d_as_linear: bool = False, device: str = "cpu"
+    class_name: str, config: Mapping[str, Any], *, conv1d_as_linear: bool = False, device: str | None = None
 ) -> nn.Module:
     """Build a transformers model skeleton (randomly initialized) from a recorded config.
 
@@ -226,7 +246,8 @@ def build_hf_model(
     conv1d_as_linear : bool, optional
         Replace GPT-2 style ``Conv1D`` layers by ``nn.Linear`` (see :func:`linearize_conv1d`).
     device : str, optional
-        ``"cpu"`` (default) or ``"meta"`` (shapes only, nothing allocated).
+        ``"cpu"`` or ``"meta"`` (shapes only, nothing allocated); default: the current default
+        device (so that a caller's ``with torch.device("meta")`` holds).
 
     Returns
     -------
@@ -418,6 +439,8 @@ def load_hf_dir(path: PathLike, *, trust_pickle: bool = False) -> nn.Module:
     arch_kwargs = dict((record.get("arch") or {}).get("kwargs") or {})
     linear = bool(arch_kwargs.get("conv1d_as_linear", False))
     layers = record.get("layers") or {}
+    validate_header({"version": 1, "layers": layers, "info": record.get("info") or {}},
+                    source=str(d / RECORD_FILE), max_version=1)
     config = _make_config(config_dict, str(d / CONFIG_FILE))
     archs = config_dict.get("architectures")
     class_name = archs[0] if isinstance(archs, list) and archs else None

@@ -7,7 +7,12 @@ Accepted inputs (:func:`load`)
    ``torch.load(weights_only=True)``, or ``.safetensors``. A checkpoint dict that wraps the state
    dict as ``{"state_dict": ...}`` or ``{"model": ...}`` is accepted, and a ``module.`` prefix
    (``DistributedDataParallel``) is stripped.
-3. **A whole pickled** ``nn.Module`` (``torch.save(model)``): unpickling can run arbitrary code, so
+3. **A Hugging Face model directory** (``config.json`` + ``model.safetensors``, as
+   ``save_pretrained`` or :func:`ttcompress.hf.save_hf_dir` writes it): built from its config by
+   :func:`ttcompress.hf.load_hf_dir`, offline, with no code from the directory run (``auto_map`` is
+   refused) and the weights read without unpickling; a compressed one is rebuilt from the layers
+   its ``ttcompress.json`` records. Its architecture is recorded as ``hf:CLASS`` with the config.
+4. **A whole pickled** ``nn.Module`` (``torch.save(model)``): unpickling can run arbitrary code, so
    it is refused with :class:`~ttcompress.errors.UnsafePickleError` unless ``trust_pickle=True``.
    ``weights_only=False`` is used on that trust_pickle path only.
 
@@ -32,9 +37,17 @@ Loading rebuilds it without unpickling anything (:mod:`ttcompress.rebuild`): ``b
 → every recorded layer is replaced by ``get_format(format).rebuild(config)`` (structure only, no
 decomposition) → ``load_state_dict(strict=True)``.
 
-When the model is not rebuildable (``meta["arch"] is None``, e.g. its base was a pickled module),
-:func:`save` falls back to ``torch.save({"format": "ttcompress", "version": 1, "header": {...},
-"model": model})``; loading such a file needs ``trust_pickle=True`` like any pickled module.
+When the architecture is not known (``meta["arch"] is None``: a model that was neither built by
+name nor loaded from a file that names it, e.g. a pickled module or your own instance), :func:`save`
+writes the same safetensors file with ``"arch": null``: the weights and the applied layers, never a
+pickle. Loading it needs the dense model: ``load(path, arch=...)`` with an ``nn.Module`` instance
+(a skeleton of the same architecture, copied, its weights ignored), a callable returning one, or a
+name; the recorded layers are then put into it. Without ``arch`` that is an
+:class:`~ttcompress.errors.ArchRequiredError`. A transformers model of one of transformers' own
+classes is always recorded (``hf:CLASS`` with its config).
+
+Older files written by ``torch.save`` (``{"format": "ttcompress", "header": ..., "model": module}``)
+still load with ``trust_pickle=True``.
 
 Every model that this module returns carries ``model.ttcompress_meta`` (see
 :func:`ttcompress.meta.get_meta`) and is in eval mode. :func:`get_meta`, :func:`update_meta`
@@ -44,6 +57,7 @@ Every model that this module returns carries ``model.ttcompress_meta`` (see
 from __future__ import annotations
 
 import copy
+import functools
 import io as _io
 import json
 import pickle
@@ -54,26 +68,30 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Callable, Literal
 
 import torch
 from torch import nn
 
 from ttcompress._version import __version__
-from ttcompress.errors import CheckpointError, UnsafePickleError
+from ttcompress.errors import ArchRequiredError, CheckpointError, UnsafePickleError
 from ttcompress.header import parse_header_json, validate_header
 from ttcompress.fsutil import PathLike, atomic_write
-from ttcompress.meta import ModelMeta, get_meta, set_meta, update_meta
-from ttcompress.models import build_arch
-from ttcompress.rebuild import fit_state_dict, rebuild_model, short_error
+from ttcompress.hf import load_hf_dir, recorded_hf_arch
+from ttcompress.hf_files import is_hf_dir, read_record
+from ttcompress.meta import ArchSpec, ModelMeta, get_meta, read_meta, set_meta, update_meta
+from ttcompress.models import build_arch, list_archs
+from ttcompress.rebuild import fit_state_dict, rebuild_model, short_error, skeleton_factory
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
+    "ArchLike",
     "LoadedCheckpoint",
     "atomic_write",
     "build_model",
     "get_meta",
+    "is_model_path",
     "load",
     "load_checkpoint",
     "read_header",
@@ -83,8 +101,12 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "ttcompress"
 CHECKPOINT_VERSION = 1
+#: Extensions of the model files an ``arch`` string may name (see :func:`is_model_path`).
+MODEL_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 
-InputKind = Literal["ttcompress", "ttcompress-pickle", "state_dict", "pickle"]
+InputKind = Literal["ttcompress", "ttcompress-pickle", "state_dict", "pickle", "hf_dir"]
+#: What ``arch`` may be: a name, a dense module (the skeleton) or a callable returning one.
+ArchLike = str | nn.Module | Callable[..., nn.Module]
 
 
 def build_model(name: str, *, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
@@ -113,12 +135,13 @@ class LoadedCheckpoint:
     ----------
     model : nn.Module
         The model (eval mode, with ``ttcompress_meta``).
-    kind : {"ttcompress", "ttcompress-pickle", "state_dict", "pickle"}
+    kind : {"ttcompress", "ttcompress-pickle", "state_dict", "pickle", "hf_dir"}
         The input form.
     path : Path
-        The file read.
+        The file (or Hugging Face directory) read.
     header : dict
-        The ttcompress header for own checkpoints, else ``{}``.
+        The ttcompress header for own checkpoints, the ``ttcompress.json`` record of a
+        Hugging Face directory, else ``{}``.
     """
 
     model: nn.Module
@@ -132,7 +155,7 @@ def _check_file(path: PathLike) -> Path:
     if not p.exists():
         raise CheckpointError(f"model file not found: {p}")
     if p.is_dir():
-        raise CheckpointError(f"model path is a directory, not a file: {p}")
+        raise CheckpointError(f"model path is a directory, not a file or a Hugging Face model directory: {p}")
     try:
         size = p.stat().st_size
         with p.open("rb"):
@@ -267,7 +290,7 @@ def load_checkpoint(
     path: PathLike,
     *,
     trust_pickle: bool = False,
-    arch: str | None = None,
+    arch: ArchLike | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
     trust_code: bool = False,
 ) -> LoadedCheckpoint:
@@ -276,16 +299,21 @@ def load_checkpoint(
     Parameters
     ----------
     path : str or PathLike
-        The model file.
+        The model file, or a Hugging Face model directory.
     trust_pickle : bool, default False
         Trust the file: allow unpickling arbitrary objects (``torch.load(weights_only=False)``). Needed for whole
         pickled modules only; never needed for ttcompress checkpoints of rebuildable models.
-    arch : str, optional
-        Architecture for a bare state dict (built-in name, ``torchvision:NAME`` or
-        ``package.module:callable``). Ignored if equal to the one a ttcompress checkpoint records;
-        a different one is an error.
+    arch : str, nn.Module or callable, optional
+        The architecture, for a bare state dict or a checkpoint that records none. A name
+        (built-in, ``torchvision:NAME``, ``hf:CLASS`` or ``package.module:callable``); a name
+        different from the one a checkpoint records is an error. Or a dense ``nn.Module``
+        instance (a skeleton: it is copied, its weights are replaced) or a callable returning
+        one: for a checkpoint, the recorded layers are put into it and nothing named in the file
+        is imported. A string that is the path of a model file or directory
+        (:func:`is_model_path`) is loaded (with the same trust options) and used as that instance.
+        Not accepted with a Hugging Face directory (self-describing).
     arch_kwargs : dict, optional
-        Constructor arguments for ``arch``.
+        Keyword arguments for a name or a callable ``arch``.
     trust_code : bool, default False
         Allow a checkpoint header to name an import path (``package.module:callable``) as its
         architecture; that code is imported and called. Without it only built-in names,
@@ -299,7 +327,10 @@ def load_checkpoint(
     ------
     CheckpointError
         Missing, unreadable or corrupted file; state dict without ``arch``; state dict that does
-        not fit the architecture (missing/unexpected keys, wrong shapes).
+        not fit the architecture (missing/unexpected keys, wrong shapes); a Hugging Face directory
+        without ``config.json`` or weights, or whose config names custom code (``auto_map``).
+    ArchRequiredError
+        A checkpoint that records no architecture, and no ``arch``.
     UnsafePickleError
         The file holds pickled objects and ``trust_pickle`` is False.
     UntrustedCodeError
@@ -313,14 +344,27 @@ def load_checkpoint(
         raise TypeError("trust_code must be a bool")
     if arch_kwargs is not None and arch is None:
         raise ValueError("arch_kwargs given without arch")
+    if arch_kwargs is not None and not isinstance(arch_kwargs, Mapping):
+        raise TypeError(f"arch_kwargs must be a dict, got {type(arch_kwargs).__name__}")
+    if isinstance(arch, str) and is_model_path(arch):
+        if arch_kwargs is not None:
+            raise ValueError(f"arch_kwargs cannot be given with a model file as arch ({arch})")
+        arch = load(arch, trust_pickle=trust_pickle, trust_code=trust_code)
+    skeleton = skeleton_factory(arch, arch_kwargs)
+    if Path(path).is_dir():
+        return _load_hf(Path(path), arch=arch, trust_pickle=trust_pickle)
     p = _check_file(path)
     model: nn.Module
     if _is_safetensors(p):
         tensors, metadata = _read_safetensors(p)
         header = _parse_header(metadata, p)
         if header is not None:
-            _check_arch_conflict(header, arch, arch_kwargs, p)
-            model = rebuild_model(header, tensors, p, user_arch=arch, trust_code=trust_code)
+            if isinstance(arch, str):
+                _check_arch_conflict(header, arch, arch_kwargs, p)
+                if header.get("arch") is None:  # the name the caller gave builds it
+                    skeleton = functools.partial(build_model, arch, kwargs=arch_kwargs)
+            model = rebuild_model(header, tensors, p, user_arch=arch if isinstance(arch, str) else None,
+                                  trust_code=trust_code, skeleton=skeleton, user_spec=_spec_of(arch, arch_kwargs))
             return LoadedCheckpoint(model.eval(), "ttcompress", p, header)
         return LoadedCheckpoint(_from_state_dict(tensors, p, arch, arch_kwargs), "state_dict", p, {})
 
@@ -351,12 +395,43 @@ def _load_trusted_pickle(p: Path, arch: str | None, arch_kwargs: Mapping[str, An
     return LoadedCheckpoint(_from_state_dict(sd, p, arch, arch_kwargs), "state_dict", p, {})
 
 
+def is_model_path(arch: str) -> bool:
+    """Whether an ``arch`` string names a model file or directory (the dense model) rather than an architecture.
+
+    A path is an existing file with a model extension (``.pt``, ``.pth``, ``.safetensors``,
+    ``.bin``) or a Hugging Face directory; built-in names and ``NAME:...`` forms never are.
+    """
+    if ":" in arch or arch.strip().lower() in list_archs():
+        return False
+    p = Path(arch)
+    return (p.is_file() and p.suffix.lower() in MODEL_SUFFIXES) or is_hf_dir(p)
+
+
+def _load_hf(d: Path, *, arch: ArchLike | None, trust_pickle: bool) -> LoadedCheckpoint:
+    if arch is not None:
+        raise ValueError(f"{d} is a Hugging Face model directory, built from its config.json; do not pass arch")
+    model = load_hf_dir(d, trust_pickle=trust_pickle)
+    return LoadedCheckpoint(model, "hf_dir", d, read_record(d))
+
+
+def _spec_of(arch: ArchLike | None, arch_kwargs: Mapping[str, Any] | None) -> ArchSpec | None:
+    """What to record for a user-given ``arch``: a name is recorded as is; a module or a callable only
+    when it is a transformers model (its ``hf:`` record) or carries a recorded architecture itself."""
+    if isinstance(arch, str):
+        return ArchSpec(arch, dict(arch_kwargs or {}))
+    if isinstance(arch, nn.Module):
+        spec = read_meta(arch).arch
+        recorded = recorded_hf_arch(arch)
+        return spec if spec is not None else None if recorded is None else ArchSpec.from_dict(recorded)
+    return None
+
+
 def _check_arch_conflict(
-    header: Mapping[str, Any], arch: str | None, arch_kwargs: Mapping[str, Any] | None, p: Path
+    header: Mapping[str, Any], arch: str, arch_kwargs: Mapping[str, Any] | None, p: Path
 ) -> None:
-    if arch is None:
+    recorded = header.get("arch")
+    if recorded is None:  # the file records no architecture: the name given builds it
         return
-    recorded = header.get("arch") or {}
     if recorded.get("name") != arch or (
         arch_kwargs is not None and dict(arch_kwargs) != dict(recorded.get("kwargs") or {})
     ):
@@ -367,15 +442,22 @@ def _check_arch_conflict(
 
 
 def _from_state_dict(
-    sd: dict[str, torch.Tensor], p: Path, arch: str | None, arch_kwargs: Mapping[str, Any] | None
+    sd: dict[str, torch.Tensor], p: Path, arch: ArchLike | None, arch_kwargs: Mapping[str, Any] | None
 ) -> nn.Module:
     if arch is None:
-        raise CheckpointError(
+        raise ArchRequiredError(
             f"{p} is a bare state dict; name its architecture with --arch (Python: arch=...), "
             "e.g. --arch torchvision:resnet18 --arch-kwargs '{\"num_classes\": 10}'"
         )
-    model = build_model(arch, kwargs=arch_kwargs)
-    fit_state_dict(model, sd, what=f"arch {arch!r}" + (f" {json.dumps(dict(arch_kwargs))}" if arch_kwargs else ""))
+    if isinstance(arch, str):
+        model = build_model(arch, kwargs=arch_kwargs)
+        what = f"arch {arch!r}" + (f" {json.dumps(dict(arch_kwargs))}" if arch_kwargs else "")
+    else:
+        factory = skeleton_factory(arch, arch_kwargs)
+        model, what = factory(), "the given arch"  # type: ignore[misc]
+        spec = _spec_of(arch, arch_kwargs)
+        update_meta(model, arch=None if spec is None else spec.to_dict())
+    fit_state_dict(model, sd, what=what)
     return model.eval()
 
 
@@ -383,11 +465,12 @@ def load(
     path: PathLike,
     *,
     trust_pickle: bool = False,
-    arch: str | None = None,
+    arch: ArchLike | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
     trust_code: bool = False,
 ) -> nn.Module:
-    """Load a model from a ttcompress checkpoint, a state dict + ``arch``, or (trusted) a pickle.
+    """Load a model from a ttcompress checkpoint, a Hugging Face directory, a state dict + ``arch``, or
+    (trusted) a pickle.
 
     Parameters are those of :func:`load_checkpoint`. The model is returned in eval mode and carries
     ``model.ttcompress_meta``.
@@ -397,6 +480,8 @@ def load(
     >>> model = load("model.tt.pt")                                  # doctest: +SKIP
     >>> model = load("weights.pth", arch="torchvision:resnet18",
     ...              arch_kwargs={"num_classes": 10})                # doctest: +SKIP
+    >>> model = load("./my-model-dir")                               # doctest: +SKIP
+    >>> model = load("mine.tt.pt", arch=MyNet())  # a file saved from a model of unknown arch  # doctest: +SKIP
     """
     return load_checkpoint(
         path, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code
@@ -434,10 +519,11 @@ def save(model: nn.Module, path: PathLike, *, info: Mapping[str, Any] | None = N
     Parameters
     ----------
     model : nn.Module
-        A model carrying ``ttcompress_meta`` (from :func:`load`, ``build_arch`` or
-        :func:`ttcompress.compress`). With ``meta["arch"]`` set, the file is safetensors and loads
-        without unpickling; with ``meta["arch"] is None`` (the base was a pickled module) it is a
-        ``torch.save`` pickle that needs ``trust_pickle=True`` to load.
+        Any model, usually carrying ``ttcompress_meta`` (from :func:`load`, ``build_arch`` or
+        :func:`ttcompress.compress`). The file is always safetensors and never a pickle. It records
+        the architecture when it is known (``meta["arch"]``, or the ``hf:`` record of a
+        transformers model); otherwise the weights and the applied layers only, and
+        ``load(path, arch=...)`` needs the dense model.
     path : str or PathLike
         Destination (conventionally ``*.tt.pt``). Written via :func:`atomic_write`.
     info : dict, optional
@@ -451,6 +537,8 @@ def save(model: nn.Module, path: PathLike, *, info: Mapping[str, Any] | None = N
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     meta = get_meta(model)
+    if meta["arch"] is None:
+        meta["arch"] = recorded_hf_arch(model)
     if info is not None:
         if not isinstance(info, Mapping):
             raise TypeError("info must be a mapping")
@@ -465,11 +553,6 @@ def save(model: nn.Module, path: PathLike, *, info: Mapping[str, Any] | None = N
         "info": meta["info"],
     }
     dest = Path(path)
-    if meta["arch"] is None:
-        with atomic_write(dest, "wb") as f:
-            torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "header": header, "model": model}, f)
-        return dest
-
     from safetensors.torch import save as st_save
 
     tensors, tied = _dedup_tensors(model.state_dict())

@@ -26,13 +26,16 @@ Built-ins (defaults shown; all take ``num_classes``; the conv nets also ``in_cha
     conv 5×5 6→16 → ReLU → max-pool → FC 400→120→84→10.
 
 Plus ``torchvision:NAME`` (any ``torchvision.models`` builder, keyword arguments passed through,
-e.g. ``{"num_classes": 10}``) and ``package.module:callable`` (any importable factory returning an
-``nn.Module``).
+e.g. ``{"num_classes": 10}``), ``hf:CLASS`` (a ``transformers`` model class built from the
+``config`` keyword argument by :func:`ttcompress.hf.build_hf_model`; the class must be one that
+transformers registers for the config's ``model_type``, and a config naming custom code is refused)
+and ``package.module:callable`` (any importable factory returning an ``nn.Module``).
 
 Trust: :func:`build_arch` imports and calls a ``package.module:callable`` because its caller (the
 user, on the command line or in Python) named it. A name read from a file is checked first with
 :func:`check_arch_trusted`: built-ins and ``torchvision:NAME`` (resolved through torchvision's own
-model registry, never by importing a string) are always allowed; an import path only when the user
+model registry, never by importing a string) and ``hf:CLASS`` (looked up in transformers' own
+registry) are always allowed; an import path only when the user
 named the same path or passed ``trust_code=True``.
 
 References
@@ -48,6 +51,7 @@ References
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import json
 from typing import Any, Callable, Mapping
@@ -56,6 +60,7 @@ import torch
 from torch import nn
 
 from ttcompress.errors import UntrustedCodeError
+from ttcompress.hf import HF_ARCH_PREFIX, build_hf_model
 from ttcompress.meta import update_meta
 
 __all__ = [
@@ -213,6 +218,7 @@ def list_archs() -> dict[str, str]:
     """Built-in architecture names with a one-line description, plus the two name patterns."""
     names = {name: desc for name, (_, desc) in BUILTIN_ARCHS.items()}
     names["torchvision:NAME"] = "any torchvision.models classifier, e.g. torchvision:resnet18"
+    names["hf:CLASS"] = "a transformers model class, built from kwargs {'config': {...config.json...}}"
     names["package.module:callable"] = "any importable factory returning an nn.Module"
     return names
 
@@ -261,9 +267,9 @@ def build_arch(name: str, *, kwargs: Mapping[str, Any] | None = None) -> nn.Modu
 
 
 def is_import_path(name: str) -> bool:
-    """True if ``name`` is a ``package.module:callable`` import path (not a built-in, not torchvision)."""
+    """True if ``name`` is a ``package.module:callable`` import path (not a built-in, torchvision or hf)."""
     key = name.strip().lower()
-    return ":" in key and not key.startswith("torchvision:")
+    return ":" in key and not key.startswith(("torchvision:", HF_ARCH_PREFIX))
 
 
 def check_arch_trusted(name: str, *, source: str, user_arch: str | None = None, trust_code: bool = False) -> None:
@@ -314,6 +320,8 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
                 + "; see torchvision.models.list_models()"
             )
         return lambda **kw: tvm.get_model(tv_name, **kw)
+    if key.startswith(HF_ARCH_PREFIX):
+        return functools.partial(build_hf_model, name[len(HF_ARCH_PREFIX):])
     if ":" in name:
         mod_name, _, attr = name.partition(":")
         try:

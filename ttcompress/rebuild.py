@@ -10,8 +10,10 @@ with the tensors present in the file, and only then allocates real storage and l
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +21,14 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ttcompress.errors import CheckpointError, shape_mismatches
+from ttcompress.errors import ArchRequiredError, CheckpointError, shape_mismatches
 from ttcompress.formats import get_format
 from ttcompress.meta import ArchSpec, ModelMeta, set_meta
 from ttcompress.layer_report import LayerReport
 from ttcompress.models import build_arch, check_arch_trusted
 from ttcompress.modtree import get_submodule, set_submodule
 
-__all__ = ["fit_state_dict", "rebuild_model", "short_error"]
+__all__ = ["Skeleton", "fit_state_dict", "rebuild_model", "short_error", "skeleton_factory"]
 
 
 def short_error(exc: BaseException, limit: int = 160) -> str:
@@ -48,6 +50,9 @@ def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, what: st
 
 
 
+Skeleton = Callable[[], nn.Module]
+
+
 def rebuild_model(
     header: Mapping[str, Any],
     tensors: dict[str, torch.Tensor],
@@ -55,13 +60,47 @@ def rebuild_model(
     *,
     user_arch: str | None,
     trust_code: bool,
+    skeleton: Skeleton | None = None,
+    user_spec: ArchSpec | None = None,
 ) -> nn.Module:
-    """Rebuild a checkpoint's model: check trust, build it on ``meta`` and compare shapes, then build it."""
+    """Rebuild a checkpoint's model: check trust, build it on ``meta`` and compare shapes, then build it.
+
+    Parameters
+    ----------
+    header : mapping
+        The validated header (:func:`ttcompress.header.validate_header`).
+    tensors : dict
+        The file's tensors (tied duplicates are added from ``header["tied"]``).
+    p : Path
+        The file, for messages.
+    user_arch : str, optional
+        The architecture name the caller gave (an import path it names is trusted).
+    trust_code : bool
+        Allow any import path recorded in the header.
+    skeleton : callable, optional
+        Builds the dense model the recorded layers are put into, instead of the header's
+        architecture (for a file that records none, or a caller that supplies its own model).
+        Nothing named in the file is then imported.
+    user_spec : ArchSpec, optional
+        The architecture to record on the model when the header has none.
+
+    Raises
+    ------
+    ArchRequiredError
+        The header records no architecture and no ``skeleton`` was given.
+    """
     arch = header.get("arch")
-    if not isinstance(arch, Mapping):
-        raise CheckpointError(f"{p}: ttcompress header has no architecture to rebuild")
-    name = arch["name"]
-    check_arch_trusted(name, source=f"{p} (header field arch.name)", user_arch=user_arch, trust_code=trust_code)
+    given = skeleton is not None  # the caller's own model: check that its layers fit the recorded ones
+    if skeleton is None:
+        if not isinstance(arch, Mapping):
+            raise ArchRequiredError(
+                f"{p} records the weights and the applied plan but no architecture (it was saved from a model "
+                "ttcompress cannot rebuild by name); pass the dense model it came from: --arch NAME (Python: "
+                "arch=a model instance, a callable or a name)"
+            )
+        name = arch["name"]
+        check_arch_trusted(name, source=f"{p} (header field arch.name)", user_arch=user_arch, trust_code=trust_code)
+        skeleton = functools.partial(_build_named, arch, p)
     layers = {str(k): dict(v) for k, v in (header.get("layers") or {}).items()}
     tied = dict(header.get("tied") or {})
     for dup, kept in tied.items():
@@ -71,20 +110,59 @@ def rebuild_model(
             raise CheckpointError(f"{p}: tied tensor {dup!r} refers to {kept!r}, which is not in the file")
         tensors[dup] = tensors[kept]
     with torch.device("meta"), _SkipRandomInit():
-        skeleton = _build_structure(arch, layers, p)
-    _compare_shapes(skeleton, tensors, layers, p)
+        probe = _build_structure(skeleton, layers, p, check_sizes=given)
+    _compare_shapes(probe, tensors, layers, p)
     # Allocate only what the file holds: the meta skeleton gets storage and the file's tensors fill
     # it. A module with tensors that the file does not hold (non-persistent buffers, plain tensor
     # attributes) is built for real instead.
-    if {k for k, _ in skeleton.named_buffers()} <= set(skeleton.state_dict()) and not _plain_tensors(skeleton):
-        model = _materialize(skeleton)
+    if {k for k, _ in probe.named_buffers()} <= set(probe.state_dict()) and not _plain_tensors(probe):
+        model = _materialize(probe)
     else:
-        model = _build_structure(arch, layers, p)
-    fit_state_dict(model, tensors, what=f"arch {name!r} (file {p})")
+        model = _build_structure(skeleton, layers, p, check_sizes=given)
+    what = f"arch {arch['name']!r} (file {p})" if isinstance(arch, Mapping) else f"the given arch (file {p})"
+    fit_state_dict(model, tensors, what=what)
     records = {k: LayerReport.from_meta(k, v) for k, v in layers.items()}
-    set_meta(model, ModelMeta(ArchSpec.from_dict(arch), records, dict(header.get("info") or {})))
+    spec = ArchSpec.from_dict(arch) if isinstance(arch, Mapping) else user_spec
+    set_meta(model, ModelMeta(spec, records, dict(header.get("info") or {})))
     return model
 
+
+def skeleton_factory(arch: Any, kwargs: Mapping[str, Any] | None) -> Skeleton | None:
+    """A builder of the dense model from a caller's ``arch``: a module instance (copied) or a callable.
+
+    ``None`` for a name or ``None`` (those are built by name, with the trust checks).
+
+    Raises
+    ------
+    TypeError
+        ``arch`` is none of a str, an ``nn.Module`` or a callable.
+    ValueError
+        ``kwargs`` given with a module instance.
+    """
+    if arch is None or isinstance(arch, str):
+        return None
+    if isinstance(arch, nn.Module):
+        if kwargs:
+            raise ValueError("arch_kwargs cannot be given with a module instance as arch")
+        return functools.partial(copy.deepcopy, arch)
+    if callable(arch):
+        return functools.partial(_call_arch, arch, dict(kwargs or {}))
+    raise TypeError(f"arch must be a name, an nn.Module or a callable returning one, got {type(arch).__name__}")
+
+
+def _call_arch(factory: Callable[..., Any], kwargs: dict[str, Any]) -> nn.Module:
+    model = factory(**copy.deepcopy(kwargs))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"arch returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _build_named(arch: Mapping[str, Any], p: Path) -> nn.Module:
+    name = arch["name"]
+    try:
+        return build_arch(name, kwargs=arch.get("kwargs") or {})
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{p}: cannot build arch {name!r} from the header: {short_error(exc)}") from None
 
 
 def _plain_tensors(model: nn.Module) -> bool:
@@ -123,13 +201,16 @@ class _SkipRandomInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _build_structure(arch: Mapping[str, Any], layers: Mapping[str, Mapping[str, Any]], p: Path) -> nn.Module:
-    """The architecture with every recorded layer replaced by its (randomly initialized) compressed layer."""
-    name = arch["name"]
-    try:
-        model = build_arch(name, kwargs=arch.get("kwargs") or {})
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{p}: cannot build arch {name!r} from the header: {short_error(exc)}") from None
+def _build_structure(
+    skeleton: Skeleton, layers: Mapping[str, Mapping[str, Any]], p: Path, *, check_sizes: bool
+) -> nn.Module:
+    """The dense skeleton with every recorded layer replaced by its (randomly initialized) compressed layer.
+
+    With ``check_sizes``, a replaced layer's sizes (``in_features``, ...) must be the recorded ones.
+    """
+    model = skeleton()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"arch returned {type(model).__name__}, not an nn.Module")
     # A module reachable under several names (shared) is replaced by one new instance.
     by_id: dict[int, nn.Module] = {}
     for layer, record in layers.items():
@@ -137,7 +218,7 @@ def _build_structure(arch: Mapping[str, Any], layers: Mapping[str, Mapping[str, 
         try:
             old = get_submodule(model, layer)
         except (AttributeError, ValueError, TypeError):
-            raise CheckpointError(f"{p}: layer {layer!r} does not exist in arch {name!r}") from None
+            raise CheckpointError(f"{p}: layer {layer!r} does not exist in the architecture") from None
         new = by_id.get(id(old))
         if new is None:
             try:
@@ -148,8 +229,27 @@ def _build_structure(arch: Mapping[str, Any], layers: Mapping[str, Mapping[str, 
                 with contextlib.suppress(AttributeError):
                     new.rel_error = record.get("rel_error")
             by_id[id(old)] = new
+        if check_sizes:
+            _check_same_sizes(old, new, f"{p}: layer {layer!r}")
         model = set_submodule(model, layer, new)
     return model
+
+
+#: Sizes a factorized layer shares with the dense layer it replaced.
+_SIZE_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "num_embeddings", "embedding_dim",
+               "embed_dim", "kernel_size", "stride", "padding", "dilation", "groups")  # fmt: skip
+
+
+def _check_same_sizes(old: nn.Module, new: nn.Module, where: str) -> None:
+    """Refuse a recorded layer whose sizes differ from the dense layer it replaces in the architecture."""
+    for attr in _SIZE_ATTRS:
+        a, b = getattr(old, attr, None), getattr(new, attr, None)
+        if a is not None and b is not None and not isinstance(a, nn.Module) and _norm(a) != _norm(b):
+            raise CheckpointError(f"{where}: the architecture has {attr}={_norm(a)}, the file's layer {_norm(b)}")
+
+
+def _norm(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 
