@@ -3,7 +3,8 @@
 ``nn.Linear`` layers become TT-matrix layers (:class:`TTLinear`, by TT-SVD) and ``nn.Conv2d``
 layers CP-decomposed convolutions (:class:`CPConv2d`, by CP-ALS). A :class:`Plan` says what to
 compress and how; :func:`compress` applies it; :func:`save` / :func:`load` write and rebuild
-self-describing checkpoints.
+self-describing checkpoints (:func:`load` also reads Hugging Face model directories, and
+:func:`save_hf_dir` writes one, with the applied plan recorded).
 
 Importing this package touches no GPU, sets no tensorly backend and imports neither torch nor
 the heavy optional modules (matplotlib, mlxtend): every public name loads on first access.
@@ -20,6 +21,7 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time they load o
     from ttcompress.decompose.cp import CPDecomposition, cp_als, cp_param_count
     from ttcompress.decompose.modes import choose_modes
     from ttcompress.decompose.tt import TTMatrix, tt_param_count, tt_svd
+    from ttcompress.hf import load_hf_dir, save_hf_dir
     from ttcompress.io import get_meta, load, save
     from ttcompress.layers import LAYER_TYPES, CPConv2d, TTLinear
     from ttcompress.models import build_arch
@@ -40,6 +42,8 @@ _LAZY = {
     "get_meta": "ttcompress.io",
     "load": "ttcompress.io",
     "save": "ttcompress.io",
+    "load_hf_dir": "ttcompress.hf",
+    "save_hf_dir": "ttcompress.hf",
     "LAYER_TYPES": "ttcompress.layers",
     "CPConv2d": "ttcompress.layers",
     "TTLinear": "ttcompress.layers",

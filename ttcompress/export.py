@@ -9,10 +9,15 @@
   (``merge="all"``): a plain model of the original architecture, whose state dict loads into that
   architecture with no ttcompress code. ``merge="slower"`` merges only the layers whose factorized
   form measured slower than the merged one on the layer's real input shape, and keeps the rest.
+* ``hf``: a transformers model (loaded from a Hugging Face directory, or built from a config)
+  written back as a directory in the same layout (``config.json`` + ``model.safetensors``) by
+  :func:`ttcompress.hf.save_hf_dir`, with the applied layers and plan in ``ttcompress.json``, so
+  that :func:`ttcompress.load` rebuilds the compressed model from it. Refused for other models.
 
 Every export is checked before it is written: the exported program is run (onnxruntime for ONNX)
 at two batch sizes, so that a batch size baked into the graph is caught, and its outputs must match
-the model's within ``atol`` (relative to the output's scale). Nothing is written when a check fails.
+the model's within ``atol`` (relative to the output's scale); an ``hf`` directory is loaded back and
+must hold the same layers and bit-identical tensors. Nothing is written when a check fails.
 """
 
 from __future__ import annotations
@@ -32,14 +37,15 @@ import torch
 from torch import nn
 
 from ttcompress.errors import TTCompressError, UserInputError
+from ttcompress.hf import recorded_hf_arch, save_hf_dir
 from ttcompress.io import atomic_write, get_meta, save, update_meta
 from ttcompress.modtree import get_submodule, set_submodule
 
 __all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "LayerMerge", "export_model", "merge_to_dense"]
 
-ExportFormat = Literal["onnx", "torchscript", "dense"]
+ExportFormat = Literal["onnx", "torchscript", "dense", "hf"]
 #: The formats :func:`export_model` writes.
-EXPORT_FORMATS: tuple[str, ...] = ("onnx", "torchscript", "dense")
+EXPORT_FORMATS: tuple[str, ...] = ("onnx", "torchscript", "dense", "hf")
 #: The methods a factorized layer offers to rebuild the dense module it replaced.
 _TO_DENSE = ("to_dense", "to_linear", "to_conv", "to_embedding", "to_mha")
 
@@ -266,6 +272,15 @@ def _reference_outputs(model: nn.Module, xs: Sequence[torch.Tensor], shape: Sequ
     return expected
 
 
+def _export_hf(model: nn.Module, dest: Path, *, check: bool, overwrite: bool) -> ExportResult:
+    if recorded_hf_arch(model) is None:
+        raise ExportError(f"format 'hf' writes Hugging Face (transformers) models only; this model is a "
+                          f"{type(model).__name__}: use onnx, torchscript or dense")
+    save_hf_dir(model, dest, overwrite=overwrite, check=check)
+    size = sum(f.stat().st_size for f in dest.iterdir() if f.is_file())
+    return ExportResult(dest, "hf", size, 0.0 if check else None, ())
+
+
 def export_model(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -276,6 +291,7 @@ def export_model(
     merge: Literal["all", "slower"] = "all",
     check: bool = True,
     atol: float = 1e-4,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Export ``model`` to ``path`` in ``format``, checked against the model first.
 
@@ -285,10 +301,12 @@ def export_model(
         Any model; compressed models keep their factorized layers (``onnx``/``torchscript``) or
         have them merged (``dense``).
     path : str or PathLike
-        Output file (written atomically, only after the check passed).
-    format : {"onnx", "torchscript", "dense"}
+        Output file (written atomically, only after the check passed); for ``hf`` a directory,
+        which must not exist unless ``overwrite``.
+    format : {"onnx", "torchscript", "dense", "hf"}
         See the module docstring. ``dense`` writes a ttcompress checkpoint (safetensors) whose
-        tensors are the dense architecture's state dict.
+        tensors are the dense architecture's state dict; ``hf`` a Hugging Face directory
+        (transformers models only; ``input_shape`` and ``batch_size`` do not apply).
     input_shape : sequence of int, optional
         One sample's shape (without the batch dimension); default: the shape the model records.
     batch_size : int
@@ -300,6 +318,9 @@ def export_model(
         Run the exported model at two batch sizes and compare with ``model``.
     atol : float
         Largest accepted difference, relative to the output's largest magnitude.
+    overwrite : bool
+        For ``hf``: replace an existing directory (the other formats replace files; the CLI
+        asks for ``--overwrite`` first).
 
     Returns
     -------
@@ -312,6 +333,8 @@ def export_model(
     if merge != "all" and format != "dense":
         raise UserInputError(f"merge applies to format='dense' only, got format={format!r}")
     model = model.eval()
+    if format == "hf":
+        return _export_hf(model, Path(path), check=check, overwrite=overwrite)
     shape = _input_shape(model, input_shape)
     batches = (batch_size, batch_size + 2)
     xs = _inputs(shape, batches)

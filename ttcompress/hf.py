@@ -531,6 +531,7 @@ def save_hf_dir(
     plan: Plan | Mapping[str, Any] | None = None,
     info: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    check: bool = False,
 ) -> Path:
     """Write a transformers model (dense or compressed) as a Hugging Face directory, atomically.
 
@@ -548,11 +549,16 @@ def save_hf_dir(
     path : str or PathLike
         The directory to write. It is written beside as a temporary directory, then renamed.
     plan : Plan or dict, optional
-        The plan that was applied, recorded for reproducibility.
+        The plan that was applied, recorded for reproducibility; default: the ``"plan"`` entry of
+        the model's ``ttcompress_meta["info"]`` (what ``decompose`` records), if any.
     info : dict, optional
         Free-form JSON merged over the model's ``ttcompress_meta["info"]``.
     overwrite : bool, optional
         Replace an existing ``path`` (default False: :class:`OutputExistsError`).
+    check : bool, optional
+        Before the directory is moved into place, load it back with :func:`load_hf_dir` and
+        require the same structure and bit-identical tensors (:class:`CheckpointError`
+        otherwise, and nothing is written).
 
     Returns
     -------
@@ -572,6 +578,8 @@ def save_hf_dir(
         raise TypeError(f"plan must be a Plan or a dict, got {type(plan).__name__}")
     if info is not None and not isinstance(info, Mapping):
         raise TypeError(f"info must be a mapping, got {type(info).__name__}")
+    if plan is None and isinstance((meta.get("info") or {}).get("plan"), Mapping):
+        plan = meta["info"]["plan"]
     plan_dict = (plan if isinstance(plan, Plan) else Plan.from_dict(plan)).to_dict() if plan is not None else None
     state = model.state_dict(keep_vars=True)
     tied = {o: first for first, others in state_groups(model).items() for o in others if o in state}
@@ -593,4 +601,17 @@ def save_hf_dir(
         (tmp / CONFIG_FILE).write_text(json.dumps(arch["kwargs"]["config"], indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / RECORD_FILE).write_text(record_json + "\n", encoding="utf-8")
+        if check:
+            _check_same(model, load_hf_dir(tmp), dest)
     return dest
+
+
+def _check_same(model: nn.Module, back: nn.Module, dest: Path) -> None:
+    """``back`` (read from the written directory) has ``model``'s layer types and bit-identical tensors."""
+    types = {n: type(m) for n, m in model.named_modules()}
+    differ = [n for n, m in back.named_modules() if types.get(n) is not type(m)]
+    ours, theirs = model.state_dict(), back.state_dict()
+    differ += [k for k in ours if k not in theirs or not torch.equal(ours[k].detach().cpu().to(theirs[k].dtype), theirs[k])]
+    if differ or set(ours) != set(theirs):
+        raise CheckpointError(f"{dest}: the written directory does not load back as the same model "
+                              f"(first difference: {(differ or sorted(set(ours) ^ set(theirs)))[0]!r}); nothing written")

@@ -1,4 +1,4 @@
-"""``ttcompress export``: a model for deployment (ONNX, TorchScript, or merged back to dense).
+"""``ttcompress export``: a model for deployment (ONNX, TorchScript, merged back to dense, or a Hugging Face directory).
 
 A thin shell over :func:`ttcompress.export.export_model`.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -16,7 +16,10 @@ from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err,
 from ttcompress.cli.options import (
     ArchKwargsOpt, ArchOpt, JsonOpt, ModelArg, OverwriteOpt, TrustPickleOpt, parse_arch_kwargs,
 )
-from ttcompress.errors import UserInputError
+from ttcompress.errors import OutputExistsError, UserInputError
+
+if TYPE_CHECKING:
+    from ttcompress.export import ExportResult
 
 app = command_app()
 
@@ -33,15 +36,38 @@ def _shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
     return shape
 
 
+def _check_hf_options(
+    output: Path, *, overwrite: bool, model: Path, shape: Optional[tuple[int, ...]], batch_size: int
+) -> None:
+    """The output rule for a directory output: it may exist only with --overwrite, and is not the input."""
+    if shape is not None or batch_size != 1:
+        raise UserInputError("--input-shape and --batch-size do not apply to --format hf")
+    if output.exists() and model.exists() and output.resolve() == model.resolve():
+        raise OutputExistsError(f"output (-o) must differ from the input: {output}")
+    if (output.exists() or output.is_symlink()) and not overwrite:
+        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
+
+
+def _checked(result: ExportResult) -> str:
+    if result.max_error is None:
+        return "not checked"
+    if result.format == "hf":
+        return "checked: loads back with identical layers and tensors"
+    return (f"checked at batch sizes {', '.join(map(str, result.checked_batches))}: "
+            f"max relative error {result.max_error:.1e}")
+
+
 @app.command("export")
 @cli_errors
 def export(
     model: ModelArg,
     fmt: Annotated[str, typer.Option(
-        "--format", "-f", help="onnx, torchscript, or dense (every factorized layer merged back).",
+        "--format", "-f", help="onnx, torchscript, dense (every factorized layer merged back), or hf (a Hugging "
+        "Face directory: config.json + model.safetensors, plan recorded; transformers models only).",
         metavar="FORMAT")],
     output: Annotated[Path, typer.Option(
-        "-o", "--output", help="Output file (written atomically, after the check passed).", metavar="PATH")],
+        "-o", "--output", help="Output file, or directory for --format hf (written atomically, after the check "
+        "passed).", metavar="PATH")],
     input_shape: Annotated[Optional[str], typer.Option(
         "--input-shape", help="One sample's shape, e.g. 1,28,28 (default: the shape the model records).",
         show_default=False, metavar="C,H,W")] = None,
@@ -74,16 +100,17 @@ def export(
         raise UserInputError("--merge applies to --format dense only")
     shape = _shape(input_shape)
     check_inputs(model)
-    check_outputs([output], overwrite=overwrite, inputs=[model])
+    if fmt == "hf":
+        _check_hf_options(output, overwrite=overwrite, model=model, shape=shape, batch_size=batch_size)
+    else:
+        check_outputs([output], overwrite=overwrite, inputs=[model])
     loaded = load(model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle)
     result = export_model(loaded, output, format=fmt, input_shape=shape, batch_size=batch_size,  # type: ignore[arg-type]
-                          merge=merge, check=not no_check)  # type: ignore[arg-type]
+                          merge=merge, check=not no_check, overwrite=overwrite)  # type: ignore[arg-type]
     if json_:
         out.print_json(json.dumps(result.to_dict()))
         return
-    checked = (f"checked at batch sizes {', '.join(map(str, result.checked_batches))}: "
-               f"max relative error {result.max_error:.1e}") if result.max_error is not None else "not checked"
-    out.print(f"{result.format}: {result.path} ({result.size_bytes:,} bytes; {checked})")
+    out.print(f"{result.format}: {result.path} ({result.size_bytes:,} bytes; {_checked(result)})")
     for layer in result.layers:
         timing = (f" (factorized {layer.factorized_ms:.3f} ms vs dense {layer.dense_ms:.3f} ms)"
                   if layer.factorized_ms is not None else "")

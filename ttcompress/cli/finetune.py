@@ -7,7 +7,7 @@ A thin shell over :func:`ttcompress.training.api.finetune_file`; the options are
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -56,6 +56,7 @@ from ttcompress.cli.train import (
     render_result,
     require_output,
 )
+from ttcompress.errors import UserInputError
 from ttcompress.io import read_header
 from ttcompress.teacher import default_teacher
 from ttcompress.training.config import FinetuneConfig
@@ -102,6 +103,13 @@ def finetune(
     eval_batch_size: EvalBatchSizeOpt = FinetuneConfig.eval_batch_size,
     resume: ResumeOpt = False,
     teacher: TeacherOpt = None,
+    teacher_arch: Annotated[Optional[str], typer.Option(
+        "--teacher-arch", help="Architecture of a --teacher that is a bare state dict (same forms as --arch; "
+        "default: the student's recorded architecture).", show_default=False, metavar="NAME",
+        rich_help_panel="Distillation")] = None,
+    teacher_arch_kwargs: Annotated[Optional[str], typer.Option(
+        "--teacher-arch-kwargs", help="Constructor arguments for --teacher-arch, as a JSON object.",
+        show_default=False, metavar="JSON", rich_help_panel="Distillation")] = None,
     no_distill: Annotated[bool, typer.Option(
         "--no-distill", help="Do not distill from the source model that decompose recorded (the default teacher "
         "when that file is still there and unchanged).", rich_help_panel="Distillation")] = False,
@@ -121,6 +129,9 @@ def finetune(
     continued with --resume). Runs data-parallel under torchrun.
 
     Example: ttcompress finetune model.tt.pt --data mnist-5k --epochs 3 -o model.ft.pt
+
+    Distill from a state-dict baseline: --teacher base.pt (its architecture defaults to the student's;
+    or --teacher-arch NAME --teacher-arch-kwargs JSON).
     """
     from ttcompress.cli.progress import RichProgress
     from ttcompress.training.api import finetune_file
@@ -132,6 +143,10 @@ def finetune(
         distill_loss=distill_loss,
         eval_batch_size=eval_batch_size, num_workers=workers, max_batches=max_batches, val_fraction=val_fraction,
     )  # fmt: skip
+    if teacher is None and (teacher_arch is not None or teacher_arch_kwargs is not None):
+        raise UserInputError("--teacher-arch and --teacher-arch-kwargs need --teacher")
+    if teacher_arch is None and teacher_arch_kwargs is not None:
+        raise UserInputError("--teacher-arch-kwargs needs --teacher-arch")
     if teacher is None and not no_distill:
         teacher = _recorded_teacher(model)
     progress = RichProgress(err)
@@ -140,7 +155,8 @@ def finetune(
             model, output=require_output(output, overwrite=overwrite, resume=resume, inputs=(model, teacher)), data=data, data_root=data_root, download=download,
             image_size=image_size, config=config, teacher=teacher, arch=arch,
             arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle, trust_code=trust_code,
-            progress=progress, resume=resume,
+            progress=progress, resume=resume, teacher_arch=teacher_arch,
+            teacher_arch_kwargs=parse_arch_kwargs(teacher_arch_kwargs, option="--teacher-arch-kwargs"),
         )  # fmt: skip
     finally:
         progress.close()

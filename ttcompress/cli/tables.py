@@ -86,11 +86,19 @@ def layer_table(result: CompressionResult) -> Table:
     return table
 
 
+def _arch_text(arch: dict | None) -> str:
+    """An architecture record in a few words (a Hugging Face config by its model type only)."""
+    if not arch:
+        return "not recorded (loads with --arch)"
+    kwargs = dict(arch.get("kwargs") or {})
+    if isinstance(kwargs.get("config"), dict) and str(arch["name"]).startswith("hf:"):
+        return f"{arch['name']} ({kwargs['config'].get('model_type')} config)"
+    return arch["name"] + (f" {json.dumps(kwargs)}" if kwargs else "")
+
+
 def summary_table(summary: ModelSummary, *, title: str) -> Table:
     """Render a :class:`ModelSummary` as a rich table."""
-    arch = summary.arch["name"] + (
-        f" {json.dumps(summary.arch['kwargs'])}" if summary.arch and summary.arch.get("kwargs") else ""
-    ) if summary.arch else "not rebuildable (pickled module)"
+    arch = _arch_text(summary.arch)
     caption = f"{summary.kind} · arch {arch} · {summary.total_params:,} params"
     table = Table(title=title, caption=caption)
     cols = ["layer", "type", "shape", "params", "share", "format"]

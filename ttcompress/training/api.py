@@ -15,6 +15,7 @@ from ttcompress import io as tio
 from ttcompress.data import DatasetBundle, load_dataset
 from ttcompress.errors import UserInputError, refused_input
 from ttcompress.models import build_arch
+from ttcompress.teacher import load_teacher
 from ttcompress.training.config import FinetuneConfig, TrainConfig
 from ttcompress.training.loop import fit
 from ttcompress.training.records import TrainCallback, TrainResult
@@ -106,9 +107,11 @@ def train_arch(
     torch.manual_seed(cfg.seed)
     with refused_input():
         model = build_arch(arch, kwargs=fit_arch_kwargs(arch, arch_kwargs, bundle))
-    teacher_model = (
-        _load_model(teacher, trust_pickle=trust_pickle, trust_code=trust_code) if teacher is not None else None
-    )
+    teacher_model = None
+    if teacher is not None:  # a state-dict teacher gets the student's architecture
+        with refused_input():
+            teacher_model = load_teacher(teacher, student=model, student_arch=arch, trust_pickle=trust_pickle,
+                                         trust_code=trust_code)
     return fit(model, bundle, output=output, config=cfg, teacher=teacher_model, progress=progress,
                resume=resume, mode="train")  # fmt: skip
 
@@ -129,11 +132,15 @@ def finetune_file(
     trust_code: bool = False,
     progress: TrainCallback | None = None,
     resume: bool = False,
+    teacher_arch: str | None = None,
+    teacher_arch_kwargs: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Load a model file with :func:`ttcompress.io.load`, then :func:`finetune` it on ``data``.
 
     What ``ttcompress finetune`` runs. ``teacher`` is a model file for distillation (loaded the
-    same way, with the same ``trust_pickle`` and ``trust_code``).
+    same way, with the same ``trust_pickle`` and ``trust_code``, by
+    :func:`ttcompress.teacher.load_teacher`): a teacher that needs an architecture gets
+    ``teacher_arch``/``teacher_arch_kwargs``, by default the student's recorded architecture.
     """
     cfg = config or FinetuneConfig()
     for other, name in ((model, "model"), (teacher, "teacher")):
@@ -141,9 +148,13 @@ def finetune_file(
             raise UserInputError(f"output must differ from the {name} file: {output}")
     bundle = load_dataset(data, root=data_root, download=download, image_size=image_size)
     net = _load_model(model, trust_pickle=trust_pickle, trust_code=trust_code, arch=arch, arch_kwargs=arch_kwargs)
-    teacher_model = (
-        _load_model(teacher, trust_pickle=trust_pickle, trust_code=trust_code) if teacher is not None else None
-    )
+    if teacher is None and (teacher_arch is not None or teacher_arch_kwargs is not None):
+        raise UserInputError("teacher_arch and teacher_arch_kwargs need a teacher")
+    teacher_model = None
+    if teacher is not None:
+        with refused_input():
+            teacher_model = load_teacher(teacher, student=net, arch=teacher_arch, arch_kwargs=teacher_arch_kwargs,
+                                         student_arch=arch, trust_pickle=trust_pickle, trust_code=trust_code)
     return fit(net, bundle, output=output, config=cfg, teacher=teacher_model, progress=progress,
                resume=resume, mode="finetune")  # fmt: skip
 
