@@ -6,7 +6,9 @@ Tiny GPT-2 / BERT models built from configs (never the hub), saved with ``save_p
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -200,3 +202,29 @@ def test_checkpoint_without_arch_points_to_arch(tmp_path):
     with pytest.raises(ArchRequiredError, match="arch="):
         load(path)
     assert_refused(invoke("inspect", path), "--arch")
+
+
+def _rewrite_header(src: Path, dst: Path, mutate) -> Path:  # noqa: ANN001
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    st = json.loads(raw[8 : 8 + n])
+    header = json.loads(st["__metadata__"]["ttcompress"])
+    mutate(header)
+    st["__metadata__"]["ttcompress"] = json.dumps(header)
+    blob = json.dumps(st).encode()
+    dst.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
+    return dst
+
+
+@pytest.mark.parametrize(("mutate", "match"), [
+    (lambda h: h["arch"].update(name="hf:os.system"), "not a transformers model class"),
+    (lambda h: h["arch"]["kwargs"]["config"].update(auto_map={"AutoModel": "x.Y"}), "custom code (auto_map)"),
+    (lambda h: h["arch"]["kwargs"]["config"].update(n_embd=64), "does not match the file"),
+    (lambda h: h["arch"]["kwargs"]["config"].update(vocab_size=2**31), "does not match the file"),
+])
+def test_hf_arch_in_a_header_is_data(compressed, tmp_path, mutate, match):
+    """An ``hf:`` record runs no code and sizes nothing before the file's tensors are compared."""
+    bad = _rewrite_header(compressed, tmp_path / "bad.tt.pt", mutate)
+    with pytest.raises(CheckpointError, match=re.escape(match)):
+        load(bad)
+    assert_refused(invoke("inspect", bad), match)
