@@ -419,11 +419,13 @@ def _spec_of(arch: ArchLike | None, arch_kwargs: Mapping[str, Any] | None) -> Ar
     when it is a transformers model (its ``hf:`` record) or carries a recorded architecture itself."""
     if isinstance(arch, str):
         return ArchSpec(arch, dict(arch_kwargs or {}))
-    if isinstance(arch, nn.Module):
-        spec = read_meta(arch).arch
-        recorded = recorded_hf_arch(arch)
-        return spec if spec is not None else None if recorded is None else ArchSpec.from_dict(recorded)
-    return None
+    if not isinstance(arch, nn.Module):
+        return None
+    spec = read_meta(arch).arch
+    if spec is not None:
+        return spec
+    recorded = recorded_hf_arch(arch)
+    return None if recorded is None else ArchSpec.from_dict(recorded)
 
 
 def _check_arch_conflict(

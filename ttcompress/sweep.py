@@ -44,6 +44,7 @@ from ttcompress.evaluation import evaluate, resolve_device
 from ttcompress.io import load, save
 from ttcompress.layer_report import count_params
 from ttcompress.surgery import compress_with_report
+from ttcompress.teacher import load_teacher
 from ttcompress.training.api import finetune
 from ttcompress.training.checkpoint import RESUME_FREE_OPTIONS
 from ttcompress.training.config import FinetuneConfig, TrainConfig
@@ -468,7 +469,8 @@ def sweep_report(
         load_kwargs.update(arch=arch, arch_kwargs=dict(arch_kwargs or {}))
     with refused_input():
         base_model = load(baseline, **load_kwargs)
-        teacher_model = load(teacher, trust_pickle=trust_pickle, trust_code=trust_code) if teacher is not None else None
+        teacher_model = None if teacher is None else load_teacher(  # a state dict gets the baseline's arch
+            teacher, student=base_model, student_arch=arch, trust_pickle=trust_pickle, trust_code=trust_code)
     results = run_sweep(
         baseline, bundle=bundle, settings=settings, output_dir=out, config=config, base_plan=base_plan,
         plan_options=plan_options, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, trust_code=trust_code,

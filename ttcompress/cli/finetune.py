@@ -57,6 +57,7 @@ from ttcompress.cli.train import (
     require_output,
 )
 from ttcompress.errors import UserInputError
+from ttcompress.hf_files import read_record
 from ttcompress.io import read_header
 from ttcompress.teacher import default_teacher
 from ttcompress.training.config import FinetuneConfig
@@ -65,8 +66,9 @@ app = command_app()
 
 
 def _recorded_teacher(model: Path) -> Path | None:
-    """The source model recorded by ``decompose`` in MODEL's header, if unchanged (says so on stderr)."""
-    header = read_header(model) if model.is_file() else None
+    """The source model recorded by ``decompose`` in MODEL's header (or a Hugging Face directory's
+    ``ttcompress.json``), if unchanged (says so on stderr)."""
+    header = read_header(model) if model.is_file() else read_record(model) if model.is_dir() else None
     choice = default_teacher((header or {}).get("info") or {})
     if choice.message is not None:
         err.print(choice.message, style="yellow" if choice.warning else None, highlight=False, soft_wrap=True)

@@ -55,7 +55,8 @@ ModelArg = Annotated[
     Path,
     typer.Argument(
         help="Model file: a ttcompress checkpoint, a state dict (.pt/.pth/.safetensors, needs --arch), "
-        "or a whole pickled nn.Module (needs --trust-pickle).",
+        "a Hugging Face directory (config.json + model.safetensors), or a whole pickled nn.Module (needs "
+        "--trust-pickle).",
         show_default=False,
         metavar="MODEL",
     ),
@@ -65,8 +66,9 @@ ArchOpt = Annotated[
     Optional[str],
     typer.Option(
         "--arch",
-        help="Architecture of a bare state dict: a built-in name (seed-cnn, seed-fc3, seed-tt2, lenet5), "
-        "torchvision:NAME (e.g. torchvision:resnet18) or package.module:callable.",
+        help="Architecture of a bare state dict, or of a checkpoint that records none: a built-in name "
+        "(seed-cnn, seed-fc3, seed-tt2, lenet5), torchvision:NAME (e.g. torchvision:resnet18), hf:CLASS "
+        "(--arch-kwargs '{\"config\": {...}}'), package.module:callable, or the dense model's own file.",
         show_default=False,
         metavar="NAME",
     ),

@@ -41,6 +41,8 @@ ABSENT: dict[str, str] = {
     "--json": "the report's format is --report-format json (or --report FILE.json)",
     "--resume": "a sweep always resumes: re-running with the same arguments continues where it stopped",
     "--dry-run": "preview one setting with `decompose --dry-run` and its flags",
+    "--teacher-arch": "a --teacher that is a bare state dict gets the baseline's architecture (--arch)",
+    "--teacher-arch-kwargs": "a --teacher that is a bare state dict gets the baseline's architecture (--arch)",
     "--calib-samples": "a sweep decomposes without calibration data (its --data is the fine-tuning data); "
                        "calibrate one setting with `decompose --data`",
     "--no-calib": "a sweep decomposes without calibration data already",
