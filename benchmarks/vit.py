@@ -25,7 +25,10 @@ knowledge distillation from the dense model (``after FT``).
 Finally the forward time of one encoder block (attention + MLP, batch 64 and batch 1, eval mode,
 no grad) of each compressed model is compared with the dense block's, in one process with
 ``torch.utils.benchmark``, the variants interleaved, and the median ratio over the repeats
-reported.
+reported; beside them a dense block whose attention is a
+:class:`~ttcompress.layers.attention.FactorizedMultiheadAttention` with dense projections (the
+cost of that module apart from TT's). ``--timing-only`` times the same blocks built from an
+untrained ViT (same shapes and ranks), without training.
 
 The input has one channel: the ViT's patch embedding ``conv_proj`` is built for 1 input channel
 (:func:`small_vit`) instead of repeating the grey channel three times.
@@ -33,6 +36,7 @@ The input has one channel: the ViT's patch embedding ``conv_proj`` is built for 
 Usage::
 
     python benchmarks/vit.py --output runs/vit                 # the full run (docs/results.md)
+    python benchmarks/vit.py --timing-only --output runs/vit-timing
     python benchmarks/vit.py --quick --output /tmp/vit-quick    # seconds: a tiny ViT, one rank
 
 References
@@ -49,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fnmatch
 import json
 import platform
 import statistics
@@ -66,6 +71,7 @@ from torch import nn
 from torch.utils import benchmark
 
 import ttcompress
+from ttcompress.layers.attention import FactorizedMultiheadAttention
 from ttcompress.plan import Plan, Rule, TTSettings
 
 #: Name patterns of the compressed parts (plan rules address the attention projections by name).
@@ -205,6 +211,8 @@ def measure_config(
     fitted.model.eval()
     acc_ft = _accuracy(fitted.model, bundle)
     part_before, part_after = _part_sizes(fitted)
+    kept = {r.name: r.skipped for r in fitted.records if r.format == "dense" and r.skipped
+            and any(fnmatch.fnmatchcase(r.name, p) for p in plan.layers)}  # fmt: skip
     uncal_before, uncal_after = _part_sizes(plain)
     row = {
         "params": fitted.params_after,
@@ -216,6 +224,7 @@ def measure_config(
         "layers": len(fitted.compressed),
         "layers_uncalibrated": len(plain.compressed),
         "same_layers": (uncal_before, uncal_after) == (part_before, part_after),
+        "kept_dense_calibrated": kept,
         "top1_uncalibrated": acc_plain,
         "top1_calibrated": acc_calib,
         "top1_finetuned": acc_ft,
@@ -225,6 +234,35 @@ def measure_config(
         "finetune_config": config.to_dict(),
     }
     return row, fitted.model
+
+
+def converted_block(block: nn.Module) -> nn.Module:
+    """A copy of a dense encoder block whose ``nn.MultiheadAttention`` is a dense
+    :class:`FactorizedMultiheadAttention` (separates the cost of the module from that of TT)."""
+    block = copy.deepcopy(block)
+    block.self_attention = FactorizedMultiheadAttention.from_mha(block.self_attention)
+    return block
+
+
+def timing_blocks(settings: Settings) -> dict[str, nn.Module]:
+    """Encoder block 0 of a freshly initialized ViT, dense and compressed in every configuration.
+
+    TT-SVD of the random weights, no calibration, no fine-tuning: the forward time depends on the
+    layers' shapes and ranks only (``--timing-only``).
+    """
+    torch.manual_seed(settings.seed)
+    dense = small_vit(settings).eval()
+    blocks = {"dense": dense.encoder.layers[0], "dense, attention converted": converted_block(dense.encoder.layers[0])}
+    for part, ra, rm in configurations(settings):
+        model = ttcompress.compress(copy.deepcopy(dense), vit_plan(ra, rm))
+        blocks[config_label(part, ra, rm)] = model.encoder.layers[0]
+    return blocks
+
+
+def config_label(part: str, attention_rank: int | None, mlp_rank: int | None) -> str:
+    if part == "mixed":
+        return f"mixed-a{attention_rank}-m{mlp_rank}"
+    return f"{part}-r{attention_rank if attention_rank is not None else mlp_rank}"
 
 
 def time_blocks(blocks: dict[str, nn.Module], *, batch: int, tokens: int, dim: int, settings: Settings) -> dict[str, Any]:
@@ -263,9 +301,9 @@ def run(settings: Settings, *, output: Path, data_root: str | None = None) -> di
     _log(f"dense: {dense_row['params']:,} params, top-1 {dense_row['top1']:.4f}, {dense_row['train_seconds']:.0f} s")
     calib = _calib_images(bundle, settings.calib_samples, settings.seed)
     rows: list[dict[str, Any]] = []
-    blocks: dict[str, nn.Module] = {"dense": dense.encoder.layers[0]}
+    blocks = {"dense": dense.encoder.layers[0], "dense, attention converted": converted_block(dense.encoder.layers[0])}
     for part, ra, rm in configurations(settings):
-        label = f"{part}-r{ra if ra is not None else rm}" if part != "mixed" else f"mixed-a{ra}-m{rm}"
+        label = config_label(part, ra, rm)
         _log(f"{label}: compress, calibrate, fine-tune")
         row, model = measure_config(dense, bundle, vit_plan(ra, rm), calib=calib, settings=settings,
                                     out=output, label=label)  # fmt: skip
@@ -273,21 +311,31 @@ def run(settings: Settings, *, output: Path, data_root: str | None = None) -> di
         blocks[label] = model.encoder.layers[0]
         _log(f"{label}: {row['compression']:.2f}x, top-1 {row['top1_uncalibrated']:.4f} / "
              f"{row['top1_calibrated']:.4f} / {row['top1_finetuned']:.4f}")  # fmt: skip
+    return {"dense": dense_row, "rows": rows, **timing_results(blocks, settings, start)}
+
+
+def timing_results(blocks: dict[str, nn.Module], settings: Settings, start: float) -> dict[str, Any]:
+    """Time ``blocks`` at batch 64 and 1; with the settings and the machine, as in ``results.json``."""
     tokens = (settings.image_size // settings.patch_size) ** 2 + 1
     _log("timing the encoder blocks")
     timing = {str(b): time_blocks(blocks, batch=b, tokens=tokens, dim=settings.hidden_dim, settings=settings)
               for b in (64, 1)}  # fmt: skip
     return {
-        "settings": {k: v for k, v in settings.__dict__.items()},
+        "settings": dict(settings.__dict__),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
                     "processor": platform.processor() or platform.machine()},
-        "dense": dense_row,
-        "rows": rows,
         "timing": timing,
         "tokens": tokens,
         "wall_seconds": time.perf_counter() - start,
     }  # fmt: skip
+
+
+def run_timing(settings: Settings) -> dict[str, Any]:
+    """Only the encoder-block timing, on untrained blocks (:func:`timing_blocks`)."""
+    torch.set_num_threads(settings.threads)
+    start = time.perf_counter()
+    return timing_results(timing_blocks(settings), settings, start)
 
 
 def _pct(x: float | None) -> str:
@@ -302,7 +350,12 @@ def _rank(row: dict[str, Any]) -> str:
 
 
 def to_markdown(results: dict[str, Any]) -> str:
-    """The accuracy table and the timing table, as Markdown."""
+    """The accuracy table (unless timing only) and the timing table, as Markdown."""
+    return (accuracy_markdown(results) + "\n" if "rows" in results else "") + timing_markdown(results)
+
+
+def accuracy_markdown(results: dict[str, Any]) -> str:
+    """Accuracy vs compression, one row per configuration."""
     d = results["dense"]
     lines = [
         "| compressed | TT rank | params | compression (model) | compression (part) | top-1 uncalibrated "
@@ -315,8 +368,13 @@ def to_markdown(results: dict[str, Any]) -> str:
         note = "" if r["same_layers"] else " ¹"
         lines.append(f"| {r['part']} | {_rank(r)} | {r['params']:,}{note} | {r['compression']:.2f}× | {part} | "
                      f"{_pct(r['top1_uncalibrated'])} | {_pct(r['top1_calibrated'])} | {_pct(r['top1_finetuned'])} |")
-    lines += ["", "| encoder block | batch 64: ms | ratio to dense | batch 1: ms | ratio to dense |",
-              "| --- | ---: | ---: | ---: | ---: |"]
+    return "\n".join(lines) + "\n"
+
+
+def timing_markdown(results: dict[str, Any]) -> str:
+    """Median forward time of each encoder block and its ratio to the dense one."""
+    lines = ["| encoder block | batch 64: ms | ratio to dense | batch 1: ms | ratio to dense |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     t64, t1 = results["timing"]["64"], results["timing"]["1"]
     for name in t64:
         lines.append(f"| {name} | {t64[name]['median_ms']:.3f} | {t64[name]['ratio']:.2f} | "
@@ -334,6 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ranks", default=None, help="comma-separated TT ranks (default 2,4,8,16)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default 1)")
     parser.add_argument("--quick", action="store_true", help="a tiny ViT, one rank, a few batches (seconds)")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only time the encoder blocks (untrained weights, same shapes and ranks)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()
     changes: dict[str, Any] = {}
@@ -348,7 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = replace(settings, **changes)
     with tempfile.TemporaryDirectory() as tmp:
         output = args.output if args.output is not None else Path(tmp)
-        results = run(settings, output=output, data_root=args.data_root)
+        if args.timing_only:
+            results = run_timing(settings)
+        else:
+            results = run(settings, output=output, data_root=args.data_root)
         table = to_markdown(results)
         output.mkdir(parents=True, exist_ok=True)
         (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -69,8 +69,17 @@ def test_quick_mode_runs_end_to_end(vit: ModuleType, tmp_path: Path, capsys: pyt
     assert rows["both-r2"]["params"] < min(rows["attention-r2"]["params"], rows["mlp-r2"]["params"])
     for batch in ("64", "1"):
         timing = results["timing"][batch]
-        assert set(timing) == {"dense", *rows} and timing["dense"]["ratio"] == 1.0
+        assert set(timing) == {"dense", "dense, attention converted", *rows} and timing["dense"]["ratio"] == 1.0
         assert all(t["median_ms"] > 0 and t["ratio"] > 0 for t in timing.values())
     out = capsys.readouterr().out
     assert out == (tmp_path / "results.md").read_text() + "\n"
     assert "| attention | 2 |" in out and "| encoder block |" in out
+
+
+def test_timing_only_times_every_configuration(vit: ModuleType, tmp_path: Path) -> None:
+    assert vit.main(["--quick", "--timing-only", "--output", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert "rows" not in results
+    labels = {vit.config_label(*c) for c in vit.configurations(vit.QUICK)}
+    assert set(results["timing"]["1"]) == {"dense", "dense, attention converted", *labels}
+    assert (tmp_path / "results.md").read_text().startswith("| encoder block |")
