@@ -73,6 +73,7 @@ from torch.utils import benchmark
 import ttcompress
 from ttcompress.layers.attention import FactorizedMultiheadAttention
 from ttcompress.plan import Plan, Rule, TTSettings
+from ttcompress.training import FinetuneConfig, TrainConfig, finetune, train
 
 #: Name patterns of the compressed parts (plan rules address the attention projections by name).
 ATTENTION = "encoder.layers.*.self_attention.*"
@@ -172,11 +173,11 @@ def train_dense(settings: Settings, bundle: Any, out: Path) -> tuple[nn.Module, 
     """Train the dense ViT (Adam, cosine schedule) and return it with its accuracy and time."""
     torch.manual_seed(settings.seed)
     model = small_vit(settings, num_classes=bundle.num_classes, in_channels=bundle.input_shape[0])
-    config = ttcompress.TrainConfig(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
+    config = TrainConfig(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
                                     schedule="cosine", device="cpu", seed=settings.seed,
                                     max_batches=settings.train_max_batches)  # fmt: skip
     t0 = time.perf_counter()
-    ttcompress.train(model, bundle, output=out / "dense.pt", config=config)
+    train(model, bundle, output=out / "dense.pt", config=config)
     seconds = time.perf_counter() - t0
     model.eval()
     return model, {"params": _params(model), "top1": _accuracy(model, bundle), "train_seconds": seconds}
@@ -204,9 +205,9 @@ def measure_config(
     fitted = compress_one(dense, plan, calib=calib, check=calib[:8])
     acc_calib = _accuracy(fitted.model, bundle)
     t_compress = time.perf_counter() - t0
-    config = ttcompress.FinetuneConfig(device="cpu", seed=settings.seed, max_batches=settings.finetune_max_batches)
+    config = FinetuneConfig(device="cpu", seed=settings.seed, max_batches=settings.finetune_max_batches)
     t0 = time.perf_counter()
-    ttcompress.finetune(fitted.model, bundle, output=out / f"{label}.pt", config=config, teacher=dense)
+    finetune(fitted.model, bundle, output=out / f"{label}.pt", config=config, teacher=dense)
     t_ft = time.perf_counter() - t0
     fitted.model.eval()
     acc_ft = _accuracy(fitted.model, bundle)
