@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import ttcompress.train as compat
 import ttcompress.training as training
 from ttcompress.cli.progress import RichProgress
@@ -36,6 +38,14 @@ def test_compat_module_reexports_the_training_api() -> None:
         assert getattr(compat, name) is getattr(training, name)
     assert compat.evaluate is evaluate
     assert compat.resolve_device is resolve_device
+
+
+def test_public_train_still_callable_after_importing_the_compat_module() -> None:
+    import ttcompress
+
+    assert ttcompress.train is compat  # the import system set the package attribute to the submodule
+    with pytest.raises(TypeError, match="model must be an nn.Module"):  # reaches training.train
+        ttcompress.train(object(), object(), output="unused.pt")
 
 
 def test_rich_progress_is_a_train_callback() -> None:

@@ -6,6 +6,10 @@ The rich progress UI moved to the command line side: :mod:`ttcompress.cli.progre
 
 from __future__ import annotations
 
+import sys
+import types
+from typing import Any
+
 import ttcompress.training as _training
 from ttcompress.evaluation import EvalResult, evaluate, resolve_device, resolve_device_type
 from ttcompress.training import (
@@ -30,3 +34,14 @@ from ttcompress.training import (
 )
 
 __all__ = [*_training.__all__, "EvalResult", "evaluate", "resolve_device", "resolve_device_type"]
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this module makes ``ttcompress.train`` (the package attribute) this module, which
+    would shadow the public function :func:`ttcompress.train`: calling the module calls it."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> TrainResult:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
