@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import hashlib
 import json
 from pathlib import Path
@@ -226,3 +227,23 @@ def test_default_teacher_found_and_hash_checked(tmp_path):
     choice = default_teacher(info)
     assert choice.path is None and choice.warning and "changed" in choice.message
     assert default_teacher({}).path is None and default_teacher({}).message is None
+
+
+def test_inspect_table_shows_the_recorded_output_error(tmp_path) -> None:
+    """A calibrated checkpoint's per-layer output error (before → after fitting) shows in inspect's table."""
+    from rich.console import Console
+
+    from ttcompress.cli.tables import summary_table
+    from ttcompress.layer_report import LayerReport
+    from ttcompress.surgery import ModelSummary
+
+    fitted = LayerReport("fc", "tt", "TTLinear", (8, 8), 64, 16, ranks=(1, 2, 1), rel_error=2.0,
+                         out_error_before=0.9, out_error_after=0.25, params=16, share=0.2)
+    plain = LayerReport("fc", "tt", "TTLinear", (8, 8), 64, 16, ranks=(1, 2, 1), rel_error=0.3, params=16, share=0.2)
+    texts = []
+    for record in (fitted, plain):
+        console = Console(width=300, record=True, file=io.StringIO())
+        console.print(summary_table(ModelSummary("ttcompress", None, 80, 16, (record,), True), title="m"))
+        texts.append(console.export_text())
+    assert "out. error" in texts[0] and "0.9000 → 0.2500" in texts[0] and "2.0000 !" not in texts[0]
+    assert "out. error" not in texts[1] and "0.3000" in texts[1]

@@ -297,7 +297,7 @@ def test_train_only_decomposed_needs_decomposed_layers(tiny: DatasetBundle, tmp_
 
 def test_distillation_runs_and_teaches(tiny: DatasetBundle, baseline: nn.Module, tmp_path: Path) -> None:
     student = seeded(seed=1)
-    cfg = FinetuneConfig(epochs=1, lr=2e-3, distill_alpha=0.7, distill_temperature=3.0, **CPU)
+    cfg = FinetuneConfig(epochs=1, lr=2e-3, schedule="none", distill_alpha=0.7, distill_temperature=3.0, **CPU)
     result = finetune(student, tiny, output=tmp_path / "kd.pt", config=cfg, teacher=baseline)
     rec = result.history[0]
     assert torch.isfinite(torch.tensor(rec.train_loss)) and evaluate(student, tiny).accuracy > 0.3

@@ -103,14 +103,18 @@ def summary_table(summary: ModelSummary, *, title: str) -> Table:
     table = Table(title=title, caption=caption)
     cols = ["layer", "type", "shape", "params", "share", "format"]
     cols += ["modes / ranks", "before", "rel. error"] if summary.compressed else ["compressible", "suggestion"]
+    calibrated = summary.compressed and any(r.out_error_after is not None for r in summary.layers)
+    cols += ["out. error"] if calibrated else []
     for c in cols:
-        table.add_column(c, justify="right" if c in ("params", "share", "before", "rel. error") else "left")
+        table.add_column(c, justify="right" if c in ("params", "share", "before", "rel. error", "out. error") else "left")
     for r in summary.layers:
         row = [r.name, r.type, "x".join(map(str, r.shape)), f"{r.params:,}", f"{100 * r.share:.1f}%",
                format_label(r.format)]
         if summary.compressed:
             row += [r.structure, f"{r.params_before:,}" if r.params_before else "–",
-                    error_cell(r.rel_error)]
+                    f"{r.rel_error:.4f}" if r.out_error_after is not None and r.rel_error is not None
+                    else error_cell(r.rel_error)]
+            row += [_out_error_cell(r)] if calibrated else []
         else:
             row += ["yes" if r.compressible else f"no: {r.skipped}", r.suggestion or "–"]
         table.add_row(*row)

@@ -54,8 +54,9 @@ MomentumOpt = Annotated[float, typer.Option(
 WeightDecayOpt = Annotated[float, typer.Option(
     "--weight-decay", help="Weight decay.", metavar="FLOAT", rich_help_panel=_OPT)]
 ScheduleOpt = Annotated[str, typer.Option(
-    "--schedule", help="Learning-rate schedule per epoch: none, cosine (to 0 over --epochs), "
-    "step (x --gamma every --step-size epochs).", metavar="NAME", rich_help_panel=_OPT)]
+    "--schedule", help="Learning-rate schedule: none, cosine (per epoch, to 0 over --epochs), "
+    "step (x --gamma every --step-size epochs), warmup-cosine (per batch: linear warm-up over the first 10% "
+    "of the steps, then cosine to 0).", metavar="NAME", rich_help_panel=_OPT)]
 StepSizeOpt = Annotated[int, typer.Option(
     "--step-size", help="Epochs between decays of --schedule step.", metavar="INT", rich_help_panel=_OPT)]
 GammaOpt = Annotated[float, typer.Option(

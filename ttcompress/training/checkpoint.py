@@ -84,7 +84,7 @@ def read_resume(path: Path, config: TrainConfig, data: str | None = None) -> dic
     old = state.get("config") or {}
     now = config.to_dict()
     # More (or fewer) epochs only change the result when the schedule is stretched over them.
-    free = RESUME_FREE_OPTIONS | ({"epochs"} if config.schedule != "cosine" else set())
+    free = RESUME_FREE_OPTIONS | ({"epochs"} if config.schedule in ("none", "step") else set())
     changed = [
         f"{key} {old[key]!r} -> {now[key]!r}" for key in now if key not in free and key in old and old[key] != now[key]
     ]

@@ -39,12 +39,12 @@ from ttcompress.training.checkpoint import (
     write_metrics,
     write_resume,
 )
-from ttcompress.training.config import TrainConfig, choice
+from ttcompress.training.config import STEP_SCHEDULES, TrainConfig, choice
 from ttcompress.training.distributed import Dist
-from ttcompress.training.optim import make_optimizer, make_scheduler, set_trainable
+from ttcompress.training.optim import make_optimizer, make_scheduler, param_groups, set_trainable
 from ttcompress.training.records import EpochRecord, RunPaths, TrainCallback, TrainResult, run_paths
 
-__all__ = ["distill_kind", "fit", "holdout_split"]
+__all__ = ["distill_kind", "fit", "holdout_split", "lone_last_batch"]
 
 
 def _check_fit_types(model: Any, bundle: Any, config: Any, teacher: Any) -> None:
@@ -220,16 +220,16 @@ def _prepare(
         check_model_fits(teacher, bundle, device=device, what="teacher", require_finite=True)
 
     torch.manual_seed(config.seed)
-    optimizer = make_optimizer(set_trainable(model, config.train_only), config)
-    scheduler = make_scheduler(optimizer, config)
+    optimizer = make_optimizer(param_groups(model, set_trainable(model, config.train_only), config), config)
+    train_loader, val_loader = _loaders(bundle, config, ctx, device)
+    steps = len(train_loader) if config.max_batches is None else min(len(train_loader), config.max_batches)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch=steps)
     scaler = torch.amp.GradScaler("cuda") if (config.amp == "fp16" and device.type == "cuda") else None
     state = RunState(base_meta=meta_snapshot(model))
     if resume_state is not None:
         state = restore(resume_state, path=paths.resume, model=model, optimizer=optimizer, scheduler=scheduler,
                         scaler=scaler, device=device, base_meta=state.base_meta)  # fmt: skip
 
-    train_loader, val_loader = _loaders(bundle, config, ctx, device)
-    steps = len(train_loader) if config.max_batches is None else min(len(train_loader), config.max_batches)
     net: nn.Module = model
     if ctx.enabled:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -297,12 +297,24 @@ def _loaders(bundle: DatasetBundle, config: TrainConfig, ctx: Dist, device: torc
     train_loader = make_loader(
         train_set, batch_size=config.batch_size, shuffle=True, seed=config.seed, num_workers=config.num_workers,
         distributed=ctx.enabled, pin_memory=device.type == "cuda",
+        drop_last=lone_last_batch(len(train_set), batch_size=config.batch_size, world_size=ctx.world_size),  # type: ignore[arg-type]
     )  # fmt: skip
     val_loader = make_loader(
         distributed.shard(val_set, ctx), batch_size=config.eval_batch_size, shuffle=False,
         num_workers=config.num_workers, pin_memory=device.type == "cuda",
     )  # fmt: skip
     return train_loader, val_loader
+
+
+def lone_last_batch(n: int, *, batch_size: int, world_size: int = 1) -> bool:
+    """Whether each process's last training batch would hold a single sample (then it is dropped).
+
+    BatchNorm cannot train on a batch of one (its batch variance is undefined), and a one-sample
+    step is mostly noise anyway. Under ``torchrun`` each process gets ``ceil(n / world_size)``
+    samples (``DistributedSampler`` pads). A dataset of one batch in all is kept whole.
+    """
+    per_process = -(-n // world_size)
+    return per_process > batch_size and per_process % batch_size == 1
 
 
 # ------------------------------------------------------------------------------------- epochs
@@ -343,7 +355,7 @@ def _one_epoch(run: _Run, state: RunState, epoch: int) -> None:
     run.cb.on_epoch_start(epoch=epoch, steps=run.steps)
     totals, seconds = _train_epoch(run, state, epoch)
     lr_now = run.optimizer.param_groups[0]["lr"]
-    if run.scheduler is not None:
+    if run.scheduler is not None and run.config.schedule not in STEP_SCHEDULES:
         run.scheduler.step()
     val = _validate(run, state, epoch)
     record = _record(state, epoch, totals=totals, seconds=seconds, val=val, lr=float(lr_now))
@@ -417,6 +429,8 @@ def _train_step(
     else:
         loss.backward()
         run.optimizer.step()
+    if run.scheduler is not None and run.config.schedule in STEP_SCHEDULES:
+        run.scheduler.step()
     return loss, logits
 
 
