@@ -219,7 +219,10 @@ def test_inspect_dense_and_compressed(cnn_file, tmp_path, plan_file):
     rows = {r["name"]: r for r in summary["layers"]}
     assert rows["classifier.1"]["format"] == "tt" and max(rows["classifier.1"]["ranks"]) <= 3
     assert rows["features.3"]["format"] == "cp" and rows["features.3"]["ranks"] == [2]
-    assert "r=2" in ok("inspect", out).stdout
+    shown = ok("inspect", out)
+    assert "r=2" in shown.stdout
+    assert "torch.load cannot read it" in shown.stderr and "ttcompress.load(path)" in shown.stderr
+    assert "torch.load" not in ok("inspect", cnn_file, "--arch", "seed-cnn").stderr
 
 
 @pytest.mark.parametrize("out_after, flagged", [(0.2, False), (0.8, True), (None, True)])
