@@ -310,3 +310,16 @@ def test_cp_progress_reaches_calls_below_and_is_restored() -> None:
     cp_als(kernel, rank=3, n_iter_max=3, tol=0)
     assert [p.iteration for p in seen] == [0, 1, 2, 3, 4]
     assert [p.iteration for p in mine] == [0, 1, 2]
+
+
+def test_svd_start_of_a_tall_unfolding_uses_the_small_gram_with_the_same_subspace() -> None:
+    from ttcompress.decompose.cp_lean import svd_start
+
+    kernel = _trained_like((40, 6, 1, 1)).double()  # mode 0 is tall: 40 x 6
+    factors = svd_start(kernel, 4, seed=0)
+    u, s, _ = torch.linalg.svd(kernel.reshape(40, 6), full_matrices=False)
+    torch.testing.assert_close(factors[0].abs(), (u[:, :4] * s[:4]).abs(), rtol=1e-8, atol=1e-10)
+    # above the unfolding's rank (6) the extra columns are noise, not arbitrary null-space vectors
+    wide = svd_start(kernel, 9, seed=0)[0]
+    assert wide.shape == (40, 9) and bool(torch.isfinite(wide).all())
+    torch.testing.assert_close(wide[:, :6].abs(), (u * s).abs(), rtol=1e-8, atol=1e-10)
