@@ -220,7 +220,10 @@ def test_inspect_dense_and_compressed(cnn_file, tmp_path, plan_file):
     rows = {r["name"]: r for r in summary["layers"]}
     assert rows["classifier.1"]["format"] == "tt" and max(rows["classifier.1"]["ranks"]) <= 3
     assert rows["features.3"]["format"] == "cp" and rows["features.3"]["ranks"] == [2]
-    assert "r=2" in ok("inspect", out).stdout
+    shown = ok("inspect", out)
+    assert "r=2" in shown.stdout
+    assert "torch.load cannot read it" in shown.stderr and "ttcompress.load(path)" in shown.stderr
+    assert "torch.load" not in ok("inspect", cnn_file, "--arch", "seed-cnn").stderr
 
 
 @pytest.mark.parametrize("out_after, flagged", [(0.2, False), (0.8, True), (None, True)])
@@ -238,3 +241,33 @@ def test_large_error_flag_follows_the_output_error_when_calibrated(out_after, fl
     console = Console(width=300, record=True, file=io.StringIO())
     console.print(layer_table(CompressionResult(nn.Linear(8, 8), (record,), 64, 16, Plan())))
     assert ("large error" in console.export_text()) is flagged
+
+
+def test_cp_progress_bars_on_a_terminal(cnn_file, tmp_path, plan_file, monkeypatch):
+    from rich.console import Console
+
+    from ttcompress.cli import decompose as cli_decompose
+    from ttcompress.cli.progress import DecomposeProgress
+    from ttcompress.planfile import load_plan
+
+    calls: list[tuple[int, int]] = []
+    original = DecomposeProgress.cp
+    monkeypatch.setattr(DecomposeProgress, "cp",
+                        lambda self, state: (calls.append((state.iteration, state.n_iter_max)), original(self, state)))
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=120)
+    options = {"arch": "seed-cnn", "arch_kwargs": None, "trust_pickle": False, "trust_code": False}
+    cli_decompose._decompose_with_progress(cnn_file, output=tmp_path / "o.tt.pt", plan=load_plan(plan_file),
+                                           load=options, calib=None, calib_info=None, console=console)
+    layers = get_meta(load(tmp_path / "o.tt.pt"))["layers"].values()
+    n_cp = sum(entry["format"] == "cp" for entry in layers)
+    assert n_cp >= 1 and calls == [(i, 3) for i in range(4)] * n_cp  # each run: its start and every sweep
+    assert "CP-ALS" in screen.getvalue()
+
+
+def test_progress_stays_off_a_redirected_stderr(cnn_file, tmp_path, plan_file):
+    result = ok("decompose", cnn_file, "--arch", "seed-cnn", "--plan", plan_file, "-o", tmp_path / "o.tt.pt")
+    assert result.stderr.strip().splitlines() == [f"wrote {tmp_path / 'o.tt.pt'}"]
+    result = ok("decompose", cnn_file, "--arch", "seed-cnn", "--plan", plan_file, "-o", tmp_path / "p.tt.pt",
+                "--json")
+    assert json.loads(result.stdout)["params_after"] > 0 and "CP-ALS" not in result.stderr

@@ -273,3 +273,53 @@ def test_cp_als_many_matches_cp_als_in_order_serial_and_in_workers() -> None:
     assert sorted(done) == [0, 0, 1, 1, 2, 2]
     with pytest.raises(ValueError, match="workers"):
         cp_als_many(jobs, workers=0)
+
+
+# ------------------------------------------------------------------ warm start and progress context
+
+
+def test_warm_start_continues_the_same_als_iterates() -> None:
+    kernel = _trained_like((10, 8, 3, 3)).double()
+    whole = cp_als(kernel, rank=6, n_iter_max=25, tol=0)
+    first = cp_als(kernel, rank=6, n_iter_max=10, tol=0)
+    rest = cp_als(kernel, rank=6, n_iter_max=15, tol=0, init=first)
+    assert rest.n_iter == 15
+    assert rest.rel_error <= first.rel_error
+    assert rest.rel_error == pytest.approx(whole.rel_error, rel=1e-9, abs=1e-12)
+    torch.testing.assert_close(rest.to_tensor(), whole.to_tensor(), rtol=1e-7, atol=1e-9)
+
+
+def test_warm_start_must_match_the_kernel() -> None:
+    kernel = torch.randn(6, 4, 3, 3)
+    start = cp_als(kernel, rank=3, n_iter_max=2)
+    with pytest.raises(ValueError, match="init"):
+        cp_als(kernel, rank=4, init=start)
+    with pytest.raises(ValueError, match="init"):
+        cp_als(torch.randn(6, 5, 3, 3), rank=3, init=start)
+
+
+def test_cp_progress_reaches_calls_below_and_is_restored() -> None:
+    kernel = torch.randn(6, 4, 3, 3)
+    seen: list[cpmod.CPProgress] = []
+    mine: list[cpmod.CPProgress] = []
+    with cpmod.cp_progress(seen.append):
+        cp_als(kernel, rank=3, n_iter_max=4, tol=0)
+        cp_als(kernel, rank=3, n_iter_max=2, tol=0, progress=mine.append)  # an explicit callback wins
+        with cpmod.cp_progress(None):
+            cp_als(kernel, rank=3, n_iter_max=3, tol=0)
+    cp_als(kernel, rank=3, n_iter_max=3, tol=0)
+    assert [p.iteration for p in seen] == [0, 1, 2, 3, 4]
+    assert [p.iteration for p in mine] == [0, 1, 2]
+
+
+def test_svd_start_of_a_tall_unfolding_uses_the_small_gram_with_the_same_subspace() -> None:
+    from ttcompress.decompose.cp_lean import svd_start
+
+    kernel = _trained_like((40, 6, 1, 1)).double()  # mode 0 is tall: 40 x 6
+    factors = svd_start(kernel, 4, seed=0)
+    u, s, _ = torch.linalg.svd(kernel.reshape(40, 6), full_matrices=False)
+    torch.testing.assert_close(factors[0].abs(), (u[:, :4] * s[:4]).abs(), rtol=1e-8, atol=1e-10)
+    # above the unfolding's rank (6) the extra columns are noise, not arbitrary null-space vectors
+    wide = svd_start(kernel, 9, seed=0)[0]
+    assert wide.shape == (40, 9) and bool(torch.isfinite(wide).all())
+    torch.testing.assert_close(wide[:, :6].abs(), (u * s).abs(), rtol=1e-8, atol=1e-10)

@@ -224,6 +224,45 @@ def test_auto_is_deterministic_and_explained():
     assert rec["0"].params_after <= dec.options["budget"] == dec.params_after
 
 
+def _cp_winning_conv() -> nn.Conv2d:
+    """A float64 conv whose kernel has exact CP rank 4: CP at rank 4 beats Tucker-2 at that budget."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 16, 3, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.copy_(torch.einsum("or,cr,yr,xr->ocyx", *(torch.randn(n, 4, dtype=torch.float64)
+                                                              for n in (16, 12, 3, 3))))
+    return conv
+
+
+def test_cp_trial_bounds_the_full_fit_and_finishes_to_it():
+    fmt, conv = get_format("cp"), _cp_winning_conv()
+    with torch.no_grad():
+        conv.weight.add_(0.05 * torch.randn_like(conv.weight))  # not exactly rank 4: ALS needs many sweeps
+    options = {"rank": 4}
+    full = fmt.build(conv, options)
+    trial = fmt.build_trial(conv, options)
+    assert trial.n_iter <= 10 < full.n_iter
+    assert trial.rel_error >= full.rel_error
+    done = fmt.finish_trial(conv, trial, options)
+    assert done.n_iter == full.n_iter
+    assert done.rel_error == pytest.approx(full.rel_error, rel=1e-9)
+    torch.testing.assert_close(done.kernel(), full.kernel(), rtol=1e-7, atol=1e-9)
+    # a plan that asks for a short fit anyway, or several restarts: the trial is the full build
+    for short in ({"rank": 4, "n_iter_max": 5, "tol": 1e-2}, {"rank": 4, "n_restarts": 2, "n_iter_max": 20}):
+        trial = fmt.build_trial(conv, short)
+        assert fmt.finish_trial(conv, trial, short) is trial
+
+
+def test_auto_fully_fits_a_winning_cp_candidate():
+    conv = _cp_winning_conv()
+    options = get_format("auto").decide(conv, "c", None, override={"ranks": 4}).options
+    layer = get_format("auto").build(conv, options, name="c")
+    full = get_format("cp").build(conv, options["trials"]["cp"])
+    assert type(layer).__name__ == "CPConv2d" and layer.n_iter == full.n_iter
+    assert layer.rel_error == pytest.approx(full.rel_error, rel=1e-9, abs=1e-12)
+    assert layer.ttcompress_note.startswith("auto: cp has the lowest error")
+
+
 def test_auto_ties_go_to_fewer_flops_then_registration_order():
     a, b, c = Trial("tt", 10, 0.1000, 50), Trial("svd", 10, 0.1004, 40), Trial("x", 10, 0.3, 1)
     winner, why = choose([a, b, c], tie_tol=1e-3)

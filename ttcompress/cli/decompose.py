@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
+from ttcompress.cli.progress import DecomposeProgress
 from ttcompress.cli.tables import layer_table, preview_table, print_table
 from ttcompress.cli.options import (
     ArchKwargsOpt,
@@ -41,6 +41,7 @@ from ttcompress.cli.options import (
 )
 from ttcompress.cli.train import DataRootOpt
 from ttcompress.data import balanced_subset, load_dataset
+from ttcompress.decompose.cp import cp_progress
 from ttcompress.errors import DataError, UserInputError, refused_input
 from ttcompress.formats import format_names, get_format
 from ttcompress.layer_report import format_label
@@ -69,19 +70,16 @@ def calibration_set(data: str, *, root: Any,  samples: int, seed: int) -> tuple[
                     "balanced": True}
 
 def _decompose_with_progress(model: Path, *, output: Optional[Path], plan: Plan, load: dict[str, Any],
-                             calib: Any, calib_info: Any) -> Any:
-    """:func:`ttcompress.surgery.decompose_file` with a progress bar on stderr (when it is a terminal)."""
-    with Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal,
-    ) as bar:
-        task = bar.add_task("decomposing", total=None)
+                             calib: Any, calib_info: Any, console: Any = None) -> Any:
+    """:func:`ttcompress.surgery.decompose_file` with progress bars on ``console`` (default: stderr).
 
-        def progress(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"decomposing {name}" if name else "saving")
-
-        with refused_input():  # a named model that cannot be loaded, a plan that does not fit it
-            return decompose_file(model, output=output, plan=plan, progress=progress, calib_data=calib,
+    Bars (layers done, and the current layer's CP-ALS sweeps with error and time left) are drawn
+    only when the console is a terminal, also with ``--json`` (which concerns stdout only).
+    """
+    with DecomposeProgress(err if console is None else console) as bars:
+        with cp_progress(bars.cp if bars.enabled else None), refused_input():
+            # refused_input: a named model that cannot be loaded, a plan that does not fit it
+            return decompose_file(model, output=output, plan=plan, progress=bars.layer, calib_data=calib,
                                   calib_info=calib_info, **load)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from ttcompress.cli._app import command_app
-from ttcompress.cli._common import check_inputs, cli_errors, out
+from ttcompress.cli._common import check_inputs, cli_errors, err, out
 from ttcompress.cli.tables import print_table, summary_table
 from ttcompress.cli.options import (
     ArchKwargsOpt,
@@ -34,6 +34,11 @@ from ttcompress.errors import refused_input
 from ttcompress.surgery import inspect_file
 
 app = command_app()
+
+#: Said under the table of a ttcompress checkpoint (users try ``torch.load`` on a ``.tt.pt`` first).
+HOW_TO_LOAD = ("a ttcompress checkpoint is a safetensors file with a JSON header, not a pickle: torch.load cannot "
+               "read it. Load it with ttcompress.load(path), or convert it with ttcompress export "
+               "(--format onnx, torchscript or dense).")
 
 
 @app.command("inspect")
@@ -74,3 +79,5 @@ def inspect(
         out.print_json(json.dumps(summary.to_dict()))
         return
     print_table(summary_table(summary, title=str(model)))
+    if summary.kind == "ttcompress":
+        err.print(HOW_TO_LOAD, highlight=False, soft_wrap=True)

@@ -1,20 +1,75 @@
-"""Rich rendering of training runs: live progress bars (:class:`RichProgress`) and the history table.
+"""Rich progress bars on the command line: training (:class:`RichProgress`, the history table) and
+decomposition (:class:`DecomposeProgress`).
 
-The library reports progress through :class:`ttcompress.training.records.TrainCallback`; this is
-the command line's implementation of it.
+The library reports progress through :class:`ttcompress.training.records.TrainCallback`, the
+``progress(done, total, name)`` callback of :func:`ttcompress.surgery.decompose_file` and
+:class:`ttcompress.decompose.cp.CPProgress`; these are the command line's renderings of them. Bars
+are drawn only when the console is a terminal: piped or redirected stderr stays clean.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ttcompress.training.records import EpochRecord, TrainCallback, TrainResult
 
-__all__ = ["RichProgress", "history_table"]
+if TYPE_CHECKING:
+    from ttcompress.decompose.cp import CPProgress
+
+__all__ = ["DecomposeProgress", "RichProgress", "history_table"]
+
+
+class DecomposeProgress:
+    """Two bars for ``decompose``: layers done of all, and the CP-ALS fit of the current layer.
+
+    The second bar counts ALS sweeps against the run's maximum (``n_iter_max`` times the
+    restarts) and shows the current relative error and the time left, estimated from the sweeps
+    so far (an upper bound: a fit stops early once it stops improving). Use as a context manager;
+    pass :meth:`layer` as ``decompose_file``'s ``progress`` and :meth:`cp` to
+    :func:`ttcompress.decompose.cp.cp_progress`.
+
+    Parameters
+    ----------
+    console : rich.console.Console
+        Where to draw (the CLI passes its stderr console); nothing is drawn unless it is a terminal.
+    """
+
+    def __init__(self, console: Any) -> None:
+        self.enabled = bool(console.is_terminal)
+        self._bar = Progress(
+            TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=console, transient=True, disable=not self.enabled,
+        )
+        self._layers = self._bar.add_task("decomposing", total=None, info="")
+        self._fit = self._bar.add_task("  CP-ALS", total=None, info="", visible=False)
+        self._name = ""
+
+    def __enter__(self) -> DecomposeProgress:
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.stop()
+
+    def layer(self, done: int, total: int, name: str) -> None:
+        """``decompose_file``'s callback: ``done`` of ``total`` layers built, ``name`` next."""
+        self._name = name
+        self._bar.update(self._layers, completed=done, total=total,
+                         description=f"decomposing {name}" if name else "saving")
+        self._bar.reset(self._fit, total=None, visible=False, info="")
+
+    def cp(self, state: CPProgress) -> None:
+        """:func:`~ttcompress.decompose.cp.cp_progress`'s callback: one CP-ALS sweep done."""
+        if state.iteration == 0 and state.restart == 0:
+            self._bar.reset(self._fit, total=state.n_iter_max * state.n_restarts, visible=True, info="")
+        restart = f" run {state.restart + 1}/{state.n_restarts}" if state.n_restarts > 1 else ""
+        self._bar.update(self._fit, completed=state.restart * state.n_iter_max + state.iteration,
+                         description=f"  CP-ALS{restart}", info=f"err {state.rel_error:.4f}")
 
 
 class RichProgress(TrainCallback):

@@ -36,6 +36,7 @@ References
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 import time
@@ -59,6 +60,7 @@ __all__ = [
     "CPDecomposition",
     "CPProgress",
     "cp_als",
+    "cp_progress",
     "cp_param_count",
     "cp_rank_for_ratio",
     "cp_reconstruct",
@@ -135,6 +137,26 @@ class CPProgress:
 
 
 ProgressFn = Callable[[CPProgress], None]
+
+#: The callback :func:`cp_als` reports to when it is given none (see :func:`cp_progress`).
+_PROGRESS: contextvars.ContextVar[ProgressFn | None] = contextvars.ContextVar("ttcompress_cp_progress", default=None)
+
+
+@contextlib.contextmanager
+def cp_progress(progress: ProgressFn | None) -> Iterator[None]:
+    """Within the block, every :func:`cp_als` call without a ``progress`` argument reports to ``progress``.
+
+    Layers decompose through several levels (surgery, a format's ``build``, a layer's
+    ``from_conv``); this lets a caller watch every CP-ALS run below it, e.g. to draw a per-layer
+    progress bar, without threading a callback through each level. The setting is local to the
+    current thread (a :class:`contextvars.ContextVar`) and restored on exit; ``None`` turns
+    reporting off inside the block.
+    """
+    token = _PROGRESS.set(progress)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
 
 
 def cp_reconstruct(
@@ -292,8 +314,15 @@ def _validate(
         raise ValueError(f"n_iter_max must be a positive int, got {n_iter_max!r}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"tol must be a non-negative number, got {tol!r}")
-    if init not in ("auto", "svd", "random"):
-        raise ValueError(f"init must be 'auto', 'svd' or 'random', got {init!r}")
+    if isinstance(init, CPDecomposition):
+        shapes = tuple(tuple(f.shape) for f in init.factors)
+        want = tuple((n, rank) for n in kernel.shape)
+        if shapes != want:
+            raise ValueError(f"init: a CPDecomposition start must have factors of shapes {want}, got {shapes}")
+        if not all(bool(torch.isfinite(f).all()) for f in init.factors):
+            raise ValueError("init: the CPDecomposition start has NaN or Inf factors")
+    elif init not in ("auto", "svd", "random"):
+        raise ValueError(f"init must be 'auto', 'svd', 'random' or a CPDecomposition, got {init!r}")
     if (
         isinstance(n_restarts, bool)
         or not isinstance(n_restarts, int)
@@ -324,13 +353,15 @@ def _few_threads(work: int) -> Iterator[None]:
 def _als_run(
     target: torch.Tensor,
     rank: int,
-    init: str,
+    init: str | list[torch.Tensor],
     seed: int,
     n_iter_max: int,
     tol: float,
     report: Callable[[int, float, float], None] | None = None,
 ) -> tuple[float, list[torch.Tensor], int]:
     """One ``parafac`` run on a unit-norm float64 tensor: (error, factors, n_iter).
+
+    ``init`` is ``"svd"``, ``"random"`` or the start's factors (on the target's scale).
 
     Stops after ``n_iter_max`` sweeps, or once a sweep improves the relative error by less than
     ``tol`` relative to the previous error, or on a non-finite error. ``report(iteration,
@@ -353,8 +384,10 @@ def _als_run(
         return len(errors) >= 2 and (improvement < tol or errors[-1] == 0.0)
 
     with tl.backend_context("pytorch", local_threadsafe=True):
-        if init == "svd":
-            start: Any = tl.cp_tensor.CPTensor((None, svd_start(target, rank, seed)))
+        if isinstance(init, list):
+            start: Any = tl.cp_tensor.CPTensor((None, init))
+        elif init == "svd":
+            start = tl.cp_tensor.CPTensor((None, svd_start(target, rank, seed)))
         else:
             start = "random"
         with tl.tenalg.backend_context(lean_backend_class()(), local_threadsafe=True):
@@ -405,7 +438,7 @@ def _best_run(
     target: torch.Tensor,
     rank: int,
     *,
-    init: str,
+    init: str | list[torch.Tensor],
     n_restarts: int,
     seed: int,
     n_iter_max: int,
@@ -415,12 +448,13 @@ def _best_run(
 ) -> tuple[float, list[torch.Tensor], int]:
     """The lowest-error of ``n_restarts`` ALS runs on a unit-norm float64 kernel: (error, factors, n_iter).
 
-    The first run starts from ``init`` (``"auto"`` resolved by :data:`SVD_INIT_MAX_BYTES`), the
-    others from seeded random starts; raises ValueError when the best run is not finite.
+    The first run starts from ``init`` (``"auto"`` resolved by :data:`SVD_INIT_MAX_BYTES`; a list:
+    the start's factors), the others from seeded random starts; raises ValueError when the best run
+    is not finite.
     """
     shape = tuple(target.shape)
     first_init = init
-    if init == "auto":
+    if isinstance(init, str) and init == "auto":
         first_init = "svd" if svd_init_bytes(shape) <= SVD_INIT_MAX_BYTES else "random"
 
     runs = []
@@ -482,7 +516,7 @@ def cp_als(
     rank: int,
     n_iter_max: int = 100,
     tol: float = 1e-6,
-    init: InitName = "auto",
+    init: InitName | CPDecomposition = "auto",
     n_restarts: int = 1,
     seed: int = 0,
     name: str | None = None,
@@ -510,7 +544,10 @@ def cp_als(
         ``"auto"``: ``"svd"`` when its work space fits in :data:`SVD_INIT_MAX_BYTES`, else
         ``"random"``. (Measured on 64x64x3x3 kernels at ranks 4..128, the SVD start with random
         extra columns ends at an equal or lower error than a random start, also for ranks above
-        the channel counts, so ``"auto"`` keeps it there.)
+        the channel counts, so ``"auto"`` keeps it there.) A :class:`CPDecomposition` of this
+        kernel's shape and ``rank`` (e.g. the result of a shorter run) is a warm start: ALS
+        continues from its factors, so a run of ``n`` sweeps followed by one of ``m`` sweeps from
+        its result follows the same iterates as one run of ``n + m`` sweeps.
     n_restarts : int, default 1
         Number of ALS runs; the first uses ``init``, the others seeded random starts
         (``seed + k``). The run with the lowest error is returned.
@@ -521,7 +558,8 @@ def cp_als(
     progress : callable, optional
         Called with a :class:`CPProgress` at the start of each run and after every ALS sweep
         (iteration, ``n_iter_max``, error, relative improvement, restart, elapsed seconds), e.g.
-        to drive a progress bar with an ETA. It must not modify anything it is given.
+        to drive a progress bar with an ETA. It must not modify anything it is given. Default:
+        the callback set by an enclosing :func:`cp_progress` block, if any.
 
     Returns
     -------
@@ -551,6 +589,11 @@ def cp_als(
         zeros = tuple(torch.zeros(n, rank, dtype=kernel.dtype, device=kernel.device) for n in k64.shape)
         return CPDecomposition(factors=zeros, rank=rank, rel_error=0.0, n_iter=0)  # type: ignore[arg-type]
     target = k64 / norm
+    if isinstance(init, CPDecomposition):  # a warm start: its factors on the unit-norm target's scale
+        scale = norm ** (-1.0 / 4)
+        init = [f.detach().to(device=k64.device, dtype=torch.float64) * scale for f in init.factors]
+    if progress is None:
+        progress = _PROGRESS.get()
     options = dict(init=init, n_restarts=n_restarts, seed=seed, n_iter_max=n_iter_max, tol=tol, progress=progress)
     err, factors, n_iter = _best_run(target, rank, label=label, **options)
     _warn_if_degenerate(target, factors, err, rank=rank, label=label)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ttcompress.decompose._threads import at_most_threads
+
 __all__ = ["singular_tails", "unfold"]
 
 
@@ -37,7 +39,8 @@ def singular_tails(mat: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"mat must be a 2-D tensor, got {getattr(mat, 'shape', type(mat).__name__)}")
     a = mat.detach().to(torch.float64)
     gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a  # squared singular values = its eigenvalues
-    s2 = torch.linalg.eigvalsh(gram).clamp_min(0.0).flip(0)  # descending
+    with at_most_threads(1):  # symmetric eigensolvers on busy cores: see at_most_threads
+        s2 = torch.linalg.eigvalsh(gram).clamp_min(0.0).flip(0)  # descending
     sq = s2.flip(0).cumsum(0).flip(0)
     return torch.cat([sq, sq.new_zeros(1)])
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ttcompress.decompose._threads import at_most_threads
 from ttcompress.decompose.spectra import unfold
 
 __all__ = ["Tucker2Decomposition", "tucker2", "tucker2_param_count", "tucker2_reconstruct"]
@@ -75,7 +76,8 @@ def tucker2_param_count(out_channels: int, in_channels: int, kh: int, kw: int, o
 
 def _leading(mat: torch.Tensor, r: int) -> torch.Tensor:
     """The ``r`` leading left singular vectors of ``mat`` (float64, deterministic signs)."""
-    u, _s, _vh = torch.linalg.svd(mat, full_matrices=False)
+    with at_most_threads(1):  # LAPACK on busy cores: see at_most_threads
+        u, _s, _vh = torch.linalg.svd(mat, full_matrices=False)
     u = u[:, :r]
     signs = torch.sign(u[u.abs().argmax(0), torch.arange(u.shape[1])])
     return u * torch.where(signs == 0, torch.ones_like(signs), signs)

@@ -11,6 +11,17 @@ then by registration order. A FLOP count stands in for measured speed: timing ev
 every layer would cost more than the decompositions and would make the choice depend on the
 machine's load, while the choice must be reproducible. The built layer carries a note saying
 which format won and why; it appears in the decompose table and the checkpoint's layer record.
+
+Candidates are compared by their trial builds
+(:meth:`~ttcompress.formats.base.CompressionFormat.build_trial`) and only the winner is finished
+(:meth:`~ttcompress.formats.base.CompressionFormat.finish_trial`). For most formats the trial is
+the full build. CP's is a shortened CP-ALS fit (at most ``TRIAL_SWEEPS`` sweeps, see
+:mod:`ttcompress.formats.cp`) whose error can only fall when the fit goes on: a CP candidate that
+wins is fitted to the end from where its trial stopped (same iterates as one uninterrupted fit),
+one that loses is never fitted further, so the note gives its trial error. At the ranks a
+target ratio asks for (hundreds to thousands) the full fit is most of the time ``auto`` takes;
+``docs/benchmarks.md`` ("Decomposition time") gives the time saved and the measured change in
+the chosen layers' errors.
 """
 
 from __future__ import annotations
@@ -89,6 +100,13 @@ def choose(trials: list[Trial], *, tie_tol: float) -> tuple[Trial, str]:
     return winner, why + (f" (vs {others})" if others else "")
 
 
+def _trial(fmt: CompressionFormat, layer: nn.Module) -> Trial:
+    """``layer``'s facts as a candidate (with calibration data, its output error after fitting)."""
+    fit = calibration_fit(layer)
+    err = fit.error_after if fit is not None else getattr(layer, "rel_error", None)
+    return Trial(fmt.name, dense_params(layer), float("inf") if err is None else float(err), fmt.flops(layer))
+
+
 @register_format
 class AutoFormat(CompressionFormat):
     """Per layer, the best registered format at the default format's parameter budget."""
@@ -146,14 +164,13 @@ class AutoFormat(CompressionFormat):
         results: list[Trial] = []
         for fmt_name, opts in trials.items():
             fmt = get_format(fmt_name)
-            layer = fmt.build(module, opts, calib=calib, name=name)
-            fit = calibration_fit(layer)  # with calibration data: compare output errors
-            err = fit.error_after if fit is not None else getattr(layer, "rel_error", None)
-            built[fmt_name] = layer
-            results.append(Trial(fmt_name, dense_params(layer), float("inf") if err is None else float(err),
-                                 fmt.flops(layer)))
+            built[fmt_name] = fmt.build_trial(module, opts, calib=calib, name=name)
+            results.append(_trial(fmt, built[fmt_name]))
+        winner, _ = choose(results, tie_tol=float(options.get("tie_tol", AutoSettings().tie_tol)))
+        fmt = get_format(winner.format)
+        layer = fmt.finish_trial(module, built[winner.format], trials[winner.format], calib=calib, name=name)
+        results = [_trial(fmt, layer) if t is winner else t for t in results]
         winner, why = choose(results, tie_tol=float(options.get("tie_tol", AutoSettings().tie_tol)))
-        layer = built[winner.format]
         set_build_note(layer, why)
         return layer
 

@@ -261,6 +261,18 @@ class CompressionFormat(ABC):
         """Multiply-adds of ``layer`` per sample (Linear) or per output pixel (Conv2d)."""
         return dense_params(layer)
 
+    # ---- optional: a cheaper build for comparing formats (``auto``) -------------------------------
+    def build_trial(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
+                    name: str | None = None) -> nn.Module:
+        """A layer to compare formats with: its ``rel_error`` is never below what :meth:`build`
+        would reach, and :meth:`finish_trial` turns it into that build. Default: :meth:`build`."""
+        return self.build(module, options, calib=calib, name=name)
+
+    def finish_trial(self, module: nn.Module, trial: nn.Module, options: Mapping[str, Any], *,
+                     calib: Any = None, name: str | None = None) -> nn.Module:
+        """The full build continued from a :meth:`build_trial` layer (default: ``trial`` itself)."""
+        return trial
+
     # ---- optional: rank ladders and budgets --------------------------------------------------------
     def ladder(self, module: nn.Module, decision: LayerDecision) -> Ladder | None:
         """Rank steps for the target-ratio allocator, starting at ``decision`` (its lowest rank).

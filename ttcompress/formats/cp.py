@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ttcompress.decompose.cp import cp_param_count, cp_rank_for_ratio
+from ttcompress.decompose.cp import CPDecomposition, cp_param_count, cp_rank_for_ratio
 from ttcompress.decompose.spectra import singular_tails, unfold
 from ttcompress.formats.base import CompressionFormat, FormatDescription, Ladder, LayerDecision, bias_params, join
 from ttcompress.formats.checks import check_pos_int, check_ratio, freeze_options
@@ -28,6 +28,10 @@ __all__ = ["DEFAULT_CP_RATIO", "CPFormat", "CPSettings", "cp_error_curve", "cp_p
 
 #: CP compression factor per conv used when neither rank nor ratio is given anywhere.
 DEFAULT_CP_RATIO = 4.0
+#: A trial fit (:meth:`CPFormat.build_trial`, used by ``auto`` to compare formats) runs at most
+#: this many ALS sweeps, and stops once a sweep improves the error by less than :data:`TRIAL_TOL`.
+TRIAL_SWEEPS = 10
+TRIAL_TOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,17 @@ def cp_error_curve(weight: torch.Tensor, rmax: int) -> list[float]:
     return [max(float(tl[min(r, len(tl) - 1)]) for tl in tails) / norm2 for r in range(1, rmax + 1)]
 
 
+def _trial_options(module: nn.Module, options: Mapping[str, Any], calib: Any) -> dict[str, Any] | None:
+    """Build options of a shortened trial fit, or None when the trial is the full build."""
+    if calib is not None or module.groups > 1 or int(options.get("n_restarts") or 1) > 1:
+        return None
+    n_iter_max = int(options.get("n_iter_max") or 100)
+    tol = float(options.get("tol") if options.get("tol") is not None else 1e-6)
+    if n_iter_max <= TRIAL_SWEEPS and tol >= TRIAL_TOL:
+        return None
+    return {**options, "n_iter_max": min(n_iter_max, TRIAL_SWEEPS), "tol": max(tol, TRIAL_TOL)}
+
+
 @register_format
 class CPFormat(CompressionFormat):
     """CP-decomposed Conv2d layers (CP-ALS of the kernel)."""
@@ -131,6 +146,33 @@ class CPFormat(CompressionFormat):
         if name is not None:
             opts.setdefault("name", name)  # degenerate-fit warnings name the layer
         return calibrated(module, CPConv2d.from_conv(module, rank=rank, **opts), calib)
+
+    def build_trial(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
+                   name: str | None = None) -> nn.Module:
+        """A shortened CP-ALS fit (:data:`TRIAL_SWEEPS`, :data:`TRIAL_TOL`) to compare formats with.
+
+        ALS never raises the error, so the trial's error is an upper bound of the full fit's, and
+        :meth:`finish_trial` continues from its factors. With calibration data, several restarts or
+        grouped convs the trial is the full build.
+        """
+        trial = _trial_options(module, options, calib)
+        return self.build(module, options if trial is None else trial, calib=calib, name=name)
+
+    def finish_trial(self, module: nn.Module, trial: nn.Module, options: Mapping[str, Any], *,
+                     calib: Any = None, name: str | None = None) -> nn.Module:
+        """The full fit: the remaining ALS sweeps under the full ``tol``, warm-started from ``trial``."""
+        if _trial_options(module, options, calib) is None:
+            return trial
+        left = int(options.get("n_iter_max") or 100) - int(trial.n_iter)
+        if left < 1:
+            return trial
+        with torch.no_grad():
+            start = CPDecomposition(
+                factors=(trial.out_factor, trial.in_factor.T, trial.kh_factor.T, trial.kw_factor.T),
+                rank=int(trial.rank), rel_error=float(trial.rel_error), n_iter=int(trial.n_iter))
+        layer = self.build(module, {**options, "init": start, "n_iter_max": left}, name=name)
+        layer.n_iter = int(trial.n_iter) + int(layer.n_iter)
+        return layer
 
     def describe(self, layer: nn.Module) -> FormatDescription:
         kh, kw = layer.kernel_size

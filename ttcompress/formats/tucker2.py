@@ -8,6 +8,8 @@ Mobile Applications", ICLR 2016.
 
 from __future__ import annotations
 
+import bisect
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -79,18 +81,26 @@ def _params(conv: nn.Conv2d, in_rank: int, out_rank: int) -> int:
 
 def tucker2_rank_steps(conv: nn.Conv2d) -> list[tuple[int, int]]:
     """``(in_rank, out_rank)`` pairs in proportion to the channels per group, growing, that shrink ``conv``."""
-    cout_g, cin_g, *_ = _sizes(conv)
-    before = dense_params(conv)
-    steps: list[tuple[int, int]] = []
+    return [pair for pair, _ in _steps(*_sizes(conv), conv.bias is not None)]
+
+
+@functools.lru_cache(maxsize=256)
+def _steps(cout_g: int, cin_g: int, kh: int, kw: int, g: int, bias: bool) -> tuple[tuple[tuple[int, int], int], ...]:
+    """Rank steps of a conv geometry with their parameter counts (bias included), cached: the
+    ``auto`` ladder asks for a budget fit at every CP rank step, thousands per large conv."""
+    before = g * cout_g * cin_g * kh * kw + (g * cout_g if bias else 0)
+    steps: list[tuple[tuple[int, int], int]] = []
     big = max(cout_g, cin_g)
     for k in range(1, big + 1):
         pair = (max(1, round(k * cin_g / big)), max(1, round(k * cout_g / big)))
-        if steps and pair == steps[-1]:
+        if steps and pair == steps[-1][0]:
             continue
-        if _params(conv, *pair) >= before:
+        params = tucker2_param_count(g * cout_g, g * cin_g, kh, kw, pair[1], pair[0], groups=g) + (
+            g * cout_g if bias else 0)
+        if params >= before:
             break
-        steps.append(pair)
-    return steps
+        steps.append((pair, params))
+    return tuple(steps)
 
 
 @register_format
@@ -178,8 +188,10 @@ class Tucker2Format(CompressionFormat):
         cout_g, cin_g, *_ = _sizes(module)  # type: ignore[arg-type]
         if cin_g == 1 and cout_g == 1:
             return None
-        fit = [p for p in tucker2_rank_steps(module) if _params(module, *p) <= budget]  # type: ignore[arg-type]
-        if not fit:
+        steps = _steps(*_sizes(module), module.bias is not None)  # type: ignore[arg-type]
+        fit = bisect.bisect_right([params for _, params in steps], budget)  # params grow with the step
+        if fit == 0:
             return None
         s = settings if settings is not None else Tucker2Settings()
-        return {"in_rank": fit[-1][0], "out_rank": fit[-1][1], **dict(s.options)}
+        in_rank, out_rank = steps[fit - 1][0]
+        return {"in_rank": in_rank, "out_rank": out_rank, **dict(s.options)}
