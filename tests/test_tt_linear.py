@@ -146,15 +146,22 @@ def test_chain_gradients_equal_dense_path_every_grouping(groups, x_grad: bool, m
         assert _rel(got, want) <= 1e-12
 
 
-def test_chain_gradcheck_direct() -> None:
-    """tt_chain's own backward against finite differences, for the inputs and the group matrices."""
+@pytest.mark.parametrize("chunk_rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("wanted", ["all", "weights", "input"])
+def test_chain_gradcheck_direct(chunk_rows: int, wanted: str) -> None:
+    """tt_chain's own backward against finite differences, for the inputs and the group matrices:
+    chunks that divide the rows, that leave a shorter last chunk (the kept per-row weight-gradient
+    products are then folded early), one chunk, and only some operands requiring grad."""
     torch.manual_seed(5)
     # groups [0,1), [1,3), [3,4) of cores with modes out (2,3,1,2), in (3,1,2,2), ranks (1,2,3,2,1)
     dims = ((1, 3, 1, 2, 2, 6), (3, 2, 2, 3, 2, 2), (6, 2, 2, 2, 1, 1))
-    mats = [torch.randn(r_a * m_g, n_g * r_b, dtype=torch.float64, requires_grad=True)
+    mats = [torch.randn(r_a * m_g, n_g * r_b, dtype=torch.float64, requires_grad=wanted != "input")
             for _, n_g, r_a, m_g, r_b, _ in dims]
-    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda inp, *ms: tt_chain(inp, ms, dims, chunk_rows=2), (x, *mats))
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=wanted != "weights")
+    y = tt_chain(x, mats, dims, chunk_rows=chunk_rows)
+    assert y.is_contiguous() and y.shape == (5, 12)
+    assert torch.autograd.gradcheck(lambda inp, *ms: tt_chain(inp, ms, dims, chunk_rows=chunk_rows),
+                                    (x, *mats))
 
 
 # ---------------------------------------------------------------------------- init and sizes

@@ -31,44 +31,63 @@ __all__ = ["tt_chain"]
 GroupDims = tuple[int, int, int, int, int, int]
 
 
-def _chain_forward(x: torch.Tensor, mats: Sequence[torch.Tensor], dims: Sequence[GroupDims]
-                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``(rows, N) -> (rows, M)``; also returns the input state of every group (for backward)."""
+def _chain_forward(x: torch.Tensor, mats: Sequence[torch.Tensor], dims: Sequence[GroupDims],
+                   out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(rows, N) -> (rows, M)``; also returns the input state of every group (for backward).
+
+    With ``out`` (a contiguous ``(rows, M)`` tensor) the first group writes its result there.
+    """
     rows = x.shape[0]
     states: list[torch.Tensor] = [x] * len(mats)
-    out = x
+    y = x
     for g in range(len(mats) - 1, -1, -1):
         n_left, n_g, r_left, m_g, r_right, m_right = dims[g]
+        target = None if out is None or g else out.view(rows * n_left, r_left * m_g, m_right)
         if m_right == 1:  # last group: one matmul with the rows on the left
-            state = out.reshape(rows * n_left, n_g * r_right)
-            out = state @ mats[g].t()
+            state = y.reshape(rows * n_left, n_g * r_right)
+            y = torch.mm(state, mats[g].t(), out=None if target is None else target.view(state.shape[0], -1))
         else:
-            state = out.reshape(rows * n_left, n_g * r_right, m_right)
-            out = _left_matmul(mats[g], state)
+            state = y.reshape(rows * n_left, n_g * r_right, m_right)
+            y = _left_matmul(mats[g], state, out=target)
         states[g] = state
-    return out.reshape(rows, -1), states
+    return y.reshape(rows, -1), states
 
 
-def _left_matmul(mat: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+def _left_matmul(mat: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``mat @ state[p]`` for every ``p``: one batched matmul whose left operand has batch stride 0."""
-    return torch.bmm(mat.expand(state.shape[0], *mat.shape), state)
+    return torch.bmm(mat.expand(state.shape[0], *mat.shape), state, out=out)
 
 
-def _weight_grad(grad_out: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-    """``sum_p grad_out[p] @ state[p]^T`` for ``(P, R, Q)`` and ``(P, K, Q)`` (or 2-D, ``Q = 1``)."""
+def _accumulate_weight_grad(acc: torch.Tensor | None, grad_out: torch.Tensor, state: torch.Tensor
+                            ) -> torch.Tensor:
+    """Add ``sum_p grad_out[p] @ state[p]^T`` (``(P, R, Q)``, ``(P, K, Q)``; or 2-D, ``Q = 1``) to ``acc``.
+
+    ``acc`` is ``(R, K)``, or ``(P, R, K)`` when the per-``p`` products are kept unsummed (a batched
+    product is smaller than two folded copies): then the caller sums over ``p`` once, after the
+    last chunk (:func:`_finish_weight_grad`), instead of once per chunk.
+    """
     if state.dim() == 2:
-        return grad_out.t() @ state
+        return grad_out.t() @ state if acc is None else acc.addmm_(grad_out.t(), state)
     p, r, q = grad_out.shape
     k = state.shape[1]
-    if p * r * k <= (r + k) * p * q:  # a batched product summed is smaller than two folded copies
-        return torch.bmm(grad_out, state.transpose(1, 2)).sum(0)
-    return grad_out.transpose(0, 1).reshape(r, p * q) @ state.transpose(0, 1).reshape(k, p * q).t()
+    state_t = state.transpose(1, 2)
+    if p * r * k <= (r + k) * p * q and (acc is None or acc.dim() == 3) and (acc is None or acc.shape[0] == p):
+        return torch.bmm(grad_out, state_t) if acc is None else acc.baddbmm_(grad_out, state_t)
+    if acc is not None and acc.dim() == 3:  # a shorter last chunk: fold the kept products first
+        acc = acc.sum(0)
+    part = grad_out.transpose(0, 1).reshape(r, p * q) @ state.transpose(0, 1).reshape(k, p * q).t()
+    return part if acc is None else acc.add_(part)
+
+
+def _finish_weight_grad(acc: torch.Tensor | None) -> torch.Tensor | None:
+    return acc.sum(0) if acc is not None and acc.dim() == 3 else acc
 
 
 def _chain_backward(grad: torch.Tensor, mats: Sequence[torch.Tensor], states: Sequence[torch.Tensor],
-                    weight_grads: list[torch.Tensor | None], need: Sequence[bool], need_x: bool
-                    ) -> torch.Tensor | None:
-    """Backward of one chunk: accumulates into ``weight_grads``; returns the input's gradient."""
+                    weight_grads: list[torch.Tensor | None], need: Sequence[bool],
+                    grad_x: torch.Tensor | None) -> None:
+    """Backward of one chunk: accumulates into ``weight_grads``; writes the input's gradient into
+    ``grad_x`` (the chunk's contiguous ``(rows, N)`` slice) when given."""
     n = len(mats)
     grad_out: torch.Tensor = grad
     for g in range(n):
@@ -78,29 +97,33 @@ def _chain_backward(grad: torch.Tensor, mats: Sequence[torch.Tensor], states: Se
         else:
             grad_out = grad_out.reshape(state.shape[0], mat.shape[0], state.shape[2])
         if need[g]:
-            part = _weight_grad(grad_out, state)
-            current = weight_grads[g]
-            weight_grads[g] = part if current is None else current.add_(part)
-        if g == n - 1 and not need_x:
-            return None
+            weight_grads[g] = _accumulate_weight_grad(weight_grads[g], grad_out, state)
+        if g == n - 1:
+            if grad_x is not None:
+                target = grad_x.view(state.shape)
+                if state.dim() == 2:
+                    torch.mm(grad_out, mat, out=target)
+                else:
+                    _left_matmul(mat.t(), grad_out, out=target)
+            return
         grad_out = grad_out @ mat if state.dim() == 2 else _left_matmul(mat.t(), grad_out)
-    return grad_out
 
 
 class _TTChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dims: tuple[GroupDims, ...], chunk_rows: int,
                 *mats: torch.Tensor) -> torch.Tensor:
-        outs, saved = [], []
-        for part in x.split(chunk_rows):
-            out, states = _chain_forward(part, mats, dims)
-            outs.append(out)
+        y = x.new_empty(x.shape[0], mats[0].shape[0] * dims[0][5])
+        saved = []
+        for start in range(0, x.shape[0], chunk_rows):
+            _, states = _chain_forward(x[start:start + chunk_rows], mats, dims,
+                                       out=y[start:start + chunk_rows])
             saved.extend(states)
         ctx.n_groups = len(mats)
         ctx.chunk_rows = chunk_rows
         ctx.x_shape = x.shape
         ctx.save_for_backward(*mats, *saved)
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -108,16 +131,15 @@ class _TTChain(torch.autograd.Function):
         saved = ctx.saved_tensors
         mats = saved[:n]
         need = ctx.needs_input_grad[3:]
-        need_x = ctx.needs_input_grad[0]
         weight_grads: list[torch.Tensor | None] = [None] * n
-        grad_x = grad.new_empty(ctx.x_shape) if need_x else None
-        for i, part in enumerate(grad.contiguous().split(ctx.chunk_rows)):
+        grad_x = grad.new_empty(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad = grad.contiguous()
+        for i, start in enumerate(range(0, grad.shape[0], ctx.chunk_rows)):
+            stop = start + ctx.chunk_rows
             states = saved[n + i * n: n + (i + 1) * n]
-            part_x = _chain_backward(part, mats, states, weight_grads, need, need_x)
-            if grad_x is not None and part_x is not None:
-                start = i * ctx.chunk_rows
-                grad_x[start:start + part.shape[0]] = part_x.reshape(part.shape[0], -1)
-        return (grad_x, None, None, *weight_grads)
+            _chain_backward(grad[start:stop], mats, states, weight_grads, need,
+                            None if grad_x is None else grad_x[start:stop])
+        return (grad_x, None, None, *(_finish_weight_grad(w) for w in weight_grads))
 
 
 def tt_chain(x: torch.Tensor, mats: Sequence[torch.Tensor], dims: Sequence[GroupDims], *,
