@@ -60,9 +60,15 @@ def flops(module: nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
+#: The clock the timings read: wall time, or with ``--clock cpu`` this process's CPU time (all its
+#: threads), which a machine shared with other jobs disturbs far less than wall time.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
+
+
 def time_it(module: nn.Module, x: torch.Tensor, min_run_time: float) -> float:
     timer = benchmark.Timer(
-        stmt="fwd_bwd(m, x)", globals={"fwd_bwd": fwd_bwd, "m": module, "x": x}
+        stmt="fwd_bwd(m, x)", globals={"fwd_bwd": fwd_bwd, "m": module, "x": x}, timer=_clock
     )
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
@@ -116,6 +122,7 @@ def layer_rows(args: argparse.Namespace) -> list[dict]:
                 "FLOP limit": round(flop_limit, 3),
             }
             row.update({f"{name} / dense": round(statistics.median(r), 3) for name, r in ratios.items()})
+            row["ours spread"] = f"{min(ratios['ours']):.3f}–{max(ratios['ours']):.3f}"
             row["our path"] = "dense kernel" if layer.uses_dense_kernel(args.batch, 32, 32) else "factorized"
             rows.append(row)
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -201,7 +208,14 @@ def main() -> None:
     )
     parser.add_argument("--skip-layers", action="store_true")
     parser.add_argument("--skip-als", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or this process's CPU time (steadier on a shared machine)")
     args = parser.parse_args()
+    global _clock
+    _clock = CLOCKS[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.als_cases = [
         (64, 64, 3, 32),
         (128, 128, 3, 64),
@@ -211,7 +225,8 @@ def main() -> None:
 
     print(
         f"# {time.strftime('%Y-%m-%d %H:%M')} | torch {torch.__version__} | "
-        f"{platform.processor() or platform.machine()} | threads {torch.get_num_threads()}"
+        f"{platform.processor() or platform.machine()} | threads {torch.get_num_threads()} | "
+        f"{args.clock} clock"
     )
     print(f"# command: python {' '.join(sys.argv)}\n")
     if not args.skip_layers:

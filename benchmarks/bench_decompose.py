@@ -103,9 +103,67 @@ def bench_cp(*, workers: int, tol: float) -> None:
         print(f"| {name} | {'x'.join(map(str, shape))} | {rank} | {seconds:.2f} | {n_iter} | {err:.4f} |")
 
 
+def _auto_model(name: str, capacity: int) -> "torch.nn.Module":
+    import torchvision
+
+    from bench_models import crepe
+
+    torch.manual_seed(0)
+    if name == "resnet18":
+        return torchvision.models.resnet18(num_classes=10)
+    return crepe(capacity)
+
+
+def bench_auto(*, model_name: str, capacity: int, target_ratio: float) -> None:
+    """Per conv of ``model_name`` under ``Plan(target_ratio=...)`` (the ``auto`` format): Tucker-2, and
+    the CP candidate as the old ``auto`` built it (a full fit at ``cp_als``'s ``tol=1e-6``) and as
+    it is built now (a trial fit of at most ``TRIAL_SWEEPS`` sweeps, continued only when CP wins, at
+    the CP format's ``DEFAULT_TOL``); the error of the layer each picks, and the time."""
+    from ttcompress.formats import get_format
+    from ttcompress.formats.auto import Trial, choose
+    from ttcompress.plan import Plan, plan_layers
+
+    model = _auto_model(model_name, capacity)
+    modules = dict(model.named_modules())
+    t_plan, planned = _timed(lambda: plan_layers(model, Plan(target_ratio=target_ratio)))
+    decisions = [d for d in planned if d.format == "auto"]
+    cp, tucker2 = get_format("cp"), get_format("tucker2")
+    print(f"\nauto at target ratio {target_ratio} on {model_name}"
+          f"{f' (capacity {capacity})' if model_name == 'crepe' else ''}: {len(decisions)} layers, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; planning {t_plan:.1f} s", flush=True)
+    print("| layer | kernel | CP rank | Tucker-2 s | err | CP full s | err | CP trial s | err | old pick | new pick "
+          "| new s | err new/old |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    totals = [0.0, 0.0]
+    for d in decisions:
+        conv, trials = modules[d.name], d.options["trials"]
+        if "cp" not in trials or "tucker2" not in trials:
+            continue
+        t_tk, tk = _timed(lambda: tucker2.build(conv, trials["tucker2"]))
+        t_full, full = _timed(lambda: cp.build(conv, {**trials["cp"], "tol": 1e-6}))
+        t_trial, trial = _timed(lambda: cp.build_trial(conv, trials["cp"]))
+        facts = {"tucker2": Trial("tucker2", 0, tk.rel_error, tucker2.flops(tk)),
+                 "cp": Trial("cp", 0, full.rel_error, cp.flops(full))}
+        old = choose([facts["cp"], facts["tucker2"]], tie_tol=1e-3)[0]
+        new = choose([Trial("cp", 0, trial.rel_error, cp.flops(trial)), facts["tucker2"]], tie_tol=1e-3)[0]
+        t_new, err_new = t_tk + t_trial, tk.rel_error
+        if new.format == "cp":
+            t_fin, done = _timed(lambda: cp.finish_trial(conv, trial, trials["cp"]))
+            t_new, err_new = t_new + t_fin, done.rel_error
+        t_old = t_tk + t_full
+        totals[0] += t_old
+        totals[1] += t_new
+        print(f"| {d.name} | {'x'.join(map(str, conv.weight.shape))} | {trials['cp']['rank']} | {t_tk:.2f} | "
+              f"{tk.rel_error:.4f} | {t_full:.2f} | {full.rel_error:.4f} | {t_trial:.2f} | {trial.rel_error:.4f} | "
+              f"{old.format} | {new.format} | {t_new:.2f} | {err_new / facts[old.format].rel_error:.4f} |", flush=True)
+    print(f"\nconvs: old auto {totals[0]:.1f} s, new auto {totals[1]:.1f} s ({totals[0] / totals[1]:.1f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("tt", "cp", "all"), default="all")
+    parser.add_argument("--part", choices=("tt", "cp", "auto", "all"), default="all")
+    parser.add_argument("--model", choices=("resnet18", "crepe"), default="resnet18", help="for --part auto")
+    parser.add_argument("--capacity", type=int, default=32, help="CREPE capacity (32: the full 22M-param net)")
+    parser.add_argument("--target-ratio", type=float, default=4.0, help="for --part auto")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-reference", action="store_true", help="skip the TensorLy reference")
     parser.add_argument("--tol", type=float, default=1e-3, help="cp_als relative-improvement tol")
@@ -115,6 +173,8 @@ def main() -> None:
         bench_tt(repeats=args.repeats, reference=not args.no_reference)
     if args.part in ("cp", "all"):
         bench_cp(workers=args.workers, tol=args.tol)
+    if args.part == "auto":
+        bench_auto(model_name=args.model, capacity=args.capacity, target_ratio=args.target_ratio)
 
 
 if __name__ == "__main__":

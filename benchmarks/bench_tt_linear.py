@@ -9,17 +9,20 @@ is installed (``pip install -e .[bench]``).
 
 Usage::
 
-    python benchmarks/bench_tt_linear.py [--min-run-time 1.0] [--repeats 3] [--threads N]
+    python benchmarks/bench_tt_linear.py [--min-run-time 1.0] [--repeats 3] [--threads N] [--clock cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import datetime
 import os
 import platform
 import statistics
 import string
+from collections.abc import Sequence
+import time
 
 import torch
 from torch import nn
@@ -62,14 +65,31 @@ def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
     module(x).backward(grad)
 
 
+# The flop counter knows addmm and baddbmm but not their in-place forms, which TTLinear's backward
+# uses to accumulate the weight gradients over row chunks: 2 FLOPs per multiply-add, as for mm/bmm.
+def _matmul_acc_flops(acc_shape: Sequence[int], a_shape: Sequence[int], b_shape: Sequence[int],
+                      *args: object, **kwargs: object) -> int:
+    return 2 * math.prod(a_shape) * b_shape[-1]
+
+
+_INPLACE_FLOPS = {torch.ops.aten.addmm_: _matmul_acc_flops, torch.ops.aten.baddbmm_: _matmul_acc_flops}
+
+
 def _flops(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_INPLACE_FLOPS) as counter:
         _step(module, x, grad)
     return counter.get_total_flops()
 
 
+#: The clock the timings read: wall time, or with ``--clock cpu`` this process's CPU time (all its
+#: threads), which a machine shared with other jobs disturbs far less than wall time.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
+
+
 def _time(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, min_run_time: float) -> float:
-    timer = benchmark.Timer("step(m, x, g)", globals={"step": _step, "m": module, "x": x, "g": grad})
+    timer = benchmark.Timer("step(m, x, g)", globals={"step": _step, "m": module, "x": x, "g": grad},
+                            timer=_clock)
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
@@ -80,14 +100,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--cases", nargs="+", default=["64/4", "64/8", "256/8", "256/16"],
                         help="batch/rank pairs (default: the issue-15 table)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or this process's CPU time (steadier on a shared machine)")
     args = parser.parse_args()
+    global _clock
+    _clock = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     size, modes = 4096, (8, 8, 8, 8)
     print(f"# {datetime.date.today()} | torch {torch.__version__} | {platform.processor() or platform.machine()} "
-          f"| {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads | float32 fwd+bwd")
-    print("| batch | rank | TT params | dense ms | FLOP limit | TTLinear / dense | tltorch / dense "
+          f"| {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads | float32 fwd+bwd "
+          f"| {args.clock} clock | load average {os.getloadavg()[0]:.1f}")
+    print("| batch | rank | TT params | dense ms | FLOP limit | TTLinear / dense (spread) | tltorch / dense "
           "| einsum / dense | FLOPs einsum / dense | TTLinear plan |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     dense = nn.Linear(size, size)
@@ -113,7 +138,7 @@ def main() -> None:
         groups = "+".join(f"{b - a}" for a, b in plan.groups) + f", chunk {plan.chunk_rows}"
         print(f"| {batch} | {rank} | {sum(p.numel() for p in tt.parameters())} "
               f"| {statistics.median(dense_ms):.1f} | {_flops(tt, x, grad) / f_dense:.3f} "
-              f"| {statistics.median(ratios_tt):.3f} | {peer_cell} | {statistics.median(ratios_ein):.3f} "
+              f"| {statistics.median(ratios_tt):.3f} ({min(ratios_tt):.3f}–{max(ratios_tt):.3f}) | {peer_cell} | {statistics.median(ratios_ein):.3f} "
               f"| {_flops(ein, x, grad) / f_dense:.3f} "
               f"| cores {groups} |", flush=True)
 

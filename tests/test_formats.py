@@ -238,7 +238,7 @@ def test_cp_trial_bounds_the_full_fit_and_finishes_to_it():
     fmt, conv = get_format("cp"), _cp_winning_conv()
     with torch.no_grad():
         conv.weight.add_(0.05 * torch.randn_like(conv.weight))  # not exactly rank 4: ALS needs many sweeps
-    options = {"rank": 4}
+    options = {"rank": 4, "tol": 1e-8}
     full = fmt.build(conv, options)
     trial = fmt.build_trial(conv, options)
     assert trial.n_iter <= 10 < full.n_iter

@@ -150,6 +150,8 @@ def test_python_api_save_hf_dir_and_user_built_models(tmp_path):
     assert read_header(path)["arch"]["name"] == "hf:GPT2LMHeadModel"
     torch.testing.assert_close(_logits(load(path)), _logits(small), rtol=1e-5, atol=1e-5)
     ttcompress.save_hf_dir(small, tmp_path / "mine", plan=Plan(tt=TTSettings(ranks=4)))
+    with pytest.raises(ValueError, match="save_hf_dir"):
+        save(small, tmp_path / "mine")  # save writes one file; it does not replace a directory
     torch.testing.assert_close(_logits(ttcompress.load(tmp_path / "mine")), _logits(small), rtol=0, atol=0)
 
 

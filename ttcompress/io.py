@@ -555,6 +555,9 @@ def save(model: nn.Module, path: PathLike, *, info: Mapping[str, Any] | None = N
         "info": meta["info"],
     }
     dest = Path(path)
+    if dest.is_dir():
+        raise ValueError(f"path {dest} is a directory; save writes one file (a Hugging Face directory is "
+                         "written by ttcompress.save_hf_dir)")
     from safetensors.torch import save as st_save
 
     tensors, tied = _dedup_tensors(model.state_dict())

@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 import torch
 
-from ttcompress.decompose._threads import at_most_threads
+from ttcompress.decompose._threads import SMALL_WORK, few_threads
 from ttcompress.decompose.cp_lean import (
     balance_factors,
     lean_backend_class,
@@ -70,8 +70,6 @@ InitName = Literal["auto", "svd", "random"]
 
 #: Above this many bytes of SVD work space, ``init="auto"`` falls back to a random start.
 SVD_INIT_MAX_BYTES = 2 * 1024**3
-#: Below this many multiply-adds per MTTKRP, ALS runs single-threaded (see :func:`_few_threads`).
-SMALL_WORK = 1_000_000_000
 #: A rank-1 term whose norm exceeds this multiple of ``||K||`` is cancelled by others: degenerate.
 DIVERGENCE_RATIO = 10.0
 
@@ -333,23 +331,6 @@ def _validate(
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
 
 
-@contextlib.contextmanager
-def _few_threads(work: int) -> Iterator[None]:
-    """Run tiny problems on one intra-op thread, restoring the setting afterwards.
-
-    ALS is thousands of small and mid-size matrix products; with several threads each one pays
-    a thread wake-up (measured 2 ms instead of 20 us per tiny product on the shared 2-core
-    machine). Measured there, 20 ALS sweeps took 0.32 s on one thread vs 1.12 s on two for a
-    128x128x3x3 kernel at rank 64, and 6.2 s vs 12.4 s for 512x512x3x3 at rank 256, so every
-    kernel up to that size (work = numel * R < :data:`SMALL_WORK`) runs on one thread.
-    """
-    if work >= SMALL_WORK:
-        yield
-        return
-    with at_most_threads(1):
-        yield
-
-
 def _als_run(
     target: torch.Tensor,
     rank: int,
@@ -459,7 +440,7 @@ def _best_run(
 
     runs = []
     started = time.perf_counter()
-    with _few_threads(math.prod(shape) * rank):
+    with few_threads(math.prod(shape) * rank):
         for restart in range(n_restarts):
             kind = first_init if restart == 0 else "random"
             report = None

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ttcompress.decompose._threads import at_most_threads
+from ttcompress.decompose._threads import at_most_threads, few_threads
 from ttcompress.decompose.spectra import unfold
 
 __all__ = ["Tucker2Decomposition", "tucker2", "tucker2_param_count", "tucker2_reconstruct"]
@@ -118,6 +118,13 @@ def tucker2(kernel: torch.Tensor, *, out_rank: int, in_rank: int, n_iter_max: in
         raise ValueError("kernel contains NaN or Inf")
     c_out, c_in, kh, kw = k.shape
     r_out, r_in = min(out_rank, c_out, c_in * kh * kw), min(in_rank, c_in, c_out * kh * kw)
+    with few_threads(k.numel() * max(r_out, r_in)):  # small problems: one thread (see few_threads)
+        return _hooi(k, r_out, r_in, n_iter_max, tol, like=kernel)
+
+
+def _hooi(k: torch.Tensor, r_out: int, r_in: int, n_iter_max: int, tol: float, *,
+          like: torch.Tensor) -> Tucker2Decomposition:
+    """HOSVD start and HOOI sweeps on the float64 kernel ``k``; factors in ``like``'s dtype and device."""
     norm2 = float(k.square().sum())
     u = _leading(unfold(k, 0), r_out)
     v = _leading(unfold(k, 1), r_in)
@@ -137,6 +144,6 @@ def tucker2(kernel: torch.Tensor, *, out_rank: int, in_rank: int, n_iter_max: in
         err = new_err
         if done:
             break
-    dt, dev = kernel.dtype, kernel.device
+    dt, dev = like.dtype, like.device
     return Tucker2Decomposition(core.to(device=dev, dtype=dt), u.to(device=dev, dtype=dt), v.to(device=dev, dtype=dt),
                                 err, n_iter)
