@@ -41,6 +41,7 @@ CASES = {
     "readme": Plan(tt=TTSettings(ranks=4), cp=CPSettings(rank=3)),
     "ratio10": Plan(target_ratio=10.0),
     "tt8cp3": Plan(tt=TTSettings(ranks=8), cp=CPSettings(rank=3)),
+    "cp3conv": Plan(cp=CPSettings(rank=3), layers=("features.*",)),
 }
 
 

@@ -242,7 +242,7 @@ def test_label_free_distillation_reduces_the_distillation_loss(tmp_path: Path, k
     student = _perturbed(teacher)
     before = copy.deepcopy(student)
     bundle = load_dataset(f"{MOD}:unlabelled")
-    config = FinetuneConfig(epochs=6, batch_size=8, lr=3e-3, device="cpu", val_fraction=0.2)
+    config = FinetuneConfig(epochs=6, batch_size=8, lr=3e-3, schedule="none", device="cpu", val_fraction=0.2)
     result = finetune(student, bundle, output=tmp_path / "s.pt", config=config, teacher=teacher)
     losses = [r.val_loss for r in result.history]
     assert losses[-1] < 0.5 * losses[0], losses

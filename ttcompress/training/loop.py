@@ -310,8 +310,10 @@ def lone_last_batch(n: int, *, batch_size: int, world_size: int = 1) -> bool:
     """Whether each process's last training batch would hold a single sample (then it is dropped).
 
     BatchNorm cannot train on a batch of one (its batch variance is undefined), and a one-sample
-    step is mostly noise anyway. Under ``torchrun`` each process gets ``ceil(n / world_size)``
-    samples (``DistributedSampler`` pads). A dataset of one batch in all is kept whole.
+    step is mostly noise anyway. Under ``torchrun`` each process would get ``ceil(n / world_size)``
+    samples (``DistributedSampler`` pads); when that leaves a lone sample, ``drop_last`` also makes
+    the sampler drop the uneven tail, so every process drops its last partial batch. A dataset of
+    one batch in all is kept whole.
     """
     per_process = -(-n // world_size)
     return per_process > batch_size and per_process % batch_size == 1
