@@ -23,7 +23,8 @@ import torch
 
 from ttcompress.data import load_dataset
 from ttcompress.models import build_arch
-from ttcompress.train import FinetuneConfig, TrainConfig, evaluate, finetune, train
+from ttcompress.evaluation import evaluate
+from ttcompress.training import FinetuneConfig, TrainConfig, finetune, train
 
 
 def _compress(model: torch.nn.Module, *, tt_rank: int, cp_rank: int) -> tuple[torch.nn.Module, str]:

@@ -175,7 +175,8 @@ def run(
     """
     from ttcompress.data import load_dataset
     from ttcompress.models import build_arch
-    from ttcompress.train import FinetuneConfig, TrainConfig, evaluate, finetune, train
+    from ttcompress.evaluation import evaluate
+from ttcompress.training import FinetuneConfig, TrainConfig, finetune, train
 
     torch.set_num_threads(threads)
     output.mkdir(parents=True, exist_ok=True)

@@ -163,7 +163,7 @@ def _log(message: str) -> None:
 
 
 def _config(kind: str, *, epochs: int, lr: float, batch_size: int, seed: int) -> Any:
-    from ttcompress.train import FinetuneConfig, TrainConfig
+    from ttcompress.training import FinetuneConfig, TrainConfig
 
     cls = TrainConfig if kind == "train" else FinetuneConfig
     # val_fraction=0: train on the whole training split, as the thesis does; the reported
@@ -213,7 +213,8 @@ def run(
     from ttcompress.data import load_dataset
     from ttcompress.models import build_arch
     from ttcompress.surgery import compress_with_report
-    from ttcompress.train import evaluate, finetune, train
+    from ttcompress.evaluation import evaluate
+    from ttcompress.training import finetune, train
 
     torch.set_num_threads(threads)
     output.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ def test_decompose_json_and_eps_bound(cnn_file, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["output"] == str(out) and summary["input_kind"] == "state_dict"
     rows = {r["name"]: r for r in summary["layers"]}
-    assert rows["features.0"]["skipped"] == "not matched by --layers"
+    assert rows["features.0"]["skipped"] == "not matched by layers"
     tt_rows = [r for r in summary["layers"] if r["format"] == "tt"]
     assert tt_rows
     for r in tt_rows:

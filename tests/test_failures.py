@@ -27,7 +27,7 @@ from ttcompress.data import DatasetBundle, balanced_subset, dataset_targets, loa
 from ttcompress.errors import DataError, TrainingError, UserInputError
 from ttcompress.io import atomic_write, save
 from ttcompress.models import build_arch
-from ttcompress.train import TrainCallback, TrainConfig, run_paths, train
+from ttcompress.training import TrainCallback, TrainConfig, run_paths, train
 
 runner = CliRunner()
 FAST = ["--device", "cpu", "--batch-size", "32", "--max-batches", "2"]

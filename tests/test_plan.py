@@ -141,7 +141,7 @@ def test_layer_decisions_and_skip_reasons():
     assert dec["fc1"].format == "tt" and dec["fc1"].params_after < dec["fc1"].params_before
     assert dec["fc2"].skipped == "excluded by pattern 'fc2'"
     only = _by_name(plan_layers(Net(), Plan(layers=("fc*",))))
-    assert only["conv"].skipped == "not matched by --layers"
+    assert only["conv"].skipped == "not matched by layers"
     mism = _by_name(plan_layers(Net(), Plan(rules=(Rule("conv", format="tt"),))))
     assert "does not apply" in mism["conv"].skipped
     ratio = _by_name(plan_layers(Net(), Plan(cp=CPSettings(ratio=5.0))))

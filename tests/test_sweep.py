@@ -16,7 +16,7 @@ from ttcompress.io import load, save
 from ttcompress.models import build_arch
 from ttcompress.plan import plan_layers
 from ttcompress.sweep import SweepSetting, run_sweep, sweep_settings
-from ttcompress.train import FinetuneConfig, TrainCallback
+from ttcompress.training import FinetuneConfig, TrainCallback
 
 
 @pytest.fixture

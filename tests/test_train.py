@@ -15,14 +15,13 @@ from ttcompress.data import DatasetBundle, load_dataset
 from ttcompress.errors import CheckpointError, TrainingError
 from ttcompress.io import read_header, update_meta
 from ttcompress.models import build_arch
-from ttcompress.train import (
+from ttcompress.evaluation import evaluate, resolve_device
+from ttcompress.training import (
     EpochRecord,
     FinetuneConfig,
     TrainCallback,
     TrainConfig,
-    evaluate,
     finetune,
-    resolve_device,
     run_paths,
     train,
 )
@@ -308,7 +307,7 @@ def test_distillation_runs_and_teaches(tiny: DatasetBundle, baseline: nn.Module,
 
 
 def test_holdout_split_is_fixed_disjoint_and_leaves_the_test_split_alone(tiny: DatasetBundle) -> None:
-    from ttcompress.train import holdout_split
+    from ttcompress.training import holdout_split
 
     train_a, val_a = holdout_split(tiny, fraction=0.1)
     train_b, val_b = holdout_split(tiny, fraction=0.1)

@@ -13,7 +13,7 @@ from torch.utils.data import Subset
 
 from ttcompress.data import DatasetBundle, load_dataset
 from ttcompress.errors import UserInputError
-from ttcompress.train import FinetuneConfig, TrainConfig, train
+from ttcompress.training import FinetuneConfig, TrainConfig, train
 from ttcompress.training.loop import lone_last_batch
 from ttcompress.training.optim import make_optimizer, make_scheduler, param_groups
 

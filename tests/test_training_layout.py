@@ -1,4 +1,4 @@
-"""Where the training code lives: reports measure without the loop; the old module still works."""
+"""Where the training code lives: reports measure without the loop; ``ttcompress.train`` is the function."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-import ttcompress.train as compat
 import ttcompress.training as training
 from ttcompress.cli.progress import RichProgress
 from ttcompress.evaluation import evaluate, resolve_device
@@ -17,7 +16,7 @@ from ttcompress.training.records import TrainCallback
 def test_report_and_evaluation_do_not_import_the_training_loop() -> None:
     code = (
         "import sys, ttcompress.report, ttcompress.evaluation\n"
-        "loaded = sorted(m for m in sys.modules if m.startswith(('ttcompress.training', 'ttcompress.train')))\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('ttcompress.training'))\n"
         "print(','.join(loaded))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -26,25 +25,18 @@ def test_report_and_evaluation_do_not_import_the_training_loop() -> None:
 
 def test_library_does_not_import_the_cli() -> None:
     code = (
-        "import sys, ttcompress.train, ttcompress.sweep, ttcompress.demo\n"
+        "import sys, ttcompress.training, ttcompress.sweep, ttcompress.demo\n"
         "print(','.join(sorted(m for m in sys.modules if m.startswith('ttcompress.cli'))))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == ""
 
 
-def test_compat_module_reexports_the_training_api() -> None:
-    for name in training.__all__:
-        assert getattr(compat, name) is getattr(training, name)
-    assert compat.evaluate is evaluate
-    assert compat.resolve_device is resolve_device
-
-
-def test_public_train_still_callable_after_importing_the_compat_module() -> None:
+def test_public_train_is_the_training_function() -> None:
     import ttcompress
 
-    assert ttcompress.train is compat  # the import system set the package attribute to the submodule
-    with pytest.raises(TypeError, match="model must be an nn.Module"):  # reaches training.train
+    assert ttcompress.train is training.train  # no submodule named ``train`` can shadow it
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
         ttcompress.train(object(), object(), output="unused.pt")
 
 

@@ -362,7 +362,7 @@ class Plan:
     def selects(self, name: str) -> str | None:
         """``None`` if layer ``name`` is selected, else the reason it is not."""
         if self.layers and not any(fnmatch.fnmatchcase(name, p) for p in self.layers):
-            return "not matched by --layers"
+            return "not matched by layers"
         for p in self.exclude:
             if fnmatch.fnmatchcase(name, p):
                 return f"excluded by pattern {p!r}"
