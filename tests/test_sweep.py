@@ -1,4 +1,4 @@
-"""Sweeps: settings, the per-setting cache, resuming an interrupted sweep, and `demo --quick`."""
+"""Sweeps: settings, the per-setting cache, resuming an interrupted sweep, calibration."""
 
 from __future__ import annotations
 
@@ -126,15 +126,6 @@ def test_changing_the_finetune_options_does_not_reuse_the_cache(bundle, baseline
 def test_sweep_cli_bad_list_exits_2(baseline) -> None:
     result = CliRunner().invoke(app, ["sweep", str(baseline), "--cp-ranks", "3,x"])
     assert result.exit_code == 2 and "--cp-ranks" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_demo_quick_runs_end_to_end(tmp_path) -> None:
-    result = CliRunner().invoke(app, ["demo", "--quick", "-o", str(tmp_path / "demo")])
-    assert result.exit_code == 0, result.output
-    report = (tmp_path / "demo" / "report.md").read_text()
-    assert "| CP r3 |" in report and "| TT r8 + CP r3 |" in report and "| model | params |" in report
-    assert (tmp_path / "demo" / "tradeoff.png").read_bytes().startswith(b"\x89PNG")
-    assert "Decomposed layers" in result.stdout
 
 
 def test_a_sweep_calibrates_on_the_training_split_by_default(bundle, baseline, tmp_path) -> None:
