@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES
+from ttcompress.formats import default_format
 from ttcompress.training.api import train_arch
 from ttcompress.training.config import FinetuneConfig, TrainConfig
 from ttcompress.training.records import TrainCallback
@@ -30,21 +33,27 @@ from ttcompress.training.records import TrainCallback
 __all__ = ["DemoResult", "DemoSettings", "run_demo"]
 
 
+def _default_formats(*layers: nn.Module) -> tuple[str, ...]:
+    """The default format of each layer type (TT for Linear, CP for Conv2d), from the registry."""
+    return tuple(f.name for f in (default_format(layer) for layer in layers) if f is not None)
+
+
 @dataclass(frozen=True)
 class DemoSettings:
     """What the demo runs (defaults: the full demo).
 
     ``finetune_epochs=None`` and every fine-tuning option not listed here follow
-    :class:`~ttcompress.training.config.FinetuneConfig`'s defaults. ``formats`` are TT for the
-    Linear layers and CP for the convolutions, the two formats of the papers the demo reproduces
-    (the ``auto`` format tries every format per layer and is slower to decompose).
+    :class:`~ttcompress.training.config.FinetuneConfig`'s defaults. ``formats`` (default: the
+    registry's default format of Linear and of Conv2d layers, TT and CP, the formats of the papers
+    the demo reproduces) replace ``auto``, which fits every format to every layer and is several
+    times slower to decompose.
     """
 
     train_epochs: int = 10
     finetune_epochs: int | None = None
     max_batches: int | None = None
     target_ratios: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0, 48.0)
-    formats: tuple[str, ...] = ("tt", "cp")
+    formats: tuple[str, ...] = field(default_factory=lambda: _default_formats(nn.Linear(2, 2), nn.Conv2d(1, 1, 1)))
     calib_samples: int | None = DEFAULT_CALIB_SAMPLES
     measure_speed: bool = True
     seed: int = 0
