@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 
@@ -90,14 +91,32 @@ def test_markdown_has_model_and_layer_tables(report: Report) -> None:
     assert "dense (baseline)" in text
     assert "97.00%" in text and "-1.00 pp" in text
     assert "top-1 pre-FT" in text
-    assert "**Decomposed layers**" in text and "1,000 → 100" in text
+    assert "**Layers**" in text and "1,000 → 100" in text
 
 
 def test_rich_table_renders_as_text(report: Report) -> None:
     text = render(report, "table")
-    assert "ttcompress report" in text and "tt2" in text and "Decomposed layers" in text
+    assert "ttcompress report" in text and "tt2" in text and "Layers" in text
 
 
 def test_unknown_format_is_a_value_error(report: Report) -> None:
     with pytest.raises(ValueError, match="format"):
         render(report, "xml")  # type: ignore[arg-type]
+
+
+def test_layer_section_lists_dense_layers_flags_large_errors_and_shows_output_errors(report: Report) -> None:
+    from ttcompress.dryrun import LARGE_ERROR
+
+    layers = (
+        LayerReport("conv", "cp", ranks=(3,), params_before=900, params_after=90, rel_error=0.9),  # data-free: flagged
+        LayerReport("fc1", "tt", ranks=(1, 4, 1), params_before=1000, params_after=100, rel_error=0.8,
+                    out_error_before=0.7, out_error_after=0.05),  # calibrated: judged by the output error
+        LayerReport("fc2", "dense", params_before=50, params_after=50, skipped="excluded by --exclude"),
+    )
+    row = dataclasses.replace(report.rows[1], layers=layers)
+    text = render(dataclasses.replace(report, rows=(report.rows[0], row)), "md")
+    lines = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| tt4 |")}
+    assert "0.9000 !" in lines["conv"] and f"large error (> {LARGE_ERROR:g})" in lines["conv"]
+    assert "0.7000 → 0.0500" in lines["fc1"] and "!" not in lines["fc1"] and "0.8000" in lines["fc1"]
+    assert "| dense |" in lines["fc2"] and "excluded by --exclude" in lines["fc2"] and "| 50 |" in lines["fc2"]
+    assert f"! = error above {LARGE_ERROR:g}" in text  # the threshold is documented under the table

@@ -71,8 +71,8 @@ def test_report_values_match_independent_counts(bundle: DatasetBundle, tmp_path)
     assert row.top5 is None  # 4 classes: no top-5
     assert row.latency_ms > 0 and row.latency_iqr_ms >= 0
     assert 0 < row.flops < base.flops
-    names = [layer.name for layer in row.layers]
-    assert names and all(layer.format == "tt" for layer in row.layers)  # one lower-case vocabulary
+    names = [layer.name for layer in row.layers if layer.compressed]
+    assert names and all(layer.format == "tt" for layer in row.layers if layer.compressed)  # lower-case vocabulary
     assert sum(layer.params_before - layer.params_after for layer in row.layers) == base.params - row.params
 
 
@@ -214,3 +214,23 @@ def test_flops_count_the_factorized_evaluation_whatever_path_eval_would_pick() -
     factorized = count_flops(layer, (16, 12, 12))
     assert layer.evaluation == "dense"  # restored
     assert factorized < count_flops(conv.eval(), (16, 12, 12))  # rank 4 is far cheaper than the dense conv
+
+
+def test_layer_rows_list_every_layer_with_the_reason_a_dense_one_stayed_dense() -> None:
+    from ttcompress.layer_report import KEPT_DENSE_INFO
+    from ttcompress.plan import Plan
+    from ttcompress.report import NO_REASON, layer_rows
+    from ttcompress.surgery import compress_with_report
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 64), nn.ReLU(), nn.Linear(64, 10))
+    assert layer_rows(net) == ()  # nothing compressed: no per-layer section
+    result = compress_with_report(net, Plan.from_dict({"exclude": ["4"]}))
+    rows = layer_rows(result.model)
+    assert [(r.name, r.format) for r in rows] == [("0", "cp"), ("2", "tt"), ("4", "dense")]
+    dense = rows[2]
+    assert dense.skipped == result.model.ttcompress_meta["info"][KEPT_DENSE_INFO]["4"] and "exclude" in dense.skipped
+    assert dense.params_before == dense.params_after == 64 * 10 + 10 and dense.shape == (10, 64)
+    # A checkpoint from before reasons were recorded: the layer is still listed, without a reason.
+    del result.model.ttcompress_meta["info"][KEPT_DENSE_INFO]
+    assert layer_rows(result.model)[2].skipped == NO_REASON

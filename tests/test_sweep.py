@@ -1,4 +1,4 @@
-"""Sweeps: settings, the per-setting cache, resuming an interrupted sweep, and `demo --quick`."""
+"""Sweeps: settings, the per-setting cache, resuming an interrupted sweep, calibration."""
 
 from __future__ import annotations
 
@@ -128,10 +128,25 @@ def test_sweep_cli_bad_list_exits_2(baseline) -> None:
     assert result.exit_code == 2 and "--cp-ranks" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_demo_quick_runs_end_to_end(tmp_path) -> None:
-    result = CliRunner().invoke(app, ["demo", "--quick", "-o", str(tmp_path / "demo")])
-    assert result.exit_code == 0, result.output
-    report = (tmp_path / "demo" / "report.md").read_text()
-    assert "| CP r3 |" in report and "| TT r8 + CP r3 |" in report and "| model | params |" in report
-    assert (tmp_path / "demo" / "tradeoff.png").read_bytes().startswith(b"\x89PNG")
-    assert "Decomposed layers" in result.stdout
+def test_a_sweep_calibrates_on_the_training_split_by_default(bundle, baseline, tmp_path) -> None:
+    from ttcompress.io import read_header
+
+    settings = [SweepSetting(cp_rank=2)]
+    config = FinetuneConfig(epochs=1, device="cpu", batch_size=32)
+    calibrated = run_sweep(baseline, bundle=bundle, settings=settings, output_dir=tmp_path / "s", config=config,
+                           calib_samples=16)  # fmt: skip
+    free = run_sweep(baseline, bundle=bundle, settings=settings, output_dir=tmp_path / "s", config=config,
+                     calib_samples=None)  # fmt: skip
+    assert calibrated[0].model_path != free[0].model_path  # the calibration is part of the cache key
+    info = read_header(calibrated[0].model_path.parent / "decomposed.pt")["info"]["calibration"]
+    assert info == {"used": True, "dataset": "toy", "samples": 16, "seed": 0, "split": "train", "balanced": True}
+    assert read_header(free[0].model_path.parent / "decomposed.pt")["info"]["calibration"] == {"used": False}
+    layer = load(calibrated[0].model_path.parent / "decomposed.pt").ttcompress_meta["layers"]["features.0"]
+    assert layer["out_error_after"] is not None  # fitted to the dense layer's outputs
+
+
+@pytest.mark.parametrize("args, flag", [(["--calib-samples", "0"], "--calib-samples"),
+                                        (["--min-saving", "-1"], "--min-saving")])
+def test_sweep_cli_bad_calibration_options_exit_2(baseline, tmp_path, args, flag) -> None:
+    result = CliRunner().invoke(app, ["sweep", str(baseline), "--cp-ranks", "2", "-o", str(tmp_path / "s"), *args])
+    assert result.exit_code == 2 and flag in result.stderr and "Traceback" not in result.stderr

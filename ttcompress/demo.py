@@ -1,22 +1,31 @@
 """The main job end to end on the embedded data: what ``ttcompress demo`` runs.
 
 1. Train the ``seed-cnn`` baseline (the CP paper's MNIST net) on ``mnist-5k``.
-2. Sweep CP ranks 3/6/9 on its two convolutions, once with the fully connected layers dense (the
-   CP paper's experiment) and once with them in TT format at rank 8.
-3. Fine-tune each compressed model.
-4. Measure everything side by side and write ``report.md`` and ``tradeoff.png``.
+2. Sweep whole-model target ratios (:data:`DemoSettings.target_ratios`, 4× to 48×): per-layer
+   ranks chosen by the allocator (:mod:`ttcompress.allocate`), Linear layers in TT format and
+   convolutions in CP format, each decomposition calibrated on the training split as
+   ``decompose --data`` does (same sample count).
+3. Fine-tune each compressed model with the library's fine-tuning defaults
+   (:class:`~ttcompress.training.config.FinetuneConfig`), distilling from the baseline as
+   ``finetune`` does by default.
+4. Measure everything side by side and write ``report.md``, ``report.json`` and ``tradeoff.png``.
 
-Everything is offline and seeded. ``quick=True`` runs a reduced version (a few batches per epoch)
-for the test suite.
+Everything is offline and seeded. ``quick=True`` runs the same curve (same settings) with a few
+batches per epoch, data-free and without timing (:meth:`DemoSettings.quick`), for the test suite.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
+from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES
+from ttcompress.formats import default_format
 from ttcompress.training.api import train_arch
 from ttcompress.training.config import FinetuneConfig, TrainConfig
 from ttcompress.training.records import TrainCallback
@@ -24,20 +33,43 @@ from ttcompress.training.records import TrainCallback
 __all__ = ["DemoResult", "DemoSettings", "run_demo"]
 
 
+def _default_formats(*layers: nn.Module) -> tuple[str, ...]:
+    """The default format of each layer type (TT for Linear, CP for Conv2d), from the registry."""
+    return tuple(f.name for f in (default_format(layer) for layer in layers) if f is not None)
+
+
 @dataclass(frozen=True)
 class DemoSettings:
-    """What the demo runs (defaults: the full demo)."""
+    """What the demo runs (defaults: the full demo).
 
-    train_epochs: int = 12
-    finetune_epochs: int = 2
+    ``finetune_epochs=None`` and every fine-tuning option not listed here follow
+    :class:`~ttcompress.training.config.FinetuneConfig`'s defaults. ``formats`` (default: the
+    registry's default format of Linear and of Conv2d layers, TT and CP, the formats of the papers
+    the demo reproduces) replace ``auto``, which fits every format to every layer and is several
+    times slower to decompose.
+    """
+
+    train_epochs: int = 10
+    finetune_epochs: int | None = None
     max_batches: int | None = None
-    cp_ranks: tuple[int, ...] = (3, 6, 9)
-    tt_ranks: tuple[int | None, ...] = (None, 8)
+    target_ratios: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0, 48.0)
+    formats: tuple[str, ...] = field(default_factory=lambda: _default_formats(nn.Linear(2, 2), nn.Conv2d(1, 1, 1)))
+    calib_samples: int | None = DEFAULT_CALIB_SAMPLES
+    measure_speed: bool = True
     seed: int = 0
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(train_epochs=1, finetune_epochs=1, max_batches=8, cp_ranks=(3,), tt_ranks=(None, 8))
+        """The same curve (same target ratios and formats) with 1 epoch of 4 batches per run, data-free
+        decomposition and no latency measurement: the shape of the demo in seconds, for smoke tests."""
+        return cls(train_epochs=1, finetune_epochs=1, max_batches=4, calib_samples=None, measure_speed=False)
+
+    def finetune_config(self) -> FinetuneConfig:
+        """:class:`FinetuneConfig` defaults, with this demo's seed, batch limit and (if set) epochs."""
+        changes: dict[str, Any] = {"seed": self.seed, "max_batches": self.max_batches}
+        if self.finetune_epochs is not None:
+            changes["epochs"] = self.finetune_epochs
+        return dataclasses.replace(FinetuneConfig(), **changes)
 
 
 @dataclass(frozen=True)
@@ -47,6 +79,7 @@ class DemoResult:
     report: Any
     baseline: Path
     report_md: Path
+    report_json: Path
     plot: Path
     sweep_dir: Path
 
@@ -67,7 +100,7 @@ def run_demo(
     """
     from ttcompress.fsutil import atomic_write
     from ttcompress.plot import plot_tradeoff
-    from ttcompress.render import to_markdown
+    from ttcompress.render import to_json, to_markdown
     from ttcompress.sweep import sweep_report, sweep_settings
 
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
@@ -82,28 +115,34 @@ def run_demo(
         say(f"[1/3] reusing the baseline {baseline}")
     else:
         say("[1/3] training the seed-cnn baseline on mnist-5k")
-        train_config = TrainConfig(epochs=settings.train_epochs, lr=1e-3, seed=settings.seed, device="cpu",
-                                   max_batches=settings.max_batches)  # fmt: skip
+        train_config = TrainConfig(epochs=settings.train_epochs, seed=settings.seed, max_batches=settings.max_batches)
         train_arch("seed-cnn", output=baseline, data="mnist-5k", config=train_config, progress=progress)
 
-    say("[2/3] sweeping CP ranks on the convolutions, FC layers dense or TT, fine-tuning each")
-    finetune_config = FinetuneConfig(epochs=settings.finetune_epochs, seed=settings.seed, device="cpu",
-                                     max_batches=settings.max_batches)  # fmt: skip
+    ratios = ", ".join(f"{r:g}×" for r in settings.target_ratios)
+    calibrated = f"calibrated on {settings.calib_samples} samples" if settings.calib_samples else "data-free"
+    say(f"[2/3] sweeping whole-model target ratios {ratios} ({' + '.join(settings.formats)}), {calibrated}, "
+        "fine-tuned with distillation from the baseline")
     report = sweep_report(
         baseline,
-        settings=sweep_settings(tt_ranks=settings.tt_ranks, cp_ranks=settings.cp_ranks),
+        settings=sweep_settings(target_ratios=settings.target_ratios),
         output_dir=out / "sweep",
         data="mnist-5k",
-        config=finetune_config,
-        measure_speed=True,
+        config=settings.finetune_config(),
+        plan_options={"formats": settings.formats},
+        calib_samples=settings.calib_samples,
+        distill=True,
+        measure_speed=settings.measure_speed,
         console=console,
         progress=progress,
     )
 
     say("[3/3] writing the report")
-    report_md = out / "report.md"
+    report_md, report_json = out / "report.md", out / "report.json"
     with atomic_write(report_md, "w", encoding="utf-8") as f:
         f.write("# ttcompress demo: seed-cnn on mnist-5k\n\n")
         f.write(to_markdown(report))
+    with atomic_write(report_json, "w", encoding="utf-8") as f:
+        f.write(to_json(report))
     plot = plot_tradeoff(report, out / "tradeoff.png", title="seed-cnn on mnist-5k: accuracy vs compression")
-    return DemoResult(report=report, baseline=baseline, report_md=report_md, plot=plot, sweep_dir=out / "sweep")
+    return DemoResult(report=report, baseline=baseline, report_md=report_md, report_json=report_json, plot=plot,
+                      sweep_dir=out / "sweep")

@@ -25,7 +25,8 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["DENSE_FORMAT", "META_FIELDS", "LayerReport", "count_params", "format_label", "ranks_text"]
+__all__ = ["DENSE_FORMAT", "KEPT_DENSE_INFO", "META_FIELDS", "LayerReport", "count_params", "format_label",
+           "kept_dense", "ranks_text"]
 
 #: The ``format`` of a layer that stays (or is) dense.
 DENSE_FORMAT = "dense"
@@ -33,6 +34,10 @@ DENSE_FORMAT = "dense"
 #: Fields of a :class:`LayerReport` kept in ``model.ttcompress_meta["layers"]`` and checkpoint headers.
 META_FIELDS: tuple[str, ...] = ("format", "config", "rel_error", "seconds", "params_before", "params_after", "note",
                                  "out_error_before", "out_error_after", "fit_method")
+
+#: Key of ``model.ttcompress_meta["info"]`` (and a checkpoint's info) under which a compression run
+#: records why each candidate layer stayed dense: ``{qualified name: reason}`` (:func:`kept_dense`).
+KEPT_DENSE_INFO = "kept_dense"
 
 _TUPLE_FIELDS = ("shape", "in_modes", "out_modes", "ranks", "aliases")
 
@@ -153,6 +158,13 @@ class LayerReport:
         return self.format != DENSE_FORMAT
 
     @property
+    def judged_error(self) -> float | None:
+        """The error a layer is judged (and flagged) by: its output error on the calibration data after
+        fitting when there is one (a fitted layer's weight may move far from the dense one on
+        purpose), else its weight error."""
+        return self.out_error_after if self.out_error_after is not None else self.rel_error
+
+    @property
     def structure(self) -> str:
         """Modes and ranks as one table cell (the format's text, else the ranks)."""
         return self.detail or ranks_text(self.ranks)
@@ -185,3 +197,9 @@ class LayerReport:
         known = {k: data.pop(k) for k in META_FIELDS if k in data}
         known.setdefault("format", DENSE_FORMAT)
         return cls(name=str(name), extra=data, **known)
+
+
+def kept_dense(records: Sequence[LayerReport]) -> dict[str, str]:
+    """``{name: reason}`` for the records of a compression run that stayed dense (what
+    :data:`KEPT_DENSE_INFO` holds)."""
+    return {r.name: r.skipped or "kept dense" for r in records if not r.compressed}

@@ -11,10 +11,13 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+from ttcompress.dryrun import LARGE_ERROR
+from ttcompress.layer_report import LayerReport
 from ttcompress.measure import KINDS
 from ttcompress.report import ModelRow, Report
 
-__all__ = ["FORMATS", "render", "to_csv", "to_json", "to_markdown", "to_rich_tables"]
+__all__ = ["FORMATS", "large_error_note", "out_error_cell", "render", "to_csv", "to_json", "to_markdown",
+           "to_rich_tables"]
 
 Format = Literal["table", "md", "csv", "json"]
 FORMATS: tuple[str, ...] = ("table", "md", "csv", "json")
@@ -103,15 +106,50 @@ def _columns(report: Report) -> list[tuple[str, Any]]:
     return cols
 
 
+def large_error_note(error: float | None) -> str:
+    """``large error (> 0.5)`` above :data:`ttcompress.dryrun.LARGE_ERROR`, else empty."""
+    return f"large error (> {LARGE_ERROR:g})" if error is not None and error > LARGE_ERROR else ""
+
+
+def out_error_cell(layer: LayerReport) -> str:
+    """``before → after`` relative output error on the calibration data, ``!`` when the after one is
+    above :data:`~ttcompress.dryrun.LARGE_ERROR` (``–`` without calibration)."""
+    if layer.out_error_before is None or layer.out_error_after is None:
+        return "–"
+    flag = " !" if layer.out_error_after > LARGE_ERROR else ""
+    return f"{layer.out_error_before:.4f} → {layer.out_error_after:.4f}{flag}"
+
+
+def _weight_error_cell(layer: LayerReport) -> str:
+    """The weight error; flagged (``!``) only when it is what the layer is judged by (no calibration)."""
+    if layer.rel_error is None:
+        return "–"
+    flag = " !" if layer.out_error_after is None and layer.rel_error > LARGE_ERROR else ""
+    return f"{layer.rel_error:.4f}{flag}"
+
+
+def _layer_note(layer: LayerReport) -> str:
+    large = large_error_note(layer.judged_error) if layer.compressed else ""
+    return "; ".join(x for x in (layer.skipped if not layer.compressed else layer.note, large) if x)
+
+
 _LAYER_COLUMNS: list[tuple[str, Any]] = [
     ("model", None),
     ("layer", lambda l: l.name),
     ("format", lambda l: l.format),
-    ("ranks", lambda l: l.structure),
-    ("params", lambda l: f"{l.params_before:,} → {l.params_after:,}"),
-    ("ratio", lambda l: f"{l.ratio:.2f}×"),
-    ("rel. error", lambda l: "–" if l.rel_error is None else f"{l.rel_error:.4f}"),
+    ("ranks", lambda l: l.structure if l.compressed else "–"),
+    ("params", lambda l: f"{l.params_before:,} → {l.params_after:,}" if l.compressed else _num(l.params_before)),
+    ("ratio", lambda l: f"{l.ratio:.2f}×" if l.compressed and l.ratio is not None else "–"),
+    ("weight error", _weight_error_cell),
+    ("output error", out_error_cell),
+    ("note", _layer_note),
 ]
+
+#: What the per-layer section's columns mean (printed under it).
+LAYER_LEGEND = (f"every Linear/Conv2d/Embedding/MultiheadAttention layer of each compressed model, dense ones with "
+                f"the reason; weight error: relative Frobenius error of the decomposed weight; output error: "
+                f"relative output error on the calibration data, data-free decomposition → fitted layer; "
+                f"! = error above {LARGE_ERROR:g} (the output error when calibrated, else the weight error)")
 
 
 def _layer_table(report: Report) -> list[list[str]]:
@@ -158,7 +196,7 @@ def to_markdown(report: Report) -> str:
     lines += table([h for h, _ in cols], [[fmt(r) for _, fmt in cols] for r in report.rows])
     layers = _layer_table(report)
     if layers:
-        lines += ["", "**Decomposed layers**", ""]
+        lines += ["", "**Layers**", "", f"_{LAYER_LEGEND}_", ""]
         lines += table([h for h, _ in _LAYER_COLUMNS], layers)
     return "\n".join(lines) + "\n"
 
@@ -214,7 +252,7 @@ def to_rich_tables(report: Report) -> list[Any]:
     tables = [models]
     body = _layer_table(report)
     if body:
-        layers = Table(title="Decomposed layers")
+        layers = Table(title="Layers", caption=LAYER_LEGEND)
         for i, (header, _) in enumerate(_LAYER_COLUMNS):
             layers.add_column(header, justify="left" if i < 4 else "right")
         for line in body:

@@ -40,9 +40,9 @@ from torch import nn
 
 from ttcompress.errors import UserInputError, refused_input
 from ttcompress.usercode import import_callable
-from ttcompress.formats import format_of
+from ttcompress.formats import format_of, layer_classes
 from ttcompress.fsutil import strip_model_suffix
-from ttcompress.layer_report import LayerReport, count_params
+from ttcompress.layer_report import DENSE_FORMAT, KEPT_DENSE_INFO, LayerReport, count_params
 from ttcompress.meta import read_meta
 from ttcompress.measure import (
     KINDS, count_flops, flops_by_kind, measure_latency, params_by_kind, peak_memory, weights_bytes,
@@ -163,27 +163,60 @@ class ModelEntry:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
+#: Dense layer types the report's per-layer section lists (beside every factorized layer).
+LISTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Embedding, nn.MultiheadAttention)
+
+#: Reason shown for a dense layer of a compressed model whose checkpoint records none (made before
+#: ttcompress recorded :data:`~ttcompress.layer_report.KEPT_DENSE_INFO`).
+NO_REASON = "not compressed (no reason recorded)"
+
+
 def layer_rows(model: nn.Module) -> tuple[LayerReport, ...]:
-    """The decomposed layers recorded in ``model``'s metadata (empty for a dense model), with the
-    structure (modes and ranks) their format describes."""
-    rows = []
-    for name, record in read_meta(model).layers.items():
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            layer = None
-        fmt = format_of(layer) if layer is not None else None
-        if fmt is not None:
-            desc = fmt.describe(layer)
-            record = dataclasses.replace(record, in_modes=desc.in_modes, out_modes=desc.out_modes, ranks=desc.ranks,
-                                         detail=desc.text)
-        else:  # the layer is gone (e.g. merged back to dense): the ranks its config recorded
-            config = record.config or {}
-            ranks = config.get("ranks", config.get("rank"))
-            record = dataclasses.replace(record, ranks=(ranks,) if isinstance(ranks, int) else ranks)
-        rows.append(dataclasses.replace(record, params_before=record.params_before or 0,
-                                        params_after=record.params_after or 0))
-    return tuple(rows)
+    """Every layer of a compressed model, in module order: each factorized layer recorded in
+    ``model``'s metadata (with the structure its format describes) and each Linear / Conv2d /
+    Embedding / MultiheadAttention left dense, with the reason its compression run recorded
+    (:data:`~ttcompress.layer_report.KEPT_DENSE_INFO`). Empty for a model nothing was compressed in."""
+    meta = read_meta(model)
+    if not meta.layers:
+        return ()
+    reasons = meta.info.get(KEPT_DENSE_INFO) or {}
+    rows: dict[str, LayerReport] = {}
+    inside: tuple[str, ...] = ()  # factorized layers whose children are parts, not layers
+    for name, module in model.named_modules():
+        if inside and any(name.startswith(p + ".") for p in inside):
+            continue
+        if name in meta.layers:
+            rows[name] = _compressed_layer_row(model, name, meta.layers[name])
+        elif isinstance(module, LISTED_TYPES):
+            n = count_params(module)
+            shape = tuple(module.weight.shape) if isinstance(getattr(module, "weight", None), torch.Tensor) else ()
+            rows[name] = LayerReport(name, DENSE_FORMAT, type=type(module).__name__, shape=shape, params_before=n,
+                                     params_after=n, skipped=str(reasons.get(name, NO_REASON)))
+        else:
+            continue
+        if isinstance(module, (*layer_classes(), nn.MultiheadAttention)):
+            inside += (name,)
+    for name, record in meta.layers.items():  # recorded under a name the model no longer has
+        rows.setdefault(name, _compressed_layer_row(model, name, record))
+    return tuple(rows.values())
+
+
+def _compressed_layer_row(model: nn.Module, name: str, record: LayerReport) -> LayerReport:
+    """A recorded layer with the structure (modes and ranks) its format describes."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        layer = None
+    fmt = format_of(layer) if layer is not None else None
+    if fmt is not None:
+        desc = fmt.describe(layer)
+        record = dataclasses.replace(record, in_modes=desc.in_modes, out_modes=desc.out_modes, ranks=desc.ranks,
+                                     detail=desc.text)
+    else:  # the layer is gone (e.g. merged back to dense): the ranks its config recorded
+        config = record.config or {}
+        ranks = config.get("ranks", config.get("rank"))
+        record = dataclasses.replace(record, ranks=(ranks,) if isinstance(ranks, int) else ranks)
+    return dataclasses.replace(record, params_before=record.params_before or 0, params_after=record.params_after or 0)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

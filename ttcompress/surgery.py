@@ -36,7 +36,7 @@ from ttcompress.calibration.sequential import calibrate_sequentially
 from ttcompress.calibration.stats import LayerStats
 from ttcompress.formats import DENSE, format_of, get_format, layer_classes
 from ttcompress.formats.base import build_note
-from ttcompress.layer_report import LayerReport, count_params, format_label
+from ttcompress.layer_report import KEPT_DENSE_INFO, LayerReport, count_params, format_label, kept_dense
 from ttcompress.fsutil import strip_model_suffix
 from ttcompress.io import load_checkpoint, save
 from ttcompress.meta import copy_meta, read_meta, update_meta
@@ -222,7 +222,7 @@ def compress_with_report(
     )
     if root is not model and not hasattr(root, "ttcompress_meta"):
         copy_meta(model, root)
-    update_meta(root, layers={**prep.layer_records(root), **meta_layers})
+    update_meta(root, layers={**prep.layer_records(root), **meta_layers}, info={KEPT_DENSE_INFO: kept_dense(records)})
     return CompressionResult(root, tuple(records), before, count_params(root), plan, error)
 
 

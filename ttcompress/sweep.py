@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from ttcompress._version import __version__
-from ttcompress.data import DatasetBundle, check_model_fits
+from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES
+from ttcompress.data import DatasetBundle, balanced_subset, check_model_fits
 from ttcompress.errors import DataError, UserInputError, refused_input
 from ttcompress.plan import Plan
 from ttcompress.planfile import NONE, load_plan, plan_from_options, plan_kwargs
@@ -50,7 +51,7 @@ from ttcompress.training.checkpoint import RESUME_FREE_OPTIONS
 from ttcompress.training.config import FinetuneConfig, TrainConfig
 from ttcompress.training.records import TrainCallback, run_paths
 
-__all__ = ["SweepResult", "SweepSetting", "run_sweep", "sweep_settings"]
+__all__ = ["SweepResult", "SweepSetting", "calibration_subset", "run_sweep", "sweep_settings"]
 
 
 #: A setting's plan options: field of :class:`SweepSetting` -> (parameter of
@@ -121,9 +122,12 @@ class SweepSetting:
         formats: Sequence[str] = (),
         layers: Sequence[str] = (),
         exclude: Sequence[str] = (),
+        min_saving: float | None = None,
+        max_error: float | None = None,
     ) -> Plan:
         """The compression plan of this setting, on top of ``base`` and the sweep's shared options."""
-        return plan_from_options(base=base, formats=formats, layers=layers, exclude=exclude, **self.options())
+        return plan_from_options(base=base, formats=formats, layers=layers, exclude=exclude, min_saving=min_saving,
+                                 max_error=max_error, **self.options())
 
 
 def sweep_settings(
@@ -234,10 +238,12 @@ def cache_key(
     plan: Plan,
     setting: SweepSetting,
     teacher_digest: str | None,
+    calibration: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything that determines a setting's result, and nothing else (device, workers, logging).
 
-    The setting's directory is named after a hash of this.
+    ``calibration`` describes the calibration sample (``None``: data-free decomposition). The
+    setting's directory is named after a hash of this.
     """
     return {
         "ttcompress": __version__,
@@ -248,6 +254,7 @@ def cache_key(
         "plan": plan.to_dict(),
         "setting": dataclasses.asdict(setting),
         "teacher": teacher_digest,
+        "calibration": dict(calibration) if calibration is not None else None,
     }
 
 
@@ -262,6 +269,27 @@ def _write_json(path: Path, data: Any) -> None:
 SweepLog = Callable[[str], None]
 
 
+def calibration_subset(bundle: DatasetBundle, *, samples: int, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """``samples`` class-balanced, seeded inputs of ``bundle``'s training split, and their description.
+
+    The sample ``decompose --data`` draws (:func:`ttcompress.data.balanced_subset`); the
+    description is what a checkpoint records under ``info["calibration"]``.
+
+    Raises
+    ------
+    UserInputError
+        ``samples`` is not a positive int (a ``ValueError``).
+    DataError
+        The training split is empty.
+    """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise UserInputError(f"calib_samples must be a positive int, got {samples!r}")
+    if len(bundle.train) == 0:
+        raise DataError(f"dataset {bundle.name!r} has an empty training split; nothing to calibrate on")
+    subset = balanced_subset(bundle.train, min(samples, len(bundle.train)), seed=seed)
+    return subset, {"dataset": bundle.name, "samples": len(subset), "seed": seed, "split": "train", "balanced": True}
+
+
 def run_sweep(
     baseline: str | os.PathLike[str],
     *,
@@ -270,7 +298,8 @@ def run_sweep(
     output_dir: str | os.PathLike[str],
     config: TrainConfig | None = None,
     base_plan: Plan | None = None,
-    plan_options: Mapping[str, Sequence[str]] | None = None,
+    plan_options: Mapping[str, Any] | None = None,
+    calib_samples: int | None = DEFAULT_CALIB_SAMPLES,
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     trust_pickle: bool = False,
@@ -297,8 +326,12 @@ def run_sweep(
     base_plan : Plan, optional
         Patterns and rules shared by all settings (its TT/CP defaults are replaced per setting).
     plan_options : mapping, optional
-        ``formats``, ``layers`` and ``exclude`` shared by all settings, as
-        :func:`~ttcompress.planfile.plan_from_options` takes them.
+        ``formats``, ``layers``, ``exclude``, ``min_saving`` and ``max_error``, shared by all
+        settings, as :func:`~ttcompress.planfile.plan_from_options` takes them.
+    calib_samples : int or None, default :data:`~ttcompress.calibration.data.DEFAULT_CALIB_SAMPLES`
+        Calibrate every decomposition (``compress(..., calib_data=...)``) on this many
+        class-balanced samples of ``bundle``'s training split, drawn with ``config.seed``
+        (:func:`calibration_subset`), as ``decompose --data`` does; ``None``: data-free.
     arch, arch_kwargs, trust_pickle, trust_code
         As for :func:`ttcompress.io.load` (the cached models are loaded with the same ``arch`` and
         ``trust_code``).
@@ -329,7 +362,12 @@ def run_sweep(
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"sweep output is not a directory: {out}")
     out.mkdir(parents=True, exist_ok=True)
+    with refused_input():  # bad plan options fail before any work
+        for setting in settings:
+            setting.plan(base_plan, **dict(plan_options or {}))
     digest = _file_digest(baseline)
+    calib, calib_info = (None, None) if calib_samples is None else calibration_subset(
+        bundle, samples=calib_samples, seed=config.seed)
     with refused_input():
         base_model = load(baseline, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs,
                           trust_code=trust_code)  # read once
@@ -339,7 +377,7 @@ def run_sweep(
         base_model=base_model, base_params=count_params(base_model), teacher=teacher,
         teacher_digest=_weights_digest(teacher) if teacher is not None else None,
         cached=_cached_load_kwargs(arch, arch_kwargs, trust_code), data_root=data_root, progress=progress,
-        say=log or (lambda _line: None),
+        say=log or (lambda _line: None), calib=calib, calib_info=calib_info,
     )
     return [_run_setting(run, setting, f"[{i}/{len(settings)}] {setting.label}") for i, setting in enumerate(settings, 1)]
 
@@ -351,7 +389,7 @@ class _SweepRun:
     bundle: DatasetBundle
     config: TrainConfig
     base_plan: Plan | None
-    plan_options: dict[str, Sequence[str]]
+    plan_options: dict[str, Any]
     out: Path
     digest: str
     base_model: nn.Module
@@ -362,6 +400,8 @@ class _SweepRun:
     data_root: str | os.PathLike[str] | None
     progress: TrainCallback | None
     say: SweepLog
+    calib: Any = None
+    calib_info: dict[str, Any] | None = None
 
     def evaluate(self, model: nn.Module) -> float:
         device = self.config.device if self.config.device != "auto" else None
@@ -372,7 +412,8 @@ def _run_setting(run: _SweepRun, setting: SweepSetting, head: str) -> SweepResul
     """One setting: its cached result, or decompose (or reuse the decomposed model), fine-tune, measure."""
     plan = setting.plan(run.base_plan, **run.plan_options)
     fp = _fingerprint(cache_key(baseline_digest=run.digest, bundle=run.bundle, data_root=run.data_root,
-                                config=run.config, plan=plan, setting=setting, teacher_digest=run.teacher_digest))
+                                config=run.config, plan=plan, setting=setting, teacher_digest=run.teacher_digest,
+                                calibration=run.calib_info))
     work = run.out / f"{setting.key}-{fp}"
     work.mkdir(exist_ok=True)
     result_file = work / "result.json"
@@ -405,9 +446,11 @@ def _decomposed(run: _SweepRun, setting: SweepSetting, plan: Plan, work: Path, h
     if decomposed.is_file() and before_file.is_file():
         run.say(f"{head}: reusing the decomposed model")
         return load(decomposed, **run.cached), json.loads(before_file.read_text(encoding="utf-8"))["accuracy"]
-    run.say(f"{head}: decomposing")
-    model = compress_with_report(copy.deepcopy(run.base_model), plan).model
-    save(model, decomposed, info={"plan": plan.to_dict(), "sweep_setting": dataclasses.asdict(setting)})
+    run.say(f"{head}: decomposing" + (f", calibrated on {run.calib_info['samples']} samples" if run.calib_info else ""))
+    model = compress_with_report(copy.deepcopy(run.base_model), plan, calib_data=run.calib).model
+    calibration = {"used": run.calib_info is not None, **(run.calib_info or {})}
+    save(model, decomposed, info={"plan": plan.to_dict(), "sweep_setting": dataclasses.asdict(setting),
+                                  "calibration": calibration})
     accuracy_before = run.evaluate(model)
     _write_json(before_file, {"accuracy": accuracy_before})
     return model, accuracy_before
@@ -433,7 +476,8 @@ def sweep_report(
     download: bool = False,
     config: TrainConfig | None = None,
     plan_file: str | os.PathLike[str] | None = None,
-    plan_options: Mapping[str, Sequence[str]] | None = None,
+    plan_options: Mapping[str, Any] | None = None,
+    calib_samples: int | None = DEFAULT_CALIB_SAMPLES,
     distill: bool = False,
     teacher: str | os.PathLike[str] | None = None,
     image_size: int | None = None,
@@ -452,8 +496,10 @@ def sweep_report(
     :class:`ttcompress.cli.progress.RichProgress`); the result is a :class:`ttcompress.report.Report`
     whose rows carry the accuracy before fine-tuning.
 
-    ``plan_options`` (``formats``, ``layers``, ``exclude``) apply to every setting. Fine-tuning
-    distils from ``teacher`` (a model file), or from the baseline with ``distill``.
+    ``plan_options`` (``formats``, ``layers``, ``exclude``, ``min_saving``, ``max_error``) apply to
+    every setting. Each decomposition is calibrated on ``calib_samples`` samples of ``data``'s
+    training split (``None``: data-free), see :func:`run_sweep`. Fine-tuning distils from
+    ``teacher`` (a model file), or from the baseline with ``distill``.
     """
     if distill and teacher is not None:
         raise UserInputError("distill (from the baseline) and teacher (a model file) are exclusive; give one")
@@ -473,7 +519,8 @@ def sweep_report(
             teacher, student=base_model, student_arch=arch, trust_pickle=trust_pickle, trust_code=trust_code)
     results = run_sweep(
         baseline, bundle=bundle, settings=settings, output_dir=out, config=config, base_plan=base_plan,
-        plan_options=plan_options, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, trust_code=trust_code,
+        plan_options=plan_options, calib_samples=calib_samples, arch=arch, arch_kwargs=arch_kwargs,
+        trust_pickle=trust_pickle, trust_code=trust_code,
         teacher=base_model if distill else teacher_model, progress=progress, data_root=data_root,
         log=console.print if console is not None else None,
     )  # fmt: skip

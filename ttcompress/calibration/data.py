@@ -12,10 +12,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-__all__ = ["DEFAULT_BATCH_SIZE", "calib_batches", "dataset_targets", "sample_calibration_set"]
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_CALIB_SAMPLES", "calib_batches", "dataset_targets", "sample_calibration_set"]
 
 #: Rows per batch when ``calib_data`` is one big tensor or a map-style ``Dataset``.
 DEFAULT_BATCH_SIZE = 128
+
+#: Calibration samples that ``decompose --data``, ``sweep`` and the demo draw from a training split
+#: (docs/results.md compares 128 / 512 / 2048).
+DEFAULT_CALIB_SAMPLES = 512
 
 
 def calib_batches(calib_data: Any, *, max_samples: int | None = None) -> Iterator[torch.Tensor]:

@@ -23,7 +23,7 @@ __all__ = ["COMMANDS", "app", "load_command", "main"]
 #: Command name -> (module under ``ttcompress.cli``, one-line help shown by ``ttcompress --help``).
 COMMANDS: dict[str, tuple[str, str]] = {
     "decompose": ("decompose", "Compress MODEL (default: nn.Linear -> TT-matrix, nn.Conv2d -> CP; see --format); write a ttcompress checkpoint."),
-    "demo": ("demo", "Train seed-cnn on mnist-5k, sweep CP ranks 3/6/9 (FC dense, then TT rank 8), fine-tune, report."),
+    "demo": ("demo", "Train seed-cnn on mnist-5k; compress it 4× to 48× (TT + CP, calibrated), fine-tune with distillation; report."),
     "train": ("train", "Train ARCH from scratch on --data and write a ttcompress checkpoint to -o."),
     "finetune": ("finetune", "Fine-tune MODEL on --data and write the best checkpoint to -o."),
     "inspect": ("inspect", "Show MODEL's layers: shapes, parameter share, what is compressible and what the plan would build."),

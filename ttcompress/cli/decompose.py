@@ -22,6 +22,10 @@ from ttcompress.cli.options import (
     ArchOpt,
     CPRanksOpt,
     CPRatioOpt,
+    CalibSamplesOpt,
+    MaxErrorOpt,
+    MinSavingOpt,
+    NoCalibOpt,
     ExcludeOpt,
     FormatsOpt,
     LayersOpt,
@@ -39,6 +43,7 @@ from ttcompress.cli.options import (
     parse_arch_kwargs,
     plan_from_flags,
 )
+from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES
 from ttcompress.cli.train import DataRootOpt
 from ttcompress.data import balanced_subset, load_dataset
 from ttcompress.decompose.cp import cp_progress
@@ -52,10 +57,7 @@ from ttcompress.surgery import CompressionResult, DecomposeResult, decompose_fil
 
 app = command_app()
 
-_SELECT = "Layer selection"
 _CALIB = "Calibration (data-aware decomposition)"
-#: Default ``--calib-samples`` (see docs/results.md for 128 / 512 / 2048 compared).
-DEFAULT_CALIB_SAMPLES = 512
 
 
 def calibration_set(data: str, *, root: Any,  samples: int, seed: int) -> tuple[Any, dict[str, Any]]:
@@ -107,23 +109,15 @@ def decompose(
     formats: FormatsOpt = None,
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
-    min_saving: Annotated[Optional[float], typer.Option(
-        "--min-saving", help="Keep a layer dense when compressing it saves less than this fraction of the model's "
-        "params at an error above --max-error (default 0.01 with calibration data, 0 = off without).",
-        show_default=False, metavar="FLOAT", rich_help_panel=_SELECT)] = None,
-    max_error: Annotated[Optional[float], typer.Option(
-        "--max-error", help="Error above which --min-saving applies (output error after calibration, else weight "
-        "error; default 0.5).", show_default=False, metavar="FLOAT", rich_help_panel=_SELECT)] = None,
+    min_saving: MinSavingOpt = None,
+    max_error: MaxErrorOpt = None,
     data: Annotated[Optional[str], typer.Option(
         "--data", help="Calibrate on this dataset's training split (any dataset train accepts): each layer is "
         "fitted to the dense layer's outputs, and --target-ratio ranks follow the measured output error.",
         show_default=False, metavar="NAME", rich_help_panel=_CALIB)] = None,
     data_root: DataRootOpt = None,
-    calib_samples: Annotated[int, typer.Option(
-        "--calib-samples", help="Calibration samples (class-balanced, seeded) from the training split.",
-        metavar="INT", rich_help_panel=_CALIB)] = DEFAULT_CALIB_SAMPLES,
-    no_calib: Annotated[bool, typer.Option(
-        "--no-calib", help="Ignore --data: data-free decomposition.", rich_help_panel=_CALIB)] = False,
+    calib_samples: CalibSamplesOpt = DEFAULT_CALIB_SAMPLES,
+    no_calib: NoCalibOpt = False,
     seed: Annotated[int, typer.Option(
         "--seed", help="Seed of the calibration sample.", metavar="INT", rich_help_panel=_CALIB)] = 0,
     plan: PlanOpt = None,

@@ -20,11 +20,11 @@ def demo_command(
         "--output", "-o", help="Directory for the baseline, the sweep, report.md and tradeoff.png.",
         metavar="DIR")] = Path("demo-output"),
     quick: Annotated[bool, typer.Option(
-        "--quick", help="A reduced run (a few batches per epoch, CP rank 3 only) for smoke tests.")] = False,
+        "--quick", help="The same curve, reduced (a few batches per epoch, data-free, no timing) for smoke tests.")] = False,
 ) -> None:
-    """Train seed-cnn on mnist-5k, sweep CP ranks 3/6/9 (FC dense, then TT rank 8), fine-tune, report.
+    """Train seed-cnn on mnist-5k; compress it 4× to 48× (TT + CP, calibrated), fine-tune with distillation; report.
 
-    Offline, seeded, a few minutes on 2 CPU cores.
+    Writes DIR/report.md, DIR/report.json and DIR/tradeoff.png. Offline and seeded.
     """
     from ttcompress.cli.progress import RichProgress
     from ttcompress.demo import run_demo
@@ -37,4 +37,4 @@ def demo_command(
         progress.close()
     for table in to_rich_tables(result.report):
         out.print(table)
-    err.print(f"wrote {result.report_md} and {result.plot}")
+    err.print(f"wrote {result.report_md}, {result.report_json} and {result.plot}")

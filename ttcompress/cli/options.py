@@ -31,6 +31,10 @@ __all__ = [
     "ArchOpt",
     "CPRanksOpt",
     "CPRatioOpt",
+    "CalibSamplesOpt",
+    "MaxErrorOpt",
+    "MinSavingOpt",
+    "NoCalibOpt",
     "ExcludeOpt",
     "FormatsOpt",
     "LayersOpt",
@@ -202,6 +206,22 @@ LayersOpt = Annotated[Optional[list[str]], typer.Option(
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option(
     "--exclude", help="Keep layers matching this glob dense (repeatable, or comma-separated).",
     show_default=False, metavar="GLOB", rich_help_panel=_SELECT)]
+
+MinSavingOpt = Annotated[Optional[float], typer.Option(
+    "--min-saving", help="Keep a layer dense when compressing it saves less than this fraction of the model's "
+    "params at an error above --max-error (default 0.01 with calibration data, 0 = off without).",
+    show_default=False, metavar="FLOAT", rich_help_panel=_SELECT)]
+MaxErrorOpt = Annotated[Optional[float], typer.Option(
+    "--max-error", help="Error above which --min-saving applies (output error after calibration, else weight "
+    "error; default 0.5).", show_default=False, metavar="FLOAT", rich_help_panel=_SELECT)]
+
+# ---- calibration: shared by decompose and sweep ---------------------------------------------------
+_CALIB = "Calibration (data-aware decomposition)"
+CalibSamplesOpt = Annotated[int, typer.Option(
+    "--calib-samples", help="Calibration samples (class-balanced, seeded) from the training split.",
+    metavar="INT", rich_help_panel=_CALIB)]
+NoCalibOpt = Annotated[bool, typer.Option(
+    "--no-calib", help="Ignore --data for the decomposition: data-free.", rich_help_panel=_CALIB)]
 
 #: The per-format options above: parameter name -> (flag, value type).
 FORMAT_OPTIONS: dict[str, tuple[str, type]] = {

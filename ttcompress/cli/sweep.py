@@ -16,10 +16,11 @@ import typer
 
 from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err
-from ttcompress.cli.flags import flags_in_errors
+from ttcompress.cli.flags import PLAN_FLAGS, flags_in_errors
 from ttcompress.cli.options import (
-    ArchKwargsOpt, ArchOpt, ExcludeOpt, FormatsOpt, LayersOpt, OverwriteOpt, PlanOpt, PlotOpt, PlotTitleOpt,
-    PlotXOpt, TrustCodeOpt, TrustPickleOpt, parse_arch_kwargs, parse_list,
+    ArchKwargsOpt, ArchOpt, CalibSamplesOpt, ExcludeOpt, FormatsOpt, LayersOpt, MaxErrorOpt, MinSavingOpt,
+    NoCalibOpt, OverwriteOpt, PlanOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustCodeOpt, TrustPickleOpt,
+    parse_arch_kwargs, parse_list,
 )
 from ttcompress.cli.report import check_render_options, emit, resolve_format
 from ttcompress.cli.train import (
@@ -29,6 +30,7 @@ from ttcompress.cli.train import (
     SeedOpt, StepSizeOpt, TeacherOpt, TemperatureOpt, TrainOnlyOpt, ValFractionOpt, WeightDecayOpt, WorkersOpt,
     make_config,
 )
+from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES
 from ttcompress.training.config import FinetuneConfig
 
 __all__ = ["ABSENT", "sweep_command"]
@@ -43,11 +45,6 @@ ABSENT: dict[str, str] = {
     "--dry-run": "preview one setting with `decompose --dry-run` and its flags",
     "--teacher-arch": "a --teacher that is a bare state dict gets the baseline's architecture (--arch)",
     "--teacher-arch-kwargs": "a --teacher that is a bare state dict gets the baseline's architecture (--arch)",
-    "--calib-samples": "a sweep decomposes without calibration data (its --data is the fine-tuning data); "
-                       "calibrate one setting with `decompose --data`",
-    "--no-calib": "a sweep decomposes without calibration data already",
-    "--min-saving": "the keep-dense rule applies to calibrated decompositions, which a sweep does not run",
-    "--max-error": "the keep-dense rule applies to calibrated decompositions, which a sweep does not run",
     "--no-distill": "a sweep distills only with --distill (off by default)",
 }
 
@@ -90,7 +87,11 @@ def sweep_command(
     formats: FormatsOpt = None,
     layers: LayersOpt = None,
     exclude: ExcludeOpt = None,
+    min_saving: MinSavingOpt = None,
+    max_error: MaxErrorOpt = None,
     plan: PlanOpt = None,
+    calib_samples: CalibSamplesOpt = DEFAULT_CALIB_SAMPLES,
+    no_calib: NoCalibOpt = False,
     output_dir: Annotated[Optional[Path], typer.Option(
         "-o", "--output-dir", help="Directory of per-setting models and the cache "
         "(default: BASELINE's name + .sweep). Re-running with the same arguments resumes.",
@@ -140,7 +141,7 @@ def sweep_command(
 ) -> None:
     """For each setting (cross product of the plan axes): decompose, evaluate, fine-tune, evaluate; then report.
 
-    The flags mean what they mean in decompose and finetune; the per-format ones take lists. Once any per-format option is given, a layer type whose options are not given stays dense. Example:
+    The flags mean what they mean in decompose and finetune; the per-format ones take lists. Once any per-format option is given, a layer type whose options are not given stays dense. Each decomposition is calibrated on --calib-samples samples of --data's training split (drawn with --seed), as decompose --data does; --no-calib decomposes data-free. Example:
     ttcompress sweep baseline.pt --cp-ranks 3,6,9 --tt-ranks none,4 --epochs 2 --plot tradeoff.png
     """
     o = dict(locals())  # the parsed options, handed to the steps below
@@ -195,13 +196,16 @@ def _run(o: dict[str, Any], settings: Any, config: FinetuneConfig) -> Any:
     from ttcompress.sweep import sweep_report
 
     progress = RichProgress(err)
+    flags = {**PLAN_FLAGS, "calib_samples": "--calib-samples", "min_saving": "--min-saving", "max_error": "--max-error"}
     try:
-        with flags_in_errors():
+        with flags_in_errors(flags):
             return sweep_report(
                 o["baseline"], settings=settings, output_dir=o["output_dir"], data=o["data"],
                 data_root=o["data_root"], download=o["download"], image_size=o["image_size"], config=config,
                 plan_file=o["plan"], plan_options={"formats": o["formats"] or (), "layers": o["layers"] or (),
-                                                   "exclude": o["exclude"] or ()},
+                                                   "exclude": o["exclude"] or (), "min_saving": o["min_saving"],
+                                                   "max_error": o["max_error"]},
+                calib_samples=None if o["no_calib"] else o["calib_samples"],
                 distill=o["distill"], teacher=o["teacher"], measure_speed=not o["no_latency"], arch=o["arch"],
                 arch_kwargs=parse_arch_kwargs(o["arch_kwargs"]), trust_pickle=o["trust_pickle"],
                 trust_code=o["trust_code"], console=err, progress=progress,

@@ -14,6 +14,7 @@ from ttcompress.cli._common import out
 from ttcompress.dryrun import LARGE_ERROR, PlanPreview
 from ttcompress.formats import DENSE
 from ttcompress.layer_report import LayerReport, format_label
+from ttcompress.render import large_error_note, out_error_cell
 from ttcompress.surgery import CompressionResult, ModelSummary
 
 __all__ = ["error_cell", "layer_table", "preview_table", "print_table", "summary_table"]
@@ -26,30 +27,12 @@ def error_cell(error: float | None, *, estimate: bool = False) -> str:
     return f"{'~' if estimate else ''}{error:.4f}{' !' if error > LARGE_ERROR else ''}"
 
 
-def _judged_error(r: LayerReport) -> float | None:
-    """The error a layer is judged by: its output error after calibration when there is one, else
-    its weight error."""
-    return r.out_error_after if r.out_error_after is not None else r.rel_error
-
-
-def _large_note(error: float | None) -> str:
-    return f"large error (> {LARGE_ERROR:g})" if error is not None and error > LARGE_ERROR else ""
-
-
 def print_table(table: Table) -> None:
     """Print a table on stdout; when stdout is not a terminal, wide enough not to wrap cells."""
     if out.is_terminal:
         out.print(table)
     else:
         Console(width=max(out.width, 220), soft_wrap=True).print(table)
-
-
-def _out_error_cell(r: LayerReport) -> str:
-    """``before → after`` relative output error on the calibration data (``–`` without calibration)."""
-    if r.out_error_before is None or r.out_error_after is None:
-        return "–"
-    flag = " !" if r.out_error_after > LARGE_ERROR else ""
-    return f"{r.out_error_before:.4f} → {r.out_error_after:.4f}{flag}"
 
 
 def layer_table(result: CompressionResult) -> Table:
@@ -73,9 +56,9 @@ def layer_table(result: CompressionResult) -> Table:
             # far from the dense one on purpose): flag that one; without, the weight error.
             (error_cell(r.rel_error) if r.out_error_after is None else f"{r.rel_error:.4f}") if r.compressed
             and r.rel_error is not None else "–",
-            _out_error_cell(r),
+            out_error_cell(r),
             f"{r.seconds:.2f}s" if r.seconds is not None and r.compressed else "–",
-            "; ".join(x for x in (r.skipped or r.note or "", _large_note(_judged_error(r) if r.compressed else None))
+            "; ".join(x for x in (r.skipped or r.note or "", large_error_note(r.judged_error if r.compressed else None))
                       if x),
         )
     n = len(result.compressed)
@@ -140,7 +123,7 @@ def preview_table(preview: PlanPreview, *, title: str) -> Table:
             f"{d.params_before / max(after, 1):.2f}×" if after is not None else "–",
             error_cell(lp.est_error, estimate=True),
             "; ".join(x for x in (d.skipped or ("ranks set by the error bound" if compressed and after is None else ""),
-                                  _large_note(lp.est_error)) if x),
+                                  large_error_note(lp.est_error)) if x),
         )  # fmt: skip
     n = sum(lp.decision.format != DENSE for lp in preview.layers)
     table.add_section()
