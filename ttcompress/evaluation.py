@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ttcompress.data import DatasetBundle, make_loader, sample_parts
 from ttcompress.errors import UserInputError
+from ttcompress.outputs import primary_output
 
 __all__ = [
     "EvalResult",
@@ -135,7 +136,7 @@ def eval_sums(model: nn.Module, loader: Any, device: torch.device, topk: Sequenc
             for x, y in loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast(device, amp):
-                    logits = model(x)
+                    logits = primary_output(model(x))
                 logits = logits.float()
                 sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
                 sums[1] += y.numel()
@@ -213,10 +214,10 @@ def objective_sums(
                 x, y = sample_parts(batch)
                 x = x.to(device, non_blocking=True)
                 with autocast(device, amp):
-                    out = model(x)
+                    out = primary_output(model(x))
                     if teacher is not None:
-                        loss = distill_loss(out, teacher(x), kind=distill or "mse", temperature=temperature,
-                                            reduction="sum")  # fmt: skip
+                        t_out = primary_output(teacher(x), what="the teacher")
+                        loss = distill_loss(out, t_out, kind=distill or "mse", temperature=temperature, reduction="sum")
                     else:
                         loss = task_loss(out, y.to(device), targets, reduction="sum")
                 sums[0] += loss.double()
@@ -239,7 +240,7 @@ def model_outputs(
             for batch in loader:
                 x, y = sample_parts(batch)
                 with autocast(device, amp):
-                    outs.append(model(x.to(device)).float().cpu())
+                    outs.append(primary_output(model(x.to(device))).float().cpu())
                 if y is not None:
                     ys.append(torch.as_tensor(y))
     finally:

@@ -101,9 +101,16 @@ def params_by_kind(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def _example_input(input_shape: Sequence[int], batch: int, device: torch.device) -> torch.Tensor:
+def _example_input(model: nn.Module, input_shape: Sequence[int], batch: int) -> torch.Tensor:
+    """A seeded batch for ``model``: token ids below the vocabulary size for a model that takes
+    ``input_ids`` (a transformers language model, duck-typed), else standard normal floats."""
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch, *input_shape, generator=generator).to(device)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if getattr(model, "main_input_name", None) == "input_ids" and isinstance(vocab, int) and vocab > 0:
+        x = torch.randint(0, vocab, (batch, *input_shape), generator=generator)
+    else:
+        x = torch.randn(batch, *input_shape, generator=generator)
+    return x.to(_model_device(model))
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -154,7 +161,7 @@ def flops_by_kind(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int
 
     owners = {name: kind for name, _m, kind in _outermost(model)}
     with _Eval(model), _factorized(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(_example_input(input_shape, 1, _model_device(model)))
+        model(_example_input(model, input_shape, 1))
     total = int(counter.get_total_flops())
     counts = dict.fromkeys((*KINDS, "other"), 0)
     root = type(model).__name__
@@ -206,7 +213,7 @@ def measure_latency(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     with _Eval(model), torch.no_grad():
-        x = _example_input(input_shape, batch_size, _model_device(model))
+        x = _example_input(model, input_shape, batch_size)
         model(x)  # warm-up (lazy init, caches, cuDNN autotuning)
         timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x},
                                 num_threads=num_threads or torch.get_num_threads())
@@ -249,7 +256,7 @@ def peak_memory(model: nn.Module, input_shape: Sequence[int], *, batch_size: int
     device = _model_device(model)
     resident = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     with _Eval(model), torch.no_grad():
-        x = _example_input(input_shape, batch_size, device)
+        x = _example_input(model, input_shape, batch_size)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)

@@ -349,6 +349,12 @@ def _test_split(
     return test_set, subset
 
 
+def _path_bytes(path: Path) -> int:
+    """Size of a model file, or of a model directory's files (a Hugging Face directory)."""
+    p = Path(path)
+    return sum(q.stat().st_size for q in p.iterdir() if q.is_file()) if p.is_dir() else p.stat().st_size
+
+
 def _measure_entry(
     entry: ModelEntry,
     data: Any | None,
@@ -385,7 +391,7 @@ def _measure_entry(
         params=params,
         compression=base_params / params if params else float("inf"),
         size_bytes=weights_bytes(model),
-        file_bytes=os.path.getsize(entry.path) if entry.path is not None else None,
+        file_bytes=_path_bytes(entry.path) if entry.path is not None else None,
         flops=(flops := flops_by_kind(model, shape))["total"],
         flops_by_kind={k: v for k, v in flops.items() if k != "total"},
         params_by_kind=kinds,

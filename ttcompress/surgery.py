@@ -537,7 +537,7 @@ def summarize(model: nn.Module, *, plan: Plan | None = None, kind: str = "model"
     meta = read_meta(model)
     total = count_params(model)
     rows: list[LayerReport] = []
-    counted = 0
+    counted: dict[int, int] = {}  # id -> elements of the parameters in some row: a tied one counts once
     done = layer_classes()
     decisions = {d.name: d for d in plan_layers(model, plan)}
     for name, m in model.named_modules():
@@ -547,10 +547,10 @@ def summarize(model: nn.Module, *, plan: Plan | None = None, kind: str = "model"
             rows.append(_dense_row(decisions[name], m, plan, total))
         else:
             continue
-        counted += rows[-1].params or 0
+        counted.update((id(p), p.numel()) for p in m.parameters())
     info = {k: v for k, v in meta.info.items() if k != "history"}
     arch = None if meta.arch is None else meta.arch.to_dict()
-    return ModelSummary(kind, arch, total, total - counted, tuple(rows), bool(meta.layers), info)
+    return ModelSummary(kind, arch, total, total - sum(counted.values()), tuple(rows), bool(meta.layers), info)
 
 
 def _compressed_row(name: str, layer: nn.Module, record: LayerReport | None, total: int) -> LayerReport:

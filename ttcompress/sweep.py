@@ -207,10 +207,13 @@ class SweepResult:
 
 
 def _file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, or of a model directory's files (names and bytes, in name order)."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for p in sorted(q for q in path.iterdir() if q.is_file()) if path.is_dir() else [path]:
+        h.update(f"{p.name if path.is_dir() else ''};".encode())
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -353,7 +356,7 @@ def run_sweep(
         raise ValueError("settings must not be empty")
     config = config or FinetuneConfig()
     baseline = Path(baseline)
-    if not baseline.is_file():
+    if not (baseline.is_file() or baseline.is_dir()):  # a file, or a Hugging Face directory
         raise FileNotFoundError(f"baseline model not found: {baseline}")
     if not bundle.has_labels:
         raise DataError(f"a sweep ranks settings by top-1 accuracy, and data {bundle.name!r} has no class labels "

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from ttcompress.data.bundle import DatasetBundle, class_labels, sample_parts
 from ttcompress.errors import DataError, UserInputError
+from ttcompress.outputs import primary_output
 
 __all__ = ["EpochShuffleSampler", "balanced_subset", "check_model_fits", "make_loader"]
 
@@ -93,7 +94,9 @@ def check_model_fits(
     model.eval()
     try:
         with torch.no_grad():
-            out = model(x)
+            out = primary_output(model(x), what=what)
+    except UserInputError:
+        raise
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # how a shape mismatch surfaces
         raise UserInputError(
             f"{what} does not fit {bundle.name}: it cannot take inputs of shape {shape} "

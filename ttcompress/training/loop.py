@@ -26,6 +26,7 @@ from ttcompress.errors import TrainingError, UserInputError
 from ttcompress.evaluation import (
     EvalResult, autocast, distill_loss, eval_sums, objective_sums, resolve_device_type, sums_to_result, task_loss,
 )  # fmt: skip
+from ttcompress.outputs import primary_output
 import ttcompress.training.distributed as distributed
 from ttcompress.training.checkpoint import (
     RunState,
@@ -267,7 +268,7 @@ def distill_kind(
     model.eval()
     try:
         with torch.no_grad():
-            out, t_out = model(x), teacher(x)
+            out, t_out = primary_output(model(x)), primary_output(teacher(x), what="the teacher")
     finally:
         model.train(was)
     if t_out.shape != out.shape:
@@ -412,11 +413,11 @@ def _train_step(
     """
     config = run.config
     with autocast(run.device, config.amp):
-        logits = run.net(x)
+        logits = primary_output(run.net(x))
         loss = task_loss(logits, y, run.bundle.targets) if y is not None else None
         if run.teacher is not None and run.distill is not None:
             with torch.no_grad():
-                t_logits = run.teacher(x).float()
+                t_logits = primary_output(run.teacher(x), what="the teacher").float()
             if step % run.check_every == 0 or step == run.steps:
                 _raise_if_teacher_nan(t_logits, run.ctx, epoch, step)
             kd = distill_loss(logits, t_logits, kind=run.distill, temperature=config.distill_temperature)
