@@ -227,3 +227,23 @@ def test_checkpoint_rebuilds_attention_then_projections(tmp_path) -> None:
     assert isinstance(loaded.encoder.layers[1].self_attention, FactorizedMultiheadAttention)
     assert isinstance(loaded.encoder.layers[1].self_attention.v, TTLinear)
     assert torch.equal(loaded(x), result.model(x))
+
+
+def test_rebuild_does_not_confuse_modules_whose_ids_collide(tmp_path, monkeypatch) -> None:
+    # A replaced module is freed, and CPython may give a later module its id(): rebuilding must not
+    # take that later module for the replaced one (it did, now and then, under random weights).
+    import ttcompress.rebuild as rebuild
+
+    torch.manual_seed(0)
+    model = ttcompress.models.build_arch(VIT_ARCH, kwargs=VIT_KWARGS).eval()
+    result = compress_with_report(model, Plan(tt=TTSettings(ranks=2)), filter_fn=_linear_only)
+    path = ttcompress.save(result.model, tmp_path / "vit.tt.pt")
+    real_id = id
+    # every module's id collides (tensors keep theirs)
+    monkeypatch.setattr(rebuild, "id", lambda obj: 0 if isinstance(obj, nn.Module) else real_id(obj), raising=False)
+    loaded = ttcompress.load(path, arch=VIT_ARCH)
+    attention = loaded.encoder.layers[1].self_attention
+    assert isinstance(attention, FactorizedMultiheadAttention)
+    assert all(isinstance(getattr(attention, n), TTLinear) for n in "qkv")
+    x = torch.randn(2, 3, 28, 28)
+    assert torch.equal(loaded(x), result.model(x))

@@ -211,15 +211,17 @@ def _build_structure(
     model = skeleton()
     if not isinstance(model, nn.Module):
         raise TypeError(f"arch returned {type(model).__name__}, not an nn.Module")
-    # A module reachable under several names (shared) is replaced by one new instance.
-    by_id: dict[int, nn.Module] = {}
+    # A module reachable under several names (shared) is replaced by one new instance. The old module
+    # is kept beside its replacement: a freed module's id() can be reused by a later module.
+    by_id: dict[int, tuple[nn.Module, nn.Module]] = {}
     for layer, record in layers.items():
         fmt = record["format"]
         try:
             old = get_submodule(model, layer)
         except (AttributeError, ValueError, TypeError):
             raise CheckpointError(f"{p}: layer {layer!r} does not exist in the architecture") from None
-        new = by_id.get(id(old))
+        seen = by_id.get(id(old))
+        new = seen[1] if seen is not None and seen[0] is old else None
         if new is None:
             try:
                 new = get_format(fmt).rebuild(record["config"])
@@ -228,7 +230,7 @@ def _build_structure(
             if hasattr(new, "rel_error"):
                 with contextlib.suppress(AttributeError):
                     new.rel_error = record.get("rel_error")
-            by_id[id(old)] = new
+            by_id[id(old)] = (old, new)
         if check_sizes:
             _check_same_sizes(old, new, f"{p}: layer {layer!r}")
         model = set_submodule(model, layer, new)
