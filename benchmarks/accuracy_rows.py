@@ -3,8 +3,8 @@
 Usage (from the repository root)::
 
     python benchmarks/accuracy_rows.py --case ratio10 --dense base.pt            # a trained seed-cnn
-    python benchmarks/accuracy_rows.py --case cp3-conv --dense-epochs 20          # trains seed-cnn first
-    python benchmarks/accuracy_rows.py --case tt-thesis --dense-epochs 10         # trains seed-fc3 (thesis SGD)
+    python benchmarks/accuracy_rows.py --case cp3-conv --dense-epochs 20 --finetune-epochs 10 --seeds 0 1
+    python benchmarks/accuracy_rows.py --case tt-thesis --dense-epochs 10 --finetune-epochs 10 --seeds 0 1
     python benchmarks/accuracy_rows.py --case ratio4 --data fashion-mnist --dense-epochs 3 --no-finetune
 
 Cases: ``ratio10`` / ``ratio4`` (``Plan(target_ratio=…)``, whole model, auto formats),
@@ -13,9 +13,11 @@ Cases: ``ratio10`` / ``ratio4`` (``Plan(target_ratio=…)``, whole model, auto f
 ``seed-fc3`` at the modes of ``benchmarks/reproduce_tt_thesis.py``). The dense model is compressed
 twice (no calibration; calibrated on ``--calib-samples`` balanced training samples, seed 0, as
 ``decompose --data``), each evaluated on the test split, then (unless ``--no-finetune``)
-fine-tuned with :class:`~ttcompress.training.FinetuneConfig`'s defaults (seed 0) distilled from
-the dense model, as ``finetune`` does by default, and evaluated again (the checkpoint ``finetune
--o`` writes: best on the held-out part of the training split). Prints one Markdown row.
+fine-tuned with :class:`~ttcompress.training.FinetuneConfig`'s defaults (``--finetune-epochs``
+overrides its 3 epochs) distilled from the dense model, as ``finetune`` does by default, and
+evaluated again (the checkpoint ``finetune -o`` writes: best on the held-out part of the training
+split). Prints one Markdown row per seed of ``--seeds`` (default 0), which sets the calibration
+samples, the CP-ALS start and the fine-tuning seed, then the mean and range of the calibrated drop.
 """
 
 from __future__ import annotations
@@ -63,7 +65,15 @@ def dense_model(arch: str, bundle: DatasetBundle, *, epochs: int, out: Path) -> 
     return tio.load(out)
 
 
-def one_side(dense: nn.Module, plan: Plan, bundle: DatasetBundle, *, calib: object, tune: bool) -> dict[str, object]:
+def seeded(plan: Plan, seed: int) -> Plan:
+    """``plan`` with CP-ALS started from ``seed`` (TT-SVD is deterministic; plans without CP are unchanged)."""
+    if plan.cp is None:
+        return plan
+    return dataclasses.replace(plan, cp=dataclasses.replace(plan.cp, options=(*plan.cp.options, ("seed", seed))))
+
+
+def one_side(dense: nn.Module, plan: Plan, bundle: DatasetBundle, *, calib: object, tune: bool,
+             config: FinetuneConfig) -> dict[str, object]:
     """Compress a copy of ``dense`` (calibrated when ``calib`` is not None), evaluate, fine-tune, evaluate."""
     t0 = time.perf_counter()
     result = compress_with_report(copy.deepcopy(dense), plan, calib_data=calib)
@@ -74,7 +84,7 @@ def one_side(dense: nn.Module, plan: Plan, bundle: DatasetBundle, *, calib: obje
     if tune:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "ft.pt"
-            finetune(result.model, bundle, output=out, config=FinetuneConfig(seed=0), teacher=copy.deepcopy(dense))
+            finetune(result.model, bundle, output=out, config=config, teacher=copy.deepcopy(dense))
             row["after"] = evaluate(tio.load(out), bundle).accuracy
     return row
 
@@ -87,6 +97,10 @@ def main() -> None:
     ap.add_argument("--dense-epochs", type=int, default=3)
     ap.add_argument("--calib-samples", type=int, default=512)
     ap.add_argument("--no-finetune", action="store_true")
+    ap.add_argument("--finetune-epochs", type=int, default=None,
+                    help="fine-tuning epochs (default: FinetuneConfig's, 3)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="one row per seed: calibration samples, CP-ALS start and fine-tuning")
     ap.add_argument("--calibrated-only", action="store_true", help="skip the uncalibrated side")
     ap.add_argument("--output", type=Path, default=Path("runs/accuracy-rows"))
     ap.add_argument("--threads", type=int, default=1)
@@ -104,19 +118,29 @@ def main() -> None:
     print(f"dense: {base:.2%}", file=sys.stderr, flush=True)
     tune = not args.no_finetune
     none = {"ratio": float("nan"), "before": float("nan"), "after": None, "params": 0, "compress_s": 0.0}
-    plain = none if args.calibrated_only else one_side(dense, plan, bundle, calib=None, tune=tune)
-    fitted = one_side(dense, plan, bundle, calib=balanced_subset(bundle.train, args.calib_samples, seed=0), tune=tune)
-
-    def cells(r: dict[str, object]) -> str:
-        after = "–" if r["after"] is None else f"{r['after']:.2%}"
-        return f"{r['ratio']:.1f}× | {r['before']:.2%} | {after}"
-
-    best = fitted["after"] if fitted["after"] is not None else fitted["before"]
-    print("| case | data | dense | ratio | before FT | after FT | ratio (calibrated) | before FT (calibrated) "
+    print("| case | data | seed | dense | ratio | before FT | after FT | ratio (calibrated) | before FT (calibrated) "
           "| after FT (calibrated) | drop (calibrated) |")
-    print(f"| {args.case} | {args.data} | {base:.2%} | {cells(plain)} | {cells(fitted)} | {100 * (base - best):.1f} pp |")
-    print(f"params {plain['params']} / {fitted['params']}; compress {plain['compress_s']:.0f} s / "
-          f"{fitted['compress_s']:.0f} s; wall {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    drops = []
+    for seed in args.seeds:
+        config = FinetuneConfig(seed=seed, **({"epochs": args.finetune_epochs} if args.finetune_epochs else {}))
+        seed_plan = seeded(plan, seed)
+        plain = none if args.calibrated_only else one_side(dense, seed_plan, bundle, calib=None, tune=tune,
+                                                           config=config)
+        calib = balanced_subset(bundle.train, args.calib_samples, seed=seed)
+        fitted = one_side(dense, seed_plan, bundle, calib=calib, tune=tune, config=config)
+        best = fitted["after"] if fitted["after"] is not None else fitted["before"]
+        drops.append(100 * (base - best))
+        print(f"| {args.case} | {args.data} | {seed} | {base:.2%} | {cells(plain)} | {cells(fitted)} "
+              f"| {drops[-1]:.1f} pp |", flush=True)
+        print(f"params {plain['params']} / {fitted['params']}; compress {plain['compress_s']:.0f} s / "
+              f"{fitted['compress_s']:.0f} s; wall {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    print(f"drop (calibrated) over seeds {args.seeds}: mean {sum(drops) / len(drops):.2f} pp, "
+          f"min {min(drops):.1f}, max {max(drops):.1f}")
+
+
+def cells(r: dict[str, object]) -> str:
+    after = "–" if r["after"] is None else f"{r['after']:.2%}"
+    return f"{r['ratio']:.1f}× | {r['before']:.2%} | {after}"
 
 
 if __name__ == "__main__":
