@@ -97,7 +97,7 @@ def summary_table(summary: ModelSummary, *, title: str) -> Table:
             row += [r.structure, f"{r.params_before:,}" if r.params_before else "–",
                     f"{r.rel_error:.4f}" if r.out_error_after is not None and r.rel_error is not None
                     else error_cell(r.rel_error)]
-            row += [_out_error_cell(r)] if calibrated else []
+            row += [out_error_cell(r)] if calibrated else []
         else:
             row += ["yes" if r.compressible else f"no: {r.skipped}", r.suggestion or "–"]
         table.add_row(*row)
