@@ -176,7 +176,7 @@ def run(
     from ttcompress.data import load_dataset
     from ttcompress.models import build_arch
     from ttcompress.evaluation import evaluate
-from ttcompress.training import FinetuneConfig, TrainConfig, finetune, train
+    from ttcompress.training import FinetuneConfig, TrainConfig, finetune, train
 
     torch.set_num_threads(threads)
     output.mkdir(parents=True, exist_ok=True)

@@ -222,7 +222,8 @@ def compress_with_report(
     )
     if root is not model and not hasattr(root, "ttcompress_meta"):
         copy_meta(model, root)
-    update_meta(root, layers={**prep.layer_records(root), **meta_layers}, info={KEPT_DENSE_INFO: kept_dense(records)})
+    dense = kept_dense(records)  # recorded only when some layer stayed dense
+    update_meta(root, layers={**prep.layer_records(root), **meta_layers}, info={KEPT_DENSE_INFO: dense} if dense else {})
     return CompressionResult(root, tuple(records), before, count_params(root), plan, error)
 
 
