@@ -62,3 +62,19 @@ def test_demo_quick_writes_the_curve(quick_demo) -> None:
     assert md.count("| target ×") >= 5 and "| model | params |" in md
     assert (out / "tradeoff.png").read_bytes().startswith(b"\x89PNG")
     assert "report.json" in result.stderr and "Layers" in result.stdout
+
+
+def test_demo_runs_on_its_thread_count_and_restores_torch_s() -> None:
+    import torch
+
+    from ttcompress.demo import DemoSettings, _intra_op_threads
+
+    assert DemoSettings().threads == 1
+    before = torch.get_num_threads()
+    with _intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with _intra_op_threads(None):
+        assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"), _intra_op_threads(0):
+        pass

@@ -16,12 +16,15 @@ batches per epoch, data-free and without timing (:meth:`DemoSettings.quick`), fo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES
@@ -47,6 +50,11 @@ class DemoSettings:
     registry's default format of Linear and of Conv2d layers, TT and CP, the formats of the papers
     the demo reproduces) replace ``auto``, which fits every format to every layer and is several
     times slower to decompose.
+
+    ``threads`` is torch's intra-op thread count while the demo runs (restored after; ``None`` leaves
+    it as it is). One thread is the default because this net's operations are too small to share: on
+    our 2-core machine the demo ran in 55 s on one thread beside another busy process, while two
+    threads there slowed some epochs 40-fold (0.6 s -> 24 s) waiting for each other (docs/cli.md).
     """
 
     train_epochs: int = 10
@@ -57,6 +65,7 @@ class DemoSettings:
     calib_samples: int | None = DEFAULT_CALIB_SAMPLES
     measure_speed: bool = True
     seed: int = 0
+    threads: int | None = 1
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -98,13 +107,34 @@ def run_demo(
     of every training run (the CLI passes :class:`ttcompress.cli.progress.RichProgress`). Re-running reuses the cached
     sweep settings in ``output_dir/sweep``, but retrains the baseline if its file is missing.
     """
+    settings = settings or (DemoSettings.quick() if quick else DemoSettings())
+    with _intra_op_threads(settings.threads):
+        return _run(Path(output_dir), settings, console, progress)
+
+
+@contextlib.contextmanager
+def _intra_op_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` inside the block (unchanged for ``None``)."""
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1 or None, got {threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(out: Path, settings: DemoSettings, console: Any, progress: TrainCallback | None) -> DemoResult:
+    """:func:`run_demo`'s work, with its settings resolved."""
     from ttcompress.fsutil import atomic_write
     from ttcompress.plot import plot_tradeoff
     from ttcompress.render import to_json, to_markdown
     from ttcompress.sweep import sweep_report, sweep_settings
 
-    settings = settings or (DemoSettings.quick() if quick else DemoSettings())
-    out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"demo output is not a directory: {out}")
     out.mkdir(parents=True, exist_ok=True)
