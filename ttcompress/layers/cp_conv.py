@@ -486,14 +486,14 @@ class CPConv2d(nn.Module):
     def _measured_dense(self, x: torch.Tensor) -> bool:
         """Eval-mode choice for this input's shape: time both exact paths once and remember.
 
-        The key is the input's shape, strides (memory format), dtype and device. Each path is timed
+        The key is the input's shape, dtype, device and memory format. Each path is timed
         :data:`~ttcompress.layers.cp_eval.TIMING_ROUNDS` times, interleaved, over enough calls to
         take :data:`~ttcompress.layers.cp_eval.TIMING_MIN_SECONDS`; the factorized chain is kept
         only when its best time beats the dense kernel's by :data:`~ttcompress.layers.cp_eval.
         FACTORIZED_MARGIN`, so a close call (where timing noise decides) runs the same convolution
         as ``nn.Conv2d``.
         """
-        key = (x.shape, x.stride(), x.dtype, x.device)
+        key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
         choice = self._eval_choice.get(key)
         if choice is None:
             kernel = self._cached_kernel()
@@ -531,18 +531,14 @@ class CPConv2d(nn.Module):
     # ---------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inference = not (self.training or torch.is_grad_enabled()) and not torch.compiler.is_compiling()
-        if inference and self.evaluation == "auto" and x.device.type == "cpu":
-            # eval-mode inference on CPU: one dict lookup once this input shape has been timed
-            choice = self._eval_choice.get((x.shape, x.stride(), x.dtype, x.device))
-            if choice is None and x.dim() in (3, 4) and x.shape[-3] == self.in_channels:
-                choice = self._measured_dense(x)
-            if choice:
-                return self._dense_forward(x, self._cached_kernel())
-            return self._factorized_forward(x)
         if x.dim() in (3, 4) and x.shape[-3] == self.in_channels:
             batch = x.shape[0] if x.dim() == 4 else 1
-            if self.uses_dense_kernel(batch, x.shape[-2], x.shape[-1]):
+            inference = not (self.training or torch.is_grad_enabled()) and not torch.compiler.is_compiling()
+            if inference and self.evaluation == "auto" and x.device.type == "cpu":
+                dense = self._measured_dense(x)  # one dict lookup once this input shape was timed
+            else:
+                dense = self.uses_dense_kernel(batch, x.shape[-2], x.shape[-1])
+            if dense:
                 return self._dense_forward(x, self._cached_kernel() if inference else self.kernel())
         return self._factorized_forward(x)
 

@@ -243,7 +243,7 @@ class Tucker2Conv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()) and x.device.type == "cpu":
-            key = (x.shape, x.stride(), x.dtype, x.device)
+            key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
             choice = self._eval_choice.get(key)
             if choice is None and x.dim() in (3, 4) and x.shape[-3] == self.in_channels:
                 choice = self._eval_choice[key] = dense_wins(lambda: self._dense_forward(x),
