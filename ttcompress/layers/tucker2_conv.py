@@ -242,10 +242,11 @@ class Tucker2Conv2d(nn.Module):
         return self.last(self.core(self.first(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling()) and x.device.type == "cpu":
+        inference = not (self.training or torch.is_grad_enabled()) and not torch.compiler.is_compiling()
+        if inference and x.device.type == "cpu" and x.dim() in (3, 4) and x.shape[-3] == self.in_channels:
             key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
             choice = self._eval_choice.get(key)
-            if choice is None and x.dim() in (3, 4) and x.shape[-3] == self.in_channels:
+            if choice is None:
                 choice = self._eval_choice[key] = dense_wins(lambda: self._dense_forward(x),
                                                              lambda: self._factorized_forward(x))
             if choice:
