@@ -3,8 +3,9 @@
 Every layer is compressed 4x (``cp_rank_for_ratio``, weights only) and timed in eval mode under
 ``torch.no_grad()`` at batch 1 and 64, interleaved with the dense conv in one process: each round
 times dense, ours (``evaluation="auto"``: cached dense kernel or factorized passes, chosen per input
-shape) and ours forced factorized, in alternating order; the table shows the median over rounds of
-the per-round time ratios. ``path`` is what ``auto`` chose.
+shape) and ours forced factorized, in rotating order, each over a block of calls of about 50 ms;
+the table shows the median over rounds of the per-round time ratios. ``path`` is what ``auto``
+chose.
 
 Usage::
 
@@ -38,16 +39,23 @@ SHAPES = [
 ]
 
 
-def _seconds(fn: Callable[[], object]) -> float:
+def _seconds(fn: Callable[[], object], calls: int = 1) -> float:
     start = time.perf_counter()
-    fn()
+    for _ in range(calls):
+        fn()
     return time.perf_counter() - start
 
 
-def interleaved_ratios(fns: list[Callable[[], object]], rounds: int) -> list[float]:
-    """Median over ``rounds`` of ``time(fns[i]) / time(fns[0])``, the order rotating per round."""
+def interleaved_ratios(fns: list[Callable[[], object]], rounds: int, block: float = 0.05) -> list[float]:
+    """Median over ``rounds`` of ``time(fns[i]) / time(fns[0])``, the order rotating per round.
+
+    Each sample times a block of calls lasting about ``block`` seconds (one call for slow layers),
+    so that sub-millisecond layers are not measured one timer-resolution-sized call at a time.
+    """
     for fn in fns:
         fn()
+    calls = max(1, int(block / max(_seconds(fns[0]), 1e-7)))
+    fns = [lambda fn=fn: _seconds(fn, calls) for fn in fns]
     ratios: list[list[float]] = [[] for _ in fns]
     for k in range(rounds):
         order = list(range(len(fns)))

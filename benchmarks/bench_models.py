@@ -9,7 +9,8 @@ For each model (random weights; what is measured does not depend on training):
   per-round ratios), eval mode, no grad;
 * size on disk: the ttcompress checkpoint, ONNX, TorchScript and the dense merge-back.
 
-Run: ``python benchmarks/bench_models.py [--models resnet18,resnet50,vit,crepe] [--threads 2]``.
+Run: ``python benchmarks/bench_models.py [--models resnet18,resnet50,vit,crepe] [--threads 2]
+[--rounds 3] [--min-run-time 0.3] [--crepe-capacity 32]``.
 Results go into docs/benchmarks.md ("Whole models").
 """
 
@@ -50,7 +51,7 @@ def crepe(capacity: int = 32) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def build(name: str) -> tuple[nn.Module, tuple[int, ...]]:
+def build(name: str, *, crepe_capacity: int = 32) -> tuple[nn.Module, tuple[int, ...]]:
     import torchvision
 
     if name == "resnet18":
@@ -61,7 +62,7 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...]]:
         return torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=4, num_heads=4,
                                                     hidden_dim=256, mlp_dim=1024, num_classes=10), (3, 32, 32)
     if name == "crepe":
-        return crepe(), (1, 1024, 1)
+        return crepe(crepe_capacity), (1, 1024, 1)
     raise SystemExit(f"unknown model {name!r}")
 
 
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-run-time", type=float, default=0.3)
+    parser.add_argument("--crepe-capacity", type=int, default=32,
+                        help="CREPE width multiplier (32: the 22M-parameter 'full' model; 8 or 16: smaller)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for name in args.models.split(","):
-        dense, shape = build(name)
+        dense, shape = build(name, crepe_capacity=args.crepe_capacity)
         dense.eval()
         start = time.perf_counter()
         result = ttcompress.compress_with_report(copy.deepcopy(dense), Plan(target_ratio=args.target_ratio))

@@ -409,3 +409,23 @@ def test_eval_cache_unused_when_gradients_are_needed() -> None:
     layer(x).sum().backward()  # eval mode but grad enabled: differentiable kernel, no cache
     assert layer._kernel_cache is None
     assert layer.in_factor.grad is not None
+
+
+@pytest.mark.parametrize("choice", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_eval_path_is_remembered_per_shape_and_memory_format(
+    monkeypatch: pytest.MonkeyPatch, choice: bool, channels_last: bool
+) -> None:
+    """Whichever path the timing picks, eval output equals the dense conv; the key has the strides."""
+    monkeypatch.setattr("ttcompress.layers.cp_conv.dense_wins", lambda dense, factorized: choice)
+    layer = _build({"kernel_size": 3, "padding": 1, "stride": 2}, rank=3).eval()
+    x = torch.randn(2, 4, 9, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        first, second = layer(x), layer(x)
+    assert list(layer._eval_choice.values()) == [choice]
+    assert (tuple(x.shape), x.dtype, x.device, channels_last) in layer._eval_choice
+    reference = _eval_reference(layer, x)
+    assert _rel(first, reference) <= 1e-5 and torch.equal(first, second)
+    assert first.is_contiguous(memory_format=torch.channels_last) == channels_last

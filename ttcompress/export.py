@@ -92,7 +92,7 @@ def _dense_method(module: nn.Module) -> Callable[[], nn.Module] | None:
 
 
 def _factorized(model: nn.Module) -> list[str]:
-    """Qualified names of the factorized layers recorded in the model's metadata that exist."""
+    """Qualified names of the factorized layers recorded in the model's metadata that exist, outermost only."""
     names = []
     for name in get_meta(model)["layers"]:
         try:
@@ -101,7 +101,8 @@ def _factorized(model: nn.Module) -> list[str]:
             continue
         if _dense_method(module) is not None:
             names.append(name)
-    return names
+    # a layer inside another factorized layer (the q/k/v of a factorized attention) is merged with it
+    return [n for n in names if not any(n.startswith(outer + ".") for outer in names)]
 
 
 def _layer_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, tuple[Any, ...]]:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ttcompress.decompose.cp import cp_als, cp_param_count
-from ttcompress.layers.cp_eval import dense_is_cheaper, seconds
+from ttcompress.layers.cp_eval import dense_is_cheaper, dense_wins
 
 __all__ = ["CPConv2d"]
 
@@ -484,26 +484,32 @@ class CPConv2d(nn.Module):
         )
 
     def _measured_dense(self, x: torch.Tensor) -> bool:
-        """Eval-mode choice for this input's shape: time both exact paths once and remember."""
+        """Eval-mode choice for this input's shape: time both exact paths once and remember.
+
+        The key is the input's shape, dtype, device and memory format. Each path is timed
+        :data:`~ttcompress.layers.cp_eval.TIMING_ROUNDS` times, interleaved, over enough calls to
+        take :data:`~ttcompress.layers.cp_eval.TIMING_MIN_SECONDS`; the factorized chain is kept
+        only when its best time beats the dense kernel's by :data:`~ttcompress.layers.cp_eval.
+        FACTORIZED_MARGIN`, so a close call (where timing noise decides) runs the same convolution
+        as ``nn.Conv2d``.
+        """
         key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
         choice = self._eval_choice.get(key)
         if choice is None:
             kernel = self._cached_kernel()
-            dense_s, factorized_s = [], []
-            for _ in range(2):  # interleaved; the first round warms both paths up
-                dense_s.append(seconds(lambda: self._dense_forward(x, kernel)))
-                factorized_s.append(seconds(lambda: self._factorized_forward(x)))
-            choice = dense_s[-1] <= factorized_s[-1]
+            choice = dense_wins(lambda: self._dense_forward(x, kernel), lambda: self._factorized_forward(x))
             self._eval_choice[key] = choice
         return choice
 
     def _cached_kernel(self) -> torch.Tensor:
         """The reconstructed kernel, rebuilt only when a factor has changed since the last call."""
-        factors = (self.in_factor, self.kh_factor, self.kw_factor, self.out_factor)
-        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in factors)
-        if self._kernel_cache is None or self._kernel_cache[0] != key:
-            self._kernel_cache = (key, self.kernel().detach())
-        return self._kernel_cache[1]
+        params = self._parameters
+        key = tuple((p._version, p.data_ptr()) for p in (params["in_factor"], params["kh_factor"],
+                                                          params["kw_factor"], params["out_factor"]))
+        cache = self._kernel_cache
+        if cache is None or cache[0] != key:
+            cache = self._kernel_cache = (key, self.kernel().detach())
+        return cache[1]
 
     def train(self, mode: bool = True) -> CPConv2d:
         self._kernel_cache = None
@@ -529,7 +535,7 @@ class CPConv2d(nn.Module):
             batch = x.shape[0] if x.dim() == 4 else 1
             inference = not (self.training or torch.is_grad_enabled()) and not torch.compiler.is_compiling()
             if inference and self.evaluation == "auto" and x.device.type == "cpu":
-                dense = self._measured_dense(x)
+                dense = self._measured_dense(x)  # one dict lookup once this input shape was timed
             else:
                 dense = self.uses_dense_kernel(batch, x.shape[-2], x.shape[-1])
             if dense:

@@ -7,10 +7,14 @@ in eval mode ``CPConv2d`` times both paths once per input shape with :func:`seco
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
-__all__ = ["CALL_COST", "CHAIN_SLOWDOWN", "PASS_WEIGHT", "dense_is_cheaper", "seconds"]
+__all__ = [
+    "CALL_COST", "CHAIN_SLOWDOWN", "FACTORIZED_MARGIN", "PASS_WEIGHT", "TIMING_MIN_SECONDS", "TIMING_ROUNDS",
+    "dense_is_cheaper", "dense_wins", "seconds",
+]
 
 # Cost model of the training-time evaluation choice (see dense_is_cheaper), from
 # benchmarks/bench_cp_eval.py and bench_cp_conv.py on CPU: MAC rate of the factorized chain
@@ -21,11 +25,36 @@ PASS_WEIGHT = 8
 CALL_COST = 200_000
 
 
-def seconds(fn: Callable[[], object]) -> float:
-    """Wall-clock seconds of one call of ``fn``."""
+# Eval-mode timing (see dense_wins): rounds per path, the least time one timed block takes, and
+# the margin by which the factorized chain must beat the dense kernel to be chosen.
+TIMING_ROUNDS = 3
+TIMING_MIN_SECONDS = 2e-3
+FACTORIZED_MARGIN = 0.95
+
+
+def seconds(fn: Callable[[], object], calls: int = 1) -> float:
+    """Wall-clock seconds of ``calls`` calls of ``fn`` (per call)."""
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def dense_wins(dense: Callable[[], object], factorized: Callable[[], object]) -> bool:
+    """Measured choice: is ``dense`` at least as fast as ``FACTORIZED_MARGIN`` x ``factorized``?
+
+    Both are called once to warm up; then, in :data:`TIMING_ROUNDS` interleaved rounds, each is
+    timed over as many calls as make :data:`TIMING_MIN_SECONDS` (from the warm-up time, at most
+    100), and the best per-call times are compared. The margin favours the dense kernel, which runs
+    the same convolution as ``nn.Conv2d``: when the two are within timing noise, the compressed
+    layer costs what the dense one does.
+    """
+    calls = max(1, min(100, int(TIMING_MIN_SECONDS / max(seconds(dense), seconds(factorized), 1e-7))))
+    dense_best = factorized_best = math.inf
+    for _ in range(TIMING_ROUNDS):
+        dense_best = min(dense_best, seconds(dense, calls))
+        factorized_best = min(factorized_best, seconds(factorized, calls))
+    return factorized_best >= FACTORIZED_MARGIN * dense_best
 
 
 def dense_is_cheaper(

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ttcompress.decompose.tucker2 import tucker2, tucker2_param_count, tucker2_reconstruct
+from ttcompress.layers.cp_eval import dense_wins
 
 __all__ = ["Tucker2Conv2d"]
 
@@ -50,6 +51,10 @@ class Tucker2Conv2d(nn.Module):
 
     Notes
     -----
+    In eval mode without gradients on CPU the layer times, once per input shape, its three
+    convolutions against one convolution with the reconstructed kernel (cached until a weight
+    changes) and keeps the faster (see :func:`ttcompress.layers.cp_eval.dense_wins`); both are exact.
+
     Parameters: ``C_in R_in + groups R_out R_in kh kw + C_out R_out`` (+ bias). Multiply-adds per
     output pixel: the same, with the first term times ``stride`` area (it runs before the stride).
     """
@@ -91,6 +96,8 @@ class Tucker2Conv2d(nn.Module):
                               dilation=dilation, groups=groups, bias=False, padding_mode=padding_mode, **factory)
         self.last = nn.Conv2d(groups * out_rank, out_channels, 1, groups=groups, bias=bias, **factory)
         self.rel_error: float | None = None
+        self._kernel_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        self._eval_choice: dict[tuple[Any, ...], bool] = {}
 
     # ---- the wrapped nn.Conv2d's attributes --------------------------------------------------------
     @property
@@ -210,8 +217,41 @@ class Tucker2Conv2d(nn.Module):
         return (self.in_channels * self.in_rank * sh * sw + self.groups * self.out_rank * self.in_rank * kh * kw
                 + self.out_channels * self.out_rank)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _cached_kernel(self) -> torch.Tensor:
+        """The reconstructed kernel, rebuilt only when a weight has changed since the last call."""
+        key = tuple((w._version, w.data_ptr()) for w in (self.first.weight, self.core.weight, self.last.weight))
+        cache = self._kernel_cache
+        if cache is None or cache[0] != key:
+            cache = self._kernel_cache = (key, self.kernel().detach())
+        return cache[1]
+
+    def train(self, mode: bool = True) -> Tucker2Conv2d:
+        self._kernel_cache = None
+        return super().train(mode)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Tucker2Conv2d:
+        self._kernel_cache = None  # .to() / .half(): new storages, drop the old kernel
+        self._eval_choice = {}
+        return super()._apply(fn, recurse)
+
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the core conv holds the original stride, padding (and mode), dilation and groups
+        return self.core._conv_forward(x, self._cached_kernel(), self.last.bias)
+
+    def _factorized_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last(self.core(self.first(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inference = not (self.training or torch.is_grad_enabled()) and not torch.compiler.is_compiling()
+        if inference and x.device.type == "cpu" and x.dim() in (3, 4) and x.shape[-3] == self.in_channels:
+            key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
+            choice = self._eval_choice.get(key)
+            if choice is None:
+                choice = self._eval_choice[key] = dense_wins(lambda: self._dense_forward(x),
+                                                             lambda: self._factorized_forward(x))
+            if choice:
+                return self._dense_forward(x)
+        return self._factorized_forward(x)
 
     def extra_repr(self) -> str:
         return f"in_rank={self.in_rank}, out_rank={self.out_rank}"
