@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -16,7 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["MODEL_SUFFIXES", "PathLike", "atomic_write", "strip_model_suffix"]
+from ttcompress.errors import OutputExistsError
+
+__all__ = ["MODEL_SUFFIXES", "PathLike", "atomic_dir", "atomic_write", "strip_model_suffix"]
 
 PathLike = str | os.PathLike[str]
 
@@ -173,3 +176,30 @@ def atomic_write(path: PathLike, mode: str = "wb", *, encoding: str | None = Non
         finally:
             os.close(dir_fd)
 
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside ``dest``; on success it replaces ``dest`` by renames.
+
+    On any failure the temporary directory is removed and ``dest`` is untouched.
+    """
+    if dest.exists() and not overwrite:
+        raise OutputExistsError(f"{dest} already exists (pass overwrite=True to replace it)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())
+        if dest.exists() or dest.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

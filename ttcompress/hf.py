@@ -34,10 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -46,7 +43,8 @@ import torch
 from torch import nn
 
 from ttcompress._version import __version__
-from ttcompress.errors import CheckpointError, OutputExistsError
+from ttcompress.errors import CheckpointError
+from ttcompress.fsutil import atomic_dir
 from ttcompress.hf_files import (
     CONFIG_FILE,
     RECORD_FILE,
@@ -467,40 +465,6 @@ def load_hf_dir(path: PathLike, *, trust_pickle: bool = False) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 # Writing a directory
 # --------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _atomic_dir(dest: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside ``dest``; on success it replaces ``dest`` by renames.
-
-    On any failure the temporary directory is removed and ``dest`` is untouched.
-    """
-    if dest.exists() and not overwrite:
-        raise OutputExistsError(f"{dest} already exists (pass overwrite=True to replace it)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.chmod(tmp, 0o777 & ~_umask())
-        if dest.exists() or dest.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / dest.name)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _layer_records(model: nn.Module) -> dict[str, dict[str, Any]]:
     """A record ``{"format", "config", ...}`` for every factorized layer of ``model``.
 
@@ -597,7 +561,7 @@ def save_hf_dir(
     from safetensors.torch import save_file
 
     dest = Path(path)
-    with _atomic_dir(dest, overwrite=overwrite) as tmp:
+    with atomic_dir(dest, overwrite=overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(arch["kwargs"]["config"], indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / RECORD_FILE).write_text(record_json + "\n", encoding="utf-8")

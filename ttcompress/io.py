@@ -81,7 +81,7 @@ from ttcompress.hf import load_hf_dir, recorded_hf_arch
 from ttcompress.hf_files import is_hf_dir, read_record
 from ttcompress.meta import ArchSpec, ModelMeta, get_meta, read_meta, set_meta, update_meta
 from ttcompress.models import build_arch, list_archs
-from ttcompress.rebuild import fit_state_dict, rebuild_model, short_error, skeleton_factory
+from ttcompress.rebuild import Skeleton, fit_state_dict, rebuild_model, short_error, skeleton_factory
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -338,14 +338,7 @@ def load_checkpoint(
     ValueError
         Unknown ``arch`` or ``arch_kwargs`` it does not accept.
     """
-    if not isinstance(trust_pickle, bool):
-        raise TypeError("trust_pickle must be a bool")
-    if not isinstance(trust_code, bool):
-        raise TypeError("trust_code must be a bool")
-    if arch_kwargs is not None and arch is None:
-        raise ValueError("arch_kwargs given without arch")
-    if arch_kwargs is not None and not isinstance(arch_kwargs, Mapping):
-        raise TypeError(f"arch_kwargs must be a dict, got {type(arch_kwargs).__name__}")
+    _check_load_options(trust_pickle=trust_pickle, trust_code=trust_code, arch=arch, arch_kwargs=arch_kwargs)
     if isinstance(arch, str) and is_model_path(arch):
         if arch_kwargs is not None:
             raise ValueError(f"arch_kwargs cannot be given with a model file as arch ({arch})")
@@ -354,20 +347,8 @@ def load_checkpoint(
     if Path(path).is_dir():
         return _load_hf(Path(path), arch=arch, trust_pickle=trust_pickle)
     p = _check_file(path)
-    model: nn.Module
     if _is_safetensors(p):
-        tensors, metadata = _read_safetensors(p)
-        header = _parse_header(metadata, p)
-        if header is not None:
-            if isinstance(arch, str):
-                _check_arch_conflict(header, arch, arch_kwargs, p)
-                if header.get("arch") is None:  # the name the caller gave builds it
-                    skeleton = functools.partial(build_model, arch, kwargs=arch_kwargs)
-            model = rebuild_model(header, tensors, p, user_arch=arch if isinstance(arch, str) else None,
-                                  trust_code=trust_code, skeleton=skeleton, user_spec=_spec_of(arch, arch_kwargs))
-            return LoadedCheckpoint(model.eval(), "ttcompress", p, header)
-        return LoadedCheckpoint(_from_state_dict(tensors, p, arch, arch_kwargs), "state_dict", p, {})
-
+        return _load_safetensors(p, arch, arch_kwargs, skeleton, trust_code=trust_code)
     if not trust_pickle:
         obj = _torch_load_safe(p)
         if isinstance(obj, nn.Module):  # pragma: no cover - weights_only never yields modules
@@ -376,6 +357,35 @@ def load_checkpoint(
         return LoadedCheckpoint(_from_state_dict(sd, p, arch, arch_kwargs), "state_dict", p, {})
 
     return _load_trusted_pickle(p, arch, arch_kwargs)
+
+
+def _check_load_options(*, trust_pickle: Any, trust_code: Any, arch: Any, arch_kwargs: Any) -> None:
+    """The types of :func:`load_checkpoint`'s options, and ``arch_kwargs`` only with ``arch``."""
+    if not isinstance(trust_pickle, bool):
+        raise TypeError("trust_pickle must be a bool")
+    if not isinstance(trust_code, bool):
+        raise TypeError("trust_code must be a bool")
+    if arch_kwargs is not None and arch is None:
+        raise ValueError("arch_kwargs given without arch")
+    if arch_kwargs is not None and not isinstance(arch_kwargs, Mapping):
+        raise TypeError(f"arch_kwargs must be a dict, got {type(arch_kwargs).__name__}")
+
+
+def _load_safetensors(
+    p: Path, arch: Any, arch_kwargs: Mapping[str, Any] | None, skeleton: Skeleton | None, *, trust_code: bool
+) -> LoadedCheckpoint:
+    """A ttcompress checkpoint (rebuilt from its header) or a bare safetensors state dict."""
+    tensors, metadata = _read_safetensors(p)
+    header = _parse_header(metadata, p)
+    if header is None:
+        return LoadedCheckpoint(_from_state_dict(tensors, p, arch, arch_kwargs), "state_dict", p, {})
+    if isinstance(arch, str):
+        _check_arch_conflict(header, arch, arch_kwargs, p)
+        if header.get("arch") is None:  # the name the caller gave builds it
+            skeleton = functools.partial(build_model, arch, kwargs=arch_kwargs)
+    model = rebuild_model(header, tensors, p, user_arch=arch if isinstance(arch, str) else None,
+                          trust_code=trust_code, skeleton=skeleton, user_spec=_spec_of(arch, arch_kwargs))
+    return LoadedCheckpoint(model.eval(), "ttcompress", p, header)
 
 
 def _load_trusted_pickle(p: Path, arch: str | None, arch_kwargs: Mapping[str, Any] | None) -> LoadedCheckpoint:

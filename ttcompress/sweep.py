@@ -293,6 +293,25 @@ def calibration_subset(bundle: DatasetBundle, *, samples: int, seed: int = 0) ->
     return subset, {"dataset": bundle.name, "samples": len(subset), "seed": seed, "split": "train", "balanced": True}
 
 
+def _check_sweep_inputs(
+    settings: Sequence[SweepSetting], baseline: Path, bundle: DatasetBundle, out: Path,
+    base_plan: Plan | None, plan_options: Mapping[str, Any] | None,
+) -> None:
+    """Everything :func:`run_sweep` can refuse before any work: settings, baseline, labels, output, plans."""
+    if not settings:
+        raise ValueError("settings must not be empty")
+    if not (baseline.is_file() or baseline.is_dir()):  # a file, or a Hugging Face directory
+        raise FileNotFoundError(f"baseline model not found: {baseline}")
+    if not bundle.has_labels:
+        raise DataError(f"a sweep ranks settings by top-1 accuracy, and data {bundle.name!r} has no class labels "
+                        f"(targets: {bundle.targets}); use finetune and report --metric instead")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"sweep output is not a directory: {out}")
+    with refused_input():  # bad plan options fail before any work
+        for setting in settings:
+            setting.plan(base_plan, **dict(plan_options or {}))
+
+
 def run_sweep(
     baseline: str | os.PathLike[str],
     *,
@@ -352,22 +371,10 @@ def run_sweep(
     list of SweepResult
         In the order of ``settings``.
     """
-    if not settings:
-        raise ValueError("settings must not be empty")
     config = config or FinetuneConfig()
-    baseline = Path(baseline)
-    if not (baseline.is_file() or baseline.is_dir()):  # a file, or a Hugging Face directory
-        raise FileNotFoundError(f"baseline model not found: {baseline}")
-    if not bundle.has_labels:
-        raise DataError(f"a sweep ranks settings by top-1 accuracy, and data {bundle.name!r} has no class labels "
-                        f"(targets: {bundle.targets}); use finetune and report --metric instead")
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"sweep output is not a directory: {out}")
+    baseline, out = Path(baseline), Path(output_dir)
+    _check_sweep_inputs(settings, baseline, bundle, out, base_plan, plan_options)
     out.mkdir(parents=True, exist_ok=True)
-    with refused_input():  # bad plan options fail before any work
-        for setting in settings:
-            setting.plan(base_plan, **dict(plan_options or {}))
     digest = _file_digest(baseline)
     calib, calib_info = (None, None) if calib_samples is None else calibration_subset(
         bundle, samples=calib_samples, seed=config.seed)

@@ -31,37 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ttcompress.decompose.cp import cp_als, cp_param_count
+from ttcompress.layers._conv_args import conv_pair, positive_int
 from ttcompress.layers.cp_eval import dense_is_cheaper, dense_wins
 
 __all__ = ["CPConv2d"]
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 PaddingArg = int | tuple[int, int] | str
-
-
-def _pair(value: Any, name: str, *, minimum: int) -> tuple[int, int]:
-    """Normalize an int or a length-2 sequence of ints (as ``nn.Conv2d`` accepts) to a pair."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        pair = (value, value)
-    elif isinstance(value, (tuple, list)) and len(value) == 2:
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-        pair = (int(value[0]), int(value[1]))
-    else:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return pair
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
 
 
 def _check_conv(conv: Any, *, rank: Any, label: str) -> None:
@@ -180,13 +156,13 @@ class CPConv2d(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_channels = _positive_int(in_channels, "in_channels")
-        self.out_channels = _positive_int(out_channels, "out_channels")
-        self.kernel_size = _pair(kernel_size, "kernel_size", minimum=1)
-        self.rank = _positive_int(rank, "rank")
-        self.stride = _pair(stride, "stride", minimum=1)
-        self.dilation = _pair(dilation, "dilation", minimum=1)
-        self.groups = _positive_int(groups, "groups")
+        self.in_channels = positive_int(in_channels, "in_channels")
+        self.out_channels = positive_int(out_channels, "out_channels")
+        self.kernel_size = conv_pair(kernel_size, "kernel_size", minimum=1)
+        self.rank = positive_int(rank, "rank")
+        self.stride = conv_pair(stride, "stride", minimum=1)
+        self.dilation = conv_pair(dilation, "dilation", minimum=1)
+        self.groups = positive_int(groups, "groups")
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"groups={groups} must divide in_channels={in_channels} and "
@@ -210,7 +186,7 @@ class CPConv2d(nn.Module):
                 )
             self.padding: tuple[int, int] | str = padding
         else:
-            self.padding = _pair(padding, "padding", minimum=0)
+            self.padding = conv_pair(padding, "padding", minimum=0)
         # (left, right, top, bottom), the F.pad order, exactly as nn.Conv2d computes it
         self._pad_lrtb = self._explicit_padding()
 
