@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+
+from ttcompress.io import build_model
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -16,3 +19,12 @@ def _one_intra_op_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cnn_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seed-cnn state dict (seed 0), saved once per test module."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cnn") / "cnn.pt"
+    torch.save(build_model("seed-cnn").state_dict(), path)
+    return path

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from ttcompress.allocate import input_grams, whitened
 from ttcompress.cli import app
-from ttcompress.io import build_model, get_meta, load, read_header
+from ttcompress.io import get_meta, load, read_header
 from ttcompress.plan import Plan, TTSettings
 from ttcompress.surgery import compress, compress_with_report
 from ttcompress.teacher import default_teacher, file_sha256
@@ -163,12 +163,6 @@ def test_target_ratio_with_calibration_reaches_the_ratio():
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cnn_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("cnn") / "cnn.pt"
-    torch.save(build_model("seed-cnn").state_dict(), path)
-    return path
 
 
 def _run(*args):

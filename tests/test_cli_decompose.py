@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from ttcompress.cli import app
 from ttcompress.errors import CheckpointError
-from ttcompress.io import build_model, get_meta, load
+from ttcompress.io import get_meta, load
 from ttcompress.plan import CPSettings, Plan, TTSettings
 from ttcompress.surgery import compress
 
@@ -41,12 +41,6 @@ def fails(*args: str, match: str):
     return result
 
 
-@pytest.fixture(scope="module")
-def cnn_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("cnn") / "cnn.pt"
-    torch.save(build_model("seed-cnn").state_dict(), path)
-    return path
 
 
 @pytest.fixture()

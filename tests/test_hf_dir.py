@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import struct
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from ttcompress.export import ExportError, export_model  # noqa: E402
 from ttcompress.io import get_meta, load, load_checkpoint, read_header, save  # noqa: E402
 from ttcompress.models import build_arch  # noqa: E402
 from ttcompress.plan import Plan, TTSettings  # noqa: E402
+from test_trust import rewrite_header  # noqa: E402  (tests/ is on sys.path under pytest)
 
 runner = CliRunner()
 IDS = torch.tensor([[1, 5, 7, 3, 9, 2, 11, 4], [6, 0, 2, 8, 1, 3, 99, 12]])
@@ -206,18 +206,6 @@ def test_checkpoint_without_arch_points_to_arch(tmp_path):
     assert_refused(invoke("inspect", path), "--arch")
 
 
-def _rewrite_header(src: Path, dst: Path, mutate) -> Path:  # noqa: ANN001
-    raw = src.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    st = json.loads(raw[8 : 8 + n])
-    header = json.loads(st["__metadata__"]["ttcompress"])
-    mutate(header)
-    st["__metadata__"]["ttcompress"] = json.dumps(header)
-    blob = json.dumps(st).encode()
-    dst.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
-    return dst
-
-
 @pytest.mark.parametrize(("mutate", "match"), [
     (lambda h: h["arch"].update(name="hf:os.system"), "not a transformers model class"),
     (lambda h: h["arch"]["kwargs"]["config"].update(auto_map={"AutoModel": "x.Y"}), "custom code (auto_map)"),
@@ -226,7 +214,7 @@ def _rewrite_header(src: Path, dst: Path, mutate) -> Path:  # noqa: ANN001
 ])
 def test_hf_arch_in_a_header_is_data(compressed, tmp_path, mutate, match):
     """An ``hf:`` record runs no code and sizes nothing before the file's tensors are compared."""
-    bad = _rewrite_header(compressed, tmp_path / "bad.tt.pt", mutate)
+    bad = rewrite_header(compressed, tmp_path / "bad.tt.pt", mutate)
     with pytest.raises(CheckpointError, match=re.escape(match)):
         load(bad)
     assert_refused(invoke("inspect", bad), match)
