@@ -5,12 +5,14 @@ Usage::
     python benchmarks/bench_cp_conv.py                 # layer table + CP-ALS table
     python benchmarks/bench_cp_conv.py --variants      # also every evaluation strategy
     python benchmarks/bench_cp_conv.py --skip-als      # layer table only
+    python benchmarks/bench_cp_conv.py --tucker        # also Tucker2Conv2d at the same ratios
 
 Layer rows (issue 15): C -> C 3x3 convs, 32x32 maps, batch 32, CP ranks that give ``--ratios``
 fewer weights (``cp_rank_for_ratio``, weights only), forward + backward. Every ratio is a time over
 nn.Conv2d's, all timed in the same run with ``torch.utils.benchmark`` (median of blocked runs),
 ``--repeats`` rounds interleaving the layers, median shown. ``FLOP limit`` is CPConv2d's factorized
-FLOPs over dense (``torch.utils.flop_counter``, forward + backward). Peers: a plain 4-conv CP
+FLOPs over dense (``torch.utils.flop_counter``, forward + backward; its conv-backward formula is
+replaced by one that counts groups, see ``_conv_backward_flops``). Peers: a plain 4-conv CP
 (``nn.Sequential`` of 1x1, kx1 depthwise, 1xk depthwise, 1x1: the seed's layer) and
 tensorly-torch's ``FactorizedConv`` (cp, factorized) when the ``bench`` extra is installed. CP-ALS rows: wall time of ``cp_als`` (default
 options) on a Gaussian kernel and the peak resident memory it adds on top of the process after
@@ -26,14 +28,18 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.utils import benchmark
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from ttcompress.decompose.cp import cp_rank_for_ratio
+from ttcompress.decompose.tucker2 import tucker2_param_count
 from ttcompress.layers.cp_conv import CPConv2d
+from ttcompress.layers.tucker2_conv import Tucker2Conv2d
 
 try:
     import tltorch
@@ -48,14 +54,46 @@ VARIANTS = {
 }
 
 
+class _CopiedChannelsLast(nn.Module):
+    """The pre-issue-15 evaluation for an NCHW caller: copy the input to channels_last, run the
+    chain there, copy the output back (autograd copies both gradients the same way)."""
+
+    def __init__(self, layer: CPConv2d) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
 def fwd_bwd(module: nn.Module, x: torch.Tensor) -> None:
     module.zero_grad(set_to_none=True)
     x.grad = None
     module(x).sum().backward()
 
 
+def _conv_backward_flops(grad_out_shape: Sequence[int], x_shape: Sequence[int], w_shape: Sequence[int],
+                        bias: object, stride: object, padding: object, dilation: object,
+                        transposed: bool, output_padding: object, groups: int,
+                        output_mask: Sequence[bool], out_shape: object = None, **kwargs: object) -> int:
+    """``convolution_backward`` FLOPs, with groups counted.
+
+    torch's own formula computes the weight gradient as an ungrouped conv over the batch, so for
+    a depthwise conv it counts ``groups`` times the work done (a 142-channel depthwise pass showed
+    up as 142x its forward). For a (non-transposed) conv each of the two gradients costs exactly
+    what the forward costs: the same multiply-adds, re-associated.
+    """
+    if transposed:
+        return flop_counter.conv_backward_flop(
+            grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+            output_padding, groups, output_mask, out_shape, **kwargs)
+    forward = flop_counter.conv_flop_count(x_shape, w_shape, grad_out_shape)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
 def flops(module: nn.Module, x: torch.Tensor) -> int:
-    with FlopCounterMode(display=False) as counter:
+    mapping = {torch.ops.aten.convolution_backward: _conv_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fwd_bwd(module, x)
     return counter.get_total_flops()
 
@@ -68,7 +106,8 @@ _clock = CLOCKS["wall"]
 
 def time_it(module: nn.Module, x: torch.Tensor, min_run_time: float) -> float:
     timer = benchmark.Timer(
-        stmt="fwd_bwd(m, x)", globals={"fwd_bwd": fwd_bwd, "m": module, "x": x}, timer=_clock
+        stmt="fwd_bwd(m, x)", globals={"fwd_bwd": fwd_bwd, "m": module, "x": x}, timer=_clock,
+        num_threads=torch.get_num_threads(),  # Timer's own default is 1 thread
     )
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
@@ -104,6 +143,9 @@ def layer_rows(args: argparse.Namespace) -> list[dict]:
                     variant.fuse_spatial, variant.channels_last = fuse, cl
                     variant.evaluation = "factorized"
                     peers[label] = variant
+                before = CPConv2d(channels, channels, 3, rank=rank, padding=1)
+                before.evaluation = "factorized"
+                peers["fused dw, channels_last by copies (before)"] = _CopiedChannelsLast(before)
             ratios: dict[str, list[float]] = {name: [] for name in peers}
             dense_ms = []
             for _ in range(args.repeats):
@@ -124,6 +166,52 @@ def layer_rows(args: argparse.Namespace) -> list[dict]:
             row.update({f"{name} / dense": round(statistics.median(r), 3) for name, r in ratios.items()})
             row["ours spread"] = f"{min(ratios['ours']):.3f}–{max(ratios['ours']):.3f}"
             row["our path"] = "dense kernel" if layer.uses_dense_kernel(args.batch, 32, 32) else "factorized"
+            rows.append(row)
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+class _TuckerModulePath(nn.Module):
+    """The pre-issue-15 Tucker-2 evaluation: its three ``nn.Conv2d`` stages called in NCHW."""
+
+    def __init__(self, layer: Tucker2Conv2d) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.last(self.layer.core(self.layer.first(x)))
+
+
+def tucker_rows(args: argparse.Namespace) -> list[dict]:
+    """Tucker2Conv2d (equal ranks, the largest within ``ratio`` fewer weights) vs dense, fwd+bwd."""
+    torch.manual_seed(0)
+    rows = []
+    for channels in args.channels:
+        dense = nn.Conv2d(channels, channels, 3, padding=1)
+        x = torch.randn(args.batch, channels, 32, 32, requires_grad=True)
+        f_dense = flops(dense, x)
+        for ratio in args.ratios:
+            budget = channels * channels * 9 / ratio
+            rank = max(r for r in range(1, channels + 1)
+                       if tucker2_param_count(channels, channels, 3, 3, r, r) <= budget)
+            layer = Tucker2Conv2d(channels, channels, 3, in_rank=rank, out_rank=rank, padding=1)
+            peers = {"ours": layer, "three nn.Conv2d, NCHW (before)": _TuckerModulePath(layer)}
+            ratios: dict[str, list[float]] = {name: [] for name in peers}
+            dense_ms = []
+            for _ in range(args.repeats):
+                t_dense = time_it(dense, x, args.min_run_time)
+                dense_ms.append(t_dense * 1e3)
+                for name, module in peers.items():
+                    ratios[name].append(time_it(module, x, args.min_run_time) / t_dense)
+            row = {
+                "layer": f"Tucker-2 {channels}->{channels} 3x3",
+                "ratio": ratio,
+                "ranks": f"{rank}, {rank}",
+                "dense ms": round(statistics.median(dense_ms), 1),
+                "FLOP limit": round(flops(layer, x) / f_dense, 3),
+            }
+            row.update({f"{name} / dense": round(statistics.median(r), 3) for name, r in ratios.items()})
+            row["ours spread"] = f"{min(ratios['ours']):.3f}–{max(ratios['ours']):.3f}"
             rows.append(row)
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
@@ -207,6 +295,7 @@ def main() -> None:
         "--variants", action="store_true", help="time every evaluation strategy"
     )
     parser.add_argument("--skip-layers", action="store_true")
+    parser.add_argument("--tucker", action="store_true", help="also time Tucker2Conv2d at the same ratios")
     parser.add_argument("--skip-als", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
@@ -231,6 +320,8 @@ def main() -> None:
     print(f"# command: python {' '.join(sys.argv)}\n")
     if not args.skip_layers:
         print(markdown(layer_rows(args)) + "\n")
+    if args.tucker:
+        print(markdown(tucker_rows(args)) + "\n")
     if not args.skip_als:
         print(markdown(als_rows(args)))
 

@@ -89,7 +89,7 @@ _clock = CLOCKS["wall"]
 
 def _time(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, min_run_time: float) -> float:
     timer = benchmark.Timer("step(m, x, g)", globals={"step": _step, "m": module, "x": x, "g": grad},
-                            timer=_clock)
+                            timer=_clock, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from ttcompress.decompose.cp import cp_als, cp_param_count
 from ttcompress.layers._conv_args import conv_pair, positive_int
+from ttcompress.layers._pointwise import nchw_only, pointwise_to_channels_last, pointwise_to_nchw
 from ttcompress.layers.cp_eval import dense_is_cheaper, dense_wins
 
 __all__ = ["CPConv2d"]
@@ -526,11 +527,18 @@ class CPConv2d(nn.Module):
         dh, dw = self.dilation
         # Run the chain in channels_last when that is faster, but hand back the memory format
         # nn.Conv2d would (that of the input), so code such as ``out.view(n, -1)`` keeps working.
-        restore = self.channels_last and x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last)
+        # For an NCHW input the two pointwise passes change the layout as they go (matmuls that
+        # read their operand transposed), so neither the tensors nor their gradients are copied.
+        switch = self.channels_last and g == 1 and nchw_only(x)
+        restore = (self.channels_last and not switch and x.dim() == 4
+                   and not x.is_contiguous(memory_format=torch.channels_last))
         if restore:
             x = x.contiguous(memory_format=torch.channels_last)
         # 1) pointwise C_in -> G*R (no bias, so zero padding commutes with it)
-        z = F.conv2d(x, self.in_factor[:, :, None, None], groups=g)
+        if switch:
+            z = pointwise_to_channels_last(x, self.in_factor)
+        else:
+            z = F.conv2d(x, self.in_factor[:, :, None, None], groups=g)
         # 2) padding: the zero case symmetric goes into the convs; everything else explicitly,
         #    exactly as nn.Conv2d does (F.pad with its (left, right, top, bottom) amounts)
         left, right, top, bottom = self._pad_lrtb
@@ -578,5 +586,7 @@ class CPConv2d(nn.Module):
             else:
                 z = z * self.kw_factor[:, 0].reshape(1, gr, 1, 1)
         # 4) pointwise G*R -> C_out with the bias
+        if switch:
+            return pointwise_to_nchw(z, self.out_factor, self.bias)
         out = F.conv2d(z, self.out_factor[:, :, None, None], self.bias, groups=g)
         return out.contiguous() if restore else out

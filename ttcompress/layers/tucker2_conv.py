@@ -27,9 +27,17 @@ import torch
 from torch import nn
 
 from ttcompress.decompose.tucker2 import tucker2, tucker2_param_count, tucker2_reconstruct
+from ttcompress.layers._pointwise import nchw_only, pointwise_to_channels_last, pointwise_to_nchw
 from ttcompress.layers.cp_eval import dense_wins
 
 __all__ = ["Tucker2Conv2d"]
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks (which a direct matmul would skip)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -239,6 +247,12 @@ class Tucker2Conv2d(nn.Module):
         return self.core._conv_forward(x, self._cached_kernel(), self.last.bias)
 
     def _factorized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1 and nchw_only(x) and not (_hooked(self.first) or _hooked(self.last)):
+            # NCHW input: the pointwise passes switch to channels_last and back as they multiply,
+            # so the core conv runs channels_last (faster on CPU) without copying x, y or their
+            # gradients (measured in docs/benchmarks.md). Same arithmetic as the two 1x1 convs.
+            z = pointwise_to_channels_last(x, self.first.weight[:, :, 0, 0])
+            return pointwise_to_nchw(self.core(z), self.last.weight[:, :, 0, 0], self.last.bias)
         return self.last(self.core(self.first(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,236 @@
+"""Layout-changing 1x1 convolutions (ttcompress.layers._pointwise) and the CP and Tucker-2 paths using them.
+
+References: ``F.conv2d`` with the 1x1 kernel in float64; gradients by ``gradcheck`` (float64).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ttcompress.layers.cp_conv as cp_conv_module
+from ttcompress.layers._pointwise import nchw_only, pointwise_to_channels_last, pointwise_to_nchw
+from ttcompress.layers.cp_conv import CPConv2d
+from ttcompress.layers.tucker2_conv import Tucker2Conv2d
+
+CL = torch.channels_last
+
+
+def test_nchw_only() -> None:
+    assert nchw_only(torch.randn(2, 3, 4, 5))
+    assert not nchw_only(torch.randn(2, 3, 4, 5).contiguous(memory_format=CL))
+    assert not nchw_only(torch.randn(2, 1, 4, 5))  # both layouts at once: nothing to change
+    assert not nchw_only(torch.randn(3, 4, 5))
+    assert not nchw_only(torch.randn(2, 3, 4, 10)[..., ::2])
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (1, 7, 1, 9), (3, 2, 6, 1)])
+def test_to_channels_last_equals_conv(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(4, shape[1], dtype=torch.float64)
+    z = pointwise_to_channels_last(x, w)
+    torch.testing.assert_close(z, F.conv2d(x, w[:, :, None, None]), rtol=1e-12, atol=1e-12)
+    assert z.is_contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_to_nchw_equals_conv(bias: bool, layout: str) -> None:
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    if layout == "channels_last":
+        z = z.contiguous(memory_format=CL)
+    w = torch.randn(6, 4, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64) if bias else None
+    y = pointwise_to_nchw(z, w, b)
+    torch.testing.assert_close(y, F.conv2d(z, w[:, :, None, None], b), rtol=1e-12, atol=1e-12)
+    assert y.is_contiguous()
+
+
+def test_gradcheck_both_directions() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w_in = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w_out = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+
+    def chain(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return pointwise_to_nchw(pointwise_to_channels_last(x, w_in).tanh(), w_out, b)
+
+    assert torch.autograd.gradcheck(chain, (x, w_in, w_out, b))
+    assert torch.autograd.gradcheck(lambda z, w: pointwise_to_nchw(z, w), (x, w_in))
+
+
+def test_gradients_come_back_in_the_tensors_layout() -> None:
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    w_in = torch.randn(4, 3, requires_grad=True)
+    z = pointwise_to_channels_last(x, w_in)
+    seen: list[torch.Tensor] = []
+    z.register_hook(seen.append)  # the gradient as it flows (retain_grad would store a copy)
+    y = pointwise_to_nchw(z, torch.randn(6, 4), torch.randn(6))
+    y.backward(torch.randn_like(y))
+    assert x.grad is not None and x.grad.is_contiguous()  # NCHW, as the caller's input
+    assert seen[0].is_contiguous(memory_format=CL)
+
+
+def test_only_the_needed_gradients_are_computed() -> None:
+    x = torch.randn(2, 3, 4, 5)
+    w = torch.randn(4, 3, requires_grad=True)
+    pointwise_to_channels_last(x, w).sum().backward()
+    assert w.grad is not None and x.grad is None
+    z = torch.randn(2, 4, 4, 5, requires_grad=True)
+    pointwise_to_nchw(z, torch.randn(6, 4), None).sum().backward()
+    assert z.grad is not None
+
+
+def test_autocast_runs_in_the_autocast_dtype() -> None:
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    w_in = torch.randn(4, 3, requires_grad=True)
+    w_out = torch.randn(6, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = pointwise_to_nchw(pointwise_to_channels_last(x, w_in), w_out, torch.zeros(6))
+        ref = F.conv2d(F.conv2d(x, w_in[:, :, None, None]), w_out[:, :, None, None])
+    assert y.dtype == ref.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32 and w_in.grad is not None
+
+
+# ---------------------------------------------------------------- CPConv2d on NCHW input
+
+
+def _layer(**cfg: Any) -> CPConv2d:
+    torch.manual_seed(0)
+    layer = CPConv2d(cfg.pop("in_channels", 5), 6, rank=3, **cfg)
+    layer.evaluation = "factorized"
+    layer.channels_last = True
+    return layer
+
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "plain": {"kernel_size": 3, "padding": 1},
+    "stride-dil-asym": {"kernel_size": (3, 5), "stride": (2, 1), "padding": (1, 2), "dilation": (2, 1)},
+    "same-even": {"kernel_size": (2, 4), "padding": "same", "dilation": (3, 2)},
+    "reflect": {"kernel_size": 3, "padding": 1, "padding_mode": "reflect"},
+    "no-bias": {"kernel_size": 3, "padding": 1, "bias": False},
+    "1x1-stride": {"kernel_size": 1, "stride": 2},
+}
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "seq"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cp_nchw_path_equals_the_copying_path(name: str, fuse: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward and every gradient equal those of the old path (convert to channels_last and back)."""
+    layer = _layer(**CONFIGS[name])
+    layer.fuse_spatial = fuse
+    x = torch.randn(3, layer.in_channels, 9, 11)
+    results = []
+    for switch in (True, False):
+        if not switch:
+            monkeypatch.setattr(cp_conv_module, "nchw_only", lambda t: False)
+        xi = x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        y = layer(xi)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        results.append((y, xi.grad, *(p.grad for p in layer.parameters())))
+        assert y.is_contiguous() and xi.grad is not None and xi.grad.is_contiguous()
+    for new, old in zip(*results, strict=True):
+        torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cp_nchw_path_gradcheck(name: str) -> None:
+    layer = _layer(**CONFIGS[name]).double()
+    x = torch.randn(2, layer.in_channels, 6, 7, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in layer.named_parameters()]
+
+    def fn(inp: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(layer, dict(zip(names, params, strict=True)), (inp,))
+
+    assert torch.autograd.gradcheck(fn, (x, *layer.parameters()))
+    ref = layer.to_conv()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref(x), rtol=1e-10, atol=1e-10)
+
+
+def test_cp_nchw_path_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = cp_conv_module.pointwise_to_channels_last
+    monkeypatch.setattr(cp_conv_module, "pointwise_to_channels_last",
+                        lambda x, w: calls.append(x.shape) or real(x, w))
+    layer = _layer(kernel_size=3, padding=1)
+    layer(torch.randn(2, 5, 4, 4))
+    layer(torch.randn(2, 5, 4, 4).contiguous(memory_format=CL))  # already channels_last: plain convs
+    layer.channels_last = False
+    layer(torch.randn(2, 5, 4, 4))
+    assert calls == [torch.Size([2, 5, 4, 4])]
+
+
+# ---------------------------------------------------------------- Tucker2Conv2d on NCHW input
+
+
+def _tucker(**cfg: Any) -> Tucker2Conv2d:
+    torch.manual_seed(0)
+    return Tucker2Conv2d(5, 6, in_rank=3, out_rank=4, **cfg)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_tucker_nchw_path_equals_the_module_path(name: str) -> None:
+    layer = _tucker(**CONFIGS[name])
+    x = torch.randn(3, 5, 9, 11)
+    results = []
+    for hooked in (False, True):
+        handle = layer.first.register_forward_hook(lambda *_: None) if hooked else None
+        xi = x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        y = layer._factorized_forward(xi)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        results.append((y, xi.grad, *(p.grad for p in layer.parameters())))
+        assert y.is_contiguous() and xi.grad is not None and xi.grad.is_contiguous()
+        if handle is not None:
+            handle.remove()
+    for new, old in zip(*results, strict=True):
+        torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_tucker_nchw_path_gradcheck(name: str) -> None:
+    layer = _tucker(**CONFIGS[name]).double()
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in layer.named_parameters()]
+
+    def fn(inp: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(layer, dict(zip(names, params, strict=True)), (inp,))
+
+    assert torch.autograd.gradcheck(fn, (x, *layer.parameters()))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.to_conv()(x), rtol=1e-10, atol=1e-10)
+
+
+def test_tucker_hooks_on_the_stages_still_run() -> None:
+    layer = _tucker(kernel_size=3, padding=1)
+    seen = []
+    layer.first.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    layer(torch.randn(2, 5, 4, 4))
+    assert seen == [torch.Size([2, 3, 4, 4])]
+
+
+@pytest.mark.parametrize("make", [lambda: _layer(kernel_size=3, padding=1), lambda: _tucker(kernel_size=3, padding=1)],
+                         ids=["cp", "tucker2"])
+def test_torch_compile_fullgraph(make: Any) -> None:
+    layer = make()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 5, 6, 6, requires_grad=True)
+    y = compiled(x)
+    y.sum().backward()
+    grads = [x.grad, *(p.grad for p in layer.parameters())]
+    x2 = x.detach().clone().requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    ref = layer(x2)
+    ref.sum().backward()
+    torch.testing.assert_close(y, ref)
+    for got, want in zip(grads, [x2.grad, *(p.grad for p in layer.parameters())], strict=True):
+        torch.testing.assert_close(got, want)

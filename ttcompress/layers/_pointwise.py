@@ -1,0 +1,113 @@
+"""1x1 convolutions that change memory format on the way, for factorized convs on NCHW input.
+
+A factorized conv (CP, Tucker-2) runs its spatial pass fastest in ``channels_last`` on CPU, while
+most networks hand it NCHW tensors. Converting the input, the output and both their gradients
+costs four full-size copies, more than the pointwise convolutions themselves on wide layers. But a
+1x1 convolution is a matmul per image, and a matmul can read either operand transposed for free:
+
+* :func:`pointwise_to_channels_last` computes ``z_b = x_b^T W^T`` with ``x_b`` the ``(C, HW)`` NCHW
+  image, so ``z`` comes out ``(B, HW, R)`` -- a channels_last ``(B, R, H, W)`` tensor, no copy;
+* :func:`pointwise_to_nchw` computes ``y_b = W z_b^T + bias`` from a channels_last ``z``, so ``y``
+  comes out ``(B, C, HW)``: NCHW, as ``nn.Conv2d`` would return it.
+
+Each is a custom autograd function so that the gradients, too, come out in the layout of the
+tensor they belong to (NCHW for the caller's input, channels_last for the intermediate), without
+copies. The arithmetic is exactly that of the 1x1 convolution.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["pointwise_to_channels_last", "pointwise_to_nchw", "nchw_only"]
+
+
+def nchw_only(x: torch.Tensor) -> bool:
+    """True for a 4-D tensor laid out NCHW and *not* also channels_last (so a layout change is real)."""
+    return (x.dim() == 4 and x.is_contiguous()
+            and not x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _batched(mat: torch.Tensor, batch: int) -> torch.Tensor:
+    return mat.expand(batch, *mat.shape)  # batch stride 0: one weight for every image
+
+
+class _ToChannelsLast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        x3 = x.view(b, c, h * w)
+        z = torch.bmm(x3.transpose(1, 2), _batched(weight.t(), b))  # (B, HW, R)
+        ctx.save_for_backward(x3, weight)
+        ctx.hw = (h, w)
+        return z.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x3, weight = ctx.saved_tensors
+        b, r = grad.shape[:2]
+        g3 = grad.permute(0, 2, 3, 1).reshape(b, -1, r)  # a view when grad is channels_last
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(_batched(weight.t(), b), g3.transpose(1, 2)).view(b, -1, *ctx.hw)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.bmm(g3.transpose(1, 2), x3.transpose(1, 2)).sum(0)
+        return grad_x, grad_w
+
+
+class _ToNCHW(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        b, r, h, w = z.shape
+        z3 = z.permute(0, 2, 3, 1).reshape(b, h * w, r)
+        if bias is None:
+            y = torch.bmm(_batched(weight, b), z3.transpose(1, 2))
+        else:
+            y = torch.baddbmm(bias.view(1, -1, 1), _batched(weight, b), z3.transpose(1, 2))
+        ctx.save_for_backward(z3, weight)
+        ctx.shape = (b, r, h, w)
+        ctx.has_bias = bias is not None
+        return y.view(b, -1, h, w)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        z3, weight = ctx.saved_tensors
+        b, r, h, w = ctx.shape
+        g3 = grad.reshape(b, grad.shape[1], h * w)  # a view when grad is NCHW
+        grad_z = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_z = torch.bmm(g3.transpose(1, 2), _batched(weight, b)).view(b, h, w, r).permute(0, 3, 1, 2)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.bmm(g3, z3).sum(0)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g3.sum((0, 2))
+        return grad_z, grad_w, grad_b
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def pointwise_to_channels_last(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``conv2d(x, weight[:, :, None, None])`` for an NCHW ``x`` ``(B, C, H, W)`` and ``weight``
+    ``(R, C)``; the result ``(B, R, H, W)`` is channels_last."""
+    dtype = _autocast_dtype(x)
+    if dtype is not None:  # as autocast runs a conv: in its dtype, operands cast up front
+        with torch.autocast(x.device.type, enabled=False):
+            return _ToChannelsLast.apply(x.to(dtype), weight.to(dtype))
+    return _ToChannelsLast.apply(x, weight)
+
+
+def pointwise_to_nchw(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv2d(z, weight[:, :, None, None], bias)`` for ``z`` ``(B, R, H, W)`` (channels_last for
+    speed; any layout is correct) and ``weight`` ``(C, R)``; the result is NCHW-contiguous."""
+    dtype = _autocast_dtype(z)
+    if dtype is not None:
+        with torch.autocast(z.device.type, enabled=False):
+            return _ToNCHW.apply(z.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    return _ToNCHW.apply(z, weight, bias)
