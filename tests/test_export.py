@@ -119,3 +119,21 @@ def test_cli_export_onnx_and_bad_format(compressed, tmp_path) -> None:
     result = runner.invoke(app, ["export", str(src), "--format", "tflite", "-o", str(tmp_path / "m.x")])
     assert result.exit_code == 2 and "--format must be one of" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.x").exists()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_wide_factorized_convs_export_on_nchw_input(fmt: str, tmp_path) -> None:
+    """CP and Tucker-2 layers wide enough for the channels_last layout switch (which uses custom
+    autograd functions in eager training) still trace and export, and match the model."""
+    from ttcompress.layers.cp_conv import CPConv2d
+    from ttcompress.layers.tucker2_conv import Tucker2Conv2d
+
+    torch.manual_seed(0)
+    cp = CPConv2d(32, 32, 3, rank=8, padding=1)
+    cp.evaluation = "factorized"
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), cp, nn.ReLU(),
+                          Tucker2Conv2d(32, 32, 3, in_rank=8, out_rank=8, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    assert cp.channels_last  # the layout switch is the path taken on NCHW input
+    result = export_model(model, tmp_path / f"m.{fmt}", format=fmt, input_shape=[3, 12, 12], batch_size=2)
+    assert result.max_error is not None and result.max_error <= 1e-4

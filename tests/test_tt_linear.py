@@ -150,8 +150,9 @@ def test_chain_gradients_equal_dense_path_every_grouping(groups, x_grad: bool, m
 @pytest.mark.parametrize("wanted", ["all", "weights", "input"])
 def test_chain_gradcheck_direct(chunk_rows: int, wanted: str) -> None:
     """tt_chain's own backward against finite differences, for the inputs and the group matrices:
-    chunks that divide the rows, that leave a shorter last chunk (the kept per-row weight-gradient
-    products are then folded early), one chunk, and only some operands requiring grad."""
+    chunks that divide the rows, that leave a shorter last chunk (its per-row weight-gradient
+    products add into the first rows of the full chunks' accumulator), one chunk, and only some
+    operands requiring grad."""
     torch.manual_seed(5)
     # groups [0,1), [1,3), [3,4) of cores with modes out (2,3,1,2), in (3,1,2,2), ranks (1,2,3,2,1)
     dims = ((1, 3, 1, 2, 2, 6), (3, 2, 2, 3, 2, 2), (6, 2, 2, 2, 1, 1))
@@ -162,6 +163,12 @@ def test_chain_gradcheck_direct(chunk_rows: int, wanted: str) -> None:
     assert y.is_contiguous() and y.shape == (5, 12)
     assert torch.autograd.gradcheck(lambda inp, *ms: tt_chain(inp, ms, dims, chunk_rows=chunk_rows),
                                     (x, *mats))
+    # the bias, added by the chain's last matmul
+    bias = torch.randn(12, dtype=torch.float64, requires_grad=wanted != "input")
+    torch.testing.assert_close(tt_chain(x, mats, dims, chunk_rows=chunk_rows, bias=bias), y + bias,
+                               rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda inp, b, *ms: tt_chain(inp, ms, dims, chunk_rows=chunk_rows, bias=b), (x, bias, *mats))
 
 
 # ---------------------------------------------------------------------------- init and sizes
@@ -294,3 +301,32 @@ def test_cuda_matches_cpu() -> None:
     gpu = TTLinear.from_linear(lin.cuda(), ranks=6, d=3)
     assert gpu.cores[0].is_cuda
     torch.testing.assert_close(gpu(x.cuda()).cpu(), layer(x), rtol=1e-4, atol=1e-4)
+
+
+def test_weight_grad_accumulator_takes_a_shorter_chunk_in_place() -> None:
+    """Per-row products of a full chunk, then a shorter one: added into the first rows, then summed."""
+    from ttcompress.layers._tt_chain import _accumulate_weight_grad, _finish_weight_grad
+
+    torch.manual_seed(7)
+    g1, s1 = torch.randn(4, 3, 2, dtype=torch.float64), torch.randn(4, 5, 2, dtype=torch.float64)
+    g2, s2 = torch.randn(2, 3, 2, dtype=torch.float64), torch.randn(2, 5, 2, dtype=torch.float64)
+    acc = _accumulate_weight_grad(None, g1, s1)
+    assert acc is not None and acc.shape == (4, 3, 5)
+    same = _accumulate_weight_grad(acc, g2, s2)
+    assert same is acc  # still the per-row accumulator, no early fold
+    want = torch.einsum("prq,pkq->rk", torch.cat([g1, g2]), torch.cat([s1, s2]))
+    torch.testing.assert_close(_finish_weight_grad(acc), want, rtol=1e-12, atol=1e-12)
+
+
+def test_chain_bias_when_the_first_group_is_a_plain_matmul() -> None:
+    """Output modes (4, 1): the first group's state is 2-D, so the bias goes through ``addmm``."""
+    torch.manual_seed(8)
+    dims = ((1, 2, 1, 4, 2, 1), (2, 3, 2, 1, 1, 1))
+    mats = [torch.randn(4, 4, dtype=torch.float64, requires_grad=True),
+            torch.randn(2, 3, dtype=torch.float64, requires_grad=True)]
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    y = tt_chain(x, mats, dims, chunk_rows=2, bias=bias)
+    torch.testing.assert_close(y, tt_chain(x, mats, dims, chunk_rows=2) + bias, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda inp, b, *ms: tt_chain(inp, ms, dims, chunk_rows=2, bias=b),
+                                   (x, bias, *mats))

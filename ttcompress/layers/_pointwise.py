@@ -17,6 +17,7 @@ copies. The arithmetic is exactly that of the 1x1 convolution.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -34,15 +35,38 @@ def _batched(mat: torch.Tensor, batch: int) -> torch.Tensor:
     return mat.expand(batch, *mat.shape)  # batch stride 0: one weight for every image
 
 
+def _to_channels_last(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    z = torch.bmm(x.reshape(b, c, h * w).transpose(1, 2), _batched(weight.t(), b))  # (B, HW, R)
+    return z.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _to_nchw(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    b, r, h, w = z.shape
+    z3t = z.permute(0, 2, 3, 1).reshape(b, h * w, r).transpose(1, 2)  # a view when z is channels_last
+    if bias is None:
+        y = torch.bmm(_batched(weight, b), z3t)
+    else:
+        y = torch.baddbmm(bias.view(1, -1, 1), _batched(weight, b), z3t)
+    return y.view(b, -1, h, w)
+
+
+def _plain(*tensors: torch.Tensor | None) -> bool:
+    """Use the plain (autograd-differentiated) ops: when tracing or compiling (a TorchScript or
+    exported graph cannot hold a Python autograd function; the compiler schedules layouts itself),
+    or when no gradient will be asked for."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return True
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
 class _ToChannelsLast(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        x3 = x.view(b, c, h * w)
-        z = torch.bmm(x3.transpose(1, 2), _batched(weight.t(), b))  # (B, HW, R)
-        ctx.save_for_backward(x3, weight)
+        ctx.save_for_backward(x.reshape(b, c, h * w), weight)
         ctx.hw = (h, w)
-        return z.view(b, h, w, -1).permute(0, 3, 1, 2)
+        return _to_channels_last(x, weight)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -61,15 +85,10 @@ class _ToNCHW(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         b, r, h, w = z.shape
-        z3 = z.permute(0, 2, 3, 1).reshape(b, h * w, r)
-        if bias is None:
-            y = torch.bmm(_batched(weight, b), z3.transpose(1, 2))
-        else:
-            y = torch.baddbmm(bias.view(1, -1, 1), _batched(weight, b), z3.transpose(1, 2))
-        ctx.save_for_backward(z3, weight)
+        ctx.save_for_backward(z.permute(0, 2, 3, 1).reshape(b, h * w, r), weight)
         ctx.shape = (b, r, h, w)
         ctx.has_bias = bias is not None
-        return y.view(b, -1, h, w)
+        return _to_nchw(z, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -98,9 +117,11 @@ def pointwise_to_channels_last(x: torch.Tensor, weight: torch.Tensor) -> torch.T
     ``(R, C)``; the result ``(B, R, H, W)`` is channels_last."""
     dtype = _autocast_dtype(x)
     if dtype is not None:  # as autocast runs a conv: in its dtype, operands cast up front
-        with torch.autocast(x.device.type, enabled=False):
-            return _ToChannelsLast.apply(x.to(dtype), weight.to(dtype))
-    return _ToChannelsLast.apply(x, weight)
+        x, weight = x.to(dtype), weight.to(dtype)
+    with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+        if _plain(x, weight):
+            return _to_channels_last(x, weight)
+        return _ToChannelsLast.apply(x, weight)
 
 
 def pointwise_to_nchw(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -108,6 +129,8 @@ def pointwise_to_nchw(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     speed; any layout is correct) and ``weight`` ``(C, R)``; the result is NCHW-contiguous."""
     dtype = _autocast_dtype(z)
     if dtype is not None:
-        with torch.autocast(z.device.type, enabled=False):
-            return _ToNCHW.apply(z.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-    return _ToNCHW.apply(z, weight, bias)
+        z, weight, bias = z.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    with torch.autocast(z.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+        if _plain(z, weight, bias):
+            return _to_nchw(z, weight, bias)
+        return _ToNCHW.apply(z, weight, bias)

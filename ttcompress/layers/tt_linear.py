@@ -392,13 +392,16 @@ class TTLinear(nn.Module):
             mats.append(merged.reshape(r_left * m_g, n_g * r_right))
             dims.append((math.prod(self.in_modes[:a]), n_g, r_left, m_g, r_right,
                          math.prod(self.out_modes[b:])))
+        padded = math.prod(self.out_modes) > self.out_features
         if compiling:  # plain differentiable ops: they trace with symbolic sizes
             y, _ = _chain_forward(x2, mats, dims)
         else:
-            y = tt_chain(x2, mats, dims, chunk_rows=plan.chunk_rows)
-        if y.shape[1] > self.out_features:
+            # the chain adds the bias in its last matmul unless the output is cropped afterwards
+            fused = None if padded or self.bias is None else self.bias
+            y = tt_chain(x2, mats, dims, chunk_rows=plan.chunk_rows, bias=fused)
+        if padded:
             y = y[:, : self.out_features]
-        if self.bias is not None:
+        if self.bias is not None and (compiling or padded):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
