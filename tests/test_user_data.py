@@ -223,6 +223,51 @@ def test_distill_loss_reference_values() -> None:
     assert distill_loss(s, t, kind="mse").item() == pytest.approx(float(((s - t) ** 2).mean()), rel=1e-6)
 
 
+def test_distill_loss_kl_on_sequence_logits_is_the_mean_per_token_kl() -> None:
+    """(batch, positions, vocab): KL over the vocabulary at each position, averaged per sample."""
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 5, 7, dtype=torch.float64), torch.randn(3, 5, 7, dtype=torch.float64)
+    temp = 1.5
+    p, logq = torch.softmax(t / temp, -1), torch.log_softmax(s / temp, -1)
+    per_token = (p * (p.log() - logq)).sum(-1) * temp * temp  # (3, 5)
+    got = distill_loss(s, t, kind="kl", temperature=temp)
+    assert got.item() == pytest.approx(float(per_token.mean()), rel=1e-6)
+    summed = distill_loss(s, t, kind="kl", temperature=temp, reduction="sum")
+    assert summed.item() == pytest.approx(float(per_token.mean(1).sum()), rel=1e-6)
+    # 2-D logits are the one-position case
+    assert distill_loss(s[:, 0], t[:, 0], kind="kl", temperature=temp).item() == pytest.approx(
+        float(per_token[:, 0].mean()), rel=1e-6)
+
+
+class _Outputs(nn.Module):
+    """Returns ``{field: (batch, 4, 6) values}``, as a transformers ``ModelOutput`` does."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__()
+        self.field = field
+        self.proj = nn.Linear(8, 4 * 6)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {self.field: self.proj(x).view(-1, 4, 6)}
+
+
+def test_auto_picks_kl_for_sequence_logits_fields_only() -> None:
+    unlabelled = load_dataset(f"{MOD}:unlabelled")
+    assert distill_kind(_Outputs("logits"), _Outputs("logits"), unlabelled) == "kl"
+    assert distill_kind(_Outputs("last_hidden_state"), _Outputs("last_hidden_state"), unlabelled) == "mse"
+    assert distill_kind(_Outputs("last_hidden_state"), _Outputs("last_hidden_state"), unlabelled,
+                        choice="kl") == "kl"
+
+
+def test_kl_refuses_outputs_without_a_class_dimension() -> None:
+    class Maps(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.view(-1, 1, 1, 8).expand(-1, 2, 2, 8)
+
+    with pytest.raises(UserInputError, match="class logits over the last dimension"):
+        distill_kind(Maps(), Maps(), load_dataset(f"{MOD}:unlabelled"), choice="kl")
+
+
 def _perturbed(model: nn.Module) -> nn.Module:
     student = copy.deepcopy(model)
     with torch.no_grad():

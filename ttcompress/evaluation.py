@@ -176,15 +176,18 @@ def distill_loss(
 ) -> torch.Tensor:
     """Distillation loss of a student's outputs against a teacher's.
 
-    ``kind="kl"``: ``T²·KL(softmax(t/T) || softmax(s/T))`` over dimension 1 (Hinton, Vinyals &
-    Dean 2015, "Distilling the Knowledge in a Neural Network"), for class logits.
+    ``kind="kl"``: ``T²·KL(softmax(t/T) || softmax(s/T))`` over the last dimension (Hinton,
+    Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network"), for class logits
+    ``(batch, classes)``; for sequence logits ``(batch, positions, classes)`` (a language model's
+    vocabulary, token classes) the per-position KL averaged over the positions of each sample.
     ``kind="mse"``: mean squared error between the outputs, for any output shape (regression,
     sequences, features). ``reduction="sum"`` sums the per-sample losses.
     """
     s, t = outputs.float(), teacher_outputs.float()
     if kind == "kl":
-        per = F.kl_div(F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1),
-                       reduction="none", log_target=True).sum(dim=1) * (temperature * temperature)  # fmt: skip
+        kl = F.kl_div(F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1),
+                      reduction="none", log_target=True).sum(dim=-1)  # fmt: skip
+        per = kl.reshape(s.shape[0], -1).mean(dim=1) * (temperature * temperature)
     elif kind == "mse":
         per = F.mse_loss(s, t, reduction="none").reshape(s.shape[0], -1).mean(dim=1)
     else:

@@ -14,7 +14,7 @@ import torch
 
 from ttcompress.errors import UserInputError
 
-__all__ = ["primary_output"]
+__all__ = ["is_logits_field", "primary_output"]
 
 # In order of preference: a classifier's or language model's logits, else an encoder's states.
 _FIELDS = ("logits", "last_hidden_state")
@@ -52,6 +52,14 @@ def primary_output(out: Any, *, what: str = "the model") -> torch.Tensor:
         return primary_output(out[0], what=what)
     raise UserInputError(f"{what} returned {_describe(out)}, not a tensor (nor logits, last_hidden_state "
                          "or a tuple starting with a tensor)")
+
+
+def is_logits_field(out: Any) -> bool:
+    """Whether :func:`primary_output` of ``out`` is a ``logits`` field (of a ``ModelOutput`` or a
+    dict, possibly first in a tuple): unnormalized log-probabilities over the last dimension."""
+    if isinstance(out, (tuple, list)) and out:
+        return is_logits_field(out[0])
+    return isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor)
 
 
 def _describe(out: Any) -> str:

@@ -59,8 +59,9 @@ class TrainConfig:
         Weight of the distillation term when a teacher is given: ``alpha·T²·KL + (1-alpha)·CE``.
     distill_temperature : float, default 4.0
     distill_loss : {"auto", "kl", "mse"}, default "auto"
-        The distillation term: ``kl`` (temperature-scaled KL between softmaxes, for class
-        logits) or ``mse`` (mean squared error between the outputs, for any output). ``auto``
+        The distillation term: ``kl`` (temperature-scaled KL between softmaxes over the last
+        dimension, for class logits, per token for a language model's ``(batch, positions,
+        vocab)`` logits) or ``mse`` (mean squared error between the outputs, for any output). ``auto``
         picks ``kl`` when the outputs are class logits (see
         :func:`~ttcompress.training.loop.distill_kind`), ``mse`` otherwise. Without targets in
         the data the distillation term is the whole loss.

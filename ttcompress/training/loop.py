@@ -26,7 +26,7 @@ from ttcompress.errors import TrainingError, UserInputError
 from ttcompress.evaluation import (
     EvalResult, autocast, distill_loss, eval_sums, objective_sums, resolve_device_type, sums_to_result, task_loss,
 )  # fmt: skip
-from ttcompress.outputs import primary_output
+from ttcompress.outputs import is_logits_field, primary_output
 import ttcompress.training.distributed as distributed
 from ttcompress.training.checkpoint import (
     RunState,
@@ -256,11 +256,14 @@ def distill_kind(
 ) -> str:
     """The distillation loss to use, ``"kl"`` or ``"mse"``.
 
-    ``choice`` ``"kl"``/``"mse"`` is taken as given (``"kl"`` needs 2-D outputs). ``"auto"`` picks
-    ``"kl"`` when the outputs are class logits: 2-D floating-point outputs of the same shape from
-    both models, and a classification task, meaning the data has class labels or, without
-    labels, the teacher's or the student's metadata records as many classes (``num_classes``)
-    as there are outputs; ``"mse"`` otherwise (regression, sequences, any shape).
+    ``choice`` ``"kl"``/``"mse"`` is taken as given (``"kl"`` needs class logits over the last
+    dimension: ``(batch, classes)`` or ``(batch, positions, classes)``). ``"auto"`` picks ``"kl"``
+    when the outputs are class logits: the ``logits`` field of a transformers ``ModelOutput`` (or
+    of a dict), 2-D or 3-D (a language model's per-token vocabulary logits, a classifier's or
+    token classifier's logits); or 2-D floating-point outputs of a plain model on a
+    classification task, meaning the data has class labels or, without labels, the teacher's or
+    the student's metadata records as many classes (``num_classes``) as there are outputs.
+    ``"mse"`` otherwise (regression, hidden states, plain sequence outputs, any shape).
     """
     ds = bundle.test if len(bundle.test) else bundle.train  # type: ignore[arg-type]
     x = torch.stack([torch.as_tensor(sample_parts(ds[i])[0]) for i in range(min(2, len(ds)))]).to(device)  # type: ignore[arg-type]
@@ -268,18 +271,22 @@ def distill_kind(
     model.eval()
     try:
         with torch.no_grad():
-            out, t_out = primary_output(model(x)), primary_output(teacher(x), what="the teacher")
+            raw = model(x)
+            out, t_out = primary_output(raw), primary_output(teacher(x), what="the teacher")
     finally:
         model.train(was)
     if t_out.shape != out.shape:
         raise UserInputError(f"the teacher's outputs {tuple(t_out.shape)} and the model's {tuple(out.shape)} differ "
                              "in shape: it cannot be distilled from")
-    logits = out.dim() == 2 and out.is_floating_point() and out.shape[1] >= 2
-    if choice == "kl" and not logits:
-        raise UserInputError(f"distill_loss='kl' needs 2-D logits (batch, classes), got outputs {tuple(out.shape)}")
+    classes = out.is_floating_point() and out.dim() in (2, 3) and out.shape[-1] >= 2
+    if choice == "kl" and not classes:
+        raise UserInputError("distill_loss='kl' needs class logits over the last dimension, (batch, classes) or "
+                             f"(batch, positions, classes), got outputs {tuple(out.shape)}")
     if choice != "auto":
         return choice
-    if not logits:
+    if classes and is_logits_field(raw):
+        return "kl"
+    if not (classes and out.dim() == 2):
         return "mse"
     if bundle.has_labels:
         return "kl"
