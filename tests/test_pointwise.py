@@ -234,3 +234,24 @@ def test_torch_compile_fullgraph(make: Any) -> None:
     torch.testing.assert_close(y, ref)
     for got, want in zip(grads, [x2.grad, *(p.grad for p in layer.parameters())], strict=True):
         torch.testing.assert_close(got, want)
+
+
+def assert_per_sample_gradients(layer: torch.nn.Module, x: torch.Tensor) -> None:
+    """vmap(grad(...)) (per-sample gradients) over ``layer`` runs and equals one backward per sample."""
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(layer, p, (xi[None],)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(len(x)):
+        layer.zero_grad(set_to_none=True)
+        layer(x[i:i + 1]).square().sum().backward()
+        for name, p in layer.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: _layer(kernel_size=3, padding=1), lambda: _tucker(kernel_size=3, padding=1)],
+                         ids=["cp", "tucker2"])
+def test_per_sample_gradients_with_torch_func(make: Any) -> None:
+    assert_per_sample_gradients(make(), torch.randn(3, 5, 6, 6))

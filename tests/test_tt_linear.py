@@ -330,3 +330,13 @@ def test_chain_bias_when_the_first_group_is_a_plain_matmul() -> None:
     torch.testing.assert_close(y, tt_chain(x, mats, dims, chunk_rows=2) + bias, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda inp, b, *ms: tt_chain(inp, ms, dims, chunk_rows=2, bias=b),
                                    (x, bias, *mats))
+
+
+def test_per_sample_gradients_with_torch_func() -> None:
+    """Under torch.func transforms the layer uses plain ops (its autograd function does not support
+    them): vmap(grad(...)) runs and equals one backward per sample."""
+    from test_pointwise import assert_per_sample_gradients  # tests/ is on sys.path under pytest
+
+    torch.manual_seed(9)
+    layer = TTLinear(30, 20, ranks=3, in_modes=(2, 3, 5), out_modes=(2, 2, 5))
+    assert_per_sample_gradients(layer, torch.randn(4, 30))

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["pointwise_to_channels_last", "pointwise_to_nchw", "nchw_only"]
+from ttcompress.layers._autograd import plain_ops_only
+
+__all__ = ["nchw_only", "pointwise_to_channels_last", "pointwise_to_nchw"]
 
 
 def nchw_only(x: torch.Tensor) -> bool:
@@ -52,10 +54,9 @@ def _to_nchw(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 
 def _plain(*tensors: torch.Tensor | None) -> bool:
-    """Use the plain (autograd-differentiated) ops: when tracing or compiling (a TorchScript or
-    exported graph cannot hold a Python autograd function; the compiler schedules layouts itself),
-    or when no gradient will be asked for."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    """Use the plain (autograd-differentiated) ops: see :func:`plain_ops_only`, or when no
+    gradient will be asked for."""
+    if plain_ops_only():
         return True
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from ttcompress.decompose.modes import _capped_ranks, _rank_caps
 from ttcompress.decompose.tt import resolve_modes, tt_svd, tt_to_matrix
+from ttcompress.layers._autograd import plain_ops_only
 from ttcompress.layers._tt_chain import _chain_forward, tt_chain
 
 __all__ = ["ContractionPlan", "TTLinear", "contraction_plan"]
@@ -366,7 +367,7 @@ class TTLinear(nn.Module):
                              f"got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         rows = math.prod(lead)
-        compiling = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        compiling = plain_ops_only()  # tracing, compiling, or torch.func transforms
         if compiling:
             # Traced once per shape; dynamo does not use lru_cache, so call the plain function. No
             # chunking: the compiler fuses and schedules the whole graph itself. A symbolic batch

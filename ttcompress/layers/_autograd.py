@@ -1,0 +1,21 @@
+"""When the layers' custom autograd functions may run, and when plain differentiable ops must.
+
+``TTLinear``'s chain and the layout-switching 1x1 products of ``CPConv2d``/``Tucker2Conv2d`` are
+``torch.autograd.Function`` subclasses (for their memory layouts and saved tensors). Their plain
+counterparts compute the same numbers with ordinary ops that autograd differentiates itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["plain_ops_only"]
+
+
+def plain_ops_only() -> bool:
+    """Whether a custom autograd function must not be used here: when tracing or compiling (a
+    TorchScript or exported graph cannot hold a Python autograd function; the compiler schedules
+    layouts itself) and under ``torch.func`` transforms (``vmap``/``grad``, e.g. per-sample
+    gradients), which these autograd functions do not support."""
+    return bool(torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or torch._C._are_functorch_transforms_active())
