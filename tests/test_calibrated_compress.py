@@ -141,6 +141,21 @@ def test_min_saving_keeps_a_small_bad_layer_dense():
         Plan(min_saving=1.5)
 
 
+def test_barely_shrinking_layers_stay_dense_only_without_calibration():
+    """The allocator's MIN_LAYER_RATIO rule: data-free, layers at < 1.25x stay dense; calibrated
+    (fitted to their outputs, output-error estimates) they keep the ranks the greedy gave them."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(16, 16, bias=False), nn.Linear(16, 128, bias=False),
+                          nn.Linear(128, 128, bias=False))
+    free = {r.name: r for r in compress_with_report(copy.deepcopy(dense), {"target_ratio": 2.0}).records}
+    assert free["0"].format == free["1"].format == "dense"
+    assert "shrink it only" in (free["0"].skipped or "")
+    fitted = compress_with_report(copy.deepcopy(dense), {"target_ratio": 2.0}, calib_data=torch.randn(128, 16))
+    recs = {r.name: r for r in fitted.records}
+    assert recs["0"].format != "dense" and recs["0"].params_before / recs["0"].params_after < 1.25
+    assert fitted.ratio >= 2.0
+
+
 def test_whitened_weight_error_is_output_error():
     torch.manual_seed(6)
     layer = nn.Linear(12, 7)

@@ -166,6 +166,30 @@ def test_target_ratio_spends_rank_where_it_helps():
     assert r["0"] == 2 and r["1"] > 2 and r["2"] >= 1
 
 
+def test_target_ratio_keeps_layers_dense_that_would_barely_shrink(monkeypatch):
+    """Without calibration data, a small layer the greedy would give near-full rank stays dense (with
+    the reason); the target is still met by the others. Without the rule (MIN_LAYER_RATIO 1) it
+    got 1.14x."""
+    import ttcompress.allocate as allocate_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256, bias=False), nn.Linear(16, 16, bias=False))
+    monkeypatch.setattr(allocate_module, "MIN_LAYER_RATIO", 1.0)
+    before = _by_name(plan_layers(model, Plan(target_ratio=2.0)))
+    assert 1.0 < before["1"].params_before / before["1"].params_after < 1.25  # the case the rule is for
+    monkeypatch.undo()
+    dec = plan_layers(model, Plan(target_ratio=2.0))
+    small = _by_name(dec)["1"]
+    assert small.format == "dense" and small.params_after == small.params_before
+    assert small.skipped is not None and "shrink it only 1.14x (< 1.25x)" in small.skipped
+    assert sum(d.params_after for d in dec) <= (256 * 256 + 16 * 16) / 2.0
+
+
+def test_target_ratio_compresses_a_barely_shrinking_layer_when_the_target_needs_it():
+    dec = plan_layers(nn.Sequential(nn.Linear(64, 64, bias=False)), Plan(target_ratio=1.1))
+    assert dec[0].skipped is None and 1.1 <= dec[0].params_before / dec[0].params_after < 1.25
+
+
 def test_target_ratio_unreachable():
     model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))
     with pytest.raises(ValueError, match="out of reach"):
