@@ -143,3 +143,10 @@ def test_inspect_counts_a_tied_parameter_once(hf: Path, tmp_path: Path) -> None:
     # every parameter outside the layer rows belongs to a LayerNorm
     norms = sum(p.numel() for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters())
     assert summary.other_params == norms == 320
+    # the output layer's row says whose weights it shares, and its share is not counted twice
+    rows = {r.name: r for r in summary.layers}
+    assert rows["lm_head"].tied_to == "transformer.wte" and rows["lm_head"].share == 0.0
+    assert rows["transformer.wte"].tied_to is None and rows["transformer.wte"].share > 0
+    assert sum(r.share for r in summary.layers) + summary.other_params / summary.total_params == pytest.approx(1)
+    shown = ok("inspect", tmp_path / "lm.tt.pt").stdout
+    assert "= transformer.wte" in shown and "tied" in shown

@@ -109,6 +109,9 @@ class LayerReport:
         A dense layer the plan would compress (inspect).
     suggestion : str or None
         What the plan's format would build there (inspect).
+    tied_to : str or None
+        The earlier layer whose parameters this one shares (tied weights, e.g. a language model's
+        output layer and its embedding): counted there, so ``share`` is 0 here (inspect).
     extra : dict
         Metadata entries this version does not know (kept, and written back, as they are).
     """
@@ -136,6 +139,7 @@ class LayerReport:
     share: float | None = None
     compressible: bool = False
     suggestion: str | None = None
+    tied_to: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -539,16 +539,23 @@ def summarize(model: nn.Module, *, plan: Plan | None = None, kind: str = "model"
     total = count_params(model)
     rows: list[LayerReport] = []
     counted: dict[int, int] = {}  # id -> elements of the parameters in some row: a tied one counts once
+    owner: dict[int, str] = {}  # id -> the first row holding that parameter
     done = layer_classes()
     decisions = {d.name: d for d in plan_layers(model, plan)}
     for name, m in model.named_modules():
         if isinstance(m, done):
-            rows.append(_compressed_row(name, m, meta.layers.get(name), total))
+            row = _compressed_row(name, m, meta.layers.get(name), total)
         elif name in decisions:
-            rows.append(_dense_row(decisions[name], m, plan, total))
+            row = _dense_row(decisions[name], m, plan, total)
         else:
             continue
-        counted.update((id(p), p.numel()) for p in m.parameters())
+        params = list(m.parameters())
+        if params and all(id(p) in owner for p in params):  # tied: every parameter is counted already
+            row = dataclasses.replace(row, share=0.0, tied_to=owner[id(params[0])])
+        rows.append(row)
+        counted.update((id(p), p.numel()) for p in params)
+        for p in params:
+            owner.setdefault(id(p), name)
     info = {k: v for k, v in meta.info.items() if k != "history"}
     arch = None if meta.arch is None else meta.arch.to_dict()
     return ModelSummary(kind, arch, total, total - sum(counted.values()), tuple(rows), bool(meta.layers), info)

@@ -91,8 +91,9 @@ def summary_table(summary: ModelSummary, *, title: str) -> Table:
     for c in cols:
         table.add_column(c, justify="right" if c in ("params", "share", "before", "rel. error", "out. error") else "left")
     for r in summary.layers:
-        row = [r.name, r.type, "x".join(map(str, r.shape)), f"{r.params:,}", f"{100 * r.share:.1f}%",
-               format_label(r.format)]
+        tied = f" = {r.tied_to}" if r.tied_to else ""
+        share = "tied" if r.tied_to else f"{100 * r.share:.1f}%"
+        row = [r.name, r.type, "x".join(map(str, r.shape)), f"{r.params:,}{tied}", share, format_label(r.format)]
         if summary.compressed:
             row += [r.structure, f"{r.params_before:,}" if r.params_before else "–",
                     f"{r.rel_error:.4f}" if r.out_error_after is not None and r.rel_error is not None
