@@ -51,17 +51,20 @@ def test_to_nchw_equals_conv(bias: bool, layout: str) -> None:
     assert y.is_contiguous()
 
 
-def test_gradcheck_both_directions() -> None:
+def _chain_operands() -> tuple[torch.Tensor, ...]:
+    """x (2, 3, 4, 5), w_in (4, 3), w_out (6, 4), b (6,): float64, requiring grad."""
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
-    w_in = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    w_out = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    return tuple(torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+                 for shape in ((2, 3, 4, 5), (4, 3), (6, 4), (6,)))
 
-    def chain(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return pointwise_to_nchw(pointwise_to_channels_last(x, w_in).tanh(), w_out, b)
 
-    assert torch.autograd.gradcheck(chain, (x, w_in, w_out, b))
+def _chain(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return pointwise_to_nchw(pointwise_to_channels_last(x, w_in).tanh(), w_out, b)
+
+
+def test_gradcheck_both_directions() -> None:
+    x, w_in, w_out, b = _chain_operands()
+    assert torch.autograd.gradcheck(_chain, (x, w_in, w_out, b))
     assert torch.autograd.gradcheck(lambda z, w: pointwise_to_nchw(z, w), (x, w_in))
 
 
@@ -255,3 +258,62 @@ def assert_per_sample_gradients(layer: torch.nn.Module, x: torch.Tensor) -> None
                          ids=["cp", "tucker2"])
 def test_per_sample_gradients_with_torch_func(make: Any) -> None:
     assert_per_sample_gradients(make(), torch.randn(3, 5, 6, 6))
+
+
+@pytest.mark.parametrize("make", [lambda: _layer(kernel_size=3, padding=1), lambda: _tucker(kernel_size=3, padding=1)],
+                         ids=["cp", "tucker2"])
+def test_in_place_ops_on_the_output(make: Any) -> None:
+    """A ReLU(inplace=True) right after the layer (SqueezeNet, VGG) trains, with the same gradients."""
+    layer = make()
+    x = torch.randn(2, 5, 6, 6)
+    grads = []
+    for inplace in (True, False):
+        layer.zero_grad(set_to_none=True)
+        torch.nn.Sequential(layer, torch.nn.ReLU(inplace=inplace))(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_gradgradcheck_both_directions() -> None:
+    """Double backward (Hessian-vector products, gradient penalties) through both products."""
+    assert torch.autograd.gradgradcheck(_chain, _chain_operands())
+
+
+@pytest.mark.parametrize("make", [lambda: _layer(kernel_size=3, padding=1), lambda: _tucker(kernel_size=3, padding=1)],
+                         ids=["cp", "tucker2"])
+def test_forward_mode_ad(make: Any) -> None:
+    """forward_ad (jvp) runs, on the plain ops, and equals the directional derivative."""
+    import torch.autograd.forward_ad as fwad
+
+    layer = make().double()
+    x, t = torch.randn(2, 5, 6, 6, dtype=torch.float64), torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    with fwad.dual_level():
+        tangent = fwad.unpack_dual(layer(fwad.make_dual(x, t))).tangent
+    with torch.no_grad():
+        want = (layer(x + 1e-6 * t) - layer(x - 1e-6 * t)) / 2e-6
+    torch.testing.assert_close(tangent, want, rtol=1e-6, atol=1e-6)
+
+
+def test_tucker_one_by_one_core_keeps_the_module_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ttcompress.layers.tucker2_conv as tucker_module
+
+    calls = []
+    monkeypatch.setattr(tucker_module, "pointwise_to_channels_last", lambda *a: calls.append(a))
+    Tucker2Conv2d(9, 9, 1, in_rank=7, out_rank=5, stride=2)(torch.randn(2, 9, 8, 8))
+    assert calls == []
+
+
+def test_factorized_layers_expose_their_dense_weight() -> None:
+    """``layer.weight`` (read-only) is the equivalent dense layer's weight, as model code expects."""
+    from ttcompress.layers.svd_linear import SVDLinear
+    from ttcompress.layers.tt_linear import TTLinear
+
+    torch.manual_seed(2)
+    for layer in (_layer(kernel_size=3, padding=1), _tucker(kernel_size=3), TTLinear(12, 10, ranks=2),
+                  SVDLinear.from_linear(torch.nn.Linear(12, 10), rank=3)):
+        ref = layer.to_conv() if hasattr(layer, "to_conv") else layer.to_linear()
+        torch.testing.assert_close(layer.weight, ref.weight)
+        assert layer.weight.dtype == torch.float32 and layer.weight.requires_grad
+        with pytest.raises((AttributeError, KeyError)):  # read-only: nothing can be registered over it
+            layer.weight = torch.nn.Parameter(torch.zeros(1))

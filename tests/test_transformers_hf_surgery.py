@@ -43,3 +43,37 @@ def test_small_hf_models_compress_run_and_round_trip(make, tmp_path) -> None:
     path = hf.save_hf_dir(result.model, tmp_path / "model")
     loaded = hf.load_hf_dir(path)
     assert torch.allclose(loaded(input_ids=ids)[0], out, atol=1e-5)
+
+
+def _vit() -> torch.nn.Module:
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, intermediate_size=128)
+    return transformers.ViTForImageClassification(cfg)
+
+
+def _clip_vision() -> torch.nn.Module:
+    cfg = transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, intermediate_size=128)
+    return transformers.CLIPVisionModel(cfg)
+
+
+def _t5() -> torch.nn.Module:
+    cfg = transformers.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4)
+    return transformers.T5ForConditionalGeneration(cfg)
+
+
+@pytest.mark.parametrize(("make", "inputs"), [
+    (_vit, lambda: {"pixel_values": torch.randn(1, 3, 32, 32)}),
+    (_clip_vision, lambda: {"pixel_values": torch.randn(1, 3, 32, 32)}),
+    (_t5, lambda: {"input_ids": torch.randint(0, 128, (1, 8)), "decoder_input_ids": torch.randint(0, 128, (1, 4))}),
+], ids=["vit", "clip-vision", "t5"])
+def test_models_that_read_a_layers_weight_still_run(make, inputs) -> None:
+    """ViT/CLIP patch embeddings read ``projection.weight.dtype`` and T5 reads ``wo.weight.dtype``:
+    after surgery with the default plan (no check input) they run, and train."""
+    torch.manual_seed(0)
+    model = compress_with_report(make(), Plan()).model
+    assert any(type(m).__name__ in ("CPConv2d", "TTLinear") for m in model.modules())
+    out = model(**inputs())
+    logits = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    assert torch.isfinite(logits).all()
+    logits.float().square().mean().backward()

@@ -129,7 +129,8 @@ def test_unsupported_attention_keeps_out_proj_dense_with_reason() -> None:
 
 
 class _ReadsWeight(nn.Module):
-    """A parent that reads its child's weight (breaks under any factorized child)."""
+    """A parent that reads its child's weight *parameter* (breaks under any factorized child, whose
+    ``weight`` is a property, not a parameter)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -137,7 +138,7 @@ class _ReadsWeight(nn.Module):
         self.other = nn.Linear(64, 64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.other(x @ self.inner.weight.T)
+        return self.other(x @ dict(self.inner.named_parameters())["weight"].T)
 
 
 def test_forward_check_reverts_the_layer_its_parent_reads() -> None:

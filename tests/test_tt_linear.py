@@ -340,3 +340,16 @@ def test_per_sample_gradients_with_torch_func() -> None:
     torch.manual_seed(9)
     layer = TTLinear(30, 20, ranks=3, in_modes=(2, 3, 5), out_modes=(2, 2, 5))
     assert_per_sample_gradients(layer, torch.randn(4, 30))
+
+
+@pytest.mark.parametrize("chunk_rows", [2, 5])
+def test_chain_gradgradcheck(chunk_rows: int) -> None:
+    """Double backward (create_graph=True) goes through a differentiable recomputation: exact."""
+    torch.manual_seed(10)
+    dims = ((1, 3, 1, 2, 2, 6), (3, 2, 2, 3, 2, 2), (6, 2, 2, 2, 1, 1))
+    mats = [torch.randn(r_a * m_g, n_g * r_b, dtype=torch.float64, requires_grad=True)
+            for _, n_g, r_a, m_g, r_b, _ in dims]
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda inp, b, *ms: tt_chain(inp, ms, dims, chunk_rows=chunk_rows, bias=b), (x, bias, *mats))

@@ -8,6 +8,7 @@ counterparts compute the same numbers with ordinary ops that autograd differenti
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 __all__ = ["plain_ops_only"]
 
@@ -15,7 +16,9 @@ __all__ = ["plain_ops_only"]
 def plain_ops_only() -> bool:
     """Whether a custom autograd function must not be used here: when tracing or compiling (a
     TorchScript or exported graph cannot hold a Python autograd function; the compiler schedules
-    layouts itself) and under ``torch.func`` transforms (``vmap``/``grad``, e.g. per-sample
-    gradients), which these autograd functions do not support."""
+    layouts itself), under ``torch.func`` transforms (``vmap``/``grad``, e.g. per-sample
+    gradients) and inside a forward-mode AD level (``torch.autograd.forward_ad.dual_level``),
+    neither of which these autograd functions implement."""
     return bool(torch.jit.is_tracing() or torch.compiler.is_compiling()
-                or torch._C._are_functorch_transforms_active())
+                or torch._C._are_functorch_transforms_active()
+                or forward_ad._current_level >= 0)

@@ -62,23 +62,29 @@ def _plain(*tensors: torch.Tensor | None) -> bool:
 
 
 class _ToChannelsLast(torch.autograd.Function):
+    # The result is a fresh tensor (not a view of one made here), so in-place ops on it, such as a
+    # following ReLU(inplace=True), are allowed; the inputs themselves are saved, and the backward
+    # is made of differentiable ops on them, so double backward (Hessian-vector products) is exact.
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        ctx.save_for_backward(x.reshape(b, c, h * w), weight)
-        ctx.hw = (h, w)
-        return _to_channels_last(x, weight)
+        z = torch.empty((b, weight.shape[0], h, w), dtype=x.dtype, device=x.device,
+                        memory_format=torch.channels_last)
+        torch.bmm(x.reshape(b, c, h * w).transpose(1, 2), _batched(weight.t(), b),
+                  out=z.permute(0, 2, 3, 1).view(b, h * w, -1))
+        ctx.save_for_backward(x, weight)
+        return z
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x3, weight = ctx.saved_tensors
-        b, r = grad.shape[:2]
-        g3 = grad.permute(0, 2, 3, 1).reshape(b, -1, r)  # a view when grad is channels_last
+        x, weight = ctx.saved_tensors
+        b, c, h, w = x.shape
+        g3 = grad.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # a view when grad is channels_last
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.bmm(_batched(weight.t(), b), g3.transpose(1, 2)).view(b, -1, *ctx.hw)
+            grad_x = torch.bmm(_batched(weight.t(), b), g3.transpose(1, 2)).view(b, c, h, w)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.bmm(g3.transpose(1, 2), x3.transpose(1, 2)).sum(0)
+            grad_w = torch.bmm(g3.transpose(1, 2), x.reshape(b, c, h * w).transpose(1, 2)).sum(0)
         return grad_x, grad_w
 
 
@@ -86,21 +92,27 @@ class _ToNCHW(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         b, r, h, w = z.shape
-        ctx.save_for_backward(z.permute(0, 2, 3, 1).reshape(b, h * w, r), weight)
-        ctx.shape = (b, r, h, w)
+        y = torch.empty((b, weight.shape[0], h, w), dtype=z.dtype, device=z.device)
+        z3t = z.permute(0, 2, 3, 1).reshape(b, h * w, r).transpose(1, 2)  # a view when z is channels_last
+        y3 = y.view(b, -1, h * w)
+        if bias is None:
+            torch.bmm(_batched(weight, b), z3t, out=y3)
+        else:
+            torch.baddbmm(bias.view(1, -1, 1), _batched(weight, b), z3t, out=y3)
+        ctx.save_for_backward(z, weight)
         ctx.has_bias = bias is not None
-        return _to_nchw(z, weight, bias)
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        z3, weight = ctx.saved_tensors
-        b, r, h, w = ctx.shape
+        z, weight = ctx.saved_tensors
+        b, r, h, w = z.shape
         g3 = grad.reshape(b, grad.shape[1], h * w)  # a view when grad is NCHW
         grad_z = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_z = torch.bmm(g3.transpose(1, 2), _batched(weight, b)).view(b, h, w, r).permute(0, 3, 1, 2)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.bmm(g3, z3).sum(0)
+            grad_w = torch.bmm(g3, z.permute(0, 2, 3, 1).reshape(b, h * w, r)).sum(0)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g3.sum((0, 2))
         return grad_z, grad_w, grad_b

@@ -138,14 +138,17 @@ class _TTChain(torch.autograd.Function):
         ctx.n_groups = len(mats)
         ctx.chunk_rows = chunk_rows
         ctx.x_shape = x.shape
-        ctx.save_for_backward(*mats, *saved)
+        ctx.dims = dims
+        ctx.save_for_backward(x, bias, *mats, *saved)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         n = ctx.n_groups
-        saved = ctx.saved_tensors
+        x, bias, *saved = ctx.saved_tensors
         mats = saved[:n]
+        if torch.is_grad_enabled():  # create_graph=True: a backward that can itself be differentiated
+            return _differentiable_backward(ctx, grad, x, bias, mats)
         need = ctx.needs_input_grad[4:]
         weight_grads: list[torch.Tensor | None] = [None] * n
         grad_x = grad.new_empty(ctx.x_shape) if ctx.needs_input_grad[0] else None
@@ -166,6 +169,26 @@ class _TTChain(torch.autograd.Function):
                             None if grad_x is None else grad_x[start:stop])
         grad_bias = grad.sum(0) if ctx.needs_input_grad[3] else None
         return (grad_x, None, None, grad_bias, *(_finish_weight_grad(w) for w in weight_grads))
+
+
+def _differentiable_backward(ctx: Any, grad: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
+                             mats: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+    """The gradients as a graph (for double backward: Hessian-vector products, gradient penalties).
+
+    The saved states are results of the forward, cut off from autograd, and the fast backward
+    writes into preallocated tensors; so the contraction is redone in plain differentiable ops
+    from the saved inputs and differentiated by autograd with ``create_graph``.
+    """
+    inputs = [x, bias, *mats]
+    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[0 if i == 0 else i + 2]]
+    y, _ = _chain_forward(x, mats, ctx.dims)
+    if bias is not None:
+        y = y + bias
+    grads = torch.autograd.grad(y, [inputs[i] for i in wanted], grad, create_graph=True, allow_unused=True)
+    out: list[torch.Tensor | None] = [None] * len(inputs)
+    for i, g in zip(wanted, grads, strict=True):
+        out[i] = g
+    return (out[0], None, None, *out[1:])
 
 
 def tt_chain(x: torch.Tensor, mats: Sequence[torch.Tensor], dims: Sequence[GroupDims], *,

@@ -33,6 +33,7 @@ from torch import nn
 from ttcompress.decompose.cp import cp_als, cp_param_count
 from ttcompress.layers._conv_args import conv_pair, positive_int
 from ttcompress.layers._pointwise import nchw_only, pointwise_to_channels_last, pointwise_to_nchw
+from ttcompress.layers._weight import DenseWeightAttribute
 from ttcompress.layers.cp_eval import dense_is_cheaper, dense_wins
 
 __all__ = ["CPConv2d"]
@@ -88,7 +89,7 @@ def _fit_groups(
     return sq_err, n_iter
 
 
-class CPConv2d(nn.Module):
+class CPConv2d(DenseWeightAttribute, nn.Module):
     """2-D convolution with a rank-``rank`` CP kernel (per group), run as four small convolutions.
 
     Parameters

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ttcompress.decompose.svd import truncated_svd
+from ttcompress.layers._weight import DenseWeightAttribute
 
 __all__ = ["SVDLinear"]
 
@@ -27,7 +28,7 @@ def _positive(value: Any, name: str) -> int:
     return value
 
 
-class SVDLinear(nn.Module):
+class SVDLinear(DenseWeightAttribute, nn.Module):
     """Low-rank ``nn.Linear``: ``y = x first^T second^T + b``.
 
     Parameters

@@ -23,6 +23,7 @@ from ttcompress.decompose.modes import _capped_ranks, _rank_caps
 from ttcompress.decompose.tt import resolve_modes, tt_svd, tt_to_matrix
 from ttcompress.layers._autograd import plain_ops_only
 from ttcompress.layers._tt_chain import _chain_forward, tt_chain
+from ttcompress.layers._weight import DenseWeightAttribute
 
 __all__ = ["ContractionPlan", "TTLinear", "contraction_plan"]
 
@@ -158,7 +159,7 @@ def _merge_cores(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     return result
 
 
-class TTLinear(nn.Module):
+class TTLinear(DenseWeightAttribute, nn.Module):
     """Fully-connected layer with a TT-matrix weight: ``y = x W^T + b``.
 
     The weight ``W`` (``out_features x in_features``) is stored as cores ``G_k`` of shape

@@ -28,6 +28,7 @@ from torch import nn
 
 from ttcompress.decompose.tucker2 import tucker2, tucker2_param_count, tucker2_reconstruct
 from ttcompress.layers._pointwise import nchw_only, pointwise_to_channels_last, pointwise_to_nchw
+from ttcompress.layers._weight import DenseWeightAttribute
 from ttcompress.layers.cp_eval import dense_wins
 
 __all__ = ["Tucker2Conv2d"]
@@ -44,7 +45,7 @@ def _pair(value: Any) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-class Tucker2Conv2d(nn.Module):
+class Tucker2Conv2d(DenseWeightAttribute, nn.Module):
     """Tucker-2 factored ``nn.Conv2d``.
 
     Parameters
@@ -247,10 +248,14 @@ class Tucker2Conv2d(nn.Module):
         return self.core._conv_forward(x, self._cached_kernel(), self.last.bias)
 
     def _factorized_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.groups == 1 and nchw_only(x) and not (_hooked(self.first) or _hooked(self.last)):
+        if (self.groups == 1 and self.kernel_size != (1, 1) and nchw_only(x)
+                and not (_hooked(self.first) or _hooked(self.last))):
             # NCHW input: the pointwise passes switch to channels_last and back as they multiply,
             # so the core conv runs channels_last (faster on CPU) without copying x, y or their
             # gradients (measured in docs/benchmarks.md). Same arithmetic as the two 1x1 convs.
+            # Not for a 1x1 core: nothing spatial to gain, and oneDNN's backward of a strided 1x1
+            # conv on channels_last input corrupts the heap for some odd channel counts (torch
+            # 2.14 CPU: 7 -> 9 channels, stride 2).
             z = pointwise_to_channels_last(x, self.first.weight[:, :, 0, 0])
             return pointwise_to_nchw(self.core(z), self.last.weight[:, :, 0, 0], self.last.bias)
         return self.last(self.core(self.first(x)))
