@@ -11,12 +11,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ttcompress.layers._pointwise as pointwise_module
 import ttcompress.layers.cp_conv as cp_conv_module
 from ttcompress.layers._pointwise import nchw_only, pointwise_to_channels_last, pointwise_to_nchw
 from ttcompress.layers.cp_conv import CPConv2d
 from ttcompress.layers.tucker2_conv import Tucker2Conv2d
 
 CL = torch.channels_last
+REAL_SWITCH_MIN_POSITIONS = pointwise_module.SWITCH_MIN_POSITIONS
+
+
+@pytest.fixture(autouse=True)
+def _switch_on_small_maps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests' maps are small (fast gradchecks): let the layout switch take them all."""
+    monkeypatch.setattr(pointwise_module, "SWITCH_MIN_POSITIONS", 1)
 
 
 def test_nchw_only() -> None:
@@ -317,3 +325,21 @@ def test_factorized_layers_expose_their_dense_weight() -> None:
         assert layer.weight.dtype == torch.float32 and layer.weight.requires_grad
         with pytest.raises((AttributeError, KeyError)):  # read-only: nothing can be registered over it
             layer.weight = torch.nn.Parameter(torch.zeros(1))
+
+
+@pytest.mark.parametrize("make", [lambda: _layer(kernel_size=3, padding=1), lambda: _tucker(kernel_size=3, padding=1)],
+                         ids=["cp", "tucker2"])
+def test_small_maps_run_in_nchw_without_copies(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below SWITCH_MIN_POSITIONS positions the chain runs NCHW as it comes (no switch, no copies)."""
+    monkeypatch.setattr(pointwise_module, "SWITCH_MIN_POSITIONS", REAL_SWITCH_MIN_POSITIONS)
+    layer = make()
+    small, large = torch.randn(2, 5, 8, 8), torch.randn(2, 5, 12, 12)  # 64 and 144 positions
+    assert not pointwise_module.switches_layout(small) and pointwise_module.switches_layout(large)
+    converted: list[torch.Tensor] = []
+    real_contiguous = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous",
+                        lambda t, *a, **k: converted.append(t) or real_contiguous(t, *a, **k))
+    y = layer(small)
+    assert converted == [] and y.is_contiguous()
+    monkeypatch.undo()
+    torch.testing.assert_close(y, layer.to_conv()(small), rtol=1e-5, atol=1e-5)

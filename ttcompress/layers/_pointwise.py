@@ -24,13 +24,27 @@ import torch
 
 from ttcompress.layers._autograd import plain_ops_only
 
-__all__ = ["nchw_only", "pointwise_to_channels_last", "pointwise_to_nchw"]
+__all__ = ["SWITCH_MIN_POSITIONS", "nchw_only", "pointwise_to_channels_last", "pointwise_to_nchw", "switches_layout"]
+
+
+#: Below this many positions per image (H * W) the layout switch is not worth it: each image's
+#: matmul has too few rows. Measured (CP at 8x, fwd+bwd, 1 thread, batch 32; ratio to dense):
+#: 16x16 maps 0.20-0.23 switched vs 0.26-0.27 copied to channels_last and back vs 0.24-0.29
+#: plain NCHW; 8x8 all within 0.18-0.23; 4x4 and 7x7 at 512 channels 0.25-0.37 switched vs
+#: 0.13-0.16 plain NCHW. Smaller maps run the chain in NCHW (no copies either).
+SWITCH_MIN_POSITIONS = 128
 
 
 def nchw_only(x: torch.Tensor) -> bool:
     """True for a 4-D tensor laid out NCHW and *not* also channels_last (so a layout change is real)."""
     return (x.dim() == 4 and x.is_contiguous()
             and not x.is_contiguous(memory_format=torch.channels_last))
+
+
+def switches_layout(x: torch.Tensor) -> bool:
+    """Whether a factorized conv should run its chain channels_last by switching layout in its 1x1
+    products: an NCHW input (:func:`nchw_only`) with at least :data:`SWITCH_MIN_POSITIONS` positions."""
+    return nchw_only(x) and x.shape[-2] * x.shape[-1] >= SWITCH_MIN_POSITIONS
 
 
 def _batched(mat: torch.Tensor, batch: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ from torch import nn
 
 from ttcompress.decompose.cp import cp_als, cp_param_count
 from ttcompress.layers._conv_args import conv_pair, positive_int
-from ttcompress.layers._pointwise import nchw_only, pointwise_to_channels_last, pointwise_to_nchw
+from ttcompress.layers._pointwise import nchw_only, pointwise_to_channels_last, pointwise_to_nchw, switches_layout
 from ttcompress.layers._weight import DenseWeightAttribute
 from ttcompress.layers.cp_eval import dense_is_cheaper, dense_wins
 
@@ -530,8 +530,10 @@ class CPConv2d(DenseWeightAttribute, nn.Module):
         # nn.Conv2d would (that of the input), so code such as ``out.view(n, -1)`` keeps working.
         # For an NCHW input the two pointwise passes change the layout as they go (matmuls that
         # read their operand transposed), so neither the tensors nor their gradients are copied.
-        switch = self.channels_last and g == 1 and nchw_only(x)
-        restore = (self.channels_last and not switch and x.dim() == 4
+        # Small maps (fewer than SWITCH_MIN_POSITIONS positions) run in NCHW as they come.
+        switch = self.channels_last and g == 1 and switches_layout(x)
+        small_nchw = g == 1 and nchw_only(x) and not switch
+        restore = (self.channels_last and not switch and not small_nchw and x.dim() == 4
                    and not x.is_contiguous(memory_format=torch.channels_last))
         if restore:
             x = x.contiguous(memory_format=torch.channels_last)

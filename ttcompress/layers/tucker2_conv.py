@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ttcompress.decompose.tucker2 import tucker2, tucker2_param_count, tucker2_reconstruct
-from ttcompress.layers._pointwise import nchw_only, pointwise_to_channels_last, pointwise_to_nchw
+from ttcompress.layers._pointwise import pointwise_to_channels_last, pointwise_to_nchw, switches_layout
 from ttcompress.layers._weight import DenseWeightAttribute
 from ttcompress.layers.cp_eval import dense_wins
 
@@ -248,7 +248,7 @@ class Tucker2Conv2d(DenseWeightAttribute, nn.Module):
         return self.core._conv_forward(x, self._cached_kernel(), self.last.bias)
 
     def _factorized_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.groups == 1 and self.kernel_size != (1, 1) and nchw_only(x)
+        if (self.groups == 1 and self.kernel_size != (1, 1) and switches_layout(x)
                 and not (_hooked(self.first) or _hooked(self.last))):
             # NCHW input: the pointwise passes switch to channels_last and back as they multiply,
             # so the core conv runs channels_last (faster on CPU) without copying x, y or their
