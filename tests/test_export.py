@@ -137,3 +137,19 @@ def test_wide_factorized_convs_export_on_nchw_input(fmt: str, tmp_path) -> None:
     assert cp.channels_last  # the layout switch is the path taken on NCHW input
     result = export_model(model, tmp_path / f"m.{fmt}", format=fmt, input_shape=[3, 12, 12], batch_size=2)
     assert result.max_error is not None and result.max_error <= 1e-4
+
+
+def test_torchscript_holds_the_factors_not_a_cached_dense_kernel(monkeypatch, tmp_path) -> None:
+    """In eval mode a factorized conv may run a cached dense kernel; a traced graph must not keep it
+    as a constant (the file would be the dense model's size)."""
+    import ttcompress.layers.cp_conv as cp_conv_module
+    from ttcompress.layers.cp_conv import CPConv2d
+
+    monkeypatch.setattr(cp_conv_module.CPConv2d, "_measured_dense", lambda self, x: True)  # eval picks dense
+    torch.manual_seed(0)
+    model = nn.Sequential(CPConv2d(64, 64, 3, rank=4, padding=1), nn.Flatten()).eval()
+    with torch.no_grad():
+        model(torch.randn(2, 64, 8, 8))  # the eval path (and its kernel cache) has been used
+    result = export_model(model, tmp_path / "m.ts", format="torchscript", input_shape=[64, 8, 8], batch_size=2)
+    dense_bytes = 64 * 64 * 9 * 4
+    assert result.size_bytes < dense_bytes / 4

@@ -32,6 +32,7 @@ from torch import nn
 
 from ttcompress.decompose.cp import cp_als, cp_param_count
 from ttcompress.layers._conv_args import conv_pair, positive_int
+from ttcompress.layers._autograd import plain_ops_only
 from ttcompress.layers._pointwise import nchw_only, pointwise_to_channels_last, pointwise_to_nchw, switches_layout
 from ttcompress.layers._weight import DenseWeightAttribute
 from ttcompress.layers.cp_eval import dense_is_cheaper, dense_wins
@@ -511,7 +512,9 @@ class CPConv2d(DenseWeightAttribute, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() in (3, 4) and x.shape[-3] == self.in_channels:
             batch = x.shape[0] if x.dim() == 4 else 1
-            inference = not (self.training or torch.is_grad_enabled()) and not torch.compiler.is_compiling()
+            # not while tracing or compiling: a traced graph would hold the cached dense kernel as a constant
+            # (a TorchScript file the size of the dense model); the graph computes from the factors
+            inference = not (self.training or torch.is_grad_enabled() or plain_ops_only())
             if inference and self.evaluation == "auto" and x.device.type == "cpu":
                 dense = self._measured_dense(x)  # one dict lookup once this input shape was timed
             else:

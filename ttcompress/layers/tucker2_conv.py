@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ttcompress.decompose.tucker2 import tucker2, tucker2_param_count, tucker2_reconstruct
+from ttcompress.layers._autograd import plain_ops_only
 from ttcompress.layers._pointwise import pointwise_to_channels_last, pointwise_to_nchw, switches_layout
 from ttcompress.layers._weight import DenseWeightAttribute
 from ttcompress.layers.cp_eval import dense_wins
@@ -261,7 +262,9 @@ class Tucker2Conv2d(DenseWeightAttribute, nn.Module):
         return self.last(self.core(self.first(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inference = not (self.training or torch.is_grad_enabled()) and not torch.compiler.is_compiling()
+        # not while tracing or compiling: a traced graph would hold the cached dense kernel as a constant
+        # (a TorchScript file the size of the dense model); the graph computes from the factors
+        inference = not (self.training or torch.is_grad_enabled() or plain_ops_only())
         if inference and x.device.type == "cpu" and x.dim() in (3, 4) and x.shape[-3] == self.in_channels:
             key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
             choice = self._eval_choice.get(key)
