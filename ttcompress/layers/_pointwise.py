@@ -12,7 +12,10 @@ costs four full-size copies, more than the pointwise convolutions themselves on 
 
 Each is a custom autograd function so that the gradients, too, come out in the layout of the
 tensor they belong to (NCHW for the caller's input, channels_last for the intermediate), without
-copies. The arithmetic is exactly that of the 1x1 convolution.
+copies; its backward is made of differentiable ops on the saved inputs, so double backward is
+exact. Without gradients, and where custom autograd functions cannot run (tracing, compiling,
+``torch.func``, forward-mode AD: :func:`~ttcompress.layers._autograd.plain_ops_only`), the same
+products run as plain ops. The arithmetic is exactly that of the 1x1 convolution.
 """
 
 from __future__ import annotations
