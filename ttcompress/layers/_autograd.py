@@ -20,5 +20,8 @@ def plain_ops_only() -> bool:
     gradients) and inside a forward-mode AD level (``torch.autograd.forward_ad.dual_level``),
     neither of which these autograd functions implement."""
     return bool(torch.jit.is_tracing() or torch.compiler.is_compiling()
-                or torch._C._are_functorch_transforms_active()
-                or forward_ad._current_level >= 0)
+                or _functorch_active() or getattr(forward_ad, "_current_level", -1) >= 0)
+
+
+# Private torch APIs (present in every torch this package supports; looked up defensively).
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
