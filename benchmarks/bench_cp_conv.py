@@ -122,6 +122,23 @@ def plain_cp(channels: int, rank: int) -> nn.Module:
     )
 
 
+def interleaved_ratios(dense: nn.Module, peers: dict[str, nn.Module], x: torch.Tensor,
+                       args: argparse.Namespace) -> dict[str, object]:
+    """Time dense and every peer back to back, ``args.repeats`` rounds: the row's timing columns
+    (median dense ms, each peer's median time over dense, the spread of ``ours``)."""
+    ratios: dict[str, list[float]] = {name: [] for name in peers}
+    dense_ms = []
+    for _ in range(args.repeats):
+        t_dense = time_it(dense, x, args.min_run_time)
+        dense_ms.append(t_dense * 1e3)
+        for name, module in peers.items():
+            ratios[name].append(time_it(module, x, args.min_run_time) / t_dense)
+    cols: dict[str, object] = {"dense ms": round(statistics.median(dense_ms), 1)}
+    cols.update({f"{name} / dense": round(statistics.median(r), 3) for name, r in ratios.items()})
+    cols["ours spread"] = f"{min(ratios['ours']):.3f}–{max(ratios['ours']):.3f}"
+    return cols
+
+
 def layer_rows(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     rows = []
@@ -146,13 +163,7 @@ def layer_rows(args: argparse.Namespace) -> list[dict]:
                 before = CPConv2d(channels, channels, 3, rank=rank, padding=1)
                 before.evaluation = "factorized"
                 peers["fused dw, channels_last by copies (before)"] = _CopiedChannelsLast(before)
-            ratios: dict[str, list[float]] = {name: [] for name in peers}
-            dense_ms = []
-            for _ in range(args.repeats):
-                t_dense = time_it(dense, x, args.min_run_time)
-                dense_ms.append(t_dense * 1e3)
-                for name, module in peers.items():
-                    ratios[name].append(time_it(module, x, args.min_run_time) / t_dense)
+            timing = interleaved_ratios(dense, peers, x, args)
             layer.evaluation = "factorized"
             flop_limit = flops(layer, x) / f_dense
             layer.evaluation = "auto"
@@ -160,11 +171,10 @@ def layer_rows(args: argparse.Namespace) -> list[dict]:
                 "layer": f"{channels}->{channels} 3x3",
                 "ratio": ratio,
                 "rank": rank,
-                "dense ms": round(statistics.median(dense_ms), 1),
+                "dense ms": timing.pop("dense ms"),
                 "FLOP limit": round(flop_limit, 3),
+                **timing,
             }
-            row.update({f"{name} / dense": round(statistics.median(r), 3) for name, r in ratios.items()})
-            row["ours spread"] = f"{min(ratios['ours']):.3f}–{max(ratios['ours']):.3f}"
             row["our path"] = "dense kernel" if layer.uses_dense_kernel(args.batch, 32, 32) else "factorized"
             rows.append(row)
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -196,22 +206,15 @@ def tucker_rows(args: argparse.Namespace) -> list[dict]:
                        if tucker2_param_count(channels, channels, 3, 3, r, r) <= budget)
             layer = Tucker2Conv2d(channels, channels, 3, in_rank=rank, out_rank=rank, padding=1)
             peers = {"ours": layer, "three nn.Conv2d, NCHW (before)": _TuckerModulePath(layer)}
-            ratios: dict[str, list[float]] = {name: [] for name in peers}
-            dense_ms = []
-            for _ in range(args.repeats):
-                t_dense = time_it(dense, x, args.min_run_time)
-                dense_ms.append(t_dense * 1e3)
-                for name, module in peers.items():
-                    ratios[name].append(time_it(module, x, args.min_run_time) / t_dense)
+            timing = interleaved_ratios(dense, peers, x, args)
             row = {
                 "layer": f"Tucker-2 {channels}->{channels} 3x3",
                 "ratio": ratio,
                 "ranks": f"{rank}, {rank}",
-                "dense ms": round(statistics.median(dense_ms), 1),
+                "dense ms": timing.pop("dense ms"),
                 "FLOP limit": round(flops(layer, x) / f_dense, 3),
+                **timing,
             }
-            row.update({f"{name} / dense": round(statistics.median(r), 3) for name, r in ratios.items()})
-            row["ours spread"] = f"{min(ratios['ours']):.3f}–{max(ratios['ours']):.3f}"
             rows.append(row)
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows

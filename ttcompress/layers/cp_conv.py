@@ -534,9 +534,9 @@ class CPConv2d(DenseWeightAttribute, nn.Module):
         # For an NCHW input the two pointwise passes change the layout as they go (matmuls that
         # read their operand transposed), so neither the tensors nor their gradients are copied.
         # Small maps (fewer than SWITCH_MIN_POSITIONS positions) run in NCHW as they come.
-        switch = self.channels_last and g == 1 and switches_layout(x)
-        small_nchw = g == 1 and nchw_only(x) and not switch
-        restore = (self.channels_last and not switch and not small_nchw and x.dim() == 4
+        nchw = g == 1 and nchw_only(x)
+        switch = self.channels_last and nchw and switches_layout(x)
+        restore = (self.channels_last and not nchw and x.dim() == 4
                    and not x.is_contiguous(memory_format=torch.channels_last))
         if restore:
             x = x.contiguous(memory_format=torch.channels_last)
