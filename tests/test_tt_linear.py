@@ -304,14 +304,17 @@ def test_cuda_matches_cpu() -> None:
 
 
 def test_weight_grad_accumulator_takes_a_shorter_chunk_in_place() -> None:
-    """Per-row products of a full chunk, then a shorter one: added into the first rows, then summed."""
+    """Per-row products of a full chunk, then a shorter one: added into the first rows, then summed.
+
+    The accumulator holds the transposed gradient (state first, the layout MKL reads fastest).
+    """
     from ttcompress.layers._tt_chain import _accumulate_weight_grad, _finish_weight_grad
 
     torch.manual_seed(7)
     g1, s1 = torch.randn(4, 3, 2, dtype=torch.float64), torch.randn(4, 5, 2, dtype=torch.float64)
     g2, s2 = torch.randn(2, 3, 2, dtype=torch.float64), torch.randn(2, 5, 2, dtype=torch.float64)
     acc = _accumulate_weight_grad(None, g1, s1)
-    assert acc is not None and acc.shape == (4, 3, 5)
+    assert acc is not None and acc.shape == (4, 5, 3)
     same = _accumulate_weight_grad(acc, g2, s2)
     assert same is acc  # still the per-row accumulator, no early fold
     want = torch.einsum("prq,pkq->rk", torch.cat([g1, g2]), torch.cat([s1, s2]))

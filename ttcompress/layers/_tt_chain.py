@@ -73,37 +73,44 @@ def _left_matmul(mat: torch.Tensor, state: torch.Tensor, out: torch.Tensor | Non
 
 def _accumulate_weight_grad(acc: torch.Tensor | None, grad_out: torch.Tensor, state: torch.Tensor
                             ) -> torch.Tensor:
-    """Add ``sum_p grad_out[p] @ state[p]^T`` (``(P, R, Q)``, ``(P, K, Q)``; or 2-D, ``Q = 1``) to ``acc``.
+    """Add ``sum_p state[p] @ grad_out[p]^T`` (``(P, K, Q)``, ``(P, R, Q)``; or 2-D, ``Q = 1``) to ``acc``.
 
-    ``acc`` is ``(R, K)``, or ``(P, R, K)`` when the per-``p`` products are kept unsummed (a batched
-    product is smaller than two folded copies): then the caller sums over ``p`` once, after the
-    last chunk (:func:`_finish_weight_grad`), instead of once per chunk.
+    ``acc`` is the *transposed* weight gradient ``(K, R)``, or ``(P, K, R)`` when the per-``p``
+    products are kept unsummed (a batched product is smaller than two folded copies): then
+    :func:`_finish_weight_grad` sums over ``p`` once, after the last chunk, instead of once per
+    chunk. Transposed, the large operand (the state) is read in the order it lies, which MKL runs
+    1.5x faster than reading it transposed (docs/benchmarks.md, issue 15).
     """
     if state.dim() == 2:
-        return grad_out.t() @ state if acc is None else acc.addmm_(grad_out.t(), state)
+        return state.t() @ grad_out if acc is None else acc.addmm_(state.t(), grad_out)
     p, r, q = grad_out.shape
     k = state.shape[1]
-    state_t = state.transpose(1, 2)
+    grad_t = grad_out.transpose(1, 2)
     if p * r * k <= (r + k) * p * q and (acc is None or (acc.dim() == 3 and acc.shape[0] >= p)):
         if acc is None:
-            return torch.bmm(grad_out, state_t)
-        acc[:p].baddbmm_(grad_out, state_t)  # a shorter last chunk adds into the first p rows
+            return torch.bmm(state, grad_t)
+        acc[:p].baddbmm_(state, grad_t)  # a shorter last chunk adds into the first p rows
         return acc
     if acc is not None and acc.dim() == 3:  # a longer chunk after a shorter one: fold the products first
         acc = acc.sum(0)
-    part = grad_out.transpose(0, 1).reshape(r, p * q) @ state.transpose(0, 1).reshape(k, p * q).t()
+    part = state.transpose(0, 1).reshape(k, p * q) @ grad_out.transpose(0, 1).reshape(r, p * q).t()
     return part if acc is None else acc.add_(part)
 
 
 def _finish_weight_grad(acc: torch.Tensor | None) -> torch.Tensor | None:
-    return acc.sum(0) if acc is not None and acc.dim() == 3 else acc
+    """The weight gradient ``(R, K)`` from the transposed accumulator of :func:`_accumulate_weight_grad`."""
+    if acc is None:
+        return None
+    return (acc.sum(0) if acc.dim() == 3 else acc).t()
 
 
-def _chain_backward(grad: torch.Tensor, mats: Sequence[torch.Tensor], states: Sequence[torch.Tensor],
-                    weight_grads: list[torch.Tensor | None], need: Sequence[bool],
-                    grad_x: torch.Tensor | None) -> None:
-    """Backward of one chunk: accumulates into ``weight_grads``; writes the input's gradient into
-    ``grad_x`` (the chunk's contiguous ``(rows, N)`` slice) when given."""
+def _chain_backward(grad: torch.Tensor, mats: Sequence[torch.Tensor], mats_t: Sequence[torch.Tensor],
+                    states: Sequence[torch.Tensor], weight_grads: list[torch.Tensor | None],
+                    need: Sequence[bool], grad_x: torch.Tensor | None) -> None:
+    """Backward of one chunk: accumulates into ``weight_grads`` (transposed, see
+    :func:`_accumulate_weight_grad`); writes the input's gradient into ``grad_x`` (the chunk's
+    contiguous ``(rows, N)`` slice) when given. ``mats_t[g]`` is ``mats[g].t()``, contiguous for the
+    groups that multiply by it (3-D states): the batched ``W_g^T @ d out`` reads it 1.3x faster so."""
     n = len(mats)
     grad_out: torch.Tensor = grad
     for g in range(n):
@@ -120,9 +127,9 @@ def _chain_backward(grad: torch.Tensor, mats: Sequence[torch.Tensor], states: Se
                 if state.dim() == 2:
                     torch.mm(grad_out, mat, out=target)
                 else:
-                    _left_matmul(mat.t(), grad_out, out=target)
+                    _left_matmul(mats_t[g], grad_out, out=target)
             return
-        grad_out = grad_out @ mat if state.dim() == 2 else _left_matmul(mat.t(), grad_out)
+        grad_out = grad_out @ mat if state.dim() == 2 else _left_matmul(mats_t[g], grad_out)
 
 
 class _TTChain(torch.autograd.Function):
@@ -158,6 +165,7 @@ class _TTChain(torch.autograd.Function):
         # to still be in cache (measured 1-4 % faster than first-chunk-first, docs/benchmarks.md).
         # A shorter last chunk goes at the very end, so that the full chunks set the size of the
         # per-row weight-gradient accumulators and the short one adds into their first rows.
+        mats_t = [m.t() if s.dim() == 2 else m.t().contiguous() for m, s in zip(mats, saved[n:2 * n], strict=True)]
         order = list(reversed(range(len(starts))))
         if grad.shape[0] % ctx.chunk_rows and len(order) > 1:
             order = order[1:] + order[:1]
@@ -165,7 +173,7 @@ class _TTChain(torch.autograd.Function):
             start = starts[i]
             stop = start + ctx.chunk_rows
             states = saved[n + i * n: n + (i + 1) * n]
-            _chain_backward(grad[start:stop], mats, states, weight_grads, need,
+            _chain_backward(grad[start:stop], mats, mats_t, states, weight_grads, need,
                             None if grad_x is None else grad_x[start:stop])
         grad_bias = grad.sum(0) if ctx.needs_input_grad[3] else None
         return (grad_x, None, None, grad_bias, *(_finish_weight_grad(w) for w in weight_grads))
