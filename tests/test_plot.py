@@ -103,3 +103,40 @@ def test_needs_accuracy_and_a_known_axis(tmp_path) -> None:
     with pytest.raises(ValueError, match="x must be one of"):
         plot_tradeoff(_report(SPARSE), tmp_path / "x.png", x="memory")  # type: ignore[arg-type]
     assert not list(tmp_path.iterdir())
+
+
+# The README demo's curve: close points with long fine-tuning arrows between them.
+DEMO = [_row("baseline", 1, 0.954, base=True), _row("target ×4", 4.0, 0.956, 0.95), _row("target ×8", 8.02, 0.949, 0.954),
+        _row("target ×16", 16.06, 0.947, 0.939), _row("target ×32", 32.06, 0.944, 0.922),
+        _row("target ×48", 48.12, 0.927, 0.892)]
+
+
+def _box_distance(box, px: float, py: float) -> float:
+    return max(box.x0 - px, 0.0, px - box.x1) + max(box.y0 - py, 0.0, py - box.y1)
+
+
+@pytest.mark.parametrize("rows", [SPARSE, DEMO], ids=["sparse", "demo"])
+def test_each_label_is_nearest_its_own_point_and_crosses_no_arrow(rows: list[ModelRow]) -> None:
+    """A label must read as its own point's: no other model's marks nearer to it, no arrow through it."""
+    from matplotlib.text import Annotation
+
+    fig = tradeoff_figure(_report(rows))
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    base = next(r for r in rows if r.is_baseline)
+    marks = {}  # model -> display positions of its marks (after, and before fine-tuning)
+    for r in rows:
+        ys = [r.accuracy] + ([r.accuracy_before_finetune] if r.accuracy_before_finetune is not None else [])
+        marks[r.model] = [tuple(ax.transData.transform((base.params / r.params, 100 * y))) for y in ys]
+    labels = [t for t in fig.findobj(Annotation) if t.get_text() in marks]
+    assert {t.get_text() for t in labels} == set(marks)  # every point labelled beside it (no key needed)
+    for t in labels:
+        box = t.get_window_extent(renderer)
+        own = _box_distance(box, *marks[t.get_text()][0])
+        for name, points in marks.items():
+            if name != t.get_text():
+                assert all(_box_distance(box, *p) > own for p in points), f"{t.get_text()!r} nearer {name!r}"
+            if len(points) == 2:  # the arrow: a vertical segment from before to after
+                (x, y0), (_, y1) = points
+                crosses = box.x0 - 1 < x < box.x1 + 1 and min(y0, y1) < box.y1 and box.y0 < max(y0, y1)
+                assert not crosses, f"{t.get_text()!r} crosses the arrow of {name!r}"

@@ -9,9 +9,12 @@ What the marks mean (the legend repeats it):
 * dashed red line: the Pareto front.
 
 Labels are placed by measuring their rendered extents: each label tries a ring of offsets around
-its point (with a leader line when it sits away from the point) and takes the first that overlaps
-no other label, no point and stays inside the axes. When some label finds no place, every point is
-numbered instead and the names move into a key beside the axes; when even the numbers find no
+its point (with a leader line when it sits away from the point) and takes the first that stays
+inside the axes, overlaps no other label, no point and no fine-tuning arrow, is not crossed by the
+Pareto front, and lies nearer its own point than any other model's marks (so that it cannot be
+read as a neighbour's). When some label finds no place, the axes get more room right of the
+rightmost point (twice); when that is not enough, every point is numbered instead and the names
+move into a key beside the axes; when even the numbers find no
 place, each point gets its own marker and colour in the legend. Nothing therefore overlaps.
 """
 
@@ -98,11 +101,12 @@ def _tick_label(value: float, _pos: Any = None) -> str:
     return f"{value:g}×"
 
 
-def _x_limits(xs: Sequence[float]) -> tuple[float, float]:
+def _x_limits(xs: Sequence[float], right: float = 0.08) -> tuple[float, float]:
+    """Log-scale limits: 8 % of the span (in decades) left of the points, ``right`` of it on the right
+    (where labels go first)."""
     lo, hi = min(min(xs), 1.0), max(max(xs), 1.0)
     span = math.log10(hi / lo)
-    pad = max(0.08 * span, 0.08)
-    lo, hi = lo / 10**pad, hi * 10**pad
+    lo, hi = lo / 10 ** max(0.08 * span, 0.08), hi * 10 ** max(right * span, 0.08)
     if len(_nice_ticks(lo, hi)) < 2:  # at least two labelled ticks
         lo, hi = min(lo, 0.9), max(hi, 2.2)
     return lo, hi
@@ -120,18 +124,33 @@ def _overlaps(a: Any, b: Any) -> bool:
 
 
 class _Placer:
-    """Places text near points so that no two boxes overlap and every box stays in the axes."""
+    """Places text near points so that no two boxes overlap, every box stays in the axes, and each
+    label reads as its own point's: no other point's marks lie nearer to it and no fine-tuning arrow
+    runs through it."""
 
     # offsets in points: near ones first, then farther (with a leader line)
     _RING = [(dx, dy) for r in (6, 14, 26, 40) for dx, dy in
              ((r, r * 0.6), (r, -r * 0.6), (-r, r * 0.6), (-r, -r * 0.6), (0, r), (0, -r), (r * 1.3, 0), (-r * 1.3, 0))]
 
-    def __init__(self, fig: Any, ax: Any, obstacles: list[Any]) -> None:
+    def __init__(self, fig: Any, ax: Any, obstacles: list[Any],
+                 marks: Sequence[tuple[int, float, float]] = (),
+                 lines: Sequence[tuple[tuple[float, float], tuple[float, float]]] = ()) -> None:
         self.fig, self.ax = fig, ax
         self.renderer = fig.canvas.get_renderer()
         self.taken = list(obstacles)
+        self.marks = list(marks)  # (owner, display x, display y) of every point's marks
+        self.lines = list(lines)  # display segments labels must not cross (the Pareto front)
 
-    def place(self, text: str, xy: tuple[float, float], *, fontsize: float) -> Any | None:
+    def _crosses_a_line(self, box: Any) -> bool:
+        steps = 64
+        return any(box.contains(x0 + (x1 - x0) * k / steps, y0 + (y1 - y0) * k / steps)
+                   for (x0, y0), (x1, y1) in self.lines for k in range(steps + 1))
+
+    def _reads_as_own(self, box: Any, owner: int) -> bool:
+        near = {o: min(_box_distance(box, x, y) for oo, x, y in self.marks if oo == o) for o, _, _ in self.marks}
+        return owner not in near or all(d > near[owner] for o, d in near.items() if o != owner)
+
+    def place(self, text: str, xy: tuple[float, float], *, fontsize: float, owner: int = -1) -> Any | None:
         inside = self.ax.get_window_extent(self.renderer)
         for dx, dy in self._RING:
             far = math.hypot(dx, dy) > 10
@@ -144,11 +163,29 @@ class _Placer:
             )
             box = ann.get_window_extent(self.renderer)
             fits = (box.x0 >= inside.x0 and box.x1 <= inside.x1 and box.y0 >= inside.y0 and box.y1 <= inside.y1)
-            if fits and not any(_overlaps(box, other) for other in self.taken):
+            if (fits and not any(_overlaps(box, other) for other in self.taken) and self._reads_as_own(box, owner)
+                    and not self._crosses_a_line(box)):
                 self.taken.append(box)
                 return ann
             ann.remove()
         return None
+
+
+def _box_distance(box: Any, px: float, py: float) -> float:
+    """Distance (display units, taxicab) from a box to a point; 0 inside."""
+    return max(box.x0 - px, 0.0, px - box.x1) + max(box.y0 - py, 0.0, py - box.y1)
+
+
+def _arrow_boxes(ax: Any, points: Sequence[_Point], half: float) -> list[Any]:
+    """Thin boxes along the fine-tuning arrows (before -> after), for labels to keep off."""
+    from matplotlib.transforms import Bbox
+
+    boxes = []
+    for p in points:
+        if p.before is not None:
+            (x0, y0), (_, y1) = ax.transData.transform([(p.x, p.before), (p.x, p.y)])
+            boxes.append(Bbox.from_extents(x0 - half, min(y0, y1), x0 + half, max(y0, y1)))
+    return boxes
 
 
 def _marker_boxes(ax: Any, renderer: Any, xys: Sequence[tuple[float, float]], half: float) -> list[Any]:
@@ -200,24 +237,32 @@ def _legend_handles(points: Sequence[_Point], front: set[int]) -> list[Any]:
 def _new_figure(points: Sequence[_Point], x: XAxis, title: str) -> tuple[Any, Any]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
     fig = Figure(figsize=(7.6, 4.8), dpi=_DPI)
     FigureCanvasAgg(fig)  # the canvas whose renderer measures the labels
     ax = fig.add_subplot()
     ax.set_xscale("log")
-    lo, hi = _x_limits([p.x for p in points])
-    ax.set_xlim(lo, hi)
-    ax.set_ylim(*_y_limits(points))
-    ax.xaxis.set_major_locator(FixedLocator(_nice_ticks(lo, hi)))
-    ax.xaxis.set_major_formatter(FuncFormatter(_tick_label))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    _set_x_limits(ax, [p.x for p in points], _MARGINS[0])
     ax.set_xlabel(AXES[x] + ", log scale")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title, fontsize=11)
     ax.grid(True, which="major", alpha=0.3)
     return fig, ax
+
+
+# Margins right of the rightmost point, tried in turn while the labels find no place.
+_MARGINS = (0.08, 0.16, 0.26)
+
+
+def _set_x_limits(ax: Any, xs: Sequence[float], margin: float) -> None:
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    lo, hi = _x_limits(xs, margin)
+    ax.set_xlim(lo, hi)
+    ax.xaxis.set_major_locator(FixedLocator(_nice_ticks(lo, hi)))
+    ax.xaxis.set_major_formatter(FuncFormatter(_tick_label))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _layout(fig: Any, ax: Any, handles: list[Any], key: list[str] | None) -> Any:
@@ -232,15 +277,20 @@ def _layout(fig: Any, ax: Any, handles: list[Any], key: list[str] | None) -> Any
     return legend
 
 
-def _label_points(fig: Any, ax: Any, points: Sequence[_Point], labels: Sequence[str], fontsize: float) -> bool:
+def _label_points(fig: Any, ax: Any, points: Sequence[_Point], labels: Sequence[str], fontsize: float,
+                  front_ids: set[int] = frozenset()) -> bool:
     """Place one label per point; False (and nothing left drawn) when some label finds no place."""
     renderer = fig.canvas.get_renderer()
     xys = [(p.x, p.y) for p in points] + [(p.x, p.before) for p in points if p.before is not None]
-    placer = _Placer(fig, ax, _marker_boxes(ax, renderer, xys, half=5.0))
+    owners = list(range(len(points))) + [i for i, p in enumerate(points) if p.before is not None]
+    marks = [(o, *ax.transData.transform(xy)) for o, xy in zip(owners, xys, strict=True)]
+    obstacles = _marker_boxes(ax, renderer, xys, half=5.0) + _arrow_boxes(ax, points, half=1.5)
+    front = [tuple(ax.transData.transform(xy)) for xy in sorted((points[i].x, points[i].y) for i in front_ids)]
+    placer = _Placer(fig, ax, obstacles, marks, lines=list(zip(front, front[1:])))
     placed = []
     order = sorted(range(len(points)), key=lambda i: (points[i].x, -points[i].y))
     for i in order:
-        ann = placer.place(labels[i], (points[i].x, points[i].y), fontsize=fontsize)
+        ann = placer.place(labels[i], (points[i].x, points[i].y), fontsize=fontsize, owner=i)
         if ann is None:
             for a in placed:
                 a.remove()
@@ -278,10 +328,17 @@ def tradeoff_figure(report: Report, *, x: XAxis = "params", title: str | None = 
     handles = _legend_handles(points, front)
     names = [p.row.model for p in points]
     numbers = [str(i + 1) for i in range(len(points))]
-    _layout(fig, ax, handles, None)
-    if not _label_points(fig, ax, points, names, fontsize=8):
+    named = False
+    for margin in _MARGINS:  # names at the points; with more room beside the outer points if need be
+        _set_x_limits(ax, [p.x for p in points], margin)
+        _layout(fig, ax, handles, None)
+        named = _label_points(fig, ax, points, names, fontsize=8, front_ids=front)
+        if named:
+            break
+    if not named:
+        _set_x_limits(ax, [p.x for p in points], _MARGINS[0])
         _layout(fig, ax, handles, [f"{n}  {name}" for n, name in zip(numbers, names)])
-        if not _label_points(fig, ax, points, numbers, fontsize=7.5):
+        if not _label_points(fig, ax, points, numbers, fontsize=7.5, front_ids=front):
             ax.get_legend().remove()
             _layout(fig, ax, handles + _distinct_marks(ax, points), None)
     return fig
