@@ -135,6 +135,25 @@ def test_tucker2_hooi_not_worse_than_hosvd():
     assert direct == pytest.approx(hooi.rel_error, rel=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12), (9, 9)], ids=["wide", "tall", "square"])
+def test_tucker2_leading_vectors_span_the_svd_subspace(shape):
+    """The Gram-matrix route for wide unfoldings gives the SVD's leading subspace (float64)."""
+    from ttcompress.decompose.tucker2 import _leading
+
+    torch.manual_seed(3)
+    # singular values 1, 0.9, ..., 0.1 (-> gaps of 0.1), so the leading 5 are well separated
+    m, n = shape
+    q1 = torch.linalg.qr(torch.randn(m, m, dtype=torch.float64))[0]
+    q2 = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))[0]
+    k = min(m, n)
+    mat = q1[:, :k] @ torch.diag(torch.linspace(1.0, 0.1, k, dtype=torch.float64)) @ q2[:, :k].T
+    u = _leading(mat, 5)
+    ref = torch.linalg.svd(mat, full_matrices=False)[0][:, :5]
+    torch.testing.assert_close(u.T @ u, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(u @ u.T, ref @ ref.T, rtol=0, atol=1e-10)  # same projector
+    torch.testing.assert_close(u.abs(), ref.abs(), rtol=0, atol=1e-10)  # distinct values: same vectors up to sign
+
+
 # ---- every Conv2d attribute is kept (Tucker-2) --------------------------------------------------------------
 CONV_CONFIGS: dict[str, dict[str, Any]] = {
     "asym-stride-pad-dil": {"kernel_size": (3, 5), "stride": (2, 1), "padding": (1, 2), "dilation": (2, 1)},
