@@ -341,3 +341,42 @@ def test_header_from_the_future(tmp_path):
               metadata={"format": "ttcompress", "ttcompress": json.dumps({"format": "ttcompress", "version": 99})})
     with pytest.raises(CheckpointError, match="newer"):
         load(path)
+
+
+@pytest.mark.parametrize("name", ["regnet_x_400mf", "mnasnet0_5"])
+def test_torchvision_models_that_do_not_build_on_meta_round_trip(tmp_path, name):
+    """RegNet's __init__ reads tensor values (it cannot be built on the meta device) and MNASNet
+    needs its state-dict version (safetensors keeps none): both load back and run."""
+    import ttcompress
+    from ttcompress.plan import Plan, TTSettings
+
+    torch.manual_seed(0)
+    model = ttcompress.build_arch(f"torchvision:{name}", kwargs={"num_classes": 10}).eval()
+    ttcompress.compress(model, Plan(tt=TTSettings(ranks=2)))
+    save(model, tmp_path / "m.tt.pt")
+    back = load(tmp_path / "m.tt.pt").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x))
+
+
+def test_arch_module_is_imported_outside_the_meta_device(tmp_path, monkeypatch):
+    """A module-level tensor of the user's architecture module stays a real tensor after load."""
+    import sys
+
+    (tmp_path / "winmod_for_meta_test.py").write_text(
+        "import torch\nfrom torch import nn\nWINDOW = torch.hann_window(8)\n"
+        "class Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(8, 64)\n"
+        "    def forward(self, x):\n        return self.fc(x * WINDOW)\n"
+        "def make():\n    return Net()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import ttcompress
+    from ttcompress.plan import Plan, TTSettings
+
+    model = ttcompress.build_arch("winmod_for_meta_test:make")
+    ttcompress.compress(model, Plan(tt=TTSettings(ranks=2)))
+    save(model, tmp_path / "w.tt.pt")
+    monkeypatch.delitem(sys.modules, "winmod_for_meta_test")  # as in a fresh process
+    back = load(tmp_path / "w.tt.pt", arch="winmod_for_meta_test:make")
+    assert sys.modules["winmod_for_meta_test"].WINDOW.device.type == "cpu"
+    assert back(torch.randn(2, 8)).shape == (2, 64)

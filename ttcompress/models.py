@@ -266,6 +266,17 @@ def build_arch(name: str, *, kwargs: Mapping[str, Any] | None = None) -> nn.Modu
     return model
 
 
+def resolve_arch(name: str) -> Callable[..., nn.Module]:
+    """The builder an architecture name stands for, its module imported (no model is built).
+
+    Raises
+    ------
+    ValueError
+        Unknown name, or a ``package.module:callable`` that cannot be imported.
+    """
+    return _resolve(name.strip())
+
+
 def is_import_path(name: str) -> bool:
     """True if ``name`` is a ``package.module:callable`` import path (not a built-in, torchvision or hf)."""
     key = name.strip().lower()

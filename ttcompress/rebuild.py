@@ -9,6 +9,7 @@ with the tensors present in the file, and only then allocates real storage and l
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
@@ -25,7 +26,7 @@ from ttcompress.errors import ArchRequiredError, CheckpointError, shape_mismatch
 from ttcompress.formats import get_format
 from ttcompress.meta import ArchSpec, ModelMeta, set_meta
 from ttcompress.layer_report import LayerReport
-from ttcompress.models import build_arch, check_arch_trusted
+from ttcompress.models import build_arch, check_arch_trusted, resolve_arch
 from ttcompress.modtree import get_submodule, set_submodule
 
 __all__ = ["Skeleton", "fit_state_dict", "rebuild_model", "short_error", "skeleton_factory"]
@@ -43,6 +44,12 @@ def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, what: st
                                 {k: tuple(v.shape) for k, v in sd.items()})
     if problems:
         raise CheckpointError(f"state dict does not fit {what}: " + "; ".join(problems))
+    if getattr(sd, "_metadata", None) is None:
+        # Modules' state-dict versions (torch.save keeps them; safetensors does not): the current
+        # classes' own, which is what the file was written from (MNASNet refuses a missing one).
+        versions = model.state_dict()._metadata  # type: ignore[attr-defined]
+        sd = collections.OrderedDict(sd)
+        sd._metadata = versions  # type: ignore[attr-defined]
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
@@ -109,13 +116,27 @@ def rebuild_model(
         if kept not in tensors:
             raise CheckpointError(f"{p}: tied tensor {dup!r} refers to {kept!r}, which is not in the file")
         tensors[dup] = tensors[kept]
-    with torch.device("meta"), _SkipRandomInit():
+    if isinstance(arch, Mapping) and not given:
+        # Import the architecture's module now, not under the meta device below: tensors a module
+        # makes at import time (a window, a table) would otherwise be meta for the whole process.
+        try:
+            resolve_arch(arch["name"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{p}: cannot build arch {arch['name']!r} from the header: {short_error(exc)}") from None
+    try:
+        with torch.device("meta"), _SkipRandomInit():
+            probe = _build_structure(skeleton, layers, p, check_sizes=given)
+        on_meta = True
+    except Exception:  # noqa: BLE001 - e.g. an __init__ that reads tensor values (RegNet): build for real
         probe = _build_structure(skeleton, layers, p, check_sizes=given)
+        on_meta = False
     _compare_shapes(probe, tensors, layers, p)
     # Allocate only what the file holds: the meta skeleton gets storage and the file's tensors fill
     # it. A module with tensors that the file does not hold (non-persistent buffers, plain tensor
     # attributes) is built for real instead.
-    if {k for k, _ in probe.named_buffers()} <= set(probe.state_dict()) and not _plain_tensors(probe):
+    if not on_meta:
+        model = probe
+    elif {k for k, _ in probe.named_buffers()} <= set(probe.state_dict()) and not _plain_tensors(probe):
         model = _materialize(probe)
     else:
         model = _build_structure(skeleton, layers, p, check_sizes=given)
