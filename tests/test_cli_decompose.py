@@ -135,6 +135,15 @@ def test_pickled_mlp_end_to_end(tmp_path):
     assert type(loaded[2]).__name__ == "TTLinear"
     result = ok("inspect", out, "--arch", src, "--trust-pickle", "--json")
     assert json.loads(result.stdout)["compressed"] is True
+    # report and finetune take the same --arch FILE (no --arch-kwargs: none apply to a file)
+    data = tmp_path / "d.pt"
+    torch.save({"inputs": torch.randn(96, 64), "targets": torch.randint(0, 10, (96,))}, data)
+    result = ok("report", src, out, "--arch", src, "--trust-pickle", "--data", f"tensors:{data}", "--no-latency",
+                "--format", "json")
+    assert [r["compression"] > 1 for r in json.loads(result.stdout)["rows"]] == [False, True]
+    ok("finetune", out, "--arch", src, "--trust-pickle", "--data", f"tensors:{data}", "--epochs", "1",
+       "-o", tmp_path / "mlp.ft.pt")
+    assert type(load(tmp_path / "mlp.ft.pt", arch=str(src), trust_pickle=True)[2]).__name__ == "TTLinear"
 
 
 def test_near_full_ranks_close_to_original(cnn_file, tmp_path):

@@ -437,6 +437,14 @@ def _user_metric(
     return float(value)
 
 
+def _same_file(arch: str, p: Path) -> bool:
+    """True if the ``--arch`` value names the file ``p`` itself (the dense model given as its own arch)."""
+    try:
+        return Path(arch).resolve() == p.resolve()
+    except (OSError, ValueError):
+        return False
+
+
 def _label(path: Path, taken: set[str]) -> str:
     label = strip_model_suffix(path.name)
     if label in taken:  # same file name in two directories: add the parent to tell them apart
@@ -492,14 +500,14 @@ def report_files(
     def entry(path: str | os.PathLike[str], taken: set[str]) -> ModelEntry:
         p = Path(path)
         kwargs: dict[str, Any] = {"trust_pickle": trust_pickle, "trust_code": trust_code}
-        if arch is not None:
+        if arch is not None and not _same_file(arch, p):  # --arch the baseline's own file: loads as is
             from ttcompress.io import read_header
 
             header = read_header(p)
             if header is None:  # only bare state dicts need (and accept) arch kwargs
-                kwargs.update(arch=arch, arch_kwargs=dict(arch_kwargs or {}))
-            elif (header.get("arch") or {}).get("name") == arch:  # the user named this arch
-                kwargs.update(arch=arch)
+                kwargs.update(arch=arch, arch_kwargs=dict(arch_kwargs) if arch_kwargs else None)
+            elif header.get("arch") is None or (header.get("arch") or {}).get("name") == arch:
+                kwargs.update(arch=arch)  # a file that records no arch, or the user named this one
         label = labels[len(taken)] if labels is not None else _label(p, taken)
         taken.add(label)
         with refused_input():

@@ -522,7 +522,7 @@ def sweep_report(
     out = Path(output_dir) if output_dir is not None else default_output_dir(baseline)
     load_kwargs: dict[str, Any] = {"trust_pickle": trust_pickle, "trust_code": trust_code}
     if arch is not None:
-        load_kwargs.update(arch=arch, arch_kwargs=dict(arch_kwargs or {}))
+        load_kwargs.update(arch=arch, arch_kwargs=dict(arch_kwargs) if arch_kwargs else None)
     with refused_input():
         base_model = load(baseline, **load_kwargs)
         teacher_model = None if teacher is None else load_teacher(  # a state dict gets the baseline's arch

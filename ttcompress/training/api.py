@@ -170,6 +170,6 @@ def _load_model(
     kwargs: dict[str, Any] = {"trust_pickle": trust_pickle, "trust_code": trust_code}
     if arch is not None:
         kwargs["arch"] = arch
-        kwargs["arch_kwargs"] = dict(arch_kwargs or {})
+        kwargs["arch_kwargs"] = dict(arch_kwargs) if arch_kwargs else None  # none with a model file as arch
     with refused_input():
         return tio.load(path, **kwargs)
