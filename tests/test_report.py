@@ -234,3 +234,36 @@ def test_layer_rows_list_every_layer_with_the_reason_a_dense_one_stayed_dense() 
     # A checkpoint from before reasons were recorded: the layer is still listed, without a reason.
     del result.model.ttcompress_meta["info"][KEPT_DENSE_INFO]
     assert layer_rows(result.model)[2].skipped == NO_REASON
+
+
+def test_tucker2_flops_are_the_factorized_chain_on_the_first_count() -> None:
+    """In eval mode the layer may time a merged kernel against its chain: never inside the count."""
+    from ttcompress.layers import Tucker2Conv2d
+    from ttcompress.measure import count_flops
+
+    torch.manual_seed(0)
+    layer = Tucker2Conv2d(64, 64, 3, padding=1, in_rank=8, out_rank=8)
+    want = 2 * 8 * 8 * (64 * 8 + 8 * 8 * 9 + 8 * 64)
+    assert count_flops(nn.Sequential(layer), (64, 8, 8)) == want
+    assert count_flops(nn.Sequential(layer), (64, 8, 8)) == want
+    assert layer.evaluation == "auto"
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_multihead_attention_flops_include_the_attention(need_weights: bool) -> None:
+    """nn.MultiheadAttention counted through its plain ops (its fused inference kernel counts 0), and
+    the CPU attention kernel counted as torch counts the CUDA ones: projections + 2 matmuls."""
+    from ttcompress.measure import count_flops
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = nn.MultiheadAttention(64, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mha(x, x, x, need_weights=need_weights)[0]
+
+    seq, dim = 17, 64
+    want = 2 * seq * dim * 3 * dim + 2 * 2 * seq * seq * dim + 2 * seq * dim * dim
+    assert count_flops(Net(), (seq, dim)) == want
+    assert torch.backends.mha.get_fastpath_enabled()

@@ -14,6 +14,7 @@ the format registry, so a new format is counted under the kind of the dense laye
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -149,6 +150,18 @@ class _factorized:  # noqa: N801 - used like a function
             module.evaluation = value
 
 
+def _sdpa_flops(query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int],
+                *_args: Any, **_kwargs: Any) -> int:
+    """``softmax(q k^T) v``: two batched matmuls, ``2 * 2 * B * H * L * S * E`` (as torch counts the
+    CUDA kernels; torch 2.14 counts nothing for the CPU one)."""
+    *batch, length, e = query_shape
+    s, ev = key_shape[-2], value_shape[-1]
+    return 2 * math.prod(batch) * length * s * (e + ev)
+
+
+_CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+
+
 def flops_by_kind(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     """FLOPs of one forward pass on one sample, per layer kind, plus ``other`` and ``total``.
 
@@ -160,8 +173,16 @@ def flops_by_kind(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int
     from torch.utils.flop_counter import FlopCounterMode
 
     owners = {name: kind for name, _m, kind in _outermost(model)}
-    with _Eval(model), _factorized(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(_example_input(model, input_shape, 1))
+    # nn.MultiheadAttention's (and TransformerEncoderLayer's) fused inference kernel is invisible to
+    # FlopCounterMode (it counted 0): count the same attention through its plain ops instead.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with (_Eval(model), _factorized(model), torch.no_grad(),
+              FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter):
+            model(_example_input(model, input_shape, 1))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     total = int(counter.get_total_flops())
     counts = dict.fromkeys((*KINDS, "other"), 0)
     root = type(model).__name__

@@ -64,6 +64,8 @@ class Tucker2Conv2d(DenseWeightAttribute, nn.Module):
     In eval mode without gradients on CPU the layer times, once per input shape, its three
     convolutions against one convolution with the reconstructed kernel (cached until a weight
     changes) and keeps the faster (see :func:`ttcompress.layers.cp_eval.dense_wins`); both are exact.
+    The attribute ``evaluation`` (``"auto"``, ``"factorized"``, ``"dense"``; not saved) forces one of
+    the two there (FLOP counting sets ``"factorized"``).
 
     Parameters: ``C_in R_in + groups R_out R_in kh kw + C_out R_out`` (+ bias). Multiply-adds per
     output pixel: the same, with the first term times ``stride`` area (it runs before the stride).
@@ -108,6 +110,7 @@ class Tucker2Conv2d(DenseWeightAttribute, nn.Module):
         self.rel_error: float | None = None
         self._kernel_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
         self._eval_choice: dict[tuple[Any, ...], bool] = {}
+        self.evaluation: str = "auto"
 
     # ---- the wrapped nn.Conv2d's attributes --------------------------------------------------------
     @property
@@ -267,7 +270,7 @@ class Tucker2Conv2d(DenseWeightAttribute, nn.Module):
         inference = not (self.training or torch.is_grad_enabled() or plain_ops_only())
         if inference and x.device.type == "cpu" and x.dim() in (3, 4) and x.shape[-3] == self.in_channels:
             key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
-            choice = self._eval_choice.get(key)
+            choice = self._eval_choice.get(key) if self.evaluation == "auto" else self.evaluation == "dense"
             if choice is None:
                 choice = self._eval_choice[key] = dense_wins(lambda: self._dense_forward(x),
                                                              lambda: self._factorized_forward(x))
