@@ -57,6 +57,13 @@ def _clip_vision() -> torch.nn.Module:
     return transformers.CLIPVisionModel(cfg)
 
 
+def _clip_text() -> torch.nn.Module:
+    # CLIPTextEmbeddings reads position_embedding.weight.shape
+    cfg = transformers.CLIPTextConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                      intermediate_size=128, max_position_embeddings=64)
+    return transformers.CLIPTextModel(cfg)
+
+
 def _t5() -> torch.nn.Module:
     cfg = transformers.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4)
     return transformers.T5ForConditionalGeneration(cfg)
@@ -65,14 +72,18 @@ def _t5() -> torch.nn.Module:
 @pytest.mark.parametrize(("make", "inputs"), [
     (_vit, lambda: {"pixel_values": torch.randn(1, 3, 32, 32)}),
     (_clip_vision, lambda: {"pixel_values": torch.randn(1, 3, 32, 32)}),
+    (_clip_text, lambda: {"input_ids": torch.randint(0, 128, (1, 8))}),
     (_t5, lambda: {"input_ids": torch.randint(0, 128, (1, 8)), "decoder_input_ids": torch.randint(0, 128, (1, 4))}),
-], ids=["vit", "clip-vision", "t5"])
+], ids=["vit", "clip-vision", "clip-text", "t5"])
 def test_models_that_read_a_layers_weight_still_run(make, inputs) -> None:
     """ViT/CLIP patch embeddings read ``projection.weight.dtype`` and T5 reads ``wo.weight.dtype``:
     after surgery with the default plan (no check input) they run, and train."""
     torch.manual_seed(0)
-    model = compress_with_report(make(), Plan()).model
+    plan = Plan.from_dict({"formats": ["tt", "cp", "tt_embedding"]}) if make is _clip_text else Plan()
+    model = compress_with_report(make(), plan).model
     assert any(type(m).__name__ in ("CPConv2d", "TTLinear") for m in model.modules())
+    if make is _clip_text:
+        assert any(type(m).__name__ == "TTEmbedding" for m in model.modules())
     out = model(**inputs())
     logits = out.logits if hasattr(out, "logits") else out.last_hidden_state
     assert torch.isfinite(logits).all()

@@ -27,6 +27,7 @@ from torch import nn
 
 from ttcompress.decompose.modes import _capped_ranks, _check_positive_int, _rank_caps, validate_modes
 from ttcompress.decompose.tt import resolve_modes, tt_svd, tt_to_matrix
+from ttcompress.layers._weight import DenseWeightAttribute
 
 __all__ = ["TTEmbedding", "tt_rows", "unsupported_reason"]
 
@@ -66,7 +67,7 @@ def unsupported_reason(embedding: nn.Module) -> str | None:
     return None
 
 
-class TTEmbedding(nn.Module):
+class TTEmbedding(DenseWeightAttribute, nn.Module):
     """Embedding lookup from a TT-matrix table (Hrinchuk et al., 2020).
 
     Core ``k`` has shape ``(r_{k-1}, v_k, e_k, r_k)`` with ``prod v_k >= num_embeddings`` and
