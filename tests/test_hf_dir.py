@@ -169,6 +169,17 @@ def _edit_config(d: Path, **changes: object) -> None:
     (d / "config.json").write_text(json.dumps({**config, **changes}))
 
 
+def test_unavailable_attention_kernel_falls_back_to_sdpa(gpt2, tmp_path):
+    """A config saved with flash_attention_2 (common after GPU training) loads on a machine without
+    it: same weights, same logits, through PyTorch's sdpa, with a warning."""
+    model, path = gpt2
+    d = _copy(path, tmp_path / "fa2")
+    _edit_config(d, attn_implementation="flash_attention_2")
+    with pytest.warns(UserWarning, match="flash_attention_2.*sdpa"):
+        loaded = load_checkpoint(d)
+    torch.testing.assert_close(_logits(loaded.model), _logits(model), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", list(BAD_DIRS))
 def test_bad_directories_are_one_line_errors(gpt2, tmp_path, case):
     mutate, match = BAD_DIRS[case]

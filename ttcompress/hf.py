@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -171,8 +172,18 @@ def _model_class(config: Any, class_name: str | None, *, where: str, strict: boo
 def _instantiate(cls: type[nn.Module], config: Any, *, device: str | None, where: str) -> nn.Module:
     try:
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            return cls(config)
-    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+            try:
+                return cls(config)
+            except ImportError as exc:  # an attention kernel this machine lacks (flash_attention_2, ...)
+                wanted = getattr(config, "_attn_implementation", None)
+                if wanted in (None, "sdpa", "eager"):
+                    raise CheckpointError(f"{where}: cannot build {cls.__name__}: {short(exc)}") from None
+                warnings.warn(f"{where}: attention {wanted!r} is not available here ({short(exc)}); "
+                              "using PyTorch's scaled_dot_product_attention ('sdpa'), which computes the same",
+                              stacklevel=2)
+                config._attn_implementation = "sdpa"
+                return cls(config)
+    except (TypeError, ValueError, RuntimeError, IndexError, ImportError) as exc:
         raise CheckpointError(f"{where}: cannot build {cls.__name__} from the config: {short(exc)}") from None
 
 

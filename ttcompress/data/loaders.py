@@ -97,7 +97,8 @@ def check_model_fits(
             out = primary_output(model(x), what=what)
     except UserInputError:
         raise
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # how a shape mismatch surfaces
+    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:  # a mismatch
+        # (transformers raises AttributeError for an input it needs and did not get: CLIP's pixel_values)
         raise UserInputError(
             f"{what} does not fit {bundle.name}: it cannot take inputs of shape {shape} "
             f"({' '.join(str(exc).split())[:300]})"
