@@ -74,6 +74,19 @@ def test_check_model_fits_names_a_non_tensor_output() -> None:
         check_model_fits(Odd(), bundle, what="model 'odd'")
 
 
+def test_check_model_fits_reports_a_model_that_needs_other_inputs() -> None:
+    """transformers' CLIPModel called with token ids alone fails inside with AttributeError (no
+    pixel_values): one line naming the data, not an internal error."""
+    class NeedsPixels(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            pixel_values = None
+            return pixel_values.shape  # type: ignore[union-attr]
+
+    bundle = user_bundle(TensorDataset(torch.randn(4, 3), torch.tensor([0, 1, 0, 1])), name="t")
+    with pytest.raises(UserInputError, match="model 'clip' does not fit t: .*NoneType"):
+        check_model_fits(NeedsPixels(), bundle, what="model 'clip'")
+
+
 # ----------------------------------------------------------------------------- HF models, end to end
 
 
