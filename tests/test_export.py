@@ -153,3 +153,25 @@ def test_torchscript_holds_the_factors_not_a_cached_dense_kernel(monkeypatch, tm
     result = export_model(model, tmp_path / "m.ts", format="torchscript", input_shape=[64, 8, 8], batch_size=2)
     dense_bytes = 64 * 64 * 9 * 4
     assert result.size_bytes < dense_bytes / 4
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_transformers_language_model_exports_its_logits(fmt: str, tmp_path) -> None:
+    """A compressed GPT-2 takes token ids (not floats) and returns a ModelOutput: the export feeds
+    ids below its vocabulary and the graph outputs the logits."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2, n_positions=32)
+    model = ttcompress.compress(transformers.GPT2LMHeadModel(cfg).eval(), Plan(tt=TTSettings(ranks=4)))
+    result = export_model(model, tmp_path / f"m.{fmt}", format=fmt, input_shape=[12], batch_size=2)
+    assert result.max_error is not None and result.max_error <= 1e-4
+    ids = torch.randint(0, 100, (3, 12))
+    if fmt == "torchscript":
+        got = torch.jit.load(str(result.path))(ids)
+    else:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(ids).logits, atol=1e-4, rtol=1e-4)

@@ -39,6 +39,8 @@ from torch import nn
 from ttcompress.errors import TTCompressError, UserInputError
 from ttcompress.hf import recorded_hf_arch, save_hf_dir
 from ttcompress.io import atomic_write, get_meta, save, update_meta
+from ttcompress.measure import example_input
+from ttcompress.outputs import primary_output
 from ttcompress.modtree import get_submodule, set_submodule
 
 __all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "LayerMerge", "export_model", "merge_to_dense"]
@@ -205,9 +207,9 @@ def _input_shape(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[i
     return shape
 
 
-def _inputs(shape: tuple[int, ...], batches: Sequence[int]) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    return [torch.randn(b, *shape, generator=generator) for b in batches]
+def _inputs(model: nn.Module, shape: tuple[int, ...], batches: Sequence[int]) -> list[torch.Tensor]:
+    """Seeded example batches: token ids below the vocabulary for a model that takes them, else floats."""
+    return [example_input(model, shape, b).cpu() for b in batches]
 
 
 def _max_error(reference: torch.Tensor, got: torch.Tensor) -> float:
@@ -269,8 +271,39 @@ def _reference_outputs(model: nn.Module, xs: Sequence[torch.Tensor], shape: Sequ
             raise ExportError(f"the model does not run on inputs of shape {list(shape)}: "
                               f"{' '.join(str(exc).split())[:200]}") from None
     if not all(isinstance(y, torch.Tensor) for y in expected):
-        raise ExportError("export supports models that return one tensor")
+        raise ExportError("export supports models that return one tensor (or a transformers output with logits "
+                          "or last_hidden_state)")
     return expected
+
+
+class _PrimaryOutput(nn.Module):
+    """A model whose output is a structure (a transformers ``ModelOutput``), exported as the tensor
+    the rest of ttcompress reads from it: ``logits``, else ``last_hidden_state``, else the first."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return primary_output(self.model(x))
+
+
+def _single_output(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``model``, or the :class:`_PrimaryOutput` wrapper when it returns more than one tensor."""
+    with torch.no_grad():
+        try:
+            out = model(x)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise ExportError(f"the model does not run on inputs of shape {list(x.shape[1:])}: "
+                              f"{' '.join(str(exc).split())[:200]}") from None
+    if isinstance(out, torch.Tensor):
+        return model
+    try:
+        primary_output(out)
+    except UserInputError:
+        raise ExportError("export supports models that return one tensor (or a transformers output with logits "
+                          "or last_hidden_state)") from None
+    return _PrimaryOutput(model)
 
 
 def _export_hf(model: nn.Module, dest: Path, *, check: bool, overwrite: bool) -> ExportResult:
@@ -338,7 +371,9 @@ def export_model(
         return _export_hf(model, Path(path), check=check, overwrite=overwrite)
     shape = _input_shape(model, input_shape)
     batches = (batch_size, batch_size + 2)
-    xs = _inputs(shape, batches)
+    xs = _inputs(model, shape, batches)
+    if format != "dense":
+        model = _single_output(model, xs[0])  # ONNX and TorchScript graphs output one tensor
     # torch.export specializes a batch of 1 into a constant: trace with at least 2.
     example = xs[0] if batch_size > 1 else xs[1]
     expected = _reference_outputs(model, xs, shape)

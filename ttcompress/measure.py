@@ -29,6 +29,7 @@ __all__ = [
     "KINDS",
     "count_flops",
     "count_params",
+    "example_input",
     "flops_by_kind",
     "layer_kind",
     "measure_latency",
@@ -102,7 +103,7 @@ def params_by_kind(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def _example_input(model: nn.Module, input_shape: Sequence[int], batch: int) -> torch.Tensor:
+def example_input(model: nn.Module, input_shape: Sequence[int], batch: int) -> torch.Tensor:
     """A seeded batch for ``model``: token ids below the vocabulary size for a model that takes
     ``input_ids`` (a transformers language model, duck-typed), else standard normal floats."""
     generator = torch.Generator().manual_seed(0)
@@ -180,7 +181,7 @@ def flops_by_kind(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int
     try:
         with (_Eval(model), _factorized(model), torch.no_grad(),
               FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter):
-            model(_example_input(model, input_shape, 1))
+            model(example_input(model, input_shape, 1))
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     total = int(counter.get_total_flops())
@@ -234,7 +235,7 @@ def measure_latency(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     with _Eval(model), torch.no_grad():
-        x = _example_input(model, input_shape, batch_size)
+        x = example_input(model, input_shape, batch_size)
         model(x)  # warm-up (lazy init, caches, cuDNN autotuning)
         timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x},
                                 num_threads=num_threads or torch.get_num_threads())
@@ -277,7 +278,7 @@ def peak_memory(model: nn.Module, input_shape: Sequence[int], *, batch_size: int
     device = _model_device(model)
     resident = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     with _Eval(model), torch.no_grad():
-        x = _example_input(model, input_shape, batch_size)
+        x = example_input(model, input_shape, batch_size)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)

@@ -263,7 +263,10 @@ class TTEmbedding(DenseWeightAttribute, nn.Module):
             raise TypeError("indices must be a torch.long or torch.int tensor, got "
                             f"{indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__}")
         flat = indices.reshape(-1).long()
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+        # (not while tracing or exporting: the check reads the data, which a graph cannot; the graph's
+        # own gather then decides what an out-of-range index does, as nn.Embedding's would)
+        if (flat.numel() and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+                and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings)):
             raise IndexError(f"indices must be in [0, {self.num_embeddings}), got values in "
                              f"[{int(flat.min())}, {int(flat.max())}]")
         rows = tt_rows(list(self.cores), flat, self.vocab_modes)[:, : self.embedding_dim]
