@@ -88,3 +88,14 @@ def test_models_that_read_a_layers_weight_still_run(make, inputs) -> None:
     logits = out.logits if hasattr(out, "logits") else out.last_hidden_state
     assert torch.isfinite(logits).all()
     logits.float().square().mean().backward()
+
+
+def test_target_ratio_leaves_tied_layers_out_of_the_budget() -> None:
+    """GPT-2's lm_head is tied to wte: both stay dense, and the target is reached with the other
+    layers instead of being missed by the share the allocation had given them."""
+    model = _gpt2()
+    result = compress_with_report(model, Plan(target_ratio=3.0))
+    rows = {r.name: r for r in result.records}
+    assert rows["lm_head"].format == "dense" and "tied to" in (rows["lm_head"].skipped or "")
+    assert rows["transformer.wte"].format == "dense" and "tied to" in (rows["transformer.wte"].skipped or "")
+    assert result.params_before / result.params_after == pytest.approx(3.0, rel=0.02)
