@@ -99,3 +99,24 @@ def test_target_ratio_leaves_tied_layers_out_of_the_budget() -> None:
     assert rows["lm_head"].format == "dense" and "tied to" in (rows["lm_head"].skipped or "")
     assert rows["transformer.wte"].format == "dense" and "tied to" in (rows["transformer.wte"].skipped or "")
     assert result.params_before / result.params_after == pytest.approx(3.0, rel=0.02)
+
+
+@pytest.mark.parametrize("plan", [Plan(), Plan(target_ratio=3.0)], ids=["default", "target-3x"])
+@pytest.mark.parametrize("make", ["gpt2", "mha"])
+def test_dry_run_projects_what_compress_does(plan: Plan, make: str) -> None:
+    """The preview sees the structure compression puts in place (GPT-2's Conv1D as Linear, attention
+    split into projections) and its guards (tied layers dense): same layers, same parameters."""
+    from ttcompress.dryrun import preview_plan
+
+    def build() -> torch.nn.Module:
+        if make == "gpt2":
+            return _gpt2()
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True),
+                                   torch.nn.Linear(64, 64))
+
+    preview = preview_plan(build(), plan)
+    result = compress_with_report(build(), plan)
+    assert preview.params_after == result.params_after
+    compressed = {r.name for r in result.records if r.format != "dense"}
+    assert {p.decision.name for p in preview.layers if p.decision.format != "dense"} == compressed

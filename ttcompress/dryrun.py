@@ -8,6 +8,7 @@ and a multilinear-rank proxy for CP [Kolda & Bader 2009]; a format without a lad
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -16,7 +17,9 @@ from torch import nn
 from ttcompress.formats import DENSE, get_format
 from ttcompress.formats.base import LayerDecision
 from ttcompress.layer_report import count_params
-from ttcompress.plan import Plan, plan_layers
+from ttcompress.formats.structure import prepare_model
+from ttcompress.plan import Plan
+from ttcompress.surgery_checks import guarded_plan
 
 __all__ = ["LARGE_ERROR", "LayerPreview", "PlanPreview", "preview_plan"]
 
@@ -68,8 +71,13 @@ def preview_plan(model: nn.Module, plan: Plan) -> PlanPreview:
     ValueError
         The plan does not fit the model (a pattern matching nothing, an unreachable target ratio).
     """
-    modules = dict(model.named_modules(remove_duplicate=False))
-    layers = tuple(LayerPreview(d, _estimate(modules[d.name], d)) for d in plan_layers(model, plan))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    # The structure compression would put in place first (attention split into its projections,
+    # GPT-2's Conv1D as Linear), on a copy, and the same guards (tied weights stay dense).
+    prep = prepare_model(copy.deepcopy(model))
+    modules = dict(prep.model.named_modules(remove_duplicate=False))
+    layers = tuple(LayerPreview(d, _estimate(modules[d.name], d)) for d in guarded_plan(prep, plan))
     before = count_params(model)
     saved = sum(d.decision.params_before - d.decision.params_after for d in layers
                 if d.decision.format != DENSE and d.decision.params_after is not None)  # fmt: skip

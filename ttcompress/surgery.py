@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import glob
 import json
 import os
 import time
@@ -47,6 +46,7 @@ from ttcompress.formats.structure import Preparation, prepare_model
 from ttcompress.plan import LayerDecision, Plan, compressible_layers, plan_layers
 from ttcompress.scaleout import build_all, process_group
 from ttcompress.surgery_checks import (
+    guarded_plan,
     Swapped,
     calibration_batches,
     finish_checked,
@@ -259,7 +259,7 @@ def _plan_and_build(
     if batches is not None and plan.target_ratio is not None:
         names = [n for n, m, _a in compressible_layers(prep.model) if isinstance(m, (nn.Linear, nn.Conv2d))]
         sensitivity = input_grams(prep.model, names, batches)
-    decisions = _guarded_plan(prep, plan, sensitivity)
+    decisions = guarded_plan(prep, plan, sensitivity)
     if filter_fn is not None:
         decisions = [
             LayerDecision(d.name, d.type, d.shape, DENSE, {}, d.params_before, d.params_before,
@@ -277,22 +277,6 @@ def _plan_and_build(
         if progress is not None:
             progress(len(todo), len(todo), "")
     return decisions, built
-
-
-def _guarded_plan(prep: Preparation, plan: Plan, sensitivity: Any) -> list[LayerDecision]:
-    """The plan's decisions with the layers a replacement would break kept dense. Under a
-    ``target_ratio`` those layers are taken out before the ranks are allocated, so that the
-    budget goes to the layers that can take it (tied embeddings would otherwise hold a share the
-    model never gets, and the target would be missed)."""
-    first = plan_layers(prep.model, plan, sensitivity=sensitivity)
-    guarded = guard_decisions(prep, first)
-    if plan.target_ratio is None:
-        return guarded
-    kept = {g.name: g for d, g in zip(first, guarded, strict=True) if d.skipped is None and g.skipped is not None}
-    if not kept:
-        return guarded
-    again = dataclasses.replace(plan, exclude=(*plan.exclude, *(glob.escape(n) for n in kept)))
-    return [kept.get(d.name, d) for d in guard_decisions(prep, plan_layers(prep.model, again, sensitivity=sensitivity))]
 
 
 def _swap_in(

@@ -9,6 +9,7 @@ calibration inputs (:func:`calibration_batches`).
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
@@ -22,7 +23,7 @@ from ttcompress.formats import DENSE
 from ttcompress.formats.structure import Preparation, finish_model, parent_reason
 from ttcompress.layer_report import LayerReport
 from ttcompress.modtree import get_submodule, set_submodule
-from ttcompress.plan import LayerDecision
+from ttcompress.plan import LayerDecision, Plan, plan_layers
 
 __all__ = [
     "Swapped",
@@ -33,6 +34,7 @@ __all__ = [
     "finish_checked",
     "forward_check",
     "guard_decisions",
+    "guarded_plan",
     "keep_dense",
     "nested_off",
     "output_error",
@@ -98,6 +100,22 @@ def guard_decisions(prep: Preparation, decisions: list[LayerDecision]) -> list[L
                 d = keep_dense(d, reason)
         out.append(d)
     return out
+
+
+def guarded_plan(prep: Preparation, plan: Plan, sensitivity: Any = None) -> list[LayerDecision]:
+    """The plan's decisions with the layers a replacement would break kept dense. Under a
+    ``target_ratio`` those layers are taken out before the ranks are allocated, so that the
+    budget goes to the layers that can take it (tied embeddings would otherwise hold a share the
+    model never gets, and the target would be missed)."""
+    first = plan_layers(prep.model, plan, sensitivity=sensitivity)
+    guarded = guard_decisions(prep, first)
+    if plan.target_ratio is None:
+        return guarded
+    kept = {g.name: g for d, g in zip(first, guarded, strict=True) if d.skipped is None and g.skipped is not None}
+    if not kept:
+        return guarded
+    again = replace(plan, exclude=(*plan.exclude, *(glob.escape(n) for n in kept)))
+    return [kept.get(d.name, d) for d in guard_decisions(prep, plan_layers(prep.model, again, sensitivity=sensitivity))]
 
 
 def tied_reason(model: nn.Module, d: LayerDecision, owners: Mapping[int, list[str]]) -> str | None:
