@@ -101,7 +101,7 @@ def test_bad_options(compressed, tmp_path, kwargs, message) -> None:
 
 def test_input_shape_must_be_known(tmp_path) -> None:
     model = nn.Sequential(nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="input_shape is unknown"):
+    with pytest.raises(ValueError, match="input shape is unknown.*--input-shape"):
         export_model(model, tmp_path / "m.onnx", format="onnx")
 
 

@@ -267,3 +267,22 @@ def test_multihead_attention_flops_include_the_attention(need_weights: bool) -> 
     want = 2 * seq * dim * 3 * dim + 2 * 2 * seq * seq * dim + 2 * seq * dim * dim
     assert count_flops(Net(), (seq, dim)) == want
     assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_report_without_data_takes_the_input_shape(tmp_path) -> None:
+    """--data none on a model that records no input shape (a state dict): --input-shape gives it."""
+    from ttcompress.measure import count_flops
+    from ttcompress.models import build_arch
+
+    torch.manual_seed(0)
+    dense = build_arch("lenet5")
+    torch.save(dense.state_dict(), tmp_path / "dense.pt")
+    runner = CliRunner()
+    args = ["report", str(tmp_path / "dense.pt"), str(tmp_path / "dense.pt"), "--arch", "lenet5", "--data", "none",
+            "--no-latency", "--format", "json", "--labels", "a,b"]
+    failed = runner.invoke(app, args)
+    assert failed.exit_code == 2 and "--input-shape" in failed.stderr
+    result = runner.invoke(app, [*args, "--input-shape", "1,28,28"])
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    assert rows[0]["flops"] == count_flops(dense, (1, 28, 28)) > 0

@@ -200,7 +200,7 @@ def _input_shape(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[i
     else:
         recorded = get_meta(model)["info"].get("input_shape")
         if not recorded:
-            raise UserInputError("input_shape is unknown: the model does not record it, pass input_shape")
+            raise UserInputError("the input shape is unknown: the model does not record it; pass it (--input-shape, Python: input_shape=)")
         shape = tuple(int(s) for s in recorded)
     if not shape or any(s <= 0 for s in shape):
         raise UserInputError(f"input_shape must be positive sizes, got {shape}")

@@ -240,7 +240,7 @@ def _input_shape(model: nn.Module, data: Any | None, input_shape: Sequence[int] 
     if shape:
         return tuple(int(s) for s in shape)
     raise UserInputError(
-        "the input shape is unknown: the baseline does not record one; pass data or input_shape"
+        "the input shape is unknown: the baseline does not record one; pass data or the input shape (--input-shape)"
     )
 
 
@@ -466,6 +466,7 @@ def report_files(
     eval_limit: int | None = None,
     min_run_time: float = 0.5,
     measure_speed: bool = True,
+    input_shape: Sequence[int] | None = None,
     arch: str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
@@ -527,6 +528,7 @@ def report_files(
         eval_limit=eval_limit,
         min_run_time=min_run_time,
         measure_speed=measure_speed,
+        input_shape=input_shape,
         metric=metric_fn,
         metric_name=metric.strip() if metric is not None else None,
     )

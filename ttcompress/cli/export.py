@@ -14,7 +14,8 @@ import typer
 from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
 from ttcompress.cli.options import (
-    ArchKwargsOpt, ArchOpt, JsonOpt, ModelArg, OverwriteOpt, TrustPickleOpt, parse_arch_kwargs,
+    ArchKwargsOpt, ArchOpt, InputShapeOpt, JsonOpt, ModelArg, OverwriteOpt, TrustPickleOpt, parse_arch_kwargs,
+    parse_input_shape,
 )
 from ttcompress.errors import OutputExistsError, UserInputError
 
@@ -22,18 +23,6 @@ if TYPE_CHECKING:
     from ttcompress.export import ExportResult
 
 app = command_app()
-
-
-def _shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
-    if text is None:
-        return None
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
-    except ValueError:
-        raise UserInputError(f"--input-shape must be comma-separated sizes such as 1,28,28; got {text!r}") from None
-    if not shape or any(s <= 0 for s in shape):
-        raise UserInputError(f"--input-shape must be positive sizes, got {text!r}")
-    return shape
 
 
 def _check_hf_options(
@@ -68,9 +57,7 @@ def export(
     output: Annotated[Path, typer.Option(
         "-o", "--output", help="Output file, or directory for --format hf (written atomically, after the check "
         "passed).", metavar="PATH")],
-    input_shape: Annotated[Optional[str], typer.Option(
-        "--input-shape", help="One sample's shape, e.g. 1,28,28 (default: the shape the model records).",
-        show_default=False, metavar="C,H,W")] = None,
+    input_shape: InputShapeOpt = None,
     batch_size: Annotated[int, typer.Option(
         "--batch-size", help="Batch size of the example input (the export keeps the batch dimension dynamic).",
         metavar="INT")] = 1,
@@ -98,7 +85,7 @@ def export(
         raise UserInputError(f"--merge must be all or slower; got {merge!r}")
     if merge != "all" and fmt != "dense":
         raise UserInputError("--merge applies to --format dense only")
-    shape = _shape(input_shape)
+    shape = parse_input_shape(input_shape)
     check_inputs(model)
     if fmt == "hf":
         _check_hf_options(output, overwrite=overwrite, model=model, shape=shape, batch_size=batch_size)

@@ -137,6 +137,24 @@ PlanOpt = Annotated[
 ]
 
 
+InputShapeOpt = Annotated[Optional[str], typer.Option(
+    "--input-shape", help="One sample's shape, e.g. 1,28,28 or 12 (token ids) (default: the shape the model "
+    "records, or the data's).", show_default=False, metavar="C,H,W")]
+
+
+def parse_input_shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    """``--input-shape`` (``1,28,28`` or ``1x28x28``) as a tuple, None when not given."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UserInputError(f"--input-shape must be comma-separated sizes such as 1,28,28; got {text!r}") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise UserInputError(f"--input-shape must be positive sizes, got {text!r}")
+    return shape
+
+
 def parse_arch_kwargs(text: str | None, *, option: str = "--arch-kwargs") -> dict[str, Any] | None:
     """Parse a JSON object given on the command line; ``None`` stays ``None``.
 

@@ -13,7 +13,8 @@ import typer
 from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
 from ttcompress.cli.options import (
-    ArchKwargsOpt, ArchOpt, OverwriteOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustCodeOpt, TrustPickleOpt, parse_arch_kwargs,
+    ArchKwargsOpt, ArchOpt, InputShapeOpt, OverwriteOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustCodeOpt, TrustPickleOpt,
+    parse_arch_kwargs, parse_input_shape,
 )
 from ttcompress.errors import UserInputError
 from ttcompress.cli.train import DataRootOpt, DeviceOpt, DownloadOpt
@@ -108,6 +109,7 @@ def report_command(
     eval_limit: EvalLimitOpt = None,
     min_run_time: MinRunTimeOpt = 0.5,
     no_latency: NoLatencyOpt = False,
+    input_shape: InputShapeOpt = None,
     fmt: FormatOpt = None,
     output: ReportOutputOpt = None,
     labels: LabelsOpt = None,
@@ -146,6 +148,7 @@ def report_command(
         eval_limit=eval_limit,
         min_run_time=min_run_time,
         measure_speed=not no_latency,
+        input_shape=parse_input_shape(input_shape),
         arch=arch,
         arch_kwargs=parse_arch_kwargs(arch_kwargs),
         trust_pickle=trust_pickle, trust_code=trust_code,
