@@ -380,3 +380,12 @@ def test_arch_module_is_imported_outside_the_meta_device(tmp_path, monkeypatch):
     back = load(tmp_path / "w.tt.pt", arch="winmod_for_meta_test:make")
     assert sys.modules["winmod_for_meta_test"].WINDOW.device.type == "cpu"
     assert back(torch.randn(2, 8)).shape == (2, 64)
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_torchscript_archive_is_named_as_such(tmp_path, trust):
+    """A torch.jit.save file is neither 'corrupted' nor a model of zero layers: one line says what it is."""
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 3)))
+    torch.jit.save(scripted, str(tmp_path / "m_ts.pt"))
+    with pytest.raises(CheckpointError, match="TorchScript archive.*state dict"):
+        load(tmp_path / "m_ts.pt", trust_pickle=trust)

@@ -217,7 +217,23 @@ def _unsafe_message(p: Path) -> str:
     )
 
 
+def _refuse_torchscript(p: Path) -> None:
+    """A TorchScript archive (``torch.jit.save``) is a compiled program, not a model ttcompress can
+    rewrite: say so, instead of "not readable" (or, with trust, a model with no layers)."""
+    try:
+        with zipfile.ZipFile(p) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        raise CheckpointError(
+            f"{p} is a TorchScript archive (torch.jit.save), which ttcompress cannot rewrite; save the eager "
+            "model's state dict (torch.save(model.state_dict(), ...)) and pass --arch, or the module itself"
+        )
+
+
 def _torch_load_safe(p: Path) -> Any:
+    _refuse_torchscript(p)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -231,6 +247,7 @@ def _torch_load_safe(p: Path) -> Any:
 
 
 def _torch_load_trusted(p: Path) -> Any:
+    _refuse_torchscript(p)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
