@@ -389,3 +389,22 @@ def test_torchscript_archive_is_named_as_such(tmp_path, trust):
     torch.jit.save(scripted, str(tmp_path / "m_ts.pt"))
     with pytest.raises(CheckpointError, match="TorchScript archive.*state dict"):
         load(tmp_path / "m_ts.pt", trust_pickle=trust)
+
+
+def test_half_precision_model_loads_with_half_factorized_layers(tmp_path):
+    """The rebuilt factorized layers take the stored dtype, like the dense layers beside them."""
+    import ttcompress
+    from ttcompress.plan import Plan, TTSettings
+
+    torch.manual_seed(0)
+
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).half()
+
+    model = make()
+    ttcompress.compress(model, Plan(tt=TTSettings(ranks=4), layers=("0",)))
+    save(model, tmp_path / "h.tt.pt")
+    back = load(tmp_path / "h.tt.pt", arch=make)
+    assert {p.dtype for p in back.parameters()} == {torch.float16}
+    x = torch.randn(3, 64, dtype=torch.float16)
+    torch.testing.assert_close(back(x), model(x))

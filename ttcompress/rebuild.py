@@ -141,11 +141,25 @@ def rebuild_model(
     else:
         model = _build_structure(skeleton, layers, p, check_sizes=given)
     what = f"arch {arch['name']!r} (file {p})" if isinstance(arch, Mapping) else f"the given arch (file {p})"
+    _match_stored_dtypes(model, layers, tensors)
     fit_state_dict(model, tensors, what=what)
     records = {k: LayerReport.from_meta(k, v) for k, v in layers.items()}
     spec = ArchSpec.from_dict(arch) if isinstance(arch, Mapping) else user_spec
     set_meta(model, ModelMeta(spec, records, dict(header.get("info") or {})))
     return model
+
+
+def _match_stored_dtypes(model: nn.Module, layers: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Give each rebuilt layer the floating dtype its stored tensors have (a half-precision model's
+    factorized layers are half too, like the dense layers around them; loading would otherwise
+    keep the layer's default float32 and the model would mix dtypes)."""
+    for name in layers:
+        dtypes = {t.dtype for k, t in tensors.items() if k.startswith(name + ".") and t.is_floating_point()}
+        if len(dtypes) == 1:
+            (dtype,) = dtypes
+            module = get_submodule(model, name)
+            if any(t.is_floating_point() and t.dtype != dtype for t in module.state_dict().values()):
+                module.to(dtype)
 
 
 def skeleton_factory(arch: Any, kwargs: Mapping[str, Any] | None) -> Skeleton | None:
