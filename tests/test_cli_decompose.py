@@ -274,3 +274,39 @@ def test_progress_stays_off_a_redirected_stderr(cnn_file, tmp_path, plan_file):
     result = ok("decompose", cnn_file, "--arch", "seed-cnn", "--plan", plan_file, "-o", tmp_path / "p.tt.pt",
                 "--json")
     assert json.loads(result.stdout)["params_after"] > 0 and "CP-ALS" not in result.stderr
+
+
+def test_decompose_checks_the_model_still_runs(tmp_path, monkeypatch):
+    """A model whose code breaks on a replaced layer (here: it insists on nn.Linear) keeps that layer
+    dense after `decompose`, checked on the input shape the model records; the rest is compressed."""
+    import sys
+
+    (tmp_path / "picky_for_check_test.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Block(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.b = nn.Linear(64, 64)\n"
+        "    def forward(self, x):\n        if not isinstance(self.b, nn.Linear):\n"
+        "            raise TypeError('b must be an nn.Linear')\n        return self.b(x)\n"
+        "class Picky(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.a = nn.Linear(64, 64)\n        self.block = Block()\n"
+        "    def forward(self, x):\n        return self.block(torch.relu(self.a(x)))\n"
+        "def make():\n    return Picky()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from ttcompress.meta import update_meta
+
+    from ttcompress.models import build_arch
+
+    model = build_arch("picky_for_check_test:make")
+    update_meta(model, info={"input_shape": [64]})
+    src = tmp_path / "picky.tt.pt"
+    from ttcompress.io import save as save_model
+
+    save_model(model, src)
+    monkeypatch.delitem(sys.modules, "picky_for_check_test", raising=False)
+    out = tmp_path / "picky.out.tt.pt"
+    result = ok("decompose", src, "--tt-ranks", "4", "--trust-code", "-o", out, "--json")
+    rows = {r["name"]: r for r in json.loads(result.stdout)["layers"]}
+    assert rows["a"]["format"] == "tt" and rows["block.b"]["format"] == "dense"
+    assert "forward check failed" in rows["block.b"]["skipped"]
+    loaded = load(out, trust_code=True)
+    assert loaded(torch.randn(2, 64)).shape == (2, 64)

@@ -46,6 +46,7 @@ from ttcompress.formats.structure import Preparation, prepare_model
 from ttcompress.plan import LayerDecision, Plan, compressible_layers, plan_layers
 from ttcompress.scaleout import build_all, process_group
 from ttcompress.surgery_checks import (
+    default_check_input,
     guarded_plan,
     Swapped,
     calibration_batches,
@@ -498,8 +499,10 @@ def decompose_file(
         raise ValueError(f"output (-o) must differ from the input file: {dest}")
     loaded = load_checkpoint(src, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
     with process_group() as rank:  # under torchrun: every rank decomposes a share, rank 0 writes
+        # The forward check of the compressed model (a layer whose replacement breaks the model
+        # stays dense), on an input the model is known to take, when one can be made.
         result = compress_with_report(loaded.model, plan, progress=progress, calib_data=calib_data,
-                                      calib_samples=calib_samples)
+                                      calib_samples=calib_samples, check_input=default_check_input(loaded.model))
         if rank == 0:
             calibration = {"used": calib_data is not None, **dict(calib_info or {})}
             info = {"plan": plan.to_dict(), "source": src.name, "calibration": calibration, **source_record(src)}

@@ -22,12 +22,14 @@ from ttcompress.calibration.data import calib_batches
 from ttcompress.formats import DENSE
 from ttcompress.formats.structure import Preparation, finish_model, parent_reason
 from ttcompress.layer_report import LayerReport
+from ttcompress.meta import read_meta
 from ttcompress.modtree import get_submodule, set_submodule
 from ttcompress.plan import LayerDecision, Plan, plan_layers
 
 __all__ = [
     "Swapped",
     "calibration_batches",
+    "default_check_input",
     "check_calib_fits",
     "eval_no_grad",
     "failing_stack",
@@ -161,6 +163,37 @@ def run_model(model: nn.Module, inputs: Any) -> Any:
         if isinstance(inputs, tuple):
             return model(*inputs)
         return model(inputs)
+
+
+def default_check_input(model: nn.Module) -> Any:
+    """An input the dense ``model`` runs on, for the forward check of a compression that was given
+    none (``decompose`` from the command line), or None when none can be made.
+
+    The shape the model records (models trained by ttcompress), else for a transformers model
+    token ids below its vocabulary (``input_ids``) or images of its configured size
+    (``pixel_values``); seeded. An input the dense model does not run on gives None: the check
+    must not fail a model for an input it was never meant to take (T5 also needs decoder ids).
+    """
+    from ttcompress.measure import example_input
+
+    config = getattr(model, "config", None)
+    shape = read_meta(model).info.get("input_shape")
+    main = getattr(model, "main_input_name", None)
+    inputs: Any = None
+    if isinstance(shape, (list, tuple)) and shape and all(isinstance(s, int) and 0 < s <= 4096 for s in shape):
+        inputs = example_input(model, tuple(shape), 2)
+    elif main == "input_ids" and isinstance(getattr(config, "vocab_size", None), int):
+        inputs = example_input(model, (8,), 2)
+    elif main == "pixel_values" and isinstance(getattr(config, "image_size", None), int):
+        size, channels = config.image_size, getattr(config, "num_channels", 3)
+        inputs = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+    if inputs is None:
+        return None
+    try:
+        run_model(model, inputs)
+    except Exception:  # noqa: BLE001 - the dense model does not take it: no check
+        return None
+    return inputs
 
 
 def reference_output(model: nn.Module, inputs: Any) -> Any:
