@@ -180,6 +180,14 @@ def test_unavailable_attention_kernel_falls_back_to_sdpa(gpt2, tmp_path):
     torch.testing.assert_close(_logits(loaded.model), _logits(model), rtol=1e-5, atol=1e-5)
 
 
+def test_directory_whose_config_claims_more_layers_than_tensors_is_refused_at_once(gpt2, tmp_path):
+    """Refused by the count, before the skeleton is built (10^5 GPT-2 blocks took minutes)."""
+    d = _copy(gpt2[1], tmp_path / "many")
+    _edit_config(d, n_layer=100_000)
+    with pytest.raises(CheckpointError, match="n_layer = 100000 layers, but the file holds only"):
+        load(d)
+
+
 @pytest.mark.parametrize("case", list(BAD_DIRS))
 def test_bad_directories_are_one_line_errors(gpt2, tmp_path, case):
     mutate, match = BAD_DIRS[case]
@@ -222,6 +230,9 @@ def test_checkpoint_without_arch_points_to_arch(tmp_path):
     (lambda h: h["arch"]["kwargs"]["config"].update(auto_map={"AutoModel": "x.Y"}), "custom code (auto_map)"),
     (lambda h: h["arch"]["kwargs"]["config"].update(n_embd=64), "does not match the file"),
     (lambda h: h["arch"]["kwargs"]["config"].update(vocab_size=2**31), "does not match the file"),
+    # a layer count far above the tensors present: refused before any module is built (it took
+    # minutes of building at 10^5 layers)
+    (lambda h: h["arch"]["kwargs"]["config"].update(n_layer=100_000), "n_layer = 100000 layers"),
 ])
 def test_hf_arch_in_a_header_is_data(compressed, tmp_path, mutate, match):
     """An ``hf:`` record runs no code and sizes nothing before the file's tensors are compared."""

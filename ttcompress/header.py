@@ -35,6 +35,7 @@ __all__ = [
     "MAX_HEADER_CHARS",
     "MAX_INT",
     "MAX_LIST",
+    "check_layer_counts",
     "json_depth",
     "layer_config_fields",
     "parse_header_json",
@@ -237,3 +238,28 @@ def _check_input_shape(shape: Any, source: str) -> None:
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+_LAYER_COUNT_KEY = re.compile(r"^(n|num)_(\w+_)?layers?$|^\w+_layers$|^depths?$")
+
+
+def check_layer_counts(config: Any, n_tensors: int, where: str) -> None:
+    """Refuse a recorded config (an architecture's kwargs, a ``config.json``) whose layer counts
+    exceed the tensors the file holds: each layer has at least one, and a crafted count of 10^5
+    layers would otherwise keep the loader building modules for many minutes before the shapes
+    are compared. Keys: ``num_hidden_layers``, ``n_layer``, ``encoder_layers``, ``depth(s)``, ..."""
+    def visit(node: Any, path: str) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                name = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and _LAYER_COUNT_KEY.match(key.lower()):
+                    values = value if isinstance(value, (list, tuple)) else [value]
+                    if all(isinstance(v, int) and not isinstance(v, bool) for v in values) and sum(values) > n_tensors:
+                        raise CheckpointError(f"{where}: {name} = {value} layers, but the file holds only "
+                                              f"{n_tensors} tensors")
+                visit(value, name)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                visit(v, path)
+
+    visit(config, "")

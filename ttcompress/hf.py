@@ -64,7 +64,7 @@ from ttcompress.hf_files import (
     short,
     state_groups,
 )
-from ttcompress.header import validate_header
+from ttcompress.header import check_layer_counts, validate_header
 from ttcompress.layers import LAYER_TYPES
 from ttcompress.plan import Plan
 
@@ -464,6 +464,7 @@ def load_hf_dir(path: PathLike, *, trust_pickle: bool = False) -> nn.Module:
         return model
 
     with open_weights(d, trust_pickle=trust_pickle) as (shapes, read):
+        check_layer_counts(config_dict, len(shapes), str(d / CONFIG_FILE))
         probe = skeleton("meta")
         keys = key_map(probe, shapes)
         check_fit(probe, {keys[k]: shapes[k] for k in keys}, str(d))

@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from ttcompress.errors import ArchRequiredError, CheckpointError, shape_mismatches
 from ttcompress.formats import get_format
+from ttcompress.header import check_layer_counts
 from ttcompress.meta import ArchSpec, ModelMeta, set_meta
 from ttcompress.layer_report import LayerReport
 from ttcompress.models import build_arch, check_arch_trusted, resolve_arch
@@ -108,6 +109,8 @@ def rebuild_model(
         name = arch["name"]
         check_arch_trusted(name, source=f"{p} (header field arch.name)", user_arch=user_arch, trust_code=trust_code)
         skeleton = functools.partial(_build_named, arch, p)
+    if isinstance(arch, Mapping):
+        check_layer_counts(arch.get("kwargs"), len(tensors) + len(header.get("tied") or {}), f"{p} (header arch.kwargs)")
     layers = {str(k): dict(v) for k, v in (header.get("layers") or {}).items()}
     tied = dict(header.get("tied") or {})
     for dup, kept in tied.items():
