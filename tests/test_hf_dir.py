@@ -169,6 +169,20 @@ def _edit_config(d: Path, **changes: object) -> None:
     (d / "config.json").write_text(json.dumps({**config, **changes}))
 
 
+def test_vit_directory_in_the_stored_legacy_layout_loads(tmp_path):
+    """transformers 5 saves (and every hub checkpoint holds) ViT under its old names
+    (``encoder.layer.0.attention.attention.query``) and renames them on load: so does ttcompress."""
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=3)
+    model = transformers.ViTForImageClassification(cfg).eval()
+    model.save_pretrained(tmp_path / "vit")
+    loaded = load(tmp_path / "vit")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits)
+
+
 def test_unavailable_attention_kernel_falls_back_to_sdpa(gpt2, tmp_path):
     """A config saved with flash_attention_2 (common after GPU training) loads on a machine without
     it: same weights, same logits, through PyTorch's sdpa, with a warning."""

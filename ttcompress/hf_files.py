@@ -152,22 +152,53 @@ def key_map(model: nn.Module, stored: Iterable[str]) -> dict[str, str]:
     """Map stored tensor names to the model's state-dict names.
 
     A ``base_model_prefix`` (``transformer.``, ``bert.``) is added or removed where that is what
-    matches; names the class declares ignorable (``_keys_to_ignore_on_load_unexpected``, e.g.
+    matches; names in a layout transformers renames on load (its checkpoint conversion mapping:
+    transformers 5 stores ViT's ``encoder.layer.0.attention.attention.query`` as
+    ``layers.0.attention.q_proj``, and every hub checkpoint has the old names) are renamed as it
+    renames them (pure renames only: a tensor it would merge or split stays unmatched); names the class declares ignorable (``_keys_to_ignore_on_load_unexpected``, e.g.
     GPT-2's old causal-mask buffers) are dropped. An unmatched name maps to itself (unexpected).
     """
     expected = set(model.state_dict())
     prefix = str(getattr(model, "base_model_prefix", "") or "")
     ignore = [re.compile(p) for p in getattr(type(model), "_keys_to_ignore_on_load_unexpected", None) or ()]
+    renames = _legacy_renamings(model)
     mapping: dict[str, str] = {}
     for key in stored:
         candidates = [key]
-        if prefix:
-            candidates += [f"{prefix}.{key}", key.removeprefix(f"{prefix}.")]
+        renamed = _renamed(key, renames)
+        for name in dict.fromkeys((key, renamed)):
+            if prefix:
+                candidates += [name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")]
+            else:
+                candidates.append(name)
         target = next((c for c in candidates if c in expected), None)
         if target is None and any(p.search(key) for p in ignore):
             continue
         mapping[key] = target or key
     return mapping
+
+
+def _legacy_renamings(model: nn.Module) -> list[Any]:
+    """transformers' pure key renamings for ``model`` (none when it has no such API or mapping)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:
+        return []
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 - not a PreTrainedModel, or an API change: no renaming
+        return []
+    return [t for t in transforms if not isinstance(t, WeightConverter) and hasattr(t, "rename_source_key")]
+
+
+def _renamed(key: str, renamings: Iterable[Any]) -> str:
+    for t in renamings:  # in order; every matching renaming applies (they may chain), as transformers does
+        try:
+            key = t.rename_source_key(key)[0]
+        except Exception:  # noqa: BLE001 - a renaming that cannot handle this key leaves it
+            continue
+    return key
 
 
 def check_fit(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
