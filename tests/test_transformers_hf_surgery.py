@@ -120,3 +120,18 @@ def test_dry_run_projects_what_compress_does(plan: Plan, make: str) -> None:
     assert preview.params_after == result.params_after
     compressed = {r.name for r in result.records if r.format != "dense"}
     assert {p.decision.name for p in preview.layers if p.decision.format != "dense"} == compressed
+
+
+def test_inspect_lists_what_decompose_compresses() -> None:
+    """inspect (summarize) sees attention's projections and GPT-2's Conv1D layers as Linear layers,
+    and marks the tied ones as staying dense: its compressible rows are decompose's layers."""
+    from ttcompress.surgery import summarize
+
+    torch.manual_seed(0)
+    mha_model = torch.nn.Sequential(torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True))
+    for model in (mha_model, _gpt2()):
+        summary = summarize(model)
+        compressible = {r.name for r in summary.layers if r.skipped is None}
+        result = compress_with_report(model, Plan())
+        assert compressible == {r.name for r in result.records if r.format != "dense"}
+        assert summary.other_params < 0.1 * summary.total_params  # the attention weights are in rows

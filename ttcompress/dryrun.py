@@ -8,7 +8,6 @@ and a multilinear-rank proxy for CP [Kolda & Bader 2009]; a format without a lad
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ from torch import nn
 from ttcompress.formats import DENSE, get_format
 from ttcompress.formats.base import LayerDecision
 from ttcompress.layer_report import count_params
-from ttcompress.formats.structure import prepare_model
+from ttcompress.formats.structure import preview_preparation
 from ttcompress.plan import Plan
 from ttcompress.surgery_checks import guarded_plan
 
@@ -75,7 +74,7 @@ def preview_plan(model: nn.Module, plan: Plan) -> PlanPreview:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     # The structure compression would put in place first (attention split into its projections,
     # GPT-2's Conv1D as Linear), on a copy, and the same guards (tied weights stay dense).
-    prep = prepare_model(copy.deepcopy(model))
+    prep = preview_preparation(model)
     modules = dict(prep.model.named_modules(remove_duplicate=False))
     layers = tuple(LayerPreview(d, _estimate(modules[d.name], d)) for d in guarded_plan(prep, plan))
     before = count_params(model)

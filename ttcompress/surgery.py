@@ -42,7 +42,7 @@ from ttcompress.io import load_checkpoint, save
 from ttcompress.meta import copy_meta, read_meta, update_meta
 from ttcompress.modtree import get_submodule, set_submodule
 from ttcompress.formats.fitting import calibration_fit
-from ttcompress.formats.structure import Preparation, prepare_model
+from ttcompress.formats.structure import Preparation, prepare_model, preview_preparation
 from ttcompress.plan import LayerDecision, Plan, compressible_layers, plan_layers
 from ttcompress.scaleout import build_all, process_group
 from ttcompress.surgery_checks import (
@@ -545,8 +545,10 @@ def summarize(model: nn.Module, *, plan: Plan | None = None, kind: str = "model"
     counted: dict[int, int] = {}  # id -> elements of the parameters in some row: a tied one counts once
     owner: dict[int, str] = {}  # id -> the first row holding that parameter
     done = layer_classes()
-    decisions = {d.name: d for d in plan_layers(model, plan)}
-    for name, m in model.named_modules():
+    # what decompose would see: attention split into projections, Conv1D as Linear, tied layers dense
+    prep = preview_preparation(model)
+    decisions = {d.name: d for d in guarded_plan(prep, plan)}
+    for name, m in prep.model.named_modules():
         if isinstance(m, done):
             row = _compressed_row(name, m, meta.layers.get(name), total)
         elif name in decisions:

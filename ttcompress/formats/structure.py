@@ -15,6 +15,8 @@ because a parent that could not be converted reads their weights.
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,7 @@ from ttcompress.formats.base import dense_params
 from ttcompress.formats.registry import get_format
 from ttcompress.layers.attention import FactorizedMultiheadAttention, disable_nested_fast_path, unsupported_reason
 
-__all__ = ["Preparation", "finish_model", "parent_reason", "prepare_model"]
+__all__ = ["Preparation", "finish_model", "parent_reason", "prepare_model", "preview_preparation"]
 
 
 def _get_child(root: nn.Module, name: str) -> nn.Module:
@@ -89,6 +91,15 @@ class Preparation:
 
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def preview_preparation(model: nn.Module) -> Preparation:
+    """The structure :func:`prepare_model` would put in place, without touching ``model``: on a
+    copy when it would change something (attention, ``Conv1D``), else ``model`` itself as is (no
+    copy of a large model that needs none)."""
+    if any(isinstance(m, nn.MultiheadAttention) or _is_conv1d(m) for m in model.modules()):
+        return prepare_model(copy.deepcopy(model))
+    return Preparation(model)
 
 
 def prepare_model(model: nn.Module) -> Preparation:
