@@ -185,6 +185,21 @@ def test_bad_columns_does_not_crash_the_cli() -> None:
     assert proc.returncode == 0 and proc.stdout.startswith("ttcompress "), proc.stderr
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["report", "--min-run-tim", "3", "a.pt"], "No such option: --min-run-tim (Possible options: --min-run-time)"),
+    (["report"], "Missing argument 'BASELINE'"),
+    (["nosuchcommand"], "No such command 'nosuchcommand'"),
+])
+def test_command_line_mistakes_are_one_line(args: list[str], message: str) -> None:
+    """Click's usage errors (unknown option, missing argument, unknown command): one error line on
+    stderr and exit code 2, like every other bad input."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "ttcompress", *args], capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "cpp_extension" not in ln]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert message in lines[0]
+
+
 def test_output_parent_is_a_file(cnn: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")

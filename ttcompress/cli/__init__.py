@@ -9,6 +9,8 @@ the help listing is rendered from the static one-line descriptions in :data:`COM
 
 from __future__ import annotations
 
+import sys
+
 import importlib
 import click
 import typer
@@ -89,5 +91,23 @@ def _root(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    A command-line mistake (an unknown option, a missing argument, a bad value) is one ``error:``
+    line on stderr and exit code 2, like every other bad input, instead of Click's framed box.
+    """
+    # typer vendors its own click: its usage-error class is BadParameter's base
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    try:
+        code = app(standalone_mode=False)
+    except usage_error as exc:
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        sys.stderr.write(f"error: {' '.join(exc.format_message().split())}{where}\n")
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.stderr.write("error: aborted\n")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
