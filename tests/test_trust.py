@@ -308,3 +308,29 @@ def test_plan_files_are_safe_yaml_without_aliases(text: str, match: str, tmp_pat
     with pytest.raises(ValueError, match=match):
         load_plan(tmp_path / "plan.yaml")
     assert not (tmp_path / "MARKER").exists()
+
+
+def test_model_built_for_real_is_capped_by_the_file(tmp_path: Path) -> None:
+    """RegNet cannot be built on the meta device, so it is built for real: a header whose kwargs ask
+    for 10^9 classes is refused before that allocation, not after (or by the OOM killer)."""
+    torch.manual_seed(0)
+    model = build_arch("torchvision:regnet_x_400mf", kwargs={"num_classes": 10})
+    compress(model, Plan(tt=TTSettings(ranks=2)))
+    good = save(model, tmp_path / "r.tt.pt")
+    assert type(load(good)).__name__ == "RegNet"
+
+    def mutate(h: dict[str, Any]) -> None:
+        h["arch"]["kwargs"]["num_classes"] = 10**9
+
+    bad = rewrite_header(good, tmp_path / "bad.tt.pt", mutate)
+    with pytest.raises(CheckpointError, match="num_classes = 1000000000 exceeds every dimension"):
+        load(bad)
+
+
+def test_allocation_cap_refuses_before_allocating() -> None:
+    from ttcompress.rebuild import _AllocationCap
+
+    with _AllocationCap(10_000, Path("f.tt.pt")):
+        torch.nn.Linear(50, 50)  # 2,550 elements: fine
+        with pytest.raises(CheckpointError, match="more than the file holds"):
+            torch.nn.Linear(10**6, 10**6)  # would be 4 TB: refused before the allocation

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ttcompress.errors import ArchRequiredError, CheckpointError, shape_mismatches
 from ttcompress.formats import get_format
@@ -130,8 +131,16 @@ def rebuild_model(
         with torch.device("meta"), _SkipRandomInit():
             probe = _build_structure(skeleton, layers, p, check_sizes=given)
         on_meta = True
-    except Exception:  # noqa: BLE001 - e.g. an __init__ that reads tensor values (RegNet): build for real
-        probe = _build_structure(skeleton, layers, p, check_sizes=given)
+    except Exception:  # noqa: BLE001 - e.g. an __init__ that reads tensor values (RegNet): build for real,
+        # but sized by nothing the file could inflate: every int in the recorded kwargs at most the
+        # largest dimension among the file's tensors (num_classes=10**9 is refused), and no more
+        # elements allocated than the file's tensors plus the dense layers they replace
+        if isinstance(arch, Mapping) and not given:
+            _check_kwargs_fit(arch.get("kwargs"), tensors, p)
+        cap = (sum(t.numel() for t in tensors.values()) + 2**24
+               + sum(int(v.get("params_before") or 0) for v in layers.values()))
+        with _AllocationCap(cap, p):
+            probe = _build_structure(skeleton, layers, p, check_sizes=given)
         on_meta = False
     _compare_shapes(probe, tensors, layers, p)
     # Allocate only what the file holds: the meta skeleton gets storage and the file's tensors fill
@@ -236,6 +245,44 @@ class _SkipRandomInit(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         if getattr(func, "__name__", "") in self._OPS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
             return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def _check_kwargs_fit(kwargs: Any, tensors: Mapping[str, torch.Tensor], p: Path) -> None:
+    largest = max((max(t.shape, default=1) for t in tensors.values()), default=1)
+
+    def visit(node: Any, name: str) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                visit(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                visit(v, name)
+        elif isinstance(node, int) and not isinstance(node, bool) and node > largest:
+            raise CheckpointError(f"{p}: arch kwargs {name} = {node} exceeds every dimension of the file's "
+                                  f"tensors (largest {largest}); refusing to build it")
+
+    visit(kwargs, "")
+
+
+class _AllocationCap(TorchDispatchMode):
+    """Refuse, before allocating, tensor creations that together exceed ``cap`` elements: a model
+    that cannot be built on ``meta`` is built for real only as large as its file's tensors allow."""
+
+    _FACTORIES = ("empty", "empty_strided", "zeros", "ones", "full", "rand", "randn", "randint", "normal")
+
+    def __init__(self, cap: int, p: Path) -> None:
+        super().__init__()
+        self.cap, self.p, self.used = cap, p, 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        if func.overloadpacket.__name__ in self._FACTORIES and args and isinstance(args[0], (list, tuple)):
+            size = args[0]
+            if all(isinstance(n, int) for n in size):
+                self.used += math.prod(size)
+                if self.used > self.cap:
+                    raise CheckpointError(f"{self.p}: the recorded architecture needs more than {self.cap:,} "
+                                          "elements, more than the file holds; refusing to build it")
         return func(*args, **(kwargs or {}))
 
 
