@@ -127,21 +127,8 @@ def rebuild_model(
             resolve_arch(arch["name"])
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{p}: cannot build arch {arch['name']!r} from the header: {short_error(exc)}") from None
-    try:
-        with torch.device("meta"), _SkipRandomInit():
-            probe = _build_structure(skeleton, layers, p, check_sizes=given)
-        on_meta = True
-    except Exception:  # noqa: BLE001 - e.g. an __init__ that reads tensor values (RegNet): build for real,
-        # but sized by nothing the file could inflate: every int in the recorded kwargs at most the
-        # largest dimension among the file's tensors (num_classes=10**9 is refused), and no more
-        # elements allocated than the file's tensors plus the dense layers they replace
-        if isinstance(arch, Mapping) and not given:
-            _check_kwargs_fit(arch.get("kwargs"), tensors, p)
-        cap = (sum(t.numel() for t in tensors.values()) + 2**24
-               + sum(int(v.get("params_before") or 0) for v in layers.values()))
-        with _AllocationCap(cap, p):
-            probe = _build_structure(skeleton, layers, p, check_sizes=given)
-        on_meta = False
+    named = arch if isinstance(arch, Mapping) and not given else None
+    probe, on_meta = _probe(skeleton, layers, tensors, p, check_sizes=given, named=named)
     _compare_shapes(probe, tensors, layers, p)
     # Allocate only what the file holds: the meta skeleton gets storage and the file's tensors fill
     # it. A module with tensors that the file does not hold (non-persistent buffers, plain tensor
@@ -159,6 +146,25 @@ def rebuild_model(
     spec = ArchSpec.from_dict(arch) if isinstance(arch, Mapping) else user_spec
     set_meta(model, ModelMeta(spec, records, dict(header.get("info") or {})))
     return model
+
+
+def _probe(skeleton: Skeleton, layers: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, torch.Tensor],
+           p: Path, *, check_sizes: bool, named: Mapping[str, Any] | None) -> tuple[nn.Module, bool]:
+    """The structure on ``meta`` (no memory), or, for an ``__init__`` that reads tensor values
+    (RegNet), for real: then sized by nothing the file could inflate. Every int in the recorded
+    kwargs is at most the largest dimension among the file's tensors (num_classes=10**9 is
+    refused), and no more elements are allocated than the file's tensors plus the dense layers
+    they replace. Returns ``(model, on_meta)``."""
+    try:
+        with torch.device("meta"), _SkipRandomInit():
+            return _build_structure(skeleton, layers, p, check_sizes=check_sizes), True
+    except Exception:  # noqa: BLE001 - whatever the meta build raised, the real build says it again or works
+        if named is not None:
+            _check_kwargs_fit(named.get("kwargs"), tensors, p)
+        cap = (sum(t.numel() for t in tensors.values()) + 2**24
+               + sum(int(v.get("params_before") or 0) for v in layers.values()))
+        with _AllocationCap(cap, p):
+            return _build_structure(skeleton, layers, p, check_sizes=check_sizes), False
 
 
 def _match_stored_dtypes(model: nn.Module, layers: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
