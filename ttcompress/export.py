@@ -262,18 +262,24 @@ def _torchscript_bytes(model: nn.Module, x: torch.Tensor) -> tuple[bytes, Any]:
     return buffer.getvalue(), traced
 
 
-def _reference_outputs(model: nn.Module, xs: Sequence[torch.Tensor], shape: Sequence[int]) -> list[torch.Tensor]:
-    """``model``'s outputs on ``xs`` (no grad); ExportError unless it runs and returns one tensor."""
+_ONE_TENSOR = "export supports models that return one tensor (or a transformers output with logits or last_hidden_state)"
+
+
+def _reference_outputs(model: nn.Module, xs: Sequence[torch.Tensor], shape: Sequence[int]
+                       ) -> tuple[list[torch.Tensor], bool]:
+    """``model``'s outputs on ``xs`` (no grad), and whether they were single tensors; a structure (a
+    transformers ``ModelOutput``) gives its primary tensor. ExportError unless it runs and has one."""
     with torch.no_grad():
         try:
-            expected = [model(x) for x in xs]
-        except (RuntimeError, ValueError) as exc:
+            outs = [model(x) for x in xs]
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             raise ExportError(f"the model does not run on inputs of shape {list(shape)}: "
                               f"{' '.join(str(exc).split())[:200]}") from None
-    if not all(isinstance(y, torch.Tensor) for y in expected):
-        raise ExportError("export supports models that return one tensor (or a transformers output with logits "
-                          "or last_hidden_state)")
-    return expected
+    single = all(isinstance(y, torch.Tensor) for y in outs)
+    try:
+        return (outs if single else [primary_output(y) for y in outs]), single
+    except UserInputError:
+        raise ExportError(_ONE_TENSOR) from None
 
 
 class _PrimaryOutput(nn.Module):
@@ -286,24 +292,6 @@ class _PrimaryOutput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return primary_output(self.model(x))
-
-
-def _single_output(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """``model``, or the :class:`_PrimaryOutput` wrapper when it returns more than one tensor."""
-    with torch.no_grad():
-        try:
-            out = model(x)
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            raise ExportError(f"the model does not run on inputs of shape {list(x.shape[1:])}: "
-                              f"{' '.join(str(exc).split())[:200]}") from None
-    if isinstance(out, torch.Tensor):
-        return model
-    try:
-        primary_output(out)
-    except UserInputError:
-        raise ExportError("export supports models that return one tensor (or a transformers output with logits "
-                          "or last_hidden_state)") from None
-    return _PrimaryOutput(model)
 
 
 def _export_hf(model: nn.Module, dest: Path, *, check: bool, overwrite: bool) -> ExportResult:
@@ -372,11 +360,13 @@ def export_model(
     shape = _input_shape(model, input_shape)
     batches = (batch_size, batch_size + 2)
     xs = _inputs(model, shape, batches)
-    if format != "dense":
-        model = _single_output(model, xs[0])  # ONNX and TorchScript graphs output one tensor
+    expected, single = _reference_outputs(model, xs, shape)
+    if not single:
+        if format == "dense":
+            raise ExportError(_ONE_TENSOR)
+        model = _PrimaryOutput(model)  # ONNX and TorchScript graphs output the one tensor
     # torch.export specializes a batch of 1 into a constant: trace with at least 2.
     example = xs[0] if batch_size > 1 else xs[1]
-    expected = _reference_outputs(model, xs, shape)
 
     dest = Path(path)
     layers: tuple[LayerMerge, ...] = ()

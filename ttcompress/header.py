@@ -24,7 +24,7 @@ import inspect
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ttcompress.errors import CheckpointError
@@ -36,6 +36,7 @@ __all__ = [
     "MAX_INT",
     "MAX_LIST",
     "check_layer_counts",
+    "config_items",
     "json_depth",
     "layer_config_fields",
     "parse_header_json",
@@ -243,23 +244,27 @@ def _show(value: Any) -> str:
 _LAYER_COUNT_KEY = re.compile(r"^(n|num)_(\w+_)?layers?$|^\w+_layers$|^depths?$")
 
 
+def config_items(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every ``(dotted.name, value)`` under a JSON-like config, mappings and lists walked through
+    (a list's items keep the list's name)."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            name = f"{path}.{key}" if path else str(key)
+            yield name, value
+            yield from config_items(value, name)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            yield from config_items(value, path)
+
+
 def check_layer_counts(config: Any, n_tensors: int, where: str) -> None:
     """Refuse a recorded config (an architecture's kwargs, a ``config.json``) whose layer counts
     exceed the tensors the file holds: each layer has at least one, and a crafted count of 10^5
     layers would otherwise keep the loader building modules for many minutes before the shapes
     are compared. Keys: ``num_hidden_layers``, ``n_layer``, ``encoder_layers``, ``depth(s)``, ..."""
-    def visit(node: Any, path: str) -> None:
-        if isinstance(node, Mapping):
-            for key, value in node.items():
-                name = f"{path}.{key}" if path else str(key)
-                if isinstance(key, str) and _LAYER_COUNT_KEY.match(key.lower()):
-                    values = value if isinstance(value, (list, tuple)) else [value]
-                    if all(isinstance(v, int) and not isinstance(v, bool) for v in values) and sum(values) > n_tensors:
-                        raise CheckpointError(f"{where}: {name} = {value} layers, but the file holds only "
-                                              f"{n_tensors} tensors")
-                visit(value, name)
-        elif isinstance(node, (list, tuple)):
-            for v in node:
-                visit(v, path)
-
-    visit(config, "")
+    for name, value in config_items(config):
+        if not _LAYER_COUNT_KEY.match(name.rpartition(".")[2].lower()):
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values) and sum(values) > n_tensors:
+            raise CheckpointError(f"{where}: {name} = {value} layers, but the file holds only {n_tensors} tensors")

@@ -153,10 +153,10 @@ def key_map(model: nn.Module, stored: Iterable[str]) -> dict[str, str]:
 
     A ``base_model_prefix`` (``transformer.``, ``bert.``) is added or removed where that is what
     matches; names in a layout transformers renames on load (its checkpoint conversion mapping:
-    transformers 5 stores ViT's ``encoder.layer.0.attention.attention.query`` as
-    ``layers.0.attention.q_proj``, and every hub checkpoint has the old names) are renamed as it
-    renames them (pure renames only: a tensor it would merge or split stays unmatched); names the class declares ignorable (``_keys_to_ignore_on_load_unexpected``, e.g.
-    GPT-2's old causal-mask buffers) are dropped. An unmatched name maps to itself (unexpected).
+    ViT's stored ``encoder.layer.0.attention.attention.query`` is ``layers.0.attention.q_proj`` in
+    transformers 5) are renamed as it renames them (pure renames only: a tensor it would merge or
+    split stays unmatched); names the class declares ignorable
+    (``_keys_to_ignore_on_load_unexpected``, e.g. GPT-2's old causal-mask buffers) are dropped. An unmatched name maps to itself (unexpected).
     """
     expected = set(model.state_dict())
     prefix = str(getattr(model, "base_model_prefix", "") or "")
@@ -164,13 +164,9 @@ def key_map(model: nn.Module, stored: Iterable[str]) -> dict[str, str]:
     renames = _legacy_renamings(model)
     mapping: dict[str, str] = {}
     for key in stored:
-        candidates = [key]
-        renamed = _renamed(key, renames)
-        for name in dict.fromkeys((key, renamed)):
-            if prefix:
-                candidates += [name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")]
-            else:
-                candidates.append(name)
+        candidates = []
+        for name in (key, _renamed(key, renames)):
+            candidates += [name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")] if prefix else [name]
         target = next((c for c in candidates if c in expected), None)
         if target is None and any(p.search(key) for p in ignore):
             continue

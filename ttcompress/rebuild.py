@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ttcompress.errors import ArchRequiredError, CheckpointError, shape_mismatches
 from ttcompress.formats import get_format
-from ttcompress.header import check_layer_counts
+from ttcompress.header import check_layer_counts, config_items
 from ttcompress.meta import ArchSpec, ModelMeta, set_meta
 from ttcompress.layer_report import LayerReport
 from ttcompress.models import build_arch, check_arch_trusted, resolve_arch
@@ -120,14 +120,14 @@ def rebuild_model(
         if kept not in tensors:
             raise CheckpointError(f"{p}: tied tensor {dup!r} refers to {kept!r}, which is not in the file")
         tensors[dup] = tensors[kept]
-    if isinstance(arch, Mapping) and not given:
+    named = arch if isinstance(arch, Mapping) and not given else None  # built by the name in the file
+    if named is not None:
         # Import the architecture's module now, not under the meta device below: tensors a module
         # makes at import time (a window, a table) would otherwise be meta for the whole process.
         try:
-            resolve_arch(arch["name"])
+            resolve_arch(named["name"])
         except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{p}: cannot build arch {arch['name']!r} from the header: {short_error(exc)}") from None
-    named = arch if isinstance(arch, Mapping) and not given else None
+            raise CheckpointError(f"{p}: cannot build arch {named['name']!r} from the header: {short_error(exc)}") from None
     probe, on_meta = _probe(skeleton, layers, tensors, p, check_sizes=given, named=named)
     _compare_shapes(probe, tensors, layers, p)
     # Allocate only what the file holds: the meta skeleton gets storage and the file's tensors fill
@@ -256,19 +256,10 @@ class _SkipRandomInit(TorchFunctionMode):
 
 def _check_kwargs_fit(kwargs: Any, tensors: Mapping[str, torch.Tensor], p: Path) -> None:
     largest = max((max(t.shape, default=1) for t in tensors.values()), default=1)
-
-    def visit(node: Any, name: str) -> None:
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                visit(v, f"{name}.{k}" if name else str(k))
-        elif isinstance(node, (list, tuple)):
-            for v in node:
-                visit(v, name)
-        elif isinstance(node, int) and not isinstance(node, bool) and node > largest:
-            raise CheckpointError(f"{p}: arch kwargs {name} = {node} exceeds every dimension of the file's "
+    for name, value in config_items(kwargs):
+        if isinstance(value, int) and not isinstance(value, bool) and value > largest:
+            raise CheckpointError(f"{p}: arch kwargs {name} = {value} exceeds every dimension of the file's "
                                   f"tensors (largest {largest}); refusing to build it")
-
-    visit(kwargs, "")
 
 
 class _AllocationCap(TorchDispatchMode):
