@@ -318,3 +318,30 @@ def test_holdout_split_is_fixed_disjoint_and_leaves_the_test_split_alone(tiny: D
     assert holdout_split(tiny, fraction=0.0) == (tiny.train, tiny.test)
     with pytest.raises(ValueError, match="val_fraction"):
         TrainConfig(val_fraction=1.0)
+
+
+def test_finetune_never_returns_a_model_worse_than_its_start(
+    tiny: DatasetBundle, baseline: nn.Module, tmp_path: Path
+) -> None:
+    # A learning rate this large wrecks the trained model in one epoch (SGD, no schedule): the
+    # starting model, scored on the validation split as epoch 0, must be what -o holds.
+    from ttcompress.io import load
+
+    model = seeded()
+    model.load_state_dict(baseline.state_dict())
+    start = evaluate(model, tiny).accuracy
+    cfg = FinetuneConfig(epochs=1, lr=5.0, optimizer="sgd", schedule="none", **CPU)
+    result = finetune(model, tiny, output=tmp_path / "ft.pt", config=cfg)
+    assert result.start is not None and result.start.epoch == 0 and result.start.val_accuracy is not None
+    assert result.history[0].val_accuracy < result.start.val_accuracy  # the epoch did get worse
+    assert result.best_epoch == 0 and result.kept_start and result.to_dict()["kept_start"] is True
+    assert result.best_accuracy == result.start.val_accuracy
+    kept = load(tmp_path / "ft.pt", arch=seeded())
+    assert same_weights(kept, baseline) and evaluate(kept, tiny).accuracy == pytest.approx(start)
+
+
+def test_finetune_that_improves_replaces_its_start(tiny: DatasetBundle, baseline: nn.Module, tmp_path: Path) -> None:
+    model = compressed_copy(baseline)
+    result = finetune(model, tiny, output=tmp_path / "ft.pt", config=FinetuneConfig(epochs=1, lr=2e-3, **CPU))
+    assert result.start is not None and result.best_epoch == 1 and not result.kept_start
+    assert result.best_accuracy > result.start.val_accuracy

@@ -147,15 +147,16 @@ def history_table(history: Sequence[EpochRecord], *, title: str | None = None) -
     for col in ("epoch", "loss", "acc", "val loss", "val acc", "top-5", "lr", "time", "samples/s"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in history:
+        start = r.epoch == 0  # fine-tuning's starting model: validated, not trained
         table.add_row(
-            f"{r.epoch}{' *' if r.best else ''}",
-            f"{r.train_loss:.4f}",
+            f"{'start' if start else r.epoch}{' *' if r.best else ''}",
+            "-" if start else f"{r.train_loss:.4f}",
             _pct(r.train_accuracy),
             f"{r.val_loss:.4f}",
             _pct(r.val_accuracy),
             "-" if r.val_top5 is None else f"{100 * r.val_top5:.2f}%",
-            f"{r.lr:.3g}",
+            "-" if start else f"{r.lr:.3g}",
             f"{r.seconds:.1f}s",
-            f"{r.samples_per_s:,.0f}",
+            "-" if start else f"{r.samples_per_s:,.0f}",
         )
     return table

@@ -135,7 +135,8 @@ def render_result(result: TrainResult, *, json_: bool, title: str) -> None:
     if json_:
         out.print_json(json.dumps(result.to_dict()))
     elif result.history:
-        out.print(history_table(result.history, title=title))
+        rows = result.history if result.start is None else (result.start, *result.history)
+        out.print(history_table(rows, title=title))
     if result.interrupted:
         if result.history and paths.resume.is_file():
             err.print(
@@ -145,7 +146,12 @@ def render_result(result: TrainResult, *, json_: bool, title: str) -> None:
         else:
             err.print("interrupted before the first epoch ended: nothing was saved")
         raise typer.Exit(code=130)
-    if result.best_epoch is not None:
+    if result.kept_start and result.history:
+        err.print(
+            f"no epoch beat the starting model on the validation split ({_best_score(result)}): "
+            f"kept it as the best checkpoint {paths.best}"
+        )
+    elif result.best_epoch is not None:
         err.print(
             f"best: epoch {result.best_epoch}, {_best_score(result)} -> {paths.best} "
             f"(last: {paths.last.name}, metrics: {paths.metrics.name}, resume state: {paths.resume.name})"
@@ -155,7 +161,8 @@ def render_result(result: TrainResult, *, json_: bool, title: str) -> None:
 def _best_score(result: TrainResult) -> str:
     if result.best_accuracy is not None:
         return f"val acc {100 * result.best_accuracy:.2f}%"
-    best = next((r for r in result.history if r.epoch == result.best_epoch), None)
+    start = () if result.start is None else (result.start,)
+    best = next((r for r in (*start, *result.history) if r.epoch == result.best_epoch), None)
     return f"val loss {best.val_loss:.4g} (no class labels: no accuracy)" if best else "no accuracy"
 
 

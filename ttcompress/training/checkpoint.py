@@ -58,6 +58,7 @@ class RunState:
     best_accuracy: float | None = None
     best_epoch: int | None = None
     best_loss: float | None = None  # validation loss of the best epoch (what ranks runs without accuracy)
+    start: EpochRecord | None = None  # fine-tuning: the starting model scored as epoch 0
 
 
 # --------------------------------------------------------------------------------- read/check
@@ -129,6 +130,7 @@ def restore(
         best_accuracy=resume_state.get("best_accuracy"),
         best_epoch=resume_state.get("best_epoch"),
         best_loss=resume_state.get("best_loss"),
+        start=EpochRecord(**resume_state["start"]) if isinstance(resume_state.get("start"), dict) else None,
     )
     set_rng_state(resume_state.get("rng", {}))
     return state
@@ -162,6 +164,7 @@ def resume_payload(
         "best_epoch": state.best_epoch,
         "best_loss": state.best_loss,
         "history": [r.to_dict() for r in state.history],
+        "start": state.start.to_dict() if state.start is not None else None,
         "config": config.to_dict(),
         "data": data,
         "base_meta_info": json.dumps(state.base_meta),

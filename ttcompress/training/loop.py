@@ -193,6 +193,7 @@ class _Run:
             best_epoch=state.best_epoch,
             best_accuracy=state.best_accuracy,
             start_epoch=state.start_epoch,
+            start=state.start,
             interrupted=interrupted,
             world_size=self.ctx.world_size,
             device=str(self.device),
@@ -337,6 +338,8 @@ def _run_epochs(run: _Run, state: RunState) -> TrainResult:
     interrupted = False
     epoch = state.start_epoch
     try:
+        if run.mode == "finetune" and state.start_epoch == 0 and state.start is None:
+            _validate_start(run, state)
         for epoch in range(state.start_epoch + 1, run.config.epochs + 1):
             _one_epoch(run, state, epoch)
     except KeyboardInterrupt:
@@ -373,6 +376,23 @@ def _one_epoch(run: _Run, state: RunState, epoch: int) -> None:
         _save(run, state, epoch, val.accuracy, improved=record.best)
     distributed.barrier(run.ctx)
     run.cb.on_epoch_end(record)
+
+
+def _validate_start(run: _Run, state: RunState) -> None:
+    """Fine-tuning only: score the model it starts from as epoch 0, and save it as the best so far.
+
+    An epoch then has to beat the starting model on the validation split to replace it, so
+    fine-tuning never hands back a model that validates worse than the one it was given.
+    """
+    start = time.perf_counter()
+    val = _validate(run, state, 0)
+    state.best_accuracy, state.best_loss, state.best_epoch = val.accuracy, val.loss, 0
+    state.start = EpochRecord(epoch=0, train_loss=math.nan, train_accuracy=None, val_loss=val.loss,
+                              val_accuracy=val.accuracy, val_top5=val.top5, lr=0.0,
+                              seconds=time.perf_counter() - start, samples_per_s=0.0, best=True)  # fmt: skip
+    if run.ctx.main:
+        save_checkpoint(run.model, run.paths.best, run.info(state, 0, val.accuracy))
+    distributed.barrier(run.ctx)
 
 
 def _train_epoch(run: _Run, state: RunState, epoch: int) -> tuple[torch.Tensor, float]:

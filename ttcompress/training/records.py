@@ -66,7 +66,8 @@ class TrainResult:
     history : tuple of EpochRecord
         All finished epochs, including those before a resume.
     best_epoch : int or None
-        Epoch of the best checkpoint (None when no epoch finished).
+        Epoch of the best checkpoint (None when no epoch finished); 0 when fine-tuning kept the
+        starting model because no epoch beat it on the validation split.
     best_accuracy : float or None
     start_epoch : int
         Epochs already done when this call started (non-zero after ``resume``).
@@ -76,6 +77,8 @@ class TrainResult:
     device : str
     rank : int
         This process's rank (0 without ``torchrun``); only rank 0 writes files.
+    start : EpochRecord or None
+        Fine-tuning: the starting model's validation scores (epoch 0); None for ``train``.
     """
 
     paths: RunPaths
@@ -87,9 +90,16 @@ class TrainResult:
     world_size: int
     device: str
     rank: int = 0
+    start: EpochRecord | None = None
+
+    @property
+    def kept_start(self) -> bool:
+        """Fine-tuning returned the model it started from (no epoch validated better)."""
+        return self.start is not None and self.best_epoch == 0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["kept_start"] = self.kept_start
         d["paths"] = {k: str(v) for k, v in dataclasses.asdict(self.paths).items()}
         return d
 
