@@ -120,3 +120,12 @@ def test_layer_section_lists_dense_layers_flags_large_errors_and_shows_output_er
     assert "0.7000 → 0.0500" in lines["fc1"] and "!" not in lines["fc1"] and "0.8000" in lines["fc1"]
     assert "| dense |" in lines["fc2"] and "excluded by --exclude" in lines["fc2"] and "| 50 |" in lines["fc2"]
     assert f"! = error above {LARGE_ERROR:g}" in text  # the threshold is documented under the table
+
+
+def test_a_noisy_latency_is_marked_and_explained(report: Report) -> None:
+    noisy = dataclasses.replace(report.rows[1], latency_iqr_ms=0.5)  # 33 % of the 1.5 ms median
+    rep = dataclasses.replace(report, rows=(report.rows[0], noisy, *report.rows[2:]))
+    md = render(rep, "md")
+    assert "± 0.00391 ~" in md and "~ = latency spread over 10% of the median (tt4)" in md
+    assert "~" not in render(report, "md")
+    assert json.loads(to_json(rep))["rows"][1]["latency_noisy"] is True

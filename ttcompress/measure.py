@@ -14,9 +14,11 @@ the format registry, so a new format is counted under the kind of the dense laye
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,11 +29,14 @@ from ttcompress.layer_report import count_params
 
 __all__ = [
     "KINDS",
+    "NOISY_SPREAD",
     "count_flops",
     "count_params",
     "example_input",
     "flops_by_kind",
     "layer_kind",
+    "LatencyStats",
+    "measure_latencies",
     "measure_latency",
     "params_by_kind",
     "peak_memory",
@@ -228,19 +233,105 @@ def measure_latency(
 ) -> tuple[float, float]:
     """Median and interquartile range, in milliseconds, of one forward pass on a batch.
 
-    Uses :class:`torch.utils.benchmark.Timer` (which synchronizes CUDA) in eval mode under
-    ``no_grad``, after a warm-up call.
+    One model's :func:`measure_latencies`: eval mode, ``no_grad``, warm-up, then at least
+    :data:`MIN_ROUNDS` timed blocks and ``min_run_time`` seconds.
+    """
+    stats = measure_latencies([model], input_shape, batch_size=batch_size, min_run_time=min_run_time,
+                              num_threads=num_threads)[0]
+    return stats.median_ms, stats.iqr_ms
+
+
+#: Relative spread (IQR / median) above which a latency is flagged as unsteady.
+NOISY_SPREAD = 0.10
+#: Timing rounds at least: each model is timed once per round, the models in turn.
+MIN_ROUNDS = 7
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """One model's forward latency, in milliseconds per call (a batch), over interleaved rounds.
+
+    Attributes
+    ----------
+    median_ms : float
+        Median over the rounds of the mean time per call within a round.
+    iqr_ms : float
+        Interquartile range of those round times.
+    rounds : int
+        Rounds timed (each a block of ``calls_per_round`` calls).
+    calls_per_round : int
+    """
+
+    median_ms: float
+    iqr_ms: float
+    rounds: int
+    calls_per_round: int
+
+    @property
+    def spread(self) -> float:
+        """``iqr / median``: above :data:`NOISY_SPREAD` the number is not steady."""
+        return self.iqr_ms / self.median_ms if self.median_ms > 0 else 0.0
+
+    @property
+    def noisy(self) -> bool:
+        return self.spread > NOISY_SPREAD
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    return float(torch.tensor(sorted(values), dtype=torch.float64).quantile(q))
+
+
+def measure_latencies(
+    models: Sequence[nn.Module],
+    input_shape: Sequence[int],
+    *,
+    batch_size: int,
+    min_run_time: float = 0.5,
+    num_threads: int | None = None,
+    min_rounds: int = MIN_ROUNDS,
+) -> list[LatencyStats]:
+    """Forward latency of several models on a batch, measured like a benchmark: interleaved.
+
+    Each model is put in eval mode under ``no_grad``, warmed up (three calls: lazy init, path
+    choices, allocator caches), and its calls per block are sized so a block takes about
+    ``min_run_time / min_rounds`` seconds. Then the models are timed in turn, one block each
+    per round, for at least ``min_rounds`` rounds and until every model has had ``min_run_time``
+    seconds: a change of machine load during the measurement touches every model alike instead
+    of whichever happened to run then, so two copies of one model in one report agree. Blocks
+    are timed with :class:`torch.utils.benchmark.Timer` (which synchronizes CUDA). The result is
+    the median and IQR of the per-call times of the blocks (:class:`LatencyStats`).
     """
     benchmark = _import_benchmark()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    with _Eval(model), torch.no_grad():
-        x = example_input(model, input_shape, batch_size)
-        model(x)  # warm-up (lazy init, caches, cuDNN autotuning)
-        timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x},
-                                num_threads=num_threads or torch.get_num_threads())
-        measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    return measurement.median * 1e3, measurement.iqr * 1e3
+    if not models:
+        return []
+    threads = num_threads or torch.get_num_threads()
+    block_s = max(min_run_time / max(min_rounds, 1), 1e-3)
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        timers, calls = [], []
+        for model in models:
+            stack.enter_context(_Eval(model))
+            x = example_input(model, input_shape, batch_size)
+            timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads)
+            once = timer.timeit(3).mean  # warm-up, and the time of one call
+            timers.append(timer)
+            calls.append(max(1, int(block_s / max(once, 1e-9))))
+        times: list[list[float]] = [[] for _ in models]
+        spent = [0.0] * len(models)
+        rounds = 0
+        while rounds < min_rounds or min(spent) < min_run_time:
+            for i in range(len(models)):
+                j = (i + rounds) % len(models)  # rotate who goes first
+                per_call = timers[j].timeit(calls[j]).mean
+                times[j].append(per_call)
+                spent[j] += per_call * calls[j]
+            rounds += 1
+    return [
+        LatencyStats(median_ms=_quantile(t, 0.5) * 1e3, iqr_ms=(_quantile(t, 0.75) - _quantile(t, 0.25)) * 1e3,
+                     rounds=rounds, calls_per_round=c)
+        for t, c in zip(times, calls)
+    ]
 
 
 class _LiveTensors:

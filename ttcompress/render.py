@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from ttcompress.dryrun import LARGE_ERROR
 from ttcompress.layer_report import LayerReport
-from ttcompress.measure import KINDS
+from ttcompress.measure import KINDS, NOISY_SPREAD
 from ttcompress.report import ModelRow, Report
 
 __all__ = ["FORMATS", "large_error_note", "out_error_cell", "render", "to_csv", "to_json", "to_markdown",
@@ -67,7 +67,7 @@ def _per_sample(row: ModelRow) -> str:
     if per is None:
         return "–"
     spread = f" ± {row.latency_iqr_ms / 2 / row.batch_size:.3g}" if row.latency_iqr_ms is not None and row.batch_size else ""
-    return f"{per:.3g}{spread}"
+    return f"{per:.3g}{spread}{' ~' if row.latency_noisy else ''}"
 
 
 def _throughput(row: ModelRow) -> str:
@@ -177,7 +177,12 @@ def _caption(report: Report) -> str:
     parts.append(f"device: {report.device}")
     if any(row.latency_ms is not None for row in report.rows):
         parts.append(f"FLOPs per sample; ms/sample: median ± IQR/2 of one forward pass on a batch of "
-                     f"{report.batch_size}, divided by {report.batch_size}; peak mem: weights + activations of that batch")
+                     f"{report.batch_size}, divided by {report.batch_size}, the models timed in turn over the same "
+                     "rounds; peak mem: weights + activations of that batch")
+        noisy = [row.model for row in report.rows if row.latency_noisy]
+        if noisy:
+            parts.append(f"~ = latency spread over {NOISY_SPREAD:.0%} of the median ({', '.join(noisy)}): the machine "
+                         "was busy, compare these timings with care or measure again")
     parts.append("weights: size of the weights alone (safetensors, no metadata)")
     parts.append(f"torch {report.torch_version}")
     return ", ".join(parts)

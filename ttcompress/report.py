@@ -17,7 +17,9 @@ Every number here is measured on the models given:
   :class:`torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts as 2 FLOPs), and
   ``flops_by_kind``;
 * ``latency_ms``: median wall time of one forward pass on a batch of ``batch_size``, measured with
-  :class:`torch.utils.benchmark.Timer` (``latency_iqr_ms`` is the interquartile range);
+  :class:`torch.utils.benchmark.Timer` over interleaved rounds, every model once per round
+  (:func:`ttcompress.measure.measure_latencies`; ``latency_iqr_ms`` is the interquartile range,
+  ``latency_noisy`` marks a spread over 10 % of the median);
   ``latency_per_sample_ms`` = ``latency_ms / batch_size``; ``throughput`` = samples per second;
 * ``peak_memory_bytes``: peak tensor memory of inference on one batch (weights and buffers plus
   the activations alive at once, :func:`ttcompress.measure.peak_memory`);
@@ -45,7 +47,7 @@ from ttcompress.fsutil import strip_model_suffix
 from ttcompress.layer_report import DENSE_FORMAT, KEPT_DENSE_INFO, LayerReport, count_params
 from ttcompress.meta import read_meta
 from ttcompress.measure import (
-    KINDS, count_flops, flops_by_kind, measure_latency, params_by_kind, peak_memory, weights_bytes,
+    KINDS, NOISY_SPREAD, count_flops, flops_by_kind, measure_latencies, measure_latency, params_by_kind, peak_memory, weights_bytes,
 )
 
 __all__ = [
@@ -93,6 +95,13 @@ class ModelRow:
         return None if self.latency_ms is None or not self.batch_size else self.latency_ms / self.batch_size
 
     @property
+    def latency_noisy(self) -> bool:
+        """The latency's IQR is over :data:`ttcompress.measure.NOISY_SPREAD` of its median (a busy machine)."""
+        if self.latency_ms is None or self.latency_iqr_ms is None or self.latency_ms <= 0:
+            return False
+        return self.latency_iqr_ms / self.latency_ms > NOISY_SPREAD
+
+    @property
     def throughput(self) -> float | None:
         """Samples per second of inference at ``batch_size``."""
         per = self.latency_per_sample_ms
@@ -107,6 +116,7 @@ class ModelRow:
             data[f"compression_{kind}"] = self.compression_by_kind.get(kind)
         data["latency_per_sample_ms"] = self.latency_per_sample_ms
         data["throughput"] = self.throughput
+        data["latency_noisy"] = self.latency_noisy
         data["layers"] = [layer.to_dict() for layer in self.layers]
         return data
 
@@ -300,7 +310,12 @@ def build_report(
     options = dict(device=device, shape=shape, batch_size=batch_size, eval_batch_size=eval_batch_size,
                    min_run_time=min_run_time, measure_speed=measure_speed, metric=metric, metric_name=metric_name)
     base = dict(base_params=count_params(baseline.model), base_kinds=params_by_kind(baseline.model))
-    measured = [_measure_entry(entry, data, test_set, **base, **options) for entry in (baseline, *models)]
+    entries = (baseline, *models)
+    measured = [_measure_entry(entry, data, test_set, **base, **options) for entry in entries]
+    if measure_speed:
+        timed = measure_latencies([e.model for e in entries], shape, batch_size=batch_size, min_run_time=min_run_time)
+        for m, t in zip(measured, timed):
+            m["latency_ms"], m["latency_iqr_ms"] = t.median_ms, t.iqr_ms
     base_acc = measured[0]["accuracy"]
     rows = tuple(
         ModelRow(
@@ -383,9 +398,6 @@ def _measure_entry(
         accuracy, top5 = result.accuracy, result.top5
     if metric is not None and test_set is not None:
         value = _user_metric(metric, metric_name or "metric", model, test_set, device, eval_batch_size)
-    latency = iqr = None
-    if measure_speed:
-        latency, iqr = measure_latency(model, shape, batch_size=batch_size, min_run_time=min_run_time)
     return dict(
         model=entry.label,
         params=params,
@@ -401,8 +413,8 @@ def _measure_entry(
         },
         batch_size=batch_size,
         peak_memory_bytes=peak_memory(model, shape, batch_size=batch_size) if measure_speed else None,
-        latency_ms=latency,
-        latency_iqr_ms=iqr,
+        latency_ms=None,  # measured for all models at once, interleaved (build_report)
+        latency_iqr_ms=None,
         accuracy=accuracy,
         top5=top5,
         path=str(entry.path) if entry.path is not None else None,
