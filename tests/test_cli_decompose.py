@@ -270,7 +270,7 @@ def test_cp_progress_bars_on_a_terminal(cnn_file, tmp_path, plan_file, monkeypat
 
 def test_progress_stays_off_a_redirected_stderr(cnn_file, tmp_path, plan_file):
     result = ok("decompose", cnn_file, "--arch", "seed-cnn", "--plan", plan_file, "-o", tmp_path / "o.tt.pt")
-    assert result.stderr.strip().splitlines() == [f"wrote {tmp_path / 'o.tt.pt'}"]
+    assert result.stderr.strip().splitlines() == [f"data-free (no calibration data); wrote {tmp_path / 'o.tt.pt'}"]
     result = ok("decompose", cnn_file, "--arch", "seed-cnn", "--plan", plan_file, "-o", tmp_path / "p.tt.pt",
                 "--json")
     assert json.loads(result.stdout)["params_after"] > 0 and "CP-ALS" not in result.stderr
@@ -310,3 +310,26 @@ def test_decompose_checks_the_model_still_runs(tmp_path, monkeypatch):
     assert "forward check failed" in rows["block.b"]["skipped"]
     loaded = load(out, trust_code=True)
     assert loaded(torch.randn(2, 64)).shape == (2, 64)
+
+
+@pytest.mark.parametrize("recorded, calibrated", [("mnist-5k", True), ("tensors:/etc/hostname", False),
+                                                  ("os:system", False), ("imagefolder:/", False)])
+def test_a_checkpoint_that_records_its_dataset_is_calibrated_on_it(tmp_path, recorded, calibrated):
+    # Every model `train` writes records its dataset: decompose calibrates on it unless --no-calib.
+    # Only built-in names count: a file never makes ttcompress read a path or import a name.
+    import ttcompress
+    from ttcompress.models import build_arch
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.pt"
+    ttcompress.save(build_arch("seed-cnn"), path, info={"dataset": recorded})
+    args = ("decompose", path, "--tt-ranks", "4", "--calib-samples", "64", "--json")
+    data = json.loads(ok(*args, "-o", tmp_path / "a.tt.pt").stdout)
+    assert data["calibration"]["used"] is calibrated
+    if calibrated:
+        assert data["calibration"]["dataset"] == "mnist-5k" and data["calibration"]["samples"] == 64
+        assert data["calibration"]["source"] == "recorded in the checkpoint"
+        assert get_meta(load(tmp_path / "a.tt.pt"))["info"]["calibration"]["used"] is True
+        assert all(layer["out_error_after"] is not None for layer in data["layers"] if layer["format"] == "tt")
+    data = json.loads(ok(*args, "--no-calib", "-o", tmp_path / "b.tt.pt").stdout)
+    assert data["calibration"] == {"used": False}

@@ -449,10 +449,11 @@ class DecomposeResult:
     input: Path
     input_kind: str
     output: Path
+    calibration: Mapping[str, Any] = field(default_factory=lambda: {"used": False})  # as recorded in the file
 
     def to_dict(self) -> dict[str, Any]:
         return {"input": str(self.input), "input_kind": self.input_kind, "output": str(self.output),
-                **self.result.to_dict()}
+                "calibration": dict(self.calibration), **self.result.to_dict()}
 
 
 def decompose_file(
@@ -503,11 +504,11 @@ def decompose_file(
         # stays dense), on an input the model is known to take, when one can be made.
         result = compress_with_report(loaded.model, plan, progress=progress, calib_data=calib_data,
                                       calib_samples=calib_samples, check_input=default_check_input(loaded.model))
+        calibration = {"used": calib_data is not None, **dict(calib_info or {})}
         if rank == 0:
-            calibration = {"used": calib_data is not None, **dict(calib_info or {})}
             info = {"plan": plan.to_dict(), "source": src.name, "calibration": calibration, **source_record(src)}
             save(result.model, dest, info=info)
-    return DecomposeResult(result, src, loaded.kind, dest)
+    return DecomposeResult(result, src, loaded.kind, dest, calibration)
 
 
 # --------------------------------------------------------------------------------------------------

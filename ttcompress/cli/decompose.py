@@ -52,7 +52,7 @@ from ttcompress.formats import format_names, get_format
 from ttcompress.layer_report import format_label
 from ttcompress.dryrun import PlanPreview, preview_plan
 from ttcompress.plan import Plan
-from ttcompress.io import load_checkpoint
+from ttcompress.io import load_checkpoint, read_header
 from ttcompress.surgery import CompressionResult, DecomposeResult, decompose_file, default_output_path
 
 app = command_app()
@@ -70,6 +70,55 @@ def calibration_set(data: str, *, root: Any,  samples: int, seed: int) -> tuple[
     subset = balanced_subset(bundle.train, min(samples, len(bundle.train)), seed=seed)
     return subset, {"dataset": bundle.name, "samples": len(subset), "seed": seed, "split": "train",
                     "balanced": True}
+
+#: Datasets a checkpoint may name for default calibration: built in, so naming one imports nothing and
+#: reads no path taken from the file.
+RECORDED_DATASETS = ("mnist-5k", "mnist", "fashion-mnist", "cifar10")
+
+
+def recorded_dataset(model: Path) -> str | None:
+    """The built-in dataset a ttcompress checkpoint says its model was trained on, else ``None``.
+
+    Only the names in :data:`RECORDED_DATASETS` count: a checkpoint is data, so a recorded
+    ``tensors:FILE``, ``imagefolder:PATH`` or ``package.module:callable`` is never acted on.
+    """
+    if model.is_dir():
+        return None
+    header = read_header(model)
+    info = header.get("info") if isinstance(header, dict) else None
+    name = info.get("dataset") if isinstance(info, dict) else None
+    return name if isinstance(name, str) and name in RECORDED_DATASETS else None
+
+
+def default_calibration(model: Path, *, root: Any, samples: int, seed: int) -> tuple[Any, dict[str, Any] | None]:
+    """Calibration on the dataset the checkpoint records (see :func:`recorded_dataset`), if it loads.
+
+    A recorded dataset that needs files the user has not pointed to (``--data-root``) leaves the
+    decomposition data-free, with a note on stderr saying how to calibrate.
+    """
+    name = recorded_dataset(model)
+    if name is None:
+        return None, None
+    try:
+        calib, info = calibration_set(name, root=root, samples=samples, seed=seed)
+    except DataError as exc:
+        err.print(f"note: {model.name} was trained on {name!r}, which did not load ({exc}); decomposing data-free "
+                  f"(pass --data {name} --data-root DIR to calibrate)")
+        return None, None
+    err.print(f"calibrating on {info['samples']} samples of {name!r}, the dataset {model.name} records "
+              "(--data to choose another, --no-calib for a data-free decomposition)")
+    return calib, {**info, "source": "recorded in the checkpoint"}
+
+
+def calibration_line(calibration: Any) -> str:
+    """``calibrated on 512 samples of 'mnist-5k' (train split)`` or ``data-free (no calibration)``."""
+    if not calibration.get("used"):
+        return "data-free (no calibration data)"
+    name, n = calibration.get("dataset"), calibration.get("samples")
+    what = f"{n} samples of {name!r}" if name is not None and n is not None else "the given data"
+    source = calibration.get("source")
+    return f"calibrated on {what}" + (f" ({source})" if source else "")
+
 
 def _decompose_with_progress(model: Path, *, output: Optional[Path], plan: Plan, load: dict[str, Any],
                              calib: Any, calib_info: Any, console: Any = None) -> Any:
@@ -113,7 +162,9 @@ def decompose(
     max_error: MaxErrorOpt = None,
     data: Annotated[Optional[str], typer.Option(
         "--data", help="Calibrate on this dataset's training split (any dataset train accepts): each layer is "
-        "fitted to the dense layer's outputs, and --target-ratio ranks follow the measured output error.",
+        "fitted to the dense layer's outputs, and --target-ratio ranks follow the measured output error. "
+        "Default: the built-in dataset a ttcompress checkpoint records (every model train writes); --no-calib "
+        "for none.",
         show_default=False, metavar="NAME", rich_help_panel=_CALIB)] = None,
     data_root: DataRootOpt = None,
     calib_samples: CalibSamplesOpt = DEFAULT_CALIB_SAMPLES,
@@ -146,8 +197,12 @@ def decompose(
         return
     check_outputs([output if output is not None else default_output_path(model)], overwrite=overwrite, inputs=[model])
     with refused_input():
-        calib, calib_info = (None, None) if no_calib or data is None else calibration_set(
-            data, root=data_root, samples=calib_samples, seed=seed)
+        if no_calib:
+            calib, calib_info = None, None
+        elif data is not None:
+            calib, calib_info = calibration_set(data, root=data_root, samples=calib_samples, seed=seed)
+        else:
+            calib, calib_info = default_calibration(model, root=data_root, samples=calib_samples, seed=seed)
     load = {"arch": arch, "arch_kwargs": kwargs, "trust_pickle": trust_pickle, "trust_code": trust_code}
     result = _decompose_with_progress(model, output=output, plan=the_plan, load=load, calib=calib,
                                       calib_info=calib_info)
@@ -157,7 +212,7 @@ def decompose(
         out.print_json(json.dumps(result.to_dict()))
         return
     print_table(layer_table(result.result))
-    err.print(f"wrote {result.output}")
+    err.print(f"{calibration_line(result.calibration)}; wrote {result.output}")
 
 
 __all__ = ["DecomposeResult", "decompose"]
