@@ -75,7 +75,7 @@ def _option_names(command: str) -> set[str]:
     from ttcompress.cli import load_command
 
     params = load_command(command).params
-    return {name for p in params for name in p.opts if name.startswith("--")}
+    return {name for p in params for name in (*p.opts, *getattr(p, "secondary_opts", ())) if name.startswith("--")}
 
 
 def test_sweep_takes_every_option_of_decompose_and_finetune() -> None:

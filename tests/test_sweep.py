@@ -150,3 +150,32 @@ def test_a_sweep_calibrates_on_the_training_split_by_default(bundle, baseline, t
 def test_sweep_cli_bad_calibration_options_exit_2(baseline, tmp_path, args, flag) -> None:
     result = CliRunner().invoke(app, ["sweep", str(baseline), "--cp-ranks", "2", "-o", str(tmp_path / "s"), *args])
     assert result.exit_code == 2 and flag in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, teacher", [([], "baseline"), (["--no-distill"], None), (["--teacher", "T"], "T")])
+def test_a_sweep_distills_from_the_baseline_by_default(tmp_path, monkeypatch, args, teacher) -> None:
+    # decompose + finetune distil from the source model by default, so a sweep point does too.
+    import ttcompress.sweep as sweep_module
+
+    torch.manual_seed(0)
+    baseline = save(build_arch("seed-cnn"), tmp_path / "mnist-base.pt")
+    seen = []
+
+    def fake_finetune(model, bundle, *, teacher=None, **kwargs):
+        seen.append(teacher)
+        raise KeyboardInterrupt  # stop after recording (the rest is tested elsewhere)
+
+    monkeypatch.setattr(sweep_module, "finetune", fake_finetune)
+    other = tmp_path / "teacher.pt"
+    torch.manual_seed(1)
+    save(build_arch("seed-cnn"), other)
+    args = [str(other) if a == "T" else a for a in args]
+    CliRunner().invoke(app, ["sweep", str(baseline), "--tt-ranks", "4", "--no-calib", "--epochs", "1",
+                             "-o", str(tmp_path / "s"), *args])
+    assert len(seen) == 1
+    if teacher is None:
+        assert seen[0] is None
+    else:
+        ref = load(baseline if teacher == "baseline" else other)
+        assert seen[0] is not None and all(torch.equal(a, b) for a, b in zip(seen[0].state_dict().values(),
+                                                                              ref.state_dict().values()))

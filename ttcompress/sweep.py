@@ -488,7 +488,7 @@ def sweep_report(
     plan_file: str | os.PathLike[str] | None = None,
     plan_options: Mapping[str, Any] | None = None,
     calib_samples: int | None = DEFAULT_CALIB_SAMPLES,
-    distill: bool = False,
+    distill: bool = True,
     teacher: str | os.PathLike[str] | None = None,
     image_size: int | None = None,
     measure_speed: bool = True,
@@ -509,10 +509,10 @@ def sweep_report(
     ``plan_options`` (``formats``, ``layers``, ``exclude``, ``min_saving``, ``max_error``) apply to
     every setting. Each decomposition is calibrated on ``calib_samples`` samples of ``data``'s
     training split (``None``: data-free), see :func:`run_sweep`. Fine-tuning distils from
-    ``teacher`` (a model file), or from the baseline with ``distill``.
+    ``teacher`` (a model file) when given, else from the baseline unless ``distill=False``: the
+    defaults of ``decompose`` + ``finetune`` (which distils from the source model ``decompose``
+    recorded), so a sweep point is the model those commands give.
     """
-    if distill and teacher is not None:
-        raise UserInputError("distill (from the baseline) and teacher (a model file) are exclusive; give one")
     from ttcompress.data import load_dataset
     from ttcompress.report import ModelEntry, build_report
 
@@ -531,7 +531,7 @@ def sweep_report(
         baseline, bundle=bundle, settings=settings, output_dir=out, config=config, base_plan=base_plan,
         plan_options=plan_options, calib_samples=calib_samples, arch=arch, arch_kwargs=arch_kwargs,
         trust_pickle=trust_pickle, trust_code=trust_code,
-        teacher=base_model if distill else teacher_model, progress=progress, data_root=data_root,
+        teacher=teacher_model if teacher_model is not None else (base_model if distill else None), progress=progress, data_root=data_root,
         log=console.print if console is not None else None,
     )  # fmt: skip
     entries = [

@@ -45,7 +45,6 @@ ABSENT: dict[str, str] = {
     "--dry-run": "preview one setting with `decompose --dry-run` and its flags",
     "--teacher-arch": "a --teacher that is a bare state dict gets the baseline's architecture (--arch)",
     "--teacher-arch-kwargs": "a --teacher that is a bare state dict gets the baseline's architecture (--arch)",
-    "--no-distill": "a sweep distills only with --distill (off by default)",
 }
 
 _AXES = "Sweep axes (comma-separated lists; each value is one setting)"
@@ -120,8 +119,9 @@ def sweep_command(
     workers: WorkersOpt = None,
     eval_batch_size: EvalBatchSizeOpt = FinetuneConfig.eval_batch_size,
     distill: Annotated[bool, typer.Option(
-        "--distill", help="Distil from the baseline while fine-tuning (same as --teacher BASELINE).",
-        rich_help_panel="Distillation")] = False,
+        "--distill/--no-distill", help="Distil from the baseline while fine-tuning, as finetune does from the model "
+        "decompose recorded (default); --teacher FILE distils from that model instead.",
+        rich_help_panel="Distillation")] = True,
     teacher: TeacherOpt = None,
     alpha: AlphaOpt = FinetuneConfig.distill_alpha,
     temperature: TemperatureOpt = FinetuneConfig.distill_temperature,
@@ -173,8 +173,6 @@ def _settings(o: dict[str, Any]) -> Any:
             cp_ratio=parse_list(o["cp_ratio"], option="--cp-ratio", kind=float),
             target_ratios=parse_list(o["target_ratios"], option="--target-ratios", kind=float),
         )
-        if o["distill"] and o["teacher"] is not None:
-            raise ValueError("distill and teacher are exclusive: --distill is --teacher BASELINE")
     return settings
 
 
