@@ -146,12 +146,13 @@ def test_pickled_mlp_end_to_end(tmp_path):
     assert type(load(tmp_path / "mlp.ft.pt", arch=str(src), trust_pickle=True)[2]).__name__ == "TTLinear"
 
 
-def test_near_full_ranks_close_to_original(cnn_file, tmp_path):
+def test_full_ranks_compress_nothing_and_say_so(cnn_file, tmp_path):
+    # At ranks this high a TT layer has more parameters than the dense one: every selected layer
+    # stays dense, which is no compression at all (full-rank exactness is tested on the layers).
     out = tmp_path / "full.tt.pt"
-    ok("decompose", cnn_file, "--arch", "seed-cnn", "--tt-ranks", "100000", "--layers", "classifier.*", "-o", out)
-    dense = load(cnn_file, arch="seed-cnn")
-    with torch.no_grad():
-        torch.testing.assert_close(load(out)(_x()), dense(_x()), rtol=1e-4, atol=1e-5)
+    fails("decompose", cnn_file, "--arch", "seed-cnn", "--tt-ranks", "100000", "--layers", "classifier.*", "-o", out,
+          match="nothing was compressed, every selected layer stays dense (classifier.1: would not shrink")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("how", ["raw-pickle", "torch-save"])
@@ -333,3 +334,11 @@ def test_a_checkpoint_that_records_its_dataset_is_calibrated_on_it(tmp_path, rec
         assert all(layer["out_error_after"] is not None for layer in data["layers"] if layer["format"] == "tt")
     data = json.loads(ok(*args, "--no-calib", "-o", tmp_path / "b.tt.pt").stdout)
     assert data["calibration"] == {"used": False}
+
+
+def test_a_request_that_compresses_nothing_is_an_error(cnn_file, tmp_path):
+    out = tmp_path / "big.tt.pt"
+    result = fails("decompose", cnn_file, "--arch", "seed-cnn", "--tt-ranks", "100000", "--cp-ranks", "100000",
+                   "-o", out, match="nothing was compressed")
+    assert "would not shrink at TT ranks 100000" in result.stderr and "lower the ranks" in result.stderr
+    assert not out.exists()

@@ -38,6 +38,7 @@ from ttcompress.formats import DENSE, format_of, get_format, layer_classes
 from ttcompress.formats.base import build_note
 from ttcompress.layer_report import KEPT_DENSE_INFO, LayerReport, count_params, format_label, kept_dense
 from ttcompress.fsutil import strip_model_suffix
+from ttcompress.errors import UserInputError
 from ttcompress.io import load_checkpoint, save
 from ttcompress.meta import copy_meta, read_meta, update_meta
 from ttcompress.modtree import get_submodule, set_submodule
@@ -441,6 +442,21 @@ def default_output_path(input_path: str | os.PathLike[str]) -> Path:
     return p.with_name(strip_model_suffix(p.name) + ".tt.pt")
 
 
+def nothing_compressed(result: CompressionResult) -> str:
+    """Why a compression left every layer dense, in one line (the first reasons, and what would help).
+
+    Layers the plan did not select (``--layers``/``--exclude``) are left out of the reasons.
+    """
+    unselected = ("not matched by layers", "excluded by pattern")
+    selected = [r for r in result.records if not (r.skipped or "").startswith(unselected)]
+    if not selected:
+        return "nothing to compress: the plan selects no layer of this model (see `ttcompress inspect`)"
+    reasons = [f"{r.name}: {r.skipped or r.note or 'kept dense'}" for r in selected[:3]]
+    more = f"; ... (+{len(selected) - 3} more)" if len(selected) > 3 else ""
+    return (f"nothing was compressed, every selected layer stays dense ({'; '.join(reasons)}{more}): lower the "
+            "ranks or the error bound, or set a target ratio; nothing written")
+
+
 @dataclass(frozen=True)
 class DecomposeResult:
     """:func:`decompose_file`'s result: the compression report plus where it came from and went."""
@@ -504,6 +520,8 @@ def decompose_file(
         # stays dense), on an input the model is known to take, when one can be made.
         result = compress_with_report(loaded.model, plan, progress=progress, calib_data=calib_data,
                                       calib_samples=calib_samples, check_input=default_check_input(loaded.model))
+        if not result.compressed:
+            raise UserInputError(nothing_compressed(result))
         calibration = {"used": calib_data is not None, **dict(calib_info or {})}
         if rank == 0:
             info = {"plan": plan.to_dict(), "source": src.name, "calibration": calibration, **source_record(src)}
