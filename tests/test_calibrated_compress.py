@@ -254,5 +254,6 @@ def test_inspect_table_shows_the_recorded_output_error(tmp_path) -> None:
         console = Console(width=300, record=True, file=io.StringIO())
         console.print(summary_table(ModelSummary("ttcompress", None, 80, 16, (record,), True), title="m"))
         texts.append(console.export_text())
-    assert "out. error" in texts[0] and "0.9000 → 0.2500" in texts[0] and "2.0000 !" not in texts[0]
-    assert "out. error" not in texts[1] and "0.3000" in texts[1]
+    assert "output error" in texts[0] and "0.9000 → 0.2500" in texts[0] and "2.0000 !" not in texts[0]
+    assert "2.0000 ^" in texts[0] and "0.3000 ^" not in texts[1]  # further from the dense weight than zero
+    assert "output error" not in texts[1] and "0.3000" in texts[1]

@@ -16,7 +16,7 @@ from ttcompress.layer_report import LayerReport
 from ttcompress.measure import KINDS, NOISY_SPREAD
 from ttcompress.report import ModelRow, Report
 
-__all__ = ["FORMATS", "large_error_note", "out_error_cell", "render", "to_csv", "to_json", "to_markdown",
+__all__ = ["BEYOND_ZERO", "FORMATS", "large_error_note", "out_error_cell", "render", "to_csv", "to_json", "to_markdown",
            "to_rich_tables"]
 
 Format = Literal["table", "md", "csv", "json"]
@@ -120,12 +120,19 @@ def out_error_cell(layer: LayerReport) -> str:
     return f"{layer.out_error_before:.4f} → {layer.out_error_after:.4f}{flag}"
 
 
-def _weight_error_cell(layer: LayerReport) -> str:
-    """The weight error; flagged (``!``) only when it is what the layer is judged by (no calibration)."""
+#: A weight error above this is further from the dense weight than an all-zero weight.
+BEYOND_ZERO = 1.0
+
+
+def weight_error_cell(layer: LayerReport) -> str:
+    """The weight error, the same in every table: ``!`` above :data:`~ttcompress.dryrun.LARGE_ERROR`
+    when it is what the layer is judged by (no calibration), ``^`` above 1 (:data:`BEYOND_ZERO`:
+    further from the dense weight than zero; a calibrated layer is fitted to outputs, not weights)."""
     if layer.rel_error is None:
         return "–"
     flag = " !" if layer.out_error_after is None and layer.rel_error > LARGE_ERROR else ""
-    return f"{layer.rel_error:.4f}{flag}"
+    beyond = " ^" if layer.rel_error > BEYOND_ZERO else ""
+    return f"{layer.rel_error:.4f}{flag}{beyond}"
 
 
 def _layer_note(layer: LayerReport) -> str:
@@ -140,7 +147,7 @@ _LAYER_COLUMNS: list[tuple[str, Any]] = [
     ("ranks", lambda l: l.structure if l.compressed else "–"),
     ("params", lambda l: f"{l.params_before:,} → {l.params_after:,}" if l.compressed else _num(l.params_before)),
     ("ratio", lambda l: f"{l.ratio:.2f}×" if l.compressed and l.ratio is not None else "–"),
-    ("weight error", _weight_error_cell),
+    ("weight error", weight_error_cell),
     ("output error", out_error_cell),
     ("note", _layer_note),
 ]
@@ -149,7 +156,9 @@ _LAYER_COLUMNS: list[tuple[str, Any]] = [
 LAYER_LEGEND = (f"every Linear/Conv2d/Embedding/MultiheadAttention layer of each compressed model, dense ones with "
                 f"the reason; weight error: relative Frobenius error of the decomposed weight; output error: "
                 f"relative output error on the calibration data, data-free decomposition → fitted layer; "
-                f"! = error above {LARGE_ERROR:g} (the output error when calibrated, else the weight error)")
+                f"! = error above {LARGE_ERROR:g} (the output error when calibrated, else the weight error); "
+                f"^ = weight error above {BEYOND_ZERO:g}: further from the dense weight than zero (a calibrated layer "
+                f"is fitted to its outputs; judge it by the output error)")
 
 
 def _layer_table(report: Report) -> list[list[str]]:

@@ -14,7 +14,7 @@ from ttcompress.cli._common import out
 from ttcompress.dryrun import LARGE_ERROR, PlanPreview
 from ttcompress.formats import DENSE
 from ttcompress.layer_report import LayerReport, format_label
-from ttcompress.render import large_error_note, out_error_cell
+from ttcompress.render import BEYOND_ZERO, large_error_note, out_error_cell, weight_error_cell
 from ttcompress.surgery import CompressionResult, ModelSummary
 
 __all__ = ["error_cell", "layer_table", "preview_table", "print_table", "summary_table"]
@@ -37,10 +37,12 @@ def print_table(table: Table) -> None:
 
 def layer_table(result: CompressionResult) -> Table:
     """The per-layer rich table of a compression run, with a total row."""
-    table = Table(title="ttcompress decompose", show_footer=False)
+    table = Table(title="ttcompress decompose", show_footer=False,
+                  caption=f"! = above {LARGE_ERROR:g} (output error when calibrated, else weight error); "
+                          f"^ = weight error above {BEYOND_ZERO:g} (further from the dense weight than zero)")
     for col, just in (("layer", "left"), ("type", "left"), ("shape", "left"), ("format", "left"),
                       ("modes / ranks", "left"), ("params", "right"), ("ratio", "right"),
-                      ("rel. error", "right"), ("out. error", "right"), ("time", "right"), ("note", "left")):
+                      ("weight error", "right"), ("output error", "right"), ("time", "right"), ("note", "left")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for r in result.records:
         params = f"{r.params_before:,}" if not r.compressed else f"{r.params_before:,} → {r.params_after:,}"
@@ -52,10 +54,7 @@ def layer_table(result: CompressionResult) -> Table:
             r.structure,
             params,
             f"{r.ratio:.2f}×" if r.compressed else "–",
-            # With calibration data the output error is what matters (a fitted layer's weight may move
-            # far from the dense one on purpose): flag that one; without, the weight error.
-            (error_cell(r.rel_error) if r.out_error_after is None else f"{r.rel_error:.4f}") if r.compressed
-            and r.rel_error is not None else "–",
+            weight_error_cell(r) if r.compressed else "–",
             out_error_cell(r),
             f"{r.seconds:.2f}s" if r.seconds is not None and r.compressed else "–",
             "; ".join(x for x in (r.skipped or r.note or "", large_error_note(r.judged_error if r.compressed else None))
@@ -85,19 +84,17 @@ def summary_table(summary: ModelSummary, *, title: str) -> Table:
     caption = f"{summary.kind} · arch {arch} · {summary.total_params:,} params"
     table = Table(title=title, caption=caption)
     cols = ["layer", "type", "shape", "params", "share", "format"]
-    cols += ["modes / ranks", "before", "rel. error"] if summary.compressed else ["compressible", "suggestion"]
+    cols += ["modes / ranks", "before", "weight error"] if summary.compressed else ["compressible", "suggestion"]
     calibrated = summary.compressed and any(r.out_error_after is not None for r in summary.layers)
-    cols += ["out. error"] if calibrated else []
+    cols += ["output error"] if calibrated else []
     for c in cols:
-        table.add_column(c, justify="right" if c in ("params", "share", "before", "rel. error", "out. error") else "left")
+        table.add_column(c, justify="right" if c in ("params", "share", "before", "weight error", "output error") else "left")
     for r in summary.layers:
         tied = f" = {r.tied_to}" if r.tied_to else ""
         share = "tied" if r.tied_to else f"{100 * r.share:.1f}%"
         row = [r.name, r.type, "x".join(map(str, r.shape)), f"{r.params:,}{tied}", share, format_label(r.format)]
         if summary.compressed:
-            row += [r.structure, f"{r.params_before:,}" if r.params_before else "–",
-                    f"{r.rel_error:.4f}" if r.out_error_after is not None and r.rel_error is not None
-                    else error_cell(r.rel_error)]
+            row += [r.structure, f"{r.params_before:,}" if r.params_before else "–", weight_error_cell(r)]
             row += [out_error_cell(r)] if calibrated else []
         else:
             row += ["yes" if r.compressible else f"no: {r.skipped}", r.suggestion or "–"]
@@ -110,10 +107,10 @@ def summary_table(summary: ModelSummary, *, title: str) -> Table:
 
 def preview_table(preview: PlanPreview, *, title: str) -> Table:
     """A dry run's per-layer plan: format, projected parameters, estimated error (marked ~), with a total row."""
-    table = Table(title=title, caption=f"rel. error: ~ = estimate from singular values (no decomposition); "
+    table = Table(title=title, caption=f"weight error: ~ = estimate from singular values (no decomposition); "
                                        f"! = above {LARGE_ERROR:g}")
-    for col in ("layer", "type", "shape", "format", "params", "ratio", "rel. error", "note"):
-        table.add_column(col, justify="right" if col in ("params", "ratio", "rel. error") else "left")
+    for col in ("layer", "type", "shape", "format", "params", "ratio", "weight error", "note"):
+        table.add_column(col, justify="right" if col in ("params", "ratio", "weight error") else "left")
     for lp in preview.layers:
         d = lp.decision
         compressed = d.format != DENSE
