@@ -65,6 +65,7 @@ class Case:
 class Seeds:
     dir: Path
     cnn: Path  # seed-cnn state dict (needs ARCH)
+    dense: Path  # the same model as a ttcompress checkpoint (safetensors, records its arch)
     ckpt: Path  # compressed seed-cnn (TT + CP), records source_path = cnn
     gpt2: Path  # Hugging Face directory of a tiny GPT-2
     gpt2_tt: Path  # compressed GPT-2 (TT Linear + TT embedding), a .tt.pt naming hf:GPT2LMHeadModel
@@ -86,12 +87,15 @@ def build_seeds(root: Path, invoke: Callable[..., None]) -> Seeds:
     import torch
     import transformers
 
+    from ttcompress.io import save
     from ttcompress.models import build_arch
 
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     cnn = root / "cnn.pt"
-    torch.save(build_arch("seed-cnn", kwargs={"hidden": 32}).state_dict(), cnn)
+    model = build_arch("seed-cnn", kwargs={"hidden": 32})
+    torch.save(model.state_dict(), cnn)
+    dense = save(model, root / "cnn-dense.pt", info={"input_shape": [1, 28, 28]})
     ckpt = root / "cnn.tt.pt"
     invoke("decompose", cnn, *ARCH, "--tt-ranks", "2", "--cp-ranks", "2", "-o", ckpt)
     config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64,
@@ -102,7 +106,7 @@ def build_seeds(root: Path, invoke: Callable[..., None]) -> Seeds:
     invoke("decompose", gpt2, "--format", "tt,tt_embedding", "--tt-ranks", "4", "-o", gpt2_tt)
     gpt2_hf = root / "gpt2-hf"
     invoke("export", gpt2_tt, "--format", "hf", "-o", gpt2_hf)
-    return Seeds(root, cnn, ckpt, gpt2, gpt2_tt, gpt2_hf, PLAN)
+    return Seeds(root, cnn, dense, ckpt, gpt2, gpt2_tt, gpt2_hf, PLAN)
 
 
 # ---- mutators -------------------------------------------------------------------------------------
@@ -280,6 +284,31 @@ def fam_bytes(rng: random.Random, s: Seeds, d: Path, long: bool) -> tuple[str, l
     return "; ".join(what), _ckpt_command(rng, path, d, long), [path]
 
 
+def fam_weights(rng: random.Random, s: Seeds, d: Path, long: bool) -> tuple[str, list[str], list[Path]]:
+    """NaN, Inf or huge values in the weights of a dense or a compressed checkpoint."""
+    src = rng.choice([s.dense, s.dense, s.ckpt])
+    table, body = split_safetensors(src.read_bytes())
+    body = bytearray(body)
+    name = rng.choice(sorted(k for k in table if k != "__metadata__" and table[k]["dtype"] == "F32"))
+    start, end = table[name]["data_offsets"]
+    value = rng.choice([math.nan, math.inf, -math.inf, 3e38])
+    count = rng.choice([1, (end - start) // 4])
+    for i in rng.sample(range((end - start) // 4), count):
+        struct.pack_into("<f", body, start + 4 * i, value)
+    path = d / "in" / src.name
+    path.write_bytes(join_safetensors(table, bytes(body)))
+    out = _out(d, "x.tt.pt")
+    choices = [["decompose", str(path), "--target-ratio", "4", "-o", out],
+               ["decompose", str(path), "--tt-ranks", "2", "--cp-ranks", "2", "-o", out],
+               ["decompose", str(path), "--format", "svd,tucker2", "-o", out],
+               ["inspect", str(path)]]  # fmt: skip
+    if long:
+        choices += [["report", str(s.dense), str(path), "--no-latency", "--eval-limit", "8", "-f", "json"],
+                    ["decompose", str(path), "--target-ratio", "4", "--data", "mnist-5k", "--calib-samples", "32",
+                     "-o", out]]  # fmt: skip
+    return f"{src.name}: {count} value(s) of {name} = {value}", rng.choice(choices), [path]
+
+
 def _hf_command(rng: random.Random, path: Path, d: Path, long: bool) -> list[str]:
     choices = [["inspect", str(path)], ["decompose", str(path), "--tt-ranks", "2", "-o", _out(d, "x.tt.pt")],
                ["decompose", str(path), "--tt-ranks", "2", "--dry-run"]]
@@ -379,7 +408,7 @@ def fam_plan(rng: random.Random, s: Seeds, d: Path, long: bool) -> tuple[str, li
     cmd = rng.choice([["inspect", str(s.cnn), *ARCH, "--plan", str(path)],
                       ["decompose", str(s.cnn), *ARCH, "--plan", str(path), "--dry-run"],
                       ["decompose", str(s.cnn), *ARCH, "--plan", str(path), "-o", _out(d, "x.tt.pt")]])  # fmt: skip
-    return f"{suffix}: " + "; ".join(what), cmd, [path]
+    return f"{suffix}: " + "; ".join(what), cmd, [path, s.cnn]
 
 
 def fam_cli(rng: random.Random, s: Seeds, d: Path, long: bool) -> tuple[str, list[str], list[Path]]:
@@ -415,7 +444,7 @@ def fam_cli(rng: random.Random, s: Seeds, d: Path, long: bool) -> tuple[str, lis
         argv = ["report", str(s.cnn), str(s.ckpt), "--arch", "seed-cnn", "--arch-kwargs", kwargs, "--no-latency",
                 "--input-shape", shape, "--eval-limit", limit, "-f", "json"]  # fmt: skip
         what = [f"--arch-kwargs {kwargs} --input-shape {shape!r} --eval-limit {limit!r}"]
-    return "; ".join(what), argv, []
+    return "; ".join(what), argv, [s.cnn, s.ckpt]
 
 
 def fam_output(rng: random.Random, s: Seeds, d: Path, long: bool) -> tuple[str, list[str], list[Path]]:
@@ -442,6 +471,7 @@ def fam_seed(rng: random.Random, s: Seeds, d: Path, long: bool) -> tuple[str, li
         ["decompose", str(s.gpt2), "--tt-ranks", "2", "-o", _out(d, "x.tt.pt")],
         ["decompose", str(s.cnn), *ARCH, "--plan", str(d / "in" / "plan.yaml"), "-o", _out(d, "x.tt.pt")],
         ["export", str(s.ckpt), "--format", "dense", "-o", _out(d, "x.pt"), "--input-shape", "1,28,28"],
+        ["decompose", str(s.dense), "--target-ratio", "4", "-o", _out(d, "x.tt.pt")],
     ])  # fmt: skip
     import yaml
 
@@ -458,10 +488,11 @@ FAMILIES: dict[str, Callable[[random.Random, Seeds, Path, bool], tuple[str, list
     "plan": fam_plan,
     "cli": fam_cli,
     "output": fam_output,
+    "weights": fam_weights,
     "source": fam_source,
 }
 #: Cases per family in the default (short) run; a long run spreads its cases evenly over FAMILIES.
-SHORT = {"seed": 4, "header": 6, "bytes": 4, "config": 5, "record": 4, "plan": 4, "cli": 5, "output": 2, "source": 1}
+SHORT = {"seed": 4, "header": 6, "bytes": 4, "config": 5, "record": 4, "plan": 4, "cli": 5, "output": 2, "source": 1, "weights": 3}
 TIMEOUT = {"source": 60.0}  # finetune: data loading and one step
 
 
