@@ -52,7 +52,8 @@ from ttcompress.formats import format_names, get_format
 from ttcompress.layer_report import format_label
 from ttcompress.dryrun import PlanPreview, preview_plan
 from ttcompress.plan import Plan
-from ttcompress.io import load_checkpoint, read_header
+from ttcompress.io import load_checkpoint
+from ttcompress.cli.recorded import recorded_dataset
 from ttcompress.surgery import CompressionResult, DecomposeResult, decompose_file, default_output_path
 
 app = command_app()
@@ -70,25 +71,6 @@ def calibration_set(data: str, *, root: Any,  samples: int, seed: int) -> tuple[
     subset = balanced_subset(bundle.train, min(samples, len(bundle.train)), seed=seed)
     return subset, {"dataset": bundle.name, "samples": len(subset), "seed": seed, "split": "train",
                     "balanced": True}
-
-#: Datasets a checkpoint may name for default calibration: built in, so naming one imports nothing and
-#: reads no path taken from the file.
-RECORDED_DATASETS = ("mnist-5k", "mnist", "fashion-mnist", "cifar10")
-
-
-def recorded_dataset(model: Path) -> str | None:
-    """The built-in dataset a ttcompress checkpoint says its model was trained on, else ``None``.
-
-    Only the names in :data:`RECORDED_DATASETS` count: a checkpoint is data, so a recorded
-    ``tensors:FILE``, ``imagefolder:PATH`` or ``package.module:callable`` is never acted on.
-    """
-    if model.is_dir():
-        return None
-    header = read_header(model)
-    info = header.get("info") if isinstance(header, dict) else None
-    name = info.get("dataset") if isinstance(info, dict) else None
-    return name if isinstance(name, str) and name in RECORDED_DATASETS else None
-
 
 def default_calibration(model: Path, *, root: Any, samples: int, seed: int) -> tuple[Any, dict[str, Any] | None]:
     """Calibration on the dataset the checkpoint records (see :func:`recorded_dataset`), if it loads.

@@ -24,12 +24,12 @@ from ttcompress.cli.options import (
     TrustPickleOpt,
     parse_arch_kwargs,
 )
+from ttcompress.cli.recorded import check_default_data
 from ttcompress.cli.train import (
     AlphaOpt,
     AmpOpt,
     BatchSizeOpt,
     CompileOpt,
-    DataOpt,
     DataRootOpt,
     DeviceOpt,
     DistillLossOpt,
@@ -40,6 +40,7 @@ from ttcompress.cli.train import (
     ImageSizeOpt,
     LrOpt,
     MaxBatchesOpt,
+    ModelDataOpt,
     ValFractionOpt,
     MomentumOpt,
     OptimizerOpt,
@@ -81,7 +82,7 @@ def finetune(
     model: ModelArg,
     output: OutputOpt = None,
     overwrite: OverwriteOpt = False,
-    data: DataOpt = "mnist-5k",
+    data: ModelDataOpt = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     image_size: ImageSizeOpt = None,
@@ -149,6 +150,7 @@ def finetune(
         raise UserInputError("--teacher-arch and --teacher-arch-kwargs need --teacher")
     if teacher_arch is None and teacher_arch_kwargs is not None:
         raise UserInputError("--teacher-arch-kwargs needs --teacher-arch")
+    data = check_default_data(model, data)  # before any work or message: a default the model cannot take
     if teacher is None and not no_distill:
         teacher = _recorded_teacher(model)
     progress = RichProgress(err)

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ttcompress.cli.recorded import check_default_data
 from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
 from ttcompress.cli.options import (
@@ -98,10 +99,11 @@ def emit(
 def report_command(
     baseline: Annotated[Path, typer.Argument(help="The dense baseline model file.", metavar="BASELINE")],
     models: Annotated[list[Path], typer.Argument(help="Model files to compare with the baseline.", metavar="MODEL...")],
-    data: Annotated[str, typer.Option(
+    data: Annotated[Optional[str], typer.Option(
         "--data", help="Dataset whose test split measures accuracy: mnist-5k (embedded), mnist, "
         "fashion-mnist, cifar10, imagefolder:PATH, tensors:FILE, package.module:callable, or none to skip "
-        "accuracy.", metavar="NAME")] = "mnist-5k",
+        "accuracy. Default: the built-in dataset BASELINE records, else mnist-5k.", show_default=False,
+        metavar="NAME")] = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     device: DeviceOpt = "auto",
@@ -137,6 +139,7 @@ def report_command(
     check_render_options(fmt=fmt, plot=plot, plot_x=plot_x)
     check_inputs(baseline, *models)
     check_outputs([output, plot], overwrite=overwrite, inputs=[baseline, *models])
+    data = check_default_data(baseline, data)  # before any work: a default dataset the baseline cannot take
     result = report_files(
         baseline,
         models,

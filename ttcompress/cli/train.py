@@ -34,6 +34,13 @@ DataOpt = Annotated[str, typer.Option(
     "tensors:FILE (.pt/.npz/.safetensors with 'inputs' and optional 'targets'), or package.module:callable "
     "(your code, returning a Dataset, a (train, test) pair or DataLoaders).",
     metavar="NAME", rich_help_panel=_DATA)]
+_DATA_HELP = ("Dataset: mnist-5k (embedded, offline), mnist, fashion-mnist, cifar10, imagefolder:PATH, "
+              "tensors:FILE (.pt/.npz/.safetensors with 'inputs' and optional 'targets'), or package.module:callable "
+              "(your code, returning a Dataset, a (train, test) pair or DataLoaders).")
+#: ``--data`` of commands that take a model file: default, the built-in dataset the file records.
+ModelDataOpt = Annotated[Optional[str], typer.Option(
+    "--data", help=_DATA_HELP + " Default: the built-in dataset the model file records, else mnist-5k.",
+    show_default=False, metavar="NAME", rich_help_panel=_DATA)]
 DataRootOpt = Annotated[Optional[Path], typer.Option(
     "--data-root", help="Directory of mnist/fashion-mnist/cifar10 files (torchvision layout, or the IDX files "
     "directly; fashion-mnist defaults to /usr/share/datasets/fashion-mnist when present).",
