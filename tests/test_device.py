@@ -1,0 +1,88 @@
+"""``decompose --device`` / ``compress(device=...)``: only the layer in flight moves; bad devices are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from ttcompress.cli import app
+from ttcompress.errors import UserInputError
+from ttcompress.plan import CPSettings, Plan, TTSettings
+import ttcompress.surgery as surgery
+from ttcompress.surgery import compress, compress_with_report
+
+runner = CliRunner()
+PLAN = Plan(tt=TTSettings(ranks=4), cp=CPSettings(rank=3, options={"n_iter_max": 3}))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 16))
+
+
+def test_cpu_device_gives_the_same_layers_as_none() -> None:
+    a, b = compress(_model(), PLAN), compress(_model(), PLAN, device="cpu")
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_cuda_without_cuda_is_refused_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = _model()
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(UserInputError, match="CUDA is not available"):
+        compress(model, PLAN, device="cuda")
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    with pytest.raises(UserInputError, match="auto, cpu, cuda"):
+        compress(_model(), PLAN, device="tpu")
+
+
+def test_cli_device_cuda_without_cuda(cnn_file, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out.pt"
+    result = runner.invoke(app, ["decompose", str(cnn_file), "--arch", "seed-cnn", "-o", str(out), "--device", "cuda"])
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert "CUDA is not available" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+
+def test_only_the_layer_in_flight_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    # each layer is handed to the device on its own, right before its decomposition
+    moved: list[str] = []
+    real = surgery._on_device
+
+    def on_device(module: nn.Module, device: torch.device | None) -> nn.Module:
+        moved.append(type(module).__name__)
+        assert device == torch.device("cpu")
+        return real(module, device)
+
+    monkeypatch.setattr(surgery, "_on_device", on_device)
+    model = _model()
+    result = compress_with_report(model, PLAN, device="cpu")
+    assert moved == ["Conv2d", "Linear"]
+    assert all(p.device.type == "cpu" for p in result.model.parameters())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_cuda_decomposition_returns_layers_where_the_model_lives(calibrated: bool) -> None:
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    on_cpu = compress(_model(), PLAN, device="cpu", calib_data=x if calibrated else None)
+    on_gpu = compress(_model(), PLAN, device="cuda", calib_data=x if calibrated else None)
+    assert all(p.device.type == "cpu" for p in on_gpu.parameters())
+    assert torch.cuda.memory_allocated() < 1 << 20  # nothing left behind on the GPU
+    # same algorithms, different BLAS: close, not bit-identical
+    torch.testing.assert_close(on_gpu(x), on_cpu(x), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.cuda
+def test_cli_device_cuda(cnn_file, tmp_path) -> None:
+    out = tmp_path / "out.pt"
+    result = runner.invoke(app, ["decompose", str(cnn_file), "--arch", "seed-cnn", "-o", str(out), "--device", "cuda",
+                                 "--tt-ranks", "4", "--cp-ranks", "3"])
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert out.exists()
