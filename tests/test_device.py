@@ -86,3 +86,38 @@ def test_cli_device_cuda(cnn_file, tmp_path) -> None:
                                  "--tt-ranks", "4", "--cp-ranks", "3"])
     assert result.exit_code == 0, (result.stdout, result.stderr)
     assert out.exists()
+
+
+# ---- --threads: one option, every command ----------------------------------------------------------
+from ttcompress.cli import COMMANDS, load_command  # noqa: E402
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_command_has_threads(name: str) -> None:
+    params = [p for p in load_command(name).params if p.name == "threads"]
+    assert len(params) == 1 and "--threads" in params[0].opts
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+@pytest.mark.parametrize("name", ["decompose", "inspect"])
+def test_threads_below_one_is_refused(name: str, value: str, tmp_path) -> None:
+    result = runner.invoke(app, [name, str(tmp_path / "missing.pt"), "--threads", value])
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert result.stderr.strip() == f"error: --threads must be a positive integer, got {value}"
+
+
+def test_threads_applies_during_the_command_and_is_restored(cnn_file, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ttcompress.cli.inspect as inspect_cli
+
+    seen: list[int] = []
+    real = inspect_cli.inspect_file
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inspect_cli, "inspect_file", spy)
+    before = torch.get_num_threads()
+    result = runner.invoke(app, ["inspect", str(cnn_file), "--arch", "seed-cnn", "--threads", "3"])
+    assert result.exit_code == 0, result.stderr
+    assert seen == [3] and torch.get_num_threads() == before
