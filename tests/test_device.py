@@ -121,3 +121,39 @@ def test_threads_applies_during_the_command_and_is_restored(cnn_file, monkeypatc
     result = runner.invoke(app, ["inspect", str(cnn_file), "--arch", "seed-cnn", "--threads", "3"])
     assert result.exit_code == 0, result.stderr
     assert seen == [3] and torch.get_num_threads() == before
+
+
+# ---- progress of the calibration passes ------------------------------------------------------------
+from ttcompress.calibration.progress import calib_progress  # noqa: E402
+
+
+def test_progress_fires_for_every_calibration_pass() -> None:
+    events: list[tuple[str, int, int]] = []
+    layers: list[tuple[int, int, str]] = []
+    x = torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    plan = Plan(target_ratio=2.0, formats=("svd", "tucker2"))
+    with calib_progress(lambda stage, done, total: events.append((stage, done, total))):
+        compress(_model(), plan, calib_data=[x[:4], x[4:8], x[8:]],
+                 progress=lambda done, total, name: layers.append((done, total, name)))
+    # the allocator's pass over all layers, then one pass per fitted layer, every batch reported
+    assert [e for e in events if e[0] == "statistics"] == [("statistics", 1, 3), ("statistics", 2, 3), ("statistics", 3, 3)]
+    for name in ("0", "3"):
+        assert [e[1:] for e in events if e[0] == f"statistics {name}"] == [(1, 3), (2, 3), (3, 3)]
+    assert [name for _d, _t, name in layers] == ["0", "3", ""]
+
+
+def test_decompose_progress_bars_draw_the_statistics_pass() -> None:
+    import io
+
+    from rich.console import Console
+
+    from ttcompress.cli.progress import DecomposeProgress
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    with DecomposeProgress(console) as bars:
+        bars.layer(0, 2, "conv1")
+        bars.stats("statistics conv1", 1, 4)
+        task = bars._bar.tasks[bars._stats]
+        assert task.visible and task.completed == 1 and task.total == 4 and "conv1" in task.description
+        bars.stats("statistics conv1", 4, 4)
+        assert not bars._bar.tasks[bars._stats].visible

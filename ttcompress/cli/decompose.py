@@ -44,6 +44,7 @@ from ttcompress.cli.options import (
     plan_from_flags,
 )
 from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES
+from ttcompress.calibration.progress import calib_progress
 from ttcompress.cli.train import DataRootOpt
 from ttcompress.data import balanced_subset, load_dataset
 from ttcompress.decompose.cp import cp_progress
@@ -81,11 +82,13 @@ def _decompose_with_progress(model: Path, *, output: Optional[Path], plan: Plan,
                              calib: Any, calib_info: Any, console: Any = None, device: str = "auto") -> Any:
     """:func:`ttcompress.surgery.decompose_file` with progress bars on ``console`` (default: stderr).
 
-    Bars (layers done, and the current layer's CP-ALS sweeps with error and time left) are drawn
+    Bars (layers done, the current layer's CP-ALS sweeps with error and time left, and the calibration
+    statistics pass in progress) are drawn
     only when the console is a terminal, also with ``--json`` (which concerns stdout only).
     """
     with DecomposeProgress(err if console is None else console) as bars:
-        with cp_progress(bars.cp if bars.enabled else None), refused_input():
+        with cp_progress(bars.cp if bars.enabled else None), calib_progress(bars.stats if bars.enabled else None), \
+                refused_input():
             # refused_input: a named model that cannot be loaded, a plan that does not fit it
             return decompose_file(model, output=output, plan=plan, progress=bars.layer, calib_data=calib,
                                   calib_info=calib_info, device=device, **load)
