@@ -157,3 +157,43 @@ def test_decompose_progress_bars_draw_the_statistics_pass() -> None:
         assert task.visible and task.completed == 1 and task.total == 4 and "conv1" in task.description
         bars.stats("statistics conv1", 4, 4)
         assert not bars._bar.tasks[bars._stats].visible
+
+
+# ---- eval-mode path choice: decided once, cheaply, on large inputs ---------------------------------
+from ttcompress.layers import cp_eval  # noqa: E402
+from ttcompress.layers.cp_conv import CPConv2d  # noqa: E402
+
+
+def test_clear_choice_needs_a_large_input_and_a_clear_margin() -> None:
+    big = cp_eval.MODEL_MIN_MACS
+    assert cp_eval.clear_choice(big, big / cp_eval.CLEAR_FACTOR) is False
+    assert cp_eval.clear_choice(big, big * cp_eval.CLEAR_FACTOR) is True
+    assert cp_eval.clear_choice(big, big / 2) is None  # close call: timing decides
+    assert cp_eval.clear_choice(big - 1, 0.0) is None  # small input: timing is cheap there
+
+
+def test_a_wide_conv_on_a_large_input_is_decided_without_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the Conv2d(1024, 128, (64, 1)) at 4x: the cost model is clear, so neither path is timed
+    # and the dense kernel (14 G multiply-adds to build) is never reconstructed
+    def never(*_args: object) -> bool:
+        raise AssertionError("timed a clear call")
+
+    monkeypatch.setattr("ttcompress.layers.cp_conv.dense_wins", never)
+    layer = CPConv2d(1024, 128, (64, 1), rank=1723, padding=(32, 0)).eval()
+    x = torch.randn(1, 1024, 128, 1)
+    with torch.no_grad():
+        assert layer._measured_dense(x) is False
+    assert layer._kernel_cache is None and list(layer._eval_choice.values()) == [False]
+
+
+def test_long_calls_are_timed_once_not_in_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"dense": 0, "factorized": 0}
+    monkeypatch.setattr(cp_eval, "LONG_CALL_SECONDS", 0.0)
+
+    def path(name: str):
+        def run() -> None:
+            calls[name] += 1
+        return run
+
+    assert cp_eval.dense_wins(path("dense"), path("factorized")) in (True, False)
+    assert calls == {"dense": 2, "factorized": 2}  # the warm-up and one timed call each
