@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ttcompress.calibration.progress import report_batch
 from ttcompress.calibration.stats import MAX_POSITIONS, input_rows
 from ttcompress.formats import DENSE, LayerDecision, get_format
 from ttcompress.formats.base import Ladder
@@ -151,8 +152,9 @@ def input_grams(model: nn.Module, names: Sequence[str], batches: Sequence[torch.
     model.eval()
     try:
         with torch.no_grad():
-            for x in batches:
+            for done, x in enumerate(batches, 1):
                 model(x)
+                report_batch("statistics", done, len(batches))
     finally:
         for h in handles:
             h.remove()

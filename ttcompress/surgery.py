@@ -34,6 +34,7 @@ from ttcompress.allocate import input_grams
 from ttcompress.calibration.fit import FitResult
 from ttcompress.calibration.sequential import calibrate_sequentially
 from ttcompress.calibration.stats import LayerStats
+from ttcompress.evaluation import resolve_device
 from ttcompress.formats import DENSE, format_of, get_format, layer_classes
 from ttcompress.formats.base import build_note
 from ttcompress.layer_report import KEPT_DENSE_INFO, LayerReport, count_params, format_label, kept_dense
@@ -85,10 +86,13 @@ def _device_of(module: nn.Module) -> torch.device | None:
     return weight.device if isinstance(weight, torch.Tensor) else None
 
 
-def build_replacement(module: nn.Module, decision: LayerDecision, *, calib: Any = None) -> nn.Module:
+def build_replacement(module: nn.Module, decision: LayerDecision, *, calib: Any = None,
+                      device: torch.device | None = None) -> nn.Module:
     """Decompose ``module`` as ``decision`` says, with the decision's registered format.
 
-    ``calib`` (optional calibration statistics) is passed to the format's ``build``.
+    ``calib`` (optional calibration statistics) is passed to the format's ``build``. With
+    ``device``, a copy of the layer is decomposed there (only this layer is moved) and the new
+    layer is moved back to where ``module``'s weight lives.
     """
     if decision.format == DENSE:
         raise ValueError(f"layer {decision.name!r}: nothing to build for format {decision.format!r}")
@@ -96,11 +100,35 @@ def build_replacement(module: nn.Module, decision: LayerDecision, *, calib: Any 
         tensor = getattr(module, what, None)
         if isinstance(tensor, torch.Tensor) and not bool(tensor.isfinite().all()):
             raise ValueError(f"layer {decision.name!r} has NaN or Inf {what} values; cannot decompose it")
-    new = get_format(decision.format).build(module, decision.options, calib=calib, name=decision.name)
     weight = getattr(module, "weight", None)
+    source = _on_device(module, device)
+    new = get_format(decision.format).build(source, decision.options, calib=calib, name=decision.name)
+    del source  # the device copy of the dense layer: freed before the next layer moves there
     if weight is not None:
         new = new.to(device=weight.device)
     return new
+
+
+def _on_device(module: nn.Module, device: torch.device | None) -> nn.Module:
+    """``module`` itself when it already lives on ``device`` (or ``device`` is None), else a copy there."""
+    here = _device_of(module)
+    if device is None or here is None or here == device:
+        return module
+    return copy.deepcopy(module).to(device)
+
+
+def _target_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` resolved (``auto``: CUDA when present); None stays None (each layer where it lives).
+
+    Under torchrun (``WORLD_SIZE > 1``) ``auto``/``cuda`` mean ``cuda:LOCAL_RANK``: each process
+    decomposes its share of the layers on its own GPU.
+    """
+    if device is None:
+        return None
+    resolved = resolve_device(device)
+    if (resolved.type == "cuda" and resolved.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return resolved
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,6 +185,7 @@ def compress_with_report(
     calib_data: Any = None,
     calib_samples: int | None = None,
     check_input: Any = None,
+    device: str | torch.device | None = None,
 ) -> CompressionResult:
     """Compress ``model`` in place per ``plan`` and report every compressible layer.
 
@@ -188,6 +217,12 @@ def compress_with_report(
         mode without gradients: a layer in whose forward (or whose parent's forward) the
         compressed model fails is put back to dense, with the error as its reason, until the
         model runs. The result's ``output_error`` compares the two outputs.
+    device : str or torch.device, optional
+        Where the decompositions (CP-ALS, Tucker-2, TT-SVD, SVD) and their calibration fits run:
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or ``"auto"`` (CUDA when present). Only the
+        layer in flight is moved there; each new layer is moved back to where the model lives.
+        Default: each layer where it lives. A device that is not available is a
+        :class:`~ttcompress.errors.UserInputError`.
 
     Returns
     -------
@@ -215,10 +250,11 @@ def compress_with_report(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     plan = _as_plan(plan)
+    target = _target_device(device)
     batches = calibration_batches(model, calib_data, calib_samples)
     before = count_params(model)
     reference = None if check_input is None else reference_output(model, check_input)
-    prep, decisions, built = _prepare_and_build(model, plan, filter_fn, progress, batches)
+    prep, decisions, built = _prepare_and_build(model, plan, filter_fn, progress, batches, target)
     records, meta_layers, swapped = _swap_in(prep, decisions, built, plan, before)
     root, records, error = finish_checked(
         prep, swapped, records, meta_layers, check_input=check_input, reference=reference
@@ -232,12 +268,12 @@ def compress_with_report(
 
 def _prepare_and_build(
     model: nn.Module, plan: Plan, filter_fn: FilterFn | None, progress: ProgressFn | None,
-    batches: list[torch.Tensor] | None,
+    batches: list[torch.Tensor] | None, device: torch.device | None = None,
 ) -> tuple[Preparation, list[LayerDecision], Built]:
     """:func:`prepare_model`, then :func:`_plan_and_build`; the preparation is undone if that fails."""
     prep = prepare_model(model)
     try:
-        decisions, built = _plan_and_build(prep, plan, filter_fn, progress, batches)
+        decisions, built = _plan_and_build(prep, plan, filter_fn, progress, batches, device)
     except BaseException:
         prep.undo()
         raise
@@ -250,7 +286,7 @@ Built = dict[str, "tuple[nn.Module, float] | str"]
 
 def _plan_and_build(
     prep: Preparation, plan: Plan, filter_fn: FilterFn | None, progress: ProgressFn | None,
-    batches: list[torch.Tensor] | None = None,
+    batches: list[torch.Tensor] | None = None, device: torch.device | None = None,
 ) -> tuple[list[LayerDecision], Built]:
     """The plan's decisions for the prepared model, and the replacement of every layer it compresses
     (name -> (layer, seconds), or name -> reason it stays dense); nothing is swapped in yet.
@@ -271,11 +307,12 @@ def _plan_and_build(
         ]
     todo = [d for d in decisions if d.skipped is None]
     if batches is None:  # under torchrun each process decomposes its share of the layers (ttcompress.scaleout)
-        built: Built = dict(build_all(todo, lambda d: build_replacement(get_submodule(prep.model, d.name), d),
+        built: Built = dict(build_all(todo, lambda d: build_replacement(get_submodule(prep.model, d.name), d,
+                                                                         device=device),
                                       device_of=lambda d: _device_of(get_submodule(prep.model, d.name)),
                                       progress=progress))
     else:  # sequential: each layer's statistics depend on the layers before it
-        built = _build_calibrated(prep.model, todo, batches, plan, progress)
+        built = _build_calibrated(prep.model, todo, batches, plan, progress, device)
         if progress is not None:
             progress(len(todo), len(todo), "")
     return decisions, built
@@ -315,7 +352,8 @@ def _dense_record(d: LayerDecision, skipped: str | None, **measured: Any) -> Lay
 
 
 def _build_calibrated(model: nn.Module, todo: list[LayerDecision], batches: list[torch.Tensor], plan: Plan,
-                      progress: ProgressFn | None) -> dict[str, tuple[nn.Module, float] | str]:
+                      progress: ProgressFn | None,
+                      device: torch.device | None = None) -> dict[str, tuple[nn.Module, float] | str]:
     """Build every layer of ``todo`` fitted on sequential calibration statistics.
 
     The layers are replaced one by one in forward order on a copy of ``model``
@@ -335,7 +373,7 @@ def _build_calibrated(model: nn.Module, todo: list[LayerDecision], batches: list
     layers: dict[str, nn.Module] = {}
 
     def build(name: str, dense: nn.Module, stats: LayerStats) -> nn.Module | FitResult:
-        new = build_replacement(dense, by_name[name], calib=stats)
+        new = build_replacement(dense, by_name[name], calib=stats, device=device)
         layers[name] = new
         if keep_dense_reason(by_name[name], new, plan, total) is not None:
             return FitResult(copy.deepcopy(dense), 0.0, 0.0, "none")
@@ -353,7 +391,8 @@ def _build_calibrated(model: nn.Module, todo: list[LayerDecision], batches: list
     for d in todo:  # layers without calibration statistics (attention, embeddings): data-free
         if d.name not in by_name:
             start = time.perf_counter()
-            out[d.name] = (build_replacement(get_submodule(model, d.name), d), time.perf_counter() - start)
+            out[d.name] = (build_replacement(get_submodule(model, d.name), d, device=device),
+                           time.perf_counter() - start)
     return out
 
 
@@ -418,6 +457,7 @@ def compress(
     calib_data: Any = None,
     calib_samples: int | None = None,
     check_input: Any = None,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """Compress ``model`` in place per ``plan``; return it (see :func:`compress_with_report`).
 
@@ -430,7 +470,7 @@ def compress(
     ['0']
     """
     return compress_with_report(model, plan, filter_fn=filter_fn, progress=progress, calib_data=calib_data,
-                                calib_samples=calib_samples, check_input=check_input).model
+                                calib_samples=calib_samples, check_input=check_input, device=device).model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,6 +525,7 @@ def decompose_file(
     calib_data: Any = None,
     calib_samples: int | None = None,
     calib_info: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
 ) -> DecomposeResult:
     """Load a model file, compress it per ``plan`` and save a ttcompress checkpoint atomically.
 
@@ -495,7 +536,7 @@ def decompose_file(
     output : path, optional
         Default :func:`default_output_path` (``model.tt.pt`` next to ``model.pt``). Must differ
         from the input. Nothing is written if anything fails.
-    plan, progress, calib_data, calib_samples
+    plan, progress, calib_data, calib_samples, device
         As for :func:`compress_with_report`.
     arch, arch_kwargs, trust_pickle, trust_code
         As for :func:`ttcompress.io.load`.
@@ -510,6 +551,7 @@ def decompose_file(
     its default teacher (:func:`ttcompress.teacher.default_teacher`).
     """
     plan = _as_plan(plan)
+    device = _target_device(device)  # an unavailable device fails before anything is loaded
     src = Path(input_path)
     dest = Path(output) if output is not None else default_output_path(src)
     if src.exists() and dest.exists() and dest.resolve() == src.resolve():
@@ -519,7 +561,8 @@ def decompose_file(
         # The forward check of the compressed model (a layer whose replacement breaks the model
         # stays dense), on an input the model is known to take, when one can be made.
         result = compress_with_report(loaded.model, plan, progress=progress, calib_data=calib_data,
-                                      calib_samples=calib_samples, check_input=default_check_input(loaded.model))
+                                      calib_samples=calib_samples, check_input=default_check_input(loaded.model),
+                                      device=device)
         if not result.compressed:
             raise UserInputError(nothing_compressed(result))
         calibration = {"used": calib_data is not None, **dict(calib_info or {})}

@@ -26,6 +26,7 @@ from torch import nn
 
 from ttcompress.calibration.data import calib_batches
 from ttcompress.calibration.fit import FitResult, output_error
+from ttcompress.calibration.progress import report_batch
 from ttcompress.calibration.reconstruct import dense_weight, effective_bias
 from ttcompress.calibration.stats import MAX_POSITIONS, LayerStats, StatsAccumulator
 
@@ -130,7 +131,7 @@ def _layer_stats(dense_model: nn.Module, model: nn.Module, name: str,
     """Run every batch through both models, hooking ``name`` in each; pair the calls in order."""
     dense_layer, layer = dense_model.get_submodule(name), model.get_submodule(name)
     acc = StatsAccumulator(dense_layer, max_positions=max_positions)
-    for x in batches:
+    for done, x in enumerate(batches, 1):
         seen_dense: list[torch.Tensor] = []
         seen: list[torch.Tensor] = []
         handles = [dense_layer.register_forward_pre_hook(_input_hook(seen_dense)),
@@ -146,6 +147,7 @@ def _layer_stats(dense_model: nn.Module, model: nn.Module, name: str,
                              f"but {len(seen)} times by the compressed one on the same batch")
         for xd, xc in zip(seen_dense, seen):
             acc.update(xd, xc)
+        report_batch(f"statistics {name}", done, len(batches))
     return acc.finalize()
 
 

@@ -19,6 +19,7 @@ from typer.core import TyperCommand, TyperGroup
 from ttcompress._version import __version__
 from ttcompress.cli._app import TYPER_SETTINGS
 from ttcompress.cli._common import set_debug
+from ttcompress.cli.threads import add_threads_option
 
 __all__ = ["COMMANDS", "app", "load_command", "main"]
 
@@ -36,12 +37,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def load_command(name: str) -> click.Command:
-    """Import the module of command ``name`` and return its click command."""
+    """Import the module of command ``name`` and return its click command (with the shared ``--threads``)."""
     module = importlib.import_module(f"ttcompress.cli.{COMMANDS[name][0]}")
     command = typer.main.get_command(module.app)
     if command.name != name:
         raise RuntimeError(f"module ttcompress.cli.{COMMANDS[name][0]} defines {command.name!r}, not {name!r}")
-    return command
+    return add_threads_option(command)
 
 
 class LazyGroup(TyperGroup):

@@ -44,9 +44,11 @@ from ttcompress.cli.options import (
     plan_from_flags,
 )
 from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES
+from ttcompress.calibration.progress import calib_progress
 from ttcompress.cli.train import DataRootOpt
 from ttcompress.data import balanced_subset, load_dataset
 from ttcompress.decompose.cp import cp_progress
+from ttcompress.evaluation import resolve_device
 from ttcompress.errors import DataError, UserInputError, refused_input
 from ttcompress.formats import format_names, get_format
 from ttcompress.layer_report import format_label
@@ -59,6 +61,11 @@ from ttcompress.surgery import CompressionResult, DecomposeResult, decompose_fil
 app = command_app()
 
 _CALIB = "Calibration (data-aware decomposition)"
+
+DecomposeDeviceOpt = Annotated[str, typer.Option(
+    "--device", help="Where the decompositions (CP-ALS, Tucker-2, TT-SVD, SVD) run, one layer at a time: "
+    "auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps. Only the layer in flight is copied there; the model stays where it is loaded (CPU).",
+    metavar="DEVICE")]
 
 
 def calibration_set(data: str, *, root: Any,  samples: int, seed: int) -> tuple[Any, dict[str, Any]]:
@@ -103,17 +110,19 @@ def calibration_line(calibration: Any) -> str:
 
 
 def _decompose_with_progress(model: Path, *, output: Optional[Path], plan: Plan, load: dict[str, Any],
-                             calib: Any, calib_info: Any, console: Any = None) -> Any:
+                             calib: Any, calib_info: Any, console: Any = None, device: str = "auto") -> Any:
     """:func:`ttcompress.surgery.decompose_file` with progress bars on ``console`` (default: stderr).
 
-    Bars (layers done, and the current layer's CP-ALS sweeps with error and time left) are drawn
+    Bars (layers done, the current layer's CP-ALS sweeps with error and time left, and the calibration
+    statistics pass in progress) are drawn
     only when the console is a terminal, also with ``--json`` (which concerns stdout only).
     """
     with DecomposeProgress(err if console is None else console) as bars:
-        with cp_progress(bars.cp if bars.enabled else None), refused_input():
+        with cp_progress(bars.cp if bars.enabled else None), calib_progress(bars.stats if bars.enabled else None), \
+                refused_input():
             # refused_input: a named model that cannot be loaded, a plan that does not fit it
             return decompose_file(model, output=output, plan=plan, progress=bars.layer, calib_data=calib,
-                                  calib_info=calib_info, **load)
+                                  calib_info=calib_info, device=device, **load)
 
 
 def preview_file(model: Path, *, plan: Plan, **load_options: Any) -> PlanPreview:
@@ -158,6 +167,7 @@ def decompose(
         "--dry-run", help="Print the per-layer plan, projected parameters and compression (errors are cheap "
         "estimates from singular values, marked ~), and write nothing.")] = False,
     json_: JsonOpt = False,
+    device: DecomposeDeviceOpt = "auto",
 ) -> None:
     """Compress MODEL (default: nn.Linear -> TT-matrix, nn.Conv2d -> CP; see --format); write a ttcompress checkpoint.
 
@@ -178,6 +188,7 @@ def decompose(
         err.print("dry run: nothing written")
         return
     check_outputs([output if output is not None else default_output_path(model)], overwrite=overwrite, inputs=[model])
+    resolve_device(device)  # --device cuda without CUDA: one line, before anything is loaded
     with refused_input():
         if no_calib:
             calib, calib_info = None, None
@@ -187,7 +198,7 @@ def decompose(
             calib, calib_info = default_calibration(model, root=data_root, samples=calib_samples, seed=seed)
     load = {"arch": arch, "arch_kwargs": kwargs, "trust_pickle": trust_pickle, "trust_code": trust_code}
     result = _decompose_with_progress(model, output=output, plan=the_plan, load=load, calib=calib,
-                                      calib_info=calib_info)
+                                      calib_info=calib_info, device=device)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports (and writes)
         return
     if json_:

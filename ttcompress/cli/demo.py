@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +10,7 @@ import typer
 
 from ttcompress.cli._app import command_app
 from ttcompress.cli._common import cli_errors, err, out
+from ttcompress.cli.threads import requested_threads
 
 app = command_app()
 
@@ -27,12 +29,15 @@ def demo_command(
     Writes DIR/report.md, DIR/report.json and DIR/tradeoff.png. Offline and seeded.
     """
     from ttcompress.cli.progress import RichProgress
-    from ttcompress.demo import run_demo
+    from ttcompress.demo import DemoSettings, run_demo
     from ttcompress.render import to_rich_tables
 
+    settings = DemoSettings.quick() if quick else DemoSettings()
+    if requested_threads() is not None:  # --threads replaces the demo's one thread
+        settings = dataclasses.replace(settings, threads=requested_threads())
     progress = RichProgress(err)
     try:
-        result = run_demo(output, quick=quick, console=err, progress=progress)
+        result = run_demo(output, settings=settings, console=err, progress=progress)
     finally:
         progress.close()
     for table in to_rich_tables(result.report):

@@ -24,13 +24,15 @@ __all__ = ["DecomposeProgress", "RichProgress", "history_table"]
 
 
 class DecomposeProgress:
-    """Two bars for ``decompose``: layers done of all, and the CP-ALS fit of the current layer.
+    """Bars for ``decompose``: layers done of all, the CP-ALS fit of the current layer, and the
+    calibration statistics pass in progress (batches through the model).
 
     The second bar counts ALS sweeps against the run's maximum (``n_iter_max`` times the
     restarts) and shows the current relative error and the time left, estimated from the sweeps
     so far (an upper bound: a fit stops early once it stops improving). Use as a context manager;
-    pass :meth:`layer` as ``decompose_file``'s ``progress`` and :meth:`cp` to
-    :func:`ttcompress.decompose.cp.cp_progress`.
+    pass :meth:`layer` as ``decompose_file``'s ``progress``, :meth:`cp` to
+    :func:`ttcompress.decompose.cp.cp_progress` and :meth:`stats` to
+    :func:`ttcompress.calibration.progress.calib_progress`.
 
     Parameters
     ----------
@@ -47,6 +49,7 @@ class DecomposeProgress:
         )
         self._layers = self._bar.add_task("decomposing", total=None, info="")
         self._fit = self._bar.add_task("  CP-ALS", total=None, info="", visible=False)
+        self._stats = self._bar.add_task("  statistics", total=None, info="", visible=False)
         self._name = ""
 
     def __enter__(self) -> DecomposeProgress:
@@ -62,6 +65,12 @@ class DecomposeProgress:
         self._bar.update(self._layers, completed=done, total=total,
                          description=f"decomposing {name}" if name else "saving")
         self._bar.reset(self._fit, total=None, visible=False, info="")
+        self._bar.reset(self._stats, total=None, visible=False, info="")
+
+    def stats(self, stage: str, done: int, total: int) -> None:
+        """:func:`~ttcompress.calibration.progress.calib_progress`'s callback: a calibration batch is through."""
+        self._bar.update(self._stats, completed=done, total=total, visible=done < total,
+                         description=f"  {stage}", info="batches")
 
     def cp(self, state: CPProgress) -> None:
         """:func:`~ttcompress.decompose.cp.cp_progress`'s callback: one CP-ALS sweep done."""

@@ -35,7 +35,7 @@ from ttcompress.layers._conv_args import conv_pair, positive_int
 from ttcompress.layers._autograd import plain_ops_only
 from ttcompress.layers._pointwise import nchw_only, pointwise_to_channels_last, pointwise_to_nchw, switches_layout
 from ttcompress.layers._weight import DenseWeightAttribute
-from ttcompress.layers.cp_eval import dense_is_cheaper, dense_wins
+from ttcompress.layers.cp_eval import clear_choice, dense_wins, path_costs
 
 __all__ = ["CPConv2d"]
 
@@ -445,12 +445,17 @@ class CPConv2d(DenseWeightAttribute, nn.Module):
         """Cost-model choice: evaluate an input ``(batch, C_in, height, width)`` as one dense conv?
 
         Used in training (and wherever the eval-mode choice is not measured); the cost model is
-        :func:`ttcompress.layers.cp_eval.dense_is_cheaper`. ``evaluation`` other than ``"auto"``
+        :func:`ttcompress.layers.cp_eval.path_costs`. ``evaluation`` other than ``"auto"``
         overrides it.
         """
         if self.evaluation != "auto":
             return self.evaluation == "dense"
-        return dense_is_cheaper(
+        dense, factorized = self._path_costs(batch, height, width)
+        return factorized > dense
+
+    def _path_costs(self, batch: int, height: int, width: int) -> tuple[float, float]:
+        """:func:`~ttcompress.layers.cp_eval.path_costs` of an input ``(batch, C_in, height, width)``."""
+        return path_costs(
             batch=batch,
             height=height,
             width=width,
@@ -463,9 +468,11 @@ class CPConv2d(DenseWeightAttribute, nn.Module):
         )
 
     def _measured_dense(self, x: torch.Tensor) -> bool:
-        """Eval-mode choice for this input's shape: time both exact paths once and remember.
+        """Eval-mode choice for this input's shape, made once and remembered.
 
-        The key is the input's shape, dtype, device and memory format. Each path is timed
+        The key is the input's shape, dtype, device and memory format. On a large input where the
+        cost model is clear (:func:`~ttcompress.layers.cp_eval.clear_choice`) it decides. Otherwise
+        each path is timed
         :data:`~ttcompress.layers.cp_eval.TIMING_ROUNDS` times, interleaved, over enough calls to
         take :data:`~ttcompress.layers.cp_eval.TIMING_MIN_SECONDS`; the factorized chain is kept
         only when its best time beats the dense kernel's by :data:`~ttcompress.layers.cp_eval.
@@ -474,6 +481,10 @@ class CPConv2d(DenseWeightAttribute, nn.Module):
         """
         key = (tuple(x.shape), x.dtype, x.device, x.is_contiguous(memory_format=torch.channels_last))
         choice = self._eval_choice.get(key)
+        if choice is None:  # a clear call of the cost model on a large input: no timing, no kernel built
+            choice = clear_choice(*self._path_costs(x.shape[0] if x.dim() == 4 else 1, x.shape[-2], x.shape[-1]))
+            if choice is not None:
+                self._eval_choice[key] = choice
         if choice is None:
             kernel = self._cached_kernel()
             choice = dense_wins(lambda: self._dense_forward(x, kernel), lambda: self._factorized_forward(x))

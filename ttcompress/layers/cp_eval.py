@@ -2,7 +2,10 @@
 
 A CP convolution can run as its factorized chain of small convolutions or as one convolution with
 the reconstructed kernel; both are exact. In training the choice follows :func:`dense_is_cheaper`;
-in eval mode ``CPConv2d`` times both paths once per input shape with :func:`seconds`.
+in eval mode ``CPConv2d`` decides once per input shape: from the cost model alone when it is a clear
+call on a large input (:func:`clear_choice`), otherwise by timing both paths with :func:`dense_wins`
+(a single call of each when one call is long, so that a served model's first request is not many
+times slower than the next).
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import time
 from collections.abc import Callable
 
 __all__ = [
-    "CALL_COST", "CHAIN_SLOWDOWN", "FACTORIZED_MARGIN", "PASS_WEIGHT", "TIMING_MIN_SECONDS", "TIMING_ROUNDS",
-    "dense_is_cheaper", "dense_wins", "seconds",
+    "CALL_COST", "CHAIN_SLOWDOWN", "CLEAR_FACTOR", "FACTORIZED_MARGIN", "LONG_CALL_SECONDS", "MODEL_MIN_MACS",
+    "PASS_WEIGHT", "TIMING_MIN_SECONDS", "TIMING_ROUNDS", "clear_choice", "dense_is_cheaper", "dense_wins",
+    "path_costs", "seconds",
 ]
 
 # Cost model of the training-time evaluation choice (see dense_is_cheaper), from
@@ -30,6 +34,15 @@ CALL_COST = 200_000
 TIMING_ROUNDS = 3
 TIMING_MIN_SECONDS = 2e-3
 FACTORIZED_MARGIN = 0.95
+#: A path whose first call takes at least this long is timed by that one call (no rounds): noise is
+#: small next to it, and rounds would make the first call of a large layer many times slower.
+LONG_CALL_SECONDS = 0.05
+
+# Cost-model shortcut of the eval-mode choice (see clear_choice): on inputs of at least
+# MODEL_MIN_MACS dense multiply-adds, a path the cost model finds CLEAR_FACTOR times cheaper is
+# taken without timing (the model's per-MAC rate is off by up to 2x, measured: see CHAIN_SLOWDOWN).
+CLEAR_FACTOR = 3.0
+MODEL_MIN_MACS = 20_000_000
 
 
 def seconds(fn: Callable[[], object], calls: int = 1) -> float:
@@ -45,11 +58,15 @@ def dense_wins(dense: Callable[[], object], factorized: Callable[[], object]) ->
 
     Both are called once to warm up; then, in :data:`TIMING_ROUNDS` interleaved rounds, each is
     timed over as many calls as make :data:`TIMING_MIN_SECONDS` (from the warm-up time, at most
-    100), and the best per-call times are compared. The margin favours the dense kernel, which runs
+    100), and the best per-call times are compared. When a warm-up call takes
+    :data:`LONG_CALL_SECONDS` or more, each path is instead timed by one more call. The margin favours the dense kernel, which runs
     the same convolution as ``nn.Conv2d``: when the two are within timing noise, the compressed
     layer costs what the dense one does.
     """
-    calls = max(1, min(100, int(TIMING_MIN_SECONDS / max(seconds(dense), seconds(factorized), 1e-7))))
+    first = max(seconds(factorized), seconds(dense))
+    if first >= LONG_CALL_SECONDS:  # one more call each (the warm-up was the first): no rounds
+        return seconds(factorized) >= FACTORIZED_MARGIN * seconds(dense)
+    calls = max(1, min(100, int(TIMING_MIN_SECONDS / max(first, 1e-7))))
     dense_best = factorized_best = math.inf
     for _ in range(TIMING_ROUNDS):
         dense_best = min(dense_best, seconds(dense, calls))
@@ -57,7 +74,31 @@ def dense_wins(dense: Callable[[], object], factorized: Callable[[], object]) ->
     return factorized_best >= FACTORIZED_MARGIN * dense_best
 
 
-def dense_is_cheaper(
+def clear_choice(dense_cost: float, factorized_cost: float) -> bool | None:
+    """The cost model's choice when it is clear (True: dense), None when timing should decide.
+
+    Clear: the input is large (``dense_cost >= MODEL_MIN_MACS``, where timing costs the most) and
+    one path is :data:`CLEAR_FACTOR` times cheaper than the other by :func:`path_costs`.
+    """
+    if dense_cost < MODEL_MIN_MACS:
+        return None
+    if factorized_cost * CLEAR_FACTOR <= dense_cost:
+        return False
+    if dense_cost * CLEAR_FACTOR <= factorized_cost:
+        return True
+    return None
+
+
+def dense_is_cheaper(**shape: int | tuple[int, int]) -> bool:
+    """Cost-model choice: is one dense conv cheaper than the factorized chain for this input?
+
+    Keywords as for :func:`path_costs`.
+    """
+    dense, factorized = path_costs(**shape)  # type: ignore[arg-type]
+    return factorized > dense
+
+
+def path_costs(
     *,
     batch: int,
     height: int,
@@ -68,8 +109,8 @@ def dense_is_cheaper(
     groups: int,
     rank: int,
     kernel_size: tuple[int, int],
-) -> bool:
-    """Cost-model choice: is one dense conv cheaper than the factorized chain for this input?
+) -> tuple[float, float]:
+    """Cost-model estimates, in multiply-add units, of ``(dense, factorized)`` for this input.
 
     In multiply-add units: the dense path costs ``N Ho Wo C_out C_in/G kh kw`` MACs plus building
     the kernel (``C_out C_in/G kh kw R``). The factorized chain costs :data:`CHAIN_SLOWDOWN` times
@@ -88,4 +129,4 @@ def dense_is_cheaper(
     traffic = (pixels_in * (in_channels + g * r) + pixels_out * g * r * 2
                + pixels_out * (g * r + cout))
     factorized = CHAIN_SLOWDOWN * macs + PASS_WEIGHT * traffic + CALL_COST * 3
-    return factorized > dense
+    return float(dense), float(factorized)
