@@ -7,7 +7,7 @@ import itertools
 import pytest
 from matplotlib.text import Text
 
-from ttcompress.plot import AXES, plot_tradeoff, tradeoff_figure
+from ttcompress.plot import AXES, BASELINE_LABEL, plot_tradeoff, tradeoff_figure
 from ttcompress.report import ModelRow, Report
 
 
@@ -128,6 +128,7 @@ def test_each_label_is_nearest_its_own_point_and_crosses_no_arrow(rows: list[Mod
     for r in rows:
         ys = [r.accuracy] + ([r.accuracy_before_finetune] if r.accuracy_before_finetune is not None else [])
         marks[r.model] = [tuple(ax.transData.transform((base.params / r.params, 100 * y))) for y in ys]
+    marks["baseline (dense)"] = marks.pop(base.model)  # the baseline's point is labelled by its role
     labels = [t for t in fig.findobj(Annotation) if t.get_text() in marks]
     assert {t.get_text() for t in labels} == set(marks)  # every point labelled beside it (no key needed)
     for t in labels:
@@ -140,3 +141,28 @@ def test_each_label_is_nearest_its_own_point_and_crosses_no_arrow(rows: list[Mod
                 (x, y0), (_, y1) = points
                 crosses = box.x0 - 1 < x < box.x1 + 1 and min(y0, y1) < box.y1 and box.y0 < max(y0, y1)
                 assert not crosses, f"{t.get_text()!r} crosses the arrow of {name!r}"
+
+
+# A sweep whose points all sit far from the baseline, close together (40-46x on a 1-50x axis).
+CLUSTER = [_row("model", 1, 0.954, base=True)] + [
+    _row(f"TT r{r} + CP r{c}", 40.0 + 1.1 * i, 0.90 - 0.004 * i + 0.002 * (i % 2), 0.5 + 0.02 * i)
+    for i, (r, c) in enumerate(itertools.product((3, 4), (3, 6, 9)))]
+
+
+@pytest.mark.parametrize("rows", [CLUSTER, [_row("model", 1, 0.95, base=True), _row("svd", 3.13, 0.94)]],
+                         ids=["cluster", "3.13x"])
+def test_ticks_bracket_every_point_and_the_front_is_drawn_above_the_markers(rows) -> None:
+    from matplotlib.text import Annotation
+
+    fig = tradeoff_figure(_report(rows))
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.xaxis.get_majorticklocs() if lo <= t <= hi]
+    assert min(ticks) <= 1.0 and max(ticks) >= max(r.compression for r in rows)  # a tick beyond every point
+    fronts = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    markers = [c.get_zorder() for c in ax.collections]
+    if len(rows) > 2:
+        assert fronts and all(f.get_zorder() > max(markers) for f in fronts)
+    labels = {t.get_text() for t in fig.findobj(Annotation)}
+    assert BASELINE_LABEL in labels and "model" not in labels  # the baseline by its role, not its file name
+    assert all(r.model in labels for r in rows if not r.is_baseline)  # a cluster is labelled, not keyed

@@ -13,9 +13,12 @@ its point (with a leader line when it sits away from the point) and takes the fi
 inside the axes, overlaps no other label, no point and no fine-tuning arrow, is not crossed by the
 Pareto front, and lies nearer its own point than any other model's marks (so that it cannot be
 read as a neighbour's). When some label finds no place, the axes get more room right of the
-rightmost point (twice); when that is not enough, every point is numbered instead and the names
-move into a key beside the axes; when even the numbers find no
-place, each point gets its own marker and colour in the legend. Nothing therefore overlaps.
+rightmost point (twice); when that is not enough (points clustered closer than their labels), the
+names go in one column beside the cluster, in the order of their points' heights, each with a
+leader line; when that does not fit either, every point is numbered and the names move into a key
+beside the axes; when even the numbers find no place, each point gets its own marker and colour in
+the legend. Nothing therefore overlaps, and the Pareto front is drawn above the markers. The
+baseline's point is labelled ``baseline (dense)``, not with its file name.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ AXES: dict[str, str] = {
 PLOT_SUFFIXES: dict[str, str] = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
 
 _DPI = 150
+#: What the baseline's point is called (its file name, often ``model``, says nothing).
+BASELINE_LABEL = "baseline (dense)"
 _NICE = (1, 2, 5)
 
 
@@ -101,14 +106,27 @@ def _tick_label(value: float, _pos: Any = None) -> str:
     return f"{value:g}×"
 
 
+def _nice_at_or_above(value: float) -> float:
+    """The smallest of 1, 2, 5, 10, 20, ... (0.5, 0.2, ...) that is >= ``value``."""
+    exp = math.floor(math.log10(value))
+    return min(m * 10.0**e for e in (exp, exp + 1) for m in _NICE if m * 10.0**e >= value * (1 - 1e-12))
+
+
+def _nice_at_or_below(value: float) -> float:
+    """The largest of 1, 2, 5, 10, 20, ... (0.5, 0.2, ...) that is <= ``value``."""
+    exp = math.floor(math.log10(value))
+    return max(m * 10.0**e for e in (exp - 1, exp) for m in _NICE if m * 10.0**e <= value * (1 + 1e-12))
+
+
 def _x_limits(xs: Sequence[float], right: float = 0.08) -> tuple[float, float]:
     """Log-scale limits: 8 % of the span (in decades) left of the points, ``right`` of it on the right
-    (where labels go first)."""
+    (where labels go first), widened so that labelled ticks bracket every point (a 3.13× point gets a
+    5× tick beyond it, not only 1× and 2×)."""
     lo, hi = min(min(xs), 1.0), max(max(xs), 1.0)
     span = math.log10(hi / lo)
     lo, hi = lo / 10 ** max(0.08 * span, 0.08), hi * 10 ** max(right * span, 0.08)
-    if len(_nice_ticks(lo, hi)) < 2:  # at least two labelled ticks
-        lo, hi = min(lo, 0.9), max(hi, 2.2)
+    lo = min(lo, _nice_at_or_below(min(min(xs), 1.0)) / 1.04)
+    hi = max(hi, _nice_at_or_above(max(max(xs), 1.0)) * 1.04)
     return lo, hi
 
 
@@ -209,8 +227,8 @@ def _draw_marks(ax: Any, points: Sequence[_Point], front: set[int]) -> None:
                         arrowprops=dict(arrowstyle="->", color="0.6", lw=0.8), zorder=2)
             ax.scatter([p.x], [p.before], marker="x", color="0.6", s=26, zorder=2)
     front_xy = sorted((points[i].x, points[i].y) for i in front)
-    if len(front_xy) > 1:
-        ax.plot(*zip(*front_xy), color="tab:red", lw=1.1, ls="--", zorder=1)
+    if len(front_xy) > 1:  # above the markers, so that points close together never hide it
+        ax.plot(*zip(*front_xy), color="tab:red", lw=1.1, ls="--", zorder=3.5)
 
 
 def _legend_handles(points: Sequence[_Point], front: set[int]) -> list[Any]:
@@ -299,7 +317,77 @@ def _label_points(fig: Any, ax: Any, points: Sequence[_Point], labels: Sequence[
     return True
 
 
-def _distinct_marks(ax: Any, points: Sequence[_Point]) -> list[Any]:
+def _text_box(ann: Any, renderer: Any) -> Any:
+    """The extent of an annotation's text alone (its own extent includes the leader line)."""
+    from matplotlib.text import Text
+
+    ann.update_positions(renderer)  # where the text goes is computed at draw time
+    return Text.get_window_extent(ann, renderer)
+
+
+def _spread(targets: Sequence[float], gap: float, lo: float, hi: float) -> list[float] | None:
+    """Positions near ``targets`` (sorted ascending) at least ``gap`` apart, within ``[lo, hi]``."""
+    n = len(targets)
+    if n * gap > hi - lo:
+        return None
+    pos = [min(max(t, lo + i * gap), hi - (n - 1 - i) * gap) for i, t in enumerate(targets)]
+    for i in range(1, n):  # push up past the one below
+        pos[i] = max(pos[i], pos[i - 1] + gap)
+    for i in range(n - 2, -1, -1):  # and down below the one above, keeping inside
+        pos[i] = min(pos[i], pos[i + 1] - gap)
+    shift = sum(targets) / n - sum(pos) / n  # centre the column on its points, as far as the bounds allow
+    shift = min(max(shift, lo - pos[0]), hi - pos[-1])
+    pos = [p + shift for p in pos]
+    return pos if pos[0] >= lo - 1e-6 and pos[-1] <= hi + 1e-6 else None
+
+
+def _column_labels(fig: Any, ax: Any, points: Sequence[_Point], labels: Sequence[str], fontsize: float) -> bool:
+    """Labels stacked in a column beside a cluster of points, each with a leader line to its point.
+
+    For points too close together for labels beside each (a sweep whose settings all sit at 40-46x):
+    the compressed points' labels go in one column left of the cluster (else right of it), in the
+    order of their points' heights, spaced so none overlap; the baseline keeps a label beside it.
+    False (nothing left drawn) when the column does not fit in the axes or would cover a mark.
+    """
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    idx = [i for i, p in enumerate(points) if not p.row.is_baseline]
+    disp = {i: ax.transData.transform((points[i].x, points[i].y)) for i in range(len(points))}
+    xys = [(p.x, p.y) for p in points] + [(p.x, p.before) for p in points if p.before is not None]
+    marks = _marker_boxes(ax, renderer, xys, half=5.0)
+    probe = ax.text(0, 0, "Xg", fontsize=fontsize)
+    gap = probe.get_window_extent(renderer).height * 1.25
+    probe.remove()
+    order = sorted(idx, key=lambda i: disp[i][1])
+    pos = _spread([disp[i][1] for i in order], gap, inside.y0 + gap / 2, inside.y1 - gap / 2)
+    if pos is None:
+        return False
+    for side in ("left", "right"):
+        edge = (min(disp[i][0] for i in idx) - 28) if side == "left" else (max(disp[i][0] for i in idx) + 28)
+        placed, ok = [], True
+        for i, y in zip(order, pos):
+            xy_text = ax.transData.inverted().transform((edge, y))
+            ann = ax.annotate(labels[i], (points[i].x, points[i].y), xytext=xy_text, textcoords="data",
+                              fontsize=fontsize, ha="right" if side == "left" else "left", va="center",
+                              arrowprops=dict(arrowstyle="-", color="0.55", lw=0.6, shrinkA=1, shrinkB=3), zorder=4)
+            placed.append(ann)
+            box = _text_box(ann, renderer)
+            if (box.x0 < inside.x0 or box.x1 > inside.x1 or any(_overlaps(box, m) for m in marks)
+                    or any(_overlaps(box, _text_box(a, renderer)) for a in placed[:-1])):
+                ok = False
+                break
+        if ok:
+            base = [i for i in range(len(points)) if i not in idx]
+            taken = [_text_box(a, renderer) for a in placed] + marks
+            placer = _Placer(fig, ax, taken)
+            if all(placer.place(labels[i], (points[i].x, points[i].y), fontsize=fontsize) is not None for i in base):
+                return True
+        for a in placed:
+            a.remove()
+    return False
+
+
+def _distinct_marks(ax: Any, points: Sequence[_Point], names: Sequence[str]) -> list[Any]:
     """Last resort: one marker/colour per point, named in the legend."""
     from matplotlib.lines import Line2D
 
@@ -307,9 +395,11 @@ def _distinct_marks(ax: Any, points: Sequence[_Point]) -> list[Any]:
     colors = [f"C{i}" for i in range(10)]
     handles = []
     for i, p in enumerate(points):
+        if p.row.is_baseline:  # already the black star of the legend
+            continue
         style = dict(marker=markers[i % len(markers)], color=colors[(i // len(markers) + i) % len(colors)])
         ax.scatter([p.x], [p.y], s=40, zorder=5, edgecolors="white", linewidths=0.5, **style)
-        handles.append(Line2D([], [], ls="", ms=6, label=p.row.model, **style))
+        handles.append(Line2D([], [], ls="", ms=6, label=names[i], **style))
     return handles
 
 
@@ -326,7 +416,7 @@ def tradeoff_figure(report: Report, *, x: XAxis = "params", title: str | None = 
     fig, ax = _new_figure(points, x, title or f"Accuracy vs compression — {report.dataset or 'model'}")
     _draw_marks(ax, points, front)
     handles = _legend_handles(points, front)
-    names = [p.row.model for p in points]
+    names = [BASELINE_LABEL if p.row.is_baseline else p.row.model for p in points]
     numbers = [str(i + 1) for i in range(len(points))]
     named = False
     for margin in _MARGINS:  # names at the points; with more room beside the outer points if need be
@@ -335,12 +425,15 @@ def tradeoff_figure(report: Report, *, x: XAxis = "params", title: str | None = 
         named = _label_points(fig, ax, points, names, fontsize=8, front_ids=front)
         if named:
             break
-    if not named:
+    if not named:  # a cluster: the names in a column beside it, with leader lines
         _set_x_limits(ax, [p.x for p in points], _MARGINS[0])
+        _layout(fig, ax, handles, None)
+        named = _column_labels(fig, ax, points, names, fontsize=7.5)
+    if not named:
         _layout(fig, ax, handles, [f"{n}  {name}" for n, name in zip(numbers, names)])
         if not _label_points(fig, ax, points, numbers, fontsize=7.5, front_ids=front):
             ax.get_legend().remove()
-            _layout(fig, ax, handles + _distinct_marks(ax, points), None)
+            _layout(fig, ax, handles + _distinct_marks(ax, points, names), None)
     return fig
 
 
