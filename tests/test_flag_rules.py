@@ -118,3 +118,8 @@ def test_inspect_takes_the_plan_flags_of_decompose() -> None:
     # decompose alone writes, previews, computes on a device, and runs calibration data through the model (inspect runs no data)
     calibration = {"--data", "--data-root", "--calib-samples", "--no-calib", "--seed", "--min-saving", "--max-error"}
     assert _option_names("decompose") - _option_names("inspect") == {"--output", "--overwrite", "--dry-run", "--device", *calibration}
+
+
+@pytest.mark.parametrize("command", ["decompose", "finetune", "report", "sweep", "export", "inspect", "train", "demo"])
+def test_help_shows_no_value_beside_a_flag(command) -> None:
+    assert "<bool>" not in invoke(command, "--help").stdout

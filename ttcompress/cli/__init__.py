@@ -42,7 +42,24 @@ def load_command(name: str) -> click.Command:
     command = typer.main.get_command(module.app)
     if command.name != name:
         raise RuntimeError(f"module ttcompress.cli.{COMMANDS[name][0]} defines {command.name!r}, not {name!r}")
-    return add_threads_option(command)
+    return _plain_flags(add_threads_option(command))
+
+
+def _plain_flags(command: click.Command) -> click.Command:
+    """On/off flags show no ``<bool>`` value column in ``--help``: they take no value."""
+    for param in command.params:
+        if getattr(param, "is_flag", False) and param.metavar is None:  # typer's own Option class, or click's
+            param.metavar = ""
+    make_help = command.get_help_option
+
+    def help_option(ctx: click.Context) -> object:
+        option = make_help(ctx)
+        if option is not None and getattr(option, "metavar", "") is None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = help_option  # type: ignore[method-assign]
+    return command
 
 
 class LazyGroup(TyperGroup):

@@ -130,7 +130,7 @@ PlanOpt = Annotated[
     typer.Option(
         "--plan",
         help="Plan file (YAML or JSON): defaults, --layers/--exclude patterns and per-layer rules "
-        "(name pattern -> format tt|cp|dense and ranks/eps/d/ratio). Command-line options override it.",
+        "(name pattern -> a format name or dense, and its ranks/eps/d/ratio). Command-line options override it.",
         show_default=False,
         metavar="FILE",
     ),
