@@ -1,0 +1,181 @@
+"""Hostile and broken Hugging Face directories, config values and recorded paths (issue 20).
+
+Each case is one ``error:`` line and exit code 2, at once: no hang on a FIFO or ``/dev/zero``, no
+allocation sized by a number in a file before it is checked, no traceback. Every test runs under
+a deadline (SIGALRM), so a regression fails instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+transformers = pytest.importorskip("transformers")
+
+from ttcompress.cli import app  # noqa: E402
+from ttcompress.errors import CheckpointError  # noqa: E402
+from ttcompress.io import load  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "setitimer") or not hasattr(os, "mkfifo"),
+                                reason="needs SIGALRM and FIFOs (POSIX)")
+
+runner = CliRunner()
+
+
+class Hung(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Fail (raise :class:`Hung`) if the block runs longer than ``seconds``."""
+    def alarm(*_: object) -> None:
+        raise Hung(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def invoke(*args: object, seconds: float = 30):  # noqa: ANN201 - click Result
+    with deadline(seconds):
+        return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_refused(result, match: str) -> None:  # noqa: ANN001
+    """Exit 2, exactly one ``error:`` line on stderr containing ``match``, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _gpt2_config(**overrides: object) -> transformers.GPT2Config:
+    kw = dict(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=32, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2Config(**{**kw, **overrides})
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("hf") / "gpt2"
+    transformers.GPT2LMHeadModel(_gpt2_config()).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_cls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sequence classifier with 3 labels (``score.weight`` is ``(3, 16)``)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("hf") / "gpt2-cls"
+    model = transformers.GPT2ForSequenceClassification(_gpt2_config(num_labels=3, pad_token_id=0))
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _copy(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+def _edit_json(path: Path, **changes: object) -> None:
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, **changes}))
+
+
+def _replace(path: Path, kind: str) -> None:
+    """Replace a file by a FIFO, a symlink to /dev/zero, a directory or an oversized file."""
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "oversized":
+        with open(path, "wb") as f:  # sparse: no disk used
+            f.truncate(17 << 20)
+
+
+# --------------------------------------------------------------------------------------------------
+# Defect 6: JSON files of a directory (and plan files) are regular files, size-capped
+# --------------------------------------------------------------------------------------------------
+KINDS = {"fifo": "a FIFO", "dev-zero": "a device", "directory": "a directory", "oversized": "larger than 16 MiB"}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("name", ["config.json", "ttcompress.json", "model.safetensors.index.json"])
+def test_json_files_of_a_directory_are_regular_and_capped(gpt2, tmp_path, name, kind):
+    d = _copy(gpt2, tmp_path / "d")
+    if name != "config.json":
+        (d / name).write_text("{}")
+    if name == "model.safetensors.index.json":  # sharded: the index is read for the shard names
+        (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
+    _replace(d / name, kind)
+    start = time.monotonic()
+    with deadline(20), pytest.raises(CheckpointError, match=KINDS[kind]):
+        load(d)
+    assert_refused(invoke("inspect", d), KINDS[kind])
+    assert time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "oversized"])
+def test_plan_files_are_regular_and_capped(tmp_path, kind):
+    from ttcompress.planfile import load_plan
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("tt: {ranks: 2}\n")
+    _replace(plan, kind)
+    with deadline(10), pytest.raises(ValueError, match=KINDS[kind]):
+        load_plan(plan)
+
+
+# --------------------------------------------------------------------------------------------------
+# Also seen: symlinked weights. Followed wherever they point (a hub cache snapshot links into its
+# blobs), but what they resolve to must be a regular file.
+# --------------------------------------------------------------------------------------------------
+def test_weights_symlinked_outside_the_directory_load_like_a_hub_cache(gpt2, tmp_path):
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    snap = tmp_path / "snapshots" / "rev"
+    snap.mkdir(parents=True)
+    for f in gpt2.iterdir():
+        shutil.copy(f, blobs / f.name)
+        (snap / f.name).symlink_to(blobs / f.name)
+    assert sum(p.numel() for p in load(snap).parameters()) == sum(p.numel() for p in load(gpt2).parameters())
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory", "broken"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "shard"])
+def test_weights_that_are_not_regular_files_are_refused(gpt2, tmp_path, kind, sharded):
+    d = _copy(gpt2, tmp_path / "d")
+    weights = d / "model.safetensors"
+    if sharded:
+        shard = d / "model-00001-of-00001.safetensors"
+        weights.rename(shard)
+        keys = list(load(gpt2).state_dict())
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(keys, shard.name)}))
+        weights = shard
+    if kind == "broken":
+        weights.unlink()
+        weights.symlink_to(tmp_path / "gone")
+    else:
+        _replace(weights, kind)
+    match = ("is missing" if sharded else "broken symlink") if kind == "broken" else KINDS[kind]
+    with deadline(20), pytest.raises(CheckpointError, match=match):
+        load(d)
+    assert_refused(invoke("inspect", d), match)
