@@ -179,3 +179,65 @@ def test_weights_that_are_not_regular_files_are_refused(gpt2, tmp_path, kind, sh
     with deadline(20), pytest.raises(CheckpointError, match=match):
         load(d)
     assert_refused(invoke("inspect", d), match)
+
+
+# --------------------------------------------------------------------------------------------------
+# Defect 1: the source path recorded by decompose is data: only regular files (or a directory of
+# them) within the caps are hashed; anything else is "not distilling", at once
+# --------------------------------------------------------------------------------------------------
+def _hostile_source(tmp_path: Path, kind: str) -> str:
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+        return str(tmp_path / "fifo")
+    if kind == "big-directory":
+        big = tmp_path / "many"
+        big.mkdir()
+        for i in range(1_001):
+            (big / str(i)).touch()
+        return str(big)
+    if kind == "sparse-huge":
+        with open(tmp_path / "huge.pt", "wb") as f:
+            f.truncate((64 << 30) + 1)
+        return str(tmp_path / "huge.pt")
+    return {"dev-zero": "/dev/zero", "nul-byte": "/tmp/a\0b", "newline": "/tmp/a\nb", "too-long": "/" + "x" * 5000}[kind]
+
+
+SOURCES = {"fifo": "a FIFO", "dev-zero": "a device", "big-directory": "more than 1,000 entries",
+           "sparse-huge": "larger than 64 GiB", "nul-byte": "is gone", "newline": "is gone", "too-long": "cannot be read"}
+
+
+@pytest.mark.parametrize("kind", list(SOURCES))
+def test_recorded_source_that_is_not_a_model_file_is_not_hashed(tmp_path, kind):
+    from ttcompress.teacher import default_teacher, source_record
+
+    path = _hostile_source(tmp_path, kind)
+    with deadline(10):
+        choice = default_teacher({"source_path": path, "source_sha256": "0" * 64})
+        assert source_record(path) == {}
+    assert choice.path is None and "no distillation" in choice.message and SOURCES[kind] in choice.message
+    assert choice.message.isprintable()
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "hf-directory"])
+def test_finetune_does_not_hash_a_recorded_fifo_or_device(tmp_path, where, capsys):
+    from ttcompress.cli.finetune import _recorded_teacher
+    from test_trust import rewrite_header  # tests/ is on sys.path under pytest
+
+    os.mkfifo(tmp_path / "fifo")
+    for source in (tmp_path / "fifo", "/dev/zero", "/usr"):
+        info = {"source_path": str(source), "source_sha256": "0" * 64}
+        if where == "checkpoint":
+            import ttcompress
+            from ttcompress.plan import Plan, TTSettings
+
+            mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+            base = ttcompress.save(ttcompress.compress(mlp, Plan(tt=TTSettings(ranks=2))), tmp_path / "m.tt.pt")
+            model = rewrite_header(base, tmp_path / "bad.tt.pt", lambda h, info=info: h.setdefault("info", {}).update(info))
+        else:
+            model = tmp_path / "d"
+            model.mkdir(exist_ok=True)
+            (model / "ttcompress.json").write_text(json.dumps({"format": "ttcompress-hf", "version": 1, "info": info}))
+        with deadline(10):
+            assert _recorded_teacher(model) is None
+        err = capsys.readouterr().err
+        assert "no distillation" in err and str(source) in err and len(err.strip().splitlines()) == 1, err
