@@ -241,3 +241,25 @@ def test_finetune_does_not_hash_a_recorded_fifo_or_device(tmp_path, where, capsy
             assert _recorded_teacher(model) is None
         err = capsys.readouterr().err
         assert "no distillation" in err and str(source) in err and len(err.strip().splitlines()) == 1, err
+
+
+# --------------------------------------------------------------------------------------------------
+# Defect 5: ttcompress.json fields are type-checked like a checkpoint header
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("arch", "x", "arch must be an object"),
+    ("arch", {"name": "hf:GPT2LMHeadModel", "kwargs": "x"}, "arch.kwargs must be an object"),
+    ("arch", {"name": "hf:GPT2LMHeadModel", "kwargs": {"conv1d_as_linear": "yes"}}, "conv1d_as_linear must be"),
+    ("layers", [1], "layers must be an object"),
+    ("layers", {"transformer.h.0.mlp.c_fc": "x"}, "record must be an object"),
+    ("info", "x", "info must be an object"),
+    ("tied", {"a": 1}, "tied must be an object of strings"),
+    ("plan", 3, "plan must be an object"),
+])
+def test_record_fields_of_the_wrong_type_are_one_line(gpt2, tmp_path, field, value, match):
+    d = _copy(gpt2, tmp_path / "d")
+    (d / "ttcompress.json").write_text(json.dumps({"format": "ttcompress-hf", "version": 1, field: value}))
+    with deadline(20), pytest.raises(CheckpointError, match=match):
+        load(d)
+    for args in (["inspect", d], ["report", d, d, "--no-latency", "--eval-limit", "4"], ["finetune", d, "-o", tmp_path / "o"]):
+        assert_refused(invoke(*args), match)

@@ -64,7 +64,7 @@ from ttcompress.hf_files import (
     short,
     state_groups,
 )
-from ttcompress.header import check_layer_counts, validate_header
+from ttcompress.header import check_layer_counts
 from ttcompress.layers import LAYER_TYPES
 from ttcompress.plan import Plan
 
@@ -447,9 +447,7 @@ def load_hf_dir(path: PathLike, *, trust_pickle: bool = False) -> nn.Module:
     record = read_record(d)
     arch_kwargs = dict((record.get("arch") or {}).get("kwargs") or {})
     linear = bool(arch_kwargs.get("conv1d_as_linear", False))
-    layers = record.get("layers") or {}
-    validate_header({"version": 1, "layers": layers, "info": record.get("info") or {}},
-                    source=str(d / RECORD_FILE), max_version=1)
+    layers = record.get("layers") or {}  # validated by read_record
     config = _make_config(config_dict, str(d / CONFIG_FILE))
     archs = config_dict.get("architectures")
     class_name = archs[0] if isinstance(archs, list) and archs else None

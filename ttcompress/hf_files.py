@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ttcompress.errors import CheckpointError, UnsafePickleError, few, shape_mismatches
+from ttcompress.header import validate_header
 from ttcompress.smallfile import MAX_SMALL_FILE_BYTES, check_regular_file, read_small_text
 
 __all__ = [
@@ -246,11 +247,20 @@ def read_record(d: Path) -> dict[str, Any]:
     regular file, e.g. a FIFO, is refused)."""
     if not os.path.lexists(d / RECORD_FILE):
         return {}
+    where = str(d / RECORD_FILE)
     record = read_json(d / RECORD_FILE, "ttcompress record")
     if record.get("format") != RECORD_FORMAT or not isinstance(record.get("version"), int):
-        raise CheckpointError(f"{d / RECORD_FILE}: not a ttcompress record (format {record.get('format')!r})")
+        raise CheckpointError(f"{where}: not a ttcompress record (format {record.get('format')!r})")
     if record["version"] > RECORD_VERSION:
-        raise CheckpointError(f"{d / RECORD_FILE}: record version {record['version']} is newer than this ttcompress")
+        raise CheckpointError(f"{where}: record version {record['version']} is newer than this ttcompress")
+    # The same field checks as a checkpoint header (arch, layers, tied, info), so that every reader
+    # of the record (the loader, report, finetune) can trust its types.
+    validate_header(record, source=where, max_version=RECORD_VERSION)
+    if record.get("plan") is not None and not isinstance(record["plan"], Mapping):
+        raise CheckpointError(f"{where}: field plan must be an object or null, got {type(record['plan']).__name__}")
+    linear = ((record.get("arch") or {}).get("kwargs") or {}).get("conv1d_as_linear", False)
+    if not isinstance(linear, bool):
+        raise CheckpointError(f"{where}: field arch.kwargs.conv1d_as_linear must be true or false, got {linear!r}")
     return record
 
 
