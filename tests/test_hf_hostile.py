@@ -263,3 +263,86 @@ def test_record_fields_of_the_wrong_type_are_one_line(gpt2, tmp_path, field, val
         load(d)
     for args in (["inspect", d], ["report", d, d, "--no-latency", "--eval-limit", "4"], ["finetune", d, "-o", tmp_path / "o"]):
         assert_refused(invoke(*args), match)
+
+
+# --------------------------------------------------------------------------------------------------
+# Defect 4: config values of the wrong type, zero or negative sizes, NaN: one line, before
+# transformers sees them (any exception transformers raises on a file's values is one line too)
+# --------------------------------------------------------------------------------------------------
+BAD_VALUES = [
+    ({"n_head": 0}, "n_head must be a positive int, got 0"),
+    ({"n_head": "2"}, "n_head must be an int, got '2'"),
+    ({"n_head": True}, "n_head must be an int, got True"),
+    ({"n_head": 2.0}, "n_head must be an int, got 2.0"),
+    ({"vocab_size": float("nan")}, "vocab_size must be a finite number, got nan"),
+    ({"vocab_size": -1}, "vocab_size must be a positive int, got -1"),
+    ({"hidden_size": 0}, "hidden_size must be a positive int, got 0"),  # GPT-2's alias of n_embd
+    ({"n_layer": -1}, "n_layer must be a non-negative int, got -1"),
+    ({"layer_norm_epsilon": "x"}, "layer_norm_epsilon must be a finite number, got 'x'"),
+    ({"layer_norm_epsilon": float("inf")}, "layer_norm_epsilon must be a finite number, got inf"),
+    ({"use_cache": "yes"}, "use_cache must be true or false, got 'yes'"),
+    ({"n_head": 3}, "must be divisible by num_heads"),  # transformers' own check, one line
+    ({"activation_function": "nope"}, "cannot build GPT2LMHeadModel from the config"),
+    ({"vocab_size": 10**23}, "cannot build GPT2LMHeadModel from the config"),
+]
+
+
+@pytest.mark.parametrize(("change", "match"), BAD_VALUES, ids=[next(iter(c)) + "=" + repr(next(iter(c.values())))
+                                                               for c, _ in BAD_VALUES])
+def test_config_values_are_checked_before_transformers(gpt2, tmp_path, change, match):
+    d = _copy(gpt2, tmp_path / "d")
+    _edit_json(d / "config.json", **change)
+    with deadline(20), pytest.raises(CheckpointError, match=match.replace("(", r"\(")):
+        load(d)
+    assert_refused(invoke("inspect", d), match)
+
+
+def test_config_values_in_a_nested_config_are_checked_against_its_class(tmp_path):
+    from ttcompress.hf import build_hf_model
+
+    config = {"model_type": "clip", "text_config": {"vocab_size": "many"}}
+    with pytest.raises(CheckpointError, match="text_config.vocab_size must be an int, got 'many'"):
+        build_hf_model("CLIPModel", config, device="meta")
+
+
+# --------------------------------------------------------------------------------------------------
+# Defect 7: num_labels / id2label / label2id are bounded by the tensors present before
+# transformers builds a dict of that many labels
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("change", "match"), [
+    ({"num_labels": 2**31}, "num_labels must be an int from 1 to 64"),
+    ({"num_labels": 0}, "num_labels must be an int from 1 to 64"),
+    ({"num_labels": "3"}, "num_labels must be an int"),
+    ({"id2label": {str(i): "x" for i in range(65)}}, "id2label has 65 labels, more than 64"),
+    ({"label2id": [1, 2]}, "label2id must be an object"),
+])
+def test_label_counts_in_config_json_are_bounded_by_the_tensors(gpt2_cls, tmp_path, change, match):
+    d = _copy(gpt2_cls, tmp_path / "d")
+    _edit_json(d / "config.json", **change)
+    with deadline(20), pytest.raises(CheckpointError, match=match):
+        load(d)
+    assert_refused(invoke("inspect", d), match)
+
+
+def test_label_counts_in_a_header_hf_config_are_bounded_by_the_tensors(gpt2_cls, tmp_path):
+    """Through a ``.tt.pt`` whose header names ``hf:GPT2ForSequenceClassification``: refused before
+    transformers builds a 2^31-entry id2label (5.6 GB before)."""
+    import ttcompress
+    from ttcompress.plan import Plan, TTSettings
+    from test_trust import rewrite_header
+
+    base = ttcompress.save(ttcompress.compress(load(gpt2_cls), Plan(tt=TTSettings(ranks=2))), tmp_path / "c.tt.pt")
+    assert load(base) is not None
+    bad = rewrite_header(base, tmp_path / "bad.tt.pt", lambda h: h["arch"]["kwargs"]["config"].update(num_labels=2**31))
+    with deadline(20), pytest.raises(CheckpointError, match="num_labels must be an int from 1 to 64"):
+        load(bad)
+    assert_refused(invoke("inspect", bad), "num_labels must be an int from 1 to 64")
+
+
+def test_label_counts_without_tensors_are_capped(tmp_path):
+    from ttcompress.hf import build_hf_model
+    from ttcompress.hf_config import MAX_LABELS
+
+    config = {**_gpt2_config().to_dict(), "num_labels": MAX_LABELS + 1}
+    with deadline(10), pytest.raises(CheckpointError, match=f"num_labels must be an int from 1 to {MAX_LABELS:,}"):
+        build_hf_model("GPT2ForSequenceClassification", config, device="meta")
