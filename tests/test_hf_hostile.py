@@ -346,3 +346,49 @@ def test_label_counts_without_tensors_are_capped(tmp_path):
     config = {**_gpt2_config().to_dict(), "num_labels": MAX_LABELS + 1}
     with deadline(10), pytest.raises(CheckpointError, match=f"num_labels must be an int from 1 to {MAX_LABELS:,}"):
         build_hf_model("GPT2ForSequenceClassification", config, device="meta")
+
+
+# --------------------------------------------------------------------------------------------------
+# Defect 15: transformers' log lines and warnings are shown only with --debug
+# --------------------------------------------------------------------------------------------------
+def test_library_warnings_do_not_break_the_one_line_rule(gpt2, tmp_path):
+    """transformers warns about an out-of-vocabulary eos_token_id, then its own error follows: one
+    line. In a subprocess, since transformers binds its log handler to the process's stderr."""
+    import subprocess
+    import sys
+
+    d = _copy(gpt2, tmp_path / "d")
+    _edit_json(d / "config.json", eos_token_id=500, n_head=3)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+                                                                    os.environ.get("PYTHONPATH")]))}
+    env.pop("TRANSFORMERS_VERBOSITY", None)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ttcompress", *args], capture_output=True, text=True,
+                              timeout=120, env=env, cwd=tmp_path)
+
+    quiet = run("inspect", str(d))
+    assert quiet.returncode == 2 and quiet.stderr.count("\n") == 1, quiet.stderr
+    assert quiet.stderr.startswith("error: ") and "divisible by num_heads" in quiet.stderr
+
+
+def test_library_log_lines_and_warnings_show_with_debug():
+    import logging
+    import warnings
+
+    from ttcompress.cli._common import quiet_libraries, set_debug
+
+    logger = logging.getLogger("transformers")
+    before = logger.level
+    with quiet_libraries():
+        assert not logger.isEnabledFor(logging.ERROR) and os.environ["TRANSFORMERS_VERBOSITY"] == "critical"
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.warn_explicit("hidden", UserWarning, "x.py", 1, module="transformers.configuration_utils")
+        assert seen == []
+    assert logger.level == before
+    set_debug(True)
+    try:
+        with quiet_libraries():
+            assert logger.level == before
+    finally:
+        set_debug(False)
