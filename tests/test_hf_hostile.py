@@ -392,3 +392,30 @@ def test_library_log_lines_and_warnings_show_with_debug():
             assert logger.level == before
     finally:
         set_debug(False)
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"n_head": 0}, "n_head must be a positive int, got 0"),
+    ({"n_head": "2"}, "n_head must be an int, got '2'"),
+    ({"vocab_size": -1}, "vocab_size must be a positive int, got -1"),
+])
+def test_config_values_in_a_header_hf_config_are_checked(gpt2_cls, tmp_path, change, match):
+    import ttcompress
+    from ttcompress.plan import Plan, TTSettings
+    from test_trust import rewrite_header
+
+    base = ttcompress.save(ttcompress.compress(load(gpt2_cls), Plan(tt=TTSettings(ranks=2))), tmp_path / "c.tt.pt")
+    bad = rewrite_header(base, tmp_path / "bad.tt.pt", lambda h: h["arch"]["kwargs"]["config"].update(change))
+    with deadline(20), pytest.raises(CheckpointError, match=match):
+        load(bad)
+    assert_refused(invoke("inspect", bad), match)
+
+
+def test_the_default_configs_of_transformers_pass_the_value_checks():
+    """The checks refuse nothing transformers itself writes (llava's vision_feature_layer is -2,
+    vitdet's window_size 0): a sample of model types, their default configs as config.json holds them."""
+    from ttcompress.hf_config import check_config_values
+
+    for model_type in ("gpt2", "bert", "llama", "vit", "clip", "t5", "llava", "vitdet", "vilt", "whisper", "resnet"):
+        cls = transformers.CONFIG_MAPPING[model_type]
+        check_config_values(json.loads(cls().to_json_string(use_diff=False)), cls, model_type)

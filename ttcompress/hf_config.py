@@ -10,8 +10,10 @@ transformers builds a config object from whatever the file says: ``n_head: 0`` d
   is something else (a ``Literal``, a nested config class) is left to transformers, whose every
   exception is then one line (:class:`~ttcompress.errors.CheckpointError`);
 * sizes are positive: an int field named like a size (``vocab_size``, ``n_embd``, ``n_head``,
-  ``num_attention_heads``, ``head_dim``, ``max_position_embeddings``, ...) is at least 1, and a
-  count (``n_layer``, ``num_key_value_heads``, any ``n_*``/``num_*``) at least 0;
+  ``num_attention_heads``, ``max_position_embeddings``, ...) is at least 1, and a count
+  (``n_layer``, any ``n_*``/``num_*``) at least 0, where the class's own default keeps that bound
+  (a default of 0 or -1 means "off" or "from the end" for that model: llava's
+  ``vision_feature_layer`` is -2);
 * no float anywhere in the config is NaN or infinite;
 * ``num_labels`` and the sizes of ``id2label`` / ``label2id`` are at most a bound: the largest
   dimension among the tensors present (a classifier head has ``num_labels`` rows), or
@@ -77,7 +79,9 @@ def check_label_counts(config: Any, bound: int, where: str) -> None:
                                       "dimension of the tensors present)")
 
 
-def check_config_values(config: Mapping[str, Any], config_class: type, where: str, *, max_labels: int = MAX_LABELS) -> None:
+def check_config_values(
+    config: Mapping[str, Any], config_class: type, where: str, *, max_labels: int = MAX_LABELS
+) -> None:
     """Refuse (one line) a raw config whose values do not fit ``config_class``'s declared fields.
 
     Parameters
@@ -114,16 +118,18 @@ def _check_fields(config: Mapping[str, Any], config_class: type, where: str, pre
             _check_fields(value, sub, where, f"{name}.")
             continue
         field = aliases.get(key, key) if isinstance(aliases, Mapping) else key
-        kinds = fields.get(field)
-        if kinds is None:
+        if field not in fields:
             continue
+        kinds, default = fields[field]
         if not _fits(value, kinds):
             wanted = " or ".join(_SHOW[k] for k in sorted(kinds))
             raise CheckpointError(f"{where}: {name} must be {wanted}, got {_show(value)}")
         if isinstance(value, int) and not isinstance(value, bool) and "int" in kinds:
             low = 1 if _SIZE.search(field) else 0 if _COUNT.search(field) else None
-            if low is not None and value < low:
-                raise CheckpointError(f"{where}: {name} must be {'a positive' if low else 'a non-negative'} int, got {value}")
+            # only where the class's own default keeps the bound (llava's vision_feature_layer is -2)
+            if low is not None and isinstance(default, int) and default >= low and value < low:
+                sign = "a positive" if low else "a non-negative"
+                raise CheckpointError(f"{where}: {name} must be {sign} int, got {value}")
 
 
 def _fits(value: Any, kinds: frozenset[str]) -> bool:
@@ -145,20 +151,20 @@ def _fits(value: Any, kinds: frozenset[str]) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _declared_fields(config_class: type) -> dict[str, frozenset[str]]:
-    """``{field: kinds}`` for the fields of ``config_class`` whose declared type is made only of
-    int, float, bool, str, None, list, tuple and dict (others are left out: not checked here)."""
+def _declared_fields(config_class: type) -> dict[str, tuple[frozenset[str], Any]]:
+    """``{field: (kinds, default)}`` for the fields of ``config_class`` whose declared type is made
+    only of int, float, bool, str, None, list, tuple and dict (others are left out: not checked here)."""
     try:
         params = inspect.signature(config_class.__init__).parameters.values()
     except (TypeError, ValueError):
         return {}
-    fields: dict[str, frozenset[str]] = {}
+    fields: dict[str, tuple[frozenset[str], Any]] = {}
     for p in params:
         if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         kinds = _kinds(p.annotation, p.default)
         if kinds:
-            fields[p.name] = kinds
+            fields[p.name] = (kinds, p.default)
     return fields
 
 

@@ -26,7 +26,8 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY
 
 def _check_kind(p: Path, st: os.stat_result, what: str, limit: int | None, error: type[TTCompressError]) -> None:
     if not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device or special file"
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a device or special file")
         raise error(f"{p}: {what} is not a regular file ({kind})")
     if limit is not None and st.st_size > limit:
         raise error(f"{p}: {what} is larger than {_size(limit)} ({st.st_size:,} bytes)")
