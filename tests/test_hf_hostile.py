@@ -309,15 +309,37 @@ def test_config_values_in_a_nested_config_are_checked_against_its_class(tmp_path
 # Defect 7: num_labels / id2label / label2id are bounded by the tensors present before
 # transformers builds a dict of that many labels
 # --------------------------------------------------------------------------------------------------
+def _label_bound(d: Path) -> int:
+    from safetensors import safe_open
+
+    from ttcompress.hf_config import label_bound
+
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        return label_bound(f.get_slice(k).get_shape() for k in f.keys())  # noqa: SIM118
+
+
+def test_label_bound_is_set_by_the_tensors_present():
+    from ttcompress.hf_config import MAX_LABELS, label_bound
+
+    assert label_bound([(3, 16), (10, 4)]) == 3 * 16 + 10 * 4  # a factorized head has fewer rows than labels
+    assert label_bound([(2_000_000, 8)]) == 2_000_000  # a dense head: its rows
+    assert label_bound([(4096, 4096)]) == MAX_LABELS
+    assert label_bound([(1,)]) == 2 and label_bound([]) == 2
+
+
 @pytest.mark.parametrize(("change", "match"), [
-    ({"num_labels": 2**31}, "num_labels must be an int from 1 to 64"),
-    ({"num_labels": 0}, "num_labels must be an int from 1 to 64"),
+    ({"num_labels": 2**31}, "num_labels must be an int from 1 to {bound:,}"),
+    ({"num_labels": 0}, "num_labels must be an int from 1 to {bound:,}"),
     ({"num_labels": "3"}, "num_labels must be an int"),
-    ({"id2label": {str(i): "x" for i in range(65)}}, "id2label has 65 labels, more than 64"),
+    ("id2label", "id2label has {n:,} labels, more than {bound:,}"),
     ({"label2id": [1, 2]}, "label2id must be an object"),
 ])
 def test_label_counts_in_config_json_are_bounded_by_the_tensors(gpt2_cls, tmp_path, change, match):
     d = _copy(gpt2_cls, tmp_path / "d")
+    bound = _label_bound(d)
+    if change == "id2label":
+        change = {"id2label": {str(i): "x" for i in range(bound + 1)}}
+    match = match.format(bound=bound, n=bound + 1)
     _edit_json(d / "config.json", **change)
     with deadline(20), pytest.raises(CheckpointError, match=match):
         load(d)
@@ -334,9 +356,9 @@ def test_label_counts_in_a_header_hf_config_are_bounded_by_the_tensors(gpt2_cls,
     base = ttcompress.save(ttcompress.compress(load(gpt2_cls), Plan(tt=TTSettings(ranks=2))), tmp_path / "c.tt.pt")
     assert load(base) is not None
     bad = rewrite_header(base, tmp_path / "bad.tt.pt", lambda h: h["arch"]["kwargs"]["config"].update(num_labels=2**31))
-    with deadline(20), pytest.raises(CheckpointError, match="num_labels must be an int from 1 to 64"):
+    with deadline(20), pytest.raises(CheckpointError, match="num_labels must be an int from 1 to .* got 2147483648"):
         load(bad)
-    assert_refused(invoke("inspect", bad), "num_labels must be an int from 1 to 64")
+    assert_refused(invoke("inspect", bad), "(bounded by the tensors present), got 2147483648")
 
 
 def test_label_counts_without_tensors_are_capped(tmp_path):

@@ -15,8 +15,9 @@ transformers builds a config object from whatever the file says: ``n_head: 0`` d
   (a default of 0 or -1 means "off" or "from the end" for that model: llava's
   ``vision_feature_layer`` is -2);
 * no float anywhere in the config is NaN or infinite;
-* ``num_labels`` and the sizes of ``id2label`` / ``label2id`` are at most a bound: the largest
-  dimension among the tensors present (a classifier head has ``num_labels`` rows), or
+* ``num_labels`` and the sizes of ``id2label`` / ``label2id`` are at most a bound set by the
+  tensors present (:func:`label_bound`: their largest dimension, as a dense classifier head has
+  ``num_labels`` rows, or up to :data:`MAX_LABELS` as far as they hold that many elements), or
   :data:`MAX_LABELS` where no tensors are known (a config given in Python or on the command line).
 
 Nested configs (``text_config``, ``vision_config``) are checked against their own classes.
@@ -54,9 +55,15 @@ _SHOW = {"int": "an int", "float": "a finite number", "bool": "true or false", "
 
 
 def label_bound(shapes: Iterable[tuple[int, ...]]) -> int:
-    """The most labels a config may declare for a file holding tensors of ``shapes``: its largest
-    dimension (a classifier head has one row per label), and at least 2 (transformers' default)."""
-    return max(2, max((max(s, default=1) for s in shapes), default=1))
+    """The most labels a config may declare for a file holding tensors of ``shapes``.
+
+    A dense classifier head has one row per label, so its largest dimension; a factorized head
+    (TT, SVD) has fewer rows than labels, so also up to :data:`MAX_LABELS` where the tensors hold
+    at least that many elements in all; and at least 2 (transformers' default).
+    """
+    shapes = [tuple(s) for s in shapes]
+    largest = max((max(s, default=1) for s in shapes), default=1)
+    return max(2, largest, min(MAX_LABELS, sum(math.prod(s) for s in shapes)))
 
 
 def check_label_counts(config: Any, bound: int, where: str) -> None:
@@ -69,14 +76,14 @@ def check_label_counts(config: Any, bound: int, where: str) -> None:
         key = name.rpartition(".")[2]
         if key == "num_labels":
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
-                raise CheckpointError(f"{where}: {name} must be an int from 1 to {bound:,} (the largest dimension "
-                                      f"of the tensors present), got {_show(value)}")
+                raise CheckpointError(f"{where}: {name} must be an int from 1 to {bound:,} (bounded by the tensors "
+                                      f"present), got {_show(value)}")
         elif key in _LABEL_KEYS and value is not None:
             if not isinstance(value, Mapping):
                 raise CheckpointError(f"{where}: {name} must be an object, got {_show(value)}")
             if len(value) > bound:
-                raise CheckpointError(f"{where}: {name} has {len(value):,} labels, more than {bound:,} (the largest "
-                                      "dimension of the tensors present)")
+                raise CheckpointError(f"{where}: {name} has {len(value):,} labels, more than {bound:,} (bounded by "
+                                      "the tensors present)")
 
 
 def check_config_values(
