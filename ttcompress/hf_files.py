@@ -111,9 +111,9 @@ def _check_weights_file(p: Path) -> None:
     """A weights file may be a symlink, to anywhere (a hub cache's snapshot links into its blobs),
     but what it resolves to must be a regular file: never a FIFO, a device or a directory."""
     try:
-        check_regular_file(p, what="weights file", error=CheckpointError)
+        check_regular_file(p, what="safetensors file", error=CheckpointError)
     except FileNotFoundError:
-        raise CheckpointError(f"{p}: weights file is a broken symlink") from None
+        raise CheckpointError(f"{p} is a broken symlink (expected a safetensors file)") from None
 
 
 @contextlib.contextmanager

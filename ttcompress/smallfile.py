@@ -28,9 +28,9 @@ def _check_kind(p: Path, st: os.stat_result, what: str, limit: int | None, error
     if not stat.S_ISREG(st.st_mode):
         kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
                 else "a device or special file")
-        raise error(f"{p}: {what} is not a regular file ({kind})")
+        raise error(f"{p} is not a regular file ({kind}; expected a {what})")
     if limit is not None and st.st_size > limit:
-        raise error(f"{p}: {what} is larger than {_size(limit)} ({st.st_size:,} bytes)")
+        raise error(f"{p} is larger than {_size(limit)} ({st.st_size:,} bytes; the limit for a {what})")
 
 
 def _size(n: int) -> str:
@@ -94,7 +94,7 @@ def read_small_file(
         os.close(fd)
     data = b"".join(chunks)
     if len(data) > limit:
-        raise error(f"{p}: {what} is larger than {_size(limit)}")
+        raise error(f"{p} is larger than {_size(limit)} (the limit for a {what})")
     return data
 
 
@@ -110,4 +110,4 @@ def read_small_text(
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise error(f"{path}: {what} is not UTF-8 text (byte {exc.start})") from None
+        raise error(f"{path} is not UTF-8 text (byte {exc.start}; expected a {what})") from None
