@@ -64,7 +64,8 @@ from ttcompress.hf_files import (
     short,
     state_groups,
 )
-from ttcompress.header import check_layer_counts, validate_header
+from ttcompress.header import check_layer_counts
+from ttcompress.hf_config import MAX_LABELS, check_config_values, label_bound
 from ttcompress.layers import LAYER_TYPES
 from ttcompress.plan import Plan
 
@@ -112,12 +113,14 @@ def _find_key(data: Any, key: str) -> bool:
     return False
 
 
-def _make_config(config: Mapping[str, Any], where: str) -> Any:
+def _make_config(config: Mapping[str, Any], where: str, *, max_labels: int = MAX_LABELS) -> Any:
     """A ``transformers`` config object from a config dict, refusing anything that runs code.
 
     The config class comes from ``transformers.CONFIG_MAPPING[model_type]`` only; ``auto_map``
     (custom code) anywhere in the dict and an attention implementation taken from the hub
-    (``"org/repo"``) are refused.
+    (``"org/repo"``) are refused. The dict's values are checked against the class's declared
+    fields first (:func:`ttcompress.hf_config.check_config_values`; at most ``max_labels``
+    labels), and any exception transformers raises on them is one :class:`CheckpointError`.
     """
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{where}: the config must be a JSON object, got {type(config).__name__}")
@@ -130,9 +133,12 @@ def _make_config(config: Mapping[str, Any], where: str) -> Any:
     mapping = _transformers().CONFIG_MAPPING
     if not isinstance(model_type, str) or model_type not in mapping:
         raise CheckpointError(f"{where}: unknown or missing model_type {model_type!r} (not a transformers model)")
+    check_config_values(config, mapping[model_type], where, max_labels=max_labels)
     try:
         return mapping[model_type].from_dict(dict(config))
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises on a file's values is one line
         raise CheckpointError(f"{where}: invalid config: {short(exc)}") from None
 
 
@@ -183,7 +189,9 @@ def _instantiate(cls: type[nn.Module], config: Any, *, device: str | None, where
                               stacklevel=2)
                 config._attn_implementation = "sdpa"
                 return cls(config)
-    except (TypeError, ValueError, RuntimeError, IndexError, ImportError) as exc:
+    except (CheckpointError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the config's values make transformers raise is one line
         raise CheckpointError(f"{where}: cannot build {cls.__name__} from the config: {short(exc)}") from None
 
 
@@ -447,13 +455,7 @@ def load_hf_dir(path: PathLike, *, trust_pickle: bool = False) -> nn.Module:
     record = read_record(d)
     arch_kwargs = dict((record.get("arch") or {}).get("kwargs") or {})
     linear = bool(arch_kwargs.get("conv1d_as_linear", False))
-    layers = record.get("layers") or {}
-    validate_header({"version": 1, "layers": layers, "info": record.get("info") or {}},
-                    source=str(d / RECORD_FILE), max_version=1)
-    config = _make_config(config_dict, str(d / CONFIG_FILE))
-    archs = config_dict.get("architectures")
-    class_name = archs[0] if isinstance(archs, list) and archs else None
-    cls = _model_class(config, class_name, where=str(d), strict=False)
+    layers = record.get("layers") or {}  # validated by read_record
 
     def skeleton(device: str) -> nn.Module:
         model = _instantiate(cls, config, device=device, where=str(d))
@@ -464,7 +466,12 @@ def load_hf_dir(path: PathLike, *, trust_pickle: bool = False) -> nn.Module:
         return model
 
     with open_weights(d, trust_pickle=trust_pickle) as (shapes, read):
+        # The config's numbers are checked against the tensors present before transformers sees them.
         check_layer_counts(config_dict, len(shapes), str(d / CONFIG_FILE))
+        config = _make_config(config_dict, str(d / CONFIG_FILE), max_labels=label_bound(shapes.values()))
+        archs = config_dict.get("architectures")
+        class_name = archs[0] if isinstance(archs, list) and archs else None
+        cls = _model_class(config, class_name, where=str(d), strict=False)
         probe = skeleton("meta")
         keys = key_map(probe, shapes)
         check_fit(probe, {keys[k]: shapes[k] for k in keys}, str(d))

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from ttcompress.errors import CheckpointError, UnsafePickleError, few, shape_mismatches
+from ttcompress.header import validate_header
+from ttcompress.smallfile import MAX_SMALL_FILE_BYTES, check_regular_file, read_small_text
 
 __all__ = [
     "CONFIG_FILE",
@@ -50,7 +52,7 @@ RECORD_FILE = "ttcompress.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 RECORD_FORMAT = "ttcompress-hf"
 RECORD_VERSION = 1
-MAX_JSON_BYTES = 64 << 20
+MAX_JSON_BYTES = MAX_SMALL_FILE_BYTES
 
 PathLike = str | os.PathLike[str]
 TensorReader = Callable[[str], torch.Tensor]
@@ -73,13 +75,13 @@ def is_hf_dir(path: PathLike) -> bool:
 
 
 def read_json(p: Path, what: str) -> dict[str, Any]:
+    """A JSON object from a regular file of at most :data:`MAX_JSON_BYTES` (a FIFO, a device or a
+    larger file is refused before it is read: :func:`ttcompress.smallfile.read_small_file`)."""
     try:
-        if p.stat().st_size > MAX_JSON_BYTES:
-            raise CheckpointError(f"{p}: {what} is larger than {MAX_JSON_BYTES >> 20} MiB")
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(read_small_text(p, what=what, limit=MAX_JSON_BYTES, error=CheckpointError))
     except FileNotFoundError:
         raise CheckpointError(f"{p.parent}: no {p.name} (not a Hugging Face model directory)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{p}: invalid {what}: {short(exc)}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{p}: {what} must be a JSON object")
@@ -88,7 +90,8 @@ def read_json(p: Path, what: str) -> dict[str, Any]:
 
 def shard_files(d: Path) -> list[Path]:
     """The safetensors files of ``d`` (one file or the shards its index names)."""
-    if (d / WEIGHTS_FILE).is_file():
+    if os.path.lexists(d / WEIGHTS_FILE):
+        _check_weights_file(d / WEIGHTS_FILE)
         return [d / WEIGHTS_FILE]
     weight_map = read_json(d / INDEX_FILE, "safetensors index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -97,16 +100,26 @@ def shard_files(d: Path) -> list[Path]:
     for name in sorted({str(v) for v in weight_map.values()}):
         if Path(name).name != name or name.startswith(".") or not name.endswith(".safetensors"):
             raise CheckpointError(f"{d / INDEX_FILE}: invalid shard name {name!r}")
-        if not (d / name).is_file():
+        if not os.path.exists(d / name):
             raise CheckpointError(f"{d}: shard {name} named by {INDEX_FILE} is missing")
+        _check_weights_file(d / name)
         files.append(d / name)
     return files
+
+
+def _check_weights_file(p: Path) -> None:
+    """A weights file may be a symlink, to anywhere (a hub cache's snapshot links into its blobs),
+    but what it resolves to must be a regular file: never a FIFO, a device or a directory."""
+    try:
+        check_regular_file(p, what="safetensors file", error=CheckpointError)
+    except FileNotFoundError:
+        raise CheckpointError(f"{p} is a broken symlink (expected a safetensors file)") from None
 
 
 @contextlib.contextmanager
 def open_weights(d: Path, *, trust_pickle: bool) -> Iterator[tuple[dict[str, tuple[int, ...]], TensorReader]]:
     """Yield ``(shapes, read)``: every stored tensor's shape (from the headers) and a reader."""
-    if not (d / WEIGHTS_FILE).is_file() and not (d / INDEX_FILE).is_file():
+    if not os.path.lexists(d / WEIGHTS_FILE) and not os.path.lexists(d / INDEX_FILE):
         if (d / PICKLE_FILES[0]).is_file() and trust_pickle:
             yield from open_pickle(d / PICKLE_FILES[0])
             return
@@ -230,13 +243,24 @@ def copy_weights(model: nn.Module, key_map: Mapping[str, str], read: TensorReade
 
 
 def read_record(d: Path) -> dict[str, Any]:
-    if not (d / RECORD_FILE).is_file():
+    """The ``ttcompress.json`` of a directory (empty without one; one that is there but is not a
+    regular file, e.g. a FIFO, is refused)."""
+    if not os.path.lexists(d / RECORD_FILE):
         return {}
+    where = str(d / RECORD_FILE)
     record = read_json(d / RECORD_FILE, "ttcompress record")
     if record.get("format") != RECORD_FORMAT or not isinstance(record.get("version"), int):
-        raise CheckpointError(f"{d / RECORD_FILE}: not a ttcompress record (format {record.get('format')!r})")
+        raise CheckpointError(f"{where}: not a ttcompress record (format {record.get('format')!r})")
     if record["version"] > RECORD_VERSION:
-        raise CheckpointError(f"{d / RECORD_FILE}: record version {record['version']} is newer than this ttcompress")
+        raise CheckpointError(f"{where}: record version {record['version']} is newer than this ttcompress")
+    # The same field checks as a checkpoint header (arch, layers, tied, info), so that every reader
+    # of the record (the loader, report, finetune) can trust its types.
+    validate_header(record, source=where, max_version=RECORD_VERSION)
+    if record.get("plan") is not None and not isinstance(record["plan"], Mapping):
+        raise CheckpointError(f"{where}: field plan must be an object or null, got {type(record['plan']).__name__}")
+    linear = ((record.get("arch") or {}).get("kwargs") or {}).get("conv1d_as_linear", False)
+    if not isinstance(linear, bool):
+        raise CheckpointError(f"{where}: field arch.kwargs.conv1d_as_linear must be true or false, got {linear!r}")
     return record
 
 

@@ -1,8 +1,10 @@
 """Plan files and option mapping: read and write a :class:`~ttcompress.plan.Plan` as YAML or JSON,
 and build one from command-line style options.
 
-YAML is read with a hardened ``safe_load``: no aliases (no "billion laughs" expansion), at most
-:data:`MAX_PLAN_NODES` nodes, nested at most :data:`MAX_PLAN_DEPTH` deep. Errors name the
+A plan file is a regular file of at most 16 MiB (:data:`~ttcompress.smallfile.MAX_SMALL_FILE_BYTES`;
+a FIFO or a device is refused before it is read). YAML is read with a hardened ``safe_load``: no
+aliases (no "billion laughs" expansion), at most :data:`MAX_PLAN_NODES` nodes, nested at most
+:data:`MAX_PLAN_DEPTH` deep. Errors name the
 parameters (``tt.ranks``, ``cp_ranks``, ``target_ratio``, ...), never command-line flags; the CLI
 maps them onto its flags.
 """
@@ -21,6 +23,7 @@ from ttcompress.formats.cp import CPSettings
 from ttcompress.formats.tt import TTSettings
 from ttcompress.fsutil import atomic_write
 from ttcompress.plan import Plan
+from ttcompress.smallfile import read_small_text
 
 __all__ = ["MAX_PLAN_DEPTH", "MAX_PLAN_NODES", "NONE", "option_formats", "plan_kwargs", "load_plan", "plan_from_options", "save_plan"]
 
@@ -33,12 +36,14 @@ def load_plan(path: str | Path) -> Plan:
     FileNotFoundError
         The file does not exist.
     ValueError
-        It cannot be parsed, or it describes an invalid plan.
+        It is not a regular file (a FIFO, a device) of at most ``MAX_SMALL_FILE_BYTES``, it cannot be
+        parsed, or it describes an invalid plan.
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"plan file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = read_small_text(p, what="plan file")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"plan file not found: {p}") from None
     try:
         if p.suffix.lower() == ".json":
             data = json.loads(text)

@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ttcompress.errors import ArchRequiredError, CheckpointError, shape_mismatches
 from ttcompress.formats import get_format
 from ttcompress.header import check_layer_counts, config_items
+from ttcompress.hf_config import check_label_counts, label_bound
 from ttcompress.meta import ArchSpec, ModelMeta, set_meta
 from ttcompress.layer_report import LayerReport
 from ttcompress.models import build_arch, check_arch_trusted, resolve_arch
@@ -112,6 +113,7 @@ def rebuild_model(
         skeleton = functools.partial(_build_named, arch, p)
     if isinstance(arch, Mapping):
         check_layer_counts(arch.get("kwargs"), len(tensors) + len(header.get("tied") or {}), f"{p} (header arch.kwargs)")
+        check_label_counts(arch.get("kwargs"), label_bound(t.shape for t in tensors.values()), f"{p} (header arch.kwargs)")
     layers = {str(k): dict(v) for k, v in (header.get("layers") or {}).items()}
     tied = dict(header.get("tied") or {})
     for dup, kept in tied.items():

@@ -9,17 +9,22 @@ Errors (see ``docs/cli.md``, "Errors and exit codes"):
   ``error: ...`` line on stderr and exit code 2;
 * any other exception is a bug in ttcompress: an ``internal error: ...`` line, the traceback, and
   exit code :data:`EXIT_INTERNAL` (70, ``EX_SOFTWARE``);
-* Ctrl-C exits with code 130; ``--debug`` lets every exception propagate with its traceback.
+* Ctrl-C exits with code 130; ``--debug`` lets every exception propagate with its traceback;
+* log lines and warnings of transformers (and huggingface_hub, safetensors, tokenizers) are shown
+  only with ``--debug`` (:func:`quiet_libraries`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import stat
 import sys
 import traceback
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -113,13 +118,49 @@ def internal_error(exc: BaseException) -> typer.Exit:
     return typer.Exit(code=EXIT_INTERNAL)
 
 
+#: Libraries whose log lines and warnings are shown only with ``--debug``: they would break the
+#: one-line rule (transformers warns about a config value, then the error follows).
+QUIET_LIBRARIES = ("transformers", "huggingface_hub", "safetensors", "tokenizers")
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Hide :data:`QUIET_LIBRARIES`' log records and Python warnings (unless ``--debug``)."""
+    if is_debug():
+        yield
+        return
+    saved_env = os.environ.get("TRANSFORMERS_VERBOSITY")
+    # transformers sets its logger's level from this variable when it first configures it, which
+    # may happen inside the command (it is imported on first use)
+    os.environ["TRANSFORMERS_VERBOSITY"] = "critical"
+    loggers = [logging.getLogger(name) for name in QUIET_LIBRARIES]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=rf"^({'|'.join(QUIET_LIBRARIES)})(\.|$)")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if saved_env is None:
+            os.environ.pop("TRANSFORMERS_VERBOSITY", None)
+        else:
+            os.environ["TRANSFORMERS_VERBOSITY"] = saved_env
+
+
 def cli_errors(fn: F) -> F:
-    """Decorator for commands: user errors → one stderr line, exit 2; anything else → internal error."""
+    """Decorator for commands: user errors → one stderr line, exit 2; anything else → internal error.
+
+    Third-party libraries' log lines and warnings are hidden (:func:`quiet_libraries`) unless ``--debug``.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with quiet_libraries():
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except USER_ERRORS as exc:
