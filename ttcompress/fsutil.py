@@ -13,13 +13,13 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from ttcompress.errors import OutputExistsError
 
-__all__ = ["MODEL_SUFFIXES", "PathLike", "atomic_dir", "atomic_write", "strip_model_suffix"]
+__all__ = ["MODEL_SUFFIXES", "PathLike", "atomic_dir", "atomic_write", "check_not_inputs", "strip_model_suffix"]
 
 PathLike = str | os.PathLike[str]
 
@@ -33,6 +33,63 @@ def strip_model_suffix(name: str) -> str:
         if name.endswith(ext) and len(name) > len(ext):
             return name[: -len(ext)]
     return name
+
+
+def _file_id(path: PathLike) -> tuple[int, int] | None:
+    """``(device, inode)`` of what ``path`` names after symlinks; None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _resolved_chain(path: PathLike) -> list[Path]:
+    """``path`` with its symlinks resolved (as far as it exists), then every directory above it."""
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        resolved = Path(os.path.abspath(path))
+    return [resolved, *resolved.parents]
+
+
+def check_not_inputs(
+    outputs: Iterable[PathLike | None],
+    inputs: Iterable[PathLike | None],
+    *,
+    replaces_directory: bool = False,
+) -> None:
+    """Refuse an output that would write over one of ``inputs``, before anything is read or written.
+
+    An output is refused when it is an input (same file after symlinks, or another hard link to
+    it), or lies inside an input directory (a Hugging Face directory's ``model.safetensors``).
+    With ``replaces_directory`` (an output directory replaced as a whole), an output directory
+    that contains an input is refused as well. Files are compared by device and inode, so
+    symlinks, hard links and bind mounts do not hide an input. ``None`` entries and inputs that
+    do not exist are skipped.
+
+    Raises
+    ------
+    OutputExistsError
+        Naming the output and the input it would overwrite.
+    """
+    sources = [(Path(i), key) for i in inputs if i is not None and (key := _file_id(i)) is not None]
+    if not sources:
+        return
+    for out in outputs:
+        if out is None:
+            continue
+        chain = _resolved_chain(out)
+        ids = [_file_id(p) for p in chain]
+        for src, key in sources:
+            kind = "directory" if os.path.isdir(src) else "file"
+            if ids[0] == key:
+                raise OutputExistsError(f"output must differ from the input {kind}: {out} is {src}")
+            if key in ids[1:]:
+                raise OutputExistsError(f"output {out} is inside the input directory {src}; write it elsewhere")
+            if replaces_directory and ids[0] is not None and ids[0] in {_file_id(p) for p in _resolved_chain(src)[1:]}:
+                raise OutputExistsError(f"output directory {out} contains the input {src}; write it elsewhere")
+
 
 @functools.lru_cache(maxsize=1)
 def _umask_by_flipping() -> int:

@@ -37,7 +37,7 @@ from ttcompress.calibration.stats import LayerStats
 from ttcompress.formats import DENSE, format_of, get_format, layer_classes
 from ttcompress.formats.base import build_note
 from ttcompress.layer_report import KEPT_DENSE_INFO, LayerReport, count_params, format_label, kept_dense
-from ttcompress.fsutil import strip_model_suffix
+from ttcompress.fsutil import check_not_inputs, strip_model_suffix
 from ttcompress.io import load_checkpoint, save
 from ttcompress.meta import copy_meta, read_meta, update_meta
 from ttcompress.modtree import get_submodule, set_submodule
@@ -495,8 +495,7 @@ def decompose_file(
     plan = _as_plan(plan)
     src = Path(input_path)
     dest = Path(output) if output is not None else default_output_path(src)
-    if src.exists() and dest.exists() and dest.resolve() == src.resolve():
-        raise ValueError(f"output (-o) must differ from the input file: {dest}")
+    check_not_inputs([dest], [src])
     loaded = load_checkpoint(src, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
     with process_group() as rank:  # under torchrun: every rank decomposes a share, rank 0 writes
         # The forward check of the compressed model (a layer whose replacement breaks the model

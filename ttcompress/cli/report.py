@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from ttcompress.cli._app import command_app
-from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
+from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, data_inputs, err, out
 from ttcompress.cli.options import (
     ArchKwargsOpt, ArchOpt, InputShapeOpt, OverwriteOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustCodeOpt, TrustPickleOpt,
     parse_arch_kwargs, parse_input_shape,
@@ -136,7 +136,7 @@ def report_command(
     fmt = resolve_format(fmt, output)
     check_render_options(fmt=fmt, plot=plot, plot_x=plot_x)
     check_inputs(baseline, *models)
-    check_outputs([output, plot], overwrite=overwrite, inputs=[baseline, *models])
+    check_outputs([output, plot], overwrite=overwrite, inputs=[baseline, *models, *data_inputs(data)])
     result = report_files(
         baseline,
         models,
