@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ttcompress.allocate import input_grams
+from ttcompress.calibration.data import named_calibration
 from ttcompress.calibration.fit import FitResult
 from ttcompress.calibration.sequential import calibrate_sequentially
 from ttcompress.calibration.stats import LayerStats
@@ -50,6 +51,7 @@ from ttcompress.surgery_checks import (
     guarded_plan,
     Swapped,
     calibration_batches,
+    check_finite_parameters,
     finish_checked,
     guard_decisions,
     reference_output,
@@ -214,6 +216,7 @@ def compress_with_report(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     plan = _as_plan(plan)
+    check_finite_parameters(model)  # before allocation, calibration and every decomposition
     batches = calibration_batches(model, calib_data, calib_samples)
     before = count_params(model)
     reference = None if check_input is None else reference_output(model, check_input)
@@ -500,8 +503,9 @@ def decompose_file(
     with process_group() as rank:  # under torchrun: every rank decomposes a share, rank 0 writes
         # The forward check of the compressed model (a layer whose replacement breaks the model
         # stays dense), on an input the model is known to take, when one can be made.
-        result = compress_with_report(loaded.model, plan, progress=progress, calib_data=calib_data,
-                                      calib_samples=calib_samples, check_input=default_check_input(loaded.model))
+        with named_calibration(calib_info):
+            result = compress_with_report(loaded.model, plan, progress=progress, calib_data=calib_data,
+                                          calib_samples=calib_samples, check_input=default_check_input(loaded.model))
         if rank == 0:
             calibration = {"used": calib_data is not None, **dict(calib_info or {})}
             info = {"plan": plan.to_dict(), "source": src.name, "calibration": calibration, **source_record(src)}
