@@ -140,3 +140,13 @@ def test_calib_batches_names_the_first_bad_sample() -> None:
         list(calib_batches(subset))
     assert len(list(calib_batches(x[:200]))) == 2  # finite data pass; integer token ids are not checked
     assert len(list(calib_batches(torch.randint(0, 9, (10, 3))))) == 1
+
+
+def test_report_says_a_model_gives_non_finite_outputs(bad_model: Path, cnn: Path, tmp_path: Path) -> None:
+    result = invoke("report", cnn, bad_model, "--arch", "seed-cnn", "--no-latency", "--eval-limit", "10",
+                    "--format", "md")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert "/cnn (non-finite outputs!)" in result.stdout and "NaN/Inf outputs from bad" in result.stdout
+    healthy = invoke("report", cnn, cnn, "--arch", "seed-cnn", "--no-latency", "--eval-limit", "10", "--format", "md")
+    assert "non-finite" not in healthy.stdout and "NaN/Inf" not in healthy.stdout
+

@@ -148,3 +148,13 @@ def test_decompose_file_refuses_too(hf_dir: Path) -> None:
     with pytest.raises(OutputExistsError, match="inside the input directory"):
         decompose_file(hf_dir, output=hf_dir / "model.safetensors", plan=None)
     assert snapshot(hf_dir) == before
+
+
+def test_resume_without_a_resume_state_says_how_to_start_over(cnn: Path, tmp_path: Path) -> None:
+    """A kill before the first epoch ended leaves no resume state; starting over then needs --overwrite."""
+    out = tmp_path / "ft.pt"
+    (tmp_path / "ft.metrics.jsonl").write_text("")  # what the killed run left
+    result = invoke("finetune", cnn, "--arch", "seed-cnn", "-o", out, "--resume", "--no-distill", "--device", "cpu")
+    assert_refused(result, "start over without --resume, with --overwrite to replace the files it left: ft.metrics.jsonl")
+    result = invoke("finetune", cnn, "--arch", "seed-cnn", "-o", out, "--no-distill", "--device", "cpu")
+    assert_refused(result, "already exists; pass --overwrite")

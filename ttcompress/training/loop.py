@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ttcompress.data import DatasetBundle, check_model_fits, make_loader, sample_parts
 from ttcompress.dtypes import HALF_DTYPES, model_dtype
-from ttcompress.errors import TrainingError, UserInputError
+from ttcompress.errors import CheckpointError, TrainingError, UserInputError
 from ttcompress.evaluation import (
     EvalResult, autocast, distill_loss, eval_sums, objective_sums, resolve_device_type, sums_to_result, task_loss,
 )  # fmt: skip
@@ -131,6 +131,12 @@ def fit(
     # Cheap argument checks before touching the process group or the device.
     if config.amp is not None and resolve_device_type(config.device) != "cuda":
         raise UserInputError(f"amp={config.amp!r} needs a CUDA device (device={config.device!r} resolves elsewhere)")
+    if resume and not paths.resume.is_file():
+        left = [q.name for q in (paths.best, paths.last, paths.metrics) if q.exists()]
+        raise CheckpointError(
+            f"no resume state at {paths.resume} (a run stopped before its first epoch ended saves none): start "
+            "over without --resume" + (f", with --overwrite to replace the files it left: {', '.join(left)}" if left else "")
+        )
     resume_state = read_resume(paths.resume, config, bundle.name) if resume else None
 
     ctx, device = distributed.setup(config.device)
