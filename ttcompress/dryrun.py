@@ -18,7 +18,7 @@ from ttcompress.formats.base import LayerDecision
 from ttcompress.layer_report import count_params
 from ttcompress.formats.structure import preview_preparation
 from ttcompress.plan import Plan
-from ttcompress.surgery_checks import guarded_plan
+from ttcompress.surgery_checks import check_finite_parameters, guarded_plan
 
 __all__ = ["LARGE_ERROR", "LayerPreview", "PlanPreview", "preview_plan"]
 
@@ -74,6 +74,7 @@ def preview_plan(model: nn.Module, plan: Plan) -> PlanPreview:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     # The structure compression would put in place first (attention split into its projections,
     # GPT-2's Conv1D as Linear), on a copy, and the same guards (tied weights stay dense).
+    check_finite_parameters(model)  # as compress does: a preview of what would be refused is no preview
     prep = preview_preparation(model)
     modules = dict(prep.model.named_modules(remove_duplicate=False))
     layers = tuple(LayerPreview(d, _estimate(modules[d.name], d)) for d in guarded_plan(prep, plan))

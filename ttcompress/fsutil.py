@@ -9,17 +9,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from ttcompress.errors import OutputExistsError
 
-__all__ = ["MODEL_SUFFIXES", "PathLike", "atomic_dir", "atomic_write", "strip_model_suffix"]
+__all__ = ["MODEL_SUFFIXES", "PathLike", "atomic_dir", "atomic_write", "check_not_inputs", "strip_model_suffix"]
 
 PathLike = str | os.PathLike[str]
 
@@ -33,6 +34,63 @@ def strip_model_suffix(name: str) -> str:
         if name.endswith(ext) and len(name) > len(ext):
             return name[: -len(ext)]
     return name
+
+
+def _file_id(path: PathLike) -> tuple[int, int] | None:
+    """``(device, inode)`` of what ``path`` names after symlinks; None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _resolved_chain(path: PathLike) -> list[Path]:
+    """``path`` with its symlinks resolved (as far as it exists), then every directory above it."""
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        resolved = Path(os.path.abspath(path))
+    return [resolved, *resolved.parents]
+
+
+def check_not_inputs(
+    outputs: Iterable[PathLike | None],
+    inputs: Iterable[PathLike | None],
+    *,
+    replaces_directory: bool = False,
+) -> None:
+    """Refuse an output that would write over one of ``inputs``, before anything is read or written.
+
+    An output is refused when it is an input (same file after symlinks, or another hard link to
+    it), or lies inside an input directory (a Hugging Face directory's ``model.safetensors``).
+    With ``replaces_directory`` (an output directory replaced as a whole), an output directory
+    that contains an input is refused as well. Files are compared by device and inode, so
+    symlinks, hard links and bind mounts do not hide an input. ``None`` entries and inputs that
+    do not exist are skipped.
+
+    Raises
+    ------
+    OutputExistsError
+        Naming the output and the input it would overwrite.
+    """
+    sources = [(Path(i), key) for i in inputs if i is not None and (key := _file_id(i)) is not None]
+    if not sources:
+        return
+    for out in outputs:
+        if out is None:
+            continue
+        chain = _resolved_chain(out)
+        ids = [_file_id(p) for p in chain]
+        for src, key in sources:
+            kind = "directory" if os.path.isdir(src) else "file"
+            if ids[0] == key:
+                raise OutputExistsError(f"output must differ from the input {kind}: {out} is {src}")
+            if key in ids[1:]:
+                raise OutputExistsError(f"output {out} is inside the input directory {src}; write it elsewhere")
+            if replaces_directory and ids[0] is not None and ids[0] in {_file_id(p) for p in _resolved_chain(src)[1:]}:
+                raise OutputExistsError(f"output directory {out} contains the input {src}; write it elsewhere")
+
 
 @functools.lru_cache(maxsize=1)
 def _umask_by_flipping() -> int:
@@ -82,7 +140,7 @@ def _remove_stale_temps(dest: Path) -> None:
 
 
 class _Terminated(SystemExit):
-    """SIGTERM arrived during :func:`atomic_write`: unwind (removing the temp file), then exit 143."""
+    """SIGTERM arrived during :func:`atomic_write` or :func:`atomic_dir`: unwind (removing the temp), then exit 143."""
 
 
 @contextlib.contextmanager
@@ -100,7 +158,13 @@ def _sigterm_unwinds() -> Iterator[None]:
         yield
         return
 
+    unwinding = False
+
     def handler(signum: int, frame: Any) -> None:
+        nonlocal unwinding
+        if unwinding:  # a second SIGTERM while cleaning up: let the cleanup finish
+            return
+        unwinding = True
         if callable(previous):
             previous(signum, frame)
         raise _Terminated(128 + signum)
@@ -169,8 +233,66 @@ def atomic_write(path: PathLike, mode: str = "wb", *, encoding: str | None = Non
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
-    with contextlib.suppress(OSError):  # make the rename durable (not possible on every platform)
-        dir_fd = os.open(dest.parent, os.O_RDONLY)
+    _fsync_dir(dest.parent)
+
+
+#: A temporary or displaced directory of :func:`atomic_dir`: ``.NAME.PID.RANDOM.tmpdir`` / ``.olddir``,
+#: or the names of older versions (``.NAME.tmp-RANDOM``, ``.NAME.old-RANDOM``), after ``.NAME.``.
+_DIR_TEMP = re.compile(r"(?:(?P<pid>\d+)\.[A-Za-z0-9_]{8}\.(?P<kind>tmp|old)dir|(?P<legacy>tmp|old)-[A-Za-z0-9_]{8})")
+
+
+def _remove_stale_temp_dirs(dest: Path) -> None:
+    """Remove the temporary directories that a dead writer of ``dest`` left beside it (SIGKILL, power loss).
+
+    Those of a live process other than this one may be a concurrent write and are left alone. A
+    displaced previous ``dest`` (``.olddir``, a kill between the two renames) is put back when
+    ``dest`` is missing, else removed.
+    """
+    prefix, me = f".{dest.name}.", os.getpid()
+    try:
+        entries = [e for e in os.scandir(dest.parent) if e.name.startswith(prefix)]
+    except OSError:
+        return
+    for entry in entries:
+        match = _DIR_TEMP.fullmatch(entry.name[len(prefix) :])
+        if match is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        if match["pid"] is not None and (int(match["pid"]) == me or _pid_alive(int(match["pid"]))):
+            continue
+        displaced = Path(entry.path) / dest.name
+        if "old" in (match["kind"], match["legacy"]) and (displaced.exists() or displaced.is_symlink()):
+            if dest.exists() or dest.is_symlink():
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.replace(displaced, dest)
+                    os.rmdir(entry.path)
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    """Rename ``tmp`` onto ``dest``; an existing ``dest`` is moved aside first and put back on failure."""
+    if not (dest.exists() or dest.is_symlink()):
+        os.replace(tmp, dest)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".olddir", dir=dest.parent))
+    displaced = old / dest.name
+    try:
+        os.replace(dest, displaced)
+        os.replace(tmp, dest)
+    except BaseException:
+        if not (dest.exists() or dest.is_symlink()) and (displaced.exists() or displaced.is_symlink()):
+            os.replace(displaced, dest)
+        raise
+    finally:
+        if dest.exists() or dest.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # make a rename durable (not possible on every platform)
+        dir_fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -178,28 +300,35 @@ def atomic_write(path: PathLike, mode: str = "wb", *, encoding: str | None = Non
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: Path, *, overwrite: bool) -> Iterator[Path]:
+def atomic_dir(dest: PathLike, *, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary directory beside ``dest``; on success it replaces ``dest`` by renames.
 
-    On any failure the temporary directory is removed and ``dest`` is untouched.
+    The directory counterpart of :func:`atomic_write`: if the ``with`` block raises, or SIGTERM
+    arrives (the process then exits with code 143 once the temporary directory is removed),
+    ``dest`` is untouched and the temporary directory ``.NAME.PID.RANDOM.tmpdir`` is removed. One
+    left by a process that could not clean up (SIGKILL) is removed by the next write to ``dest``.
+
+    Raises
+    ------
+    OutputExistsError
+        ``dest`` exists and ``overwrite`` is False.
     """
-    if dest.exists() and not overwrite:
+    dest = Path(dest)
+    _remove_stale_temp_dirs(dest)  # first: it may put back a ``dest`` that a killed write displaced
+    if (dest.exists() or dest.is_symlink()) and not overwrite:
         raise OutputExistsError(f"{dest} already exists (pass overwrite=True to replace it)")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.chmod(tmp, 0o777 & ~_umask())
-        if dest.exists() or dest.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / dest.name)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with _sigterm_unwinds():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmpdir", dir=dest.parent))
+        try:
+            yield tmp
+            for f in sorted(tmp.rglob("*")):
+                if f.is_file() and not f.is_symlink():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            os.chmod(tmp, 0o777 & ~_umask())
+            _replace_dir(tmp, dest)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(dest.parent)

@@ -76,6 +76,7 @@ from torch import nn
 from ttcompress._version import __version__
 from ttcompress.errors import ArchRequiredError, CheckpointError, UnsafePickleError
 from ttcompress.header import parse_header_json, validate_header
+from ttcompress.dtypes import cast_inputs_to_model
 from ttcompress.fsutil import PathLike, atomic_write
 from ttcompress.hf import load_hf_dir, recorded_hf_arch
 from ttcompress.hf_files import is_hf_dir, read_record
@@ -402,7 +403,7 @@ def _load_safetensors(
             skeleton = functools.partial(build_model, arch, kwargs=arch_kwargs)
     model = rebuild_model(header, tensors, p, user_arch=arch if isinstance(arch, str) else None,
                           trust_code=trust_code, skeleton=skeleton, user_spec=_spec_of(arch, arch_kwargs))
-    return LoadedCheckpoint(model.eval(), "ttcompress", p, header)
+    return LoadedCheckpoint(cast_inputs_to_model(model.eval()), "ttcompress", p, header)
 
 
 def _load_trusted_pickle(p: Path, arch: str | None, arch_kwargs: Mapping[str, Any] | None) -> LoadedCheckpoint:

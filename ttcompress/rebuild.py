@@ -170,16 +170,22 @@ def _probe(skeleton: Skeleton, layers: Mapping[str, Mapping[str, Any]], tensors:
 
 
 def _match_stored_dtypes(model: nn.Module, layers: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
-    """Give each rebuilt layer the floating dtype its stored tensors have (a half-precision model's
-    factorized layers are half too, like the dense layers around them; loading would otherwise
-    keep the layer's default float32 and the model would mix dtypes)."""
-    for name in layers:
-        dtypes = {t.dtype for k, t in tensors.items() if k.startswith(name + ".") and t.is_floating_point()}
-        if len(dtypes) == 1:
-            (dtype,) = dtypes
-            module = get_submodule(model, name)
-            if any(t.is_floating_point() and t.dtype != dtype for t in module.state_dict().values()):
-                module.to(dtype)
+    """Give every floating parameter and buffer the dtype its stored tensor has, so that the model
+    loads in the dtype it was saved in (a half-precision checkpoint is half throughout: loading
+    would otherwise keep the built layers' default float32 wherever ``load_state_dict`` copies,
+    and the model would mix dtypes). ``layers`` is unused (kept for the callers)."""
+    del layers
+    for name, module in model.named_modules(remove_duplicate=False):
+        for store in (module._parameters, module._buffers):
+            for key, t in store.items():
+                stored = tensors.get(f"{name}.{key}" if name else key)
+                if t is None or stored is None or not (t.is_floating_point() and stored.is_floating_point()):
+                    continue
+                if stored.dtype != t.dtype:
+                    if isinstance(t, nn.Parameter):
+                        t.data = t.data.to(stored.dtype)
+                    else:
+                        store[key] = t.to(stored.dtype)
 
 
 def skeleton_factory(arch: Any, kwargs: Mapping[str, Any] | None) -> Skeleton | None:

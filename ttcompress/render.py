@@ -85,7 +85,8 @@ def _columns(report: Report) -> list[tuple[str, Any]]:
     has_before = any(row.accuracy_before_finetune is not None for row in report.rows)
     has_speed = any(row.latency_ms is not None for row in report.rows)
     cols: list[tuple[str, Any]] = [
-        ("model", lambda r: r.model + (" (baseline)" if r.is_baseline and "baseline" not in r.model else "")),
+        ("model", lambda r: r.model + (" (baseline)" if r.is_baseline and "baseline" not in r.model else "")
+         + (" (non-finite outputs!)" if r.non_finite else "")),
         ("params", lambda r: _num(r.params)),
         ("compression", lambda r: _ratio(r.compression)),
     ]
@@ -183,6 +184,9 @@ def _caption(report: Report) -> str:
             if report.eval_subset
             else f"{report.eval_samples:,} test samples"
         )
+    bad = [row.model for row in report.rows if row.non_finite]
+    if bad:
+        parts.append(f"NaN/Inf outputs from {', '.join(bad)}: their accuracy means nothing")
     parts.append(f"device: {report.device}")
     if any(row.latency_ms is not None for row in report.rows):
         parts.append(f"FLOPs per sample; ms/sample: median ± IQR/2 of one forward pass on a batch of "

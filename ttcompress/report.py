@@ -46,9 +46,12 @@ from ttcompress.formats import format_of, layer_classes
 from ttcompress.fsutil import strip_model_suffix
 from ttcompress.layer_report import DENSE_FORMAT, KEPT_DENSE_INFO, LayerReport, count_params
 from ttcompress.meta import read_meta
+from ttcompress.data.bundle import sample_parts
 from ttcompress.measure import (
-    KINDS, NOISY_SPREAD, count_flops, flops_by_kind, measure_latencies, measure_latency, params_by_kind, peak_memory, weights_bytes,
+    KINDS, NOISY_SPREAD, count_flops, example_input, flops_by_kind, measure_latencies, measure_latency, params_by_kind,
+    peak_memory, weights_bytes,
 )
+from ttcompress.outputs import primary_output
 
 __all__ = [
     "ModelEntry",
@@ -89,6 +92,9 @@ class ModelRow:
     peak_memory_bytes: int | None = None
     file_bytes: int | None = None
     metric: float | None = None  # the user's metric (``Report.metric_name``) on the test split
+    #: The model's outputs hold NaN or Inf (on two test samples, or an example input without data):
+    #: its accuracy and metric mean nothing.
+    non_finite: bool = False
 
     @property
     def latency_per_sample_ms(self) -> float | None:
@@ -370,6 +376,24 @@ def _path_bytes(path: Path) -> int:
     return sum(q.stat().st_size for q in p.iterdir() if q.is_file()) if p.is_dir() else p.stat().st_size
 
 
+def _outputs_non_finite(model: nn.Module, test_set: Any | None, shape: tuple[int, ...], device: torch.device) -> bool:
+    """Whether ``model`` gives NaN or Inf on two test samples (an example input of ``shape`` without data)."""
+    if test_set is not None and len(test_set):
+        x = torch.stack([torch.as_tensor(sample_parts(test_set[i])[0]) for i in range(min(2, len(test_set)))])
+    else:
+        x = example_input(model, shape, 2)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = primary_output(model(x.to(device)))
+    except Exception:  # noqa: BLE001 - a model that cannot run is reported by the measurements themselves
+        return False
+    finally:
+        model.train(was)
+    return out.is_floating_point() and not bool(torch.isfinite(out).all())
+
+
 def _measure_entry(
     entry: ModelEntry,
     data: Any | None,
@@ -390,6 +414,7 @@ def _measure_entry(
     from ttcompress.evaluation import evaluate
 
     model = entry.model.to(device)
+    non_finite = _outputs_non_finite(model, test_set, shape, device)
     params = count_params(model)
     kinds = params_by_kind(model)
     accuracy = top5 = value = None
@@ -399,6 +424,7 @@ def _measure_entry(
     if metric is not None and test_set is not None:
         value = _user_metric(metric, metric_name or "metric", model, test_set, device, eval_batch_size)
     return dict(
+        non_finite=non_finite,
         model=entry.label,
         params=params,
         compression=base_params / params if params else float("inf"),

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ttcompress.allocate import input_grams
+from ttcompress.calibration.data import named_calibration
 from ttcompress.calibration.fit import FitResult
 from ttcompress.calibration.sequential import calibrate_sequentially
 from ttcompress.calibration.stats import LayerStats
@@ -38,7 +39,7 @@ from ttcompress.evaluation import resolve_device
 from ttcompress.formats import DENSE, format_of, get_format, layer_classes
 from ttcompress.formats.base import build_note
 from ttcompress.layer_report import KEPT_DENSE_INFO, LayerReport, count_params, format_label, kept_dense
-from ttcompress.fsutil import strip_model_suffix
+from ttcompress.fsutil import check_not_inputs, strip_model_suffix
 from ttcompress.errors import UserInputError
 from ttcompress.io import load_checkpoint, save
 from ttcompress.meta import copy_meta, read_meta, update_meta
@@ -52,6 +53,7 @@ from ttcompress.surgery_checks import (
     guarded_plan,
     Swapped,
     calibration_batches,
+    check_finite_parameters,
     finish_checked,
     guard_decisions,
     reference_output,
@@ -251,6 +253,7 @@ def compress_with_report(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     plan = _as_plan(plan)
     target = _target_device(device)
+    check_finite_parameters(model)  # before allocation, calibration and every decomposition
     batches = calibration_batches(model, calib_data, calib_samples)
     before = count_params(model)
     reference = None if check_input is None else reference_output(model, check_input)
@@ -554,15 +557,15 @@ def decompose_file(
     device = _target_device(device)  # an unavailable device fails before anything is loaded
     src = Path(input_path)
     dest = Path(output) if output is not None else default_output_path(src)
-    if src.exists() and dest.exists() and dest.resolve() == src.resolve():
-        raise ValueError(f"output (-o) must differ from the input file: {dest}")
+    check_not_inputs([dest], [src])
     loaded = load_checkpoint(src, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
     with process_group() as rank:  # under torchrun: every rank decomposes a share, rank 0 writes
         # The forward check of the compressed model (a layer whose replacement breaks the model
         # stays dense), on an input the model is known to take, when one can be made.
-        result = compress_with_report(loaded.model, plan, progress=progress, calib_data=calib_data,
-                                      calib_samples=calib_samples, check_input=default_check_input(loaded.model),
-                                      device=device)
+        with named_calibration(calib_info):
+            result = compress_with_report(loaded.model, plan, progress=progress, calib_data=calib_data,
+                                          calib_samples=calib_samples, check_input=default_check_input(loaded.model),
+                                          device=device)
         if not result.compressed:
             raise UserInputError(nothing_compressed(result))
         calibration = {"used": calib_data is not None, **dict(calib_info or {})}

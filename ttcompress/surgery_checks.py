@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ttcompress.calibration.data import calib_batches
+from ttcompress.errors import UserInputError
 from ttcompress.formats import DENSE
 from ttcompress.formats.structure import Preparation, finish_model, parent_reason
 from ttcompress.layer_report import LayerReport
@@ -31,6 +32,7 @@ __all__ = [
     "calibration_batches",
     "default_check_input",
     "check_calib_fits",
+    "check_finite_parameters",
     "eval_no_grad",
     "failing_stack",
     "finish_checked",
@@ -49,6 +51,29 @@ __all__ = [
 
 #: Dense layers replaced by compressed ones: name -> (dense layer, aliases).
 Swapped = dict[str, tuple[nn.Module, tuple[str, ...]]]
+
+
+def check_finite_parameters(model: nn.Module) -> None:
+    """Refuse a model with a NaN or Inf parameter, naming the first one.
+
+    Called once where every compression starts (:func:`ttcompress.surgery.compress_with_report`,
+    and :func:`ttcompress.sweep.run_sweep` right after loading), before rank allocation,
+    calibration or any decomposition: an SVD, eigendecomposition or least-squares fit of
+    non-finite values fails deep inside the linear-algebra backend, and a layer kept dense would
+    carry the values into the compressed model. Tensors on the ``meta`` device are skipped.
+
+    Raises
+    ------
+    UserInputError
+        A parameter holds NaN or Inf.
+    """
+    for name, p in model.named_parameters():
+        if p.device.type == "meta" or not (p.is_floating_point() or p.is_complex()):
+            continue
+        if not bool(torch.isfinite(p.detach()).all()):
+            layer, _, what = name.rpartition(".")
+            where = f"layer {layer!r} has NaN or Inf {what} values" if layer else f"parameter {name!r} has NaN or Inf values"
+            raise UserInputError(f"{where}; a model with non-finite weights cannot be compressed")
 
 
 def calibration_batches(model: nn.Module, calib_data: Any, calib_samples: int | None) -> list[torch.Tensor] | None:
@@ -108,7 +133,10 @@ def guarded_plan(prep: Preparation, plan: Plan, sensitivity: Any = None) -> list
     """The plan's decisions with the layers a replacement would break kept dense. Under a
     ``target_ratio`` those layers are taken out before the ranks are allocated, so that the
     budget goes to the layers that can take it (tied embeddings would otherwise hold a share the
-    model never gets, and the target would be missed)."""
+    model never gets, and the target would be missed). Allocating ranks needs every layer's
+    spectrum: a model with non-finite weights is refused first (:func:`check_finite_parameters`)."""
+    if plan.target_ratio is not None:
+        check_finite_parameters(prep.model)
     first = plan_layers(prep.model, plan, sensitivity=sensitivity)
     guarded = guard_decisions(prep, first)
     if plan.target_ratio is None:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ttcompress._version import __version__
-from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES
+from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES, calib_batches, named_calibration
 from ttcompress.data import DatasetBundle, balanced_subset, check_model_fits
 from ttcompress.errors import DataError, UserInputError, refused_input
 from ttcompress.plan import Plan
@@ -45,6 +45,7 @@ from ttcompress.evaluation import evaluate, resolve_device
 from ttcompress.io import load, save
 from ttcompress.layer_report import count_params
 from ttcompress.surgery import compress_with_report
+from ttcompress.surgery_checks import check_finite_parameters
 from ttcompress.teacher import load_teacher
 from ttcompress.training.api import finetune
 from ttcompress.training.checkpoint import RESUME_FREE_OPTIONS
@@ -374,14 +375,19 @@ def run_sweep(
     config = config or FinetuneConfig()
     baseline, out = Path(baseline), Path(output_dir)
     _check_sweep_inputs(settings, baseline, bundle, out, base_plan, plan_options)
-    out.mkdir(parents=True, exist_ok=True)
     digest = _file_digest(baseline)
     calib, calib_info = (None, None) if calib_samples is None else calibration_subset(
         bundle, samples=calib_samples, seed=config.seed)
+    if calib is not None:
+        with named_calibration(calib_info):  # non-finite samples are refused before any work
+            for _batch in calib_batches(calib):
+                pass
     with refused_input():
         base_model = load(baseline, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs,
                           trust_code=trust_code)  # read once
+    check_finite_parameters(base_model)
     check_model_fits(base_model, bundle, what=f"baseline {baseline.name!r}")
+    out.mkdir(parents=True, exist_ok=True)
     run = _SweepRun(
         bundle=bundle, config=config, base_plan=base_plan, plan_options=dict(plan_options or {}), out=out, digest=digest,
         base_model=base_model, base_params=count_params(base_model), teacher=teacher,
@@ -457,7 +463,8 @@ def _decomposed(run: _SweepRun, setting: SweepSetting, plan: Plan, work: Path, h
         run.say(f"{head}: reusing the decomposed model")
         return load(decomposed, **run.cached), json.loads(before_file.read_text(encoding="utf-8"))["accuracy"]
     run.say(f"{head}: decomposing" + (f", calibrated on {run.calib_info['samples']} samples" if run.calib_info else ""))
-    model = compress_with_report(copy.deepcopy(run.base_model), plan, calib_data=run.calib).model
+    with named_calibration(run.calib_info):
+        model = compress_with_report(copy.deepcopy(run.base_model), plan, calib_data=run.calib).model
     calibration = {"used": run.calib_info is not None, **(run.calib_info or {})}
     save(model, decomposed, info={"plan": plan.to_dict(), "sweep_setting": dataclasses.asdict(setting),
                                   "calibration": calibration})

@@ -6,13 +6,17 @@ iterator of input tensors whose first dimension is the batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_CALIB_SAMPLES", "calib_batches", "dataset_targets", "sample_calibration_set"]
+from ttcompress.errors import DataError
+
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_CALIB_SAMPLES", "calib_batches", "dataset_targets", "named_calibration",
+           "sample_calibration_set"]
 
 #: Rows per batch when ``calib_data`` is one big tensor or a map-style ``Dataset``.
 DEFAULT_BATCH_SIZE = 128
@@ -49,6 +53,9 @@ def calib_batches(calib_data: Any, *, max_samples: int | None = None) -> Iterato
         a tuple or list with a tensor first.
     ValueError
         ``calib_data`` holds no samples, an item is a 0-d tensor, or ``max_samples < 1``.
+    DataError
+        A sample holds NaN or Inf (the first one is named: its position, and its index in the
+        dataset when ``calib_data`` is a ``Subset``); checked as the batches are read.
     """
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)):
         raise TypeError(f"max_samples must be an int, got {type(max_samples).__name__}")
@@ -67,10 +74,10 @@ def calib_batches(calib_data: Any, *, max_samples: int | None = None) -> Iterato
                         f"a DataLoader or a Dataset, got {type(calib_data).__name__}")
     else:
         items = calib_data
-    return _batches(items, max_samples)
+    return _batches(items, max_samples, calib_data if isinstance(calib_data, Subset) else None)
 
 
-def _batches(items: Iterable[Any], max_samples: int | None) -> Iterator[torch.Tensor]:
+def _batches(items: Iterable[Any], max_samples: int | None, subset: Subset | None) -> Iterator[torch.Tensor]:
     seen = 0
     for index, item in enumerate(items):
         x = _input_of(item, index)
@@ -78,12 +85,46 @@ def _batches(items: Iterable[Any], max_samples: int | None) -> Iterator[torch.Te
             x = x[: max_samples - seen]
         if x.shape[0] == 0:
             continue
+        _check_finite(x, seen, subset)
         seen += x.shape[0]
         yield x
         if max_samples is not None and seen >= max_samples:
             break
     if seen == 0:
         raise ValueError("calib_data is empty: it holds no input samples")
+
+
+def _check_finite(x: torch.Tensor, start: int, subset: Subset | None) -> None:
+    """:class:`DataError` naming the first sample of batch ``x`` (samples ``start``, ...) holding NaN or Inf.
+
+    For a ``Subset`` (of a ``Subset``, ...) the sample's index in the dataset underneath is named too.
+    """
+    if not (x.is_floating_point() or x.is_complex()):
+        return
+    finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    if bool(finite.all()):
+        return
+    k = start + int((~finite).nonzero()[0, 0])
+    where, ds, index = "", subset, k
+    with contextlib.suppress(IndexError, TypeError):
+        while isinstance(ds, Subset):
+            index, ds = int(ds.indices[index]), ds.dataset
+        if subset is not None:
+            where = f" (sample {index} of the dataset it was drawn from)"
+    raise DataError(f"calib_data sample {k}{where} has NaN or Inf values; calibration needs finite inputs")
+
+
+@contextlib.contextmanager
+def named_calibration(info: Mapping[str, Any] | None) -> Iterator[None]:
+    """Inside, a :class:`DataError` about ``calib_data`` names the dataset that ``info["dataset"]`` records."""
+    try:
+        yield
+    except DataError as exc:
+        name = (info or {}).get("dataset")
+        text = str(exc)
+        if name is None or not text.startswith("calib_data "):
+            raise
+        raise DataError(f"calibration data {name}: {text[len('calib_data '):]}") from None
 
 
 def _input_of(item: Any, index: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ import typer
 from rich.console import Console
 
 from ttcompress.errors import OutputExistsError, TTCompressError, UserInputError
+from ttcompress.fsutil import check_not_inputs
 
 DEFAULT_PIPE_WIDTH = 160
 
@@ -188,25 +189,33 @@ def check_outputs(
 ) -> None:
     """The overwrite rule: refuse to replace an existing output unless ``overwrite`` is set.
 
-    An output that is one of the command's ``inputs`` is refused even with ``overwrite``.
+    An output that is one of the command's ``inputs`` or lies inside an input directory is
+    refused even with ``overwrite`` (:func:`ttcompress.fsutil.check_not_inputs`).
 
     Raises
     ------
     OutputExistsError
         One of ``paths`` exists (a directory is always refused) and ``overwrite`` is False, or
-        it is one of ``inputs``.
+        it would write over one of ``inputs``.
     """
-    sources = {Path(i).resolve() for i in inputs if i is not None and Path(i).exists()}
+    paths = list(paths)
+    check_not_inputs(paths, inputs)
     for path in paths:
         if path is None:
             continue
         p = Path(path)
-        if p.exists() and p.resolve() in sources:
-            raise OutputExistsError(f"output (-o) must differ from the input file: {p}")
         if p.is_dir():
             raise OutputExistsError(f"output path is a directory: {p}")
         if not overwrite and (p.exists() or p.is_symlink()):
             raise OutputExistsError(f"{p} already exists; pass --overwrite to replace it")
+
+
+def data_inputs(data: str | None) -> list[Path]:
+    """The files or directories a ``--data`` name reads (``tensors:FILE``, ``imagefolder:PATH``), as inputs."""
+    if data is None:
+        return []
+    kind, sep, rest = data.strip().partition(":")
+    return [Path(rest)] if sep and rest and kind.lower() in ("tensors", "imagefolder") else []
 
 
 def check_inputs(*paths: str | os.PathLike[str] | None) -> None:

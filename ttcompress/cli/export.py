@@ -18,6 +18,7 @@ from ttcompress.cli.options import (
     parse_input_shape,
 )
 from ttcompress.errors import OutputExistsError, UserInputError
+from ttcompress.fsutil import check_not_inputs
 
 if TYPE_CHECKING:
     from ttcompress.export import ExportResult
@@ -31,8 +32,7 @@ def _check_hf_options(
     """The output rule for a directory output: it may exist only with --overwrite, and is not the input."""
     if shape is not None or batch_size != 1:
         raise UserInputError("--input-shape and --batch-size do not apply to --format hf")
-    if output.exists() and model.exists() and output.resolve() == model.resolve():
-        raise OutputExistsError(f"output (-o) must differ from the input: {output}")
+    check_not_inputs([output], [model], replaces_directory=True)
     if (output.exists() or output.is_symlink()) and not overwrite:
         raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
 

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from ttcompress.cli._app import command_app
-from ttcompress.cli._common import cli_errors, err
+from ttcompress.cli._common import cli_errors, data_inputs, err
 from ttcompress.cli.options import (
     ArchKwargsOpt,
     ArchOpt,
@@ -156,7 +156,7 @@ def finetune(
     progress = RichProgress(err)
     try:
         result = finetune_file(
-            model, output=require_output(output, overwrite=overwrite, resume=resume, inputs=(model, teacher)), data=data, data_root=data_root, download=download,
+            model, output=require_output(output, overwrite=overwrite, resume=resume, inputs=(model, teacher, *data_inputs(data))), data=data, data_root=data_root, download=download,
             image_size=image_size, config=config, teacher=teacher, arch=arch,
             arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle, trust_code=trust_code,
             progress=progress, resume=resume, teacher_arch=teacher_arch,

@@ -12,7 +12,7 @@ import typer
 
 from ttcompress.cli.recorded import check_default_data
 from ttcompress.cli._app import command_app
-from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
+from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, data_inputs, err, out
 from ttcompress.cli.options import (
     ArchKwargsOpt, ArchOpt, InputShapeOpt, OverwriteOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustCodeOpt, TrustPickleOpt,
     parse_arch_kwargs, parse_input_shape,
@@ -138,7 +138,7 @@ def report_command(
     fmt = resolve_format(fmt, output)
     check_render_options(fmt=fmt, plot=plot, plot_x=plot_x)
     check_inputs(baseline, *models)
-    check_outputs([output, plot], overwrite=overwrite, inputs=[baseline, *models])
+    check_outputs([output, plot], overwrite=overwrite, inputs=[baseline, *models, *data_inputs(data)])
     data = check_default_data(baseline, data)  # before any work: a default dataset the baseline cannot take
     result = report_files(
         baseline,

@@ -15,7 +15,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ttcompress.cli._app import command_app
-from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err
+from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, data_inputs, err
+from ttcompress.fsutil import check_not_inputs
 from ttcompress.cli.flags import PLAN_FLAGS, flags_in_errors
 from ttcompress.cli.options import (
     ArchKwargsOpt, ArchOpt, CalibSamplesOpt, ExcludeOpt, FormatsOpt, LayersOpt, MaxErrorOpt, MinSavingOpt,
@@ -145,10 +146,13 @@ def sweep_command(
     ttcompress sweep baseline.pt --cp-ranks 3,6,9 --tt-ranks none,4 --epochs 2 --plot tradeoff.png
     """
     o = dict(locals())  # the parsed options, handed to the steps below
+    from ttcompress.sweep import default_output_dir
     o["fmt"] = fmt or "table"
     check_render_options(fmt=o["fmt"], plot=plot, plot_x=plot_x)
     check_inputs(baseline, plan, teacher)
-    check_outputs([report_file, plot], overwrite=overwrite, inputs=[baseline])
+    inputs = [baseline, plan, teacher, *data_inputs(data)]
+    check_outputs([report_file, plot], overwrite=overwrite, inputs=inputs)
+    check_not_inputs([output_dir if output_dir is not None else default_output_dir(baseline)], inputs)
     report = _run(o, _settings(o), _config(o))
     emit(report, fmt=o["fmt"], output=None, plot=plot, plot_x=plot_x, plot_title=plot_title)
     if report_file is not None:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ttcompress.cli._app import command_app
-from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
+from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, data_inputs, err, out
 from ttcompress.errors import UserInputError
 from ttcompress.cli.options import ArchKwargsOpt, JsonOpt, OutputOpt, OverwriteOpt, TrustCodeOpt, TrustPickleOpt, parse_arch_kwargs
 from ttcompress.training.config import TrainConfig
@@ -232,7 +232,7 @@ def train(
     progress = RichProgress(err)
     try:
         result = train_arch(
-            arch, output=require_output(output, overwrite=overwrite, resume=resume, inputs=(teacher,)), arch_kwargs=parse_arch_kwargs(arch_kwargs), data=data,
+            arch, output=require_output(output, overwrite=overwrite, resume=resume, inputs=(teacher, *data_inputs(data))), arch_kwargs=parse_arch_kwargs(arch_kwargs), data=data,
             data_root=data_root, download=download, image_size=image_size, config=config, teacher=teacher,
             trust_pickle=trust_pickle, trust_code=trust_code, progress=progress, resume=resume,
         )  # fmt: skip

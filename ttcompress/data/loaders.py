@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from ttcompress.data.bundle import DatasetBundle, class_labels, sample_parts
+from ttcompress.dtypes import DTYPE_ERROR
 from ttcompress.errors import DataError, UserInputError
 from ttcompress.outputs import primary_output
 
@@ -99,6 +100,14 @@ def check_model_fits(
         raise
     except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:  # a mismatch
         # (transformers raises AttributeError for an input it needs and did not get: CLIP's pixel_values)
+        text = ' '.join(str(exc).split())[:300]
+        if DTYPE_ERROR.search(text):
+            dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in model.parameters() if t.is_floating_point()})
+            raise UserInputError(
+                f"{what} has a dtype problem, not a data problem: its parameters are {', '.join(dtypes) or 'not floating'} "
+                f"and it cannot run on {bundle.name}'s {str(x.dtype).removeprefix('torch.')} inputs ({text}); "
+                "convert it to one dtype (e.g. model.float()) and save it again"
+            ) from exc
         raise UserInputError(
             f"{what} does not fit {bundle.name}: it cannot take inputs of shape {shape} "
             f"({' '.join(str(exc).split())[:300]})"

@@ -14,6 +14,7 @@ from torch import nn
 from ttcompress import io as tio
 from ttcompress.data import DatasetBundle, load_dataset
 from ttcompress.errors import UserInputError, refused_input
+from ttcompress.fsutil import check_not_inputs
 from ttcompress.models import build_arch
 from ttcompress.teacher import load_teacher
 from ttcompress.training.config import FinetuneConfig, TrainConfig
@@ -143,9 +144,7 @@ def finetune_file(
     ``teacher_arch``/``teacher_arch_kwargs``, by default the student's recorded architecture.
     """
     cfg = config or FinetuneConfig()
-    for other, name in ((model, "model"), (teacher, "teacher")):
-        if other is not None and Path(other).exists() and Path(output).exists() and Path(output).resolve() == Path(other).resolve():
-            raise UserInputError(f"output must differ from the {name} file: {output}")
+    check_not_inputs([output], [model, teacher])
     bundle = load_dataset(data, root=data_root, download=download, image_size=image_size)
     net = _load_model(model, trust_pickle=trust_pickle, trust_code=trust_code, arch=arch, arch_kwargs=arch_kwargs)
     if teacher is None and (teacher_arch is not None or teacher_arch_kwargs is not None):

@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ttcompress.data import DatasetBundle, check_model_fits, make_loader, sample_parts
-from ttcompress.errors import TrainingError, UserInputError
+from ttcompress.dtypes import HALF_DTYPES, model_dtype
+from ttcompress.errors import CheckpointError, TrainingError, UserInputError
 from ttcompress.evaluation import (
     EvalResult, autocast, distill_loss, eval_sums, objective_sums, resolve_device_type, sums_to_result, task_loss,
 )  # fmt: skip
@@ -108,6 +109,12 @@ def fit(
         its inputs, ``train_only="decomposed"`` on a model without decomposed layers.
     TrainingError
         The loss became NaN/inf (the checkpoints of the last finished epoch are kept).
+
+    Notes
+    -----
+    A ``model`` in float16 or bfloat16 is converted to float32 in place and trained (and saved)
+    in float32: updates to half-precision weights without float32 master weights underflow or
+    overflow (float16 reaches NaN within a few steps). ``config.amp`` gives mixed precision.
     CheckpointError
         ``resume`` without a readable resume state.
     """
@@ -124,6 +131,12 @@ def fit(
     # Cheap argument checks before touching the process group or the device.
     if config.amp is not None and resolve_device_type(config.device) != "cuda":
         raise UserInputError(f"amp={config.amp!r} needs a CUDA device (device={config.device!r} resolves elsewhere)")
+    if resume and not paths.resume.is_file():
+        left = [q.name for q in (paths.best, paths.last, paths.metrics) if q.exists()]
+        raise CheckpointError(
+            f"no resume state at {paths.resume} (a run stopped before its first epoch ended saves none): start "
+            "over without --resume" + (f", with --overwrite to replace the files it left: {', '.join(left)}" if left else "")
+        )
     resume_state = read_resume(paths.resume, config, bundle.name) if resume else None
 
     ctx, device = distributed.setup(config.device)
@@ -215,6 +228,8 @@ def _prepare(
     device: torch.device,
 ) -> tuple[_Run, RunState]:
     """Check the models on the data, seed, build the optimizer, restore a resume state, build loaders."""
+    if model_dtype(model) in HALF_DTYPES:  # float32 master weights: half-precision updates underflow
+        model.float()
     model.to(device)
     check_model_fits(model, bundle, device=device)
     if teacher is not None:
