@@ -175,3 +175,23 @@ def test_transformers_language_model_exports_its_logits(fmt: str, tmp_path) -> N
         got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0])
     with torch.no_grad():
         torch.testing.assert_close(got, model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxscript", "onnxruntime"])
+def test_missing_export_extra_is_one_line_naming_it(compressed, tmp_path, monkeypatch, missing: str) -> None:
+    """A fresh install without the [export] extra: one line naming the extra, exit 2, nothing written."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, missing, None)  # makes ``import missing`` raise ImportError
+    with pytest.raises(ExportError, match=rf"\b{missing}\b[^:]*: pip install 'ttcompress\[export\]'"):
+        export_model(compressed, tmp_path / "m.onnx", format="onnx")
+    save(compressed, tmp_path / "m.tt.pt")
+    from typer.testing import CliRunner
+
+    from ttcompress.cli import app
+
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "m.tt.pt"), "--format", "onnx", "-o",
+                                      str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "ttcompress[export]" in result.stderr
+    assert not (tmp_path / "m.onnx").exists()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import io
 import os
 import sys
@@ -50,6 +51,8 @@ ExportFormat = Literal["onnx", "torchscript", "dense", "hf"]
 EXPORT_FORMATS: tuple[str, ...] = ("onnx", "torchscript", "dense", "hf")
 #: The methods a factorized layer offers to rebuild the dense module it replaced.
 _TO_DENSE = ("to_dense", "to_linear", "to_conv", "to_embedding", "to_mha")
+#: What installs the packages ONNX export needs.
+EXPORT_EXTRA = "pip install 'ttcompress[export]'"
 
 
 class ExportError(TTCompressError):
@@ -241,7 +244,7 @@ def _run_onnx(data: bytes, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     try:
         import onnxruntime
     except ImportError:
-        raise ExportError("checking an ONNX export needs onnxruntime: pip install 'ttcompress[export]', "
+        raise ExportError(f"checking an ONNX export needs onnxruntime: {EXPORT_EXTRA}, "
                           "or skip the check (check=False)") from None
     try:
         session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
@@ -260,6 +263,19 @@ def _torchscript_bytes(model: nn.Module, x: torch.Tensor) -> tuple[bytes, Any]:
         buffer = io.BytesIO()
         torch.jit.save(traced, buffer)
     return buffer.getvalue(), traced
+
+
+def _require(modules: Sequence[str], what: str) -> None:
+    """ExportError naming the extra when one of ``modules`` cannot be imported (checked before any work)."""
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ExportError(f"{what} needs the optional package{'s' if len(missing) > 1 else ''} "
+                          f"{', '.join(missing)}: {EXPORT_EXTRA}")
 
 
 _ONE_TENSOR = "export supports models that return one tensor (or a transformers output with logits or last_hidden_state)"
@@ -354,6 +370,8 @@ def export_model(
         raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
     if merge != "all" and format != "dense":
         raise UserInputError(f"merge applies to format='dense' only, got format={format!r}")
+    if format == "onnx":
+        _require(("onnx", "onnxscript") + (("onnxruntime",) if check else ()), "ONNX export")
     model = model.eval()
     if format == "hf":
         return _export_hf(model, Path(path), check=check, overwrite=overwrite)
