@@ -310,11 +310,12 @@ class _PrimaryOutput(nn.Module):
         return primary_output(self.model(x))
 
 
-def _export_hf(model: nn.Module, dest: Path, *, check: bool, overwrite: bool) -> ExportResult:
+def _export_hf(model: nn.Module, dest: Path, *, check: bool, overwrite: bool,
+               source_dir: str | os.PathLike[str] | None) -> ExportResult:
     if recorded_hf_arch(model) is None:
         raise ExportError(f"format 'hf' writes Hugging Face (transformers) models only; this model is a "
                           f"{type(model).__name__}: use onnx, torchscript or dense")
-    save_hf_dir(model, dest, overwrite=overwrite, check=check)
+    save_hf_dir(model, dest, overwrite=overwrite, check=check, source_dir=source_dir)
     size = sum(f.stat().st_size for f in dest.iterdir() if f.is_file())
     return ExportResult(dest, "hf", size, 0.0 if check else None, ())
 
@@ -330,6 +331,7 @@ def export_model(
     check: bool = True,
     atol: float = 1e-4,
     overwrite: bool = False,
+    source_dir: str | os.PathLike[str] | None = None,
 ) -> ExportResult:
     """Export ``model`` to ``path`` in ``format``, checked against the model first.
 
@@ -359,6 +361,9 @@ def export_model(
     overwrite : bool
         For ``hf``: replace an existing directory (the other formats replace files; the CLI
         asks for ``--overwrite`` first).
+    source_dir : str or PathLike, optional
+        For ``hf``: the Hugging Face directory the model was read from; its tokenizer,
+        ``generation_config.json`` and other plain files are copied into the new directory.
 
     Returns
     -------
@@ -374,7 +379,7 @@ def export_model(
         _require(("onnx", "onnxscript") + (("onnxruntime",) if check else ()), "ONNX export")
     model = model.eval()
     if format == "hf":
-        return _export_hf(model, Path(path), check=check, overwrite=overwrite)
+        return _export_hf(model, Path(path), check=check, overwrite=overwrite, source_dir=source_dir)
     shape = _input_shape(model, input_shape)
     batches = (batch_size, batch_size + 2)
     xs = _inputs(model, shape, batches)

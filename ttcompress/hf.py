@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,6 +48,7 @@ from ttcompress._version import __version__
 from ttcompress.errors import CheckpointError
 from ttcompress.fsutil import atomic_dir
 from ttcompress.hf_files import (
+    COMPRESSED_WEIGHTS_FILE,
     CONFIG_FILE,
     RECORD_FILE,
     RECORD_FORMAT,
@@ -65,12 +67,14 @@ from ttcompress.hf_files import (
     state_groups,
 )
 from ttcompress.header import check_layer_counts, validate_header
+from ttcompress.hf_remote import CONFIG_KEY, MODELING_FILE, base_config, modeling_source, remote_config
 from ttcompress.layers import LAYER_TYPES
 from ttcompress.plan import Plan
 
 __all__ = [
     "CONFIG_FILE",
     "HF_ARCH_PREFIX",
+    "CompressedModelMixin",
     "RECORD_FILE",
     "WEIGHTS_FILE",
     "build_hf_model",
@@ -85,6 +89,8 @@ __all__ = [
 ]
 
 HF_ARCH_PREFIX = "hf:"
+#: transformers' ``variant`` of a compressed directory's weights file (``model.ttcompress.safetensors``).
+COMPRESSED_VARIANT = "ttcompress"
 _META_ATTR = "ttcompress_meta"
 
 
@@ -411,6 +417,75 @@ def _apply_layers(model: nn.Module, layers: Mapping[str, Any], where: str) -> No
 
 
 # --------------------------------------------------------------------------------------------------
+# The custom-code route: transformers loads a compressed directory with trust_remote_code=True
+# --------------------------------------------------------------------------------------------------
+class CompressedModelMixin:
+    """First base of the model class in a compressed directory's ``modeling_ttcompress.py``.
+
+    ``class TTCompressModel(CompressedModelMixin, GPT2LMHeadModel)``: transformers builds the base
+    class from the config (on the ``meta`` device inside ``from_pretrained``), then this replaces
+    the layers that ``config.ttcompress["layers"]`` records by their factorized structure (and the
+    ``Conv1D`` layers by ``nn.Linear`` where recorded), so that transformers' own loader finds
+    exactly the tensors of ``model.safetensors``. The model carries ``ttcompress_meta`` with the
+    base class's ``hf:`` record, so :func:`ttcompress.save` writes it as any compressed model.
+    """
+
+    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]
+        where = f"config.json {CONFIG_KEY!r}"
+        base, entry = base_config(config.to_dict(), where)
+        if not entry:
+            raise CheckpointError(f"the config has no {CONFIG_KEY!r} entry: not a directory written by ttcompress")
+        model: nn.Module = self  # type: ignore[assignment]
+        linear = bool(entry.get("conv1d_as_linear"))
+        if linear:
+            linearize_conv1d(model)
+        layers = dict(entry.get("layers") or {})
+        _apply_layers(model, layers, where)
+        kwargs_record: dict[str, Any] = {"config": base, **({"conv1d_as_linear": True} if linear else {})}
+        _set_meta(model, {"name": HF_ARCH_PREFIX + entry["base_class"], "kwargs": kwargs_record}, layers, {})
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``from_pretrained``, reading the weights file of this layout (``variant="ttcompress"``)."""
+        kwargs.setdefault("variant", COMPRESSED_VARIANT)
+        return super().from_pretrained(*args, **kwargs)  # type: ignore[misc]
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``save_pretrained``, writing the weights where :meth:`from_pretrained` reads them."""
+        kwargs.setdefault("variant", COMPRESSED_VARIANT)
+        return super().save_pretrained(*args, **kwargs)  # type: ignore[misc]
+
+
+def _compressed_base_config(config: dict[str, Any], record: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The base model's config of a compressed directory (read as data; its modeling file never runs).
+
+    The layers its ``config.json`` records for transformers must be those of ``ttcompress.json``.
+    """
+    base, entry = base_config(config, where)
+    if entry:
+        ours = {n: {"format": r.get("format"), "config": r.get("config")}
+                for n, r in (record.get("layers") or {}).items() if isinstance(r, Mapping)}
+        if entry.get("layers") != ours:
+            raise CheckpointError(f"{where}: the layers recorded for transformers differ from {RECORD_FILE}'s")
+    return base
+
+
+def _auto_classes(model_type: str, class_name: str) -> list[str]:
+    """The ``AutoModel*`` classes under which transformers registers ``class_name`` for ``model_type``."""
+    from transformers.models.auto import modeling_auto
+
+    found = []
+    for attr in dir(modeling_auto):
+        names = getattr(getattr(getattr(modeling_auto, attr), "_model_mapping", None), "_model_mapping", None)
+        if attr.startswith("AutoModel") and isinstance(names, Mapping):
+            value = names.get(model_type)
+            if value == class_name or (isinstance(value, (list, tuple)) and class_name in value):
+                found.append(attr)
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
 # Reading a directory
 # --------------------------------------------------------------------------------------------------
 def load_hf_dir(path: PathLike, *, trust_pickle: bool = False) -> nn.Module:
@@ -445,6 +520,7 @@ def load_hf_dir(path: PathLike, *, trust_pickle: bool = False) -> nn.Module:
         raise CheckpointError(f"{d}: not a directory")
     config_dict = read_json(d / CONFIG_FILE, "config.json")
     record = read_record(d)
+    config_dict = _compressed_base_config(config_dict, record, str(d / CONFIG_FILE))
     arch_kwargs = dict((record.get("arch") or {}).get("kwargs") or {})
     linear = bool(arch_kwargs.get("conv1d_as_linear", False))
     layers = record.get("layers") or {}
@@ -508,14 +584,17 @@ def save_hf_dir(
     info: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     check: bool = False,
+    source_dir: PathLike | None = None,
 ) -> Path:
     """Write a transformers model (dense or compressed) as a Hugging Face directory, atomically.
 
     The directory holds ``config.json``, ``model.safetensors`` (one copy of each tied tensor,
-    metadata ``{"format": "pt"}``) and ``ttcompress.json``: the factorized layers (format and
-    ``config()``), the architecture record, ``plan`` and ``info``. A dense model's directory also
-    loads with ``transformers``' own ``from_pretrained``; a compressed one loads with
-    :func:`load_hf_dir`.
+    metadata ``{"format": "pt"}``), ``generation_config.json`` for a model that generates, and
+    ``ttcompress.json``: the factorized layers (format and ``config()``), the architecture record,
+    ``plan`` and ``info``. A dense model's directory loads with ``transformers``' own
+    ``from_pretrained``. A compressed one loads with :func:`load_hf_dir` (as data), and with
+    ``AutoModel*.from_pretrained(DIR, trust_remote_code=True)`` through ``modeling_ttcompress.py``
+    (see :mod:`ttcompress.hf_remote`); without ``trust_remote_code`` transformers refuses it.
 
     Parameters
     ----------
@@ -535,6 +614,9 @@ def save_hf_dir(
         Before the directory is moved into place, load it back with :func:`load_hf_dir` and
         require the same structure and bit-identical tensors (:class:`CheckpointError`
         otherwise, and nothing is written).
+    source_dir : str or PathLike, optional
+        The Hugging Face directory the model was read from: its other plain files (tokenizer,
+        ``generation_config.json``, README, ...) are copied; weights, configs and code are not.
 
     Returns
     -------
@@ -572,14 +654,56 @@ def save_hf_dir(
         raise TypeError(f"info or layer records are not JSON-serializable: {exc}") from None
     from safetensors.torch import save_file
 
+    config = arch["kwargs"]["config"]
+    if record["layers"]:  # loads in transformers through modeling_ttcompress.py only
+        config = remote_config(config, base_class=type(model).__name__, layers=record["layers"],
+                               auto_classes=_auto_classes(config["model_type"], type(model).__name__),
+                               conv1d_as_linear=bool(arch["kwargs"].get("conv1d_as_linear")))
     dest = Path(path)
     with atomic_dir(dest, overwrite=overwrite) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(arch["kwargs"]["config"], indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if source_dir is not None:
+            _copy_plain_files(Path(source_dir), tmp)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        weights = COMPRESSED_WEIGHTS_FILE if record["layers"] else WEIGHTS_FILE
+        save_file(tensors, str(tmp / weights), metadata={"format": "pt"})
         (tmp / RECORD_FILE).write_text(record_json + "\n", encoding="utf-8")
+        if record["layers"]:
+            (tmp / MODELING_FILE).write_text(modeling_source(
+                config_class=type(model.config).__name__, model_class=type(model).__name__, version=__version__),
+                encoding="utf-8")
+        _write_generation_config(model, tmp)
         if check:
             _check_same(model, load_hf_dir(tmp), dest)
     return dest
+
+
+#: Files of a source directory that save_hf_dir writes itself, or never copies (weights, code, pickles).
+_NOT_COPIED = (CONFIG_FILE, RECORD_FILE, MODELING_FILE)
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".py", ".index.json", ".pkl", ".msgpack", ".h5")
+_MAX_COPIED_BYTES = 256 << 20
+
+
+def _copy_plain_files(src: Path, dest: Path) -> None:
+    """Copy ``src``'s top-level regular files that are not weights, configs we write, or code."""
+    if not src.is_dir():
+        return
+    for entry in sorted(src.iterdir()):
+        name = entry.name
+        if (name in _NOT_COPIED or name.startswith(".") or name.endswith(_NOT_COPIED_SUFFIXES)
+                or entry.is_symlink() or not entry.is_file() or entry.stat().st_size > _MAX_COPIED_BYTES):
+            continue
+        shutil.copyfile(entry, dest / name)
+
+
+def _write_generation_config(model: nn.Module, dest: Path) -> None:
+    """``generation_config.json`` of a model that generates, unless copied from the source directory."""
+    generation = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", None)
+    if generation is None or (dest / "generation_config.json").exists() or not callable(can_generate) or not can_generate():
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        generation.to_json_file(str(dest / "generation_config.json"))
 
 
 def _check_same(model: nn.Module, back: nn.Module, dest: Path) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from ttcompress.errors import CheckpointError, UnsafePickleError, few, shape_mismatches
 
 __all__ = [
+    "COMPRESSED_WEIGHTS_FILE",
     "CONFIG_FILE",
     "INDEX_FILE",
     "PICKLE_FILES",
@@ -45,6 +46,9 @@ __all__ = [
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+#: A compressed model's weights: transformers' ``variant="ttcompress"`` name, so that no transformers
+#: class finds them except the directory's own (see :mod:`ttcompress.hf_remote`).
+COMPRESSED_WEIGHTS_FILE = "model.ttcompress.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 RECORD_FILE = "ttcompress.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -69,7 +73,12 @@ def is_hf_dir(path: PathLike) -> bool:
     explains what is wrong with it.
     """
     p = Path(path)
-    return p.is_dir() and (p / CONFIG_FILE).is_file() and ((p / WEIGHTS_FILE).is_file() or (p / INDEX_FILE).is_file())
+    return p.is_dir() and (p / CONFIG_FILE).is_file() and (single_weights(p) is not None or (p / INDEX_FILE).is_file())
+
+
+def single_weights(d: Path) -> Path | None:
+    """``d``'s one-file safetensors weights (``model.safetensors``, or a compressed model's), if any."""
+    return next((d / name for name in (WEIGHTS_FILE, COMPRESSED_WEIGHTS_FILE) if (d / name).is_file()), None)
 
 
 def read_json(p: Path, what: str) -> dict[str, Any]:
@@ -88,8 +97,8 @@ def read_json(p: Path, what: str) -> dict[str, Any]:
 
 def shard_files(d: Path) -> list[Path]:
     """The safetensors files of ``d`` (one file or the shards its index names)."""
-    if (d / WEIGHTS_FILE).is_file():
-        return [d / WEIGHTS_FILE]
+    if single_weights(d) is not None:
+        return [single_weights(d)]  # type: ignore[list-item]
     weight_map = read_json(d / INDEX_FILE, "safetensors index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{d / INDEX_FILE}: no weight_map")
@@ -106,7 +115,7 @@ def shard_files(d: Path) -> list[Path]:
 @contextlib.contextmanager
 def open_weights(d: Path, *, trust_pickle: bool) -> Iterator[tuple[dict[str, tuple[int, ...]], TensorReader]]:
     """Yield ``(shapes, read)``: every stored tensor's shape (from the headers) and a reader."""
-    if not (d / WEIGHTS_FILE).is_file() and not (d / INDEX_FILE).is_file():
+    if single_weights(d) is None and not (d / INDEX_FILE).is_file():
         if (d / PICKLE_FILES[0]).is_file() and trust_pickle:
             yield from open_pickle(d / PICKLE_FILES[0])
             return

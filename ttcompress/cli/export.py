@@ -77,6 +77,7 @@ def export(
     Example: ttcompress export model.tt.pt --format onnx -o model.onnx
     """
     from ttcompress.export import EXPORT_FORMATS, export_model
+    from ttcompress.hf_files import is_hf_dir
     from ttcompress.io import load
 
     if fmt not in EXPORT_FORMATS:
@@ -93,7 +94,8 @@ def export(
         check_outputs([output], overwrite=overwrite, inputs=[model])
     loaded = load(model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle)
     result = export_model(loaded, output, format=fmt, input_shape=shape, batch_size=batch_size,  # type: ignore[arg-type]
-                          merge=merge, check=not no_check, overwrite=overwrite)  # type: ignore[arg-type]
+                          merge=merge, check=not no_check, overwrite=overwrite,  # type: ignore[arg-type]
+                          source_dir=model if is_hf_dir(model) else None)
     if json_:
         out.print_json(json.dumps(result.to_dict()))
         return
