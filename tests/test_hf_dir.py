@@ -6,6 +6,7 @@ Tiny GPT-2 / BERT models built from configs (never the hub), saved with ``save_p
 from __future__ import annotations
 
 import json
+import warnings
 import re
 import shutil
 from pathlib import Path
@@ -323,3 +324,35 @@ def test_hf_arch_in_a_header_is_data(compressed, tmp_path, mutate, match):
     with pytest.raises(CheckpointError, match=re.escape(match)):
         load(bad)
     assert_refused(invoke("inspect", bad), match)
+
+
+@pytest.mark.parametrize("how", [("--format", "dense"), ("--format", "hf", "--fold")])
+def test_dense_export_of_a_compressed_transformers_model_is_a_plain_directory(compressed, tmp_path, how):
+    """Merged back (Conv1D restored), the directory is GPT2LMHeadModel's own: from_pretrained loads
+    every tensor with no warning, and the logits are the merged model's."""
+    import logging
+
+    from ttcompress.export import merge_to_dense
+
+    out = tmp_path / "plain"
+    result = ok("export", compressed, *how, "-o", out)
+    assert "checked at batch sizes 1, 3" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                     "ttcompress.json"]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            plain, info = transformers.GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert not [r for r in records if "LOAD REPORT" in r.getMessage() or "newly initialized" in r.getMessage()]
+    merged = merge_to_dense(load(compressed))[0]
+    assert _relative_diff(_logits(plain.eval()), _logits(merged)) <= 1e-5
+    assert _relative_diff(_logits(plain), _logits(load(compressed))) <= 1e-3  # and near the compressed model
+    assert_refused(invoke("export", compressed, *how, "-o", out), "already exists")

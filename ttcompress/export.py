@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ttcompress.errors import TTCompressError, UserInputError
-from ttcompress.hf import recorded_hf_arch, save_hf_dir
+from ttcompress.hf import recorded_hf_arch, restore_conv1d, save_hf_dir
 from ttcompress.io import atomic_write, get_meta, save, update_meta
 from ttcompress.measure import example_input
 from ttcompress.outputs import primary_output
@@ -197,11 +197,29 @@ def merge_to_dense(
     return root.eval(), tuple(done)
 
 
+#: Tokens per sequence of the example input of a language model that records no input shape.
+DEFAULT_TOKENS = 16
+
+
+def _config_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """One sample's shape read from a transformers config: ``DEFAULT_TOKENS`` token ids for a model
+    that takes ``input_ids``, ``(num_channels, image_size, image_size)`` for an image model."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if getattr(model, "main_input_name", None) == "input_ids":
+        return (DEFAULT_TOKENS,)
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if isinstance(size, int) and isinstance(channels, int) and size > 0 and channels > 0:
+        return (channels, size, size)
+    return None
+
+
 def _input_shape(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[int, ...]:
     if input_shape is not None:
         shape = tuple(int(s) for s in input_shape)
     else:
-        recorded = get_meta(model)["info"].get("input_shape")
+        recorded = get_meta(model)["info"].get("input_shape") or _config_input_shape(model)
         if not recorded:
             raise UserInputError("the input shape is unknown: the model does not record it; pass it (--input-shape, Python: input_shape=)")
         shape = tuple(int(s) for s in recorded)
@@ -310,14 +328,38 @@ class _PrimaryOutput(nn.Module):
         return primary_output(self.model(x))
 
 
-def _export_hf(model: nn.Module, dest: Path, *, check: bool, overwrite: bool,
+def _export_hf(model: nn.Module, dest: Path, *, fold: bool, merge: Literal["all", "slower"],
+               input_shape: Sequence[int] | None, batch_size: int, check: bool, atol: float, overwrite: bool,
                source_dir: str | os.PathLike[str] | None) -> ExportResult:
+    """A Hugging Face directory; with ``fold``, of the model merged back to its own transformers class
+    (``Conv1D`` layers restored), checked against ``model`` on example inputs before it is written."""
     if recorded_hf_arch(model) is None:
         raise ExportError(f"format 'hf' writes Hugging Face (transformers) models only; this model is a "
                           f"{type(model).__name__}: use onnx, torchscript or dense")
-    save_hf_dir(model, dest, overwrite=overwrite, check=check, source_dir=source_dir)
+    layers: tuple[LayerMerge, ...] = ()
+    error: float | None = 0.0 if check else None
+    batches: tuple[int, ...] = ()
+    written = model
+    if fold:
+        batches = (batch_size, batch_size + 2)
+        shape = _input_shape(model, input_shape)
+        xs = _inputs(model, shape, batches) if check or merge == "slower" else []
+        written, layers = merge_to_dense(model, merge=merge, example_input=xs[0] if xs else None)
+        restore_conv1d(written)
+        if check:
+            error = _checked_error(_reference_outputs(model, xs, shape)[0],
+                                   _reference_outputs(written, xs, shape)[0], "dense", atol)
+    save_hf_dir(written, dest, overwrite=overwrite, check=check, source_dir=source_dir)
     size = sum(f.stat().st_size for f in dest.iterdir() if f.is_file())
-    return ExportResult(dest, "hf", size, 0.0 if check else None, ())
+    return ExportResult(dest, "dense" if fold else "hf", size, error, batches if check else (), layers)
+
+
+def _checked_error(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor], fmt: str, atol: float) -> float:
+    """The largest relative error of ``got``; ExportError when it exceeds ``atol``."""
+    error = max(_max_error(e, g) for e, g in zip(expected, got))
+    if not error <= atol:
+        raise ExportError(f"the {fmt} export does not reproduce the model: relative error {error:.2e} > {atol:g}")
+    return error
 
 
 def export_model(
@@ -331,6 +373,7 @@ def export_model(
     check: bool = True,
     atol: float = 1e-4,
     overwrite: bool = False,
+    fold: bool = False,
     source_dir: str | os.PathLike[str] | None = None,
 ) -> ExportResult:
     """Export ``model`` to ``path`` in ``format``, checked against the model first.
@@ -361,6 +404,9 @@ def export_model(
     overwrite : bool
         For ``hf``: replace an existing directory (the other formats replace files; the CLI
         asks for ``--overwrite`` first).
+    fold : bool
+        Merge every factorized layer back to dense before exporting (``onnx``, ``torchscript``,
+        ``hf``): the graph or directory of the original architecture. ``dense`` always merges.
     source_dir : str or PathLike, optional
         For ``hf``: the Hugging Face directory the model was read from; its tokenizer,
         ``generation_config.json`` and other plain files are copied into the new directory.
@@ -378,15 +424,18 @@ def export_model(
     if format == "onnx":
         _require(("onnx", "onnxscript") + (("onnxruntime",) if check else ()), "ONNX export")
     model = model.eval()
-    if format == "hf":
-        return _export_hf(model, Path(path), check=check, overwrite=overwrite, source_dir=source_dir)
+    if format == "hf" or (format == "dense" and recorded_hf_arch(model) is not None):
+        # a transformers model merged back to dense is a plain Hugging Face directory
+        return _export_hf(model, Path(path), fold=fold or format == "dense", merge=merge, input_shape=input_shape,
+                          batch_size=batch_size, check=check, atol=atol, overwrite=overwrite, source_dir=source_dir)
     shape = _input_shape(model, input_shape)
     batches = (batch_size, batch_size + 2)
     xs = _inputs(model, shape, batches)
     expected, single = _reference_outputs(model, xs, shape)
-    if not single:
-        if format == "dense":
-            raise ExportError(_ONE_TENSOR)
+    reference = model
+    if fold and format != "dense":
+        model = merge_to_dense(model)[0]
+    if not single and format != "dense":
         model = _PrimaryOutput(model)  # ONNX and TorchScript graphs output the one tensor
     # torch.export specializes a batch of 1 into a constant: trace with at least 2.
     example = xs[0] if batch_size > 1 else xs[1]
@@ -401,12 +450,10 @@ def export_model(
             data, traced = _torchscript_bytes(model, example)
             got = [traced(x) for x in xs] if check else []
         else:
-            merged, layers = merge_to_dense(model, merge=merge, example_input=xs[0])  # time at batch_size
+            merged, layers = merge_to_dense(reference, merge=merge, example_input=xs[0])  # time at batch_size
             data = b""
-            got = [merged(x) for x in xs] if check else []
-    error = max(_max_error(e, g) for e, g in zip(expected, got)) if check else None
-    if error is not None and not error <= atol:
-        raise ExportError(f"the {format} export does not reproduce the model: relative error {error:.2e} > {atol:g}")
+            got = _reference_outputs(merged, xs, shape)[0] if check else []
+    error = _checked_error(expected, got, format, atol) if check else None
     if format == "dense":
         save(merged, dest)
     else:

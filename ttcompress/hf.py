@@ -79,6 +79,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "build_hf_model",
     "conv1d_to_linear",
+    "restore_conv1d",
     "hf_arch",
     "is_hf_dir",
     "linearize_conv1d",
@@ -350,6 +351,41 @@ def linearize_conv1d(model: nn.Module) -> list[str]:
     arch = meta.get("arch") if isinstance(meta, Mapping) else None
     if names and isinstance(arch, Mapping) and str(arch.get("name", "")).startswith(HF_ARCH_PREFIX):
         kwargs = {**dict(arch.get("kwargs") or {}), "conv1d_as_linear": True}
+        _set_meta(model, {"name": arch["name"], "kwargs": kwargs}, meta.get("layers") or {}, meta.get("info") or {})
+    return names
+
+
+def restore_conv1d(model: nn.Module) -> list[str]:
+    """Undo :func:`linearize_conv1d`, in place: every ``nn.Linear`` that is a ``Conv1D`` in the
+    model class's own skeleton becomes the equal ``Conv1D`` again (weight ``W.T``), so that the
+    state dict is the class's own and ``from_pretrained`` loads it.
+
+    Returns
+    -------
+    list of str
+        Qualified names of the restored modules.
+    """
+    tf = _transformers()
+    cls = _model_class(model.config, type(model).__name__, where="model", strict=True)
+    skeleton = _instantiate(cls, model.config, device="meta", where="model")
+    restored: dict[int, nn.Module] = {}
+    names: list[str] = []
+    for name, module in skeleton.named_modules():
+        current = model.get_submodule(name) if name else model
+        if name and _is_conv1d(module) and type(current) is nn.Linear:
+            if id(current) not in restored:
+                w = current.weight
+                conv = tf.pytorch_utils.Conv1D(w.shape[0], w.shape[1]).to(device=w.device, dtype=w.dtype)
+                with torch.no_grad():
+                    conv.weight.copy_(w.detach().t())
+                    conv.bias.copy_(current.bias.detach() if current.bias is not None else torch.zeros_like(conv.bias))
+                restored[id(current)] = conv.train(current.training)
+            _set_child(model, name, restored[id(current)])
+            names.append(name)
+    meta = getattr(model, _META_ATTR, None)
+    arch = meta.get("arch") if isinstance(meta, Mapping) else None
+    if names and isinstance(arch, Mapping) and str(arch.get("name", "")).startswith(HF_ARCH_PREFIX):
+        kwargs = {k: v for k, v in dict(arch.get("kwargs") or {}).items() if k != "conv1d_as_linear"}
         _set_meta(model, {"name": arch["name"], "kwargs": kwargs}, meta.get("layers") or {}, meta.get("info") or {})
     return names
 
@@ -654,8 +690,8 @@ def save_hf_dir(
         raise TypeError(f"info or layer records are not JSON-serializable: {exc}") from None
     from safetensors.torch import save_file
 
-    config = arch["kwargs"]["config"]
-    if record["layers"]:  # loads in transformers through modeling_ttcompress.py only
+    config = _untie_if_untied(model, arch["kwargs"]["config"])
+    if record["layers"] or arch["kwargs"].get("conv1d_as_linear"):  # transformers loads it through modeling_ttcompress.py only
         config = remote_config(config, base_class=type(model).__name__, layers=record["layers"],
                                auto_classes=_auto_classes(config["model_type"], type(model).__name__),
                                conv1d_as_linear=bool(arch["kwargs"].get("conv1d_as_linear")))
@@ -664,10 +700,11 @@ def save_hf_dir(
         if source_dir is not None:
             _copy_plain_files(Path(source_dir), tmp)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        weights = COMPRESSED_WEIGHTS_FILE if record["layers"] else WEIGHTS_FILE
+        remote = "auto_map" in config
+        weights = COMPRESSED_WEIGHTS_FILE if remote else WEIGHTS_FILE
         save_file(tensors, str(tmp / weights), metadata={"format": "pt"})
         (tmp / RECORD_FILE).write_text(record_json + "\n", encoding="utf-8")
-        if record["layers"]:
+        if remote:
             (tmp / MODELING_FILE).write_text(modeling_source(
                 config_class=type(model.config).__name__, model_class=type(model).__name__, version=__version__),
                 encoding="utf-8")
@@ -681,6 +718,21 @@ def save_hf_dir(
 _NOT_COPIED = (CONFIG_FILE, RECORD_FILE, MODELING_FILE)
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".py", ".index.json", ".pkl", ".msgpack", ".h5")
 _MAX_COPIED_BYTES = 256 << 20
+
+
+def _untie_if_untied(model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``tie_word_embeddings`` off when the model's output layer no longer shares the
+    input embedding's weight (one of them was compressed): transformers would tie them on load."""
+    if not config.get("tie_word_embeddings", False):
+        return config
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    try:
+        inp, out = get_in() if callable(get_in) else None, get_out() if callable(get_out) else None
+    except (AttributeError, NotImplementedError):
+        return config
+    if out is None or getattr(out, "weight", None) is not None and out.weight is getattr(inp, "weight", None):
+        return config
+    return {**config, "tie_word_embeddings": False}
 
 
 def _copy_plain_files(src: Path, dest: Path) -> None:
