@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import inspect
 import io
 import os
 import sys
@@ -39,6 +40,7 @@ from torch import nn
 
 from ttcompress.errors import TTCompressError, UserInputError
 from ttcompress.hf import recorded_hf_arch, restore_conv1d, save_hf_dir
+from ttcompress.layers._export import keep_factors
 from ttcompress.io import atomic_write, get_meta, save, update_meta
 from ttcompress.measure import example_input
 from ttcompress.outputs import primary_output
@@ -248,17 +250,94 @@ def _quiet() -> Any:
             yield
 
 
-def _onnx_bytes(model: nn.Module, x: torch.Tensor) -> bytes:
-    with _quiet():
+#: Names of a transformers model's main inputs, as the ecosystem (optimum, onnxruntime) names them.
+_HF_INPUTS = ("input_ids", "pixel_values", "input_values", "input_features")
+
+
+@dataclass(frozen=True)
+class _OnnxSignature:
+    """What the ONNX graph takes and gives: input names (the main one first), output name, and
+    whether the second axis is a sequence (token models: dynamic)."""
+
+    inputs: tuple[str, ...]
+    output: str
+    tokens: bool
+    structured: bool
+
+
+def _onnx_signature(model: nn.Module, sample_output: Any) -> _OnnxSignature:
+    main = getattr(model, "main_input_name", None)
+    name = main if main in _HF_INPUTS else "input"
+    tokens = name == "input_ids"
+    try:
+        takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes_mask = False
+    structured = not isinstance(sample_output, torch.Tensor)
+    output = "output"
+    if structured:
+        output = next((key for key in ("logits", "last_hidden_state") if getattr(sample_output, key, None) is not None),
+                      "output")
+    return _OnnxSignature((name, "attention_mask") if tokens and takes_mask else (name,), output, tokens, structured)
+
+
+class _OnnxGraph(nn.Module):
+    """The model as the ONNX graph computes it: the main input (and ``attention_mask``), one output."""
+
+    def __init__(self, model: nn.Module, signature: _OnnxSignature) -> None:
+        super().__init__()
+        self.model, self.structured = model, signature.structured
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.model(x) if attention_mask is None else self.model(x, attention_mask=attention_mask)
+        return primary_output(out) if self.structured else out
+
+
+def _onnx_feeds(model: nn.Module, shape: tuple[int, ...], batch_size: int, signature: _OnnxSignature
+                ) -> list[tuple[torch.Tensor, ...]]:
+    """Two example inputs: batch sizes N and N+2, and for token models two sequence lengths (the
+    second one, traced, has both axes above 1 so that neither is specialized into a constant)."""
+    if not signature.tokens:
+        return [(x,) for x in _inputs(model, shape, (batch_size, batch_size + 2))]
+    length = shape[0]
+    feeds = []
+    for batch, seq in ((batch_size, length), (batch_size + 2, length // 2 if length >= 4 else length + 2)):
+        ids = example_input(model, (seq, *shape[1:]), batch).cpu()
+        if len(signature.inputs) == 1:
+            feeds.append((ids,))
+            continue
+        mask = torch.ones_like(ids)
+        mask[0, -1] = 0  # one padded position: the mask must reach the graph
+        feeds.append((ids, mask))
+    return feeds
+
+
+def _onnx_bytes(graph: nn.Module, example: tuple[torch.Tensor, ...], signature: _OnnxSignature) -> bytes:
+    axes = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} if signature.tokens else {0: torch.export.Dim.AUTO}
+    with _quiet(), keep_factors():
         try:
-            program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim.AUTO},),
+            program = torch.onnx.export(graph, example, dynamo=True, dynamic_shapes=tuple(axes for _ in example),
+                                        input_names=list(signature.inputs), output_names=[signature.output],
                                         verbose=False)
         except Exception as exc:  # the exporter raises many types; all mean "cannot export"
             raise ExportError(f"ONNX export failed: {' '.join(str(exc).split())[:300]}") from None
-    return program.model_proto.SerializeToString()
+    proto = program.model_proto
+    _strip_debug_info(proto.graph)
+    return proto.SerializeToString()
 
 
-def _run_onnx(data: bytes, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def _strip_debug_info(graph: Any) -> None:
+    """Drop the exporter's per-node debug records (stack traces, FX node names): in a compressed
+    model they can outweigh the factors themselves. The computation is untouched."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                _strip_debug_info(sub)
+
+
+def _run_onnx(data: bytes, feeds: Sequence[tuple[torch.Tensor, ...]], names: Sequence[str]) -> list[torch.Tensor]:
     try:
         import onnxruntime
     except ImportError:
@@ -266,14 +345,35 @@ def _run_onnx(data: bytes, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
                           "or skip the check (check=False)") from None
     try:
         session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return [torch.from_numpy(session.run(None, {name: x.numpy()})[0]) for x in xs]
+        return [torch.from_numpy(session.run(None, {n: t.numpy() for n, t in zip(names, feed)})[0]) for feed in feeds]
     except Exception as exc:  # onnxruntime's own error types
         raise ExportError(f"the ONNX export does not run in onnxruntime: {' '.join(str(exc).split())[:200]}") from None
 
 
+def _export_onnx(model: nn.Module, shape: tuple[int, ...], batch_size: int, *, fold: bool, check: bool,
+                 atol: float) -> tuple[bytes, float | None, tuple[int, ...]]:
+    """The ONNX bytes (factors kept unless ``fold``), checked in onnxruntime: (bytes, error, batches)."""
+    with torch.no_grad():
+        try:
+            signature = _onnx_signature(model, model(_inputs(model, shape, (2,))[0]))
+            feeds = _onnx_feeds(model, shape, batch_size, signature)
+            reference = _OnnxGraph(model, signature).eval()
+            expected = [reference(*feed) for feed in feeds]
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise ExportError(f"the model does not run on inputs of shape {list(shape)}: "
+                              f"{' '.join(str(exc).split())[:200]}") from None
+        except UserInputError:
+            raise ExportError(_ONE_TENSOR) from None
+        graph = _OnnxGraph(merge_to_dense(model)[0] if fold else model, signature).eval()
+        data = _onnx_bytes(graph, feeds[1], signature)
+    if not check:
+        return data, None, ()
+    got = _run_onnx(data, feeds, signature.inputs)
+    return data, _checked_error(expected, got, "onnx", atol), tuple(feed[0].shape[0] for feed in feeds)
+
+
 def _torchscript_bytes(model: nn.Module, x: torch.Tensor) -> tuple[bytes, Any]:
-    with _quiet():
+    with _quiet(), keep_factors():
         try:
             traced = torch.jit.trace(model, (x,), check_trace=False)
         except Exception as exc:
@@ -429,6 +529,12 @@ def export_model(
         return _export_hf(model, Path(path), fold=fold or format == "dense", merge=merge, input_shape=input_shape,
                           batch_size=batch_size, check=check, atol=atol, overwrite=overwrite, source_dir=source_dir)
     shape = _input_shape(model, input_shape)
+    dest = Path(path)
+    if format == "onnx":
+        data, error, checked = _export_onnx(model, shape, batch_size, fold=fold, check=check, atol=atol)
+        with atomic_write(dest, "wb") as f:
+            f.write(data)
+        return ExportResult(dest, format, dest.stat().st_size, error, checked)
     batches = (batch_size, batch_size + 2)
     xs = _inputs(model, shape, batches)
     expected, single = _reference_outputs(model, xs, shape)
@@ -440,13 +546,9 @@ def export_model(
     # torch.export specializes a batch of 1 into a constant: trace with at least 2.
     example = xs[0] if batch_size > 1 else xs[1]
 
-    dest = Path(path)
     layers: tuple[LayerMerge, ...] = ()
     with torch.no_grad():
-        if format == "onnx":
-            data = _onnx_bytes(model, example)
-            got = _run_onnx(data, xs) if check else []
-        elif format == "torchscript":
+        if format == "torchscript":
             data, traced = _torchscript_bytes(model, example)
             got = [traced(x) for x in xs] if check else []
         else:
