@@ -280,3 +280,23 @@ def test_onnx_keeps_every_format_factorized(case: str, tmp_path) -> None:
     name = session.get_inputs()[0].name
     assert name == ("input" if case == "convs" else "input_ids")
     assert [o.name for o in session.get_outputs()] == ["output"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "dense"])
+def test_half_precision_model_exports_half_precision(compressed, fmt: str, tmp_path) -> None:
+    """A float16 model is exported in float16 and checked on float16 inputs (not float32 ones)."""
+    import copy
+
+    half = copy.deepcopy(compressed).half()
+    result = export_model(half, tmp_path / f"m.{fmt}", format=fmt, batch_size=2)
+    assert result.max_error is not None and result.max_error <= 1e-2
+    if fmt == "onnx":
+        import onnx
+
+        proto = onnx.load(str(result.path))
+        assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+        assert {i.data_type for i in proto.graph.initializer if len(i.dims) > 1} == {onnx.TensorProto.FLOAT16}
+    elif fmt == "dense":
+        from safetensors.torch import load_file
+
+        assert {t.dtype for t in load_file(str(result.path)).values()} == {torch.float16}

@@ -232,7 +232,22 @@ def _input_shape(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[i
 
 def _inputs(model: nn.Module, shape: tuple[int, ...], batches: Sequence[int]) -> list[torch.Tensor]:
     """Seeded example batches: token ids below the vocabulary for a model that takes them, else floats."""
-    return [example_input(model, shape, b).cpu() for b in batches]
+    dtype = _float_dtype(model)
+    xs = [example_input(model, shape, b).cpu() for b in batches]
+    return [x.to(dtype) if x.is_floating_point() else x for x in xs]
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The model's floating dtype (of its first floating parameter): exports keep it, inputs match it."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+#: Smallest accepted relative error of a half-precision export (float16 has ~3 significant digits).
+_HALF_ATOL = 1e-2
+
+
+def _tolerance(model: nn.Module, atol: float) -> float:
+    return max(atol, _HALF_ATOL) if _float_dtype(model).itemsize < 4 else atol
 
 
 def _max_error(reference: torch.Tensor, got: torch.Tensor) -> float:
@@ -524,6 +539,7 @@ def export_model(
     if format == "onnx":
         _require(("onnx", "onnxscript") + (("onnxruntime",) if check else ()), "ONNX export")
     model = model.eval()
+    atol = _tolerance(model, atol)
     if format == "hf" or (format == "dense" and recorded_hf_arch(model) is not None):
         # a transformers model merged back to dense is a plain Hugging Face directory
         return _export_hf(model, Path(path), fold=fold or format == "dense", merge=merge, input_shape=input_shape,
