@@ -81,7 +81,7 @@ def test_merge_slower_decides_per_layer_by_measured_time(compressed) -> None:
 def test_a_failing_check_writes_nothing(compressed, tmp_path, monkeypatch) -> None:
     import ttcompress.export as export
 
-    monkeypatch.setattr(export, "_run_onnx", lambda data, xs: [torch.zeros(len(x), 10) + 5 for x in xs])
+    monkeypatch.setattr(export, "_run_onnx", lambda data, feeds, names: [torch.zeros(len(f[0]), 10) + 5 for f in feeds])
     with pytest.raises(ExportError, match="does not reproduce"):
         export_model(compressed, tmp_path / "m.onnx", format="onnx")
     assert not list(tmp_path.iterdir())
@@ -172,6 +172,131 @@ def test_transformers_language_model_exports_its_logits(fmt: str, tmp_path) -> N
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
-        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0])
+        assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+        assert [o.name for o in session.get_outputs()] == ["logits"]
+        for batch, seq in ((3, 12), (1, 5), (4, 20)):  # dynamic batch and sequence axes
+            ids = torch.randint(0, 100, (batch, seq))
+            mask = torch.ones_like(ids)
+            mask[0, -2:] = 0
+            got = torch.from_numpy(session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+            with torch.no_grad():
+                torch.testing.assert_close(got, model(ids, attention_mask=mask).logits, atol=1e-4, rtol=1e-4)
+        return
     with torch.no_grad():
         torch.testing.assert_close(got, model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxscript", "onnxruntime"])
+def test_missing_export_extra_is_one_line_naming_it(compressed, tmp_path, monkeypatch, missing: str) -> None:
+    """A fresh install without the [export] extra: one line naming the extra, exit 2, nothing written."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, missing, None)  # makes ``import missing`` raise ImportError
+    with pytest.raises(ExportError, match=rf"\b{missing}\b[^:]*: pip install 'ttcompress\[export\]'"):
+        export_model(compressed, tmp_path / "m.onnx", format="onnx")
+    save(compressed, tmp_path / "m.tt.pt")
+    from typer.testing import CliRunner
+
+    from ttcompress.cli import app
+
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "m.tt.pt"), "--format", "onnx", "-o",
+                                      str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "ttcompress[export]" in result.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+class _Convs(nn.Module):
+    """Every conv/linear format: CP, Tucker-2, TT, SVD (sizes where each would pick its dense path
+    in eval mode for small inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 96, 3, padding=1)
+        self.conv2 = nn.Conv2d(96, 96, 3, padding=1)
+        self.fc1 = nn.Linear(96 * 4 * 4, 512)
+        self.fc2 = nn.Linear(512, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc2(torch.relu(self.fc1(nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))))
+
+
+class _Tokens(nn.Module):
+    """TT embedding, factorized attention (its projections TT) and a TT classifier on token ids."""
+
+    main_input_name = "input_ids"
+
+    def __init__(self) -> None:
+        super().__init__()
+        import types
+
+        self.config = types.SimpleNamespace(vocab_size=4096)
+        self.embed = nn.Embedding(4096, 128)
+        self.attn = nn.MultiheadAttention(128, 4, batch_first=True)
+        self.head = nn.Linear(128, 1024)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        return self.head(h + self.attn(h, h, h, need_weights=False)[0])
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+@pytest.mark.parametrize("case", ["convs", "tokens"])
+def test_onnx_keeps_every_format_factorized(case: str, tmp_path) -> None:
+    """Whatever path eval mode would pick, the graph computes from the factors: the file is at most
+    1.15x the checkpoint's tensors (the dense model is several times larger); --fold exports the
+    merged graph."""
+    from ttcompress.plan import Rule
+
+    torch.manual_seed(0)
+    if case == "convs":
+        model, shape = _Convs().eval(), [3, 16, 16]
+        rules = (Rule("conv1", format="cp", ranks=8), Rule("conv2", format="tucker2", ranks=(16, 16)),
+                 Rule("fc1", format="tt", ranks=8), Rule("fc2", format="svd", ranks=16))
+    else:
+        model, shape = _Tokens().eval(), [8]
+        rules = (Rule("embed", format="tt_embedding", ranks=16),  # the attention becomes factorized itself
+                 Rule("attn.*", format="tt", ranks=16), Rule("head", format="tt", ranks=16))
+    dense_bytes = _tensor_bytes(model)
+    compressed = ttcompress.compress(model, Plan(rules=rules)).eval()
+    formats = {type(m).__name__ for m in compressed.modules()}
+    assert formats >= ({"CPConv2d", "Tucker2Conv2d", "TTLinear", "SVDLinear"} if case == "convs"
+                       else {"TTEmbedding", "FactorizedMultiheadAttention", "TTLinear"}), formats
+    save(compressed, tmp_path / "m.tt.pt")
+    ckpt_bytes = _tensor_bytes(compressed)
+    result = export_model(compressed, tmp_path / "m.onnx", format="onnx", input_shape=shape)
+    assert result.max_error is not None and result.max_error <= 1e-4
+    assert result.size_bytes <= 1.15 * ckpt_bytes, (result.size_bytes, ckpt_bytes, dense_bytes)
+    assert dense_bytes > 2.5 * ckpt_bytes
+    folded = export_model(compressed, tmp_path / "f.onnx", format="onnx", input_shape=shape, fold=True)
+    assert folded.max_error is not None and folded.max_error <= 1e-4 and folded.size_bytes >= 0.9 * dense_bytes
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    assert name == ("input" if case == "convs" else "input_ids")
+    assert [o.name for o in session.get_outputs()] == ["output"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "dense"])
+def test_half_precision_model_exports_half_precision(compressed, fmt: str, tmp_path) -> None:
+    """A float16 model is exported in float16 and checked on float16 inputs (not float32 ones)."""
+    import copy
+
+    half = copy.deepcopy(compressed).half()
+    result = export_model(half, tmp_path / f"m.{fmt}", format=fmt, batch_size=2)
+    assert result.max_error is not None and result.max_error <= 1e-2
+    if fmt == "onnx":
+        import onnx
+
+        proto = onnx.load(str(result.path))
+        assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+        assert {i.data_type for i in proto.graph.initializer if len(i.dims) > 1} == {onnx.TensorProto.FLOAT16}
+    elif fmt == "dense":
+        from safetensors.torch import load_file
+
+        assert {t.dtype for t in load_file(str(result.path)).values()} == {torch.float16}

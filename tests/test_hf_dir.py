@@ -6,6 +6,7 @@ Tiny GPT-2 / BERT models built from configs (never the hub), saved with ``save_p
 from __future__ import annotations
 
 import json
+import warnings
 import re
 import shutil
 from pathlib import Path
@@ -115,7 +116,9 @@ def test_export_hf_round_trips_the_compressed_model(compressed, tmp_path):
     out = tmp_path / "gpt2-tt"
     result = ok("export", compressed, "--format", "hf", "-o", out)
     assert "hf: " in result.stdout and "loads back" in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "ttcompress.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json",
+                                                     "model.ttcompress.safetensors", "modeling_ttcompress.py",
+                                                     "ttcompress.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
     record = json.loads((out / "ttcompress.json").read_text())
     assert record["plan"] == read_header(compressed)["info"]["plan"]
@@ -130,6 +133,73 @@ def test_export_hf_round_trips_the_compressed_model(compressed, tmp_path):
     assert_refused(invoke("export", out, "--format", "hf", "-o", out, "--overwrite"), "must differ")
     assert_refused(invoke("export", compressed, "--format", "hf", "-o", tmp_path / "x", "--input-shape", "8"),
                    "do not apply to --format hf")
+
+
+def _relative_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def test_compressed_directory_loads_in_transformers_only_with_trust_remote_code(compressed, tmp_path):
+    """Without trust_remote_code every transformers route refuses the directory (never random
+    weights); with it, transformers' own custom-code route builds the factorized model: same logits,
+    generate() works. ttcompress.load reads the same directory as data."""
+    out = tmp_path / "gpt2-tt"
+    ok("export", compressed, "--format", "hf", "-o", out)
+    original = load(compressed)
+    want = _logits(original)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "ttcompress_gpt2" and config["auto_map"]["AutoModelForCausalLM"]
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        transformers.AutoModel.from_pretrained(out, trust_remote_code=False)
+    with pytest.raises(OSError, match="no file named model.safetensors"):  # the class itself finds no weights
+        transformers.GPT2LMHeadModel.from_pretrained(out)
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        remote = auto.from_pretrained(out, trust_remote_code=True).eval()
+        assert isinstance(remote, transformers.GPT2LMHeadModel)
+        assert type(remote.transformer.h[0].mlp.c_fc) is type(original.transformer.h[0].mlp.c_fc)
+        assert _relative_diff(_logits(remote), want) <= 1e-5
+    generated = remote.generate(IDS[:1], attention_mask=torch.ones_like(IDS[:1]), max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, IDS.shape[1] + 4)
+    back = load(out)  # as data: the modeling file is not imported
+    assert type(back) is transformers.GPT2LMHeadModel and _relative_diff(_logits(back), want) == 0
+    # the model transformers built is a compressed model ttcompress can save
+    save(remote, tmp_path / "again.tt.pt")
+    assert _relative_diff(_logits(load(tmp_path / "again.tt.pt")), want) == 0
+
+
+def test_compressed_directory_is_at_most_a_tenth_larger_than_the_checkpoint(tmp_path):
+    """The directory holds the factors once (and small JSON): <= 1.1x the .tt.pt (a model of ~1 MB,
+    where the few KB of config and modeling file are what they are for any real model)."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(_gpt2_config(n_embd=128, vocab_size=2000, n_positions=128)).eval()
+    model = ttcompress.compress(model, Plan(tt=TTSettings(ranks=8)))
+    save(model, tmp_path / "m.tt.pt")
+    export_model(load(tmp_path / "m.tt.pt"), tmp_path / "dir", format="hf")
+    size = sum(p.stat().st_size for p in (tmp_path / "dir").iterdir())
+    assert size <= 1.1 * (tmp_path / "m.tt.pt").stat().st_size, (size, (tmp_path / "m.tt.pt").stat().st_size)
+
+
+def test_loading_as_data_checks_the_layers_agree(compressed, tmp_path):
+    out = tmp_path / "gpt2-tt"
+    ok("export", compressed, "--format", "hf", "-o", out)
+    config = json.loads((out / "config.json").read_text())
+    config["ttcompress"]["layers"].pop("transformer.h.0.mlp.c_fc")
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="differ"):
+        load(out)
+
+
+def test_export_hf_copies_the_source_directory_files(gpt2, tmp_path):
+    src = _copy(gpt2[1], tmp_path / "src")
+    (src / "tokenizer.json").write_text('{"version": "1.0"}')
+    (src / "README.md").write_text("a model card")
+    (src / "custom.py").write_text("raise SystemExit")  # code is never copied
+    ok("export", src, "--format", "hf", "-o", tmp_path / "out")
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"tokenizer.json", "README.md", "generation_config.json"} <= names and "custom.py" not in names
+    assert (tmp_path / "out" / "generation_config.json").read_text() == (src / "generation_config.json").read_text()
 
 
 def test_export_hf_refuses_other_models(tmp_path):
@@ -254,3 +324,35 @@ def test_hf_arch_in_a_header_is_data(compressed, tmp_path, mutate, match):
     with pytest.raises(CheckpointError, match=re.escape(match)):
         load(bad)
     assert_refused(invoke("inspect", bad), match)
+
+
+@pytest.mark.parametrize("how", [("--format", "dense"), ("--format", "hf", "--fold")])
+def test_dense_export_of_a_compressed_transformers_model_is_a_plain_directory(compressed, tmp_path, how):
+    """Merged back (Conv1D restored), the directory is GPT2LMHeadModel's own: from_pretrained loads
+    every tensor with no warning, and the logits are the merged model's."""
+    import logging
+
+    from ttcompress.export import merge_to_dense
+
+    out = tmp_path / "plain"
+    result = ok("export", compressed, *how, "-o", out)
+    assert "checked at batch sizes 1, 3" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                     "ttcompress.json"]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            plain, info = transformers.GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert not [r for r in records if "LOAD REPORT" in r.getMessage() or "newly initialized" in r.getMessage()]
+    merged = merge_to_dense(load(compressed))[0]
+    assert _relative_diff(_logits(plain.eval()), _logits(merged)) <= 1e-5
+    assert _relative_diff(_logits(plain), _logits(load(compressed))) <= 1e-3  # and near the compressed model
+    assert_refused(invoke("export", compressed, *how, "-o", out), "already exists")

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
+import inspect
 import io
 import os
 import sys
@@ -37,7 +39,8 @@ import torch
 from torch import nn
 
 from ttcompress.errors import TTCompressError, UserInputError
-from ttcompress.hf import recorded_hf_arch, save_hf_dir
+from ttcompress.hf import recorded_hf_arch, restore_conv1d, save_hf_dir
+from ttcompress.layers._export import keep_factors
 from ttcompress.io import atomic_write, get_meta, save, update_meta
 from ttcompress.measure import example_input
 from ttcompress.outputs import primary_output
@@ -50,6 +53,8 @@ ExportFormat = Literal["onnx", "torchscript", "dense", "hf"]
 EXPORT_FORMATS: tuple[str, ...] = ("onnx", "torchscript", "dense", "hf")
 #: The methods a factorized layer offers to rebuild the dense module it replaced.
 _TO_DENSE = ("to_dense", "to_linear", "to_conv", "to_embedding", "to_mha")
+#: What installs the packages ONNX export needs.
+EXPORT_EXTRA = "pip install 'ttcompress[export]'"
 
 
 class ExportError(TTCompressError):
@@ -194,11 +199,29 @@ def merge_to_dense(
     return root.eval(), tuple(done)
 
 
+#: Tokens per sequence of the example input of a language model that records no input shape.
+DEFAULT_TOKENS = 16
+
+
+def _config_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """One sample's shape read from a transformers config: ``DEFAULT_TOKENS`` token ids for a model
+    that takes ``input_ids``, ``(num_channels, image_size, image_size)`` for an image model."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if getattr(model, "main_input_name", None) == "input_ids":
+        return (DEFAULT_TOKENS,)
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if isinstance(size, int) and isinstance(channels, int) and size > 0 and channels > 0:
+        return (channels, size, size)
+    return None
+
+
 def _input_shape(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[int, ...]:
     if input_shape is not None:
         shape = tuple(int(s) for s in input_shape)
     else:
-        recorded = get_meta(model)["info"].get("input_shape")
+        recorded = get_meta(model)["info"].get("input_shape") or _config_input_shape(model)
         if not recorded:
             raise UserInputError("the input shape is unknown: the model does not record it; pass it (--input-shape, Python: input_shape=)")
         shape = tuple(int(s) for s in recorded)
@@ -209,7 +232,22 @@ def _input_shape(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[i
 
 def _inputs(model: nn.Module, shape: tuple[int, ...], batches: Sequence[int]) -> list[torch.Tensor]:
     """Seeded example batches: token ids below the vocabulary for a model that takes them, else floats."""
-    return [example_input(model, shape, b).cpu() for b in batches]
+    dtype = _float_dtype(model)
+    xs = [example_input(model, shape, b).cpu() for b in batches]
+    return [x.to(dtype) if x.is_floating_point() else x for x in xs]
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The model's floating dtype (of its first floating parameter): exports keep it, inputs match it."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+#: Smallest accepted relative error of a half-precision export (float16 has ~3 significant digits).
+_HALF_ATOL = 1e-2
+
+
+def _tolerance(model: nn.Module, atol: float) -> float:
+    return max(atol, _HALF_ATOL) if _float_dtype(model).itemsize < 4 else atol
 
 
 def _max_error(reference: torch.Tensor, got: torch.Tensor) -> float:
@@ -227,32 +265,130 @@ def _quiet() -> Any:
             yield
 
 
-def _onnx_bytes(model: nn.Module, x: torch.Tensor) -> bytes:
-    with _quiet():
+#: Names of a transformers model's main inputs, as the ecosystem (optimum, onnxruntime) names them.
+_HF_INPUTS = ("input_ids", "pixel_values", "input_values", "input_features")
+
+
+@dataclass(frozen=True)
+class _OnnxSignature:
+    """What the ONNX graph takes and gives: input names (the main one first), output name, and
+    whether the second axis is a sequence (token models: dynamic)."""
+
+    inputs: tuple[str, ...]
+    output: str
+    tokens: bool
+    structured: bool
+
+
+def _onnx_signature(model: nn.Module, sample_output: Any) -> _OnnxSignature:
+    main = getattr(model, "main_input_name", None)
+    name = main if main in _HF_INPUTS else "input"
+    tokens = name == "input_ids"
+    try:
+        takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes_mask = False
+    structured = not isinstance(sample_output, torch.Tensor)
+    output = "output"
+    if structured:
+        output = next((key for key in ("logits", "last_hidden_state") if getattr(sample_output, key, None) is not None),
+                      "output")
+    return _OnnxSignature((name, "attention_mask") if tokens and takes_mask else (name,), output, tokens, structured)
+
+
+class _OnnxGraph(nn.Module):
+    """The model as the ONNX graph computes it: the main input (and ``attention_mask``), one output."""
+
+    def __init__(self, model: nn.Module, signature: _OnnxSignature) -> None:
+        super().__init__()
+        self.model, self.structured = model, signature.structured
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.model(x) if attention_mask is None else self.model(x, attention_mask=attention_mask)
+        return primary_output(out) if self.structured else out
+
+
+def _onnx_feeds(model: nn.Module, shape: tuple[int, ...], batch_size: int, signature: _OnnxSignature
+                ) -> list[tuple[torch.Tensor, ...]]:
+    """Two example inputs: batch sizes N and N+2, and for token models two sequence lengths (the
+    second one, traced, has both axes above 1 so that neither is specialized into a constant)."""
+    if not signature.tokens:
+        return [(x,) for x in _inputs(model, shape, (batch_size, batch_size + 2))]
+    length = shape[0]
+    feeds = []
+    for batch, seq in ((batch_size, length), (batch_size + 2, length // 2 if length >= 4 else length + 2)):
+        ids = example_input(model, (seq, *shape[1:]), batch).cpu()
+        if len(signature.inputs) == 1:
+            feeds.append((ids,))
+            continue
+        mask = torch.ones_like(ids)
+        mask[0, -1] = 0  # one padded position: the mask must reach the graph
+        feeds.append((ids, mask))
+    return feeds
+
+
+def _onnx_bytes(graph: nn.Module, example: tuple[torch.Tensor, ...], signature: _OnnxSignature) -> bytes:
+    axes = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} if signature.tokens else {0: torch.export.Dim.AUTO}
+    with _quiet(), keep_factors():
         try:
-            program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim.AUTO},),
+            program = torch.onnx.export(graph, example, dynamo=True, dynamic_shapes=tuple(axes for _ in example),
+                                        input_names=list(signature.inputs), output_names=[signature.output],
                                         verbose=False)
         except Exception as exc:  # the exporter raises many types; all mean "cannot export"
             raise ExportError(f"ONNX export failed: {' '.join(str(exc).split())[:300]}") from None
-    return program.model_proto.SerializeToString()
+    proto = program.model_proto
+    _strip_debug_info(proto.graph)
+    return proto.SerializeToString()
 
 
-def _run_onnx(data: bytes, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def _strip_debug_info(graph: Any) -> None:
+    """Drop the exporter's per-node debug records (stack traces, FX node names): in a compressed
+    model they can outweigh the factors themselves. The computation is untouched."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                _strip_debug_info(sub)
+
+
+def _run_onnx(data: bytes, feeds: Sequence[tuple[torch.Tensor, ...]], names: Sequence[str]) -> list[torch.Tensor]:
     try:
         import onnxruntime
     except ImportError:
-        raise ExportError("checking an ONNX export needs onnxruntime: pip install 'ttcompress[export]', "
+        raise ExportError(f"checking an ONNX export needs onnxruntime: {EXPORT_EXTRA}, "
                           "or skip the check (check=False)") from None
     try:
         session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return [torch.from_numpy(session.run(None, {name: x.numpy()})[0]) for x in xs]
+        return [torch.from_numpy(session.run(None, {n: t.numpy() for n, t in zip(names, feed)})[0]) for feed in feeds]
     except Exception as exc:  # onnxruntime's own error types
         raise ExportError(f"the ONNX export does not run in onnxruntime: {' '.join(str(exc).split())[:200]}") from None
 
 
+def _export_onnx(model: nn.Module, shape: tuple[int, ...], batch_size: int, *, fold: bool, check: bool,
+                 atol: float) -> tuple[bytes, float | None, tuple[int, ...]]:
+    """The ONNX bytes (factors kept unless ``fold``), checked in onnxruntime: (bytes, error, batches)."""
+    with torch.no_grad():
+        try:
+            signature = _onnx_signature(model, model(_inputs(model, shape, (2,))[0]))
+            feeds = _onnx_feeds(model, shape, batch_size, signature)
+            reference = _OnnxGraph(model, signature).eval()
+            expected = [reference(*feed) for feed in feeds]
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise ExportError(f"the model does not run on inputs of shape {list(shape)}: "
+                              f"{' '.join(str(exc).split())[:200]}") from None
+        except UserInputError:
+            raise ExportError(_ONE_TENSOR) from None
+        graph = _OnnxGraph(merge_to_dense(model)[0] if fold else model, signature).eval()
+        data = _onnx_bytes(graph, feeds[1], signature)
+    if not check:
+        return data, None, ()
+    got = _run_onnx(data, feeds, signature.inputs)
+    return data, _checked_error(expected, got, "onnx", atol), tuple(feed[0].shape[0] for feed in feeds)
+
+
 def _torchscript_bytes(model: nn.Module, x: torch.Tensor) -> tuple[bytes, Any]:
-    with _quiet():
+    with _quiet(), keep_factors():
         try:
             traced = torch.jit.trace(model, (x,), check_trace=False)
         except Exception as exc:
@@ -260,6 +396,19 @@ def _torchscript_bytes(model: nn.Module, x: torch.Tensor) -> tuple[bytes, Any]:
         buffer = io.BytesIO()
         torch.jit.save(traced, buffer)
     return buffer.getvalue(), traced
+
+
+def _require(modules: Sequence[str], what: str) -> None:
+    """ExportError naming the extra when one of ``modules`` cannot be imported (checked before any work)."""
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ExportError(f"{what} needs the optional package{'s' if len(missing) > 1 else ''} "
+                          f"{', '.join(missing)}: {EXPORT_EXTRA}")
 
 
 _ONE_TENSOR = "export supports models that return one tensor (or a transformers output with logits or last_hidden_state)"
@@ -294,13 +443,38 @@ class _PrimaryOutput(nn.Module):
         return primary_output(self.model(x))
 
 
-def _export_hf(model: nn.Module, dest: Path, *, check: bool, overwrite: bool) -> ExportResult:
+def _export_hf(model: nn.Module, dest: Path, *, fold: bool, merge: Literal["all", "slower"],
+               input_shape: Sequence[int] | None, batch_size: int, check: bool, atol: float, overwrite: bool,
+               source_dir: str | os.PathLike[str] | None) -> ExportResult:
+    """A Hugging Face directory; with ``fold``, of the model merged back to its own transformers class
+    (``Conv1D`` layers restored), checked against ``model`` on example inputs before it is written."""
     if recorded_hf_arch(model) is None:
         raise ExportError(f"format 'hf' writes Hugging Face (transformers) models only; this model is a "
                           f"{type(model).__name__}: use onnx, torchscript or dense")
-    save_hf_dir(model, dest, overwrite=overwrite, check=check)
+    layers: tuple[LayerMerge, ...] = ()
+    error: float | None = 0.0 if check else None
+    batches: tuple[int, ...] = ()
+    written = model
+    if fold:
+        batches = (batch_size, batch_size + 2)
+        shape = _input_shape(model, input_shape)
+        xs = _inputs(model, shape, batches) if check or merge == "slower" else []
+        written, layers = merge_to_dense(model, merge=merge, example_input=xs[0] if xs else None)
+        restore_conv1d(written)
+        if check:
+            error = _checked_error(_reference_outputs(model, xs, shape)[0],
+                                   _reference_outputs(written, xs, shape)[0], "dense", atol)
+    save_hf_dir(written, dest, overwrite=overwrite, check=check, source_dir=source_dir)
     size = sum(f.stat().st_size for f in dest.iterdir() if f.is_file())
-    return ExportResult(dest, "hf", size, 0.0 if check else None, ())
+    return ExportResult(dest, "dense" if fold else "hf", size, error, batches if check else (), layers)
+
+
+def _checked_error(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor], fmt: str, atol: float) -> float:
+    """The largest relative error of ``got``; ExportError when it exceeds ``atol``."""
+    error = max(_max_error(e, g) for e, g in zip(expected, got))
+    if not error <= atol:
+        raise ExportError(f"the {fmt} export does not reproduce the model: relative error {error:.2e} > {atol:g}")
+    return error
 
 
 def export_model(
@@ -314,6 +488,8 @@ def export_model(
     check: bool = True,
     atol: float = 1e-4,
     overwrite: bool = False,
+    fold: bool = False,
+    source_dir: str | os.PathLike[str] | None = None,
 ) -> ExportResult:
     """Export ``model`` to ``path`` in ``format``, checked against the model first.
 
@@ -343,6 +519,12 @@ def export_model(
     overwrite : bool
         For ``hf``: replace an existing directory (the other formats replace files; the CLI
         asks for ``--overwrite`` first).
+    fold : bool
+        Merge every factorized layer back to dense before exporting (``onnx``, ``torchscript``,
+        ``hf``): the graph or directory of the original architecture. ``dense`` always merges.
+    source_dir : str or PathLike, optional
+        For ``hf``: the Hugging Face directory the model was read from; its tokenizer,
+        ``generation_config.json`` and other plain files are copied into the new directory.
 
     Returns
     -------
@@ -354,36 +536,42 @@ def export_model(
         raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
     if merge != "all" and format != "dense":
         raise UserInputError(f"merge applies to format='dense' only, got format={format!r}")
+    if format == "onnx":
+        _require(("onnx", "onnxscript") + (("onnxruntime",) if check else ()), "ONNX export")
     model = model.eval()
-    if format == "hf":
-        return _export_hf(model, Path(path), check=check, overwrite=overwrite)
+    atol = _tolerance(model, atol)
+    if format == "hf" or (format == "dense" and recorded_hf_arch(model) is not None):
+        # a transformers model merged back to dense is a plain Hugging Face directory
+        return _export_hf(model, Path(path), fold=fold or format == "dense", merge=merge, input_shape=input_shape,
+                          batch_size=batch_size, check=check, atol=atol, overwrite=overwrite, source_dir=source_dir)
     shape = _input_shape(model, input_shape)
+    dest = Path(path)
+    if format == "onnx":
+        data, error, checked = _export_onnx(model, shape, batch_size, fold=fold, check=check, atol=atol)
+        with atomic_write(dest, "wb") as f:
+            f.write(data)
+        return ExportResult(dest, format, dest.stat().st_size, error, checked)
     batches = (batch_size, batch_size + 2)
     xs = _inputs(model, shape, batches)
     expected, single = _reference_outputs(model, xs, shape)
-    if not single:
-        if format == "dense":
-            raise ExportError(_ONE_TENSOR)
+    reference = model
+    if fold and format != "dense":
+        model = merge_to_dense(model)[0]
+    if not single and format != "dense":
         model = _PrimaryOutput(model)  # ONNX and TorchScript graphs output the one tensor
     # torch.export specializes a batch of 1 into a constant: trace with at least 2.
     example = xs[0] if batch_size > 1 else xs[1]
 
-    dest = Path(path)
     layers: tuple[LayerMerge, ...] = ()
     with torch.no_grad():
-        if format == "onnx":
-            data = _onnx_bytes(model, example)
-            got = _run_onnx(data, xs) if check else []
-        elif format == "torchscript":
+        if format == "torchscript":
             data, traced = _torchscript_bytes(model, example)
             got = [traced(x) for x in xs] if check else []
         else:
-            merged, layers = merge_to_dense(model, merge=merge, example_input=xs[0])  # time at batch_size
+            merged, layers = merge_to_dense(reference, merge=merge, example_input=xs[0])  # time at batch_size
             data = b""
-            got = [merged(x) for x in xs] if check else []
-    error = max(_max_error(e, g) for e, g in zip(expected, got)) if check else None
-    if error is not None and not error <= atol:
-        raise ExportError(f"the {format} export does not reproduce the model: relative error {error:.2e} > {atol:g}")
+            got = _reference_outputs(merged, xs, shape)[0] if check else []
+    error = _checked_error(expected, got, format, atol) if check else None
     if format == "dense":
         save(merged, dest)
     else:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,6 +48,7 @@ from ttcompress._version import __version__
 from ttcompress.errors import CheckpointError
 from ttcompress.fsutil import atomic_dir
 from ttcompress.hf_files import (
+    COMPRESSED_WEIGHTS_FILE,
     CONFIG_FILE,
     RECORD_FILE,
     RECORD_FORMAT,
@@ -66,16 +68,19 @@ from ttcompress.hf_files import (
 )
 from ttcompress.header import check_layer_counts
 from ttcompress.hf_config import MAX_LABELS, check_config_values, label_bound
+from ttcompress.hf_remote import CONFIG_KEY, MODELING_FILE, base_config, modeling_source, remote_config
 from ttcompress.layers import LAYER_TYPES
 from ttcompress.plan import Plan
 
 __all__ = [
     "CONFIG_FILE",
     "HF_ARCH_PREFIX",
+    "CompressedModelMixin",
     "RECORD_FILE",
     "WEIGHTS_FILE",
     "build_hf_model",
     "conv1d_to_linear",
+    "restore_conv1d",
     "hf_arch",
     "is_hf_dir",
     "linearize_conv1d",
@@ -86,6 +91,8 @@ __all__ = [
 ]
 
 HF_ARCH_PREFIX = "hf:"
+#: transformers' ``variant`` of a compressed directory's weights file (``model.ttcompress.safetensors``).
+COMPRESSED_VARIANT = "ttcompress"
 _META_ATTR = "ttcompress_meta"
 
 
@@ -356,6 +363,41 @@ def linearize_conv1d(model: nn.Module) -> list[str]:
     return names
 
 
+def restore_conv1d(model: nn.Module) -> list[str]:
+    """Undo :func:`linearize_conv1d`, in place: every ``nn.Linear`` that is a ``Conv1D`` in the
+    model class's own skeleton becomes the equal ``Conv1D`` again (weight ``W.T``), so that the
+    state dict is the class's own and ``from_pretrained`` loads it.
+
+    Returns
+    -------
+    list of str
+        Qualified names of the restored modules.
+    """
+    tf = _transformers()
+    cls = _model_class(model.config, type(model).__name__, where="model", strict=True)
+    skeleton = _instantiate(cls, model.config, device="meta", where="model")
+    restored: dict[int, nn.Module] = {}
+    names: list[str] = []
+    for name, module in skeleton.named_modules():
+        current = model.get_submodule(name) if name else model
+        if name and _is_conv1d(module) and type(current) is nn.Linear:
+            if id(current) not in restored:
+                w = current.weight
+                conv = tf.pytorch_utils.Conv1D(w.shape[0], w.shape[1]).to(device=w.device, dtype=w.dtype)
+                with torch.no_grad():
+                    conv.weight.copy_(w.detach().t())
+                    conv.bias.copy_(current.bias.detach() if current.bias is not None else torch.zeros_like(conv.bias))
+                restored[id(current)] = conv.train(current.training)
+            _set_child(model, name, restored[id(current)])
+            names.append(name)
+    meta = getattr(model, _META_ATTR, None)
+    arch = meta.get("arch") if isinstance(meta, Mapping) else None
+    if names and isinstance(arch, Mapping) and str(arch.get("name", "")).startswith(HF_ARCH_PREFIX):
+        kwargs = {k: v for k, v in dict(arch.get("kwargs") or {}).items() if k != "conv1d_as_linear"}
+        _set_meta(model, {"name": arch["name"], "kwargs": kwargs}, meta.get("layers") or {}, meta.get("info") or {})
+    return names
+
+
 def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
     """Parameters registered under several names (one ``nn.Parameter`` object), e.g. tied embeddings.
 
@@ -419,6 +461,75 @@ def _apply_layers(model: nn.Module, layers: Mapping[str, Any], where: str) -> No
 
 
 # --------------------------------------------------------------------------------------------------
+# The custom-code route: transformers loads a compressed directory with trust_remote_code=True
+# --------------------------------------------------------------------------------------------------
+class CompressedModelMixin:
+    """First base of the model class in a compressed directory's ``modeling_ttcompress.py``.
+
+    ``class TTCompressModel(CompressedModelMixin, GPT2LMHeadModel)``: transformers builds the base
+    class from the config (on the ``meta`` device inside ``from_pretrained``), then this replaces
+    the layers that ``config.ttcompress["layers"]`` records by their factorized structure (and the
+    ``Conv1D`` layers by ``nn.Linear`` where recorded), so that transformers' own loader finds
+    exactly the tensors of ``model.safetensors``. The model carries ``ttcompress_meta`` with the
+    base class's ``hf:`` record, so :func:`ttcompress.save` writes it as any compressed model.
+    """
+
+    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]
+        where = f"config.json {CONFIG_KEY!r}"
+        base, entry = base_config(config.to_dict(), where)
+        if not entry:
+            raise CheckpointError(f"the config has no {CONFIG_KEY!r} entry: not a directory written by ttcompress")
+        model: nn.Module = self  # type: ignore[assignment]
+        linear = bool(entry.get("conv1d_as_linear"))
+        if linear:
+            linearize_conv1d(model)
+        layers = dict(entry.get("layers") or {})
+        _apply_layers(model, layers, where)
+        kwargs_record: dict[str, Any] = {"config": base, **({"conv1d_as_linear": True} if linear else {})}
+        _set_meta(model, {"name": HF_ARCH_PREFIX + entry["base_class"], "kwargs": kwargs_record}, layers, {})
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``from_pretrained``, reading the weights file of this layout (``variant="ttcompress"``)."""
+        kwargs.setdefault("variant", COMPRESSED_VARIANT)
+        return super().from_pretrained(*args, **kwargs)  # type: ignore[misc]
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``save_pretrained``, writing the weights where :meth:`from_pretrained` reads them."""
+        kwargs.setdefault("variant", COMPRESSED_VARIANT)
+        return super().save_pretrained(*args, **kwargs)  # type: ignore[misc]
+
+
+def _compressed_base_config(config: dict[str, Any], record: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The base model's config of a compressed directory (read as data; its modeling file never runs).
+
+    The layers its ``config.json`` records for transformers must be those of ``ttcompress.json``.
+    """
+    base, entry = base_config(config, where)
+    if entry:
+        ours = {n: {"format": r.get("format"), "config": r.get("config")}
+                for n, r in (record.get("layers") or {}).items() if isinstance(r, Mapping)}
+        if entry.get("layers") != ours:
+            raise CheckpointError(f"{where}: the layers recorded for transformers differ from {RECORD_FILE}'s")
+    return base
+
+
+def _auto_classes(model_type: str, class_name: str) -> list[str]:
+    """The ``AutoModel*`` classes under which transformers registers ``class_name`` for ``model_type``."""
+    from transformers.models.auto import modeling_auto
+
+    found = []
+    for attr in dir(modeling_auto):
+        names = getattr(getattr(getattr(modeling_auto, attr), "_model_mapping", None), "_model_mapping", None)
+        if attr.startswith("AutoModel") and isinstance(names, Mapping):
+            value = names.get(model_type)
+            if value == class_name or (isinstance(value, (list, tuple)) and class_name in value):
+                found.append(attr)
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
 # Reading a directory
 # --------------------------------------------------------------------------------------------------
 def load_hf_dir(path: PathLike, *, trust_pickle: bool = False) -> nn.Module:
@@ -453,6 +564,7 @@ def load_hf_dir(path: PathLike, *, trust_pickle: bool = False) -> nn.Module:
         raise CheckpointError(f"{d}: not a directory")
     config_dict = read_json(d / CONFIG_FILE, "config.json")
     record = read_record(d)
+    config_dict = _compressed_base_config(config_dict, record, str(d / CONFIG_FILE))
     arch_kwargs = dict((record.get("arch") or {}).get("kwargs") or {})
     linear = bool(arch_kwargs.get("conv1d_as_linear", False))
     layers = record.get("layers") or {}  # validated by read_record
@@ -515,14 +627,17 @@ def save_hf_dir(
     info: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     check: bool = False,
+    source_dir: PathLike | None = None,
 ) -> Path:
     """Write a transformers model (dense or compressed) as a Hugging Face directory, atomically.
 
     The directory holds ``config.json``, ``model.safetensors`` (one copy of each tied tensor,
-    metadata ``{"format": "pt"}``) and ``ttcompress.json``: the factorized layers (format and
-    ``config()``), the architecture record, ``plan`` and ``info``. A dense model's directory also
-    loads with ``transformers``' own ``from_pretrained``; a compressed one loads with
-    :func:`load_hf_dir`.
+    metadata ``{"format": "pt"}``), ``generation_config.json`` for a model that generates, and
+    ``ttcompress.json``: the factorized layers (format and ``config()``), the architecture record,
+    ``plan`` and ``info``. A dense model's directory loads with ``transformers``' own
+    ``from_pretrained``. A compressed one loads with :func:`load_hf_dir` (as data), and with
+    ``AutoModel*.from_pretrained(DIR, trust_remote_code=True)`` through ``modeling_ttcompress.py``
+    (see :mod:`ttcompress.hf_remote`); without ``trust_remote_code`` transformers refuses it.
 
     Parameters
     ----------
@@ -542,6 +657,9 @@ def save_hf_dir(
         Before the directory is moved into place, load it back with :func:`load_hf_dir` and
         require the same structure and bit-identical tensors (:class:`CheckpointError`
         otherwise, and nothing is written).
+    source_dir : str or PathLike, optional
+        The Hugging Face directory the model was read from: its other plain files (tokenizer,
+        ``generation_config.json``, README, ...) are copied; weights, configs and code are not.
 
     Returns
     -------
@@ -579,14 +697,72 @@ def save_hf_dir(
         raise TypeError(f"info or layer records are not JSON-serializable: {exc}") from None
     from safetensors.torch import save_file
 
+    config = _untie_if_untied(model, arch["kwargs"]["config"])
+    if record["layers"] or arch["kwargs"].get("conv1d_as_linear"):  # transformers loads it through modeling_ttcompress.py only
+        config = remote_config(config, base_class=type(model).__name__, layers=record["layers"],
+                               auto_classes=_auto_classes(config["model_type"], type(model).__name__),
+                               conv1d_as_linear=bool(arch["kwargs"].get("conv1d_as_linear")))
     dest = Path(path)
     with atomic_dir(dest, overwrite=overwrite) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(arch["kwargs"]["config"], indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if source_dir is not None:
+            _copy_plain_files(Path(source_dir), tmp)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        remote = "auto_map" in config
+        weights = COMPRESSED_WEIGHTS_FILE if remote else WEIGHTS_FILE
+        save_file(tensors, str(tmp / weights), metadata={"format": "pt"})
         (tmp / RECORD_FILE).write_text(record_json + "\n", encoding="utf-8")
+        if remote:
+            (tmp / MODELING_FILE).write_text(modeling_source(
+                config_class=type(model.config).__name__, model_class=type(model).__name__, version=__version__),
+                encoding="utf-8")
+        _write_generation_config(model, tmp)
         if check:
             _check_same(model, load_hf_dir(tmp), dest)
     return dest
+
+
+#: Files of a source directory that save_hf_dir writes itself, or never copies (weights, code, pickles).
+_NOT_COPIED = (CONFIG_FILE, RECORD_FILE, MODELING_FILE)
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".py", ".index.json", ".pkl", ".msgpack", ".h5")
+_MAX_COPIED_BYTES = 256 << 20
+
+
+def _untie_if_untied(model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``tie_word_embeddings`` off when the model's output layer no longer shares the
+    input embedding's weight (one of them was compressed): transformers would tie them on load."""
+    if not config.get("tie_word_embeddings", False):
+        return config
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    try:
+        inp, out = get_in() if callable(get_in) else None, get_out() if callable(get_out) else None
+    except (AttributeError, NotImplementedError):
+        return config
+    if out is None or getattr(out, "weight", None) is not None and out.weight is getattr(inp, "weight", None):
+        return config
+    return {**config, "tie_word_embeddings": False}
+
+
+def _copy_plain_files(src: Path, dest: Path) -> None:
+    """Copy ``src``'s top-level regular files that are not weights, configs we write, or code."""
+    if not src.is_dir():
+        return
+    for entry in sorted(src.iterdir()):
+        name = entry.name
+        if (name in _NOT_COPIED or name.startswith(".") or name.endswith(_NOT_COPIED_SUFFIXES)
+                or entry.is_symlink() or not entry.is_file() or entry.stat().st_size > _MAX_COPIED_BYTES):
+            continue
+        shutil.copyfile(entry, dest / name)
+
+
+def _write_generation_config(model: nn.Module, dest: Path) -> None:
+    """``generation_config.json`` of a model that generates, unless copied from the source directory."""
+    generation = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", None)
+    if generation is None or (dest / "generation_config.json").exists() or not callable(can_generate) or not can_generate():
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        generation.to_json_file(str(dest / "generation_config.json"))
 
 
 def _check_same(model: nn.Module, back: nn.Module, dest: Path) -> None:

@@ -23,6 +23,7 @@ from ttcompress.header import validate_header
 from ttcompress.smallfile import MAX_SMALL_FILE_BYTES, check_regular_file, read_small_text
 
 __all__ = [
+    "COMPRESSED_WEIGHTS_FILE",
     "CONFIG_FILE",
     "INDEX_FILE",
     "PICKLE_FILES",
@@ -47,6 +48,9 @@ __all__ = [
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+#: A compressed model's weights: transformers' ``variant="ttcompress"`` name, so that no transformers
+#: class finds them except the directory's own (see :mod:`ttcompress.hf_remote`).
+COMPRESSED_WEIGHTS_FILE = "model.ttcompress.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 RECORD_FILE = "ttcompress.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -71,7 +75,19 @@ def is_hf_dir(path: PathLike) -> bool:
     explains what is wrong with it.
     """
     p = Path(path)
-    return p.is_dir() and (p / CONFIG_FILE).is_file() and ((p / WEIGHTS_FILE).is_file() or (p / INDEX_FILE).is_file())
+    return p.is_dir() and (p / CONFIG_FILE).is_file() and (single_weights(p) is not None or (p / INDEX_FILE).is_file())
+
+
+def single_weights(d: Path) -> Path | None:
+    """``d``'s one-file safetensors weights (``model.safetensors``, or a compressed model's), if any.
+
+    A name that is there as anything but a regular file (or a symlink to one) is refused, not
+    skipped (:func:`_check_weights_file`)."""
+    for name in (WEIGHTS_FILE, COMPRESSED_WEIGHTS_FILE):
+        if os.path.lexists(d / name):
+            _check_weights_file(d / name)
+            return d / name
+    return None
 
 
 def read_json(p: Path, what: str) -> dict[str, Any]:
@@ -90,9 +106,8 @@ def read_json(p: Path, what: str) -> dict[str, Any]:
 
 def shard_files(d: Path) -> list[Path]:
     """The safetensors files of ``d`` (one file or the shards its index names)."""
-    if os.path.lexists(d / WEIGHTS_FILE):
-        _check_weights_file(d / WEIGHTS_FILE)
-        return [d / WEIGHTS_FILE]
+    if single_weights(d) is not None:
+        return [single_weights(d)]  # type: ignore[list-item]
     weight_map = read_json(d / INDEX_FILE, "safetensors index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{d / INDEX_FILE}: no weight_map")
@@ -119,7 +134,7 @@ def _check_weights_file(p: Path) -> None:
 @contextlib.contextmanager
 def open_weights(d: Path, *, trust_pickle: bool) -> Iterator[tuple[dict[str, tuple[int, ...]], TensorReader]]:
     """Yield ``(shapes, read)``: every stored tensor's shape (from the headers) and a reader."""
-    if not os.path.lexists(d / WEIGHTS_FILE) and not os.path.lexists(d / INDEX_FILE):
+    if single_weights(d) is None and not os.path.lexists(d / INDEX_FILE):
         if (d / PICKLE_FILES[0]).is_file() and trust_pickle:
             yield from open_pickle(d / PICKLE_FILES[0])
             return

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -26,12 +26,8 @@ if TYPE_CHECKING:
 app = command_app()
 
 
-def _check_hf_options(
-    output: Path, *, overwrite: bool, model: Path, shape: Optional[tuple[int, ...]], batch_size: int
-) -> None:
+def _check_dir_output(output: Path, *, overwrite: bool, model: Path) -> None:
     """The output rule for a directory output: it may exist only with --overwrite, and is not the input."""
-    if shape is not None or batch_size != 1:
-        raise UserInputError("--input-shape and --batch-size do not apply to --format hf")
     check_not_inputs([output], [model], replaces_directory=True)
     if (output.exists() or output.is_symlink()) and not overwrite:
         raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
@@ -64,6 +60,9 @@ def export(
     merge: Annotated[str, typer.Option(
         "--merge", help="For --format dense: all (a plain model of the original architecture), or slower "
         "(merge only the layers measured slower than their merged form).", metavar="all|slower")] = "all",
+    fold: Annotated[bool, typer.Option(
+        "--fold", help="Merge every factorized layer back to dense first (onnx, torchscript, hf): the graph or "
+        "directory of the original architecture. By default the factors are kept.")] = False,
     no_check: Annotated[bool, typer.Option(
         "--no-check", help="Skip running the export against the model before writing it.")] = False,
     overwrite: OverwriteOpt = False,
@@ -77,6 +76,8 @@ def export(
     Example: ttcompress export model.tt.pt --format onnx -o model.onnx
     """
     from ttcompress.export import EXPORT_FORMATS, export_model
+    from ttcompress.hf import recorded_hf_arch
+    from ttcompress.hf_files import is_hf_dir
     from ttcompress.io import load
 
     if fmt not in EXPORT_FORMATS:
@@ -85,15 +86,25 @@ def export(
         raise UserInputError(f"--merge must be all or slower; got {merge!r}")
     if merge != "all" and fmt != "dense":
         raise UserInputError("--merge applies to --format dense only")
+    if fold and fmt == "dense":
+        raise UserInputError("--fold applies to --format onnx, torchscript and hf (dense always merges)")
     shape = parse_input_shape(input_shape)
+    if fmt == "hf" and not fold and (shape is not None or batch_size != 1):
+        raise UserInputError("--input-shape and --batch-size do not apply to --format hf")
     check_inputs(model)
     if fmt == "hf":
-        _check_hf_options(output, overwrite=overwrite, model=model, shape=shape, batch_size=batch_size)
-    else:
+        _check_dir_output(output, overwrite=overwrite, model=model)
+    elif fmt != "dense":
         check_outputs([output], overwrite=overwrite, inputs=[model])
     loaded = load(model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle)
+    if fmt == "dense":  # a transformers model merged back is a directory, any other a checkpoint file
+        if recorded_hf_arch(loaded) is not None:
+            _check_dir_output(output, overwrite=overwrite, model=model)
+        else:
+            check_outputs([output], overwrite=overwrite, inputs=[model])
     result = export_model(loaded, output, format=fmt, input_shape=shape, batch_size=batch_size,  # type: ignore[arg-type]
-                          merge=merge, check=not no_check, overwrite=overwrite)  # type: ignore[arg-type]
+                          merge=merge, check=not no_check, overwrite=overwrite,  # type: ignore[arg-type]
+                          fold=fold, source_dir=model if is_hf_dir(model) else None)
     if json_:
         out.print_json(json.dumps(result.to_dict()))
         return

@@ -33,6 +33,7 @@ from torch import nn
 from ttcompress.decompose.cp import cp_als, cp_param_count
 from ttcompress.layers._conv_args import conv_pair, positive_int
 from ttcompress.layers._autograd import plain_ops_only
+from ttcompress.layers._export import keeping_factors
 from ttcompress.layers._pointwise import nchw_only, pointwise_to_channels_last, pointwise_to_nchw, switches_layout
 from ttcompress.layers._weight import DenseWeightAttribute
 from ttcompress.layers.cp_eval import clear_choice, dense_wins, path_costs
@@ -530,7 +531,7 @@ class CPConv2d(DenseWeightAttribute, nn.Module):
                 dense = self._measured_dense(x)  # one dict lookup once this input shape was timed
             else:
                 dense = self.uses_dense_kernel(batch, x.shape[-2], x.shape[-1])
-            if dense:
+            if dense and not keeping_factors():
                 return self._dense_forward(x, self._cached_kernel() if inference else self.kernel())
         return self._factorized_forward(x)
 
@@ -569,7 +570,7 @@ class CPConv2d(DenseWeightAttribute, nn.Module):
             z = F.pad(z, self._pad_lrtb)
             ph = pw = 0
         # 3) spatial: one depthwise kh x kw pass with rank-1 filters, or two 1-D passes
-        if self.fuse_spatial:
+        if self.fuse_spatial and not keeping_factors():  # exported: the two 1-D factors, not their product
             spatial = (self.kh_factor[:, :, None] * self.kw_factor[:, None, :])[:, None]
             z = F.conv2d(
                 z,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ttcompress.decompose.svd import truncated_svd
+from ttcompress.layers._export import keeping_factors
 from ttcompress.layers._weight import DenseWeightAttribute
 
 __all__ = ["SVDLinear"]
@@ -128,7 +129,7 @@ class SVDLinear(DenseWeightAttribute, nn.Module):
         return min(self.rank * (self.in_features + self.out_features), dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.factorized:
+        if self.factorized or keeping_factors():
             return F.linear(F.linear(x, self.first), self.second, self.bias)
         return F.linear(x, self.dense_weight(), self.bias)
 

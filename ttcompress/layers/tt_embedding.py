@@ -27,6 +27,7 @@ from torch import nn
 
 from ttcompress.decompose.modes import _capped_ranks, _check_positive_int, _rank_caps, validate_modes
 from ttcompress.decompose.tt import resolve_modes, tt_svd, tt_to_matrix
+from ttcompress.layers._export import keeping_factors
 from ttcompress.layers._weight import DenseWeightAttribute
 
 __all__ = ["TTEmbedding", "tt_rows", "unsupported_reason"]
@@ -309,17 +310,26 @@ def tt_rows(cores: Sequence[torch.Tensor], indices: torch.Tensor, row_modes: Seq
     cols = math.prod(core.shape[2] for core in cores)
     if indices.numel() == 0:
         return cores[0].new_zeros(0, cols)
-    unique, inverse = torch.unique(indices, return_inverse=True)
+    # Exported (keeping_factors): no deduplication, whose data-dependent count a graph cannot size;
+    # every index is contracted, the split chosen for a nominal count.
+    dedupe = not keeping_factors()
+    unique, inverse = torch.unique(indices, return_inverse=True) if dedupe else (indices, None)
     if d == 1:
-        return cores[0][0, unique, :, 0][inverse]
+        rows = cores[0][0, unique, :, 0]
+        return rows[inverse] if dedupe else rows
     count = unique.shape[0]
-    split = min(range(1, d), key=lambda s: _split_cost(cores, row_modes, s, count))
+    nominal = count if dedupe else _NOMINAL_COUNT
+    split = min(range(1, d), key=lambda s: _split_cost(cores, row_modes, s, nominal))
     right_size = math.prod(row_modes[split:])
-    left = _chain(cores[:split], unique // right_size, row_modes[:split])  # (U, 1, N_l, r_s)
-    right = _chain(cores[split:], unique % right_size, row_modes[split:])  # (U, r_s, N_r, 1)
+    left = _chain(cores[:split], unique // right_size, row_modes[:split], dedupe)  # (U, 1, N_l, r_s)
+    right = _chain(cores[split:], unique % right_size, row_modes[split:], dedupe)  # (U, r_s, N_r, 1)
     rank = cores[split].shape[0]
-    rows = torch.bmm(left.reshape(count, -1, rank), right.reshape(count, rank, -1))
-    return rows.reshape(count, cols).index_select(0, inverse)
+    rows = torch.bmm(left.reshape(count, -1, rank), right.reshape(count, rank, -1)).reshape(count, cols)
+    return rows.index_select(0, inverse) if dedupe else rows
+
+
+#: Index count the exported graph's split is chosen for (its real count is the input's).
+_NOMINAL_COUNT = 1024
 
 
 def _chain_cost(cores: Sequence[torch.Tensor], count: int) -> int:
@@ -343,12 +353,14 @@ def _split_cost(cores: Sequence[torch.Tensor], row_modes: Sequence[int], split: 
     return left + right + count * n_left * cores[split].shape[0] * n_right
 
 
-def _chain(cores: Sequence[torch.Tensor], indices: torch.Tensor, row_modes: Sequence[int]) -> torch.Tensor:
+def _chain(cores: Sequence[torch.Tensor], indices: torch.Tensor, row_modes: Sequence[int],
+           dedupe: bool = True) -> torch.Tensor:
     """``G_1[:, i_1] ... G_k[:, i_k]`` for each index, as ``(B, r_0, n_1..n_k, r_k)``.
 
-    Computed once per distinct index and gathered, so a chain over few row modes costs little.
+    Computed once per distinct index and gathered (unless not ``dedupe``), so a chain over few row
+    modes costs little.
     """
-    unique, inverse = torch.unique(indices, return_inverse=True)
+    unique, inverse = torch.unique(indices, return_inverse=True) if dedupe else (indices, None)
     digits = []
     rest = unique
     for m in reversed(row_modes):
@@ -363,7 +375,8 @@ def _chain(cores: Sequence[torch.Tensor], indices: torch.Tensor, row_modes: Sequ
         cols *= n
         state = torch.bmm(state, _slices(core, digit).reshape(count, r_left, n * r_right))
         state = state.reshape(count, r_first * cols, r_right)
-    return state.reshape(count, r_first, cols, -1).index_select(0, inverse)
+    state = state.reshape(count, r_first, cols, -1)
+    return state.index_select(0, inverse) if dedupe else state
 
 
 def _slices(core: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:

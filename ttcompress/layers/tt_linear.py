@@ -8,6 +8,7 @@ References
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -22,6 +23,7 @@ from torch.nn import functional as F
 from ttcompress.decompose.modes import _capped_ranks, _rank_caps
 from ttcompress.decompose.tt import resolve_modes, tt_svd, tt_to_matrix
 from ttcompress.layers._autograd import plain_ops_only
+from ttcompress.layers._export import keeping_factors
 from ttcompress.layers._tt_chain import _chain_forward, tt_chain
 from ttcompress.layers._weight import DenseWeightAttribute
 
@@ -379,7 +381,9 @@ class TTLinear(DenseWeightAttribute, nn.Module):
         else:
             plan = contraction_plan(int(rows), self.out_modes, self.in_modes, self.ranks,
                                     chunked=x.device.type == "cpu")
-        if plan.dense or (isinstance(rows, int) and rows == 0):
+        if keeping_factors():  # exported: one contraction per core, so the graph holds the cores themselves
+            plan = dataclasses.replace(plan, groups=tuple((k, k + 1) for k in range(len(self.cores))), dense=False)
+        elif plan.dense or (isinstance(rows, int) and rows == 0):
             return F.linear(x, self.dense_weight(), self.bias)
 
         x2 = x.reshape(rows, self.in_features)

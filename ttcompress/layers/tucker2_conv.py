@@ -28,6 +28,7 @@ from torch import nn
 
 from ttcompress.decompose.tucker2 import tucker2, tucker2_param_count, tucker2_reconstruct
 from ttcompress.layers._autograd import plain_ops_only
+from ttcompress.layers._export import keeping_factors
 from ttcompress.layers._pointwise import pointwise_to_channels_last, pointwise_to_nchw, switches_layout
 from ttcompress.layers._weight import DenseWeightAttribute
 from ttcompress.layers.cp_eval import dense_wins
@@ -274,7 +275,7 @@ class Tucker2Conv2d(DenseWeightAttribute, nn.Module):
             if choice is None:
                 choice = self._eval_choice[key] = dense_wins(lambda: self._dense_forward(x),
                                                              lambda: self._factorized_forward(x))
-            if choice:
+            if choice and not keeping_factors():
                 return self._dense_forward(x)
         return self._factorized_forward(x)
 
