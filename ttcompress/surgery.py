@@ -30,12 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ttcompress.allocate import input_grams
+from ttcompress.calibration.budget import check_calib_memory
+from ttcompress.calibration.collector import StatsCollector, rank_hint
 from ttcompress.calibration.fit import FitResult
 from ttcompress.calibration.sequential import calibrate_sequentially
 from ttcompress.calibration.stats import LayerStats
 from ttcompress.formats import DENSE, format_of, get_format, layer_classes
-from ttcompress.formats.base import build_note
+from ttcompress.formats.base import build_note, set_build_note
 from ttcompress.layer_report import KEPT_DENSE_INFO, LayerReport, count_params, format_label, kept_dense
 from ttcompress.fsutil import strip_model_suffix
 from ttcompress.io import load_checkpoint, save
@@ -156,6 +157,7 @@ def compress_with_report(
     calib_data: Any = None,
     calib_samples: int | None = None,
     check_input: Any = None,
+    calib_memory: int | str | None = None,
 ) -> CompressionResult:
     """Compress ``model`` in place per ``plan`` and report every compressible layer.
 
@@ -181,6 +183,11 @@ def compress_with_report(
         model accepts works (e.g. ``(batch, seq, features)``).
     calib_samples : int, optional
         Use at most this many samples of ``calib_data``.
+    calib_memory : int or str, optional
+        Memory budget of one layer's calibration statistics, in bytes or as a size such as
+        ``"4G"`` (default: a quarter of the available memory;
+        :mod:`ttcompress.calibration.budget`). Wide layers are sketched to fit it, and a layer
+        whose smallest sketch does not fit is fitted data-free; the layer's note says which.
     check_input : tensor, tuple of tensors or dict, optional
         An input of the model (positional arguments as a tuple, keyword arguments as a dict).
         The dense model runs on it first (it must run), and the compressed one at the end, in eval
@@ -214,10 +221,12 @@ def compress_with_report(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     plan = _as_plan(plan)
+    memory = None if calib_memory is None else check_calib_memory(calib_memory)
     batches = calibration_batches(model, calib_data, calib_samples)
+    collector = None if batches is None else StatsCollector(batches, memory=memory)
     before = count_params(model)
     reference = None if check_input is None else reference_output(model, check_input)
-    prep, decisions, built = _prepare_and_build(model, plan, filter_fn, progress, batches)
+    prep, decisions, built = _prepare_and_build(model, plan, filter_fn, progress, collector)
     records, meta_layers, swapped = _swap_in(prep, decisions, built, plan, before)
     root, records, error = finish_checked(
         prep, swapped, records, meta_layers, check_input=check_input, reference=reference
@@ -231,12 +240,12 @@ def compress_with_report(
 
 def _prepare_and_build(
     model: nn.Module, plan: Plan, filter_fn: FilterFn | None, progress: ProgressFn | None,
-    batches: list[torch.Tensor] | None,
+    collector: StatsCollector | None,
 ) -> tuple[Preparation, list[LayerDecision], Built]:
     """:func:`prepare_model`, then :func:`_plan_and_build`; the preparation is undone if that fails."""
     prep = prepare_model(model)
     try:
-        decisions, built = _plan_and_build(prep, plan, filter_fn, progress, batches)
+        decisions, built = _plan_and_build(prep, plan, filter_fn, progress, collector)
     except BaseException:
         prep.undo()
         raise
@@ -249,17 +258,17 @@ Built = dict[str, "tuple[nn.Module, float] | str"]
 
 def _plan_and_build(
     prep: Preparation, plan: Plan, filter_fn: FilterFn | None, progress: ProgressFn | None,
-    batches: list[torch.Tensor] | None = None,
+    collector: StatsCollector | None = None,
 ) -> tuple[list[LayerDecision], Built]:
     """The plan's decisions for the prepared model, and the replacement of every layer it compresses
     (name -> (layer, seconds), or name -> reason it stays dense); nothing is swapped in yet.
 
-    With calibration ``batches``, a ``target_ratio`` plan allocates ranks by the output error the
-    data measure, and the layers are fitted one after the other in forward order."""
+    With calibration data (``collector``), a ``target_ratio`` plan allocates ranks by the output
+    error the data measure, and the layers are fitted one after the other in forward order."""
     sensitivity = None
-    if batches is not None and plan.target_ratio is not None:
+    if collector is not None and plan.target_ratio is not None:
         names = [n for n, m, _a in compressible_layers(prep.model) if isinstance(m, (nn.Linear, nn.Conv2d))]
-        sensitivity = input_grams(prep.model, names, batches)
+        sensitivity = collector.input_stats(prep.model, names)[0]
     decisions = guarded_plan(prep, plan, sensitivity)
     if filter_fn is not None:
         decisions = [
@@ -269,12 +278,12 @@ def _plan_and_build(
             for d in decisions
         ]
     todo = [d for d in decisions if d.skipped is None]
-    if batches is None:  # under torchrun each process decomposes its share of the layers (ttcompress.scaleout)
+    if collector is None:  # under torchrun each process decomposes its share of the layers (ttcompress.scaleout)
         built: Built = dict(build_all(todo, lambda d: build_replacement(get_submodule(prep.model, d.name), d),
                                       device_of=lambda d: _device_of(get_submodule(prep.model, d.name)),
                                       progress=progress))
     else:  # sequential: each layer's statistics depend on the layers before it
-        built = _build_calibrated(prep.model, todo, batches, plan, progress)
+        built = _build_calibrated(prep.model, todo, collector, plan, progress)
         if progress is not None:
             progress(len(todo), len(todo), "")
     return decisions, built
@@ -313,7 +322,7 @@ def _dense_record(d: LayerDecision, skipped: str | None, **measured: Any) -> Lay
                        aliases=d.aliases, **measured)
 
 
-def _build_calibrated(model: nn.Module, todo: list[LayerDecision], batches: list[torch.Tensor], plan: Plan,
+def _build_calibrated(model: nn.Module, todo: list[LayerDecision], collector: StatsCollector, plan: Plan,
                       progress: ProgressFn | None) -> dict[str, tuple[nn.Module, float] | str]:
     """Build every layer of ``todo`` fitted on sequential calibration statistics.
 
@@ -324,8 +333,9 @@ def _build_calibrated(model: nn.Module, todo: list[LayerDecision], batches: list
     not modified). A layer kept dense (:func:`keep_dense_reason`) stays dense in the copy too, so
     the next layers see its exact outputs. Returns ``name -> (layer, seconds)``, or ``name ->
     reason`` for layers the calibration data never reach. Layers that are not ``nn.Linear`` /
-    ``nn.Conv2d`` (attention modules, embeddings) are built data-free. Memory: the copy of the model, the
-    calibration inputs and one layer's Gram matrices at a time.
+    ``nn.Conv2d`` (attention modules, embeddings) are built data-free, and so are layers whose
+    statistics do not fit the collector's memory budget (with a note). Memory: the copy of the model,
+    the calibration inputs and one layer's statistics at a time.
     """
     work = copy.deepcopy(model)
     fitted = [d for d in todo if isinstance(get_submodule(model, d.name), (nn.Linear, nn.Conv2d))]
@@ -333,9 +343,12 @@ def _build_calibrated(model: nn.Module, todo: list[LayerDecision], batches: list
     total = count_params(model)
     layers: dict[str, nn.Module] = {}
 
-    def build(name: str, dense: nn.Module, stats: LayerStats) -> nn.Module | FitResult:
+    def build(name: str, dense: nn.Module, stats: LayerStats | None) -> nn.Module | FitResult:
         new = build_replacement(dense, by_name[name], calib=stats)
         layers[name] = new
+        note = collector.choose(dense, rank=hints[name]).note
+        if note is not None:
+            set_build_note(new, "; ".join(x for x in (build_note(new), note) if x))
         if keep_dense_reason(by_name[name], new, plan, total) is not None:
             return FitResult(copy.deepcopy(dense), 0.0, 0.0, "none")
         fit = calibration_fit(new)
@@ -345,7 +358,9 @@ def _build_calibrated(model: nn.Module, todo: list[LayerDecision], batches: list
         if progress is not None:
             progress(index, count, name)
 
-    done = calibrate_sequentially(model, work, list(by_name), build, batches, progress=step)
+    hints = {d.name: rank_hint(d.options) for d in fitted}
+    done = calibrate_sequentially(model, work, list(by_name), build, None, progress=step, collector=collector,
+                                  rank_hints=hints)
     out: dict[str, tuple[nn.Module, float] | str] = {}
     for name, cal in done.items():
         out[name] = (layers[name], cal.seconds) if cal.reached else "not reached by the calibration data"
@@ -417,6 +432,7 @@ def compress(
     calib_data: Any = None,
     calib_samples: int | None = None,
     check_input: Any = None,
+    calib_memory: int | str | None = None,
 ) -> nn.Module:
     """Compress ``model`` in place per ``plan``; return it (see :func:`compress_with_report`).
 
@@ -429,7 +445,8 @@ def compress(
     ['0']
     """
     return compress_with_report(model, plan, filter_fn=filter_fn, progress=progress, calib_data=calib_data,
-                                calib_samples=calib_samples, check_input=check_input).model
+                                calib_samples=calib_samples, check_input=check_input,
+                                calib_memory=calib_memory).model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -468,6 +485,7 @@ def decompose_file(
     calib_data: Any = None,
     calib_samples: int | None = None,
     calib_info: Mapping[str, Any] | None = None,
+    calib_memory: int | str | None = None,
 ) -> DecomposeResult:
     """Load a model file, compress it per ``plan`` and save a ttcompress checkpoint atomically.
 
@@ -478,7 +496,7 @@ def decompose_file(
     output : path, optional
         Default :func:`default_output_path` (``model.tt.pt`` next to ``model.pt``). Must differ
         from the input. Nothing is written if anything fails.
-    plan, progress, calib_data, calib_samples
+    plan, progress, calib_data, calib_samples, calib_memory
         As for :func:`compress_with_report`.
     arch, arch_kwargs, trust_pickle, trust_code
         As for :func:`ttcompress.io.load`.
@@ -502,7 +520,8 @@ def decompose_file(
         # The forward check of the compressed model (a layer whose replacement breaks the model
         # stays dense), on an input the model is known to take, when one can be made.
         result = compress_with_report(loaded.model, plan, progress=progress, calib_data=calib_data,
-                                      calib_samples=calib_samples, check_input=default_check_input(loaded.model))
+                                      calib_samples=calib_samples, check_input=default_check_input(loaded.model),
+                                      calib_memory=calib_memory)
         if rank == 0:
             calibration = {"used": calib_data is not None, **dict(calib_info or {})}
             info = {"plan": plan.to_dict(), "source": src.name, "calibration": calibration, **source_record(src)}
