@@ -114,7 +114,7 @@ def test_collector_chooses_exact_sketch_or_none_by_budget():
     coll = StatsCollector([torch.randn(2, 8)], memory="64M")
     assert coll.choose(nn.Linear(256, 64)).kind == "exact"
     wide = coll.choose(nn.Linear(8192, 64))
-    assert wide.kind == "sketch" and wide.rows == sketch_rows_for(None) and wide.bytes <= 64 * 2**20
+    assert wide.kind == "sketch" and wide.rows == sketch_rows_for(None) // 2 and wide.bytes <= 64 * 2**20
     assert "sketched, s=" in wide.note
     huge = coll.choose(nn.Conv2d(1024, 128, (64, 1)))  # K = 65,536: 103 GB of exact Grams
     assert huge.kind == "none" and "> budget 67 MB: fitted data-free" in huge.note
@@ -136,3 +136,21 @@ def test_wide_conv_over_budget_is_fitted_data_free_with_a_note():
     done = calibrate_sequentially(dense, work, ["0"], build, None, collector=coll)
     assert seen["0"] is None
     assert done["0"].statistics.endswith("fitted data-free") and done["0"].error_after is None
+
+
+def test_compress_reports_sketched_layer_and_stays_close_to_exact():
+    from ttcompress.plan import Plan
+    from ttcompress.surgery import compress_with_report
+
+    torch.manual_seed(0)
+    x = _structured(512, 2048, 20, seed=7)  # 512 rows: a 256-row sketch keeps them all (exact)
+    results = {}
+    for memory in ("16M", "4G"):
+        model = nn.Sequential(nn.Linear(2048, 32), nn.ReLU(), nn.Linear(32, 4))
+        torch.manual_seed(0)
+        model.load_state_dict(nn.Sequential(nn.Linear(2048, 32), nn.ReLU(), nn.Linear(32, 4)).state_dict())
+        plan = Plan(formats=("svd",), settings=(("svd", {"rank": 6}),), layers=("0",), min_saving=0)
+        results[memory] = compress_with_report(model, plan, calib_data=x, calib_memory=memory).records[0]
+    sk, ex = results["16M"], results["4G"]
+    assert sk.note == "statistics sketched, s=128" and ex.note == "statistics sketched, s=256"
+    assert sk.fit_method == "whitened-svd" and sk.out_error_after <= 1.02 * ex.out_error_after + 1e-6
