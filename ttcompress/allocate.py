@@ -12,8 +12,8 @@ decomposing, e.g.
   ``max_n tail_n(R)^2`` over the out/in/spatial unfoldings is a lower bound of the best rank-R
   CP error [2]_; it serves as a cheap proxy (:func:`ttcompress.formats.cp.cp_error_curve`).
 
-With calibration data (``sensitivity``: the input Gram matrix ``G = X^T X`` of every layer in the
-dense model, :func:`input_grams`) the same ladders are computed on the *whitened* weight
+With calibration data (``sensitivity``: the input statistics ``G = X^T X`` of every layer in the
+dense model, exact or sketched, from the one statistics collector: :func:`input_grams`) the same ladders are computed on the *whitened* weight
 ``W G^{1/2}`` (one block per conv group): since ``||(W - W^) G^{1/2}||_F = ||X W^T - X W^^T||_F``,
 the error curves then estimate the relative **output** error on the calibration data, exactly
 for the SVD format's truncation of the whitened weight (SVD-LLM [3]_) and as the spectral
@@ -45,15 +45,14 @@ from __future__ import annotations
 import copy
 import heapq
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 from torch import nn
 
-from ttcompress.calibration.progress import report_batch
-from ttcompress.calibration.stats import MAX_POSITIONS, input_rows
+from ttcompress.calibration.collector import StatsCollector
+from ttcompress.calibration.stats import MAX_POSITIONS, InputStats
 from ttcompress.formats import DENSE, LayerDecision, get_format
 from ttcompress.formats.base import Ladder
 
@@ -121,60 +120,31 @@ def greedy(ladders: Mapping[int, Ladder], spent: int, budget: float) -> dict[int
 
 
 def input_grams(model: nn.Module, names: Sequence[str], batches: Sequence[torch.Tensor], *,
-                max_positions: int = MAX_POSITIONS) -> dict[str, torch.Tensor]:
-    """``G = X^T X`` (float64, ``(groups, K, K)``) of the inputs of each layer ``names`` in ``model``.
+                max_positions: int = MAX_POSITIONS, memory: int | str | None = None) -> dict[str, InputStats]:
+    """Input statistics (``G = X^T X``, exact or sketched) of each layer ``names`` in ``model``.
 
-    One forward pass per batch in eval mode without gradients, with a hook per layer; conv inputs
-    are unfolded into patch rows (at most ``max_positions`` seeded positions per sample). Holds one
-    ``K x K`` matrix per layer. Layers the batches never reach are left out.
+    A shortcut for :meth:`ttcompress.calibration.collector.StatsCollector.input_stats` (one
+    forward pass per batch in eval mode without gradients; conv inputs unfolded into patch rows,
+    at most ``max_positions`` seeded positions per sample) under the memory budget ``memory``.
+    Layers the batches never reach, or for which the budget has no room, are left out.
     """
-    grams: dict[str, torch.Tensor] = {}
-    gen = torch.Generator().manual_seed(0)
-
-    def hook(name: str) -> Callable[..., None]:
-        def run(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if not args or not isinstance(args[0], torch.Tensor):
-                return
-            x = args[0].detach()
-            positions = None
-            if isinstance(module, nn.Conv2d):
-                rows = input_rows(module, x[:1] if x.dim() == 4 else x.unsqueeze(0))
-                total = rows.shape[1]
-                if total > max_positions:
-                    positions = torch.randperm(total, generator=gen)[:max_positions].sort().values.to(x.device)
-            rows = input_rows(module, x, positions=positions).to("cpu", torch.float64)
-            g = rows.transpose(1, 2) @ rows
-            grams[name] = grams[name] + g if name in grams else g
-        return run
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    training = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            for done, x in enumerate(batches, 1):
-                model(x)
-                report_batch("statistics", done, len(batches))
-    finally:
-        for h in handles:
-            h.remove()
-        for m, flag in training:
-            m.training = flag
-    return grams
+    collector = StatsCollector(list(batches), memory=memory, max_positions=max_positions)
+    return collector.input_stats(model, names)[0]
 
 
-def whitened(module: nn.Module, gram: torch.Tensor) -> nn.Module:
+def whitened(module: nn.Module, gram: torch.Tensor | InputStats) -> nn.Module:
     """A copy of ``module`` whose weight is ``W G^{1/2}`` (per group; symmetric square root).
 
+    ``gram`` is the ``(groups, K, K)`` Gram matrix or the layer's :class:`InputStats` (exact or
+    sketched: ``W G^{1/2} = (W R^T) (R R^T)^{-1/2} R`` from sketch rows ``R``, never ``K x K``).
     Its Frobenius weight error under any factorization equals the output error of the original
     weight on inputs with Gram matrix ``G``, so a format's spectral ladder on it estimates output
     errors.
     """
+    stats = gram if isinstance(gram, InputStats) else InputStats(gram=gram)
     weight = module.weight.detach().to("cpu", torch.float64)
-    groups = gram.shape[0]
-    evals, q = torch.linalg.eigh(gram)
-    root = (q * evals.clamp_min(0).sqrt()[:, None, :]) @ q.transpose(1, 2)
-    w = weight.reshape(groups, weight.shape[0] // groups, -1) @ root
+    groups = (stats.gram if stats.gram is not None else stats.rows).shape[0]  # type: ignore[union-attr]
+    w = stats.whiten(weight.reshape(groups, weight.shape[0] // groups, -1))
     twin = copy.deepcopy(module).to("cpu")
     with torch.no_grad():
         twin.weight = nn.Parameter(w.reshape(weight.shape).to(module.weight.dtype), requires_grad=False)
@@ -211,8 +181,8 @@ def allocate(slots: Sequence[Slot], *, total: int, target_ratio: float,
         Parameters of the whole model.
     target_ratio : float
         Whole-model compression factor (> 1).
-    sensitivity : mapping of str to torch.Tensor, optional
-        Input Gram matrices by layer name (:func:`input_grams`): error estimates are then output
+    sensitivity : mapping of str to InputStats or torch.Tensor, optional
+        Input statistics by layer name (:func:`input_grams`): error estimates are then output
         errors (on the whitened weight, :func:`whitened`) instead of weight errors.
     min_saving, max_error : float
         A free layer whose allocated level saves fewer than ``min_saving * total`` parameters at

@@ -30,14 +30,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ttcompress.allocate import input_grams
+from ttcompress.calibration.budget import check_calib_memory
+from ttcompress.calibration.collector import StatsCollector, rank_hint
 from ttcompress.calibration.data import named_calibration
 from ttcompress.calibration.fit import FitResult
 from ttcompress.calibration.sequential import calibrate_sequentially
 from ttcompress.calibration.stats import LayerStats
 from ttcompress.evaluation import resolve_device
 from ttcompress.formats import DENSE, format_of, get_format, layer_classes
-from ttcompress.formats.base import build_note
+from ttcompress.formats.base import build_note, set_build_note
 from ttcompress.layer_report import KEPT_DENSE_INFO, LayerReport, count_params, format_label, kept_dense
 from ttcompress.fsutil import check_not_inputs, strip_model_suffix
 from ttcompress.errors import UserInputError
@@ -188,6 +189,7 @@ def compress_with_report(
     calib_samples: int | None = None,
     check_input: Any = None,
     device: str | torch.device | None = None,
+    calib_memory: int | str | None = None,
 ) -> CompressionResult:
     """Compress ``model`` in place per ``plan`` and report every compressible layer.
 
@@ -213,6 +215,11 @@ def compress_with_report(
         model accepts works (e.g. ``(batch, seq, features)``).
     calib_samples : int, optional
         Use at most this many samples of ``calib_data``.
+    calib_memory : int or str, optional
+        Memory budget of one layer's calibration statistics, in bytes or as a size such as
+        ``"4G"`` (default: a quarter of the available memory;
+        :mod:`ttcompress.calibration.budget`). Wide layers are sketched to fit it, and a layer
+        whose smallest sketch does not fit is fitted data-free; the layer's note says which.
     check_input : tensor, tuple of tensors or dict, optional
         An input of the model (positional arguments as a tuple, keyword arguments as a dict).
         The dense model runs on it first (it must run), and the compressed one at the end, in eval
@@ -254,10 +261,12 @@ def compress_with_report(
     plan = _as_plan(plan)
     target = _target_device(device)
     check_finite_parameters(model)  # before allocation, calibration and every decomposition
+    memory = None if calib_memory is None else check_calib_memory(calib_memory)
     batches = calibration_batches(model, calib_data, calib_samples)
+    collector = None if batches is None else StatsCollector(batches, memory=memory)
     before = count_params(model)
     reference = None if check_input is None else reference_output(model, check_input)
-    prep, decisions, built = _prepare_and_build(model, plan, filter_fn, progress, batches, target)
+    prep, decisions, built = _prepare_and_build(model, plan, filter_fn, progress, collector, target)
     records, meta_layers, swapped = _swap_in(prep, decisions, built, plan, before)
     root, records, error = finish_checked(
         prep, swapped, records, meta_layers, check_input=check_input, reference=reference
@@ -271,12 +280,12 @@ def compress_with_report(
 
 def _prepare_and_build(
     model: nn.Module, plan: Plan, filter_fn: FilterFn | None, progress: ProgressFn | None,
-    batches: list[torch.Tensor] | None, device: torch.device | None = None,
+    collector: StatsCollector | None, device: torch.device | None = None,
 ) -> tuple[Preparation, list[LayerDecision], Built]:
     """:func:`prepare_model`, then :func:`_plan_and_build`; the preparation is undone if that fails."""
     prep = prepare_model(model)
     try:
-        decisions, built = _plan_and_build(prep, plan, filter_fn, progress, batches, device)
+        decisions, built = _plan_and_build(prep, plan, filter_fn, progress, collector, device)
     except BaseException:
         prep.undo()
         raise
@@ -289,17 +298,17 @@ Built = dict[str, "tuple[nn.Module, float] | str"]
 
 def _plan_and_build(
     prep: Preparation, plan: Plan, filter_fn: FilterFn | None, progress: ProgressFn | None,
-    batches: list[torch.Tensor] | None = None, device: torch.device | None = None,
+    collector: StatsCollector | None = None, device: torch.device | None = None,
 ) -> tuple[list[LayerDecision], Built]:
     """The plan's decisions for the prepared model, and the replacement of every layer it compresses
     (name -> (layer, seconds), or name -> reason it stays dense); nothing is swapped in yet.
 
-    With calibration ``batches``, a ``target_ratio`` plan allocates ranks by the output error the
-    data measure, and the layers are fitted one after the other in forward order."""
+    With calibration data (``collector``), a ``target_ratio`` plan allocates ranks by the output
+    error the data measure, and the layers are fitted one after the other in forward order."""
     sensitivity = None
-    if batches is not None and plan.target_ratio is not None:
+    if collector is not None and plan.target_ratio is not None:
         names = [n for n, m, _a in compressible_layers(prep.model) if isinstance(m, (nn.Linear, nn.Conv2d))]
-        sensitivity = input_grams(prep.model, names, batches)
+        sensitivity = collector.input_stats(prep.model, names)[0]
     decisions = guarded_plan(prep, plan, sensitivity)
     if filter_fn is not None:
         decisions = [
@@ -309,13 +318,13 @@ def _plan_and_build(
             for d in decisions
         ]
     todo = [d for d in decisions if d.skipped is None]
-    if batches is None:  # under torchrun each process decomposes its share of the layers (ttcompress.scaleout)
+    if collector is None:  # under torchrun each process decomposes its share of the layers (ttcompress.scaleout)
         built: Built = dict(build_all(todo, lambda d: build_replacement(get_submodule(prep.model, d.name), d,
                                                                          device=device),
                                       device_of=lambda d: _device_of(get_submodule(prep.model, d.name)),
                                       progress=progress))
     else:  # sequential: each layer's statistics depend on the layers before it
-        built = _build_calibrated(prep.model, todo, batches, plan, progress, device)
+        built = _build_calibrated(prep.model, todo, collector, plan, progress, device)
         if progress is not None:
             progress(len(todo), len(todo), "")
     return decisions, built
@@ -354,7 +363,7 @@ def _dense_record(d: LayerDecision, skipped: str | None, **measured: Any) -> Lay
                        aliases=d.aliases, **measured)
 
 
-def _build_calibrated(model: nn.Module, todo: list[LayerDecision], batches: list[torch.Tensor], plan: Plan,
+def _build_calibrated(model: nn.Module, todo: list[LayerDecision], collector: StatsCollector, plan: Plan,
                       progress: ProgressFn | None,
                       device: torch.device | None = None) -> dict[str, tuple[nn.Module, float] | str]:
     """Build every layer of ``todo`` fitted on sequential calibration statistics.
@@ -366,8 +375,9 @@ def _build_calibrated(model: nn.Module, todo: list[LayerDecision], batches: list
     not modified). A layer kept dense (:func:`keep_dense_reason`) stays dense in the copy too, so
     the next layers see its exact outputs. Returns ``name -> (layer, seconds)``, or ``name ->
     reason`` for layers the calibration data never reach. Layers that are not ``nn.Linear`` /
-    ``nn.Conv2d`` (attention modules, embeddings) are built data-free. Memory: the copy of the model, the
-    calibration inputs and one layer's Gram matrices at a time.
+    ``nn.Conv2d`` (attention modules, embeddings) are built data-free, and so are layers whose
+    statistics do not fit the collector's memory budget (with a note). Memory: the copy of the model,
+    the calibration inputs and one layer's statistics at a time.
     """
     work = copy.deepcopy(model)
     fitted = [d for d in todo if isinstance(get_submodule(model, d.name), (nn.Linear, nn.Conv2d))]
@@ -375,9 +385,12 @@ def _build_calibrated(model: nn.Module, todo: list[LayerDecision], batches: list
     total = count_params(model)
     layers: dict[str, nn.Module] = {}
 
-    def build(name: str, dense: nn.Module, stats: LayerStats) -> nn.Module | FitResult:
+    def build(name: str, dense: nn.Module, stats: LayerStats | None) -> nn.Module | FitResult:
         new = build_replacement(dense, by_name[name], calib=stats, device=device)
         layers[name] = new
+        note = collector.choose(dense, rank=hints[name]).note
+        if note is not None:
+            set_build_note(new, "; ".join(x for x in (build_note(new), note) if x))
         if keep_dense_reason(by_name[name], new, plan, total) is not None:
             return FitResult(copy.deepcopy(dense), 0.0, 0.0, "none")
         fit = calibration_fit(new)
@@ -387,7 +400,9 @@ def _build_calibrated(model: nn.Module, todo: list[LayerDecision], batches: list
         if progress is not None:
             progress(index, count, name)
 
-    done = calibrate_sequentially(model, work, list(by_name), build, batches, progress=step)
+    hints = {d.name: rank_hint(d.options) for d in fitted}
+    done = calibrate_sequentially(model, work, list(by_name), build, None, progress=step, collector=collector,
+                                  rank_hints=hints)
     out: dict[str, tuple[nn.Module, float] | str] = {}
     for name, cal in done.items():
         out[name] = (layers[name], cal.seconds) if cal.reached else "not reached by the calibration data"
@@ -461,6 +476,7 @@ def compress(
     calib_samples: int | None = None,
     check_input: Any = None,
     device: str | torch.device | None = None,
+    calib_memory: int | str | None = None,
 ) -> nn.Module:
     """Compress ``model`` in place per ``plan``; return it (see :func:`compress_with_report`).
 
@@ -473,7 +489,8 @@ def compress(
     ['0']
     """
     return compress_with_report(model, plan, filter_fn=filter_fn, progress=progress, calib_data=calib_data,
-                                calib_samples=calib_samples, check_input=check_input, device=device).model
+                                calib_samples=calib_samples, check_input=check_input, device=device,
+                                calib_memory=calib_memory).model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -529,6 +546,7 @@ def decompose_file(
     calib_samples: int | None = None,
     calib_info: Mapping[str, Any] | None = None,
     device: str | torch.device | None = None,
+    calib_memory: int | str | None = None,
 ) -> DecomposeResult:
     """Load a model file, compress it per ``plan`` and save a ttcompress checkpoint atomically.
 
@@ -539,7 +557,7 @@ def decompose_file(
     output : path, optional
         Default :func:`default_output_path` (``model.tt.pt`` next to ``model.pt``). Must differ
         from the input. Nothing is written if anything fails.
-    plan, progress, calib_data, calib_samples, device
+    plan, progress, calib_data, calib_samples, device, calib_memory
         As for :func:`compress_with_report`.
     arch, arch_kwargs, trust_pickle, trust_code
         As for :func:`ttcompress.io.load`.
@@ -565,7 +583,7 @@ def decompose_file(
         with named_calibration(calib_info):
             result = compress_with_report(loaded.model, plan, progress=progress, calib_data=calib_data,
                                           calib_samples=calib_samples, check_input=default_check_input(loaded.model),
-                                          device=device)
+                                          device=device, calib_memory=calib_memory)
         if not result.compressed:
             raise UserInputError(nothing_compressed(result))
         calibration = {"used": calib_data is not None, **dict(calib_info or {})}

@@ -61,6 +61,7 @@ __all__ = [
     "output_error",
     "refine_by_gradient",
     "refine_tt_cores",
+    "tt_metric_bytes",
     "whitened_lowrank",
 ]
 
@@ -102,6 +103,39 @@ def _quadratic(w: torch.Tensor, w_hat: torch.Tensor, g: torch.Tensor, gt: torch.
     return (((w @ g) * w).sum() - 2 * ((w @ c) * w_hat).sum() + ((w_hat @ gt) * w_hat).sum())
 
 
+def _lambdas(stats: LayerStats, damping: float) -> torch.Tensor:
+    """``lambda`` per group: ``damping * tr(G~) / K`` (the trace is exact for sketches too)."""
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
+        raise ValueError(f"damping must be a non-negative number, got {damping!r}")
+    trace = stats.trace if stats.sketched else torch.diagonal(stats.gram, dim1=1, dim2=2).sum(-1)
+    return damping * trace.to(torch.float64) / stats.features  # type: ignore[union-attr]
+
+
+def _objective_fn(w: torch.Tensor, stats: LayerStats, damping: float
+                  ) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
+    """``(f, ref)``: ``f(W^)`` the damped objective for ``(groups, out/g, K)`` blocks (differentiable
+    in ``W^``), ``ref = tr(W G W^T)``.
+
+    Exact statistics: the Gram form :func:`_quadratic`. Sketched: ``sum_groups ||R W^T - R~
+    W^^T||_F^2 + lambda ||W - W^||_F^2``, the same quadratic with the rows' Grams, ``O(l K out)``.
+    """
+    if not stats.sketched:
+        g, gt, c = _damped(stats, damping)
+        return (lambda w_hat: _quadratic(w, w_hat, g, gt, c)), float(((w @ g) * w).sum())
+    lam = _lambdas(stats, damping)
+    factors = [stats.factors(i) for i in range(stats.groups)]
+    targets = [rd @ w[i].T for i, (rd, _rc) in enumerate(factors)]
+    ref = float(sum((t * t).sum() for t in targets)) + float((lam * (w * w).sum(dim=(1, 2))).sum())
+
+    def f(w_hat: torch.Tensor) -> torch.Tensor:
+        total = w_hat.new_zeros(())
+        for i, (_rd, rc) in enumerate(factors):
+            total = total + ((targets[i] - rc @ w_hat[i].T) ** 2).sum() + lam[i] * ((w[i] - w_hat[i]) ** 2).sum()
+        return total
+
+    return f, ref
+
+
 def objective(weight: torch.Tensor, new_weight: torch.Tensor, stats: LayerStats, *,
               damping: float = 0.0) -> float:
     """The output error ``||X W^T - X~ W^^T||_F^2`` (plus ``lambda ||W - W^||^2`` when damped).
@@ -116,7 +150,8 @@ def objective(weight: torch.Tensor, new_weight: torch.Tensor, stats: LayerStats,
         Relative damping (see the module docstring); 0 gives the plain output error.
     """
     w, w_hat = _check(weight, stats), _check(new_weight, stats, "new_weight")
-    return float(_quadratic(w, w_hat, *_damped(stats, damping)))
+    f, _ref = _objective_fn(w, stats, damping)
+    return float(f(w_hat))
 
 
 def output_error(weight: torch.Tensor, new_weight: torch.Tensor, stats: LayerStats, *,
@@ -136,13 +171,13 @@ def output_error(weight: torch.Tensor, new_weight: torch.Tensor, stats: LayerSta
     b_hat = zero if new_bias is None else new_bias.detach().to("cpu", torch.float64).reshape(-1)
     if b.numel() != out or b_hat.numel() != out:
         raise ValueError(f"bias and new_bias must have {out} entries")
-    g, gt, c = _damped(stats, 0.0)
-    err = _quadratic(w, w_hat, g, gt, c)
+    f, ref_w = _objective_fn(w, stats, 0.0)
+    err = f(w_hat)
     wmu = (w @ stats.dense_mean[:, :, None]).reshape(-1)
     wmu_hat = (w_hat @ stats.mean[:, :, None]).reshape(-1)
     db = b - b_hat
     err = err + 2 * n * ((wmu - wmu_hat) @ db) + n * (db @ db)
-    ref = ((w @ g) * w).sum() + 2 * n * (wmu @ b) + n * (b @ b)
+    ref = ref_w + 2 * n * (wmu @ b) + n * (b @ b)
     err_f, ref_f = max(float(err), 0.0), float(ref)
     if ref_f <= 0.0:
         return 0.0 if err_f == 0.0 else math.inf
@@ -199,6 +234,9 @@ def whitened_lowrank(weight: torch.Tensor, stats: LayerStats, rank: int, *,
     w = _check(weight, stats)
     if stats.groups != 1:
         raise ValueError(f"whitened_lowrank needs a single group, got stats with {stats.groups}")
+    if stats.sketched:
+        a, b = _whitened_lowrank_rows(w[0], stats, rank, damping)
+        return a.to(weight.dtype), b.to(weight.dtype)
     _, gt, c = (t[0] for t in _damped(stats, damping))
     evals, q = torch.linalg.eigh(gt)
     keep = evals > _EIG_RTOL * max(float(evals.max()), 0.0)
@@ -210,6 +248,36 @@ def whitened_lowrank(weight: torch.Tensor, stats: LayerStats, rank: int, *,
     a = u[:, :r] * root
     b = (root[:, None] * vh[:r] * inv_sqrt) @ q.T
     return a.to(weight.dtype), b.to(weight.dtype)
+
+
+def _whitened_lowrank_rows(w: torch.Tensor, stats: LayerStats, rank: int, damping: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`whitened_lowrank` on sketched statistics, without any ``K x K`` matrix.
+
+    With the thin SVD ``R~ = U S V^T`` (from the small Gram ``R~ R~^T``), the damped metric is
+    ``G~ + lambda I = V (S^2 + lambda) V^T + lambda (I - V V^T)``, so ``P = (G~ + lambda I)^{-1/2}
+    = V ((S^2 + lambda)^{-1/2} - lambda^{-1/2}) V^T + lambda^{-1/2} I`` (only the ``V`` part when
+    ``lambda = 0``: the pseudo-inverse). The target ``W (C + lambda I) = (W R^T) R~ + lambda W`` is
+    whitened by ``P``, truncated by SVD, and the right factor un-whitened by ``P`` again: each
+    product ``O(out K l)``.
+    """
+    lam = float(_lambdas(stats, damping)[0])
+    rd, rc = stats.factors(0)
+    evals, u = torch.linalg.eigh(rc @ rc.T)
+    keep = evals > _EIG_RTOL * max(float(evals.max()), 0.0)
+    evals, u = evals[keep], u[:, keep]
+    v = (u * evals.rsqrt()).T @ rc  # (p, K): orthonormal rows spanning R~'s row space
+    base = lam ** -0.5 if lam > 0 else 0.0
+    inner = (evals + lam).rsqrt() - base
+
+    def whiten(x: torch.Tensor) -> torch.Tensor:
+        return base * x + ((x @ v.T) * inner) @ v
+
+    m = whiten((w @ rd.T) @ rc + lam * w)
+    u_m, s, vh = torch.linalg.svd(m, full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    return u_m[:, :r] * root, whiten(root[:, None] * vh[:r])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,6 +384,12 @@ def _tt_als_sweeps(
     return work
 
 
+def tt_metric_bytes(features: int) -> int:
+    """Bytes of the ``K x K`` float64 metric (and its padded copy) that :func:`refine_tt_cores` solves
+    with; on sketched statistics it is formed only when it fits :attr:`LayerStats.memory`."""
+    return 2 * features * features * 8
+
+
 def refine_tt_cores(
     cores: Sequence[torch.Tensor],
     in_modes: Sequence[int],
@@ -374,16 +448,28 @@ def refine_tt_cores(
     out_f, in_f = weight.shape
     if big_m < out_f or big_n < in_f:
         raise ValueError(f"modes {outs} x {ins} are smaller than weight's shape {tuple(weight.shape)}")
-    g, gt, c = (t[0] for t in _damped(stats, damping))
-    lam = float(gt[0, 0] - stats.gram[0, 0, 0])
+    need = tt_metric_bytes(big_n)
+    if stats.sketched and stats.memory is not None and need > stats.memory:
+        raise ValueError(f"the TT solve needs a {big_n} x {big_n} metric ({need} bytes), over the memory "
+                         f"budget of {stats.memory} bytes")
+    lam = float(_lambdas(stats, damping)[0])
     gt_pad = torch.eye(big_n, dtype=torch.float64) * lam
-    gt_pad[:in_f, :in_f] = gt
     d_pad = torch.zeros(big_m, big_n, dtype=torch.float64)
-    d_pad[:out_f, :in_f] = w[0] @ c
+    if stats.sketched:
+        rd, rc = stats.factors(0)
+        gt_pad[:in_f, :in_f] += rc.T @ rc
+        d_pad[:out_f, :in_f] = (w[0] @ rd.T) @ rc + lam * w[0]
+        del rd, rc
+    else:
+        _, gt, c = (t[0] for t in _damped(stats, damping))
+        gt_pad[:in_f, :in_f] = gt
+        d_pad[:out_f, :in_f] = w[0] @ c
+        del gt, c
+    quad, _ref = _objective_fn(w, stats, damping)
 
     def exact(cs: Sequence[torch.Tensor]) -> float:
         w_hat = tt_to_matrix(list(cs))[:out_f, :in_f]
-        return float(_quadratic(w, w_hat[None], g[None], gt[None], c[None]))
+        return float(quad(w_hat[None]))
 
     start = [core.detach().to("cpu", torch.float64) for core in cores]
     work = _tt_als_sweeps(list(start), sweeps, gt_pad, d_pad)
@@ -423,14 +509,14 @@ def refine_by_gradient(
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     w = _check(weight, stats)
-    g, gt, c = _damped(stats, damping)
-    scale = float(((w @ g) * w).sum()) or 1.0
+    quad, scale = _objective_fn(w, stats, damping)
+    scale = scale or 1.0
     work = copy.deepcopy(layer).to(device="cpu", dtype=torch.float64)
     params = [p for name, p in work.named_parameters() if name.rsplit(".", 1)[-1] != "bias"]
 
     def loss() -> torch.Tensor:
         w_hat = dense_weight_fn(work).reshape(stats.groups, -1, stats.features)
-        return _quadratic(w, w_hat, g, gt, c) / scale
+        return quad(w_hat) / scale
 
     def snapshot() -> list[torch.Tensor]:
         return [p.detach().clone() for p in params]
@@ -474,8 +560,9 @@ class FitResult:
     error_before, error_after : float
         Relative output error (:func:`output_error`, bias included) of the start and the fit.
     method : str
-        ``"whitened-svd"``, ``"tt-als"``, ``"gradient"`` or ``"none"`` (the fit was not better
-        and the start was kept).
+        ``"whitened-svd"``, ``"tt-als"``, ``"gradient"``, ``"bias"`` (only the bias was
+        corrected: the TT solve's ``K x K`` metric did not fit the memory budget of sketched
+        statistics) or ``"none"`` (the fit was not better and the start was kept).
     """
 
     module: nn.Module
@@ -496,6 +583,12 @@ def _tt_matrix_cores(module: nn.Module) -> tuple[Sequence[torch.Tensor], tuple[i
     return method() if callable(method) else None
 
 
+def _tt_over_budget(in_modes: Sequence[int], stats: LayerStats) -> bool:
+    """True when sketched statistics' budget has no room for the TT solve's ``K x K`` metric."""
+    return (stats.sketched and stats.memory is not None
+            and tt_metric_bytes(math.prod(in_modes)) > stats.memory)
+
+
 def fit_layer(
     dense: nn.Module,
     start: nn.Module,
@@ -510,7 +603,9 @@ def fit_layer(
     The weight is fitted by the closed form when there is one -- :func:`whitened_lowrank` for a
     two-factor ``nn.Sequential(Linear(K, r, bias=False), Linear(r, out))`` and
     :func:`refine_tt_cores` for a layer whose weight is one TT-matrix (it has ``tt_matrix_cores()``)
-    -- and otherwise by :func:`refine_by_gradient` (e.g. a CP convolution). With a bias the weight is fitted on centred statistics
+    -- and otherwise by :func:`refine_by_gradient` (e.g. a CP convolution). On sketched statistics
+    whose ``memory`` has no room for the TT solve's ``K x K`` metric, a TT layer only gets its bias
+    corrected (method ``"bias"``). With a bias the weight is fitted on centred statistics
     and the bias set by :func:`corrected_bias`, the joint optimum. ``start`` is modified in place;
     if the fit does not lower the output error the original parameters are restored.
     """
@@ -527,12 +622,14 @@ def fit_layer(
             start[0].weight.copy_(bb)  # type: ignore[index]
             start[1].weight.copy_(a)  # type: ignore[index]
             method = "whitened-svd"
-        elif (tt := _tt_matrix_cores(start)) is not None:
+        elif (tt := _tt_matrix_cores(start)) is not None and not _tt_over_budget(tt[1], stats):
             cores, in_modes, out_modes = tt
             new = refine_tt_cores(list(cores), in_modes, out_modes, w, fit_stats, sweeps=sweeps, damping=damping)
             for param, core in zip(cores, new):
                 param.copy_(core)
             method = "tt-als"
+        elif tt is not None:
+            method = "bias"
         else:
             method = "gradient"
     if method == "gradient":

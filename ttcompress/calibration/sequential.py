@@ -1,9 +1,10 @@
 """Sequential calibration: compress layers in forward order, each fitted on the inputs that the
 already-compressed model gives it, against the dense model's outputs (GPTQ, SVD-LLM).
 
-Only one layer's statistics are held at a time (three ``K x K`` float64 Gram matrices per group)
-and the activations of one batch; the calibration inputs themselves are kept in memory so that
-they can be replayed for every layer.
+Only one layer's statistics are held at a time (exact Gram matrices for narrow layers, a sketch of
+``O(l K)`` for wide ones, within the collector's memory budget:
+:class:`~ttcompress.calibration.collector.StatsCollector`) and the activations of one batch; the
+calibration inputs themselves are kept in memory so that they can be replayed for every layer.
 
 References
 ----------
@@ -17,23 +18,24 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ttcompress.calibration.data import calib_batches
+from ttcompress.calibration.collector import StatsCollector
 from ttcompress.calibration.fit import FitResult, output_error
 from ttcompress.calibration.progress import report_batch
 from ttcompress.calibration.reconstruct import dense_weight, effective_bias
-from ttcompress.calibration.stats import MAX_POSITIONS, LayerStats, StatsAccumulator
+from ttcompress.calibration.stats import MAX_POSITIONS, LayerStats
 
 __all__ = ["BuildFn", "LayerCalibration", "calibrate_sequentially", "forward_order"]
 
-#: ``build(name, dense_module, stats)``: the replacement, or a :class:`FitResult` holding it.
-BuildFn = Callable[[str, nn.Module, LayerStats], "nn.Module | FitResult"]
+#: ``build(name, dense_module, stats)``: the replacement, or a :class:`FitResult` holding it. ``stats``
+#: is None when the memory budget had no room for the layer's statistics (build it data-free).
+BuildFn = Callable[[str, nn.Module, "LayerStats | None"], "nn.Module | FitResult"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,9 @@ class LayerCalibration:
         and after fitting; ``error_before`` is None when ``build`` returned a bare module.
     method : str or None
         How the fit was done (see :class:`ttcompress.calibration.fit.FitResult`).
+    statistics : str or None
+        How the statistics were kept when not exactly (sketched, or fitted data-free because they
+        did not fit the memory budget).
     samples : int
         Calibration samples used.
     rows : int
@@ -67,6 +72,7 @@ class LayerCalibration:
     error_before: float | None = None
     error_after: float | None = None
     method: str | None = None
+    statistics: str | None = None
     samples: int = 0
     rows: int = 0
     seconds: float = 0.0
@@ -94,13 +100,6 @@ def _eval_mode(*models: nn.Module) -> Iterator[None]:
                 module.training = training
 
 
-def _input_hook(store: list[torch.Tensor]) -> Callable[..., None]:
-    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        if args and isinstance(args[0], torch.Tensor):
-            store.append(args[0].detach())
-    return hook
-
-
 def forward_order(model: nn.Module, names: Sequence[str], batch: torch.Tensor) -> list[str]:
     """The names among ``names`` in the order their modules are first called by ``model(batch)``.
 
@@ -124,31 +123,6 @@ def forward_order(model: nn.Module, names: Sequence[str], batch: torch.Tensor) -
         for h in handles:
             h.remove()
     return order
-
-
-def _layer_stats(dense_model: nn.Module, model: nn.Module, name: str,
-                 batches: Sequence[torch.Tensor], max_positions: int) -> LayerStats:
-    """Run every batch through both models, hooking ``name`` in each; pair the calls in order."""
-    dense_layer, layer = dense_model.get_submodule(name), model.get_submodule(name)
-    acc = StatsAccumulator(dense_layer, max_positions=max_positions)
-    for done, x in enumerate(batches, 1):
-        seen_dense: list[torch.Tensor] = []
-        seen: list[torch.Tensor] = []
-        handles = [dense_layer.register_forward_pre_hook(_input_hook(seen_dense)),
-                   layer.register_forward_pre_hook(_input_hook(seen))]
-        try:
-            dense_model(x)
-            model(x)
-        finally:
-            for h in handles:
-                h.remove()
-        if len(seen_dense) != len(seen):
-            raise ValueError(f"layer {name!r} was called {len(seen_dense)} times by the dense model "
-                             f"but {len(seen)} times by the compressed one on the same batch")
-        for xd, xc in zip(seen_dense, seen):
-            acc.update(xd, xc)
-        report_batch(f"statistics {name}", done, len(batches))
-    return acc.finalize()
 
 
 def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
@@ -189,6 +163,8 @@ def calibrate_sequentially(
     progress: Callable[[str, int, int], None] | None = None,
     max_samples: int | None = None,
     max_positions: int = MAX_POSITIONS,
+    collector: StatsCollector | None = None,
+    rank_hints: Mapping[str, int | None] | None = None,
 ) -> dict[str, LayerCalibration]:
     """Replace the layers ``names`` of ``model`` one by one, each fitted on sequential statistics.
 
@@ -222,6 +198,13 @@ def calibrate_sequentially(
         Use at most this many calibration samples.
     max_positions : int, default MAX_POSITIONS
         Conv layers: spatial positions kept per sample.
+    collector : StatsCollector, optional
+        The statistics collector to ask (its batches, budget and device); by default one is made
+        from ``calib_data``, ``max_samples``, ``device`` and ``max_positions`` with the default
+        memory budget. A layer whose statistics do not fit the budget is built with ``stats=None``.
+    rank_hints : mapping of str to int, optional
+        The rank each layer will be fitted at, for the sketch size
+        (:func:`~ttcompress.calibration.collector.sketch_rows_for`).
 
     Returns
     -------
@@ -237,11 +220,13 @@ def calibrate_sequentially(
         A name is not in ``model`` / ``dense_model``, or the calibration data are empty.
     """
     names = _checked_names(names, model=model, dense_model=dense_model)
-    target = torch.device(device) if device is not None else _device_of(model)
-    batches = [x.to(target) for x in calib_batches(calib_data, max_samples=max_samples)]
+    if collector is None:
+        target = torch.device(device) if device is not None else _device_of(model)
+        collector = StatsCollector(calib_data, max_samples=max_samples, device=target, max_positions=max_positions)
+    hints = dict(rank_hints or {})
     results: dict[str, LayerCalibration] = {}
     with torch.no_grad(), _eval_mode(dense_model, model):
-        order = forward_order(model, names, batches[0])
+        order = forward_order(model, names, collector.batches[0])
         alias_of = _first_names(model, order)  # before any swap: module identities of the original model
         for index, name in enumerate(order):
             if alias_of[name] != name:
@@ -249,7 +234,7 @@ def calibrate_sequentially(
                 continue
             if progress is not None:
                 progress(name, index, len(order))
-            results[name] = _calibrate_one(dense_model, model, name, build, batches, max_positions)
+            results[name] = _calibrate_one(dense_model, model, name, build, collector, hints.get(name))
     for name in names:
         if name not in results:
             results[name] = LayerCalibration(name, reached=False)
@@ -257,24 +242,27 @@ def calibrate_sequentially(
 
 
 def _calibrate_one(dense_model: nn.Module, model: nn.Module, name: str, build: BuildFn,
-                   batches: Sequence[torch.Tensor], max_positions: int) -> LayerCalibration:
+                   collector: StatsCollector, rank: int | None) -> LayerCalibration:
     start = time.perf_counter()
     layer = model.get_submodule(name)
     if not isinstance(layer, (nn.Linear, nn.Conv2d)):
         raise TypeError(f"layer {name!r} must be an nn.Linear or nn.Conv2d, got {type(layer).__name__}")
-    stats = _layer_stats(dense_model, model, name, batches, max_positions)
+    stats, choice = collector.layer_stats(dense_model, model, name, rank=rank)
+    if stats is None and choice.kind != "none":
+        raise ValueError(f"no calibration rows reached layer {name!r}")
     dense_layer = dense_model.get_submodule(name)
     with torch.enable_grad():
         built = build(name, dense_layer, stats)
     if isinstance(built, FitResult):
         new, before, after, method = built.module, built.error_before, built.error_after, built.method
     elif isinstance(built, nn.Module):
-        new, before, method = built, None, None
-        after = output_error(dense_weight(dense_layer), dense_weight(new).detach(), stats,
-                             bias=effective_bias(dense_layer), new_bias=effective_bias(new))
+        new, before, method, after = built, None, None, None
+        if stats is not None:
+            after = output_error(dense_weight(dense_layer), dense_weight(new).detach(), stats,
+                                 bias=effective_bias(dense_layer), new_bias=effective_bias(new))
     else:
         raise TypeError(f"build must return an nn.Module or a FitResult, got {type(built).__name__}")
     _swap(model, layer, new)
     return LayerCalibration(name, reached=True, error_before=before, error_after=after, method=method,
-                            samples=stats.samples, rows=stats.count,
-                            seconds=time.perf_counter() - start)
+                            statistics=choice.note, samples=stats.samples if stats is not None else 0,
+                            rows=stats.count if stats is not None else 0, seconds=time.perf_counter() - start)

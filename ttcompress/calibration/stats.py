@@ -24,7 +24,7 @@ References
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -32,7 +32,16 @@ from torch.nn import functional as F
 
 from ttcompress.calibration.data import calib_batches
 
-__all__ = ["MAX_POSITIONS", "LayerStats", "StatsAccumulator", "input_rows", "layer_stats"]
+__all__ = [
+    "MAX_POSITIONS",
+    "FrequentDirections",
+    "InputStats",
+    "LayerStats",
+    "SketchAccumulator",
+    "StatsAccumulator",
+    "input_rows",
+    "layer_stats",
+]
 
 #: Spatial positions kept per sample when a conv's output has more (seeded random subset).
 MAX_POSITIONS = 64
@@ -42,63 +51,159 @@ _UNFOLD_CHUNK_ELEMENTS = 1 << 22
 
 @dataclass(frozen=True, eq=False)
 class LayerStats:
-    """Second-order statistics of one layer's inputs (float64, one block per conv group).
+    """Second-order statistics of one layer's inputs (one block per conv group), exact or sketched.
+
+    Exact statistics hold the three float64 Gram matrices. Sketched statistics (``rows`` set, the
+    Grams None) hold ``l`` paired rows ``[R | R~]`` per group whose Gram ``[R | R~]^T [R | R~]``
+    approximates ``[X | X~]^T [X | X~]`` (:class:`SketchAccumulator`): ``G ~ R^T R``, ``C ~ R^T R~``,
+    ``G~ ~ R~^T R~``, with memory ``O(l K)`` instead of ``O(K^2)``; the fits work on the rows
+    without forming ``K x K`` matrices (:mod:`ttcompress.calibration.fit`).
 
     Attributes
     ----------
-    gram : torch.Tensor
+    gram : torch.Tensor or None
         ``(groups, K, K)``: ``X~^T X~`` of the inputs the compressed model feeds the layer.
-    cross : torch.Tensor
+    cross : torch.Tensor or None
         ``(groups, K, K)``: ``X^T X~`` between the dense model's inputs and those.
-    dense_gram : torch.Tensor
+    dense_gram : torch.Tensor or None
         ``(groups, K, K)``: ``X^T X`` of the dense model's inputs.
     mean : torch.Tensor
-        ``(groups, K)``: mean row of ``X~``.
+        ``(groups, K)``: mean row of ``X~`` (float64, exact).
     dense_mean : torch.Tensor
         ``(groups, K)``: mean row of ``X``.
     count : int
         Number of rows (samples times sequence positions or sampled spatial positions).
     samples : int
         Number of input samples (first dimension of the batches) seen.
+    rows : torch.Tensor or None
+        Sketched statistics: ``(groups, l, 2K)`` rows ``[R | R~]`` (float32 or float64).
+    trace : torch.Tensor or None
+        Sketched statistics: ``(groups,)`` exact ``tr(X~^T X~)`` (float64), for the damping.
+    exact : bool
+        False when the rows are a sketch (more rows were seen than kept).
+    memory : int or None
+        Bytes the fit may use for ``K x K`` work arrays (the budget the statistics were collected
+        under); None: no limit.
     """
 
-    gram: torch.Tensor
-    cross: torch.Tensor
-    dense_gram: torch.Tensor
+    gram: torch.Tensor | None
+    cross: torch.Tensor | None
+    dense_gram: torch.Tensor | None
     mean: torch.Tensor
     dense_mean: torch.Tensor
     count: int
     samples: int
+    rows: torch.Tensor | None = None
+    trace: torch.Tensor | None = None
+    exact: bool = True
+    memory: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.rows is None) == (self.gram is None):
+            raise ValueError("LayerStats needs either the Gram matrices or sketch rows, not both")
+
+    @property
+    def sketched(self) -> bool:
+        """True when the statistics are rows (:attr:`rows`) rather than Gram matrices."""
+        return self.rows is not None
 
     @property
     def groups(self) -> int:
-        return self.gram.shape[0]
+        return (self.gram if self.gram is not None else self.rows).shape[0]  # type: ignore[union-attr]
 
     @property
     def features(self) -> int:
         """Row length ``K`` (``in_features``, or ``C_in / groups * kh * kw``)."""
-        return self.gram.shape[-1]
+        return self.gram.shape[-1] if self.gram is not None else self.rows.shape[-1] // 2  # type: ignore[union-attr]
+
+    def factors(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sketched statistics: ``(R, R~)`` of ``group`` in float64 on the CPU, each ``(l, K)``."""
+        if self.rows is None:
+            raise ValueError("factors() needs sketched statistics")
+        r = self.rows[group].to(device="cpu", dtype=torch.float64)
+        k = self.features
+        return r[:, :k], r[:, k:]
 
     def centered(self) -> LayerStats:
         """The statistics of the mean-centred rows (``X - 1 mu^T``, ``X~ - 1 mu~^T``).
 
         Fitting ``W^`` on centred statistics and then correcting the bias (see
         :func:`ttcompress.calibration.fit.corrected_bias`) minimises the output error of weight
-        and bias jointly.
+        and bias jointly. Sketched rows ``B`` become rows whose Gram is ``B^T B - n m m^T`` (``m``
+        the joint mean row; negative eigenvalues, which only a sketch can produce, are dropped).
         """
         n = float(self.count)
         mu, mu_t = self.dense_mean, self.mean
+        if self.rows is not None:
+            joint = torch.cat([mu, mu_t], dim=1)
+            rows = torch.stack([_downdated_rows(self.rows[g], joint[g], n) for g in range(self.groups)])
+            trace = torch.stack([(self.trace[g] - n * (mu_t[g] @ mu_t[g])).clamp_min(0)  # type: ignore[index]
+                                 for g in range(self.groups)])
+            return replace(self, rows=rows, trace=trace, mean=torch.zeros_like(mu_t),
+                           dense_mean=torch.zeros_like(mu))
         outer = lambda a, b: a[:, :, None] * b[:, None, :]  # noqa: E731
-        return LayerStats(
-            gram=self.gram - n * outer(mu_t, mu_t),
-            cross=self.cross - n * outer(mu, mu_t),
-            dense_gram=self.dense_gram - n * outer(mu, mu),
-            mean=torch.zeros_like(mu_t),
-            dense_mean=torch.zeros_like(mu),
-            count=self.count,
-            samples=self.samples,
-        )
+        return replace(self, gram=self.gram - n * outer(mu_t, mu_t),  # type: ignore[operator]
+                       cross=self.cross - n * outer(mu, mu_t),  # type: ignore[operator]
+                       dense_gram=self.dense_gram - n * outer(mu, mu),  # type: ignore[operator]
+                       mean=torch.zeros_like(mu_t), dense_mean=torch.zeros_like(mu))
 
+
+@dataclass(frozen=True, eq=False)
+class InputStats:
+    """Statistics of one layer's inputs in one model (for the rank allocator): the Gram ``X^T X``
+    (``(groups, K, K)`` float64) or ``l`` rows ``R`` (``(groups, l, K)``) with ``R^T R ~ X^T X``.
+
+    :meth:`whiten` gives ``W G^{1/2}`` either way.
+    """
+
+    gram: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    count: int = 0
+
+    def whiten(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W G^{1/2}`` (symmetric square root) for ``weight`` of shape ``(groups, out/groups, K)``.
+
+        From rows: ``G^{1/2} = R^T (R R^T)^{-1/2} R``, computed without forming ``K x K``.
+        """
+        w = weight.to(torch.float64)
+        if self.gram is not None:
+            evals, q = torch.linalg.eigh(self.gram.to("cpu", torch.float64))
+            root = (q * evals.clamp_min(0).sqrt()[:, None, :]) @ q.transpose(1, 2)
+            return w @ root
+        blocks = []
+        for g in range(self.rows.shape[0]):  # type: ignore[union-attr]
+            r = self.rows[g].to("cpu", torch.float64)  # type: ignore[index]
+            evals, u = torch.linalg.eigh(r @ r.T)
+            keep = evals > _EIG_RTOL * max(float(evals.max()), 0.0)
+            inv_root = torch.where(keep, evals.clamp_min(1e-300).rsqrt(), torch.zeros_like(evals))
+            blocks.append(((w[g] @ r.T) @ (u * inv_root) @ u.T) @ r)
+        return torch.stack(blocks)
+
+
+#: Eigenvalues of a sketch's small Gram below this fraction of the largest are treated as zero.
+_EIG_RTOL = 1e-12
+
+
+def _downdated_rows(rows: torch.Tensor, mean: torch.Tensor, n: float) -> torch.Tensor:
+    """Rows ``F`` (at most ``l + 1``) with ``F^T F = B^T B - n m m^T`` restricted to its positive part.
+
+    With ``A = [B; m^T]`` and ``D = diag(1, .., 1, -n)``, ``B^T B - n m m^T = A^T D A``. From the
+    small Gram ``A A^T = U L U^T``, ``A = U L^{1/2} Q^T`` with orthonormal ``Q``, so ``A^T D A =
+    Q M Q^T`` with ``M = L^{1/2} U^T D U L^{1/2}``; with ``M = V E V^T``, ``F = E_+^{1/2} V^T L^{-1/2}
+    U^T A``. Cost ``O(l^2 K)``, memory that of ``A``.
+    """
+    a = torch.cat([rows.to(torch.float64), mean.to(device=rows.device, dtype=torch.float64)[None]])
+    evals, u = torch.linalg.eigh(a @ a.T)
+    keep = evals > _EIG_RTOL * max(float(evals.max()), 0.0)
+    u, evals = u[:, keep], evals[keep]
+    root = evals.sqrt()
+    d = torch.ones(a.shape[0], dtype=torch.float64, device=a.device)
+    d[-1] = -n
+    m = root[:, None] * (u.T * d) @ u * root[None, :]
+    e, v = torch.linalg.eigh((m + m.T) / 2)
+    pos = e > _EIG_RTOL * max(float(e.max()), 0.0)
+    t = (e[pos].sqrt()[:, None] * v[:, pos].T) @ (u / root[None, :]).T
+    return (t @ a).to(rows.dtype)
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     """``(left, right, top, bottom)`` padding of a conv, as ``nn.Conv2d`` applies it."""
@@ -160,36 +265,25 @@ def _output_positions(conv: nn.Conv2d, x: torch.Tensor) -> int:
     return max(sizes[0], 0) * max(sizes[1], 0)
 
 
-class StatsAccumulator:
-    """Accumulates :class:`LayerStats` for one layer from paired (dense, compressed) inputs.
+def _features(module: nn.Module) -> tuple[int, int]:
+    """``(groups, K)`` of a Linear or Conv2d; TypeError for anything else."""
+    if isinstance(module, nn.Linear):
+        return 1, module.in_features
+    if isinstance(module, nn.Conv2d):
+        return module.groups, module.in_channels // module.groups * math.prod(module.kernel_size)
+    raise TypeError(f"module must be an nn.Linear or nn.Conv2d, got {type(module).__name__}")
 
-    Parameters
-    ----------
-    module : nn.Linear or nn.Conv2d
-        The dense layer (its type and conv attributes decide how inputs become rows).
-    max_positions : int, default MAX_POSITIONS
-        Conv only: at most this many output positions per sample, a seeded random subset drawn
-        afresh for every batch (deterministic for a given sequence of batches).
-    seed : int, default 0
-        Seed of the position subsets.
-    """
+
+class _RowsAccumulator:
+    """Turns paired (dense, compressed) layer inputs into paired rows; subclasses keep statistics."""
 
     def __init__(self, module: nn.Module, *, max_positions: int = MAX_POSITIONS, seed: int = 0) -> None:
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"module must be an nn.Linear or nn.Conv2d, got {type(module).__name__}")
+        self.groups, self.k = _features(module)
         if isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 1:
             raise ValueError(f"max_positions must be a positive int, got {max_positions!r}")
         self.module = module
         self.max_positions = max_positions
         self._gen = torch.Generator().manual_seed(seed)
-        if isinstance(module, nn.Linear):
-            groups, k = 1, module.in_features
-        else:
-            groups = module.groups
-            k = module.in_channels // groups * math.prod(module.kernel_size)
-        zeros = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
-        self._gram, self._cross, self._dense_gram = zeros(groups, k, k), zeros(groups, k, k), zeros(groups, k, k)
-        self._sum, self._dense_sum = zeros(groups, k), zeros(groups, k)
         self.count = 0
         self.samples = 0
 
@@ -216,13 +310,55 @@ class StatsAccumulator:
             chunk = max(1, input.shape[0])
         if isinstance(self.module, nn.Conv2d) and input.dim() == 3:
             dense_input, input = dense_input.unsqueeze(0), input.unsqueeze(0)
+        same = dense_input is input
         for xd, xc in zip(dense_input.split(chunk), input.split(chunk)):
-            self._add(input_rows(self.module, xd.detach(), positions=positions),
-                      input_rows(self.module, xc.detach(), positions=positions))
+            rows_c = input_rows(self.module, xc.detach(), positions=positions)
+            rows_d = rows_c if same else input_rows(self.module, xd.detach(), positions=positions)
+            self._add(rows_d, rows_c)
+            self.count += rows_c.shape[1]
         self.samples += input.shape[0] if input.dim() > 1 else 1
 
     def _add(self, rows_dense: torch.Tensor, rows: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class StatsAccumulator(_RowsAccumulator):
+    """Accumulates exact :class:`LayerStats` for one layer from paired (dense, compressed) inputs.
+
+    Memory: three float64 ``K x K`` matrices per group (see
+    :func:`ttcompress.calibration.budget.exact_bytes`); :class:`SketchAccumulator` keeps
+    ``O(l K)`` instead.
+
+    Parameters
+    ----------
+    module : nn.Linear or nn.Conv2d
+        The dense layer (its type and conv attributes decide how inputs become rows).
+    max_positions : int, default MAX_POSITIONS
+        Conv only: at most this many output positions per sample, a seeded random subset drawn
+        afresh for every batch (deterministic for a given sequence of batches).
+    seed : int, default 0
+        Seed of the position subsets.
+    memory : int, optional
+        Recorded in the statistics (:attr:`LayerStats.memory`).
+    """
+
+    def __init__(self, module: nn.Module, *, max_positions: int = MAX_POSITIONS, seed: int = 0,
+                 paired: bool = True, memory: int | None = None) -> None:
+        super().__init__(module, max_positions=max_positions, seed=seed)
+        zeros = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+        g, k = self.groups, self.k
+        self.paired = paired
+        self._dense_gram = zeros(g, k, k)
+        self._gram, self._cross = (zeros(g, k, k), zeros(g, k, k)) if paired else (None, None)
+        self._sum, self._dense_sum = zeros(g, k), zeros(g, k)
+        self.memory = memory
+
+    def _add(self, rows_dense: torch.Tensor, rows: torch.Tensor) -> None:
         xd = rows_dense.to(device="cpu", dtype=torch.float64)
+        if not self.paired:
+            self._dense_gram += xd.transpose(1, 2) @ xd
+            self._dense_sum += xd.sum(dim=1)
+            return
         xc = rows.to(device="cpu", dtype=torch.float64)
         xct = xc.transpose(1, 2)
         self._gram += xct @ xc
@@ -230,20 +366,170 @@ class StatsAccumulator:
         self._dense_gram += xd.transpose(1, 2) @ xd
         self._sum += xc.sum(dim=1)
         self._dense_sum += xd.sum(dim=1)
-        self.count += xc.shape[1]
 
     def finalize(self) -> LayerStats:
         """The statistics so far. ``ValueError`` when nothing was added."""
         if self.count == 0:
             raise ValueError("no calibration rows were added for this layer")
+        if not self.paired:
+            raise ValueError("finalize() needs paired statistics; use finalize_inputs()")
         return LayerStats(gram=self._gram.clone(), cross=self._cross.clone(),
                           dense_gram=self._dense_gram.clone(), mean=self._sum / self.count,
                           dense_mean=self._dense_sum / self.count, count=self.count,
-                          samples=self.samples)
+                          samples=self.samples, memory=self.memory)
+
+    def finalize_inputs(self) -> InputStats:
+        """The dense inputs' Gram (:class:`InputStats`). ``ValueError`` when nothing was added."""
+        if self.count == 0:
+            raise ValueError("no calibration rows were added for this layer")
+        return InputStats(gram=self._dense_gram.clone(), count=self.count)
+
+
+class FrequentDirections:
+    """A streaming Frequent Directions sketch of a tall matrix's rows (one block per group).
+
+    Keeps a buffer of ``2 l`` rows; when it is full, its SVD ``U S V^T`` is shrunk to the ``l``
+    rows ``sqrt(s_i^2 - s_{l+1}^2) v_i^T`` (Liberty 2013; Ghashami, Liberty, Phillips, Woodruff
+    2016). For rows ``A`` seen so far and sketch ``B``, ``0 <= A^T A - B^T B`` and
+    ``||A^T A - B^T B||_2 <= ||A - A_r||_F^2 / (l - r)`` for every ``r < l``; while no more than
+    ``2 l`` rows were seen, ``B = A`` exactly. The SVD comes from the buffer's small ``2l x 2l``
+    Gram (its eigendecomposition in float64), so one shrink costs ``O(l^2 width)``: ``O(l width)``
+    per row.
+
+    Parameters
+    ----------
+    groups, width, rows : int
+        Blocks, row length and sketch rows ``l``.
+    device : torch.device, optional
+        Where the buffer lives.
+    dtype : torch.dtype, default torch.float32
+        Storage of the buffer.
+    """
+
+    def __init__(self, groups: int, width: int, rows: int, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"rows must be a positive int, got {rows!r}")
+        self.rows = rows
+        self.buffer = torch.zeros(groups, 2 * rows, width, dtype=dtype, device=device)
+        self.fill = 0
+        self.shrinks = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Append rows ``x`` of shape ``(groups, n, width)``."""
+        x = x.to(device=self.buffer.device, dtype=self.buffer.dtype)
+        pos, n, cap = 0, x.shape[1], self.buffer.shape[1]
+        while pos < n:
+            take = min(n - pos, cap - self.fill)
+            self.buffer[:, self.fill:self.fill + take] = x[:, pos:pos + take]
+            self.fill += take
+            pos += take
+            if self.fill == cap:
+                self._shrink()
+
+    def _shrink(self) -> None:
+        b = self.buffer[:, : self.fill]
+        small = (b @ b.transpose(1, 2)).to(torch.float64)
+        evals, u = torch.linalg.eigh((small + small.transpose(1, 2)) / 2)
+        evals, u = evals.flip(-1).clamp_min(0), u.flip(-1)
+        ell = self.rows
+        delta = evals[:, ell:ell + 1] if evals.shape[1] > ell else torch.zeros_like(evals[:, :1])
+        top = evals[:, :ell]
+        tiny = _EIG_RTOL * top[:, :1].clamp_min(1e-300)
+        scale = torch.where(top > tiny, ((top - delta).clamp_min(0) / top.clamp_min(1e-300)).sqrt(),
+                            torch.zeros_like(top))
+        t = (u[:, :, :ell] * scale[:, None, :]).transpose(1, 2).to(b.dtype)
+        new = t @ b
+        self.buffer[:, : new.shape[1]] = new
+        self.buffer[:, new.shape[1]:] = 0
+        self.fill = new.shape[1]
+        self.shrinks += 1
+
+    def result(self) -> torch.Tensor:
+        """The sketch: ``(groups, m, width)``, ``m <= 2 l`` rows (all rows seen when ``m <= 2 l``
+        rows were added and never shrunk; else ``l``)."""
+        if self.shrinks and self.fill > self.rows:
+            self._shrink()
+        return self.buffer[:, : self.fill].clone()
+
+    @property
+    def exact(self) -> bool:
+        """True while the sketch is the rows themselves (no shrink happened)."""
+        return self.shrinks == 0
+
+
+class SketchAccumulator(_RowsAccumulator):
+    """Accumulates sketched :class:`LayerStats`: ``l`` paired rows instead of three ``K x K`` Grams.
+
+    The paired rows ``[X | X~]`` (length ``2K``) stream into a :class:`FrequentDirections` sketch
+    with ``l = rows`` rows, so that ``[R | R~]^T [R | R~]`` approximates ``[X | X~]^T [X | X~]``
+    (all three Grams at once), exactly while at most ``2 l`` rows were seen. Means, count and
+    ``tr(X~^T X~)`` are exact. Memory ``O(l K)`` per group
+    (:func:`ttcompress.calibration.budget.sketch_bytes`); the rows stay on the device of the
+    inputs (float32).
+
+    Parameters
+    ----------
+    module : nn.Linear or nn.Conv2d
+        The dense layer.
+    rows : int
+        Sketch rows ``l``.
+    paired : bool, default True
+        False: only the dense inputs are kept (:meth:`finalize_inputs` for the allocator).
+    max_positions, seed : as in :class:`StatsAccumulator`
+    device : torch.device, optional
+        Where the sketch lives (default: where the first inputs are).
+    memory : int, optional
+        Recorded in the statistics (:attr:`LayerStats.memory`).
+    """
+
+    def __init__(self, module: nn.Module, *, rows: int, paired: bool = True, max_positions: int = MAX_POSITIONS,
+                 seed: int = 0, device: torch.device | str | None = None, memory: int | None = None) -> None:
+        super().__init__(module, max_positions=max_positions, seed=seed)
+        self.paired = paired
+        self.sketch_rows = rows
+        self.device = device
+        self.memory = memory
+        self._fd: FrequentDirections | None = None
+        g, k = self.groups, self.k
+        self._sum = torch.zeros(g, k, dtype=torch.float64)
+        self._dense_sum = torch.zeros(g, k, dtype=torch.float64)
+        self._trace = torch.zeros(g, dtype=torch.float64)
+
+    def _add(self, rows_dense: torch.Tensor, rows: torch.Tensor) -> None:
+        if self._fd is None:
+            width = 2 * self.k if self.paired else self.k
+            device = self.device if self.device is not None else rows.device
+            self._fd = FrequentDirections(self.groups, width, self.sketch_rows, device=device)
+        self._fd.add(torch.cat([rows_dense, rows], dim=2) if self.paired else rows_dense)
+        self._dense_sum += rows_dense.to("cpu", torch.float64).sum(dim=1)
+        if self.paired:
+            xc = rows.to(torch.float64)
+            self._sum += xc.sum(dim=1).cpu()
+            self._trace += (xc * xc).sum(dim=(1, 2)).cpu()
+
+    def finalize(self) -> LayerStats:
+        """The sketched statistics so far. ``ValueError`` when nothing was added."""
+        if self.count == 0 or self._fd is None:
+            raise ValueError("no calibration rows were added for this layer")
+        if not self.paired:
+            raise ValueError("finalize() needs paired statistics; use finalize_inputs()")
+        return LayerStats(gram=None, cross=None, dense_gram=None, mean=self._sum / self.count,
+                          dense_mean=self._dense_sum / self.count, count=self.count, samples=self.samples,
+                          rows=self._fd.result(), trace=self._trace.clone(), exact=self._fd.exact,
+                          memory=self.memory)
+
+    def finalize_inputs(self) -> InputStats:
+        """The dense inputs' sketch (:class:`InputStats`). ``ValueError`` when nothing was added."""
+        if self.count == 0 or self._fd is None:
+            raise ValueError("no calibration rows were added for this layer")
+        rows = self._fd.result()
+        return InputStats(rows=rows[..., : self.k], count=self.count)
+
 
 
 def layer_stats(module: nn.Module, inputs: object, *, dense_inputs: object = None,
-                max_positions: int = MAX_POSITIONS) -> LayerStats:
+                max_positions: int = MAX_POSITIONS, sketch_rows: int | None = None) -> LayerStats:
     """Statistics of ``module`` for given input batches (non-sequential use, and tests).
 
     Parameters
@@ -258,8 +544,13 @@ def layer_stats(module: nn.Module, inputs: object, *, dense_inputs: object = Non
         gram == dense_gram``).
     max_positions : int, default MAX_POSITIONS
         As in :class:`StatsAccumulator`.
+    sketch_rows : int, optional
+        Sketch the statistics with this many rows (:class:`SketchAccumulator`) instead of
+        keeping the exact Gram matrices.
     """
-    acc = StatsAccumulator(module, max_positions=max_positions)
+    acc: StatsAccumulator | SketchAccumulator = (
+        StatsAccumulator(module, max_positions=max_positions) if sketch_rows is None
+        else SketchAccumulator(module, rows=sketch_rows, max_positions=max_positions))
     batches = calib_batches(inputs)
     dense_batches = batches if dense_inputs is None else calib_batches(dense_inputs)
     if dense_inputs is None:

@@ -22,6 +22,7 @@ from ttcompress.cli.options import (
     ArchOpt,
     CPRanksOpt,
     CPRatioOpt,
+    CalibMemoryOpt,
     CalibSamplesOpt,
     MaxErrorOpt,
     MinSavingOpt,
@@ -43,6 +44,7 @@ from ttcompress.cli.options import (
     parse_arch_kwargs,
     plan_from_flags,
 )
+from ttcompress.calibration.budget import check_calib_memory
 from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES
 from ttcompress.calibration.progress import calib_progress
 from ttcompress.cli.train import DataRootOpt
@@ -110,7 +112,8 @@ def calibration_line(calibration: Any) -> str:
 
 
 def _decompose_with_progress(model: Path, *, output: Optional[Path], plan: Plan, load: dict[str, Any],
-                             calib: Any, calib_info: Any, console: Any = None, device: str = "auto") -> Any:
+                             calib: Any, calib_info: Any, console: Any = None, device: str = "auto",
+                             calib_memory: Any = None) -> Any:
     """:func:`ttcompress.surgery.decompose_file` with progress bars on ``console`` (default: stderr).
 
     Bars (layers done, the current layer's CP-ALS sweeps with error and time left, and the calibration
@@ -122,7 +125,7 @@ def _decompose_with_progress(model: Path, *, output: Optional[Path], plan: Plan,
                 refused_input():
             # refused_input: a named model that cannot be loaded, a plan that does not fit it
             return decompose_file(model, output=output, plan=plan, progress=bars.layer, calib_data=calib,
-                                  calib_info=calib_info, device=device, **load)
+                                  calib_info=calib_info, device=device, calib_memory=calib_memory, **load)
 
 
 def preview_file(model: Path, *, plan: Plan, **load_options: Any) -> PlanPreview:
@@ -159,6 +162,7 @@ def decompose(
         show_default=False, metavar="NAME", rich_help_panel=_CALIB)] = None,
     data_root: DataRootOpt = None,
     calib_samples: CalibSamplesOpt = DEFAULT_CALIB_SAMPLES,
+    calib_memory: CalibMemoryOpt = None,
     no_calib: NoCalibOpt = False,
     seed: Annotated[int, typer.Option(
         "--seed", help="Seed of the calibration sample.", metavar="INT", rich_help_panel=_CALIB)] = 0,
@@ -180,6 +184,10 @@ def decompose(
         min_saving=min_saving, max_error=max_error,
     )
     kwargs = parse_arch_kwargs(arch_kwargs)
+    try:
+        memory = None if calib_memory is None else check_calib_memory(calib_memory)
+    except ValueError as exc:
+        raise UserInputError(str(exc).replace("calib_memory", "--calib-memory", 1)) from None
     if dry_run:
         with refused_input():
             preview = preview_file(model, plan=the_plan, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle,
@@ -199,7 +207,7 @@ def decompose(
             calib, calib_info = default_calibration(model, root=data_root, samples=calib_samples, seed=seed)
     load = {"arch": arch, "arch_kwargs": kwargs, "trust_pickle": trust_pickle, "trust_code": trust_code}
     result = _decompose_with_progress(model, output=output, plan=the_plan, load=load, calib=calib,
-                                      calib_info=calib_info, device=device)
+                                      calib_info=calib_info, device=device, calib_memory=memory)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports (and writes)
         return
     if json_:

@@ -31,6 +31,7 @@ __all__ = [
     "ArchOpt",
     "CPRanksOpt",
     "CPRatioOpt",
+    "CalibMemoryOpt",
     "CalibSamplesOpt",
     "MaxErrorOpt",
     "MinSavingOpt",
@@ -238,6 +239,11 @@ _CALIB = "Calibration (data-aware decomposition)"
 CalibSamplesOpt = Annotated[int, typer.Option(
     "--calib-samples", help="Calibration samples (class-balanced, seeded) from the training split.",
     metavar="INT", rich_help_panel=_CALIB)]
+CalibMemoryOpt = Annotated[Optional[str], typer.Option(
+    "--calib-memory", help="Memory budget of one layer's calibration statistics, e.g. 4G or 512M (at least "
+    "16M; default: a quarter of the available memory). Wider layers are sketched to fit, or fitted data-free "
+    "when even the smallest sketch does not fit (the layer's note says which).", show_default=False,
+    metavar="SIZE", rich_help_panel=_CALIB)]
 NoCalibOpt = Annotated[bool, typer.Option(
     "--no-calib", help="Ignore --data for the decomposition: data-free.", rich_help_panel=_CALIB)]
 
