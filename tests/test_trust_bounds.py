@@ -1,0 +1,145 @@
+"""Numbers in files and on the command line that would size allocations (issue 20, round two).
+
+Each hostile input is crafted here, in ``tmp_path``, and run where it matters in a subprocess under
+a memory cap (``RLIMIT_AS``: what the interpreter maps after importing ttcompress, plus a small
+budget) and a time cap: the answer must be one ``error:`` line and exit code 2, quickly.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from test_trust import assert_one_line_error, invoke, rewrite_header  # noqa: E402  (tests/ is on sys.path)
+from ttcompress.decompose.modes import choose_modes, max_num_cores
+from ttcompress.errors import CheckpointError
+from ttcompress.io import load, save
+from ttcompress.layers import TTLinear
+from ttcompress.layers.tt_embedding import TTEmbedding
+from ttcompress.models import build_arch
+from ttcompress.plan import CPSettings, Plan, TTSettings
+from ttcompress.surgery import compress
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CAPPED = textwrap.dedent(r"""
+    import resource, sys
+    import torch
+    from ttcompress.cli import app
+    torch.set_num_threads(1)
+    budget = int(sys.argv[1])
+    vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (vm + budget, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    app(sys.argv[2:], prog_name="ttcompress")
+""")
+
+
+def run_capped(*args: Any, budget_gb: float = 1.0, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``ttcompress ARGS`` in a subprocess allowed ``budget_gb`` of address space beyond its imports."""
+    cmd = [sys.executable, "-c", CAPPED, str(int(budget_gb * 2**30)), *map(str, args)]
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def assert_refused(proc: subprocess.CompletedProcess[str], *matches: str) -> None:
+    """Exit 2 and exactly one ``error:`` line on stderr, holding every one of ``matches``."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert all(m in lines[0] for m in matches), lines[0]
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = compress(build_arch("seed-cnn", kwargs={"hidden": 32}), Plan(tt=TTSettings(ranks=2), cp=CPSettings(rank=2)))
+    return save(model, tmp_path_factory.mktemp("bounds") / "small.tt.pt")
+
+
+def _tt(h: dict[str, Any]) -> dict[str, Any]:
+    return next(r for r in h["layers"].values() if r["format"] == "tt")["config"]
+
+
+# ---------------------------------------------------------------- defect 2: a TT layer's d
+
+
+def test_d_is_bounded_by_the_layer_sizes() -> None:
+    assert (max_num_cores(490, 32), max_num_cores(4096, 4096), max_num_cores(1, 1), max_num_cores(7, 1)) == (14, 24, 2, 3)
+    assert max_num_cores(2**31 - 1, 2**31 - 1) == 62
+    ins, outs = choose_modes(490, 32, d=14)  # the bound itself is accepted
+    assert len(ins) == len(outs) == 14
+    start = time.perf_counter()
+    for d in (15, 1000, 2**31):
+        with pytest.raises(ValueError, match=f"d \\(number of TT cores\\) = {d} is more than a 490 -> 32 layer"):
+            choose_modes(490, 32, d=d)
+        with pytest.raises(ValueError, match="at most 14"):
+            TTLinear(490, 32, ranks=2, d=d)
+        with pytest.raises(ValueError, match="at most 14"):
+            TTEmbedding(32, 490, ranks=2, d=d)
+    assert time.perf_counter() - start < 1.0  # refused before any list of d entries is built
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda c: c.pop("in_modes") and c.pop("out_modes"), "config lacks in_modes and out_modes"),
+        (lambda c: c.update(d=2**31), "must have d = 2147483648 modes"),
+        (lambda c: c.pop("out_modes"), "config lacks out_modes"),
+    ],
+    ids=["no-modes", "d-with-modes", "no-out-modes"],
+)
+def test_header_tt_record_with_huge_d_is_refused(mutate: Any, match: str, compressed: Path, tmp_path: Path) -> None:
+    bad = rewrite_header(compressed, tmp_path / "bad.tt.pt", lambda h: mutate(_tt(h)))
+    with pytest.raises(CheckpointError, match=match):
+        load(bad)
+    assert_one_line_error(invoke("inspect", bad), "cannot rebuild layer", match)
+
+
+def test_header_tt_record_with_huge_d_is_refused_under_a_memory_cap(compressed: Path, tmp_path: Path) -> None:
+    """Before: 4.4 GB in 21 s building a 2**31-entry list of rank caps."""
+
+    def huge_d(h: dict[str, Any]) -> None:
+        config = _tt(h)
+        del config["in_modes"], config["out_modes"]
+        config["d"] = 2**31
+
+    bad = rewrite_header(compressed, tmp_path / "bad.tt.pt", huge_d)
+    assert_refused(run_capped("inspect", bad, budget_gb=1), "cannot rebuild layer", "config lacks in_modes")
+
+
+def test_header_tt_embedding_record_with_huge_d_is_refused(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(64, 16), nn.Linear(16, 4))
+    good = save(compress(model, Plan.from_dict({"rules": [{"pattern": "0", "format": "tt_embedding", "ranks": 2}]})),
+                tmp_path / "emb.tt.pt")
+    assert load(good, arch=model)(torch.tensor([[1, 2]])).shape == (1, 2, 4)
+
+    def drop_modes(h: dict[str, Any]) -> None:
+        config = h["layers"]["0"]["config"]
+        del config["vocab_modes"], config["dim_modes"]
+        config["d"] = 2**31
+
+    bad = rewrite_header(good, tmp_path / "bad.tt.pt", drop_modes)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="config lacks vocab_modes and dim_modes"):
+        load(bad, arch=model)
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("value", ["2147483648", "1000", "65", "1"])
+def test_tt_d_flag_is_bounded(value: str, compressed: Path) -> None:
+    assert_one_line_error(invoke("inspect", compressed, "--tt-d", value), "--tt-d", "from 2 to 64")
+
+
+def test_plan_d_too_large_for_a_layer_keeps_it_dense() -> None:
+    model = compress(build_arch("seed-cnn", kwargs={"hidden": 32}), Plan(tt=TTSettings(ranks=2, d=9)))
+    assert isinstance(model.classifier[1], TTLinear) and len(model.classifier[1].cores) == 9  # 490 -> 32: up to 14
+    assert isinstance(model.classifier[3], nn.Linear)  # 32 -> 10: at most 8 cores
