@@ -72,7 +72,7 @@ def _tt(h: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_d_is_bounded_by_the_layer_sizes() -> None:
-    assert (max_num_cores(490, 32), max_num_cores(4096, 4096), max_num_cores(1, 1), max_num_cores(7, 1)) == (14, 24, 2, 3)
+    assert [max_num_cores(*sizes) for sizes in [(490, 32), (4096, 4096), (1, 1), (7, 1)]] == [14, 24, 2, 3]
     assert max_num_cores(2**31 - 1, 2**31 - 1) == 62
     ins, outs = choose_modes(490, 32, d=14)  # the bound itself is accepted
     assert len(ins) == len(outs) == 14
@@ -143,3 +143,49 @@ def test_plan_d_too_large_for_a_layer_keeps_it_dense() -> None:
     model = compress(build_arch("seed-cnn", kwargs={"hidden": 32}), Plan(tt=TTSettings(ranks=2, d=9)))
     assert isinstance(model.classifier[1], TTLinear) and len(model.classifier[1].cores) == 9  # 490 -> 32: up to 14
     assert isinstance(model.classifier[3], nn.Linear)  # 32 -> 10: at most 8 cores
+
+
+# ---------------------------------------------------------------- defect 3: architectures built for real
+
+
+def _regnet_file(tmp_path: Path, name: str, arch: str, kwargs: dict[str, Any], params_before: int) -> Path:
+    """A ~1 KB file: one empty tensor of shape [2**31, 0] and two layer records claiming
+    ``params_before`` dense parameters each (numbers that once inflated the allocation cap)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    record = {"format": "cp", "config": {"in_channels": 3, "out_channels": 32, "kernel_size": [3, 3], "rank": 5,
+                                         "stride": [2, 2], "padding": [1, 1], "bias": False},
+              "params_before": params_before, "params_after": 205}  # fmt: skip
+    header = {"format": "ttcompress", "version": 1, "arch": {"name": arch, "kwargs": kwargs},
+              "layers": {"stem.0": record, "fc": record}}
+    path = tmp_path / name
+    save_file({"z": torch.zeros(2**31, 0)}, path, metadata={"format": "ttcompress", "ttcompress": json.dumps(header)})
+    assert path.stat().st_size < 2000
+    return path
+
+
+def test_empty_tensor_shapes_and_header_counts_do_not_size_a_real_build(tmp_path: Path) -> None:
+    """RegNet is built for real: an int in its kwargs may not exceed a dimension of a tensor that
+    holds elements (the empty [2**31, 0] one does not count); before, this asked for 16 GB."""
+    bad = _regnet_file(tmp_path, "k.tt.pt", "torchvision:regnet_x_400mf", {"num_classes": 2**31}, 2**31)
+    with pytest.raises(CheckpointError, match="num_classes = 2147483648 exceeds every dimension .* \\(largest 1\\)"):
+        load(bad)
+
+
+def test_real_build_allocates_only_small_tensors_before_the_shapes_are_compared(tmp_path: Path) -> None:
+    """regnet_y_128gf has 645M parameters (2.6 GB); a 1 KB file naming it is refused by the shape
+    comparison with at most 1 GB of address space: its large tensors stay on ``meta``."""
+    bad = _regnet_file(tmp_path, "big.tt.pt", "torchvision:regnet_y_128gf", {}, 10**6)
+    assert_refused(run_capped("inspect", bad, budget_gb=1, timeout=120), "needs tensor 'stem.0", "not in the file")
+
+
+def test_large_on_meta_keeps_small_tensors_real() -> None:
+    from ttcompress.rebuild import SMALL_TENSOR, _LargeOnMeta
+
+    with _LargeOnMeta():
+        small, large = nn.Linear(16, 16), nn.Linear(SMALL_TENSOR, 2)
+        values = torch.arange(5)
+    assert not small.weight.is_meta and large.weight.is_meta and not large.bias.is_meta
+    assert values.tolist() == [0, 1, 2, 3, 4]  # what RegNet's __init__ reads
