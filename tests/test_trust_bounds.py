@@ -189,3 +189,35 @@ def test_large_on_meta_keeps_small_tensors_real() -> None:
         values = torch.arange(5)
     assert not small.weight.is_meta and large.weight.is_meta and not large.bias.is_meta
     assert values.tolist() == [0, 1, 2, 3, 4]  # what RegNet's __init__ reads
+
+
+# ---------------------------------------------------------------- defect 12: numeric header fields
+
+BAD_NUMBERS = [
+    ("params_before", "x", "params_before must be a non-negative int or null"),
+    ("params_after", "x", "params_after must be a non-negative int or null"),
+    ("params_before", 1.5, "params_before must be a non-negative int"),
+    ("params_after", -1, "params_after must be a non-negative int"),
+    ("params_before", True, "params_before must be a non-negative int"),
+    ("params_before", 2**40, "out of range"),
+    ("seconds", "fast", "seconds must be a non-negative number or null"),
+    ("rel_error", -0.5, "rel_error must be a non-negative number"),
+    ("out_error_after", [1], "out_error_after must be a non-negative number"),
+    ("note", 3, "note must be a string or null"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "match"), BAD_NUMBERS, ids=[f"{k}={v!r}" for k, v, _ in BAD_NUMBERS])
+def test_header_numbers_are_type_checked(key: str, value: Any, match: str, compressed: Path, tmp_path: Path) -> None:
+    def mutate(h: dict[str, Any]) -> None:
+        next(iter(h["layers"].values()))[key] = value
+
+    bad = rewrite_header(compressed, tmp_path / "bad.tt.pt", mutate)
+    with pytest.raises(CheckpointError, match=match.replace("(", r"\(")):
+        load(bad)
+    assert_one_line_error(invoke("inspect", bad), match)
+
+
+def test_header_kept_dense_reasons_are_type_checked(compressed: Path, tmp_path: Path) -> None:
+    bad = rewrite_header(compressed, tmp_path / "bad.tt.pt", lambda h: h["info"].update(kept_dense=["x"]))
+    assert_one_line_error(invoke("inspect", bad), "info.kept_dense must be an object of strings")
