@@ -221,3 +221,30 @@ def test_header_numbers_are_type_checked(key: str, value: Any, match: str, compr
 def test_header_kept_dense_reasons_are_type_checked(compressed: Path, tmp_path: Path) -> None:
     bad = rewrite_header(compressed, tmp_path / "bad.tt.pt", lambda h: h["info"].update(kept_dense=["x"]))
     assert_one_line_error(invoke("inspect", bad), "info.kept_dense must be an object of strings")
+
+
+# ---------------------------------------------------------------- defect 13: sizes given on the command line
+
+
+def test_allocator_errors_are_worded() -> None:
+    from ttcompress.memory import out_of_memory_message
+
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 256000000000000000 bytes. Error code 12 (Cannot allocate memory)")
+    assert out_of_memory_message(cpu) == "out of memory: an allocation needs 238,418,579.1 GB, more than is available"
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity ...")
+    assert out_of_memory_message(cuda) == "out of memory: an allocation needs 20.0 GB, more than is available"
+    assert out_of_memory_message(RuntimeError("shapes cannot be multiplied")) is None
+    assert out_of_memory_message(ValueError("can't allocate memory")) is None
+
+
+def test_huge_input_shape_is_refused_before_allocating(tmp_path: Path) -> None:
+    base = save(build_arch("seed-cnn", kwargs={"hidden": 8}), tmp_path / "base.tt.pt")
+    result = invoke("report", base, base, "--data", "none", "--input-shape", "100000,100000,100000")
+    assert_one_line_error(result, "out of memory: an input batch of", "[100000, 100000, 100000] needs", "GB")
+
+
+def test_huge_arch_kwargs_give_one_out_of_memory_line(tmp_path: Path) -> None:
+    torch.save(build_arch("seed-cnn", kwargs={"hidden": 8}).state_dict(), tmp_path / "sd.pth")
+    proc = run_capped("inspect", tmp_path / "sd.pth", "--arch", "seed-cnn", "--arch-kwargs", '{"hidden": 2000000000}')
+    assert_refused(proc, "out of memory: an allocation needs", "GB")
