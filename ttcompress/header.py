@@ -9,9 +9,11 @@
 - ``layers``: ``{name: {"format": a key of LAYER_TYPES, "config": {...}, "rel_error": number or
   None, ...}}``; a config may only hold the constructor arguments of its layer class that describe
   its structure: ``device`` and ``dtype`` are refused (the loader decides where and how a model is
-  built), as is any unknown field;
+  built), as is any unknown field; ``params_before``/``params_after`` are ints >= 0 (or null),
+  ``rel_error``, ``seconds`` and the output errors numbers >= 0 (or null), ``note`` and
+  ``fit_method`` strings (or null);
 - ``tied``: ``{str: str}``; ``info``: a JSON object, whose ``input_shape`` (if present) is a short
-  list of positive ints of bounded product.
+  list of positive ints of bounded product, and ``kept_dense`` (if present) ``{str: str}``.
 
 Numbers that pass are still only bounded, not proven consistent: :mod:`ttcompress.io` builds the
 model on the ``meta`` device and compares every tensor shape with the tensors present in the file
@@ -28,6 +30,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ttcompress.errors import CheckpointError
+from ttcompress.layer_report import KEPT_DENSE_INFO
 from ttcompress.layers import LAYER_TYPES
 
 __all__ = [
@@ -53,6 +56,12 @@ MAX_INT = 2**31
 MAX_LIST = 4096
 #: Largest product of ``info["input_shape"]`` (elements of one input sample).
 MAX_INPUT_ELEMENTS = 2**24
+#: Numeric fields of a layer record: counts (ints >= 0, at most MAX_INT like every int) ...
+COUNT_FIELDS = ("params_before", "params_after")
+#: ... and measurements (numbers >= 0); both may be null.
+NUMBER_FIELDS = ("rel_error", "seconds", "out_error_before", "out_error_after")
+#: Text fields of a layer record (str or null).
+TEXT_FIELDS = ("note", "fit_method")
 #: Config fields that decide where or how a model is built: the loader decides those.
 BUILD_FIELDS = frozenset({"device", "dtype", "memory_format", "requires_grad", "pin_memory"})
 #: Architecture arguments that would make a builder fetch pretrained weights (torchvision): the
@@ -147,6 +156,9 @@ def validate_header(header: Mapping[str, Any], *, source: str, max_version: int)
             raise CheckpointError(f"{source}: header field info must be an object, got {_show(info)}")
         if "input_shape" in info:
             _check_input_shape(info["input_shape"], source)
+        kept = info.get(KEPT_DENSE_INFO)
+        if kept is not None and (not isinstance(kept, Mapping) or not all(isinstance(v, str) for v in kept.values())):
+            raise CheckpointError(f"{source}: header field info.{KEPT_DENSE_INFO} must be an object of strings")
 
 
 def _check_arch(arch: Any, source: str) -> None:
@@ -189,9 +201,18 @@ def _check_layer(name: str, record: Any, source: str) -> None:
         if key not in allowed:
             raise CheckpointError(f"{where}: config has unknown field {key!r} for format {fmt!r}")
         _check_value(value, f"{where}: config field {key!r}")
-    rel_error = record.get("rel_error")
-    if rel_error is not None and (isinstance(rel_error, bool) or not isinstance(rel_error, (int, float))):
-        raise CheckpointError(f"{where}: rel_error must be a number or null, got {_show(rel_error)}")
+    for key in COUNT_FIELDS:
+        value = record.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise CheckpointError(f"{where}: {key} must be a non-negative int or null, got {_show(value)}")
+    for key in NUMBER_FIELDS:
+        value = record.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise CheckpointError(f"{where}: {key} must be a non-negative number or null, got {_show(value)}")
+    for key in TEXT_FIELDS:
+        value = record.get(key)
+        if value is not None and not isinstance(value, str):
+            raise CheckpointError(f"{where}: {key} must be a string or null, got {_show(value)}")
     for key, value in record.items():
         if key not in ("format", "config"):
             _check_value(value, f"{where}: field {key!r}")

@@ -26,6 +26,7 @@ from torch import nn
 
 from ttcompress.formats import format_of
 from ttcompress.layer_report import count_params
+from ttcompress.memory import check_allocation
 
 __all__ = [
     "KINDS",
@@ -110,9 +111,11 @@ def params_by_kind(model: nn.Module) -> dict[str, int]:
 
 def example_input(model: nn.Module, input_shape: Sequence[int], batch: int) -> torch.Tensor:
     """A seeded batch for ``model``: token ids below the vocabulary size for a model that takes
-    ``input_ids`` (a transformers language model, duck-typed), else standard normal floats."""
+    ``input_ids`` (a transformers language model, duck-typed), else standard normal floats; a batch
+    larger than the memory available is a ``MemoryError`` before anything is allocated."""
     generator = torch.Generator().manual_seed(0)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    check_allocation(batch * math.prod(input_shape) * 8, f"an input batch of {batch} x {list(input_shape)}")
     if getattr(model, "main_input_name", None) == "input_ids" and isinstance(vocab, int) and vocab > 0:
         x = torch.randint(0, vocab, (batch, *input_shape), generator=generator)
     else:

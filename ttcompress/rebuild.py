@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ttcompress.errors import ArchRequiredError, CheckpointError, shape_mismatches
@@ -153,20 +154,47 @@ def rebuild_model(
 def _probe(skeleton: Skeleton, layers: Mapping[str, Mapping[str, Any]], tensors: Mapping[str, torch.Tensor],
            p: Path, *, check_sizes: bool, named: Mapping[str, Any] | None) -> tuple[nn.Module, bool]:
     """The structure on ``meta`` (no memory), or, for an ``__init__`` that reads tensor values
-    (RegNet), for real: then sized by nothing the file could inflate. Every int in the recorded
-    kwargs is at most the largest dimension among the file's tensors (num_classes=10**9 is
-    refused), and no more elements are allocated than the file's tensors plus the dense layers
-    they replace. Returns ``(model, on_meta)``."""
+    (RegNet), with only small tensors real: then sized by nothing the file could inflate. Every
+    int in the recorded kwargs is at most the largest dimension among the file's non-empty
+    tensors (num_classes=10**9 is refused), a tensor of more than :data:`SMALL_TENSOR` elements
+    stays on ``meta``, and the real ones together hold at most as many elements as the file's
+    tensors plus :data:`BUILD_SLACK`, checked before each allocation (no header number, no shape
+    of an empty tensor, counts). Returns ``(model, may_hold_meta_tensors)``."""
     try:
         with torch.device("meta"), _SkipRandomInit():
             return _build_structure(skeleton, layers, p, check_sizes=check_sizes), True
-    except Exception:  # noqa: BLE001 - whatever the meta build raised, the real build says it again or works
+    except Exception:  # noqa: BLE001 - whatever the meta build raised, the next build says it again or works
         if named is not None:
             _check_kwargs_fit(named.get("kwargs"), tensors, p)
-        cap = (sum(t.numel() for t in tensors.values()) + 2**24
-               + sum(int(v.get("params_before") or 0) for v in layers.values()))
+    cap = sum(t.numel() for t in tensors.values()) + BUILD_SLACK
+    try:
+        with _AllocationCap(cap, p), _LargeOnMeta(), _SkipRandomInit():
+            return _build_structure(skeleton, layers, p, check_sizes=check_sizes), True
+    except CheckpointError:
+        raise
+    except Exception:  # noqa: BLE001 - an __init__ that reads a large tensor's values: all real, capped
         with _AllocationCap(cap, p):
             return _build_structure(skeleton, layers, p, check_sizes=check_sizes), False
+
+
+#: Largest tensor an architecture that cannot be built on ``meta`` gets for real while its
+#: structure is compared with the file (the values its ``__init__`` reads: RegNet's widths).
+SMALL_TENSOR = 2**16
+#: Elements beyond the file's own that such a build may allocate for real.
+BUILD_SLACK = 2**24
+
+
+class _LargeOnMeta(TorchFunctionMode):
+    """Tensor factories called without a device make a ``meta`` tensor when it would hold more
+    than :data:`SMALL_TENSOR` elements, else a real (CPU) one."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if kwargs.get("device") is None and func in _device_constructors():
+            shaped = func(*args, **{**kwargs, "device": "meta"})
+            if not isinstance(shaped, torch.Tensor) or shaped.numel() > SMALL_TENSOR:
+                return shaped
+        return func(*args, **kwargs)
 
 
 def _match_stored_dtypes(model: nn.Module, layers: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
@@ -263,7 +291,8 @@ class _SkipRandomInit(TorchFunctionMode):
 
 
 def _check_kwargs_fit(kwargs: Any, tensors: Mapping[str, torch.Tensor], p: Path) -> None:
-    largest = max((max(t.shape, default=1) for t in tensors.values()), default=1)
+    # only tensors that hold elements: the shape of an empty one ([2**31, 0]) costs the file nothing
+    largest = max((max(t.shape, default=1) for t in tensors.values() if t.numel()), default=1)
     for name, value in config_items(kwargs):
         if isinstance(value, int) and not isinstance(value, bool) and value > largest:
             raise CheckpointError(f"{p}: arch kwargs {name} = {value} exceeds every dimension of the file's "
@@ -281,14 +310,16 @@ class _AllocationCap(TorchDispatchMode):
         self.cap, self.p, self.used = cap, p, 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        if func.overloadpacket.__name__ in self._FACTORIES and args and isinstance(args[0], (list, tuple)):
+        kwargs = kwargs or {}
+        real = torch.device(kwargs.get("device") or "cpu").type != "meta"  # meta tensors cost nothing
+        if real and func.overloadpacket.__name__ in self._FACTORIES and args and isinstance(args[0], (list, tuple)):
             size = args[0]
             if all(isinstance(n, int) for n in size):
                 self.used += math.prod(size)
                 if self.used > self.cap:
                     raise CheckpointError(f"{self.p}: the recorded architecture needs more than {self.cap:,} "
                                           "elements, more than the file holds; refusing to build it")
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
 
 def _build_structure(

@@ -6,7 +6,8 @@ Errors (see ``docs/cli.md``, "Errors and exit codes"):
 
 * a user error (:data:`USER_ERRORS`: our own :class:`~ttcompress.errors.TTCompressError`
   types, ``OSError`` from reading or writing files, ``MemoryError``, ``RecursionError``) is one
-  ``error: ...`` line on stderr and exit code 2;
+  ``error: ...`` line on stderr and exit code 2, as is the allocator's out-of-memory
+  ``RuntimeError`` / ``torch.OutOfMemoryError`` (``out of memory: ... needs N GB``);
 * any other exception is a bug in ttcompress: an ``internal error: ...`` line, the traceback, and
   exit code :data:`EXIT_INTERNAL` (70, ``EX_SOFTWARE``);
 * Ctrl-C exits with code 130; ``--debug`` lets every exception propagate with its traceback;
@@ -33,6 +34,7 @@ from rich.console import Console
 
 from ttcompress.errors import OutputExistsError, TTCompressError, UserInputError
 from ttcompress.fsutil import check_not_inputs
+from ttcompress.memory import out_of_memory_message
 
 DEFAULT_PIPE_WIDTH = 160
 
@@ -176,6 +178,9 @@ def cli_errors(fn: F) -> F:
         except Exception as exc:
             if is_debug():
                 raise
+            oom = out_of_memory_message(exc)  # the allocator's RuntimeError: too large, not a bug
+            if oom is not None:
+                raise fail(oom) from None
             raise internal_error(exc) from None
 
     return wrapper  # type: ignore[return-value]

@@ -202,7 +202,7 @@ TTEpsOpt = Annotated[Optional[str], typer.Option(
     "--tt-eps", help="Relative reconstruction error per Linear layer, in (0, 1) (TT-SVD truncation).",
     show_default=False, metavar="FLOAT|none", rich_help_panel=_RANKS)]
 TTDOpt = Annotated[Optional[str], typer.Option(
-    "--tt-d", help="Number of TT cores (>= 2; default: by layer size, 2-4).",
+    "--tt-d", help="Number of TT cores (2 to 64; default: by layer size, 2-4).",
     show_default=False, metavar="INT|none", rich_help_panel=_RANKS)]
 CPRanksOpt = Annotated[Optional[str], typer.Option(
     "--cp-ranks", help="CP rank of Conv2d layers; 'none' keeps them dense.", show_default=False,

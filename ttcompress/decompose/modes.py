@@ -25,6 +25,7 @@ __all__ = [
     "balanced_modes",
     "choose_modes",
     "default_num_cores",
+    "max_num_cores",
     "validate_modes",
 ]
 
@@ -57,6 +58,30 @@ def default_num_cores(in_features: int, out_features: int) -> int:
     size = max(_check_positive_int(in_features, "in_features"),
                _check_positive_int(out_features, "out_features"))
     return max(2, min(4, round(math.log(size) / math.log(8))))
+
+
+def max_num_cores(in_features: int, out_features: int) -> int:
+    """Most TT cores ``d`` a layer of these sizes can hold: every core needs a mode >= 2 on one side.
+
+    The in side has at most ``floor(log2(floor(1.25 in_features)))`` modes >= 2 (their product is
+    the size, zero-padded by at most :data:`MAX_PAD_FRACTION`), the out side likewise; more cores
+    than both together would be ``1 x 1`` cores that hold nothing. ``d = 2`` is always allowed.
+    The bound keeps ``d`` (from a file, a plan or a flag) from sizing lists or recursions: it is
+    at most 62 for sizes below ``2**31``.
+
+    Examples
+    --------
+    >>> max_num_cores(490, 32), max_num_cores(4096, 4096), max_num_cores(1, 1)
+    (14, 24, 2)
+    """
+    ins = _check_positive_int(in_features, "in_features")
+    outs = _check_positive_int(out_features, "out_features")
+    return max(2, _most_modes(ins) + _most_modes(outs))
+
+
+def _most_modes(size: int) -> int:
+    """``floor(log2(padded size))``: most modes >= 2 whose product fits ``size`` padded."""
+    return math.floor(size * (1 + MAX_PAD_FRACTION)).bit_length() - 1
 
 
 def _divisors(n: int) -> list[int]:
@@ -196,7 +221,7 @@ def choose_modes(
     in_features, out_features : int
         Layer sizes (>= 1).
     d : int, optional
-        Number of cores; default :func:`default_num_cores`.
+        Number of cores, at most :func:`max_num_cores`; default :func:`default_num_cores`.
     ranks : int or sequence of int, default 8
         Rank cap used to score the arrangements (an int, or a full tuple ``(1, r_1, ..., 1)``).
 
@@ -204,12 +229,21 @@ def choose_modes(
     -------
     in_modes, out_modes : tuple of int
         ``prod(in_modes) >= in_features`` and ``prod(out_modes) >= out_features``.
+
+    Raises
+    ------
+    ValueError
+        ``d`` is more than :func:`max_num_cores` (checked before ``d`` sizes anything).
     """
     _check_positive_int(in_features, "in_features")
     _check_positive_int(out_features, "out_features")
     if d is None:
         d = default_num_cores(in_features, out_features)
     _check_positive_int(d, "d")
+    most = max_num_cores(in_features, out_features)
+    if d > most:  # before d sizes any list or recursion
+        raise ValueError(f"d (number of TT cores) = {d} is more than a {in_features} -> {out_features} layer can "
+                         f"hold: at most {most} (each core needs a mode >= 2)")
     cap = _rank_caps(ranks, d)
     outs, ins = _arrange(balanced_modes(out_features, d), balanced_modes(in_features, d), cap)
     return ins, outs

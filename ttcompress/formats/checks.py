@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "MAX_TT_CORES",
     "check_d",
     "check_eps",
     "check_keys",
@@ -68,12 +69,18 @@ def check_ratio(value: Any, what: str) -> float | None:
     return float(value)
 
 
+#: Most TT cores accepted anywhere: each core needs a mode >= 2, so no layer smaller than
+#: ``2**32 x 2**32`` can hold more (each layer is bounded by its own sizes too:
+#: :func:`ttcompress.decompose.modes.max_num_cores`).
+MAX_TT_CORES = 64
+
+
 def check_d(value: Any, what: str) -> int | None:
-    """None or an integer >= 2 (a number of TT cores)."""
+    """None or an integer from 2 to :data:`MAX_TT_CORES` (a number of TT cores)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ValueError(f"{what} must be an integer >= 2 (number of TT cores), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= MAX_TT_CORES:
+        raise ValueError(f"{what} must be an integer from 2 to {MAX_TT_CORES} (number of TT cores), got {value!r}")
     return value
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ttcompress.decompose.modes import choose_modes, validate_modes
+from ttcompress.decompose.modes import choose_modes, max_num_cores, validate_modes
 from ttcompress.decompose.spectra import singular_tails
 from ttcompress.decompose.tt import tt_param_count, tt_ranks
 from ttcompress.formats.base import CompressionFormat, FormatDescription, Ladder, LayerDecision, bias_params, join
@@ -25,7 +25,7 @@ from ttcompress.formats.fitting import calibrated
 from ttcompress.formats.registry import register_format
 from ttcompress.layers.tt_linear import TTLinear
 
-__all__ = ["DEFAULT_TT_RANKS", "TTFormat", "TTSettings", "tt_error_curve", "tt_params"]
+__all__ = ["DEFAULT_TT_RANKS", "TTFormat", "TTSettings", "require_modes", "tt_error_curve", "tt_params"]
 
 #: TT max rank used when neither ranks nor eps is given anywhere.
 DEFAULT_TT_RANKS = 8
@@ -42,7 +42,8 @@ class TTSettings:
     eps : float, optional
         Relative Frobenius error per layer for TT-SVD, in (0, 1). With ``ranks`` too, both apply.
     d : int, optional
-        Number of TT cores (>= 2); the layer's default when None.
+        Number of TT cores (2 to 64, at most what each layer holds: a layer too small stays
+        dense); the layer's default when None.
     in_modes, out_modes : tuple of int, optional
         Explicit factorizations of in/out features (rules only, usually).
     """
@@ -86,6 +87,18 @@ def tt_error_curve(weight: torch.Tensor, in_modes: Sequence[int], out_modes: Seq
     return [sum(float(tl[min(r, len(tl) - 1)]) for tl in tails) / norm2 for r in range(1, rmax + 1)]
 
 
+def require_modes(config: Mapping[str, Any], keys: tuple[str, ...]) -> Mapping[str, Any]:
+    """``config`` if it lists every one of ``keys`` (a TT layer's modes), else a ValueError.
+
+    A saved TT layer always records its modes; a record without them would make the loader choose
+    modes from the sizes and ``d`` in the file, work that those numbers alone could make huge.
+    """
+    missing = [k for k in keys if k not in config]
+    if isinstance(config, Mapping) and missing:
+        raise ValueError(f"config lacks {' and '.join(missing)} (a saved TT layer records its modes)")
+    return config
+
+
 @register_format
 class TTFormat(CompressionFormat):
     """TT-matrix Linear layers (TT-SVD of the reshaped weight)."""
@@ -114,6 +127,9 @@ class TTFormat(CompressionFormat):
         out_f, in_f = module.weight.shape
         if in_modes is None or out_modes is None:
             d_eff = d if d is not None else (len(in_modes or out_modes or ()) or None)
+            if d_eff is not None and d_eff > max_num_cores(in_f, out_f):
+                return self.dense_decision(module, name, f"{in_f}x{out_f} is too small for {d_eff} TT cores "
+                                           f"(at most {max_num_cores(in_f, out_f)})", aliases)
             sug_in, sug_out = choose_modes(in_f, out_f, d=d_eff, ranks=score if score is not None else DEFAULT_TT_RANKS)
             in_modes, out_modes = in_modes or sug_in, out_modes or sug_out
         try:
@@ -127,6 +143,10 @@ class TTFormat(CompressionFormat):
             return self.dense_decision(module, name, f"{in_f}x{out_f} cannot be split into TT cores", aliases)
         after = None if ranks is None else tt_params(in_modes, out_modes, ranks) + bias_params(module)
         return self.decision(module, name, options, after, aliases, f"TT ranks {ranks}")
+
+    def rebuild(self, config: Mapping[str, Any]) -> nn.Module:
+        """As recorded by ``TTLinear.config()``, modes included: nothing is chosen from a file's sizes."""
+        return super().rebuild(require_modes(config, ("in_modes", "out_modes")))
 
     def build(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
               name: str | None = None) -> nn.Module:

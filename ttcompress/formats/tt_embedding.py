@@ -21,11 +21,11 @@ from typing import Any
 
 from torch import nn
 
-from ttcompress.decompose.modes import choose_modes, validate_modes
+from ttcompress.decompose.modes import choose_modes, max_num_cores, validate_modes
 from ttcompress.formats.base import CompressionFormat, FormatDescription, LayerDecision, join
 from ttcompress.formats.checks import check_d, check_eps, check_modes, check_ranks
 from ttcompress.formats.registry import register_format
-from ttcompress.formats.tt import DEFAULT_TT_RANKS, tt_params
+from ttcompress.formats.tt import DEFAULT_TT_RANKS, require_modes, tt_params
 from ttcompress.layers.tt_embedding import TTEmbedding, unsupported_reason
 
 __all__ = ["TTEmbeddingFormat", "TTEmbeddingSettings"]
@@ -43,7 +43,8 @@ class TTEmbeddingSettings:
     eps : float, optional
         Relative Frobenius error of the table, in (0, 1). With ``ranks`` too, both apply.
     d : int, optional
-        Number of TT cores (>= 2); chosen by size when None.
+        Number of TT cores (2 to 64, at most what the table holds: a table too small stays
+        dense); chosen by size when None.
     vocab_modes, dim_modes : tuple of int, optional
         Explicit factorizations of ``num_embeddings`` and ``embedding_dim``.
     """
@@ -92,6 +93,9 @@ class TTEmbeddingFormat(CompressionFormat):
         vocab, dim = module.weight.shape
         if vocab_modes is None or dim_modes is None:
             d_eff = d if d is not None else (len(vocab_modes or dim_modes or ()) or None)
+            if d_eff is not None and d_eff > max_num_cores(dim, vocab):
+                return self.dense_decision(module, name, f"{vocab}x{dim} table is too small for {d_eff} TT cores "
+                                           f"(at most {max_num_cores(dim, vocab)})", aliases)
             sug_dim, sug_vocab = choose_modes(dim, vocab, d=d_eff, ranks=ranks if ranks is not None else DEFAULT_TT_RANKS)
             vocab_modes, dim_modes = vocab_modes or sug_vocab, dim_modes or sug_dim
         try:
@@ -105,6 +109,10 @@ class TTEmbeddingFormat(CompressionFormat):
                                    "vocab_modes": list(vocab_modes), "dim_modes": list(dim_modes)}
         after = None if ranks is None else tt_params(dim_modes, vocab_modes, ranks)
         return self.decision(module, name, options, after, aliases, f"TT ranks {ranks}")
+
+    def rebuild(self, config: Mapping[str, Any]) -> nn.Module:
+        """As recorded by ``TTEmbedding.config()``, modes included: nothing is chosen from a file's sizes."""
+        return super().rebuild(require_modes(config, ("vocab_modes", "dim_modes")))
 
     def build(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
               name: str | None = None) -> nn.Module:
