@@ -176,11 +176,11 @@ def test_failed_decomposition_leaves_model_unchanged(monkeypatch):
     model = _cnn()
     calls = []
 
-    def boom(module, decision):
+    def boom(module, decision, **kwargs):
         calls.append(decision.name)
         if len(calls) == 2:
             raise ValueError("boom")
-        return real(module, decision)
+        return real(module, decision, **kwargs)
 
     real = surgery.build_replacement
     monkeypatch.setattr(surgery, "build_replacement", boom)
