@@ -21,7 +21,10 @@ instance of a "core" backend subclass, passed to ``tensorly.tenalg.backend_conte
 MTTKRP contracts the largest other mode first with one compute-bound matrix product and then the
 small modes, holding at most ``numel / n_max * R`` extra numbers (1.2 M for the kernel above),
 and shares ``K x_0 U_out x_1 U_in`` between the two spatial modes: three large matrix products
-per ALS sweep and well under 1 GB in all (docs/benchmarks.md).
+per ALS sweep and well under 1 GB in all (docs/benchmarks.md). When the updated mode is itself
+the largest (the 1,024-channel mode of a 128x1024x64x1 kernel), the Khatri-Rao product of the
+other factors is the smaller intermediate and is formed instead; products above ~1e9
+multiply-adds run in float32 (:data:`ttcompress.decompose.cp_lean.FLOAT32_MIN_WORK`).
 
 References
 ----------

@@ -23,6 +23,7 @@ import torch
 from ttcompress.decompose._threads import at_most_threads
 
 __all__ = [
+    "FLOAT32_MIN_WORK",
     "balance_factors",
     "contract_pair",
     "lean_backend_class",
@@ -31,6 +32,22 @@ __all__ = [
     "svd_init_bytes",
     "svd_start",
 ]
+
+
+#: A float64 MTTKRP matrix product of at least this many multiply-adds runs in float32 (result cast
+#: back; the normal equations, errors and factors stay float64): the (8192 x 1024) @ (1024 x 1411)
+#: product of a 128x1024x64x1 kernel at rank 1,411 took 1.06 s in float64 and 0.82 s in float32
+#: with both casts (2 threads, load 7; docs/benchmarks.md, "data-free at real size"). Its rounding
+#: (~1e-7 relative) is far below the 1e-3 improvement at which the fits stop:
+#: tests/test_cp_float32.py checks the errors against float64.
+FLOAT32_MIN_WORK = 1_000_000_000
+
+
+def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (2-D), in float32 when it is a float64 product of at least :data:`FLOAT32_MIN_WORK`."""
+    if a.dtype == torch.float64 and a.shape[0] * a.shape[1] * b.shape[1] >= FLOAT32_MIN_WORK:
+        return (a.to(torch.float32) @ b.to(torch.float32)).to(torch.float64)
+    return a @ b
 
 
 def lean_mttkrp(tensor: torch.Tensor, cp_tensor: Any, mode: int) -> torch.Tensor:
@@ -44,9 +61,19 @@ def lean_mttkrp(tensor: torch.Tensor, cp_tensor: Any, mode: int) -> torch.Tensor
     others = [m for m in range(ndim) if m != mode]
     big = max(others, key=lambda m: tensor.shape[m])
     rank = factors[0].shape[1]
+    if tensor.shape[mode] > tensor.shape[big]:
+        # the updated mode is the largest: contracting `big` first would leave numel / n_big * R numbers
+        # to sum over by broadcasting (740 MB for the in-mode of a 128x1024x64x1 kernel at rank 1,411,
+        # memory-bound); the Khatri-Rao product of the other factors is n_mode / n_big times smaller
+        # and the contraction one compute-bound matrix product
+        kr = factors[others[0]]
+        for m in others[1:]:
+            kr = (kr[:, None, :] * factors[m][None, :, :]).reshape(-1, rank)
+        result = _product(torch.movedim(tensor, mode, 0).reshape(tensor.shape[mode], -1), kr)
+        return result * weights.reshape(1, -1) if weights is not None else result
     # (..., n_big) @ (n_big, R) -> remaining dims in order + R
     moved = torch.movedim(tensor, big, -1)
-    partial = moved.reshape(-1, tensor.shape[big]) @ factors[big]
+    partial = _product(moved.reshape(-1, tensor.shape[big]), factors[big])
     rest = [m for m in range(ndim) if m != big]
     partial = partial.reshape(*[tensor.shape[m] for m in rest], rank)
     # multiply the small remaining factors in and sum them out
@@ -132,12 +159,12 @@ def contract_pair(
     rank = factors[0].shape[1]
     n = tensor.shape
     if n[0] >= n[1]:
-        part = tensor.reshape(n[0], -1).T @ factors[0]  # (n1 n2 n3, R)
+        part = _product(tensor.reshape(n[0], -1).T, factors[0])  # (n1 n2 n3, R)
         part = part.reshape(n[1], n[2] * n[3], rank)
         part = (part * factors[1][:, None, :]).sum(dim=0)
     else:
         moved = tensor.transpose(0, 1).reshape(n[1], -1)
-        part = moved.T @ factors[1]  # (n0 n2 n3, R)
+        part = _product(moved.T, factors[1])  # (n0 n2 n3, R)
         part = part.reshape(n[0], n[2] * n[3], rank)
         part = (part * factors[0][:, None, :]).sum(dim=0)
     return part.T.reshape(rank, n[2], n[3]).contiguous()

@@ -59,6 +59,12 @@ class Tucker2Decomposition:
     n_iter: int
 
 
+#: Below this squared relative error HOOI measures its error on the reconstruction (no cancellation);
+#: above it from the core's norm: the error is then known to about ``1e-16 / CHEAP_ERROR_MIN`` of
+#: ``||K||^2``, far below the sweeps' ``tol``.
+CHEAP_ERROR_MIN = 1e-4
+
+
 def tucker2_reconstruct(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Tensor) -> torch.Tensor:
     """The dense kernel ``(C_out, C_in, kh, kw)`` of a Tucker-2 decomposition."""
     return torch.einsum("abyx,oa,cb->ocyx", core, out_factor, in_factor)
@@ -142,8 +148,14 @@ def _hooi(k: torch.Tensor, r_out: int, r_in: int, n_iter_max: int, tol: float, *
 
     def error(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, float]:
         core = torch.einsum("ocyx,oa,cb->abyx", k, u, v)
-        err2 = float((k - tucker2_reconstruct(core, u, v)).square().sum())  # direct: no cancellation near 0
-        return core, math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
+        if norm2 == 0:
+            return core, 0.0
+        # u, v orthonormal and core the projection: ||K - K^||^2 = ||K||^2 - ||core||^2 (Pythagoras), no
+        # reconstruction; where that difference is small it cancels, so there the error is taken directly
+        rel2 = 1.0 - float(core.square().sum()) / norm2
+        if rel2 < CHEAP_ERROR_MIN:
+            rel2 = float((k - tucker2_reconstruct(core, u, v)).square().sum()) / norm2
+        return core, math.sqrt(max(rel2, 0.0))
 
     core, err = error(u, v)
     n_iter = 0
