@@ -100,7 +100,8 @@ def default_calibration(model: Path, *, root: Any, samples: int, seed: int) -> t
 
 
 def calibration_line(calibration: Any) -> str:
-    """``calibrated on 512 samples of 'mnist-5k' (train split)`` or ``data-free (no calibration)``."""
+    """``calibrated on 512 samples of 'mnist-5k'`` (with ``(SOURCE)`` when the info names where the data
+    came from, e.g. ``recorded in the checkpoint``) or ``data-free (no calibration data)``."""
     if not calibration.get("used"):
         return "data-free (no calibration data)"
     name, n = calibration.get("dataset"), calibration.get("samples")
