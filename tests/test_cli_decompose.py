@@ -344,3 +344,24 @@ def test_a_request_that_compresses_nothing_is_an_error(cnn_file, tmp_path):
                    "-o", out, match="nothing was compressed")
     assert "would not shrink at TT ranks 100000" in result.stderr and "lower the ranks" in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("recorded", ["mnist-5k", "cifar10"])  # calibrated; recorded but not loadable here
+def test_a_bad_request_on_a_checkpoint_that_records_its_dataset_is_one_line(tmp_path, recorded):
+    """The default calibration's notes ("calibrating on ...", "... did not load") come after the
+    decomposition succeeded: a refused request is still exactly one line."""
+    import ttcompress
+    from ttcompress.models import build_arch
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.pt"
+    ttcompress.save(build_arch("seed-cnn"), path, info={"dataset": recorded})
+    out = tmp_path / "o.tt.pt"
+    fails("decompose", path, "--tt-ranks", "100000", "--cp-ranks", "100000", "--calib-samples", "16", "-o", out,
+          match="nothing was compressed")
+    assert not out.exists()
+    lines = ok("decompose", path, "--tt-ranks", "4", "--calib-samples", "16", "-o", out).stderr.strip().splitlines()
+    if recorded == "mnist-5k":
+        assert lines[-1] == f"calibrated on 16 samples of 'mnist-5k' (recorded in the checkpoint); wrote {out}"
+    else:
+        assert "did not load" in lines[-2] and lines[-1] == f"data-free (no calibration data); wrote {out}"

@@ -162,3 +162,18 @@ def test_torchrun_two_processes(tmp_path: Path, base_ckpt: Path) -> None:
     # validation covered the whole held-out split (10 % of 4,000) exactly once across the two ranks
     correct = summary["history"][0]["val_accuracy"] * 400
     assert correct == pytest.approx(round(correct))
+
+
+def test_finetune_refuses_its_output_before_naming_the_recorded_teacher(tmp_path: Path, base_ckpt: Path) -> None:
+    """An existing output is one line: "distilling from the source model ..." comes only after the
+    output was accepted."""
+    from ttcompress.plan import Plan, TTSettings
+    from ttcompress.surgery import decompose_file
+
+    student = decompose_file(base_ckpt, output=tmp_path / "s.tt.pt", plan=Plan(tt=TTSettings(ranks=2))).output
+    out = tmp_path / "o.pt"
+    out.write_bytes(b"keep")
+    result = invoke("finetune", student, "-o", out, *FAST)
+    assert_user_error(result, "already exists")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert out.read_bytes() == b"keep"

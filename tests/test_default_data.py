@@ -39,3 +39,14 @@ def test_the_recorded_builtin_dataset_is_the_default(tmp_path) -> None:
     assert check_default_data(_saved(tmp_path, {"input_shape": [3, 224, 224]}), "imagefolder:x") == "imagefolder:x"
     with pytest.raises(UserInputError, match=r"default dataset cifar10 has \[3, 32, 32\]"):
         check_default_data(_saved(tmp_path, {"dataset": "cifar10", "input_shape": [1, 28, 28]}), None)
+
+
+def test_the_default_reads_the_header_once(tmp_path, monkeypatch) -> None:
+    import ttcompress.cli.recorded as recorded
+
+    path = _saved(tmp_path, {"dataset": "cifar10", "input_shape": [3, 32, 32]})
+    calls = []
+    read = recorded.read_header
+    monkeypatch.setattr(recorded, "read_header", lambda p: calls.append(p) or read(p))
+    assert check_default_data(path, None) == "cifar10"
+    assert len(calls) == 1

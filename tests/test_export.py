@@ -300,3 +300,19 @@ def test_half_precision_model_exports_half_precision(compressed, fmt: str, tmp_p
         from safetensors.torch import load_file
 
         assert {t.dtype for t in load_file(str(result.path)).values()} == {torch.float16}
+
+
+def test_missing_export_extra_is_refused_before_the_model_is_loaded(tmp_path, monkeypatch) -> None:
+    import sys
+
+    import ttcompress.io
+    from typer.testing import CliRunner
+
+    from ttcompress.cli import app
+
+    model = tmp_path / "m.tt.pt"
+    save(nn.Sequential(nn.Linear(4, 4)), model)
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    monkeypatch.setattr(ttcompress.io, "load", lambda *a, **k: pytest.fail("the model was loaded first"))
+    result = CliRunner().invoke(app, ["export", str(model), "--format", "onnx", "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and "ttcompress[export]" in result.stderr, (result.stderr, result.exception)

@@ -441,3 +441,19 @@ def test_the_default_configs_of_transformers_pass_the_value_checks():
     for model_type in ("gpt2", "bert", "llama", "vit", "clip", "t5", "llava", "vitdet", "vilt", "whisper", "resnet"):
         cls = transformers.CONFIG_MAPPING[model_type]
         check_config_values(json.loads(cls().to_json_string(use_diff=False)), cls, model_type)
+
+
+def test_label_bound_ignores_tensors_without_elements(gpt2_cls, tmp_path):
+    """A zero-element tensor of shape ``[2**31, 0]`` costs nothing to store: its dimensions bound
+    nothing (else ``num_labels: 2**31`` would pass and transformers build a 2^31-entry id2label)."""
+    from safetensors.torch import load_file, save_file
+
+    from ttcompress.hf_config import label_bound
+
+    assert label_bound([(2**31, 0), (3, 16)]) == 3 * 16
+    d = _copy(gpt2_cls, tmp_path / "d")
+    tensors = load_file(str(d / "model.safetensors"))
+    save_file({**tensors, "junk": torch.empty(2**31, 0)}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    _edit_json(d / "config.json", num_labels=2**31)
+    with deadline(20), pytest.raises(CheckpointError, match="num_labels must be an int from 1 to .* got 2147483648"):
+        load(d)

@@ -97,6 +97,31 @@ def test_python_api_refuses_before_calibration() -> None:
     assert calls == []
 
 
+@pytest.mark.parametrize("entry", ["compress", "preview"])
+def test_the_weights_are_scanned_once_per_compression(entry: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pass over the parameters, also under a target ratio (guarded_plan scanned them again)."""
+    import ttcompress.dryrun
+    import ttcompress.surgery
+    import ttcompress.surgery_checks as checks
+
+    calls: list[int] = []
+    real = checks.check_finite_parameters
+
+    def spy(model: torch.nn.Module) -> None:
+        calls.append(1)
+        real(model)
+
+    for module in (checks, ttcompress.surgery, ttcompress.dryrun):
+        monkeypatch.setattr(module, "check_finite_parameters", spy)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+    if entry == "compress":
+        compress(model, Plan(target_ratio=2.0))
+    else:
+        ttcompress.dryrun.preview_plan(model, Plan(target_ratio=2.0))
+    assert len(calls) == 1
+
+
 # ------------------------------------------------------------------------------ calibration data
 
 

@@ -46,7 +46,7 @@ from ttcompress.measure import example_input
 from ttcompress.outputs import primary_output
 from ttcompress.modtree import get_submodule, set_submodule
 
-__all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "LayerMerge", "export_model", "merge_to_dense"]
+__all__ = ["EXPORT_FORMATS", "ExportError", "ExportResult", "LayerMerge", "export_model", "merge_to_dense", "require_onnx"]
 
 ExportFormat = Literal["onnx", "torchscript", "dense", "hf"]
 #: The formats :func:`export_model` writes.
@@ -411,6 +411,12 @@ def _require(modules: Sequence[str], what: str) -> None:
                           f"{', '.join(missing)}: {EXPORT_EXTRA}")
 
 
+def require_onnx(*, check: bool = True) -> None:
+    """:class:`ExportError` naming the ``[export]`` extra when ONNX export (and, with ``check``, its
+    onnxruntime check) cannot run here: a caller may ask before it loads the model."""
+    _require(("onnx", "onnxscript") + (("onnxruntime",) if check else ()), "ONNX export")
+
+
 _ONE_TENSOR = "export supports models that return one tensor (or a transformers output with logits or last_hidden_state)"
 
 
@@ -537,7 +543,7 @@ def export_model(
     if merge != "all" and format != "dense":
         raise UserInputError(f"merge applies to format='dense' only, got format={format!r}")
     if format == "onnx":
-        _require(("onnx", "onnxscript") + (("onnxruntime",) if check else ()), "ONNX export")
+        require_onnx(check=check)
     model = model.eval()
     atol = _tolerance(model, atol)
     if format == "hf" or (format == "dense" and recorded_hf_arch(model) is not None):

@@ -59,9 +59,10 @@ def label_bound(shapes: Iterable[tuple[int, ...]]) -> int:
 
     A dense classifier head has one row per label, so its largest dimension; a factorized head
     (TT, SVD) has fewer rows than labels, so also up to :data:`MAX_LABELS` where the tensors hold
-    at least that many elements in all; and at least 2 (transformers' default).
+    at least that many elements in all; and at least 2 (transformers' default). A tensor without
+    elements (shape ``[2**31, 0]``, free to store) bounds nothing.
     """
-    shapes = [tuple(s) for s in shapes]
+    shapes = [tuple(s) for s in shapes if math.prod(s) > 0]
     largest = max((max(s, default=1) for s in shapes), default=1)
     return max(2, largest, min(MAX_LABELS, sum(math.prod(s) for s in shapes)))
 

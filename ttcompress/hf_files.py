@@ -106,8 +106,9 @@ def read_json(p: Path, what: str) -> dict[str, Any]:
 
 def shard_files(d: Path) -> list[Path]:
     """The safetensors files of ``d`` (one file or the shards its index names)."""
-    if single_weights(d) is not None:
-        return [single_weights(d)]  # type: ignore[list-item]
+    single = single_weights(d)
+    if single is not None:
+        return [single]
     weight_map = read_json(d / INDEX_FILE, "safetensors index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{d / INDEX_FILE}: no weight_map")

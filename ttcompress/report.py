@@ -314,7 +314,7 @@ def build_report(
     shape = _input_shape(baseline.model, data, input_shape)
     test_set, subset = _test_split(data, (baseline, *models), device=device, eval_limit=eval_limit, eval_seed=eval_seed)
     options = dict(device=device, shape=shape, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                   min_run_time=min_run_time, measure_speed=measure_speed, metric=metric, metric_name=metric_name)
+                   measure_speed=measure_speed, metric=metric, metric_name=metric_name)
     base = dict(base_params=count_params(baseline.model), base_kinds=params_by_kind(baseline.model))
     entries = (baseline, *models)
     measured = [_measure_entry(entry, data, test_set, **base, **options) for entry in entries]
@@ -405,7 +405,6 @@ def _measure_entry(
     base_kinds: dict[str, int],
     batch_size: int,
     eval_batch_size: int,
-    min_run_time: float,
     measure_speed: bool,
     metric: Callable[[torch.Tensor, torch.Tensor | None], float] | None,
     metric_name: str | None,

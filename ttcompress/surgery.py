@@ -629,6 +629,8 @@ def summarize(model: nn.Module, *, plan: Plan | None = None, kind: str = "model"
     owner: dict[int, str] = {}  # id -> the first row holding that parameter
     done = layer_classes()
     # what decompose would see: attention split into projections, Conv1D as Linear, tied layers dense
+    if plan.target_ratio is not None:  # allocating ranks needs every layer's spectrum
+        check_finite_parameters(model)
     prep = preview_preparation(model)
     decisions = {d.name: d for d in guarded_plan(prep, plan)}
     for name, m in prep.model.named_modules():

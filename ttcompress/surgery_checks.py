@@ -57,7 +57,8 @@ def check_finite_parameters(model: nn.Module) -> None:
     """Refuse a model with a NaN or Inf parameter, naming the first one.
 
     Called once where every compression starts (:func:`ttcompress.surgery.compress_with_report`,
-    and :func:`ttcompress.sweep.run_sweep` right after loading), before rank allocation,
+    :func:`ttcompress.dryrun.preview_plan`, :func:`ttcompress.surgery.summarize` of a plan with a
+    target ratio, and :func:`ttcompress.sweep.run_sweep` right after loading), before rank allocation,
     calibration or any decomposition: an SVD, eigendecomposition or least-squares fit of
     non-finite values fails deep inside the linear-algebra backend, and a layer kept dense would
     carry the values into the compressed model. Tensors on the ``meta`` device are skipped.
@@ -134,9 +135,7 @@ def guarded_plan(prep: Preparation, plan: Plan, sensitivity: Any = None) -> list
     ``target_ratio`` those layers are taken out before the ranks are allocated, so that the
     budget goes to the layers that can take it (tied embeddings would otherwise hold a share the
     model never gets, and the target would be missed). Allocating ranks needs every layer's
-    spectrum: a model with non-finite weights is refused first (:func:`check_finite_parameters`)."""
-    if plan.target_ratio is not None:
-        check_finite_parameters(prep.model)
+    spectrum: callers refuse a model with non-finite weights first (:func:`check_finite_parameters`)."""
     first = plan_layers(prep.model, plan, sensitivity=sensitivity)
     guarded = guard_decisions(prep, first)
     if plan.target_ratio is None:

@@ -81,28 +81,29 @@ def calibration_set(data: str, *, root: Any,  samples: int, seed: int) -> tuple[
     return subset, {"dataset": bundle.name, "samples": len(subset), "seed": seed, "split": "train",
                     "balanced": True}
 
-def default_calibration(model: Path, *, root: Any, samples: int, seed: int) -> tuple[Any, dict[str, Any] | None]:
+def default_calibration(model: Path, *, root: Any, samples: int, seed: int
+                        ) -> tuple[Any, dict[str, Any] | None, str | None]:
     """Calibration on the dataset the checkpoint records (see :func:`recorded_dataset`), if it loads.
 
-    A recorded dataset that needs files the user has not pointed to (``--data-root``) leaves the
-    decomposition data-free, with a note on stderr saying how to calibrate.
+    Returns ``(calib, info, note)``. A recorded dataset that needs files the user has not pointed
+    to (``--data-root``) leaves the decomposition data-free, with a ``note`` saying how to
+    calibrate: the caller shows it once the decomposition succeeded, so that a refused request
+    stays one line (the last line, :func:`calibration_line`, says which data were used).
     """
     name = recorded_dataset(model)
     if name is None:
-        return None, None
+        return None, None, None
     try:
         calib, info = calibration_set(name, root=root, samples=samples, seed=seed)
     except DataError as exc:
-        err.print(f"note: {model.name} was trained on {name!r}, which did not load ({exc}); decomposing data-free "
-                  f"(pass --data {name} --data-root DIR to calibrate)")
-        return None, None
-    err.print(f"calibrating on {info['samples']} samples of {name!r}, the dataset {model.name} records "
-              "(--data to choose another, --no-calib for a data-free decomposition)")
-    return calib, {**info, "source": "recorded in the checkpoint"}
+        return None, None, (f"note: {model.name} was trained on {name!r}, which did not load ({exc}); decomposed "
+                            f"data-free (pass --data {name} --data-root DIR to calibrate)")
+    return calib, {**info, "source": "recorded in the checkpoint"}, None
 
 
 def calibration_line(calibration: Any) -> str:
-    """``calibrated on 512 samples of 'mnist-5k' (train split)`` or ``data-free (no calibration)``."""
+    """``calibrated on 512 samples of 'mnist-5k'`` (with ``(SOURCE)`` when the info names where the data
+    came from, e.g. ``recorded in the checkpoint``) or ``data-free (no calibration data)``."""
     if not calibration.get("used"):
         return "data-free (no calibration data)"
     name, n = calibration.get("dataset"), calibration.get("samples")
@@ -198,18 +199,21 @@ def decompose(
     check_outputs([output if output is not None else default_output_path(model)], overwrite=overwrite,
                   inputs=[model, plan, *data_inputs(data)])
     resolve_device(device)  # --device cuda without CUDA: one line, before anything is loaded
+    note = None
     with refused_input():
         if no_calib:
             calib, calib_info = None, None
         elif data is not None:
             calib, calib_info = calibration_set(data, root=data_root, samples=calib_samples, seed=seed)
         else:
-            calib, calib_info = default_calibration(model, root=data_root, samples=calib_samples, seed=seed)
+            calib, calib_info, note = default_calibration(model, root=data_root, samples=calib_samples, seed=seed)
     load = {"arch": arch, "arch_kwargs": kwargs, "trust_pickle": trust_pickle, "trust_code": trust_code}
     result = _decompose_with_progress(model, output=output, plan=the_plan, load=load, calib=calib,
                                       calib_info=calib_info, device=device, calib_memory=memory)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports (and writes)
         return
+    if note is not None:
+        err.print(note)
     if json_:
         out.print_json(json.dumps(result.to_dict()))
         return

@@ -75,7 +75,7 @@ def export(
 
     Example: ttcompress export model.tt.pt --format onnx -o model.onnx
     """
-    from ttcompress.export import EXPORT_FORMATS, export_model
+    from ttcompress.export import EXPORT_FORMATS, export_model, require_onnx
     from ttcompress.hf import recorded_hf_arch
     from ttcompress.hf_files import is_hf_dir
     from ttcompress.io import load
@@ -96,6 +96,8 @@ def export(
         _check_dir_output(output, overwrite=overwrite, model=model)
     elif fmt != "dense":
         check_outputs([output], overwrite=overwrite, inputs=[model])
+    if fmt == "onnx":
+        require_onnx(check=not no_check)  # a missing [export] extra: one line before the model is loaded
     loaded = load(model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle)
     if fmt == "dense":  # a transformers model merged back is a directory, any other a checkpoint file
         if recorded_hf_arch(loaded) is not None:

@@ -60,19 +60,29 @@ from ttcompress.cli.train import (
 from ttcompress.errors import UserInputError
 from ttcompress.hf_files import read_record
 from ttcompress.io import read_header
-from ttcompress.teacher import default_teacher
+from ttcompress.teacher import TeacherChoice, default_teacher
 from ttcompress.training.config import FinetuneConfig
 
 app = command_app()
 
 
+def _recorded_choice(model: Path) -> TeacherChoice:
+    """What :func:`default_teacher` makes of the source model recorded by ``decompose`` in MODEL's
+    header (or a Hugging Face directory's ``ttcompress.json``); nothing is printed."""
+    header = read_header(model) if model.is_file() else read_record(model) if model.is_dir() else None
+    return default_teacher((header or {}).get("info") or {})
+
+
+def _say(choice: TeacherChoice) -> None:
+    if choice.message is not None:
+        err.print(choice.message, style="yellow" if choice.warning else None, highlight=False, soft_wrap=True)
+
+
 def _recorded_teacher(model: Path) -> Path | None:
     """The source model recorded by ``decompose`` in MODEL's header (or a Hugging Face directory's
     ``ttcompress.json``), if unchanged (says so on stderr)."""
-    header = read_header(model) if model.is_file() else read_record(model) if model.is_dir() else None
-    choice = default_teacher((header or {}).get("info") or {})
-    if choice.message is not None:
-        err.print(choice.message, style="yellow" if choice.warning else None, highlight=False, soft_wrap=True)
+    choice = _recorded_choice(model)
+    _say(choice)
     return choice.path
 
 
@@ -151,12 +161,16 @@ def finetune(
     if teacher_arch is None and teacher_arch_kwargs is not None:
         raise UserInputError("--teacher-arch-kwargs needs --teacher-arch")
     data = check_default_data(model, data)  # before any work or message: a default the model cannot take
-    if teacher is None and not no_distill:
-        teacher = _recorded_teacher(model)
+    choice = _recorded_choice(model) if teacher is None and not no_distill else None
+    if choice is not None:
+        teacher = choice.path
+    output = require_output(output, overwrite=overwrite, resume=resume, inputs=(model, teacher, *data_inputs(data)))
+    if choice is not None:  # only once the output is accepted: a refused request stays one line
+        _say(choice)
     progress = RichProgress(err)
     try:
         result = finetune_file(
-            model, output=require_output(output, overwrite=overwrite, resume=resume, inputs=(model, teacher, *data_inputs(data))), data=data, data_root=data_root, download=download,
+            model, output=output, data=data, data_root=data_root, download=download,
             image_size=image_size, config=config, teacher=teacher, arch=arch,
             arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle, trust_code=trust_code,
             progress=progress, resume=resume, teacher_arch=teacher_arch,

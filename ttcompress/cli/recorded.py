@@ -38,7 +38,11 @@ def recorded_dataset(model: Path) -> str | None:
     Only the names in :data:`RECORDED_DATASETS` count: a recorded ``tensors:FILE``,
     ``imagefolder:PATH`` or ``package.module:callable`` is never acted on.
     """
-    name = _info(model).get("dataset")
+    return _dataset_of(_info(model))
+
+
+def _dataset_of(info: dict[str, Any]) -> str | None:
+    name = info.get("dataset")
     return name if isinstance(name, str) and name in RECORDED_DATASETS else None
 
 
@@ -51,8 +55,9 @@ def check_default_data(model: Path, data: str | None) -> str:
     """
     if data is not None:
         return data
-    name = recorded_dataset(model) or DEFAULT_DATA
-    shape = _info(model).get("input_shape")
+    info = _info(model)  # the header is read once
+    name = _dataset_of(info) or DEFAULT_DATA
+    shape = info.get("input_shape")
     if isinstance(shape, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in shape):
         if tuple(shape) != _SHAPES[name]:
             raise UserInputError(

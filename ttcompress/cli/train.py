@@ -29,14 +29,10 @@ _RUN = "Device and run"
 _KD = "Distillation"
 
 # ----------------------------------------------------------------------------- shared options
-DataOpt = Annotated[str, typer.Option(
-    "--data", help="Dataset: mnist-5k (embedded, offline), mnist, fashion-mnist, cifar10, imagefolder:PATH, "
-    "tensors:FILE (.pt/.npz/.safetensors with 'inputs' and optional 'targets'), or package.module:callable "
-    "(your code, returning a Dataset, a (train, test) pair or DataLoaders).",
-    metavar="NAME", rich_help_panel=_DATA)]
 _DATA_HELP = ("Dataset: mnist-5k (embedded, offline), mnist, fashion-mnist, cifar10, imagefolder:PATH, "
               "tensors:FILE (.pt/.npz/.safetensors with 'inputs' and optional 'targets'), or package.module:callable "
               "(your code, returning a Dataset, a (train, test) pair or DataLoaders).")
+DataOpt = Annotated[str, typer.Option("--data", help=_DATA_HELP, metavar="NAME", rich_help_panel=_DATA)]
 #: ``--data`` of commands that take a model file: default, the built-in dataset the file records.
 ModelDataOpt = Annotated[Optional[str], typer.Option(
     "--data", help=_DATA_HELP + " Default: the built-in dataset the model file records, else mnist-5k.",

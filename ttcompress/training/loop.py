@@ -109,14 +109,14 @@ def fit(
         its inputs, ``train_only="decomposed"`` on a model without decomposed layers.
     TrainingError
         The loss became NaN/inf (the checkpoints of the last finished epoch are kept).
+    CheckpointError
+        ``resume`` without a readable resume state.
 
     Notes
     -----
     A ``model`` in float16 or bfloat16 is converted to float32 in place and trained (and saved)
     in float32: updates to half-precision weights without float32 master weights underflow or
     overflow (float16 reaches NaN within a few steps). ``config.amp`` gives mixed precision.
-    CheckpointError
-        ``resume`` without a readable resume state.
     """
     _check_fit_types(model, bundle, config, teacher)
     choice("mode", mode, ("train", "finetune"))
