@@ -179,3 +179,17 @@ def test_a_sweep_distills_from_the_baseline_by_default(tmp_path, monkeypatch, ar
         ref = load(baseline if teacher == "baseline" else other)
         assert seen[0] is not None and all(torch.equal(a, b) for a, b in zip(seen[0].state_dict().values(),
                                                                               ref.state_dict().values()))
+
+
+def test_a_sweep_takes_the_calibration_budget(bundle, baseline, tmp_path) -> None:
+    from ttcompress.io import read_header
+
+    config = FinetuneConfig(epochs=1, device="cpu", batch_size=32)
+    done = run_sweep(baseline, bundle=bundle, settings=[SweepSetting(cp_rank=2)], output_dir=tmp_path / "s",
+                     config=config, calib_samples=16, calib_memory="64M")  # fmt: skip
+    info = read_header(done[0].model_path.parent / "decomposed.pt")["info"]["calibration"]
+    assert info["used"] is True and info["memory"] == 64 * 2**20  # part of the setting's fingerprint
+    with pytest.raises(ValueError, match="calib_memory"):
+        run_sweep(baseline, bundle=bundle, settings=[SweepSetting(cp_rank=2)], output_dir=tmp_path / "t",
+                  config=config, calib_samples=16, calib_memory="1K")
+    assert not (tmp_path / "t").exists()

@@ -205,7 +205,7 @@ BAD_HEADERS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ("version-new", lambda h: h.update(version=99), "newer than"),
     ("layers-list", lambda h: h.update(layers=[]), "layers must be an object"),
     ("tied-missing", lambda h: h.update(tied={"x.weight": "nope"}), "not in the file"),
-    ("rel-error-str", lambda h: _layer(h, "tt").update(rel_error="0.1"), "rel_error must be a number"),
+    ("rel-error-str", lambda h: _layer(h, "tt").update(rel_error="0.1"), "rel_error must be a non-negative number"),
     ("input-shape", lambda h: h["info"].update(input_shape=[10**6, 10**6]), "info.input_shape"),
     ("deep-info", lambda h: h["info"].update(deep=json.loads("[" * 40 + "]" * 40)), "nested deeper"),
     ("no-layer", lambda h: h["layers"].update({"nope": dict(_layer(h, "tt"))}), "does not exist"),

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ttcompress._version import __version__
+from ttcompress.calibration.budget import check_calib_memory
 from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES, calib_batches, named_calibration
 from ttcompress.data import DatasetBundle, balanced_subset, check_model_fits
 from ttcompress.errors import DataError, UserInputError, refused_input
@@ -323,6 +324,7 @@ def run_sweep(
     base_plan: Plan | None = None,
     plan_options: Mapping[str, Any] | None = None,
     calib_samples: int | None = DEFAULT_CALIB_SAMPLES,
+    calib_memory: int | str | None = None,
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
     trust_pickle: bool = False,
@@ -378,6 +380,9 @@ def run_sweep(
     digest = _file_digest(baseline)
     calib, calib_info = (None, None) if calib_samples is None else calibration_subset(
         bundle, samples=calib_samples, seed=config.seed)
+    memory = None if calib_memory is None else check_calib_memory(calib_memory)
+    if calib_info is not None and memory is not None:  # a budget can change the statistics: part of the key
+        calib_info = {**calib_info, "memory": memory}
     if calib is not None:
         with named_calibration(calib_info):  # non-finite samples are refused before any work
             for _batch in calib_batches(calib):
@@ -393,7 +398,7 @@ def run_sweep(
         base_model=base_model, base_params=count_params(base_model), teacher=teacher,
         teacher_digest=_weights_digest(teacher) if teacher is not None else None,
         cached=_cached_load_kwargs(arch, arch_kwargs, trust_code), data_root=data_root, progress=progress,
-        say=log or (lambda _line: None), calib=calib, calib_info=calib_info,
+        say=log or (lambda _line: None), calib=calib, calib_info=calib_info, calib_memory=memory,
     )
     return [_run_setting(run, setting, f"[{i}/{len(settings)}] {setting.label}") for i, setting in enumerate(settings, 1)]
 
@@ -418,6 +423,7 @@ class _SweepRun:
     say: SweepLog
     calib: Any = None
     calib_info: dict[str, Any] | None = None
+    calib_memory: int | None = None
 
     def evaluate(self, model: nn.Module) -> float:
         device = self.config.device if self.config.device != "auto" else None
@@ -464,7 +470,8 @@ def _decomposed(run: _SweepRun, setting: SweepSetting, plan: Plan, work: Path, h
         return load(decomposed, **run.cached), json.loads(before_file.read_text(encoding="utf-8"))["accuracy"]
     run.say(f"{head}: decomposing" + (f", calibrated on {run.calib_info['samples']} samples" if run.calib_info else ""))
     with named_calibration(run.calib_info):
-        model = compress_with_report(copy.deepcopy(run.base_model), plan, calib_data=run.calib).model
+        model = compress_with_report(copy.deepcopy(run.base_model), plan, calib_data=run.calib,
+                                     calib_memory=run.calib_memory).model
     calibration = {"used": run.calib_info is not None, **(run.calib_info or {})}
     save(model, decomposed, info={"plan": plan.to_dict(), "sweep_setting": dataclasses.asdict(setting),
                                   "calibration": calibration})
@@ -495,6 +502,7 @@ def sweep_report(
     plan_file: str | os.PathLike[str] | None = None,
     plan_options: Mapping[str, Any] | None = None,
     calib_samples: int | None = DEFAULT_CALIB_SAMPLES,
+    calib_memory: int | str | None = None,
     distill: bool = True,
     teacher: str | os.PathLike[str] | None = None,
     image_size: int | None = None,
@@ -536,8 +544,8 @@ def sweep_report(
             teacher, student=base_model, student_arch=arch, trust_pickle=trust_pickle, trust_code=trust_code)
     results = run_sweep(
         baseline, bundle=bundle, settings=settings, output_dir=out, config=config, base_plan=base_plan,
-        plan_options=plan_options, calib_samples=calib_samples, arch=arch, arch_kwargs=arch_kwargs,
-        trust_pickle=trust_pickle, trust_code=trust_code,
+        plan_options=plan_options, calib_samples=calib_samples, calib_memory=calib_memory, arch=arch,
+        arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, trust_code=trust_code,
         teacher=teacher_model if teacher_model is not None else (base_model if distill else None), progress=progress, data_root=data_root,
         log=console.print if console is not None else None,
     )  # fmt: skip

@@ -19,7 +19,7 @@ from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, data
 from ttcompress.fsutil import check_not_inputs
 from ttcompress.cli.flags import PLAN_FLAGS, flags_in_errors
 from ttcompress.cli.options import (
-    ArchKwargsOpt, ArchOpt, CalibSamplesOpt, ExcludeOpt, FormatsOpt, LayersOpt, MaxErrorOpt, MinSavingOpt,
+    ArchKwargsOpt, ArchOpt, CalibMemoryOpt, CalibSamplesOpt, ExcludeOpt, FormatsOpt, LayersOpt, MaxErrorOpt, MinSavingOpt,
     NoCalibOpt, OverwriteOpt, PlanOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustCodeOpt, TrustPickleOpt,
     parse_arch_kwargs, parse_list,
 )
@@ -91,6 +91,7 @@ def sweep_command(
     max_error: MaxErrorOpt = None,
     plan: PlanOpt = None,
     calib_samples: CalibSamplesOpt = DEFAULT_CALIB_SAMPLES,
+    calib_memory: CalibMemoryOpt = None,
     no_calib: NoCalibOpt = False,
     output_dir: Annotated[Optional[Path], typer.Option(
         "-o", "--output-dir", help="Directory of per-setting models and the cache "
@@ -198,7 +199,7 @@ def _run(o: dict[str, Any], settings: Any, config: FinetuneConfig) -> Any:
     from ttcompress.sweep import sweep_report
 
     progress = RichProgress(err)
-    flags = {**PLAN_FLAGS, "calib_samples": "--calib-samples", "min_saving": "--min-saving", "max_error": "--max-error"}
+    flags = {**PLAN_FLAGS, "calib_samples": "--calib-samples", "calib_memory": "--calib-memory", "min_saving": "--min-saving", "max_error": "--max-error"}
     try:
         with flags_in_errors(flags):
             return sweep_report(
@@ -207,7 +208,7 @@ def _run(o: dict[str, Any], settings: Any, config: FinetuneConfig) -> Any:
                 plan_file=o["plan"], plan_options={"formats": o["formats"] or (), "layers": o["layers"] or (),
                                                    "exclude": o["exclude"] or (), "min_saving": o["min_saving"],
                                                    "max_error": o["max_error"]},
-                calib_samples=None if o["no_calib"] else o["calib_samples"],
+                calib_samples=None if o["no_calib"] else o["calib_samples"], calib_memory=o["calib_memory"],
                 distill=o["distill"], teacher=o["teacher"], measure_speed=not o["no_latency"], arch=o["arch"],
                 arch_kwargs=parse_arch_kwargs(o["arch_kwargs"]), trust_pickle=o["trust_pickle"],
                 trust_code=o["trust_code"], console=err, progress=progress,
