@@ -15,9 +15,10 @@ the format registry, so a new format is counted under the kind of the dense laye
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ __all__ = [
     "measure_latencies",
     "measure_latency",
     "params_by_kind",
+    "time_interleaved",
     "peak_memory",
     "weights_bytes",
 ]
@@ -284,6 +286,51 @@ def _quantile(values: Sequence[float], q: float) -> float:
     return float(torch.tensor(sorted(values), dtype=torch.float64).quantile(q))
 
 
+def time_interleaved(
+    calls: Sequence[Callable[[], Any]],
+    *,
+    min_run_time: float = 0.5,
+    num_threads: int | None = None,
+    min_rounds: int = MIN_ROUNDS,
+) -> list[LatencyStats]:
+    """Time several zero-argument calls like a benchmark: warmed up, then interleaved.
+
+    Each call is warmed up (three calls: lazy init, path choices, allocator caches) and its calls
+    per block are sized so a block takes about ``min_run_time / min_rounds`` seconds. Then the
+    calls are timed in turn, one block each per round, for at least ``min_rounds`` rounds and
+    until every one has had ``min_run_time`` seconds: a change of machine load during the
+    measurement touches every one alike instead of whichever happened to run then, so two copies
+    of one model agree. Blocks are timed with :class:`torch.utils.benchmark.Timer` (which
+    synchronizes CUDA). The result is the median and IQR of the per-call times of the blocks.
+    """
+    benchmark = _import_benchmark()
+    if not calls:
+        return []
+    threads = num_threads or torch.get_num_threads()
+    block_s = max(min_run_time / max(min_rounds, 1), 1e-3)
+    timers, counts = [], []
+    for call in calls:
+        timer = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=threads)
+        once = timer.timeit(3).mean  # warm-up, and the time of one call
+        timers.append(timer)
+        counts.append(max(1, int(block_s / max(once, 1e-9))))
+    times: list[list[float]] = [[] for _ in calls]
+    spent = [0.0] * len(calls)
+    rounds = 0
+    while rounds < min_rounds or min(spent) < min_run_time:
+        for i in range(len(calls)):
+            j = (i + rounds) % len(calls)  # rotate who goes first
+            per_call = timers[j].timeit(counts[j]).mean
+            times[j].append(per_call)
+            spent[j] += per_call * counts[j]
+        rounds += 1
+    return [
+        LatencyStats(median_ms=_quantile(t, 0.5) * 1e3, iqr_ms=(_quantile(t, 0.75) - _quantile(t, 0.25)) * 1e3,
+                     rounds=rounds, calls_per_round=c)
+        for t, c in zip(times, counts)
+    ]
+
+
 def measure_latencies(
     models: Sequence[nn.Module],
     input_shape: Sequence[int],
@@ -293,48 +340,17 @@ def measure_latencies(
     num_threads: int | None = None,
     min_rounds: int = MIN_ROUNDS,
 ) -> list[LatencyStats]:
-    """Forward latency of several models on a batch, measured like a benchmark: interleaved.
-
-    Each model is put in eval mode under ``no_grad``, warmed up (three calls: lazy init, path
-    choices, allocator caches), and its calls per block are sized so a block takes about
-    ``min_run_time / min_rounds`` seconds. Then the models are timed in turn, one block each
-    per round, for at least ``min_rounds`` rounds and until every model has had ``min_run_time``
-    seconds: a change of machine load during the measurement touches every model alike instead
-    of whichever happened to run then, so two copies of one model in one report agree. Blocks
-    are timed with :class:`torch.utils.benchmark.Timer` (which synchronizes CUDA). The result is
-    the median and IQR of the per-call times of the blocks (:class:`LatencyStats`).
-    """
-    benchmark = _import_benchmark()
+    """Forward latency of several models on a batch, in eval mode under ``no_grad``, interleaved
+    (:func:`time_interleaved`)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not models:
-        return []
-    threads = num_threads or torch.get_num_threads()
-    block_s = max(min_run_time / max(min_rounds, 1), 1e-3)
     with contextlib.ExitStack() as stack, torch.no_grad():
-        timers, calls = [], []
+        calls = []
         for model in models:
             stack.enter_context(_Eval(model))
             x = example_input(model, input_shape, batch_size)
-            timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads)
-            once = timer.timeit(3).mean  # warm-up, and the time of one call
-            timers.append(timer)
-            calls.append(max(1, int(block_s / max(once, 1e-9))))
-        times: list[list[float]] = [[] for _ in models]
-        spent = [0.0] * len(models)
-        rounds = 0
-        while rounds < min_rounds or min(spent) < min_run_time:
-            for i in range(len(models)):
-                j = (i + rounds) % len(models)  # rotate who goes first
-                per_call = timers[j].timeit(calls[j]).mean
-                times[j].append(per_call)
-                spent[j] += per_call * calls[j]
-            rounds += 1
-    return [
-        LatencyStats(median_ms=_quantile(t, 0.5) * 1e3, iqr_ms=(_quantile(t, 0.75) - _quantile(t, 0.25)) * 1e3,
-                     rounds=rounds, calls_per_round=c)
-        for t, c in zip(times, calls)
-    ]
+            calls.append(functools.partial(model, x))
+        return time_interleaved(calls, min_run_time=min_run_time, num_threads=num_threads, min_rounds=min_rounds)
 
 
 class _LiveTensors:
