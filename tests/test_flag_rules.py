@@ -96,7 +96,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(cnn_file, tmp_path) -> None:
     assert result.exit_code == 0, (result.stdout, result.stderr)
     assert sorted(p.name for p in cnn_file.parent.iterdir()) == before
     out = result.stdout
-    assert "projected" in out and "~0." in out and "estimate" in out
+    assert "projected" in out and "decomposed and measured" in out
+    assert "~0." not in out and "≤0." not in out  # small layers: exact errors, the real run's computation
     assert " !" in out and "large error" in out  # rank 1 everywhere: some layer far above LARGE_ERROR
     result = invoke("decompose", cnn_file, "--arch", "seed-cnn", "--dry-run", "-o", tmp_path / "x.pt")
     assert result.exit_code == 0 and not (tmp_path / "x.pt").exists()
