@@ -48,6 +48,8 @@ def test_dry_run_errors_match_the_real_run(make, fmt: str) -> None:
     real = _real(make(), plan)
     shown = {lp.decision.name: lp for lp in preview.layers if lp.decision.format != "dense"}
     assert set(shown) == set(real)
+    done = compress_with_report(make(), plan)
+    assert preview.params_after == done.params_after  # projected parameters are the real run's
     if make is mlp and fmt in ("cp", "tucker2"):
         assert not real  # nothing for a conv format to compress in an MLP
         return

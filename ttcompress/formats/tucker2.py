@@ -95,6 +95,8 @@ def _steps(cout_g: int, cin_g: int, kh: int, kw: int, g: int, bias: bool) -> tup
     big = max(cout_g, cin_g)
     for k in range(1, big + 1):
         pair = (max(1, round(k * cin_g / big)), max(1, round(k * cout_g / big)))
+        if kh * kw == 1:  # a 1x1 core is an r_out x r_in matrix: the build keeps min(r_in, r_out) of each
+            pair = (min(pair), min(pair))
         if steps and pair == steps[-1][0]:
             continue
         params = tucker2_param_count(g * cout_g, g * cin_g, kh, kw, pair[1], pair[0], groups=g) + (
@@ -147,6 +149,8 @@ class Tucker2Format(CompressionFormat):
             ranks = fit[-1]
         r_in, r_out = (ranks, ranks) if isinstance(ranks, int) else ranks
         r_in, r_out = min(r_in, cin_g, cout_g * kh * kw), min(r_out, cout_g, cin_g * kh * kw)
+        if kh * kw == 1:  # what the build keeps of a 1x1 kernel (see _steps)
+            r_in = r_out = min(r_in, r_out)
         after = _params(module, r_in, r_out)  # type: ignore[arg-type]
         return self.decision(module, name, {"in_rank": r_in, "out_rank": r_out, **options}, after, aliases,
                              f"Tucker-2 ranks ({r_in}, {r_out})")
