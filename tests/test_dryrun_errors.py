@@ -101,3 +101,25 @@ def test_cp_error_curve_is_an_error_at_every_rank() -> None:
     s = torch.linalg.svdvals(one_by_one.reshape(16, 12).double())
     exact = float(s[5:].square().sum() / s.square().sum())
     assert cp_error_curve(one_by_one, 5)[-1] == pytest.approx(exact, rel=1e-9)
+
+
+@pytest.mark.parametrize("settings", [{"tt": {"eps": 0.6}}, {"svd": {"eps": 0.6}}], ids=["tt-eps", "svd-eps"])
+def test_error_bound_plans_project_the_built_parameters(settings) -> None:
+    """Ranks set by an error bound are only known after decomposing: the dry run's exact preview
+    gives them, so projected parameters and errors equal the real run's."""
+    from ttcompress.formats import get_format
+
+    (name, opts), = settings.items()
+    fmt_settings = get_format(name).settings(**opts)
+    if name == "tt":
+        plan = Plan(formats=("tt",), others="dense", tt=fmt_settings)
+    else:
+        plan = Plan(formats=(name,), others="dense", settings=((name, fmt_settings),))
+    preview = preview_plan(mlp(), plan)
+    done = compress_with_report(mlp(), plan)
+    assert preview.params_after == done.params_after < done.params_before
+    real = {r.name: r.rel_error for r in done.compressed}
+    for lp in preview.layers:
+        if lp.decision.format != "dense":
+            assert lp.error_kind == "exact" and lp.est_error == pytest.approx(real[lp.decision.name], abs=1e-6)
+            assert lp.est_error <= 0.6 + 1e-9

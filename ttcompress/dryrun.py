@@ -62,6 +62,8 @@ class LayerPreview:
         The format that would be built: the decision's, or the one ``auto`` would pick.
     note : str or None
         Why ``auto`` would pick it.
+    built_params : int or None
+        Parameters of the layer the preview decomposed (exact previews), else None.
     """
 
     decision: LayerDecision
@@ -69,12 +71,22 @@ class LayerPreview:
     error_kind: str | None = None
     format: str = DENSE
     note: str | None = None
+    built_params: int | None = None
+
+    @property
+    def params_after(self) -> int | None:
+        """Projected parameters: the plan's, or, where only an error bound sets the ranks (e.g. TT
+        ``eps``), those of the layer the preview built (None when it built none)."""
+        d = self.decision
+        if d.format == DENSE:
+            return d.params_before
+        return d.params_after if d.params_after is not None else self.built_params
 
     def to_dict(self) -> dict[str, Any]:
         d = self.decision
         return {"name": d.name, "type": d.type, "shape": list(d.shape), "plan_format": d.format,
                 "format": self.format, "params_before": d.params_before,
-                "params_after": d.params_after if d.format != DENSE else d.params_before,
+                "params_after": self.params_after,
                 "weight_error": self.est_error, "weight_error_kind": self.error_kind,
                 "skipped": d.skipped, "note": self.note}
 
@@ -117,7 +129,7 @@ def _preview_layer(module: nn.Module, decision: LayerDecision, budget: float) ->
         p = _ladder_estimate(module, decision)
     if p is None:
         return LayerPreview(decision, None, None, decision.format)
-    return LayerPreview(decision, p.error, p.kind, p.format, p.note)
+    return LayerPreview(decision, p.error, p.kind, p.format, p.note, p.params)
 
 
 def preview_plan(model: nn.Module, plan: Plan, *, budget: float = PREVIEW_BUDGET) -> PlanPreview:
@@ -144,6 +156,6 @@ def preview_plan(model: nn.Module, plan: Plan, *, budget: float = PREVIEW_BUDGET
         raise ValueError(f"budget must be a non-negative number, got {budget!r}")
     layers = tuple(_preview_layer(modules[d.name], d, float(budget)) for d in guarded_plan(prep, plan))
     before = count_params(model)
-    saved = sum(d.decision.params_before - d.decision.params_after for d in layers
-                if d.decision.format != DENSE and d.decision.params_after is not None)  # fmt: skip
+    saved = sum(lp.decision.params_before - lp.params_after for lp in layers
+                if lp.decision.format != DENSE and lp.params_after is not None)  # fmt: skip
     return PlanPreview(layers, before, before - saved)

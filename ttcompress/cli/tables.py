@@ -135,13 +135,14 @@ def preview_table(preview: PlanPreview, *, title: str) -> Table:
     for lp in preview.layers:
         d = lp.decision
         compressed = d.format != DENSE
-        after = d.params_after if compressed and d.params_after is not None else None
+        after = lp.params_after if compressed else None
         table.add_row(
             d.name, d.type, "x".join(map(str, d.shape)), _preview_format(lp),
             f"{d.params_before:,} → {after:,}" if after is not None else f"{d.params_before:,}",
             f"{d.params_before / max(after, 1):.2f}×" if after is not None else "–",
             preview_error_cell(lp.est_error, lp.error_kind),
-            "; ".join(x for x in (d.skipped or ("ranks set by the error bound" if compressed and after is None else ""),
+            "; ".join(x for x in (d.skipped or ("ranks set by the error bound" if compressed and d.params_after is None
+                                                else ""),
                                   large_error_note(lp.est_error)) if x),
         )  # fmt: skip
     n = sum(lp.decision.format != DENSE for lp in preview.layers)

@@ -200,7 +200,7 @@ class AutoFormat(CompressionFormat):
             layer = self.build(module, options)
             fmt = format_of(layer)
             return ErrorPreview(float(layer.rel_error), EXACT, fmt.name if fmt is not None else self.name,
-                                build_note(layer))
+                                build_note(layer), dense_params(layer))
         previews: dict[str, ErrorPreview] = {}
         for fmt_name, opts in (options.get("trials") or {}).items():
             p = get_format(fmt_name).preview(module, opts, budget=budget)

@@ -147,12 +147,16 @@ class ErrorPreview:
         The format that would be built (the winner, for a delegating format such as ``auto``).
     note : str or None
         Why that format (``auto``'s choice), or None.
+    params : int or None
+        Parameters of the layer that would be built (bias included) when known from the preview
+        (an exact one), else None.
     """
 
     error: float
     kind: str
     format: str
     note: str | None = None
+    params: int | None = None
 
     @property
     def exact(self) -> bool:
@@ -331,7 +335,7 @@ class CompressionFormat(ABC):
         measured) when :meth:`preview_cost` is within ``budget``, else :meth:`estimate`."""
         if self.preview_cost(module, options) <= budget:
             layer = self.build(module, options)
-            return ErrorPreview(float(layer.rel_error), EXACT, self.name)
+            return ErrorPreview(float(layer.rel_error), EXACT, self.name, params=dense_params(layer))
         return self.estimate(module, options)
 
     # ---- optional: rank ladders and budgets --------------------------------------------------------

@@ -178,7 +178,9 @@ class SVDFormat(CompressionFormat):
             ok = (tails <= (eps * eps) * total).nonzero()
             r = min(r, max(1, int(ok[0])))
         r = max(r, 1)
-        return ErrorPreview(math.sqrt(float(tails[r]) / total) if total > 0 else 0.0, EXACT, self.name)
+        out_f, in_f = module.weight.shape
+        return ErrorPreview(math.sqrt(float(tails[r]) / total) if total > 0 else 0.0, EXACT, self.name,
+                            params=svd_param_count(out_f, in_f, r) + bias_params(module))
 
     def fit_budget(self, module: nn.Module, budget: int, settings: Any) -> dict[str, Any] | None:
         out_f, in_f = module.weight.shape
