@@ -96,10 +96,24 @@ def test_dry_run_prints_the_plan_and_writes_nothing(cnn_file, tmp_path) -> None:
     assert result.exit_code == 0, (result.stdout, result.stderr)
     assert sorted(p.name for p in cnn_file.parent.iterdir()) == before
     out = result.stdout
-    assert "projected" in out and "~0." in out and "estimate" in out
+    assert "projected" in out and "decomposed and measured" in out
+    assert "~0." not in out and "≤0." not in out  # small layers: exact errors, the real run's computation
     assert " !" in out and "large error" in out  # rank 1 everywhere: some layer far above LARGE_ERROR
     result = invoke("decompose", cnn_file, "--arch", "seed-cnn", "--dry-run", "-o", tmp_path / "x.pt")
     assert result.exit_code == 0 and not (tmp_path / "x.pt").exists()
+
+
+def test_dry_run_json_prints_json_with_the_format_auto_picks(cnn_file, tmp_path) -> None:
+    result = invoke("decompose", cnn_file, "--arch", "seed-cnn", "--format", "auto", "--dry-run", "--json")
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    data = json.loads(result.stdout)
+    assert data["dry_run"] is True and data["params_after"] < data["params_before"]
+    compressed = [layer for layer in data["layers"] if layer["plan_format"] != "dense"]
+    assert compressed and all(layer["plan_format"] == "auto" for layer in compressed)
+    assert {layer["format"] for layer in compressed} <= {"tt", "cp", "svd", "tucker2"}  # the pick, not "auto"
+    assert all(layer["weight_error_kind"] == "exact" and 0 <= layer["weight_error"] <= 1 for layer in compressed)
+    table = invoke("decompose", cnn_file, "--arch", "seed-cnn", "--format", "auto", "--dry-run")
+    assert "auto → " in table.stdout and "AUTO" not in table.stdout
 
 
 def test_the_dry_run_projection_matches_the_real_run(cnn_file, tmp_path) -> None:

@@ -8,9 +8,10 @@ decomposing, e.g.
 * TT (uniform max rank ``r``): TT-SVD's bound ``||W - W_r||^2 <= sum_k tail_k(r)^2``, where
   ``tail_k(r)`` is the error of the best rank-``r`` approximation of the ``k``-th unfolding of
   the reshaped weight [1]_ (:func:`ttcompress.formats.tt.tt_error_curve`);
-* CP (rank ``R``): a CP tensor of rank ``R`` has multilinear ranks ``<= R``, so
-  ``max_n tail_n(R)^2`` over the out/in/spatial unfoldings is a lower bound of the best rank-R
-  CP error [2]_; it serves as a cheap proxy (:func:`ttcompress.formats.cp.cp_error_curve`).
+* CP (rank ``R``): an estimate of CP-ALS's error, at least ``max_n tail_n(R)^2`` over the
+  out/in/spatial unfoldings (a lower bound of the best rank-R CP error [2]_) and otherwise the
+  per-tap SVD model's error scaled by a factor calibrated against CP-ALS
+  (:func:`ttcompress.formats.cp.cp_error_curve`); above 0 at every rank short of exact.
 
 With calibration data (``sensitivity``: the input statistics ``G = X^T X`` of every layer in the
 dense model, exact or sketched, from the one statistics collector: :func:`input_grams`) the same ladders are computed on the *whitened* weight

@@ -169,8 +169,9 @@ def decompose(
         "--seed", help="Seed of the calibration sample.", metavar="INT", rich_help_panel=_CALIB)] = 0,
     plan: PlanOpt = None,
     dry_run: Annotated[bool, typer.Option(
-        "--dry-run", help="Print the per-layer plan, projected parameters and compression (errors are cheap "
-        "estimates from singular values, marked ~), and write nothing.")] = False,
+        "--dry-run", help="Print the per-layer plan, projected parameters and compression, the format auto would "
+        "pick, and each layer's data-free weight error: exact where the layer is cheap to decompose (it is "
+        "decomposed and measured), else an upper bound (≤) or an estimate (~); write nothing. With --json: as JSON.")] = False,
     json_: JsonOpt = False,
     device: DecomposeDeviceOpt = "auto",
 ) -> None:
@@ -193,8 +194,11 @@ def decompose(
         with refused_input():
             preview = preview_file(model, plan=the_plan, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle,
                                    trust_code=trust_code)  # fmt: skip
-        print_table(preview_table(preview, title=f"ttcompress decompose --dry-run {model.name}"))
-        err.print("dry run: nothing written")
+        if json_:
+            out.print_json(json.dumps(preview.to_dict()))
+        else:
+            print_table(preview_table(preview, title=f"ttcompress decompose --dry-run {model.name}"))
+        err.print("dry run: nothing written; weight errors are data-free (no calibration)")
         return
     check_outputs([output if output is not None else default_output_path(model)], overwrite=overwrite,
                   inputs=[model, plan, *data_inputs(data)])

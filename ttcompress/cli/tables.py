@@ -11,13 +11,14 @@ from rich.console import Console
 from rich.table import Table
 
 from ttcompress.cli._common import out
-from ttcompress.dryrun import LARGE_ERROR, PlanPreview
+from ttcompress.dryrun import LARGE_ERROR, LayerPreview, PlanPreview
 from ttcompress.formats import DENSE
+from ttcompress.formats.base import ESTIMATE, EXACT, UPPER_BOUND
 from ttcompress.layer_report import LayerReport, format_label
 from ttcompress.render import BEYOND_ZERO, large_error_note, out_error_cell, weight_error_cell
 from ttcompress.surgery import CompressionResult, ModelSummary
 
-__all__ = ["error_cell", "layer_table", "preview_table", "print_table", "summary_table"]
+__all__ = ["error_cell", "layer_table", "preview_error_cell", "preview_table", "print_table", "summary_table"]
 
 
 def error_cell(error: float | None, *, estimate: bool = False) -> str:
@@ -105,22 +106,43 @@ def summary_table(summary: ModelSummary, *, title: str) -> Table:
     return table
 
 
+#: How each kind of dry-run error is marked (:class:`~ttcompress.formats.base.ErrorPreview`).
+_KIND_MARK = {EXACT: "", UPPER_BOUND: "≤", ESTIMATE: "~"}
+
+
+def preview_error_cell(error: float | None, kind: str | None) -> str:
+    """``0.1234`` (exact), ``≤0.1234`` (upper bound), ``~0.1234`` (estimate), ``!`` above :data:`LARGE_ERROR`."""
+    if error is None:
+        return "–"
+    return f"{_KIND_MARK.get(kind or ESTIMATE, '~')}{error:.4f}{' !' if error > LARGE_ERROR else ''}"
+
+
+def _preview_format(lp: LayerPreview) -> str:
+    """``CP``, or ``auto → CP`` for the format ``auto`` would pick."""
+    d = lp.decision
+    if d.format == DENSE or lp.format == d.format:
+        return format_label(d.format)
+    return f"{d.format} → {format_label(lp.format)}"
+
+
 def preview_table(preview: PlanPreview, *, title: str) -> Table:
-    """A dry run's per-layer plan: format, projected parameters, estimated error (marked ~), with a total row."""
-    table = Table(title=title, caption=f"weight error: ~ = estimate from singular values (no decomposition); "
-                                       f"! = above {LARGE_ERROR:g}")
+    """A dry run's per-layer plan: format (``auto``'s pick), projected parameters, data-free weight
+    error (exact, ``≤`` bound or ``~`` estimate), with a total row."""
+    table = Table(title=title, caption=f"weight error without calibration data: exact (decomposed and measured), "
+                                       f"≤ upper bound, ~ estimate (no decomposition); ! = above {LARGE_ERROR:g}")
     for col in ("layer", "type", "shape", "format", "params", "ratio", "weight error", "note"):
         table.add_column(col, justify="right" if col in ("params", "ratio", "weight error") else "left")
     for lp in preview.layers:
         d = lp.decision
         compressed = d.format != DENSE
-        after = d.params_after if compressed and d.params_after is not None else None
+        after = lp.params_after if compressed else None
         table.add_row(
-            d.name, d.type, "x".join(map(str, d.shape)), format_label(d.format),
+            d.name, d.type, "x".join(map(str, d.shape)), _preview_format(lp),
             f"{d.params_before:,} → {after:,}" if after is not None else f"{d.params_before:,}",
             f"{d.params_before / max(after, 1):.2f}×" if after is not None else "–",
-            error_cell(lp.est_error, estimate=True),
-            "; ".join(x for x in (d.skipped or ("ranks set by the error bound" if compressed and after is None else ""),
+            preview_error_cell(lp.est_error, lp.error_kind),
+            "; ".join(x for x in (d.skipped or ("ranks set by the error bound" if compressed and d.params_after is None
+                                                else ""),
                                   large_error_note(lp.est_error)) if x),
         )  # fmt: skip
     n = sum(lp.decision.format != DENSE for lp in preview.layers)

@@ -33,16 +33,26 @@ from typing import Any
 from torch import nn
 
 from ttcompress.formats.base import (
+    EXACT,
     CompressionFormat,
+    ErrorPreview,
     FormatDescription,
     Ladder,
     LayerDecision,
+    build_note,
     dense_params,
     set_build_note,
 )
 from ttcompress.formats.checks import check_patterns
 from ttcompress.formats.fitting import calibration_fit
-from ttcompress.formats.registry import default_format, format_names, formats_for, get_format, register_format
+from ttcompress.formats.registry import (
+    default_format,
+    format_names,
+    format_of,
+    formats_for,
+    get_format,
+    register_format,
+)
 
 __all__ = ["AutoFormat", "AutoSettings", "Trial", "choose"]
 
@@ -173,6 +183,36 @@ class AutoFormat(CompressionFormat):
         winner, why = choose(results, tie_tol=float(options.get("tie_tol", AutoSettings().tie_tol)))
         set_build_note(layer, why)
         return layer
+
+    def preview_cost(self, module: nn.Module, options: Mapping[str, Any]) -> float:
+        """The candidates' costs together (each is built to be compared)."""
+        return sum(get_format(n).preview_cost(module, o) for n, o in (options.get("trials") or {}).items())
+
+    def preview(self, module: nn.Module, options: Mapping[str, Any], *, budget: float) -> ErrorPreview | None:
+        """The format ``auto`` would pick and its data-free error.
+
+        Within ``budget`` this is :meth:`build` itself (the same choice and error as the real run).
+        Otherwise each candidate gives its own preview (exact where within ``budget``, else its
+        estimate or bound) and :func:`choose` picks on those; FLOPs are not known without building,
+        so ties go to the first candidate, and the note says the choice rests on estimates.
+        """
+        if self.preview_cost(module, options) <= budget:
+            layer = self.build(module, options)
+            fmt = format_of(layer)
+            return ErrorPreview(float(layer.rel_error), EXACT, fmt.name if fmt is not None else self.name,
+                                build_note(layer), dense_params(layer))
+        previews: dict[str, ErrorPreview] = {}
+        for fmt_name, opts in (options.get("trials") or {}).items():
+            p = get_format(fmt_name).preview(module, opts, budget=budget)
+            if p is not None:
+                previews[fmt_name] = p
+        if not previews:
+            return None
+        trials = [Trial(n, int(options.get("budget") or 0), p.error, 0) for n, p in previews.items()]
+        winner, why = choose(trials, tie_tol=float(options.get("tie_tol", AutoSettings().tie_tol)))
+        best = previews[winner.format]
+        kinds = ", ".join(f"{n} {p.kind}" for n, p in previews.items())
+        return ErrorPreview(best.error, best.kind, best.format, f"{why}; chosen on previews ({kinds})")
 
     def rebuild(self, config: Mapping[str, Any]) -> nn.Module:
         raise ValueError("auto layers are recorded under the format that won; there is no auto layer to rebuild")

@@ -34,6 +34,10 @@ from ttcompress.layer_report import count_params
 
 __all__ = [
     "CompressionFormat",
+    "ESTIMATE",
+    "EXACT",
+    "ErrorPreview",
+    "UPPER_BOUND",
     "FormatDescription",
     "Ladder",
     "LayerDecision",
@@ -120,6 +124,43 @@ class Ladder:
     params: tuple[int, ...]
     errors: tuple[float, ...]
     options: tuple[dict[str, Any], ...]
+
+
+#: How a dry run's error relates to the real run's (data-free) error.
+EXACT, ESTIMATE, UPPER_BOUND = "exact", "estimate", "upper bound"
+
+
+@dataclass(frozen=True)
+class ErrorPreview:
+    """The data-free weight error a dry run shows for one layer.
+
+    Attributes
+    ----------
+    error : float
+        Relative Frobenius error of the weight.
+    kind : str
+        ``"exact"``: what :meth:`CompressionFormat.build` (without calibration data) gives, because
+        the layer was decomposed and measured, the same computation as the real run;
+        ``"upper bound"``: the real error is at most ``error``; ``"estimate"``: neither (a
+        calibrated proxy). Only ``"exact"`` decomposes the layer.
+    format : str
+        The format that would be built (the winner, for a delegating format such as ``auto``).
+    note : str or None
+        Why that format (``auto``'s choice), or None.
+    params : int or None
+        Parameters of the layer that would be built (bias included) when known from the preview
+        (an exact one), else None.
+    """
+
+    error: float
+    kind: str
+    format: str
+    note: str | None = None
+    params: int | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.kind == EXACT
 
 
 def bias_params(module: nn.Module) -> int:
@@ -272,6 +313,30 @@ class CompressionFormat(ABC):
                      calib: Any = None, name: str | None = None) -> nn.Module:
         """The full build continued from a :meth:`build_trial` layer (default: ``trial`` itself)."""
         return trial
+
+    # ---- dry runs: the error a build would reach ----------------------------------------------------
+    def preview_cost(self, module: nn.Module, options: Mapping[str, Any]) -> float:
+        """Work of :meth:`build` without calibration data, in multiply-adds (order of magnitude).
+
+        A dry run decomposes a layer for real when this is within its budget. Default: one
+        eigendecomposition-class pass over the weight (what the singular-value estimates cost anyway),
+        ``numel * min(rows, cols)``; iterative formats (CP-ALS) override it.
+        """
+        w = module.weight
+        return float(w.numel()) * float(min(w.shape[0], w[0].numel()))
+
+    def estimate(self, module: nn.Module, options: Mapping[str, Any]) -> ErrorPreview | None:
+        """The relative weight error :meth:`build` would reach, bounded or estimated without the
+        full decomposition (None: neither). Used by dry runs for layers over their budget."""
+        return None
+
+    def preview(self, module: nn.Module, options: Mapping[str, Any], *, budget: float) -> ErrorPreview | None:
+        """The data-free weight error of ``build(module, options)``: exact (the layer is decomposed and
+        measured) when :meth:`preview_cost` is within ``budget``, else :meth:`estimate`."""
+        if self.preview_cost(module, options) <= budget:
+            layer = self.build(module, options)
+            return ErrorPreview(float(layer.rel_error), EXACT, self.name, params=dense_params(layer))
+        return self.estimate(module, options)
 
     # ---- optional: rank ladders and budgets --------------------------------------------------------
     def ladder(self, module: nn.Module, decision: LayerDecision) -> Ladder | None:

@@ -9,6 +9,7 @@ T. G. Kolda and B. W. Bader, "Tensor Decompositions and Applications", SIAM Revi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +17,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from ttcompress.decompose._threads import at_most_threads
 from ttcompress.decompose.cp import CPDecomposition, cp_param_count, cp_rank_for_ratio
 from ttcompress.decompose.spectra import singular_tails, unfold
-from ttcompress.formats.base import CompressionFormat, FormatDescription, Ladder, LayerDecision, bias_params, join
+from ttcompress.formats.base import (
+    ESTIMATE,
+    CompressionFormat,
+    ErrorPreview,
+    FormatDescription,
+    Ladder,
+    LayerDecision,
+    bias_params,
+    join,
+)
 from ttcompress.formats.checks import check_pos_int, check_ratio, freeze_options
 from ttcompress.formats.fitting import calibrated
 from ttcompress.formats.registry import register_format
@@ -82,18 +93,66 @@ def cp_rank_for(conv: nn.Conv2d, ratio: float) -> int:
     return int(cp_rank_for_ratio(out_c, in_g, kh, kw, ratio, conv.groups, bias=conv.bias is not None))
 
 
-def cp_error_curve(weight: torch.Tensor, rmax: int) -> list[float]:
-    """A proxy of the squared relative CP error at rank ``R = 1..rmax``.
+#: Calibration of :func:`cp_error_curve`'s proxy: CP-ALS (``tol=1e-3``) ends at about
+#: ``U * max(1 - CP_GAIN * (1 - U) ** CP_POWER, CP_FLOOR)`` where ``U`` is the squared relative error of
+#: the per-tap SVD model of the same rank. Fitted on Gaussian (randomly initialised) kernels from
+#: 10x1x3x3 to 128x128x3x3 and 64x3x7x7 at 1.2x-20x: within 0.074 of CP-ALS's relative error
+#: (0.03 for 3x3 kernels of 64+ channels at 2x-20x), 0.026 on resnet18's random convs at 4x.
+CP_GAIN, CP_POWER, CP_FLOOR = 1.7, 3.8, 0.3
 
-    A rank-``R`` CP tensor has multilinear ranks ``<= R``, so ``max_n tail_n(R)^2`` over the
-    out/in/spatial unfoldings is a lower bound of the best rank-``R`` CP error [Kolda & Bader 2009].
+
+def _tap_svd_tails(weight: torch.Tensor, rmax: int) -> torch.Tensor:
+    """Squared error of the explicit rank-``R`` CP model from per-tap SVDs, ``R = 0..rmax``.
+
+    The kernel is a sum over spatial taps of ``slice (x) e_tap``; keeping the ``R`` largest singular
+    triplets over all slices is a CP model of rank ``R``. The same holds after rotating the taps into
+    the principal directions of the spatial unfolding (an orthogonal change of basis of that mode),
+    which concentrates trained kernels' energy in few slices; the smaller of both errors is kept.
+    """
+    o, i, kh, kw = weight.shape
+    flat = weight.reshape(o, i, kh * kw)
+    _, _, vh = torch.linalg.svd(flat.reshape(o * i, kh * kw), full_matrices=False)
+    best = None
+    for taps in (flat, flat @ vh.T):
+        sl = taps.permute(2, 0, 1)
+        gram = sl @ sl.transpose(1, 2) if o <= i else sl.transpose(1, 2) @ sl
+        with at_most_threads(1):
+            sq = torch.linalg.eigvalsh(gram).clamp_min(0.0).reshape(-1)
+        sq = torch.sort(sq, descending=True).values
+        kept = torch.cat([sq.new_zeros(1), sq.cumsum(0)])
+        tails = (kept[-1] - kept).clamp_min(0.0)
+        tails = torch.cat([tails, tails.new_zeros(max(rmax + 1 - tails.numel(), 0))])[: rmax + 1]
+        best = tails if best is None else torch.minimum(best, tails)
+    return best
+
+
+def cp_error_curve(weight: torch.Tensor, rmax: int) -> list[float]:
+    """Estimated squared relative error of the CP-ALS fit at rank ``R = 1..rmax``, non-increasing.
+
+    Between two honest bounds: a rank-``R`` CP tensor has multilinear ranks ``<= R``, so
+    ``L(R) = max_n tail_n(R)^2`` over the out/in/spatial unfoldings is a lower bound of the best
+    rank-``R`` error [Kolda & Bader 2009]; the explicit per-tap SVD model of rank ``R``
+    (:func:`_tap_svd_tails`) has error ``U(R)``, an upper bound of the best. CP-ALS lands between them;
+    the estimate is ``max(L, U max(1 - CP_GAIN (1 - U)^CP_POWER, CP_FLOOR))``, calibrated against
+    CP-ALS on Gaussian kernels (:data:`CP_GAIN`). On kernels with strongly decaying spectra CP-ALS can
+    stall above ``U`` itself; the estimate then is below the real run's error. Unlike ``L`` alone it is above 0 at ranks beyond the channel
+    counts, where ``L`` is 0 but a 4-way kernel is not yet exact. For a 1x1 kernel ``L = U`` is the
+    exact (SVD) error.
     """
     w = weight.detach().to(torch.float64)
     o, i, kh, kw = w.shape
-    norm2 = float(w.square().sum()) or 1.0
+    norm2 = float(w.square().sum())
+    if norm2 == 0.0 or rmax < 1:
+        return [0.0] * max(rmax, 0)
     tails = [singular_tails(unfold(w, 0)), singular_tails(unfold(w, 1)),
              singular_tails(w.permute(2, 3, 0, 1).reshape(kh * kw, -1))]
-    return [max(float(tl[min(r, len(tl) - 1)]) for tl in tails) / norm2 for r in range(1, rmax + 1)]
+    upper = _tap_svd_tails(w, rmax) / norm2
+    curve = []
+    for r in range(1, rmax + 1):
+        low = max(float(tl[min(r, len(tl) - 1)]) for tl in tails) / norm2
+        up = min(float(upper[r]), 1.0)
+        curve.append(max(low, up * max(1.0 - CP_GAIN * (1.0 - up) ** CP_POWER, CP_FLOOR)))
+    return curve
 
 
 def _trial_options(module: nn.Module, options: Mapping[str, Any], calib: Any) -> dict[str, Any] | None:
@@ -206,6 +265,18 @@ class CPFormat(CompressionFormat):
         errors = cp_error_curve(module.weight, len(params))
         options = tuple({**decision.options, "rank": k + 1} for k in range(len(params)))
         return Ladder(tuple(params), tuple(errors), options)
+
+    def preview_cost(self, module: nn.Module, options: Mapping[str, Any]) -> float:
+        """CP-ALS's work: about 20 sweeps (``tol=1e-3``) of three MTTKRPs, ``2 R numel`` each."""
+        sweeps = min(int(options.get("n_iter_max") or 100), 20) * max(int(options.get("n_restarts") or 1), 1)
+        return float(sweeps * 6 * int(options["rank"]) * module.weight.numel())
+
+    def estimate(self, module: nn.Module, options: Mapping[str, Any]) -> ErrorPreview | None:
+        """:func:`cp_error_curve` at the rank (a calibrated estimate, not a bound)."""
+        if module.groups > 1:
+            return None
+        curve = cp_error_curve(module.weight, int(options["rank"]))
+        return ErrorPreview(math.sqrt(max(curve[-1], 0.0)), ESTIMATE, self.name)
 
     def fit_budget(self, module: nn.Module, budget: int, settings: Any) -> dict[str, Any] | None:
         if module.groups > 1:

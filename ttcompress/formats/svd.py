@@ -9,6 +9,7 @@ Evaluation", NeurIPS 2014.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,15 @@ from ttcompress.calibration.stats import LayerStats
 
 from ttcompress.decompose.spectra import singular_tails
 from ttcompress.decompose.svd import svd_param_count, svd_rank_for_ratio
-from ttcompress.formats.base import CompressionFormat, FormatDescription, Ladder, LayerDecision, bias_params
+from ttcompress.formats.base import (
+    EXACT,
+    CompressionFormat,
+    ErrorPreview,
+    FormatDescription,
+    Ladder,
+    LayerDecision,
+    bias_params,
+)
 from ttcompress.formats.checks import check_eps, check_pos_int, check_ratio
 from ttcompress.formats.fitting import check_calib, record_fit
 from ttcompress.formats.registry import register_format
@@ -156,6 +165,22 @@ class SVDFormat(CompressionFormat):
             errors.append(float(tails[r]) / norm2)
         options = tuple({"rank": k + 1, "eps": None} for k in range(len(params)))
         return Ladder(tuple(params), tuple(errors), options)
+
+    def preview(self, module: nn.Module, options: Mapping[str, Any], *, budget: float) -> ErrorPreview | None:
+        """Exact at any size: the truncated SVD's error is the tail of the singular values
+        (Eckart-Young), found from the same spectrum the build computes, with the same rank rule
+        (:func:`~ttcompress.decompose.svd.truncated_svd`)."""
+        tails = singular_tails(module.weight)
+        total = float(tails[0])
+        rank, eps = options.get("rank"), options.get("eps")
+        r = len(tails) - 1 if rank is None else min(int(rank), len(tails) - 1)
+        if eps is not None:
+            ok = (tails <= (eps * eps) * total).nonzero()
+            r = min(r, max(1, int(ok[0])))
+        r = max(r, 1)
+        out_f, in_f = module.weight.shape
+        return ErrorPreview(math.sqrt(float(tails[r]) / total) if total > 0 else 0.0, EXACT, self.name,
+                            params=svd_param_count(out_f, in_f, r) + bias_params(module))
 
     def fit_budget(self, module: nn.Module, budget: int, settings: Any) -> dict[str, Any] | None:
         out_f, in_f = module.weight.shape

@@ -19,7 +19,16 @@ from torch import nn
 from ttcompress.decompose.modes import choose_modes, max_num_cores, validate_modes
 from ttcompress.decompose.spectra import singular_tails
 from ttcompress.decompose.tt import tt_param_count, tt_ranks
-from ttcompress.formats.base import CompressionFormat, FormatDescription, Ladder, LayerDecision, bias_params, join
+from ttcompress.formats.base import (
+    UPPER_BOUND,
+    CompressionFormat,
+    ErrorPreview,
+    FormatDescription,
+    Ladder,
+    LayerDecision,
+    bias_params,
+    join,
+)
 from ttcompress.formats.checks import check_d, check_eps, check_modes, check_ranks
 from ttcompress.formats.fitting import calibrated
 from ttcompress.formats.registry import register_format
@@ -183,6 +192,27 @@ class TTFormat(CompressionFormat):
         errors = tt_error_curve(module.weight, in_m, out_m, len(params))
         options = tuple({**decision.options, "ranks": k + 1, "eps": None} for k in range(len(params)))
         return Ladder(tuple(params), tuple(errors), options)
+
+    def preview_cost(self, module: nn.Module, options: Mapping[str, Any]) -> float:
+        """TT-SVD's work: one truncated SVD per core, the ``k``-th of an ``(r_{k-1} m_k n_k) x rest``
+        unfolding, about ``numel * max_k r_{k-1} m_k n_k`` multiply-adds."""
+        in_m, out_m = options["in_modes"], options["out_modes"]
+        cap = options.get("ranks")
+        ranks = tt_ranks(in_m, out_m, 10**9 if cap is None else (tuple(cap) if isinstance(cap, list) else cap))
+        numel = math.prod(in_m) * math.prod(out_m)
+        return float(numel) * max(ranks[k] * in_m[k] * out_m[k] for k in range(len(in_m)))
+
+    def estimate(self, module: nn.Module, options: Mapping[str, Any]) -> ErrorPreview | None:
+        """TT-SVD's error bound (at most 1): ``eps`` with an error bound only, else the discarded
+        singular-value tails of the unfoldings at the rank cap [Oseledets 2011, Thm. 2.2]; None with
+        both (the eps truncation may cut further than the cap)."""
+        cap, eps = options.get("ranks"), options.get("eps")
+        if cap is None:
+            return None if eps is None else ErrorPreview(float(eps), UPPER_BOUND, self.name)
+        if eps is not None or not isinstance(cap, int):
+            return None
+        curve = tt_error_curve(module.weight, options["in_modes"], options["out_modes"], cap)
+        return ErrorPreview(min(math.sqrt(max(curve[-1], 0.0)), 1.0), UPPER_BOUND, self.name)
 
     def fit_budget(self, module: nn.Module, budget: int, settings: Any) -> dict[str, Any] | None:
         s = settings if settings is not None else TTSettings()

@@ -20,7 +20,9 @@ from torch import nn
 from ttcompress.decompose.spectra import singular_tails, unfold
 from ttcompress.decompose.tucker2 import tucker2_param_count
 from ttcompress.formats.base import (
+    UPPER_BOUND,
     CompressionFormat,
+    ErrorPreview,
     FormatDescription,
     Ladder,
     LayerDecision,
@@ -93,6 +95,8 @@ def _steps(cout_g: int, cin_g: int, kh: int, kw: int, g: int, bias: bool) -> tup
     big = max(cout_g, cin_g)
     for k in range(1, big + 1):
         pair = (max(1, round(k * cin_g / big)), max(1, round(k * cout_g / big)))
+        if kh * kw == 1:  # a 1x1 core is an r_out x r_in matrix: the build keeps min(r_in, r_out) of each
+            pair = (min(pair), min(pair))
         if steps and pair == steps[-1][0]:
             continue
         params = tucker2_param_count(g * cout_g, g * cin_g, kh, kw, pair[1], pair[0], groups=g) + (
@@ -145,6 +149,8 @@ class Tucker2Format(CompressionFormat):
             ranks = fit[-1]
         r_in, r_out = (ranks, ranks) if isinstance(ranks, int) else ranks
         r_in, r_out = min(r_in, cin_g, cout_g * kh * kw), min(r_out, cout_g, cin_g * kh * kw)
+        if kh * kw == 1:  # what the build keeps of a 1x1 kernel (see _steps)
+            r_in = r_out = min(r_in, r_out)
         after = _params(module, r_in, r_out)  # type: ignore[arg-type]
         return self.decision(module, name, {"in_rank": r_in, "out_rank": r_out, **options}, after, aliases,
                              f"Tucker-2 ranks ({r_in}, {r_out})")
@@ -183,6 +189,19 @@ class Tucker2Format(CompressionFormat):
             errors.append(e2 / norm2)
             options.append({"in_rank": r_in, "out_rank": r_out, **extra})
         return Ladder(tuple(params), tuple(errors), tuple(options))
+
+    def preview_cost(self, module: nn.Module, options: Mapping[str, Any]) -> float:
+        """HOSVD + HOOI: per sweep and group, the two channel Gram matrices and their eigensolves."""
+        cout_g, cin_g, kh, kw, g = _sizes(module)  # type: ignore[arg-type]
+        sweeps = 1 + int(options.get("n_iter_max") if options.get("n_iter_max") is not None else 10)
+        per_group = cout_g * cin_g * kh * kw * (cout_g + cin_g) + cout_g ** 3 + cin_g ** 3
+        return float(sweeps * g * per_group)
+
+    def estimate(self, module: nn.Module, options: Mapping[str, Any]) -> ErrorPreview | None:
+        """The truncated HOSVD's error (a build without HOOI sweeps, about 1/11 of its work): an upper
+        bound, since the HOOI sweeps the build runs next never raise the error."""
+        layer = self.build(module, {**options, "n_iter_max": 0})
+        return ErrorPreview(float(layer.rel_error), UPPER_BOUND, self.name)
 
     def fit_budget(self, module: nn.Module, budget: int, settings: Any) -> dict[str, Any] | None:
         cout_g, cin_g, *_ = _sizes(module)  # type: ignore[arg-type]
