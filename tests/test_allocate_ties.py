@@ -35,3 +35,17 @@ def test_zero_gains_go_to_the_layer_smallest_for_its_size():
     # positive gains still decide first
     steep = Ladder((10, 20, 30), (1.0, 0.1, 0.0), ({},) * 3)
     assert greedy({0: small, 1: steep}, spent=20, budget=30) == {0: 0, 1: 1}
+
+
+def test_the_objective_never_starves_a_layer_to_rank_one() -> None:
+    # Two equal layers whose squared error falls linearly with parameters: under sum(e^2) every
+    # step has the same gain, and ties could leave one layer at its lowest level; under
+    # -log(1 - e^2) the gain of a step grows as a layer nears losing everything, so both grow.
+    from ttcompress.allocate import greedy, lost_energy
+    from ttcompress.formats.base import Ladder
+
+    ladder = Ladder(params=tuple(range(10, 110, 10)), errors=tuple(1.0 - k / 10 for k in range(10)),
+                    options=tuple({} for _ in range(10)))
+    levels = greedy({0: ladder, 1: ladder}, spent=20, budget=120)
+    assert levels[0] >= 3 and levels[1] >= 3 and abs(levels[0] - levels[1]) <= 1
+    assert lost_energy(0.0) == 0.0 and lost_energy(1.0) > 20 and lost_energy(0.5) > 0.5

@@ -86,12 +86,25 @@ class Slot:
     fixed: bool = False
 
 
+def lost_energy(squared_error: float) -> float:
+    """``-log(1 - e^2)``: what a layer with squared relative error ``e^2`` costs the model.
+
+    The layers of a network act in sequence, so the energies they keep multiply: the sum of
+    ``-log(1 - e_i^2)`` is minus the log of the fraction the whole stack keeps. Unlike the sum of
+    ``e_i^2`` it grows without bound as one layer approaches losing everything, so the greedy never
+    starves one layer to rank 1 to save parameters elsewhere (resnet18 at 8x with honest CP
+    estimates: layer4 at CP rank 1 under ``sum e^2``, at 11-22x under this objective).
+    """
+    return -math.log(max(1.0 - squared_error, 1e-12))
+
+
 def greedy(ladders: Mapping[int, Ladder], spent: int, budget: float) -> dict[int, int]:
     """Raise levels where the error drops most per parameter while the budget allows; idx -> level.
 
     Every ladder starts at level 0 (already counted in ``spent``). The step with the largest
-    ``(errors[k] - errors[k+1]) / (params[k+1] - params[k])`` over all ladders is taken next, as
-    long as it fits ``budget`` (a greedy marginal-gain allocation).
+    ``(f(errors[k]) - f(errors[k+1])) / (params[k+1] - params[k])`` over all ladders is taken next,
+    with ``f`` = :func:`lost_energy`, as long as it fits ``budget`` (a greedy marginal-gain
+    allocation).
 
     Equal gains go first to the ladder whose level is the smallest fraction of its top level. In
     practice these are zero gains, where an estimate has flattened out (CP's lower bound is 0 once
@@ -108,7 +121,7 @@ def greedy(ladders: Mapping[int, Ladder], spent: int, budget: float) -> dict[int
         k = level[idx]
         if k + 1 < len(params):
             cost = params[k + 1] - params[k]
-            gain = errs[k] - errs[k + 1]
+            gain = lost_energy(errs[k]) - lost_energy(errs[k + 1])
             heapq.heappush(heap, (-(gain / max(cost, 1)), params[k] / max(params[-1], 1), idx, k))
 
     for idx in ladders:
@@ -210,8 +223,9 @@ def allocate(slots: Sequence[Slot], *, total: int, target_ratio: float,
     Notes
     -----
     Every free layer starts at its lowest rank; then ranks are raised one step at a time, always
-    on the layer whose next step buys the largest decrease of the estimated squared relative
-    error per added parameter (:func:`greedy`), as long as the step fits the budget. A layer never
+    on the layer whose next step buys the largest decrease of the estimated error per added
+    parameter (:func:`greedy`, errors counted as :func:`lost_energy`), as long as the step fits
+    the budget. A layer never
     grows to a rank at which it would not shrink.
     """
     budget = total / target_ratio
