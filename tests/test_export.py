@@ -316,3 +316,25 @@ def test_missing_export_extra_is_refused_before_the_model_is_loaded(tmp_path, mo
     monkeypatch.setattr(ttcompress.io, "load", lambda *a, **k: pytest.fail("the model was loaded first"))
     result = CliRunner().invoke(app, ["export", str(model), "--format", "onnx", "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and "ttcompress[export]" in result.stderr, (result.stderr, result.exception)
+
+
+def test_onnx_latency_beside_the_dense_graph(compressed, tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from ttcompress.cli import app
+
+    src = save(compressed, tmp_path / "m.tt.pt")
+    result = CliRunner().invoke(app, ["export", str(src), "--format", "onnx", "--latency", "--json",
+                                      "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["latency"]
+    assert [r["batch_size"] for r in rows] == [1, 64]
+    for r in rows:  # both graphs timed; the dense one holds the merged weights, so it is the larger file
+        assert r["ms"] > 0 and r["dense_ms"] > 0 and r["speedup"] == pytest.approx(r["dense_ms"] / r["ms"])
+        assert r["dense_size_bytes"] > 4 * json.loads(result.stdout)["size_bytes"]
+    bad = CliRunner().invoke(app, ["export", str(src), "--format", "torchscript", "--latency", "-o", str(tmp_path / "x.pt")])
+    assert bad.exit_code == 2 and "--latency applies to --format onnx only" in bad.stderr
+    with pytest.raises(ValueError, match="latency_batches must be positive"):
+        export_model(compressed, tmp_path / "y.onnx", format="onnx", latency_batches=(0,))

@@ -72,6 +72,23 @@ class LayerMerge:
 
 
 @dataclass(frozen=True)
+class OnnxLatency:
+    """onnxruntime latency (CPU provider, ms per call: median and IQR over interleaved rounds) of the
+    exported graph and of the dense-merged graph of the same model, on one batch size."""
+
+    batch_size: int
+    ms: float
+    iqr_ms: float
+    dense_ms: float
+    dense_iqr_ms: float
+    dense_size_bytes: int
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.ms if self.ms > 0 else float("inf")
+
+
+@dataclass(frozen=True)
 class ExportResult:
     """Where the export went and how it was checked."""
 
@@ -81,12 +98,14 @@ class ExportResult:
     max_error: float | None
     checked_batches: tuple[int, ...]
     layers: tuple[LayerMerge, ...] = ()
+    latency: tuple[OnnxLatency, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": str(self.path), "format": self.format, "size_bytes": self.size_bytes,
             "max_error": self.max_error, "checked_batches": list(self.checked_batches),
             "layers": [vars(layer) for layer in self.layers],
+            "latency": [{**vars(t), "speedup": t.speedup} for t in self.latency],
         }
 
 
@@ -365,6 +384,38 @@ def _run_onnx(data: bytes, feeds: Sequence[tuple[torch.Tensor, ...]], names: Seq
         raise ExportError(f"the ONNX export does not run in onnxruntime: {' '.join(str(exc).split())[:200]}") from None
 
 
+def _ort_session(data: bytes) -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ExportError(f"timing an ONNX export needs onnxruntime: {EXPORT_EXTRA}") from None
+    return onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+
+
+def onnx_latency(model: nn.Module, data: bytes, shape: tuple[int, ...], batch_sizes: Sequence[int], *,
+                 min_run_time: float = 0.5) -> tuple[OnnxLatency, ...]:
+    """onnxruntime latency of the graph ``data`` beside the dense-merged graph of ``model``.
+
+    The dense graph (every factorized layer merged back, :func:`merge_to_dense`) is exported the
+    same way; both run in onnxruntime's CPU provider on the same inputs, timed in turn over the same
+    rounds (:func:`ttcompress.measure.time_interleaved`), so the ratio holds under a changing load.
+    """
+    from ttcompress.measure import time_interleaved
+
+    with torch.no_grad():
+        signature = _onnx_signature(model, model(_inputs(model, shape, (2,))[0]))
+        feeds = _onnx_feeds(model, shape, 2, signature)
+        dense = _onnx_bytes(_OnnxGraph(merge_to_dense(model)[0], signature).eval(), feeds[1], signature)
+    ours, theirs = _ort_session(data), _ort_session(dense)
+    rows = []
+    for batch in batch_sizes:
+        feed = {n: t.numpy() for n, t in zip(signature.inputs, _onnx_feeds(model, shape, batch, signature)[0])}
+        a, b = time_interleaved([lambda s=ours: s.run(None, feed), lambda s=theirs: s.run(None, feed)],
+                                min_run_time=min_run_time)
+        rows.append(OnnxLatency(batch, a.median_ms, a.iqr_ms, b.median_ms, b.iqr_ms, len(dense)))
+    return tuple(rows)
+
+
 def _export_onnx(model: nn.Module, shape: tuple[int, ...], batch_size: int, *, fold: bool, check: bool,
                  atol: float) -> tuple[bytes, float | None, tuple[int, ...]]:
     """The ONNX bytes (factors kept unless ``fold``), checked in onnxruntime: (bytes, error, batches)."""
@@ -496,6 +547,7 @@ def export_model(
     overwrite: bool = False,
     fold: bool = False,
     source_dir: str | os.PathLike[str] | None = None,
+    latency_batches: Sequence[int] = (),
 ) -> ExportResult:
     """Export ``model`` to ``path`` in ``format``, checked against the model first.
 
@@ -531,6 +583,9 @@ def export_model(
     source_dir : str or PathLike, optional
         For ``hf``: the Hugging Face directory the model was read from; its tokenizer,
         ``generation_config.json`` and other plain files are copied into the new directory.
+    latency_batches : sequence of int
+        For ``onnx``: time the written graph in onnxruntime at these batch sizes beside the
+        dense-merged graph of the same model (:func:`onnx_latency`; ``ExportResult.latency``).
 
     Returns
     -------
@@ -542,6 +597,10 @@ def export_model(
         raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
     if merge != "all" and format != "dense":
         raise UserInputError(f"merge applies to format='dense' only, got format={format!r}")
+    if latency_batches and format != "onnx":
+        raise UserInputError(f"latency_batches applies to format='onnx' only, got format={format!r}")
+    if any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in latency_batches):
+        raise UserInputError(f"latency_batches must be positive integers, got {list(latency_batches)!r}")
     if format == "onnx":
         require_onnx(check=check)
     model = model.eval()
@@ -554,9 +613,10 @@ def export_model(
     dest = Path(path)
     if format == "onnx":
         data, error, checked = _export_onnx(model, shape, batch_size, fold=fold, check=check, atol=atol)
+        timed = onnx_latency(model, data, shape, latency_batches) if latency_batches else ()
         with atomic_write(dest, "wb") as f:
             f.write(data)
-        return ExportResult(dest, format, dest.stat().st_size, error, checked)
+        return ExportResult(dest, format, dest.stat().st_size, error, checked, latency=timed)
     batches = (batch_size, batch_size + 2)
     xs = _inputs(model, shape, batches)
     expected, single = _reference_outputs(model, xs, shape)

@@ -65,6 +65,9 @@ def export(
         "directory of the original architecture. By default the factors are kept.")] = False,
     no_check: Annotated[bool, typer.Option(
         "--no-check", help="Skip running the export against the model before writing it.")] = False,
+    latency: Annotated[bool, typer.Option(
+        "--latency", help="onnx: time the exported graph in onnxruntime (CPU) at batch sizes 1 and 64 beside the "
+        "dense-merged graph of the same model, interleaved (also in --json).")] = False,
     overwrite: OverwriteOpt = False,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
@@ -88,6 +91,8 @@ def export(
         raise UserInputError("--merge applies to --format dense only")
     if fold and fmt == "dense":
         raise UserInputError("--fold applies to --format onnx, torchscript and hf (dense always merges)")
+    if latency and fmt != "onnx":
+        raise UserInputError("--latency applies to --format onnx only")
     shape = parse_input_shape(input_shape)
     if fmt == "hf" and not fold and (shape is not None or batch_size != 1):
         raise UserInputError("--input-shape and --batch-size do not apply to --format hf")
@@ -106,11 +111,15 @@ def export(
             check_outputs([output], overwrite=overwrite, inputs=[model])
     result = export_model(loaded, output, format=fmt, input_shape=shape, batch_size=batch_size,  # type: ignore[arg-type]
                           merge=merge, check=not no_check, overwrite=overwrite,  # type: ignore[arg-type]
-                          fold=fold, source_dir=model if is_hf_dir(model) else None)
+                          fold=fold, source_dir=model if is_hf_dir(model) else None,
+                          latency_batches=(1, 64) if latency else ())
     if json_:
         out.print_json(json.dumps(result.to_dict()))
         return
     out.print(f"{result.format}: {result.path} ({result.size_bytes:,} bytes; {_checked(result)})")
+    for t in result.latency:
+        out.print(f"  onnxruntime, batch {t.batch_size}: {t.ms:.3f} ± {t.iqr_ms / 2:.3f} ms; dense graph "
+                  f"({t.dense_size_bytes:,} bytes) {t.dense_ms:.3f} ± {t.dense_iqr_ms / 2:.3f} ms: {t.speedup:.2f}x")
     for layer in result.layers:
         timing = (f" (factorized {layer.factorized_ms:.3f} ms vs dense {layer.dense_ms:.3f} ms)"
                   if layer.factorized_ms is not None else "")
