@@ -43,7 +43,7 @@ def _vit():
 
     from ttcompress.models import build_arch
 
-    config = {"hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 3, "intermediate_size": 768,
+    config = {"model_type": "vit", "hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 3, "intermediate_size": 768,
               "image_size": 64, "patch_size": 8, "num_labels": 10}
     model = build_arch("hf:ViTForImageClassification", kwargs={"config": config})
     return ttcompress.compress(model, Plan(tt=TTSettings(ranks=16))), (3, 64, 64)

@@ -338,3 +338,23 @@ def test_onnx_latency_beside_the_dense_graph(compressed, tmp_path) -> None:
     assert bad.exit_code == 2 and "--latency applies to --format onnx only" in bad.stderr
     with pytest.raises(ValueError, match="latency_batches must be positive"):
         export_model(compressed, tmp_path / "y.onnx", format="onnx", latency_batches=(0,))
+
+
+def test_onnx_of_factorized_layers_broadcasts_instead_of_expanding_weights(tmp_path) -> None:
+    # An exported Expand is materialised by onnxruntime: expanding a TT core (or a CP/Tucker-2 1x1
+    # weight) to every row cost a small ViT 1 GB per layer at batch 64. The graph must broadcast.
+    import onnx
+
+    from ttcompress.layers.cp_conv import CPConv2d
+    from ttcompress.layers.tt_linear import TTLinear
+
+    torch.manual_seed(0)
+    tokens = nn.Sequential(TTLinear.from_linear(nn.Linear(64, 96), ranks=4), nn.ReLU(),
+                           TTLinear.from_linear(nn.Linear(96, 64), ranks=4)).eval()
+    update_meta(tokens, info={"input_shape": [10, 64]})
+    images = nn.Sequential(CPConv2d.from_conv(nn.Conv2d(16, 32, 3, padding=1), rank=8)).eval()
+    update_meta(images, info={"input_shape": [16, 24, 24]})
+    for name, model in (("tokens", tokens), ("images", images)):
+        result = export_model(model, tmp_path / f"{name}.onnx", format="onnx", batch_size=2)
+        ops = {node.op_type for node in onnx.load(str(result.path)).graph.node}
+        assert "Expand" not in ops, (name, sorted(ops))

@@ -56,14 +56,22 @@ def _batched(mat: torch.Tensor, batch: int) -> torch.Tensor:
 
 def _to_channels_last(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     b, c, h, w = x.shape
-    z = torch.bmm(x.reshape(b, c, h * w).transpose(1, 2), _batched(weight.t(), b))  # (B, HW, R)
+    x3 = x.reshape(b, c, h * w).transpose(1, 2)
+    if plain_ops_only():  # traced/exported: a broadcast MatMul, not an Expand the runtime materialises
+        z = torch.matmul(x3, weight.t())
+    else:
+        z = torch.bmm(x3, _batched(weight.t(), b))  # (B, HW, R)
     return z.view(b, h, w, -1).permute(0, 3, 1, 2)
 
 
 def _to_nchw(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     b, r, h, w = z.shape
     z3t = z.permute(0, 2, 3, 1).reshape(b, h * w, r).transpose(1, 2)  # a view when z is channels_last
-    if bias is None:
+    if plain_ops_only():  # traced/exported: a broadcast MatMul, not an Expand the runtime materialises
+        y = torch.matmul(weight, z3t)
+        if bias is not None:
+            y = y + bias.view(1, -1, 1)
+    elif bias is None:
         y = torch.bmm(_batched(weight, b), z3t)
     else:
         y = torch.baddbmm(bias.view(1, -1, 1), _batched(weight, b), z3t)

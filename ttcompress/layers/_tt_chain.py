@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from ttcompress.layers._autograd import plain_ops_only
+
 __all__ = ["tt_chain"]
 
 # Shape of one group: (n_left, n_g, r_left, m_g, r_right, m_right) with n_left = N_{<a},
@@ -64,7 +66,15 @@ def _chain_forward(x: torch.Tensor, mats: Sequence[torch.Tensor], dims: Sequence
 def _left_matmul(mat: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None,
                  add: torch.Tensor | None = None) -> torch.Tensor:
     """``mat @ state[p]`` (``+ add``, broadcast) for every ``p``: one batched matmul whose left
-    operand has batch stride 0."""
+    operand has batch stride 0.
+
+    Traced or exported (:func:`plain_ops_only`), a broadcasting ``matmul`` instead: an exported
+    ``Expand`` is materialised by the runtime (onnxruntime allocated 1 GB per TT layer of a small
+    ViT at batch 64), a broadcast ``MatMul`` is not.
+    """
+    if out is None and plain_ops_only():
+        y = torch.matmul(mat, state)
+        return y if add is None else y + add
     batched = mat.expand(state.shape[0], *mat.shape)
     if add is None:
         return torch.bmm(batched, state, out=out)
