@@ -177,3 +177,24 @@ def test_finetune_refuses_its_output_before_naming_the_recorded_teacher(tmp_path
     assert_user_error(result, "already exists")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert out.read_bytes() == b"keep"
+
+
+def test_a_model_that_cannot_load_is_one_line_even_when_a_source_is_recorded(tmp_path) -> None:
+    # "distilling from the source model ..." is said once the models load and fit the data: a
+    # checkpoint that fails to rebuild stays one line.
+    import ttcompress
+    from ttcompress.io import read_header
+    from ttcompress.models import build_arch
+    from ttcompress.plan import Plan, TTSettings
+
+    torch.manual_seed(0)
+    dense = tmp_path / "dense.pt"
+    ttcompress.save(build_arch("seed-cnn"), dense)
+    comp = tmp_path / "m.tt.pt"
+    result = CliRunner().invoke(app, ["decompose", str(dense), "--tt-ranks", "4", "--no-calib", "-o", str(comp)])
+    assert result.exit_code == 0, result.stderr
+    assert read_header(comp)["info"].get("source_path")
+    comp.write_bytes(comp.read_bytes()[:-200])  # truncated: the header reads, the tensors do not
+    result = CliRunner().invoke(app, ["finetune", str(comp), "--epochs", "1", "-o", str(tmp_path / "f.pt")])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "distilling" not in result.stderr

@@ -7,7 +7,7 @@ A thin shell over :func:`ttcompress.training.api.finetune_file`; the options are
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Any, Annotated, Optional
 
 import typer
 
@@ -165,9 +165,14 @@ def finetune(
     if choice is not None:
         teacher = choice.path
     output = require_output(output, overwrite=overwrite, resume=resume, inputs=(model, teacher, *data_inputs(data)))
-    if choice is not None:  # only once the output is accepted: a refused request stays one line
-        _say(choice)
-    progress = RichProgress(err)
+
+    class Progress(RichProgress):
+        def on_train_start(self, **kwargs: Any) -> None:
+            if choice is not None:  # only once the models loaded and fit the data: a refusal stays one line
+                _say(choice)
+            super().on_train_start(**kwargs)
+
+    progress = Progress(err)
     try:
         result = finetune_file(
             model, output=output, data=data, data_root=data_root, download=download,

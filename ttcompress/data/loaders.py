@@ -101,8 +101,10 @@ def check_model_fits(
     except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:  # a mismatch
         # (transformers raises AttributeError for an input it needs and did not get: CLIP's pixel_values)
         text = ' '.join(str(exc).split())[:300]
-        if DTYPE_ERROR.search(text):
-            dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in model.parameters() if t.is_floating_point()})
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in model.parameters() if t.is_floating_point()})
+        mismatched = len(dtypes) > 1 or (x.is_floating_point() and dtypes
+                                         and dtypes != [str(x.dtype).removeprefix("torch.")])
+        if DTYPE_ERROR.search(text) and mismatched:  # else (e.g. float images where token ids are taken) the data
             raise UserInputError(
                 f"{what} has a dtype problem, not a data problem: its parameters are {', '.join(dtypes) or 'not floating'} "
                 f"and it cannot run on {bundle.name}'s {str(x.dtype).removeprefix('torch.')} inputs ({text}); "
