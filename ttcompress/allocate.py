@@ -56,6 +56,7 @@ from ttcompress.calibration.progress import report_batch
 from ttcompress.calibration.stats import MAX_POSITIONS, input_rows
 from ttcompress.formats import DENSE, LayerDecision, get_format
 from ttcompress.formats.base import Ladder
+from ttcompress.inputs import call_model
 
 __all__ = ["MIN_LAYER_RATIO", "Slot", "allocate", "greedy", "input_grams", "whitened"]
 
@@ -153,7 +154,7 @@ def input_grams(model: nn.Module, names: Sequence[str], batches: Sequence[torch.
     try:
         with torch.no_grad():
             for done, x in enumerate(batches, 1):
-                model(x)
+                call_model(model, x)
                 report_batch("statistics", done, len(batches))
     finally:
         for h in handles:

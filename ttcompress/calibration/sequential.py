@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ttcompress.calibration.data import calib_batches
+from ttcompress.inputs import call_model, move_inputs
 from ttcompress.calibration.fit import FitResult, output_error
 from ttcompress.calibration.progress import report_batch
 from ttcompress.calibration.reconstruct import dense_weight, effective_bias
@@ -119,7 +120,7 @@ def forward_order(model: nn.Module, names: Sequence[str], batch: torch.Tensor) -
         handles.append(model.get_submodule(name).register_forward_pre_hook(make(name)))
     try:
         with torch.no_grad(), _eval_mode(model):
-            model(batch)
+            call_model(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -137,8 +138,8 @@ def _layer_stats(dense_model: nn.Module, model: nn.Module, name: str,
         handles = [dense_layer.register_forward_pre_hook(_input_hook(seen_dense)),
                    layer.register_forward_pre_hook(_input_hook(seen))]
         try:
-            dense_model(x)
-            model(x)
+            call_model(dense_model, x)
+            call_model(model, x)
         finally:
             for h in handles:
                 h.remove()
@@ -238,7 +239,7 @@ def calibrate_sequentially(
     """
     names = _checked_names(names, model=model, dense_model=dense_model)
     target = torch.device(device) if device is not None else _device_of(model)
-    batches = [x.to(target) for x in calib_batches(calib_data, max_samples=max_samples)]
+    batches = [move_inputs(x, target) for x in calib_batches(calib_data, max_samples=max_samples)]
     results: dict[str, LayerCalibration] = {}
     with torch.no_grad(), _eval_mode(dense_model, model):
         order = forward_order(model, names, batches[0])

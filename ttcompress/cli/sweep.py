@@ -26,7 +26,7 @@ from ttcompress.cli.report import check_render_options, emit, resolve_format
 from ttcompress.cli.train import (
     AlphaOpt, AmpOpt, BatchSizeOpt, CompileOpt, DataOpt, DataRootOpt, DeviceOpt, DistillLossOpt, DownloadOpt,
     EpochsOpt,
-    EvalBatchSizeOpt, GammaOpt, ImageSizeOpt, LrOpt, MaxBatchesOpt, MomentumOpt, OptimizerOpt, ScheduleOpt,
+    EvalBatchSizeOpt, GammaOpt, ImageSizeOpt, SeqLenOpt, TokenizerOpt, check_text_options, LrOpt, MaxBatchesOpt, MomentumOpt, OptimizerOpt, ScheduleOpt,
     SeedOpt, StepSizeOpt, TeacherOpt, TemperatureOpt, TrainOnlyOpt, ValFractionOpt, WeightDecayOpt, WorkersOpt,
     make_config,
 )
@@ -99,6 +99,8 @@ def sweep_command(
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     image_size: ImageSizeOpt = None,
+    seq_len: SeqLenOpt = None,
+    tokenizer: TokenizerOpt = None,
     epochs: EpochsOpt = FinetuneConfig.epochs,
     batch_size: BatchSizeOpt = FinetuneConfig.batch_size,
     optimizer: OptimizerOpt = FinetuneConfig.optimizer,
@@ -148,6 +150,7 @@ def sweep_command(
     o["fmt"] = fmt or "table"
     check_render_options(fmt=o["fmt"], plot=plot, plot_x=plot_x)
     check_inputs(baseline, plan, teacher)
+    check_text_options(data, seq_len=seq_len, tokenizer=tokenizer)
     check_outputs([report_file, plot], overwrite=overwrite, inputs=[baseline])
     report = _run(o, _settings(o), _config(o))
     emit(report, fmt=o["fmt"], output=None, plot=plot, plot_x=plot_x, plot_title=plot_title)
@@ -200,6 +203,7 @@ def _run(o: dict[str, Any], settings: Any, config: FinetuneConfig) -> Any:
             return sweep_report(
                 o["baseline"], settings=settings, output_dir=o["output_dir"], data=o["data"],
                 data_root=o["data_root"], download=o["download"], image_size=o["image_size"], config=config,
+                tokenizer=o["tokenizer"], seq_len=o["seq_len"],
                 plan_file=o["plan"], plan_options={"formats": o["formats"] or (), "layers": o["layers"] or (),
                                                    "exclude": o["exclude"] or (), "min_saving": o["min_saving"],
                                                    "max_error": o["max_error"]},
