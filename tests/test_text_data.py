@@ -286,3 +286,39 @@ def test_the_perplexity_front_prefers_lower() -> None:
               _Point(row, 2.0, 15.0, None), _Point(row, 4.0, 30.0, None), _Point(row, 3.0, 40.0, None)]  # fmt: skip
     assert front_indices(points, lower=True) == {1, 3}
     assert front_indices(points, lower=False) == {3, 4}
+
+
+# ------------------------------------------------------------------------------ Llama-style blocks
+
+_LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+
+
+@pytest.mark.parametrize("plan", [{"formats": ["tt"], "tt": {"ranks": 4}}, {"formats": ["svd"], "svd": {"rank": 4}}])
+def test_a_compressed_tiny_llama_generates(plan: dict, tmp_path: Path) -> None:
+    from ttcompress.io import load, save
+    from ttcompress.surgery import compress
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(config).eval()
+    dense.save_pretrained(tmp_path / "llama")
+    model = load(tmp_path / "llama")
+    rotary = {k: v.clone() for k, v in model.named_buffers() if "rotary" in k}
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    compress(model, plan, calib_data=[{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])  # by keyword
+    for i in range(2):
+        for name in _LLAMA_LINEARS:
+            layer = model.get_submodule(f"model.layers.{i}.{name}")
+            assert type(layer).__name__ in ("TTLinear", "SVDLinear"), (name, type(layer))
+    # grouped-query attention and rotary embeddings untouched
+    assert model.model.layers[0].self_attn.k_proj.out_features == 16 and model.config.num_key_value_heads == 2
+    assert all(torch.equal(v, dict(model.named_buffers())[k]) for k, v in rotary.items())
+    save(model, tmp_path / "c.pt")
+    again = load(tmp_path / "c.pt").eval()
+    out = again.generate(ids[:1, :4], max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 10) and torch.equal(out[:, :4], ids[:1, :4])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)
