@@ -192,14 +192,34 @@ def _json_lines(raw: str, f: Path) -> list[str]:
     return out
 
 
+#: Characters of text tokenized at once: a tokenizer's per-token records (offsets, strings) are
+#: many times the ids, so a long document is tokenized in pieces cut at line ends.
+_PIECE_CHARS = 1 << 16
+
+
+def _pieces(doc: str) -> list[str]:
+    """``doc`` cut after line ends into pieces of about :data:`_PIECE_CHARS` characters."""
+    out, start = [], 0
+    while len(doc) - start > _PIECE_CHARS:
+        cut = doc.rfind("\n", start, start + _PIECE_CHARS) + 1
+        cut = cut if cut > start else start + _PIECE_CHARS
+        out.append(doc[start:cut])
+        start = cut
+    out.append(doc[start:])
+    return out
+
+
 def _token_ids(tokenizer: Any, docs: list[str]) -> torch.Tensor:
+    """The ids of every document, an end-of-text id after each when the tokenizer has one; only
+    the ids are kept (int32 while collecting), one piece of text tokenized at a time."""
     end = next((tid for tok in _END_TOKENS if (tid := tokenizer.token_to_id(tok)) is not None), None)
-    ids: list[int] = []
-    for enc in tokenizer.encode_batch(docs, add_special_tokens=False):
-        ids.extend(enc.ids)
+    parts: list[torch.Tensor] = []
+    for doc in docs:
+        for piece in _pieces(doc):
+            parts.append(torch.tensor(tokenizer.encode(piece, add_special_tokens=False).ids, dtype=torch.int32))
         if end is not None:
-            ids.append(end)
-    return torch.tensor(ids, dtype=torch.int64)
+            parts.append(torch.tensor([end], dtype=torch.int32))
+    return torch.cat(parts).to(torch.int64) if parts else torch.zeros(0, dtype=torch.int64)
 
 
 def load_text_data(
