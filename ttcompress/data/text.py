@@ -227,7 +227,6 @@ def load_text_data(
     *,
     tokenizer: str | os.PathLike[str] | None,
     seq_len: int | None = None,
-    vocab_size: int | None = None,
 ) -> DatasetBundle:
     """Tokenize, pack and split the text of ``source`` (see the module docstring).
 
@@ -240,8 +239,6 @@ def load_text_data(
     seq_len : int or None
         Tokens per sequence; default the context length of the ``config.json`` beside the
         tokenizer, at most :data:`DEFAULT_SEQ_LEN`.
-    vocab_size : int or None
-        When given, a token id at or above it is refused (a tokenizer of another model).
 
     Raises
     ------
@@ -262,9 +259,6 @@ def load_text_data(
     if seq_len is None:
         seq_len = min(context_length(tok_path.parent) or DEFAULT_SEQ_LEN, DEFAULT_SEQ_LEN)
     ids = _token_ids(_load_tokenizer(tok_path), docs)
-    if vocab_size is not None and ids.numel() and int(ids.max()) >= vocab_size:
-        raise DataError(f"tokenizer {tok_path} gives token id {int(ids.max())}, beyond the model's vocabulary of "
-                        f"{vocab_size}: it is another model's tokenizer")
     n = ids.numel() // seq_len
     if n < 2:
         raise DataError(f"text data {source!r} has {ids.numel()} tokens: fewer than 2 sequences of {seq_len} "
