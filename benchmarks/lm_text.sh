@@ -22,3 +22,9 @@ for fmt in svd tt auto; do
 done
 ttcompress report trained.pt "${models[@]}" $DATA --metric perplexity --no-latency -f json -o report.json \
     --plot ppl.png --overwrite
+for m in c-svd-4-calib c-tt-4-calib c-tt-4-free; do   # then 100 steps of distillation from trained.pt
+  ttcompress finetune $m.pt $DATA --epochs 1 --max-batches 100 --batch-size 16 --lr 1e-3 --eval-batch-size 64 \
+      -o ft-${m#c-}.pt --overwrite
+done
+ttcompress report trained.pt c-svd-4-calib.pt ft-svd-4-calib.pt c-tt-4-calib.pt ft-tt-4-calib.pt c-tt-4-free.pt \
+    ft-tt-4-free.pt $DATA --metric perplexity --no-latency -f json -o report-ft.json --overwrite
