@@ -130,8 +130,8 @@ def test_the_dry_run_projection_matches_the_real_run(cnn_file, tmp_path) -> None
 
 def test_inspect_takes_the_plan_flags_of_decompose() -> None:
     # decompose alone writes, previews, computes on a device, and runs calibration data through the model (inspect runs no data)
-    calibration = {"--data", "--data-root", "--calib-samples", "--calib-memory", "--no-calib", "--seed", "--min-saving",
-                   "--max-error"}
+    calibration = {"--data", "--data-root", "--seq-len", "--tokenizer", "--calib-samples", "--calib-memory", "--no-calib",
+                   "--seed", "--min-saving", "--max-error"}
     assert _option_names("decompose") - _option_names("inspect") == {"--output", "--overwrite", "--dry-run", "--device", *calibration}
 
 

@@ -149,21 +149,35 @@ def open_weights(d: Path, *, trust_pickle: bool) -> Iterator[tuple[dict[str, tup
         raise CheckpointError(f"{d}: no weights ({WEIGHTS_FILE} or {INDEX_FILE})")
     from safetensors import SafetensorError, safe_open
 
-    handles: dict[str, Any] = {}
+    owner: dict[str, Path] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    with contextlib.ExitStack() as stack:
-        for path in shard_files(d):
-            try:
-                f = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+    for path in shard_files(d):  # the headers only, one shard open at a time
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
                 keys = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise CheckpointError(f"{path}: not a readable safetensors file: {short(exc)}") from None
-            twice = sorted(set(keys) & set(shapes))
-            if twice:
-                raise CheckpointError(f"{d}: tensor(s) stored in several shards: {few(twice)}")
-            shapes.update(keys)
-            handles.update(dict.fromkeys(keys, f))
-        yield shapes, lambda key: handles[key].get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file: {short(exc)}") from None
+        twice = sorted(set(keys) & set(shapes))
+        if twice:
+            raise CheckpointError(f"{d}: tensor(s) stored in several shards: {few(twice)}")
+        shapes.update(keys)
+        owner.update(dict.fromkeys(keys, path))
+    # Reading opens a key's shard when it is not the one open, closing the other: the keys come
+    # shard by shard (``shapes`` is in shard order), so each shard is mapped once and alone.
+    current: list[Any] = [None, None, contextlib.ExitStack()]  # path, handle, its exit
+
+    def read(key: str) -> torch.Tensor:
+        if current[0] != owner[key]:
+            current[2].close()
+            current[2] = contextlib.ExitStack()
+            current[1] = current[2].enter_context(safe_open(str(owner[key]), framework="pt", device="cpu"))
+            current[0] = owner[key]
+        return current[1].get_tensor(key)
+
+    try:
+        yield shapes, read
+    finally:
+        current[2].close()
 
 
 def open_pickle(path: Path) -> Iterator[tuple[dict[str, tuple[int, ...]], TensorReader]]:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ttcompress.formats import format_of
+from ttcompress.inputs import MASK_KEY, call_model
 from ttcompress.layer_report import count_params
 from ttcompress.memory import check_allocation
 
@@ -34,6 +35,7 @@ __all__ = [
     "NOISY_SPREAD",
     "count_flops",
     "count_params",
+    "example_batch",
     "example_input",
     "flops_by_kind",
     "layer_kind",
@@ -125,6 +127,15 @@ def example_input(model: nn.Module, input_shape: Sequence[int], batch: int) -> t
     return x.to(_model_device(model))
 
 
+def example_batch(model: nn.Module, input_shape: Sequence[int], batch: int) -> Any:
+    """:func:`example_input`, as the keyword inputs ``{"input_ids", "attention_mask"}`` (every
+    position kept) for a model that takes ``input_ids``: how the model runs on text data."""
+    x = example_input(model, input_shape, batch)
+    if getattr(model, "main_input_name", None) == "input_ids" and not x.is_floating_point():
+        return {"input_ids": x, MASK_KEY: torch.ones_like(x)}
+    return x
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for tensor in list(model.parameters()) + list(model.buffers()):
         return tensor.device
@@ -191,7 +202,7 @@ def flops_by_kind(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int
     try:
         with (_Eval(model), _factorized(model), torch.no_grad(),
               FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter):
-            model(example_input(model, input_shape, 1))
+            call_model(model, example_batch(model, input_shape, 1))
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     total = int(counter.get_total_flops())
@@ -348,8 +359,8 @@ def measure_latencies(
         calls = []
         for model in models:
             stack.enter_context(_Eval(model))
-            x = example_input(model, input_shape, batch_size)
-            calls.append(functools.partial(model, x))
+            x = example_batch(model, input_shape, batch_size)
+            calls.append(functools.partial(call_model, model, x))
         return time_interleaved(calls, min_run_time=min_run_time, num_threads=num_threads, min_rounds=min_rounds)
 
 
@@ -388,12 +399,12 @@ def peak_memory(model: nn.Module, input_shape: Sequence[int], *, batch_size: int
     device = _model_device(model)
     resident = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     with _Eval(model), torch.no_grad():
-        x = example_input(model, input_shape, batch_size)
+        x = example_batch(model, input_shape, batch_size)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-            model(x)
+            call_model(model, x)
             torch.cuda.synchronize(device)
             return resident + torch.cuda.max_memory_allocated(device) - base
         live = _LiveTensors()
@@ -406,9 +417,10 @@ def peak_memory(model: nn.Module, input_shape: Sequence[int], *, batch_size: int
                         live.add(t)
                 return out
 
-        live.add(x)
+        for t in (x.values() if isinstance(x, dict) else (x,)):
+            live.add(t)
         with _Track():
-            model(x)
+            call_model(model, x)
     return resident + live.peak
 
 

@@ -8,6 +8,10 @@ What the marks mean (the legend repeats it):
 * grey cross and arrow: the same model before fine-tuning, and what fine-tuning gained;
 * dashed red line: the Pareto front.
 
+The y axis is top-1 accuracy, or, for a report of ``--metric perplexity`` (a language model), the
+perplexity: lower is better there, and the Pareto front is the models that no other model beats
+in both compression and perplexity.
+
 Labels are placed by measuring their rendered extents: each label tries a ring of offsets around
 its point (with a leader line when it sits away from the point) and takes the first that stays
 inside the axes, overlaps no other label, no point and no fine-tuning arrow, is not crossed by the
@@ -32,7 +36,7 @@ from typing import Any, Literal
 
 from ttcompress.errors import UserInputError
 from ttcompress.fsutil import atomic_write
-from ttcompress.report import ModelRow, Report, pareto_front
+from ttcompress.report import ModelRow, Report, lower_is_better, pareto_front
 
 __all__ = ["AXES", "PLOT_SUFFIXES", "plot_tradeoff", "tradeoff_figure"]
 
@@ -79,16 +83,25 @@ def _ratio(row: ModelRow, base: ModelRow, x: XAxis) -> float | None:
 
 def _points(report: Report, x: XAxis) -> list[_Point]:
     base = report.baseline
+    by_metric = lower_is_better(report.metric_name)
     points = []
     for row in report.rows:
-        if row.accuracy is None:
+        y = row.metric if by_metric else (None if row.accuracy is None else 100 * row.accuracy)
+        if y is None:
             continue
         ratio = _ratio(row, base, x)
         if ratio is None:
             continue
-        before = None if row.accuracy_before_finetune is None else 100 * row.accuracy_before_finetune
-        points.append(_Point(row, ratio, 100 * row.accuracy, before))
+        before = None if (by_metric or row.accuracy_before_finetune is None) else 100 * row.accuracy_before_finetune
+        points.append(_Point(row, ratio, y, before))
     return points
+
+
+def front_indices(points: Sequence[_Point], *, lower: bool = False) -> set[int]:
+    """The compressed models (not the baseline) on the Pareto front of (compression, y): higher
+    compression and higher y are better, or lower y with ``lower`` (perplexity)."""
+    ys = [(p.x, -p.y if lower else p.y) for p in points]
+    return {i for i in pareto_front(ys) if not points[i].row.is_baseline}
 
 
 def _nice_ticks(lo: float, hi: float) -> list[float]:
@@ -252,7 +265,7 @@ def _legend_handles(points: Sequence[_Point], front: set[int]) -> list[Any]:
     return handles
 
 
-def _new_figure(points: Sequence[_Point], x: XAxis, title: str) -> tuple[Any, Any]:
+def _new_figure(points: Sequence[_Point], x: XAxis, title: str, ylabel: str) -> tuple[Any, Any]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -262,7 +275,7 @@ def _new_figure(points: Sequence[_Point], x: XAxis, title: str) -> tuple[Any, An
     ax.set_xscale("log")
     _set_x_limits(ax, [p.x for p in points], _MARGINS[0])
     ax.set_xlabel(AXES[x] + ", log scale")
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=11)
     ax.grid(True, which="major", alpha=0.3)
     return fig, ax
@@ -408,12 +421,16 @@ def tradeoff_figure(report: Report, *, x: XAxis = "params", title: str | None = 
     if x not in AXES:
         raise UserInputError(f"x must be one of {', '.join(AXES)}; got {x!r}")
     points = _points(report, x)
+    lower = lower_is_better(report.metric_name)
+    quantity = report.metric_name if lower else "accuracy"
     if not points:
-        what = "accuracy (run it with data)" if x == "params" else f"accuracy and a measured {x}"
+        what = f"{quantity} (run it with data)" if x == "params" else f"{quantity} and a measured {x}"
         raise UserInputError(f"the report has no model with {what} to plot")
-    front = {i for i in pareto_front([(p.x, p.y) for p in points]) if not points[i].row.is_baseline}
+    front = front_indices(points, lower=lower)
 
-    fig, ax = _new_figure(points, x, title or f"Accuracy vs compression — {report.dataset or 'model'}")
+    ylabel = f"{quantity} (lower is better)" if lower else "top-1 accuracy (%)"
+    fig, ax = _new_figure(points, x, title or f"{quantity.capitalize()} vs compression — {report.dataset or 'model'}",
+                          ylabel)  # fmt: skip
     _draw_marks(ax, points, front)
     handles = _legend_handles(points, front)
     names = [BASELINE_LABEL if p.row.is_baseline else p.row.model for p in points]

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from ttcompress.dryrun import LARGE_ERROR
 from ttcompress.layer_report import LayerReport
 from ttcompress.measure import KINDS, NOISY_SPREAD
-from ttcompress.report import ModelRow, Report
+from ttcompress.report import ModelRow, Report, lower_is_better
 
 __all__ = ["BEYOND_ZERO", "FORMATS", "large_error_note", "out_error_cell", "render", "to_csv", "to_json", "to_markdown",
            "to_rich_tables"]
@@ -176,7 +176,10 @@ def _caption(report: Report) -> str:
         parts.append(f"test split: {report.data_split}")
     if report.dataset is not None and report.targets in ("none", "regression"):
         parts.append("no class labels: top-1 not defined")
-    if report.metric_name is not None:
+    if lower_is_better(report.metric_name):
+        parts.append(f"metric: {report.metric_name} (token-level, padding and the first position left out; lower is "
+                     "better) on the test split")
+    elif report.metric_name is not None:
         parts.append(f"metric: {report.metric_name}(outputs, targets) on the test split")
     if report.eval_samples is not None:
         parts.append(

@@ -54,6 +54,7 @@ from ttcompress.measure import (
 from ttcompress.outputs import primary_output
 
 __all__ = [
+    "BUILTIN_METRICS",
     "ModelEntry",
     "ModelRow",
     "Report",
@@ -61,6 +62,7 @@ __all__ = [
     "count_flops",
     "count_params",
     "layer_rows",
+    "lower_is_better",
     "measure_latency",
     "pareto_front",
 ]
@@ -235,6 +237,15 @@ def _compressed_layer_row(model: nn.Module, name: str, record: LayerReport) -> L
     return dataclasses.replace(record, params_before=record.params_before or 0, params_after=record.params_after or 0)
 
 
+#: Metrics built in by name (``report --metric perplexity``), each lower-is-better.
+BUILTIN_METRICS = ("perplexity",)
+
+
+def lower_is_better(metric_name: str | None) -> bool:
+    """Whether the named metric improves downwards (a built-in one: perplexity)."""
+    return metric_name in BUILTIN_METRICS
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points not dominated in (compression, accuracy), both to be maximized."""
     front = []
@@ -273,7 +284,7 @@ def build_report(
     min_run_time: float = 0.5,
     input_shape: Sequence[int] | None = None,
     measure_speed: bool = True,
-    metric: Callable[[torch.Tensor, torch.Tensor | None], float] | None = None,
+    metric: Callable[[torch.Tensor, torch.Tensor | None], float] | str | None = None,
     metric_name: str | None = None,
 ) -> Report:
     """Measure the baseline and each model and return the report data.
@@ -302,8 +313,14 @@ def build_report(
         over the (possibly limited) test split, concatenated, and the targets concatenated (None
         when the data has none); its value is ``ModelRow.metric``, its name ``Report.metric_name``
         (default: the callable's ``__name__``). Needs ``data``. Accuracy is measured only when
-        the data has class labels.
+        the data has class labels. ``metric="perplexity"`` is built in: the token-level
+        perplexity of a causal language model on the test (validation) split, padding and the
+        first position left out (:func:`ttcompress.evaluation.perplexity`); lower is better.
     """
+    if isinstance(metric, str):
+        if metric not in BUILTIN_METRICS:
+            raise UserInputError(f"metric must be a callable or one of {', '.join(BUILTIN_METRICS)}; got {metric!r}")
+        metric_name = metric
     if eval_limit is not None and eval_limit <= 0:
         raise UserInputError(f"eval_limit must be positive, got {eval_limit}")
     if metric is not None and data is None:
@@ -406,11 +423,11 @@ def _measure_entry(
     batch_size: int,
     eval_batch_size: int,
     measure_speed: bool,
-    metric: Callable[[torch.Tensor, torch.Tensor | None], float] | None,
+    metric: Callable[[torch.Tensor, torch.Tensor | None], float] | str | None,
     metric_name: str | None,
 ) -> dict[str, Any]:
     """One model's :class:`ModelRow` fields except ``accuracy_delta`` and ``is_baseline``."""
-    from ttcompress.evaluation import evaluate
+    from ttcompress.evaluation import evaluate, perplexity
 
     model = entry.model.to(device)
     non_finite = _outputs_non_finite(model, test_set, shape, device)
@@ -420,7 +437,9 @@ def _measure_entry(
     if test_set is not None and data.has_labels:
         result = evaluate(model, test_set, device=device, batch_size=eval_batch_size)
         accuracy, top5 = result.accuracy, result.top5
-    if metric is not None and test_set is not None:
+    if metric == "perplexity" and test_set is not None:
+        value = perplexity(model, test_set, device=device, batch_size=eval_batch_size)
+    elif metric is not None and test_set is not None:
         value = _user_metric(metric, metric_name or "metric", model, test_set, device, eval_batch_size)
     return dict(
         non_finite=non_finite,
@@ -510,6 +529,8 @@ def report_files(
     trust_code: bool = False,
     labels: Sequence[str] | None = None,
     metric: str | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
+    seq_len: int | None = None,
 ) -> Report:
     """Load the model files and measure them against ``baseline`` (what ``ttcompress report`` runs).
 
@@ -519,11 +540,14 @@ def report_files(
     ``arch``/``arch_kwargs`` name the architecture of bare state dicts (ttcompress checkpoints
     describe themselves; one that records the same ``arch`` import path is then trusted, as with
 ``trust_code``). ``data=None`` skips the accuracy columns. ``metric`` is the import path
-    (``package.module:callable``) of a user metric, imported because the caller named it (see
-    :func:`build_report`). See :func:`build_report`.
+    (``package.module:callable``) of a user metric, imported because the caller named it, or
+    ``"perplexity"`` (see :func:`build_report`). ``text:`` data is tokenized with ``tokenizer``
+    (default: the baseline's, :func:`ttcompress.data.text_tokenizer`) into sequences of
+    ``seq_len`` tokens. See :func:`build_report`.
     """
-    metric_fn = import_callable(metric, what="metric") if metric is not None else None
-    from ttcompress.data import load_dataset
+    builtin = metric is not None and metric.strip() in BUILTIN_METRICS
+    metric_fn: Any = metric.strip() if builtin else import_callable(metric, what="metric") if metric is not None else None
+    from ttcompress.data import load_dataset, text_tokenizer
     from ttcompress.io import load
     from ttcompress.evaluation import resolve_device
 
@@ -554,7 +578,8 @@ def report_files(
     taken: set[str] = set()
     base = entry(baseline, taken)
     others = [entry(m, taken) for m in models]
-    bundle = load_dataset(data, root=data_root, download=download) if data is not None else None
+    bundle = load_dataset(data, root=data_root, download=download, tokenizer=text_tokenizer(data, tokenizer, baseline),
+                          seq_len=seq_len) if data is not None else None  # fmt: skip
     return build_report(
         baseline=base,
         models=others,

@@ -22,6 +22,7 @@ from ttcompress.calibration.data import calib_batches
 from ttcompress.errors import UserInputError
 from ttcompress.formats import DENSE
 from ttcompress.formats.structure import Preparation, finish_model, parent_reason
+from ttcompress.inputs import call_model, main_tensor, take_rows
 from ttcompress.layer_report import LayerReport
 from ttcompress.meta import read_meta
 from ttcompress.modtree import get_submodule, set_submodule
@@ -88,16 +89,16 @@ def calibration_batches(model: nn.Module, calib_data: Any, calib_samples: int | 
     return batches
 
 
-def check_calib_fits(model: nn.Module, batch: torch.Tensor) -> None:
+def check_calib_fits(model: nn.Module, batch: Any) -> None:
     """``ValueError`` naming ``calib_data`` when ``model`` cannot run on its inputs (one eval pass, 2 samples)."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            model(batch[:2])
+            call_model(model, take_rows(batch, 2))
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"calib_data: the model cannot run on inputs of shape {tuple(batch.shape[1:])} "
+        raise ValueError(f"calib_data: the model cannot run on inputs of shape {tuple(main_tensor(batch).shape[1:])} "
                          f"per sample: {first[:200]}") from None
     finally:
         for m, flag in flags:

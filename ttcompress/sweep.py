@@ -42,7 +42,7 @@ from ttcompress.data import DatasetBundle, balanced_subset, check_model_fits
 from ttcompress.errors import DataError, UserInputError, refused_input
 from ttcompress.plan import Plan
 from ttcompress.planfile import NONE, load_plan, plan_from_options, plan_kwargs
-from ttcompress.evaluation import evaluate, resolve_device
+from ttcompress.evaluation import evaluate, perplexity, resolve_device
 from ttcompress.io import load, save
 from ttcompress.layer_report import count_params
 from ttcompress.surgery import compress_with_report
@@ -195,6 +195,9 @@ class SweepResult:
     params: int
     compression: float
     cached: bool = False
+    #: What ``accuracy_before``/``accuracy_after`` hold: top-1 (a fraction), or for text data the
+    #: validation perplexity (lower is better).
+    metric: str = "top-1"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -205,6 +208,7 @@ class SweepResult:
             "accuracy_after": self.accuracy_after,
             "params": self.params,
             "compression": self.compression,
+            "metric": self.metric,
         }
 
 
@@ -260,6 +264,8 @@ def cache_key(
         "setting": dataclasses.asdict(setting),
         "teacher": teacher_digest,
         "calibration": dict(calibration) if calibration is not None else None,
+        # text data: the sequence length and tokenizer (in the split's description) change the data
+        **({"text": bundle.split} if bundle.targets == "tokens" else {}),
     }
 
 
@@ -304,8 +310,8 @@ def _check_sweep_inputs(
         raise ValueError("settings must not be empty")
     if not (baseline.is_file() or baseline.is_dir()):  # a file, or a Hugging Face directory
         raise FileNotFoundError(f"baseline model not found: {baseline}")
-    if not bundle.has_labels:
-        raise DataError(f"a sweep ranks settings by top-1 accuracy, and data {bundle.name!r} has no class labels "
+    if not bundle.has_labels and bundle.targets != "tokens":
+        raise DataError(f"a sweep ranks settings by top-1 accuracy (perplexity on text), and data {bundle.name!r} has no class labels "
                         f"(targets: {bundle.targets}); use finetune and report --metric instead")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"sweep output is not a directory: {out}")
@@ -425,9 +431,20 @@ class _SweepRun:
     calib_info: dict[str, Any] | None = None
     calib_memory: int | None = None
 
+    @property
+    def metric(self) -> str:
+        """``"perplexity"`` on text data (lower is better), else ``"top-1"``."""
+        return "perplexity" if self.bundle.targets == "tokens" else "top-1"
+
     def evaluate(self, model: nn.Module) -> float:
-        device = self.config.device if self.config.device != "auto" else None
-        return evaluate(model, self.bundle.test, device=_eval_device(device)).accuracy
+        device = _eval_device(self.config.device if self.config.device != "auto" else None)
+        if self.metric == "perplexity":
+            return perplexity(model, self.bundle.test, device=device, batch_size=self.config.eval_batch_size)
+        return evaluate(model, self.bundle.test, device=device).accuracy
+
+    def show(self, value: float) -> str:
+        """A measured value for the log: ``97.50%`` or ``perplexity 18.5``."""
+        return f"perplexity {value:.4g}" if self.metric == "perplexity" else f"{100 * value:.2f}%"
 
 
 def _run_setting(run: _SweepRun, setting: SweepSetting, head: str) -> SweepResult:
@@ -442,11 +459,11 @@ def _run_setting(run: _SweepRun, setting: SweepSetting, head: str) -> SweepResul
     model_path = work / "model.pt"
     if result_file.is_file():
         data = json.loads(result_file.read_text(encoding="utf-8"))
-        run.say(f"{head}: cached ({100 * data['accuracy_after']:.2f}%) in {model_path}")
+        run.say(f"{head}: cached ({run.show(data['accuracy_after'])}) in {model_path}")
         return SweepResult(setting, model_path, data["accuracy_before"], data["accuracy_after"],
-                           data["params"], data["compression"], cached=True)  # fmt: skip
+                           data["params"], data["compression"], cached=True, metric=run.metric)  # fmt: skip
     model, accuracy_before = _decomposed(run, setting, plan, work, head)
-    run.say(f"{head}: {100 * accuracy_before:.2f}% before fine-tuning; fine-tuning")
+    run.say(f"{head}: {run.show(accuracy_before)} before fine-tuning; fine-tuning")
     resume = run_paths(model_path).resume.is_file()
     done = finetune(model, run.bundle, output=model_path, config=run.config, teacher=run.teacher,
                     progress=run.progress, resume=resume)  # fmt: skip
@@ -454,9 +471,10 @@ def _run_setting(run: _SweepRun, setting: SweepSetting, head: str) -> SweepResul
         raise KeyboardInterrupt
     best = load(model_path, **run.cached)
     params = count_params(best)
-    result = SweepResult(setting, model_path, accuracy_before, run.evaluate(best), params, run.base_params / params)
+    result = SweepResult(setting, model_path, accuracy_before, run.evaluate(best), params, run.base_params / params,
+                         metric=run.metric)  # fmt: skip
     _write_json(result_file, result.to_dict())
-    run.say(f"{head}: {100 * result.accuracy_after:.2f}% after fine-tuning, {result.compression:.2f}× fewer params; "
+    run.say(f"{head}: {run.show(result.accuracy_after)} after fine-tuning, {result.compression:.2f}× fewer params; "
             f"wrote {model_path}")
     return result
 
@@ -506,6 +524,8 @@ def sweep_report(
     distill: bool = True,
     teacher: str | os.PathLike[str] | None = None,
     image_size: int | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
+    seq_len: int | None = None,
     measure_speed: bool = True,
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
@@ -527,12 +547,17 @@ def sweep_report(
     ``teacher`` (a model file) when given, else from the baseline unless ``distill=False``: the
     defaults of ``decompose`` + ``finetune`` (which distils from the source model ``decompose``
     recorded), so a sweep point is the model those commands give.
+
+    ``text:`` data (tokenized with ``tokenizer``, default the baseline's, into sequences of
+    ``seq_len`` tokens) ranks settings by validation perplexity instead of top-1, and the report
+    measures ``metric="perplexity"``.
     """
-    from ttcompress.data import load_dataset
+    from ttcompress.data import load_dataset, text_tokenizer
     from ttcompress.report import ModelEntry, build_report
 
     config = config or FinetuneConfig()
-    bundle = load_dataset(data, root=data_root, download=download, image_size=image_size)
+    bundle = load_dataset(data, root=data_root, download=download, image_size=image_size,
+                          tokenizer=text_tokenizer(data, tokenizer, baseline), seq_len=seq_len)  # fmt: skip
     base_plan = load_plan(plan_file) if plan_file is not None else None
     out = Path(output_dir) if output_dir is not None else default_output_dir(baseline)
     load_kwargs: dict[str, Any] = {"trust_pickle": trust_pickle, "trust_code": trust_code}
@@ -552,7 +577,7 @@ def sweep_report(
     entries = [
         ModelEntry(label=r.setting.label, model=load(r.model_path, **_cached_load_kwargs(arch, arch_kwargs, trust_code)),
                    path=r.model_path, setting=r.setting.key,
-                   accuracy_before_finetune=r.accuracy_before)  # fmt: skip
+                   accuracy_before_finetune=r.accuracy_before if r.metric == "top-1" else None)  # fmt: skip
         for r in results
     ]
     return build_report(
@@ -561,6 +586,7 @@ def sweep_report(
         data=bundle,
         device=resolve_device(config.device),
         measure_speed=measure_speed,
+        metric="perplexity" if bundle.targets == "tokens" else None,
     )
 
 

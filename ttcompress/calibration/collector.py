@@ -29,6 +29,7 @@ from torch import nn
 from ttcompress.calibration.budget import check_calib_memory, exact_bytes, format_bytes, sketch_bytes
 from ttcompress.calibration.data import calib_batches
 from ttcompress.calibration.progress import report_batch
+from ttcompress.inputs import call_model, move_inputs
 from ttcompress.calibration.stats import (
     MAX_POSITIONS,
     InputStats,
@@ -163,7 +164,7 @@ class StatsCollector:
             batches = list(calib_batches(calib_data, max_samples=max_samples))
         if not batches:
             raise ValueError("calib_data holds no samples")
-        self.batches = [x.to(self.device) for x in batches] if self.device is not None else batches
+        self.batches = [move_inputs(x, self.device) for x in batches] if self.device is not None else batches
         self.max_positions = max_positions
         self.progress = progress
 
@@ -231,7 +232,7 @@ class StatsCollector:
         try:
             with _eval_no_grad(model):
                 for i, x in enumerate(self.batches):
-                    model(x)
+                    call_model(model, x)
                     self._step(i + 1, len(self.batches), "statistics")
         finally:
             for h in handles:
@@ -263,8 +264,8 @@ class StatsCollector:
                        layer.register_forward_pre_hook(_input_hook(seen))]
             try:
                 with _eval_no_grad(dense_model, model):
-                    dense_model(x)
-                    model(x)
+                    call_model(dense_model, x)
+                    call_model(model, x)
             finally:
                 for h in handles:
                     h.remove()

@@ -1,7 +1,8 @@
 """Calibration inputs: normalise what a user passes as ``calib_data`` into input batches.
 
 Data-aware decomposition only needs inputs, never labels: every accepted form is reduced to an
-iterator of input tensors whose first dimension is the batch.
+iterator of input batches whose first dimension is the batch: tensors, or mappings of named
+tensors (``input_ids``, ``attention_mask``) that the model takes by keyword.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from ttcompress.errors import DataError
+from ttcompress.inputs import batch_size_of, main_tensor, take_rows
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_CALIB_SAMPLES", "calib_batches", "dataset_targets", "named_calibration",
            "sample_calibration_set"]
@@ -26,7 +28,7 @@ DEFAULT_BATCH_SIZE = 128
 DEFAULT_CALIB_SAMPLES = 512
 
 
-def calib_batches(calib_data: Any, *, max_samples: int | None = None) -> Iterator[torch.Tensor]:
+def calib_batches(calib_data: Any, *, max_samples: int | None = None) -> Iterator[Any]:
     """Iterate over the input batches of ``calib_data``; targets are dropped.
 
     Parameters
@@ -36,13 +38,14 @@ def calib_batches(calib_data: Any, *, max_samples: int | None = None) -> Iterato
         :data:`DEFAULT_BATCH_SIZE`); a map-style :class:`torch.utils.data.Dataset` (batched by a
         non-shuffling ``DataLoader``); a ``DataLoader`` or any other iterable whose items are
         tensors or ``(input, target, ...)`` tuples / lists with a tensor first (the rest is
-        ignored).
+        ignored). An input may also be a mapping of names to tensors (a language model's
+        ``input_ids`` and ``attention_mask``), passed to the model by keyword.
     max_samples : int, optional
         Stop after this many samples (rows of the first dimension), cutting the last batch.
 
     Returns
     -------
-    iterator of torch.Tensor
+    iterator of torch.Tensor or dict of str to torch.Tensor
         Batches with at least one sample each. The type of ``calib_data`` is checked at once;
         the items are checked as they are read.
 
@@ -77,16 +80,16 @@ def calib_batches(calib_data: Any, *, max_samples: int | None = None) -> Iterato
     return _batches(items, max_samples, calib_data if isinstance(calib_data, Subset) else None)
 
 
-def _batches(items: Iterable[Any], max_samples: int | None, subset: Subset | None) -> Iterator[torch.Tensor]:
+def _batches(items: Iterable[Any], max_samples: int | None, subset: Subset | None) -> Iterator[Any]:
     seen = 0
     for index, item in enumerate(items):
         x = _input_of(item, index)
         if max_samples is not None:
-            x = x[: max_samples - seen]
-        if x.shape[0] == 0:
+            x = take_rows(x, max_samples - seen)
+        if batch_size_of(x) == 0:
             continue
-        _check_finite(x, seen, subset)
-        seen += x.shape[0]
+        _check_finite(main_tensor(x), seen, subset)
+        seen += batch_size_of(x)
         yield x
         if max_samples is not None and seen >= max_samples:
             break
@@ -127,9 +130,17 @@ def named_calibration(info: Mapping[str, Any] | None) -> Iterator[None]:
         raise DataError(f"calibration data {name}: {text[len('calib_data '):]}") from None
 
 
-def _input_of(item: Any, index: int) -> torch.Tensor:
+def _input_of(item: Any, index: int) -> Any:
     if isinstance(item, (tuple, list)) and item:
         item = item[0]
+    if isinstance(item, Mapping):
+        try:
+            first = main_tensor(item)
+        except TypeError:
+            raise TypeError(f"calib_data item {index} is a mapping without tensors") from None
+        if first.dim() == 0 or any(isinstance(v, torch.Tensor) and v.shape[:1] != first.shape[:1] for v in item.values()):
+            raise ValueError(f"calib_data item {index}: every tensor of an input mapping needs the same batch dimension")
+        return item
     if not isinstance(item, torch.Tensor):
         raise TypeError(f"calib_data item {index} must be a tensor or an (input, target) pair with a "
                         f"tensor input, got {type(item).__name__}")

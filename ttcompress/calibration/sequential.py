@@ -118,7 +118,7 @@ def forward_order(model: nn.Module, names: Sequence[str], batch: torch.Tensor) -
         handles.append(model.get_submodule(name).register_forward_pre_hook(make(name)))
     try:
         with torch.no_grad(), _eval_mode(model):
-            model(batch)
+            call_model(model, batch)
     finally:
         for h in handles:
             h.remove()

@@ -47,8 +47,8 @@ from ttcompress.cli.options import (
 from ttcompress.calibration.budget import check_calib_memory
 from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES
 from ttcompress.calibration.progress import calib_progress
-from ttcompress.cli.train import DataRootOpt
-from ttcompress.data import balanced_subset, load_dataset
+from ttcompress.cli.train import DataRootOpt, SeqLenOpt, TokenizerOpt, check_text_options
+from ttcompress.data import balanced_subset, load_dataset, text_tokenizer
 from ttcompress.decompose.cp import cp_progress
 from ttcompress.evaluation import resolve_device
 from ttcompress.errors import DataError, UserInputError, refused_input
@@ -70,16 +70,18 @@ DecomposeDeviceOpt = Annotated[str, typer.Option(
     metavar="DEVICE")]
 
 
-def calibration_set(data: str, *, root: Any,  samples: int, seed: int) -> tuple[Any, dict[str, Any]]:
-    """``samples`` class-balanced, seeded inputs of ``data``'s training split, and their description."""
+def calibration_set(data: str, *, root: Any,  samples: int, seed: int, tokenizer: Any = None,
+                    seq_len: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """``samples`` class-balanced, seeded inputs of ``data``'s training split, and their description
+    (``text:`` data tokenized with ``tokenizer`` into sequences of ``seq_len`` tokens)."""
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise UserInputError(f"--calib-samples must be a positive integer, got {samples}")
-    bundle = load_dataset(data, root=root)
+    bundle = load_dataset(data, root=root, tokenizer=tokenizer, seq_len=seq_len)
     if len(bundle.train) == 0:
         raise DataError(f"dataset {data!r} has an empty training split; nothing to calibrate on")
     subset = balanced_subset(bundle.train, min(samples, len(bundle.train)), seed=seed)
     return subset, {"dataset": bundle.name, "samples": len(subset), "seed": seed, "split": "train",
-                    "balanced": True}
+                    "balanced": bundle.has_labels}
 
 def default_calibration(model: Path, *, root: Any, samples: int, seed: int
                         ) -> tuple[Any, dict[str, Any] | None, str | None]:
@@ -162,6 +164,8 @@ def decompose(
         "for none.",
         show_default=False, metavar="NAME", rich_help_panel=_CALIB)] = None,
     data_root: DataRootOpt = None,
+    seq_len: SeqLenOpt = None,
+    tokenizer: TokenizerOpt = None,
     calib_samples: CalibSamplesOpt = DEFAULT_CALIB_SAMPLES,
     calib_memory: CalibMemoryOpt = None,
     no_calib: NoCalibOpt = False,
@@ -180,6 +184,7 @@ def decompose(
     The output (default: MODEL's name with .tt.pt, next to it) is written atomically: on any error nothing is written. An existing output is replaced only with --overwrite. The per-layer table goes to stdout, progress to stderr.
     """
     check_inputs(model, plan)
+    check_text_options(data, seq_len=seq_len, tokenizer=tokenizer)
     the_plan = plan_from_flags(
         plan=plan, tt_ranks=tt_ranks, tt_eps=tt_eps, tt_d=tt_d, cp_ranks=cp_ranks, cp_ratio=cp_ratio,
         layers=layers, exclude=exclude, target_ratio=target_ratio, formats=formats,
@@ -208,7 +213,8 @@ def decompose(
         if no_calib:
             calib, calib_info = None, None
         elif data is not None:
-            calib, calib_info = calibration_set(data, root=data_root, samples=calib_samples, seed=seed)
+            calib, calib_info = calibration_set(data, root=data_root, samples=calib_samples, seed=seed,
+                                                tokenizer=text_tokenizer(data, tokenizer, model), seq_len=seq_len)
         else:
             calib, calib_info, note = default_calibration(model, root=data_root, samples=calib_samples, seed=seed)
     load = {"arch": arch, "arch_kwargs": kwargs, "trust_pickle": trust_pickle, "trust_code": trust_code}

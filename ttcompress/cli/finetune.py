@@ -38,6 +38,9 @@ from ttcompress.cli.train import (
     EvalBatchSizeOpt,
     GammaOpt,
     ImageSizeOpt,
+    SeqLenOpt,
+    check_text_options,
+    TokenizerOpt,
     LrOpt,
     MaxBatchesOpt,
     ModelDataOpt,
@@ -96,6 +99,8 @@ def finetune(
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     image_size: ImageSizeOpt = None,
+    seq_len: SeqLenOpt = None,
+    tokenizer: TokenizerOpt = None,
     epochs: EpochsOpt = FinetuneConfig.epochs,
     batch_size: BatchSizeOpt = FinetuneConfig.batch_size,
     optimizer: OptimizerOpt = FinetuneConfig.optimizer,
@@ -161,6 +166,7 @@ def finetune(
     if teacher_arch is None and teacher_arch_kwargs is not None:
         raise UserInputError("--teacher-arch-kwargs needs --teacher-arch")
     data = check_default_data(model, data)  # before any work or message: a default the model cannot take
+    check_text_options(data, seq_len=seq_len, tokenizer=tokenizer)
     choice = _recorded_choice(model) if teacher is None and not no_distill else None
     if choice is not None:
         teacher = choice.path
@@ -180,6 +186,7 @@ def finetune(
             arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle, trust_code=trust_code,
             progress=progress, resume=resume, teacher_arch=teacher_arch,
             teacher_arch_kwargs=parse_arch_kwargs(teacher_arch_kwargs, option="--teacher-arch-kwargs"),
+            tokenizer=tokenizer, seq_len=seq_len,
         )  # fmt: skip
     finally:
         progress.close()

@@ -18,7 +18,7 @@ from ttcompress.cli.options import (
     parse_arch_kwargs, parse_input_shape,
 )
 from ttcompress.errors import UserInputError
-from ttcompress.cli.train import DataRootOpt, DeviceOpt, DownloadOpt
+from ttcompress.cli.train import DataRootOpt, DeviceOpt, DownloadOpt, SeqLenOpt, TokenizerOpt, check_text_options
 from ttcompress.report import Report
 
 app = command_app()
@@ -101,11 +101,13 @@ def report_command(
     models: Annotated[list[Path], typer.Argument(help="Model files to compare with the baseline.", metavar="MODEL...")],
     data: Annotated[Optional[str], typer.Option(
         "--data", help="Dataset whose test split measures accuracy: mnist-5k (embedded), mnist, "
-        "fashion-mnist, cifar10, imagefolder:PATH, tensors:FILE, package.module:callable, or none to skip "
+        "fashion-mnist, cifar10, imagefolder:PATH, tensors:FILE, text:FILE_OR_DIR, package.module:callable, or none to skip "
         "accuracy. Default: the built-in dataset BASELINE records, else mnist-5k.", show_default=False,
         metavar="NAME")] = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
+    seq_len: SeqLenOpt = None,
+    tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
     batch_size: LatencyBatchOpt = 64,
     eval_limit: EvalLimitOpt = None,
@@ -124,10 +126,11 @@ def report_command(
     trust_pickle: TrustPickleOpt = False,
     trust_code: TrustCodeOpt = False,
     metric: Annotated[Optional[str], typer.Option(
-        "--metric", help="Your metric, package.module:callable: metric(outputs, targets) -> float, called on "
-        "each model's outputs over the test split (concatenated) and the targets (None when the data has none). "
-        "Reported beside top-1, or instead of it when the data has no class labels.",
-        show_default=False, metavar="MODULE:CALLABLE")] = None,
+        "--metric", help="perplexity (a causal language model's token-level perplexity on the validation split, "
+        "padding left out; lower is better, and the --plot y axis), or your metric, package.module:callable: "
+        "metric(outputs, targets) -> float, called on each model's outputs over the test split (concatenated) and "
+        "the targets (None when the data has none). Reported beside top-1, or instead of it when the data has no "
+        "class labels.", show_default=False, metavar="perplexity|MODULE:CALLABLE")] = None,
 ) -> None:
     """Measure params, compression, file size, FLOPs, latency and accuracy of each MODEL vs BASELINE.
 
@@ -140,6 +143,7 @@ def report_command(
     check_inputs(baseline, *models)
     check_outputs([output, plot], overwrite=overwrite, inputs=[baseline, *models, *data_inputs(data)])
     data = check_default_data(baseline, data)  # before any work: a default dataset the baseline cannot take
+    check_text_options(data, seq_len=seq_len, tokenizer=tokenizer)
     result = report_files(
         baseline,
         models,
@@ -157,5 +161,7 @@ def report_command(
         trust_pickle=trust_pickle, trust_code=trust_code,
         labels=[part for part in labels.split(",")] if labels is not None else None,
         metric=metric,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
     )
     emit(result, fmt=fmt, output=output, plot=plot, plot_x=plot_x, plot_title=plot_title)

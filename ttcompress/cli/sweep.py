@@ -27,7 +27,7 @@ from ttcompress.cli.report import check_render_options, emit, resolve_format
 from ttcompress.cli.train import (
     AlphaOpt, AmpOpt, BatchSizeOpt, CompileOpt, DataOpt, DataRootOpt, DeviceOpt, DistillLossOpt, DownloadOpt,
     EpochsOpt,
-    EvalBatchSizeOpt, GammaOpt, ImageSizeOpt, LrOpt, MaxBatchesOpt, MomentumOpt, OptimizerOpt, ScheduleOpt,
+    EvalBatchSizeOpt, GammaOpt, ImageSizeOpt, SeqLenOpt, TokenizerOpt, check_text_options, LrOpt, MaxBatchesOpt, MomentumOpt, OptimizerOpt, ScheduleOpt,
     SeedOpt, StepSizeOpt, TeacherOpt, TemperatureOpt, TrainOnlyOpt, ValFractionOpt, WeightDecayOpt, WorkersOpt,
     make_config,
 )
@@ -101,6 +101,8 @@ def sweep_command(
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     image_size: ImageSizeOpt = None,
+    seq_len: SeqLenOpt = None,
+    tokenizer: TokenizerOpt = None,
     epochs: EpochsOpt = FinetuneConfig.epochs,
     batch_size: BatchSizeOpt = FinetuneConfig.batch_size,
     optimizer: OptimizerOpt = FinetuneConfig.optimizer,
@@ -151,6 +153,7 @@ def sweep_command(
     o["fmt"] = fmt or "table"
     check_render_options(fmt=o["fmt"], plot=plot, plot_x=plot_x)
     check_inputs(baseline, plan, teacher)
+    check_text_options(data, seq_len=seq_len, tokenizer=tokenizer)
     inputs = [baseline, plan, teacher, *data_inputs(data)]
     check_outputs([report_file, plot], overwrite=overwrite, inputs=inputs)
     check_not_inputs([output_dir if output_dir is not None else default_output_dir(baseline)], inputs)
@@ -205,6 +208,7 @@ def _run(o: dict[str, Any], settings: Any, config: FinetuneConfig) -> Any:
             return sweep_report(
                 o["baseline"], settings=settings, output_dir=o["output_dir"], data=o["data"],
                 data_root=o["data_root"], download=o["download"], image_size=o["image_size"], config=config,
+                tokenizer=o["tokenizer"], seq_len=o["seq_len"],
                 plan_file=o["plan"], plan_options={"formats": o["formats"] or (), "layers": o["layers"] or (),
                                                    "exclude": o["exclude"] or (), "min_saving": o["min_saving"],
                                                    "max_error": o["max_error"]},

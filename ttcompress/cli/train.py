@@ -30,8 +30,9 @@ _KD = "Distillation"
 
 # ----------------------------------------------------------------------------- shared options
 _DATA_HELP = ("Dataset: mnist-5k (embedded, offline), mnist, fashion-mnist, cifar10, imagefolder:PATH, "
-              "tensors:FILE (.pt/.npz/.safetensors with 'inputs' and optional 'targets'), or package.module:callable "
-              "(your code, returning a Dataset, a (train, test) pair or DataLoaders).")
+              "tensors:FILE (.pt/.npz/.safetensors with 'inputs' and optional 'targets' and 'attention_mask'), "
+              "text:FILE_OR_DIR (text or JSON lines, tokenized with the model's tokenizer.json), or "
+              "package.module:callable (your code, returning a Dataset, a (train, test) pair or DataLoaders).")
 DataOpt = Annotated[str, typer.Option("--data", help=_DATA_HELP, metavar="NAME", rich_help_panel=_DATA)]
 #: ``--data`` of commands that take a model file: default, the built-in dataset the file records.
 ModelDataOpt = Annotated[Optional[str], typer.Option(
@@ -46,6 +47,25 @@ DownloadOpt = Annotated[bool, typer.Option(
 ImageSizeOpt = Annotated[Optional[int], typer.Option(
     "--image-size", help="Image side for imagefolder:PATH (default 224).", show_default=False, metavar="INT",
     rich_help_panel=_DATA)]
+SeqLenOpt = Annotated[Optional[int], typer.Option(
+    "--seq-len", help="Tokens per sequence of text:FILE_OR_DIR data (default: the model's context length from its "
+    "config.json, at most 512).", show_default=False, metavar="INT", rich_help_panel=_DATA)]
+TokenizerOpt = Annotated[Optional[Path], typer.Option(
+    "--tokenizer", help="Directory holding the tokenizer.json that tokenizes text:FILE_OR_DIR data (or that file). "
+    "Default: the model's directory, or the directory a compressed checkpoint was made from.",
+    show_default=False, metavar="DIR", rich_help_panel=_DATA)]
+
+
+def check_text_options(data: str | None, *, seq_len: int | None, tokenizer: Path | None) -> None:
+    """One line (exit 2) for ``--seq-len``/``--tokenizer`` that cannot apply, before any work."""
+    if seq_len is not None and seq_len < 1:
+        raise UserInputError(f"--seq-len must be a positive integer, got {seq_len}")
+    is_text = data is not None and data.strip().lower().startswith("text:")
+    for flag, value in (("--seq-len", seq_len), ("--tokenizer", tokenizer)):
+        if value is not None and not is_text:
+            raise UserInputError(f"{flag} applies to text:FILE_OR_DIR data only (--data {data or 'not given'})")
+
+
 EpochsOpt = Annotated[int, typer.Option("--epochs", help="Number of epochs.", metavar="INT", rich_help_panel=_OPT)]
 BatchSizeOpt = Annotated[int, typer.Option(
     "--batch-size", help="Batch size per process.", metavar="INT", rich_help_panel=_OPT)]

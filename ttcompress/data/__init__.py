@@ -31,6 +31,11 @@ Names
     The user's arrays in a ``.pt`` (read with ``torch.load(weights_only=True)``), ``.npz`` (numeric
     arrays only, never unpickled) or ``.safetensors`` file: inputs named ``inputs`` or ``x``,
     optional targets named ``targets`` or ``y``. Split 90/10 at random with seed 0.
+``text:FILE_OR_DIR``
+    Plain text or JSON lines (``{"text": ...}``), or a directory of such files, tokenized with
+    the model's ``tokenizer.json`` (``tokenizer``), packed into sequences of ``seq_len`` tokens
+    and split 90/10 with seed 0 (:mod:`ttcompress.data.text`). Items are
+    ``({"input_ids", "attention_mask"}, next-token labels)``; ``targets="tokens"``.
 ``package.module:callable``
     The user's own code, imported because the user named it: the callable takes no arguments and
     returns a ``Dataset``, a ``(train, test)`` pair, or ``DataLoader`` s (see :func:`user_bundle`).
@@ -63,32 +68,38 @@ from ttcompress.data.user import (
     read_tensors_file,
     user_bundle,
 )
+from ttcompress.data.text import DEFAULT_SEQ_LEN, TextDataset, load_text_data, model_tokenizer_dir
 from ttcompress.errors import DataError, UserInputError
 from ttcompress.usercode import is_user_callable
 
 __all__ = [
     "DATASETS",
     "DEBIAN_FASHION_MNIST",
+    "DEFAULT_SEQ_LEN",
     "USER_SPLIT_SEED",
     "USER_TEST_FRACTION",
     "DatasetBundle",
     "EpochShuffleSampler",
     "ImageTensorDataset",
+    "TextDataset",
     "balanced_subset",
     "check_model_fits",
     "dataset_targets",
     "load_dataset",
     "make_loader",
+    "model_tokenizer_dir",
     "mnist5k_split",
     "read_idx",
     "read_tensors_file",
     "sample_parts",
+    "text_tokenizer",
     "user_bundle",
 ]
 
 #: Dataset names accepted by :func:`load_dataset` (``imagefolder:PATH`` takes a path after the colon).
 DATASETS: tuple[str, ...] = (
-    "mnist-5k", "mnist", "fashion-mnist", "cifar10", "imagefolder:PATH", "tensors:FILE", "package.module:callable",
+    "mnist-5k", "mnist", "fashion-mnist", "cifar10", "imagefolder:PATH", "tensors:FILE", "text:FILE_OR_DIR",
+    "package.module:callable",
 )  # fmt: skip
 
 
@@ -98,6 +109,8 @@ def load_dataset(
     root: str | os.PathLike[str] | None = None,
     download: bool = False,
     image_size: int | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
+    seq_len: int | None = None,
 ) -> DatasetBundle:
     """Load a dataset by name.
 
@@ -112,6 +125,11 @@ def load_dataset(
         Fetch ``mnist``/``fashion-mnist``/``cifar10`` into ``root`` with torchvision when missing.
     image_size : int or None
         Side of the square images of ``imagefolder:PATH`` (default 224). Only valid there.
+    tokenizer : path or None
+        ``text:FILE_OR_DIR``: the directory holding ``tokenizer.json`` (the model's), or the file.
+    seq_len : int or None
+        ``text:FILE_OR_DIR``: tokens per sequence (default the context length of the
+        ``config.json`` beside the tokenizer, at most 512). Only valid there.
 
     Returns
     -------
@@ -127,6 +145,12 @@ def load_dataset(
     key = name.strip()
     if image_size is not None and not key.lower().startswith("imagefolder:"):
         raise UserInputError("image_size only applies to imagefolder:PATH datasets")
+    if seq_len is not None and not key.lower().startswith("text:"):
+        raise UserInputError("seq_len only applies to text:FILE_OR_DIR datasets")
+    if tokenizer is not None and not key.lower().startswith("text:"):
+        raise UserInputError("tokenizer only applies to text:FILE_OR_DIR datasets")
+    if key.lower().startswith("text:"):
+        return load_text_data(key.split(":", 1)[1], tokenizer=tokenizer, seq_len=seq_len)
     if key.lower().startswith("imagefolder:"):
         return load_imagefolder(key.split(":", 1)[1], image_size=image_size or 224)
     if key.lower().startswith("tensors:"):
@@ -142,3 +166,14 @@ def load_dataset(
     if key in ("cifar10", "cifar-10"):
         return load_cifar10(root, download=download)
     raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+
+
+def text_tokenizer(
+    data: str | None, tokenizer: str | os.PathLike[str] | None, model: str | os.PathLike[str] | None
+) -> str | os.PathLike[str] | None:
+    """The tokenizer for :func:`load_dataset`: ``tokenizer`` when given; else, for ``text:`` data,
+    the directory of ``model`` (or the directory a checkpoint records as its source) when it holds
+    a ``tokenizer.json`` (:func:`~ttcompress.data.text.model_tokenizer_dir`); else None."""
+    if tokenizer is not None or data is None or model is None or not data.strip().lower().startswith("text:"):
+        return tokenizer
+    return model_tokenizer_dir(model)

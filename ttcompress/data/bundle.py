@@ -137,7 +137,7 @@ def class_labels(dataset: Dataset) -> np.ndarray | None:
     """Int class labels of every sample (see :func:`dataset_targets`), or None when there are none."""
     try:
         labels = dataset_targets(dataset)
-    except (TypeError, ValueError, IndexError, DataError):
+    except (TypeError, ValueError, IndexError, KeyError, RuntimeError, DataError):  # e.g. token labels
         return None
     return labels
 

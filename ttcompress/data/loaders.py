@@ -8,11 +8,12 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset, default_collate
 
 from ttcompress.data.bundle import DatasetBundle, class_labels, sample_parts
 from ttcompress.dtypes import DTYPE_ERROR
 from ttcompress.errors import DataError, UserInputError
+from ttcompress.inputs import call_model, move_inputs
 from ttcompress.outputs import primary_output
 
 __all__ = ["EpochShuffleSampler", "balanced_subset", "check_model_fits", "make_loader"]
@@ -89,13 +90,13 @@ def check_model_fits(
     n = min(2, len(ds))  # type: ignore[arg-type]
     if n == 0:
         raise DataError(f"dataset {bundle.name!r} is empty")
-    x = torch.stack([torch.as_tensor(sample_parts(ds[i])[0]) for i in range(n)]).to(device)
+    x = move_inputs(default_collate([sample_parts(ds[i])[0] for i in range(n)]), device)
     shape = tuple(bundle.input_shape)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = primary_output(model(x), what=what)
+            out = primary_output(call_model(model, x), what=what)
     except UserInputError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:  # a mismatch

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,16 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, Tenso
 
 from ttcompress.data.bundle import DatasetBundle, sample_parts
 from ttcompress.errors import DataError, TTCompressError
+from ttcompress.inputs import MASK_KEY, main_tensor
 from ttcompress.usercode import import_callable
 
 __all__ = [
+    "KeywordTensorDataset",
     "USER_SPLIT_SEED",
     "USER_TEST_FRACTION",
     "load_callable_data",
     "load_tensors_data",
+    "random_split",
     "read_tensors_file",
     "user_bundle",
 ]
@@ -29,7 +33,7 @@ __all__ = [
 USER_TEST_FRACTION = 0.1
 USER_SPLIT_SEED = 0
 
-_INPUT_KEYS = ("inputs", "x")
+_INPUT_KEYS = ("inputs", "x", "input_ids")
 _TARGET_KEYS = ("targets", "y")
 
 
@@ -67,8 +71,10 @@ def user_bundle(data: Any, *, name: str = "user") -> DatasetBundle:
         split = None
     else:
         full = _as_dataset(data, name, "dataset")
-        train, test, split = _split(full, name)
+        train, test, split = random_split(full, name)
     x, _ = sample_parts(train[0])
+    if isinstance(x, Mapping):  # named inputs, passed by keyword: the main one gives the shape
+        x = main_tensor(x)
     if not isinstance(x, (torch.Tensor, np.ndarray)):
         raise DataError(f"data {name!r}: an input must be a tensor (or NumPy array), got {type(x).__name__}")
     kind, num_classes = _target_kind(train, test, name)
@@ -88,7 +94,8 @@ def _as_dataset(obj: Any, name: str, what: str) -> Dataset:
     return obj
 
 
-def _split(full: Dataset, name: str) -> tuple[Dataset, Dataset, str]:
+def random_split(full: Dataset, name: str) -> tuple[Dataset, Dataset, str]:
+    """A seeded random split of ``full``: (train, test, a note saying how it was made)."""
     n = len(full)  # type: ignore[arg-type]
     if n < 2:
         raise DataError(f"data {name!r} has {n} sample(s); a train/test split needs at least 2")
@@ -216,6 +223,30 @@ def _pick(arrays: dict[str, torch.Tensor], keys: tuple[str, ...], path: str) -> 
     return arrays[found[0]] if found else None
 
 
+class KeywordTensorDataset(Dataset):
+    """Token ids with their ``attention_mask``: items are ``{"input_ids", "attention_mask"}``, or
+    ``(that, target)`` with targets, so that a model takes them by keyword."""
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+        self.ids, self.mask, self.targets = ids, mask, targets
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, index: int) -> Any:
+        inputs = {"input_ids": self.ids[index], MASK_KEY: self.mask[index]}
+        return inputs if self.targets is None else (inputs, self.targets[index])
+
+
+def _checked_mask(mask: torch.Tensor, x: torch.Tensor, path: str) -> torch.Tensor:
+    if tuple(mask.shape) != tuple(x.shape):
+        raise DataError(f"tensors file {path}: {MASK_KEY} {tuple(mask.shape)} must have the shape of the inputs "
+                        f"{tuple(x.shape)}")
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise DataError(f"tensors file {path}: {MASK_KEY} must hold only 0 and 1")
+    return mask.to(torch.int64)
+
+
 def load_tensors_data(path: str) -> DatasetBundle:
     if not path:
         raise DataError("tensors needs a file: tensors:FILE")
@@ -232,4 +263,7 @@ def load_tensors_data(path: str) -> DatasetBundle:
                         "(one target per sample)")
     if x.dtype == torch.float64:  # models take float32
         x = x.float()
+    if MASK_KEY in arrays:
+        mask = _checked_mask(arrays[MASK_KEY], x, path)
+        return user_bundle(KeywordTensorDataset(x, mask, y), name=f"tensors:{path}")
     return user_bundle(TensorDataset(x) if y is None else TensorDataset(x, y), name=f"tensors:{path}")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ttcompress import io as tio
-from ttcompress.data import DatasetBundle, load_dataset
+from ttcompress.data import DatasetBundle, load_dataset, text_tokenizer
 from ttcompress.errors import UserInputError, refused_input
 from ttcompress.fsutil import check_not_inputs
 from ttcompress.models import build_arch
@@ -134,6 +134,8 @@ def finetune_file(
     resume: bool = False,
     teacher_arch: str | None = None,
     teacher_arch_kwargs: Mapping[str, Any] | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
+    seq_len: int | None = None,
 ) -> TrainResult:
     """Load a model file with :func:`ttcompress.io.load`, then :func:`finetune` it on ``data``.
 
@@ -141,10 +143,13 @@ def finetune_file(
     same way, with the same ``trust_pickle`` and ``trust_code``, by
     :func:`ttcompress.teacher.load_teacher`): a teacher that needs an architecture gets
     ``teacher_arch``/``teacher_arch_kwargs``, by default the student's recorded architecture.
+    ``text:`` data is tokenized with ``tokenizer`` (default: the model's own, see
+    :func:`ttcompress.data.text_tokenizer`) into sequences of ``seq_len`` tokens.
     """
     cfg = config or FinetuneConfig()
     check_not_inputs([output], [model, teacher])
-    bundle = load_dataset(data, root=data_root, download=download, image_size=image_size)
+    bundle = load_dataset(data, root=data_root, download=download, image_size=image_size,
+                          tokenizer=text_tokenizer(data, tokenizer, model), seq_len=seq_len)  # fmt: skip
     net = _load_model(model, trust_pickle=trust_pickle, trust_code=trust_code, arch=arch, arch_kwargs=arch_kwargs)
     if teacher is None and (teacher_arch is not None or teacher_arch_kwargs is not None):
         raise UserInputError("teacher_arch and teacher_arch_kwargs need a teacher")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from ttcompress.data import DatasetBundle, check_model_fits, make_loader, sample_parts
 from ttcompress.dtypes import HALF_DTYPES, model_dtype
@@ -27,6 +27,7 @@ from ttcompress.errors import CheckpointError, TrainingError, UserInputError
 from ttcompress.evaluation import (
     EvalResult, autocast, distill_loss, eval_sums, objective_sums, resolve_device_type, sums_to_result, task_loss,
 )  # fmt: skip
+from ttcompress.inputs import batch_size_of, call_model, input_mask, move_inputs
 from ttcompress.outputs import is_logits_field, primary_output
 import ttcompress.training.distributed as distributed
 from ttcompress.training.checkpoint import (
@@ -282,13 +283,13 @@ def distill_kind(
     ``"mse"`` otherwise (regression, hidden states, plain sequence outputs, any shape).
     """
     ds = bundle.test if len(bundle.test) else bundle.train  # type: ignore[arg-type]
-    x = torch.stack([torch.as_tensor(sample_parts(ds[i])[0]) for i in range(min(2, len(ds)))]).to(device)  # type: ignore[arg-type]
+    x = move_inputs(default_collate([sample_parts(ds[i])[0] for i in range(min(2, len(ds)))]), device)  # type: ignore[arg-type]
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            raw = model(x)
-            out, t_out = primary_output(raw), primary_output(teacher(x), what="the teacher")
+            raw = call_model(model, x)
+            out, t_out = primary_output(raw), primary_output(call_model(teacher, x), what="the teacher")
     finally:
         model.train(was)
     if t_out.shape != out.shape:
@@ -422,10 +423,10 @@ def _train_epoch(run: _Run, state: RunState, epoch: int) -> tuple[torch.Tensor, 
         if step > run.steps:
             break
         x, y = sample_parts(batch)
-        x = x.to(run.device, non_blocking=True)
+        x = move_inputs(x, run.device, non_blocking=True)
         y = y.to(run.device, non_blocking=True) if y is not None else None
         loss, logits = _train_step(run, x, y, epoch=epoch, step=step)
-        n_batch = x.shape[0]
+        n_batch = batch_size_of(x)
         seen += n_batch
         run_loss += loss.detach().double() * n_batch
         if labels:
@@ -445,7 +446,7 @@ def _train_epoch(run: _Run, state: RunState, epoch: int) -> tuple[torch.Tensor, 
 
 
 def _train_step(
-    run: _Run, x: torch.Tensor, y: torch.Tensor | None, *, epoch: int, step: int
+    run: _Run, x: Any, y: torch.Tensor | None, *, epoch: int, step: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, loss (with distillation when there is a teacher), backward and optimizer step.
 
@@ -455,14 +456,15 @@ def _train_step(
     """
     config = run.config
     with autocast(run.device, config.amp):
-        logits = primary_output(run.net(x))
+        logits = primary_output(call_model(run.net, x))
         loss = task_loss(logits, y, run.bundle.targets) if y is not None else None
         if run.teacher is not None and run.distill is not None:
             with torch.no_grad():
-                t_logits = primary_output(run.teacher(x), what="the teacher").float()
+                t_logits = primary_output(call_model(run.teacher, x), what="the teacher").float()
             if step % run.check_every == 0 or step == run.steps:
                 _raise_if_teacher_nan(t_logits, run.ctx, epoch, step)
-            kd = distill_loss(logits, t_logits, kind=run.distill, temperature=config.distill_temperature)
+            kd = distill_loss(logits, t_logits, kind=run.distill, temperature=config.distill_temperature,
+                              mask=input_mask(x))  # fmt: skip
             loss = kd if loss is None else config.distill_alpha * kd + (1.0 - config.distill_alpha) * loss
         if loss is None:  # fit() refuses data without targets and without a teacher
             raise TrainingError("no loss: the data has no targets and there is no teacher")
