@@ -63,7 +63,11 @@ def test_an_axis_left_out_keeps_that_layer_type_dense() -> None:
     assert formats(SweepSetting(cp_rank=3)) == ["cp", "dense"]
     assert formats(SweepSetting(tt_ranks=2)) == ["dense", "tt"]
     assert formats(SweepSetting(tt_ranks="none", cp_ratio=2.0)) == ["cp", "dense"]
-    assert formats(SweepSetting(target_ratio=2.0)) == ["auto", "auto"]
+    # a target ratio covers every layer type (auto); the allocator may still keep a layer dense, and
+    # then says why in its own words (here: the budget leaves the small conv almost uncompressed)
+    decisions = plan_layers(net, SweepSetting(target_ratio=2.0).plan())
+    assert decisions[1].format == "auto"
+    assert decisions[0].format == "auto" or "budget" in (decisions[0].skipped or "")
 
 
 def test_every_axis_takes_lists_and_none() -> None:

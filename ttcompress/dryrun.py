@@ -75,12 +75,13 @@ class LayerPreview:
 
     @property
     def params_after(self) -> int | None:
-        """Projected parameters: the plan's, or, where only an error bound sets the ranks (e.g. TT
-        ``eps``), those of the layer the preview built (None when it built none)."""
+        """Projected parameters: those of the layer the preview built when it built one (exactly what
+        the real run builds, e.g. where ``auto``'s pick or an error bound sets the ranks), else the
+        plan's (None when neither is known)."""
         d = self.decision
         if d.format == DENSE:
             return d.params_before
-        return d.params_after if d.params_after is not None else self.built_params
+        return self.built_params if self.built_params is not None else d.params_after
 
     def to_dict(self) -> dict[str, Any]:
         d = self.decision

@@ -48,9 +48,10 @@ from ttcompress.layer_report import DENSE_FORMAT, KEPT_DENSE_INFO, LayerReport, 
 from ttcompress.meta import read_meta
 from ttcompress.data.bundle import sample_parts
 from ttcompress.measure import (
-    KINDS, NOISY_SPREAD, count_flops, example_input, flops_by_kind, measure_latencies, measure_latency, params_by_kind,
+    KINDS, NOISY_SPREAD, count_flops, example_batch, flops_by_kind, measure_latencies, measure_latency, params_by_kind,
     peak_memory, weights_bytes,
 )
+from ttcompress.inputs import call_model, move_inputs
 from ttcompress.outputs import primary_output
 
 __all__ = [
@@ -395,15 +396,17 @@ def _path_bytes(path: Path) -> int:
 
 def _outputs_non_finite(model: nn.Module, test_set: Any | None, shape: tuple[int, ...], device: torch.device) -> bool:
     """Whether ``model`` gives NaN or Inf on two test samples (an example input of ``shape`` without data)."""
-    if test_set is not None and len(test_set):
-        x = torch.stack([torch.as_tensor(sample_parts(test_set[i])[0]) for i in range(min(2, len(test_set)))])
-    else:
-        x = example_input(model, shape, 2)
+    from torch.utils.data import default_collate
+
     was = model.training
     model.eval()
     try:
+        if test_set is not None and len(test_set):  # a tensor, or named tensors (input_ids, attention_mask)
+            x = default_collate([sample_parts(test_set[i])[0] for i in range(min(2, len(test_set)))])
+        else:
+            x = example_batch(model, shape, 2)
         with torch.no_grad():
-            out = primary_output(model(x.to(device)))
+            out = primary_output(call_model(model, move_inputs(x, device)))
     except Exception:  # noqa: BLE001 - a model that cannot run is reported by the measurements themselves
         return False
     finally:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ttcompress.calibration.collector import StatsCollector
+from ttcompress.inputs import call_model
 from ttcompress.calibration.fit import FitResult, output_error
 from ttcompress.calibration.progress import report_batch
 from ttcompress.calibration.reconstruct import dense_weight, effective_bias
