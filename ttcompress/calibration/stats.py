@@ -424,8 +424,9 @@ class FrequentDirections:
     2016). For rows ``A`` seen so far and sketch ``B``, ``0 <= A^T A - B^T B`` and
     ``||A^T A - B^T B||_2 <= ||A - A_r||_F^2 / (l - r)`` for every ``r < l``; while no more than
     ``2 l`` rows were seen, ``B = A`` exactly. The SVD comes from the buffer's small ``2l x 2l``
-    Gram (its eigendecomposition in float64), so one shrink costs ``O(l^2 width)``: ``O(l width)``
-    per row.
+    Gram (eigendecomposed in the buffer's precision), so one shrink costs ``O(l^2 width)``: ``O(l
+    width)`` per row. The rows a shrink leaves are orthogonal, so the next shrink computes only the
+    new rows' products with the buffer (half the small Gram's cost).
 
     Parameters
     ----------
@@ -474,8 +475,9 @@ class FrequentDirections:
         ell = self.rows
         delta = evals[:, ell:ell + 1] if evals.shape[1] > ell else torch.zeros_like(evals[:, :1])
         top = evals[:, :ell]
-        tiny = _EIG_RTOL * top[:, :1].clamp_min(1e-300)
-        scale = torch.where(top > tiny, ((top - delta).clamp_min(0) / top.clamp_min(1e-300)).sqrt(),
+        least = torch.finfo(top.dtype).tiny
+        tiny = _EIG_RTOL * top[:, :1].clamp_min(least)
+        scale = torch.where(top > tiny, ((top - delta).clamp_min(0) / top.clamp_min(least)).sqrt(),
                             torch.zeros_like(top))
         t = (u[:, :, :ell] * scale[:, None, :]).transpose(1, 2).to(b.dtype)
         new = t @ b
@@ -487,19 +489,20 @@ class FrequentDirections:
         self.shrinks += 1
 
     def _small_gram(self, b: torch.Tensor) -> torch.Tensor:
-        """``B B^T`` of the buffer (float64, symmetric). The first ``_orth`` rows are the previous
+        """``B B^T`` of the buffer (symmetric, in the buffer's precision: its entries carry that
+        precision's rounding anyway, and the eigendecomposition is the shrink's fixed cost). The first ``_orth`` rows are the previous
         shrink's output, orthogonal by construction: their block is the diagonal of their squared
         norms, so only the new rows' products with all rows are computed (half the GEMM)."""
         o = self._orth
         if o == 0:
-            small = (b @ b.transpose(1, 2)).to(torch.float64)
+            small = b @ b.transpose(1, 2)
             return (small + small.transpose(1, 2)) / 2
-        cross = (b[:, o:] @ b.transpose(1, 2)).to(torch.float64)  # (groups, fill - o, fill)
-        small = torch.zeros(b.shape[0], b.shape[1], b.shape[1], dtype=torch.float64, device=b.device)
+        cross = b[:, o:] @ b.transpose(1, 2)  # (groups, fill - o, fill)
+        small = torch.zeros(b.shape[0], b.shape[1], b.shape[1], dtype=b.dtype, device=b.device)
         small[:, o:, :] = cross
         small[:, :o, o:] = cross[:, :, :o].transpose(1, 2)
         small[:, o:, o:] = (cross[:, :, o:] + cross[:, :, o:].transpose(1, 2)) / 2
-        small[:, :o, :o] = torch.diag_embed(self._norms)
+        small[:, :o, :o] = torch.diag_embed(self._norms.to(b.dtype))
         return small
 
     def result(self) -> torch.Tensor:
