@@ -258,9 +258,12 @@ class StatsCollector:
                 h.remove()
         return {n: a.finalize_inputs() for n, a in accs.items() if a.count}, notes
 
-    def layer_stats(self, dense_model: nn.Module, model: nn.Module, name: str, *, rank: int | None = None
-                    ) -> tuple[LayerStats | None, StatsChoice]:
+    def layer_stats(self, dense_model: nn.Module, model: nn.Module, name: str, *, rank: int | None = None,
+                    once: bool = False) -> tuple[LayerStats | None, StatsChoice]:
         """Paired statistics of layer ``name``: every batch through ``dense_model`` and ``model``.
+
+        Each forward pass stops at the layer (its input captured, the rest not run) when the layer is
+        known to be called once per forward: ``once`` says so, or the first batch shows it.
 
         Returns ``(stats, choice)``; ``stats`` is None when the budget has no room for any
         statistics of this layer (``choice.note`` says so) or no batch reached it
@@ -276,7 +279,6 @@ class StatsCollector:
         if choice.kind == "none":
             return None, choice
         acc = self._accumulator(dense_layer, choice, paired=True)
-        once = False  # the first batch showed one call per forward: later forwards stop at the layer
         for i, x in enumerate(self.batches):
             seen_dense: list[torch.Tensor] = []
             seen: list[torch.Tensor] = []
