@@ -209,3 +209,20 @@ def test_mixed_rows_keep_means_trace_exact_and_the_gram_close():
     rd, rc = mixed.factors(0)
     gram = rc.T @ rc
     assert float(torch.linalg.matrix_norm(gram - exact.gram[0]) / torch.linalg.matrix_norm(exact.gram[0])) < 0.1
+
+
+def test_sketch_of_identical_inputs_is_half_width_and_widens_when_they_differ():
+    """Same inputs in both models: X alone is sketched and given back as [R | R]; a later batch
+    that differs widens the sketch (no shrink here: the rows themselves)."""
+    from ttcompress.calibration.stats import SketchAccumulator
+
+    lin = nn.Linear(5, 2)
+    gen = torch.Generator().manual_seed(0)
+    a, b, bt = (torch.randn(4, 5, generator=gen) for _ in range(3))
+    acc = SketchAccumulator(lin, rows=16)
+    acc.update(a, a.clone())
+    assert acc._fd.buffer.shape[-1] == 5
+    torch.testing.assert_close(acc.finalize().rows[0], torch.cat([a, a], dim=1))
+    acc.update(b, bt)
+    want = torch.cat([torch.cat([a, a], dim=1), torch.cat([b, bt], dim=1)])
+    torch.testing.assert_close(acc.finalize().rows[0], want)

@@ -9,7 +9,8 @@ How a layer's statistics are kept is decided before anything is allocated
 (:meth:`StatsCollector.choose`), from its row length ``K``, the rank being fitted and the budget:
 
 * **exact** (three float64 ``K x K`` Grams, :class:`~ttcompress.calibration.stats.StatsAccumulator`)
-  when ``K <= 2 l`` -- there the Grams cost no more than the sketch -- and they fit the budget;
+  when ``K <= 4 l`` (:data:`EXACT_SKETCH_RATIO`) -- there the Grams cost no more time than the
+  sketch -- and they fit the budget;
 * **sketched** (:class:`~ttcompress.calibration.stats.SketchAccumulator`, ``O(l K)``) otherwise,
   with ``l`` = :func:`sketch_rows_for` the rank, lowered to fit the budget down to
   :data:`SKETCH_MIN_ROWS`;
@@ -39,6 +40,7 @@ from ttcompress.calibration.stats import (
 )
 
 __all__ = [
+    "EXACT_SKETCH_RATIO",
     "INPUT_ROWS_PER_SKETCH_ROW",
     "SKETCH_MAX_ROWS",
     "SKETCH_MIN_ROWS",
@@ -55,6 +57,11 @@ SKETCH_ROWS = 256
 SKETCH_MIN_ROWS = 64
 #: The most sketch rows (cost per calibration row is ``O(l K)``).
 SKETCH_MAX_ROWS = 1024
+#: Exact Grams (when they fit the budget) for ``K <= EXACT_SKETCH_RATIO * l``: there a sketch's
+#: cost per row, ``4 l`` products of length ``2K`` plus a ``2l x 2l`` eigendecomposition every ``l``
+#: rows, is no less than the Grams' ``3K`` (``K`` while both models' inputs are the same), and the
+#: exact statistics are exact.
+EXACT_SKETCH_RATIO = 4
 #: The allocator's pass (:meth:`StatsCollector.input_stats`) feeds each sketch at most this many
 #: times its rows (more are mixed, see :class:`~ttcompress.calibration.stats.SketchAccumulator`):
 #: rank allocation only compares spectra between layers, and every row costs ``O(l K)``.
@@ -185,7 +192,7 @@ class StatsCollector:
         out = getattr(module, "out_features", None) or getattr(module, "out_channels", None)
         ell = sketch_rows_for(rank, out_features=out, features=k)
         exact = exact_bytes(k, groups) if paired else (groups + 4) * k * k * 8
-        if k <= 2 * ell and exact <= budget:
+        if k <= EXACT_SKETCH_RATIO * ell and exact <= budget:
             return StatsChoice("exact", None, exact)
         while ell > SKETCH_MIN_ROWS and sketch_bytes(k, ell, groups, paired=paired) > budget:
             ell = max(SKETCH_MIN_ROWS, ell // 2)

@@ -327,7 +327,8 @@ class _RowsAccumulator:
             chunk = max(1, input.shape[0])
         if isinstance(self.module, nn.Conv2d) and input.dim() == 3:
             dense_input, input = dense_input.unsqueeze(0), input.unsqueeze(0)
-        same = dense_input is input
+        # identical inputs (the layers before are still dense): one set of rows serves both models
+        same = dense_input is input or torch.equal(dense_input, input)
         self._plan(input, positions)
         for xd, xc in zip(dense_input.split(chunk), input.split(chunk)):
             rows_c = input_rows(self.module, xc.detach(), positions=positions)
@@ -388,6 +389,14 @@ class StatsAccumulator(_RowsAccumulator):
         xd = rows_dense.to(device="cpu", dtype=torch.float64)
         if not self.paired:
             self._dense_gram += xd.transpose(1, 2) @ xd
+            self._dense_sum += xd.sum(dim=1)
+            return
+        if rows is rows_dense:  # the layers before are still dense: X~ = X, one Gram for all three
+            gram = xd.transpose(1, 2) @ xd
+            self._gram += gram
+            self._cross += gram
+            self._dense_gram += gram
+            self._sum += xd.sum(dim=1)
             self._dense_sum += xd.sum(dim=1)
             return
         xc = rows.to(device="cpu", dtype=torch.float64)
@@ -505,6 +514,10 @@ class FrequentDirections:
         small[:, :o, :o] = torch.diag_embed(self._norms.to(b.dtype))
         return small
 
+    def widen(self) -> None:
+        """Repeat every row side by side (width doubles): the sketch of ``[A | A]`` from that of ``A``."""
+        self.buffer = self.buffer.repeat(1, 1, 2)
+
     def result(self) -> torch.Tensor:
         """The sketch: ``(groups, m, width)``, ``m <= 2 l`` rows (all rows seen when ``m <= 2 l``
         rows were added and never shrunk; else ``l``)."""
@@ -574,6 +587,7 @@ class SketchAccumulator(_RowsAccumulator):
         self.expected_samples = samples
         self.mix = 1  # rows summed into one before the sketch (decided by the first batch)
         self._planned = False
+        self._half = False  # the sketch holds X only (the rows of both models were the same so far)
         self._fd: FrequentDirections | None = None
         g, k = self.groups, self.k
         self._sum = torch.zeros(g, k, dtype=torch.float64)
@@ -608,11 +622,20 @@ class SketchAccumulator(_RowsAccumulator):
         return tuple(out)
 
     def _add(self, rows_dense: torch.Tensor, rows: torch.Tensor) -> None:
+        # While the two models' rows are the same (the layers before are still dense), only X is
+        # sketched (half the width): [B | B] is then the sketch of [X | X]. Rows that differ
+        # widen the sketch to [B | B] first.
+        same = rows is rows_dense or not self.paired
         if self._fd is None:
-            width = 2 * self.k if self.paired else self.k
+            self._half = same and self.paired
+            width = self.k if same else 2 * self.k
             device = self.device if self.device is not None else rows.device
             self._fd = FrequentDirections(self.groups, width, self.sketch_rows, device=device)
-        self._fd.add(*self._mixed(*((rows_dense, rows) if self.paired else (rows_dense,))))
+        elif self._half and not same:
+            self._fd.widen()
+            self._half = False
+        self._fd.add(*self._mixed(*((rows_dense,) if same and (self._half or not self.paired)
+                                    else (rows_dense, rows))))
         # chunk sums in the rows' precision (a chunk is a few thousand rows), accumulated in float64
         acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
         self._dense_sum += rows_dense.sum(dim=1, dtype=acc).to("cpu", torch.float64)
@@ -628,7 +651,8 @@ class SketchAccumulator(_RowsAccumulator):
             raise ValueError("finalize() needs paired statistics; use finalize_inputs()")
         return LayerStats(gram=None, cross=None, dense_gram=None, mean=self._sum / self.count,
                           dense_mean=self._dense_sum / self.count, count=self.count, samples=self.samples,
-                          rows=self._fd.result(), trace=self._trace.clone(),
+                          rows=self._fd.result().repeat(1, 1, 2) if self._half else self._fd.result(),
+                          trace=self._trace.clone(),
                           exact=self._fd.exact and self.mix == 1,
                           memory=self.memory)
 
