@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ttcompress.calibration._linalg import eigh as _eigh
 from ttcompress.calibration.data import calib_batches
 
 __all__ = [
@@ -167,13 +168,13 @@ class InputStats:
         """
         w = weight.to(torch.float64)
         if self.gram is not None:
-            evals, q = torch.linalg.eigh(self.gram.to("cpu", torch.float64))
+            evals, q = _eigh(self.gram.to("cpu", torch.float64))
             root = (q * evals.clamp_min(0).sqrt()[:, None, :]) @ q.transpose(1, 2)
             return w @ root
         blocks = []
         for g in range(self.rows.shape[0]):  # type: ignore[union-attr]
             r = self.rows[g].to("cpu", torch.float64)  # type: ignore[index]
-            evals, u = torch.linalg.eigh(r @ r.T)
+            evals, u = _eigh(r @ r.T)
             keep = evals > _EIG_RTOL * max(float(evals.max()), 0.0)
             inv_root = torch.where(keep, evals.clamp_min(1e-300).rsqrt(), torch.zeros_like(evals))
             blocks.append(((w[g] @ r.T) @ (u * inv_root) @ u.T) @ r)
@@ -193,14 +194,14 @@ def _downdated_rows(rows: torch.Tensor, mean: torch.Tensor, n: float) -> torch.T
     U^T A``. Cost ``O(l^2 K)``, memory that of ``A``.
     """
     a = torch.cat([rows.to(torch.float64), mean.to(device=rows.device, dtype=torch.float64)[None]])
-    evals, u = torch.linalg.eigh(a @ a.T)
+    evals, u = _eigh(a @ a.T)
     keep = evals > _EIG_RTOL * max(float(evals.max()), 0.0)
     u, evals = u[:, keep], evals[keep]
     root = evals.sqrt()
     d = torch.ones(a.shape[0], dtype=torch.float64, device=a.device)
     d[-1] = -n
     m = root[:, None] * (u.T * d) @ u * root[None, :]
-    e, v = torch.linalg.eigh((m + m.T) / 2)
+    e, v = _eigh((m + m.T) / 2)
     pos = e > _EIG_RTOL * max(float(e.max()), 0.0)
     t = (e[pos].sqrt()[:, None] * v[:, pos].T) @ (u / root[None, :]).T
     return (t @ a).to(rows.dtype)
@@ -479,7 +480,7 @@ class FrequentDirections:
     def _shrink(self) -> None:
         b = self.buffer[:, : self.fill]
         small = self._small_gram(b)
-        evals, u = torch.linalg.eigh(small)
+        evals, u = _eigh(small)
         evals, u = evals.flip(-1).clamp_min(0), u.flip(-1)
         ell = self.rows
         delta = evals[:, ell:ell + 1] if evals.shape[1] > ell else torch.zeros_like(evals[:, :1])
