@@ -154,3 +154,75 @@ def test_compress_reports_sketched_layer_and_stays_close_to_exact():
     sk, ex = results["16M"], results["4G"]
     assert sk.note == "statistics sketched, s=128" and ex.note == "statistics sketched, s=256"
     assert sk.fit_method == "whitened-svd" and sk.out_error_after <= 1.02 * ex.out_error_after + 1e-6
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(6, 4, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2), groups=2),
+    nn.Conv2d(3, 5, (5, 1), padding="same", padding_mode="reflect"),
+    nn.Conv2d(4, 4, 3, stride=2),
+])
+def test_input_rows_of_kept_positions_match_the_unfolded_rows(conv):
+    """The gathered patches of the kept positions are exactly the unfolded rows at those positions."""
+    from ttcompress.calibration.stats import input_rows
+
+    x = torch.randn(3, conv.in_channels, 11, 9, generator=torch.Generator().manual_seed(0))
+    full = input_rows(conv, x)  # (groups, N * L, K)
+    per = full.shape[1] // 3
+    pos = torch.tensor([0, 2, 5, per - 1])
+    want = full.reshape(full.shape[0], 3, per, -1)[:, :, pos].reshape(full.shape[0], -1, full.shape[-1])
+    assert torch.equal(input_rows(conv, x, positions=pos), want)
+
+
+def test_layer_statistics_stop_the_forward_pass_at_the_layer_after_the_first_batch():
+    """Later batches run each model only up to the layer; the statistics are those of all batches."""
+    calls = []
+
+    class Count(nn.Module):
+        def forward(self, x):
+            calls.append(1)
+            return x
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), Count())
+    work = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), Count())
+    work.load_state_dict(dense.state_dict())
+    batches = list(torch.randn(12, 6, generator=torch.Generator().manual_seed(1)).split(4))
+    stats, _choice = StatsCollector(batches).layer_stats(dense, work, "2")
+    assert len(calls) == 2  # batch 0 only, once per model
+    want = layer_stats(dense[2], torch.relu(dense[0](torch.cat(batches))))
+    torch.testing.assert_close(stats.gram, want.gram)
+    calls.clear()
+    StatsCollector(batches).input_stats(dense, ["0", "2"])
+    assert len(calls) == 1
+
+
+def test_mixed_rows_keep_means_trace_exact_and_the_gram_close():
+    """``max_rows``: 4,000 rows mixed 4 to 1 before a sketch that keeps them all; means, count and
+    trace exact, the Gram an unbiased estimate (close for structured rows)."""
+    lin = nn.Linear(16, 3)
+    x = _structured(4000, 16, 4, seed=8)
+    exact = layer_stats(lin, x)
+    mixed = layer_stats(lin, x, sketch_rows=1000, max_rows=1000)
+    assert mixed.rows.shape[1] == 1000 and not mixed.exact
+    torch.testing.assert_close(mixed.mean, exact.mean)
+    torch.testing.assert_close(mixed.trace, torch.diagonal(exact.gram[0]).sum()[None])
+    rd, rc = mixed.factors(0)
+    gram = rc.T @ rc
+    assert float(torch.linalg.matrix_norm(gram - exact.gram[0]) / torch.linalg.matrix_norm(exact.gram[0])) < 0.1
+
+
+def test_sketch_of_identical_inputs_is_half_width_and_widens_when_they_differ():
+    """Same inputs in both models: X alone is sketched and given back as [R | R]; a later batch
+    that differs widens the sketch (no shrink here: the rows themselves)."""
+    from ttcompress.calibration.stats import SketchAccumulator
+
+    lin = nn.Linear(5, 2)
+    gen = torch.Generator().manual_seed(0)
+    a, b, bt = (torch.randn(4, 5, generator=gen) for _ in range(3))
+    acc = SketchAccumulator(lin, rows=16)
+    acc.update(a, a.clone())
+    assert acc._fd.buffer.shape[-1] == 5
+    torch.testing.assert_close(acc.finalize().rows[0], torch.cat([a, a], dim=1))
+    acc.update(b, bt)
+    want = torch.cat([torch.cat([a, a], dim=1), torch.cat([b, bt], dim=1)])
+    torch.testing.assert_close(acc.finalize().rows[0], want)

@@ -9,7 +9,8 @@ How a layer's statistics are kept is decided before anything is allocated
 (:meth:`StatsCollector.choose`), from its row length ``K``, the rank being fitted and the budget:
 
 * **exact** (three float64 ``K x K`` Grams, :class:`~ttcompress.calibration.stats.StatsAccumulator`)
-  when ``K <= 2 l`` -- there the Grams cost no more than the sketch -- and they fit the budget;
+  when ``K <= 4 l`` (:data:`EXACT_SKETCH_RATIO`) -- there the Grams cost no more time than the
+  sketch -- and they fit the budget;
 * **sketched** (:class:`~ttcompress.calibration.stats.SketchAccumulator`, ``O(l K)``) otherwise,
   with ``l`` = :func:`sketch_rows_for` the rank, lowered to fit the budget down to
   :data:`SKETCH_MIN_ROWS`;
@@ -40,6 +41,8 @@ from ttcompress.calibration.stats import (
 )
 
 __all__ = [
+    "EXACT_SKETCH_RATIO",
+    "INPUT_ROWS_PER_SKETCH_ROW",
     "SKETCH_MAX_ROWS",
     "SKETCH_MIN_ROWS",
     "SKETCH_ROWS",
@@ -55,23 +58,34 @@ SKETCH_ROWS = 256
 SKETCH_MIN_ROWS = 64
 #: The most sketch rows (cost per calibration row is ``O(l K)``).
 SKETCH_MAX_ROWS = 1024
+#: Exact Grams (when they fit the budget) for ``K <= EXACT_SKETCH_RATIO * l``: there a sketch's
+#: cost per row, ``4 l`` products of length ``2K`` plus a ``2l x 2l`` eigendecomposition every ``l``
+#: rows, is no less than the Grams' ``3K`` (``K`` while both models' inputs are the same), and the
+#: exact statistics are exact.
+EXACT_SKETCH_RATIO = 4
+#: The allocator's pass (:meth:`StatsCollector.input_stats`) feeds each sketch at most this many
+#: times its rows (more are mixed, see :class:`~ttcompress.calibration.stats.SketchAccumulator`):
+#: rank allocation only compares spectra between layers, and every row costs ``O(l K)``.
+INPUT_ROWS_PER_SKETCH_ROW = 8
 
 #: ``progress(done, total, label)``.
 ProgressFn = Callable[[int, int, str], None]
 
 
 def sketch_rows_for(rank: int | None, *, out_features: int | None = None, features: int | None = None) -> int:
-    """Sketch rows ``l`` for fitting at ``rank``: ``clamp(4 r, SKETCH_ROWS, SKETCH_MAX_ROWS)`` with
+    """Sketch rows ``l`` for fitting at ``rank``: ``clamp(2 r, SKETCH_ROWS, SKETCH_MAX_ROWS)`` with
     ``r = min(rank, out_features, features)`` (the matrix rank the fit can use).
 
-    Frequent Directions bounds the Gram's error by ``||A - A_r||_F^2 / (l - r)``: with ``l = 4r``
-    the spectrum beyond the fitted rank is resolved to a third of its tail.
+    Frequent Directions bounds the Gram's error by ``||A - A_r||_F^2 / (l - r)``: with ``l = 2r``
+    the spectrum beyond the fitted rank is resolved to ``1 / r`` of its tail. (``4 r`` was tried
+    first; ``2 r`` keeps the fits within 2 % of the exact ones in the tests and halves the
+    sketch's cost, ``O(l K)`` per row.)
     """
     r = rank if rank is not None else 0
     for cap in (out_features, features):
         if cap is not None:
             r = min(r, cap)
-    return int(min(SKETCH_MAX_ROWS, max(SKETCH_ROWS, 4 * r)))
+    return int(min(SKETCH_MAX_ROWS, max(SKETCH_ROWS, 2 * r)))
 
 
 def rank_hint(options: Mapping[str, Any]) -> int | None:
@@ -167,6 +181,8 @@ class StatsCollector:
         self.batches = [move_inputs(x, self.device) for x in batches] if self.device is not None else batches
         self.max_positions = max_positions
         self.progress = progress
+        #: Samples in all batches (the first dimension of each).
+        self.samples = sum(x.shape[0] if x.dim() > 1 else 1 for x in self.batches)
 
     # ------------------------------------------------------------------------------------------
     def choose(self, module: nn.Module, *, rank: int | None = None, paired: bool = True,
@@ -177,7 +193,7 @@ class StatsCollector:
         out = getattr(module, "out_features", None) or getattr(module, "out_channels", None)
         ell = sketch_rows_for(rank, out_features=out, features=k)
         exact = exact_bytes(k, groups) if paired else (groups + 4) * k * k * 8
-        if k <= 2 * ell and exact <= budget:
+        if k <= EXACT_SKETCH_RATIO * ell and exact <= budget:
             return StatsChoice("exact", None, exact)
         while ell > SKETCH_MIN_ROWS and sketch_bytes(k, ell, groups, paired=paired) > budget:
             ell = max(SKETCH_MIN_ROWS, ell // 2)
@@ -188,12 +204,13 @@ class StatsCollector:
             return StatsChoice("none", None, min(exact, need), note)
         return StatsChoice("sketch", ell, need, f"statistics sketched, s={ell}")
 
-    def _accumulator(self, module: nn.Module, choice: StatsChoice, *, paired: bool
+    def _accumulator(self, module: nn.Module, choice: StatsChoice, *, paired: bool, max_rows: int | None = None
                      ) -> StatsAccumulator | SketchAccumulator:
         if choice.kind == "exact":
             return StatsAccumulator(module, max_positions=self.max_positions, paired=paired, memory=self.memory)
         return SketchAccumulator(module, rows=int(choice.rows or 0), paired=paired, max_positions=self.max_positions,
-                                 device=self.device, memory=self.memory)
+                                 device=self.device, memory=self.memory, max_rows=max_rows,
+                                 samples=self.samples if max_rows is not None else None)
 
     def _step(self, done: int, total: int, label: str) -> None:
         if self.progress is not None:
@@ -219,29 +236,42 @@ class StatsCollector:
                 notes[name] = choice.note or "no statistics"
                 continue
             left -= choice.bytes
-            accs[name] = self._accumulator(module, choice, paired=False)
+            rows = None if choice.rows is None else INPUT_ROWS_PER_SKETCH_ROW * choice.rows
+            accs[name] = self._accumulator(module, choice, paired=False, max_rows=rows)
+
+        calls: list[str] = []
+        last: list[str | None] = [None]  # once batch 0 showed every layer called once: the last one
 
         def hook(name: str) -> Callable[..., None]:
             def run(module: nn.Module, args: tuple[Any, ...]) -> None:
                 if args and isinstance(args[0], torch.Tensor):
                     x = args[0].detach()
                     accs[name].update(x, x)
+                calls.append(name)
+                if name == last[0]:
+                    raise _StopForward  # nothing after this layer is needed
             return run
 
         handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in accs]
         try:
             with _eval_no_grad(model):
                 for i, x in enumerate(self.batches):
-                    call_model(model, x)
+                    calls.clear()
+                    _forward(model, x)
+                    if i == 0 and len(calls) == len(accs) and set(calls) == set(accs):
+                        last[0] = calls[-1]
                     self._step(i + 1, len(self.batches), "statistics")
         finally:
             for h in handles:
                 h.remove()
         return {n: a.finalize_inputs() for n, a in accs.items() if a.count}, notes
 
-    def layer_stats(self, dense_model: nn.Module, model: nn.Module, name: str, *, rank: int | None = None
-                    ) -> tuple[LayerStats | None, StatsChoice]:
+    def layer_stats(self, dense_model: nn.Module, model: nn.Module, name: str, *, rank: int | None = None,
+                    once: bool = False) -> tuple[LayerStats | None, StatsChoice]:
         """Paired statistics of layer ``name``: every batch through ``dense_model`` and ``model``.
+
+        Each forward pass stops at the layer (its input captured, the rest not run) when the layer is
+        known to be called once per forward: ``once`` says so, or the first batch shows it.
 
         Returns ``(stats, choice)``; ``stats`` is None when the budget has no room for any
         statistics of this layer (``choice.note`` says so) or no batch reached it
@@ -260,15 +290,16 @@ class StatsCollector:
         for i, x in enumerate(self.batches):
             seen_dense: list[torch.Tensor] = []
             seen: list[torch.Tensor] = []
-            handles = [dense_layer.register_forward_pre_hook(_input_hook(seen_dense)),
-                       layer.register_forward_pre_hook(_input_hook(seen))]
+            handles = [dense_layer.register_forward_pre_hook(_input_hook(seen_dense, stop=once)),
+                       layer.register_forward_pre_hook(_input_hook(seen, stop=once))]
             try:
                 with _eval_no_grad(dense_model, model):
-                    call_model(dense_model, x)
-                    call_model(model, x)
+                    _forward(dense_model, x)
+                    _forward(model, x)
             finally:
                 for h in handles:
                     h.remove()
+            once = once or (len(seen_dense) == len(seen) == 1)
             if len(seen_dense) != len(seen):
                 raise ValueError(f"layer {name!r} was called {len(seen_dense)} times by the dense model "
                                  f"but {len(seen)} times by the compressed one on the same batch")
@@ -280,8 +311,24 @@ class StatsCollector:
         return acc.finalize(), choice
 
 
-def _input_hook(store: list[torch.Tensor]) -> Callable[..., None]:
+class _StopForward(BaseException):
+    """Raised by an input hook once the inputs it waits for are captured (the rest of the forward
+    pass is not needed). A BaseException, so that a model's own ``except Exception`` lets it pass."""
+
+
+def _forward(model: nn.Module, x: Any) -> None:
+    try:
+        call_model(model, x)  # one tensor, or named tensors by keyword (ttcompress.inputs)
+    except _StopForward:
+        pass
+
+
+def _input_hook(store: list[torch.Tensor], *, stop: bool = False) -> Callable[..., None]:
+    """A forward pre-hook appending the layer's input to ``store``; with ``stop``, the forward pass
+    ends there (for a layer known to be called once per forward)."""
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         if args and isinstance(args[0], torch.Tensor):
             store.append(args[0].detach())
+        if stop:
+            raise _StopForward
     return hook

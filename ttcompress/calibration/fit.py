@@ -48,6 +48,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ttcompress.calibration._linalg import eigh as _eigh
+from ttcompress.calibration._linalg import svd as _svd
 from ttcompress.calibration.reconstruct import dense_weight, effective_bias, set_effective_bias
 from ttcompress.calibration.stats import LayerStats
 from ttcompress.decompose.tt import tt_to_matrix
@@ -238,11 +240,11 @@ def whitened_lowrank(weight: torch.Tensor, stats: LayerStats, rank: int, *,
         a, b = _whitened_lowrank_rows(w[0], stats, rank, damping)
         return a.to(weight.dtype), b.to(weight.dtype)
     _, gt, c = (t[0] for t in _damped(stats, damping))
-    evals, q = torch.linalg.eigh(gt)
+    evals, q = _eigh(gt)
     keep = evals > _EIG_RTOL * max(float(evals.max()), 0.0)
     inv_sqrt = torch.where(keep, evals.clamp_min(1e-300).rsqrt(), torch.zeros_like(evals))
     m = (w[0] @ c @ q) * inv_sqrt
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    u, s, vh = _svd(m, full_matrices=False)
     r = min(rank, s.numel())
     root = s[:r].sqrt()
     a = u[:, :r] * root
@@ -263,7 +265,7 @@ def _whitened_lowrank_rows(w: torch.Tensor, stats: LayerStats, rank: int, dampin
     """
     lam = float(_lambdas(stats, damping)[0])
     rd, rc = stats.factors(0)
-    evals, u = torch.linalg.eigh(rc @ rc.T)
+    evals, u = _eigh(rc @ rc.T)
     keep = evals > _EIG_RTOL * max(float(evals.max()), 0.0)
     evals, u = evals[keep], u[:, keep]
     v = (u * evals.rsqrt()).T @ rc  # (p, K): orthonormal rows spanning R~'s row space
@@ -274,7 +276,7 @@ def _whitened_lowrank_rows(w: torch.Tensor, stats: LayerStats, rank: int, dampin
         return base * x + ((x @ v.T) * inner) @ v
 
     m = whiten((w @ rd.T) @ rc + lam * w)
-    u_m, s, vh = torch.linalg.svd(m, full_matrices=False)
+    u_m, s, vh = _svd(m, full_matrices=False)
     r = min(rank, s.numel())
     root = s[:r].sqrt()
     return u_m[:, :r] * root, whiten(root[:, None] * vh[:r])

@@ -32,7 +32,7 @@ from ttcompress.calibration.progress import report_batch
 from ttcompress.calibration.reconstruct import dense_weight, effective_bias
 from ttcompress.calibration.stats import MAX_POSITIONS, LayerStats
 
-__all__ = ["BuildFn", "LayerCalibration", "calibrate_sequentially", "forward_order"]
+__all__ = ["BuildFn", "LayerCalibration", "calibrate_sequentially", "forward_calls", "forward_order"]
 
 #: ``build(name, dense_module, stats)``: the replacement, or a :class:`FitResult` holding it. ``stats``
 #: is None when the memory budget had no room for the layer's statistics (build it data-free).
@@ -106,13 +106,18 @@ def forward_order(model: nn.Module, names: Sequence[str], batch: torch.Tensor) -
 
     Names never called are left out. Runs one forward pass in eval mode without gradients.
     """
-    order: list[str] = []
+    return list(forward_calls(model, names, batch))
+
+
+def forward_calls(model: nn.Module, names: Sequence[str], batch: torch.Tensor) -> dict[str, int]:
+    """How often ``model(batch)`` calls each module of ``names``, in the order of their first calls
+    (names never called are left out). One forward pass in eval mode without gradients."""
+    order: dict[str, int] = {}
     handles = []
 
     def make(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if name not in order:
-                order.append(name)
+            order[name] = order.get(name, 0) + 1
         return hook
 
     for name in names:
@@ -227,7 +232,10 @@ def calibrate_sequentially(
     hints = dict(rank_hints or {})
     results: dict[str, LayerCalibration] = {}
     with torch.no_grad(), _eval_mode(dense_model, model):
-        order = forward_order(model, names, collector.batches[0])
+        first = collector.batches[0]
+        # one sample is enough to see which layers run, and in what order
+        calls = forward_calls(model, names, first[:1] if first.dim() > 1 else first)
+        order = list(calls)
         alias_of = _first_names(model, order)  # before any swap: module identities of the original model
         for index, name in enumerate(order):
             if alias_of[name] != name:
@@ -235,7 +243,8 @@ def calibrate_sequentially(
                 continue
             if progress is not None:
                 progress(name, index, len(order))
-            results[name] = _calibrate_one(dense_model, model, name, build, collector, hints.get(name))
+            results[name] = _calibrate_one(dense_model, model, name, build, collector, hints.get(name),
+                                           once=calls[name] == 1)
     for name in names:
         if name not in results:
             results[name] = LayerCalibration(name, reached=False)
@@ -243,12 +252,12 @@ def calibrate_sequentially(
 
 
 def _calibrate_one(dense_model: nn.Module, model: nn.Module, name: str, build: BuildFn,
-                   collector: StatsCollector, rank: int | None) -> LayerCalibration:
+                   collector: StatsCollector, rank: int | None, *, once: bool = False) -> LayerCalibration:
     start = time.perf_counter()
     layer = model.get_submodule(name)
     if not isinstance(layer, (nn.Linear, nn.Conv2d)):
         raise TypeError(f"layer {name!r} must be an nn.Linear or nn.Conv2d, got {type(layer).__name__}")
-    stats, choice = collector.layer_stats(dense_model, model, name, rank=rank)
+    stats, choice = collector.layer_stats(dense_model, model, name, rank=rank, once=once)
     if stats is None and choice.kind != "none":
         raise ValueError(f"no calibration rows reached layer {name!r}")
     dense_layer = dense_model.get_submodule(name)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ttcompress.calibration._linalg import eigh as _eigh
 from ttcompress.calibration.data import calib_batches
 
 __all__ = [
@@ -167,13 +168,13 @@ class InputStats:
         """
         w = weight.to(torch.float64)
         if self.gram is not None:
-            evals, q = torch.linalg.eigh(self.gram.to("cpu", torch.float64))
+            evals, q = _eigh(self.gram.to("cpu", torch.float64))
             root = (q * evals.clamp_min(0).sqrt()[:, None, :]) @ q.transpose(1, 2)
             return w @ root
         blocks = []
         for g in range(self.rows.shape[0]):  # type: ignore[union-attr]
             r = self.rows[g].to("cpu", torch.float64)  # type: ignore[index]
-            evals, u = torch.linalg.eigh(r @ r.T)
+            evals, u = _eigh(r @ r.T)
             keep = evals > _EIG_RTOL * max(float(evals.max()), 0.0)
             inv_root = torch.where(keep, evals.clamp_min(1e-300).rsqrt(), torch.zeros_like(evals))
             blocks.append(((w[g] @ r.T) @ (u * inv_root) @ u.T) @ r)
@@ -193,14 +194,14 @@ def _downdated_rows(rows: torch.Tensor, mean: torch.Tensor, n: float) -> torch.T
     U^T A``. Cost ``O(l^2 K)``, memory that of ``A``.
     """
     a = torch.cat([rows.to(torch.float64), mean.to(device=rows.device, dtype=torch.float64)[None]])
-    evals, u = torch.linalg.eigh(a @ a.T)
+    evals, u = _eigh(a @ a.T)
     keep = evals > _EIG_RTOL * max(float(evals.max()), 0.0)
     u, evals = u[:, keep], evals[keep]
     root = evals.sqrt()
     d = torch.ones(a.shape[0], dtype=torch.float64, device=a.device)
     d[-1] = -n
     m = root[:, None] * (u.T * d) @ u * root[None, :]
-    e, v = torch.linalg.eigh((m + m.T) / 2)
+    e, v = _eigh((m + m.T) / 2)
     pos = e > _EIG_RTOL * max(float(e.max()), 0.0)
     t = (e[pos].sqrt()[:, None] * v[:, pos].T) @ (u / root[None, :]).T
     return (t @ a).to(rows.dtype)
@@ -247,12 +248,29 @@ def input_rows(module: nn.Module, x: torch.Tensor, *, positions: torch.Tensor | 
     if any(pad):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, pad, mode=mode)
-    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)  # (N, C*kh*kw, L)
-    if positions is not None:
-        cols = cols[:, :, positions]
     g = module.groups
+    if positions is not None:  # gather only the kept patches (no unfold of every position)
+        return _patch_rows(module, x, positions)
+    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)  # (N, C*kh*kw, L)
     k = cols.shape[1] // g
     return cols.reshape(cols.shape[0], g, k, -1).permute(1, 0, 3, 2).reshape(g, -1, k)
+
+
+def _patch_rows(conv: nn.Conv2d, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows of the output positions ``positions`` (indices into the row-major ``H_out x W_out``
+    grid, as ``F.unfold`` orders them) of the padded input ``x`` ``(N, C, H, W)``: ``(groups,
+    N * P, K)``, one gather of exactly the elements needed."""
+    (kh, kw), (dh, dw), (sh, sw) = conv.kernel_size, conv.dilation, conv.stride
+    w_out = (x.shape[-1] - dw * (kw - 1) - 1) // sw + 1
+    pos = positions.to(device=x.device, dtype=torch.long)
+    oh, ow = pos // w_out, pos % w_out
+    hi = (oh * sh)[:, None, None] + (torch.arange(kh, device=x.device) * dh)[None, :, None]  # (P, kh, 1)
+    wi = (ow * sw)[:, None, None] + (torch.arange(kw, device=x.device) * dw)[None, None, :]  # (P, 1, kw)
+    patches = x[:, :, hi, wi]  # (N, C, P, kh, kw)
+    n, c, p = patches.shape[:3]
+    g = conv.groups
+    return (patches.reshape(n, g, c // g, p, kh, kw).permute(1, 0, 3, 2, 4, 5)
+            .reshape(g, n * p, c // g * kh * kw))
 
 
 def _output_positions(conv: nn.Conv2d, x: torch.Tensor) -> int:
@@ -310,13 +328,28 @@ class _RowsAccumulator:
             chunk = max(1, input.shape[0])
         if isinstance(self.module, nn.Conv2d) and input.dim() == 3:
             dense_input, input = dense_input.unsqueeze(0), input.unsqueeze(0)
-        same = dense_input is input
+        # identical inputs (the layers before are still dense): one set of rows serves both models
+        same = dense_input is input or torch.equal(dense_input, input)
+        self._plan(input, positions)
         for xd, xc in zip(dense_input.split(chunk), input.split(chunk)):
             rows_c = input_rows(self.module, xc.detach(), positions=positions)
             rows_d = rows_c if same else input_rows(self.module, xd.detach(), positions=positions)
             self._add(rows_d, rows_c)
             self.count += rows_c.shape[1]
         self.samples += input.shape[0] if input.dim() > 1 else 1
+
+    def _rows_per_sample(self, input: torch.Tensor, positions: torch.Tensor | None) -> tuple[int, int]:  # noqa: A002
+        """``(samples, rows per sample)`` of one batch."""
+        if isinstance(self.module, nn.Conv2d):
+            samples = 1 if input.dim() == 3 else input.shape[0]
+            per = positions.numel() if positions is not None else _output_positions(self.module, input)
+            return samples, per
+        if input.dim() < 2:
+            return 1, 1
+        return input.shape[0], input[0].numel() // max(1, self.k * self.groups)
+
+    def _plan(self, input: torch.Tensor, positions: torch.Tensor | None) -> None:  # noqa: A002
+        """Called with each batch before its rows are added (subclasses may size themselves)."""
 
     def _add(self, rows_dense: torch.Tensor, rows: torch.Tensor) -> None:
         raise NotImplementedError
@@ -359,6 +392,14 @@ class StatsAccumulator(_RowsAccumulator):
             self._dense_gram += xd.transpose(1, 2) @ xd
             self._dense_sum += xd.sum(dim=1)
             return
+        if rows is rows_dense:  # the layers before are still dense: X~ = X, one Gram for all three
+            gram = xd.transpose(1, 2) @ xd
+            self._gram += gram
+            self._cross += gram
+            self._dense_gram += gram
+            self._sum += xd.sum(dim=1)
+            self._dense_sum += xd.sum(dim=1)
+            return
         xc = rows.to(device="cpu", dtype=torch.float64)
         xct = xc.transpose(1, 2)
         self._gram += xct @ xc
@@ -393,8 +434,9 @@ class FrequentDirections:
     2016). For rows ``A`` seen so far and sketch ``B``, ``0 <= A^T A - B^T B`` and
     ``||A^T A - B^T B||_2 <= ||A - A_r||_F^2 / (l - r)`` for every ``r < l``; while no more than
     ``2 l`` rows were seen, ``B = A`` exactly. The SVD comes from the buffer's small ``2l x 2l``
-    Gram (its eigendecomposition in float64), so one shrink costs ``O(l^2 width)``: ``O(l width)``
-    per row.
+    Gram (eigendecomposed in the buffer's precision), so one shrink costs ``O(l^2 width)``: ``O(l
+    width)`` per row. The rows a shrink leaves are orthogonal, so the next shrink computes only the
+    new rows' products with the buffer (half the small Gram's cost).
 
     Parameters
     ----------
@@ -414,14 +456,22 @@ class FrequentDirections:
         self.buffer = torch.zeros(groups, 2 * rows, width, dtype=dtype, device=device)
         self.fill = 0
         self.shrinks = 0
+        self._orth = 0  # leading buffer rows that are mutually orthogonal (a shrink's output)
+        self._norms = torch.zeros(groups, 0, dtype=torch.float64, device=device)
 
-    def add(self, x: torch.Tensor) -> None:
-        """Append rows ``x`` of shape ``(groups, n, width)``."""
-        x = x.to(device=self.buffer.device, dtype=self.buffer.dtype)
-        pos, n, cap = 0, x.shape[1], self.buffer.shape[1]
+    def add(self, *parts: torch.Tensor) -> None:
+        """Append rows of shape ``(groups, n, width)``, or rows given as column blocks ``(groups,
+        n, w_i)`` side by side (``sum w_i = width``; no concatenated copy is made)."""
+        if sum(x.shape[2] for x in parts) != self.buffer.shape[2]:
+            raise ValueError(f"rows of width {sum(x.shape[2] for x in parts)} do not fit a sketch of width "
+                             f"{self.buffer.shape[2]}")
+        pos, n, cap = 0, parts[0].shape[1], self.buffer.shape[1]
         while pos < n:
             take = min(n - pos, cap - self.fill)
-            self.buffer[:, self.fill:self.fill + take] = x[:, pos:pos + take]
+            col = 0
+            for x in parts:
+                self.buffer[:, self.fill:self.fill + take, col:col + x.shape[2]] = x[:, pos:pos + take]
+                col += x.shape[2]
             self.fill += take
             pos += take
             if self.fill == cap:
@@ -429,21 +479,45 @@ class FrequentDirections:
 
     def _shrink(self) -> None:
         b = self.buffer[:, : self.fill]
-        small = (b @ b.transpose(1, 2)).to(torch.float64)
-        evals, u = torch.linalg.eigh((small + small.transpose(1, 2)) / 2)
+        small = self._small_gram(b)
+        evals, u = _eigh(small)
         evals, u = evals.flip(-1).clamp_min(0), u.flip(-1)
         ell = self.rows
         delta = evals[:, ell:ell + 1] if evals.shape[1] > ell else torch.zeros_like(evals[:, :1])
         top = evals[:, :ell]
-        tiny = _EIG_RTOL * top[:, :1].clamp_min(1e-300)
-        scale = torch.where(top > tiny, ((top - delta).clamp_min(0) / top.clamp_min(1e-300)).sqrt(),
+        least = torch.finfo(top.dtype).tiny
+        tiny = _EIG_RTOL * top[:, :1].clamp_min(least)
+        scale = torch.where(top > tiny, ((top - delta).clamp_min(0) / top.clamp_min(least)).sqrt(),
                             torch.zeros_like(top))
         t = (u[:, :, :ell] * scale[:, None, :]).transpose(1, 2).to(b.dtype)
         new = t @ b
         self.buffer[:, : new.shape[1]] = new
         self.buffer[:, new.shape[1]:] = 0
         self.fill = new.shape[1]
+        self._orth = new.shape[1]
+        self._norms = (new * new).sum(dim=2, dtype=torch.float64)
         self.shrinks += 1
+
+    def _small_gram(self, b: torch.Tensor) -> torch.Tensor:
+        """``B B^T`` of the buffer (symmetric, in the buffer's precision: its entries carry that
+        precision's rounding anyway, and the eigendecomposition is the shrink's fixed cost). The first ``_orth`` rows are the previous
+        shrink's output, orthogonal by construction: their block is the diagonal of their squared
+        norms, so only the new rows' products with all rows are computed (half the GEMM)."""
+        o = self._orth
+        if o == 0:
+            small = b @ b.transpose(1, 2)
+            return (small + small.transpose(1, 2)) / 2
+        cross = b[:, o:] @ b.transpose(1, 2)  # (groups, fill - o, fill)
+        small = torch.zeros(b.shape[0], b.shape[1], b.shape[1], dtype=b.dtype, device=b.device)
+        small[:, o:, :] = cross
+        small[:, :o, o:] = cross[:, :, :o].transpose(1, 2)
+        small[:, o:, o:] = (cross[:, :, o:] + cross[:, :, o:].transpose(1, 2)) / 2
+        small[:, :o, :o] = torch.diag_embed(self._norms.to(b.dtype))
+        return small
+
+    def widen(self) -> None:
+        """Repeat every row side by side (width doubles): the sketch of ``[A | A]`` from that of ``A``."""
+        self.buffer = self.buffer.repeat(1, 1, 2)
 
     def result(self) -> torch.Tensor:
         """The sketch: ``(groups, m, width)``, ``m <= 2 l`` rows (all rows seen when ``m <= 2 l``
@@ -481,32 +555,94 @@ class SketchAccumulator(_RowsAccumulator):
         Where the sketch lives (default: where the first inputs are).
     memory : int, optional
         Recorded in the statistics (:attr:`LayerStats.memory`).
+    max_rows : int, optional
+        Feed the sketch about this many rows at most: with ``samples`` (the number of samples
+        that will be added) known, the first batch tells the rows per sample, and when the
+        total would exceed ``max_rows``, every ``q = ceil(total / max_rows)`` rows of a chunk
+        are summed with random signs into one row before they enter the sketch (a balanced
+        CountSketch of the rows, [3]_). The mixed rows are still pairs ``(x, x~)`` of the same
+        linear combination of inputs, and their Gram is an unbiased estimate of the rows' Gram;
+        the sketch's cost, ``O(l K)`` per row it is fed, drops by ``q``. Means, count and trace
+        stay exact. None: every row enters the sketch.
+    samples : int, optional
+        Samples that will be added (for ``max_rows``).
+
+    References
+    ----------
+    .. [3] K. L. Clarkson, D. P. Woodruff, "Low Rank Approximation and Regression in Input
+           Sparsity Time", STOC 2013 (CountSketch as a subspace embedding).
     """
 
     def __init__(self, module: nn.Module, *, rows: int, paired: bool = True, max_positions: int = MAX_POSITIONS,
-                 seed: int = 0, device: torch.device | str | None = None, memory: int | None = None) -> None:
+                 seed: int = 0, device: torch.device | str | None = None, memory: int | None = None,
+                 max_rows: int | None = None, samples: int | None = None) -> None:
         super().__init__(module, max_positions=max_positions, seed=seed)
+        for label, value in (("max_rows", max_rows), ("samples", samples)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{label} must be a positive int, got {value!r}")
         self.paired = paired
         self.sketch_rows = rows
         self.device = device
         self.memory = memory
+        self.max_rows = max_rows
+        self.expected_samples = samples
+        self.mix = 1  # rows summed into one before the sketch (decided by the first batch)
+        self._planned = False
+        self._half = False  # the sketch holds X only (the rows of both models were the same so far)
         self._fd: FrequentDirections | None = None
         g, k = self.groups, self.k
         self._sum = torch.zeros(g, k, dtype=torch.float64)
         self._dense_sum = torch.zeros(g, k, dtype=torch.float64)
         self._trace = torch.zeros(g, dtype=torch.float64)
 
+    def _plan(self, input: torch.Tensor, positions: torch.Tensor | None) -> None:  # noqa: A002
+        if self._planned:
+            return
+        self._planned = True
+        if self.max_rows is None or self.expected_samples is None:
+            return
+        samples, per_sample = self._rows_per_sample(input, positions)
+        total = max(samples, self.expected_samples) * per_sample
+        self.mix = max(1, math.ceil(total / self.max_rows))
+
+    def _mixed(self, *parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each ``(groups, n, w)`` block with every ``mix`` rows (one seeded random partition,
+        the same signs for every block) summed with random signs: ``(groups, ceil(n / mix), w)``."""
+        n = parts[0].shape[1]
+        if self.mix <= 1 or n <= 1:
+            return parts
+        buckets = math.ceil(n / self.mix)
+        perm = torch.randperm(n, generator=self._gen)
+        signs = torch.randint(0, 2, (n,), generator=self._gen) * 2 - 1
+        index = torch.empty(n, dtype=torch.long)
+        index[perm] = torch.arange(n) % buckets
+        out = []
+        for z in parts:
+            mixed = torch.zeros(z.shape[0], buckets, z.shape[2], dtype=z.dtype, device=z.device)
+            out.append(mixed.index_add_(1, index.to(z.device), z * signs.to(z.device, z.dtype)[None, :, None]))
+        return tuple(out)
+
     def _add(self, rows_dense: torch.Tensor, rows: torch.Tensor) -> None:
+        # While the two models' rows are the same (the layers before are still dense), only X is
+        # sketched (half the width): [B | B] is then the sketch of [X | X]. Rows that differ
+        # widen the sketch to [B | B] first.
+        same = rows is rows_dense or not self.paired
         if self._fd is None:
-            width = 2 * self.k if self.paired else self.k
+            self._half = same and self.paired
+            width = self.k if same else 2 * self.k
             device = self.device if self.device is not None else rows.device
             self._fd = FrequentDirections(self.groups, width, self.sketch_rows, device=device)
-        self._fd.add(torch.cat([rows_dense, rows], dim=2) if self.paired else rows_dense)
-        self._dense_sum += rows_dense.to("cpu", torch.float64).sum(dim=1)
+        elif self._half and not same:
+            self._fd.widen()
+            self._half = False
+        self._fd.add(*self._mixed(*((rows_dense,) if same and (self._half or not self.paired)
+                                    else (rows_dense, rows))))
+        # chunk sums in the rows' precision (a chunk is a few thousand rows), accumulated in float64
+        acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        self._dense_sum += rows_dense.sum(dim=1, dtype=acc).to("cpu", torch.float64)
         if self.paired:
-            xc = rows.to(torch.float64)
-            self._sum += xc.sum(dim=1).cpu()
-            self._trace += (xc * xc).sum(dim=(1, 2)).cpu()
+            self._sum += rows.sum(dim=1, dtype=acc).to("cpu", torch.float64)
+            self._trace += torch.linalg.vector_norm(rows, dim=(1, 2), dtype=acc).to("cpu", torch.float64) ** 2
 
     def finalize(self) -> LayerStats:
         """The sketched statistics so far. ``ValueError`` when nothing was added."""
@@ -516,7 +652,9 @@ class SketchAccumulator(_RowsAccumulator):
             raise ValueError("finalize() needs paired statistics; use finalize_inputs()")
         return LayerStats(gram=None, cross=None, dense_gram=None, mean=self._sum / self.count,
                           dense_mean=self._dense_sum / self.count, count=self.count, samples=self.samples,
-                          rows=self._fd.result(), trace=self._trace.clone(), exact=self._fd.exact,
+                          rows=self._fd.result().repeat(1, 1, 2) if self._half else self._fd.result(),
+                          trace=self._trace.clone(),
+                          exact=self._fd.exact and self.mix == 1,
                           memory=self.memory)
 
     def finalize_inputs(self) -> InputStats:
@@ -529,7 +667,8 @@ class SketchAccumulator(_RowsAccumulator):
 
 
 def layer_stats(module: nn.Module, inputs: object, *, dense_inputs: object = None,
-                max_positions: int = MAX_POSITIONS, sketch_rows: int | None = None) -> LayerStats:
+                max_positions: int = MAX_POSITIONS, sketch_rows: int | None = None,
+                max_rows: int | None = None) -> LayerStats:
     """Statistics of ``module`` for given input batches (non-sequential use, and tests).
 
     Parameters
@@ -547,12 +686,17 @@ def layer_stats(module: nn.Module, inputs: object, *, dense_inputs: object = Non
     sketch_rows : int, optional
         Sketch the statistics with this many rows (:class:`SketchAccumulator`) instead of
         keeping the exact Gram matrices.
+    max_rows : int, optional
+        With ``sketch_rows``: mix the rows down to about this many before they enter the sketch
+        (see :class:`SketchAccumulator`).
     """
+    batches = list(calib_batches(inputs))
+    dense_batches = batches if dense_inputs is None else calib_batches(dense_inputs)
+    samples = sum(x.shape[0] if x.dim() > 1 else 1 for x in batches) or None
     acc: StatsAccumulator | SketchAccumulator = (
         StatsAccumulator(module, max_positions=max_positions) if sketch_rows is None
-        else SketchAccumulator(module, rows=sketch_rows, max_positions=max_positions))
-    batches = calib_batches(inputs)
-    dense_batches = batches if dense_inputs is None else calib_batches(dense_inputs)
+        else SketchAccumulator(module, rows=sketch_rows, max_positions=max_positions, max_rows=max_rows,
+                               samples=samples))
     if dense_inputs is None:
         for x in batches:
             acc.update(x, x)
