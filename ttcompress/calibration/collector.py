@@ -30,7 +30,7 @@ from torch import nn
 from ttcompress.calibration.budget import check_calib_memory, exact_bytes, format_bytes, sketch_bytes
 from ttcompress.calibration.data import calib_batches
 from ttcompress.calibration.progress import report_batch
-from ttcompress.inputs import call_model, move_inputs
+from ttcompress.inputs import batch_size_of, call_model, main_tensor, move_inputs
 from ttcompress.calibration.stats import (
     MAX_POSITIONS,
     InputStats,
@@ -182,7 +182,7 @@ class StatsCollector:
         self.max_positions = max_positions
         self.progress = progress
         #: Samples in all batches (the first dimension of each).
-        self.samples = sum(x.shape[0] if x.dim() > 1 else 1 for x in self.batches)
+        self.samples = sum(batch_size_of(x) if main_tensor(x).dim() > 1 else 1 for x in self.batches)
 
     # ------------------------------------------------------------------------------------------
     def choose(self, module: nn.Module, *, rank: int | None = None, paired: bool = True,

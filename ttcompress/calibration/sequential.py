@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ttcompress.calibration.collector import StatsCollector
-from ttcompress.inputs import call_model
+from ttcompress.inputs import call_model, main_tensor, take_rows
 from ttcompress.calibration.fit import FitResult, output_error
 from ttcompress.calibration.progress import report_batch
 from ttcompress.calibration.reconstruct import dense_weight, effective_bias
@@ -234,7 +234,7 @@ def calibrate_sequentially(
     with torch.no_grad(), _eval_mode(dense_model, model):
         first = collector.batches[0]
         # one sample is enough to see which layers run, and in what order
-        calls = forward_calls(model, names, first[:1] if first.dim() > 1 else first)
+        calls = forward_calls(model, names, take_rows(first, 1) if main_tensor(first).dim() > 1 else first)
         order = list(calls)
         alias_of = _first_names(model, order)  # before any swap: module identities of the original model
         for index, name in enumerate(order):
