@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ttcompress import io as tio
+from ttcompress.checkpoint import io as tio
 from ttcompress.data import DatasetBundle, balanced_subset, load_dataset
-from ttcompress.evaluation import evaluate
-from ttcompress.models import build_arch
-from ttcompress.plan import CPSettings, Plan
-from ttcompress.surgery import compress_with_report
+from ttcompress.report.evaluation import evaluate
+from ttcompress.checkpoint.models import build_arch
+from ttcompress.compression.plan import CPSettings, Plan
+from ttcompress.compression.surgery import compress_with_report
 from ttcompress.training import FinetuneConfig, TrainConfig, finetune, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -13,7 +13,7 @@ interleaved (matmul, tt_svd, matmul, ...), median of ``--repeats``. The error is
 TensorLy's exact ``tensor_train_matrix`` (full SVDs, float64) on the same matrix.
 
 CP part: every ``nn.Conv2d`` of ``torchvision.models.resnet50()`` (random weights) at CP ratio 4
-(rank from ``ttcompress.plan.cp_rank_for``), ``cp_als`` defaults except ``tol`` (``--tol``); wall time per layer, the
+(rank from ``ttcompress.compression.plan.cp_rank_for``), ``cp_als`` defaults except ``tol`` (``--tol``); wall time per layer, the
 total, and the ten slowest layers.
 """
 
@@ -80,7 +80,7 @@ def bench_cp(*, workers: int, tol: float) -> None:
     from torch import nn
 
     from ttcompress.decompose.cp_batch import cp_als_many
-    from ttcompress.plan import cp_rank_for
+    from ttcompress.compression.plan import cp_rank_for
 
     torch.manual_seed(0)
     model = torchvision.models.resnet50()
@@ -121,7 +121,7 @@ def bench_auto(*, model_name: str, capacity: int, target_ratio: float) -> None:
     the CP format's ``DEFAULT_TOL``); the error of the layer each picks, and the time."""
     from ttcompress.formats import get_format
     from ttcompress.formats.auto import Trial, choose
-    from ttcompress.plan import Plan, plan_layers
+    from ttcompress.compression.plan import Plan, plan_layers
 
     model = _auto_model(model_name, capacity)
     modules = dict(model.named_modules())

@@ -22,12 +22,12 @@ import torch
 
 import ttcompress
 from ttcompress.export import export_model
-from ttcompress.io import update_meta
-from ttcompress.plan import CPSettings, Plan, TTSettings
+from ttcompress.checkpoint.io import update_meta
+from ttcompress.compression.plan import CPSettings, Plan, TTSettings
 
 
 def _seed_cnn():
-    from ttcompress.models import build_arch
+    from ttcompress.checkpoint.models import build_arch
 
     return ttcompress.compress(build_arch("seed-cnn"), Plan(tt=TTSettings(ranks=8), cp=CPSettings(rank=6))), (1, 28, 28)
 
@@ -41,7 +41,7 @@ def _resnet18():
 def _vit():
     from transformers import ViTConfig, ViTForImageClassification
 
-    from ttcompress.models import build_arch
+    from ttcompress.checkpoint.models import build_arch
 
     config = {"model_type": "vit", "hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 3, "intermediate_size": 768,
               "image_size": 64, "patch_size": 8, "num_labels": 10}
@@ -50,7 +50,7 @@ def _vit():
 
 
 def _gpt2():
-    from ttcompress.models import build_arch
+    from ttcompress.checkpoint.models import build_arch
 
     config = {"model_type": "gpt2", "n_embd": 256, "n_layer": 4, "n_head": 4, "vocab_size": 8000, "n_positions": 128}
     model = build_arch("hf:GPT2LMHeadModel", kwargs={"config": config})

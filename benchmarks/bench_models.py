@@ -29,9 +29,9 @@ from torch import nn
 
 import ttcompress
 from ttcompress.export import export_model
-from ttcompress.io import update_meta
-from ttcompress.measure import count_params, measure_latency
-from ttcompress.plan import Plan
+from ttcompress.checkpoint.io import update_meta
+from ttcompress.report.measure import count_params, measure_latency
+from ttcompress.compression.plan import Plan
 
 
 def crepe(capacity: int = 32) -> nn.Sequential:

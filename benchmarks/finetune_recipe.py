@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from ttcompress import io as tio
+from ttcompress.checkpoint import io as tio
 from ttcompress.data import balanced_subset, load_dataset
-from ttcompress.evaluation import evaluate
-from ttcompress.plan import CPSettings, Plan, TTSettings
-from ttcompress.surgery import compress_with_report
+from ttcompress.report.evaluation import evaluate
+from ttcompress.compression.plan import CPSettings, Plan, TTSettings
+from ttcompress.compression.surgery import compress_with_report
 from ttcompress.training import FinetuneConfig, finetune
 
 CASES = {

@@ -103,11 +103,11 @@ def measured_conv_compression(dense_model: nn.Module, compressed: nn.Module) -> 
 def decompose_convs(model: nn.Module, *, rank: int, seed: int = 0) -> dict[str, float | None]:
     """Replace every ``nn.Conv2d`` of ``model`` in place by a rank-``rank`` CP convolution.
 
-    Unlike :func:`ttcompress.surgery.compress`, a conv is replaced even when CP makes it larger:
+    Unlike :func:`ttcompress.compression.surgery.compress`, a conv is replaced even when CP makes it larger:
     the paper decomposes both convs, and the first one (1 input channel, 90 weights) has
     ``17 R`` CP parameters, more than 90 from rank 6 on, so the planner would keep it dense
     (giving 4.02× and 2.69× instead of the paper's 3.8× and 2.6×). Each replacement is recorded in
-    ``model.ttcompress_meta["layers"]`` as :func:`ttcompress.surgery.compress_with_report` does,
+    ``model.ttcompress_meta["layers"]`` as :func:`ttcompress.compression.surgery.compress_with_report` does,
     so checkpoints of the model can be reloaded.
 
     Returns
@@ -115,7 +115,7 @@ def decompose_convs(model: nn.Module, *, rank: int, seed: int = 0) -> dict[str, 
     dict
         Layer name -> relative reconstruction error of its kernel.
     """
-    from ttcompress.io import update_meta
+    from ttcompress.checkpoint.io import update_meta
     from ttcompress.layers.cp_conv import CPConv2d
     from ttcompress.modtree import set_submodule
 
@@ -174,8 +174,8 @@ def run(
         Batch size, seed of every run, ``torch.set_num_threads``.
     """
     from ttcompress.data import load_dataset
-    from ttcompress.models import build_arch
-    from ttcompress.evaluation import evaluate
+    from ttcompress.checkpoint.models import build_arch
+    from ttcompress.report.evaluation import evaluate
     from ttcompress.training import FinetuneConfig, TrainConfig, finetune, train
 
     torch.set_num_threads(threads)
@@ -285,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   ranks=ranks, baseline_epochs=args.baseline_epochs,
                   finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                   batch_size=args.batch_size, seed=args.seed, threads=args.threads)
-    from ttcompress.io import atomic_write
+    from ttcompress.checkpoint.io import atomic_write
 
     table = to_markdown(results)
     with atomic_write(args.output / "results.json", "w") as f:

@@ -22,7 +22,7 @@ reproduces 30,574 and 50,622 exactly (see that constant for how they were found)
 Two routes to the TT nets are run:
 
 (a) **TT-SVD + fine-tuning**: train the dense ``FC-FC-FC``, replace its layers by the TT-SVD of
-    their trained weights at these modes and rank 4 (:func:`ttcompress.surgery.compress_with_report`
+    their trained weights at these modes and rank 4 (:func:`ttcompress.compression.surgery.compress_with_report`
     with one plan rule per layer), measure the accuracy, fine-tune.
 (b) **from random init** (the thesis' route): build the TT layers with TTLinear's
     variance-preserving initialization and train them from scratch, including ``seed-tt2``, whose
@@ -106,8 +106,8 @@ def count_params(model: nn.Module) -> int:
 
 
 def tt_plan(variant: str) -> Any:
-    """The :class:`ttcompress.plan.Plan` that turns ``seed-fc3`` into ``variant`` by TT-SVD."""
-    from ttcompress.plan import Plan, Rule
+    """The :class:`ttcompress.compression.plan.Plan` that turns ``seed-fc3`` into ``variant`` by TT-SVD."""
+    from ttcompress.compression.plan import Plan, Rule
 
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
@@ -123,9 +123,9 @@ def build_tt_fc3(variant: str, *, num_classes: int = 10) -> nn.Module:
     The TT layers use :meth:`TTLinear.reset_parameters` (variance-preserving init) and are
     recorded in ``model.ttcompress_meta["layers"]`` so that checkpoints can be reloaded.
     """
-    from ttcompress.io import update_meta
+    from ttcompress.checkpoint.io import update_meta
     from ttcompress.layers.tt_linear import TTLinear
-    from ttcompress.models import build_arch
+    from ttcompress.checkpoint.models import build_arch
     from ttcompress.modtree import get_submodule, set_submodule
 
     if variant not in VARIANTS:
@@ -148,7 +148,7 @@ def build_tt_fc3(variant: str, *, num_classes: int = 10) -> nn.Module:
 
 def published_counts() -> dict[str, int]:
     """Our parameter count of each published network (built, not predicted)."""
-    from ttcompress.models import build_arch
+    from ttcompress.checkpoint.models import build_arch
 
     return {
         "FC-FC-FC": count_params(build_arch("seed-fc3")),
@@ -211,9 +211,9 @@ def run(
         for the seed-fc3 variants), ``"tt2"`` (seed-tt2).
     """
     from ttcompress.data import load_dataset
-    from ttcompress.models import build_arch
-    from ttcompress.surgery import compress_with_report
-    from ttcompress.evaluation import evaluate
+    from ttcompress.checkpoint.models import build_arch
+    from ttcompress.compression.surgery import compress_with_report
+    from ttcompress.report.evaluation import evaluate
     from ttcompress.training import finetune, train
 
     torch.set_num_threads(threads)
@@ -358,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   finetune_epochs=args.finetune_epochs, scratch_epochs=args.scratch_epochs,
                   tt2_epochs=args.tt2_epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                   threads=args.threads, skip=skip)
-    from ttcompress.io import atomic_write
+    from ttcompress.checkpoint.io import atomic_write
 
     table = to_markdown(results)
     with atomic_write(args.output / "results.json", "w") as f:

@@ -72,7 +72,7 @@ from torch.utils import benchmark
 
 import ttcompress
 from ttcompress.layers.attention import FactorizedMultiheadAttention
-from ttcompress.plan import Plan, Rule, TTSettings
+from ttcompress.compression.plan import Plan, Rule, TTSettings
 from ttcompress.training import FinetuneConfig, TrainConfig, finetune, train
 
 #: Name patterns of the compressed parts (plan rules address the attention projections by name).

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ttcompress.io import build_model
+from ttcompress.checkpoint.io import build_model
 
 
 @pytest.fixture(autouse=True, scope="session")

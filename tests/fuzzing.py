@@ -87,8 +87,8 @@ def build_seeds(root: Path, invoke: Callable[..., None]) -> Seeds:
     import torch
     import transformers
 
-    from ttcompress.io import save
-    from ttcompress.models import build_arch
+    from ttcompress.checkpoint.io import save
+    from ttcompress.checkpoint.models import build_arch
 
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ttcompress.allocate import Slot, allocate, greedy
+from ttcompress.compression.allocate import Slot, allocate, greedy
 from ttcompress.formats import get_format
 from ttcompress.formats.base import Ladder
 
@@ -41,7 +41,7 @@ def test_the_objective_never_starves_a_layer_to_rank_one() -> None:
     # Two equal layers whose squared error falls linearly with parameters: under sum(e^2) every
     # step has the same gain, and ties could leave one layer at its lowest level; under
     # -log(1 - e^2) the gain of a step grows as a layer nears losing everything, so both grow.
-    from ttcompress.allocate import greedy, lost_energy
+    from ttcompress.compression.allocate import greedy, lost_energy
     from ttcompress.formats.base import Ladder
 
     ladder = Ladder(params=tuple(range(10, 110, 10)), errors=tuple(1.0 - k / 10 for k in range(10)),

@@ -14,12 +14,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from typer.testing import CliRunner
 
-from ttcompress.allocate import input_grams, whitened
+from ttcompress.compression.allocate import input_grams, whitened
 from ttcompress.cli import app
-from ttcompress.io import get_meta, load, read_header
-from ttcompress.plan import Plan, TTSettings
-from ttcompress.surgery import compress, compress_with_report
-from ttcompress.teacher import default_teacher, file_sha256
+from ttcompress.checkpoint.io import get_meta, load, read_header
+from ttcompress.compression.plan import Plan, TTSettings
+from ttcompress.compression.surgery import compress, compress_with_report
+from ttcompress.checkpoint.teacher import default_teacher, file_sha256
 
 runner = CliRunner()
 SVD = {"formats": ["svd"], "svd": {"rank": 4}}
@@ -244,7 +244,7 @@ def test_inspect_table_shows_the_recorded_output_error(tmp_path) -> None:
 
     from ttcompress.cli.tables import summary_table
     from ttcompress.layer_report import LayerReport
-    from ttcompress.surgery import ModelSummary
+    from ttcompress.compression.surgery import ModelSummary
 
     fitted = LayerReport("fc", "tt", "TTLinear", (8, 8), 64, 16, ranks=(1, 2, 1), rel_error=2.0,
                          out_error_before=0.9, out_error_after=0.25, params=16, share=0.2)

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from ttcompress.cli import app
 from ttcompress.errors import CheckpointError
-from ttcompress.io import get_meta, load
-from ttcompress.plan import CPSettings, Plan, TTSettings
-from ttcompress.surgery import compress
+from ttcompress.checkpoint.io import get_meta, load
+from ttcompress.compression.plan import CPSettings, Plan, TTSettings
+from ttcompress.compression.surgery import compress
 
 runner = CliRunner()
 FAST_PLAN = "cp:\n  options: {n_iter_max: 3}\n"
@@ -240,7 +240,7 @@ def test_large_error_flag_follows_the_output_error_when_calibrated(out_after, fl
 
     from ttcompress.cli.tables import layer_table
     from ttcompress.layer_report import LayerReport
-    from ttcompress.surgery import CompressionResult
+    from ttcompress.compression.surgery import CompressionResult
 
     record = LayerReport("fc", "tt", "Linear", (8, 8), 64, 16, ranks=(1, 2, 1), rel_error=2.0,
                          out_error_before=None if out_after is None else 0.9, out_error_after=out_after)
@@ -254,7 +254,7 @@ def test_cp_progress_bars_on_a_terminal(cnn_file, tmp_path, plan_file, monkeypat
 
     from ttcompress.cli import decompose as cli_decompose
     from ttcompress.cli.progress import DecomposeProgress
-    from ttcompress.planfile import load_plan
+    from ttcompress.compression.planfile import load_plan
 
     calls: list[tuple[int, int]] = []
     original = DecomposeProgress.cp
@@ -295,14 +295,14 @@ def test_decompose_checks_the_model_still_runs(tmp_path, monkeypatch):
         "    def forward(self, x):\n        return self.block(torch.relu(self.a(x)))\n"
         "def make():\n    return Picky()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    from ttcompress.meta import update_meta
+    from ttcompress.checkpoint.meta import update_meta
 
-    from ttcompress.models import build_arch
+    from ttcompress.checkpoint.models import build_arch
 
     model = build_arch("picky_for_check_test:make")
     update_meta(model, info={"input_shape": [64]})
     src = tmp_path / "picky.tt.pt"
-    from ttcompress.io import save as save_model
+    from ttcompress.checkpoint.io import save as save_model
 
     save_model(model, src)
     monkeypatch.delitem(sys.modules, "picky_for_check_test", raising=False)
@@ -321,7 +321,7 @@ def test_a_checkpoint_that_records_its_dataset_is_calibrated_on_it(tmp_path, rec
     # Every model `train` writes records its dataset: decompose calibrates on it unless --no-calib.
     # Only built-in names count: a file never makes ttcompress read a path or import a name.
     import ttcompress
-    from ttcompress.models import build_arch
+    from ttcompress.checkpoint.models import build_arch
 
     torch.manual_seed(0)
     path = tmp_path / "m.pt"
@@ -351,7 +351,7 @@ def test_a_bad_request_on_a_checkpoint_that_records_its_dataset_is_one_line(tmp_
     """The default calibration's notes ("calibrating on ...", "... did not load") come after the
     decomposition succeeded: a refused request is still exactly one line."""
     import ttcompress
-    from ttcompress.models import build_arch
+    from ttcompress.checkpoint.models import build_arch
 
     torch.manual_seed(0)
     path = tmp_path / "m.pt"

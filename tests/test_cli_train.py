@@ -14,8 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from ttcompress.cli import app
-from ttcompress.io import save
-from ttcompress.models import build_arch
+from ttcompress.checkpoint.io import save
+from ttcompress.checkpoint.models import build_arch
 
 runner = CliRunner()
 FAST = ["--device", "cpu", "--batch-size", "32", "--max-batches", "4"]
@@ -167,8 +167,8 @@ def test_torchrun_two_processes(tmp_path: Path, base_ckpt: Path) -> None:
 def test_finetune_refuses_its_output_before_naming_the_recorded_teacher(tmp_path: Path, base_ckpt: Path) -> None:
     """An existing output is one line: "distilling from the source model ..." comes only after the
     output was accepted."""
-    from ttcompress.plan import Plan, TTSettings
-    from ttcompress.surgery import decompose_file
+    from ttcompress.compression.plan import Plan, TTSettings
+    from ttcompress.compression.surgery import decompose_file
 
     student = decompose_file(base_ckpt, output=tmp_path / "s.tt.pt", plan=Plan(tt=TTSettings(ranks=2))).output
     out = tmp_path / "o.pt"
@@ -183,9 +183,9 @@ def test_a_model_that_cannot_load_is_one_line_even_when_a_source_is_recorded(tmp
     # "distilling from the source model ..." is said once the models load and fit the data: a
     # checkpoint that fails to rebuild stays one line.
     import ttcompress
-    from ttcompress.io import read_header
-    from ttcompress.models import build_arch
-    from ttcompress.plan import Plan, TTSettings
+    from ttcompress.checkpoint.io import read_header
+    from ttcompress.checkpoint.models import build_arch
+    from ttcompress.compression.plan import Plan, TTSettings
 
     torch.manual_seed(0)
     dense = tmp_path / "dense.pt"

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from ttcompress.dryrun import preview_plan
+from ttcompress.compression.dryrun import preview_plan
 from ttcompress.formats.cp import cp_error_curve
-from ttcompress.plan import Plan
-from ttcompress.surgery import compress_with_report
+from ttcompress.compression.plan import Plan
+from ttcompress.compression.surgery import compress_with_report
 
 TOL = 0.05
 

@@ -8,9 +8,9 @@ from torch import nn
 
 import ttcompress
 from ttcompress.export import ExportError, export_model, merge_to_dense
-from ttcompress.io import load, save, update_meta
-from ttcompress.models import build_arch
-from ttcompress.plan import CPSettings, Plan, TTSettings
+from ttcompress.checkpoint.io import load, save, update_meta
+from ttcompress.checkpoint.models import build_arch
+from ttcompress.compression.plan import CPSettings, Plan, TTSettings
 
 pytest.importorskip("onnxruntime")
 
@@ -250,7 +250,7 @@ def test_onnx_keeps_every_format_factorized(case: str, tmp_path) -> None:
     """Whatever path eval mode would pick, the graph computes from the factors: the file is at most
     1.15x the checkpoint's tensors (the dense model is several times larger); --fold exports the
     merged graph."""
-    from ttcompress.plan import Rule
+    from ttcompress.compression.plan import Rule
 
     torch.manual_seed(0)
     if case == "convs":
@@ -305,7 +305,7 @@ def test_half_precision_model_exports_half_precision(compressed, fmt: str, tmp_p
 def test_missing_export_extra_is_refused_before_the_model_is_loaded(tmp_path, monkeypatch) -> None:
     import sys
 
-    import ttcompress.io
+    import ttcompress.checkpoint.io
     from typer.testing import CliRunner
 
     from ttcompress.cli import app
@@ -313,7 +313,7 @@ def test_missing_export_extra_is_refused_before_the_model_is_loaded(tmp_path, mo
     model = tmp_path / "m.tt.pt"
     save(nn.Sequential(nn.Linear(4, 4)), model)
     monkeypatch.setitem(sys.modules, "onnxscript", None)
-    monkeypatch.setattr(ttcompress.io, "load", lambda *a, **k: pytest.fail("the model was loaded first"))
+    monkeypatch.setattr(ttcompress.checkpoint.io, "load", lambda *a, **k: pytest.fail("the model was loaded first"))
     result = CliRunner().invoke(app, ["export", str(model), "--format", "onnx", "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and "ttcompress[export]" in result.stderr, (result.stderr, result.exception)
 

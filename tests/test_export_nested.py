@@ -7,8 +7,8 @@ import torchvision
 
 import ttcompress
 from ttcompress.export import merge_to_dense
-from ttcompress.io import get_meta
-from ttcompress.plan import Plan
+from ttcompress.checkpoint.io import get_meta
+from ttcompress.compression.plan import Plan
 
 
 def test_merge_to_dense_merges_nested_factorized_layers_with_their_parent() -> None:

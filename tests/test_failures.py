@@ -25,8 +25,8 @@ from ttcompress.cli import app
 from ttcompress.cli._common import cli_errors, pipe_width
 from ttcompress.data import DatasetBundle, balanced_subset, dataset_targets, load_dataset
 from ttcompress.errors import DataError, TrainingError, UserInputError
-from ttcompress.io import atomic_write, save
-from ttcompress.models import build_arch
+from ttcompress.checkpoint.io import atomic_write, save
+from ttcompress.checkpoint.models import build_arch
 from ttcompress.training import TrainCallback, TrainConfig, run_paths, train
 
 runner = CliRunner()
@@ -385,7 +385,7 @@ def test_nan_in_a_linear_layer_names_the_layer(tmp_path: Path, what: str) -> Non
 
 
 def test_sweep_cache_key_covers_what_changes_a_result(mnist: DatasetBundle) -> None:
-    from ttcompress.plan import Plan
+    from ttcompress.compression.plan import Plan
     from ttcompress.sweep import SweepSetting, _fingerprint, cache_key
 
     base = dict(baseline_digest="abc", bundle=mnist, data_root=None, config=TrainConfig(),
@@ -408,7 +408,7 @@ def test_sigterm_during_a_write_leaves_no_temp_file(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import os, signal
-        from ttcompress.io import atomic_write
+        from ttcompress.checkpoint.io import atomic_write
         with atomic_write({str(tmp_path / "out.bin")!r}) as f:
             f.write(b"x" * 1000)
             os.kill(os.getpid(), signal.SIGTERM)

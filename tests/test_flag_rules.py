@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from ttcompress.cli import app
 from ttcompress.cli.options import plan_from_flags
-from ttcompress.models import build_arch
+from ttcompress.checkpoint.models import build_arch
 from ttcompress.sweep import SweepSetting
 
 runner = CliRunner()
@@ -117,9 +117,9 @@ def test_dry_run_json_prints_json_with_the_format_auto_picks(cnn_file, tmp_path)
 
 
 def test_the_dry_run_projection_matches_the_real_run(cnn_file, tmp_path) -> None:
-    from ttcompress.dryrun import preview_plan
-    from ttcompress.io import load
-    from ttcompress.surgery import compress_with_report
+    from ttcompress.compression.dryrun import preview_plan
+    from ttcompress.checkpoint.io import load
+    from ttcompress.compression.surgery import compress_with_report
 
     plan = plan_from_flags(**NO_FLAGS, cp_ranks="3", tt_ranks="4")
     model = load(cnn_file, arch="seed-cnn")

@@ -33,10 +33,10 @@ from ttcompress.formats import (
     register_format,
 )
 from ttcompress.formats.auto import Trial, choose
-from ttcompress.io import load, save
+from ttcompress.checkpoint.io import load, save
 from ttcompress.layers import SVDLinear, Tucker2Conv2d
-from ttcompress.models import build_arch
-from ttcompress.plan import CPSettings, Plan, PatternError, Rule, plan_layers
+from ttcompress.checkpoint.models import build_arch
+from ttcompress.compression.plan import CPSettings, Plan, PatternError, Rule, plan_layers
 
 TOL = 1e-9
 FAST = {"n_iter_max": 3}
@@ -370,7 +370,7 @@ PACKAGE = Path(ttcompress.__file__).parent
 #: until its rebuild goes through the registry, and models.py, whose built-in "seed-tt2"
 #: architecture is made of TT layers.
 PACKAGES = ("formats", "layers", "decompose", "calibration")
-ALLOWED = {"__init__.py", "io.py", "models.py"}
+ALLOWED = {"__init__.py", "checkpoint/io.py", "checkpoint/models.py"}
 
 
 def _names_formats(path: Path) -> list[str]:

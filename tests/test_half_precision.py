@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from ttcompress import compress
 from ttcompress.cli import app
-from ttcompress.dtypes import model_dtype
-from ttcompress.io import load, save
-from ttcompress.models import build_arch
-from ttcompress.plan import Plan, TTSettings
+from ttcompress.checkpoint.dtypes import model_dtype
+from ttcompress.checkpoint.io import load, save
+from ttcompress.checkpoint.models import build_arch
+from ttcompress.compression.plan import Plan, TTSettings
 
 runner = CliRunner()
 FAST = ["--epochs", "1", "--max-batches", "2", "--device", "cpu"]

@@ -1,4 +1,4 @@
-"""Hugging Face directories offline (ttcompress.hf): load, save, Conv1D, tied parameters, refusals."""
+"""Hugging Face directories offline (ttcompress.checkpoint.hf): load, save, Conv1D, tied parameters, refusals."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from ttcompress import Plan, TTLinear, TTSettings, compress  # noqa: E402
 from ttcompress.errors import CheckpointError, OutputExistsError, UnsafePickleError  # noqa: E402
-from ttcompress.hf import (  # noqa: E402
+from ttcompress.checkpoint.hf import (  # noqa: E402
     build_hf_model,
     conv1d_to_linear,
     is_hf_dir,

@@ -21,9 +21,9 @@ import ttcompress  # noqa: E402
 from ttcompress.cli import app  # noqa: E402
 from ttcompress.errors import ArchRequiredError, CheckpointError  # noqa: E402
 from ttcompress.export import ExportError, export_model  # noqa: E402
-from ttcompress.io import get_meta, load, load_checkpoint, read_header, save  # noqa: E402
-from ttcompress.models import build_arch  # noqa: E402
-from ttcompress.plan import Plan, TTSettings  # noqa: E402
+from ttcompress.checkpoint.io import get_meta, load, load_checkpoint, read_header, save  # noqa: E402
+from ttcompress.checkpoint.models import build_arch  # noqa: E402
+from ttcompress.compression.plan import Plan, TTSettings  # noqa: E402
 from test_trust import rewrite_header  # noqa: E402  (tests/ is on sys.path under pytest)
 
 runner = CliRunner()

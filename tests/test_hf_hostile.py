@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 
 from ttcompress.cli import app  # noqa: E402
 from ttcompress.errors import CheckpointError  # noqa: E402
-from ttcompress.io import load  # noqa: E402
+from ttcompress.checkpoint.io import load  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "setitimer") or not hasattr(os, "mkfifo"),
                                 reason="needs SIGALRM and FIFOs (POSIX)")
@@ -135,7 +135,7 @@ def test_json_files_of_a_directory_are_regular_and_capped(gpt2, tmp_path, name, 
 
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero", "oversized"])
 def test_plan_files_are_regular_and_capped(tmp_path, kind):
-    from ttcompress.planfile import load_plan
+    from ttcompress.compression.planfile import load_plan
 
     plan = tmp_path / "plan.yaml"
     plan.write_text("tt: {ranks: 2}\n")
@@ -208,7 +208,7 @@ SOURCES = {"fifo": "a FIFO", "dev-zero": "a device", "big-directory": "more than
 
 @pytest.mark.parametrize("kind", list(SOURCES))
 def test_recorded_source_that_is_not_a_model_file_is_not_hashed(tmp_path, kind):
-    from ttcompress.teacher import default_teacher, source_record
+    from ttcompress.checkpoint.teacher import default_teacher, source_record
 
     path = _hostile_source(tmp_path, kind)
     with deadline(10):
@@ -228,7 +228,7 @@ def test_finetune_does_not_hash_a_recorded_fifo_or_device(tmp_path, where, capsy
         info = {"source_path": str(source), "source_sha256": "0" * 64}
         if where == "checkpoint":
             import ttcompress
-            from ttcompress.plan import Plan, TTSettings
+            from ttcompress.compression.plan import Plan, TTSettings
 
             mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
             base = ttcompress.save(ttcompress.compress(mlp, Plan(tt=TTSettings(ranks=2))), tmp_path / "m.tt.pt")
@@ -298,7 +298,7 @@ def test_config_values_are_checked_before_transformers(gpt2, tmp_path, change, m
 
 
 def test_config_values_in_a_nested_config_are_checked_against_its_class(tmp_path):
-    from ttcompress.hf import build_hf_model
+    from ttcompress.checkpoint.hf import build_hf_model
 
     config = {"model_type": "clip", "text_config": {"vocab_size": "many"}}
     with pytest.raises(CheckpointError, match="text_config.vocab_size must be an int, got 'many'"):
@@ -312,14 +312,14 @@ def test_config_values_in_a_nested_config_are_checked_against_its_class(tmp_path
 def _label_bound(d: Path) -> int:
     from safetensors import safe_open
 
-    from ttcompress.hf_config import label_bound
+    from ttcompress.checkpoint.hf_config import label_bound
 
     with safe_open(str(d / "model.safetensors"), "pt") as f:
         return label_bound(f.get_slice(k).get_shape() for k in f.keys())  # noqa: SIM118
 
 
 def test_label_bound_is_set_by_the_tensors_present():
-    from ttcompress.hf_config import MAX_LABELS, label_bound
+    from ttcompress.checkpoint.hf_config import MAX_LABELS, label_bound
 
     assert label_bound([(3, 16), (10, 4)]) == 3 * 16 + 10 * 4  # a factorized head has fewer rows than labels
     assert label_bound([(2_000_000, 8)]) == 2_000_000  # a dense head: its rows
@@ -350,7 +350,7 @@ def test_label_counts_in_a_header_hf_config_are_bounded_by_the_tensors(gpt2_cls,
     """Through a ``.tt.pt`` whose header names ``hf:GPT2ForSequenceClassification``: refused before
     transformers builds a 2^31-entry id2label (5.6 GB before)."""
     import ttcompress
-    from ttcompress.plan import Plan, TTSettings
+    from ttcompress.compression.plan import Plan, TTSettings
     from test_trust import rewrite_header
 
     base = ttcompress.save(ttcompress.compress(load(gpt2_cls), Plan(tt=TTSettings(ranks=2))), tmp_path / "c.tt.pt")
@@ -362,8 +362,8 @@ def test_label_counts_in_a_header_hf_config_are_bounded_by_the_tensors(gpt2_cls,
 
 
 def test_label_counts_without_tensors_are_capped(tmp_path):
-    from ttcompress.hf import build_hf_model
-    from ttcompress.hf_config import MAX_LABELS
+    from ttcompress.checkpoint.hf import build_hf_model
+    from ttcompress.checkpoint.hf_config import MAX_LABELS
 
     config = {**_gpt2_config().to_dict(), "num_labels": MAX_LABELS + 1}
     with deadline(10), pytest.raises(CheckpointError, match=f"num_labels must be an int from 1 to {MAX_LABELS:,}"):
@@ -423,7 +423,7 @@ def test_library_log_lines_and_warnings_show_with_debug():
 ])
 def test_config_values_in_a_header_hf_config_are_checked(gpt2_cls, tmp_path, change, match):
     import ttcompress
-    from ttcompress.plan import Plan, TTSettings
+    from ttcompress.compression.plan import Plan, TTSettings
     from test_trust import rewrite_header
 
     base = ttcompress.save(ttcompress.compress(load(gpt2_cls), Plan(tt=TTSettings(ranks=2))), tmp_path / "c.tt.pt")
@@ -436,7 +436,7 @@ def test_config_values_in_a_header_hf_config_are_checked(gpt2_cls, tmp_path, cha
 def test_the_default_configs_of_transformers_pass_the_value_checks():
     """The checks refuse nothing transformers itself writes (llava's vision_feature_layer is -2,
     vitdet's window_size 0): a sample of model types, their default configs as config.json holds them."""
-    from ttcompress.hf_config import check_config_values
+    from ttcompress.checkpoint.hf_config import check_config_values
 
     for model_type in ("gpt2", "bert", "llama", "vit", "clip", "t5", "llava", "vitdet", "vilt", "whisper", "resnet"):
         cls = transformers.CONFIG_MAPPING[model_type]
@@ -448,7 +448,7 @@ def test_label_bound_ignores_tensors_without_elements(gpt2_cls, tmp_path):
     nothing (else ``num_labels: 2**31`` would pass and transformers build a 2^31-entry id2label)."""
     from safetensors.torch import load_file, save_file
 
-    from ttcompress.hf_config import label_bound
+    from ttcompress.checkpoint.hf_config import label_bound
 
     assert label_bound([(2**31, 0), (3, 16)]) == 3 * 16
     d = _copy(gpt2_cls, tmp_path / "d")

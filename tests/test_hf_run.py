@@ -23,10 +23,10 @@ from ttcompress.cli import app  # noqa: E402
 from ttcompress.data import check_model_fits  # noqa: E402
 from ttcompress.data.user import user_bundle  # noqa: E402
 from ttcompress.errors import UserInputError  # noqa: E402
-from ttcompress.evaluation import evaluate  # noqa: E402
-from ttcompress.io import load  # noqa: E402
+from ttcompress.report.evaluation import evaluate  # noqa: E402
+from ttcompress.checkpoint.io import load  # noqa: E402
 from ttcompress.outputs import primary_output  # noqa: E402
-from ttcompress.surgery import summarize  # noqa: E402
+from ttcompress.compression.surgery import summarize  # noqa: E402
 
 runner = CliRunner()
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64)

@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 safetensors = pytest.importorskip("safetensors")
 
-from ttcompress.io import load  # noqa: E402
+from ttcompress.checkpoint.io import load  # noqa: E402
 
 
 class _Tracked:

@@ -1,4 +1,4 @@
-"""ttcompress.io: every input form round-trips; unsafe pickles are refused; writes are atomic."""
+"""ttcompress.checkpoint.io: every input form round-trips; unsafe pickles are refused; writes are atomic."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from ttcompress import io as tio
+from ttcompress.checkpoint import io as tio
 from ttcompress.errors import CheckpointError, UnsafePickleError
-from ttcompress.io import atomic_write, get_meta, load, load_checkpoint, save, update_meta
+from ttcompress.checkpoint.io import atomic_write, get_meta, load, load_checkpoint, save, update_meta
 
 ARCH = "seed-cnn"
 X = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
@@ -348,7 +348,7 @@ def test_torchvision_models_that_do_not_build_on_meta_round_trip(tmp_path, name)
     """RegNet's __init__ reads tensor values (it cannot be built on the meta device) and MNASNet
     needs its state-dict version (safetensors keeps none): both load back and run."""
     import ttcompress
-    from ttcompress.plan import Plan, TTSettings
+    from ttcompress.compression.plan import Plan, TTSettings
 
     torch.manual_seed(0)
     model = ttcompress.build_arch(f"torchvision:{name}", kwargs={"num_classes": 10}).eval()
@@ -371,7 +371,7 @@ def test_arch_module_is_imported_outside_the_meta_device(tmp_path, monkeypatch):
         "def make():\n    return Net()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     import ttcompress
-    from ttcompress.plan import Plan, TTSettings
+    from ttcompress.compression.plan import Plan, TTSettings
 
     model = ttcompress.build_arch("winmod_for_meta_test:make")
     ttcompress.compress(model, Plan(tt=TTSettings(ranks=2)))
@@ -394,7 +394,7 @@ def test_torchscript_archive_is_named_as_such(tmp_path, trust):
 def test_half_precision_model_loads_with_half_factorized_layers(tmp_path):
     """The rebuilt factorized layers take the stored dtype, like the dense layers beside them."""
     import ttcompress
-    from ttcompress.plan import Plan, TTSettings
+    from ttcompress.compression.plan import Plan, TTSettings
 
     torch.manual_seed(0)
 

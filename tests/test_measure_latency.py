@@ -7,7 +7,7 @@ import time
 import torch
 from torch import nn
 
-from ttcompress.measure import NOISY_SPREAD, LatencyStats, measure_latencies, measure_latency
+from ttcompress.report.measure import NOISY_SPREAD, LatencyStats, measure_latencies, measure_latency
 
 
 class Sleeper(nn.Module):

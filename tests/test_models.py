@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ttcompress.models import build_arch, list_archs
+from ttcompress.checkpoint.models import build_arch, list_archs
 
 
 def n_params(model: nn.Module) -> int:

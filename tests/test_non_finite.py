@@ -4,7 +4,7 @@ Issue 20, defects 10 and 14: ``decompose --target-ratio`` (``LinAlgError``), ``s
 (``ValueError``, or an internal ``lstsq`` assert for Inf) and NaN calibration data (the same
 assert) gave exit 70, while plain ``decompose --tt-ranks`` refused the same file in one line.
 The check now runs once where every compression starts
-(:func:`ttcompress.surgery_checks.check_finite_parameters`), and calibration inputs are checked
+(:func:`ttcompress.compression.surgery_checks.check_finite_parameters`), and calibration inputs are checked
 where they are normalised (:func:`ttcompress.calibration.data.calib_batches`).
 """
 
@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from ttcompress.calibration.data import calib_batches, sample_calibration_set
 from ttcompress.cli import app
 from ttcompress.errors import DataError, UserInputError
-from ttcompress.models import build_arch
-from ttcompress.plan import Plan
-from ttcompress.surgery import compress
+from ttcompress.checkpoint.models import build_arch
+from ttcompress.compression.plan import Plan
+from ttcompress.compression.surgery import compress
 
 runner = CliRunner()
 SWEEP = ["--epochs", "1", "--max-batches", "1", "--no-latency", "--device", "cpu"]
@@ -100,9 +100,9 @@ def test_python_api_refuses_before_calibration() -> None:
 @pytest.mark.parametrize("entry", ["compress", "preview"])
 def test_the_weights_are_scanned_once_per_compression(entry: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """One pass over the parameters, also under a target ratio (guarded_plan scanned them again)."""
-    import ttcompress.dryrun
-    import ttcompress.surgery
-    import ttcompress.surgery_checks as checks
+    import ttcompress.compression.dryrun
+    import ttcompress.compression.surgery
+    import ttcompress.compression.surgery_checks as checks
 
     calls: list[int] = []
     real = checks.check_finite_parameters
@@ -111,14 +111,14 @@ def test_the_weights_are_scanned_once_per_compression(entry: str, monkeypatch: p
         calls.append(1)
         real(model)
 
-    for module in (checks, ttcompress.surgery, ttcompress.dryrun):
+    for module in (checks, ttcompress.compression.surgery, ttcompress.compression.dryrun):
         monkeypatch.setattr(module, "check_finite_parameters", spy)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
     if entry == "compress":
         compress(model, Plan(target_ratio=2.0))
     else:
-        ttcompress.dryrun.preview_plan(model, Plan(target_ratio=2.0))
+        ttcompress.compression.dryrun.preview_plan(model, Plan(target_ratio=2.0))
     assert len(calls) == 1
 
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from ttcompress.cli import app
 from ttcompress.errors import OutputExistsError
 from ttcompress.fsutil import check_not_inputs
-from ttcompress.models import build_arch
+from ttcompress.checkpoint.models import build_arch
 
 runner = CliRunner()
 
@@ -142,7 +142,7 @@ def test_library_check(hf_dir: Path, tmp_path: Path) -> None:
 
 
 def test_decompose_file_refuses_too(hf_dir: Path) -> None:
-    from ttcompress.surgery import decompose_file
+    from ttcompress.compression.surgery import decompose_file
 
     before = snapshot(hf_dir)
     with pytest.raises(OutputExistsError, match="inside the input directory"):

@@ -1,4 +1,4 @@
-"""ttcompress.plan: plans as data, validation, layer decisions and target-ratio rank allocation."""
+"""ttcompress.compression.plan: plans as data, validation, layer decisions and target-ratio rank allocation."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from ttcompress.plan import (
+from ttcompress.compression.plan import (
     CPSettings,
     Plan,
     Rule,
     TTSettings,
     plan_layers,
 )
-from ttcompress.models import build_arch
-from ttcompress.planfile import load_plan, plan_from_options, plan_kwargs, save_plan
+from ttcompress.checkpoint.models import build_arch
+from ttcompress.compression.planfile import load_plan, plan_from_options, plan_kwargs, save_plan
 
 FULL = Plan(
     tt=TTSettings(ranks=6, d=3),
@@ -170,7 +170,7 @@ def test_target_ratio_keeps_layers_dense_that_would_barely_shrink(monkeypatch):
     """Without calibration data, a small layer the greedy would give near-full rank stays dense (with
     the reason); the target is still met by the others. Without the rule (MIN_LAYER_RATIO 1) it
     got 1.14x."""
-    import ttcompress.allocate as allocate_module
+    import ttcompress.compression.allocate as allocate_module
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256, bias=False), nn.Linear(16, 16, bias=False))

@@ -7,8 +7,8 @@ import itertools
 import pytest
 from matplotlib.text import Text
 
-from ttcompress.plot import AXES, BASELINE_LABEL, plot_tradeoff, tradeoff_figure
-from ttcompress.report import ModelRow, Report
+from ttcompress.report.plot import AXES, BASELINE_LABEL, plot_tradeoff, tradeoff_figure
+from ttcompress.report.compare import ModelRow, Report
 
 
 def _row(name: str, comp: float, acc: float | None, before: float | None = None, *, base: bool = False) -> ModelRow:

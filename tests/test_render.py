@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from ttcompress.render import render, to_json
+from ttcompress.report.render import render, to_json
 from ttcompress.layer_report import LayerReport
-from ttcompress.report import ModelRow, Report, pareto_front
+from ttcompress.report.compare import ModelRow, Report, pareto_front
 
 
 def _row(name: str, params: int, acc: float | None, *, base: bool = False, before: float | None = None) -> ModelRow:
@@ -105,7 +105,7 @@ def test_unknown_format_is_a_value_error(report: Report) -> None:
 
 
 def test_layer_section_lists_dense_layers_flags_large_errors_and_shows_output_errors(report: Report) -> None:
-    from ttcompress.dryrun import LARGE_ERROR
+    from ttcompress.compression.dryrun import LARGE_ERROR
 
     layers = (
         LayerReport("conv", "cp", ranks=(3,), params_before=900, params_after=90, rel_error=0.9),  # data-free: flagged

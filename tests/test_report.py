@@ -12,12 +12,12 @@ from typer.testing import CliRunner
 
 from ttcompress.cli import app
 from ttcompress.data import DatasetBundle
-from ttcompress.io import save
-from ttcompress.models import build_arch
-from ttcompress.plan import Plan, TTSettings
+from ttcompress.checkpoint.io import save
+from ttcompress.checkpoint.models import build_arch
+from ttcompress.compression.plan import Plan, TTSettings
 from ttcompress.layer_report import count_params
-from ttcompress.report import ModelEntry, build_report, count_flops
-from ttcompress.surgery import compress
+from ttcompress.report.compare import ModelEntry, build_report, count_flops
+from ttcompress.compression.surgery import compress
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:
@@ -77,7 +77,7 @@ def test_report_values_match_independent_counts(bundle: DatasetBundle, tmp_path)
 
 
 def test_report_cli_formats_and_plot(tmp_path) -> None:
-    from ttcompress.models import build_arch
+    from ttcompress.checkpoint.models import build_arch
 
     torch.manual_seed(0)
     dense = build_arch("seed-cnn")
@@ -109,7 +109,7 @@ def test_report_cli_formats_and_plot(tmp_path) -> None:
     ],
 )
 def test_report_cli_bad_input_exits_2_without_output(tmp_path, args, message) -> None:
-    from ttcompress.models import build_arch
+    from ttcompress.checkpoint.models import build_arch
 
     base = save(build_arch("seed-cnn"), tmp_path / "base.pt")
     result = CliRunner().invoke(app, ["report", str(base), str(base), "-o", str(tmp_path / "r.md"), *args])
@@ -124,7 +124,7 @@ def test_report_cli_missing_model_exits_2(tmp_path) -> None:
 
 
 def test_per_kind_compression_matches_an_independent_count() -> None:
-    from ttcompress.measure import params_by_kind
+    from ttcompress.report.measure import params_by_kind
 
     torch.manual_seed(0)
     dense = build_arch("seed-cnn")
@@ -160,7 +160,7 @@ def test_per_kind_compression_matches_an_independent_count() -> None:
 
 
 def test_peak_memory_counts_weights_and_the_largest_live_activations() -> None:
-    from ttcompress.measure import peak_memory
+    from ttcompress.report.measure import peak_memory
 
     model = nn.Sequential(nn.Linear(100, 1000, bias=False), nn.ReLU(), nn.Linear(1000, 10, bias=False))
     weights = (100 * 1000 + 1000 * 10) * 4
@@ -205,7 +205,7 @@ def test_report_output_and_label_errors(tmp_path, args, message) -> None:
 
 def test_flops_count_the_factorized_evaluation_whatever_path_eval_would_pick() -> None:
     from ttcompress.layers.cp_conv import CPConv2d
-    from ttcompress.measure import count_flops
+    from ttcompress.report.measure import count_flops
 
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 16, 3, padding=1)
@@ -218,9 +218,9 @@ def test_flops_count_the_factorized_evaluation_whatever_path_eval_would_pick() -
 
 def test_layer_rows_list_every_layer_with_the_reason_a_dense_one_stayed_dense() -> None:
     from ttcompress.layer_report import KEPT_DENSE_INFO
-    from ttcompress.plan import Plan
-    from ttcompress.report import NO_REASON, layer_rows
-    from ttcompress.surgery import compress_with_report
+    from ttcompress.compression.plan import Plan
+    from ttcompress.report.compare import NO_REASON, layer_rows
+    from ttcompress.compression.surgery import compress_with_report
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 64), nn.ReLU(), nn.Linear(64, 10))
@@ -239,7 +239,7 @@ def test_layer_rows_list_every_layer_with_the_reason_a_dense_one_stayed_dense() 
 def test_tucker2_flops_are_the_factorized_chain_on_the_first_count() -> None:
     """In eval mode the layer may time a merged kernel against its chain: never inside the count."""
     from ttcompress.layers import Tucker2Conv2d
-    from ttcompress.measure import count_flops
+    from ttcompress.report.measure import count_flops
 
     torch.manual_seed(0)
     layer = Tucker2Conv2d(64, 64, 3, padding=1, in_rank=8, out_rank=8)
@@ -253,7 +253,7 @@ def test_tucker2_flops_are_the_factorized_chain_on_the_first_count() -> None:
 def test_multihead_attention_flops_include_the_attention(need_weights: bool) -> None:
     """nn.MultiheadAttention counted through its plain ops (its fused inference kernel counts 0), and
     the CPU attention kernel counted as torch counts the CUDA ones: projections + 2 matmuls."""
-    from ttcompress.measure import count_flops
+    from ttcompress.report.measure import count_flops
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -271,8 +271,8 @@ def test_multihead_attention_flops_include_the_attention(need_weights: bool) -> 
 
 def test_report_without_data_takes_the_input_shape(tmp_path) -> None:
     """--data none on a model that records no input shape (a state dict): --input-shape gives it."""
-    from ttcompress.measure import count_flops
-    from ttcompress.models import build_arch
+    from ttcompress.report.measure import count_flops
+    from ttcompress.checkpoint.models import build_arch
 
     torch.manual_seed(0)
     dense = build_arch("lenet5")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ttcompress.layers.tt_linear import TTLinear
-from ttcompress.models import build_arch
+from ttcompress.checkpoint.models import build_arch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -82,7 +82,7 @@ def test_thesis_modes_are_exact_rank4_five_core_factorizations(tt: ModuleType) -
 
 def test_tt_plan_predicts_the_same_layers(tt: ModuleType) -> None:
     """Route (a)'s plan (TT-SVD) decides the same modes/ranks and params as route (b)'s layers."""
-    from ttcompress.plan import plan_layers
+    from ttcompress.compression.plan import plan_layers
 
     dense = build_arch("seed-fc3")
     for variant, names in tt.VARIANTS.items():

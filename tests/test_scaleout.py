@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from ttcompress.formats import LayerDecision
-from ttcompress.io import read_header, save
-from ttcompress.models import build_arch
-from ttcompress.scaleout import assign_shares, build_all
+from ttcompress.checkpoint.io import read_header, save
+from ttcompress.checkpoint.models import build_arch
+from ttcompress.compression.scaleout import assign_shares, build_all
 
 
 def _decision(name: str, params: int) -> LayerDecision:

@@ -1,4 +1,4 @@
-"""ttcompress.surgery: swapping layers, compress(), records, and compressed-checkpoint round trips."""
+"""ttcompress.compression.surgery: swapping layers, compress(), records, and compressed-checkpoint round trips."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from ttcompress.io import build_model, get_meta, load, save
-from ttcompress.plan import CPSettings, Plan, Rule, TTSettings
+from ttcompress.checkpoint.io import build_model, get_meta, load, save
+from ttcompress.compression.plan import CPSettings, Plan, Rule, TTSettings
 from ttcompress.modtree import get_submodule, set_submodule
-from ttcompress.surgery import compress, compress_with_report
+from ttcompress.compression.surgery import compress, compress_with_report
 
 CP_FAST = {"n_iter_max": 30}
 
@@ -95,7 +95,7 @@ def test_records_meta_and_prediction():
 
 
 def test_predicted_params_equal_built():
-    from ttcompress.plan import plan_layers
+    from ttcompress.compression.plan import plan_layers
 
     model = _cnn()
     plan = Plan(tt=TTSettings(ranks=5), cp=CPSettings(ratio=2.0, options=CP_FAST))
@@ -171,7 +171,7 @@ def test_compressed_checkpoint_round_trip(tmp_path):
 
 
 def test_failed_decomposition_leaves_model_unchanged(monkeypatch):
-    import ttcompress.surgery as surgery
+    import ttcompress.compression.surgery as surgery
 
     model = _cnn()
     calls = []

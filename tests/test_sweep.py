@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from ttcompress.cli import app
 from ttcompress.data import DatasetBundle
-from ttcompress.io import load, save
-from ttcompress.models import build_arch
-from ttcompress.plan import plan_layers
+from ttcompress.checkpoint.io import load, save
+from ttcompress.checkpoint.models import build_arch
+from ttcompress.compression.plan import plan_layers
 from ttcompress.sweep import SweepSetting, run_sweep, sweep_settings
 from ttcompress.training import FinetuneConfig, TrainCallback
 
@@ -133,7 +133,7 @@ def test_sweep_cli_bad_list_exits_2(baseline) -> None:
 
 
 def test_a_sweep_calibrates_on_the_training_split_by_default(bundle, baseline, tmp_path) -> None:
-    from ttcompress.io import read_header
+    from ttcompress.checkpoint.io import read_header
 
     settings = [SweepSetting(cp_rank=2)]
     config = FinetuneConfig(epochs=1, device="cpu", batch_size=32)
@@ -186,7 +186,7 @@ def test_a_sweep_distills_from_the_baseline_by_default(tmp_path, monkeypatch, ar
 
 
 def test_a_sweep_takes_the_calibration_budget(bundle, baseline, tmp_path) -> None:
-    from ttcompress.io import read_header
+    from ttcompress.checkpoint.io import read_header
 
     config = FinetuneConfig(epochs=1, device="cpu", batch_size=32)
     done = run_sweep(baseline, bundle=bundle, settings=[SweepSetting(cp_rank=2)], output_dir=tmp_path / "s",

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from ttcompress.cli import app
 from ttcompress.errors import ArchRequiredError, UntrustedCodeError
-from ttcompress.io import load, save, update_meta
-from ttcompress.models import build_arch
-from ttcompress.teacher import load_teacher
+from ttcompress.checkpoint.io import load, save, update_meta
+from ttcompress.checkpoint.models import build_arch
+from ttcompress.checkpoint.teacher import load_teacher
 
 runner = CliRunner()
 FAST = ["--data", "mnist-5k", "--epochs", "1", "--device", "cpu", "--batch-size", "32", "--max-batches", "2"]

@@ -23,7 +23,7 @@ from ttcompress.cli import app  # noqa: E402
 from ttcompress.data import load_dataset  # noqa: E402
 from ttcompress.data.text import TextDataset, read_documents  # noqa: E402
 from ttcompress.errors import DataError  # noqa: E402
-from ttcompress.evaluation import distill_loss  # noqa: E402
+from ttcompress.report.evaluation import distill_loss  # noqa: E402
 
 runner = CliRunner()
 WORDS = "the quick brown fox jumps over the lazy dog and a cat sat on the mat while birds sing".split()
@@ -159,9 +159,9 @@ class _Recorder(torch.nn.Module):
 
 def test_masks_reach_the_model_by_keyword(lm: Path, tmp_path: Path) -> None:
     from ttcompress.data import check_model_fits, load_dataset
-    from ttcompress.evaluation import perplexity
-    from ttcompress.io import load
-    from ttcompress.surgery import compress
+    from ttcompress.report.evaluation import perplexity
+    from ttcompress.checkpoint.io import load
+    from ttcompress.compression.surgery import compress
 
     ids = torch.randint(2, 19, (10, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -200,7 +200,7 @@ def _reference_kl(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, temperat
 
 
 def test_kl_on_3d_logits_with_a_mask_matches_a_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ttcompress.evaluation as ev
+    import ttcompress.report.evaluation as ev
 
     gen = torch.Generator().manual_seed(0)
     s = torch.randn(3, 7, 11, generator=gen, dtype=torch.float64)
@@ -255,7 +255,7 @@ class _FixedLogits(torch.nn.Module):
 
 def test_masked_perplexity_equals_a_hand_computation() -> None:
     from ttcompress.data.user import KeywordTensorDataset
-    from ttcompress.evaluation import perplexity
+    from ttcompress.report.evaluation import perplexity
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 4, 5, generator=gen)
@@ -279,7 +279,7 @@ def test_masked_perplexity_equals_a_hand_computation() -> None:
 def test_the_perplexity_front_prefers_lower() -> None:
     from types import SimpleNamespace
 
-    from ttcompress.plot import _Point, front_indices
+    from ttcompress.report.plot import _Point, front_indices
 
     row = SimpleNamespace(is_baseline=False)
     points = [_Point(SimpleNamespace(is_baseline=True), 1.0, 10.0, None), _Point(row, 2.0, 12.0, None),
@@ -296,8 +296,8 @@ _LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "s
 
 @pytest.mark.parametrize("plan", [{"formats": ["tt"], "tt": {"ranks": 4}}, {"formats": ["svd"], "svd": {"rank": 4}}])
 def test_a_compressed_tiny_llama_generates(plan: dict, tmp_path: Path) -> None:
-    from ttcompress.io import load, save
-    from ttcompress.surgery import compress
+    from ttcompress.checkpoint.io import load, save
+    from ttcompress.compression.surgery import compress
 
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

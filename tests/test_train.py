@@ -13,9 +13,9 @@ from torch.utils.data import Subset
 
 from ttcompress.data import DatasetBundle, load_dataset
 from ttcompress.errors import CheckpointError, TrainingError
-from ttcompress.io import read_header, update_meta
-from ttcompress.models import build_arch
-from ttcompress.evaluation import evaluate, resolve_device
+from ttcompress.checkpoint.io import read_header, update_meta
+from ttcompress.checkpoint.models import build_arch
+from ttcompress.report.evaluation import evaluate, resolve_device
 from ttcompress.training import (
     EpochRecord,
     FinetuneConfig,
@@ -325,7 +325,7 @@ def test_finetune_never_returns_a_model_worse_than_its_start(
 ) -> None:
     # A learning rate this large wrecks the trained model in one epoch (SGD, no schedule): the
     # starting model, scored on the validation split as epoch 0, must be what -o holds.
-    from ttcompress.io import load
+    from ttcompress.checkpoint.io import load
 
     model = seeded()
     model.load_state_dict(baseline.state_dict())

@@ -9,13 +9,13 @@ import pytest
 
 import ttcompress.training as training
 from ttcompress.cli.progress import RichProgress
-from ttcompress.evaluation import evaluate, resolve_device
+from ttcompress.report.evaluation import evaluate, resolve_device
 from ttcompress.training.records import TrainCallback
 
 
 def test_report_and_evaluation_do_not_import_the_training_loop() -> None:
     code = (
-        "import sys, ttcompress.report, ttcompress.evaluation\n"
+        "import sys, ttcompress.report.compare, ttcompress.report.evaluation\n"
         "loaded = sorted(m for m in sys.modules if m.startswith('ttcompress.training'))\n"
         "print(','.join(loaded))\n"
     )

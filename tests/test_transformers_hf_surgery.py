@@ -7,9 +7,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from ttcompress import hf  # noqa: E402
-from ttcompress.plan import Plan, TTSettings  # noqa: E402
-from ttcompress.surgery import compress_with_report  # noqa: E402
+from ttcompress.checkpoint import hf  # noqa: E402
+from ttcompress.compression.plan import Plan, TTSettings  # noqa: E402
+from ttcompress.compression.surgery import compress_with_report  # noqa: E402
 
 
 def _gpt2() -> torch.nn.Module:
@@ -106,7 +106,7 @@ def test_target_ratio_leaves_tied_layers_out_of_the_budget() -> None:
 def test_dry_run_projects_what_compress_does(plan: Plan, make: str) -> None:
     """The preview sees the structure compression puts in place (GPT-2's Conv1D as Linear, attention
     split into projections) and its guards (tied layers dense): same layers, same parameters."""
-    from ttcompress.dryrun import preview_plan
+    from ttcompress.compression.dryrun import preview_plan
 
     def build() -> torch.nn.Module:
         if make == "gpt2":
@@ -125,7 +125,7 @@ def test_dry_run_projects_what_compress_does(plan: Plan, make: str) -> None:
 def test_inspect_lists_what_decompose_compresses() -> None:
     """inspect (summarize) sees attention's projections and GPT-2's Conv1D layers as Linear layers,
     and marks the tied ones as staying dense: its compressible rows are decompose's layers."""
-    from ttcompress.surgery import summarize
+    from ttcompress.compression.surgery import summarize
 
     torch.manual_seed(0)
     mha_model = torch.nn.Sequential(torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True))

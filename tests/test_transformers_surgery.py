@@ -14,8 +14,8 @@ import ttcompress
 from ttcompress.layers.attention import FactorizedMultiheadAttention
 from ttcompress.layers.tt_embedding import TTEmbedding
 from ttcompress.layers.tt_linear import TTLinear
-from ttcompress.plan import Plan, Rule, TTSettings
-from ttcompress.surgery import compress_with_report
+from ttcompress.compression.plan import Plan, Rule, TTSettings
+from ttcompress.compression.surgery import compress_with_report
 
 
 def _vit() -> nn.Module:
@@ -214,7 +214,7 @@ VIT_KWARGS = {"image_size": 28, "patch_size": 7, "num_layers": 2, "num_heads": 2
 
 
 def test_checkpoint_rebuilds_attention_then_projections(tmp_path) -> None:
-    model = ttcompress.models.build_arch(VIT_ARCH, kwargs=VIT_KWARGS).eval()
+    model = ttcompress.checkpoint.models.build_arch(VIT_ARCH, kwargs=VIT_KWARGS).eval()
     nn.init.normal_(model.heads.head.weight)
     x = torch.randn(2, 3, 28, 28)
     result = compress_with_report(model, Plan(tt=TTSettings(ranks=2)), filter_fn=_linear_only)
@@ -233,10 +233,10 @@ def test_checkpoint_rebuilds_attention_then_projections(tmp_path) -> None:
 def test_rebuild_does_not_confuse_modules_whose_ids_collide(tmp_path, monkeypatch) -> None:
     # A replaced module is freed, and CPython may give a later module its id(): rebuilding must not
     # take that later module for the replaced one (it did, now and then, under random weights).
-    import ttcompress.rebuild as rebuild
+    import ttcompress.checkpoint.rebuild as rebuild
 
     torch.manual_seed(0)
-    model = ttcompress.models.build_arch(VIT_ARCH, kwargs=VIT_KWARGS).eval()
+    model = ttcompress.checkpoint.models.build_arch(VIT_ARCH, kwargs=VIT_KWARGS).eval()
     result = compress_with_report(model, Plan(tt=TTSettings(ranks=2)), filter_fn=_linear_only)
     path = ttcompress.save(result.model, tmp_path / "vit.tt.pt")
     real_id = id

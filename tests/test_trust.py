@@ -22,10 +22,10 @@ from typer.testing import CliRunner
 
 from ttcompress.cli import app
 from ttcompress.errors import CheckpointError, UntrustedCodeError
-from ttcompress.io import load, read_header, save
-from ttcompress.models import build_arch
-from ttcompress.plan import CPSettings, Plan, TTSettings
-from ttcompress.surgery import compress
+from ttcompress.checkpoint.io import load, read_header, save
+from ttcompress.checkpoint.models import build_arch
+from ttcompress.compression.plan import CPSettings, Plan, TTSettings
+from ttcompress.compression.surgery import compress
 
 runner = CliRunner()
 FAST = ["--device", "cpu", "--batch-size", "16", "--max-batches", "1", "--epochs", "1"]
@@ -301,7 +301,7 @@ def test_cifar10_batches_are_bounded_by_their_bytes(payload: Any, match: str, tm
 )
 def test_plan_files_are_safe_yaml_without_aliases(text: str, match: str, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    from ttcompress.planfile import load_plan
+    from ttcompress.compression.planfile import load_plan
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "plan.yaml").write_text(text)
@@ -328,7 +328,7 @@ def test_model_built_for_real_is_capped_by_the_file(tmp_path: Path) -> None:
 
 
 def test_allocation_cap_refuses_before_allocating() -> None:
-    from ttcompress.rebuild import _AllocationCap
+    from ttcompress.checkpoint.rebuild import _AllocationCap
 
     with _AllocationCap(10_000, Path("f.tt.pt")):
         torch.nn.Linear(50, 50)  # 2,550 elements: fine

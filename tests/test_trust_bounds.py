@@ -21,12 +21,12 @@ from torch import nn
 from test_trust import assert_one_line_error, invoke, rewrite_header  # noqa: E402  (tests/ is on sys.path)
 from ttcompress.decompose.modes import choose_modes, max_num_cores
 from ttcompress.errors import CheckpointError
-from ttcompress.io import load, save
+from ttcompress.checkpoint.io import load, save
 from ttcompress.layers import TTLinear
 from ttcompress.layers.tt_embedding import TTEmbedding
-from ttcompress.models import build_arch
-from ttcompress.plan import CPSettings, Plan, TTSettings
-from ttcompress.surgery import compress
+from ttcompress.checkpoint.models import build_arch
+from ttcompress.compression.plan import CPSettings, Plan, TTSettings
+from ttcompress.compression.surgery import compress
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,7 +182,7 @@ def test_real_build_allocates_only_small_tensors_before_the_shapes_are_compared(
 
 
 def test_large_on_meta_keeps_small_tensors_real() -> None:
-    from ttcompress.rebuild import SMALL_TENSOR, _LargeOnMeta
+    from ttcompress.checkpoint.rebuild import SMALL_TENSOR, _LargeOnMeta
 
     with _LargeOnMeta():
         small, large = nn.Linear(16, 16), nn.Linear(SMALL_TENSOR, 2)

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ttcompress.io import save
-from ttcompress.models import build_arch
-from ttcompress.plan import CPSettings, Plan, TTSettings
-from ttcompress.surgery import compress
+from ttcompress.checkpoint.io import save
+from ttcompress.checkpoint.models import build_arch
+from ttcompress.compression.plan import CPSettings, Plan, TTSettings
+from ttcompress.compression.surgery import compress
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = 200
@@ -36,7 +36,7 @@ FUZZ = textwrap.dedent(r'''
 
     from ttcompress.cli import app
     from ttcompress.errors import TTCompressError
-    from ttcompress.io import load
+    from ttcompress.checkpoint.io import load
 
     src, work, n_cases, seed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     marker = work / "MARKER"

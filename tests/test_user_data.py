@@ -26,9 +26,9 @@ from typer.testing import CliRunner
 from ttcompress.cli import app
 from ttcompress.data import balanced_subset, load_dataset, user_bundle
 from ttcompress.errors import DataError, UserInputError
-from ttcompress.evaluation import distill_loss
-from ttcompress.io import load, save, update_meta
-from ttcompress.models import build_arch
+from ttcompress.report.evaluation import distill_loss
+from ttcompress.checkpoint.io import load, save, update_meta
+from ttcompress.checkpoint.models import build_arch
 from ttcompress.training import FinetuneConfig, finetune
 from ttcompress.training.loop import distill_kind, holdout_split
 

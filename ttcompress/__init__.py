@@ -21,13 +21,13 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time they load o
     from ttcompress.decompose.cp import CPDecomposition, cp_als, cp_param_count
     from ttcompress.decompose.modes import choose_modes
     from ttcompress.decompose.tt import TTMatrix, tt_param_count, tt_svd
-    from ttcompress.hf import load_hf_dir, save_hf_dir
-    from ttcompress.io import get_meta, load, save
+    from ttcompress.checkpoint.hf import load_hf_dir, save_hf_dir
+    from ttcompress.checkpoint.io import get_meta, load, save
     from ttcompress.layers import LAYER_TYPES, CPConv2d, TTLinear
-    from ttcompress.models import build_arch
-    from ttcompress.plan import CPSettings, Plan, Rule, TTSettings
-    from ttcompress.planfile import load_plan, plan_from_options
-    from ttcompress.surgery import compress, compress_with_report
+    from ttcompress.checkpoint.models import build_arch
+    from ttcompress.compression.plan import CPSettings, Plan, Rule, TTSettings
+    from ttcompress.compression.planfile import load_plan, plan_from_options
+    from ttcompress.compression.surgery import compress, compress_with_report
 
 # Every public name is loaded on first access, so that ``import ttcompress`` (and with it
 # ``ttcompress --version`` / ``--help``) does not import torch.
@@ -39,37 +39,37 @@ _LAZY = {
     "TTMatrix": "ttcompress.decompose.tt",
     "tt_param_count": "ttcompress.decompose.tt",
     "tt_svd": "ttcompress.decompose.tt",
-    "get_meta": "ttcompress.io",
-    "load": "ttcompress.io",
-    "save": "ttcompress.io",
-    "load_hf_dir": "ttcompress.hf",
-    "save_hf_dir": "ttcompress.hf",
+    "get_meta": "ttcompress.checkpoint.io",
+    "load": "ttcompress.checkpoint.io",
+    "save": "ttcompress.checkpoint.io",
+    "load_hf_dir": "ttcompress.checkpoint.hf",
+    "save_hf_dir": "ttcompress.checkpoint.hf",
     "LAYER_TYPES": "ttcompress.layers",
     "CPConv2d": "ttcompress.layers",
     "TTLinear": "ttcompress.layers",
-    "build_arch": "ttcompress.models",
-    "CPSettings": "ttcompress.plan",
-    "Plan": "ttcompress.plan",
-    "Rule": "ttcompress.plan",
-    "TTSettings": "ttcompress.plan",
-    "load_plan": "ttcompress.planfile",
-    "plan_from_options": "ttcompress.planfile",
-    "compress": "ttcompress.surgery",
+    "build_arch": "ttcompress.checkpoint.models",
+    "CPSettings": "ttcompress.compression.plan",
+    "Plan": "ttcompress.compression.plan",
+    "Rule": "ttcompress.compression.plan",
+    "TTSettings": "ttcompress.compression.plan",
+    "load_plan": "ttcompress.compression.planfile",
+    "plan_from_options": "ttcompress.compression.planfile",
+    "compress": "ttcompress.compression.surgery",
     "CompressionFormat": "ttcompress.formats",
     "format_names": "ttcompress.formats",
     "format_of": "ttcompress.formats",
     "formats_for": "ttcompress.formats",
     "get_format": "ttcompress.formats",
     "register_format": "ttcompress.formats",
-    "compress_with_report": "ttcompress.surgery",
+    "compress_with_report": "ttcompress.compression.surgery",
     # these pull in the training loop, datasets and reports
     "load_dataset": "ttcompress.data",
     "train": "ttcompress.training",
     "finetune": "ttcompress.training",
-    "evaluate": "ttcompress.evaluation",
+    "evaluate": "ttcompress.report.evaluation",
     "TrainConfig": "ttcompress.training",
     "FinetuneConfig": "ttcompress.training",
-    "build_report": "ttcompress.report",
+    "build_report": "ttcompress.report.compare",
     "run_sweep": "ttcompress.sweep",
     "run_demo": "ttcompress.demo",
 }

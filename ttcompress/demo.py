@@ -2,7 +2,7 @@
 
 1. Train the ``seed-cnn`` baseline (the CP paper's MNIST net) on ``mnist-5k``.
 2. Sweep whole-model target ratios (:data:`DemoSettings.target_ratios`, 4× to 48×): per-layer
-   ranks chosen by the allocator (:mod:`ttcompress.allocate`), Linear layers in TT format and
+   ranks chosen by the allocator (:mod:`ttcompress.compression.allocate`), Linear layers in TT format and
    convolutions in CP format, each decomposition calibrated on the training split as
    ``decompose --data`` does (same sample count).
 3. Fine-tune each compressed model with the library's fine-tuning defaults
@@ -131,8 +131,8 @@ def _intra_op_threads(threads: int | None) -> Iterator[None]:
 def _run(out: Path, settings: DemoSettings, console: Any, progress: TrainCallback | None) -> DemoResult:
     """:func:`run_demo`'s work, with its settings resolved."""
     from ttcompress.fsutil import atomic_write
-    from ttcompress.plot import plot_tradeoff
-    from ttcompress.render import to_json, to_markdown
+    from ttcompress.report.plot import plot_tradeoff
+    from ttcompress.report.render import to_json, to_markdown
     from ttcompress.sweep import sweep_report, sweep_settings
 
     if out.exists() and not out.is_dir():

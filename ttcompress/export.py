@@ -11,7 +11,7 @@
   form measured slower than the merged one on the layer's real input shape, and keeps the rest.
 * ``hf``: a transformers model (loaded from a Hugging Face directory, or built from a config)
   written back as a directory in the same layout (``config.json`` + ``model.safetensors``) by
-  :func:`ttcompress.hf.save_hf_dir`, with the applied layers and plan in ``ttcompress.json``, so
+  :func:`ttcompress.checkpoint.hf.save_hf_dir`, with the applied layers and plan in ``ttcompress.json``, so
   that :func:`ttcompress.load` rebuilds the compressed model from it. Refused for other models.
 
 Every export is checked before it is written: the exported program is run (onnxruntime for ONNX)
@@ -39,10 +39,10 @@ import torch
 from torch import nn
 
 from ttcompress.errors import TTCompressError, UserInputError
-from ttcompress.hf import recorded_hf_arch, restore_conv1d, save_hf_dir
+from ttcompress.checkpoint.hf import recorded_hf_arch, restore_conv1d, save_hf_dir
 from ttcompress.layers._export import keep_factors
-from ttcompress.io import atomic_write, get_meta, save, update_meta
-from ttcompress.measure import example_input
+from ttcompress.checkpoint.io import atomic_write, get_meta, save, update_meta
+from ttcompress.report.measure import example_input
 from ttcompress.outputs import primary_output
 from ttcompress.modtree import get_submodule, set_submodule
 
@@ -398,9 +398,9 @@ def onnx_latency(model: nn.Module, data: bytes, shape: tuple[int, ...], batch_si
 
     The dense graph (every factorized layer merged back, :func:`merge_to_dense`) is exported the
     same way; both run in onnxruntime's CPU provider on the same inputs, timed in turn over the same
-    rounds (:func:`ttcompress.measure.time_interleaved`), so the ratio holds under a changing load.
+    rounds (:func:`ttcompress.report.measure.time_interleaved`), so the ratio holds under a changing load.
     """
-    from ttcompress.measure import time_interleaved
+    from ttcompress.report.measure import time_interleaved
 
     with torch.no_grad():
         signature = _onnx_signature(model, model(_inputs(model, shape, (2,))[0]))

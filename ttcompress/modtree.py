@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ttcompress.meta import copy_meta
+from ttcompress.checkpoint.meta import copy_meta
 
 __all__ = ["get_submodule", "named_with_aliases", "set_submodule"]
 

@@ -40,14 +40,14 @@ from ttcompress.calibration.budget import check_calib_memory
 from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES, calib_batches, named_calibration
 from ttcompress.data import DatasetBundle, balanced_subset, check_model_fits
 from ttcompress.errors import DataError, UserInputError, refused_input
-from ttcompress.plan import Plan
-from ttcompress.planfile import NONE, load_plan, plan_from_options, plan_kwargs
-from ttcompress.evaluation import evaluate, perplexity, resolve_device
-from ttcompress.io import load, save
+from ttcompress.compression.plan import Plan
+from ttcompress.compression.planfile import NONE, load_plan, plan_from_options, plan_kwargs
+from ttcompress.report.evaluation import evaluate, perplexity, resolve_device
+from ttcompress.checkpoint.io import load, save
 from ttcompress.layer_report import count_params
-from ttcompress.surgery import compress_with_report
-from ttcompress.surgery_checks import check_finite_parameters
-from ttcompress.teacher import load_teacher
+from ttcompress.compression.surgery import compress_with_report
+from ttcompress.compression.surgery_checks import check_finite_parameters
+from ttcompress.checkpoint.teacher import load_teacher
 from ttcompress.training.api import finetune
 from ttcompress.training.checkpoint import RESUME_FREE_OPTIONS
 from ttcompress.training.config import FinetuneConfig, TrainConfig
@@ -57,7 +57,7 @@ __all__ = ["SweepResult", "SweepSetting", "calibration_subset", "run_sweep", "sw
 
 
 #: A setting's plan options: field of :class:`SweepSetting` -> (parameter of
-#: :func:`~ttcompress.planfile.plan_from_options`, key prefix, label prefix).
+#: :func:`~ttcompress.compression.planfile.plan_from_options`, key prefix, label prefix).
 _AXES: dict[str, tuple[str, str, str]] = {
     "tt_ranks": ("tt_ranks", "tt-r", "TT r"),
     "tt_eps": ("tt_eps", "tt-e", "TT ε"),
@@ -72,9 +72,9 @@ _AXES: dict[str, tuple[str, str, str]] = {
 class SweepSetting:
     """One point of a sweep: the per-setting plan options, as ``ttcompress decompose`` takes them.
 
-    ``None`` is "not given"; :data:`~ttcompress.planfile.NONE` (``"none"``) on a rank option
+    ``None`` is "not given"; :data:`~ttcompress.compression.planfile.NONE` (``"none"``) on a rank option
     (``tt_ranks``, ``tt_eps``, ``cp_rank``, ``cp_ratio``) keeps that format's layers dense. Which
-    layer types are compressed follows :func:`~ttcompress.planfile.plan_from_options`'s one rule:
+    layer types are compressed follows :func:`~ttcompress.compression.planfile.plan_from_options`'s one rule:
     once any per-format option is given, a type whose options are not given stays dense.
     """
 
@@ -114,7 +114,7 @@ class SweepSetting:
         return " + ".join(f"{_AXES[n][2]}{v:g}" for n, v in self._given())
 
     def options(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`~ttcompress.planfile.plan_from_options` for this setting."""
+        """Keyword arguments of :func:`~ttcompress.compression.planfile.plan_from_options` for this setting."""
         return plan_kwargs({_AXES[n][0]: getattr(self, n) for n in _AXES})
 
     def plan(
@@ -345,7 +345,7 @@ def run_sweep(
     Parameters
     ----------
     baseline : path
-        The dense model (any input :func:`ttcompress.io.load` accepts).
+        The dense model (any input :func:`ttcompress.checkpoint.io.load` accepts).
     bundle : DatasetBundle
         Fine-tuning uses its train split; accuracy is measured on its test split.
     settings : sequence of SweepSetting
@@ -358,13 +358,13 @@ def run_sweep(
         Patterns and rules shared by all settings (its TT/CP defaults are replaced per setting).
     plan_options : mapping, optional
         ``formats``, ``layers``, ``exclude``, ``min_saving`` and ``max_error``, shared by all
-        settings, as :func:`~ttcompress.planfile.plan_from_options` takes them.
+        settings, as :func:`~ttcompress.compression.planfile.plan_from_options` takes them.
     calib_samples : int or None, default :data:`~ttcompress.calibration.data.DEFAULT_CALIB_SAMPLES`
         Calibrate every decomposition (``compress(..., calib_data=...)``) on this many
         class-balanced samples of ``bundle``'s training split, drawn with ``config.seed``
         (:func:`calibration_subset`), as ``decompose --data`` does; ``None``: data-free.
     arch, arch_kwargs, trust_pickle, trust_code
-        As for :func:`ttcompress.io.load` (the cached models are loaded with the same ``arch`` and
+        As for :func:`ttcompress.checkpoint.io.load` (the cached models are loaded with the same ``arch`` and
         ``trust_code``).
     teacher : nn.Module, optional
         Distil from this model while fine-tuning (e.g. the baseline).
@@ -538,7 +538,7 @@ def sweep_report(
 
     What ``ttcompress sweep`` runs. ``console`` (a rich console) receives one line per step and
     ``progress`` the hooks of every fine-tuning run (the CLI passes
-    :class:`ttcompress.cli.progress.RichProgress`); the result is a :class:`ttcompress.report.Report`
+    :class:`ttcompress.cli.progress.RichProgress`); the result is a :class:`ttcompress.report.compare.Report`
     whose rows carry the accuracy before fine-tuning.
 
     ``plan_options`` (``formats``, ``layers``, ``exclude``, ``min_saving``, ``max_error``) apply to
@@ -553,7 +553,7 @@ def sweep_report(
     measures ``metric="perplexity"``.
     """
     from ttcompress.data import load_dataset, text_tokenizer
-    from ttcompress.report import ModelEntry, build_report
+    from ttcompress.report.compare import ModelEntry, build_report
 
     config = config or FinetuneConfig()
     bundle = load_dataset(data, root=data_root, download=download, image_size=image_size,

@@ -1,7 +1,7 @@
 """``ttcompress decompose``: compress a model file's Linear (TT) and Conv2d (CP) layers.
 
-A thin shell over :func:`ttcompress.planfile.plan_from_options` (parse the options into a plan) and
-:func:`ttcompress.surgery.decompose_file` (load → compress → save atomically).
+A thin shell over :func:`ttcompress.compression.planfile.plan_from_options` (parse the options into a plan) and
+:func:`ttcompress.compression.surgery.decompose_file` (load → compress → save atomically).
 """
 
 from __future__ import annotations
@@ -50,15 +50,15 @@ from ttcompress.calibration.progress import calib_progress
 from ttcompress.cli.train import DataRootOpt, SeqLenOpt, TokenizerOpt, check_text_options
 from ttcompress.data import balanced_subset, load_dataset, text_tokenizer
 from ttcompress.decompose.cp import cp_progress
-from ttcompress.evaluation import resolve_device
+from ttcompress.report.evaluation import resolve_device
 from ttcompress.errors import DataError, UserInputError, refused_input
 from ttcompress.formats import format_names, get_format
 from ttcompress.layer_report import format_label
-from ttcompress.dryrun import PlanPreview, preview_plan
-from ttcompress.plan import Plan
-from ttcompress.io import load_checkpoint
+from ttcompress.compression.dryrun import PlanPreview, preview_plan
+from ttcompress.compression.plan import Plan
+from ttcompress.checkpoint.io import load_checkpoint
 from ttcompress.cli.recorded import recorded_dataset
-from ttcompress.surgery import CompressionResult, DecomposeResult, decompose_file, default_output_path
+from ttcompress.compression.surgery import CompressionResult, DecomposeResult, decompose_file, default_output_path
 
 app = command_app()
 
@@ -117,7 +117,7 @@ def calibration_line(calibration: Any) -> str:
 def _decompose_with_progress(model: Path, *, output: Optional[Path], plan: Plan, load: dict[str, Any],
                              calib: Any, calib_info: Any, console: Any = None, device: str = "auto",
                              calib_memory: Any = None) -> Any:
-    """:func:`ttcompress.surgery.decompose_file` with progress bars on ``console`` (default: stderr).
+    """:func:`ttcompress.compression.surgery.decompose_file` with progress bars on ``console`` (default: stderr).
 
     Bars (layers done, the current layer's CP-ALS sweeps with error and time left, and the calibration
     statistics pass in progress) are drawn

@@ -30,7 +30,7 @@ def demo_command(
     """
     from ttcompress.cli.progress import RichProgress
     from ttcompress.demo import DemoSettings, run_demo
-    from ttcompress.render import to_rich_tables
+    from ttcompress.report.render import to_rich_tables
 
     settings = DemoSettings.quick() if quick else DemoSettings()
     if requested_threads() is not None:  # --threads replaces the demo's one thread

@@ -79,9 +79,9 @@ def export(
     Example: ttcompress export model.tt.pt --format onnx -o model.onnx
     """
     from ttcompress.export import EXPORT_FORMATS, export_model, require_onnx
-    from ttcompress.hf import recorded_hf_arch
-    from ttcompress.hf_files import is_hf_dir
-    from ttcompress.io import load
+    from ttcompress.checkpoint.hf import recorded_hf_arch
+    from ttcompress.checkpoint.hf_files import is_hf_dir
+    from ttcompress.checkpoint.io import load
 
     if fmt not in EXPORT_FORMATS:
         raise UserInputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}")

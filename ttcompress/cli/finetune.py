@@ -61,9 +61,9 @@ from ttcompress.cli.train import (
     require_output,
 )
 from ttcompress.errors import UserInputError
-from ttcompress.hf_files import read_record
-from ttcompress.io import read_header
-from ttcompress.teacher import TeacherChoice, default_teacher
+from ttcompress.checkpoint.hf_files import read_record
+from ttcompress.checkpoint.io import read_header
+from ttcompress.checkpoint.teacher import TeacherChoice, default_teacher
 from ttcompress.training.config import FinetuneConfig
 
 app = command_app()

@@ -15,7 +15,7 @@ from ttcompress.errors import TTCompressError, UserInputError
 
 __all__ = ["PLAN_FLAGS", "flags_in_errors", "with_flags"]
 
-#: Parameters of :func:`ttcompress.planfile.plan_from_options` and the plan settings, by the flag
+#: Parameters of :func:`ttcompress.compression.planfile.plan_from_options` and the plan settings, by the flag
 #: of ``ttcompress decompose`` that sets them.
 PLAN_FLAGS: Mapping[str, str] = {
     "tt.ranks": "--tt-ranks", "tt_ranks": "--tt-ranks",

@@ -22,8 +22,8 @@ import typer
 from ttcompress.cli.flags import flags_in_errors
 from ttcompress.errors import UserInputError, refused_input
 from ttcompress.formats import format_names, get_format
-from ttcompress.plan import Plan
-from ttcompress.planfile import NONE, plan_from_options, plan_kwargs
+from ttcompress.compression.plan import Plan
+from ttcompress.compression.planfile import NONE, plan_from_options, plan_kwargs
 
 __all__ = [
     "FORMAT_OPTIONS",
@@ -307,7 +307,7 @@ def plan_from_flags(
     max_error: float | None = None,
     **format_options: str | None,
 ) -> Plan:
-    """The :class:`~ttcompress.plan.Plan` of ``decompose``/``inspect``'s plan flags (errors name the flags).
+    """The :class:`~ttcompress.compression.plan.Plan` of ``decompose``/``inspect``'s plan flags (errors name the flags).
 
     ``format_options`` are the raw :data:`FORMAT_OPTIONS` texts (``"6"``, ``"none"``, ``None``).
     """

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ttcompress.errors import UserInputError
-from ttcompress.io import read_header
+from ttcompress.checkpoint.io import read_header
 
 __all__ = ["DEFAULT_DATA", "RECORDED_DATASETS", "check_default_data", "recorded_dataset"]
 

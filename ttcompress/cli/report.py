@@ -1,6 +1,6 @@
 """``ttcompress report``: the accuracy/compression trade-off of models side by side.
 
-A thin shell over :func:`ttcompress.report.report_files` and :mod:`ttcompress.render`.
+A thin shell over :func:`ttcompress.report.compare.report_files` and :mod:`ttcompress.report.render`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ttcompress.cli.options import (
 )
 from ttcompress.errors import UserInputError
 from ttcompress.cli.train import DataRootOpt, DeviceOpt, DownloadOpt, SeqLenOpt, TokenizerOpt, check_text_options
-from ttcompress.report import Report
+from ttcompress.report.compare import Report
 
 app = command_app()
 
@@ -59,8 +59,8 @@ NoLatencyOpt = Annotated[bool, typer.Option("--no-latency", help="Skip the laten
 
 def check_render_options(*, fmt: str, plot: Optional[Path], plot_x: str = "params") -> None:
     """Validate --format/--plot/--x before any measurement starts (shared with sweep)."""
-    from ttcompress.plot import AXES, PLOT_SUFFIXES
-    from ttcompress.render import FORMATS
+    from ttcompress.report.plot import AXES, PLOT_SUFFIXES
+    from ttcompress.report.render import FORMATS
 
     if fmt not in FORMATS:
         raise UserInputError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
@@ -76,8 +76,8 @@ def emit(
 ) -> None:
     """Render ``report`` to stdout or ``output`` and draw ``plot`` (options already checked)."""
     from ttcompress.fsutil import atomic_write
-    from ttcompress.plot import plot_tradeoff
-    from ttcompress.render import render, to_rich_tables
+    from ttcompress.report.plot import plot_tradeoff
+    from ttcompress.report.render import render, to_rich_tables
 
     if plot is not None:
         plot_tradeoff(report, plot, x=plot_x, title=plot_title)  # type: ignore[arg-type]
@@ -136,7 +136,7 @@ def report_command(
 
     Example: ttcompress report model.pt model.ft.pt --data fashion-mnist --format md --plot tradeoff.png
     """
-    from ttcompress.report import report_files
+    from ttcompress.report.compare import report_files
 
     fmt = resolve_format(fmt, output)
     check_render_options(fmt=fmt, plot=plot, plot_x=plot_x)

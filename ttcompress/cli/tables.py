@@ -1,6 +1,6 @@
 """Per-layer tables shared by ``decompose``, ``inspect`` and ``decompose --dry-run`` (rich tables on stdout).
 
-A relative error above :data:`ttcompress.dryrun.LARGE_ERROR` is flagged (``!``) with a note.
+A relative error above :data:`ttcompress.compression.dryrun.LARGE_ERROR` is flagged (``!``) with a note.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from rich.console import Console
 from rich.table import Table
 
 from ttcompress.cli._common import out
-from ttcompress.dryrun import LARGE_ERROR, LayerPreview, PlanPreview
+from ttcompress.compression.dryrun import LARGE_ERROR, LayerPreview, PlanPreview
 from ttcompress.formats import DENSE
 from ttcompress.formats.base import ESTIMATE, EXACT, UPPER_BOUND
 from ttcompress.layer_report import LayerReport, format_label
-from ttcompress.render import BEYOND_ZERO, large_error_note, out_error_cell, weight_error_cell
-from ttcompress.surgery import CompressionResult, ModelSummary
+from ttcompress.report.render import BEYOND_ZERO, large_error_note, out_error_cell, weight_error_cell
+from ttcompress.compression.surgery import CompressionResult, ModelSummary
 
 __all__ = ["error_cell", "layer_table", "preview_error_cell", "preview_table", "print_table", "summary_table"]
 

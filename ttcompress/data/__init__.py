@@ -70,7 +70,7 @@ from ttcompress.data.user import (
 )
 from ttcompress.data.text import DEFAULT_SEQ_LEN, TextDataset, load_text_data, model_tokenizer_dir
 from ttcompress.errors import DataError, UserInputError
-from ttcompress.usercode import is_user_callable
+from ttcompress.checkpoint.usercode import is_user_callable
 
 __all__ = [
     "DATASETS",

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset, default_collate
 
 from ttcompress.data.bundle import DatasetBundle, class_labels, sample_parts
-from ttcompress.dtypes import DTYPE_ERROR
+from ttcompress.checkpoint.dtypes import DTYPE_ERROR
 from ttcompress.errors import DataError, UserInputError
 from ttcompress.inputs import call_model, move_inputs
 from ttcompress.outputs import primary_output

@@ -10,7 +10,7 @@ validation (:data:`~ttcompress.data.user.USER_TEST_FRACTION` held out, seed
 An item is ``({"input_ids": ids, "attention_mask": mask}, labels)``: int64 ids and a 0/1 mask of
 ``seq_len`` positions, and the next-token labels (the ids, with ``-100`` where the mask is 0).
 The bundle's ``targets`` is ``"tokens"``: the task loss is the shifted next-token cross-entropy
-(:func:`ttcompress.evaluation.task_loss`).
+(:func:`ttcompress.report.evaluation.task_loss`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from ttcompress.data.bundle import DatasetBundle
 from ttcompress.data.user import random_split
 from ttcompress.errors import DataError, UserInputError
-from ttcompress.io import read_header
+from ttcompress.checkpoint.io import read_header
 
 __all__ = [
     "DEFAULT_SEQ_LEN",

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, Tenso
 from ttcompress.data.bundle import DatasetBundle, sample_parts
 from ttcompress.errors import DataError, TTCompressError
 from ttcompress.inputs import MASK_KEY, main_tensor
-from ttcompress.usercode import import_callable
+from ttcompress.checkpoint.usercode import import_callable
 
 __all__ = [
     "KeywordTensorDataset",

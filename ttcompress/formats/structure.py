@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from ttcompress import hf
+from ttcompress.checkpoint import hf
 from ttcompress.formats.base import dense_params
 from ttcompress.formats.registry import get_format
 from ttcompress.layers.attention import FactorizedMultiheadAttention, disable_nested_fast_path, unsupported_reason
@@ -108,7 +108,7 @@ def prepare_model(model: nn.Module) -> Preparation:
     Every ``nn.MultiheadAttention`` that :func:`~ttcompress.layers.attention.unsupported_reason`
     accepts becomes a :class:`~ttcompress.layers.attention.FactorizedMultiheadAttention` (one
     instance per shared module); the others are listed with the reason. ``transformers``'
-    ``Conv1D`` layers become ``nn.Linear`` (:func:`ttcompress.hf.linearize_conv1d`).
+    ``Conv1D`` layers become ``nn.Linear`` (:func:`ttcompress.checkpoint.hf.linearize_conv1d`).
     """
     prep = Preparation(model)
     if any(_is_conv1d(m) for m in model.modules()):

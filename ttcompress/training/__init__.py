@@ -16,15 +16,15 @@ Where things live:
 - :mod:`~ttcompress.training.records`: :class:`EpochRecord`, :class:`TrainResult`, :class:`RunPaths`,
   the :class:`TrainCallback` progress protocol;
 - :mod:`~ttcompress.training.api`: :func:`train`, :func:`finetune`, :func:`train_arch`, :func:`finetune_file`;
-- :mod:`ttcompress.evaluation` (outside this package, so reports need no training loop):
-  :func:`~ttcompress.evaluation.evaluate` and :func:`~ttcompress.evaluation.resolve_device`.
+- :mod:`ttcompress.report.evaluation` (outside this package, so reports need no training loop):
+  :func:`~ttcompress.report.evaluation.evaluate` and :func:`~ttcompress.report.evaluation.resolve_device`.
 
 Files written next to ``output`` (``OUT = dir/name.ext``), each atomically and on rank 0 only:
 
 ``OUT``
     The best checkpoint by validation top-1 accuracy (on a seeded 10 % of the training split held
     out, see ``TrainConfig.val_fraction``; the test split is not used), a ttcompress checkpoint
-    written with :func:`ttcompress.io.save`.
+    written with :func:`ttcompress.checkpoint.io.save`.
 ``dir/name.last.ext``
     The checkpoint after the last finished epoch (or at the moment of a Ctrl-C).
 ``dir/name.resume.pt``

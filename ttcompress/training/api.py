@@ -10,12 +10,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ttcompress import io as tio
+from ttcompress.checkpoint import io as tio
 from ttcompress.data import DatasetBundle, load_dataset, text_tokenizer
 from ttcompress.errors import UserInputError, refused_input
 from ttcompress.fsutil import check_not_inputs
-from ttcompress.models import build_arch
-from ttcompress.teacher import load_teacher
+from ttcompress.checkpoint.models import build_arch
+from ttcompress.checkpoint.teacher import load_teacher
 from ttcompress.training.config import FinetuneConfig, TrainConfig
 from ttcompress.training.loop import fit
 from ttcompress.training.records import TrainCallback, TrainResult
@@ -137,11 +137,11 @@ def finetune_file(
     tokenizer: str | os.PathLike[str] | None = None,
     seq_len: int | None = None,
 ) -> TrainResult:
-    """Load a model file with :func:`ttcompress.io.load`, then :func:`finetune` it on ``data``.
+    """Load a model file with :func:`ttcompress.checkpoint.io.load`, then :func:`finetune` it on ``data``.
 
     What ``ttcompress finetune`` runs. ``teacher`` is a model file for distillation (loaded the
     same way, with the same ``trust_pickle`` and ``trust_code``, by
-    :func:`ttcompress.teacher.load_teacher`): a teacher that needs an architecture gets
+    :func:`ttcompress.checkpoint.teacher.load_teacher`): a teacher that needs an architecture gets
     ``teacher_arch``/``teacher_arch_kwargs``, by default the student's recorded architecture.
     ``text:`` data is tokenized with ``tokenizer`` (default: the model's own, see
     :func:`ttcompress.data.text_tokenizer`) into sequences of ``seq_len`` tokens.

@@ -18,7 +18,7 @@ from torch import nn
 
 from ttcompress.data import DatasetBundle
 from ttcompress.errors import CheckpointError, UserInputError
-from ttcompress.io import atomic_write, save, update_meta
+from ttcompress.checkpoint.io import atomic_write, save, update_meta
 from ttcompress.training.config import TrainConfig
 from ttcompress.training.records import EpochRecord
 
@@ -178,7 +178,7 @@ def write_resume(path: Path, payload: dict[str, Any]) -> None:
 
 
 def save_checkpoint(model: nn.Module, path: Path, info: Mapping[str, Any]) -> None:
-    """A ttcompress checkpoint of ``model`` with metadata ``info`` (:func:`ttcompress.io.save`)."""
+    """A ttcompress checkpoint of ``model`` with metadata ``info`` (:func:`ttcompress.checkpoint.io.save`)."""
     save(model, path, info=dict(info))
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
-from ttcompress.evaluation import resolve_device
+from ttcompress.report.evaluation import resolve_device
 
 __all__ = ["Dist", "all_reduce", "barrier", "setup", "shard", "teardown"]
 

@@ -22,9 +22,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from ttcompress.data import DatasetBundle, check_model_fits, make_loader, sample_parts
-from ttcompress.dtypes import HALF_DTYPES, model_dtype
+from ttcompress.checkpoint.dtypes import HALF_DTYPES, model_dtype
 from ttcompress.errors import CheckpointError, TrainingError, UserInputError
-from ttcompress.evaluation import (
+from ttcompress.report.evaluation import (
     EvalResult, autocast, distill_loss, eval_sums, objective_sums, resolve_device_type, sums_to_result, task_loss,
 )  # fmt: skip
 from ttcompress.inputs import batch_size_of, call_model, input_mask, move_inputs

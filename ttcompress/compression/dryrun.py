@@ -29,8 +29,8 @@ from ttcompress.formats import DENSE, get_format
 from ttcompress.formats.base import ESTIMATE, ErrorPreview, LayerDecision
 from ttcompress.layer_report import count_params
 from ttcompress.formats.structure import preview_preparation
-from ttcompress.plan import Plan
-from ttcompress.surgery_checks import check_finite_parameters, guarded_plan
+from ttcompress.compression.plan import Plan
+from ttcompress.compression.surgery_checks import check_finite_parameters, guarded_plan
 
 __all__ = ["LARGE_ERROR", "PREVIEW_BUDGET", "LayerPreview", "PlanPreview", "preview_plan"]
 
@@ -134,7 +134,7 @@ def _preview_layer(module: nn.Module, decision: LayerDecision, budget: float) ->
 
 
 def preview_plan(model: nn.Module, plan: Plan, *, budget: float = PREVIEW_BUDGET) -> PlanPreview:
-    """What :func:`ttcompress.surgery.compress` would do to ``model`` under ``plan``, without writing it.
+    """What :func:`ttcompress.compression.surgery.compress` would do to ``model`` under ``plan``, without writing it.
 
     Layers whose decomposition costs at most ``budget`` multiply-adds are decomposed one at a time
     (and dropped) to give their exact data-free weight error; others get a bound or an estimate

@@ -1,7 +1,7 @@
 """Measure models side by side: the accuracy/compression trade-off as data.
 
 A :class:`Report` is plain data (frozen dataclasses with :meth:`Report.to_dict`); turning it into a
-table, Markdown, CSV, JSON or a plot is :mod:`ttcompress.render`'s job.
+table, Markdown, CSV, JSON or a plot is :mod:`ttcompress.report.render`'s job.
 
 Every number here is measured on the models given:
 
@@ -9,7 +9,7 @@ Every number here is measured on the models given:
   statistics are not parameters);
 * ``compression``: baseline params / model params;
 * ``params_by_kind`` / ``compression_conv``, ``compression_linear``, ``compression_embedding``,
-  ``compression_attention``: the same per layer kind (:mod:`ttcompress.measure`; ``None`` when
+  ``compression_attention``: the same per layer kind (:mod:`ttcompress.report.measure`; ``None`` when
   the baseline has no layer of that kind), as papers report conv-only and FC-only ratios;
 * ``size_bytes``: size of the weights alone (a safetensors file of the state dict, no metadata);
   ``file_bytes``: size of the model file on disk (``None`` for an in-memory model);
@@ -18,11 +18,11 @@ Every number here is measured on the models given:
   ``flops_by_kind``;
 * ``latency_ms``: median wall time of one forward pass on a batch of ``batch_size``, measured with
   :class:`torch.utils.benchmark.Timer` over interleaved rounds, every model once per round
-  (:func:`ttcompress.measure.measure_latencies`; ``latency_iqr_ms`` is the interquartile range,
+  (:func:`ttcompress.report.measure.measure_latencies`; ``latency_iqr_ms`` is the interquartile range,
   ``latency_noisy`` marks a spread over 10 % of the median);
   ``latency_per_sample_ms`` = ``latency_ms / batch_size``; ``throughput`` = samples per second;
 * ``peak_memory_bytes``: peak tensor memory of inference on one batch (weights and buffers plus
-  the activations alive at once, :func:`ttcompress.measure.peak_memory`);
+  the activations alive at once, :func:`ttcompress.report.measure.peak_memory`);
 * ``accuracy`` / ``top5``: fractions of the test split classified correctly (``eval_samples``
   samples; with ``eval_subset``, a seeded class-balanced subset of it);
 * ``accuracy_delta``: ``accuracy - baseline accuracy`` (a fraction; negative means a loss).
@@ -41,13 +41,13 @@ import torch
 from torch import nn
 
 from ttcompress.errors import UserInputError, refused_input
-from ttcompress.usercode import import_callable
+from ttcompress.checkpoint.usercode import import_callable
 from ttcompress.formats import format_of, layer_classes
 from ttcompress.fsutil import strip_model_suffix
 from ttcompress.layer_report import DENSE_FORMAT, KEPT_DENSE_INFO, LayerReport, count_params
-from ttcompress.meta import read_meta
+from ttcompress.checkpoint.meta import read_meta
 from ttcompress.data.bundle import sample_parts
-from ttcompress.measure import (
+from ttcompress.report.measure import (
     KINDS, NOISY_SPREAD, count_flops, example_batch, flops_by_kind, measure_latencies, measure_latency, params_by_kind,
     peak_memory, weights_bytes,
 )
@@ -105,7 +105,7 @@ class ModelRow:
 
     @property
     def latency_noisy(self) -> bool:
-        """The latency's IQR is over :data:`ttcompress.measure.NOISY_SPREAD` of its median (a busy machine)."""
+        """The latency's IQR is over :data:`ttcompress.report.measure.NOISY_SPREAD` of its median (a busy machine)."""
         if self.latency_ms is None or self.latency_iqr_ms is None or self.latency_ms <= 0:
             return False
         return self.latency_iqr_ms / self.latency_ms > NOISY_SPREAD
@@ -316,7 +316,7 @@ def build_report(
         (default: the callable's ``__name__``). Needs ``data``. Accuracy is measured only when
         the data has class labels. ``metric="perplexity"`` is built in: the token-level
         perplexity of a causal language model on the test (validation) split, padding and the
-        first position left out (:func:`ttcompress.evaluation.perplexity`); lower is better.
+        first position left out (:func:`ttcompress.report.evaluation.perplexity`); lower is better.
     """
     if isinstance(metric, str):
         if metric not in BUILTIN_METRICS:
@@ -430,7 +430,7 @@ def _measure_entry(
     metric_name: str | None,
 ) -> dict[str, Any]:
     """One model's :class:`ModelRow` fields except ``accuracy_delta`` and ``is_baseline``."""
-    from ttcompress.evaluation import evaluate, perplexity
+    from ttcompress.report.evaluation import evaluate, perplexity
 
     model = entry.model.to(device)
     non_finite = _outputs_non_finite(model, test_set, shape, device)
@@ -482,7 +482,7 @@ def _user_metric(
 ) -> float:
     """``metric(outputs, targets)`` on the whole test split, checked to be a real number."""
     from ttcompress.data import make_loader
-    from ttcompress.evaluation import model_outputs
+    from ttcompress.report.evaluation import model_outputs
 
     outputs, targets = model_outputs(model, make_loader(test_set, batch_size=batch_size, shuffle=False), device)
     try:
@@ -551,8 +551,8 @@ def report_files(
     builtin = metric is not None and metric.strip() in BUILTIN_METRICS
     metric_fn: Any = metric.strip() if builtin else import_callable(metric, what="metric") if metric is not None else None
     from ttcompress.data import load_dataset, text_tokenizer
-    from ttcompress.io import load
-    from ttcompress.evaluation import resolve_device
+    from ttcompress.checkpoint.io import load
+    from ttcompress.report.evaluation import resolve_device
 
     paths = [baseline, *models]
     if labels is not None:
@@ -566,7 +566,7 @@ def report_files(
         p = Path(path)
         kwargs: dict[str, Any] = {"trust_pickle": trust_pickle, "trust_code": trust_code}
         if arch is not None and not _same_file(arch, p):  # --arch the baseline's own file: loads as is
-            from ttcompress.io import read_header
+            from ttcompress.checkpoint.io import read_header
 
             header = read_header(p)
             if header is None:  # only bare state dicts need (and accept) arch kwargs

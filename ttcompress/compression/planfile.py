@@ -1,7 +1,7 @@
-"""Plan files and option mapping: read and write a :class:`~ttcompress.plan.Plan` as YAML or JSON,
+"""Plan files and option mapping: read and write a :class:`~ttcompress.compression.plan.Plan` as YAML or JSON,
 and build one from command-line style options.
 
-A plan file is a regular file of at most 16 MiB (:data:`~ttcompress.smallfile.MAX_SMALL_FILE_BYTES`;
+A plan file is a regular file of at most 16 MiB (:data:`~ttcompress.checkpoint.smallfile.MAX_SMALL_FILE_BYTES`;
 a FIFO or a device is refused before it is read). YAML is read with a hardened ``safe_load``: no
 aliases (no "billion laughs" expansion), at most :data:`MAX_PLAN_NODES` nodes, nested at most
 :data:`MAX_PLAN_DEPTH` deep. Errors name the
@@ -22,8 +22,8 @@ from ttcompress.formats.checks import check_patterns
 from ttcompress.formats.cp import CPSettings
 from ttcompress.formats.tt import TTSettings
 from ttcompress.fsutil import atomic_write
-from ttcompress.plan import Plan
-from ttcompress.smallfile import read_small_text
+from ttcompress.compression.plan import Plan
+from ttcompress.checkpoint.smallfile import read_small_text
 
 __all__ = ["MAX_PLAN_DEPTH", "MAX_PLAN_NODES", "NONE", "option_formats", "plan_kwargs", "load_plan", "plan_from_options", "save_plan"]
 

@@ -27,7 +27,7 @@ Built-ins (defaults shown; all take ``num_classes``; the conv nets also ``in_cha
 
 Plus ``torchvision:NAME`` (any ``torchvision.models`` builder, keyword arguments passed through,
 e.g. ``{"num_classes": 10}``), ``hf:CLASS`` (a ``transformers`` model class built from the
-``config`` keyword argument by :func:`ttcompress.hf.build_hf_model`; the class must be one that
+``config`` keyword argument by :func:`ttcompress.checkpoint.hf.build_hf_model`; the class must be one that
 transformers registers for the config's ``model_type``, and a config naming custom code is refused)
 and ``package.module:callable`` (any importable factory returning an ``nn.Module``).
 
@@ -60,8 +60,8 @@ import torch
 from torch import nn
 
 from ttcompress.errors import UntrustedCodeError
-from ttcompress.hf import HF_ARCH_PREFIX, build_hf_model
-from ttcompress.meta import update_meta
+from ttcompress.checkpoint.hf import HF_ARCH_PREFIX, build_hf_model
+from ttcompress.checkpoint.meta import update_meta
 
 __all__ = [
     "BUILTIN_ARCHS",

@@ -1,7 +1,7 @@
 """Rebuild a model from a checkpoint header and its tensors, without unpickling anything.
 
-The header is untrusted data, validated by :mod:`ttcompress.header` first. :func:`rebuild_model`
-then checks that the architecture may be built (:func:`ttcompress.models.check_arch_trusted`),
+The header is untrusted data, validated by :mod:`ttcompress.checkpoint.header` first. :func:`rebuild_model`
+then checks that the architecture may be built (:func:`ttcompress.checkpoint.models.check_arch_trusted`),
 builds the architecture on the ``meta`` device with every recorded layer replaced by its
 format's :meth:`~ttcompress.formats.base.CompressionFormat.rebuild`, compares every tensor shape
 with the tensors present in the file, and only then allocates real storage and loads them.
@@ -26,11 +26,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ttcompress.errors import ArchRequiredError, CheckpointError, shape_mismatches
 from ttcompress.formats import get_format
-from ttcompress.header import check_layer_counts, config_items
-from ttcompress.hf_config import check_label_counts, label_bound
-from ttcompress.meta import ArchSpec, ModelMeta, set_meta
+from ttcompress.checkpoint.header import check_layer_counts, config_items
+from ttcompress.checkpoint.hf_config import check_label_counts, label_bound
+from ttcompress.checkpoint.meta import ArchSpec, ModelMeta, set_meta
 from ttcompress.layer_report import LayerReport
-from ttcompress.models import build_arch, check_arch_trusted, resolve_arch
+from ttcompress.checkpoint.models import build_arch, check_arch_trusted, resolve_arch
 from ttcompress.modtree import get_submodule, set_submodule
 
 __all__ = ["Skeleton", "fit_state_dict", "rebuild_model", "short_error", "skeleton_factory"]
@@ -79,7 +79,7 @@ def rebuild_model(
     Parameters
     ----------
     header : mapping
-        The validated header (:func:`ttcompress.header.validate_header`).
+        The validated header (:func:`ttcompress.checkpoint.header.validate_header`).
     tensors : dict
         The file's tensors (tied duplicates are added from ``header["tied"]``).
     p : Path

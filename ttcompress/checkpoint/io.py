@@ -8,8 +8,8 @@ Accepted inputs (:func:`load`)
    dict as ``{"state_dict": ...}`` or ``{"model": ...}`` is accepted, and a ``module.`` prefix
    (``DistributedDataParallel``) is stripped.
 3. **A Hugging Face model directory** (``config.json`` + ``model.safetensors``, as
-   ``save_pretrained`` or :func:`ttcompress.hf.save_hf_dir` writes it): built from its config by
-   :func:`ttcompress.hf.load_hf_dir`, offline, with no code from the directory run (``auto_map`` is
+   ``save_pretrained`` or :func:`ttcompress.checkpoint.hf.save_hf_dir` writes it): built from its config by
+   :func:`ttcompress.checkpoint.hf.load_hf_dir`, offline, with no code from the directory run (``auto_map`` is
    refused) and the weights read without unpickling; a compressed one is rebuilt from the layers
    its ``ttcompress.json`` records. Its architecture is recorded as ``hf:CLASS`` with the config.
 4. **A whole pickled** ``nn.Module`` (``torch.save(model)``): unpickling can run arbitrary code, so
@@ -33,7 +33,7 @@ metadata has two string entries, ``"format": "ttcompress"`` and ``"ttcompress"``
      "info": {...free-form JSON...},
      "tied": {"duplicate.key": "kept.key", ...}}
 
-Loading rebuilds it without unpickling anything (:mod:`ttcompress.rebuild`): ``build_arch(arch)``
+Loading rebuilds it without unpickling anything (:mod:`ttcompress.checkpoint.rebuild`): ``build_arch(arch)``
 → every recorded layer is replaced by ``get_format(format).rebuild(config)`` (structure only, no
 decomposition) → ``load_state_dict(strict=True)``.
 
@@ -50,8 +50,8 @@ Older files written by ``torch.save`` (``{"format": "ttcompress", "header": ...,
 still load with ``trust_pickle=True``.
 
 Every model that this module returns carries ``model.ttcompress_meta`` (see
-:func:`ttcompress.meta.get_meta`) and is in eval mode. :func:`get_meta`, :func:`update_meta`
-(:mod:`ttcompress.meta`) and :func:`atomic_write` (:mod:`ttcompress.fsutil`) are re-exported here.
+:func:`ttcompress.checkpoint.meta.get_meta`) and is in eval mode. :func:`get_meta`, :func:`update_meta`
+(:mod:`ttcompress.checkpoint.meta`) and :func:`atomic_write` (:mod:`ttcompress.fsutil`) are re-exported here.
 """
 
 from __future__ import annotations
@@ -75,14 +75,14 @@ from torch import nn
 
 from ttcompress._version import __version__
 from ttcompress.errors import ArchRequiredError, CheckpointError, UnsafePickleError
-from ttcompress.header import parse_header_json, validate_header
-from ttcompress.dtypes import cast_inputs_to_model
+from ttcompress.checkpoint.header import parse_header_json, validate_header
+from ttcompress.checkpoint.dtypes import cast_inputs_to_model
 from ttcompress.fsutil import PathLike, atomic_write
-from ttcompress.hf import load_hf_dir, recorded_hf_arch
-from ttcompress.hf_files import is_hf_dir, read_record
-from ttcompress.meta import ArchSpec, ModelMeta, get_meta, read_meta, set_meta, update_meta
-from ttcompress.models import build_arch, list_archs
-from ttcompress.rebuild import Skeleton, fit_state_dict, rebuild_model, short_error, skeleton_factory
+from ttcompress.checkpoint.hf import load_hf_dir, recorded_hf_arch
+from ttcompress.checkpoint.hf_files import is_hf_dir, read_record
+from ttcompress.checkpoint.meta import ArchSpec, ModelMeta, get_meta, read_meta, set_meta, update_meta
+from ttcompress.checkpoint.models import build_arch, list_archs
+from ttcompress.checkpoint.rebuild import Skeleton, fit_state_dict, rebuild_model, short_error, skeleton_factory
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -111,7 +111,7 @@ ArchLike = str | nn.Module | Callable[..., nn.Module]
 
 
 def build_model(name: str, *, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
-    """Build an architecture by name; same as :func:`ttcompress.models.build_arch`.
+    """Build an architecture by name; same as :func:`ttcompress.checkpoint.models.build_arch`.
 
     Parameters
     ----------

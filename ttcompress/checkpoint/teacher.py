@@ -10,7 +10,7 @@ only a regular file, or a directory of regular files, within :data:`MAX_SOURCE_B
 :func:`load_teacher` loads a teacher file. A file that needs an architecture (a bare state dict)
 gets the one given (``arch``), else the student's recorded architecture: the compressed model's
 source architecture, usually the teacher's own. That recorded name passes the same trust rule as
-any name read from a file (:func:`ttcompress.models.check_arch_trusted`).
+any name read from a file (:func:`ttcompress.checkpoint.models.check_arch_trusted`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 from torch import nn
 
 from ttcompress.errors import ArchRequiredError
-from ttcompress.io import ArchLike, load
-from ttcompress.meta import read_meta
-from ttcompress.models import check_arch_trusted
+from ttcompress.checkpoint.io import ArchLike, load
+from ttcompress.checkpoint.meta import read_meta
+from ttcompress.checkpoint.models import check_arch_trusted
 
 __all__ = [
     "MAX_SOURCE_BYTES",
@@ -159,17 +159,17 @@ def load_teacher(
     Parameters
     ----------
     path : str or PathLike
-        The teacher: any input form of :func:`ttcompress.io.load`.
+        The teacher: any input form of :func:`ttcompress.checkpoint.io.load`.
     student : nn.Module
         The model being fine-tuned; its recorded architecture (``ttcompress_meta["arch"]``) is the
         default for a teacher file that needs one.
     arch, arch_kwargs : optional
-        The teacher's architecture, as :func:`ttcompress.io.load` takes them (the user names them).
+        The teacher's architecture, as :func:`ttcompress.checkpoint.io.load` takes them (the user names them).
     student_arch : str, optional
         The architecture name the user gave for the student: the same import path recorded by
         the student is then trusted for the teacher too.
     trust_pickle, trust_code : bool
-        As for :func:`ttcompress.io.load`.
+        As for :func:`ttcompress.checkpoint.io.load`.
 
     Raises
     ------

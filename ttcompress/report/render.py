@@ -1,4 +1,4 @@
-"""Render a :class:`ttcompress.report.Report`: rich table, Markdown, CSV or JSON (plots: :mod:`ttcompress.plot`).
+"""Render a :class:`ttcompress.report.compare.Report`: rich table, Markdown, CSV or JSON (plots: :mod:`ttcompress.report.plot`).
 
 Rendering never measures anything; it only formats the report's data.
 """
@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from ttcompress.dryrun import LARGE_ERROR
+from ttcompress.compression.dryrun import LARGE_ERROR
 from ttcompress.layer_report import LayerReport
-from ttcompress.measure import KINDS, NOISY_SPREAD
-from ttcompress.report import ModelRow, Report, lower_is_better
+from ttcompress.report.measure import KINDS, NOISY_SPREAD
+from ttcompress.report.compare import ModelRow, Report, lower_is_better
 
 __all__ = ["BEYOND_ZERO", "FORMATS", "large_error_note", "out_error_cell", "render", "to_csv", "to_json", "to_markdown",
            "to_rich_tables"]
@@ -108,13 +108,13 @@ def _columns(report: Report) -> list[tuple[str, Any]]:
 
 
 def large_error_note(error: float | None) -> str:
-    """``large error (> 0.5)`` above :data:`ttcompress.dryrun.LARGE_ERROR`, else empty."""
+    """``large error (> 0.5)`` above :data:`ttcompress.compression.dryrun.LARGE_ERROR`, else empty."""
     return f"large error (> {LARGE_ERROR:g})" if error is not None and error > LARGE_ERROR else ""
 
 
 def out_error_cell(layer: LayerReport) -> str:
     """``before → after`` relative output error on the calibration data, ``!`` when the after one is
-    above :data:`~ttcompress.dryrun.LARGE_ERROR` (``–`` without calibration)."""
+    above :data:`~ttcompress.compression.dryrun.LARGE_ERROR` (``–`` without calibration)."""
     if layer.out_error_before is None or layer.out_error_after is None:
         return "–"
     flag = " !" if layer.out_error_after > LARGE_ERROR else ""
@@ -126,7 +126,7 @@ BEYOND_ZERO = 1.0
 
 
 def weight_error_cell(layer: LayerReport) -> str:
-    """The weight error, the same in every table: ``!`` above :data:`~ttcompress.dryrun.LARGE_ERROR`
+    """The weight error, the same in every table: ``!`` above :data:`~ttcompress.compression.dryrun.LARGE_ERROR`
     when it is what the layer is judged by (no calibration), ``^`` above 1 (:data:`BEYOND_ZERO`:
     further from the dense weight than zero; a calibrated layer is fitted to outputs, not weights)."""
     if layer.rel_error is None:

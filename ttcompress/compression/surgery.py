@@ -1,4 +1,4 @@
-"""Apply a :class:`~ttcompress.plan.Plan` to a model: find targets, build replacements, swap them.
+"""Apply a :class:`~ttcompress.compression.plan.Plan` to a model: find targets, build replacements, swap them.
 
 The entry point is :func:`compress` (in place, like torchao's ``quantize_``)::
 
@@ -10,9 +10,9 @@ whole ``decompose`` command as a function: load → compress → save atomically
 :func:`summarize` / :func:`inspect_file` describe a model for ``ttcompress inspect``.
 
 Every layer is reported as a :class:`~ttcompress.layer_report.LayerReport`; every replaced one is
-also kept in the model's metadata (:class:`~ttcompress.meta.ModelMeta`), whose checkpoint record
+also kept in the model's metadata (:class:`~ttcompress.checkpoint.meta.ModelMeta`), whose checkpoint record
 ``{"format", "config", "rel_error", "seconds", "params_before", "params_after"}`` is what
-:func:`ttcompress.io.save` needs to rebuild the model later.
+:func:`ttcompress.checkpoint.io.save` needs to rebuild the model later.
 """
 
 from __future__ import annotations
@@ -36,20 +36,20 @@ from ttcompress.calibration.data import named_calibration
 from ttcompress.calibration.fit import FitResult
 from ttcompress.calibration.sequential import calibrate_sequentially
 from ttcompress.calibration.stats import LayerStats
-from ttcompress.evaluation import resolve_device
+from ttcompress.report.evaluation import resolve_device
 from ttcompress.formats import DENSE, format_of, get_format, layer_classes
 from ttcompress.formats.base import build_note, set_build_note
 from ttcompress.layer_report import KEPT_DENSE_INFO, LayerReport, count_params, format_label, kept_dense
 from ttcompress.fsutil import check_not_inputs, strip_model_suffix
 from ttcompress.errors import UserInputError
-from ttcompress.io import load_checkpoint, save
-from ttcompress.meta import copy_meta, read_meta, update_meta
+from ttcompress.checkpoint.io import load_checkpoint, save
+from ttcompress.checkpoint.meta import copy_meta, read_meta, update_meta
 from ttcompress.modtree import get_submodule, set_submodule
 from ttcompress.formats.fitting import calibration_fit
 from ttcompress.formats.structure import Preparation, prepare_model, preview_preparation
-from ttcompress.plan import LayerDecision, Plan, compressible_layers, plan_layers
-from ttcompress.scaleout import build_all, process_group
-from ttcompress.surgery_checks import (
+from ttcompress.compression.plan import LayerDecision, Plan, compressible_layers, plan_layers
+from ttcompress.compression.scaleout import build_all, process_group
+from ttcompress.compression.surgery_checks import (
     default_check_input,
     guarded_plan,
     Swapped,
@@ -59,7 +59,7 @@ from ttcompress.surgery_checks import (
     guard_decisions,
     reference_output,
 )
-from ttcompress.teacher import source_record
+from ttcompress.checkpoint.teacher import source_record
 
 __all__ = [
     "CompressionResult",
@@ -211,7 +211,7 @@ def compress_with_report(
         ``Dataset`` (:func:`ttcompress.calibration.data.calib_batches`). When given, every layer
         is fitted to the dense layer's outputs on these inputs, sequentially
         (:func:`_build_calibrated`), and under ``plan.target_ratio`` ranks are allocated by the
-        measured output error (:func:`ttcompress.allocate.input_grams`). Any input shape the
+        measured output error (:func:`ttcompress.compression.allocate.input_grams`). Any input shape the
         model accepts works (e.g. ``(batch, seq, features)``).
     calib_samples : int, optional
         Use at most this many samples of ``calib_data``.
@@ -243,7 +243,7 @@ def compress_with_report(
     model unchanged (with calibration data they are fitted on a copy of the model). A layer
     whose decomposition would not be smaller than the dense layer, or that saves less than
     ``plan.min_saving`` of the model's parameters at an error above ``plan.max_error`` (by
-    default only with calibration data, see :class:`~ttcompress.plan.Plan`), stays dense
+    default only with calibration data, see :class:`~ttcompress.compression.plan.Plan`), stays dense
     (:func:`keep_dense_reason`).
 
     Before planning, structure the formats need is put in place, exactly (:func:`prepare_model`):
@@ -318,7 +318,7 @@ def _plan_and_build(
             for d in decisions
         ]
     todo = [d for d in decisions if d.skipped is None]
-    if collector is None:  # under torchrun each process decomposes its share of the layers (ttcompress.scaleout)
+    if collector is None:  # under torchrun each process decomposes its share of the layers (ttcompress.compression.scaleout)
         built: Built = dict(build_all(todo, lambda d: build_replacement(get_submodule(prep.model, d.name), d,
                                                                          device=device),
                                       device_of=lambda d: _device_of(get_submodule(prep.model, d.name)),
@@ -482,7 +482,7 @@ def compress(
 
     Examples
     --------
-    >>> from ttcompress.plan import Plan, TTSettings
+    >>> from ttcompress.compression.plan import Plan, TTSettings
     >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     >>> model = compress(model, Plan(tt=TTSettings(ranks=2)))
     >>> sorted(model.ttcompress_meta["layers"])
@@ -553,14 +553,14 @@ def decompose_file(
     Parameters
     ----------
     input_path : path
-        Any input :func:`ttcompress.io.load` accepts.
+        Any input :func:`ttcompress.checkpoint.io.load` accepts.
     output : path, optional
         Default :func:`default_output_path` (``model.tt.pt`` next to ``model.pt``). Must differ
         from the input. Nothing is written if anything fails.
     plan, progress, calib_data, calib_samples, device, calib_memory
         As for :func:`compress_with_report`.
     arch, arch_kwargs, trust_pickle, trust_code
-        As for :func:`ttcompress.io.load`.
+        As for :func:`ttcompress.checkpoint.io.load`.
     calib_info : mapping, optional
         How the calibration data were chosen (dataset, samples, seed), stored in the checkpoint
         info under ``"calibration"`` (with ``{"used": False}`` when there were none).
@@ -569,7 +569,7 @@ def decompose_file(
     -----
     The checkpoint info records the source file: ``source`` (its name), ``source_path`` (absolute
     path) and ``source_sha256`` (content hash), which ``finetune`` uses to find the dense model as
-    its default teacher (:func:`ttcompress.teacher.default_teacher`).
+    its default teacher (:func:`ttcompress.checkpoint.teacher.default_teacher`).
     """
     plan = _as_plan(plan)
     device = _target_device(device)  # an unavailable device fails before anything is loaded
@@ -683,7 +683,7 @@ def inspect_file(
     trust_code: bool = False,
     plan: Plan | None = None,
 ) -> ModelSummary:
-    """Load a model file (any accepted form; options as for :func:`ttcompress.io.load`) and :func:`summarize` it."""
+    """Load a model file (any accepted form; options as for :func:`ttcompress.checkpoint.io.load`) and :func:`summarize` it."""
     loaded = load_checkpoint(path, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
     return summarize(loaded.model, plan=plan, kind=loaded.kind)
 

@@ -1,4 +1,4 @@
-"""Structure around the swap of :func:`ttcompress.surgery.compress_with_report`.
+"""Structure around the swap of :func:`ttcompress.compression.surgery.compress_with_report`.
 
 Which layers a compressed replacement would break (attention internals, tied weights:
 :func:`guard_decisions`), and the forward check that runs the compressed model on the user's
@@ -24,9 +24,9 @@ from ttcompress.formats import DENSE
 from ttcompress.formats.structure import Preparation, finish_model, parent_reason
 from ttcompress.inputs import call_model, main_tensor, take_rows
 from ttcompress.layer_report import LayerReport
-from ttcompress.meta import read_meta
+from ttcompress.checkpoint.meta import read_meta
 from ttcompress.modtree import get_submodule, set_submodule
-from ttcompress.plan import LayerDecision, Plan, plan_layers
+from ttcompress.compression.plan import LayerDecision, Plan, plan_layers
 
 __all__ = [
     "Swapped",
@@ -57,8 +57,8 @@ Swapped = dict[str, tuple[nn.Module, tuple[str, ...]]]
 def check_finite_parameters(model: nn.Module) -> None:
     """Refuse a model with a NaN or Inf parameter, naming the first one.
 
-    Called once where every compression starts (:func:`ttcompress.surgery.compress_with_report`,
-    :func:`ttcompress.dryrun.preview_plan`, :func:`ttcompress.surgery.summarize` of a plan with a
+    Called once where every compression starts (:func:`ttcompress.compression.surgery.compress_with_report`,
+    :func:`ttcompress.compression.dryrun.preview_plan`, :func:`ttcompress.compression.surgery.summarize` of a plan with a
     target ratio, and :func:`ttcompress.sweep.run_sweep` right after loading), before rank allocation,
     calibration or any decomposition: an SVD, eigendecomposition or least-squares fit of
     non-finite values fails deep inside the linear-algebra backend, and a layer kept dense would
@@ -202,7 +202,7 @@ def default_check_input(model: nn.Module) -> Any:
     (``pixel_values``); seeded. An input the dense model does not run on gives None: the check
     must not fail a model for an input it was never meant to take (T5 also needs decoder ids).
     """
-    from ttcompress.measure import example_input
+    from ttcompress.report.measure import example_input
 
     config = getattr(model, "config", None)
     shape = read_meta(model).info.get("input_shape")

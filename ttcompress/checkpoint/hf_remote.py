@@ -2,7 +2,7 @@
 
 A compressed model's factorized layers (TT cores, CP factors, ...) do not fit the state dict of
 the transformers class it came from: loaded by that class, every factor would be "unexpected" and
-every dense weight "missing" and randomly initialised, silently. So :func:`ttcompress.hf.save_hf_dir`
+every dense weight "missing" and randomly initialised, silently. So :func:`ttcompress.checkpoint.hf.save_hf_dir`
 writes a compressed model's ``config.json`` the way a custom architecture on the hub is written
 (transformers' ``auto_map`` + ``trust_remote_code`` mechanism):
 
@@ -12,7 +12,7 @@ writes a compressed model's ``config.json`` the way a custom architecture on the
 * ``auto_map`` points ``AutoConfig`` and every ``AutoModel*`` class the base class is registered
   under (plus ``AutoModel``) at :data:`MODELING_FILE`, written into the directory. That file is a
   few lines: a config class and a model class that subclass the base transformers classes and
-  :class:`ttcompress.hf.CompressedModelMixin`, which builds the factorized layers recorded in
+  :class:`ttcompress.checkpoint.hf.CompressedModelMixin`, which builds the factorized layers recorded in
   ``config.json`` (key ``"ttcompress"``) before transformers loads the weights;
 * the base ``model_type``, class and the layer records stay in ``config.json["ttcompress"]``, so
   :func:`ttcompress.load` reads the directory as data (:func:`base_config`) and never imports the
@@ -133,7 +133,7 @@ transformers classes {model_class} / {config_class} with the factorized layers t
 
 from transformers import {config_class}, {model_class}
 
-from ttcompress.hf import CompressedModelMixin
+from ttcompress.checkpoint.hf import CompressedModelMixin
 
 
 class {_CONFIG_CLASS}({config_class}):

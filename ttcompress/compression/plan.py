@@ -18,7 +18,7 @@ A :class:`Plan` holds
   default format, or ``auto`` under ``target_ratio``) or ``"dense"`` (the command-line rule: once
   any per-format option is given, a type whose options are not given stays dense).
 
-Plan files (read and written by :mod:`ttcompress.planfile`, which also maps command-line style
+Plan files (read and written by :mod:`ttcompress.compression.planfile`, which also maps command-line style
 options onto a plan) are YAML or JSON with the same keys as :meth:`Plan.to_dict` (one section per
 format)::
 
@@ -47,7 +47,7 @@ from typing import Any
 
 from torch import nn
 
-from ttcompress.allocate import Slot, allocate
+from ttcompress.compression.allocate import Slot, allocate
 from ttcompress.decompose.modes import choose_modes
 from ttcompress.errors import TTCompressError
 from ttcompress.modtree import named_with_aliases
@@ -512,7 +512,7 @@ def plan_layers(model: nn.Module, plan: Plan, *,
     plan : Plan
         What to do.
     sensitivity : mapping of str to torch.Tensor, optional
-        Input Gram matrices by layer name (:func:`ttcompress.allocate.input_grams`): under
+        Input Gram matrices by layer name (:func:`ttcompress.compression.allocate.input_grams`): under
         ``target_ratio`` the allocator then measures each rank's output error instead of the
         weight error.
 
@@ -529,7 +529,7 @@ def plan_layers(model: nn.Module, plan: Plan, *,
     Notes
     -----
     **Rank allocation for** ``target_ratio``: every selected layer starts at its lowest rank and
-    :func:`ttcompress.allocate.allocate` raises ranks greedily where the estimated error drops most
+    :func:`ttcompress.compression.allocate.allocate` raises ranks greedily where the estimated error drops most
     per added parameter, within the budget ``total params / target_ratio``. Layers fixed by a rule
     (explicit ``ranks``) keep their ranks and count as fixed parameters. If the lowest rank
     everywhere still exceeds the budget, a ``ValueError`` gives the best ratio reachable.
@@ -551,7 +551,7 @@ def plan_layers(model: nn.Module, plan: Plan, *,
 
 def _allocate(model: nn.Module, cands: list[Candidate], plan: Plan,
               sensitivity: Mapping[str, Any] | None) -> list[LayerDecision]:
-    """The decisions of :func:`ttcompress.allocate.allocate` for ``plan.target_ratio``."""
+    """The decisions of :func:`ttcompress.compression.allocate.allocate` for ``plan.target_ratio``."""
     # types the plan's formats do not cover get the target-ratio default (auto)
     extra = () if plan.others == DENSE else tuple(
         f.name for f in _formats() if f.default_under_target_ratio and f.name not in plan.formats)

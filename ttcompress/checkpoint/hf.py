@@ -47,7 +47,7 @@ from torch import nn
 from ttcompress._version import __version__
 from ttcompress.errors import CheckpointError
 from ttcompress.fsutil import atomic_dir
-from ttcompress.hf_files import (
+from ttcompress.checkpoint.hf_files import (
     COMPRESSED_WEIGHTS_FILE,
     CONFIG_FILE,
     RECORD_FILE,
@@ -66,11 +66,11 @@ from ttcompress.hf_files import (
     short,
     state_groups,
 )
-from ttcompress.header import check_layer_counts
-from ttcompress.hf_config import MAX_LABELS, check_config_values, label_bound
-from ttcompress.hf_remote import CONFIG_KEY, MODELING_FILE, base_config, modeling_source, remote_config
+from ttcompress.checkpoint.header import check_layer_counts
+from ttcompress.checkpoint.hf_config import MAX_LABELS, check_config_values, label_bound
+from ttcompress.checkpoint.hf_remote import CONFIG_KEY, MODELING_FILE, base_config, modeling_source, remote_config
 from ttcompress.layers import LAYER_TYPES
-from ttcompress.plan import Plan
+from ttcompress.compression.plan import Plan
 
 __all__ = [
     "CONFIG_FILE",
@@ -126,7 +126,7 @@ def _make_config(config: Mapping[str, Any], where: str, *, max_labels: int = MAX
     The config class comes from ``transformers.CONFIG_MAPPING[model_type]`` only; ``auto_map``
     (custom code) anywhere in the dict and an attention implementation taken from the hub
     (``"org/repo"``) are refused. The dict's values are checked against the class's declared
-    fields first (:func:`ttcompress.hf_config.check_config_values`; at most ``max_labels``
+    fields first (:func:`ttcompress.checkpoint.hf_config.check_config_values`; at most ``max_labels``
     labels), and any exception transformers raises on them is one :class:`CheckpointError`.
     """
     if not isinstance(config, Mapping):
@@ -251,7 +251,7 @@ def recorded_hf_arch(model: nn.Module) -> dict[str, Any] | None:
 
 
 def _set_meta(model: nn.Module, arch: Mapping[str, Any], layers: Mapping[str, Any], info: Mapping[str, Any]) -> None:
-    # Same layout as ttcompress.io.get_meta; object.__setattr__ keeps nn.Module out of it.
+    # Same layout as ttcompress.checkpoint.io.get_meta; object.__setattr__ keeps nn.Module out of it.
     object.__setattr__(model, _META_ATTR, {"arch": dict(arch), "layers": dict(layers), "info": dict(info)})
 
 
@@ -637,7 +637,7 @@ def save_hf_dir(
     ``plan`` and ``info``. A dense model's directory loads with ``transformers``' own
     ``from_pretrained``. A compressed one loads with :func:`load_hf_dir` (as data), and with
     ``AutoModel*.from_pretrained(DIR, trust_remote_code=True)`` through ``modeling_ttcompress.py``
-    (see :mod:`ttcompress.hf_remote`); without ``trust_remote_code`` transformers refuses it.
+    (see :mod:`ttcompress.checkpoint.hf_remote`); without ``trust_remote_code`` transformers refuses it.
 
     Parameters
     ----------

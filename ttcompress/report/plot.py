@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from ttcompress.errors import UserInputError
 from ttcompress.fsutil import atomic_write
-from ttcompress.report import ModelRow, Report, lower_is_better, pareto_front
+from ttcompress.report.compare import ModelRow, Report, lower_is_better, pareto_front
 
 __all__ = ["AXES", "PLOT_SUFFIXES", "plot_tradeoff", "tradeoff_figure"]
 

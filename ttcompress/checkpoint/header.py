@@ -15,7 +15,7 @@
 - ``tied``: ``{str: str}``; ``info``: a JSON object, whose ``input_shape`` (if present) is a short
   list of positive ints of bounded product, and ``kept_dense`` (if present) ``{str: str}``.
 
-Numbers that pass are still only bounded, not proven consistent: :mod:`ttcompress.io` builds the
+Numbers that pass are still only bounded, not proven consistent: :mod:`ttcompress.checkpoint.io` builds the
 model on the ``meta`` device and compares every tensor shape with the tensors present in the file
 before it allocates anything real.
 """

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ttcompress.errors import CheckpointError
-from ttcompress.header import config_items
+from ttcompress.checkpoint.header import config_items
 
 __all__ = ["MAX_LABELS", "check_config_values", "check_label_counts", "label_bound"]
 

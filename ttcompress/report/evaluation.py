@@ -2,7 +2,7 @@
 
 :func:`evaluate` measures top-1/top-5 accuracy and mean cross-entropy; :func:`resolve_device`
 turns ``auto|cpu|cuda|cuda:N|mps`` into a ``torch.device``. Nothing here imports the training loop,
-so :mod:`ttcompress.report` and :mod:`ttcompress.sweep` measure models without it.
+so :mod:`ttcompress.report.compare` and :mod:`ttcompress.sweep` measure models without it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Reading a Hugging Face model directory: file names, JSON, safetensors shards, key mapping, checks.
 
-The helpers of :func:`ttcompress.hf.load_hf_dir` (and the constants :func:`ttcompress.hf.save_hf_dir`
+The helpers of :func:`ttcompress.checkpoint.hf.load_hf_dir` (and the constants :func:`ttcompress.checkpoint.hf.save_hf_dir`
 writes by). Every shape is read from the safetensors headers and checked against the model built
 from the config before any tensor is copied; pickled weights are read only with ``trust_pickle``.
 """
@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ttcompress.errors import CheckpointError, UnsafePickleError, few, shape_mismatches
-from ttcompress.header import validate_header
-from ttcompress.smallfile import MAX_SMALL_FILE_BYTES, check_regular_file, read_small_text
+from ttcompress.checkpoint.header import validate_header
+from ttcompress.checkpoint.smallfile import MAX_SMALL_FILE_BYTES, check_regular_file, read_small_text
 
 __all__ = [
     "COMPRESSED_WEIGHTS_FILE",
@@ -49,7 +49,7 @@ __all__ = [
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 #: A compressed model's weights: transformers' ``variant="ttcompress"`` name, so that no transformers
-#: class finds them except the directory's own (see :mod:`ttcompress.hf_remote`).
+#: class finds them except the directory's own (see :mod:`ttcompress.checkpoint.hf_remote`).
 COMPRESSED_WEIGHTS_FILE = "model.ttcompress.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 RECORD_FILE = "ttcompress.json"
@@ -92,7 +92,7 @@ def single_weights(d: Path) -> Path | None:
 
 def read_json(p: Path, what: str) -> dict[str, Any]:
     """A JSON object from a regular file of at most :data:`MAX_JSON_BYTES` (a FIFO, a device or a
-    larger file is refused before it is read: :func:`ttcompress.smallfile.read_small_file`)."""
+    larger file is refused before it is read: :func:`ttcompress.checkpoint.smallfile.read_small_file`)."""
     try:
         data = json.loads(read_small_text(p, what=what, limit=MAX_JSON_BYTES, error=CheckpointError))
     except FileNotFoundError:

@@ -1,7 +1,7 @@
 """A model saved in half precision runs in it: its forward casts floating inputs to its dtype.
 
 A float16/bfloat16 ttcompress checkpoint loads in the dtype it was saved in, every layer alike
-(:func:`ttcompress.rebuild.rebuild_model`). Data arrive as float32, so :func:`cast_inputs_to_model`
+(:func:`ttcompress.checkpoint.rebuild.rebuild_model`). Data arrive as float32, so :func:`cast_inputs_to_model`
 gives such a model a forward pre-hook that casts floating tensor inputs (positional and keyword,
 nested in tuples, lists and dicts) to the model's dtype; integer inputs (token ids) pass
 unchanged. Every command (evaluation, report FLOPs and latency, calibration, fine-tuning) then
