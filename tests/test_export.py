@@ -358,3 +358,12 @@ def test_onnx_of_factorized_layers_broadcasts_instead_of_expanding_weights(tmp_p
         result = export_model(model, tmp_path / f"{name}.onnx", format="onnx", batch_size=2)
         ops = {node.op_type for node in onnx.load(str(result.path)).graph.node}
         assert "Expand" not in ops, (name, sorted(ops))
+
+
+def test_onnx_dynamic_axes_are_named(compressed, tmp_path) -> None:
+    import onnx
+
+    result = export_model(compressed, tmp_path / "m.onnx", format="onnx", batch_size=2)
+    graph = onnx.load(str(result.path)).graph
+    assert [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim][:1] == ["batch"]
+    assert [d.dim_param for d in graph.output[0].type.tensor_type.shape.dim][:1] == ["batch"]

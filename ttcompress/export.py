@@ -357,7 +357,22 @@ def _onnx_bytes(graph: nn.Module, example: tuple[torch.Tensor, ...], signature: 
             raise ExportError(f"ONNX export failed: {' '.join(str(exc).split())[:300]}") from None
     proto = program.model_proto
     _strip_debug_info(proto.graph)
+    _name_dynamic_axes(proto.graph, ("batch", "sequence") if signature.tokens else ("batch",))
     return proto.SerializeToString()
+
+
+def _name_dynamic_axes(graph: Any, names: Sequence[str]) -> None:
+    """Rename the exporter's symbolic sizes (``s77``) of the inputs' leading axes to ``names``
+    (``batch``, ``sequence``), wherever the graph uses them, so runtimes and readers see what they are."""
+    rename: dict[str, str] = {}
+    for value in graph.input:
+        for axis, name in zip(value.type.tensor_type.shape.dim, names):
+            if axis.dim_param and axis.dim_param not in rename:
+                rename[axis.dim_param] = name
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for axis in value.type.tensor_type.shape.dim:
+            if axis.dim_param in rename:
+                axis.dim_param = rename[axis.dim_param]
 
 
 def _strip_debug_info(graph: Any) -> None:
