@@ -38,7 +38,7 @@ from ttcompress.data import DatasetBundle, balanced_subset, load_dataset
 from ttcompress.report.evaluation import evaluate
 from ttcompress.checkpoint.models import build_arch
 from ttcompress.compression.plan import CPSettings, Plan
-from ttcompress.compression.surgery import compress_with_report
+from ttcompress.compression.pipeline import compress_with_report
 from ttcompress.training import FinetuneConfig, TrainConfig, finetune, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

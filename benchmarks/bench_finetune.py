@@ -2,7 +2,7 @@
 
 Setup: mnist-5k (3,600 training digits after the 10 % validation hold-out), batch 64, Adam, CPU
 float32, ``--threads`` intra-op threads. Trains the dense baseline for ``--epochs`` epochs, compresses it with
-:func:`ttcompress.compression.surgery.compress` (CP rank ``--cp-rank`` on the convs, TT rank ``--tt-rank`` on the
+:func:`ttcompress.compression.pipeline.compress` (CP rank ``--cp-rank`` on the convs, TT rank ``--tt-rank`` on the
 Linear layers), then fine-tunes it for ``--epochs`` epochs. Prints the median training time per
 epoch (validation excluded), throughput, test accuracy before and after, and the ratio, as a
 Markdown table (results: ``docs/benchmarks.md``).
@@ -29,7 +29,7 @@ from ttcompress.training import FinetuneConfig, TrainConfig, finetune, train
 
 def _compress(model: torch.nn.Module, *, tt_rank: int, cp_rank: int) -> tuple[torch.nn.Module, str]:
     from ttcompress.compression.plan import CPSettings, Plan, TTSettings
-    from ttcompress.compression.surgery import compress
+    from ttcompress.compression.pipeline import compress
 
     plan = Plan(tt=TTSettings(ranks=tt_rank), cp=CPSettings(rank=cp_rank))
     return compress(model, plan), f"CP rank {cp_rank} (convs) + TT rank {tt_rank} (Linear)"

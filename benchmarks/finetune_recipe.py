@@ -34,7 +34,7 @@ from ttcompress.checkpoint import io as tio
 from ttcompress.data import balanced_subset, load_dataset
 from ttcompress.report.evaluation import evaluate
 from ttcompress.compression.plan import CPSettings, Plan, TTSettings
-from ttcompress.compression.surgery import compress_with_report
+from ttcompress.compression.pipeline import compress_with_report
 from ttcompress.training import FinetuneConfig, finetune
 
 CASES = {

@@ -103,11 +103,11 @@ def measured_conv_compression(dense_model: nn.Module, compressed: nn.Module) -> 
 def decompose_convs(model: nn.Module, *, rank: int, seed: int = 0) -> dict[str, float | None]:
     """Replace every ``nn.Conv2d`` of ``model`` in place by a rank-``rank`` CP convolution.
 
-    Unlike :func:`ttcompress.compression.surgery.compress`, a conv is replaced even when CP makes it larger:
+    Unlike :func:`ttcompress.compression.pipeline.compress`, a conv is replaced even when CP makes it larger:
     the paper decomposes both convs, and the first one (1 input channel, 90 weights) has
     ``17 R`` CP parameters, more than 90 from rank 6 on, so the planner would keep it dense
     (giving 4.02× and 2.69× instead of the paper's 3.8× and 2.6×). Each replacement is recorded in
-    ``model.ttcompress_meta["layers"]`` as :func:`ttcompress.compression.surgery.compress_with_report` does,
+    ``model.ttcompress_meta["layers"]`` as :func:`ttcompress.compression.pipeline.compress_with_report` does,
     so checkpoints of the model can be reloaded.
 
     Returns

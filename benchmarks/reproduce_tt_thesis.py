@@ -22,7 +22,7 @@ reproduces 30,574 and 50,622 exactly (see that constant for how they were found)
 Two routes to the TT nets are run:
 
 (a) **TT-SVD + fine-tuning**: train the dense ``FC-FC-FC``, replace its layers by the TT-SVD of
-    their trained weights at these modes and rank 4 (:func:`ttcompress.compression.surgery.compress_with_report`
+    their trained weights at these modes and rank 4 (:func:`ttcompress.compression.pipeline.compress_with_report`
     with one plan rule per layer), measure the accuracy, fine-tune.
 (b) **from random init** (the thesis' route): build the TT layers with TTLinear's
     variance-preserving initialization and train them from scratch, including ``seed-tt2``, whose
@@ -212,7 +212,7 @@ def run(
     """
     from ttcompress.data import load_dataset
     from ttcompress.checkpoint.models import build_arch
-    from ttcompress.compression.surgery import compress_with_report
+    from ttcompress.compression.pipeline import compress_with_report
     from ttcompress.report.evaluation import evaluate
     from ttcompress.training import finetune, train
 

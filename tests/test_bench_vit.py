@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ttcompress.layers.tt_linear import TTLinear
-from ttcompress.compression.surgery import compress_with_report
+from ttcompress.compression.pipeline import compress_with_report
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "vit.py"
 

@@ -18,7 +18,7 @@ from ttcompress.compression.allocate import input_grams, whitened
 from ttcompress.cli import app
 from ttcompress.checkpoint.io import get_meta, load, read_header
 from ttcompress.compression.plan import Plan, TTSettings
-from ttcompress.compression.surgery import compress, compress_with_report
+from ttcompress.compression.pipeline import compress, compress_with_report
 from ttcompress.checkpoint.teacher import default_teacher, file_sha256
 
 runner = CliRunner()
@@ -244,7 +244,7 @@ def test_inspect_table_shows_the_recorded_output_error(tmp_path) -> None:
 
     from ttcompress.cli.tables import summary_table
     from ttcompress.layer_report import LayerReport
-    from ttcompress.compression.surgery import ModelSummary
+    from ttcompress.compression.summary import ModelSummary
 
     fitted = LayerReport("fc", "tt", "TTLinear", (8, 8), 64, 16, ranks=(1, 2, 1), rel_error=2.0,
                          out_error_before=0.9, out_error_after=0.25, params=16, share=0.2)

@@ -140,7 +140,7 @@ def test_wide_conv_over_budget_is_fitted_data_free_with_a_note():
 
 def test_compress_reports_sketched_layer_and_stays_close_to_exact():
     from ttcompress.compression.plan import Plan
-    from ttcompress.compression.surgery import compress_with_report
+    from ttcompress.compression.pipeline import compress_with_report
 
     torch.manual_seed(0)
     x = _structured(512, 2048, 20, seed=7)  # 512 rows: a 256-row sketch keeps them all (exact)

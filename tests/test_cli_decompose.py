@@ -16,7 +16,7 @@ from ttcompress.cli import app
 from ttcompress.errors import CheckpointError
 from ttcompress.checkpoint.io import get_meta, load
 from ttcompress.compression.plan import CPSettings, Plan, TTSettings
-from ttcompress.compression.surgery import compress
+from ttcompress.compression.pipeline import compress
 
 runner = CliRunner()
 FAST_PLAN = "cp:\n  options: {n_iter_max: 3}\n"
@@ -240,7 +240,7 @@ def test_large_error_flag_follows_the_output_error_when_calibrated(out_after, fl
 
     from ttcompress.cli.tables import layer_table
     from ttcompress.layer_report import LayerReport
-    from ttcompress.compression.surgery import CompressionResult
+    from ttcompress.compression.pipeline import CompressionResult
 
     record = LayerReport("fc", "tt", "Linear", (8, 8), 64, 16, ranks=(1, 2, 1), rel_error=2.0,
                          out_error_before=None if out_after is None else 0.9, out_error_after=out_after)

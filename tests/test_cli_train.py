@@ -168,7 +168,7 @@ def test_finetune_refuses_its_output_before_naming_the_recorded_teacher(tmp_path
     """An existing output is one line: "distilling from the source model ..." comes only after the
     output was accepted."""
     from ttcompress.compression.plan import Plan, TTSettings
-    from ttcompress.compression.surgery import decompose_file
+    from ttcompress.compression.pipeline import decompose_file
 
     student = decompose_file(base_ckpt, output=tmp_path / "s.tt.pt", plan=Plan(tt=TTSettings(ranks=2))).output
     out = tmp_path / "o.pt"

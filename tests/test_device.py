@@ -11,7 +11,7 @@ from ttcompress.cli import app
 from ttcompress.errors import UserInputError
 from ttcompress.compression.plan import CPSettings, Plan, TTSettings
 import ttcompress.compression.surgery as surgery
-from ttcompress.compression.surgery import compress, compress_with_report
+from ttcompress.compression.pipeline import compress, compress_with_report
 
 runner = CliRunner()
 PLAN = Plan(tt=TTSettings(ranks=4), cp=CPSettings(rank=3, options={"n_iter_max": 3}))

@@ -16,7 +16,7 @@ from torch import nn
 from ttcompress.compression.dryrun import preview_plan
 from ttcompress.formats.cp import cp_error_curve
 from ttcompress.compression.plan import Plan
-from ttcompress.compression.surgery import compress_with_report
+from ttcompress.compression.pipeline import compress_with_report
 
 TOL = 0.05
 

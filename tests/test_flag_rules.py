@@ -119,7 +119,7 @@ def test_dry_run_json_prints_json_with_the_format_auto_picks(cnn_file, tmp_path)
 def test_the_dry_run_projection_matches_the_real_run(cnn_file, tmp_path) -> None:
     from ttcompress.compression.dryrun import preview_plan
     from ttcompress.checkpoint.io import load
-    from ttcompress.compression.surgery import compress_with_report
+    from ttcompress.compression.pipeline import compress_with_report
 
     plan = plan_from_flags(**NO_FLAGS, cp_ranks="3", tt_ranks="4")
     model = load(cnn_file, arch="seed-cnn")

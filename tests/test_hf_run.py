@@ -26,7 +26,7 @@ from ttcompress.errors import UserInputError  # noqa: E402
 from ttcompress.report.evaluation import evaluate  # noqa: E402
 from ttcompress.checkpoint.io import load  # noqa: E402
 from ttcompress.outputs import primary_output  # noqa: E402
-from ttcompress.compression.surgery import summarize  # noqa: E402
+from ttcompress.compression.summary import summarize  # noqa: E402
 
 runner = CliRunner()
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64)

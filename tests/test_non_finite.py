@@ -22,7 +22,7 @@ from ttcompress.cli import app
 from ttcompress.errors import DataError, UserInputError
 from ttcompress.checkpoint.models import build_arch
 from ttcompress.compression.plan import Plan
-from ttcompress.compression.surgery import compress
+from ttcompress.compression.pipeline import compress
 
 runner = CliRunner()
 SWEEP = ["--epochs", "1", "--max-batches", "1", "--no-latency", "--device", "cpu"]
@@ -101,7 +101,8 @@ def test_python_api_refuses_before_calibration() -> None:
 def test_the_weights_are_scanned_once_per_compression(entry: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """One pass over the parameters, also under a target ratio (guarded_plan scanned them again)."""
     import ttcompress.compression.dryrun
-    import ttcompress.compression.surgery
+    import ttcompress.compression.pipeline
+    import ttcompress.compression.summary
     import ttcompress.compression.surgery_checks as checks
 
     calls: list[int] = []
@@ -111,7 +112,8 @@ def test_the_weights_are_scanned_once_per_compression(entry: str, monkeypatch: p
         calls.append(1)
         real(model)
 
-    for module in (checks, ttcompress.compression.surgery, ttcompress.compression.dryrun):
+    for module in (checks, ttcompress.compression.pipeline, ttcompress.compression.summary,
+                   ttcompress.compression.dryrun):
         monkeypatch.setattr(module, "check_finite_parameters", spy)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))

@@ -142,7 +142,7 @@ def test_library_check(hf_dir: Path, tmp_path: Path) -> None:
 
 
 def test_decompose_file_refuses_too(hf_dir: Path) -> None:
-    from ttcompress.compression.surgery import decompose_file
+    from ttcompress.compression.pipeline import decompose_file
 
     before = snapshot(hf_dir)
     with pytest.raises(OutputExistsError, match="inside the input directory"):

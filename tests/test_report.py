@@ -17,7 +17,7 @@ from ttcompress.checkpoint.models import build_arch
 from ttcompress.compression.plan import Plan, TTSettings
 from ttcompress.layer_report import count_params
 from ttcompress.report.compare import ModelEntry, build_report, count_flops
-from ttcompress.compression.surgery import compress
+from ttcompress.compression.pipeline import compress
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:
@@ -220,7 +220,7 @@ def test_layer_rows_list_every_layer_with_the_reason_a_dense_one_stayed_dense() 
     from ttcompress.layer_report import KEPT_DENSE_INFO
     from ttcompress.compression.plan import Plan
     from ttcompress.report.compare import NO_REASON, layer_rows
-    from ttcompress.compression.surgery import compress_with_report
+    from ttcompress.compression.pipeline import compress_with_report
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 64), nn.ReLU(), nn.Linear(64, 10))

@@ -11,7 +11,7 @@ from torch import nn
 from ttcompress.checkpoint.io import build_model, get_meta, load, save
 from ttcompress.compression.plan import CPSettings, Plan, Rule, TTSettings
 from ttcompress.modtree import get_submodule, set_submodule
-from ttcompress.compression.surgery import compress, compress_with_report
+from ttcompress.compression.pipeline import compress, compress_with_report
 
 CP_FAST = {"n_iter_max": 30}
 

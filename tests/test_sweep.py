@@ -197,3 +197,26 @@ def test_a_sweep_takes_the_calibration_budget(bundle, baseline, tmp_path) -> Non
         run_sweep(baseline, bundle=bundle, settings=[SweepSetting(cp_rank=2)], output_dir=tmp_path / "t",
                   config=config, calib_samples=16, calib_memory="1K")
     assert not (tmp_path / "t").exists()
+
+
+def test_a_sweep_model_is_checked_and_recorded_like_a_decompose_output(bundle, tmp_path) -> None:
+    """sweep and decompose run the one pipeline: the same forward check, plan, calibration and source record."""
+    from ttcompress.checkpoint.io import read_header
+    from ttcompress.checkpoint.meta import update_meta
+    from ttcompress.compression.pipeline import decompose_file
+
+    torch.manual_seed(0)
+    model = build_arch("seed-cnn", kwargs={"input_size": 8, "num_classes": 4, "hidden": 16})
+    update_meta(model, info={"input_shape": [1, 8, 8]})  # what the forward check runs on
+    base = save(model, tmp_path / "base.pt")
+    setting = SweepSetting(cp_rank=2)
+    config = FinetuneConfig(epochs=1, device="cpu", batch_size=32, max_batches=1)
+    [swept] = run_sweep(base, bundle=bundle, settings=[setting], output_dir=tmp_path / "s", config=config,
+                        calib_samples=None)
+    swept_info = read_header(swept.model_path.parent / "decomposed.pt")["info"]
+    done = decompose_file(base, output=tmp_path / "base.tt.pt", plan=setting.plan())
+    decompose_info = read_header(done.output)["info"]
+    recorded = ("plan", "calibration", "forward_check", "source", "source_path", "source_sha256")
+    assert {k: swept_info.get(k) for k in recorded} == {k: decompose_info.get(k) for k in recorded}
+    assert swept_info["forward_check"]["checked"] and swept_info["forward_check"]["output_error"] is not None
+    assert swept_info["source_path"] == str(base.resolve()) and swept_info["sweep_setting"]["cp_rank"] == 2

@@ -161,7 +161,7 @@ def test_masks_reach_the_model_by_keyword(lm: Path, tmp_path: Path) -> None:
     from ttcompress.data import check_model_fits, load_dataset
     from ttcompress.report.evaluation import perplexity
     from ttcompress.checkpoint.io import load
-    from ttcompress.compression.surgery import compress
+    from ttcompress.compression.pipeline import compress
 
     ids = torch.randint(2, 19, (10, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -297,7 +297,7 @@ _LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "s
 @pytest.mark.parametrize("plan", [{"formats": ["tt"], "tt": {"ranks": 4}}, {"formats": ["svd"], "svd": {"rank": 4}}])
 def test_a_compressed_tiny_llama_generates(plan: dict, tmp_path: Path) -> None:
     from ttcompress.checkpoint.io import load, save
-    from ttcompress.compression.surgery import compress
+    from ttcompress.compression.pipeline import compress
 
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

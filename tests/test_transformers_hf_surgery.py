@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 from ttcompress.checkpoint import hf  # noqa: E402
 from ttcompress.compression.plan import Plan, TTSettings  # noqa: E402
-from ttcompress.compression.surgery import compress_with_report  # noqa: E402
+from ttcompress.compression.pipeline import compress_with_report  # noqa: E402
 
 
 def _gpt2() -> torch.nn.Module:
@@ -125,7 +125,7 @@ def test_dry_run_projects_what_compress_does(plan: Plan, make: str) -> None:
 def test_inspect_lists_what_decompose_compresses() -> None:
     """inspect (summarize) sees attention's projections and GPT-2's Conv1D layers as Linear layers,
     and marks the tied ones as staying dense: its compressible rows are decompose's layers."""
-    from ttcompress.compression.surgery import summarize
+    from ttcompress.compression.summary import summarize
 
     torch.manual_seed(0)
     mha_model = torch.nn.Sequential(torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True))

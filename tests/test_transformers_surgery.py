@@ -15,7 +15,7 @@ from ttcompress.layers.attention import FactorizedMultiheadAttention
 from ttcompress.layers.tt_embedding import TTEmbedding
 from ttcompress.layers.tt_linear import TTLinear
 from ttcompress.compression.plan import Plan, Rule, TTSettings
-from ttcompress.compression.surgery import compress_with_report
+from ttcompress.compression.pipeline import compress_with_report
 
 
 def _vit() -> nn.Module:

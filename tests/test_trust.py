@@ -25,7 +25,7 @@ from ttcompress.errors import CheckpointError, UntrustedCodeError
 from ttcompress.checkpoint.io import load, read_header, save
 from ttcompress.checkpoint.models import build_arch
 from ttcompress.compression.plan import CPSettings, Plan, TTSettings
-from ttcompress.compression.surgery import compress
+from ttcompress.compression.pipeline import compress
 
 runner = CliRunner()
 FAST = ["--device", "cpu", "--batch-size", "16", "--max-batches", "1", "--epochs", "1"]

@@ -26,7 +26,7 @@ from ttcompress.layers import TTLinear
 from ttcompress.layers.tt_embedding import TTEmbedding
 from ttcompress.checkpoint.models import build_arch
 from ttcompress.compression.plan import CPSettings, Plan, TTSettings
-from ttcompress.compression.surgery import compress
+from ttcompress.compression.pipeline import compress
 
 ROOT = Path(__file__).resolve().parents[1]
 

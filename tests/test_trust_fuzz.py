@@ -21,7 +21,7 @@ import torch
 from ttcompress.checkpoint.io import save
 from ttcompress.checkpoint.models import build_arch
 from ttcompress.compression.plan import CPSettings, Plan, TTSettings
-from ttcompress.compression.surgery import compress
+from ttcompress.compression.pipeline import compress
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = 200

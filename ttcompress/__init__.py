@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time they load o
     from ttcompress.checkpoint.models import build_arch
     from ttcompress.compression.plan import CPSettings, Plan, Rule, TTSettings
     from ttcompress.compression.planfile import load_plan, plan_from_options
-    from ttcompress.compression.surgery import compress, compress_with_report
+    from ttcompress.compression.pipeline import compress, compress_with_report
 
 # Every public name is loaded on first access, so that ``import ttcompress`` (and with it
 # ``ttcompress --version`` / ``--help``) does not import torch.
@@ -54,14 +54,14 @@ _LAZY = {
     "TTSettings": "ttcompress.compression.plan",
     "load_plan": "ttcompress.compression.planfile",
     "plan_from_options": "ttcompress.compression.planfile",
-    "compress": "ttcompress.compression.surgery",
+    "compress": "ttcompress.compression.pipeline",
     "CompressionFormat": "ttcompress.formats",
     "format_names": "ttcompress.formats",
     "format_of": "ttcompress.formats",
     "formats_for": "ttcompress.formats",
     "get_format": "ttcompress.formats",
     "register_format": "ttcompress.formats",
-    "compress_with_report": "ttcompress.compression.surgery",
+    "compress_with_report": "ttcompress.compression.pipeline",
     # these pull in the training loop, datasets and reports
     "load_dataset": "ttcompress.data",
     "train": "ttcompress.training",

@@ -1,8 +1,8 @@
 """One typed record per layer: what a compression run did to it, or what a model holds there.
 
 :class:`LayerReport` is the one per-layer record of ttcompress. A compression run
-(:func:`ttcompress.compression.surgery.compress_with_report`) makes one per dense candidate layer (the rows of
-the ``decompose`` table), :func:`ttcompress.compression.surgery.summarize` one per compressible or compressed
+(:func:`ttcompress.compression.pipeline.compress_with_report`) makes one per dense candidate layer (the rows of
+the ``decompose`` table), :func:`ttcompress.compression.summary.summarize` one per compressible or compressed
 layer (the ``inspect`` table), :func:`ttcompress.report.compare.layer_rows` one per compressed layer (the
 report's layer table), and the model metadata (:class:`ttcompress.checkpoint.meta.ModelMeta`) keeps one per
 replaced layer, of which :data:`META_FIELDS` go into a checkpoint's header.

@@ -11,7 +11,9 @@ weights when distilling, the base plan and the ttcompress version; not the devic
 
     output_dir/
       tt-r4_cp-r3-1a2b3c4d/
-        decomposed.pt      the compressed model before fine-tuning (+ decomposed.json: its accuracy)
+        decomposed.pt      the compressed model before fine-tuning, by the pipeline ``decompose`` runs
+                           (:func:`~ttcompress.compression.pipeline.run_compress`: forward-checked; plan,
+                           calibration and source recorded) (+ decomposed.json: its accuracy)
         model.pt           the best fine-tuned checkpoint (and finetune's own files beside it)
         result.json        written last: the setting's result
 
@@ -45,7 +47,7 @@ from ttcompress.compression.planfile import NONE, load_plan, plan_from_options, 
 from ttcompress.report.evaluation import evaluate, perplexity, resolve_device
 from ttcompress.checkpoint.io import load, save
 from ttcompress.layer_report import count_params
-from ttcompress.compression.surgery import compress_with_report
+from ttcompress.compression.pipeline import AUTO_CHECK, CompressOptions, run_compress
 from ttcompress.compression.surgery_checks import check_finite_parameters
 from ttcompress.checkpoint.teacher import load_teacher
 from ttcompress.training.api import finetune
@@ -400,7 +402,7 @@ def run_sweep(
     check_model_fits(base_model, bundle, what=f"baseline {baseline.name!r}")
     out.mkdir(parents=True, exist_ok=True)
     run = _SweepRun(
-        bundle=bundle, config=config, base_plan=base_plan, plan_options=dict(plan_options or {}), out=out, digest=digest,
+        baseline=baseline, bundle=bundle, config=config, base_plan=base_plan, plan_options=dict(plan_options or {}), out=out, digest=digest,
         base_model=base_model, base_params=count_params(base_model), teacher=teacher,
         teacher_digest=_weights_digest(teacher) if teacher is not None else None,
         cached=_cached_load_kwargs(arch, arch_kwargs, trust_code), data_root=data_root, progress=progress,
@@ -413,6 +415,7 @@ def run_sweep(
 class _SweepRun:
     """What every setting of one :func:`run_sweep` shares."""
 
+    baseline: Path
     bundle: DatasetBundle
     config: TrainConfig
     base_plan: Plan | None
@@ -487,12 +490,11 @@ def _decomposed(run: _SweepRun, setting: SweepSetting, plan: Plan, work: Path, h
         run.say(f"{head}: reusing the decomposed model")
         return load(decomposed, **run.cached), json.loads(before_file.read_text(encoding="utf-8"))["accuracy"]
     run.say(f"{head}: decomposing" + (f", calibrated on {run.calib_info['samples']} samples" if run.calib_info else ""))
-    with named_calibration(run.calib_info):
-        model = compress_with_report(copy.deepcopy(run.base_model), plan, calib_data=run.calib,
-                                     calib_memory=run.calib_memory).model
-    calibration = {"used": run.calib_info is not None, **(run.calib_info or {})}
-    save(model, decomposed, info={"plan": plan.to_dict(), "sweep_setting": dataclasses.asdict(setting),
-                                  "calibration": calibration})
+    # the one pipeline, as decompose runs it: forward-checked, the plan, calibration and source recorded
+    options = CompressOptions(plan=plan, calib_data=run.calib, calib_memory=run.calib_memory,
+                              calib_info=run.calib_info, check_input=AUTO_CHECK, source=run.baseline)
+    model = run_compress(copy.deepcopy(run.base_model), options).model
+    save(model, decomposed, info={"sweep_setting": dataclasses.asdict(setting)})
     accuracy_before = run.evaluate(model)
     _write_json(before_file, {"accuracy": accuracy_before})
     return model, accuracy_before

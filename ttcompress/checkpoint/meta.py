@@ -17,7 +17,7 @@ from torch import nn
 
 from ttcompress.layer_report import LayerReport
 
-__all__ = ["META_ATTR", "ArchSpec", "ModelMeta", "copy_meta", "get_meta", "read_meta", "set_meta", "update_meta"]
+__all__ = ["META_ATTR", "ArchSpec", "ModelMeta", "copy_meta", "get_meta", "has_meta", "read_meta", "set_meta", "update_meta"]
 
 META_ATTR = "ttcompress_meta"
 
@@ -98,9 +98,14 @@ def set_meta(model: nn.Module, meta: ModelMeta) -> None:
     object.__setattr__(model, META_ATTR, meta.to_dict())
 
 
+def has_meta(model: nn.Module) -> bool:
+    """Whether ``model`` carries ttcompress metadata (built, loaded or compressed by ttcompress)."""
+    return hasattr(model, META_ATTR)
+
+
 def copy_meta(src: nn.Module, dest: nn.Module) -> None:
     """Give ``dest`` a copy of ``src``'s metadata, if ``src`` has any."""
-    if hasattr(src, META_ATTR):
+    if has_meta(src):
         set_meta(dest, read_meta(src))
 
 

@@ -1,7 +1,7 @@
 """``ttcompress decompose``: compress a model file's Linear (TT) and Conv2d (CP) layers.
 
 A thin shell over :func:`ttcompress.compression.planfile.plan_from_options` (parse the options into a plan) and
-:func:`ttcompress.compression.surgery.decompose_file` (load → compress → save atomically).
+:func:`ttcompress.compression.pipeline.decompose_file` (load → compress → save atomically).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from ttcompress.compression.dryrun import PlanPreview, preview_plan
 from ttcompress.compression.plan import Plan
 from ttcompress.checkpoint.io import load_checkpoint
 from ttcompress.cli.recorded import recorded_dataset
-from ttcompress.compression.surgery import CompressionResult, DecomposeResult, decompose_file, default_output_path
+from ttcompress.compression.pipeline import CompressionResult, DecomposeResult, decompose_file, default_output_path
 
 app = command_app()
 
@@ -117,7 +117,7 @@ def calibration_line(calibration: Any) -> str:
 def _decompose_with_progress(model: Path, *, output: Optional[Path], plan: Plan, load: dict[str, Any],
                              calib: Any, calib_info: Any, console: Any = None, device: str = "auto",
                              calib_memory: Any = None) -> Any:
-    """:func:`ttcompress.compression.surgery.decompose_file` with progress bars on ``console`` (default: stderr).
+    """:func:`ttcompress.compression.pipeline.decompose_file` with progress bars on ``console`` (default: stderr).
 
     Bars (layers done, the current layer's CP-ALS sweeps with error and time left, and the calibration
     statistics pass in progress) are drawn

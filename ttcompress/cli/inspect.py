@@ -1,6 +1,6 @@
 """``ttcompress inspect``: what is in a model file, and what could be compressed.
 
-A thin shell over :func:`ttcompress.compression.surgery.inspect_file`.
+A thin shell over :func:`ttcompress.compression.summary.inspect_file`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ttcompress.cli.options import (
     plan_from_flags,
 )
 from ttcompress.errors import refused_input
-from ttcompress.compression.surgery import inspect_file
+from ttcompress.compression.summary import inspect_file
 
 app = command_app()
 

@@ -2,7 +2,7 @@
 decomposition (:class:`DecomposeProgress`).
 
 The library reports progress through :class:`ttcompress.training.records.TrainCallback`, the
-``progress(done, total, name)`` callback of :func:`ttcompress.compression.surgery.decompose_file` and
+``progress(done, total, name)`` callback of :func:`ttcompress.compression.pipeline.decompose_file` and
 :class:`ttcompress.decompose.cp.CPProgress`; these are the command line's renderings of them. Bars
 are drawn only when the console is a terminal: piped or redirected stderr stays clean.
 """

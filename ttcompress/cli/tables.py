@@ -16,7 +16,8 @@ from ttcompress.formats import DENSE
 from ttcompress.formats.base import ESTIMATE, EXACT, UPPER_BOUND
 from ttcompress.layer_report import LayerReport, format_label
 from ttcompress.report.render import BEYOND_ZERO, large_error_note, out_error_cell, weight_error_cell
-from ttcompress.compression.surgery import CompressionResult, ModelSummary
+from ttcompress.compression.pipeline import CompressionResult
+from ttcompress.compression.summary import ModelSummary
 
 __all__ = ["error_cell", "layer_table", "preview_error_cell", "preview_table", "print_table", "summary_table"]
 

@@ -134,7 +134,7 @@ def _preview_layer(module: nn.Module, decision: LayerDecision, budget: float) ->
 
 
 def preview_plan(model: nn.Module, plan: Plan, *, budget: float = PREVIEW_BUDGET) -> PlanPreview:
-    """What :func:`ttcompress.compression.surgery.compress` would do to ``model`` under ``plan``, without writing it.
+    """What :func:`ttcompress.compression.pipeline.compress` would do to ``model`` under ``plan``, without writing it.
 
     Layers whose decomposition costs at most ``budget`` multiply-adds are decomposed one at a time
     (and dropped) to give their exact data-free weight error; others get a bound or an estimate

@@ -457,7 +457,9 @@ def _kind(module: nn.Module) -> str:
     return type(module).__name__
 
 
-def _decide(name: str, module: nn.Module, aliases: tuple[str, ...], plan: Plan, *, lowest: bool = False) -> LayerDecision:
+def _decide(name: str, module: nn.Module, aliases: tuple[str, ...], plan: Plan, *, lowest: bool = False,
+            guard: str | None = None) -> LayerDecision:
+    """The plan's decision for one layer; a layer the plan selects but ``guard`` names a reason for stays dense."""
     before = dense_params(module)
 
     def dense(reason: str) -> LayerDecision:
@@ -481,6 +483,9 @@ def _decide(name: str, module: nn.Module, aliases: tuple[str, ...], plan: Plan, 
     override = rule.override() if rule is not None else {}
     decision = fmt.decide(module, name, plan.settings_for(fmt_name), override=override, aliases=aliases,
                           lowest=lowest, settings_of=plan.settings_for)
+    if guard is not None and decision.skipped is None:
+        d = decision
+        return LayerDecision(name, _kind(module), d.shape, DENSE, {}, d.params_before, d.params_before, guard, aliases)
     return replace(decision, type=_kind(module))
 
 
@@ -501,8 +506,8 @@ def check_patterns_match(plan: Plan, names: Sequence[str]) -> None:
             raise PatternError(f"{what} pattern {p!r} matches no layer; {hint}")
 
 
-def plan_layers(model: nn.Module, plan: Plan, *,
-                sensitivity: Mapping[str, Any] | None = None) -> list[LayerDecision]:
+def plan_layers(model: nn.Module, plan: Plan, *, sensitivity: Mapping[str, Any] | None = None,
+                keep_dense: Mapping[str, str] | None = None) -> list[LayerDecision]:
     """Decide, for every layer of ``model`` a registered format compresses, what the plan does with it.
 
     Parameters
@@ -515,6 +520,11 @@ def plan_layers(model: nn.Module, plan: Plan, *,
         Input Gram matrices by layer name (:func:`ttcompress.compression.allocate.input_grams`): under
         ``target_ratio`` the allocator then measures each rank's output error instead of the
         weight error.
+    keep_dense : mapping of str to str, optional
+        Layers that must stay dense whatever the plan says (a replacement would break the model,
+        :func:`ttcompress.compression.surgery_checks.guard_reasons`), with the reason. A selected one keeps the
+        reason as its ``skipped``; under ``target_ratio`` it holds its dense parameters, so the budget goes to
+        the layers that can take it.
 
     Returns
     -------
@@ -544,13 +554,14 @@ def plan_layers(model: nn.Module, plan: Plan, *,
     names = [n for n, m in model.named_modules(remove_duplicate=False)
              if id(m) not in inner and (compressible(m) or isinstance(m, done))]
     check_patterns_match(plan, names)
+    guards = dict(keep_dense or {})
     if plan.target_ratio is None:
-        return [_decide(n, m, a, plan) for n, m, a in cands]
-    return _allocate(model, cands, plan, sensitivity)
+        return [_decide(n, m, a, plan, guard=guards.get(n)) for n, m, a in cands]
+    return _allocate(model, cands, plan, sensitivity, guards)
 
 
 def _allocate(model: nn.Module, cands: list[Candidate], plan: Plan,
-              sensitivity: Mapping[str, Any] | None) -> list[LayerDecision]:
+              sensitivity: Mapping[str, Any] | None, guards: Mapping[str, str]) -> list[LayerDecision]:
     """The decisions of :func:`ttcompress.compression.allocate.allocate` for ``plan.target_ratio``."""
     # types the plan's formats do not cover get the target-ratio default (auto)
     extra = () if plan.others == DENSE else tuple(
@@ -560,7 +571,7 @@ def _allocate(model: nn.Module, cands: list[Candidate], plan: Plan,
     for name, module, aliases in cands:
         rule = plan.merged_rule(name)
         fixed = rule is not None and rule.ranks is not None
-        slots.append(Slot(module, _decide(name, module, aliases, base, lowest=not fixed), fixed))
+        slots.append(Slot(module, _decide(name, module, aliases, base, lowest=not fixed, guard=guards.get(name)), fixed))
     total = sum(p.numel() for p in model.parameters())
     return allocate(slots, total=total, target_ratio=float(plan.target_ratio),  # type: ignore[arg-type]
                     sensitivity=sensitivity, min_saving=plan.saving_floor(sensitivity is not None),

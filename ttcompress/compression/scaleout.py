@@ -1,6 +1,6 @@
 """Decompose the layers of one model in several processes under ``torchrun``.
 
-:func:`build_all` is what :func:`ttcompress.compression.surgery.compress_with_report` calls to build the
+:func:`build_all` is what :func:`ttcompress.compression.pipeline.compress_with_report` calls to build the
 replacement of every planned layer. In a single process it builds them one after the other. In a
 ``torch.distributed`` group of ``N`` processes (``torchrun --nproc_per_node N -m ttcompress
 decompose ...``) each rank decomposes its share of the layers on its own device — the shares are

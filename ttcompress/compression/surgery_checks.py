@@ -1,7 +1,7 @@
-"""Structure around the swap of :func:`ttcompress.compression.surgery.compress_with_report`.
+"""Structure around the swap of :func:`ttcompress.compression.pipeline.compress_with_report`.
 
 Which layers a compressed replacement would break (attention internals, tied weights:
-:func:`guard_decisions`), and the forward check that runs the compressed model on the user's
+:func:`guard_reasons`), and the forward check that runs the compressed model on the user's
 ``check_input`` and puts the layers inside a failing module back to dense until it runs
 (:func:`forward_check`, :func:`finish_checked`); and the check that the model runs on the
 calibration inputs (:func:`calibration_batches`).
@@ -9,7 +9,6 @@ calibration inputs (:func:`calibration_batches`).
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
@@ -25,8 +24,8 @@ from ttcompress.formats.structure import Preparation, finish_model, parent_reaso
 from ttcompress.inputs import call_model, main_tensor, take_rows
 from ttcompress.layer_report import LayerReport
 from ttcompress.checkpoint.meta import read_meta
-from ttcompress.modtree import get_submodule, set_submodule
-from ttcompress.compression.plan import LayerDecision, Plan, plan_layers
+from ttcompress.modtree import set_submodule
+from ttcompress.compression.plan import LayerDecision, Plan, compressible_layers, plan_layers
 
 __all__ = [
     "Swapped",
@@ -38,9 +37,8 @@ __all__ = [
     "failing_stack",
     "finish_checked",
     "forward_check",
-    "guard_decisions",
+    "guard_reasons",
     "guarded_plan",
-    "keep_dense",
     "nested_off",
     "output_error",
     "output_tensors",
@@ -57,8 +55,8 @@ Swapped = dict[str, tuple[nn.Module, tuple[str, ...]]]
 def check_finite_parameters(model: nn.Module) -> None:
     """Refuse a model with a NaN or Inf parameter, naming the first one.
 
-    Called once where every compression starts (:func:`ttcompress.compression.surgery.compress_with_report`,
-    :func:`ttcompress.compression.dryrun.preview_plan`, :func:`ttcompress.compression.surgery.summarize` of a plan with a
+    Called once where every compression starts (:func:`ttcompress.compression.pipeline.compress_with_report`,
+    :func:`ttcompress.compression.dryrun.preview_plan`, :func:`ttcompress.compression.summary.summarize` of a plan with a
     target ratio, and :func:`ttcompress.sweep.run_sweep` right after loading), before rank allocation,
     calibration or any decomposition: an SVD, eigendecomposition or least-squares fit of
     non-finite values fails deep inside the linear-algebra backend, and a layer kept dense would
@@ -105,12 +103,8 @@ def check_calib_fits(model: nn.Module, batch: Any) -> None:
             m.training = flag
 
 
-def keep_dense(d: LayerDecision, reason: str) -> LayerDecision:
-    return LayerDecision(d.name, d.type, d.shape, DENSE, {}, d.params_before, d.params_before, reason, d.aliases)
-
-
-def guard_decisions(prep: Preparation, decisions: list[LayerDecision]) -> list[LayerDecision]:
-    """Keep dense the layers a compressed replacement would break.
+def guard_reasons(prep: Preparation) -> dict[str, str]:
+    """The layers a compressed replacement would break, with the reason: they stay dense.
 
     * the ``out_proj`` of an ``nn.MultiheadAttention`` that could not be converted (its forward
       reads ``out_proj.weight``), and the feed-forward layers of a ``TransformerEncoderLayer``
@@ -121,36 +115,28 @@ def guard_decisions(prep: Preparation, decisions: list[LayerDecision]) -> list[L
     owners: dict[int, list[str]] = {}
     for pname, p in prep.model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
-    out = []
-    for d in decisions:
-        if d.skipped is None:
-            reason = parent_reason(prep, d.name) or tied_reason(prep.model, d, owners)
-            if reason is not None:
-                d = keep_dense(d, reason)
-        out.append(d)
-    return out
+    reasons = {}
+    for name, module, aliases in compressible_layers(prep.model):
+        reason = parent_reason(prep, name) or tied_reason(module, (name, *aliases), owners)
+        if reason is not None:
+            reasons[name] = reason
+    return reasons
 
 
 def guarded_plan(prep: Preparation, plan: Plan, sensitivity: Any = None) -> list[LayerDecision]:
-    """The plan's decisions with the layers a replacement would break kept dense. Under a
-    ``target_ratio`` those layers are taken out before the ranks are allocated, so that the
-    budget goes to the layers that can take it (tied embeddings would otherwise hold a share the
-    model never gets, and the target would be missed). Allocating ranks needs every layer's
-    spectrum: callers refuse a model with non-finite weights first (:func:`check_finite_parameters`)."""
-    first = plan_layers(prep.model, plan, sensitivity=sensitivity)
-    guarded = guard_decisions(prep, first)
-    if plan.target_ratio is None:
-        return guarded
-    kept = {g.name: g for d, g in zip(first, guarded, strict=True) if d.skipped is None and g.skipped is not None}
-    if not kept:
-        return guarded
-    again = replace(plan, exclude=(*plan.exclude, *(glob.escape(n) for n in kept)))
-    return [kept.get(d.name, d) for d in guard_decisions(prep, plan_layers(prep.model, again, sensitivity=sensitivity))]
+    """The plan's decisions for the prepared model, in one pass of :func:`plan_layers`, with the layers a
+    replacement would break (:func:`guard_reasons`) kept dense. Under a ``target_ratio`` those layers hold
+    their dense parameters while the ranks are allocated, so that the budget goes to the layers that can take
+    it (tied embeddings would otherwise hold a share the model never gets, and the target would be missed).
+    Allocating ranks needs every layer's spectrum: callers refuse a model with non-finite weights first
+    (:func:`check_finite_parameters`)."""
+    return plan_layers(prep.model, plan, sensitivity=sensitivity, keep_dense=guard_reasons(prep))
 
 
-def tied_reason(model: nn.Module, d: LayerDecision, owners: Mapping[int, list[str]]) -> str | None:
-    prefixes = tuple(n + "." if n else "" for n in (d.name, *d.aliases))
-    for p in get_submodule(model, d.name).parameters():
+def tied_reason(module: nn.Module, names: tuple[str, ...], owners: Mapping[int, list[str]]) -> str | None:
+    """Why ``module`` (registered under ``names``) shares a parameter with another module, or None."""
+    prefixes = tuple(n + "." if n else "" for n in names)
+    for p in module.parameters():
         others = [n for n in owners.get(id(p), ()) if not n.startswith(prefixes)]
         if others:
             return f"tied to {others[0]} (compressing it would untie them)"

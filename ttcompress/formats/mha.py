@@ -5,7 +5,7 @@ Linear children ``q``, ``k``, ``v``, and ``out_proj`` becomes ``out``) and compr
 itself. It exists so that the projections become layers a plan can address by name
 (``encoder.layers.*.self_attention.q``) and compress with any Linear format, and so that a
 checkpoint records the conversion (the parent's ``config()`` first, then its compressed children).
-Surgery applies it where needed (:func:`ttcompress.compression.surgery.compress_with_report`); a plan never
+Surgery applies it where needed (:func:`ttcompress.compression.pipeline.compress_with_report`); a plan never
 selects it for a layer.
 
 References
