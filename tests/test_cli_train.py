@@ -198,3 +198,18 @@ def test_a_model_that_cannot_load_is_one_line_even_when_a_source_is_recorded(tmp
     result = CliRunner().invoke(app, ["finetune", str(comp), "--epochs", "1", "-o", str(tmp_path / "f.pt")])
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "distilling" not in result.stderr
+
+
+def test_training_flags_are_generated_from_the_config_fields() -> None:
+    """train, finetune and sweep take every command-line field of their config, with its flag and default."""
+    from ttcompress.cli import load_command
+    from ttcompress.training.config import FinetuneConfig, TrainConfig, cli_options
+
+    for command, cls in (("train", TrainConfig), ("finetune", FinetuneConfig), ("sweep", FinetuneConfig)):
+        params = {p.name: p for p in load_command(command).params}
+        expected = {name: cli for name, cli in cli_options(cls).items() if command in cli.commands}
+        assert len(expected) >= 20
+        for name, cli in expected.items():
+            assert params[name].opts == [cli.flag], (command, name)
+            assert params[name].default == getattr(cls(), name), (command, name)
+    assert "train_only" not in {p.name for p in load_command("train").params}

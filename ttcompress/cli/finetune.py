@@ -1,7 +1,8 @@
 """``ttcompress finetune``: recover the accuracy of a (compressed) model by training it further.
 
-A thin shell over :func:`ttcompress.training.api.finetune_file`; the options are shared with
-``ttcompress train`` (:mod:`ttcompress.cli.train`) and :mod:`ttcompress.cli.options`.
+A thin shell over :func:`ttcompress.training.api.finetune_file`; the training options are generated
+from :class:`~ttcompress.training.config.FinetuneConfig`'s fields (:mod:`ttcompress.cli.config_options`),
+the others are shared with ``ttcompress train`` (:mod:`ttcompress.cli.train`) and :mod:`ttcompress.cli.options`.
 """
 
 from __future__ import annotations
@@ -25,38 +26,17 @@ from ttcompress.cli.options import (
     parse_arch_kwargs,
 )
 from ttcompress.cli.recorded import check_default_data
+from ttcompress.cli.config_options import config_options
 from ttcompress.cli.train import (
-    AlphaOpt,
-    AmpOpt,
-    BatchSizeOpt,
-    CompileOpt,
     DataRootOpt,
-    DeviceOpt,
-    DistillLossOpt,
     DownloadOpt,
-    EpochsOpt,
-    EvalBatchSizeOpt,
-    GammaOpt,
     ImageSizeOpt,
-    SeqLenOpt,
-    check_text_options,
-    TokenizerOpt,
-    LrOpt,
-    MaxBatchesOpt,
     ModelDataOpt,
-    ValFractionOpt,
-    MomentumOpt,
-    OptimizerOpt,
     ResumeOpt,
-    ScheduleOpt,
-    SeedOpt,
-    StepSizeOpt,
+    SeqLenOpt,
     TeacherOpt,
-    TemperatureOpt,
-    TrainOnlyOpt,
-    WeightDecayOpt,
-    WorkersOpt,
-    make_config,
+    TokenizerOpt,
+    check_text_options,
     render_result,
     require_output,
 )
@@ -91,7 +71,9 @@ def _recorded_teacher(model: Path) -> Path | None:
 
 @app.command("finetune")
 @cli_errors
+@config_options(FinetuneConfig, command="finetune")
 def finetune(
+    *,
     model: ModelArg,
     output: OutputOpt = None,
     overwrite: OverwriteOpt = False,
@@ -101,24 +83,7 @@ def finetune(
     image_size: ImageSizeOpt = None,
     seq_len: SeqLenOpt = None,
     tokenizer: TokenizerOpt = None,
-    epochs: EpochsOpt = FinetuneConfig.epochs,
-    batch_size: BatchSizeOpt = FinetuneConfig.batch_size,
-    optimizer: OptimizerOpt = FinetuneConfig.optimizer,
-    lr: LrOpt = FinetuneConfig.lr,
-    momentum: MomentumOpt = FinetuneConfig.momentum,
-    weight_decay: WeightDecayOpt = FinetuneConfig.weight_decay,
-    schedule: ScheduleOpt = FinetuneConfig.schedule,
-    step_size: StepSizeOpt = FinetuneConfig.step_size,
-    gamma: GammaOpt = FinetuneConfig.gamma,
-    seed: SeedOpt = FinetuneConfig.seed,
-    max_batches: MaxBatchesOpt = None,
-    val_fraction: ValFractionOpt = FinetuneConfig.val_fraction,
-    train_only: TrainOnlyOpt = FinetuneConfig.train_only,
-    device: DeviceOpt = FinetuneConfig.device,
-    amp: AmpOpt = None,
-    compile_: CompileOpt = False,
-    workers: WorkersOpt = None,
-    eval_batch_size: EvalBatchSizeOpt = FinetuneConfig.eval_batch_size,
+    config: FinetuneConfig,
     resume: ResumeOpt = False,
     teacher: TeacherOpt = None,
     teacher_arch: Annotated[Optional[str], typer.Option(
@@ -131,9 +96,6 @@ def finetune(
     no_distill: Annotated[bool, typer.Option(
         "--no-distill", help="Do not distill from the source model that decompose recorded (the default teacher "
         "when that file is still there and unchanged).", rich_help_panel="Distillation")] = False,
-    alpha: AlphaOpt = FinetuneConfig.distill_alpha,
-    temperature: TemperatureOpt = FinetuneConfig.distill_temperature,
-    distill_loss: DistillLossOpt = FinetuneConfig.distill_loss,
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
@@ -154,13 +116,6 @@ def finetune(
     from ttcompress.cli.progress import RichProgress
     from ttcompress.training.api import finetune_file
 
-    config = make_config(
-        FinetuneConfig, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, schedule=schedule, step_size=step_size, gamma=gamma, seed=seed, device=device,
-        amp=amp, compile=compile_, train_only=train_only, distill_alpha=alpha, distill_temperature=temperature,
-        distill_loss=distill_loss,
-        eval_batch_size=eval_batch_size, num_workers=workers, max_batches=max_batches, val_fraction=val_fraction,
-    )  # fmt: skip
     if teacher is None and (teacher_arch is not None or teacher_arch_kwargs is not None):
         raise UserInputError("--teacher-arch and --teacher-arch-kwargs need --teacher")
     if teacher_arch is None and teacher_arch_kwargs is not None:

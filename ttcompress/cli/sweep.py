@@ -24,12 +24,9 @@ from ttcompress.cli.options import (
     parse_arch_kwargs, parse_list,
 )
 from ttcompress.cli.report import check_render_options, emit, resolve_format
+from ttcompress.cli.config_options import config_options
 from ttcompress.cli.train import (
-    AlphaOpt, AmpOpt, BatchSizeOpt, CompileOpt, DataOpt, DataRootOpt, DeviceOpt, DistillLossOpt, DownloadOpt,
-    EpochsOpt,
-    EvalBatchSizeOpt, GammaOpt, ImageSizeOpt, SeqLenOpt, TokenizerOpt, check_text_options, LrOpt, MaxBatchesOpt, MomentumOpt, OptimizerOpt, ScheduleOpt,
-    SeedOpt, StepSizeOpt, TeacherOpt, TemperatureOpt, TrainOnlyOpt, ValFractionOpt, WeightDecayOpt, WorkersOpt,
-    make_config,
+    DataOpt, DataRootOpt, DownloadOpt, ImageSizeOpt, SeqLenOpt, TeacherOpt, TokenizerOpt, check_text_options,
 )
 from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES
 from ttcompress.training.config import FinetuneConfig
@@ -76,7 +73,9 @@ ReportFormatOpt = Annotated[Optional[str], typer.Option(
 
 @app.command("sweep")
 @cli_errors
+@config_options(FinetuneConfig, command="sweep")
 def sweep_command(
+    *,
     baseline: Annotated[Path, typer.Argument(help="The dense baseline model file.", metavar="BASELINE")],
     tt_ranks: TTRanksList = None,
     tt_eps: TTEpsList = None,
@@ -103,32 +102,12 @@ def sweep_command(
     image_size: ImageSizeOpt = None,
     seq_len: SeqLenOpt = None,
     tokenizer: TokenizerOpt = None,
-    epochs: EpochsOpt = FinetuneConfig.epochs,
-    batch_size: BatchSizeOpt = FinetuneConfig.batch_size,
-    optimizer: OptimizerOpt = FinetuneConfig.optimizer,
-    lr: LrOpt = FinetuneConfig.lr,
-    momentum: MomentumOpt = FinetuneConfig.momentum,
-    weight_decay: WeightDecayOpt = FinetuneConfig.weight_decay,
-    schedule: ScheduleOpt = FinetuneConfig.schedule,
-    step_size: StepSizeOpt = FinetuneConfig.step_size,
-    gamma: GammaOpt = FinetuneConfig.gamma,
-    seed: SeedOpt = FinetuneConfig.seed,
-    max_batches: MaxBatchesOpt = None,
-    val_fraction: ValFractionOpt = FinetuneConfig.val_fraction,
-    train_only: TrainOnlyOpt = FinetuneConfig.train_only,
-    distill_loss: DistillLossOpt = FinetuneConfig.distill_loss,
-    device: DeviceOpt = FinetuneConfig.device,
-    amp: AmpOpt = None,
-    compile_: CompileOpt = False,
-    workers: WorkersOpt = None,
-    eval_batch_size: EvalBatchSizeOpt = FinetuneConfig.eval_batch_size,
+    config: FinetuneConfig,
     distill: Annotated[bool, typer.Option(
         "--distill/--no-distill", help="Distil from the baseline while fine-tuning, as finetune does from the model "
         "decompose recorded (default); --teacher FILE distils from that model instead.",
         rich_help_panel="Distillation")] = True,
     teacher: TeacherOpt = None,
-    alpha: AlphaOpt = FinetuneConfig.distill_alpha,
-    temperature: TemperatureOpt = FinetuneConfig.distill_temperature,
     fmt: ReportFormatOpt = None,
     report_file: Annotated[Optional[Path], typer.Option(
         "--report", help="Also write the report to this file; its extension gives the format (.md, .csv, .json, .txt).",
@@ -157,7 +136,7 @@ def sweep_command(
     inputs = [baseline, plan, teacher, *data_inputs(data)]
     check_outputs([report_file, plot], overwrite=overwrite, inputs=inputs)
     check_not_inputs([output_dir if output_dir is not None else default_output_dir(baseline)], inputs)
-    report = _run(o, _settings(o), _config(o))
+    report = _run(o, _settings(o), config)
     emit(report, fmt=o["fmt"], output=None, plot=plot, plot_x=plot_x, plot_title=plot_title)
     if report_file is not None:
         emit(report, fmt=resolve_format(None, report_file), output=report_file, plot=None)
@@ -182,18 +161,6 @@ def _settings(o: dict[str, Any]) -> Any:
             target_ratios=parse_list(o["target_ratios"], option="--target-ratios", kind=float),
         )
     return settings
-
-
-def _config(o: dict[str, Any]) -> FinetuneConfig:
-    """The fine-tuning configuration of every setting, from finetune's flags."""
-    return make_config(
-        FinetuneConfig, epochs=o["epochs"], batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"],
-        momentum=o["momentum"], weight_decay=o["weight_decay"], schedule=o["schedule"], step_size=o["step_size"],
-        gamma=o["gamma"], seed=o["seed"], device=o["device"], amp=o["amp"], compile=o["compile_"],
-        train_only=o["train_only"], distill_alpha=o["alpha"], distill_temperature=o["temperature"],
-        distill_loss=o["distill_loss"], eval_batch_size=o["eval_batch_size"], num_workers=o["workers"],
-        max_batches=o["max_batches"], val_fraction=o["val_fraction"],
-    )  # fmt: skip
 
 
 def _run(o: dict[str, Any], settings: Any, config: FinetuneConfig) -> Any:

@@ -1,16 +1,17 @@
 """``ttcompress train``: train a built-in (or any) architecture from scratch on a dataset.
 
-A thin shell over :func:`ttcompress.training.api.train_arch`. The options shared with ``finetune`` are
-defined here (``Annotated`` aliases) and imported by :mod:`ttcompress.cli.finetune`; the model
-path, ``--arch-kwargs``, ``--trust-pickle``, ``-o`` and ``--json`` come from
-:mod:`ttcompress.cli.options`.
+A thin shell over :func:`ttcompress.training.api.train_arch`. The training options (``--epochs``,
+``--lr``, ...) are generated from :class:`~ttcompress.training.config.TrainConfig`'s fields
+(:func:`ttcompress.cli.config_options.config_options`), the same for ``finetune`` and ``sweep``; the
+data options shared with them are defined here (``Annotated`` aliases); the model path,
+``--arch-kwargs``, ``--trust-pickle``, ``-o`` and ``--json`` come from :mod:`ttcompress.cli.options`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -18,15 +19,15 @@ from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, data_inputs, err, out
 from ttcompress.errors import UserInputError
 from ttcompress.cli.options import ArchKwargsOpt, JsonOpt, OutputOpt, OverwriteOpt, TrustCodeOpt, TrustPickleOpt, parse_arch_kwargs
-from ttcompress.training.config import TrainConfig
+from ttcompress.cli.config_options import config_options, field_option
+from ttcompress.training.config import DISTILL_PANEL, RUN_PANEL, TrainConfig
 from ttcompress.training.records import TrainResult
 
 app = command_app()
 
 _DATA = "Data"
-_OPT = "Optimization"
-_RUN = "Device and run"
-_KD = "Distillation"
+_RUN = RUN_PANEL
+_KD = DISTILL_PANEL
 
 # ----------------------------------------------------------------------------- shared options
 _DATA_HELP = ("Dataset: mnist-5k (embedded, offline), mnist, fashion-mnist, cifar10, imagefolder:PATH, "
@@ -66,68 +67,13 @@ def check_text_options(data: str | None, *, seq_len: int | None, tokenizer: Path
             raise UserInputError(f"{flag} applies to text:FILE_OR_DIR data only (--data {data or 'not given'})")
 
 
-EpochsOpt = Annotated[int, typer.Option("--epochs", help="Number of epochs.", metavar="INT", rich_help_panel=_OPT)]
-BatchSizeOpt = Annotated[int, typer.Option(
-    "--batch-size", help="Batch size per process.", metavar="INT", rich_help_panel=_OPT)]
-OptimizerOpt = Annotated[str, typer.Option(
-    "--optimizer", help="sgd (with --momentum), adam, adamw or adadelta.", metavar="NAME", rich_help_panel=_OPT)]
-LrOpt = Annotated[float, typer.Option("--lr", help="Learning rate.", metavar="FLOAT", rich_help_panel=_OPT)]
-MomentumOpt = Annotated[float, typer.Option(
-    "--momentum", help="SGD momentum.", metavar="FLOAT", rich_help_panel=_OPT)]
-WeightDecayOpt = Annotated[float, typer.Option(
-    "--weight-decay", help="Weight decay.", metavar="FLOAT", rich_help_panel=_OPT)]
-ScheduleOpt = Annotated[str, typer.Option(
-    "--schedule", help="Learning-rate schedule: none, cosine (per epoch, to 0 over --epochs), "
-    "step (x --gamma every --step-size epochs), warmup-cosine (per batch: linear warm-up over the first 10% "
-    "of the steps, then cosine to 0).", metavar="NAME", rich_help_panel=_OPT)]
-StepSizeOpt = Annotated[int, typer.Option(
-    "--step-size", help="Epochs between decays of --schedule step.", metavar="INT", rich_help_panel=_OPT)]
-GammaOpt = Annotated[float, typer.Option(
-    "--gamma", help="Decay factor of --schedule step.", metavar="FLOAT", rich_help_panel=_OPT)]
-SeedOpt = Annotated[int, typer.Option(
-    "--seed", help="Seed for initialization, data order and dropout (same seed on CPU = same weights).",
-    metavar="INT", rich_help_panel=_OPT)]
-MaxBatchesOpt = Annotated[Optional[int], typer.Option(
-    "--max-batches", help="Stop each epoch after this many batches (smoke tests).", show_default=False,
-    metavar="INT", rich_help_panel=_OPT)]
-ValFractionOpt = Annotated[float, typer.Option(
-    "--val-fraction", help="Fraction of the training split held out (the same samples in every run) to "
-    "select the best epoch; 0 selects on the test split instead.", metavar="FLOAT", rich_help_panel=_OPT)]
-DeviceOpt = Annotated[str, typer.Option(
-    "--device", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps. Under torchrun, "
-    "auto/cuda use cuda:LOCAL_RANK.", metavar="DEVICE", rich_help_panel=_RUN)]
-AmpOpt = Annotated[Optional[str], typer.Option(
-    "--amp", help="Mixed precision on CUDA: bf16, or fp16 (with gradient scaling).", show_default=False,
-    metavar="bf16|fp16", rich_help_panel=_RUN)]
-CompileOpt = Annotated[bool, typer.Option(
-    "--compile", help="Run the model through torch.compile.", rich_help_panel=_RUN)]
-WorkersOpt = Annotated[Optional[int], typer.Option(
-    "--workers", help="Data loader workers (default: 0 for in-memory datasets, else min(8, CPUs)).",
-    show_default=False, metavar="INT", rich_help_panel=_RUN)]
-EvalBatchSizeOpt = Annotated[int, typer.Option(
-    "--eval-batch-size", help="Batch size for validation.", metavar="INT", rich_help_panel=_RUN)]
+DeviceOpt = field_option(TrainConfig, "device")
 ResumeOpt = Annotated[bool, typer.Option(
     "--resume", help="Continue from OUT's resume state (NAME.resume.pt next to -o) after an interruption; "
     "use the same options.", rich_help_panel=_RUN)]
 TeacherOpt = Annotated[Optional[Path], typer.Option(
     "--teacher", help="Distill from this model file (e.g. the dense baseline).", show_default=False,
     metavar="MODEL", rich_help_panel=_KD)]
-AlphaOpt = Annotated[float, typer.Option(
-    "--alpha", help="Weight of the distillation loss: alpha*T^2*KL + (1-alpha)*CE. Data without targets "
-    "trains on the distillation loss alone.", metavar="FLOAT", rich_help_panel=_KD)]
-DistillLossOpt = Annotated[str, typer.Option(
-    "--distill-loss", help="Distillation loss: kl (class logits, with --temperature), mse (any output), or auto "
-    "(kl for class logits, mse otherwise).", metavar="auto|kl|mse", rich_help_panel=_KD)]
-TrainOnlyOpt = Annotated[str, typer.Option(
-    "--train-only", help="all, or decomposed: freeze every parameter outside the TT/CP layers.",
-    metavar="all|decomposed", rich_help_panel=_OPT)]
-TemperatureOpt = Annotated[float, typer.Option(
-    "--temperature", help="Distillation temperature T.", metavar="FLOAT", rich_help_panel=_KD)]
-
-
-def make_config(cls: type[TrainConfig] = TrainConfig, **options: Any) -> TrainConfig:
-    """Build a config from CLI options (names as in the dataclass), validating them there."""
-    return cls(**options)
 
 
 def require_output(
@@ -191,7 +137,9 @@ def _best_score(result: TrainResult) -> str:
 
 @app.command("train")
 @cli_errors
+@config_options(TrainConfig, command="train")
 def train(
+    *,
     arch: Annotated[str, typer.Option(
         "--arch", help="Architecture: seed-cnn, seed-fc3, seed-tt2, lenet5, torchvision:NAME or "
         "package.module:callable. Built-ins adapt classes/channels/size to --data.", metavar="NAME")],
@@ -202,28 +150,9 @@ def train(
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     image_size: ImageSizeOpt = None,
-    epochs: EpochsOpt = TrainConfig.epochs,
-    batch_size: BatchSizeOpt = TrainConfig.batch_size,
-    optimizer: OptimizerOpt = TrainConfig.optimizer,
-    lr: LrOpt = TrainConfig.lr,
-    momentum: MomentumOpt = TrainConfig.momentum,
-    weight_decay: WeightDecayOpt = TrainConfig.weight_decay,
-    schedule: ScheduleOpt = TrainConfig.schedule,
-    step_size: StepSizeOpt = TrainConfig.step_size,
-    gamma: GammaOpt = TrainConfig.gamma,
-    seed: SeedOpt = TrainConfig.seed,
-    max_batches: MaxBatchesOpt = None,
-    val_fraction: ValFractionOpt = TrainConfig.val_fraction,
-    device: DeviceOpt = TrainConfig.device,
-    amp: AmpOpt = None,
-    compile_: CompileOpt = False,
-    workers: WorkersOpt = None,
-    eval_batch_size: EvalBatchSizeOpt = TrainConfig.eval_batch_size,
+    config: TrainConfig,
     resume: ResumeOpt = False,
     teacher: TeacherOpt = None,
-    alpha: AlphaOpt = TrainConfig.distill_alpha,
-    temperature: TemperatureOpt = TrainConfig.distill_temperature,
-    distill_loss: DistillLossOpt = TrainConfig.distill_loss,
     trust_pickle: TrustPickleOpt = False,
     trust_code: TrustCodeOpt = False,
     json_: JsonOpt = False,
@@ -239,12 +168,6 @@ def train(
     from ttcompress.cli.progress import RichProgress
     from ttcompress.training.api import train_arch
 
-    config = make_config(
-        TrainConfig, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, schedule=schedule, step_size=step_size, gamma=gamma, seed=seed, device=device,
-        amp=amp, compile=compile_, distill_alpha=alpha, distill_temperature=temperature, distill_loss=distill_loss,
-        eval_batch_size=eval_batch_size, num_workers=workers, max_batches=max_batches, val_fraction=val_fraction,
-    )  # fmt: skip
     progress = RichProgress(err)
     try:
         result = train_arch(

@@ -9,7 +9,8 @@ from typing import Any, Sequence
 
 from ttcompress.errors import UserInputError
 
-__all__ = ["AMP_MODES", "OPTIMIZERS", "SCHEDULES", "STEP_SCHEDULES", "TRAIN_ONLY", "FinetuneConfig", "TrainConfig"]
+__all__ = ["AMP_MODES", "OPTIMIZERS", "SCHEDULES", "STEP_SCHEDULES", "TRAIN_ONLY", "CliOption", "FinetuneConfig", "TrainConfig",
+           "cli_options"]
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "adadelta")
 SCHEDULES: tuple[str, ...] = ("none", "cosine", "step", "warmup-cosine")
@@ -17,6 +18,42 @@ SCHEDULES: tuple[str, ...] = ("none", "cosine", "step", "warmup-cosine")
 STEP_SCHEDULES: tuple[str, ...] = ("warmup-cosine",)
 AMP_MODES: tuple[str, ...] = ("bf16", "fp16")
 TRAIN_ONLY: tuple[str, ...] = ("all", "decomposed")
+
+
+#: Help panels of the command-line options generated from the fields (``ttcompress.cli.config_options``).
+OPTIM_PANEL = "Optimization"
+RUN_PANEL = "Device and run"
+DISTILL_PANEL = "Distillation"
+
+
+@dataclass(frozen=True)
+class CliOption:
+    """How a config field appears on the command line: its flag, help text, value name, help panel and
+    the commands that take it (``train``, ``finetune``, ``sweep``)."""
+
+    flag: str
+    help: str
+    metavar: str | None = None
+    panel: str = OPTIM_PANEL
+    commands: tuple[str, ...] = ("train", "finetune", "sweep")
+
+
+def option(default: Any, flag: str, help: str, metavar: str | None = None, *, panel: str = OPTIM_PANEL,
+           commands: tuple[str, ...] = ("train", "finetune", "sweep")) -> Any:
+    """A config field with ``default`` that the command line sets with ``flag`` (its :class:`CliOption` is
+    the field's ``metadata["cli"]``): the one definition of every training option of ``train``,
+    ``finetune`` and ``sweep``."""
+    return dataclasses.field(default=default, metadata={"cli": CliOption(flag, help, metavar, panel, commands)})
+
+
+def cli_options(cls: type[TrainConfig]) -> dict[str, CliOption]:
+    """Field name -> :class:`CliOption` of every field of ``cls`` the command line sets, in field order
+    (a subclass that only changes a default keeps the base class's option)."""
+    found: dict[str, CliOption] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            found.update({f.name: f.metadata["cli"] for f in dataclasses.fields(klass) if "cli" in f.metadata})
+    return {f.name: found[f.name] for f in dataclasses.fields(cls) if f.name in found}
 
 
 @dataclass(frozen=True)
@@ -79,30 +116,46 @@ class TrainConfig:
         ``0`` validates on the test split instead (the old, optimistic behaviour).
     """
 
-    epochs: int = 5
-    batch_size: int = 64
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "none"
-    step_size: int = 1
-    gamma: float = 0.1
+    epochs: int = option(5, "--epochs", "Number of epochs.", "INT")
+    batch_size: int = option(64, "--batch-size", "Batch size per process.", "INT")
+    optimizer: str = option("adam", "--optimizer", "sgd (with --momentum), adam, adamw or adadelta.", "NAME")
+    lr: float = option(1e-3, "--lr", "Learning rate.", "FLOAT")
+    momentum: float = option(0.9, "--momentum", "SGD momentum.", "FLOAT")
+    weight_decay: float = option(0.0, "--weight-decay", "Weight decay.", "FLOAT")
+    schedule: str = option(
+        "none", "--schedule", "Learning-rate schedule: none, cosine (per epoch, to 0 over --epochs), step (x --gamma "
+        "every --step-size epochs), warmup-cosine (per batch: linear warm-up over the first 10% of the steps, then "
+        "cosine to 0).", "NAME")
+    step_size: int = option(1, "--step-size", "Epochs between decays of --schedule step.", "INT")
+    gamma: float = option(0.1, "--gamma", "Decay factor of --schedule step.", "FLOAT")
     warmup: float = 0.1
     decomposed_lr_scale: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    amp: str | None = None
-    compile: bool = False
-    train_only: str = "all"
-    distill_alpha: float = 0.5
-    distill_temperature: float = 4.0
-    distill_loss: str = "auto"
-    eval_batch_size: int = 256
-    num_workers: int | None = None
-    max_batches: int | None = None
+    seed: int = option(0, "--seed", "Seed for initialization, data order and dropout (same seed on CPU = same weights).",
+                       "INT")
+    device: str = option("auto", "--device", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps. Under "
+                         "torchrun, auto/cuda use cuda:LOCAL_RANK.", "DEVICE", panel=RUN_PANEL)
+    amp: str | None = option(None, "--amp", "Mixed precision on CUDA: bf16, or fp16 (with gradient scaling).",
+                             "bf16|fp16", panel=RUN_PANEL)
+    compile: bool = option(False, "--compile", "Run the model through torch.compile.", panel=RUN_PANEL)
+    train_only: str = option("all", "--train-only", "all, or decomposed: freeze every parameter outside the TT/CP "
+                             "layers.", "all|decomposed", commands=("finetune", "sweep"))
+    distill_alpha: float = option(
+        0.5, "--alpha", "Weight of the distillation loss: alpha*T^2*KL + (1-alpha)*CE. Data without targets trains on "
+        "the distillation loss alone.", "FLOAT", panel=DISTILL_PANEL)
+    distill_temperature: float = option(4.0, "--temperature", "Distillation temperature T.", "FLOAT",
+                                        panel=DISTILL_PANEL)
+    distill_loss: str = option(
+        "auto", "--distill-loss", "Distillation loss: kl (class logits, with --temperature), mse (any output), or auto "
+        "(kl for class logits, mse otherwise).", "auto|kl|mse", panel=DISTILL_PANEL)
+    eval_batch_size: int = option(256, "--eval-batch-size", "Batch size for validation.", "INT", panel=RUN_PANEL)
+    num_workers: int | None = option(None, "--workers", "Data loader workers (default: 0 for in-memory datasets, else "
+                                     "min(8, CPUs)).", "INT", panel=RUN_PANEL)
+    max_batches: int | None = option(None, "--max-batches", "Stop each epoch after this many batches (smoke tests).",
+                                     "INT")
     log_every: int = 10
-    val_fraction: float = 0.1
+    val_fraction: float = option(
+        0.1, "--val-fraction", "Fraction of the training split held out (the same samples in every run) to select the "
+        "best epoch; 0 selects on the test split instead.", "FLOAT")
 
     def __post_init__(self) -> None:
         self._check_counts()
