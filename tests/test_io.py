@@ -222,7 +222,9 @@ def test_unknown_arch_saves_weights_and_plan_and_loads_with_arch(tmp_path):
     for arch in (_mlp(), _mlp, f"{__name__}:_mlp"):
         loaded = load_checkpoint(path, arch=arch)
         assert loaded.kind == "ttcompress"
-        assert type(loaded.model[0]) is type(model[0]) and get_meta(loaded.model)["info"] == {"k": 1}
+        info = get_meta(loaded.model)["info"]
+        assert type(loaded.model[0]) is type(model[0]) and info["k"] == 1
+        assert info["plan"] == Plan(tt=TTSettings(ranks=2)).to_dict()  # compress records the plan it applied
         _same(model, loaded.model, x)
     assert get_meta(load(path, arch=f"{__name__}:_mlp"))["arch"]["name"] == f"{__name__}:_mlp"
     skeleton = _mlp()
