@@ -87,3 +87,9 @@ def shape_mismatches(expected: Mapping[str, tuple[int, ...]], present: Mapping[s
     if wrong:
         problems.append(f"{len(wrong)} wrong shape(s) ({pair}): {few(wrong)}")
     return problems
+
+
+def short_error(exc: BaseException, limit: int = 160) -> str:
+    """``exc`` as one line of at most ``limit`` characters (its type's name when it has no message)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -42,6 +42,7 @@ from ttcompress.errors import TTCompressError, UserInputError
 from ttcompress.checkpoint.hf import recorded_hf_arch, restore_conv1d, save_hf_dir
 from ttcompress.layers._export import keep_factors
 from ttcompress.checkpoint.io import atomic_write, get_meta, save, update_meta
+from ttcompress.checkpoint.meta import ModelMeta, set_meta
 from ttcompress.report.measure import example_input
 from ttcompress.outputs import primary_output
 from ttcompress.modtree import get_submodule, set_submodule
@@ -213,7 +214,7 @@ def merge_to_dense(
             done.append(LayerMerge(name, merged=True))
         root = set_submodule(root, name, dense)
         meta_layers.pop(name, None)
-    object.__setattr__(root, "ttcompress_meta", {**get_meta(new), "layers": meta_layers})
+    set_meta(root, ModelMeta.from_dict({**get_meta(new), "layers": meta_layers}))
     update_meta(root, info={"merged_to_dense": [m.name for m in done if m.merged]})
     return root.eval(), tuple(done)
 

@@ -1,4 +1,5 @@
-"""Module-tree helpers: look up and replace submodules by qualified name, find shared modules.
+"""Module-tree helpers: look up and replace submodules by qualified name, find shared modules, and
+put models in eval mode for a block (:func:`eval_mode`).
 
 Small recursive-free functions in the style of timm's ``_manipulate``: they return the (possibly
 new) root instead of assuming the root never changes.
@@ -6,13 +7,14 @@ new) root instead of assuming the root never changes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
 from ttcompress.checkpoint.meta import copy_meta
 
-__all__ = ["get_submodule", "named_with_aliases", "set_submodule"]
+__all__ = ["eval_mode", "get_submodule", "named_with_aliases", "replace_module", "set_submodule"]
 
 
 def get_submodule(root: nn.Module, name: str) -> nn.Module:
@@ -45,6 +47,15 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return root
 
 
+def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
+    """Put ``new`` at every name under which ``old`` is reachable in ``root`` (a shared module stays
+    shared), with :func:`set_submodule`; return the (possibly new) root."""
+    names = [name for name, m in root.named_modules(remove_duplicate=False) if m is old]
+    for name in names:
+        root = set_submodule(root, name, new)
+    return root
+
+
 def named_with_aliases(
     model: nn.Module, keep: Callable[[nn.Module], bool]
 ) -> list[tuple[str, nn.Module, tuple[str, ...]]]:
@@ -60,3 +71,24 @@ def named_with_aliases(
             names.setdefault(id(m), []).append(name)
             mods[id(m)] = m
     return [(ns[0], mods[i], tuple(ns[1:])) for i, ns in names.items()]
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Every module of ``models`` in eval mode inside the block; after it, each module's own train/eval
+    flag is back as it was (a BatchNorm frozen in eval inside a training model stays in eval).
+
+    The flags are restored through ``Module.train`` (parents first), so layers that drop a cache when
+    their mode changes (a factorized convolution's cached kernel) see the change.
+    """
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:  # modules() is parents first: a child's own flag is set after its parent's
+            if module.training != training or any(c.training != training for c in module.children()):
+                module.train(training)
+        for module, training in flags:  # exact, also for a module shared by two parents
+            module.training = training

@@ -19,14 +19,14 @@ How a layer's statistics are kept is decided before anything is allocated
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from ttcompress.modtree import eval_mode
 from ttcompress.calibration.budget import check_calib_memory, exact_bytes, format_bytes, sketch_bytes
 from ttcompress.calibration.data import calib_batches
 from ttcompress.calibration.progress import report_batch
@@ -126,17 +126,6 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-@contextlib.contextmanager
-def _eval_no_grad(*models: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 class StatsCollector:
@@ -254,7 +243,7 @@ class StatsCollector:
 
         handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in accs]
         try:
-            with _eval_no_grad(model):
+            with eval_mode(model), torch.no_grad():
                 for i, x in enumerate(self.batches):
                     calls.clear()
                     _forward(model, x)
@@ -293,7 +282,7 @@ class StatsCollector:
             handles = [dense_layer.register_forward_pre_hook(_input_hook(seen_dense, stop=once)),
                        layer.register_forward_pre_hook(_input_hook(seen, stop=once))]
             try:
-                with _eval_no_grad(dense_model, model):
+                with eval_mode(dense_model, model), torch.no_grad():
                     _forward(dense_model, x)
                     _forward(model, x)
             finally:

@@ -16,15 +16,15 @@ References
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ttcompress.modtree import eval_mode, replace_module
 from ttcompress.calibration.collector import StatsCollector
 from ttcompress.inputs import call_model, main_tensor, take_rows
 from ttcompress.calibration.fit import FitResult, output_error
@@ -88,17 +88,6 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-@contextlib.contextmanager
-def _eval_mode(*models: nn.Module) -> Iterator[None]:
-    flags = [[(m, m.training) for m in model.modules()] for model in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for pairs in flags:
-            for module, training in pairs:
-                module.training = training
 
 
 def forward_order(model: nn.Module, names: Sequence[str], batch: torch.Tensor) -> list[str]:
@@ -123,21 +112,12 @@ def forward_calls(model: nn.Module, names: Sequence[str], batch: torch.Tensor) -
     for name in names:
         handles.append(model.get_submodule(name).register_forward_pre_hook(make(name)))
     try:
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             call_model(model, batch)
     finally:
         for h in handles:
             h.remove()
     return order
-
-
-def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` at every place ``old`` is a child in ``model`` (keeps shared modules shared)."""
-    new.train(old.training)
-    for parent in model.modules():
-        for child_name, child in list(parent._modules.items()):
-            if child is old:
-                parent._modules[child_name] = new
 
 
 def _checked_names(names: Sequence[str], *, model: nn.Module, dense_model: nn.Module) -> list[str]:
@@ -231,7 +211,7 @@ def calibrate_sequentially(
         collector = StatsCollector(calib_data, max_samples=max_samples, device=target, max_positions=max_positions)
     hints = dict(rank_hints or {})
     results: dict[str, LayerCalibration] = {}
-    with torch.no_grad(), _eval_mode(dense_model, model):
+    with torch.no_grad(), eval_mode(dense_model, model):
         first = collector.batches[0]
         # one sample is enough to see which layers run, and in what order
         calls = forward_calls(model, names, take_rows(first, 1) if main_tensor(first).dim() > 1 else first)
@@ -272,7 +252,7 @@ def _calibrate_one(dense_model: nn.Module, model: nn.Module, name: str, build: B
                                  bias=effective_bias(dense_layer), new_bias=effective_bias(new))
     else:
         raise TypeError(f"build must return an nn.Module or a FitResult, got {type(built).__name__}")
-    _swap(model, layer, new)
+    replace_module(model, layer, new)  # a layer, never the root: the root stays
     return LayerCalibration(name, reached=True, error_before=before, error_after=after, method=method,
                             statistics=choice.note, samples=stats.samples if stats is not None else 0,
                             rows=stats.count if stats is not None else 0, seconds=time.perf_counter() - start)

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ttcompress._version import __version__
-from ttcompress.errors import CheckpointError
+from ttcompress.errors import CheckpointError, short_error
 from ttcompress.fsutil import atomic_dir
 from ttcompress.checkpoint.hf_files import (
     COMPRESSED_WEIGHTS_FILE,
@@ -63,10 +63,12 @@ from ttcompress.checkpoint.hf_files import (
     open_weights,
     read_json,
     read_record,
-    short,
     state_groups,
 )
 from ttcompress.checkpoint.header import check_layer_counts
+from ttcompress.checkpoint.layer_records import apply_layer_records
+from ttcompress.modtree import set_submodule
+from ttcompress.checkpoint.meta import ModelMeta, get_meta, set_meta
 from ttcompress.checkpoint.hf_config import MAX_LABELS, check_config_values, label_bound
 from ttcompress.checkpoint.hf_remote import CONFIG_KEY, MODELING_FILE, base_config, modeling_source, remote_config
 from ttcompress.layers import LAYER_TYPES
@@ -82,6 +84,7 @@ __all__ = [
     "conv1d_to_linear",
     "restore_conv1d",
     "hf_arch",
+    "is_conv1d",
     "is_hf_dir",
     "linearize_conv1d",
     "load_hf_dir",
@@ -93,7 +96,6 @@ __all__ = [
 HF_ARCH_PREFIX = "hf:"
 #: transformers' ``variant`` of a compressed directory's weights file (``model.ttcompress.safetensors``).
 COMPRESSED_VARIANT = "ttcompress"
-_META_ATTR = "ttcompress_meta"
 
 
 
@@ -146,7 +148,7 @@ def _make_config(config: Mapping[str, Any], where: str, *, max_labels: int = MAX
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever transformers raises on a file's values is one line
-        raise CheckpointError(f"{where}: invalid config: {short(exc)}") from None
+        raise CheckpointError(f"{where}: invalid config: {short_error(exc)}") from None
 
 
 def _registered_class_names(model_type: str) -> set[str]:
@@ -190,8 +192,8 @@ def _instantiate(cls: type[nn.Module], config: Any, *, device: str | None, where
             except ImportError as exc:  # an attention kernel this machine lacks (flash_attention_2, ...)
                 wanted = getattr(config, "_attn_implementation", None)
                 if wanted in (None, "sdpa", "eager"):
-                    raise CheckpointError(f"{where}: cannot build {cls.__name__}: {short(exc)}") from None
-                warnings.warn(f"{where}: attention {wanted!r} is not available here ({short(exc)}); "
+                    raise CheckpointError(f"{where}: cannot build {cls.__name__}: {short_error(exc)}") from None
+                warnings.warn(f"{where}: attention {wanted!r} is not available here ({short_error(exc)}); "
                               "using PyTorch's scaled_dot_product_attention ('sdpa'), which computes the same",
                               stacklevel=2)
                 config._attn_implementation = "sdpa"
@@ -199,7 +201,7 @@ def _instantiate(cls: type[nn.Module], config: Any, *, device: str | None, where
     except (CheckpointError, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the config's values make transformers raise is one line
-        raise CheckpointError(f"{where}: cannot build {cls.__name__} from the config: {short(exc)}") from None
+        raise CheckpointError(f"{where}: cannot build {cls.__name__} from the config: {short_error(exc)}") from None
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
@@ -251,8 +253,7 @@ def recorded_hf_arch(model: nn.Module) -> dict[str, Any] | None:
 
 
 def _set_meta(model: nn.Module, arch: Mapping[str, Any], layers: Mapping[str, Any], info: Mapping[str, Any]) -> None:
-    # Same layout as ttcompress.checkpoint.io.get_meta; object.__setattr__ keeps nn.Module out of it.
-    object.__setattr__(model, _META_ATTR, {"arch": dict(arch), "layers": dict(layers), "info": dict(info)})
+    set_meta(model, ModelMeta.from_dict({"arch": dict(arch), "layers": dict(layers), "info": dict(info)}))
 
 
 def build_hf_model(
@@ -296,10 +297,13 @@ def build_hf_model(
 # --------------------------------------------------------------------------------------------------
 # Conv1D (GPT-2) and tied parameters
 # --------------------------------------------------------------------------------------------------
-def _is_conv1d(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers ``Conv1D`` (GPT-2's transposed linear layer) or a subclass of it.
 
-    return isinstance(module, Conv1D)
+    Decided from the class's bases, so that asking about a model that is not a transformers one never
+    imports ``transformers``.
+    """
+    return any(k.__name__ == "Conv1D" and k.__module__.startswith("transformers") for k in type(module).__mro__)
 
 
 def conv1d_to_linear(module: nn.Module) -> nn.Linear:
@@ -316,7 +320,7 @@ def conv1d_to_linear(module: nn.Module) -> nn.Linear:
         ``weight = module.weight.T`` (a copy), same bias, dtype, device and train/eval flag.
     """
     _transformers()
-    if not isinstance(module, nn.Module) or not _is_conv1d(module):
+    if not isinstance(module, nn.Module) or not is_conv1d(module):
         raise TypeError(f"module must be a transformers Conv1D, got {type(module).__name__}")
     w = module.weight
     in_features, out_features = w.shape
@@ -346,17 +350,17 @@ def linearize_conv1d(model: nn.Module) -> list[str]:
     _transformers()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if _is_conv1d(model):
+    if is_conv1d(model):
         raise ValueError("model is itself a Conv1D: use conv1d_to_linear(model)")
     replaced: dict[int, nn.Linear] = {}
     names: list[str] = []
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        if _is_conv1d(module):
+        if is_conv1d(module):
             new = replaced.setdefault(id(module), conv1d_to_linear(module))
-            _set_child(model, name, new)
+            set_submodule(model, name, new)
             names.append(name)
-    meta = getattr(model, _META_ATTR, None)
-    arch = meta.get("arch") if isinstance(meta, Mapping) else None
+    meta = get_meta(model)
+    arch = meta["arch"]
     if names and isinstance(arch, Mapping) and str(arch.get("name", "")).startswith(HF_ARCH_PREFIX):
         kwargs = {**dict(arch.get("kwargs") or {}), "conv1d_as_linear": True}
         _set_meta(model, {"name": arch["name"], "kwargs": kwargs}, meta.get("layers") or {}, meta.get("info") or {})
@@ -380,7 +384,7 @@ def restore_conv1d(model: nn.Module) -> list[str]:
     names: list[str] = []
     for name, module in skeleton.named_modules():
         current = model.get_submodule(name) if name else model
-        if name and _is_conv1d(module) and type(current) is nn.Linear:
+        if name and is_conv1d(module) and type(current) is nn.Linear:
             if id(current) not in restored:
                 w = current.weight
                 conv = tf.pytorch_utils.Conv1D(w.shape[0], w.shape[1]).to(device=w.device, dtype=w.dtype)
@@ -388,10 +392,10 @@ def restore_conv1d(model: nn.Module) -> list[str]:
                     conv.weight.copy_(w.detach().t())
                     conv.bias.copy_(current.bias.detach() if current.bias is not None else torch.zeros_like(conv.bias))
                 restored[id(current)] = conv.train(current.training)
-            _set_child(model, name, restored[id(current)])
+            set_submodule(model, name, restored[id(current)])
             names.append(name)
-    meta = getattr(model, _META_ATTR, None)
-    arch = meta.get("arch") if isinstance(meta, Mapping) else None
+    meta = get_meta(model)
+    arch = meta["arch"]
     if names and isinstance(arch, Mapping) and str(arch.get("name", "")).startswith(HF_ARCH_PREFIX):
         kwargs = {k: v for k, v in dict(arch.get("kwargs") or {}).items() if k != "conv1d_as_linear"}
         _set_meta(model, {"name": arch["name"], "kwargs": kwargs}, meta.get("layers") or {}, meta.get("info") or {})
@@ -417,47 +421,24 @@ def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
     return identity_groups(model.named_parameters(remove_duplicate=False))
 
 
-def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    parent._modules[child] = new
-
-
 # --------------------------------------------------------------------------------------------------
 # Factorized layers (format registry)
 # --------------------------------------------------------------------------------------------------
-def _build_layer(fmt: Any, config: Mapping[str, Any], where: str) -> nn.Module:
-    """A factorized layer of recorded ``fmt`` built from its ``config()`` (structure only)."""
-    if fmt not in LAYER_TYPES:
-        raise CheckpointError(f"{where}: unknown layer format {fmt!r}")
-    try:
-        return LAYER_TYPES[fmt](**dict(config))
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: cannot rebuild the layer: {short(exc)}") from None
-
-
 def _layer_format(module: nn.Module) -> str | None:
     return next((fmt for fmt, cls in LAYER_TYPES.items() if type(module) is cls), None)
 
 
 def _apply_layers(model: nn.Module, layers: Mapping[str, Any], where: str) -> None:
-    """Replace every recorded layer by its factorized structure; one instance per shared module."""
+    """Replace every recorded layer by its factorized structure (:func:`apply_layer_records`), in place."""
     if not isinstance(layers, Mapping):
         raise CheckpointError(f"{where}: 'layers' must be a JSON object")
-    by_id: dict[int, nn.Module] = {}
     for name, record in layers.items():
         if not isinstance(record, Mapping) or not isinstance(record.get("config", {}), Mapping):
             raise CheckpointError(f"{where}: layer {name!r}: malformed record")
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"{where}: layer {name!r} does not exist in the model") from None
-        new = by_id.get(id(old))
-        if new is None:
-            new = by_id[id(old)] = _build_layer(record.get("format"), record.get("config") or {}, f"{where}: layer {name!r}")
-            with contextlib.suppress(AttributeError):
-                new.rel_error = record.get("rel_error")
-        _set_child(model, name, new.train(old.training))
+        if record.get("format") not in LAYER_TYPES:
+            raise CheckpointError(f"{where}: layer {name!r}: unknown layer format {record.get('format')!r}")
+    if apply_layer_records(model, layers, where, missing="the model") is not model:
+        raise CheckpointError(f"{where}: a layer record replaces the whole model")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -602,8 +583,7 @@ def _layer_records(model: nn.Module) -> dict[str, dict[str, Any]]:
     The structure comes from the layers themselves; statistics (``rel_error``, params) are kept
     from ``model.ttcompress_meta`` where it has them.
     """
-    meta = getattr(model, _META_ATTR, None)
-    known = dict(meta.get("layers") or {}) if isinstance(meta, Mapping) else {}
+    known = get_meta(model)["layers"]
     records: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         fmt = _layer_format(module)
@@ -616,7 +596,7 @@ def _conv1d_replaced(model: nn.Module, cls: type[nn.Module]) -> bool:
     """Whether a ``Conv1D`` of the class's own skeleton is something else in ``model``."""
     skeleton = _instantiate(cls, model.config, device="meta", where="model")
     current = dict(model.named_modules(remove_duplicate=False))
-    return any(_is_conv1d(m) and not _is_conv1d(current.get(n, m)) for n, m in skeleton.named_modules())
+    return any(is_conv1d(m) and not is_conv1d(current.get(n, m)) for n, m in skeleton.named_modules())
 
 
 def save_hf_dir(
@@ -672,8 +652,7 @@ def save_hf_dir(
         cls = _model_class(model.config, type(model).__name__, where="model", strict=True)
     except CheckpointError as exc:
         raise TypeError(str(exc)) from None
-    meta = getattr(model, _META_ATTR, None)
-    meta = meta if isinstance(meta, Mapping) else {}
+    meta = get_meta(model)
     arch = hf_arch(model, conv1d_as_linear=_conv1d_replaced(model, cls))
     if plan is not None and not isinstance(plan, (Plan, Mapping)):
         raise TypeError(f"plan must be a Plan or a dict, got {type(plan).__name__}")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ttcompress.errors import CheckpointError, UnsafePickleError, few, shape_mismatches
+from ttcompress.errors import CheckpointError, UnsafePickleError, few, shape_mismatches, short_error
 from ttcompress.checkpoint.header import validate_header
 from ttcompress.checkpoint.smallfile import MAX_SMALL_FILE_BYTES, check_regular_file, read_small_text
 
@@ -42,7 +42,6 @@ __all__ = [
     "open_weights",
     "read_json",
     "read_record",
-    "short",
     "state_groups",
 ]
 
@@ -60,11 +59,6 @@ MAX_JSON_BYTES = MAX_SMALL_FILE_BYTES
 
 PathLike = str | os.PathLike[str]
 TensorReader = Callable[[str], torch.Tensor]
-
-
-def short(exc: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def is_hf_dir(path: PathLike) -> bool:
@@ -98,7 +92,7 @@ def read_json(p: Path, what: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{p.parent}: no {p.name} (not a Hugging Face model directory)") from None
     except (OSError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{p}: invalid {what}: {short(exc)}") from None
+        raise CheckpointError(f"{p}: invalid {what}: {short_error(exc)}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{p}: {what} must be a JSON object")
     return data
@@ -156,7 +150,7 @@ def open_weights(d: Path, *, trust_pickle: bool) -> Iterator[tuple[dict[str, tup
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 keys = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file: {short(exc)}") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file: {short_error(exc)}") from None
         twice = sorted(set(keys) & set(shapes))
         if twice:
             raise CheckpointError(f"{d}: tensor(s) stored in several shards: {few(twice)}")
@@ -185,7 +179,7 @@ def open_pickle(path: Path) -> Iterator[tuple[dict[str, tuple[int, ...]], Tensor
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - any failure of a foreign file is one line
-        raise CheckpointError(f"{path}: cannot read the state dict: {short(exc)}") from None
+        raise CheckpointError(f"{path}: cannot read the state dict: {short_error(exc)}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
     yield {str(k): tuple(v.shape) for k, v in sd.items()}, sd.__getitem__

@@ -74,7 +74,7 @@ import torch
 from torch import nn
 
 from ttcompress._version import __version__
-from ttcompress.errors import ArchRequiredError, CheckpointError, UnsafePickleError
+from ttcompress.errors import ArchRequiredError, CheckpointError, UnsafePickleError, short_error
 from ttcompress.checkpoint.header import parse_header_json, validate_header
 from ttcompress.checkpoint.dtypes import cast_inputs_to_model
 from ttcompress.fsutil import PathLike, atomic_write
@@ -82,7 +82,7 @@ from ttcompress.checkpoint.hf import load_hf_dir, recorded_hf_arch
 from ttcompress.checkpoint.hf_files import is_hf_dir, read_record
 from ttcompress.checkpoint.meta import ArchSpec, ModelMeta, get_meta, read_meta, set_meta, update_meta
 from ttcompress.checkpoint.models import build_arch, list_archs
-from ttcompress.checkpoint.rebuild import Skeleton, fit_state_dict, rebuild_model, short_error, skeleton_factory
+from ttcompress.checkpoint.rebuild import Skeleton, fit_state_dict, rebuild_model, skeleton_factory
 
 __all__ = [
     "CHECKPOINT_FORMAT",

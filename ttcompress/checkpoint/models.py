@@ -52,13 +52,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib
 import json
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
+from ttcompress.checkpoint.usercode import import_callable
 from ttcompress.errors import UntrustedCodeError
 from ttcompress.checkpoint.hf import HF_ARCH_PREFIX, build_hf_model
 from ttcompress.checkpoint.meta import update_meta
@@ -333,20 +333,8 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
         return lambda **kw: tvm.get_model(tv_name, **kw)
     if key.startswith(HF_ARCH_PREFIX):
         return functools.partial(build_hf_model, name[len(HF_ARCH_PREFIX):])
-    if ":" in name:
-        mod_name, _, attr = name.partition(":")
-        try:
-            module = importlib.import_module(mod_name)
-        except ImportError as exc:
-            raise ValueError(f"cannot import module {mod_name!r} for arch {name!r}: {exc}") from exc
-        obj: Any = module
-        for part in attr.split("."):
-            if not hasattr(obj, part):
-                raise ValueError(f"module {mod_name!r} has no attribute {attr!r} (arch {name!r})")
-            obj = getattr(obj, part)
-        if not callable(obj):
-            raise ValueError(f"arch {name!r} is not callable")
-        return obj
+    if ":" in name:  # an import path the user named (a name read from a file passed check_arch_trusted)
+        return import_callable(name, what="arch")
     raise ValueError(f"unknown arch {name!r}; choose from {', '.join(list_archs())}")
 
 

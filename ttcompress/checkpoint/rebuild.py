@@ -10,7 +10,6 @@ with the tensors present in the file, and only then allocates real storage and l
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
 import functools
 import math
@@ -24,22 +23,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ttcompress.errors import ArchRequiredError, CheckpointError, shape_mismatches
-from ttcompress.formats import get_format
+from ttcompress.errors import ArchRequiredError, CheckpointError, shape_mismatches, short_error
 from ttcompress.checkpoint.header import check_layer_counts, config_items
 from ttcompress.checkpoint.hf_config import check_label_counts, label_bound
 from ttcompress.checkpoint.meta import ArchSpec, ModelMeta, set_meta
 from ttcompress.layer_report import LayerReport
 from ttcompress.checkpoint.models import build_arch, check_arch_trusted, resolve_arch
-from ttcompress.modtree import get_submodule, set_submodule
+from ttcompress.checkpoint.layer_records import apply_layer_records
 
-__all__ = ["Skeleton", "fit_state_dict", "rebuild_model", "short_error", "skeleton_factory"]
-
-
-def short_error(exc: BaseException, limit: int = 160) -> str:
-    """``exc`` as one line of at most ``limit`` characters."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+__all__ = ["Skeleton", "fit_state_dict", "rebuild_model", "skeleton_factory"]
 
 
 def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], *, what: str) -> None:
@@ -332,47 +324,8 @@ def _build_structure(
     model = skeleton()
     if not isinstance(model, nn.Module):
         raise TypeError(f"arch returned {type(model).__name__}, not an nn.Module")
-    # A module reachable under several names (shared) is replaced by one new instance. The old module
-    # is kept beside its replacement: a freed module's id() can be reused by a later module.
-    by_id: dict[int, tuple[nn.Module, nn.Module]] = {}
-    for layer, record in layers.items():
-        fmt = record["format"]
-        try:
-            old = get_submodule(model, layer)
-        except (AttributeError, ValueError, TypeError):
-            raise CheckpointError(f"{p}: layer {layer!r} does not exist in the architecture") from None
-        seen = by_id.get(id(old))
-        new = seen[1] if seen is not None and seen[0] is old else None
-        if new is None:
-            try:
-                new = get_format(fmt).rebuild(record["config"])
-            except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
-                raise CheckpointError(f"{p}: cannot rebuild layer {layer!r}: {short_error(exc)}") from None
-            if hasattr(new, "rel_error"):
-                with contextlib.suppress(AttributeError):
-                    new.rel_error = record.get("rel_error")
-            by_id[id(old)] = (old, new)
-        if check_sizes:
-            _check_same_sizes(old, new, f"{p}: layer {layer!r}")
-        model = set_submodule(model, layer, new)
-    return model
+    return apply_layer_records(model, layers, str(p), check_sizes=check_sizes)
 
-
-#: Sizes a factorized layer shares with the dense layer it replaced.
-_SIZE_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "num_embeddings", "embedding_dim",
-               "embed_dim", "kernel_size", "stride", "padding", "dilation", "groups")  # fmt: skip
-
-
-def _check_same_sizes(old: nn.Module, new: nn.Module, where: str) -> None:
-    """Refuse a recorded layer whose sizes differ from the dense layer it replaces in the architecture."""
-    for attr in _SIZE_ATTRS:
-        a, b = getattr(old, attr, None), getattr(new, attr, None)
-        if a is not None and b is not None and not isinstance(a, nn.Module) and _norm(a) != _norm(b):
-            raise CheckpointError(f"{where}: the architecture has {attr}={_norm(a)}, the file's layer {_norm(b)}")
-
-
-def _norm(value: Any) -> Any:
-    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 

@@ -24,7 +24,7 @@ from ttcompress.formats.structure import Preparation, finish_model, parent_reaso
 from ttcompress.inputs import call_model, main_tensor, take_rows
 from ttcompress.layer_report import LayerReport
 from ttcompress.checkpoint.meta import read_meta
-from ttcompress.modtree import set_submodule
+from ttcompress.modtree import eval_mode, set_submodule
 from ttcompress.compression.plan import LayerDecision, Plan, compressible_layers, plan_layers
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
     "default_check_input",
     "check_calib_fits",
     "check_finite_parameters",
-    "eval_no_grad",
     "failing_stack",
     "finish_checked",
     "forward_check",
@@ -89,18 +88,13 @@ def calibration_batches(model: nn.Module, calib_data: Any, calib_samples: int | 
 
 def check_calib_fits(model: nn.Module, batch: Any) -> None:
     """``ValueError`` naming ``calib_data`` when ``model`` cannot run on its inputs (one eval pass, 2 samples)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             call_model(model, take_rows(batch, 2))
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"calib_data: the model cannot run on inputs of shape {tuple(main_tensor(batch).shape[1:])} "
                          f"per sample: {first[:200]}") from None
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def guard_reasons(prep: Preparation) -> dict[str, str]:
@@ -154,16 +148,6 @@ def nested_off(encoders: list[nn.Module]) -> Iterator[None]:
             m.use_nested_tensor = True
 
 
-@contextmanager
-def eval_no_grad(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def run_model(model: nn.Module, inputs: Any) -> Any:
@@ -171,7 +155,7 @@ def run_model(model: nn.Module, inputs: Any) -> Any:
     nested-tensor path off (it leaves padded positions at zero: dense and compressed runs compare
     like with like)."""
     encoders = [m for m in model.modules() if isinstance(m, nn.TransformerEncoder) and m.use_nested_tensor]
-    with eval_no_grad(model), nested_off(encoders):
+    with eval_mode(model), torch.no_grad(), nested_off(encoders):
         if isinstance(inputs, Mapping):
             return model(**inputs)
         if isinstance(inputs, tuple):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset, default_collate
 
+from ttcompress.modtree import eval_mode
 from ttcompress.data.bundle import DatasetBundle, class_labels, sample_parts
 from ttcompress.checkpoint.dtypes import DTYPE_ERROR
 from ttcompress.errors import DataError, UserInputError
@@ -92,10 +93,8 @@ def check_model_fits(
         raise DataError(f"dataset {bundle.name!r} is empty")
     x = move_inputs(default_collate([sample_parts(ds[i])[0] for i in range(n)]), device)
     shape = tuple(bundle.input_shape)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = primary_output(call_model(model, x), what=what)
     except UserInputError:
         raise
@@ -115,8 +114,6 @@ def check_model_fits(
             f"{what} does not fit {bundle.name}: it cannot take inputs of shape {shape} "
             f"({' '.join(str(exc).split())[:300]})"
         ) from exc
-    finally:
-        model.train(was_training)
     if not bundle.has_labels:
         if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != n:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -24,24 +24,11 @@ from torch import nn
 
 from ttcompress.checkpoint import hf
 from ttcompress.formats.base import dense_params
+from ttcompress.modtree import get_submodule, set_submodule
 from ttcompress.formats.registry import get_format
 from ttcompress.layers.attention import FactorizedMultiheadAttention, disable_nested_fast_path, unsupported_reason
 
 __all__ = ["Preparation", "finish_model", "parent_reason", "prepare_model", "preview_preparation"]
-
-
-def _get_child(root: nn.Module, name: str) -> nn.Module:
-    return root.get_submodule(name) if name else root
-
-
-def _set_child(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at ``name`` (with the train/eval flag of the module it replaces); return the root."""
-    new.train(_get_child(root, name).training)
-    if not name:
-        return new
-    parent, _, child = name.rpartition(".")
-    _get_child(root, parent)._modules[child] = new
-    return root
 
 
 @dataclass
@@ -70,7 +57,7 @@ class Preparation:
         """Put every converted attention module back (``Conv1D`` linearization is exact and stays)."""
         for name, (old, _, aliases) in self.attention.items():
             for n in (name, *aliases):
-                self.model = _set_child(self.model, n, old)
+                self.model = set_submodule(self.model, n, old)
         self.attention.clear()
         for encoder in self.nested:
             encoder.use_nested_tensor = True
@@ -81,7 +68,7 @@ class Preparation:
         fmt = get_format("mha")
         out: dict[str, dict[str, Any]] = {}
         for name, (old, new, aliases) in self.attention.items():
-            if _get_child(root, name) is new:
+            if get_submodule(root, name) is new:
                 params = dense_params(old)
                 record = {"format": fmt.name, "config": new.config(), "rel_error": 0.0, "params_before": params,
                           "params_after": params}
@@ -89,15 +76,11 @@ class Preparation:
         return out
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
-
-
 def preview_preparation(model: nn.Module) -> Preparation:
     """The structure :func:`prepare_model` would put in place, without touching ``model``: on a
     copy when it would change something (attention, ``Conv1D``), else ``model`` itself as is (no
     copy of a large model that needs none)."""
-    if any(isinstance(m, nn.MultiheadAttention) or _is_conv1d(m) for m in model.modules()):
+    if any(isinstance(m, nn.MultiheadAttention) or hf.is_conv1d(m) for m in model.modules()):
         return prepare_model(copy.deepcopy(model))
     return Preparation(model)
 
@@ -111,7 +94,7 @@ def prepare_model(model: nn.Module) -> Preparation:
     ``Conv1D`` layers become ``nn.Linear`` (:func:`ttcompress.checkpoint.hf.linearize_conv1d`).
     """
     prep = Preparation(model)
-    if any(_is_conv1d(m) for m in model.modules()):
+    if any(hf.is_conv1d(m) for m in model.modules()):
         prep.linearized = hf.linearize_conv1d(model)
     names: dict[int, list[str]] = {}
     mods: dict[int, nn.Module] = {}
@@ -128,7 +111,7 @@ def prepare_model(model: nn.Module) -> Preparation:
         new = FactorizedMultiheadAttention.from_mha(old)
         prep.attention[first] = (old, new, tuple(aliases))
         for n in (first, *aliases):
-            prep.model = _set_child(prep.model, n, new)
+            prep.model = set_submodule(prep.model, n, new)
     prep.nested = [prep.model.get_submodule(n) for n in disable_nested_fast_path(prep.model)]
     return prep
 
@@ -154,11 +137,11 @@ def finish_model(prep: Preparation) -> nn.Module:
     for name, (old, new, aliases) in list(prep.attention.items()):
         changed = any(type(getattr(new, c)) is not nn.Linear for c in ("q", "k", "v", "out"))
         parent, _, child = name.rpartition(".")
-        layer = _get_child(prep.model, parent) if child == "self_attn" else None
+        layer = get_submodule(prep.model, parent) if child == "self_attn" else None
         ffn = layer is not None and any(not isinstance(getattr(layer, c, None), nn.Linear) for c in ("linear1", "linear2"))
         if not changed and not ffn:
             for n in (name, *aliases):
-                prep.model = _set_child(prep.model, n, old)
+                prep.model = set_submodule(prep.model, n, old)
             del prep.attention[name]
     prep.nested = [prep.model.get_submodule(n) for n in disable_nested_fast_path(prep.model)]
     return prep.model

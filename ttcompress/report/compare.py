@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ttcompress.modtree import eval_mode
 from ttcompress.errors import UserInputError, refused_input
 from ttcompress.checkpoint.usercode import import_callable
 from ttcompress.formats import format_of, layer_classes
@@ -398,19 +399,15 @@ def _outputs_non_finite(model: nn.Module, test_set: Any | None, shape: tuple[int
     """Whether ``model`` gives NaN or Inf on two test samples (an example input of ``shape`` without data)."""
     from torch.utils.data import default_collate
 
-    was = model.training
-    model.eval()
     try:
         if test_set is not None and len(test_set):  # a tensor, or named tensors (input_ids, attention_mask)
             x = default_collate([sample_parts(test_set[i])[0] for i in range(min(2, len(test_set)))])
         else:
             x = example_batch(model, shape, 2)
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = primary_output(call_model(model, move_inputs(x, device)))
     except Exception:  # noqa: BLE001 - a model that cannot run is reported by the measurements themselves
         return False
-    finally:
-        model.train(was)
     return out.is_floating_point() and not bool(torch.isfinite(out).all())
 
 

@@ -18,6 +18,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ttcompress.modtree import eval_mode
 from ttcompress.data import DatasetBundle, make_loader, sample_parts
 from ttcompress.errors import UserInputError
 from ttcompress.inputs import batch_size_of, call_model, input_mask, main_tensor, move_inputs
@@ -138,25 +139,20 @@ def eval_sums(model: nn.Module, loader: Any, device: torch.device, topk: Sequenc
     Sums rather than means, so that the shards of a distributed evaluation add up exactly.
     """
     sums = torch.zeros(3 + len(topk), dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for x, y in loader:
-                x, y = move_inputs(x, device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast(device, amp):
-                    logits = primary_output(call_model(model, x))
-                logits = logits.float()
-                sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
-                sums[1] += y.numel()
-                sums[2] = logits.shape[1]
-                kmax = min(max(topk), logits.shape[1])
-                pred = logits.topk(kmax, dim=1).indices
-                hit = pred.eq(y.unsqueeze(1))
-                for i, k in enumerate(topk):
-                    sums[3 + i] += hit[:, : min(k, kmax)].any(dim=1).sum().double()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for x, y in loader:
+            x, y = move_inputs(x, device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, amp):
+                logits = primary_output(call_model(model, x))
+            logits = logits.float()
+            sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+            sums[1] += y.numel()
+            sums[2] = logits.shape[1]
+            kmax = min(max(topk), logits.shape[1])
+            pred = logits.topk(kmax, dim=1).indices
+            hit = pred.eq(y.unsqueeze(1))
+            for i, k in enumerate(topk):
+                sums[3 + i] += hit[:, : min(k, kmax)].any(dim=1).sum().double()
     return sums
 
 
@@ -240,19 +236,14 @@ def perplexity(
     model.to(dev)
     total = torch.zeros((), dtype=torch.float64)
     count = 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                x = move_inputs(sample_parts(batch)[0], dev)
-                with autocast(dev, amp):
-                    logits = primary_output(call_model(model, x))
-                nll, n = token_nll_sums(logits, next_token_labels(x))
-                total += nll.cpu()
-                count += int(n)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for batch in loader:
+            x = move_inputs(sample_parts(batch)[0], dev)
+            with autocast(dev, amp):
+                logits = primary_output(call_model(model, x))
+            nll, n = token_nll_sums(logits, next_token_labels(x))
+            total += nll.cpu()
+            count += int(n)
     if count == 0:
         raise UserInputError("perplexity counts no position: every sequence has fewer than 2 unmasked tokens")
     return float(torch.exp(total / count))
@@ -339,25 +330,20 @@ def objective_sums(
     """(loss sum, n) as float64 on ``device``: distillation loss against ``teacher`` when given,
     else the task loss on the batches' targets (see :func:`task_loss`)."""
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                x, y = sample_parts(batch)
-                x = move_inputs(x, device, non_blocking=True)
-                with autocast(device, amp):
-                    out = primary_output(call_model(model, x))
-                    if teacher is not None:
-                        t_out = primary_output(call_model(teacher, x), what="the teacher")
-                        loss = distill_loss(out, t_out, kind=distill or "mse", temperature=temperature,
-                                            reduction="sum", mask=input_mask(x))  # fmt: skip
-                    else:
-                        loss = task_loss(out, y.to(device), targets, reduction="sum")
-                sums[0] += loss.double()
-                sums[1] += batch_size_of(x)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for batch in loader:
+            x, y = sample_parts(batch)
+            x = move_inputs(x, device, non_blocking=True)
+            with autocast(device, amp):
+                out = primary_output(call_model(model, x))
+                if teacher is not None:
+                    t_out = primary_output(call_model(teacher, x), what="the teacher")
+                    loss = distill_loss(out, t_out, kind=distill or "mse", temperature=temperature,
+                                        reduction="sum", mask=input_mask(x))  # fmt: skip
+                else:
+                    loss = task_loss(out, y.to(device), targets, reduction="sum")
+            sums[0] += loss.double()
+            sums[1] += batch_size_of(x)
     return sums
 
 
@@ -367,18 +353,13 @@ def model_outputs(
     """The model's outputs over ``loader``, concatenated on the CPU, and the targets (None when absent)."""
     outs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                x, y = sample_parts(batch)
-                with autocast(device, amp):
-                    outs.append(primary_output(call_model(model, move_inputs(x, device))).float().cpu())
-                if y is not None:
-                    ys.append(torch.as_tensor(y))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for batch in loader:
+            x, y = sample_parts(batch)
+            with autocast(device, amp):
+                outs.append(primary_output(call_model(model, move_inputs(x, device))).float().cpu())
+            if y is not None:
+                ys.append(torch.as_tensor(y))
     return torch.cat(outs), (torch.cat(ys) if ys and len(ys) == len(outs) else None)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ttcompress.modtree import eval_mode
 from ttcompress.formats import format_of
 from ttcompress.inputs import MASK_KEY, call_model
 from ttcompress.layer_report import count_params
@@ -142,19 +143,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-class _Eval:
-    """Eval mode for the duration of a ``with`` block, restoring the previous mode after."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self) -> nn.Module:
-        return self.model.eval()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.model.train(self.was_training)
-
-
 class _factorized:  # noqa: N801 - used like a function
     """Layers that may evaluate through a merged dense kernel when that measures faster (their
     ``evaluation`` attribute) evaluate factorized for the ``with`` block, so FLOPs describe the
@@ -200,7 +188,7 @@ def flops_by_kind(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with (_Eval(model), _factorized(model), torch.no_grad(),
+        with (eval_mode(model), _factorized(model), torch.no_grad(),
               FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter):
             call_model(model, example_batch(model, input_shape, 1))
     finally:
@@ -358,7 +346,7 @@ def measure_latencies(
     with contextlib.ExitStack() as stack, torch.no_grad():
         calls = []
         for model in models:
-            stack.enter_context(_Eval(model))
+            stack.enter_context(eval_mode(model))
             x = example_batch(model, input_shape, batch_size)
             calls.append(functools.partial(call_model, model, x))
         return time_interleaved(calls, min_run_time=min_run_time, num_threads=num_threads, min_rounds=min_rounds)
@@ -398,7 +386,7 @@ def peak_memory(model: nn.Module, input_shape: Sequence[int], *, batch_size: int
 
     device = _model_device(model)
     resident = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    with _Eval(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         x = example_batch(model, input_shape, batch_size)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -19,6 +19,7 @@ from torch import nn
 from ttcompress.data import DatasetBundle
 from ttcompress.errors import CheckpointError, UserInputError
 from ttcompress.checkpoint.io import atomic_write, save, update_meta
+from ttcompress.checkpoint.meta import read_meta
 from ttcompress.training.config import TrainConfig
 from ttcompress.training.records import EpochRecord
 
@@ -194,9 +195,7 @@ def write_metrics(path: Path, history: Sequence[EpochRecord], mode: str) -> None
 
 def meta_snapshot(model: nn.Module) -> dict[str, Any]:
     """A JSON-safe copy of the model's metadata ``info`` (empty when it has none)."""
-    meta = getattr(model, "ttcompress_meta", None)
-    info = (meta or {}).get("info") or {}
-    return json.loads(json.dumps(info, default=str))
+    return json.loads(json.dumps(read_meta(model).info, default=str))
 
 
 def set_info(model: nn.Module, info: Mapping[str, Any]) -> None:

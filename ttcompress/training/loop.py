@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
+from ttcompress.modtree import eval_mode
 from ttcompress.data import DatasetBundle, check_model_fits, make_loader, sample_parts
 from ttcompress.checkpoint.dtypes import HALF_DTYPES, model_dtype
 from ttcompress.errors import CheckpointError, TrainingError, UserInputError
@@ -284,14 +285,9 @@ def distill_kind(
     """
     ds = bundle.test if len(bundle.test) else bundle.train  # type: ignore[arg-type]
     x = move_inputs(default_collate([sample_parts(ds[i])[0] for i in range(min(2, len(ds)))]), device)  # type: ignore[arg-type]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            raw = call_model(model, x)
-            out, t_out = primary_output(raw), primary_output(call_model(teacher, x), what="the teacher")
-    finally:
-        model.train(was)
+    with eval_mode(model), torch.no_grad():
+        raw = call_model(model, x)
+        out, t_out = primary_output(raw), primary_output(call_model(teacher, x), what="the teacher")
     if t_out.shape != out.shape:
         raise UserInputError(f"the teacher's outputs {tuple(t_out.shape)} and the model's {tuple(out.shape)} differ "
                              "in shape: it cannot be distilled from")

@@ -9,6 +9,7 @@ import math
 import torch
 from torch import nn
 
+from ttcompress.checkpoint.meta import read_meta
 from ttcompress.errors import UserInputError
 from ttcompress.training.config import TrainConfig
 
@@ -16,9 +17,7 @@ __all__ = ["make_optimizer", "make_scheduler", "param_groups", "set_trainable"]
 
 
 def _decomposed_names(model: nn.Module) -> list[str]:
-    meta = getattr(model, "ttcompress_meta", None)
-    layers = (meta or {}).get("layers") or {}
-    return list(layers)
+    return list(read_meta(model).layers)
 
 
 def set_trainable(model: nn.Module, train_only: str) -> list[nn.Parameter]:
