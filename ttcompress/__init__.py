@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time they load o
     from ttcompress.checkpoint.models import build_arch
     from ttcompress.compression.plan import CPSettings, Plan, Rule, TTSettings
     from ttcompress.compression.planfile import load_plan, plan_from_options
-    from ttcompress.compression.pipeline import compress, compress_with_report
+    from ttcompress.compression.pipeline import CompressOptions, compress, compress_with_report, run_compress
 
 # Every public name is loaded on first access, so that ``import ttcompress`` (and with it
 # ``ttcompress --version`` / ``--help``) does not import torch.
@@ -62,6 +62,8 @@ _LAZY = {
     "get_format": "ttcompress.formats",
     "register_format": "ttcompress.formats",
     "compress_with_report": "ttcompress.compression.pipeline",
+    "CompressOptions": "ttcompress.compression.pipeline",
+    "run_compress": "ttcompress.compression.pipeline",
     # these pull in the training loop, datasets and reports
     "load_dataset": "ttcompress.data",
     "train": "ttcompress.training",
