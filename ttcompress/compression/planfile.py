@@ -26,7 +26,7 @@ from ttcompress.compression.plan import Plan
 from ttcompress.checkpoint.smallfile import read_small_text
 
 __all__ = ["MAX_PLAN_DEPTH", "MAX_PLAN_NODES", "NONE", "SHORTHANDS", "load_plan", "option_formats", "plan_from_options",
-           "plan_kwargs", "save_plan", "split_param"]
+           "is_size_param", "plan_kwargs", "save_plan", "split_param"]
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -36,11 +36,12 @@ def load_plan(path: str | Path) -> Plan:
     ------
     FileNotFoundError
         The file does not exist.
-    ValueError
+    InputError
         It is not a regular file (a FIFO, a device) of at most ``MAX_SMALL_FILE_BYTES``, it cannot be
-        parsed, or it describes an invalid plan.
+        parsed, or it describes an invalid plan (``param`` is ``plan file PATH``).
     """
     p = Path(path)
+    where = f"plan file {p}"
     try:
         text = read_small_text(p, what="plan file")
     except FileNotFoundError:
@@ -51,14 +52,14 @@ def load_plan(path: str | Path) -> Plan:
         else:
             data = _safe_yaml(text)
     except Exception as exc:
-        raise ValueError(f"plan file {p} is not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: "
+        raise InputError(where, f"is not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: "
                          f"{' '.join(str(exc).split())[:160]}") from None
     if data is not None and not isinstance(data, Mapping):
-        raise ValueError(f"plan file {p} must hold a mapping at the top level")
+        raise InputError(where, "must hold a mapping at the top level")
     try:
         return Plan.from_dict(data)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"plan file {p}: {exc}") from None
+        raise InputError(where, f": {exc}") from None
 
 
 #: Most YAML nodes a plan may have, and the deepest nesting (plans are small and flat).
@@ -142,7 +143,7 @@ def split_param(param: str) -> tuple[str, str]:
     return fmt_name, field
 
 
-def _size_param(param: str) -> bool:
+def is_size_param(param: str) -> bool:
     """True for a setting that fixes a layer's size (a ``none`` value then keeps the format's layers dense)."""
     fmt_name, field = split_param(param)
     return any(f.name == field and f.group == SIZE for f in setting_fields(get_format(fmt_name).settings))
@@ -171,7 +172,7 @@ def plan_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
         param = SHORTHANDS.get(key, key)
         setting = "." in param
         if isinstance(value, str) and value.lower() == NONE:
-            if setting and _size_param(param):
+            if setting and is_size_param(param):
                 fmt_name = split_param(param)[0]
                 if fmt_name not in dense:
                     dense.append(fmt_name)
