@@ -391,7 +391,9 @@ class CompressionFormat(ABC):
                 if other not in given:
                     fields[other] = None
         for name, value in given.items():
-            fields[name] = {**dict(fields[name] or ()), **dict(value or ())} if meta[name].merge else value
+            if meta[name].merge and isinstance(value, Mapping):  # anything else: the settings class refuses it
+                value = {**dict(fields[name] or ()), **value}
+            fields[name] = value
         try:
             return self.settings(**fields)
         except InputError as exc:

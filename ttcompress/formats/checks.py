@@ -117,7 +117,7 @@ def freeze_options(options: Any, what: str) -> tuple[tuple[str, Any], ...]:
         return ()
     if isinstance(options, Mapping):
         items = list(options.items())
-    elif isinstance(options, (list, tuple)):
+    elif isinstance(options, (list, tuple)) and all(isinstance(kv, (list, tuple)) and len(kv) == 2 for kv in options):
         items = [tuple(kv) for kv in options]
     else:
         raise InputError(what, f"must be a mapping of keyword arguments, got {options!r}")
