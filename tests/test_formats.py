@@ -9,7 +9,6 @@ suggestions, and no module outside the format packages names a format or a layer
 from __future__ import annotations
 
 import ast
-import copy
 import json
 from pathlib import Path
 from typing import Any

@@ -11,11 +11,9 @@ from __future__ import annotations
 import importlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from torch import nn
 from click.testing import CliRunner
 
@@ -26,14 +24,6 @@ from ttcompress.errors import InputError, UserInputError
 from ttcompress.formats.base import setting
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def cnn_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("cnn") / "cnn.pt"
-    torch.save(build_arch("seed-cnn").state_dict(), path)
-    return path
 
 
 # ---- the CLI: 40 bad values, each one line and exit 2 ------------------------------------------------------

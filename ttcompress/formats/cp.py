@@ -29,7 +29,6 @@ from ttcompress.formats.base import (
     Ladder,
     LayerDecision,
     bias_params,
-    join,
     setting,
 )
 from ttcompress.errors import InputError
