@@ -105,7 +105,7 @@ class Rule:
     the max TT rank for TT, the rank for CP and SVD, the ``(in, out)`` ranks for Tucker-2; ``eps``
     a relative error (TT, SVD); ``d``, ``in_modes``, ``out_modes`` TT's; ``ratio`` a per-layer
     compression factor; ``options`` extra build options (CP-ALS, Tucker-2 HOOI). They may also be
-    given as keywords: ``Rule("fc", format="tt", ranks=4)``.
+    given as keywords: ``Rule("fc", format="svd", ranks=16)``.
 
     With a ``format``, the overrides are validated by that format's settings class (an unknown
     key is an error); without one (or ``auto``, which hands sizes to each layer's default format),
@@ -286,7 +286,7 @@ class Plan:
     **by_format : settings
         A registered format's name as a keyword is a shorthand for its entry of ``settings``
         (``Plan(tt=TTSettings(ranks=4))``), and reads it back as an attribute (``plan.tt``, which is
-        ``plan.settings_for("tt")``).
+        ``plan.settings_for(name)``).
     layers : tuple of str
         Only layers matching one of these globs are compressed (all when empty).
     exclude : tuple of str
@@ -376,7 +376,7 @@ class Plan:
         return DEFAULT_MIN_SAVING if calibrated else 0.0
 
     def __getattr__(self, name: str) -> Any:
-        """A registered format's name reads its settings (``plan.tt`` is ``plan.settings_for("tt")``)."""
+        """A registered format's name reads its settings (``plan.svd`` is ``plan.settings_for("svd")``)."""
         if name.startswith("_") or name not in format_names():
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return self.settings_for(name)

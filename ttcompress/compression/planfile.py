@@ -119,7 +119,7 @@ SHORTHANDS: Mapping[str, str] = {
 
 def option_formats() -> dict[str, tuple[str, ...]]:
     """The formats with options of their own on the command line, with those options' settings
-    (``{"tt": ("tt.ranks", "tt.eps", "tt.d"), "cp": ("cp.rank", "cp.ratio"), ...}``): the fields
+    (``{..., "svd": ("svd.rank", "svd.eps", "svd.ratio"), ...}``): the fields
     their settings class declares with a ``help`` (:func:`~ttcompress.formats.base.setting`)."""
     out: dict[str, tuple[str, ...]] = {}
     for name in format_names():
@@ -130,8 +130,8 @@ def option_formats() -> dict[str, tuple[str, ...]]:
 
 
 def split_param(param: str) -> tuple[str, str]:
-    """``"tt.ranks"`` -> ``("tt", "ranks")``, checked against the registered formats' settings
-    (a field's alias gives the field: ``"cp.ranks"`` -> ``("cp", "rank")``)."""
+    """``"svd.rank"`` -> ``("svd", "rank")``, checked against the registered formats' settings
+    (a field's alias gives the field: ``"svd.ranks"`` -> ``("svd", "rank")``)."""
     fmt_name, dot, key = param.partition(".") if isinstance(param, str) else ("", "", "")
     if not dot or fmt_name not in format_names():
         raise InputError("set", f": {param!r} is not FORMAT.FIELD with a registered format ({', '.join(format_names())})")
@@ -237,7 +237,7 @@ def plan_from_options(
     Raises
     ------
     InputError
-        Conflicting options (``cp_ranks`` with ``cp_ratio``, a ``tt_*`` option with ``dense=["tt"]``),
+        Conflicting options (``cp_ranks`` with ``cp_ratio``, a ``tt_*`` option with ``tt`` in ``dense``),
         bad values, or a bad plan file (whose errors are ``ValueError``).
     """
     if base is not None and plan_file is not None:
