@@ -41,7 +41,8 @@ BAD_FLAGS = [
     (["--tucker2-ratio", "0.9"], "--tucker2-ratio"), (["--tt-embedding-d", "1"], "--tt-embedding-d"),
     (["--set", "tucker2.ranks=[1,2,3]"], "--tucker2-ranks"), (["--set", "svd.rank=abc"], "--set"),
     (["--set", "nope.rank=1"], "--set"), (["--set", "svd=3"], "--set"), (["--set", "svd.rnk=3"], "--set"),
-    (["--set", "cp.options=[1]"], "cp.options"), (["--set", "auto.tie_tol=2"], "auto.tie_tol"),
+    (["--set", "cp.options=[1]"], "cp.options"), (["--set", 'cp.options={"bogus": 1}'], "cp.options"),
+    (["--set", 'cp.options={"n_iter_max": "x"}'], "cp.options"), (["--set", 'tucker2.options={"tol": -1}'], "tucker2"), (["--set", "auto.tie_tol=2"], "auto.tie_tol"),
     (["--set", "auto.candidates=nope"], "auto.candidates"), (["--set", "tt.ranks=2", "--tt-ranks", "3"], "--set"),
     (["--target-ratio", "0.5"], "--target-ratio"), (["--target-ratio", "4", "--tt-ranks", "4"], "--target-ratio"),
     (["--format", "nope"], "--format"), (["--format", "tt,tt"], "--format"), (["--layers", " "], "--layers"),
@@ -100,7 +101,7 @@ def _api_cases() -> list[Any]:
     return [
         lambda: TTSettings(ranks=0), lambda: TTSettings(eps=1.0), lambda: TTSettings(d=1), lambda: TTSettings(ranks=()),
         lambda: TTSettings(in_modes=[0, 2]), lambda: CPSettings(rank=1, ratio=2.0), lambda: CPSettings(ratio=0.5),
-        lambda: CPSettings(options={"tol": object()}), lambda: SVDSettings(ratio=1.0), lambda: SVDSettings(rank=True),
+        lambda: CPSettings(options={"tol": object()}), lambda: CPSettings(options={"init": "nope"}), lambda: SVDSettings(ratio=1.0), lambda: SVDSettings(rank=True),
         lambda: Tucker2Settings(ranks=(1, 2, 3)), lambda: Plan(target_ratio=0.5), lambda: Plan(formats=("x",)),
         lambda: Plan(min_saving=2.0), lambda: Plan(max_error=-1.0), lambda: Plan(others="x"),
         lambda: Plan(layers=("",)), lambda: Plan(settings={"svd": {"rank": 0}}), lambda: Plan(settings={"svd": {"x": 1}}),

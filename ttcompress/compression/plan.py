@@ -284,9 +284,9 @@ class Plan:
         class, e.g. ``{"svd": SVDSettings(rank=16)}``, or a dict of its fields); missing ones take
         their defaults. Stored as a :class:`FormatSettings` of the non-default ones.
     **by_format : settings
-        A registered format's name as a keyword is a shorthand for its entry of ``settings``
-        (``Plan(tt=TTSettings(ranks=4))``), and reads it back as an attribute (``plan.tt``, which is
-        ``plan.settings_for(name)``).
+        A registered format's name as a keyword is a shorthand for its entry of ``settings`` (and
+        replaces it: ``dataclasses.replace(plan, svd=SVDSettings(rank=8))``), and reads it back as an
+        attribute (``plan.svd`` is ``plan.settings_for("svd")``).
     layers : tuple of str
         Only layers matching one of these globs are compressed (all when empty).
     exclude : tuple of str
@@ -340,11 +340,8 @@ class Plan:
         for name, value in by_format.items():
             if name not in format_names():
                 raise TypeError(f"Plan() got an unexpected keyword argument {name!r} (not a registered format)")
-            if value is None:
-                continue
-            if name in items:
-                raise InputError("settings", f": give the {name} settings once (as {name}= or in settings)")
-            items[name] = value
+            if value is not None:  # replaces the entry of settings: replace(plan, cp=...) works
+                items[name] = value
         put = functools.partial(object.__setattr__, self)
         put("settings", FormatSettings(items))
         put("min_saving", None if min_saving is None else _check_fraction(min_saving, "min_saving", upper=1.0))

@@ -20,6 +20,7 @@ __all__ = [
     "check_pos_int",
     "check_ranks",
     "check_ratio",
+    "check_build_options",
     "freeze_options",
 ]
 
@@ -129,3 +130,23 @@ def freeze_options(options: Any, what: str) -> tuple[tuple[str, Any], ...]:
         except (TypeError, ValueError):
             raise InputError(f"{what}[{k!r}]", f"must be JSON-serializable, got {v!r}") from None
     return tuple(sorted(items))
+
+
+def check_build_options(options: tuple[tuple[str, Any], ...], allowed: Mapping[str, Any], what: str) -> None:
+    """Frozen keyword options (:func:`freeze_options`) whose keys are in ``allowed`` and whose values
+    fit it: ``int`` a non-negative integer, ``float`` a finite number >= 0, a tuple of strings one of them."""
+    for key, value in options:
+        if key not in allowed:
+            raise InputError(what, f": unknown option {key!r}; allowed: {', '.join(allowed)}")
+        kind = allowed[key]
+        if kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            expected = "a non-negative integer"
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+            expected = "a finite number >= 0"
+        else:
+            ok = value in kind
+            expected = f"one of {', '.join(map(str, kind))}"
+        if not ok:
+            raise InputError(f"{what}[{key!r}]", f"must be {expected}, got {value!r}")

@@ -32,7 +32,7 @@ from ttcompress.formats.base import (
     setting,
 )
 from ttcompress.errors import InputError
-from ttcompress.formats.checks import check_pos_int, check_ratio, freeze_options
+from ttcompress.formats.checks import check_build_options, check_pos_int, check_ratio, freeze_options
 from ttcompress.formats.fitting import calibrated
 from ttcompress.formats.registry import register_format
 from ttcompress.layers.cp_conv import CPConv2d
@@ -51,6 +51,8 @@ DEFAULT_TOL = 1e-3
 #: this many ALS sweeps, and stops once a sweep improves the error by less than :data:`TRIAL_TOL`.
 TRIAL_SWEEPS = 10
 TRIAL_TOL = 1e-3
+#: The keyword options of ``CPConv2d.from_conv`` a plan may set (``cp: {options: {...}}``), with their kinds.
+BUILD_OPTIONS = {"n_iter_max": int, "tol": float, "init": ("auto", "svd", "random"), "n_restarts": int, "seed": int}
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class CPSettings:
         object.__setattr__(self, "rank", None if self.rank is None else check_pos_int(self.rank, "cp.rank"))
         object.__setattr__(self, "ratio", check_ratio(self.ratio, "cp.ratio"))
         object.__setattr__(self, "options", freeze_options(self.options, "cp.options"))
+        check_build_options(self.options, BUILD_OPTIONS, "cp.options")
         if self.rank is not None and self.ratio is not None:
             raise InputError("cp.rank", "and cp.ratio are mutually exclusive; give one")
 

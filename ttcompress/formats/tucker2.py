@@ -32,7 +32,7 @@ from ttcompress.formats.base import (
     setting,
 )
 from ttcompress.errors import InputError
-from ttcompress.formats.checks import check_ranks, check_ratio, freeze_options
+from ttcompress.formats.checks import check_build_options, check_ranks, check_ratio, freeze_options
 from ttcompress.formats.fitting import calibrated
 from ttcompress.formats.registry import register_format
 from ttcompress.layers.tucker2_conv import Tucker2Conv2d
@@ -74,6 +74,7 @@ class Tucker2Settings:
         object.__setattr__(self, "ranks", ranks)
         object.__setattr__(self, "ratio", check_ratio(self.ratio, "tucker2.ratio"))
         object.__setattr__(self, "options", freeze_options(self.options, "tucker2.options"))
+        check_build_options(self.options, {"n_iter_max": int, "tol": float}, "tucker2.options")
         if self.ranks is not None and self.ratio is not None:
             raise InputError("tucker2.ranks", "and tucker2.ratio are mutually exclusive; give one")
 
