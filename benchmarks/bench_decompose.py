@@ -138,16 +138,17 @@ def bench_auto(*, model_name: str, capacity: int, target_ratio: float) -> None:
         conv, trials = modules[d.name], d.options["trials"]
         if "cp" not in trials or "tucker2" not in trials:
             continue
-        t_tk, tk = _timed(lambda: tucker2.build(conv, trials["tucker2"]))
-        t_full, full = _timed(lambda: cp.build(conv, {**trials["cp"], "tol": 1e-6}))
-        t_trial, trial = _timed(lambda: cp.build_trial(conv, trials["cp"]))
+        t_tk, tk = _timed(lambda: tucker2.build(conv, trials["tucker2"]).layer)
+        t_full, full = _timed(lambda: cp.build(conv, {**trials["cp"], "tol": 1e-6}).layer)
+        t_trial, trial_built = _timed(lambda: cp.build_trial(conv, trials["cp"]))
+        trial = trial_built.layer
         facts = {"tucker2": Trial("tucker2", 0, tk.rel_error, tucker2.flops(tk)),
                  "cp": Trial("cp", 0, full.rel_error, cp.flops(full))}
         old = choose([facts["cp"], facts["tucker2"]], tie_tol=1e-3)[0]
         new = choose([Trial("cp", 0, trial.rel_error, cp.flops(trial)), facts["tucker2"]], tie_tol=1e-3)[0]
         t_new, err_new = t_tk + t_trial, tk.rel_error
         if new.format == "cp":
-            t_fin, done = _timed(lambda: cp.finish_trial(conv, trial, trials["cp"]))
+            t_fin, done = _timed(lambda: cp.finish_trial(conv, trial_built, trials["cp"]).layer)
             t_new, err_new = t_new + t_fin, done.rel_error
         t_old = t_tk + t_full
         totals[0] += t_old

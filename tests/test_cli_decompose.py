@@ -194,8 +194,8 @@ def test_errors_exit_2_without_output(cnn_file, tmp_path):
         (["decompose", cnn_file, "--arch", "seed-cnn", "--target-ratio", "100000"], "out of reach"),
         (["decompose", cnn_file, "--arch", "seed-cnn", "--plan", bad_plan], "no pattern"),
         (["decompose", cnn_file, "--arch", "seed-cnn", "--plan", tmp_path / "nope.yaml"], "plan file not found"),
-        (["decompose", cnn_file, "--arch", "seed-cnn", "--calib-memory", "1M"], "--calib-memory '1M' is below"),
-        (["decompose", cnn_file, "--arch", "seed-cnn", "--calib-memory", "lots"], "--calib-memory must be a size"),
+        (["decompose", cnn_file, "--arch", "seed-cnn", "--calib-memory", "1M"], "calib_memory (--calib-memory) '1M' is below"),
+        (["decompose", cnn_file, "--arch", "seed-cnn", "--calib-memory", "lots"], "calib_memory (--calib-memory) must be a size"),
         (["inspect", tmp_path / "missing.pt"], "not found"),
     ]
     for args, match in cases:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Collection, Iterator, Mapping
+from typing import Any
 
 
 class TTCompressError(Exception):
@@ -38,6 +39,24 @@ class TrainingError(TTCompressError):
 
 class UserInputError(TTCompressError, ValueError):
     """An option or argument the user gave is invalid (also a ``ValueError`` for Python callers)."""
+
+
+class InputError(UserInputError):
+    """A value the user gave for parameter ``param`` is invalid, raised where it is validated.
+
+    ``param`` is the library's name of the parameter (``"tt.ranks"``, ``"target_ratio"``,
+    ``"calib_samples"``), never a command-line flag; ``problem`` says what is wrong with the value
+    (``"must be a positive integer, got 0"``). The message is ``"{param} {problem}"``. The CLI maps
+    ``param`` to its flag from one table (:func:`ttcompress.cli.flags.flag_for`).
+    """
+
+    def __init__(self, param: str, problem: str) -> None:
+        self.param = param
+        self.problem = problem
+        super().__init__(f"{param}{'' if problem[:1] in (':', ';', ',') else ' '}{problem}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (DataLoader workers re-raise errors)
+        return (type(self), (self.param, self.problem))
 
 
 class OutputExistsError(TTCompressError, FileExistsError):

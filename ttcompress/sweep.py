@@ -41,9 +41,17 @@ from ttcompress._version import __version__
 from ttcompress.calibration.budget import check_calib_memory
 from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES, calib_batches, named_calibration
 from ttcompress.data import DatasetBundle, balanced_subset, check_model_fits
-from ttcompress.errors import DataError, UserInputError, refused_input
+from ttcompress.errors import DataError, InputError, UserInputError, refused_input
 from ttcompress.compression.plan import Plan
-from ttcompress.compression.planfile import NONE, load_plan, plan_from_options, plan_kwargs
+from ttcompress.compression.planfile import (
+    NONE,
+    SHORTHANDS,
+    is_size_param,
+    load_plan,
+    plan_from_options,
+    plan_kwargs,
+    split_param,
+)
 from ttcompress.report.evaluation import evaluate, perplexity, resolve_device
 from ttcompress.checkpoint.io import load, save
 from ttcompress.layer_report import count_params
@@ -70,6 +78,18 @@ _AXES: dict[str, tuple[str, str, str]] = {
 }
 
 
+def _frozen(value: Any) -> Any:
+    """A setting value in a hashable form (lists as tuples)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _text(value: Any, sep: str) -> str:
+    """A value in a setting's key or label: ``4``, ``0.1``, ``16x32`` (key) / ``16,32`` (label)."""
+    if isinstance(value, (tuple, list)):
+        return sep.join(_text(v, sep) for v in value)
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
 @dataclass(frozen=True)
 class SweepSetting:
     """One point of a sweep: the per-setting plan options, as ``ttcompress decompose`` takes them.
@@ -86,8 +106,12 @@ class SweepSetting:
     cp_rank: int | str | None = None
     cp_ratio: float | str | None = None
     target_ratio: float | None = None
+    #: Any other format setting of this point, ``(("svd.rank", 16), ...)`` (``FORMAT.FIELD`` -> a
+    #: value, or ``"none"`` on a size setting: that format's layers dense).
+    values: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "values", tuple((str(k), _frozen(v)) for k, v in dict(self.values).items()))
         if self.tt_ranks is not None and self.tt_eps is not None:
             raise UserInputError("a sweep setting takes tt_ranks or tt_eps, not both")
         if self.cp_rank is not None and self.cp_ratio is not None:
@@ -98,26 +122,30 @@ class SweepSetting:
                 raise UserInputError(f"{name} must be a number{' or none' if name not in ('tt_d', 'target_ratio') else ''}, "
                                      f"got {value!r}")
         if not any(getattr(self, n) not in (None, NONE) for n in ("tt_ranks", "tt_eps", "cp_rank", "cp_ratio",
-                                                                   "target_ratio")):
+                                                                   "target_ratio")) and not any(
+                v not in (None, NONE) and is_size_param(k) for k, v in self.values):
             raise UserInputError("a sweep setting must compress something (tt_ranks, tt_eps, cp_rank, cp_ratio "
                                  "or target_ratio)")
 
-    def _given(self) -> list[tuple[str, Any]]:
-        return [(name, getattr(self, name)) for name in _AXES if getattr(self, name) not in (None, NONE)]
+    def _given(self) -> list[tuple[str, str, Any]]:
+        """``(key prefix, label prefix, value)`` of every option this point gives."""
+        named = [(_AXES[n][1], _AXES[n][2], getattr(self, n)) for n in _AXES if getattr(self, n) not in (None, NONE)]
+        return named + [(k.replace(".", "-").replace("_", "-"), f"{k} ", v) for k, v in self.values
+                        if v not in (None, NONE)]
 
     @property
     def key(self) -> str:
-        """File-system-safe name, e.g. ``tt-r4_cp-r3`` or ``target-x8``."""
-        return "_".join(f"{_AXES[n][1]}{v:g}" for n, v in self._given())
+        """File-system-safe name, e.g. ``tt-r4_cp-r3``, ``target-x8`` or ``svd-rank16``."""
+        return "_".join(f"{k}{_text(v, 'x')}" for k, _, v in self._given())
 
     @property
     def label(self) -> str:
-        """Human-readable name, e.g. ``TT r4 + CP r3`` or ``target ×8``."""
-        return " + ".join(f"{_AXES[n][2]}{v:g}" for n, v in self._given())
+        """Human-readable name, e.g. ``TT r4 + CP r3``, ``target ×8`` or ``svd.rank 16``."""
+        return " + ".join(f"{label}{_text(v, ',')}" for _, label, v in self._given())
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`~ttcompress.compression.planfile.plan_from_options` for this setting."""
-        return plan_kwargs({_AXES[n][0]: getattr(self, n) for n in _AXES})
+        return plan_kwargs({**{_AXES[n][0]: getattr(self, n) for n in _AXES}, **dict(self.values)})
 
     def plan(
         self,
@@ -142,22 +170,38 @@ def sweep_settings(
     cp_ranks: Sequence[int | str | None] = (),
     cp_ratio: Sequence[float | str | None] = (),
     target_ratios: Sequence[float | str | None] = (),
+    values: Mapping[str, Sequence[Any]] | None = None,
 ) -> list[SweepSetting]:
     """The cross product of the axes: TT (ranks, then eps values) × TT cores × CP (ranks, then
-    ratios) × target ratios.
+    ratios) × target ratios × one axis per other format setting in ``values``.
 
-    ``None`` or ``"none"`` in a rank axis (``tt_ranks``, ``tt_eps``, ``cp_ranks``, ``cp_ratio``) is
-    a point where that layer type stays dense (``tt_ranks=[None, 8], cp_ranks=[3]`` gives "CP r3"
-    and "TT r8 + CP r3"); in ``tt_d`` or ``target_ratios`` it is a point without that option. A
-    combination that would compress nothing is left out.
+    ``values`` maps settings (``FORMAT.FIELD``, e.g. ``"svd.rank"``) to their axes; those the
+    keywords name (``tt.ranks`` is ``tt_ranks``, ``cp.rank`` is ``cp_ranks``, ...) join their axes.
+    ``None`` or ``"none"`` in a size axis (``tt_ranks``, ``tt_eps``, ``cp_ranks``, ``cp_ratio``,
+    ``svd.rank``, ...) is a point where that layer type stays dense (``tt_ranks=[None, 8],
+    cp_ranks=[3]`` gives "CP r3" and "TT r8 + CP r3"); in another axis (``tt_d``,
+    ``target_ratios``) it is a point without that option. A combination that would compress
+    nothing is left out.
     """
-    for name, values in (("tt_ranks", tt_ranks), ("cp_ranks", cp_ranks), ("tt_d", tt_d)):
-        for v in values:
+    axes = {"tt_ranks": list(tt_ranks), "tt_eps": list(tt_eps), "tt_d": list(tt_d), "cp_ranks": list(cp_ranks),
+            "cp_ratio": list(cp_ratio)}
+    shorthand = {param: key for key, param in SHORTHANDS.items()}
+    others: dict[str, list[Any]] = {}
+    for param, items in dict(values or {}).items():
+        fmt_name, field = split_param(param)
+        param = f"{fmt_name}.{field}"
+        if param in shorthand:
+            axes[shorthand[param]] += list(items)
+        else:
+            others[param] = list(items)
+    tt_ranks, tt_eps, tt_d, cp_ranks, cp_ratio = (axes[k] for k in ("tt_ranks", "tt_eps", "tt_d", "cp_ranks", "cp_ratio"))
+    for name, items in (("tt_ranks", tt_ranks), ("cp_ranks", cp_ranks), ("tt_d", tt_d)):
+        for v in items:
             if v is not None and v != NONE and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise UserInputError(f"{name} must hold positive ints (or none), got {v!r}")
+                raise InputError(name, f"must hold positive ints (or none), got {v!r}")
     for e in tt_eps:
         if e is not None and e != NONE and (isinstance(e, bool) or not (isinstance(e, (int, float)) and 0 < e < 1)):
-            raise UserInputError(f"tt_eps values must be in (0, 1), got {e!r}")
+            raise InputError("tt_eps", f"values must be in (0, 1), got {e!r}")
 
     def dense(v: Any) -> Any:
         return NONE if v is None else v
@@ -169,14 +213,18 @@ def sweep_settings(
     cp_axis = [("cp_rank", dense(v)) for v in cp_ranks] + [("cp_ratio", dense(v)) for v in cp_ratio] or [("cp_rank", None)]
     d_axis = [plain(v) for v in tt_d] or [None]
     target_axis = [plain(v) for v in target_ratios] or [None]
-    if not (tt_ranks or tt_eps or cp_ranks or cp_ratio or target_ratios):
-        raise UserInputError("give at least one of tt_ranks, tt_eps, cp_ranks, cp_ratio or target_ratios")
+    other_axes = [[(param, dense(v) if is_size_param(param) else plain(v)) for v in items] or [(param, None)]
+                  for param, items in others.items()]
+    if not (tt_ranks or tt_eps or cp_ranks or cp_ratio or target_ratios or any(others.values())):
+        raise UserInputError("give at least one of tt_ranks, tt_eps, cp_ranks, cp_ratio, target_ratios or a format "
+                             "setting")
     settings = []
-    for (tk, tv), d, (ck, cv), target in itertools.product(tt_axis, d_axis, cp_axis, target_axis):
-        values = {tk: tv, "tt_d": d, ck: cv, "target_ratio": target}
-        if all(v in (None, NONE) for k, v in values.items() if k != "tt_d"):
+    for (tk, tv), d, (ck, cv), target, *extra in itertools.product(tt_axis, d_axis, cp_axis, target_axis, *other_axes):
+        point = {tk: tv, "tt_d": d, ck: cv, "target_ratio": target}
+        sizes = [v for k, v in extra if is_size_param(k)]
+        if all(v in (None, NONE) for k, v in point.items() if k != "tt_d") and all(v in (None, NONE) for v in sizes):
             continue
-        setting = SweepSetting(**values)
+        setting = SweepSetting(**point, values=tuple((k, v) for k, v in extra if v is not None))
         setting.plan()  # checks the values (ranges, target ratio with fixed ranks, ...)
         settings.append(setting)
     if not settings:
@@ -203,7 +251,7 @@ class SweepResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "setting": dataclasses.asdict(self.setting),
+            "setting": {k: v for k, v in dataclasses.asdict(self.setting).items() if k != "values" or v},
             "label": self.setting.label,
             "model_path": self.model_path.name,
             "accuracy_before": self.accuracy_before,
@@ -296,7 +344,7 @@ def calibration_subset(bundle: DatasetBundle, *, samples: int, seed: int = 0) ->
         The training split is empty.
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise UserInputError(f"calib_samples must be a positive int, got {samples!r}")
+        raise InputError("calib_samples", f"must be a positive int, got {samples!r}")
     if len(bundle.train) == 0:
         raise DataError(f"dataset {bundle.name!r} has an empty training split; nothing to calibrate on")
     subset = balanced_subset(bundle.train, min(samples, len(bundle.train)), seed=seed)

@@ -18,6 +18,8 @@ import re
 
 import torch
 
+from ttcompress.errors import InputError
+
 __all__ = [
     "DEFAULT_FRACTION",
     "MIN_CALIB_MEMORY",
@@ -48,18 +50,18 @@ def parse_memory(value: str | int | float) -> int:
     binary. ``ValueError`` naming ``calib_memory`` for anything else.
     """
     if isinstance(value, bool):
-        raise ValueError(f"calib_memory must be a size such as 4G or 512M, got {value!r}")
+        raise InputError("calib_memory", f"must be a size such as 4G or 512M, got {value!r}")
     if isinstance(value, (int, float)):
         number, unit = float(value), ""
     elif isinstance(value, str):
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
         if match is None or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"calib_memory must be a size such as 4G or 512M, got {value!r}")
+            raise InputError("calib_memory", f"must be a size such as 4G or 512M, got {value!r}")
         number, unit = float(match.group(1)), match.group(2).lower()
     else:
-        raise ValueError(f"calib_memory must be a size such as 4G or 512M, got {type(value).__name__}")
+        raise InputError("calib_memory", f"must be a size such as 4G or 512M, got {type(value).__name__}")
     if not math.isfinite(number) or number < 0:
-        raise ValueError(f"calib_memory must be a size such as 4G or 512M, got {value!r}")
+        raise InputError("calib_memory", f"must be a size such as 4G or 512M, got {value!r}")
     return int(number * _UNITS[unit])
 
 
@@ -109,7 +111,7 @@ def check_calib_memory(value: str | int | float | None, device: torch.device | s
         return default_calib_memory(device)
     budget = parse_memory(value)
     if budget < MIN_CALIB_MEMORY:
-        raise ValueError(f"calib_memory {value!r} is below the minimum of {MIN_CALIB_MEMORY // 2**20} MiB")
+        raise InputError("calib_memory", f"{value!r} is below the minimum of {MIN_CALIB_MEMORY // 2**20} MiB")
     return budget
 
 

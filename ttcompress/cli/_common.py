@@ -5,7 +5,8 @@ Results go to stdout (``out``), progress and messages to stderr (``err``).
 Errors (see ``docs/cli.md``, "Errors and exit codes"):
 
 * a user error (:data:`USER_ERRORS`: our own :class:`~ttcompress.errors.TTCompressError`
-  types, ``OSError`` from reading or writing files, ``MemoryError``, ``RecursionError``) is one
+  types, an :class:`~ttcompress.errors.InputError` with its parameter's flag added
+  (:func:`ttcompress.cli.flags.with_flag`), ``OSError`` from reading or writing files, ``MemoryError``, ``RecursionError``) is one
   ``error: ...`` line on stderr and exit code 2, as is the allocator's out-of-memory
   ``RuntimeError`` / ``torch.OutOfMemoryError`` (``out of memory: ... needs N GB``);
 * any other exception is a bug in ttcompress: an ``internal error: ...`` line, the traceback, and
@@ -32,7 +33,8 @@ from typing import Any, Callable, TypeVar
 import typer
 from rich.console import Console
 
-from ttcompress.errors import OutputExistsError, TTCompressError, UserInputError
+from ttcompress.cli.flags import with_flag
+from ttcompress.errors import InputError, OutputExistsError, TTCompressError, UserInputError
 from ttcompress.fsutil import check_not_inputs
 from ttcompress.memory import out_of_memory_message
 
@@ -92,6 +94,8 @@ def _one_line(exc: BaseException) -> str:
         text = f"out of memory{': ' + str(exc) if str(exc) else ''}"
     elif isinstance(exc, RecursionError):
         text = "input nested too deeply (maximum recursion depth exceeded)"
+    elif isinstance(exc, InputError):  # the parameter's flag, from one table (ttcompress.cli.flags)
+        text = with_flag(exc)
     elif isinstance(exc, OSError) and not isinstance(exc, TTCompressError) and exc.strerror:
         text = exc.strerror
         where = [str(f) for f in (exc.filename, exc.filename2) if f is not None]

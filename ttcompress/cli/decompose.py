@@ -16,12 +16,11 @@ import typer
 from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, data_inputs, err, out
 from ttcompress.cli.progress import DecomposeProgress
+from ttcompress.cli.flags import with_format_flags
 from ttcompress.cli.tables import layer_table, preview_table, print_table
 from ttcompress.cli.options import (
     ArchKwargsOpt,
     ArchOpt,
-    CPRanksOpt,
-    CPRatioOpt,
     CalibMemoryOpt,
     CalibSamplesOpt,
     MaxErrorOpt,
@@ -31,9 +30,6 @@ from ttcompress.cli.options import (
     FormatsOpt,
     LayersOpt,
     TargetRatioOpt,
-    TTDOpt,
-    TTEpsOpt,
-    TTRanksOpt,
     JsonOpt,
     ModelArg,
     OutputOpt,
@@ -138,6 +134,7 @@ def preview_file(model: Path, *, plan: Plan, **load_options: Any) -> PlanPreview
 
 @app.command("decompose")
 @cli_errors
+@with_format_flags()
 def decompose(
     model: ModelArg,
     output: OutputOpt = None,
@@ -146,11 +143,7 @@ def decompose(
     arch_kwargs: ArchKwargsOpt = None,
     trust_pickle: TrustPickleOpt = False,
     trust_code: TrustCodeOpt = False,
-    tt_ranks: TTRanksOpt = None,
-    tt_eps: TTEpsOpt = None,
-    tt_d: TTDOpt = None,
-    cp_ranks: CPRanksOpt = None,
-    cp_ratio: CPRatioOpt = None,
+    format_flags: Optional[dict[str, Any]] = None,
     target_ratio: TargetRatioOpt = None,
     formats: FormatsOpt = None,
     layers: LayersOpt = None,
@@ -186,15 +179,12 @@ def decompose(
     check_inputs(model, plan)
     check_text_options(data, seq_len=seq_len, tokenizer=tokenizer)
     the_plan = plan_from_flags(
-        plan=plan, tt_ranks=tt_ranks, tt_eps=tt_eps, tt_d=tt_d, cp_ranks=cp_ranks, cp_ratio=cp_ratio,
+        plan=plan, **(format_flags or {}),
         layers=layers, exclude=exclude, target_ratio=target_ratio, formats=formats,
         min_saving=min_saving, max_error=max_error,
     )
     kwargs = parse_arch_kwargs(arch_kwargs)
-    try:
-        memory = None if calib_memory is None else check_calib_memory(calib_memory)
-    except ValueError as exc:
-        raise UserInputError(str(exc).replace("calib_memory", "--calib-memory", 1)) from None
+    memory = None if calib_memory is None else check_calib_memory(calib_memory)
     if dry_run:
         with refused_input():
             preview = preview_file(model, plan=the_plan, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle,

@@ -6,25 +6,22 @@ A thin shell over :func:`ttcompress.compression.summary.inspect_file`.
 from __future__ import annotations
 
 import json
+from typing import Any, Optional
 
 from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, cli_errors, err, out
+from ttcompress.cli.flags import with_format_flags
 from ttcompress.cli.tables import print_table, summary_table
 from ttcompress.cli.options import (
     ArchKwargsOpt,
     ArchOpt,
     JsonOpt,
     ModelArg,
-    CPRanksOpt,
-    CPRatioOpt,
     ExcludeOpt,
     FormatsOpt,
     LayersOpt,
     PlanOpt,
     TargetRatioOpt,
-    TTDOpt,
-    TTEpsOpt,
-    TTRanksOpt,
     TrustCodeOpt,
     TrustPickleOpt,
     parse_arch_kwargs,
@@ -43,6 +40,7 @@ HOW_TO_LOAD = ("a ttcompress checkpoint is a safetensors file with a JSON header
 
 @app.command("inspect")
 @cli_errors
+@with_format_flags()
 def inspect(
     model: ModelArg,
     arch: ArchOpt = None,
@@ -50,11 +48,7 @@ def inspect(
     trust_pickle: TrustPickleOpt = False,
     trust_code: TrustCodeOpt = False,
     plan: PlanOpt = None,
-    tt_ranks: TTRanksOpt = None,
-    tt_eps: TTEpsOpt = None,
-    tt_d: TTDOpt = None,
-    cp_ranks: CPRanksOpt = None,
-    cp_ratio: CPRatioOpt = None,
+    format_flags: Optional[dict[str, Any]] = None,
     target_ratio: TargetRatioOpt = None,
     formats: FormatsOpt = None,
     layers: LayersOpt = None,
@@ -67,7 +61,7 @@ def inspect(
     """
     check_inputs(model, plan)
     the_plan = plan_from_flags(
-        plan=plan, tt_ranks=tt_ranks, tt_eps=tt_eps, tt_d=tt_d, cp_ranks=cp_ranks, cp_ratio=cp_ratio,
+        plan=plan, **(format_flags or {}),
         layers=layers, exclude=exclude, target_ratio=target_ratio, formats=formats,
     )
     with refused_input():  # a named model or plan that cannot be read

@@ -19,18 +19,15 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ttcompress.cli.flags import flags_in_errors
-from ttcompress.errors import UserInputError, refused_input
+from ttcompress.cli.flags import SET_PARAM, format_flags, parse_set
+from ttcompress.errors import InputError, UserInputError
 from ttcompress.formats import format_names, get_format
 from ttcompress.compression.plan import Plan
 from ttcompress.compression.planfile import NONE, plan_from_options, plan_kwargs
 
 __all__ = [
-    "FORMAT_OPTIONS",
     "ArchKwargsOpt",
     "ArchOpt",
-    "CPRanksOpt",
-    "CPRatioOpt",
     "CalibMemoryOpt",
     "CalibSamplesOpt",
     "MaxErrorOpt",
@@ -39,9 +36,6 @@ __all__ = [
     "ExcludeOpt",
     "FormatsOpt",
     "LayersOpt",
-    "TTDOpt",
-    "TTEpsOpt",
-    "TTRanksOpt",
     "TargetRatioOpt",
     "parse_list",
     "parse_one",
@@ -187,29 +181,13 @@ PlotTitleOpt = Annotated[Optional[str], typer.Option(
 
 
 # ---- plan options: shared by decompose, inspect and (as lists) sweep -------------------------------
+# The per-format flags (--tt-ranks, --cp-ratio, --svd-rank, ..., --set) are generated from the formats'
+# settings: ttcompress.cli.flags.with_format_flags.
 _RANKS = "Ranks (pick at most one way per format)"
 _SELECT = "Layer selection"
-#: How a format's option reads on the command line (the value ``none`` keeps that format's layers dense).
-_NONE_HELP = " 'none' keeps those layers dense. Once any per-format option (--tt-*, --cp-*, --format) is given, " \
-    "a layer type whose options are not given stays dense."
 _FORMAT_HELP = "; ".join(f"{n} ({get_format(n).summary})" for n in format_names())
 
 
-TTRanksOpt = Annotated[Optional[str], typer.Option(
-    "--tt-ranks", help="Max TT rank of Linear layers (default 8 when neither --tt-ranks nor --tt-eps is given)."
-    + _NONE_HELP, show_default=False, metavar="INT|none", rich_help_panel=_RANKS)]
-TTEpsOpt = Annotated[Optional[str], typer.Option(
-    "--tt-eps", help="Relative reconstruction error per Linear layer, in (0, 1) (TT-SVD truncation).",
-    show_default=False, metavar="FLOAT|none", rich_help_panel=_RANKS)]
-TTDOpt = Annotated[Optional[str], typer.Option(
-    "--tt-d", help="Number of TT cores (2 to 64; default: by layer size, 2-4).",
-    show_default=False, metavar="INT|none", rich_help_panel=_RANKS)]
-CPRanksOpt = Annotated[Optional[str], typer.Option(
-    "--cp-ranks", help="CP rank of Conv2d layers; 'none' keeps them dense.", show_default=False,
-    metavar="INT|none", rich_help_panel=_RANKS)]
-CPRatioOpt = Annotated[Optional[str], typer.Option(
-    "--cp-ratio", help="Per conv, the rank that compresses it by this factor (> 1; default 4).",
-    show_default=False, metavar="FLOAT|none", rich_help_panel=_RANKS)]
 TargetRatioOpt = Annotated[Optional[float], typer.Option(
     "--target-ratio", help="Whole-model parameter compression to reach (> 1): per-layer ranks are chosen "
     "greedily where they lower the estimated reconstruction error most; with no --format, each layer "
@@ -217,7 +195,8 @@ TargetRatioOpt = Annotated[Optional[float], typer.Option(
     show_default=False, metavar="FLOAT", rich_help_panel=_RANKS)]
 FormatsOpt = Annotated[Optional[list[str]], typer.Option(
     "--format", help=f"Format to use: {_FORMAT_HELP}. Each layer gets the first given format that compresses its type; a type none covers stays dense "
-    "(unless its --tt-*/--cp-* options are given). Repeatable, or comma-separated.",
+    "(unless its own options, such as --tt-ranks or --set, are given). Repeatable, or comma-separated. Once any "
+    "per-format option is given, a layer type whose options are not given stays dense.",
     show_default=False, metavar="NAME", rich_help_panel=_RANKS)]
 LayersOpt = Annotated[Optional[list[str]], typer.Option(
     "--layers", help="Compress only layers whose qualified name matches this glob (repeatable, or comma-separated).",
@@ -246,13 +225,6 @@ CalibMemoryOpt = Annotated[Optional[str], typer.Option(
     metavar="SIZE", rich_help_panel=_CALIB)]
 NoCalibOpt = Annotated[bool, typer.Option(
     "--no-calib", help="Ignore --data for the decomposition: data-free.", rich_help_panel=_CALIB)]
-
-#: The per-format options above: parameter name -> (flag, value type).
-FORMAT_OPTIONS: dict[str, tuple[str, type]] = {
-    "tt_ranks": ("--tt-ranks", int), "tt_eps": ("--tt-eps", float), "tt_d": ("--tt-d", int),
-    "cp_ranks": ("--cp-ranks", int), "cp_ratio": ("--cp-ratio", float),
-}  # fmt: skip
-
 
 def parse_one(text: str | None, *, option: str, kind: type) -> Any:
     """One value of a per-format option: ``None`` (not given), ``"none"`` (dense) or a ``kind``.
@@ -305,16 +277,30 @@ def plan_from_flags(
     target_ratio: float | None,
     min_saving: float | None = None,
     max_error: float | None = None,
+    set: list[str] | None = None,
     **format_options: str | None,
 ) -> Plan:
-    """The :class:`~ttcompress.compression.plan.Plan` of ``decompose``/``inspect``'s plan flags (errors name the flags).
+    """The :class:`~ttcompress.compression.plan.Plan` of ``decompose``/``inspect``'s plan flags.
 
-    ``format_options`` are the raw :data:`FORMAT_OPTIONS` texts (``"6"``, ``"none"``, ``None``).
+    ``format_options`` are the raw texts of the generated per-format flags by their Python name
+    (``tt_ranks="6"``, ``svd_rank="none"``, ``None``: :func:`ttcompress.cli.flags.format_flags`);
+    ``set`` the ``--set FORMAT.FIELD=VALUE`` items. Bad values raise
+    :class:`~ttcompress.errors.InputError`, which the CLI answers with the parameter's flag.
     """
-    values = {k: parse_one(v, option=FORMAT_OPTIONS[k][0], kind=FORMAT_OPTIONS[k][1])
-              for k, v in format_options.items()}  # fmt: skip
-    with refused_input(), flags_in_errors():
-        return plan_from_options(
-            plan_file=plan, layers=layers or (), exclude=exclude or (), target_ratio=target_ratio,
-            formats=formats or (), min_saving=min_saving, max_error=max_error, **plan_kwargs(values),
-        )
+    by_dest = {f.dest: f for f in format_flags()}
+    values: dict[str, Any] = {}
+    for dest, text in format_options.items():
+        if dest not in by_dest:
+            raise TypeError(f"plan_from_flags() got an unexpected keyword argument {dest!r}")
+        flag = by_dest[dest]
+        value = parse_one(text, option=flag.flag, kind=flag.kind)
+        if value is not None:
+            values[flag.param] = value
+    for param, value in parse_set(set).items():
+        if param in values:
+            raise InputError(SET_PARAM, f": {param} is given by its own flag too; give it once")
+        values[param] = value
+    return plan_from_options(
+        plan_file=plan, layers=layers or (), exclude=exclude or (), target_ratio=target_ratio,
+        formats=formats or (), min_saving=min_saving, max_error=max_error, **plan_kwargs(values),
+    )

@@ -17,7 +17,8 @@ import typer
 from ttcompress.cli._app import command_app
 from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, data_inputs, err
 from ttcompress.fsutil import check_not_inputs
-from ttcompress.cli.flags import PLAN_FLAGS, flags_in_errors
+from ttcompress.cli.flags import SET_PARAM, format_flags, parse_set, with_format_flags
+from ttcompress.errors import InputError
 from ttcompress.cli.options import (
     ArchKwargsOpt, ArchOpt, CalibMemoryOpt, CalibSamplesOpt, ExcludeOpt, FormatsOpt, LayersOpt, MaxErrorOpt, MinSavingOpt,
     NoCalibOpt, OverwriteOpt, PlanOpt, PlotOpt, PlotTitleOpt, PlotXOpt, TrustCodeOpt, TrustPickleOpt,
@@ -46,22 +47,6 @@ ABSENT: dict[str, str] = {
 }
 
 _AXES = "Sweep axes (comma-separated lists; each value is one setting)"
-_LIST_NONE = " 'none' keeps those layers dense in that setting."
-TTRanksList = Annotated[Optional[str], typer.Option(
-    "--tt-ranks", help="TT max ranks for the Linear layers, e.g. 2,4,8 or none,8." + _LIST_NONE,
-    show_default=False, metavar="LIST", rich_help_panel=_AXES)]
-TTEpsList = Annotated[Optional[str], typer.Option(
-    "--tt-eps", help="TT relative errors for the Linear layers, e.g. 0.3,0.1 (alternatives to --tt-ranks)."
-    + _LIST_NONE, show_default=False, metavar="LIST", rich_help_panel=_AXES)]
-TTDList = Annotated[Optional[str], typer.Option(
-    "--tt-d", help="Numbers of TT cores, e.g. 2,3 ('none': by layer size).", show_default=False, metavar="LIST",
-    rich_help_panel=_AXES)]
-CPRanksList = Annotated[Optional[str], typer.Option(
-    "--cp-ranks", help="CP ranks for the Conv2d layers, e.g. 3,6,9." + _LIST_NONE,
-    show_default=False, metavar="LIST", rich_help_panel=_AXES)]
-CPRatioList = Annotated[Optional[str], typer.Option(
-    "--cp-ratio", help="Per-conv compression factors, e.g. 2,4 (alternatives to --cp-ranks)." + _LIST_NONE,
-    show_default=False, metavar="LIST", rich_help_panel=_AXES)]
 TargetRatiosList = Annotated[Optional[str], typer.Option(
     "--target-ratios", "--target-ratio", help="Whole-model parameter compressions to reach, e.g. 2,4,8,16 "
     "(ranks chosen per layer, as decompose --target-ratio; 'none': no target in that setting).",
@@ -74,14 +59,11 @@ ReportFormatOpt = Annotated[Optional[str], typer.Option(
 @app.command("sweep")
 @cli_errors
 @config_options(FinetuneConfig, command="sweep")
+@with_format_flags(lists=True)
 def sweep_command(
     *,
     baseline: Annotated[Path, typer.Argument(help="The dense baseline model file.", metavar="BASELINE")],
-    tt_ranks: TTRanksList = None,
-    tt_eps: TTEpsList = None,
-    tt_d: TTDList = None,
-    cp_ranks: CPRanksList = None,
-    cp_ratio: CPRatioList = None,
+    format_flags: Optional[dict[str, Any]] = None,
     target_ratios: TargetRatiosList = None,
     formats: FormatsOpt = None,
     layers: LayersOpt = None,
@@ -146,21 +128,22 @@ def sweep_command(
 
 
 def _settings(o: dict[str, Any]) -> Any:
-    """The sweep's settings: the cross product of the list axes (errors name the flags)."""
+    """The sweep's settings: the cross product of the list axes (each generated per-format flag and
+    each ``--set FORMAT.FIELD=V1,V2`` is one axis)."""
     from ttcompress.sweep import sweep_settings
 
-    with flags_in_errors({"tt_ranks": "--tt-ranks", "tt_eps": "--tt-eps", "tt_d": "--tt-d", "cp_ranks": "--cp-ranks",
-                          "cp_ratio": "--cp-ratio", "target_ratios": "--target-ratios", "teacher": "--teacher",
-                          "distill": "--distill"}):  # fmt: skip
-        settings = sweep_settings(
-            tt_ranks=parse_list(o["tt_ranks"], option="--tt-ranks", kind=int),
-            tt_eps=parse_list(o["tt_eps"], option="--tt-eps", kind=float),
-            tt_d=parse_list(o["tt_d"], option="--tt-d", kind=int),
-            cp_ranks=parse_list(o["cp_ranks"], option="--cp-ranks", kind=int),
-            cp_ratio=parse_list(o["cp_ratio"], option="--cp-ratio", kind=float),
-            target_ratios=parse_list(o["target_ratios"], option="--target-ratios", kind=float),
-        )
-    return settings
+    flags = o["format_flags"] or {}
+    values: dict[str, list[Any]] = {}
+    for f in format_flags():
+        items = parse_list(flags.get(f.dest), option=f.flag, kind=f.kind)
+        if items:
+            values[f.param] = items
+    for param, items in parse_set(flags.get(SET_PARAM), lists=True).items():
+        if param in values:
+            raise InputError(SET_PARAM, f": {param} is given by its own flag too; give it once")
+        values[param] = items
+    return sweep_settings(values=values,
+                          target_ratios=parse_list(o["target_ratios"], option="--target-ratios", kind=float))
 
 
 def _run(o: dict[str, Any], settings: Any, config: FinetuneConfig) -> Any:
@@ -169,20 +152,18 @@ def _run(o: dict[str, Any], settings: Any, config: FinetuneConfig) -> Any:
     from ttcompress.sweep import sweep_report
 
     progress = RichProgress(err)
-    flags = {**PLAN_FLAGS, "calib_samples": "--calib-samples", "calib_memory": "--calib-memory", "min_saving": "--min-saving", "max_error": "--max-error"}
     try:
-        with flags_in_errors(flags):
-            return sweep_report(
-                o["baseline"], settings=settings, output_dir=o["output_dir"], data=o["data"],
-                data_root=o["data_root"], download=o["download"], image_size=o["image_size"], config=config,
-                tokenizer=o["tokenizer"], seq_len=o["seq_len"],
-                plan_file=o["plan"], plan_options={"formats": o["formats"] or (), "layers": o["layers"] or (),
-                                                   "exclude": o["exclude"] or (), "min_saving": o["min_saving"],
-                                                   "max_error": o["max_error"]},
-                calib_samples=None if o["no_calib"] else o["calib_samples"], calib_memory=o["calib_memory"],
-                distill=o["distill"], teacher=o["teacher"], measure_speed=not o["no_latency"], arch=o["arch"],
-                arch_kwargs=parse_arch_kwargs(o["arch_kwargs"]), trust_pickle=o["trust_pickle"],
-                trust_code=o["trust_code"], console=err, progress=progress,
-            )  # fmt: skip
+        return sweep_report(
+            o["baseline"], settings=settings, output_dir=o["output_dir"], data=o["data"],
+            data_root=o["data_root"], download=o["download"], image_size=o["image_size"], config=config,
+            tokenizer=o["tokenizer"], seq_len=o["seq_len"],
+            plan_file=o["plan"], plan_options={"formats": o["formats"] or (), "layers": o["layers"] or (),
+                                               "exclude": o["exclude"] or (), "min_saving": o["min_saving"],
+                                               "max_error": o["max_error"]},
+            calib_samples=None if o["no_calib"] else o["calib_samples"], calib_memory=o["calib_memory"],
+            distill=o["distill"], teacher=o["teacher"], measure_speed=not o["no_latency"], arch=o["arch"],
+            arch_kwargs=parse_arch_kwargs(o["arch_kwargs"]), trust_pickle=o["trust_pickle"],
+            trust_code=o["trust_code"], console=err, progress=progress,
+        )  # fmt: skip
     finally:
         progress.close()

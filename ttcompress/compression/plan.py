@@ -2,15 +2,16 @@
 
 A :class:`Plan` holds
 
-* settings per registered format (:mod:`ttcompress.formats`): the ``tt`` and ``cp`` fields
-  (:class:`TTSettings` for ``nn.Linear`` → TT-matrix, :class:`CPSettings` for ``nn.Conv2d`` → CP,
-  the defaults), and ``settings`` for the others (``svd``, ``tucker2``, ``auto``);
+* ``settings``: each registered format's settings by name (:mod:`ttcompress.formats`; each
+  format owns its settings class: :class:`TTSettings` for ``nn.Linear`` → TT-matrix,
+  :class:`CPSettings` for ``nn.Conv2d`` → CP, the defaults, ``SVDSettings``, ...);
 * ``formats``: the formats to use, the first one that compresses a layer's type wins;
 * ``layers`` / ``exclude``: glob patterns (:func:`fnmatch.fnmatchcase`) on qualified module names
   (``layer1.0.conv1``; ``*`` also matches dots); a pattern that matches no layer is an error;
 * ``rules``: per-layer overrides, name pattern → format (a registered name or ``"dense"``) and
-  ranks / eps / d / ratio. Every rule whose pattern matches applies, in order; a later rule's
-  fields override an earlier one's (like CSS);
+  settings overrides (ranks / eps / d / ratio, ...) validated by the format's settings class.
+  Every rule whose pattern matches applies, in order; a later rule's values override an earlier
+  one's (like CSS);
 * ``target_ratio``: a whole-model parameter compression to reach; per-layer ranks are then chosen
   by :func:`plan_layers` (see "Rank allocation" there), and layers get the ``auto`` format unless
   ``formats`` says otherwise;
@@ -39,17 +40,19 @@ never names a format itself but asks the registry.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
 
 from ttcompress.compression.allocate import Slot, allocate
 from ttcompress.decompose.modes import choose_modes
-from ttcompress.errors import TTCompressError
+from ttcompress.errors import InputError, TTCompressError
 from ttcompress.modtree import named_with_aliases
 from ttcompress.formats import (
     DENSE,
@@ -61,22 +64,14 @@ from ttcompress.formats import (
     get_format,
     layer_classes,
 )
-from ttcompress.formats.base import dense_params
-from ttcompress.formats.checks import (
-    check_d,
-    check_eps,
-    check_keys,
-    check_modes,
-    check_patterns,
-    check_ranks,
-    check_ratio,
-    freeze_options,
-)
+from ttcompress.formats.base import SIZE, dense_params, setting_fields
+from ttcompress.formats.checks import check_keys, check_patterns, check_ratio, freeze_options
 from ttcompress.formats.cp import DEFAULT_CP_RATIO, CPSettings, cp_params, cp_rank_for
 from ttcompress.formats.tt import DEFAULT_TT_RANKS, TTSettings, tt_params
 
 __all__ = [
     "DEFAULT_CP_RATIO",
+    "FormatSettings",
     "PatternError",
     "DEFAULT_TT_RANKS",
     "CPSettings",
@@ -100,55 +95,114 @@ class PatternError(TTCompressError, ValueError):
     """A ``layers``/``exclude``/rule glob matches no layer of the model."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Rule:
     """Override for the layers whose qualified name matches ``pattern`` (a glob).
 
     ``format`` is any registered format name (:func:`ttcompress.formats.format_names`) or
-    ``"dense"`` (keep matching layers uncompressed). The other fields are handed to the chosen
-    format, which reads those it understands: ``ranks`` is the max TT rank for TT, the rank for
-    CP and SVD, the ``(in, out)`` ranks for Tucker-2; ``eps`` a relative error (TT, SVD); ``d``,
-    ``in_modes``, ``out_modes`` TT's; ``ratio`` a per-layer compression factor; ``options``
-    extra build options (CP-ALS, Tucker-2 HOOI).
+    ``"dense"`` (keep matching layers uncompressed). ``overrides`` are settings of the chosen
+    format, by the names plan files use (the format's field names or their aliases): ``ranks`` is
+    the max TT rank for TT, the rank for CP and SVD, the ``(in, out)`` ranks for Tucker-2; ``eps``
+    a relative error (TT, SVD); ``d``, ``in_modes``, ``out_modes`` TT's; ``ratio`` a per-layer
+    compression factor; ``options`` extra build options (CP-ALS, Tucker-2 HOOI). They may also be
+    given as keywords: ``Rule("fc", format="svd", ranks=16)``.
+
+    With a ``format``, the overrides are validated by that format's settings class (an unknown
+    key is an error); without one (or ``auto``, which hands sizes to each layer's default format),
+    every key must be a setting of some format and the values must suit one of them; each layer's
+    format then reads the keys it has. A rule's value replaces the settings' values of its
+    group (a rule's ``ranks`` replaces ``eps`` too: :meth:`CompressionFormat.with_overrides`).
     """
 
     pattern: str
-    format: str | None = None
-    ranks: int | tuple[int, ...] | None = None
-    eps: float | None = None
-    d: int | None = None
-    in_modes: tuple[int, ...] | None = None
-    out_modes: tuple[int, ...] | None = None
-    ratio: float | None = None
-    options: tuple[tuple[str, Any], ...] = ()
+    format: str | None
+    overrides: tuple[tuple[str, Any], ...]
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.pattern, str) or not self.pattern.strip():
-            raise ValueError(f"rule pattern must be a non-empty glob, got {self.pattern!r}")
+    def __init__(self, pattern: str, format: str | None = None,
+                 overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None, **values: Any) -> None:
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise InputError("rule pattern", f"must be a non-empty glob, got {pattern!r}")
+        where = f"rule {pattern!r}"
         allowed = (*format_names(), DENSE)
-        if self.format is not None and self.format not in allowed:
-            raise ValueError(f"rule {self.pattern!r}: format must be one of {', '.join(allowed)}, got {self.format!r}")
-        where = f"rule {self.pattern!r}"
-        object.__setattr__(self, "ranks", check_ranks(self.ranks, f"{where} ranks"))
-        object.__setattr__(self, "eps", check_eps(self.eps, f"{where} eps"))
-        object.__setattr__(self, "d", check_d(self.d, f"{where} d"))
-        object.__setattr__(self, "in_modes", check_modes(self.in_modes, f"{where} in_modes"))
-        object.__setattr__(self, "out_modes", check_modes(self.out_modes, f"{where} out_modes"))
-        object.__setattr__(self, "ratio", check_ratio(self.ratio, f"{where} ratio"))
-        object.__setattr__(self, "options", freeze_options(self.options, f"{where} options"))
-        if self.ranks is not None and self.ratio is not None:
-            raise ValueError(f"{where}: ranks and ratio are mutually exclusive")
+        if format is not None and format not in allowed:
+            raise InputError(where, f": format must be one of {', '.join(allowed)}, got {format!r}")
+        given = dict(overrides or {})
+        for key, value in values.items():
+            if key in given:
+                raise InputError(where, f": {key} is given twice")
+            given[key] = value
+        if "rank" in given:  # the rule vocabulary says ranks (CP's and SVD's rank)
+            if "ranks" in given:
+                raise InputError(where, ": give rank or ranks, not both")
+            given["ranks"] = given.pop("rank")
+        frozen = tuple(sorted((str(k), _freeze(v, f"{where} {k}")) for k, v in given.items() if v is not None))
+        object.__setattr__(self, "pattern", pattern)
+        object.__setattr__(self, "format", format)
+        object.__setattr__(self, "overrides", frozen)
+        if self.get("ranks") is not None and self.get("ratio") is not None:
+            raise InputError(where, ": ranks and ratio are mutually exclusive")
+        _check_overrides(format, self.override(), where)
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self.overrides)
+        return f"Rule({self.pattern!r}{'' if self.format is None else f', format={self.format!r}'}{extra})"
 
     def matches(self, name: str) -> bool:
         return fnmatch.fnmatchcase(name, self.pattern)
 
+    def get(self, key: str) -> Any:
+        """The override ``key`` (None when the rule does not set it)."""
+        return dict(self.overrides).get(key)
+
     def override(self) -> dict[str, Any]:
-        """The fields a format reads (all but ``pattern`` and ``format``) that are set."""
-        return {k: v for k, v in asdict(self).items()
-                if k not in ("pattern", "format") and v is not None and v != ()}
+        """The overrides, as a dict."""
+        return dict(self.overrides)
 
 
-_RULE_KEYS = ("pattern", "format", "ranks", "rank", "eps", "d", "in_modes", "out_modes", "ratio", "options")
+def _freeze(value: Any, what: str) -> Any:
+    """A rule value in a comparable form: lists as tuples, mappings (keyword options) as sorted pairs."""
+    if isinstance(value, Mapping):
+        return freeze_options(value, what)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _check_overrides(format: str | None, overrides: Mapping[str, Any], where: str) -> None:
+    """Validate a rule's overrides by its format's settings class, or (no format) by some format's."""
+    if not overrides:
+        return
+    if format not in (None, DENSE) and get_format(format).layer_class is not None:
+        fmt = get_format(format)
+        fmt.with_overrides(fmt.settings(), overrides, rule=True, strict=True, where=where)
+        return
+    usable = [f for f in _formats() if f.layer_class is not None and not f.structural]
+    for key in overrides:
+        if not any(f.canonical_key(key) is not None for f in usable):
+            raise InputError(where, f": unknown key {key!r}; allowed: {', '.join(_override_keys())}")
+    first: InputError | None = None
+    for fmt in usable:
+        if not any(fmt.canonical_key(k) is not None for k in overrides):
+            continue
+        try:
+            fmt.with_overrides(fmt.settings(), overrides, rule=True, strict=False, where=where)
+            return
+        except InputError as exc:
+            first = first or exc
+    if first is not None:
+        raise first
+
+
+def _override_keys() -> tuple[str, ...]:
+    """Every key a rule may set: the settings fields of the registered formats and their aliases."""
+    keys: list[str] = []
+    for fmt in _formats():
+        for k in (*(f.name for f in dataclasses.fields(fmt.settings)), *fmt.settings_aliases):
+            if k not in keys:
+                keys.append(k)
+    return tuple(keys)
+
+
 _PLAN_KEYS = ("layers", "exclude", "rules", "target_ratio", "formats", "min_saving", "max_error", "others")
 #: Defaults of :attr:`Plan.min_saving` (fraction of the model's parameters) and :attr:`Plan.max_error`.
 DEFAULT_MIN_SAVING = 0.01
@@ -159,12 +213,12 @@ def _check_fraction(value: Any, name: str, *, upper: float | None = None) -> flo
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or (
             upper is not None and not value < upper):
         bound = f"in [0, {upper:g})" if upper is not None else ">= 0"
-        raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+        raise InputError(name, f"must be a number {bound}, got {value!r}")
     return float(value)
+
+
 #: Values of :attr:`Plan.others`.
 OTHERS = ("default", DENSE)
-#: Settings fields of a format (when set, the rank allocator of ``target_ratio`` cannot choose ranks).
-_RANK_FIELDS = ("rank", "ranks", "eps", "ratio")
 
 
 def _check_formats(value: Any) -> tuple[str, ...]:
@@ -173,26 +227,66 @@ def _check_formats(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [p.strip() for p in value.split(",") if p.strip()]
     if not isinstance(value, (list, tuple)):
-        raise ValueError(f"formats must be a list of format names, got {value!r}")
+        raise InputError("formats", f"must be a list of format names, got {value!r}")
     names = format_names()
     for v in value:
         if v not in names:
-            raise ValueError(f"formats: unknown format {v!r}; registered: {', '.join(names)}")
+            raise InputError("formats", f": unknown format {v!r}; registered: {', '.join(names)}")
     if len(set(value)) != len(value):
-        raise ValueError(f"formats must not repeat a name, got {list(value)}")
+        raise InputError("formats", f"must not repeat a name, got {list(value)}")
     return tuple(value)
 
 
-@dataclass(frozen=True)
+class FormatSettings(Mapping[str, Any]):
+    """Read-only map: format name -> that format's settings (only those that differ from its defaults).
+
+    Equal to any mapping with the same items; hashable. Built by :class:`Plan` from a mapping or
+    pairs whose values are settings instances or plan-file dicts.
+    """
+
+    def __init__(self, value: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None) -> None:
+        items = dict(value or {}) if isinstance(value, Mapping) else dict(value or ())
+        kept: dict[str, Any] = {}
+        for name, s in items.items():
+            fmt = get_format(name)
+            if isinstance(s, Mapping):
+                s = fmt.settings_from_dict(s)
+            if not isinstance(s, fmt.settings):
+                raise TypeError(f"settings[{name!r}] must be {fmt.settings.__name__}, got {type(s).__name__}")
+            if s != fmt.settings():
+                kept[name] = s
+        self._items = {n: kept[n] for n in format_names() if n in kept}
+
+    def __getitem__(self, name: str) -> Any:
+        return self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._items.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+
+@dataclass(frozen=True, init=False)
 class Plan:
     """What to compress and how. Immutable; build variants with :func:`dataclasses.replace`.
 
     Parameters
     ----------
-    tt : TTSettings
-        Settings of the ``tt`` format (Linear layers by default).
-    cp : CPSettings
-        Settings of the ``cp`` format (Conv2d layers by default).
+    settings : mapping of str to settings
+        Each registered format's settings, by name (an instance of that format's ``settings``
+        class, e.g. ``{"svd": SVDSettings(rank=16)}``, or a dict of its fields); missing ones take
+        their defaults. Stored as a :class:`FormatSettings` of the non-default ones.
+    **by_format : settings
+        A registered format's name as a keyword is a shorthand for its entry of ``settings`` (and
+        replaces it: ``dataclasses.replace(plan, svd=SVDSettings(rank=8))``), and reads it back as an
+        attribute (``plan.svd`` is ``plan.settings_for("svd")``).
     layers : tuple of str
         Only layers matching one of these globs are compressed (all when empty).
     exclude : tuple of str
@@ -208,9 +302,6 @@ class Plan:
     others : {"default", "dense"}
         What layers of a type that none of ``formats`` covers get: their default format
         (``"default"``) or nothing (``"dense"``).
-    settings : dict or tuple of (name, settings)
-        Settings of the other registered formats, by name (each an instance of that format's
-        ``settings`` class, or a dict of its fields); missing ones take their defaults.
     min_saving, max_error : float
         A layer stays dense when compressing it saves fewer than ``min_saving`` times the model's
         parameters while its relative error (output error on calibration data after fitting,
@@ -221,61 +312,76 @@ class Plan:
         ``min_saving=0`` turns the rule off.
     """
 
+    layers: tuple[str, ...]
+    exclude: tuple[str, ...]
+    rules: tuple[Rule, ...]
+    target_ratio: float | None
+    formats: tuple[str, ...]
+    settings: FormatSettings
+    min_saving: float | None
+    max_error: float
+    others: str
+
+    def __init__(
+        self,
+        *,
+        layers: Sequence[str] | str = (),
+        exclude: Sequence[str] | str = (),
+        rules: Sequence[Rule] = (),
+        target_ratio: float | None = None,
+        formats: Sequence[str] | str = (),
+        settings: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None,
+        min_saving: float | None = None,
+        max_error: float = DEFAULT_MAX_ERROR,
+        others: str = "default",
+        **by_format: Any,
+    ) -> None:
+        items = dict(settings or {}) if isinstance(settings, Mapping) else dict(settings or ())
+        for name, value in by_format.items():
+            if name not in format_names():
+                raise TypeError(f"Plan() got an unexpected keyword argument {name!r} (not a registered format)")
+            if value is not None:  # replaces the entry of settings: replace(plan, cp=...) works
+                items[name] = value
+        put = functools.partial(object.__setattr__, self)
+        put("settings", FormatSettings(items))
+        put("min_saving", None if min_saving is None else _check_fraction(min_saving, "min_saving", upper=1.0))
+        put("max_error", _check_fraction(max_error, "max_error"))
+        put("layers", check_patterns(layers, "layers"))
+        put("exclude", check_patterns(exclude, "exclude"))
+        rules = tuple(rules)
+        for r in rules:
+            if not isinstance(r, Rule):
+                raise TypeError(f"rules must hold Rule objects, got {type(r).__name__}")
+        put("rules", rules)
+        put("target_ratio", check_ratio(target_ratio, "target_ratio"))
+        put("formats", _check_formats(formats))
+        if others not in OTHERS:
+            raise InputError("others", f"must be one of {', '.join(OTHERS)}, got {others!r}")
+        put("others", others)
+        if self.target_ratio is not None:
+            fixed = [f"{name}.{f.name}" for name in format_names() for f in setting_fields(get_format(name).settings)
+                     if f.group == SIZE and getattr(self.settings_for(name), f.name) is not None]
+            if fixed:
+                raise InputError("target_ratio", f"chooses the ranks itself; do not combine it with {', '.join(fixed)}")
+            if any(r.get("eps") is not None or r.get("ratio") is not None for r in rules):
+                raise InputError("target_ratio", "cannot be combined with plan rules that set eps or ratio")
+
     def saving_floor(self, calibrated: bool) -> float:
         """The ``min_saving`` in force (see the class docstring)."""
         if self.min_saving is not None:
             return self.min_saving
         return DEFAULT_MIN_SAVING if calibrated else 0.0
 
-    tt: TTSettings = field(default_factory=TTSettings)
-    cp: CPSettings = field(default_factory=CPSettings)
-    layers: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    rules: tuple[Rule, ...] = ()
-    target_ratio: float | None = None
-    formats: tuple[str, ...] = ()
-    settings: tuple[tuple[str, Any], ...] = ()
-    min_saving: float | None = None
-    max_error: float = DEFAULT_MAX_ERROR
-    others: str = "default"
-
-    def __post_init__(self) -> None:
-        if self.min_saving is not None:
-            object.__setattr__(self, "min_saving",
-                               _check_fraction(self.min_saving, "min_saving", upper=1.0))
-        object.__setattr__(self, "max_error", _check_fraction(self.max_error, "max_error"))
-        for name in _field_formats():
-            fmt_settings = get_format(name).settings
-            if not isinstance(getattr(self, name), fmt_settings):
-                raise TypeError(f"{name} must be {fmt_settings.__name__}, got {type(getattr(self, name)).__name__}")
-        object.__setattr__(self, "layers", check_patterns(self.layers, "layers"))
-        object.__setattr__(self, "exclude", check_patterns(self.exclude, "exclude"))
-        rules = tuple(self.rules)
-        for r in rules:
-            if not isinstance(r, Rule):
-                raise TypeError(f"rules must hold Rule objects, got {type(r).__name__}")
-        object.__setattr__(self, "rules", rules)
-        object.__setattr__(self, "target_ratio", check_ratio(self.target_ratio, "target_ratio"))
-        object.__setattr__(self, "formats", _check_formats(self.formats))
-        object.__setattr__(self, "settings", _check_settings(self.settings))
-        if self.others not in OTHERS:
-            raise ValueError(f"others must be one of {', '.join(OTHERS)}, got {self.others!r}")
-        if self.target_ratio is not None:
-            fixed = [f"{name}.{k}" for name in format_names() for k in _RANK_FIELDS
-                     if getattr(self.settings_for(name), k, None) is not None]
-            if fixed:
-                raise ValueError(
-                    f"target_ratio chooses the ranks itself; do not combine it with {', '.join(fixed)}"
-                )
-            if any(r.eps is not None or r.ratio is not None for r in rules):
-                raise ValueError("target_ratio cannot be combined with plan rules that set eps or ratio")
+    def __getattr__(self, name: str) -> Any:
+        """A registered format's name reads its settings (``plan.svd`` is ``plan.settings_for("svd")``)."""
+        if name.startswith("_") or name not in format_names():
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return self.settings_for(name)
 
     def settings_for(self, name: str) -> Any:
-        """The settings of format ``name`` (a field of the plan, an entry of ``settings``, or the defaults)."""
+        """The settings of format ``name`` (its entry of ``settings``, or the format's defaults)."""
         fmt = get_format(name)
-        if name in _field_formats():
-            return getattr(self, name)
-        return dict(self.settings).get(name) or fmt.settings()
+        return self.settings.get(name) or fmt.settings()
 
     def format_for(self, module: nn.Module, rule: Rule | None = None) -> str | None:
         """Name of the format ``module`` gets (``"dense"`` by a rule; None when no format applies)."""
@@ -324,35 +430,24 @@ class Plan:
         """Inverse of :meth:`to_dict`; unknown keys are a ``ValueError`` naming them."""
         data = dict(data or {})
         check_keys(data, (*format_names(), *_PLAN_KEYS), "plan")
-        own = _field_formats()
-        kwargs: dict[str, Any] = {}
-        others: dict[str, Any] = {}
-        for name in format_names():
-            if name in data:
-                settings = get_format(name).settings_from_dict(data[name])
-                (kwargs if name in own else others)[name] = settings
+        settings = {name: get_format(name).settings_from_dict(data[name]) for name in format_names() if name in data}
         rules_data = data.get("rules") or []
         if not isinstance(rules_data, list):
-            raise ValueError("plan rules must be a list of {pattern: ..., ...} entries")
+            raise InputError("rules", "must be a list of {pattern: ..., ...} entries")
         rules = []
         for i, r in enumerate(rules_data):
-            check_keys(r, _RULE_KEYS, f"plan rule #{i + 1}")
+            check_keys(r, ("pattern", "format", "rank", *_override_keys()), f"plan rule #{i + 1}")
             r = dict(r)
-            if "rank" in r:
-                if "ranks" in r:
-                    raise ValueError(f"plan rule #{i + 1}: give rank or ranks, not both")
-                r["ranks"] = r.pop("rank")
             if "pattern" not in r:
-                raise ValueError(f"plan rule #{i + 1} has no pattern")
-            rules.append(Rule(**r))
+                raise InputError(f"plan rule #{i + 1}", "has no pattern")
+            rules.append(Rule(r.pop("pattern"), r.pop("format", None), r))
         return cls(
-            **kwargs,
             layers=data.get("layers") or (),
             exclude=data.get("exclude") or (),
             rules=tuple(rules),
             target_ratio=data.get("target_ratio"),
             formats=data.get("formats") or (),
-            settings=others,
+            settings=settings,
             min_saving=data.get("min_saving"),
             max_error=data.get("max_error", DEFAULT_MAX_ERROR),
             others=data.get("others") or "default",
@@ -370,52 +465,31 @@ class Plan:
 
     def merged_rule(self, name: str) -> Rule | None:
         """All rules matching ``name`` merged in order (later fields win), or None."""
-        merged: dict[str, Any] | None = None
-        for r in self.rules:
-            if r.matches(name):
-                fields = {k: v for k, v in asdict(r).items() if v is not None and v != ()}
-                merged = {**(merged or {}), **fields}
-        if merged is None:
+        matching = [r for r in self.rules if r.matches(name)]
+        if not matching:
             return None
-        merged["pattern"] = name
+        merged: dict[str, Any] = {}
+        fmt = None
+        for r in matching:
+            merged.update(r.overrides)
+            fmt = r.format if r.format is not None else fmt
         if "ranks" in merged and "ratio" in merged:  # a later rule's ranks/ratio replaces the other
-            last = [r for r in self.rules if r.matches(name) and (r.ranks is not None or r.ratio is not None)][-1]
-            merged.pop("ratio" if last.ranks is not None else "ranks")
-        return Rule(**merged)
+            last = [r for r in matching if r.get("ranks") is not None or r.get("ratio") is not None][-1]
+            merged.pop("ratio" if last.get("ranks") is not None else "ranks")
+        return Rule(name, fmt, merged)
 
 
 def _formats() -> tuple[CompressionFormat, ...]:
     return tuple(get_format(n) for n in format_names())
 
 
-def _field_formats() -> tuple[str, ...]:
-    """Registered formats whose settings are a field of :class:`Plan` (the others go in ``settings``)."""
-    own = {f.name for f in fields(Plan)}
-    return tuple(n for n in format_names() if n in own)
-
-
-def _check_settings(value: Any) -> tuple[tuple[str, Any], ...]:
-    items = dict(value or {}) if isinstance(value, Mapping) else dict(value or ())
-    out = []
-    for name, s in items.items():
-        fmt = get_format(name)
-        if name in _field_formats():
-            raise ValueError(f"settings: give the {name} settings as the plan's {name} field")
-        if isinstance(s, Mapping):
-            s = fmt.settings_from_dict(s)
-        if not isinstance(s, fmt.settings):
-            raise TypeError(f"settings[{name!r}] must be {fmt.settings.__name__}, got {type(s).__name__}")
-        if s != fmt.settings():
-            out.append((name, s))
-    return tuple(sorted(out))
-
-
 def _rule_to_dict(rule: Rule) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in asdict(rule).items():
-        if v is None or v == ():
-            continue
-        out[k] = dict(v) if k == "options" else list(v) if isinstance(v, tuple) else v
+    out: dict[str, Any] = {"pattern": rule.pattern}
+    if rule.format is not None:
+        out["format"] = rule.format
+    for k, v in rule.overrides:
+        pairs = isinstance(v, tuple) and v and all(isinstance(x, tuple) and len(x) == 2 for x in v)
+        out[k] = dict(v) if pairs else list(v) if isinstance(v, tuple) else v
     return out
 
 
@@ -570,7 +644,7 @@ def _allocate(model: nn.Module, cands: list[Candidate], plan: Plan,
     slots = []
     for name, module, aliases in cands:
         rule = plan.merged_rule(name)
-        fixed = rule is not None and rule.ranks is not None
+        fixed = rule is not None and rule.get("ranks") is not None
         slots.append(Slot(module, _decide(name, module, aliases, base, lowest=not fixed, guard=guards.get(name)), fixed))
     total = sum(p.numel() for p in model.parameters())
     return allocate(slots, total=total, target_ratio=float(plan.target_ratio),  # type: ignore[arg-type]

@@ -22,17 +22,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from ttcompress.formats import LayerDecision, format_of, get_format
-from ttcompress.formats.base import set_build_note
+from ttcompress.formats.base import BuildResult
 
 __all__ = ["assign_shares", "build_all", "process_group", "world"]
 
 #: Attributes of a freshly built layer that are not in its state dict but that records read.
-_CARRIED = ("rel_error", "n_iter", "ttcompress_note")
+_CARRIED = ("rel_error", "n_iter")
 
-BuildFn = Callable[[LayerDecision], nn.Module]
+BuildFn = Callable[[LayerDecision], BuildResult]
 ProgressFn = Callable[[int, int, str], None]
 
 
@@ -78,7 +77,8 @@ def assign_shares(decisions: Sequence[LayerDecision], world_size: int) -> list[i
     return owner
 
 
-def _package(layer: nn.Module) -> dict[str, Any]:
+def _package(built: BuildResult) -> dict[str, Any]:
+    layer = built.layer
     fmt = format_of(layer)
     if fmt is None:
         raise RuntimeError(f"built layer of type {type(layer).__name__} belongs to no registered format")
@@ -87,18 +87,16 @@ def _package(layer: nn.Module) -> dict[str, Any]:
         "config": layer.config(),
         "state": {k: v.detach().to("cpu") for k, v in layer.state_dict().items()},
         "carried": {a: getattr(layer, a) for a in _CARRIED if getattr(layer, a, None) is not None},
+        "note": built.note,
     }
 
 
-def _unpack(package: dict[str, Any], device: torch.device | None) -> nn.Module:
+def _unpack(package: dict[str, Any], device: torch.device | None) -> BuildResult:
     layer = get_format(package["format"]).rebuild(package["config"])
     layer.load_state_dict(package["state"], strict=True)
     for attr, value in package["carried"].items():
-        if attr == "ttcompress_note":
-            set_build_note(layer, value)
-        else:
-            setattr(layer, attr, value)
-    return layer.to(device) if device is not None else layer
+        setattr(layer, attr, value)
+    return BuildResult.of(layer.to(device) if device is not None else layer, note=package["note"])
 
 
 def build_all(
@@ -107,15 +105,16 @@ def build_all(
     *,
     device_of: Callable[[LayerDecision], torch.device | None] = lambda _d: None,
     progress: ProgressFn | None = None,
-) -> dict[str, tuple[nn.Module, float]]:
-    """Build every decision's layer: ``{name: (layer, seconds to decompose it)}``.
+) -> dict[str, tuple[BuildResult, float]]:
+    """Build every decision's layer: ``{name: (build result, seconds to decompose it)}``.
 
     Parameters
     ----------
     decisions : sequence of LayerDecision
         The layers to build (none skipped).
     build : callable
-        ``build(decision) -> nn.Module``, the decomposition of one layer.
+        ``build(decision) -> BuildResult``, the decomposition of one layer (data-free: a build's
+        calibration fit does not travel between processes).
     device_of : callable, optional
         Where a layer received from another rank goes (the dense layer's device).
     progress : callable, optional
@@ -124,7 +123,7 @@ def build_all(
     rank, size = world()
     owner = assign_shares(decisions, size) if size > 1 else [0] * len(decisions)
     mine = [d for d, o in zip(decisions, owner) if o == rank]
-    built: dict[str, tuple[nn.Module, float]] = {}
+    built: dict[str, tuple[BuildResult, float]] = {}
     for i, d in enumerate(mine):
         if progress is not None:
             progress(i, len(mine), d.name)
@@ -134,7 +133,7 @@ def build_all(
         progress(len(mine), len(mine), "")
     if size == 1:
         return built
-    local = {name: (_package(layer), seconds) for name, (layer, seconds) in built.items()}
+    local = {name: (_package(result), seconds) for name, (result, seconds) in built.items()}
     gathered: list[Any] = [None] * size
     dist.all_gather_object(gathered, local)
     by_name = {d.name: d for d in decisions}

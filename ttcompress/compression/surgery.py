@@ -13,6 +13,7 @@ The pipeline around it (calibration inputs, forward check, metadata, the file jo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -26,10 +27,9 @@ from ttcompress.calibration.fit import FitResult
 from ttcompress.calibration.sequential import calibrate_sequentially
 from ttcompress.calibration.stats import LayerStats
 from ttcompress.formats import DENSE, format_of, get_format
-from ttcompress.formats.base import build_note, set_build_note
+from ttcompress.formats.base import BuildResult
 from ttcompress.layer_report import LayerReport, count_params, format_label
 from ttcompress.modtree import get_submodule, set_submodule
-from ttcompress.formats.fitting import calibration_fit
 from ttcompress.formats.structure import Preparation, prepare_model
 from ttcompress.compression.plan import LayerDecision, Plan, compressible_layers
 from ttcompress.compression.scaleout import build_all
@@ -62,8 +62,8 @@ def _device_of(module: nn.Module) -> torch.device | None:
 
 
 def build_replacement(module: nn.Module, decision: LayerDecision, *, calib: Any = None,
-                      device: torch.device | None = None) -> nn.Module:
-    """Decompose ``module`` as ``decision`` says, with the decision's registered format.
+                      device: torch.device | None = None) -> BuildResult:
+    """Decompose ``module`` as ``decision`` says, with the decision's registered format: its build result.
 
     ``calib`` (optional calibration statistics) is passed to the format's ``build``. With
     ``device``, a copy of the layer is decomposed there (only this layer is moved) and the new
@@ -80,7 +80,7 @@ def build_replacement(module: nn.Module, decision: LayerDecision, *, calib: Any 
     new = get_format(decision.format).build(source, decision.options, calib=calib, name=decision.name)
     del source  # the device copy of the dense layer: freed before the next layer moves there
     if weight is not None:
-        new = new.to(device=weight.device)
+        new = dataclasses.replace(new, layer=new.layer.to(device=weight.device))
     return new
 
 
@@ -117,8 +117,8 @@ def prepare_and_build(
     return prep, decisions, built
 
 
-#: A built layer and its decomposition time, or why the layer stays dense (calibration never reached it).
-Built = dict[str, "tuple[nn.Module, float] | str"]
+#: A layer's build result and its decomposition time, or why the layer stays dense (calibration never reached it).
+Built = dict[str, "tuple[BuildResult, float] | str"]
 
 
 def _plan_and_build(
@@ -170,14 +170,14 @@ def swap_in(
         if not isinstance(entry, tuple):
             records.append(_dense_record(d, entry if isinstance(entry, str) else d.skipped))
             continue
-        new, seconds = entry
-        record, meta = _record(d, new, seconds, plan, total)
+        result, seconds = entry
+        record, meta = _record(d, result, seconds, plan, total)
         records.append(record)
         if meta is None:
             continue
         swapped[d.name] = (get_submodule(root, d.name), d.aliases)
         for name in (d.name, *d.aliases):
-            root = set_submodule(root, name, new)
+            root = set_submodule(root, name, result.layer)
             meta_layers[name] = meta
     prep.model = root
     return records, meta_layers, swapped
@@ -190,7 +190,7 @@ def _dense_record(d: LayerDecision, skipped: str | None, **measured: Any) -> Lay
 
 def build_calibrated(model: nn.Module, todo: list[LayerDecision], collector: StatsCollector, plan: Plan,
                       progress: ProgressFn | None,
-                      device: torch.device | None = None) -> dict[str, tuple[nn.Module, float] | str]:
+                      device: torch.device | None = None) -> dict[str, tuple[BuildResult, float] | str]:
     """Build every layer of ``todo`` fitted on sequential calibration statistics.
 
     The layers are replaced one by one in forward order on a copy of ``model``
@@ -198,7 +198,7 @@ def build_calibrated(model: nn.Module, todo: list[LayerDecision], collector: Sta
     format and fitted (``build(..., calib=stats)``) on the inputs that the copy, whose earlier
     layers are already compressed, feeds it, against the dense outputs of ``model`` (which is
     not modified). A layer kept dense (:func:`keep_dense_reason`) stays dense in the copy too, so
-    the next layers see its exact outputs. Returns ``name -> (layer, seconds)``, or ``name ->
+    the next layers see its exact outputs. Returns ``name -> (build result, seconds)``, or ``name ->
     reason`` for layers the calibration data never reach. Layers that are not ``nn.Linear`` /
     ``nn.Conv2d`` (attention modules, embeddings) are built data-free, and so are layers whose
     statistics do not fit the collector's memory budget (with a note). Memory: the copy of the model,
@@ -208,15 +208,14 @@ def build_calibrated(model: nn.Module, todo: list[LayerDecision], collector: Sta
     fitted = [d for d in todo if isinstance(get_submodule(model, d.name), (nn.Linear, nn.Conv2d))]
     by_name = {d.name: d for d in fitted}
     total = count_params(model)
-    layers: dict[str, nn.Module] = {}
+    layers: dict[str, BuildResult] = {}
 
     def build(name: str, dense: nn.Module, stats: LayerStats | None) -> nn.Module | FitResult:
         new = build_replacement(dense, by_name[name], calib=stats, device=device)
         layers[name] = new
         if keep_dense_reason(by_name[name], new, plan, total) is not None:
             return FitResult(copy.deepcopy(dense), 0.0, 0.0, "none")
-        fit = calibration_fit(new)
-        return fit if fit is not None else new
+        return new.fit if new.fit is not None else new.layer
 
     def step(name: str, index: int, count: int) -> None:
         if progress is not None:
@@ -225,10 +224,11 @@ def build_calibrated(model: nn.Module, todo: list[LayerDecision], collector: Sta
     hints = {d.name: rank_hint(d.options) for d in fitted}
     done = calibrate_sequentially(model, work, list(by_name), build, None, progress=step, collector=collector,
                                   rank_hints=hints)
-    out: dict[str, tuple[nn.Module, float] | str] = {}
+    out: dict[str, tuple[BuildResult, float] | str] = {}
     for name, cal in done.items():
         if cal.statistics is not None:  # how the statistics were kept (sketched, or none within the budget)
-            set_build_note(layers[name], "; ".join(x for x in (build_note(layers[name]), cal.statistics) if x))
+            layers[name] = dataclasses.replace(
+                layers[name], note="; ".join(x for x in (layers[name].note, cal.statistics) if x))
         out[name] = (layers[name], cal.seconds) if cal.reached else "not reached by the calibration data"
     for d in todo:  # layers without calibration statistics (attention, embeddings): data-free
         if d.name not in by_name:
@@ -238,21 +238,21 @@ def build_calibrated(model: nn.Module, todo: list[LayerDecision], collector: Sta
     return out
 
 
-def keep_dense_reason(d: LayerDecision, new: nn.Module, plan: Plan, total: int) -> str | None:
-    """Why the built layer ``new`` should not replace the dense layer of decision ``d``, or None.
+def keep_dense_reason(d: LayerDecision, built: BuildResult, plan: Plan, total: int) -> str | None:
+    """Why the built layer should not replace the dense layer of decision ``d``, or None.
 
     It does not shrink the layer; or it saves fewer than ``plan.min_saving * total`` parameters
     while its error is above ``plan.max_error`` (the relative output error on calibration data
     after fitting when there is one, else the relative weight error): a small saving is not
     worth a large error (e.g. a 128 -> 10 classifier).
     """
-    after = count_params(new)
-    fmt = format_of(new)
-    label = format_label(fmt.name) if fmt is not None else type(new).__name__
+    after = count_params(built.layer)
+    fmt = format_of(built.layer)
+    label = format_label(fmt.name) if fmt is not None else type(built.layer).__name__
     if after >= d.params_before:
         return f"would not shrink ({label} needs {after} >= {d.params_before} params)"
-    fit = calibration_fit(new)
-    error = fit.error_after if fit is not None else getattr(new, "rel_error", None)
+    fit = built.fit
+    error = fit.error_after if fit is not None else built.error
     saved = d.params_before - after
     floor = plan.saving_floor(fit is not None)
     if error is not None and saved < floor * total and float(error) > plan.max_error:
@@ -262,21 +262,21 @@ def keep_dense_reason(d: LayerDecision, new: nn.Module, plan: Plan, total: int) 
     return None
 
 
-def _record(d: LayerDecision, new: nn.Module, seconds: float, plan: Plan,
+def _record(d: LayerDecision, built: BuildResult, seconds: float, plan: Plan,
             total: int) -> tuple[LayerReport, LayerReport | None]:
     """The record of a built layer, and the same record for the metadata (None: it stays dense, see
     :func:`keep_dense_reason`)."""
+    new = built.layer
     after = count_params(new)
-    rel_error = getattr(new, "rel_error", None)
-    rel_error = None if rel_error is None else float(rel_error)
+    rel_error = built.error
     fmt = format_of(new)
     if fmt is None:
         raise TypeError(f"layer {d.name!r}: format {d.format!r} built a {type(new).__name__}, which no format owns")
-    note = build_note(new)
-    fit = calibration_fit(new)
+    note = built.note
+    fit = built.fit
     errors = {} if fit is None else {"out_error_before": float(fit.error_before),
                                      "out_error_after": float(fit.error_after), "fit_method": fit.method}
-    reason = keep_dense_reason(d, new, plan, total)
+    reason = keep_dense_reason(d, built, plan, total)
     if reason is not None:
         return _dense_record(d, reason, rel_error=rel_error, seconds=seconds, note=note, **errors), None
     try:  # stored as JSON in checkpoints: keep the in-memory record identical to a reloaded one

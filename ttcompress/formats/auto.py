@@ -26,25 +26,26 @@ the chosen layers' errors.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
 
+from ttcompress.errors import InputError
 from ttcompress.formats.base import (
     EXACT,
+    BuildResult,
     CompressionFormat,
     ErrorPreview,
     FormatDescription,
     Ladder,
     LayerDecision,
-    build_note,
     dense_params,
-    set_build_note,
+    setting,
 )
 from ttcompress.formats.checks import check_patterns
-from ttcompress.formats.fitting import calibration_fit
 from ttcompress.formats.registry import (
     default_format,
     format_names,
@@ -71,17 +72,17 @@ class AutoSettings:
         Relative errors within this of the best count as a tie (default 1e-3).
     """
 
-    candidates: tuple[str, ...] = ()
-    tie_tol: float = 1e-3
+    candidates: tuple[str, ...] = setting((), kind="str")
+    tie_tol: float = setting(1e-3, kind="float")
 
     def __post_init__(self) -> None:
-        names = check_patterns(self.candidates, "auto candidates")
+        names = check_patterns(self.candidates, "auto.candidates")
         for n in names:
             if n not in format_names() or get_format(n).layer_class is None:
-                raise ValueError(f"auto candidates: {n!r} is not a format with a layer of its own")
+                raise InputError("auto.candidates", f": {n!r} is not a format with a layer of its own")
         object.__setattr__(self, "candidates", names)
         if isinstance(self.tie_tol, bool) or not isinstance(self.tie_tol, (int, float)) or not 0 <= self.tie_tol < 1:
-            raise ValueError(f"auto tie_tol must be in [0, 1), got {self.tie_tol!r}")
+            raise InputError("auto.tie_tol", f"must be in [0, 1), got {self.tie_tol!r}")
         object.__setattr__(self, "tie_tol", float(self.tie_tol))
 
 
@@ -110,11 +111,10 @@ def choose(trials: list[Trial], *, tie_tol: float) -> tuple[Trial, str]:
     return winner, why + (f" (vs {others})" if others else "")
 
 
-def _trial(fmt: CompressionFormat, layer: nn.Module) -> Trial:
-    """``layer``'s facts as a candidate (with calibration data, its output error after fitting)."""
-    fit = calibration_fit(layer)
-    err = fit.error_after if fit is not None else getattr(layer, "rel_error", None)
-    return Trial(fmt.name, dense_params(layer), float("inf") if err is None else float(err), fmt.flops(layer))
+def _trial(fmt: CompressionFormat, built: BuildResult) -> Trial:
+    """A build's facts as a candidate (with calibration data, its output error after fitting)."""
+    err = built.fit.error_after if built.fit is not None else built.error
+    return Trial(fmt.name, dense_params(built.layer), float("inf") if err is None else float(err), fmt.flops(built.layer))
 
 
 @register_format
@@ -139,6 +139,8 @@ class AutoFormat(CompressionFormat):
 
     def decide(self, module: nn.Module, name: str, settings: Any, *, override: Mapping[str, Any] | None = None,
                aliases: tuple[str, ...] = (), lowest: bool = False, settings_of: Any = None) -> LayerDecision:
+        """The reference format's decision (a rule's ``override`` is its: ``auto`` delegates sizes),
+        with the candidates to compare at its parameter budget."""
         s = settings if settings is not None else AutoSettings()
         ref = default_format(module)
         if ref is None:
@@ -149,12 +151,16 @@ class AutoFormat(CompressionFormat):
         if dec.skipped is not None:
             return dec
         if dec.params_after is None:
-            raise ValueError(f"layer {name!r}: the auto format compares formats at a parameter budget; give "
+            raise InputError(f"layer {name!r}", f": the auto format compares formats at a parameter budget; give "
                              f"{ref.name} ranks or a ratio, not only an error bound")
         trials = self._trials(module, dec.params_after, ref.name, dec.options, s, of)
         options = {**dec.options, "budget": dec.params_after, "reference": ref.name, "trials": trials,
                    "tie_tol": s.tie_tol, "candidates": list(s.candidates)}
         return replace(dec, format=self.name, options=options)
+
+    def choose(self, module: nn.Module, name: str, settings: Any, *, aliases: tuple[str, ...] = (),
+               lowest: bool = False, settings_of: Any = None) -> LayerDecision:
+        return self.decide(module, name, settings, aliases=aliases, lowest=lowest, settings_of=settings_of)
 
     def _trials(self, module: nn.Module, budget: int, reference: str, ref_options: Mapping[str, Any],
                 settings: AutoSettings, settings_of: Any) -> dict[str, dict[str, Any]]:
@@ -166,11 +172,11 @@ class AutoFormat(CompressionFormat):
         return trials
 
     def build(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
-              name: str | None = None) -> nn.Module:
+              name: str | None = None) -> BuildResult:
         trials = dict(options.get("trials") or {})
         if not trials:
             raise ValueError(f"layer {name!r}: auto has no candidate format within the budget")
-        built: dict[str, nn.Module] = {}
+        built: dict[str, BuildResult] = {}
         results: list[Trial] = []
         for fmt_name, opts in trials.items():
             fmt = get_format(fmt_name)
@@ -178,11 +184,10 @@ class AutoFormat(CompressionFormat):
             results.append(_trial(fmt, built[fmt_name]))
         winner, _ = choose(results, tie_tol=float(options.get("tie_tol", AutoSettings().tie_tol)))
         fmt = get_format(winner.format)
-        layer = fmt.finish_trial(module, built[winner.format], trials[winner.format], calib=calib, name=name)
-        results = [_trial(fmt, layer) if t is winner else t for t in results]
+        done = fmt.finish_trial(module, built[winner.format], trials[winner.format], calib=calib, name=name)
+        results = [_trial(fmt, done) if t is winner else t for t in results]
         winner, why = choose(results, tie_tol=float(options.get("tie_tol", AutoSettings().tie_tol)))
-        set_build_note(layer, why)
-        return layer
+        return dataclasses.replace(done, note=why)
 
     def preview_cost(self, module: nn.Module, options: Mapping[str, Any]) -> float:
         """The candidates' costs together (each is built to be compared)."""
@@ -197,10 +202,10 @@ class AutoFormat(CompressionFormat):
         so ties go to the first candidate, and the note says the choice rests on estimates.
         """
         if self.preview_cost(module, options) <= budget:
-            layer = self.build(module, options)
-            fmt = format_of(layer)
-            return ErrorPreview(float(layer.rel_error), EXACT, fmt.name if fmt is not None else self.name,
-                                build_note(layer), dense_params(layer))
+            built = self.build(module, options)
+            fmt = format_of(built.layer)
+            return ErrorPreview(float(built.layer.rel_error), EXACT, fmt.name if fmt is not None else self.name,
+                                built.note, dense_params(built.layer))
         previews: dict[str, ErrorPreview] = {}
         for fmt_name, opts in (options.get("trials") or {}).items():
             p = get_format(fmt_name).preview(module, opts, budget=budget)

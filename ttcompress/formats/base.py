@@ -2,10 +2,17 @@
 
 A format owns everything that differs between, say, TT-matrix Linear layers and CP convolutions:
 
-* ``settings``: a frozen dataclass of its plan options (``TTSettings``, ``CPSettings``, ...);
-* :meth:`~CompressionFormat.decide`: what a dense layer would become under those settings (a
-  :class:`LayerDecision` with the predicted parameter count), or why it stays dense;
-* :meth:`~CompressionFormat.build`: the factorized layer, decomposed from the dense one;
+* ``settings``: a frozen dataclass of its plan options (``TTSettings``, ``CPSettings``, ...) whose
+  fields are declared with :func:`setting`: its metadata say which fields a plan rule replaces
+  together (``group``), which a command-line value clears (``excludes``), and which get a
+  command-line flag (``help``; the CLI generates ``--FORMAT-FIELD`` from it);
+* :meth:`~CompressionFormat.with_overrides`: those settings with a plan rule's or the command
+  line's values applied, validated by the settings class (done once, here, for every format);
+* :meth:`~CompressionFormat.decide`: what a dense layer would become under the settings and a
+  rule's overrides (a :class:`LayerDecision` with the predicted parameter count), or why it stays
+  dense; formats implement :meth:`~CompressionFormat.choose` on the merged settings;
+* :meth:`~CompressionFormat.build`: the factorized layer, decomposed from the dense one, as a
+  :class:`BuildResult` (the layer, its weight error, the calibration fit and a note);
 * :meth:`~CompressionFormat.rebuild`: the same structure from a recorded ``config()`` (no
   decomposition, no unpickling);
 * :meth:`~CompressionFormat.describe`: ranks and modes of a factorized layer, as typed data;
@@ -24,16 +31,19 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
+from ttcompress.errors import InputError
 from ttcompress.formats.checks import check_keys
 from ttcompress.layer_report import count_params
 
 __all__ = [
+    "BuildResult",
     "CompressionFormat",
+    "SettingField",
     "ESTIMATE",
     "EXACT",
     "ErrorPreview",
@@ -41,11 +51,12 @@ __all__ = [
     "FormatDescription",
     "Ladder",
     "LayerDecision",
+    "SIZE",
     "bias_params",
-    "build_note",
     "dense_params",
-    "set_build_note",
     "join",
+    "setting",
+    "setting_fields",
 ]
 
 #: Look up the settings of another format by name (used by formats that delegate, like ``auto``).
@@ -174,15 +185,93 @@ def dense_params(module: nn.Module) -> int:
     return count_params(module)
 
 
-def build_note(layer: nn.Module) -> str | None:
-    """Why a build chose what it did (set by delegating formats such as ``auto``), or None."""
-    note = getattr(layer, "ttcompress_note", None)
-    return note if isinstance(note, str) else None
+@dataclass(frozen=True)
+class BuildResult:
+    """What :meth:`CompressionFormat.build` returns.
+
+    Attributes
+    ----------
+    layer : nn.Module
+        The factorized layer.
+    error : float or None
+        Relative Frobenius error of its weight against the dense layer's (the layer's ``rel_error``).
+    fit : FitResult or None
+        The calibration fit (:class:`ttcompress.calibration.fit.FitResult`: output errors before and
+        after fitting to calibration data, and the method), None without calibration data.
+    note : str or None
+        Why the build chose what it did (delegating formats such as ``auto``), or None.
+    """
+
+    layer: nn.Module
+    error: float | None = None
+    fit: Any = None
+    note: str | None = None
+
+    @classmethod
+    def of(cls, layer: nn.Module, fit: Any = None, note: str | None = None) -> BuildResult:
+        """A result for ``layer`` whose error is its ``rel_error`` attribute."""
+        err = getattr(layer, "rel_error", None)
+        return cls(layer, None if err is None else float(err), fit, note)
 
 
-def set_build_note(layer: nn.Module, note: str) -> None:
-    """Attach ``note`` (see :func:`build_note`) to a freshly built layer."""
-    object.__setattr__(layer, "ttcompress_note", note)
+#: The settings group of the fields that fix a layer's size (ranks, error bounds, ratios): see :func:`setting`.
+SIZE = "size"
+
+#: CLI value kinds of a setting (how a flag's text is parsed): an integer, a number, or a string.
+Kind = Literal["int", "float", "str"]
+
+
+@dataclass(frozen=True)
+class SettingField:
+    """The metadata of one settings field (see :func:`setting`), with its field name."""
+
+    name: str
+    help: str | None
+    kind: Kind
+    flag: str | None
+    metavar: str | None
+    group: str | None
+    excludes: tuple[str, ...]
+    merge: bool
+
+
+def setting(default: Any = None, *, help: str | None = None, kind: Kind = "int", flag: str | None = None,
+            metavar: str | None = None, group: str | None = None, excludes: tuple[str, ...] = (),
+            merge: bool = False) -> Any:
+    """A field of a format's settings dataclass, with the metadata the plan and the CLI read.
+
+    Parameters
+    ----------
+    default
+        The field's default (immutable: None, a number, a tuple).
+    help : str, optional
+        Help text of the field's command-line flag; fields without one get no flag of their own
+        (``--set FORMAT.FIELD=VALUE`` still sets them).
+    kind : {"int", "float", "str"}
+        How the flag's text is parsed (the settings class validates the value).
+    flag : str, optional
+        The flag's name (default ``--FORMAT-FIELD``, underscores as dashes).
+    group : str, optional
+        Fields of one group are replaced together by a plan rule: a rule that gives one of them
+        resets the others (a rule's ``ranks`` replaces the settings' ``eps`` too). A group named
+        ``"size"`` holds the fields that fix a layer's size: a ``none`` value on the command line
+        keeps the format's layers dense, and ``target_ratio`` (which chooses sizes) excludes them.
+    excludes : tuple of str
+        Fields that a command-line value of this one clears (``cp.rank`` clears a plan file's ``cp.ratio``).
+    merge : bool
+        The field holds keyword options (pairs) that an override adds to instead of replacing.
+    """
+    meta = {"ttcompress": SettingField("", help, kind, flag, metavar, group, tuple(excludes), merge)}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def setting_fields(settings: type) -> tuple[SettingField, ...]:
+    """The :class:`SettingField` of every field of a settings dataclass (defaults for plain fields)."""
+    out = []
+    for f in dataclasses.fields(settings):
+        meta = f.metadata.get("ttcompress") or SettingField("", None, "str", None, None, None, (), False)
+        out.append(dataclasses.replace(meta, name=f.name))
+    return tuple(out)
 
 
 def join(values: Any, sep: str = "x") -> str:
@@ -233,7 +322,6 @@ class CompressionFormat(ABC):
         """True if ``module`` is a (non-lazy) instance of one of :attr:`targets`."""
         return isinstance(module, self.targets) and not isinstance(module, nn.modules.lazy.LazyModuleMixin)
 
-    @abstractmethod
     def decide(
         self,
         module: nn.Module,
@@ -245,14 +333,73 @@ class CompressionFormat(ABC):
         lowest: bool = False,
         settings_of: SettingsOf | None = None,
     ) -> LayerDecision:
-        """What ``module`` (at qualified ``name``) becomes under ``settings``.
+        """What ``module`` (at qualified ``name``) becomes under ``settings`` and a rule's ``override``.
 
-        ``override`` holds a matching plan rule's fields (``ranks``, ``eps``, ``ratio``, ...), which
-        replace the settings'. ``lowest=True`` asks for the smallest structure (rank 1), the
-        starting point of the target-ratio allocator. ``settings_of(name)`` gives another
-        format's settings (for formats that delegate). The result's ``skipped`` says why the
-        layer stays dense.
+        ``override`` holds a matching plan rule's values (``ranks``, ``eps``, ``ratio``, ...); they
+        are applied here, once for every format (:meth:`with_overrides`; keys this format does not
+        have are left to the others), and :meth:`choose` decides on the result. ``lowest=True``
+        asks for the smallest structure (rank 1), the starting point of the target-ratio allocator.
+        ``settings_of(name)`` gives another format's settings (for formats that delegate). The
+        result's ``skipped`` says why the layer stays dense.
         """
+        s = settings if settings is not None else self.settings()
+        if override:
+            s = self.with_overrides(s, override, rule=True, strict=False, where=f"plan rule for layer {name!r}")
+        return self.choose(module, name, s, aliases=aliases, lowest=lowest, settings_of=settings_of)
+
+    @abstractmethod
+    def choose(self, module: nn.Module, name: str, settings: Any, *, aliases: tuple[str, ...] = (),
+               lowest: bool = False, settings_of: SettingsOf | None = None) -> LayerDecision:
+        """What ``module`` becomes under ``settings`` (a rule's overrides already applied): see :meth:`decide`."""
+
+    def canonical_key(self, key: str) -> str | None:
+        """The settings field a plan key means (``"ranks"`` is CP's ``rank``), None if it has none."""
+        key = self.settings_aliases.get(key, key)
+        return key if key in {f.name for f in dataclasses.fields(self.settings)} else None
+
+    def with_overrides(self, settings: Any, values: Mapping[str, Any], *, rule: bool, strict: bool = True,
+                       where: str | None = None) -> Any:
+        """``settings`` with ``values`` (plan keys: field names or their aliases) applied, validated by
+        the settings class.
+
+        ``rule=True`` applies a plan rule: a value replaces the other fields of its ``group`` too
+        (a rule's ``ranks`` resets the settings' ``eps``); ``rule=False`` applies command-line
+        values: a value clears the fields it ``excludes``. Fields declared with ``merge`` (keyword
+        options) are added to, not replaced. Keys this format does not have are an
+        :class:`~ttcompress.errors.InputError` with ``strict``, else ignored. With ``where``, an
+        invalid value's error says where it came from (``plan rule for layer 'fc'``).
+        """
+        given: dict[str, Any] = {}
+        for key, value in values.items():
+            name = self.canonical_key(key)
+            if name is None:
+                if strict:
+                    known = ", ".join(f.name for f in dataclasses.fields(self.settings)) or "none"
+                    raise InputError(where or self.name, f": format {self.name} has no setting {key!r} (it has: {known})")
+                continue
+            if name in given:
+                raise InputError(where or self.name, f": give {name} once (also given as {key})")
+            given[name] = value
+        if not given:
+            return settings
+        meta = {f.name: f for f in setting_fields(self.settings)}
+        fields = {name: getattr(settings, name) for name in meta}
+        for name in given:
+            cleared = ([n for n, f in meta.items() if f.group is not None and f.group == meta[name].group]
+                       if rule else list(meta[name].excludes))
+            for other in cleared:
+                if other not in given:
+                    fields[other] = None
+        for name, value in given.items():
+            if meta[name].merge and isinstance(value, Mapping):  # anything else: the settings class refuses it
+                value = {**dict(fields[name] or ()), **value}
+            fields[name] = value
+        try:
+            return self.settings(**fields)
+        except InputError as exc:
+            if where is None:
+                raise
+            raise InputError(where, f": {exc}") from None
 
     def dense_decision(self, module: nn.Module, name: str, reason: str, aliases: tuple[str, ...] = (),
                        options: dict[str, Any] | None = None, params_after: int | None = None) -> LayerDecision:
@@ -274,12 +421,14 @@ class CompressionFormat(ABC):
     # ---- building --------------------------------------------------------------------------------
     @abstractmethod
     def build(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
-              name: str | None = None) -> nn.Module:
+              name: str | None = None) -> BuildResult:
         """The factorized layer decomposed from ``module`` with ``options`` (a decision's).
 
         ``calib`` is optional calibration statistics for formats that can use them (ignored by
-        formats that cannot); ``name`` labels warnings and errors. The layer's ``rel_error``
-        attribute holds the relative Frobenius error of its weight.
+        formats that cannot); ``name`` labels warnings and errors. The result holds the layer, the
+        relative Frobenius error of its weight (also the layer's ``rel_error`` attribute), the
+        calibration fit (None without ``calib``) and a note (why a delegating format chose what
+        it did).
         """
 
     def rebuild(self, config: Mapping[str, Any]) -> nn.Module:
@@ -304,13 +453,13 @@ class CompressionFormat(ABC):
 
     # ---- optional: a cheaper build for comparing formats (``auto``) -------------------------------
     def build_trial(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
-                    name: str | None = None) -> nn.Module:
-        """A layer to compare formats with: its ``rel_error`` is never below what :meth:`build`
-        would reach, and :meth:`finish_trial` turns it into that build. Default: :meth:`build`."""
+                    name: str | None = None) -> BuildResult:
+        """A build to compare formats with: its error is never below what :meth:`build` would
+        reach, and :meth:`finish_trial` turns it into that build. Default: :meth:`build`."""
         return self.build(module, options, calib=calib, name=name)
 
-    def finish_trial(self, module: nn.Module, trial: nn.Module, options: Mapping[str, Any], *,
-                     calib: Any = None, name: str | None = None) -> nn.Module:
+    def finish_trial(self, module: nn.Module, trial: BuildResult, options: Mapping[str, Any], *,
+                     calib: Any = None, name: str | None = None) -> BuildResult:
         """The full build continued from a :meth:`build_trial` layer (default: ``trial`` itself)."""
         return trial
 
@@ -334,8 +483,8 @@ class CompressionFormat(ABC):
         """The data-free weight error of ``build(module, options)``: exact (the layer is decomposed and
         measured) when :meth:`preview_cost` is within ``budget``, else :meth:`estimate`."""
         if self.preview_cost(module, options) <= budget:
-            layer = self.build(module, options)
-            return ErrorPreview(float(layer.rel_error), EXACT, self.name, params=dense_params(layer))
+            built = self.build(module, options)
+            return ErrorPreview(float(built.layer.rel_error), EXACT, self.name, params=dense_params(built.layer))
         return self.estimate(module, options)
 
     # ---- optional: rank ladders and budgets --------------------------------------------------------

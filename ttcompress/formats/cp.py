@@ -22,15 +22,17 @@ from ttcompress.decompose.cp import CPDecomposition, cp_param_count, cp_rank_for
 from ttcompress.decompose.spectra import singular_tails, unfold
 from ttcompress.formats.base import (
     ESTIMATE,
+    BuildResult,
     CompressionFormat,
     ErrorPreview,
     FormatDescription,
     Ladder,
     LayerDecision,
     bias_params,
-    join,
+    setting,
 )
-from ttcompress.formats.checks import check_pos_int, check_ratio, freeze_options
+from ttcompress.errors import InputError
+from ttcompress.formats.checks import check_build_options, check_pos_int, check_ratio, freeze_options
 from ttcompress.formats.fitting import calibrated
 from ttcompress.formats.registry import register_format
 from ttcompress.layers.cp_conv import CPConv2d
@@ -49,6 +51,8 @@ DEFAULT_TOL = 1e-3
 #: this many ALS sweeps, and stops once a sweep improves the error by less than :data:`TRIAL_TOL`.
 TRIAL_SWEEPS = 10
 TRIAL_TOL = 1e-3
+#: The keyword options of ``CPConv2d.from_conv`` a plan may set (``cp: {options: {...}}``), with their kinds.
+BUILD_OPTIONS = {"n_iter_max": int, "tol": float, "init": ("auto", "svd", "random"), "n_restarts": int, "seed": int}
 
 
 @dataclass(frozen=True)
@@ -67,16 +71,21 @@ class CPSettings:
         ``from_conv``'s 1e-6.
     """
 
-    rank: int | None = None
-    ratio: float | None = None
-    options: tuple[tuple[str, Any], ...] = ()
+    rank: int | None = setting(
+        group="size", excludes=("ratio",), flag="--cp-ranks", metavar="INT|none",
+        help="CP rank of Conv2d layers; 'none' keeps them dense.")
+    ratio: float | None = setting(
+        group="size", excludes=("rank",), kind="float", metavar="FLOAT|none",
+        help="Per conv, the rank that compresses it by this factor (> 1; default 4).")
+    options: tuple[tuple[str, Any], ...] = setting((), merge=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rank", None if self.rank is None else check_pos_int(self.rank, "cp.rank"))
         object.__setattr__(self, "ratio", check_ratio(self.ratio, "cp.ratio"))
-        object.__setattr__(self, "options", freeze_options(self.options, "cp options"))
+        object.__setattr__(self, "options", freeze_options(self.options, "cp.options"))
+        check_build_options(self.options, BUILD_OPTIONS, "cp.options")
         if self.rank is not None and self.ratio is not None:
-            raise ValueError("cp.rank and cp.ratio are mutually exclusive; give one")
+            raise InputError("cp.rank", "and cp.ratio are mutually exclusive; give one")
 
 
 def cp_params(out_channels: int, in_per_group: int, kh: int, kw: int, rank: int, groups: int = 1) -> int:
@@ -178,21 +187,15 @@ class CPFormat(CompressionFormat):
     summary = "Conv2d -> CP (CP-ALS; Lebedev et al. 2015)"
     settings_aliases = {"ranks": "rank"}
 
-    def decide(self, module: nn.Module, name: str, settings: Any, *, override: Mapping[str, Any] | None = None,
-               aliases: tuple[str, ...] = (), lowest: bool = False, settings_of: Any = None) -> LayerDecision:
+    def choose(self, module: nn.Module, name: str, settings: Any, *, aliases: tuple[str, ...] = (),
+               lowest: bool = False, settings_of: Any = None) -> LayerDecision:
         conv: nn.Conv2d = module  # type: ignore[assignment]
         if conv.groups > 1:
             reason = "depthwise conv" if conv.groups == conv.in_channels else f"grouped conv (groups={conv.groups}) unsupported"
             return self.dense_decision(conv, name, reason, aliases)
-        s = settings if settings is not None else CPSettings()
-        o = dict(override or {})
+        s = settings
         rank, ratio = s.rank, s.ratio
         options = dict(s.options)
-        if "ranks" in o or "ratio" in o:
-            if isinstance(o.get("ranks"), tuple):
-                raise ValueError(f"rule for {name!r}: a CP layer takes one integer rank, got {list(o['ranks'])}")
-            rank, ratio = o.get("ranks"), o.get("ratio")
-        options.update(dict(o.get("options", ())))
         if lowest:
             rank, ratio = 1, None
         if rank is None and ratio is None:
@@ -206,7 +209,7 @@ class CPFormat(CompressionFormat):
         return self.decision(conv, name, {"rank": rank, **options}, after, aliases, f"CP rank {rank}")
 
     def build(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
-              name: str | None = None) -> nn.Module:
+              name: str | None = None) -> BuildResult:
         opts = {"tol": DEFAULT_TOL, **{k: v for k, v in options.items() if v is not None}}
         rank = opts.pop("rank")
         if name is not None:
@@ -214,7 +217,7 @@ class CPFormat(CompressionFormat):
         return calibrated(module, CPConv2d.from_conv(module, rank=rank, **opts), calib)
 
     def build_trial(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
-                   name: str | None = None) -> nn.Module:
+                   name: str | None = None) -> BuildResult:
         """A shortened CP-ALS fit (:data:`TRIAL_SWEEPS`, :data:`TRIAL_TOL`) to compare formats with.
 
         ALS never raises the error, so the trial's error is an upper bound of the full fit's, and
@@ -224,21 +227,23 @@ class CPFormat(CompressionFormat):
         trial = _trial_options(module, options, calib)
         return self.build(module, options if trial is None else trial, calib=calib, name=name)
 
-    def finish_trial(self, module: nn.Module, trial: nn.Module, options: Mapping[str, Any], *,
-                     calib: Any = None, name: str | None = None) -> nn.Module:
+    def finish_trial(self, module: nn.Module, trial: BuildResult, options: Mapping[str, Any], *,
+                     calib: Any = None, name: str | None = None) -> BuildResult:
         """The full fit: the remaining ALS sweeps under the full ``tol``, warm-started from ``trial``."""
         if _trial_options(module, options, calib) is None:
             return trial
-        left = int(options.get("n_iter_max") or 100) - int(trial.n_iter)
+        left = int(options.get("n_iter_max") or 100) - int(trial.layer.n_iter)
         if left < 1:
             return trial
+        trial_layer = trial.layer
         with torch.no_grad():
             start = CPDecomposition(
-                factors=(trial.out_factor, trial.in_factor.T, trial.kh_factor.T, trial.kw_factor.T),
-                rank=int(trial.rank), rel_error=float(trial.rel_error), n_iter=int(trial.n_iter))
-        layer = self.build(module, {**options, "init": start, "n_iter_max": left}, name=name)
-        layer.n_iter = int(trial.n_iter) + int(layer.n_iter)
-        return layer
+                factors=(trial_layer.out_factor, trial_layer.in_factor.T, trial_layer.kh_factor.T,
+                         trial_layer.kw_factor.T),
+                rank=int(trial_layer.rank), rel_error=float(trial_layer.rel_error), n_iter=int(trial_layer.n_iter))
+        built = self.build(module, {**options, "init": start, "n_iter_max": left}, name=name)
+        built.layer.n_iter = int(trial_layer.n_iter) + int(built.layer.n_iter)
+        return built
 
     def describe(self, layer: nn.Module) -> FormatDescription:
         kh, kw = layer.kernel_size

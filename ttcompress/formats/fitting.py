@@ -2,8 +2,8 @@
 
 A format's ``build(module, options, calib=stats)`` decomposes as usual and then calls
 :func:`calibrated` (or, with a closed form, fits directly and calls :func:`record_fit`). The fit
-is remembered on the layer (:func:`calibration_fit`) so that surgery can report the output error
-before and after fitting next to the weight error.
+travels in the build's :class:`~ttcompress.formats.base.BuildResult` (``fit``), so that surgery
+can report the output error before and after fitting next to the weight error.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from torch import nn
 from ttcompress.calibration.fit import FitResult, fit_layer
 from ttcompress.calibration.reconstruct import dense_weight
 from ttcompress.calibration.stats import LayerStats
+from ttcompress.formats.base import BuildResult
 
-__all__ = ["calibrated", "calibration_fit", "check_calib", "record_fit"]
+__all__ = ["calibrated", "check_calib", "record_fit"]
 
 
 def check_calib(calib: Any) -> LayerStats | None:
@@ -27,32 +28,25 @@ def check_calib(calib: Any) -> LayerStats | None:
     return calib
 
 
-def record_fit(layer: nn.Module, fit: FitResult, weight: torch.Tensor) -> None:
-    """Attach ``fit`` to ``layer`` (see :func:`calibration_fit`) and refresh its ``rel_error``:
-    the relative Frobenius error of its weight against the dense ``weight``."""
-    object.__setattr__(layer, "ttcompress_fit", fit)
+def record_fit(layer: nn.Module, fit: FitResult, weight: torch.Tensor) -> BuildResult:
+    """The build result of ``layer`` fitted as ``fit`` says, after refreshing its ``rel_error``: the
+    relative Frobenius error of its weight against the dense ``weight``."""
     with torch.no_grad():
         w = weight.detach().double().reshape(weight.shape[0], -1)
         w_hat = dense_weight(layer).detach().double().reshape(w.shape)
         norm = float(w.norm())
         layer.rel_error = float((w - w_hat).norm()) / norm if norm > 0 else 0.0
+    return BuildResult.of(layer, fit=fit)
 
 
-def calibration_fit(layer: nn.Module) -> FitResult | None:
-    """How a build fitted ``layer`` to calibration data (output errors before/after), or None."""
-    fit = getattr(layer, "ttcompress_fit", None)
-    return fit if isinstance(fit, FitResult) else None
+def calibrated(module: nn.Module, layer: nn.Module, calib: Any) -> BuildResult:
+    """The build result of ``layer`` (decomposed from ``module``), fitted to ``module``'s outputs on ``calib``.
 
-
-def calibrated(module: nn.Module, layer: nn.Module, calib: Any) -> nn.Module:
-    """``layer`` (decomposed from ``module``) fitted to ``module``'s outputs on ``calib``.
-
-    ``calib`` is None (``layer`` is returned as is) or the layer's
+    ``calib`` is None (``layer`` is taken as is) or the layer's
     :class:`~ttcompress.calibration.stats.LayerStats`. The fit is
     :func:`~ttcompress.calibration.fit.fit_layer`: ALS on TT cores, a bounded number of L-BFGS
     steps for other factorizations, then bias correction; it never raises the output error.
     """
     if check_calib(calib) is None:
-        return layer
-    record_fit(layer, fit_layer(module, layer, calib), module.weight)
-    return layer
+        return BuildResult.of(layer)
+    return record_fit(layer, fit_layer(module, layer, calib), module.weight)

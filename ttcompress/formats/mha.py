@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from ttcompress.formats.base import CompressionFormat, FormatDescription, LayerDecision, dense_params
+from ttcompress.formats.base import BuildResult, CompressionFormat, FormatDescription, LayerDecision, dense_params
 from ttcompress.formats.registry import register_format
 from ttcompress.layers.attention import FactorizedMultiheadAttention, unsupported_reason
 
@@ -44,8 +44,8 @@ class MHAFormat(CompressionFormat):
     structural = True
     summary = "MultiheadAttention -> q/k/v/out child Linear layers (exact; structural)"
 
-    def decide(self, module: nn.Module, name: str, settings: Any, *, override: Mapping[str, Any] | None = None,
-               aliases: tuple[str, ...] = (), lowest: bool = False, settings_of: Any = None) -> LayerDecision:
+    def choose(self, module: nn.Module, name: str, settings: Any, *, aliases: tuple[str, ...] = (),
+               lowest: bool = False, settings_of: Any = None) -> LayerDecision:
         before = dense_params(module)
         reason = unsupported_reason(module)
         shape = (int(module.embed_dim), int(module.embed_dim))
@@ -53,8 +53,8 @@ class MHAFormat(CompressionFormat):
                              before, reason, aliases)
 
     def build(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
-              name: str | None = None) -> nn.Module:
-        return FactorizedMultiheadAttention.from_mha(module)
+              name: str | None = None) -> BuildResult:
+        return BuildResult.of(FactorizedMultiheadAttention.from_mha(module))
 
     def describe(self, layer: nn.Module) -> FormatDescription:
         text = f"{layer.num_heads} heads"

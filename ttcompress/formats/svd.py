@@ -24,13 +24,16 @@ from ttcompress.decompose.spectra import singular_tails
 from ttcompress.decompose.svd import svd_param_count, svd_rank_for_ratio
 from ttcompress.formats.base import (
     EXACT,
+    BuildResult,
     CompressionFormat,
     ErrorPreview,
     FormatDescription,
     Ladder,
     LayerDecision,
     bias_params,
+    setting,
 )
+from ttcompress.errors import InputError
 from ttcompress.formats.checks import check_eps, check_pos_int, check_ratio
 from ttcompress.formats.fitting import check_calib, record_fit
 from ttcompress.formats.registry import register_format
@@ -57,25 +60,31 @@ class SVDSettings:
         ``rank`` or ``eps``. Default 4 when nothing is given.
     """
 
-    rank: int | None = None
-    eps: float | None = None
-    ratio: float | None = None
+    rank: int | None = setting(
+        group="size", excludes=("ratio",), metavar="INT|none",
+        help="Rank of the SVD (low-rank product) format's Linear layers (capped at min(in, out)).")
+    eps: float | None = setting(
+        group="size", excludes=("ratio",), kind="float", metavar="FLOAT|none",
+        help="Relative error per Linear layer of the SVD format, in (0, 1).")
+    ratio: float | None = setting(
+        group="size", excludes=("rank", "eps"), kind="float", metavar="FLOAT|none",
+        help="Per Linear layer of the SVD format, the largest rank that compresses it this much (> 1; default 4).")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "rank", None if self.rank is None else check_pos_int(self.rank, "svd rank"))
-        object.__setattr__(self, "eps", check_eps(self.eps, "svd eps"))
-        object.__setattr__(self, "ratio", check_ratio(self.ratio, "svd ratio"))
+        object.__setattr__(self, "rank", None if self.rank is None else check_pos_int(self.rank, "svd.rank"))
+        object.__setattr__(self, "eps", check_eps(self.eps, "svd.eps"))
+        object.__setattr__(self, "ratio", check_ratio(self.ratio, "svd.ratio"))
         if self.ratio is not None and (self.rank is not None or self.eps is not None):
-            raise ValueError("svd ratio excludes svd rank and svd eps; give ratio, or rank and/or eps")
+            raise InputError("svd.ratio", "excludes svd.rank and svd.eps; give ratio, or rank and/or eps")
 
 
-def _fit_whitened(linear: nn.Module, layer: SVDLinear, stats: LayerStats) -> None:
+def _fit_whitened(linear: nn.Module, layer: SVDLinear, stats: LayerStats) -> BuildResult:
     """Refit ``layer``'s factors to ``linear``'s outputs by the whitened truncated SVD, in place.
 
     :func:`~ttcompress.calibration.fit.whitened_lowrank` is the exact optimum of the (damped)
     output error for a rank-``r`` product (SVD-LLM); with a bias it runs on centred statistics and
     the bias is then corrected, the joint optimum. The data-free factors are kept when the fit
-    does not lower the output error. The fit is recorded (:func:`record_fit`).
+    does not lower the output error. Returns the build result with the fit (:func:`record_fit`).
     """
     w, b = linear.weight.detach(), linear.bias
     before = output_error(w, layer.dense_weight().detach(), stats, bias=b, new_bias=layer.bias)
@@ -95,7 +104,7 @@ def _fit_whitened(linear: nn.Module, layer: SVDLinear, stats: LayerStats) -> Non
             if layer.bias is not None:
                 layer.bias.copy_(saved[2])
             after, method = before, "none"
-    record_fit(layer, FitResult(layer, before, after, method), w)
+    return record_fit(layer, FitResult(layer, before, after, method), w)
 
 
 @register_format
@@ -109,15 +118,9 @@ class SVDFormat(CompressionFormat):
     summary = "Linear -> low-rank product (truncated SVD)"
     settings_aliases = {"ranks": "rank"}
 
-    def decide(self, module: nn.Module, name: str, settings: Any, *, override: Mapping[str, Any] | None = None,
-               aliases: tuple[str, ...] = (), lowest: bool = False, settings_of: Any = None) -> LayerDecision:
-        s = settings if settings is not None else SVDSettings()
-        o = dict(override or {})
-        rank, eps, ratio = s.rank, s.eps, s.ratio
-        if "ranks" in o or "eps" in o or "ratio" in o:
-            if isinstance(o.get("ranks"), tuple):
-                raise ValueError(f"rule for {name!r}: an SVD layer takes one integer rank, got {list(o['ranks'])}")
-            rank, eps, ratio = o.get("ranks"), o.get("eps"), o.get("ratio")
+    def choose(self, module: nn.Module, name: str, settings: Any, *, aliases: tuple[str, ...] = (),
+               lowest: bool = False, settings_of: Any = None) -> LayerDecision:
+        rank, eps, ratio = settings.rank, settings.eps, settings.ratio
         if lowest:
             rank, eps, ratio = 1, None, None
         if rank is None and eps is None and ratio is None:
@@ -133,12 +136,10 @@ class SVDFormat(CompressionFormat):
         return self.decision(module, name, {"rank": rank, "eps": eps}, after, aliases, f"SVD rank {rank}")
 
     def build(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
-              name: str | None = None) -> nn.Module:
+              name: str | None = None) -> BuildResult:
         layer = SVDLinear.from_linear(module, rank=options.get("rank"), eps=options.get("eps"))
         stats = check_calib(calib)
-        if stats is not None:
-            _fit_whitened(module, layer, stats)
-        return layer
+        return BuildResult.of(layer) if stats is None else _fit_whitened(module, layer, stats)
 
     def describe(self, layer: nn.Module) -> FormatDescription:
         return FormatDescription(self.name, (int(layer.out_features), int(layer.in_features)), (int(layer.rank),),

@@ -21,6 +21,7 @@ from ttcompress.decompose.spectra import singular_tails
 from ttcompress.decompose.tt import tt_param_count, tt_ranks
 from ttcompress.formats.base import (
     UPPER_BOUND,
+    BuildResult,
     CompressionFormat,
     ErrorPreview,
     FormatDescription,
@@ -28,7 +29,9 @@ from ttcompress.formats.base import (
     LayerDecision,
     bias_params,
     join,
+    setting,
 )
+from ttcompress.errors import InputError
 from ttcompress.formats.checks import check_d, check_eps, check_modes, check_ranks
 from ttcompress.formats.fitting import calibrated
 from ttcompress.formats.registry import register_format
@@ -57,18 +60,22 @@ class TTSettings:
         Explicit factorizations of in/out features (rules only, usually).
     """
 
-    ranks: int | tuple[int, ...] | None = None
-    eps: float | None = None
-    d: int | None = None
-    in_modes: tuple[int, ...] | None = None
-    out_modes: tuple[int, ...] | None = None
+    ranks: int | tuple[int, ...] | None = setting(
+        group="size", metavar="INT|none",
+        help="Max TT rank of Linear layers (default 8 when neither --tt-ranks nor --tt-eps is given).")
+    eps: float | None = setting(
+        group="size", kind="float", metavar="FLOAT|none",
+        help="Relative reconstruction error per Linear layer, in (0, 1) (TT-SVD truncation).")
+    d: int | None = setting(metavar="INT|none", help="Number of TT cores (2 to 64; default: by layer size, 2-4).")
+    in_modes: tuple[int, ...] | None = setting()
+    out_modes: tuple[int, ...] | None = setting()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranks", check_ranks(self.ranks, "tt.ranks"))
         object.__setattr__(self, "eps", check_eps(self.eps, "tt.eps"))
         object.__setattr__(self, "d", check_d(self.d, "tt.d"))
-        object.__setattr__(self, "in_modes", check_modes(self.in_modes, "tt in_modes"))
-        object.__setattr__(self, "out_modes", check_modes(self.out_modes, "tt out_modes"))
+        object.__setattr__(self, "in_modes", check_modes(self.in_modes, "tt.in_modes"))
+        object.__setattr__(self, "out_modes", check_modes(self.out_modes, "tt.out_modes"))
 
 
 def tt_params(in_modes: Sequence[int], out_modes: Sequence[int], ranks: int | Sequence[int]) -> int:
@@ -119,15 +126,11 @@ class TTFormat(CompressionFormat):
     default_for = (nn.Linear,)
     summary = "Linear -> TT-matrix (TT-SVD; Novikov et al. 2015)"
 
-    def decide(self, module: nn.Module, name: str, settings: Any, *, override: Mapping[str, Any] | None = None,
-               aliases: tuple[str, ...] = (), lowest: bool = False, settings_of: Any = None) -> LayerDecision:
-        s = settings if settings is not None else TTSettings()
-        o = dict(override or {})
+    def choose(self, module: nn.Module, name: str, settings: Any, *, aliases: tuple[str, ...] = (),
+               lowest: bool = False, settings_of: Any = None) -> LayerDecision:
+        s = settings
         ranks, eps, d = s.ranks, s.eps, s.d
-        if "ranks" in o or "eps" in o:  # a rule's ranks/eps replace both defaults
-            ranks, eps = o.get("ranks"), o.get("eps")
-        d = o.get("d", d)
-        in_modes, out_modes = o.get("in_modes", s.in_modes), o.get("out_modes", s.out_modes)
+        in_modes, out_modes = s.in_modes, s.out_modes
         if ranks is None and eps is None:
             ranks = DEFAULT_TT_RANKS
         score = ranks
@@ -145,7 +148,7 @@ class TTFormat(CompressionFormat):
             in_modes = validate_modes(in_modes, in_f, name="in_modes")
             out_modes = validate_modes(out_modes, out_f, name="out_modes", d=len(in_modes))
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"layer {name!r} ({in_f} -> {out_f}): {exc}") from None
+            raise InputError(f"layer {name!r}", f"({in_f} -> {out_f}): {exc}") from None
         options: dict[str, Any] = {"ranks": list(ranks) if isinstance(ranks, tuple) else ranks, "eps": eps,
                                    "in_modes": list(in_modes), "out_modes": list(out_modes)}
         if len(in_modes) < 2:
@@ -158,7 +161,7 @@ class TTFormat(CompressionFormat):
         return super().rebuild(require_modes(config, ("in_modes", "out_modes")))
 
     def build(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
-              name: str | None = None) -> nn.Module:
+              name: str | None = None) -> BuildResult:
         opts = {k: v for k, v in options.items() if v is not None}
         if isinstance(opts.get("ranks"), list):
             opts["ranks"] = tuple(opts["ranks"])

@@ -22,7 +22,8 @@ from typing import Any
 from torch import nn
 
 from ttcompress.decompose.modes import choose_modes, max_num_cores, validate_modes
-from ttcompress.formats.base import CompressionFormat, FormatDescription, LayerDecision, join
+from ttcompress.errors import InputError
+from ttcompress.formats.base import BuildResult, CompressionFormat, FormatDescription, LayerDecision, join, setting
 from ttcompress.formats.checks import check_d, check_eps, check_modes, check_ranks
 from ttcompress.formats.registry import register_format
 from ttcompress.formats.tt import DEFAULT_TT_RANKS, require_modes, tt_params
@@ -49,18 +50,20 @@ class TTEmbeddingSettings:
         Explicit factorizations of ``num_embeddings`` and ``embedding_dim``.
     """
 
-    ranks: int | tuple[int, ...] | None = None
-    eps: float | None = None
-    d: int | None = None
-    vocab_modes: tuple[int, ...] | None = None
-    dim_modes: tuple[int, ...] | None = None
+    ranks: int | tuple[int, ...] | None = setting(
+        group="size", metavar="INT|none", help="Max TT rank of Embedding tables (default 8).")
+    eps: float | None = setting(
+        group="size", kind="float", metavar="FLOAT|none", help="Relative error per Embedding table, in (0, 1).")
+    d: int | None = setting(metavar="INT|none", help="Number of TT cores of Embedding tables (2 to 64).")
+    vocab_modes: tuple[int, ...] | None = setting()
+    dim_modes: tuple[int, ...] | None = setting()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ranks", check_ranks(self.ranks, "tt_embedding ranks"))
-        object.__setattr__(self, "eps", check_eps(self.eps, "tt_embedding eps"))
-        object.__setattr__(self, "d", check_d(self.d, "tt_embedding d"))
-        object.__setattr__(self, "vocab_modes", check_modes(self.vocab_modes, "tt_embedding vocab_modes"))
-        object.__setattr__(self, "dim_modes", check_modes(self.dim_modes, "tt_embedding dim_modes"))
+        object.__setattr__(self, "ranks", check_ranks(self.ranks, "tt_embedding.ranks"))
+        object.__setattr__(self, "eps", check_eps(self.eps, "tt_embedding.eps"))
+        object.__setattr__(self, "d", check_d(self.d, "tt_embedding.d"))
+        object.__setattr__(self, "vocab_modes", check_modes(self.vocab_modes, "tt_embedding.vocab_modes"))
+        object.__setattr__(self, "dim_modes", check_modes(self.dim_modes, "tt_embedding.dim_modes"))
 
 
 @register_format
@@ -73,19 +76,17 @@ class TTEmbeddingFormat(CompressionFormat):
     settings = TTEmbeddingSettings
     default_for = (nn.Embedding,)
     summary = "Embedding -> TT-matrix table (TT-SVD; Hrinchuk et al. 2020)"
+    #: A plan rule's modes: the vocabulary is the output side, the embedding dimension the input side.
+    settings_aliases = {"out_modes": "vocab_modes", "in_modes": "dim_modes"}
 
-    def decide(self, module: nn.Module, name: str, settings: Any, *, override: Mapping[str, Any] | None = None,
-               aliases: tuple[str, ...] = (), lowest: bool = False, settings_of: Any = None) -> LayerDecision:
-        s = settings if settings is not None else TTEmbeddingSettings()
+    def choose(self, module: nn.Module, name: str, settings: Any, *, aliases: tuple[str, ...] = (),
+               lowest: bool = False, settings_of: Any = None) -> LayerDecision:
         reason = unsupported_reason(module)
         if reason is not None:
             return self.dense_decision(module, name, reason, aliases)
-        o = dict(override or {})
-        ranks, eps = s.ranks, s.eps
-        if "ranks" in o or "eps" in o:  # a rule's ranks/eps replace both defaults
-            ranks, eps = o.get("ranks"), o.get("eps")
-        d = o.get("d", s.d)
-        vocab_modes, dim_modes = o.get("out_modes", s.vocab_modes), o.get("in_modes", s.dim_modes)
+        s = settings
+        ranks, eps, d = s.ranks, s.eps, s.d
+        vocab_modes, dim_modes = s.vocab_modes, s.dim_modes
         if ranks is None and eps is None:
             ranks = DEFAULT_TT_RANKS
         if lowest:
@@ -102,7 +103,7 @@ class TTEmbeddingFormat(CompressionFormat):
             dim_modes = validate_modes(dim_modes, dim, name="dim_modes")
             vocab_modes = validate_modes(vocab_modes, vocab, name="vocab_modes", d=len(dim_modes))
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"layer {name!r} ({vocab} x {dim} embedding): {exc}") from None
+            raise InputError(f"layer {name!r}", f"({vocab} x {dim} embedding): {exc}") from None
         if len(dim_modes) < 2:
             return self.dense_decision(module, name, f"{vocab}x{dim} table cannot be split into TT cores", aliases)
         options: dict[str, Any] = {"ranks": list(ranks) if isinstance(ranks, tuple) else ranks, "eps": eps,
@@ -115,12 +116,12 @@ class TTEmbeddingFormat(CompressionFormat):
         return super().rebuild(require_modes(config, ("vocab_modes", "dim_modes")))
 
     def build(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
-              name: str | None = None) -> nn.Module:
+              name: str | None = None) -> BuildResult:
         opts = {k: v for k, v in options.items() if v is not None}
         for key in ("ranks", "vocab_modes", "dim_modes"):
             if isinstance(opts.get(key), list):
                 opts[key] = tuple(opts[key])
-        return TTEmbedding.from_embedding(module, **opts)
+        return BuildResult.of(TTEmbedding.from_embedding(module, **opts))
 
     def describe(self, layer: nn.Module) -> FormatDescription:
         ranks = tuple(int(r) for r in layer.ranks)

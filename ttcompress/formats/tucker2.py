@@ -21,6 +21,7 @@ from ttcompress.decompose.spectra import singular_tails, unfold
 from ttcompress.decompose.tucker2 import tucker2_param_count
 from ttcompress.formats.base import (
     UPPER_BOUND,
+    BuildResult,
     CompressionFormat,
     ErrorPreview,
     FormatDescription,
@@ -28,8 +29,10 @@ from ttcompress.formats.base import (
     LayerDecision,
     bias_params,
     dense_params,
+    setting,
 )
-from ttcompress.formats.checks import check_ranks, check_ratio, freeze_options
+from ttcompress.errors import InputError
+from ttcompress.formats.checks import check_build_options, check_ranks, check_ratio, freeze_options
 from ttcompress.formats.fitting import calibrated
 from ttcompress.formats.registry import register_format
 from ttcompress.layers.tucker2_conv import Tucker2Conv2d
@@ -55,19 +58,25 @@ class Tucker2Settings:
         Extra keyword arguments for ``Tucker2Conv2d.from_conv`` (``n_iter_max``, ``tol``).
     """
 
-    ranks: int | tuple[int, ...] | None = None
-    ratio: float | None = None
-    options: tuple[tuple[str, Any], ...] = ()
+    ranks: int | tuple[int, ...] | None = setting(
+        group="size", excludes=("ratio",), metavar="INT|none",
+        help="Rank (both channel modes) of the Tucker-2 format's Conv2d layers; --set tucker2.ranks=[IN,OUT] "
+        "gives two.")
+    ratio: float | None = setting(
+        group="size", excludes=("ranks",), kind="float", metavar="FLOAT|none",
+        help="Per conv of the Tucker-2 format, the largest ranks that compress it this much (> 1; default 4).")
+    options: tuple[tuple[str, Any], ...] = setting((), merge=True)
 
     def __post_init__(self) -> None:
-        ranks = check_ranks(self.ranks, "tucker2 ranks")
+        ranks = check_ranks(self.ranks, "tucker2.ranks")
         if isinstance(ranks, tuple) and len(ranks) != 2:
-            raise ValueError(f"tucker2 ranks must be one int or (in_rank, out_rank), got {list(ranks)}")
+            raise InputError("tucker2.ranks", f"must be one int or (in_rank, out_rank), got {list(ranks)}")
         object.__setattr__(self, "ranks", ranks)
-        object.__setattr__(self, "ratio", check_ratio(self.ratio, "tucker2 ratio"))
-        object.__setattr__(self, "options", freeze_options(self.options, "tucker2 options"))
+        object.__setattr__(self, "ratio", check_ratio(self.ratio, "tucker2.ratio"))
+        object.__setattr__(self, "options", freeze_options(self.options, "tucker2.options"))
+        check_build_options(self.options, {"n_iter_max": int, "tol": float}, "tucker2.options")
         if self.ranks is not None and self.ratio is not None:
-            raise ValueError("tucker2 ranks and tucker2 ratio are mutually exclusive; give one")
+            raise InputError("tucker2.ranks", "and tucker2.ratio are mutually exclusive; give one")
 
 
 def _sizes(conv: nn.Conv2d) -> tuple[int, int, int, int, int]:
@@ -118,21 +127,13 @@ class Tucker2Format(CompressionFormat):
     summary = "Conv2d -> 1x1, kxk core, 1x1 (Tucker-2, HOSVD + HOOI; Kim et al. 2016)"
     settings_aliases = {"rank": "ranks"}
 
-    def decide(self, module: nn.Module, name: str, settings: Any, *, override: Mapping[str, Any] | None = None,
-               aliases: tuple[str, ...] = (), lowest: bool = False, settings_of: Any = None) -> LayerDecision:
+    def choose(self, module: nn.Module, name: str, settings: Any, *, aliases: tuple[str, ...] = (),
+               lowest: bool = False, settings_of: Any = None) -> LayerDecision:
         cout_g, cin_g, kh, kw, g = _sizes(module)  # type: ignore[arg-type]
         if cin_g == 1 and cout_g == 1:
             return self.dense_decision(module, name, "depthwise conv: no channel mode to factor", aliases)
-        s = settings if settings is not None else Tucker2Settings()
-        o = dict(override or {})
-        ranks, ratio = s.ranks, s.ratio
-        options = dict(s.options)
-        if "ranks" in o or "ratio" in o:
-            ranks, ratio = o.get("ranks"), o.get("ratio")
-            if isinstance(ranks, tuple) and len(ranks) != 2:
-                raise ValueError(f"rule for {name!r}: a Tucker-2 layer takes one rank or (in_rank, out_rank), "
-                                 f"got {list(ranks)}")
-        options.update(dict(o.get("options", ())))
+        ranks, ratio = settings.ranks, settings.ratio
+        options = dict(settings.options)
         if lowest:
             steps = tucker2_rank_steps(module)  # type: ignore[arg-type]
             if not steps:
@@ -156,7 +157,7 @@ class Tucker2Format(CompressionFormat):
                              f"Tucker-2 ranks ({r_in}, {r_out})")
 
     def build(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
-              name: str | None = None) -> nn.Module:
+              name: str | None = None) -> BuildResult:
         layer = Tucker2Conv2d.from_conv(module, **{k: v for k, v in options.items() if v is not None})
         return calibrated(module, layer, calib)
 
@@ -200,8 +201,8 @@ class Tucker2Format(CompressionFormat):
     def estimate(self, module: nn.Module, options: Mapping[str, Any]) -> ErrorPreview | None:
         """The truncated HOSVD's error (a build without HOOI sweeps, about 1/11 of its work): an upper
         bound, since the HOOI sweeps the build runs next never raise the error."""
-        layer = self.build(module, {**options, "n_iter_max": 0})
-        return ErrorPreview(float(layer.rel_error), UPPER_BOUND, self.name)
+        built = self.build(module, {**options, "n_iter_max": 0})
+        return ErrorPreview(float(built.layer.rel_error), UPPER_BOUND, self.name)
 
     def fit_budget(self, module: nn.Module, budget: int, settings: Any) -> dict[str, Any] | None:
         cout_g, cin_g, *_ = _sizes(module)  # type: ignore[arg-type]
