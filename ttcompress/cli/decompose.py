@@ -48,13 +48,11 @@ from ttcompress.data import balanced_subset, load_dataset, text_tokenizer
 from ttcompress.decompose.cp import cp_progress
 from ttcompress.report.evaluation import resolve_device
 from ttcompress.errors import DataError, UserInputError, refused_input
-from ttcompress.formats import format_names, get_format
-from ttcompress.layer_report import format_label
 from ttcompress.compression.dryrun import PlanPreview, preview_plan
 from ttcompress.compression.plan import Plan
 from ttcompress.checkpoint.io import load_checkpoint
 from ttcompress.cli.recorded import recorded_dataset
-from ttcompress.compression.pipeline import CompressionResult, DecomposeResult, decompose_file, default_output_path
+from ttcompress.compression.pipeline import DecomposeResult, decompose_file, default_output_path
 
 app = command_app()
 

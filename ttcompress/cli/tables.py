@@ -14,7 +14,7 @@ from ttcompress.cli._common import out
 from ttcompress.compression.dryrun import LARGE_ERROR, LayerPreview, PlanPreview
 from ttcompress.formats import DENSE
 from ttcompress.formats.base import ESTIMATE, EXACT, UPPER_BOUND
-from ttcompress.layer_report import LayerReport, format_label
+from ttcompress.layer_report import format_label
 from ttcompress.report.render import BEYOND_ZERO, large_error_note, out_error_cell, weight_error_cell
 from ttcompress.compression.pipeline import CompressionResult
 from ttcompress.compression.summary import ModelSummary

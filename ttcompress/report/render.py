@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from pathlib import Path
 from typing import Any, Literal
 
 from ttcompress.compression.dryrun import LARGE_ERROR
