@@ -190,6 +190,7 @@ def compress_with_report(
     check_input: Any = None,
     device: str | torch.device | None = None,
     calib_memory: int | str | None = None,
+    total_params: int | None = None,
 ) -> CompressionResult:
     """Compress ``model`` in place per ``plan`` and report every compressible layer.
 
@@ -232,6 +233,10 @@ def compress_with_report(
         layer in flight is moved there; each new layer is moved back to where the model lives.
         Default: each layer where it lives. A device that is not available is a
         :class:`~ttcompress.errors.UserInputError`.
+    total_params : int, optional
+        The parameters of the whole model that ``model`` is a part of (one transformer block
+        compressed at a time, :mod:`ttcompress.compression.blockwise`): ``plan.min_saving`` is a
+        share of this many. Default: ``model``'s own.
 
     Returns
     -------
@@ -265,9 +270,10 @@ def compress_with_report(
     batches = calibration_batches(model, calib_data, calib_samples)
     collector = None if batches is None else StatsCollector(batches, memory=memory)
     before = count_params(model)
+    total = before if total_params is None else int(total_params)
     reference = None if check_input is None else reference_output(model, check_input)
-    prep, decisions, built = _prepare_and_build(model, plan, filter_fn, progress, collector, target)
-    records, meta_layers, swapped = _swap_in(prep, decisions, built, plan, before)
+    prep, decisions, built = _prepare_and_build(model, plan, filter_fn, progress, collector, target, total)
+    records, meta_layers, swapped = _swap_in(prep, decisions, built, plan, total)
     root, records, error = finish_checked(
         prep, swapped, records, meta_layers, check_input=check_input, reference=reference
     )
@@ -280,12 +286,12 @@ def compress_with_report(
 
 def _prepare_and_build(
     model: nn.Module, plan: Plan, filter_fn: FilterFn | None, progress: ProgressFn | None,
-    collector: StatsCollector | None, device: torch.device | None = None,
+    collector: StatsCollector | None, device: torch.device | None = None, total: int | None = None,
 ) -> tuple[Preparation, list[LayerDecision], Built]:
     """:func:`prepare_model`, then :func:`_plan_and_build`; the preparation is undone if that fails."""
     prep = prepare_model(model)
     try:
-        decisions, built = _plan_and_build(prep, plan, filter_fn, progress, collector, device)
+        decisions, built = _plan_and_build(prep, plan, filter_fn, progress, collector, device, total)
     except BaseException:
         prep.undo()
         raise
@@ -298,7 +304,7 @@ Built = dict[str, "tuple[nn.Module, float] | str"]
 
 def _plan_and_build(
     prep: Preparation, plan: Plan, filter_fn: FilterFn | None, progress: ProgressFn | None,
-    collector: StatsCollector | None = None, device: torch.device | None = None,
+    collector: StatsCollector | None = None, device: torch.device | None = None, total: int | None = None,
 ) -> tuple[list[LayerDecision], Built]:
     """The plan's decisions for the prepared model, and the replacement of every layer it compresses
     (name -> (layer, seconds), or name -> reason it stays dense); nothing is swapped in yet.
@@ -324,7 +330,7 @@ def _plan_and_build(
                                       device_of=lambda d: _device_of(get_submodule(prep.model, d.name)),
                                       progress=progress))
     else:  # sequential: each layer's statistics depend on the layers before it
-        built = _build_calibrated(prep.model, todo, collector, plan, progress, device)
+        built = _build_calibrated(prep.model, todo, collector, plan, progress, device, total)
         if progress is not None:
             progress(len(todo), len(todo), "")
     return decisions, built
@@ -364,8 +370,8 @@ def _dense_record(d: LayerDecision, skipped: str | None, **measured: Any) -> Lay
 
 
 def _build_calibrated(model: nn.Module, todo: list[LayerDecision], collector: StatsCollector, plan: Plan,
-                      progress: ProgressFn | None,
-                      device: torch.device | None = None) -> dict[str, tuple[nn.Module, float] | str]:
+                      progress: ProgressFn | None, device: torch.device | None = None,
+                      total: int | None = None) -> dict[str, tuple[nn.Module, float] | str]:
     """Build every layer of ``todo`` fitted on sequential calibration statistics.
 
     The layers are replaced one by one in forward order on a copy of ``model``
@@ -382,7 +388,7 @@ def _build_calibrated(model: nn.Module, todo: list[LayerDecision], collector: St
     work = copy.deepcopy(model)
     fitted = [d for d in todo if isinstance(get_submodule(model, d.name), (nn.Linear, nn.Conv2d))]
     by_name = {d.name: d for d in fitted}
-    total = count_params(model)
+    total = count_params(model) if total is None else total
     layers: dict[str, nn.Module] = {}
 
     def build(name: str, dense: nn.Module, stats: LayerStats | None) -> nn.Module | FitResult:
