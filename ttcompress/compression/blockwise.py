@@ -80,14 +80,22 @@ from ttcompress.checkpoint.hf_files import (
 )
 from ttcompress.checkpoint.hf_remote import MODELING_FILE, modeling_source, remote_config
 from ttcompress.compression.plan import Plan
-from ttcompress.compression.surgery import CompressionResult, compress_with_report
-from ttcompress.errors import CheckpointError
-from ttcompress.fsutil import atomic_dir
+from ttcompress.compression.surgery import (
+    CompressionResult,
+    DecomposeResult,
+    _as_plan,
+    _target_device,
+    compress_with_report,
+    nothing_compressed,
+)
+from ttcompress.errors import CheckpointError, UserInputError
+from ttcompress.fsutil import atomic_dir, check_not_inputs, strip_model_suffix
 from ttcompress.inputs import MASK_KEY, call_model, input_mask
 from ttcompress.layer_report import LayerReport, count_params
 from ttcompress.modtree import get_submodule, set_submodule
 
-__all__ = ["BLOCKWISE_MODEL_TYPES", "BlockProgressFn", "compress_sharded", "is_blockwise_dir"]
+__all__ = ["BLOCKWISE_MODEL_TYPES", "BlockProgressFn", "compress_sharded", "decompose_sharded", "default_sharded_output",
+           "is_blockwise_dir"]
 
 #: ``model_type`` values whose sharded directories are compressed block by block.
 BLOCKWISE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
@@ -375,6 +383,7 @@ def compress_sharded(
     info: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     progress: BlockProgressFn | None = None,
+    require: Callable[[CompressionResult], str | None] | None = None,
 ) -> CompressionResult:
     """Compress the sharded directory ``source`` block by block into the sharded directory ``dest``.
 
@@ -399,6 +408,9 @@ def compress_sharded(
         Replace an existing ``dest``.
     progress : callable, optional
         ``progress(done, total, label)`` before each block and once at the end.
+    require : callable, optional
+        ``require(result)``: a reason to refuse the result (a :class:`~ttcompress.errors.UserInputError`
+        raised before the directory is moved into place, so nothing is written), or None.
 
     Returns
     -------
@@ -436,11 +448,14 @@ def compress_sharded(
             has_head = isinstance(getattr(rest, "lm_head", None), nn.Module)
             rest = _head_step(parts, rest, has_head, streams, plan, total, tmp, written, count + 1,
                               device=device, calib_memory=calib_memory)
+            result = CompressionResult(rest, tuple(written.records), total, written.params_after, plan)
+            reason = require(result) if require is not None else None
+            if reason is not None:
+                raise UserInputError(reason)
             _write_directory(src, tmp, parts, rest, plan, written, info)
             if progress is not None:
                 progress(count + 1, count + 1, "")
-    records = tuple(written.records)
-    return CompressionResult(rest, records, total, written.params_after, plan)
+    return result
 
 
 def _block_step(parts: _Parts, index: int, read: TensorReader, where: str, streams: _Streams | None, plan: Plan,
@@ -517,3 +532,41 @@ def _write_directory(src: Path, tmp: Path, parts: _Parts, rest: nn.Module, plan:
                                      encoding="utf-8")
     _write_generation_config(rest, tmp)
 
+
+
+def default_sharded_output(source: str | Path) -> Path:
+    """``dir/llama`` -> ``dir/llama.tt`` (a directory, as the input is)."""
+    p = Path(source)
+    return p.with_name(strip_model_suffix(p.name) + ".tt")
+
+
+def decompose_sharded(
+    source: str | Path,
+    *,
+    output: str | Path | None = None,
+    plan: Plan | Mapping[str, Any] | None = None,
+    progress: BlockProgressFn | None = None,
+    calib_data: Any = None,
+    calib_samples: int | None = None,
+    calib_info: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    calib_memory: int | str | None = None,
+    overwrite: bool = False,
+) -> DecomposeResult:
+    """:func:`~ttcompress.compression.surgery.decompose_file` for a sharded directory
+    (:func:`is_blockwise_dir`): :func:`compress_sharded` into ``output`` (default
+    :func:`default_sharded_output`), with the plan, the source and the calibration recorded.
+
+    A run that compresses no layer writes nothing (:class:`~ttcompress.errors.UserInputError`).
+    """
+    plan = _as_plan(plan)
+    target = _target_device(device)
+    src = Path(source)
+    dest = Path(output) if output is not None else default_sharded_output(src)
+    check_not_inputs([dest], [src])
+    calibration = {"used": calib_data is not None, **dict(calib_info or {})}
+    info = {"source": src.name, "source_path": str(src.resolve()), "calibration": calibration}
+    result = compress_sharded(src, dest, plan=plan, calib_data=calib_data, calib_samples=calib_samples,
+                              calib_memory=calib_memory, device=target, info=info, overwrite=overwrite,
+                              progress=progress, require=lambda r: None if r.compressed else nothing_compressed(r))
+    return DecomposeResult(result, src, "hf_dir", dest, calibration)
