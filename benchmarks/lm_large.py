@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import shutil
@@ -127,8 +128,9 @@ def main() -> None:
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     src, out = args.workdir / "llama", args.workdir / "llama.tt"
-    size = build(src, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, vocab=args.vocab,
-                 shard=args.shard)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # the dense model is built and freed in a child
+        size = pool.apply(build, (src,), dict(layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
+                                              vocab=args.vocab, shard=args.shard))
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "ttcompress", "decompose", str(src), "-o", str(out), "--json", *args.decompose_args]
     if args.calib:
