@@ -25,7 +25,8 @@ writes, so it loads with :func:`ttcompress.load` (and transformers' ``trust_remo
 
 The layers keep their whole-model names (``model.layers.3.mlp.up_proj``), so a plan's patterns
 select what they select in the whole model, and fixed-rank plans give the layers the whole-model
-compression gives (data-free: bit for bit; calibrated: within float tolerance). A ``target_ratio``
+compression gives, data-free or calibrated (identical outputs in tests/test_blockwise.py; the
+same computations in the same order). A ``target_ratio``
 plan is met block by block (each block, and the rest, at the ratio), not by one allocation over
 the whole model.
 
