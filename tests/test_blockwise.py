@@ -136,3 +136,13 @@ def test_shapes_that_disagree_with_the_config_are_refused(tmp_path: Path) -> Non
     config["intermediate_size"] = 48
     (tmp_path / "llama" / "config.json").write_text(json.dumps(config))
     assert "do not fit the config" in _refused([str(tmp_path / "llama")], tmp_path / "out")
+
+
+def test_an_existing_output_directory_needs_overwrite(llama_dir: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "small"
+    dest.mkdir()
+    res = CliRunner().invoke(app, ["decompose", str(llama_dir), "-o", str(dest), "--no-calib"])
+    assert res.exit_code == 2 and "--overwrite" in res.output and not any(dest.iterdir())
+    res = CliRunner().invoke(app, ["decompose", str(llama_dir), "-o", str(dest), "--no-calib", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert (dest / "model.safetensors.index.ttcompress.json").is_file()

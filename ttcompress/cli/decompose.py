@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ttcompress.cli._app import command_app
-from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, data_inputs, err, out
+from ttcompress.cli._common import check_dir_output, check_inputs, check_outputs, cli_errors, data_inputs, err, out
 from ttcompress.cli.progress import DecomposeProgress
 from ttcompress.cli.tables import layer_table, preview_table, print_table
 from ttcompress.cli.options import (
@@ -212,9 +212,12 @@ def decompose(
             print_table(preview_table(preview, title=f"ttcompress decompose --dry-run {model.name}"))
         err.print("dry run: nothing written; weight errors are data-free (no calibration)")
         return
-    default = default_sharded_output(model) if is_blockwise_dir(model) else default_output_path(model)
-    check_outputs([output if output is not None else default], overwrite=overwrite,
-                  inputs=[model, plan, *data_inputs(data)])
+    if is_blockwise_dir(model):  # written as a directory
+        check_dir_output(Path(output if output is not None else default_sharded_output(model)), overwrite=overwrite,
+                         inputs=[model, plan, *data_inputs(data)])
+    else:
+        check_outputs([output if output is not None else default_output_path(model)], overwrite=overwrite,
+                      inputs=[model, plan, *data_inputs(data)])
     resolve_device(device)  # --device cuda without CUDA: one line, before anything is loaded
     note = None
     with refused_input():
