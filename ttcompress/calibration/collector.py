@@ -30,7 +30,7 @@ from ttcompress.modtree import eval_mode
 from ttcompress.calibration.budget import check_calib_memory, exact_bytes, format_bytes, sketch_bytes
 from ttcompress.calibration.data import calib_batches
 from ttcompress.calibration.progress import report_batch
-from ttcompress.inputs import batch_size_of, call_model, main_tensor, move_inputs
+from ttcompress.inputs import batch_size_of, call_model, input_mask, main_tensor, move_inputs
 from ttcompress.calibration.stats import (
     MAX_POSITIONS,
     InputStats,
@@ -231,11 +231,13 @@ class StatsCollector:
         calls: list[str] = []
         last: list[str | None] = [None]  # once batch 0 showed every layer called once: the last one
 
+        mask: list[torch.Tensor | None] = [None]  # the batch's padding mask: padded rows stay out
+
         def hook(name: str) -> Callable[..., None]:
             def run(module: nn.Module, args: tuple[Any, ...]) -> None:
                 if args and isinstance(args[0], torch.Tensor):
                     x = args[0].detach()
-                    accs[name].update(x, x)
+                    accs[name].update(x, x, mask=mask[0])
                 calls.append(name)
                 if name == last[0]:
                     raise _StopForward  # nothing after this layer is needed
@@ -246,6 +248,7 @@ class StatsCollector:
             with eval_mode(model), torch.no_grad():
                 for i, x in enumerate(self.batches):
                     calls.clear()
+                    mask[0] = input_mask(x)
                     _forward(model, x)
                     if i == 0 and len(calls) == len(accs) and set(calls) == set(accs):
                         last[0] = calls[-1]
@@ -293,7 +296,7 @@ class StatsCollector:
                 raise ValueError(f"layer {name!r} was called {len(seen_dense)} times by the dense model "
                                  f"but {len(seen)} times by the compressed one on the same batch")
             for xd, xc in zip(seen_dense, seen):
-                acc.update(xd, xc)
+                acc.update(xd, xc, mask=input_mask(x))
             self._step(i + 1, len(self.batches), f"statistics {name}")
         if acc.count == 0:
             return None, choice

@@ -313,11 +313,30 @@ class _RowsAccumulator:
             return None
         return torch.randperm(total, generator=self._gen)[: self.max_positions].sort().values
 
-    def update(self, dense_input: torch.Tensor, input: torch.Tensor) -> None:  # noqa: A002
-        """Add one batch: the layer's input in the dense model and in the compressed model."""
+    def update(self, dense_input: torch.Tensor, input: torch.Tensor, *,  # noqa: A002
+               mask: torch.Tensor | None = None) -> None:
+        """Add one batch: the layer's input in the dense model and in the compressed model.
+
+        ``mask`` (a batch's ``attention_mask``, 0 at padding): a Linear layer's rows at the
+        positions where it is 0 are left out, when the input is ``(*mask.shape, in_features)``
+        (a per-token input); any other input is taken whole.
+        """
         if dense_input.shape != input.shape:
             raise ValueError(f"dense_input and input must have the same shape, got "
                              f"{tuple(dense_input.shape)} and {tuple(input.shape)}")
+        if mask is not None and isinstance(self.module, nn.Linear) and input.shape[:-1] == mask.shape:
+            keep = mask.to(device=input.device) != 0
+            self.samples += input.shape[0]
+            self._plan(input, None)  # sized by the whole batch's shape (samples x tokens)
+            if not bool(keep.all()):
+                same = dense_input is input
+                input = input[keep]  # noqa: A001 - (rows, in_features): one row per real token
+                dense_input = input if same else dense_input[keep]
+            self._update_rows(dense_input, input, samples=0)
+            return
+        self._update_rows(dense_input, input, samples=input.shape[0] if input.dim() > 1 else 1)
+
+    def _update_rows(self, dense_input: torch.Tensor, input: torch.Tensor, *, samples: int) -> None:  # noqa: A002
         positions = self._positions(input)
         if positions is not None:
             positions = positions.to(input.device)
@@ -336,7 +355,7 @@ class _RowsAccumulator:
             rows_d = rows_c if same else input_rows(self.module, xd.detach(), positions=positions)
             self._add(rows_d, rows_c)
             self.count += rows_c.shape[1]
-        self.samples += input.shape[0] if input.dim() > 1 else 1
+        self.samples += samples
 
     def _rows_per_sample(self, input: torch.Tensor, positions: torch.Tensor | None) -> tuple[int, int]:  # noqa: A002
         """``(samples, rows per sample)`` of one batch."""

@@ -23,6 +23,7 @@ from ttcompress.checkpoint.header import validate_header
 from ttcompress.checkpoint.smallfile import MAX_SMALL_FILE_BYTES, check_regular_file, read_small_text
 
 __all__ = [
+    "COMPRESSED_INDEX_FILE",
     "COMPRESSED_WEIGHTS_FILE",
     "CONFIG_FILE",
     "INDEX_FILE",
@@ -37,6 +38,7 @@ __all__ = [
     "copy_weights",
     "few",
     "identity_groups",
+    "index_file",
     "is_hf_dir",
     "key_map",
     "open_weights",
@@ -51,6 +53,8 @@ WEIGHTS_FILE = "model.safetensors"
 #: class finds them except the directory's own (see :mod:`ttcompress.checkpoint.hf_remote`).
 COMPRESSED_WEIGHTS_FILE = "model.ttcompress.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+#: A sharded compressed model's index (transformers' ``variant="ttcompress"`` name of :data:`INDEX_FILE`).
+COMPRESSED_INDEX_FILE = "model.safetensors.index.ttcompress.json"
 RECORD_FILE = "ttcompress.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 RECORD_FORMAT = "ttcompress-hf"
@@ -69,7 +73,15 @@ def is_hf_dir(path: PathLike) -> bool:
     explains what is wrong with it.
     """
     p = Path(path)
-    return p.is_dir() and (p / CONFIG_FILE).is_file() and (single_weights(p) is not None or (p / INDEX_FILE).is_file())
+    return p.is_dir() and (p / CONFIG_FILE).is_file() and (single_weights(p) is not None or index_file(p) is not None)
+
+
+def index_file(d: Path) -> Path | None:
+    """``d``'s safetensors index (a dense model's, or a sharded compressed model's), if any."""
+    for name in (INDEX_FILE, COMPRESSED_INDEX_FILE):
+        if os.path.lexists(d / name):
+            return d / name
+    return None
 
 
 def single_weights(d: Path) -> Path | None:
@@ -103,15 +115,16 @@ def shard_files(d: Path) -> list[Path]:
     single = single_weights(d)
     if single is not None:
         return [single]
-    weight_map = read_json(d / INDEX_FILE, "safetensors index").get("weight_map")
+    index = index_file(d) or d / INDEX_FILE
+    weight_map = read_json(index, "safetensors index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{d / INDEX_FILE}: no weight_map")
+        raise CheckpointError(f"{index}: no weight_map")
     files = []
     for name in sorted({str(v) for v in weight_map.values()}):
         if Path(name).name != name or name.startswith(".") or not name.endswith(".safetensors"):
-            raise CheckpointError(f"{d / INDEX_FILE}: invalid shard name {name!r}")
+            raise CheckpointError(f"{index}: invalid shard name {name!r}")
         if not os.path.exists(d / name):
-            raise CheckpointError(f"{d}: shard {name} named by {INDEX_FILE} is missing")
+            raise CheckpointError(f"{d}: shard {name} named by {index.name} is missing")
         _check_weights_file(d / name)
         files.append(d / name)
     return files
@@ -129,7 +142,7 @@ def _check_weights_file(p: Path) -> None:
 @contextlib.contextmanager
 def open_weights(d: Path, *, trust_pickle: bool) -> Iterator[tuple[dict[str, tuple[int, ...]], TensorReader]]:
     """Yield ``(shapes, read)``: every stored tensor's shape (from the headers) and a reader."""
-    if single_weights(d) is None and not os.path.lexists(d / INDEX_FILE):
+    if single_weights(d) is None and index_file(d) is None:
         if (d / PICKLE_FILES[0]).is_file() and trust_pickle:
             yield from open_pickle(d / PICKLE_FILES[0])
             return

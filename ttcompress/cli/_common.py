@@ -219,6 +219,13 @@ def check_outputs(
             raise OutputExistsError(f"{p} already exists; pass --overwrite to replace it")
 
 
+def check_dir_output(output: Path, *, overwrite: bool, inputs: Iterable[str | os.PathLike[str] | None] = ()) -> None:
+    """The output rule for a directory output: it may exist only with --overwrite, and is not an input."""
+    check_not_inputs([output], inputs, replaces_directory=True)
+    if (output.exists() or output.is_symlink()) and not overwrite:
+        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
+
+
 def data_inputs(data: str | None) -> list[Path]:
     """The files or directories a ``--data`` name reads (``tensors:FILE``, ``imagefolder:PATH``), as inputs."""
     if data is None:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ttcompress.cli._app import command_app
-from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, data_inputs, err, out
+from ttcompress.cli._common import check_dir_output, check_inputs, check_outputs, cli_errors, data_inputs, err, out
 from ttcompress.cli.progress import DecomposeProgress
 from ttcompress.cli.flags import with_format_flags
 from ttcompress.cli.tables import layer_table, preview_table, print_table
@@ -53,6 +53,7 @@ from ttcompress.compression.plan import Plan
 from ttcompress.checkpoint.io import load_checkpoint
 from ttcompress.cli.recorded import recorded_dataset
 from ttcompress.compression.pipeline import DecomposeResult, decompose_file, default_output_path
+from ttcompress.compression.blockwise import decompose_sharded, default_sharded_output, is_blockwise_dir
 
 app = command_app()
 
@@ -110,10 +111,12 @@ def calibration_line(calibration: Any) -> str:
 
 def _decompose_with_progress(model: Path, *, output: Optional[Path], plan: Plan, load: dict[str, Any],
                              calib: Any, calib_info: Any, console: Any = None, device: str = "auto",
-                             calib_memory: Any = None) -> Any:
+                             calib_memory: Any = None, overwrite: bool = False) -> Any:
     """:func:`ttcompress.compression.pipeline.decompose_file` with progress bars on ``console`` (default: stderr).
 
-    Bars (layers done, the current layer's CP-ALS sweeps with error and time left, and the calibration
+    A sharded Llama-style directory is compressed one transformer block at a time
+    (:func:`ttcompress.compression.blockwise.decompose_sharded`; the bar counts blocks) into a
+    sharded directory. Bars (layers done, the current layer's CP-ALS sweeps with error and time left, and the calibration
     statistics pass in progress) are drawn
     only when the console is a terminal, also with ``--json`` (which concerns stdout only).
     """
@@ -121,6 +124,10 @@ def _decompose_with_progress(model: Path, *, output: Optional[Path], plan: Plan,
         with cp_progress(bars.cp if bars.enabled else None), calib_progress(bars.stats if bars.enabled else None), \
                 refused_input():
             # refused_input: a named model that cannot be loaded, a plan that does not fit it
+            if is_blockwise_dir(model) and load.get("arch") is None:  # one transformer block at a time
+                return decompose_sharded(model, output=output, plan=plan, progress=bars.layer, calib_data=calib,
+                                         calib_info=calib_info, device=device, calib_memory=calib_memory,
+                                         overwrite=overwrite)
             return decompose_file(model, output=output, plan=plan, progress=bars.layer, calib_data=calib,
                                   calib_info=calib_info, device=device, calib_memory=calib_memory, **load)
 
@@ -193,8 +200,12 @@ def decompose(
             print_table(preview_table(preview, title=f"ttcompress decompose --dry-run {model.name}"))
         err.print("dry run: nothing written; weight errors are data-free (no calibration)")
         return
-    check_outputs([output if output is not None else default_output_path(model)], overwrite=overwrite,
-                  inputs=[model, plan, *data_inputs(data)])
+    if is_blockwise_dir(model):  # written as a directory
+        check_dir_output(Path(output if output is not None else default_sharded_output(model)), overwrite=overwrite,
+                         inputs=[model, plan, *data_inputs(data)])
+    else:
+        check_outputs([output if output is not None else default_output_path(model)], overwrite=overwrite,
+                      inputs=[model, plan, *data_inputs(data)])
     resolve_device(device)  # --device cuda without CUDA: one line, before anything is loaded
     note = None
     with refused_input():
@@ -207,7 +218,7 @@ def decompose(
             calib, calib_info, note = default_calibration(model, root=data_root, samples=calib_samples, seed=seed)
     load = {"arch": arch, "arch_kwargs": kwargs, "trust_pickle": trust_pickle, "trust_code": trust_code}
     result = _decompose_with_progress(model, output=output, plan=the_plan, load=load, calib=calib,
-                                      calib_info=calib_info, device=device, calib_memory=memory)
+                                      calib_info=calib_info, device=device, calib_memory=memory, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports (and writes)
         return
     if note is not None:

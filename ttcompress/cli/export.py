@@ -12,25 +12,17 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ttcompress.cli._app import command_app
-from ttcompress.cli._common import check_inputs, check_outputs, cli_errors, err, out
+from ttcompress.cli._common import check_dir_output, check_inputs, check_outputs, cli_errors, err, out
 from ttcompress.cli.options import (
     ArchKwargsOpt, ArchOpt, InputShapeOpt, JsonOpt, ModelArg, OverwriteOpt, TrustPickleOpt, parse_arch_kwargs,
     parse_input_shape,
 )
-from ttcompress.errors import OutputExistsError, UserInputError
-from ttcompress.fsutil import check_not_inputs
+from ttcompress.errors import UserInputError
 
 if TYPE_CHECKING:
     from ttcompress.export import ExportResult
 
 app = command_app()
-
-
-def _check_dir_output(output: Path, *, overwrite: bool, model: Path) -> None:
-    """The output rule for a directory output: it may exist only with --overwrite, and is not the input."""
-    check_not_inputs([output], [model], replaces_directory=True)
-    if (output.exists() or output.is_symlink()) and not overwrite:
-        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
 
 
 def _checked(result: ExportResult) -> str:
@@ -98,7 +90,7 @@ def export(
         raise UserInputError("--input-shape and --batch-size do not apply to --format hf")
     check_inputs(model)
     if fmt == "hf":
-        _check_dir_output(output, overwrite=overwrite, model=model)
+        check_dir_output(output, overwrite=overwrite, inputs=[model])
     elif fmt != "dense":
         check_outputs([output], overwrite=overwrite, inputs=[model])
     if fmt == "onnx":
@@ -106,7 +98,7 @@ def export(
     loaded = load(model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle)
     if fmt == "dense":  # a transformers model merged back is a directory, any other a checkpoint file
         if recorded_hf_arch(loaded) is not None:
-            _check_dir_output(output, overwrite=overwrite, model=model)
+            check_dir_output(output, overwrite=overwrite, inputs=[model])
         else:
             check_outputs([output], overwrite=overwrite, inputs=[model])
     result = export_model(loaded, output, format=fmt, input_shape=shape, batch_size=batch_size,  # type: ignore[arg-type]

@@ -126,6 +126,10 @@ class CompressOptions:
         The file the model was loaded from: recorded in the metadata as ``source`` (its name),
         ``source_path`` and ``source_sha256`` (:func:`ttcompress.checkpoint.teacher.source_record`),
         which ``finetune`` uses to find the dense model as its default teacher.
+    total_params : int, optional
+        The parameters of the whole model that ``model`` is a part of (one transformer block
+        compressed at a time, :mod:`ttcompress.compression.blockwise`): ``plan.min_saving`` is a
+        share of this many. Default: ``model``'s own.
     """
 
     plan: Plan | Mapping[str, Any] | None = None
@@ -138,6 +142,7 @@ class CompressOptions:
     check_input: Any = None
     device: str | torch.device | None = None
     source: str | os.PathLike[str] | None = None
+    total_params: int | None = None
 
     def calibration_record(self) -> dict[str, Any]:
         """What the metadata records under ``info["calibration"]``."""
@@ -225,13 +230,14 @@ def run_compress(model: nn.Module, options: CompressOptions) -> CompressionResul
     memory = None if options.calib_memory is None else check_calib_memory(options.calib_memory)
     check_input = default_check_input(model) if _is_auto(options.check_input) else options.check_input
     before = count_params(model)
+    total = before if options.total_params is None else int(options.total_params)
     with named_calibration(options.calib_info):
         batches = calibration_batches(model, options.calib_data, options.calib_samples)
         collector = None if batches is None else StatsCollector(batches, memory=memory)
         reference = None if check_input is None else reference_output(model, check_input)
         prep, decisions, built = prepare_and_build(model, plan, options.filter_fn, options.progress, collector,
-                                                   device)
-    records, meta_layers, swapped = swap_in(prep, decisions, built, plan, before)
+                                                   device, total)
+    records, meta_layers, swapped = swap_in(prep, decisions, built, plan, total)
     root, records, error = finish_checked(prep, swapped, records, meta_layers, check_input=check_input,
                                           reference=reference)
     if root is not model and not has_meta(root):

@@ -105,12 +105,12 @@ def as_plan(plan: Plan | Mapping[str, Any] | None) -> Plan:
 
 def prepare_and_build(
     model: nn.Module, plan: Plan, filter_fn: FilterFn | None, progress: ProgressFn | None,
-    collector: StatsCollector | None, device: torch.device | None = None,
+    collector: StatsCollector | None, device: torch.device | None = None, total: int | None = None,
 ) -> tuple[Preparation, list[LayerDecision], Built]:
     """:func:`prepare_model`, then :func:`_plan_and_build`; the preparation is undone if that fails."""
     prep = prepare_model(model)
     try:
-        decisions, built = _plan_and_build(prep, plan, filter_fn, progress, collector, device)
+        decisions, built = _plan_and_build(prep, plan, filter_fn, progress, collector, device, total)
     except BaseException:
         prep.undo()
         raise
@@ -123,7 +123,7 @@ Built = dict[str, "tuple[BuildResult, float] | str"]
 
 def _plan_and_build(
     prep: Preparation, plan: Plan, filter_fn: FilterFn | None, progress: ProgressFn | None,
-    collector: StatsCollector | None = None, device: torch.device | None = None,
+    collector: StatsCollector | None = None, device: torch.device | None = None, total: int | None = None,
 ) -> tuple[list[LayerDecision], Built]:
     """The plan's decisions for the prepared model, and the replacement of every layer it compresses
     (name -> (layer, seconds), or name -> reason it stays dense); nothing is swapped in yet.
@@ -149,7 +149,7 @@ def _plan_and_build(
                                       device_of=lambda d: _device_of(get_submodule(prep.model, d.name)),
                                       progress=progress))
     else:  # sequential: each layer's statistics depend on the layers before it
-        built = build_calibrated(prep.model, todo, collector, plan, progress, device)
+        built = build_calibrated(prep.model, todo, collector, plan, progress, device, total)
         if progress is not None:
             progress(len(todo), len(todo), "")
     return decisions, built
@@ -189,8 +189,8 @@ def _dense_record(d: LayerDecision, skipped: str | None, **measured: Any) -> Lay
 
 
 def build_calibrated(model: nn.Module, todo: list[LayerDecision], collector: StatsCollector, plan: Plan,
-                      progress: ProgressFn | None,
-                      device: torch.device | None = None) -> dict[str, tuple[BuildResult, float] | str]:
+                     progress: ProgressFn | None, device: torch.device | None = None,
+                     total: int | None = None) -> dict[str, tuple[BuildResult, float] | str]:
     """Build every layer of ``todo`` fitted on sequential calibration statistics.
 
     The layers are replaced one by one in forward order on a copy of ``model``
@@ -207,7 +207,7 @@ def build_calibrated(model: nn.Module, todo: list[LayerDecision], collector: Sta
     work = copy.deepcopy(model)
     fitted = [d for d in todo if isinstance(get_submodule(model, d.name), (nn.Linear, nn.Conv2d))]
     by_name = {d.name: d for d in fitted}
-    total = count_params(model)
+    total = count_params(model) if total is None else total
     layers: dict[str, BuildResult] = {}
 
     def build(name: str, dense: nn.Module, stats: LayerStats | None) -> nn.Module | FitResult:
