@@ -93,8 +93,10 @@ def test_every_calib_data_form_gives_the_same_model():
         model = compress(copy.deepcopy(dense), SVD, calib_data=data)
         with torch.no_grad():
             outs[name] = model(x)
+    # exact Grams take each chunk's products in float32 (accumulated in float64): batches split
+    # differently round differently, ~1e-5 absolute on outputs of size ~3 (a wrong split is O(1))
     for name, out in outs.items():
-        torch.testing.assert_close(out, outs["tensor"], rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(out, outs["tensor"], rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_sequence_inputs_and_unreached_layers():
