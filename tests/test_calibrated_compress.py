@@ -6,7 +6,6 @@ import copy
 import io
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from typer.testing import CliRunner
 
 from ttcompress.compression.allocate import input_grams, whitened
 from ttcompress.cli import app
-from ttcompress.checkpoint.io import get_meta, load, read_header
+from ttcompress.checkpoint.io import get_meta, read_header
 from ttcompress.compression.plan import Plan, TTSettings
 from ttcompress.compression.pipeline import compress, compress_with_report
 from ttcompress.checkpoint.teacher import default_teacher, file_sha256
@@ -93,8 +92,10 @@ def test_every_calib_data_form_gives_the_same_model():
         model = compress(copy.deepcopy(dense), SVD, calib_data=data)
         with torch.no_grad():
             outs[name] = model(x)
+    # exact Grams take each chunk's products in float32 (accumulated in float64): batches split
+    # differently round differently, ~1e-5 absolute on outputs of size ~3 (a wrong split is O(1))
     for name, out in outs.items():
-        torch.testing.assert_close(out, outs["tensor"], rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(out, outs["tensor"], rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_sequence_inputs_and_unreached_layers():

@@ -162,11 +162,18 @@ def test_compress_reports_sketched_layer_and_stays_close_to_exact():
     nn.Conv2d(4, 4, 3, stride=2),
 ])
 def test_input_rows_of_kept_positions_match_the_unfolded_rows(conv):
-    """The gathered patches of the kept positions are exactly the unfolded rows at those positions."""
-    from ttcompress.calibration.stats import input_rows
+    """The gathered patches (every position, or the kept ones) are exactly ``F.unfold``'s rows."""
+    from torch.nn import functional as F
+
+    from ttcompress.calibration.stats import _conv_padding, input_rows
 
     x = torch.randn(3, conv.in_channels, 11, 9, generator=torch.Generator().manual_seed(0))
-    full = input_rows(conv, x)  # (groups, N * L, K)
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    cols = F.unfold(F.pad(x, _conv_padding(conv), mode=mode), conv.kernel_size, dilation=conv.dilation,
+                    stride=conv.stride)  # (N, C*kh*kw, L)
+    g, k = conv.groups, cols.shape[1] // conv.groups
+    full = cols.reshape(3, g, k, -1).permute(1, 0, 3, 2).reshape(g, -1, k)  # (groups, N * L, K)
+    assert torch.equal(input_rows(conv, x), full)
     per = full.shape[1] // 3
     pos = torch.tensor([0, 2, 5, per - 1])
     want = full.reshape(full.shape[0], 3, per, -1)[:, :, pos].reshape(full.shape[0], -1, full.shape[-1])
@@ -226,3 +233,23 @@ def test_sketch_of_identical_inputs_is_half_width_and_widens_when_they_differ():
     acc.update(b, bt)
     want = torch.cat([torch.cat([a, a], dim=1), torch.cat([b, bt], dim=1)])
     torch.testing.assert_close(acc.finalize().rows[0], want)
+
+
+def test_exact_statistics_from_float32_rows_match_a_float64_reference():
+    """Exact Grams take each chunk's products in float32 (accumulated in float64): against the
+    Grams of the same rows in float64, relative error <= 1e-5 (Frobenius), means to 1e-6, and the
+    whitened fit's output error to 1e-4 relative."""
+    conv = nn.Conv2d(8, 6, (7, 1), padding=(3, 0))
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(40, 8, 32, 1, generator=gen) + 0.5).relu() * 3.0
+    x_t = x + 0.1 * torch.randn(x.shape, generator=gen)
+    got = layer_stats(conv, x_t, dense_inputs=x, max_positions=32)
+    want = layer_stats(conv.double(), x_t.double(), dense_inputs=x.double(), max_positions=32)
+    for a, b in ((got.gram, want.gram), (got.cross, want.cross), (got.dense_gram, want.dense_gram)):
+        assert a.dtype == torch.float64
+        assert float((a - b).norm() / b.norm()) <= 1e-5
+    torch.testing.assert_close(got.mean, want.mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.dense_mean, want.dense_mean, rtol=1e-6, atol=1e-6)
+    w = conv.weight.detach().double().reshape(6, -1)
+    e = [output_error(w, (lambda ab: ab[0] @ ab[1])(whitened_lowrank(w, s, 3)), s) for s in (got, want)]
+    assert abs(e[0] - e[1]) <= 1e-4 * e[1]

@@ -52,6 +52,7 @@ from ttcompress.calibration._linalg import eigh as _eigh
 from ttcompress.calibration._linalg import svd as _svd
 from ttcompress.calibration.reconstruct import dense_weight, effective_bias, set_effective_bias
 from ttcompress.calibration.stats import LayerStats
+from ttcompress.decompose._threads import few_threads
 from ttcompress.decompose.tt import tt_to_matrix
 
 __all__ = [
@@ -513,11 +514,11 @@ def refine_by_gradient(
     w = _check(weight, stats)
     quad, scale = _objective_fn(w, stats, damping)
     scale = scale or 1.0
-    work = copy.deepcopy(layer).to(device="cpu", dtype=torch.float64)
-    params = [p for name, p in work.named_parameters() if name.rsplit(".", 1)[-1] != "bias"]
+    work_layer = copy.deepcopy(layer).to(device="cpu", dtype=torch.float64)
+    params = [p for name, p in work_layer.named_parameters() if name.rsplit(".", 1)[-1] != "bias"]
 
     def loss() -> torch.Tensor:
-        w_hat = dense_weight_fn(work).reshape(stats.groups, -1, stats.features)
+        w_hat = dense_weight_fn(work_layer).reshape(stats.groups, -1, stats.features)
         return quad(w_hat) / scale
 
     def snapshot() -> list[torch.Tensor]:
@@ -525,27 +526,41 @@ def refine_by_gradient(
 
     with torch.no_grad():
         best_value, best = float(loss()), snapshot()
+    # One evaluation: the weight's reconstruction (~ parameters x K) and the quadratic form
+    # (out x K x K exact, out x K x 2l sketched). Below SMALL_WORK it runs on one thread: L-BFGS is
+    # many small products and vector updates, each paying a thread wake-up (at load ~8 a CREPE-tiny
+    # layer's 100 steps took 8.5 s CPU on two threads, 0.8 s on one).
+    width = stats.features if not stats.sketched else 2 * stats.rows.shape[1]  # type: ignore[union-attr]
+    work = (w.shape[0] * w.shape[1] * width + sum(p.numel() for p in params)) * stats.features
     if steps and params:
-        opt = torch.optim.LBFGS(params, lr=lr, max_iter=steps, history_size=20,
-                                line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            value = loss()
-            value.backward()
-            return value
-
-        opt.step(closure)
-        with torch.no_grad():
-            value = float(loss())
-        if math.isfinite(value) and value < best_value:
-            best_value, best = value, snapshot()
-    names = [name for name, _ in work.named_parameters() if name.rsplit(".", 1)[-1] != "bias"]
+        with few_threads(work):
+            best_value, best = _lbfgs(params, loss, snapshot, steps, lr, best_value, best)
+    names = [name for name, _ in work_layer.named_parameters() if name.rsplit(".", 1)[-1] != "bias"]
     own = dict(layer.named_parameters())
     with torch.no_grad():
         for name, value in zip(names, best):
             own[name].copy_(value)
     return best_value
+
+
+def _lbfgs(params: list[torch.Tensor], loss: Callable[[], torch.Tensor],
+           snapshot: Callable[[], list[torch.Tensor]], steps: int, lr: float, best_value: float,
+           best: list[torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+    """At most ``steps`` L-BFGS iterations on ``loss``; the better of ``(best_value, best)`` and the end."""
+    opt = torch.optim.LBFGS(params, lr=lr, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        return value
+
+    opt.step(closure)
+    with torch.no_grad():
+        value = float(loss())
+    if math.isfinite(value) and value < best_value:
+        return value, snapshot()
+    return best_value, best
 
 
 # --------------------------------------------------------------------------------------------------
