@@ -52,6 +52,7 @@ from ttcompress.calibration._linalg import eigh as _eigh
 from ttcompress.calibration._linalg import svd as _svd
 from ttcompress.calibration.reconstruct import dense_weight, effective_bias, set_effective_bias
 from ttcompress.calibration.stats import LayerStats
+from ttcompress.decompose.svd import randomized_svd, use_randomized_svd
 from ttcompress.decompose.tt import tt_to_matrix
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "FitResult",
     "corrected_bias",
     "fit_layer",
+    "lowrank_output_errors",
     "objective",
     "output_error",
     "refine_by_gradient",
@@ -186,6 +188,43 @@ def output_error(weight: torch.Tensor, new_weight: torch.Tensor, stats: LayerSta
     return math.sqrt(err_f / ref_f)
 
 
+def lowrank_output_errors(weight: torch.Tensor, candidates: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                          stats: LayerStats, *, bias: torch.Tensor | None = None) -> list[float]:
+    """:func:`output_error` of several low-rank replacements ``W^ = A B`` (with biases) at once.
+
+    ``candidates`` holds ``(A, B, new_bias)`` with ``A`` ``(out, r)`` and ``B`` ``(r, K)``. On exact
+    statistics the products with the ``K x K`` Grams are shared and taken through the factors:
+    ``tr(W C W^^T) = sum((W C B^T) * A)``, ``tr(W^ G~ W^^T) = sum((B G~ B^T) * (A^T A))``, one
+    ``out x K x K`` product for all candidates (two when ``G != C``) instead of three each. Sketched
+    statistics are cheap either way (:func:`output_error` on ``A B``).
+    """
+    if stats.sketched:
+        return [output_error(weight, a @ b, stats, bias=bias, new_bias=nb) for a, b, nb in candidates]
+    w = _check(weight, stats)[0]
+    if stats.groups != 1:
+        raise ValueError("lowrank_output_errors needs statistics with a single group")
+    n, out = float(stats.count), w.shape[0]
+    b0 = torch.zeros(out, dtype=torch.float64) if bias is None else bias.detach().to("cpu", torch.float64).reshape(-1)
+    g, c, gt = stats.dense_gram[0], stats.cross[0], stats.gram[0]  # type: ignore[index]
+    wc = w @ c
+    wg = wc if (stats.dense_gram is stats.cross or torch.equal(g, c)) else w @ g
+    ref = float((wg * w).sum())
+    del wg
+    wmu = w @ stats.dense_mean[0]
+    ref_b = ref + 2 * n * float(wmu @ b0) + n * float(b0 @ b0)
+    errors = []
+    for a, b, nb in candidates:
+        a64, b64 = a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)
+        cross = float(((wc @ b64.T) * a64).sum())
+        quad = float(((b64 @ gt @ b64.T) * (a64.T @ a64)).sum())
+        b_hat = torch.zeros(out, dtype=torch.float64) if nb is None else nb.detach().to("cpu", torch.float64).reshape(-1)
+        db = b0 - b_hat
+        err = ref - 2 * cross + quad + 2 * n * float((wmu - a64 @ (b64 @ stats.mean[0])) @ db) + n * float(db @ db)
+        err_f = max(err, 0.0)
+        errors.append(0.0 if ref_b <= 0.0 and err_f == 0.0 else math.inf if ref_b <= 0.0 else math.sqrt(err_f / ref_b))
+    return errors
+
+
 def corrected_bias(weight: torch.Tensor, bias: torch.Tensor | None, new_weight: torch.Tensor,
                    stats: LayerStats) -> torch.Tensor:
     """The bias that makes the replacement's mean output equal the dense layer's.
@@ -239,6 +278,10 @@ def whitened_lowrank(weight: torch.Tensor, stats: LayerStats, rank: int, *,
     if stats.sketched:
         a, b = _whitened_lowrank_rows(w[0], stats, rank, damping)
         return a.to(weight.dtype), b.to(weight.dtype)
+    if damping > 0 and use_randomized_svd(w.shape[1], stats.features, rank):
+        found = _whitened_lowrank_cholesky(w[0], stats, rank, damping)
+        if found is not None:
+            return found[0].to(weight.dtype), found[1].to(weight.dtype)
     _, gt, c = (t[0] for t in _damped(stats, damping))
     evals, q = _eigh(gt)
     keep = evals > _EIG_RTOL * max(float(evals.max()), 0.0)
@@ -250,6 +293,59 @@ def whitened_lowrank(weight: torch.Tensor, stats: LayerStats, rank: int, *,
     a = u[:, :r] * root
     b = (root[:, None] * vh[:r] * inv_sqrt) @ q.T
     return a.to(weight.dtype), b.to(weight.dtype)
+
+
+def _lowrank(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading ``rank`` singular triplets of ``m``: randomized (seeded, float32 products) where
+    :func:`~ttcompress.decompose.svd.use_randomized_svd` says it is cheaper, else the full SVD."""
+    if use_randomized_svd(m.shape[0], m.shape[1], rank):
+        return randomized_svd(m, rank)
+    u, s, vh = _svd(m, full_matrices=False)
+    r = min(rank, s.numel())
+    return u[:, :r], s[:r], vh[:r]
+
+
+def _damped_block(gram: torch.Tensor, lam: float) -> torch.Tensor:
+    """``gram + lam I`` (a new float64 matrix)."""
+    out = gram.to(torch.float64, copy=True)
+    out.diagonal().add_(lam)
+    return out
+
+
+def _whitened_lowrank_cholesky(w: torch.Tensor, stats: LayerStats, rank: int, damping: float
+                               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`whitened_lowrank` on exact statistics of a large layer: Cholesky whitening and a
+    randomized truncated SVD (None when ``G~ + lambda I`` is not numerically positive definite).
+
+    Any square root of the metric whitens (SVD-LLM [2]_ uses the Cholesky factor): with ``G~ +
+    lambda I = L L^T``, the target is ``M = W (C + lambda I) L^{-T}`` (``W L`` when ``C = G~``, the
+    layers before being still dense), ``M_r = U S V^T`` its leading triplets
+    (:func:`~ttcompress.decompose.svd.randomized_svd`), ``A = U S^{1/2}``, ``B = S^{1/2} V^T L^{-1}``.
+    ``O(K^3 / 3)`` for the factor and ``O(out K (K + r))`` for the products, instead of a ``K x K``
+    eigendecomposition and a full SVD of the ``out x K`` target.
+    """
+    lam = float(_lambdas(stats, damping)[0])
+    gt = _damped_block(stats.gram[0], lam)  # type: ignore[index]
+    chol, info = torch.linalg.cholesky_ex(gt)
+    del gt
+    if int(info) != 0:
+        return None
+    same = stats.cross is stats.gram or torch.equal(stats.cross[0], stats.gram[0])  # type: ignore[index]
+    w32 = w.to(torch.float32)
+    if same:  # (C + lambda I) L^{-T} = L
+        m = w32 @ chol.to(torch.float32)
+    else:
+        c = _damped_block(stats.cross[0], lam)  # type: ignore[index]
+        wc = (w32 @ c.to(torch.float32)).to(torch.float64)
+        del c
+        m = torch.linalg.solve_triangular(chol, wc.T, upper=False).T.to(torch.float32)
+        del wc
+    del w32
+    u, s, vh = _lowrank(m, rank)
+    del m
+    root = s.sqrt()
+    b = torch.linalg.solve_triangular(chol.T, (vh.T * root), upper=True).T  # S^{1/2} V^T L^{-1}
+    return u * root, b
 
 
 def _whitened_lowrank_rows(w: torch.Tensor, stats: LayerStats, rank: int, damping: float
@@ -276,10 +372,10 @@ def _whitened_lowrank_rows(w: torch.Tensor, stats: LayerStats, rank: int, dampin
         return base * x + ((x @ v.T) * inner) @ v
 
     m = whiten((w @ rd.T) @ rc + lam * w)
-    u_m, s, vh = _svd(m, full_matrices=False)
-    r = min(rank, s.numel())
-    root = s[:r].sqrt()
-    return u_m[:, :r] * root, whiten(root[:, None] * vh[:r])
+    u_m, s, vh = _lowrank(m, rank)
+    del m
+    root = s.sqrt()
+    return u_m * root, whiten(root[:, None] * vh)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ before and after fitting next to the weight error.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -18,6 +19,9 @@ from ttcompress.calibration.reconstruct import dense_weight
 from ttcompress.calibration.stats import LayerStats
 
 __all__ = ["calibrated", "calibration_fit", "check_calib", "record_fit"]
+
+#: Rows of the weight compared at a time by :func:`record_fit`.
+_ERROR_ROWS = 1024
 
 
 def check_calib(calib: Any) -> LayerStats | None:
@@ -32,10 +36,14 @@ def record_fit(layer: nn.Module, fit: FitResult, weight: torch.Tensor) -> None:
     the relative Frobenius error of its weight against the dense ``weight``."""
     object.__setattr__(layer, "ttcompress_fit", fit)
     with torch.no_grad():
-        w = weight.detach().double().reshape(weight.shape[0], -1)
-        w_hat = dense_weight(layer).detach().double().reshape(w.shape)
-        norm = float(w.norm())
-        layer.rel_error = float((w - w_hat).norm()) / norm if norm > 0 else 0.0
+        w = weight.detach().reshape(weight.shape[0], -1)
+        w_hat = dense_weight(layer).detach().reshape(w.shape)
+        diff2 = norm2 = 0.0
+        for rows in range(0, w.shape[0], _ERROR_ROWS):  # float64 by blocks of rows: no float64 copy of W
+            block = w[rows:rows + _ERROR_ROWS].double()
+            diff2 += float((block - w_hat[rows:rows + _ERROR_ROWS].double()).square().sum())
+            norm2 += float(block.square().sum())
+        layer.rel_error = math.sqrt(diff2 / norm2) if norm2 > 0 else 0.0
 
 
 def calibration_fit(layer: nn.Module) -> FitResult | None:
