@@ -73,6 +73,8 @@ __all__ = [
 DAMPING = 1e-4
 # Eigenvalues of G~ below this fraction of the largest are treated as zero (pseudo-inverse).
 _EIG_RTOL = 1e-12
+# Rows of a weight taken at a time where a float64 copy of all of it is not needed.
+_ROW_BLOCK = 2048
 # Ridge on the ALS normal equations, relative to their mean diagonal (only for solvability).
 _SOLVE_RIDGE = 1e-12
 
@@ -80,7 +82,8 @@ _SOLVE_RIDGE = 1e-12
 # --------------------------------------------------------------------------------------------------
 # the objective
 # --------------------------------------------------------------------------------------------------
-def _check(weight: torch.Tensor, stats: LayerStats, name: str = "weight") -> torch.Tensor:
+def _check(weight: torch.Tensor, stats: LayerStats, name: str = "weight", *,
+           dtype: torch.dtype = torch.float64) -> torch.Tensor:
     if not isinstance(stats, LayerStats):
         raise TypeError(f"stats must be a LayerStats, got {type(stats).__name__}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -88,7 +91,7 @@ def _check(weight: torch.Tensor, stats: LayerStats, name: str = "weight") -> tor
     if weight.shape[1] != stats.features or weight.shape[0] % stats.groups:
         raise ValueError(f"{name} of shape {tuple(weight.shape)} does not fit statistics with "
                          f"{stats.groups} group(s) of {stats.features} features")
-    return weight.detach().to(device="cpu", dtype=torch.float64).reshape(stats.groups, -1, stats.features)
+    return weight.detach().to(device="cpu", dtype=dtype).reshape(stats.groups, -1, stats.features)
 
 
 def _damped(stats: LayerStats, damping: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -200,26 +203,32 @@ def lowrank_output_errors(weight: torch.Tensor, candidates: Sequence[tuple[torch
     """
     if stats.sketched:
         return [output_error(weight, a @ b, stats, bias=bias, new_bias=nb) for a, b, nb in candidates]
-    w = _check(weight, stats)[0]
+    w = _check(weight, stats, dtype=weight.dtype if weight.is_floating_point() else torch.float64)[0]
     if stats.groups != 1:
         raise ValueError("lowrank_output_errors needs statistics with a single group")
     n, out = float(stats.count), w.shape[0]
-    b0 = torch.zeros(out, dtype=torch.float64) if bias is None else bias.detach().to("cpu", torch.float64).reshape(-1)
+    vec = lambda t: (torch.zeros(out, dtype=torch.float64) if t is None  # noqa: E731
+                     else t.detach().to("cpu", torch.float64).reshape(-1))
+    b0 = vec(bias)
     g, c, gt = stats.dense_gram[0], stats.cross[0], stats.gram[0]  # type: ignore[index]
-    wc = w @ c
-    wg = wc if (stats.dense_gram is stats.cross or torch.equal(g, c)) else w @ g
-    ref = float((wg * w).sum())
-    del wg
-    wmu = w @ stats.dense_mean[0]
+    one = stats.dense_gram is stats.cross or torch.equal(g, c)
+    facs = [(a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)) for a, b, _nb in candidates]
+    ref, wmu = 0.0, torch.empty(out, dtype=torch.float64)
+    cross = [0.0] * len(facs)
+    for rows in range(0, out, _ROW_BLOCK):  # float64 by blocks of rows: no out x K float64 copy
+        block = w[rows:rows + _ROW_BLOCK].to(torch.float64)
+        wc = block @ c
+        ref += float(((wc if one else block @ g) * block).sum())
+        wmu[rows:rows + _ROW_BLOCK] = block @ stats.dense_mean[0]
+        for i, (a, b) in enumerate(facs):
+            cross[i] += float(((wc @ b.T) * a[rows:rows + _ROW_BLOCK]).sum())
+        del block, wc
     ref_b = ref + 2 * n * float(wmu @ b0) + n * float(b0 @ b0)
     errors = []
-    for a, b, nb in candidates:
-        a64, b64 = a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)
-        cross = float(((wc @ b64.T) * a64).sum())
-        quad = float(((b64 @ gt @ b64.T) * (a64.T @ a64)).sum())
-        b_hat = torch.zeros(out, dtype=torch.float64) if nb is None else nb.detach().to("cpu", torch.float64).reshape(-1)
-        db = b0 - b_hat
-        err = ref - 2 * cross + quad + 2 * n * float((wmu - a64 @ (b64 @ stats.mean[0])) @ db) + n * float(db @ db)
+    for (a, b), cr, (_a, _b, nb) in zip(facs, cross, candidates):
+        quad = float(((b @ gt @ b.T) * (a.T @ a)).sum())
+        db = b0 - vec(nb)
+        err = ref - 2 * cr + quad + 2 * n * float((wmu - a @ (b @ stats.mean[0])) @ db) + n * float(db @ db)
         err_f = max(err, 0.0)
         errors.append(0.0 if ref_b <= 0.0 and err_f == 0.0 else math.inf if ref_b <= 0.0 else math.sqrt(err_f / ref_b))
     return errors
@@ -272,16 +281,18 @@ def whitened_lowrank(weight: torch.Tensor, stats: LayerStats, rank: int, *,
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
-    w = _check(weight, stats)
+    large = not stats.sketched and damping > 0 and use_randomized_svd(weight.shape[0], stats.features, rank)
+    w = _check(weight, stats, dtype=torch.float32 if large else torch.float64)
     if stats.groups != 1:
         raise ValueError(f"whitened_lowrank needs a single group, got stats with {stats.groups}")
     if stats.sketched:
         a, b = _whitened_lowrank_rows(w[0], stats, rank, damping)
         return a.to(weight.dtype), b.to(weight.dtype)
-    if damping > 0 and use_randomized_svd(w.shape[1], stats.features, rank):
+    if large:
         found = _whitened_lowrank_cholesky(w[0], stats, rank, damping)
         if found is not None:
             return found[0].to(weight.dtype), found[1].to(weight.dtype)
+        w = w.to(torch.float64)
     _, gt, c = (t[0] for t in _damped(stats, damping))
     evals, q = _eigh(gt)
     keep = evals > _EIG_RTOL * max(float(evals.max()), 0.0)
@@ -335,11 +346,12 @@ def _whitened_lowrank_cholesky(w: torch.Tensor, stats: LayerStats, rank: int, da
     if same:  # (C + lambda I) L^{-T} = L
         m = w32 @ chol.to(torch.float32)
     else:
-        c = _damped_block(stats.cross[0], lam)  # type: ignore[index]
-        wc = (w32 @ c.to(torch.float32)).to(torch.float64)
-        del c
-        m = torch.linalg.solve_triangular(chol, wc.T, upper=False).T.to(torch.float32)
-        del wc
+        c = _damped_block(stats.cross[0], lam).to(torch.float32)  # type: ignore[index]
+        m = torch.empty_like(w32)
+        for rows in range(0, m.shape[0], _ROW_BLOCK):  # float64 solves by blocks of rows
+            wc = (w32[rows:rows + _ROW_BLOCK] @ c).to(torch.float64)
+            m[rows:rows + _ROW_BLOCK] = torch.linalg.solve_triangular(chol, wc.T, upper=False).T
+        del c, wc
     del w32
     u, s, vh = _lowrank(m, rank)
     del m
@@ -409,7 +421,7 @@ def _normal_equations(cores: Sequence[torch.Tensor], k: int, gt: torch.Tensor, d
     output index ``i`` of the core, the rows it touches are linear in ``G_k[:, i, :, :]`` through
     the same map, so ``H = sum_{i<, i>} Phi^T G~ Phi`` is shared by all ``i``.
     """
-    left, right = _merge_left(cores[:k]), _merge_right(cores[k + 1:])
+    left, right = _merge_left(cores[:k]).to(gt.dtype), _merge_right(cores[k + 1:]).to(gt.dtype)
     r_l, m, n, r_r = cores[k].shape
     n_l, n_r = left.shape[1], right.shape[2]
     m_l, m_r = left.shape[0], right.shape[1]
@@ -421,7 +433,7 @@ def _normal_equations(cores: Sequence[torch.Tensor], k: int, gt: torch.Tensor, d
     d6 = d.reshape(m_l, m, m_r, n_l, n, n_r)
     t2 = torch.einsum("isoxpz,ixa->asopz", d6, left)
     rhs = torch.einsum("asopz,boz->apbs", t2, right).reshape(r_l * n * r_r, m)
-    return h, rhs
+    return h.to(torch.float64), rhs.to(torch.float64)
 
 
 def _solve_core(cores: list[torch.Tensor], k: int, gt: torch.Tensor, d: torch.Tensor) -> None:
@@ -480,6 +492,10 @@ def _tt_als_sweeps(
     if sweeps:
         _solve_core(work, 0, gt_pad, d_pad)
     return work
+
+
+#: :func:`refine_tt_cores` contracts the metric in float32 from this input size ``prod(in_modes)`` on.
+TT_FLOAT32_FEATURES = 1024
 
 
 def tt_metric_bytes(features: int) -> int:
@@ -551,18 +567,21 @@ def refine_tt_cores(
         raise ValueError(f"the TT solve needs a {big_n} x {big_n} metric ({need} bytes), over the memory "
                          f"budget of {stats.memory} bytes")
     lam = float(_lambdas(stats, damping)[0])
-    gt_pad = torch.eye(big_n, dtype=torch.float64) * lam
-    d_pad = torch.zeros(big_m, big_n, dtype=torch.float64)
+    # the metric and the targets the solves contract: float32 for a large layer (the contractions
+    # are the cost; each solve and the final check stay float64)
+    work = torch.float32 if big_n >= TT_FLOAT32_FEATURES else torch.float64
+    gt_pad = torch.eye(big_n, dtype=work) * lam
+    d_pad = torch.zeros(big_m, big_n, dtype=work)
     if stats.sketched:
         rd, rc = stats.factors(0)
         gt_pad[:in_f, :in_f] += rc.T @ rc
         d_pad[:out_f, :in_f] = (w[0] @ rd.T) @ rc + lam * w[0]
         del rd, rc
     else:
-        _, gt, c = (t[0] for t in _damped(stats, damping))
-        gt_pad[:in_f, :in_f] = gt
+        gt_pad[:in_f, :in_f] = _damped_block(stats.gram[0], lam)  # type: ignore[index]
+        c = _damped_block(stats.cross[0], lam)  # type: ignore[index]
         d_pad[:out_f, :in_f] = w[0] @ c
-        del gt, c
+        del c
     quad, _ref = _objective_fn(w, stats, damping)
 
     def exact(cs: Sequence[torch.Tensor]) -> float:

@@ -83,9 +83,8 @@ def _fit_whitened(linear: nn.Module, layer: SVDLinear, stats: LayerStats) -> Non
     a, bb = whitened_lowrank(w, stats.centered() if b is not None else stats, layer.rank)
     new_bias = None
     if b is not None:  # b^ = b + W mu - A (B mu~) (calibration.fit.corrected_bias, through the factors)
-        w64 = w.to(torch.float64)
-        shift = w64 @ stats.dense_mean[0] - a.to(torch.float64) @ (bb.to(torch.float64) @ stats.mean[0])
-        del w64
+        wmu = torch.cat([block.to("cpu", torch.float64) @ stats.dense_mean[0] for block in w.split(2048)])
+        shift = wmu - a.to(torch.float64) @ (bb.to(torch.float64) @ stats.mean[0])
         new_bias = (b.detach().to(torch.float64) + shift.to(b.device)).to(b.dtype)
     before, after = lowrank_output_errors(
         w, [(layer.second, layer.first, layer.bias), (a, bb, new_bias)], stats, bias=b)
