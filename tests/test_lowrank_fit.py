@@ -114,6 +114,16 @@ def _exact_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fit, "use_randomized_svd", lambda *a: False)
 
 
+def _fast_and_exact(monkeypatch, w, st, rank, judge) -> tuple[float, float]:
+    """Output errors (on the statistics ``judge``) of the fit on ``st``: the new path, today's path."""
+    a, b = whitened_lowrank(w, st, rank)
+    fast = output_error(w, a.double() @ b.double(), judge)
+    with monkeypatch.context() as m:
+        _exact_path(m)
+        a0, b0 = whitened_lowrank(w, st, rank)
+    return fast, output_error(w, a0.double() @ b0.double(), judge)
+
+
 @pytest.mark.parametrize("same", [True, False], ids=["same-inputs", "compressed-inputs"])
 @pytest.mark.parametrize("isotropic", [True, False], ids=["isotropic", "structured"])
 def test_cholesky_randomized_fit_within_two_percent_of_exact(monkeypatch, same, isotropic):
@@ -127,12 +137,7 @@ def test_cholesky_randomized_fit_within_two_percent_of_exact(monkeypatch, same, 
     w = lin.weight.detach()
     st = layer_stats(lin, xt, dense_inputs=None if same else x)
     assert use_randomized_svd(out, k, rank)
-    a, b = whitened_lowrank(w, st, rank)
-    fast = output_error(w, a.double() @ b.double(), st)
-    with monkeypatch.context() as m:
-        _exact_path(m)
-        a0, b0 = whitened_lowrank(w, st, rank)
-    exact = output_error(w, a0.double() @ b0.double(), st)
+    fast, exact = _fast_and_exact(monkeypatch, w, st, rank, st)
     assert exact <= fast <= 1.02 * exact, (fast, exact)
 
 
@@ -144,13 +149,7 @@ def test_sketched_randomized_fit_within_two_percent_of_exact(monkeypatch):
     w = lin.weight.detach()
     st = layer_stats(lin, x, sketch_rows=256)
     assert st.sketched
-    exact_stats = layer_stats(lin, x)
-    a, b = whitened_lowrank(w, st, rank)
-    fast = output_error(w, a.double() @ b.double(), exact_stats)
-    with monkeypatch.context() as m:
-        _exact_path(m)
-        a0, b0 = whitened_lowrank(w, st, rank)
-    exact = output_error(w, a0.double() @ b0.double(), exact_stats)
+    fast, exact = _fast_and_exact(monkeypatch, w, st, rank, layer_stats(lin, x))
     assert fast <= 1.02 * exact, (fast, exact)
 
 
