@@ -166,6 +166,15 @@ def test_lowrank_output_errors_match_output_error():
         got = lowrank_output_errors(w, cands, st, bias=bias)
         want = [output_error(w, a @ b, st, bias=bias, new_bias=nb) for a, b, nb in cands]
         assert got == pytest.approx(want, rel=1e-9)
+    # a float32 layer from GRAM_FLOAT32_FEATURES on: tr(W G W^T) from float32 products, within 1e-5
+    lin = nn.Linear(1024, 64)
+    x = _rows(1500, 1024, 30, seed=8)
+    st = layer_stats(lin, x)
+    w = lin.weight.detach()
+    cands = [(torch.randn(64, 8, generator=gen), torch.randn(8, 1024, generator=gen) / 30, lin.bias.detach())]
+    got = lowrank_output_errors(w, cands, st, bias=lin.bias.detach())
+    assert got == pytest.approx([output_error(w, cands[0][0] @ cands[0][1], st, bias=lin.bias.detach(),
+                                              new_bias=lin.bias.detach())], rel=1e-5)
 
 
 def test_calibrated_svd_build_of_a_large_layer(monkeypatch):

@@ -51,7 +51,7 @@ from torch import nn
 from ttcompress.calibration._linalg import eigh as _eigh
 from ttcompress.calibration._linalg import svd as _svd
 from ttcompress.calibration.reconstruct import dense_weight, effective_bias, set_effective_bias
-from ttcompress.calibration.stats import LayerStats
+from ttcompress.calibration.stats import GRAM_FLOAT32_FEATURES, LayerStats
 from ttcompress.decompose.svd import randomized_svd, use_randomized_svd
 from ttcompress.decompose.tt import tt_to_matrix
 
@@ -197,9 +197,10 @@ def lowrank_output_errors(weight: torch.Tensor, candidates: Sequence[tuple[torch
 
     ``candidates`` holds ``(A, B, new_bias)`` with ``A`` ``(out, r)`` and ``B`` ``(r, K)``. On exact
     statistics the products with the ``K x K`` Grams are shared and taken through the factors:
-    ``tr(W C W^^T) = sum((W C B^T) * A)``, ``tr(W^ G~ W^^T) = sum((B G~ B^T) * (A^T A))``, one
-    ``out x K x K`` product for all candidates (two when ``G != C``) instead of three each. Sketched
-    statistics are cheap either way (:func:`output_error` on ``A B``).
+    ``tr(W C W^^T) = sum((W (C B^T)) * A)``, ``tr(W^ G~ W^^T) = sum((B G~ B^T) * (A^T A))``, and
+    one ``out x K x K`` product, ``tr(W G W^T)``, for all candidates instead of three each (float32
+    products summed in float64 for a float32 layer with ``K >= GRAM_FLOAT32_FEATURES``, as its
+    Gram). Sketched statistics are cheap either way (:func:`output_error` on ``A B``).
     """
     if stats.sketched:
         return [output_error(weight, a @ b, stats, bias=bias, new_bias=nb) for a, b, nb in candidates]
@@ -211,18 +212,21 @@ def lowrank_output_errors(weight: torch.Tensor, candidates: Sequence[tuple[torch
                      else t.detach().to("cpu", torch.float64).reshape(-1))
     b0 = vec(bias)
     g, c, gt = stats.dense_gram[0], stats.cross[0], stats.gram[0]  # type: ignore[index]
-    one = stats.dense_gram is stats.cross or torch.equal(g, c)
     facs = [(a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)) for a, b, _nb in candidates]
+    cbt = [c @ b.T for _a, b in facs]  # C B^T, K x r
+    # tr(W G W^T) is the one out x K x K product: float32 for a large float32 layer (as its Gram)
+    big = stats.features >= GRAM_FLOAT32_FEATURES and w.dtype != torch.float64
+    gram = g.to(torch.float32 if big else torch.float64)
     ref, wmu = 0.0, torch.empty(out, dtype=torch.float64)
     cross = [0.0] * len(facs)
-    for rows in range(0, out, _ROW_BLOCK):  # float64 by blocks of rows: no out x K float64 copy
-        block = w[rows:rows + _ROW_BLOCK].to(torch.float64)
-        wc = block @ c
-        ref += float(((wc if one else block @ g) * block).sum())
+    for rows in range(0, out, _ROW_BLOCK):  # by blocks of rows: no out x K float64 copy
+        block = w[rows:rows + _ROW_BLOCK].to(gram.dtype)
+        ref += float(((block @ gram) * block).sum(dtype=torch.float64))
+        block = block.to(torch.float64)
         wmu[rows:rows + _ROW_BLOCK] = block @ stats.dense_mean[0]
-        for i, (a, b) in enumerate(facs):
-            cross[i] += float(((wc @ b.T) * a[rows:rows + _ROW_BLOCK]).sum())
-        del block, wc
+        for i, (a, _b) in enumerate(facs):
+            cross[i] += float(((block @ cbt[i]) * a[rows:rows + _ROW_BLOCK]).sum())
+        del block
     ref_b = ref + 2 * n * float(wmu @ b0) + n * float(b0 @ b0)
     errors = []
     for (a, b), cr, (_a, _b, nb) in zip(facs, cross, candidates):
