@@ -137,7 +137,9 @@ def _objective_fn(w: torch.Tensor, stats: LayerStats, damping: float
     def f(w_hat: torch.Tensor) -> torch.Tensor:
         total = w_hat.new_zeros(())
         for i, (_rd, rc) in enumerate(factors):
-            total = total + ((targets[i] - rc @ w_hat[i].T) ** 2).sum() + lam[i] * ((w[i] - w_hat[i]) ** 2).sum()
+            total = total + ((targets[i] - rc @ w_hat[i].T) ** 2).sum()
+            for rows in range(0, w.shape[1], _ROW_BLOCK):  # no out x K temporary
+                total = total + lam[i] * ((w[i, rows:rows + _ROW_BLOCK] - w_hat[i, rows:rows + _ROW_BLOCK]) ** 2).sum()
         return total
 
     return f, ref
