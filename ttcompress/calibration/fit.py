@@ -197,15 +197,14 @@ def lowrank_output_errors(weight: torch.Tensor, candidates: Sequence[tuple[torch
                           stats: LayerStats, *, bias: torch.Tensor | None = None) -> list[float]:
     """:func:`output_error` of several low-rank replacements ``W^ = A B`` (with biases) at once.
 
-    ``candidates`` holds ``(A, B, new_bias)`` with ``A`` ``(out, r)`` and ``B`` ``(r, K)``. On exact
-    statistics the products with the ``K x K`` Grams are shared and taken through the factors:
-    ``tr(W C W^^T) = sum((W (C B^T)) * A)``, ``tr(W^ G~ W^^T) = sum((B G~ B^T) * (A^T A))``, and
-    one ``out x K x K`` product, ``tr(W G W^T)``, for all candidates instead of three each (float32
-    products summed in float64 for a float32 layer with ``K >= GRAM_FLOAT32_FEATURES``, as its
-    Gram). Sketched statistics are cheap either way (:func:`output_error` on ``A B``).
+    ``candidates`` holds ``(A, B, new_bias)`` with ``A`` ``(out, r)`` and ``B`` ``(r, K)``; nothing
+    of size ``out x K`` is formed but blocks of ``W``'s rows. On exact statistics the products with
+    the ``K x K`` Grams are shared and taken through the factors: ``tr(W C W^^T) = sum((W (C B^T))
+    * A)``, ``tr(W^ G~ W^^T) = sum((B G~ B^T) * (A^T A))``, and one ``out x K x K`` product,
+    ``tr(W G W^T)``, for all candidates instead of three each (float32 products summed in float64
+    for a float32 layer with ``K >= GRAM_FLOAT32_FEATURES``, as its Gram). On sketched rows ``R``,
+    ``R~``: ``||R W^T - (R~ B^T) A^T||_F^2``.
     """
-    if stats.sketched:
-        return [output_error(weight, a @ b, stats, bias=bias, new_bias=nb) for a, b, nb in candidates]
     w = _check(weight, stats, dtype=weight.dtype if weight.is_floating_point() else torch.float64)[0]
     if stats.groups != 1:
         raise ValueError("lowrank_output_errors needs statistics with a single group")
@@ -213,28 +212,34 @@ def lowrank_output_errors(weight: torch.Tensor, candidates: Sequence[tuple[torch
     vec = lambda t: (torch.zeros(out, dtype=torch.float64) if t is None  # noqa: E731
                      else t.detach().to("cpu", torch.float64).reshape(-1))
     b0 = vec(bias)
-    g, c, gt = stats.dense_gram[0], stats.cross[0], stats.gram[0]  # type: ignore[index]
     facs = [(a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)) for a, b, _nb in candidates]
-    cbt = [c @ b.T for _a, b in facs]  # C B^T, K x r
-    # tr(W G W^T) is the one out x K x K product: float32 for a large float32 layer (as its Gram)
-    big = stats.features >= GRAM_FLOAT32_FEATURES and w.dtype != torch.float64
-    gram = g.to(torch.float32 if big else torch.float64)
-    ref, wmu = 0.0, torch.empty(out, dtype=torch.float64)
-    cross = [0.0] * len(facs)
-    for rows in range(0, out, _ROW_BLOCK):  # by blocks of rows: no out x K float64 copy
-        block = w[rows:rows + _ROW_BLOCK].to(gram.dtype)
-        ref += float(((block @ gram) * block).sum(dtype=torch.float64))
-        block = block.to(torch.float64)
-        wmu[rows:rows + _ROW_BLOCK] = block @ stats.dense_mean[0]
-        for i, (a, _b) in enumerate(facs):
-            cross[i] += float(((block @ cbt[i]) * a[rows:rows + _ROW_BLOCK]).sum())
-        del block
+    wmu = torch.cat([blk.to(torch.float64) @ stats.dense_mean[0] for blk in w.split(_ROW_BLOCK)])
+    if stats.sketched:
+        rd, rc = stats.factors(0)
+        target = torch.cat([rd @ blk.to(torch.float64).T for blk in w.split(_ROW_BLOCK)], dim=1)  # R W^T
+        ref = float(target.square().sum())
+        errw = [float((target - (rc @ b.T) @ a.T).square().sum()) for a, b in facs]
+    else:
+        g, c, gt = stats.dense_gram[0], stats.cross[0], stats.gram[0]  # type: ignore[index]
+        cbt = [c @ b.T for _a, b in facs]  # C B^T, K x r
+        # tr(W G W^T) is the one out x K x K product: float32 for a large float32 layer (as its Gram)
+        big = stats.features >= GRAM_FLOAT32_FEATURES and w.dtype != torch.float64
+        gram = g.to(torch.float32 if big else torch.float64)
+        ref = 0.0
+        cross = [0.0] * len(facs)
+        for rows in range(0, out, _ROW_BLOCK):
+            block = w[rows:rows + _ROW_BLOCK].to(gram.dtype)
+            ref += float(((block @ gram) * block).sum(dtype=torch.float64))
+            block = block.to(torch.float64)
+            for i, (a, _b) in enumerate(facs):
+                cross[i] += float(((block @ cbt[i]) * a[rows:rows + _ROW_BLOCK]).sum())
+            del block
+        errw = [ref - 2 * cr + float(((b @ gt @ b.T) * (a.T @ a)).sum()) for (a, b), cr in zip(facs, cross)]
     ref_b = ref + 2 * n * float(wmu @ b0) + n * float(b0 @ b0)
     errors = []
-    for (a, b), cr, (_a, _b, nb) in zip(facs, cross, candidates):
-        quad = float(((b @ gt @ b.T) * (a.T @ a)).sum())
+    for (a, b), ew, (_a, _b, nb) in zip(facs, errw, candidates):
         db = b0 - vec(nb)
-        err = ref - 2 * cr + quad + 2 * n * float((wmu - a @ (b @ stats.mean[0])) @ db) + n * float(db @ db)
+        err = ew + 2 * n * float((wmu - a @ (b @ stats.mean[0])) @ db) + n * float(db @ db)
         err_f = max(err, 0.0)
         errors.append(0.0 if ref_b <= 0.0 and err_f == 0.0 else math.inf if ref_b <= 0.0 else math.sqrt(err_f / ref_b))
     return errors
@@ -287,8 +292,9 @@ def whitened_lowrank(weight: torch.Tensor, stats: LayerStats, rank: int, *,
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
-    large = not stats.sketched and damping > 0 and use_randomized_svd(weight.shape[0], stats.features, rank)
-    w = _check(weight, stats, dtype=torch.float32 if large else torch.float64)
+    randomized = use_randomized_svd(weight.shape[0], stats.features, rank)
+    large = not stats.sketched and damping > 0 and randomized
+    w = _check(weight, stats, dtype=torch.float32 if large or (stats.sketched and randomized) else torch.float64)
     if stats.groups != 1:
         raise ValueError(f"whitened_lowrank needs a single group, got stats with {stats.groups}")
     if stats.sketched:
@@ -389,7 +395,12 @@ def _whitened_lowrank_rows(w: torch.Tensor, stats: LayerStats, rank: int, dampin
     def whiten(x: torch.Tensor) -> torch.Tensor:
         return base * x + ((x @ v.T) * inner) @ v
 
-    m = whiten((w @ rd.T) @ rc + lam * w)
+    # the whitened target by blocks of rows (float32 when the SVD is randomized: its products are)
+    m = torch.empty(w.shape, dtype=w.dtype)
+    for rows in range(0, w.shape[0], _ROW_BLOCK):
+        block = w[rows:rows + _ROW_BLOCK].to(torch.float64)
+        m[rows:rows + _ROW_BLOCK] = whiten((block @ rd.T) @ rc + lam * block)
+    del block
     u_m, s, vh = _lowrank(m, rank)
     del m
     root = s.sqrt()
@@ -581,7 +592,9 @@ def refine_tt_cores(
     if stats.sketched:
         rd, rc = stats.factors(0)
         gt_pad[:in_f, :in_f] += rc.T @ rc
-        d_pad[:out_f, :in_f] = (w[0] @ rd.T) @ rc + lam * w[0]
+        for rows in range(0, out_f, _ROW_BLOCK):  # no out x K float64 temporaries
+            block = w[0, rows:rows + _ROW_BLOCK]
+            d_pad[rows:rows + _ROW_BLOCK, :in_f] = (block @ rd.T) @ rc + lam * block
         del rd, rc
     else:
         gt_pad[:in_f, :in_f] = _damped_block(stats.gram[0], lam)  # type: ignore[index]
