@@ -587,11 +587,12 @@ def refine_tt_cores(
     # the metric and the targets the solves contract: float32 for a large layer (the contractions
     # are the cost; each solve and the final check stay float64)
     work = torch.float32 if big_n >= TT_FLOAT32_FEATURES else torch.float64
-    gt_pad = torch.eye(big_n, dtype=work) * lam
+    gt_pad = torch.zeros(big_n, big_n, dtype=work)
+    gt_pad.diagonal().fill_(lam)
     d_pad = torch.zeros(big_m, big_n, dtype=work)
     if stats.sketched:
         rd, rc = stats.factors(0)
-        gt_pad[:in_f, :in_f] += rc.T @ rc
+        gt_pad[:in_f, :in_f].addmm_(rc.T.to(work), rc.to(work))  # in place: no K x K temporary
         for rows in range(0, out_f, _ROW_BLOCK):  # no out x K float64 temporaries
             block = w[0, rows:rows + _ROW_BLOCK]
             d_pad[rows:rows + _ROW_BLOCK, :in_f] = (block @ rd.T) @ rc + lam * block
