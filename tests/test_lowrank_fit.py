@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 import ttcompress.calibration.fit as fit
-from ttcompress.calibration.fit import lowrank_output_errors, output_error, whitened_lowrank
+from ttcompress.calibration.fit import fit_layer, lowrank_output_errors, output_error, whitened_lowrank
 from ttcompress.calibration.stats import StatsAccumulator, layer_stats
 from ttcompress.decompose.svd import randomized_svd, use_randomized_svd
 from ttcompress.formats.registry import get_format
 from ttcompress.formats.fitting import calibration_fit
+from ttcompress.layers import TTLinear
 
 F64 = torch.float64
 
@@ -197,3 +198,16 @@ def test_calibrated_svd_build_of_a_large_layer(monkeypatch):
     exact = calibration_fit(fmt.build(lin, {"rank": 80, "eps": None}, calib=st))
     assert exact.error_after <= fast.error_after <= 1.02 * exact.error_after, (fast, exact)
     assert fast.error_before <= 1.02 * exact.error_before  # the randomized start is near the SVD's
+
+
+def test_tt_als_on_sketched_statistics_with_padded_output_modes():
+    """Output modes whose product exceeds out_features (19 -> 4 x 5): the targets, built by blocks
+    of rows, fill only the real rows (a bench run of Linear(4096, 11008) failed here)."""
+    torch.manual_seed(3)
+    lin = nn.Linear(36, 19)
+    x = _rows(800, 36, 10, seed=9)
+    st = layer_stats(lin, x, sketch_rows=16)
+    assert st.sketched and not st.exact
+    start = TTLinear.from_linear(lin, in_modes=(6, 6), out_modes=(4, 5), ranks=3)
+    result = fit_layer(lin, start, st)
+    assert result.method == "tt-als" and result.error_after < result.error_before

@@ -595,7 +595,7 @@ def refine_tt_cores(
         gt_pad[:in_f, :in_f].addmm_(rc.T.to(work), rc.to(work))  # in place: no K x K temporary
         for rows in range(0, out_f, _ROW_BLOCK):  # no out x K float64 temporaries
             block = w[0, rows:rows + _ROW_BLOCK]
-            d_pad[rows:rows + _ROW_BLOCK, :in_f] = (block @ rd.T) @ rc + lam * block
+            d_pad[rows:rows + block.shape[0], :in_f] = (block @ rd.T) @ rc + lam * block
         del rd, rc
     else:
         gt_pad[:in_f, :in_f] = _damped_block(stats.gram[0], lam)  # type: ignore[index]
