@@ -51,8 +51,9 @@ from torch import nn
 from ttcompress.calibration._linalg import eigh as _eigh
 from ttcompress.calibration._linalg import svd as _svd
 from ttcompress.calibration.reconstruct import dense_weight, effective_bias, set_effective_bias
-from ttcompress.calibration.stats import LayerStats
+from ttcompress.calibration.stats import GRAM_FLOAT32_FEATURES, LayerStats
 from ttcompress.decompose._threads import few_threads
+from ttcompress.decompose.svd import randomized_svd, use_randomized_svd
 from ttcompress.decompose.tt import tt_to_matrix
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "FitResult",
     "corrected_bias",
     "fit_layer",
+    "lowrank_output_errors",
     "objective",
     "output_error",
     "refine_by_gradient",
@@ -72,6 +74,8 @@ __all__ = [
 DAMPING = 1e-4
 # Eigenvalues of G~ below this fraction of the largest are treated as zero (pseudo-inverse).
 _EIG_RTOL = 1e-12
+# Rows of a weight taken at a time where a float64 copy of all of it is not needed.
+_ROW_BLOCK = 2048
 # Ridge on the ALS normal equations, relative to their mean diagonal (only for solvability).
 _SOLVE_RIDGE = 1e-12
 
@@ -79,7 +83,8 @@ _SOLVE_RIDGE = 1e-12
 # --------------------------------------------------------------------------------------------------
 # the objective
 # --------------------------------------------------------------------------------------------------
-def _check(weight: torch.Tensor, stats: LayerStats, name: str = "weight") -> torch.Tensor:
+def _check(weight: torch.Tensor, stats: LayerStats, name: str = "weight", *,
+           dtype: torch.dtype = torch.float64) -> torch.Tensor:
     if not isinstance(stats, LayerStats):
         raise TypeError(f"stats must be a LayerStats, got {type(stats).__name__}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -87,7 +92,7 @@ def _check(weight: torch.Tensor, stats: LayerStats, name: str = "weight") -> tor
     if weight.shape[1] != stats.features or weight.shape[0] % stats.groups:
         raise ValueError(f"{name} of shape {tuple(weight.shape)} does not fit statistics with "
                          f"{stats.groups} group(s) of {stats.features} features")
-    return weight.detach().to(device="cpu", dtype=torch.float64).reshape(stats.groups, -1, stats.features)
+    return weight.detach().to(device="cpu", dtype=dtype).reshape(stats.groups, -1, stats.features)
 
 
 def _damped(stats: LayerStats, damping: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,7 +138,9 @@ def _objective_fn(w: torch.Tensor, stats: LayerStats, damping: float
     def f(w_hat: torch.Tensor) -> torch.Tensor:
         total = w_hat.new_zeros(())
         for i, (_rd, rc) in enumerate(factors):
-            total = total + ((targets[i] - rc @ w_hat[i].T) ** 2).sum() + lam[i] * ((w[i] - w_hat[i]) ** 2).sum()
+            total = total + ((targets[i] - rc @ w_hat[i].T) ** 2).sum()
+            for rows in range(0, w.shape[1], _ROW_BLOCK):  # no out x K temporary
+                total = total + lam[i] * ((w[i, rows:rows + _ROW_BLOCK] - w_hat[i, rows:rows + _ROW_BLOCK]) ** 2).sum()
         return total
 
     return f, ref
@@ -187,6 +194,58 @@ def output_error(weight: torch.Tensor, new_weight: torch.Tensor, stats: LayerSta
     return math.sqrt(err_f / ref_f)
 
 
+def lowrank_output_errors(weight: torch.Tensor, candidates: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                          stats: LayerStats, *, bias: torch.Tensor | None = None) -> list[float]:
+    """:func:`output_error` of several low-rank replacements ``W^ = A B`` (with biases) at once.
+
+    ``candidates`` holds ``(A, B, new_bias)`` with ``A`` ``(out, r)`` and ``B`` ``(r, K)``; nothing
+    of size ``out x K`` is formed but blocks of ``W``'s rows. On exact statistics the products with
+    the ``K x K`` Grams are shared and taken through the factors: ``tr(W C W^^T) = sum((W (C B^T))
+    * A)``, ``tr(W^ G~ W^^T) = sum((B G~ B^T) * (A^T A))``, and one ``out x K x K`` product,
+    ``tr(W G W^T)``, for all candidates instead of three each (float32 products summed in float64
+    for a float32 layer with ``K >= GRAM_FLOAT32_FEATURES``, as its Gram). On sketched rows ``R``,
+    ``R~``: ``||R W^T - (R~ B^T) A^T||_F^2``.
+    """
+    w = _check(weight, stats, dtype=weight.dtype if weight.is_floating_point() else torch.float64)[0]
+    if stats.groups != 1:
+        raise ValueError("lowrank_output_errors needs statistics with a single group")
+    n, out = float(stats.count), w.shape[0]
+    vec = lambda t: (torch.zeros(out, dtype=torch.float64) if t is None  # noqa: E731
+                     else t.detach().to("cpu", torch.float64).reshape(-1))
+    b0 = vec(bias)
+    facs = [(a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)) for a, b, _nb in candidates]
+    wmu = torch.cat([blk.to(torch.float64) @ stats.dense_mean[0] for blk in w.split(_ROW_BLOCK)])
+    if stats.sketched:
+        rd, rc = stats.factors(0)
+        target = torch.cat([rd @ blk.to(torch.float64).T for blk in w.split(_ROW_BLOCK)], dim=1)  # R W^T
+        ref = float(target.square().sum())
+        errw = [float((target - (rc @ b.T) @ a.T).square().sum()) for a, b in facs]
+    else:
+        g, c, gt = stats.dense_gram[0], stats.cross[0], stats.gram[0]  # type: ignore[index]
+        cbt = [c @ b.T for _a, b in facs]  # C B^T, K x r
+        # tr(W G W^T) is the one out x K x K product: float32 for a large float32 layer (as its Gram)
+        big = stats.features >= GRAM_FLOAT32_FEATURES and w.dtype != torch.float64
+        gram = g.to(torch.float32 if big else torch.float64)
+        ref = 0.0
+        cross = [0.0] * len(facs)
+        for rows in range(0, out, _ROW_BLOCK):
+            block = w[rows:rows + _ROW_BLOCK].to(gram.dtype)
+            ref += float(((block @ gram) * block).sum(dtype=torch.float64))
+            block = block.to(torch.float64)
+            for i, (a, _b) in enumerate(facs):
+                cross[i] += float(((block @ cbt[i]) * a[rows:rows + _ROW_BLOCK]).sum())
+            del block
+        errw = [ref - 2 * cr + float(((b @ gt @ b.T) * (a.T @ a)).sum()) for (a, b), cr in zip(facs, cross)]
+    ref_b = ref + 2 * n * float(wmu @ b0) + n * float(b0 @ b0)
+    errors = []
+    for (a, b), ew, (_a, _b, nb) in zip(facs, errw, candidates):
+        db = b0 - vec(nb)
+        err = ew + 2 * n * float((wmu - a @ (b @ stats.mean[0])) @ db) + n * float(db @ db)
+        err_f = max(err, 0.0)
+        errors.append(0.0 if ref_b <= 0.0 and err_f == 0.0 else math.inf if ref_b <= 0.0 else math.sqrt(err_f / ref_b))
+    return errors
+
+
 def corrected_bias(weight: torch.Tensor, bias: torch.Tensor | None, new_weight: torch.Tensor,
                    stats: LayerStats) -> torch.Tensor:
     """The bias that makes the replacement's mean output equal the dense layer's.
@@ -234,12 +293,19 @@ def whitened_lowrank(weight: torch.Tensor, stats: LayerStats, rank: int, *,
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
-    w = _check(weight, stats)
+    randomized = use_randomized_svd(weight.shape[0], stats.features, rank)
+    large = not stats.sketched and damping > 0 and randomized
+    w = _check(weight, stats, dtype=torch.float32 if large or (stats.sketched and randomized) else torch.float64)
     if stats.groups != 1:
         raise ValueError(f"whitened_lowrank needs a single group, got stats with {stats.groups}")
     if stats.sketched:
         a, b = _whitened_lowrank_rows(w[0], stats, rank, damping)
         return a.to(weight.dtype), b.to(weight.dtype)
+    if large:
+        found = _whitened_lowrank_cholesky(w[0], stats, rank, damping)
+        if found is not None:
+            return found[0].to(weight.dtype), found[1].to(weight.dtype)
+        w = w.to(torch.float64)
     _, gt, c = (t[0] for t in _damped(stats, damping))
     evals, q = _eigh(gt)
     keep = evals > _EIG_RTOL * max(float(evals.max()), 0.0)
@@ -251,6 +317,60 @@ def whitened_lowrank(weight: torch.Tensor, stats: LayerStats, rank: int, *,
     a = u[:, :r] * root
     b = (root[:, None] * vh[:r] * inv_sqrt) @ q.T
     return a.to(weight.dtype), b.to(weight.dtype)
+
+
+def _lowrank(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading ``rank`` singular triplets of ``m``: randomized (seeded, float32 products) where
+    :func:`~ttcompress.decompose.svd.use_randomized_svd` says it is cheaper, else the full SVD."""
+    if use_randomized_svd(m.shape[0], m.shape[1], rank):
+        return randomized_svd(m, rank)
+    u, s, vh = _svd(m, full_matrices=False)
+    r = min(rank, s.numel())
+    return u[:, :r], s[:r], vh[:r]
+
+
+def _damped_block(gram: torch.Tensor, lam: float) -> torch.Tensor:
+    """``gram + lam I`` (a new float64 matrix)."""
+    out = gram.to(torch.float64, copy=True)
+    out.diagonal().add_(lam)
+    return out
+
+
+def _whitened_lowrank_cholesky(w: torch.Tensor, stats: LayerStats, rank: int, damping: float
+                               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`whitened_lowrank` on exact statistics of a large layer: Cholesky whitening and a
+    randomized truncated SVD (None when ``G~ + lambda I`` is not numerically positive definite).
+
+    Any square root of the metric whitens (SVD-LLM [2]_ uses the Cholesky factor): with ``G~ +
+    lambda I = L L^T``, the target is ``M = W (C + lambda I) L^{-T}`` (``W L`` when ``C = G~``, the
+    layers before being still dense), ``M_r = U S V^T`` its leading triplets
+    (:func:`~ttcompress.decompose.svd.randomized_svd`), ``A = U S^{1/2}``, ``B = S^{1/2} V^T L^{-1}``.
+    ``O(K^3 / 3)`` for the factor and ``O(out K (K + r))`` for the products, instead of a ``K x K``
+    eigendecomposition and a full SVD of the ``out x K`` target.
+    """
+    lam = float(_lambdas(stats, damping)[0])
+    gt = _damped_block(stats.gram[0], lam)  # type: ignore[index]
+    chol, info = torch.linalg.cholesky_ex(gt)
+    del gt
+    if int(info) != 0:
+        return None
+    same = stats.cross is stats.gram or torch.equal(stats.cross[0], stats.gram[0])  # type: ignore[index]
+    w32 = w.to(torch.float32)
+    if same:  # (C + lambda I) L^{-T} = L
+        m = w32 @ chol.to(torch.float32)
+    else:
+        c = _damped_block(stats.cross[0], lam).to(torch.float32)  # type: ignore[index]
+        m = torch.empty_like(w32)
+        for rows in range(0, m.shape[0], _ROW_BLOCK):  # float64 solves by blocks of rows
+            wc = (w32[rows:rows + _ROW_BLOCK] @ c).to(torch.float64)
+            m[rows:rows + _ROW_BLOCK] = torch.linalg.solve_triangular(chol, wc.T, upper=False).T
+        del c, wc
+    del w32
+    u, s, vh = _lowrank(m, rank)
+    del m
+    root = s.sqrt()
+    b = torch.linalg.solve_triangular(chol.T, (vh.T * root), upper=True).T  # S^{1/2} V^T L^{-1}
+    return u * root, b
 
 
 def _whitened_lowrank_rows(w: torch.Tensor, stats: LayerStats, rank: int, damping: float
@@ -276,11 +396,16 @@ def _whitened_lowrank_rows(w: torch.Tensor, stats: LayerStats, rank: int, dampin
     def whiten(x: torch.Tensor) -> torch.Tensor:
         return base * x + ((x @ v.T) * inner) @ v
 
-    m = whiten((w @ rd.T) @ rc + lam * w)
-    u_m, s, vh = _svd(m, full_matrices=False)
-    r = min(rank, s.numel())
-    root = s[:r].sqrt()
-    return u_m[:, :r] * root, whiten(root[:, None] * vh[:r])
+    # the whitened target by blocks of rows (float32 when the SVD is randomized: its products are)
+    m = torch.empty(w.shape, dtype=w.dtype)
+    for rows in range(0, w.shape[0], _ROW_BLOCK):
+        block = w[rows:rows + _ROW_BLOCK].to(torch.float64)
+        m[rows:rows + _ROW_BLOCK] = whiten((block @ rd.T) @ rc + lam * block)
+    del block
+    u_m, s, vh = _lowrank(m, rank)
+    del m
+    root = s.sqrt()
+    return u_m * root, whiten(root[:, None] * vh)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,7 +439,7 @@ def _normal_equations(cores: Sequence[torch.Tensor], k: int, gt: torch.Tensor, d
     output index ``i`` of the core, the rows it touches are linear in ``G_k[:, i, :, :]`` through
     the same map, so ``H = sum_{i<, i>} Phi^T G~ Phi`` is shared by all ``i``.
     """
-    left, right = _merge_left(cores[:k]), _merge_right(cores[k + 1:])
+    left, right = _merge_left(cores[:k]).to(gt.dtype), _merge_right(cores[k + 1:]).to(gt.dtype)
     r_l, m, n, r_r = cores[k].shape
     n_l, n_r = left.shape[1], right.shape[2]
     m_l, m_r = left.shape[0], right.shape[1]
@@ -326,7 +451,7 @@ def _normal_equations(cores: Sequence[torch.Tensor], k: int, gt: torch.Tensor, d
     d6 = d.reshape(m_l, m, m_r, n_l, n, n_r)
     t2 = torch.einsum("isoxpz,ixa->asopz", d6, left)
     rhs = torch.einsum("asopz,boz->apbs", t2, right).reshape(r_l * n * r_r, m)
-    return h, rhs
+    return h.to(torch.float64), rhs.to(torch.float64)
 
 
 def _solve_core(cores: list[torch.Tensor], k: int, gt: torch.Tensor, d: torch.Tensor) -> None:
@@ -385,6 +510,10 @@ def _tt_als_sweeps(
     if sweeps:
         _solve_core(work, 0, gt_pad, d_pad)
     return work
+
+
+#: :func:`refine_tt_cores` contracts the metric in float32 from this input size ``prod(in_modes)`` on.
+TT_FLOAT32_FEATURES = 1024
 
 
 def tt_metric_bytes(features: int) -> int:
@@ -456,18 +585,24 @@ def refine_tt_cores(
         raise ValueError(f"the TT solve needs a {big_n} x {big_n} metric ({need} bytes), over the memory "
                          f"budget of {stats.memory} bytes")
     lam = float(_lambdas(stats, damping)[0])
-    gt_pad = torch.eye(big_n, dtype=torch.float64) * lam
-    d_pad = torch.zeros(big_m, big_n, dtype=torch.float64)
+    # the metric and the targets the solves contract: float32 for a large layer (the contractions
+    # are the cost; each solve and the final check stay float64)
+    work = torch.float32 if big_n >= TT_FLOAT32_FEATURES else torch.float64
+    gt_pad = torch.zeros(big_n, big_n, dtype=work)
+    gt_pad.diagonal().fill_(lam)
+    d_pad = torch.zeros(big_m, big_n, dtype=work)
     if stats.sketched:
         rd, rc = stats.factors(0)
-        gt_pad[:in_f, :in_f] += rc.T @ rc
-        d_pad[:out_f, :in_f] = (w[0] @ rd.T) @ rc + lam * w[0]
+        gt_pad[:in_f, :in_f].addmm_(rc.T.to(work), rc.to(work))  # in place: no K x K temporary
+        for rows in range(0, out_f, _ROW_BLOCK):  # no out x K float64 temporaries
+            block = w[0, rows:rows + _ROW_BLOCK]
+            d_pad[rows:rows + block.shape[0], :in_f] = (block @ rd.T) @ rc + lam * block
         del rd, rc
     else:
-        _, gt, c = (t[0] for t in _damped(stats, damping))
-        gt_pad[:in_f, :in_f] = gt
+        gt_pad[:in_f, :in_f] = _damped_block(stats.gram[0], lam)  # type: ignore[index]
+        c = _damped_block(stats.cross[0], lam)  # type: ignore[index]
         d_pad[:out_f, :in_f] = w[0] @ c
-        del gt, c
+        del c
     quad, _ref = _objective_fn(w, stats, damping)
 
     def exact(cs: Sequence[torch.Tensor]) -> float:

@@ -46,6 +46,13 @@ __all__ = [
 
 #: Spatial positions kept per sample when a conv's output has more (seeded random subset).
 MAX_POSITIONS = 64
+#: Rows per product when exact Grams are accumulated (float32 rows: float32 products of this many
+#: rows, summed in float64).
+GRAM_BLOCK_ROWS = 2048
+#: From this row length ``K`` on, float32 rows are multiplied in float32 (``K^2`` products per row,
+#: the cost of exact statistics; the sums stay float64). Below, float64: cheap, and independent of
+#: how the rows are batched.
+GRAM_FLOAT32_FEATURES = 1024
 #: Elements of one unfolded chunk of samples (bounds the memory of ``F.unfold``).
 _UNFOLD_CHUNK_ELEMENTS = 1 << 22
 
@@ -143,6 +150,10 @@ class LayerStats:
             return replace(self, rows=rows, trace=trace, mean=torch.zeros_like(mu_t),
                            dense_mean=torch.zeros_like(mu))
         outer = lambda a, b: a[:, :, None] * b[:, None, :]  # noqa: E731
+        if self.gram is self.cross is self.dense_gram and torch.equal(mu, mu_t):  # one Gram stays one
+            gram = self.gram - n * outer(mu_t, mu_t)  # type: ignore[operator]
+            return replace(self, gram=gram, cross=gram, dense_gram=gram, mean=torch.zeros_like(mu_t),
+                           dense_mean=torch.zeros_like(mu))
         return replace(self, gram=self.gram - n * outer(mu_t, mu_t),  # type: ignore[operator]
                        cross=self.cross - n * outer(mu, mu_t),  # type: ignore[operator]
                        dense_gram=self.dense_gram - n * outer(mu, mu),  # type: ignore[operator]
@@ -404,38 +415,46 @@ class StatsAccumulator(_RowsAccumulator):
         zeros = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
         g, k = self.groups, self.k
         self.paired = paired
-        self._dense_gram = zeros(g, k, k)
-        self._gram, self._cross = (zeros(g, k, k), zeros(g, k, k)) if paired else (None, None)
+        # paired: one Gram while every row pair was identical (_shared), then three
+        self._shared = paired
+        self._gram = zeros(g, k, k) if paired else None
+        self._dense_gram = self._gram if paired else zeros(g, k, k)
+        self._cross = self._gram
         self._sum, self._dense_sum = zeros(g, k), zeros(g, k)
         self.memory = memory
 
     def _add(self, rows_dense: torch.Tensor, rows: torch.Tensor) -> None:
-        # One chunk's products in float32 unless the rows are float64 (a chunk is a few thousand
-        # rows of float32 activations; its Gram's relative error is ~1e-6, far below the fit's
-        # damping, tests/test_calibration_sketch.py), accumulated across chunks in float64: half the
-        # time of float64 products and no float64 copies of the rows.
-        acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
-        xd = rows_dense.to(device="cpu", dtype=acc)
+        # Products by blocks of GRAM_BLOCK_ROWS rows (no float64 copy of all rows), on the rows'
+        # device; rows of GRAM_FLOAT32_FEATURES features or more that are not float64 multiply in
+        # float32 (then added to the float64 sums), smaller layers in float64.
+        same = rows is rows_dense
+        dtype = torch.float32 if self.k >= GRAM_FLOAT32_FEATURES and rows.dtype != torch.float64 else torch.float64
+        for start in range(0, rows.shape[1], GRAM_BLOCK_ROWS):
+            xd = rows_dense[:, start:start + GRAM_BLOCK_ROWS].to(dtype)
+            xc = xd if same else rows[:, start:start + GRAM_BLOCK_ROWS].to(dtype)
+            self._add_block(xd, xc, same)
+
+    def _add_block(self, xd: torch.Tensor, xc: torch.Tensor, same: bool) -> None:
+        prod = lambda a, b: (a.transpose(1, 2) @ b).to(device="cpu", dtype=torch.float64)  # noqa: E731
+        total = lambda a: a.sum(dim=1, dtype=torch.float64).to("cpu")  # noqa: E731
         if not self.paired:
-            self._dense_gram += xd.transpose(1, 2) @ xd
-            self._dense_sum += xd.sum(dim=1, dtype=torch.float64)
+            self._dense_gram += prod(xd, xd)
+            self._dense_sum += total(xd)
             return
-        if rows is rows_dense:  # the layers before are still dense: X~ = X, one Gram for all three
-            gram = (xd.transpose(1, 2) @ xd).to(torch.float64)
-            self._gram += gram
-            self._cross += gram
-            self._dense_gram += gram
-            total = xd.sum(dim=1, dtype=torch.float64)
-            self._sum += total
-            self._dense_sum += total
+        if same and self._shared:  # the layers before are still dense: X~ = X, one Gram for all three
+            self._gram += prod(xd, xd)
+            sums = total(xd)
+            self._sum += sums
+            self._dense_sum += sums
             return
-        xc = rows.to(device="cpu", dtype=acc)
-        xct = xc.transpose(1, 2)
-        self._gram += xct @ xc
-        self._cross += xd.transpose(1, 2) @ xc
-        self._dense_gram += xd.transpose(1, 2) @ xd
-        self._sum += xc.sum(dim=1, dtype=torch.float64)
-        self._dense_sum += xd.sum(dim=1, dtype=torch.float64)
+        if self._shared:  # the first rows that differ: the three Grams part
+            self._shared = False
+            self._cross, self._dense_gram = self._gram.clone(), self._gram.clone()
+        self._gram += prod(xc, xc)
+        self._cross += prod(xd, xc)
+        self._dense_gram += prod(xd, xd)
+        self._sum += total(xc)
+        self._dense_sum += total(xd)
 
     def finalize(self) -> LayerStats:
         """The statistics so far. ``ValueError`` when nothing was added."""
@@ -443,8 +462,12 @@ class StatsAccumulator(_RowsAccumulator):
             raise ValueError("no calibration rows were added for this layer")
         if not self.paired:
             raise ValueError("finalize() needs paired statistics; use finalize_inputs()")
-        return LayerStats(gram=self._gram.clone(), cross=self._cross.clone(),
-                          dense_gram=self._dense_gram.clone(), mean=self._sum / self.count,
+        if self._shared:  # one matrix for all three (the fits recognise G = C = G~ by identity)
+            gram = self._gram.clone()  # type: ignore[union-attr]
+            grams = (gram, gram, gram)
+        else:
+            grams = (self._gram.clone(), self._cross.clone(), self._dense_gram.clone())  # type: ignore[union-attr]
+        return LayerStats(gram=grams[0], cross=grams[1], dense_gram=grams[2], mean=self._sum / self.count,
                           dense_mean=self._dense_sum / self.count, count=self.count,
                           samples=self.samples, memory=self.memory)
 

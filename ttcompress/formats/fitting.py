@@ -8,6 +8,7 @@ can report the output error before and after fitting next to the weight error.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -19,6 +20,9 @@ from ttcompress.calibration.stats import LayerStats
 from ttcompress.formats.base import BuildResult
 
 __all__ = ["calibrated", "check_calib", "record_fit"]
+
+#: Rows of the weight compared at a time by :func:`record_fit`.
+_ERROR_ROWS = 1024
 
 
 def check_calib(calib: Any) -> LayerStats | None:
@@ -32,10 +36,14 @@ def record_fit(layer: nn.Module, fit: FitResult, weight: torch.Tensor) -> BuildR
     """The build result of ``layer`` fitted as ``fit`` says, after refreshing its ``rel_error``: the
     relative Frobenius error of its weight against the dense ``weight``."""
     with torch.no_grad():
-        w = weight.detach().double().reshape(weight.shape[0], -1)
-        w_hat = dense_weight(layer).detach().double().reshape(w.shape)
-        norm = float(w.norm())
-        layer.rel_error = float((w - w_hat).norm()) / norm if norm > 0 else 0.0
+        w = weight.detach().reshape(weight.shape[0], -1)
+        w_hat = dense_weight(layer).detach().reshape(w.shape)
+        diff2 = norm2 = 0.0
+        for rows in range(0, w.shape[0], _ERROR_ROWS):  # float64 by blocks of rows: no float64 copy of W
+            block = w[rows:rows + _ERROR_ROWS].double()
+            diff2 += float((block - w_hat[rows:rows + _ERROR_ROWS].double()).square().sum())
+            norm2 += float(block.square().sum())
+        layer.rel_error = math.sqrt(diff2 / norm2) if norm2 > 0 else 0.0
     return BuildResult.of(layer, fit=fit)
 
 

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ttcompress.calibration.fit import FitResult, corrected_bias, output_error, whitened_lowrank
+from ttcompress.calibration.fit import FitResult, lowrank_output_errors, whitened_lowrank
 from ttcompress.calibration.stats import LayerStats
 
 from ttcompress.decompose.spectra import singular_tails
-from ttcompress.decompose.svd import svd_param_count, svd_rank_for_ratio
+from ttcompress.decompose.svd import randomized_svd, svd_param_count, svd_rank_for_ratio, use_randomized_svd
 from ttcompress.formats.base import (
     EXACT,
     BuildResult,
@@ -84,27 +84,46 @@ def _fit_whitened(linear: nn.Module, layer: SVDLinear, stats: LayerStats) -> Bui
     :func:`~ttcompress.calibration.fit.whitened_lowrank` is the exact optimum of the (damped)
     output error for a rank-``r`` product (SVD-LLM); with a bias it runs on centred statistics and
     the bias is then corrected, the joint optimum. The data-free factors are kept when the fit
-    does not lower the output error. Returns the build result with the fit (:func:`record_fit`).
+    does not lower the output error. Both errors come from the factors
+    (:func:`~ttcompress.calibration.fit.lowrank_output_errors`). Returns the build result with
+    the fit (:func:`record_fit`).
     """
     w, b = linear.weight.detach(), linear.bias
-    before = output_error(w, layer.dense_weight().detach(), stats, bias=b, new_bias=layer.bias)
-    saved = (layer.first.detach().clone(), layer.second.detach().clone(),
-             None if layer.bias is None else layer.bias.detach().clone())
     a, bb = whitened_lowrank(w, stats.centered() if b is not None else stats, layer.rank)
-    with torch.no_grad():
-        layer.first.copy_(bb)
-        layer.second.copy_(a)
-        if layer.bias is not None:
-            layer.bias.copy_(corrected_bias(w, b, layer.dense_weight(), stats))
-        after = output_error(w, layer.dense_weight(), stats, bias=b, new_bias=layer.bias)
-        method = "whitened-svd"
-        if not after <= before:
-            layer.first.copy_(saved[0])
-            layer.second.copy_(saved[1])
+    new_bias = None
+    if b is not None:  # b^ = b + W mu - A (B mu~) (calibration.fit.corrected_bias, through the factors)
+        wmu = torch.cat([block.to("cpu", torch.float64) @ stats.dense_mean[0] for block in w.split(2048)])
+        shift = wmu - a.to(torch.float64) @ (bb.to(torch.float64) @ stats.mean[0])
+        new_bias = (b.detach().to(torch.float64) + shift.to(b.device)).to(b.dtype)
+    before, after = lowrank_output_errors(
+        w, [(layer.second, layer.first, layer.bias), (a, bb, new_bias)], stats, bias=b)
+    method = "whitened-svd"
+    if after <= before:
+        with torch.no_grad():
+            layer.first.copy_(bb)
+            layer.second.copy_(a)
             if layer.bias is not None:
-                layer.bias.copy_(saved[2])
-            after, method = before, "none"
+                layer.bias.copy_(new_bias)
+    else:
+        after, method = before, "none"
     return record_fit(layer, FitResult(layer, before, after, method), w)
+
+
+def _randomized_start(linear: nn.Linear, rank: int) -> SVDLinear:
+    """The data-free start of a calibrated fit of a large layer at a rank far below its size: the
+    truncated SVD by :func:`~ttcompress.decompose.svd.randomized_svd` (the fit replaces it; only
+    its output error is reported, as the error before fitting)."""
+    w = linear.weight.detach()
+    u, s, vh = randomized_svd(w, rank)
+    root = s.sqrt()
+    layer = SVDLinear(linear.in_features, linear.out_features, rank=int(s.numel()), bias=linear.bias is not None,
+                      device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        layer.first.copy_(root[:, None] * vh)
+        layer.second.copy_(u * root)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias)  # type: ignore[union-attr]
+    return layer
 
 
 @register_format
@@ -137,8 +156,13 @@ class SVDFormat(CompressionFormat):
 
     def build(self, module: nn.Module, options: Mapping[str, Any], *, calib: Any = None,
               name: str | None = None) -> BuildResult:
-        layer = SVDLinear.from_linear(module, rank=options.get("rank"), eps=options.get("eps"))
         stats = check_calib(calib)
+        rank, eps = options.get("rank"), options.get("eps")
+        out_f, in_f = module.weight.shape
+        if stats is not None and eps is None and rank is not None and use_randomized_svd(out_f, in_f, int(rank)):
+            layer = _randomized_start(module, int(rank))  # the fit replaces it: no full SVD
+        else:
+            layer = SVDLinear.from_linear(module, rank=rank, eps=eps)
         return BuildResult.of(layer) if stats is None else _fit_whitened(module, layer, stats)
 
     def describe(self, layer: nn.Module) -> FormatDescription:
