@@ -119,28 +119,66 @@ def _lambdas(stats: LayerStats, damping: float) -> torch.Tensor:
     return damping * trace.to(torch.float64) / stats.features  # type: ignore[union-attr]
 
 
-def _objective_fn(w: torch.Tensor, stats: LayerStats, damping: float
+#: Whether the fits on sketched statistics add the sketch's lost mass (:meth:`LayerStats.residual`)
+#: to their damping, as the reported errors do (docs/theory.md, "Sketched statistics").
+FIT_RESIDUAL = True
+
+
+def _shifts(stats: LayerStats, damping: float, *, residual: bool = True
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(s, s_x, s~)`` per group: the multiples of ``I`` added to ``G``, ``C`` and ``G~``.
+
+    ``lambda`` (:func:`_lambdas`) for each, plus the isotropic model of a sketch's lost rows,
+    ``(rho, rho_x, rho~)`` (:meth:`LayerStats.residual`), when ``residual``. The objective then
+    holds ``s ||W||^2 - 2 s_x <W, W^> + s~ ||W^||^2`` besides the sketch rows' error; with no lost
+    mass that is ``lambda ||W - W^||^2``.
+    """
+    lam = _lambdas(stats, damping)
+    if not residual or not stats.sketched:
+        return lam, lam, lam
+    rho_d, rho_x, rho_c = stats.residual()
+    return lam + rho_d, lam + rho_x, lam + rho_c
+
+
+def _shift_form(shifts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(s~, a, c)`` with ``s ||W||^2 - 2 s_x <W, W^> + s~ ||W^||^2 = s~ ||W^ - a W||^2 + c ||W||^2``
+    (``a = s_x / s~``, ``c = s - s_x^2 / s~ >= 0``; ``a = 0``, ``c = s`` where ``s~ = 0``)."""
+    s_d, s_x, s_c = shifts
+    pos = s_c > 0
+    a = torch.where(pos, s_x / s_c.clamp_min(1e-300), torch.zeros_like(s_c))
+    c = torch.where(pos, (s_d - s_x * a).clamp_min(0), s_d)
+    return s_c, a, c
+
+
+def _objective_fn(w: torch.Tensor, stats: LayerStats, damping: float, *, residual: bool = True
                   ) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
     """``(f, ref)``: ``f(W^)`` the damped objective for ``(groups, out/g, K)`` blocks (differentiable
     in ``W^``), ``ref = tr(W G W^T)``.
 
     Exact statistics: the Gram form :func:`_quadratic`. Sketched: ``sum_groups ||R W^T - R~
-    W^^T||_F^2 + lambda ||W - W^||_F^2``, the same quadratic with the rows' Grams, ``O(l K out)``.
+    W^^T||_F^2 + s ||W||^2 - 2 s_x <W, W^> + s~ ||W^||^2`` (:func:`_shifts`: ``lambda ||W -
+    W^||_F^2`` plus, when ``residual``, the sketch's lost rows), the same quadratic with the rows'
+    Grams, ``O(l K out)``; ``ref`` then includes ``s ||W||^2``.
     """
     if not stats.sketched:
         g, gt, c = _damped(stats, damping)
         return (lambda w_hat: _quadratic(w, w_hat, g, gt, c)), float(((w @ g) * w).sum())
-    lam = _lambdas(stats, damping)
+    shifts = _shifts(stats, damping, residual=residual)
+    s_c, a, c = _shift_form(shifts)
     factors = [stats.factors(i) for i in range(stats.groups)]
     targets = [rd @ w[i].T for i, (rd, _rc) in enumerate(factors)]
-    ref = float(sum((t * t).sum() for t in targets)) + float((lam * (w * w).sum(dim=(1, 2))).sum())
+    norms = (w * w).sum(dim=(1, 2))
+    ref = float(sum((t * t).sum() for t in targets)) + float((shifts[0] * norms).sum())
+    const = float((c * norms).sum())
 
     def f(w_hat: torch.Tensor) -> torch.Tensor:
-        total = w_hat.new_zeros(())
+        total = w_hat.new_zeros(()) + const
         for i, (_rd, rc) in enumerate(factors):
             total = total + ((targets[i] - rc @ w_hat[i].T) ** 2).sum()
             for rows in range(0, w.shape[1], _ROW_BLOCK):  # no out x K temporary
-                total = total + lam[i] * ((w[i, rows:rows + _ROW_BLOCK] - w_hat[i, rows:rows + _ROW_BLOCK]) ** 2).sum()
+                diff = w_hat[i, rows:rows + _ROW_BLOCK] - a[i] * w[i, rows:rows + _ROW_BLOCK]
+                total = total + s_c[i] * (diff ** 2).sum()
         return total
 
     return f, ref
@@ -204,7 +242,7 @@ def lowrank_output_errors(weight: torch.Tensor, candidates: Sequence[tuple[torch
     * A)``, ``tr(W^ G~ W^^T) = sum((B G~ B^T) * (A^T A))``, and one ``out x K x K`` product,
     ``tr(W G W^T)``, for all candidates instead of three each (float32 products summed in float64
     for a float32 layer with ``K >= GRAM_FLOAT32_FEATURES``, as its Gram). On sketched rows ``R``,
-    ``R~``: ``||R W^T - (R~ B^T) A^T||_F^2``.
+    ``R~``: ``||R W^T - (R~ B^T) A^T||_F^2`` plus the sketch's lost rows (:func:`output_error`).
     """
     w = _check(weight, stats, dtype=weight.dtype if weight.is_floating_point() else torch.float64)[0]
     if stats.groups != 1:
@@ -218,8 +256,15 @@ def lowrank_output_errors(weight: torch.Tensor, candidates: Sequence[tuple[torch
     if stats.sketched:
         rd, rc = stats.factors(0)
         target = torch.cat([rd @ blk.to(torch.float64).T for blk in w.split(_ROW_BLOCK)], dim=1)  # R W^T
-        ref = float(target.square().sum())
-        errw = [float((target - (rc @ b.T) @ a.T).square().sum()) for a, b in facs]
+        s_c, scale, c = (float(t[0]) for t in _shift_form(_shifts(stats, 0.0)))
+        norm = sum(float(blk.to(torch.float64).square().sum()) for blk in w.split(_ROW_BLOCK))
+        ref = float(target.square().sum()) + float(_shifts(stats, 0.0)[0][0]) * norm
+        errw = []
+        for a, b in facs:  # + s~ ||A B - a W||^2 + c ||W||^2, through the factors
+            inner = sum(float(((blk.to(torch.float64) @ b.T) * a[i:i + _ROW_BLOCK]).sum())
+                        for i, blk in zip(range(0, out, _ROW_BLOCK), w.split(_ROW_BLOCK))) if s_c else 0.0
+            lost = s_c * (float(((a.T @ a) * (b @ b.T)).sum()) - 2 * scale * inner + scale ** 2 * norm) + c * norm
+            errw.append(float((target - (rc @ b.T) @ a.T).square().sum()) + lost)
     else:
         g, c, gt = stats.dense_gram[0], stats.cross[0], stats.gram[0]  # type: ignore[index]
         cbt = [c @ b.T for _a, b in facs]  # C B^T, K x r
@@ -380,11 +425,12 @@ def _whitened_lowrank_rows(w: torch.Tensor, stats: LayerStats, rank: int, dampin
     With the thin SVD ``R~ = U S V^T`` (from the small Gram ``R~ R~^T``), the damped metric is
     ``G~ + lambda I = V (S^2 + lambda) V^T + lambda (I - V V^T)``, so ``P = (G~ + lambda I)^{-1/2}
     = V ((S^2 + lambda)^{-1/2} - lambda^{-1/2}) V^T + lambda^{-1/2} I`` (only the ``V`` part when
-    ``lambda = 0``: the pseudo-inverse). The target ``W (C + lambda I) = (W R^T) R~ + lambda W`` is
+    ``lambda = 0``: the pseudo-inverse). The target ``W (C + s_x I) = (W R^T) R~ + s_x W`` is
     whitened by ``P``, truncated by SVD, and the right factor un-whitened by ``P`` again: each
-    product ``O(out K l)``.
+    product ``O(out K l)``. Here ``lambda`` is ``s~`` and ``s_x`` the cross shift of
+    :func:`_shifts` (both ``lambda`` when nothing of the sketch is lost).
     """
-    lam = float(_lambdas(stats, damping)[0])
+    _s, s_x, lam = (float(t[0]) for t in _shifts(stats, damping, residual=FIT_RESIDUAL))
     rd, rc = stats.factors(0)
     evals, u = _eigh(rc @ rc.T)
     keep = evals > _EIG_RTOL * max(float(evals.max()), 0.0)
@@ -400,7 +446,7 @@ def _whitened_lowrank_rows(w: torch.Tensor, stats: LayerStats, rank: int, dampin
     m = torch.empty(w.shape, dtype=w.dtype)
     for rows in range(0, w.shape[0], _ROW_BLOCK):
         block = w[rows:rows + _ROW_BLOCK].to(torch.float64)
-        m[rows:rows + _ROW_BLOCK] = whiten((block @ rd.T) @ rc + lam * block)
+        m[rows:rows + _ROW_BLOCK] = whiten((block @ rd.T) @ rc + s_x * block)
     del block
     u_m, s, vh = _lowrank(m, rank)
     del m
@@ -584,26 +630,26 @@ def refine_tt_cores(
     if stats.sketched and stats.memory is not None and need > stats.memory:
         raise ValueError(f"the TT solve needs a {big_n} x {big_n} metric ({need} bytes), over the memory "
                          f"budget of {stats.memory} bytes")
-    lam = float(_lambdas(stats, damping)[0])
+    _s, s_x, s_c = (float(t[0]) for t in _shifts(stats, damping, residual=FIT_RESIDUAL))
     # the metric and the targets the solves contract: float32 for a large layer (the contractions
     # are the cost; each solve and the final check stay float64)
     work = torch.float32 if big_n >= TT_FLOAT32_FEATURES else torch.float64
     gt_pad = torch.zeros(big_n, big_n, dtype=work)
-    gt_pad.diagonal().fill_(lam)
+    gt_pad.diagonal().fill_(s_c)
     d_pad = torch.zeros(big_m, big_n, dtype=work)
     if stats.sketched:
         rd, rc = stats.factors(0)
         gt_pad[:in_f, :in_f].addmm_(rc.T.to(work), rc.to(work))  # in place: no K x K temporary
         for rows in range(0, out_f, _ROW_BLOCK):  # no out x K float64 temporaries
             block = w[0, rows:rows + _ROW_BLOCK]
-            d_pad[rows:rows + block.shape[0], :in_f] = (block @ rd.T) @ rc + lam * block
+            d_pad[rows:rows + block.shape[0], :in_f] = (block @ rd.T) @ rc + s_x * block
         del rd, rc
     else:
-        gt_pad[:in_f, :in_f] = _damped_block(stats.gram[0], lam)  # type: ignore[index]
-        c = _damped_block(stats.cross[0], lam)  # type: ignore[index]
+        gt_pad[:in_f, :in_f] = _damped_block(stats.gram[0], s_c)  # type: ignore[index]
+        c = _damped_block(stats.cross[0], s_x)  # type: ignore[index]
         d_pad[:out_f, :in_f] = w[0] @ c
         del c
-    quad, _ref = _objective_fn(w, stats, damping)
+    quad, _ref = _objective_fn(w, stats, damping, residual=FIT_RESIDUAL)
 
     def exact(cs: Sequence[torch.Tensor]) -> float:
         w_hat = tt_to_matrix(list(cs))[:out_f, :in_f]
@@ -647,7 +693,7 @@ def refine_by_gradient(
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     w = _check(weight, stats)
-    quad, scale = _objective_fn(w, stats, damping)
+    quad, scale = _objective_fn(w, stats, damping, residual=FIT_RESIDUAL)
     scale = scale or 1.0
     work_layer = copy.deepcopy(layer).to(device="cpu", dtype=torch.float64)
     params = [p for name, p in work_layer.named_parameters() if name.rsplit(".", 1)[-1] != "bias"]

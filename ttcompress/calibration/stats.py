@@ -86,7 +86,11 @@ class LayerStats:
     rows : torch.Tensor or None
         Sketched statistics: ``(groups, l, 2K)`` rows ``[R | R~]`` (float32 or float64).
     trace : torch.Tensor or None
-        Sketched statistics: ``(groups,)`` exact ``tr(X~^T X~)`` (float64), for the damping.
+        Sketched statistics: ``(groups,)`` exact ``tr(X~^T X~)`` (float64), for the damping and
+        the sketch's lost mass (:meth:`residual`).
+    dense_trace, cross_trace : torch.Tensor or None
+        Sketched statistics: ``(groups,)`` exact ``tr(X^T X)`` and ``tr(X^T X~)`` (float64), for
+        :meth:`residual`; None counts as no lost mass.
     exact : bool
         False when the rows are a sketch (more rows were seen than kept).
     memory : int or None
@@ -105,6 +109,8 @@ class LayerStats:
     trace: torch.Tensor | None = None
     exact: bool = True
     memory: int | None = None
+    dense_trace: torch.Tensor | None = None
+    cross_trace: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if (self.rows is None) == (self.gram is None):
@@ -132,6 +138,31 @@ class LayerStats:
         k = self.features
         return r[:, :k], r[:, k:]
 
+    def residual(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rho, rho_x, rho~)`` per group (float64): the sketch's lost mass per feature.
+
+        Frequent Directions keeps ``0 <= [X | X~]^T [X | X~] - [R | R~]^T [R | R~]``, and the traces of
+        that residual's blocks are known exactly from the kept traces: ``lost~ = tr(X~^T X~) -
+        ||R~||_F^2``, ``lost = tr(X^T X) - ||R||_F^2``, ``lost_x = tr(X^T X~) - <R, R~>``. Modelled as
+        isotropic (``rho = lost / K``), the rows the sketch lost add ``rho ||W||^2 - 2 rho_x <W, W^>
+        + rho~ ||W^||^2`` to the output error (see docs/theory.md). Zero for exact statistics and
+        for a sketch that never shrank. ``lost``, ``lost~`` are clamped at 0 and ``|lost_x|`` at
+        ``sqrt(lost lost~)`` (what a PSD residual allows; a row-mixed sketch is only unbiased).
+        """
+        zero = torch.zeros(self.groups, dtype=torch.float64)
+        if (self.rows is None or self.exact or self.trace is None or self.dense_trace is None
+                or self.cross_trace is None):
+            return zero, zero.clone(), zero.clone()
+        k = self.features
+        rows = self.rows.to(device="cpu", dtype=torch.float64)
+        rd, rc = rows[..., :k], rows[..., k:]
+        lost_c = (self.trace.to(torch.float64) - rc.square().sum(dim=(1, 2))).clamp_min(0)
+        lost_d = (self.dense_trace.to(torch.float64) - rd.square().sum(dim=(1, 2))).clamp_min(0)
+        bound = (lost_c * lost_d).sqrt()
+        lost_x = torch.minimum(torch.maximum(self.cross_trace.to(torch.float64) - (rd * rc).sum(dim=(1, 2)),
+                                             -bound), bound)
+        return lost_d / k, lost_x / k, lost_c / k
+
     def centered(self) -> LayerStats:
         """The statistics of the mean-centred rows (``X - 1 mu^T``, ``X~ - 1 mu~^T``).
 
@@ -145,10 +176,12 @@ class LayerStats:
         if self.rows is not None:
             joint = torch.cat([mu, mu_t], dim=1)
             rows = torch.stack([_downdated_rows(self.rows[g], joint[g], n) for g in range(self.groups)])
-            trace = torch.stack([(self.trace[g] - n * (mu_t[g] @ mu_t[g])).clamp_min(0)  # type: ignore[index]
-                                 for g in range(self.groups)])
-            return replace(self, rows=rows, trace=trace, mean=torch.zeros_like(mu_t),
-                           dense_mean=torch.zeros_like(mu))
+            trace = (self.trace - n * (mu_t * mu_t).sum(1)).clamp_min(0)  # type: ignore[operator]
+            dense_trace = (None if self.dense_trace is None
+                           else (self.dense_trace - n * (mu * mu).sum(1)).clamp_min(0))
+            cross_trace = None if self.cross_trace is None else self.cross_trace - n * (mu * mu_t).sum(1)
+            return replace(self, rows=rows, trace=trace, dense_trace=dense_trace, cross_trace=cross_trace,
+                           mean=torch.zeros_like(mu_t), dense_mean=torch.zeros_like(mu))
         outer = lambda a, b: a[:, :, None] * b[:, None, :]  # noqa: E731
         if self.gram is self.cross is self.dense_gram and torch.equal(mu, mu_t):  # one Gram stays one
             gram = self.gram - n * outer(mu_t, mu_t)  # type: ignore[operator]
@@ -646,6 +679,8 @@ class SketchAccumulator(_RowsAccumulator):
         self._sum = torch.zeros(g, k, dtype=torch.float64)
         self._dense_sum = torch.zeros(g, k, dtype=torch.float64)
         self._trace = torch.zeros(g, dtype=torch.float64)
+        self._dense_trace = torch.zeros(g, dtype=torch.float64)
+        self._cross_trace = torch.zeros(g, dtype=torch.float64)
 
     def _plan(self, input: torch.Tensor, positions: torch.Tensor | None) -> None:  # noqa: A002
         if self._planned:
@@ -694,7 +729,10 @@ class SketchAccumulator(_RowsAccumulator):
         self._dense_sum += rows_dense.sum(dim=1, dtype=acc).to("cpu", torch.float64)
         if self.paired:
             self._sum += rows.sum(dim=1, dtype=acc).to("cpu", torch.float64)
-            self._trace += torch.linalg.vector_norm(rows, dim=(1, 2), dtype=acc).to("cpu", torch.float64) ** 2
+            trace = _squared_norms(rows, acc)
+            self._trace += trace
+            self._dense_trace += trace if rows is rows_dense else _squared_norms(rows_dense, acc)
+            self._cross_trace += trace if rows is rows_dense else _inner(rows_dense, rows, acc)
 
     def finalize(self) -> LayerStats:
         """The sketched statistics so far. ``ValueError`` when nothing was added."""
@@ -705,7 +743,8 @@ class SketchAccumulator(_RowsAccumulator):
         return LayerStats(gram=None, cross=None, dense_gram=None, mean=self._sum / self.count,
                           dense_mean=self._dense_sum / self.count, count=self.count, samples=self.samples,
                           rows=self._fd.result().repeat(1, 1, 2) if self._half else self._fd.result(),
-                          trace=self._trace.clone(),
+                          trace=self._trace.clone(), dense_trace=self._dense_trace.clone(),
+                          cross_trace=self._cross_trace.clone(),
                           exact=self._fd.exact and self.mix == 1,
                           memory=self.memory)
 
@@ -716,6 +755,19 @@ class SketchAccumulator(_RowsAccumulator):
         rows = self._fd.result()
         return InputStats(rows=rows[..., : self.k], count=self.count)
 
+
+def _squared_norms(rows: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``||rows[g]||_F^2`` per group, float64 on the CPU (summed in ``acc``)."""
+    return torch.linalg.vector_norm(rows, dim=(1, 2), dtype=acc).to("cpu", torch.float64) ** 2
+
+
+def _inner(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``<a[g], b[g]>`` per group, float64 on the CPU, by blocks of rows (no full-size temporary)."""
+    total = torch.zeros(a.shape[0], dtype=torch.float64)
+    for start in range(0, a.shape[1], 512):
+        block = a[:, start:start + 512] * b[:, start:start + 512]
+        total += block.sum(dim=(1, 2), dtype=acc).to("cpu", torch.float64)
+    return total
 
 
 def layer_stats(module: nn.Module, inputs: object, *, dense_inputs: object = None,
