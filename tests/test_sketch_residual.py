@@ -101,7 +101,7 @@ _CASES = {"svd", "tt", "cp"}
 def test_sketched_fit_reports_its_true_error_and_fits_better_than_without_the_lost_mass(kind, data):
     """3,000 rows of length 1,024 sketched to ``l`` rows. Measured (docs/benchmarks.md, issue 25):
     reported / true 1.00-1.02 (without the lost mass: 0.00-0.16); the true error 0.9-2 % above the
-    exact-Gram fit's (without: 2-42 %)."""
+    exact-Gram fit's (without: 3-42 %)."""
     noise, decay, ell = data
     x, xt = _rows(3000, noise, decay)
     torch.manual_seed(0)
