@@ -154,12 +154,11 @@ class LayerStats:
                 or self.cross_trace is None):
             return zero, zero.clone(), zero.clone()
         k = self.features
-        rows = self.rows.to(device="cpu", dtype=torch.float64)
-        rd, rc = rows[..., :k], rows[..., k:]
-        lost_c = (self.trace.to(torch.float64) - rc.square().sum(dim=(1, 2))).clamp_min(0)
-        lost_d = (self.dense_trace.to(torch.float64) - rd.square().sum(dim=(1, 2))).clamp_min(0)
+        rd, rc = self.rows[..., :k], self.rows[..., k:]  # views: no float64 copy of the rows
+        lost_c = (self.trace.to(torch.float64) - _squared_norms(rc, torch.float64)).clamp_min(0)
+        lost_d = (self.dense_trace.to(torch.float64) - _squared_norms(rd, torch.float64)).clamp_min(0)
         bound = (lost_c * lost_d).sqrt()
-        lost_x = torch.minimum(torch.maximum(self.cross_trace.to(torch.float64) - (rd * rc).sum(dim=(1, 2)),
+        lost_x = torch.minimum(torch.maximum(self.cross_trace.to(torch.float64) - _inner(rd, rc, torch.float64),
                                              -bound), bound)
         return lost_d / k, lost_x / k, lost_c / k
 
