@@ -209,7 +209,9 @@ def output_error(weight: torch.Tensor, new_weight: torch.Tensor, stats: LayerSta
     ``Y = X W^T + 1 b^T`` is the dense layer's output and ``Y^ = X~ W^^T + 1 b^^T`` the
     replacement's on the compressed model's inputs; a missing bias counts as zero. Computed from
     the Gram matrices as a difference of squared norms, it cannot resolve errors below about
-    ``sqrt(float64 eps) ~ 1e-8``.
+    ``sqrt(float64 eps) ~ 1e-8``. On sketched statistics the rows the sketch lost count as an
+    isotropic residual (:meth:`LayerStats.residual`): ``rho ||W||^2 - 2 rho_x <W, W^> + rho~
+    ||W^||^2`` in the error and ``rho ||W||^2`` in the reference.
     """
     w, w_hat = _check(weight, stats), _check(new_weight, stats, "new_weight")
     n = float(stats.count)
