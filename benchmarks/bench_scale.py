@@ -5,7 +5,7 @@ model file saved here, in a child process of its own; the row reports that child
 peak resident memory (``ru_maxrss`` of exactly that child, from ``os.wait4``) and the 1-minute load
 average before and after. One Markdown table row per case, on stdout (progress on stderr)::
 
-    | case | device | threads | wall | peak RSS | load before → after | exit | command |
+    | case | device | threads | wall | CPU (user + sys) | peak RSS | load before → after | exit | command |
 
 Cases (``--case NAME``, repeatable; default: all):
 
@@ -180,7 +180,8 @@ def run_case(case: Case, *, device: str, threads: int | None, timeout: float, wo
         print(f"[{case.name}] exit {code}: {stderr.strip().splitlines()[-1:] or ''}", file=sys.stderr)
     peak_gb = usage.ru_maxrss / 2**20  # KiB on Linux
     shown = " ".join(shlex.quote(a) for a in ["decompose", case.arch, *case.options, "--device", device])
-    return (f"| {case.name} | {device} | {threads or 'default'} | {wall:.1f} s | {peak_gb:.2f} GB | "
+    cpu = usage.ru_utime + usage.ru_stime  # the child's own CPU seconds: comparable across loads
+    return (f"| {case.name} | {device} | {threads or 'default'} | {wall:.1f} s | {cpu:.1f} s | {peak_gb:.2f} GB | "
             f"{load_before:.1f} → {os.getloadavg()[0]:.1f} | {code} | `{shown}` |")
 
 
@@ -196,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(sorted(CASES)))
         return 0
     names = args.case or list(CASES)
-    print("| case | device | threads | wall | peak RSS | load before → after | exit | command |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| case | device | threads | wall | CPU (user + sys) | peak RSS | load before → after | exit | command |")
+    print("|---|---|---|---|---|---|---|---|---|")
     failed = 0
     with tempfile.TemporaryDirectory(prefix="bench_scale.") as tmp:
         for name in names:
