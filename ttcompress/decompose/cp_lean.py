@@ -14,7 +14,6 @@ References
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -26,7 +25,6 @@ __all__ = [
     "FLOAT32_MIN_WORK",
     "balance_factors",
     "contract_pair",
-    "lean_backend_class",
     "lean_mttkrp",
     "slice_svd_upper_bound",
     "svd_init_bytes",
@@ -89,61 +87,6 @@ def lean_mttkrp(tensor: torch.Tensor, cp_tensor: Any, mode: int) -> torch.Tensor
     if weights is not None:
         result = result * weights.reshape(1, -1)
     return result
-
-
-@functools.cache
-def lean_backend_class() -> type:
-    """TensorLy tensor-algebra backend class: "core" with a cached, memory-lean MTTKRP.
-
-    Built on first use (no import-time registration). Modes 0 and 1 (the channel modes) use
-    :func:`lean_mttkrp`. For a 4-way tensor the updates of the two small spatial modes share
-    ``T x_0 U_0 x_1 U_1`` (the dimension-tree idea of Phan, Tichavsky & Cichocki, IEEE TSP
-    61(19), 2013), so one ALS sweep needs three large matrix products instead of four.
-    """
-    from tensorly.tenalg.core_tenalg import CoreTenalgBackend
-
-    class _LeanMTTKRPBackend(CoreTenalgBackend, backend_name="ttcompress-lean-mttkrp"):
-        def __init__(self) -> None:
-            super().__init__()
-            self._cache: dict[
-                tuple[int, ...], tuple[tuple[Any, ...], torch.Tensor]
-            ] = {}
-
-        def _shared(
-            self, tensor: torch.Tensor, factors: Any, pair: tuple[int, int]
-        ) -> torch.Tensor:
-            # contraction of `tensor` with the factors of `pair`, summed over those modes;
-            # result has the two other modes and R, cached while tensor and factors are unchanged
-            key_objs = (tensor, factors[pair[0]], factors[pair[1]])
-            versions = tuple(t._version for t in key_objs)
-            hit = self._cache.get(pair)
-            if hit is not None:
-                objs, value = hit
-                if (
-                    all(a is b for a, b in zip(objs[:3], key_objs))
-                    and objs[3] == versions
-                ):
-                    return value
-            value = contract_pair(tensor, factors, pair)
-            self._cache[pair] = ((*key_objs, versions), value)
-            return value
-
-        def unfolding_dot_khatri_rao(
-            self, tensor: Any, cp_tensor: Any, mode: int
-        ) -> Any:
-            weights, factors = cp_tensor
-            if tensor.ndim != 4 or mode in (0, 1):
-                return lean_mttkrp(tensor, cp_tensor, mode)
-            shared = self._shared(tensor, factors, (0, 1))  # (R, n2, n3)
-            if mode == 2:  # sum over mode 3
-                result = torch.bmm(shared, factors[3].T.unsqueeze(-1)).squeeze(-1).T
-            else:  # sum over mode 2
-                result = torch.bmm(factors[2].T.unsqueeze(1), shared).squeeze(1).T
-            if weights is not None:
-                result = result * weights.reshape(1, -1)
-            return result
-
-    return _LeanMTTKRPBackend
 
 
 def contract_pair(
