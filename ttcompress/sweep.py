@@ -489,7 +489,7 @@ def _decomposed(run: _SweepRun, setting: SweepSetting, plan: Plan, work: Path, h
     run.say(f"{head}: decomposing" + (f", calibrated on {run.calib_info['samples']} samples" if run.calib_info else ""))
     with named_calibration(run.calib_info):
         model = compress_with_report(copy.deepcopy(run.base_model), plan, calib_data=run.calib,
-                                     calib_memory=run.calib_memory).model
+                                     calib_memory=run.calib_memory, device=run.config.device).model
     calibration = {"used": run.calib_info is not None, **(run.calib_info or {})}
     save(model, decomposed, info={"plan": plan.to_dict(), "sweep_setting": dataclasses.asdict(setting),
                                   "calibration": calibration})
