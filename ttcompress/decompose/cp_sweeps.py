@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 import torch
 
-from ttcompress.decompose.cp_lean import contract_pair, lean_mttkrp
+from ttcompress.decompose.cp_lean import Operands, contract_pair, lean_mttkrp
 
 __all__ = ["DIRECT_ERROR_BELOW", "als_sweeps", "cp_reconstruct"]
 
@@ -60,13 +60,14 @@ def cp_reconstruct(factors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> to
 
 
 def _mttkrp(target: torch.Tensor, factors: list[torch.Tensor], mode: int,
-            shared: dict[str, torch.Tensor]) -> torch.Tensor:
+            shared: dict[str, torch.Tensor], operands: Operands) -> torch.Tensor:
     """``unfold(target, mode) @ khatri_rao(others)``; the spatial modes of a 4-way tensor share
-    ``T x_0 A_0 x_1 A_1``, formed for mode 2 and reused for mode 3 (``shared``)."""
+    ``T x_0 A_0 x_1 A_1``, formed for mode 2 and reused for mode 3 (``shared``); ``operands``
+    keeps the target's unfoldings for the whole run."""
     if target.ndim != 4 or mode in (0, 1):
-        return lean_mttkrp(target, (None, factors), mode)
+        return lean_mttkrp(target, (None, factors), mode, operands)
     if mode == 2:
-        shared["pair"] = contract_pair(target, factors, (0, 1))  # (R, n2, n3)
+        shared["pair"] = contract_pair(target, factors, (0, 1), operands)  # (R, n2, n3)
         return torch.bmm(shared["pair"], factors[3].T.unsqueeze(-1)).squeeze(-1).T
     pair = shared.pop("pair")
     return torch.bmm(factors[2].T.unsqueeze(1), pair).squeeze(1).T
@@ -82,7 +83,10 @@ def _solve(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 def _squared_error(norm2: float, grams: list[torch.Tensor], mttkrp: torch.Tensor, factor: torch.Tensor) -> float:
     """``||T - T^||^2`` from the Gram matrices and the MTTKRP ``M_n`` of the mode whose factor is ``factor``."""
-    model2 = float(torch.stack(grams).prod(dim=0).sum())
+    product = grams[0].clone()
+    for g in grams[1:]:
+        product.mul_(g)
+    model2 = float(product.sum())
     inner = float((mttkrp * factor).sum())
     return norm2 - 2.0 * inner + model2
 
@@ -106,14 +110,15 @@ def als_sweeps(target: torch.Tensor, factors: list[torch.Tensor], n_iter_max: in
     norm2 = float(target.square().sum())
     grams = [f.T @ f for f in factors]
     shared: dict[str, torch.Tensor] = {}
-    mttkrp = _mttkrp(target, factors, 0, shared)
+    operands: Operands = {}
+    mttkrp = _mttkrp(target, factors, 0, shared, operands)
     if watch(0, _error(target, norm2, factors, _squared_error(norm2, grams, mttkrp, factors[0]))):
         return factors, 0
     sweep = 0
     for sweep in range(1, n_iter_max + 1):  # noqa: B007
         for mode in range(len(factors)):
             if mode or sweep > 1:
-                mttkrp = _mttkrp(target, factors, mode, shared)
+                mttkrp = _mttkrp(target, factors, mode, shared, operands)
             others = [g for m, g in enumerate(grams) if m != mode]
             v = others[0]
             for g in others[1:]:
