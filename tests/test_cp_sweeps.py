@@ -33,14 +33,14 @@ def test_sweeps_follow_tensorly_parafac(shape, rank):
     start = svd_start(kernel, rank, seed=0)
     ref, ref_errors = _parafac(kernel, [f.clone() for f in start], 12)
     errors: list[float] = []
-    got, sweeps = als_sweeps(kernel, start, 12, lambda _i, e: errors.append(e) and False)
+    got, sweeps, final = als_sweeps(kernel, start, 12, lambda _i, e: errors.append(e) and False)
     assert sweeps == 12
     for a, b in zip(got, ref):  # same iterates, to rounding (Cholesky instead of LU)
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
     # the same errors, and every error is the true one of its factors (checked for the last, densely)
     assert errors == pytest.approx(ref_errors, rel=1e-9, abs=1e-12)
     true = float((cp_reconstruct(got) - kernel).norm())
-    assert errors[-1] == pytest.approx(true, rel=1e-9)
+    assert errors[-1] == pytest.approx(true, rel=1e-9) and final == pytest.approx(true, rel=1e-9)
 
 
 def test_small_errors_are_measured_on_the_reconstruction():
@@ -50,3 +50,15 @@ def test_small_errors_are_measured_on_the_reconstruction():
     true = float((fit.to_tensor() - exact).norm() / exact.norm())
     assert fit.rel_error < 1e-6
     assert fit.rel_error == pytest.approx(true, rel=1e-6, abs=1e-12)  # no cancellation noise of ~1e-8
+
+
+def test_cp_error_curve_is_reused_while_the_weight_is_unchanged():
+    from ttcompress.formats import cp as cp_format
+
+    w = torch.randn(8, 6, 3, 3)
+    first = cp_format.cp_error_curve(w, 20)
+    assert cp_format.cp_error_curve(w, 12) == first[:12]  # served from the cache
+    assert cp_format._error_curve(w, 20) == first
+    with torch.no_grad():
+        w.mul_(0.5).add_(torch.randn(8, 6, 3, 3))  # changed in place: computed again
+    assert cp_format.cp_error_curve(w, 20) == cp_format._error_curve(w, 20) != first

@@ -369,9 +369,9 @@ def _als_run(
             report(iteration, error, improvement)
         return len(errors) >= 2 and (improvement < tol or error == 0.0)
 
-    factors, n_iter = als_sweeps(target, _start(target, rank, init, seed), n_iter_max, watch)
-    finite = math.isfinite(errors[-1]) and all(bool(torch.isfinite(f).all()) for f in factors)
-    return (errors[-1] if finite else math.inf), factors, n_iter
+    factors, n_iter, error = als_sweeps(target, _start(target, rank, init, seed), n_iter_max, watch)
+    finite = math.isfinite(error) and all(bool(torch.isfinite(f).all()) for f in factors)
+    return (error if finite else math.inf), factors, n_iter
 
 
 def _report(

@@ -13,8 +13,8 @@ taken out of it:
 * the error of the start comes from the first MTTKRP (``||T - T^||^2 = ||T||^2 - 2 <T, T^> +
   ||T^||^2``, the inner product from ``M_0`` and ``A_0``), where ``parafac`` reconstructed the
   dense tensor once per run, and so does every later error (from the last mode's MTTKRP, as in
-  ``parafac``); only a squared relative error below :data:`DIRECT_ERROR_BELOW`, where that
-  difference cancels, is measured on the reconstruction.
+  ``parafac``); only the result's error, when its square is below :data:`DIRECT_ERROR_BELOW`
+  (where that difference cancels), is measured on the reconstruction.
 
 The iterates are those of ``parafac`` with ``normalize_factors=False`` (up to rounding: the
 tests compare both). The MTTKRPs are :func:`~ttcompress.decompose.cp_lean.lean_mttkrp` and, for
@@ -91,20 +91,25 @@ def _squared_error(norm2: float, grams: list[torch.Tensor], mttkrp: torch.Tensor
     return norm2 - 2.0 * inner + model2
 
 
-def _error(target: torch.Tensor, norm2: float, factors: list[torch.Tensor], sq: float) -> float:
-    """Relative error from the formula's squared error ``sq``, or from the reconstruction where it is small."""
+def _final_error(target: torch.Tensor, norm2: float, factors: list[torch.Tensor], sq: float) -> float:
+    """Relative error of the result: from the formula's squared error ``sq``, or from the
+    reconstruction where that is below :data:`DIRECT_ERROR_BELOW` (cancellation)."""
+    if not math.isfinite(sq):
+        return math.inf
     if sq / norm2 < DIRECT_ERROR_BELOW:
         sq = float((cp_reconstruct(factors) - target).square().sum())
     return math.sqrt(max(sq, 0.0) / norm2)
 
 
 def als_sweeps(target: torch.Tensor, factors: list[torch.Tensor], n_iter_max: int,
-               watch: Watch) -> tuple[list[torch.Tensor], int]:
-    """Run up to ``n_iter_max`` ALS sweeps on ``target`` from ``factors``; ``(factors, sweeps run)``.
+               watch: Watch) -> tuple[list[torch.Tensor], int, float]:
+    """Run up to ``n_iter_max`` ALS sweeps on ``target`` from ``factors``; ``(factors, sweeps run,
+    relative error)``.
 
     ``factors`` (one ``(n_m, R)`` matrix per mode, on ``target``'s device and dtype) are not
-    modified. ``watch(iteration, rel_error)`` is called at the start and after every sweep; the
-    run stops when it returns True.
+    modified. ``watch(iteration, rel_error)`` is called at the start and after every sweep with
+    the error from the formula (``parafac``'s, noise ~1e-8 near zero); the run stops when it
+    returns True. The returned error is the result's, measured on the reconstruction where small.
     """
     factors = [f.clone() for f in factors]
     norm2 = float(target.square().sum())
@@ -112,8 +117,10 @@ def als_sweeps(target: torch.Tensor, factors: list[torch.Tensor], n_iter_max: in
     shared: dict[str, torch.Tensor] = {}
     operands: Operands = {}
     mttkrp = _mttkrp(target, factors, 0, shared, operands)
-    if watch(0, _error(target, norm2, factors, _squared_error(norm2, grams, mttkrp, factors[0]))):
-        return factors, 0
+    sq = _squared_error(norm2, grams, mttkrp, factors[0])
+    start = _final_error(target, norm2, factors, sq)  # as parafac: exact where small (a warm start)
+    if watch(0, start):
+        return factors, 0, start
     sweep = 0
     for sweep in range(1, n_iter_max + 1):  # noqa: B007
         for mode in range(len(factors)):
@@ -129,6 +136,6 @@ def als_sweeps(target: torch.Tensor, factors: list[torch.Tensor], n_iter_max: in
         if not math.isfinite(sq):
             watch(sweep, math.inf)
             break
-        if watch(sweep, _error(target, norm2, factors, sq)):
+        if watch(sweep, math.sqrt(abs(sq) / norm2)):
             break
-    return factors, sweep
+    return factors, sweep, _final_error(target, norm2, factors, sq)
