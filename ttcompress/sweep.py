@@ -540,7 +540,8 @@ def _decomposed(run: _SweepRun, setting: SweepSetting, plan: Plan, work: Path, h
     run.say(f"{head}: decomposing" + (f", calibrated on {run.calib_info['samples']} samples" if run.calib_info else ""))
     # the one pipeline, as decompose runs it: forward-checked, the plan, calibration and source recorded
     options = CompressOptions(plan=plan, calib_data=run.calib, calib_memory=run.calib_memory,
-                              calib_info=run.calib_info, check_input=AUTO_CHECK, source=run.baseline)
+                              calib_info=run.calib_info, check_input=AUTO_CHECK, source=run.baseline,
+                              device=run.config.device)
     model = run_compress(copy.deepcopy(run.base_model), options).model
     save(model, decomposed, info={"sweep_setting": dataclasses.asdict(setting)})
     accuracy_before = run.evaluate(model)

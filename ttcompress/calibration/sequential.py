@@ -28,7 +28,6 @@ from ttcompress.modtree import eval_mode, replace_module
 from ttcompress.calibration.collector import StatsCollector
 from ttcompress.inputs import call_model, main_tensor, take_rows
 from ttcompress.calibration.fit import FitResult, output_error
-from ttcompress.calibration.progress import report_batch
 from ttcompress.calibration.reconstruct import dense_weight, effective_bias
 from ttcompress.calibration.stats import MAX_POSITIONS, LayerStats
 

@@ -56,7 +56,6 @@ from ttcompress.calibration.collector import StatsCollector
 from ttcompress.calibration.stats import MAX_POSITIONS, InputStats
 from ttcompress.formats import DENSE, LayerDecision, get_format
 from ttcompress.formats.base import Ladder
-from ttcompress.inputs import call_model
 
 __all__ = ["MIN_LAYER_RATIO", "Slot", "allocate", "greedy", "input_grams", "whitened"]
 

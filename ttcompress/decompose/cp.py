@@ -5,26 +5,26 @@ terms (Lebedev et al. 2015, eq. 2)::
 
     K[o, c, y, x] ~= sum_r  U_out[o, r] * U_in[c, r] * U_kh[y, r] * U_kw[x, r]
 
-The fit is TensorLy's :func:`tensorly.decomposition.parafac` (Kolda & Bader 2009, ALS) run on the
-PyTorch backend inside :func:`tensorly.backend_context` -- no global backend is ever set.
+The fit is ALS (Kolda & Bader 2009) in :func:`ttcompress.decompose.cp_sweeps.als_sweeps`: the
+iterates of TensorLy's ``parafac`` (which it replaced; the tests compare both), with each Gram
+matrix formed once per sweep, Cholesky solves and no dense reconstruction for the errors (half
+the time per sweep on resnet50-sized kernels, docs/benchmarks.md "Data-free at real size").
 
 Memory
 ------
-Each ALS step needs an MTTKRP (matricised tensor times Khatri-Rao product). TensorLy's default
-("core") tensor-algebra backend forms the Khatri-Rao product of the three other factors
-explicitly: for the ``kh`` mode of a 512x512x3x3 kernel at rank 256 that is a 786432x256 float64
-matrix (1.6 GB) and several seconds per step. Its "einsum" backend is fast only when ``opt_einsum``
-is installed; without it ``torch.einsum`` contracts left to right and first forms the
-``tensor x weights`` outer product (4.8 GB for the same kernel; measured here: ~10 GB peak and
-50 s per step). We therefore run ``parafac`` inside a tensor-algebra backend context (an
-instance of a "core" backend subclass, passed to ``tensorly.tenalg.backend_context``) whose
-MTTKRP contracts the largest other mode first with one compute-bound matrix product and then the
-small modes, holding at most ``numel / n_max * R`` extra numbers (1.2 M for the kernel above),
-and shares ``K x_0 U_out x_1 U_in`` between the two spatial modes: three large matrix products
-per ALS sweep and well under 1 GB in all (docs/benchmarks.md). When the updated mode is itself
-the largest (the 1,024-channel mode of a 128x1024x64x1 kernel), the Khatri-Rao product of the
-other factors is the smaller intermediate and is formed instead; products above ~1e9
-multiply-adds run in float32 (:data:`ttcompress.decompose.cp_lean.FLOAT32_MIN_WORK`).
+Each ALS step needs an MTTKRP (matricised tensor times Khatri-Rao product). Forming the
+Khatri-Rao product of the three other factors explicitly (TensorLy's default) costs, for the
+``kh`` mode of a 512x512x3x3 kernel at rank 256, a 786432x256 float64 matrix (1.6 GB) and
+several seconds per step; ``torch.einsum`` without ``opt_einsum`` first forms the ``tensor x
+weights`` outer product (~10 GB measured). The MTTKRP here
+(:func:`ttcompress.decompose.cp_lean.lean_mttkrp`) contracts the largest other mode first with
+one compute-bound matrix product and then the small modes, holding at most ``numel / n_max * R``
+extra numbers (1.2 M for the kernel above), and shares ``K x_0 U_out x_1 U_in`` between the two
+spatial modes: three large matrix products per ALS sweep and well under 1 GB in all
+(docs/benchmarks.md). When the updated mode is itself the largest (the 1,024-channel mode of a
+128x1024x64x1 kernel), the Khatri-Rao product of the other factors is the smaller intermediate
+and is formed instead; products above ~1e9 multiply-adds run in float32
+(:data:`ttcompress.decompose.cp_lean.FLOAT32_MIN_WORK`).
 
 References
 ----------
@@ -50,14 +50,14 @@ from typing import Any, Literal
 
 import torch
 
-from ttcompress.decompose._threads import SMALL_WORK, few_threads
+from ttcompress.decompose._threads import few_threads
 from ttcompress.decompose.cp_lean import (
     balance_factors,
-    lean_backend_class,
     slice_svd_upper_bound,
     svd_init_bytes,
     svd_start,
 )
+from ttcompress.decompose.cp_sweeps import als_sweeps, cp_reconstruct
 
 __all__ = [
     "CPDecomposition",
@@ -158,21 +158,6 @@ def cp_progress(progress: ProgressFn | None) -> Iterator[None]:
         yield
     finally:
         _PROGRESS.reset(token)
-
-
-def cp_reconstruct(
-    factors: tuple[torch.Tensor, ...] | list[torch.Tensor],
-) -> torch.Tensor:
-    """Rebuild the 4-D kernel from ``(out, in, kh, kw)`` CP factors (weights absorbed).
-
-    Forms ``U_out @ khatri_rao(U_in, U_kh, U_kw).T`` -- memory ``numel(K) + C_in*kh*kw*R``.
-    """
-    a, b, c, d = factors
-    rank = a.shape[1]
-    kr = (b[:, None, None, :] * c[None, :, None, :] * d[None, None, :, :]).reshape(
-        -1, rank
-    )
-    return (a @ kr.T).reshape(a.shape[0], b.shape[0], c.shape[0], d.shape[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,6 +319,26 @@ def _validate(
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
 
 
+def _random_start(target: torch.Tensor, rank: int, seed: int) -> list[torch.Tensor]:
+    """TensorLy's seeded uniform start (``parafac(init="random")``), on ``target``'s device and dtype."""
+    import tensorly as tl
+    from tensorly.random import random_cp
+
+    with tl.backend_context("pytorch", local_threadsafe=True):
+        _weights, factors = random_cp(tuple(target.shape), rank, normalise_factors=False,
+                                      random_state=tl.check_random_state(seed), **tl.context(target))
+    return list(factors)
+
+
+def _start(target: torch.Tensor, rank: int, init: str | list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """The start's factors on the unit-norm ``target``'s scale (``init``: a resolved name or factors)."""
+    if isinstance(init, list):
+        return init
+    if init == "svd":
+        return svd_start(target, rank, seed)
+    return _random_start(target, rank, seed)
+
+
 def _als_run(
     target: torch.Tensor,
     rank: int,
@@ -343,7 +348,7 @@ def _als_run(
     tol: float,
     report: Callable[[int, float, float], None] | None = None,
 ) -> tuple[float, list[torch.Tensor], int]:
-    """One ``parafac`` run on a unit-norm float64 tensor: (error, factors, n_iter).
+    """One ALS run on a unit-norm float64 tensor: (error, factors, n_iter).
 
     ``init`` is ``"svd"``, ``"random"`` or the start's factors (on the target's scale).
 
@@ -351,50 +356,22 @@ def _als_run(
     ``tol`` relative to the previous error, or on a non-finite error. ``report(iteration,
     rel_error, improvement)`` is called at the start and after every sweep.
     """
-    import tensorly as tl
-    from tensorly.decomposition import parafac
-
     errors: list[float] = []
 
-    def watch(cp_tensor: Any, error: Any) -> bool:
-        errors.append(float(error))
-        if not math.isfinite(errors[-1]):
+    def watch(iteration: int, error: float) -> bool:
+        errors.append(error)
+        if not math.isfinite(error):
             return True  # stop: nothing useful will come of it
         improvement = math.nan
         if len(errors) >= 2:
             improvement = (errors[-2] - errors[-1]) / errors[-2] if errors[-2] > 0 else 0.0
         if report is not None:
-            report(len(errors) - 1, errors[-1], improvement)
-        return len(errors) >= 2 and (improvement < tol or errors[-1] == 0.0)
+            report(iteration, error, improvement)
+        return len(errors) >= 2 and (improvement < tol or error == 0.0)
 
-    with tl.backend_context("pytorch", local_threadsafe=True):
-        if isinstance(init, list):
-            start: Any = tl.cp_tensor.CPTensor((None, init))
-        elif init == "svd":
-            start = tl.cp_tensor.CPTensor((None, svd_start(target, rank, seed)))
-        else:
-            start = "random"
-        with tl.tenalg.backend_context(lean_backend_class()(), local_threadsafe=True):
-            cp, _ = parafac(
-                target,
-                rank,
-                n_iter_max=n_iter_max,
-                init=start,
-                tol=0.0,  # the relative-improvement test is in `watch`
-                random_state=seed,
-                normalize_factors=False,
-                callback=watch,
-                return_errors=True,  # makes parafac compute the error even when tol == 0
-            )
-    weights, factors = cp
-    factors = [f.clone() for f in factors]
-    if weights is not None:
-        factors[0] = factors[0] * weights.reshape(1, -1)
-    if all(bool(torch.isfinite(f).all()) for f in factors):
-        err = float((cp_reconstruct(factors) - target).norm())  # ||target|| == 1
-    else:
-        err = math.inf
-    return err, factors, max(len(errors) - 1, 0)
+    factors, n_iter, error = als_sweeps(target, _start(target, rank, init, seed), n_iter_max, watch)
+    finite = math.isfinite(error) and all(bool(torch.isfinite(f).all()) for f in factors)
+    return (error if finite else math.inf), factors, n_iter
 
 
 def _report(

@@ -14,8 +14,8 @@ References
 
 from __future__ import annotations
 
-import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,7 +26,6 @@ __all__ = [
     "FLOAT32_MIN_WORK",
     "balance_factors",
     "contract_pair",
-    "lean_backend_class",
     "lean_mttkrp",
     "slice_svd_upper_bound",
     "svd_init_bytes",
@@ -44,17 +43,43 @@ FLOAT32_MIN_WORK = 1_000_000_000
 
 
 def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` (2-D), in float32 when it is a float64 product of at least :data:`FLOAT32_MIN_WORK`."""
+    """``a @ b`` (2-D) in float64, computed in float32 when ``a`` is float32 (a cached :func:`_left`)
+    or a float64 product of at least :data:`FLOAT32_MIN_WORK`."""
+    if a.dtype == torch.float32 and b.dtype == torch.float64:
+        return (a @ b.to(torch.float32)).to(torch.float64)
     if a.dtype == torch.float64 and a.shape[0] * a.shape[1] * b.shape[1] >= FLOAT32_MIN_WORK:
         return (a.to(torch.float32) @ b.to(torch.float32)).to(torch.float64)
     return a @ b
 
 
-def lean_mttkrp(tensor: torch.Tensor, cp_tensor: Any, mode: int) -> torch.Tensor:
+#: Left operands of the MTTKRP products of one ALS run, by key (see :func:`_left`).
+Operands = dict[tuple[Any, ...], torch.Tensor]
+
+
+def _left(cache: Operands | None, key: tuple[Any, ...], build: Callable[[], torch.Tensor], rank: int) -> torch.Tensor:
+    """``build()`` (a 2-D view or copy of the tensor), already in float32 when its product with an
+    ``(n, rank)`` factor reaches :data:`FLOAT32_MIN_WORK`; kept in ``cache`` for the next sweep.
+
+    The tensor does not change during a run, so its unfoldings (and their float32 casts: 10 % of a
+    sweep of a 512x256x64x1 kernel at rank 2,060) are made once, holding at most three copies of
+    the tensor (keys ``("unfold", mode)``: ``mode`` first; ``("last", mode)``: ``mode`` last).
+    """
+    if cache is not None and key in cache:
+        return cache[key]
+    a = build()
+    if a.dtype == torch.float64 and a.shape[0] * a.shape[1] * rank >= FLOAT32_MIN_WORK:
+        a = a.to(torch.float32)
+    if cache is not None:
+        cache[key] = a
+    return a
+
+
+def lean_mttkrp(tensor: torch.Tensor, cp_tensor: Any, mode: int, cache: Operands | None = None) -> torch.Tensor:
     """``unfold(tensor, mode) @ khatri_rao(factors, skip=mode)`` without forming the product.
 
     Contracts the largest other mode with one matrix product (result ``numel / n * R``), then
     the remaining modes by broadcasting: same result as TensorLy's MTTKRP, far less memory.
+    ``cache`` (one dict per ALS run on ``tensor``) keeps the unfoldings between calls.
     """
     weights, factors = cp_tensor
     ndim = tensor.ndim
@@ -66,14 +91,16 @@ def lean_mttkrp(tensor: torch.Tensor, cp_tensor: Any, mode: int) -> torch.Tensor
         # to sum over by broadcasting (740 MB for the in-mode of a 128x1024x64x1 kernel at rank 1,411,
         # memory-bound); the Khatri-Rao product of the other factors is n_mode / n_big times smaller
         # and the contraction one compute-bound matrix product
-        kr = factors[others[0]]
+        left = _left(cache, ("unfold", mode),
+                     lambda: torch.movedim(tensor, mode, 0).reshape(tensor.shape[mode], -1), rank)
+        kr = factors[others[0]].to(left.dtype)  # formed in the product's precision
         for m in others[1:]:
-            kr = (kr[:, None, :] * factors[m][None, :, :]).reshape(-1, rank)
-        result = _product(torch.movedim(tensor, mode, 0).reshape(tensor.shape[mode], -1), kr)
+            kr = (kr[:, None, :] * factors[m].to(left.dtype)[None, :, :]).reshape(-1, rank)
+        result = (left @ kr).to(tensor.dtype)
         return result * weights.reshape(1, -1) if weights is not None else result
     # (..., n_big) @ (n_big, R) -> remaining dims in order + R
-    moved = torch.movedim(tensor, big, -1)
-    partial = _product(moved.reshape(-1, tensor.shape[big]), factors[big])
+    left = _left(cache, ("last", big), lambda: torch.movedim(tensor, big, -1).reshape(-1, tensor.shape[big]), rank)
+    partial = _product(left, factors[big])
     rest = [m for m in range(ndim) if m != big]
     partial = partial.reshape(*[tensor.shape[m] for m in rest], rank)
     # multiply the small remaining factors in and sum them out
@@ -91,80 +118,27 @@ def lean_mttkrp(tensor: torch.Tensor, cp_tensor: Any, mode: int) -> torch.Tensor
     return result
 
 
-@functools.cache
-def lean_backend_class() -> type:
-    """TensorLy tensor-algebra backend class: "core" with a cached, memory-lean MTTKRP.
-
-    Built on first use (no import-time registration). Modes 0 and 1 (the channel modes) use
-    :func:`lean_mttkrp`. For a 4-way tensor the updates of the two small spatial modes share
-    ``T x_0 U_0 x_1 U_1`` (the dimension-tree idea of Phan, Tichavsky & Cichocki, IEEE TSP
-    61(19), 2013), so one ALS sweep needs three large matrix products instead of four.
-    """
-    from tensorly.tenalg.core_tenalg import CoreTenalgBackend
-
-    class _LeanMTTKRPBackend(CoreTenalgBackend, backend_name="ttcompress-lean-mttkrp"):
-        def __init__(self) -> None:
-            super().__init__()
-            self._cache: dict[
-                tuple[int, ...], tuple[tuple[Any, ...], torch.Tensor]
-            ] = {}
-
-        def _shared(
-            self, tensor: torch.Tensor, factors: Any, pair: tuple[int, int]
-        ) -> torch.Tensor:
-            # contraction of `tensor` with the factors of `pair`, summed over those modes;
-            # result has the two other modes and R, cached while tensor and factors are unchanged
-            key_objs = (tensor, factors[pair[0]], factors[pair[1]])
-            versions = tuple(t._version for t in key_objs)
-            hit = self._cache.get(pair)
-            if hit is not None:
-                objs, value = hit
-                if (
-                    all(a is b for a, b in zip(objs[:3], key_objs))
-                    and objs[3] == versions
-                ):
-                    return value
-            value = contract_pair(tensor, factors, pair)
-            self._cache[pair] = ((*key_objs, versions), value)
-            return value
-
-        def unfolding_dot_khatri_rao(
-            self, tensor: Any, cp_tensor: Any, mode: int
-        ) -> Any:
-            weights, factors = cp_tensor
-            if tensor.ndim != 4 or mode in (0, 1):
-                return lean_mttkrp(tensor, cp_tensor, mode)
-            shared = self._shared(tensor, factors, (0, 1))  # (R, n2, n3)
-            if mode == 2:  # sum over mode 3
-                result = torch.bmm(shared, factors[3].T.unsqueeze(-1)).squeeze(-1).T
-            else:  # sum over mode 2
-                result = torch.bmm(factors[2].T.unsqueeze(1), shared).squeeze(1).T
-            if weights is not None:
-                result = result * weights.reshape(1, -1)
-            return result
-
-    return _LeanMTTKRPBackend
-
-
 def contract_pair(
-    tensor: torch.Tensor, factors: Any, pair: tuple[int, int]
+    tensor: torch.Tensor, factors: Any, pair: tuple[int, int], cache: Operands | None = None
 ) -> torch.Tensor:
     """``sum_{i_0, i_1} T[i_0, i_1, :, :] U_0[i_0, r] U_1[i_1, r]`` as ``(R, n2, n3)`` (4-way).
 
     The larger channel mode is contracted by one matrix product with a large inner dimension
-    (compute-bound), the other by a broadcast sum over a ``(n, n2 n3, R)`` array.
+    (compute-bound), the other by a broadcast sum over a ``(n, n2 n3, R)`` array. ``cache``: as
+    in :func:`lean_mttkrp`.
     """
     if pair != (0, 1):
         raise ValueError(f"only the channel pair (0, 1) is shared, got {pair}")
     rank = factors[0].shape[1]
     n = tensor.shape
     if n[0] >= n[1]:
-        part = _product(tensor.reshape(n[0], -1).T, factors[0])  # (n1 n2 n3, R)
+        left = _left(cache, ("unfold", 0), lambda: tensor.reshape(n[0], -1), rank).T  # shared with lean_mttkrp
+        part = _product(left, factors[0])  # (n1 n2 n3, R)
         part = part.reshape(n[1], n[2] * n[3], rank)
         part = (part * factors[1][:, None, :]).sum(dim=0)
     else:
-        moved = tensor.transpose(0, 1).reshape(n[1], -1)
-        part = _product(moved.T, factors[1])  # (n0 n2 n3, R)
+        left = _left(cache, ("unfold", 1), lambda: torch.movedim(tensor, 1, 0).reshape(n[1], -1), rank).T
+        part = _product(left, factors[1])  # (n0 n2 n3, R)
         part = part.reshape(n[0], n[2] * n[3], rank)
         part = (part * factors[0][:, None, :]).sum(dim=0)
     return part.T.reshape(rank, n[2], n[3]).contiguous()
