@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ttcompress.modtree import eval_mode
-from ttcompress.errors import UserInputError, refused_input
+from ttcompress.errors import UserInputError
 from ttcompress.checkpoint.usercode import import_callable
 from ttcompress.formats import format_of, layer_classes
 from ttcompress.fsutil import strip_model_suffix
@@ -572,8 +572,7 @@ def report_files(
                 kwargs.update(arch=arch)  # a file that records no arch, or the user named this one
         label = labels[len(taken)] if labels is not None else _label(p, taken)
         taken.add(label)
-        with refused_input():
-            return ModelEntry(label=label, model=load(p, **kwargs), path=p)
+        return ModelEntry(label=label, model=load(p, **kwargs), path=p)
 
     taken: set[str] = set()
     base = entry(baseline, taken)
