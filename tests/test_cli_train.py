@@ -99,7 +99,7 @@ def _nan_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     ("case", "match"),
     [
         ("unknown-data", "unknown dataset 'nosuch'"),
-        ("unknown-arch", "unknown arch 'nosuch'"),
+        ("unknown-arch", "arch (--arch) 'nosuch' is unknown"),
         ("no-root", "needs a data root"),
         ("missing-root", "does not exist"),
         ("classes", "model does not fit mnist-5k: it has 7 outputs but the dataset has 10 classes"),
