@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import torch
 from torch import nn
 from click.testing import CliRunner
 
@@ -161,6 +162,7 @@ def _library_cases(cnn_path: Any) -> list[tuple[Any, str]]:
         (lambda: plan_layers(cnn, tt(ranks=(1, 2, 3, 4, 5, 6, 7, 8, 9))), "tt.ranks"),
         (lambda: plan_layers(cnn, tt(ranks=(1, 2, 2, 1), in_modes=(49, 10), out_modes=(8, 16))), "tt.ranks"),
         (lambda: ttcompress.compress(build_arch("seed-cnn"), Plan(target_ratio=1e9)), "target_ratio"),
+        (lambda: ttcompress.compress(nn.Sequential(nn.Linear(100, 10)), calib_data=torch.randn(4, 7)), "calib_data"),
         (lambda: export_model(nn.Sequential(nn.Linear(4, 2)), cnn_path.with_suffix(".onnx"), format="onnx"), "input_shape"),
         (lambda: build_report(baseline=ModelEntry(label="a", model=nn.Sequential(nn.Linear(4, 2))), models=[],
                               measure_speed=False), "input_shape"),

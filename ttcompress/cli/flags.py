@@ -62,6 +62,7 @@ PLAN_FLAGS: Mapping[str, str] = {
     "teacher_arch_kwargs": "--teacher-arch-kwargs",
     "input_shape": "--input-shape",
     "data": "--data",
+    "calib_data": "--data",
     "seq_len": "--seq-len",
     "tokenizer": "--tokenizer",
 }  # fmt: skip
