@@ -6,7 +6,6 @@ import copy
 import io
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from typer.testing import CliRunner
 
 from ttcompress.compression.allocate import input_grams, whitened
 from ttcompress.cli import app
-from ttcompress.checkpoint.io import get_meta, load, read_header
+from ttcompress.checkpoint.io import get_meta, read_header
 from ttcompress.compression.plan import Plan, TTSettings
 from ttcompress.compression.pipeline import compress, compress_with_report
 from ttcompress.checkpoint.teacher import default_teacher, file_sha256

@@ -185,7 +185,6 @@ def test_a_model_that_cannot_load_is_one_line_even_when_a_source_is_recorded(tmp
     import ttcompress
     from ttcompress.checkpoint.io import read_header
     from ttcompress.checkpoint.models import build_arch
-    from ttcompress.compression.plan import Plan, TTSettings
 
     torch.manual_seed(0)
     dense = tmp_path / "dense.pt"
