@@ -223,7 +223,7 @@ def test_cli_wrong_shape_calibration_data(tmp_path):
     out = tmp_path / "x.pt"
     res = _run("decompose", src, "--trust-pickle", "--format", "svd", "--data", "mnist-5k", "--calib-samples", "8",
                "-o", out)
-    assert res.exit_code == 2 and "calib_data: the model cannot run" in res.stderr, res.stderr
+    assert res.exit_code == 2 and "calib_data (--data): the model cannot run" in res.stderr, res.stderr
     assert not out.exists()
 
 

@@ -186,7 +186,7 @@ def test_errors_exit_2_without_output(cnn_file, tmp_path):
         (["decompose", cnn_file], "--arch"),
         (["decompose", cnn_file, "--arch", "lenet5"], "missing key"),
         (["decompose", cnn_file, "--arch", "seed-cnn", "--arch-kwargs", '{"num_classes": 5}'], "wrong shape"),
-        (["decompose", cnn_file, "--arch", "no-such-arch"], "unknown arch"),
+        (["decompose", cnn_file, "--arch", "no-such-arch"], "arch (--arch) 'no-such-arch' is unknown"),
         (["decompose", cnn_file, "--arch", "seed-cnn", "--arch-kwargs", "{num_classes: 5}"], "--arch-kwargs"),
         (["decompose", cnn_file, "--arch", "seed-cnn", "--tt-ranks", "0"], "--tt-ranks"),
         (["decompose", cnn_file, "--arch", "seed-cnn", "--tt-eps", "1.5"], "--tt-eps"),

@@ -99,7 +99,7 @@ def _nan_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     ("case", "match"),
     [
         ("unknown-data", "unknown dataset 'nosuch'"),
-        ("unknown-arch", "unknown arch 'nosuch'"),
+        ("unknown-arch", "arch (--arch) 'nosuch' is unknown"),
         ("no-root", "needs a data root"),
         ("missing-root", "does not exist"),
         ("classes", "model does not fit mnist-5k: it has 7 outputs but the dataset has 10 classes"),
@@ -185,7 +185,6 @@ def test_a_model_that_cannot_load_is_one_line_even_when_a_source_is_recorded(tmp
     import ttcompress
     from ttcompress.checkpoint.io import read_header
     from ttcompress.checkpoint.models import build_arch
-    from ttcompress.compression.plan import Plan, TTSettings
 
     torch.manual_seed(0)
     dense = tmp_path / "dense.pt"

@@ -11,6 +11,8 @@ from ttcompress.export import ExportError, export_model, merge_to_dense
 from ttcompress.checkpoint.io import load, save, update_meta
 from ttcompress.checkpoint.models import build_arch
 from ttcompress.compression.plan import CPSettings, Plan, TTSettings
+from ttcompress.cli.flags import with_flag
+from ttcompress.errors import InputError
 
 pytest.importorskip("onnxruntime")
 
@@ -101,8 +103,9 @@ def test_bad_options(compressed, tmp_path, kwargs, message) -> None:
 
 def test_input_shape_must_be_known(tmp_path) -> None:
     model = nn.Sequential(nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="input shape is unknown.*--input-shape"):
+    with pytest.raises(InputError, match="input_shape is unknown") as info:
         export_model(model, tmp_path / "m.onnx", format="onnx")
+    assert with_flag(info.value).startswith("input_shape (--input-shape) is unknown")
 
 
 def test_cli_export_onnx_and_bad_format(compressed, tmp_path) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import torch
 from torch import nn
 from click.testing import CliRunner
 
@@ -84,6 +85,98 @@ def test_a_bad_plan_file_value_is_one_line(cnn_file, tmp_path) -> None:
         plan = tmp_path / "plan.yaml"
         plan.write_text(text)
         _one_error_line(runner.invoke(inspect, [str(cnn_file), "--arch", "seed-cnn", "--plan", str(plan)]), match)
+
+
+# ---- values interpreted by the library (an architecture, a plan against the model): the same typed error ------
+#: Bad values found only where the library interprets them (building an architecture through a third-party
+#: constructor, fitting a plan to a model's layers): every command answers them with the flag, exit 2.
+BAD_MODEL_VALUES = [
+    (["--arch", "nope"], "arch (--arch) 'nope' is unknown"),
+    (["--arch", "torchvision:nope"], "arch (--arch) names an unknown torchvision model"),
+    (["--arch", "json:dumps"], "arch_kwargs (--arch-kwargs) {} do not fit arch 'json:dumps'"),
+    (["--arch", "seed-cnn", "--arch-kwargs", '{"bogus": 1}'], "arch_kwargs (--arch-kwargs) {'bogus': 1"),
+    (["--arch", "seed-cnn", "--arch-kwargs", '{"input_size": 3}'], "input_size must be a positive multiple of 4"),
+    (["--arch", "seed-fc3", "--arch-kwargs", '{"hidden": [-1]}'], "arch_kwargs (--arch-kwargs)"),
+    (["--arch", "torchvision:resnet18", "--arch-kwargs", '{"weights": "nope"}'], "arch_kwargs (--arch-kwargs)"),
+]
+BAD_PLAN_FITS = [  # each valid alone, not for this model's layers
+    (["--arch", "seed-cnn", "--set", "tt.ranks=[1,2,3,4,5,6,7,8,9]"], "tt.ranks (--tt-ranks) (1, 2, 3, 4, 5, 6, 7, 8, 9) do not fit"),
+    (["--arch", "seed-cnn", "--set", "tt.ranks=[1,2,2,1]", "--set", "tt.in_modes=[49,10]", "--set", "tt.out_modes=[8,16]",
+      "--layers", "classifier.1"], "tt.ranks (--tt-ranks) (1, 2, 2, 1) do not fit layer 'classifier.1'"),
+    (["--arch", "seed-cnn", "--target-ratio", "1e9"], "target_ratio (--target-ratio) 1e+09 is out of reach"),
+]
+
+
+def test_values_the_library_interprets_are_one_line_exit_2_in_every_command(cnn_file, tmp_path) -> None:
+    """An architecture or a plan that does not fit is refused by the library with a typed error: every
+    command that takes it answers with the flag and exit 2, and writes nothing (no caller wraps it)."""
+    out = tmp_path / "out"
+    for command, extra in [("inspect", []), ("decompose", ["-o", str(out)]), ("decompose", ["--dry-run"])]:
+        for args, match in [*BAD_MODEL_VALUES, *BAD_PLAN_FITS]:
+            _one_error_line(runner.invoke(load_command(command), [str(cnn_file), *args, *extra]), match)
+    for args, match in BAD_MODEL_VALUES[::3]:
+        for command, argv in [("train", [*args, "--data", "mnist-5k", "-o", str(out)]),
+                              ("finetune", [str(cnn_file), *args, "--data", "mnist-5k", "-o", str(out)]),
+                              ("sweep", [str(cnn_file), *args, "--data", "mnist-5k", "--tt-ranks", "4", "-o", str(out)]),
+                              ("report", [str(cnn_file), str(cnn_file), *args, "--data", "none", "--input-shape", "1,28,28"])]:
+            _one_error_line(runner.invoke(load_command(command), argv), match)
+    teacher = ["finetune", str(cnn_file), "--arch", "seed-cnn", "--data", "mnist-5k", "--teacher", str(cnn_file), "-o", str(out)]
+    _one_error_line(runner.invoke(load_command("finetune"), [*teacher[1:], "--teacher-arch", "nope"]),
+                    "teacher_arch (--teacher-arch) 'nope' is unknown")
+    _one_error_line(runner.invoke(load_command("finetune"), [*teacher[1:], "--teacher-arch", "seed-cnn", "--teacher-arch-kwargs",
+                                                             '{"bogus": 1}']), "teacher_arch_kwargs (--teacher-arch-kwargs)")
+    for args, match in [(["--tt-ranks", "4", "--set", "tt.in_modes=[7,7]"], "layer 'classifier.1' (490 -> 128): in_modes"),
+                        (["--target-ratios", "1e9"], "target_ratio (--target-ratio) 1e+09 is out of reach")]:
+        # checked against the baseline before any setting's directory is made
+        sweep = [str(cnn_file), "--arch", "seed-cnn", *args, "--data", "mnist-5k", "-o", str(out)]
+        _one_error_line(runner.invoke(load_command("sweep"), sweep), match)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _library_cases(cnn_path: Any) -> list[tuple[Any, str]]:
+    """(a call of the Python API with a bad value, the parameter its InputError names)."""
+    import ttcompress
+    from ttcompress.checkpoint.teacher import load_teacher
+    from ttcompress.compression.plan import Plan, plan_layers
+    from ttcompress.compression.summary import inspect_file
+    from ttcompress.export import export_model
+    from ttcompress.formats.tt import TTSettings
+    from ttcompress.report.compare import build_report, ModelEntry
+
+    cnn = build_arch("seed-cnn")
+    tt = lambda **kw: Plan(tt=TTSettings(**kw))  # noqa: E731
+    return [
+        (lambda: build_arch("nope"), "arch"), (lambda: build_arch("torchvision:nope"), "arch"),
+        (lambda: build_arch("collections:OrderedDict"), "arch"), (lambda: build_arch(""), "arch"),
+        (lambda: build_arch("seed-cnn", kwargs={"bogus": 1}), "arch_kwargs"),
+        (lambda: build_arch("seed-cnn", kwargs={"input_size": 3}), "arch_kwargs"),
+        (lambda: build_arch("seed-cnn", kwargs={"x": object()}), "arch_kwargs"),
+        (lambda: build_arch("torchvision:resnet18", kwargs={"weights": "nope"}), "arch_kwargs"),
+        (lambda: ttcompress.load(cnn_path, arch="nope"), "arch"),
+        (lambda: ttcompress.load(cnn_path, arch="seed-cnn", arch_kwargs={"bogus": 1}), "arch_kwargs"),
+        (lambda: ttcompress.load(cnn_path, arch=cnn, arch_kwargs={"num_classes": 3}), "arch_kwargs"),
+        (lambda: inspect_file(cnn_path, arch="seed-cnn", arch_kwargs={"input_size": 3}), "arch_kwargs"),
+        (lambda: load_teacher(cnn_path, student=cnn, arch="nope"), "teacher_arch"),
+        (lambda: load_teacher(cnn_path, student=cnn, arch="seed-cnn", arch_kwargs={"bogus": 1}), "teacher_arch_kwargs"),
+        (lambda: load_teacher(cnn_path, student=cnn, arch_kwargs={"num_classes": 3}), "teacher_arch_kwargs"),
+        (lambda: plan_layers(cnn, tt(ranks=(1, 2, 3, 4, 5, 6, 7, 8, 9))), "tt.ranks"),
+        (lambda: plan_layers(cnn, tt(ranks=(1, 2, 2, 1), in_modes=(49, 10), out_modes=(8, 16))), "tt.ranks"),
+        (lambda: ttcompress.compress(build_arch("seed-cnn"), Plan(target_ratio=1e9)), "target_ratio"),
+        (lambda: ttcompress.compress(nn.Sequential(nn.Linear(100, 10)), calib_data=torch.randn(4, 7)), "calib_data"),
+        (lambda: export_model(nn.Sequential(nn.Linear(4, 2)), cnn_path.with_suffix(".onnx"), format="onnx"), "input_shape"),
+        (lambda: build_report(baseline=ModelEntry(label="a", model=nn.Sequential(nn.Linear(4, 2))), models=[],
+                              measure_speed=False), "input_shape"),
+    ]
+
+
+def test_values_the_library_interprets_raise_input_errors_through_the_python_api(cnn_file) -> None:
+    """The same values through the Python API: an InputError naming the parameter, not a bare ValueError
+    or TypeError from a constructor, whoever calls."""
+    for i, (case, param) in enumerate(_library_cases(cnn_file)):
+        with pytest.raises(UserInputError) as info:
+            case()
+        assert isinstance(info.value, InputError) and info.value.param == param, (i, param, info.value)
+        assert flag_for(param) is not None, param  # and the CLI has a flag for it
 
 
 # ---- the Python API: a UserInputError (InputError), never another type ---------------------------------------

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ttcompress.checkpoint.models import build_arch, list_archs
+from ttcompress.errors import UserInputError
 
 
 def n_params(model: nn.Module) -> int:
@@ -76,22 +77,26 @@ def test_torchvision_and_import_path() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "kwargs", "exc", "match"),
+    ("name", "kwargs", "param", "match"),
     [
-        ("resnet9000", None, ValueError, "unknown arch 'resnet9000'; choose from seed-cnn"),
-        ("torchvision:nosuchnet", None, ValueError, "unknown torchvision model"),
-        ("no_such_pkg.mod:fn", None, ValueError, "cannot import"),
-        ("torch.nn:NoSuch", None, ValueError, "no attribute"),
-        ("collections:OrderedDict", None, TypeError, "not an nn.Module"),
-        ("seed-cnn", {"bogus": 1}, ValueError, "bad kwargs"),
-        ("seed-cnn", {"input_size": 30}, ValueError, "input_size"),
-        ("seed-cnn", {"x": object()}, ValueError, "JSON"),
-        ("", None, ValueError, "non-empty"),
+        ("resnet9000", None, "arch", "arch 'resnet9000' is unknown; choose from seed-cnn"),
+        ("torchvision:nosuchnet", None, "arch", "unknown torchvision model"),
+        ("no_such_pkg.mod:fn", None, None, "cannot import"),
+        ("torch.nn:NoSuch", None, None, "no attribute"),
+        ("collections:OrderedDict", None, "arch", "not an nn.Module"),
+        ("seed-cnn", {"bogus": 1}, "arch_kwargs", "do not fit arch 'seed-cnn'.*unexpected keyword argument 'bogus'"),
+        ("seed-cnn", {"input_size": 30}, "arch_kwargs", "input_size"),
+        ("seed-cnn", {"x": object()}, "arch_kwargs", "JSON"),
+        ("torchvision:resnet18", {"weights": "nope"}, "arch_kwargs", "do not fit arch"),  # torchvision's KeyError
+        ("", None, "arch", "non-empty"),
     ],
 )
-def test_bad_arch(name: str, kwargs: dict | None, exc: type[Exception], match: str) -> None:
-    with pytest.raises(exc, match=match):
+def test_bad_arch(name: str, kwargs: dict | None, param: str | None, match: str) -> None:
+    """A bad name or kwargs is a user error (a ValueError) naming the parameter, whatever the builder raised."""
+    with pytest.raises(UserInputError, match=match) as info:
         build_arch(name, kwargs=kwargs)
+    assert isinstance(info.value, ValueError)
+    assert getattr(info.value, "param", None) == param
 
 
 def test_list_archs() -> None:

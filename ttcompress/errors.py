@@ -8,8 +8,7 @@ is also a ``ValueError``, so Python callers that catch ``ValueError`` for bad ar
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 
@@ -61,22 +60,6 @@ class InputError(UserInputError):
 
 class OutputExistsError(TTCompressError, FileExistsError):
     """An output file already exists and overwriting it was not allowed."""
-
-
-@contextlib.contextmanager
-def refused_input() -> Iterator[None]:
-    """Within: a ``ValueError``/``TypeError`` means an option or a file the user named was refused.
-
-    Wrap only calls that interpret user input (parsing options, loading a named model, building
-    a named architecture): their ``ValueError``/``TypeError`` becomes a :class:`UserInputError`
-    (still a ``ValueError``), while one raised by a bug elsewhere stays an internal error.
-    """
-    try:
-        yield
-    except TTCompressError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise UserInputError(str(exc)) from exc
 
 
 class UntrustedCodeError(CheckpointError):

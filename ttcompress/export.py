@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ttcompress.errors import TTCompressError, UserInputError
+from ttcompress.errors import InputError, TTCompressError, UserInputError
 from ttcompress.checkpoint.hf import recorded_hf_arch, restore_conv1d, save_hf_dir
 from ttcompress.layers._export import keep_factors
 from ttcompress.checkpoint.io import atomic_write, get_meta, save, update_meta
@@ -243,10 +243,10 @@ def _input_shape(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[i
     else:
         recorded = get_meta(model)["info"].get("input_shape") or _config_input_shape(model)
         if not recorded:
-            raise UserInputError("the input shape is unknown: the model does not record it; pass it (--input-shape, Python: input_shape=)")
+            raise InputError("input_shape", "is unknown: the model does not record it; pass it")
         shape = tuple(int(s) for s in recorded)
     if not shape or any(s <= 0 for s in shape):
-        raise UserInputError(f"input_shape must be positive sizes, got {shape}")
+        raise InputError("input_shape", f"must be positive sizes, got {shape}")
     return shape
 
 

@@ -41,8 +41,8 @@ from ttcompress._version import __version__
 from ttcompress.calibration.budget import check_calib_memory
 from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES, calib_batches, named_calibration
 from ttcompress.data import DatasetBundle, balanced_subset, check_model_fits
-from ttcompress.errors import DataError, InputError, UserInputError, refused_input
-from ttcompress.compression.plan import Plan
+from ttcompress.errors import DataError, InputError, UserInputError
+from ttcompress.compression.plan import Plan, plan_layers
 from ttcompress.compression.planfile import (
     NONE,
     SHORTHANDS,
@@ -365,9 +365,8 @@ def _check_sweep_inputs(
                         f"(targets: {bundle.targets}); use finetune and report --metric instead")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"sweep output is not a directory: {out}")
-    with refused_input():  # bad plan options fail before any work
-        for setting in settings:
-            setting.plan(base_plan, **dict(plan_options or {}))
+    for setting in settings:  # bad plan options fail before any work
+        setting.plan(base_plan, **dict(plan_options or {}))
 
 
 def run_sweep(
@@ -443,11 +442,12 @@ def run_sweep(
         with named_calibration(calib_info):  # non-finite samples are refused before any work
             for _batch in calib_batches(calib):
                 pass
-    with refused_input():
-        base_model = load(baseline, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs,
-                          trust_code=trust_code)  # read once
+    base_model = load(baseline, trust_pickle=trust_pickle, arch=arch, arch_kwargs=arch_kwargs,
+                      trust_code=trust_code)  # read once
     check_finite_parameters(base_model)
     check_model_fits(base_model, bundle, what=f"baseline {baseline.name!r}")
+    for setting in settings:  # a plan that does not fit the model's layers fails before anything is written
+        plan_layers(base_model, setting.plan(base_plan, **dict(plan_options or {})))
     out.mkdir(parents=True, exist_ok=True)
     run = _SweepRun(
         baseline=baseline, bundle=bundle, config=config, base_plan=base_plan, plan_options=dict(plan_options or {}), out=out, digest=digest,
@@ -614,10 +614,9 @@ def sweep_report(
     load_kwargs: dict[str, Any] = {"trust_pickle": trust_pickle, "trust_code": trust_code}
     if arch is not None:
         load_kwargs.update(arch=arch, arch_kwargs=dict(arch_kwargs) if arch_kwargs else None)
-    with refused_input():
-        base_model = load(baseline, **load_kwargs)
-        teacher_model = None if teacher is None else load_teacher(  # a state dict gets the baseline's arch
-            teacher, student=base_model, student_arch=arch, trust_pickle=trust_pickle, trust_code=trust_code)
+    base_model = load(baseline, **load_kwargs)
+    teacher_model = None if teacher is None else load_teacher(  # a state dict gets the baseline's arch
+        teacher, student=base_model, student_arch=arch, trust_pickle=trust_pickle, trust_code=trust_code)
     results = run_sweep(
         baseline, bundle=bundle, settings=settings, output_dir=out, config=config, base_plan=base_plan,
         plan_options=plan_options, calib_samples=calib_samples, calib_memory=calib_memory, arch=arch,

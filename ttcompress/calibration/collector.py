@@ -30,6 +30,7 @@ from ttcompress.modtree import eval_mode
 from ttcompress.calibration.budget import check_calib_memory, exact_bytes, format_bytes, sketch_bytes
 from ttcompress.calibration.data import calib_batches
 from ttcompress.calibration.progress import report_batch
+from ttcompress.errors import InputError
 from ttcompress.inputs import batch_size_of, call_model, input_mask, main_tensor, move_inputs
 from ttcompress.calibration.stats import (
     MAX_POSITIONS,
@@ -166,7 +167,7 @@ class StatsCollector:
         else:
             batches = list(calib_batches(calib_data, max_samples=max_samples))
         if not batches:
-            raise ValueError("calib_data holds no samples")
+            raise InputError("calib_data", "holds no samples")
         self.batches = [move_inputs(x, self.device) for x in batches] if self.device is not None else batches
         self.max_positions = max_positions
         self.progress = progress

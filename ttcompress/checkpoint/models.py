@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from ttcompress.checkpoint.usercode import import_callable
-from ttcompress.errors import UntrustedCodeError
+from ttcompress.errors import InputError, UntrustedCodeError, short_error
 from ttcompress.checkpoint.hf import HF_ARCH_PREFIX, build_hf_model
 from ttcompress.checkpoint.meta import update_meta
 
@@ -241,27 +241,30 @@ def build_arch(name: str, *, kwargs: Mapping[str, Any] | None = None) -> nn.Modu
 
     Raises
     ------
-    ValueError
-        Unknown name (the message lists the choices), bad kwargs for the builder, or kwargs that
-        are not JSON-serializable.
-    TypeError
-        A ``package.module:callable`` that does not return an ``nn.Module``.
+    InputError
+        ``param="arch"``: not a name, an unknown one (the message lists the choices) or a builder
+        that does not return an ``nn.Module``; ``param="arch_kwargs"``: kwargs that are not
+        JSON-serializable, or that the builder rejects (its ``TypeError``, ``ValueError``,
+        ``KeyError`` or ``AssertionError``: a third-party constructor saying the arguments do not
+        fit it). Both are ValueErrors.
     """
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"arch must be a non-empty str, got {name!r}")
+        raise InputError("arch", f"must be a non-empty str, got {name!r}")
     name = name.strip()
     kw = dict(kwargs or {})
     try:
         json.dumps(kw)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"arch kwargs must be JSON-serializable: {exc}") from exc
+        raise InputError("arch_kwargs", f"must be JSON-serializable: {exc}") from exc
     factory = _resolve(name)
     try:
         model = factory(**copy.deepcopy(kw))
-    except TypeError as exc:
-        raise ValueError(f"bad kwargs {kw} for arch {name!r}: {exc}") from exc
+    except (TypeError, ValueError, KeyError, AssertionError) as exc:  # the builder refused these kwargs
+        if isinstance(exc, InputError):
+            raise
+        raise InputError("arch_kwargs", f"{kw} do not fit arch {name!r}: {short_error(exc, 300)}") from exc
     if not isinstance(model, nn.Module):
-        raise TypeError(f"arch {name!r} returned {type(model).__name__}, not an nn.Module")
+        raise InputError("arch", f"{name!r} returned {type(model).__name__}, not an nn.Module")
     _set_arch_meta(model, {"name": name, "kwargs": kw})
     return model
 
@@ -271,8 +274,10 @@ def resolve_arch(name: str) -> Callable[..., nn.Module]:
 
     Raises
     ------
-    ValueError
-        Unknown name, or a ``package.module:callable`` that cannot be imported.
+    InputError
+        ``param="arch"``: an unknown name.
+    UserInputError
+        A ``package.module:callable`` that cannot be imported.
     """
     return _resolve(name.strip())
 
@@ -326,8 +331,8 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
         available = tvm.list_models(module=tvm)
         if tv_name not in available:
             hint = ", ".join(n for n in available if n.startswith(tv_name[:3].lower()))[:200]
-            raise ValueError(
-                f"unknown torchvision model {tv_name!r}" + (f" (similar: {hint})" if hint else "")
+            raise InputError(
+                "arch", f"names an unknown torchvision model {tv_name!r}" + (f" (similar: {hint})" if hint else "")
                 + "; see torchvision.models.list_models()"
             )
         return lambda **kw: tvm.get_model(tv_name, **kw)
@@ -335,7 +340,7 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
         return functools.partial(build_hf_model, name[len(HF_ARCH_PREFIX):])
     if ":" in name:  # an import path the user named (a name read from a file passed check_arch_trusted)
         return import_callable(name, what="arch")
-    raise ValueError(f"unknown arch {name!r}; choose from {', '.join(list_archs())}")
+    raise InputError("arch", f"{name!r} is unknown; choose from {', '.join(list_archs())}")
 
 
 def _set_arch_meta(model: nn.Module, arch: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ttcompress.errors import ArchRequiredError, CheckpointError, shape_mismatches, short_error
+from ttcompress.errors import ArchRequiredError, CheckpointError, InputError, shape_mismatches, short_error
 from ttcompress.checkpoint.header import check_layer_counts, config_items
 from ttcompress.checkpoint.hf_config import check_label_counts, label_bound
 from ttcompress.checkpoint.meta import ArchSpec, ModelMeta, set_meta
@@ -217,14 +217,14 @@ def skeleton_factory(arch: Any, kwargs: Mapping[str, Any] | None) -> Skeleton | 
     ------
     TypeError
         ``arch`` is none of a str, an ``nn.Module`` or a callable.
-    ValueError
-        ``kwargs`` given with a module instance.
+    InputError
+        ``kwargs`` given with a module instance (``param="arch_kwargs"``).
     """
     if arch is None or isinstance(arch, str):
         return None
     if isinstance(arch, nn.Module):
         if kwargs:
-            raise ValueError("arch_kwargs cannot be given with a module instance as arch")
+            raise InputError("arch_kwargs", "cannot be given with a module instance as arch")
         return functools.partial(copy.deepcopy, arch)
     if callable(arch):
         return functools.partial(_call_arch, arch, dict(kwargs or {}))

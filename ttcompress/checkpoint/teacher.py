@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from ttcompress.errors import ArchRequiredError
+from ttcompress.errors import ArchRequiredError, InputError
 from ttcompress.checkpoint.io import ArchLike, load
 from ttcompress.checkpoint.meta import read_meta
 from ttcompress.checkpoint.models import check_arch_trusted
@@ -175,13 +175,21 @@ def load_teacher(
     ------
     ArchRequiredError
         The teacher file needs an architecture, none is given and the student records none.
+    InputError
+        ``param="teacher_arch"`` or ``"teacher_arch_kwargs"``: ``arch`` unknown, or ``arch_kwargs``
+        that it does not accept (or given without ``arch``).
     UntrustedCodeError
         The student's recorded architecture is an import path the user did not name.
     """
     if arch is not None:
-        return load(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, trust_code=trust_code)
+        try:
+            return load(path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, trust_code=trust_code)
+        except InputError as exc:  # the teacher's architecture: the user's teacher_arch, teacher_arch_kwargs
+            if exc.param not in ("arch", "arch_kwargs"):
+                raise
+            raise InputError(f"teacher_{exc.param}", exc.problem) from exc
     if arch_kwargs is not None:
-        raise ValueError("teacher_arch_kwargs given without teacher_arch")
+        raise InputError("teacher_arch_kwargs", "given without teacher_arch")
     try:
         return load(path, trust_pickle=trust_pickle, trust_code=trust_code)
     except ArchRequiredError:

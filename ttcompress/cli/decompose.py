@@ -47,7 +47,7 @@ from ttcompress.cli.train import DataRootOpt, SeqLenOpt, TokenizerOpt, check_tex
 from ttcompress.data import balanced_subset, load_dataset, text_tokenizer
 from ttcompress.decompose.cp import cp_progress
 from ttcompress.report.evaluation import resolve_device
-from ttcompress.errors import DataError, UserInputError, refused_input
+from ttcompress.errors import DataError, UserInputError
 from ttcompress.compression.dryrun import PlanPreview, preview_plan
 from ttcompress.compression.plan import Plan
 from ttcompress.checkpoint.io import load_checkpoint
@@ -121,9 +121,7 @@ def _decompose_with_progress(model: Path, *, output: Optional[Path], plan: Plan,
     only when the console is a terminal, also with ``--json`` (which concerns stdout only).
     """
     with DecomposeProgress(err if console is None else console) as bars:
-        with cp_progress(bars.cp if bars.enabled else None), calib_progress(bars.stats if bars.enabled else None), \
-                refused_input():
-            # refused_input: a named model that cannot be loaded, a plan that does not fit it
+        with cp_progress(bars.cp if bars.enabled else None), calib_progress(bars.stats if bars.enabled else None):
             if is_blockwise_dir(model) and load.get("arch") is None:  # one transformer block at a time
                 return decompose_sharded(model, output=output, plan=plan, progress=bars.layer, calib_data=calib,
                                          calib_info=calib_info, device=device, calib_memory=calib_memory,
@@ -191,9 +189,8 @@ def decompose(
     kwargs = parse_arch_kwargs(arch_kwargs)
     memory = None if calib_memory is None else check_calib_memory(calib_memory)
     if dry_run:
-        with refused_input():
-            preview = preview_file(model, plan=the_plan, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle,
-                                   trust_code=trust_code)  # fmt: skip
+        preview = preview_file(model, plan=the_plan, arch=arch, arch_kwargs=kwargs, trust_pickle=trust_pickle,
+                               trust_code=trust_code)  # fmt: skip
         if json_:
             out.print_json(json.dumps(preview.to_dict()))
         else:
@@ -208,14 +205,13 @@ def decompose(
                       inputs=[model, plan, *data_inputs(data)])
     resolve_device(device)  # --device cuda without CUDA: one line, before anything is loaded
     note = None
-    with refused_input():
-        if no_calib:
-            calib, calib_info = None, None
-        elif data is not None:
-            calib, calib_info = calibration_set(data, root=data_root, samples=calib_samples, seed=seed,
-                                                tokenizer=text_tokenizer(data, tokenizer, model), seq_len=seq_len)
-        else:
-            calib, calib_info, note = default_calibration(model, root=data_root, samples=calib_samples, seed=seed)
+    if no_calib:
+        calib, calib_info = None, None
+    elif data is not None:
+        calib, calib_info = calibration_set(data, root=data_root, samples=calib_samples, seed=seed,
+                                            tokenizer=text_tokenizer(data, tokenizer, model), seq_len=seq_len)
+    else:
+        calib, calib_info, note = default_calibration(model, root=data_root, samples=calib_samples, seed=seed)
     load = {"arch": arch, "arch_kwargs": kwargs, "trust_pickle": trust_pickle, "trust_code": trust_code}
     result = _decompose_with_progress(model, output=output, plan=the_plan, load=load, calib=calib,
                                       calib_info=calib_info, device=device, calib_memory=memory, overwrite=overwrite)

@@ -40,7 +40,8 @@ __all__ = [
 SET_PARAM = "set"
 
 #: Parameters of the library that a command-line flag sets, other than the formats' settings (which
-#: :func:`format_flags` adds): parameter -> flag.
+#: :func:`format_flags` adds): parameter -> flag. Every command that takes the parameter names it
+#: with the same flag (``arch_kwargs`` is ``--arch-kwargs`` in ``train``, ``decompose``, ``sweep``, ...).
 PLAN_FLAGS: Mapping[str, str] = {
     "target_ratio": "--target-ratio",
     "target_ratios": "--target-ratios",
@@ -55,6 +56,15 @@ PLAN_FLAGS: Mapping[str, str] = {
     "teacher": "--teacher",
     "distill": "--distill",
     SET_PARAM: "--set",
+    "arch": "--arch",
+    "arch_kwargs": "--arch-kwargs",
+    "teacher_arch": "--teacher-arch",
+    "teacher_arch_kwargs": "--teacher-arch-kwargs",
+    "input_shape": "--input-shape",
+    "data": "--data",
+    "calib_data": "--data",
+    "seq_len": "--seq-len",
+    "tokenizer": "--tokenizer",
 }  # fmt: skip
 
 _KINDS: dict[str, type] = {"int": int, "float": float, "str": str}

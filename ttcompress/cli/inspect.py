@@ -27,7 +27,6 @@ from ttcompress.cli.options import (
     parse_arch_kwargs,
     plan_from_flags,
 )
-from ttcompress.errors import refused_input
 from ttcompress.compression.summary import inspect_file
 
 app = command_app()
@@ -64,11 +63,10 @@ def inspect(
         plan=plan, **(format_flags or {}),
         layers=layers, exclude=exclude, target_ratio=target_ratio, formats=formats,
     )
-    with refused_input():  # a named model or plan that cannot be read
-        summary = inspect_file(
-            model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle, trust_code=trust_code,
-            plan=the_plan,
-        )
+    summary = inspect_file(
+        model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle, trust_code=trust_code,
+        plan=the_plan,
+    )
     if json_:
         out.print_json(json.dumps(summary.to_dict()))
         return

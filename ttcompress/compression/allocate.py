@@ -56,6 +56,7 @@ from ttcompress.calibration.collector import StatsCollector
 from ttcompress.calibration.stats import MAX_POSITIONS, InputStats
 from ttcompress.formats import DENSE, LayerDecision, get_format
 from ttcompress.formats.base import Ladder
+from ttcompress.errors import InputError
 
 __all__ = ["MIN_LAYER_RATIO", "Slot", "allocate", "greedy", "input_grams", "whitened"]
 
@@ -237,8 +238,8 @@ def allocate(slots: Sequence[Slot], *, total: int, target_ratio: float,
             (d.params_after if d.skipped is None and d.params_after is not None else d.params_before)
             for d in decisions)
         if fixed_params > budget:
-            raise ValueError(
-                f"target ratio (--target-ratio) {target_ratio:g} is out of reach: rank 1 in every compressible "
+            raise InputError(
+                "target_ratio", f"{target_ratio:g} is out of reach: rank 1 in every compressible "
                 f"layer gives {total / fixed_params:.2f}x ({fixed_params} of {total} params)"
             )
         levels = greedy(ladders, fixed_params, budget)

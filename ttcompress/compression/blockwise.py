@@ -89,7 +89,7 @@ from ttcompress.compression.pipeline import (
     target_device,
 )
 from ttcompress.compression.surgery import as_plan
-from ttcompress.errors import CheckpointError, UserInputError
+from ttcompress.errors import CheckpointError, InputError, UserInputError
 from ttcompress.fsutil import atomic_dir, check_not_inputs, strip_model_suffix
 from ttcompress.inputs import MASK_KEY, call_model, input_mask
 from ttcompress.layer_report import LayerReport, count_params
@@ -433,7 +433,7 @@ def compress_sharded(
         rest = _rest_model(parts, read, where)
         batches = None if calib_data is None else list(calib_batches(calib_data, max_samples=calib_samples))
         if batches is not None and not batches:
-            raise ValueError("calib_data holds no samples")
+            raise InputError("calib_data", "holds no samples")
         streams = _capture(rest, parts, batches) if batches else None
         count = parts.count
         written = _Written({}, [], {})

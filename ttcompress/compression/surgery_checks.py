@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ttcompress.calibration.data import calib_batches
-from ttcompress.errors import UserInputError
+from ttcompress.errors import InputError, UserInputError
 from ttcompress.formats import DENSE
 from ttcompress.formats.structure import Preparation, finish_model, parent_reason
 from ttcompress.inputs import call_model, main_tensor, take_rows
@@ -81,19 +81,19 @@ def calibration_batches(model: nn.Module, calib_data: Any, calib_samples: int | 
         return None
     batches = list(calib_batches(calib_data, max_samples=calib_samples))
     if not batches:
-        raise ValueError("calib_data holds no samples")
+        raise InputError("calib_data", "holds no samples")
     check_calib_fits(model, batches[0])
     return batches
 
 
 def check_calib_fits(model: nn.Module, batch: Any) -> None:
-    """``ValueError`` naming ``calib_data`` when ``model`` cannot run on its inputs (one eval pass, 2 samples)."""
+    """:class:`InputError` naming ``calib_data`` when ``model`` cannot run on its inputs (one eval pass, 2 samples)."""
     try:
         with eval_mode(model), torch.no_grad():
             call_model(model, take_rows(batch, 2))
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"calib_data: the model cannot run on inputs of shape {tuple(main_tensor(batch).shape[1:])} "
+        raise InputError("calib_data", f": the model cannot run on inputs of shape {tuple(main_tensor(batch).shape[1:])} "
                          f"per sample: {first[:200]}") from None
 
 

@@ -142,13 +142,19 @@ class TTFormat(CompressionFormat):
             if d_eff is not None and d_eff > max_num_cores(in_f, out_f):
                 return self.dense_decision(module, name, f"{in_f}x{out_f} is too small for {d_eff} TT cores "
                                            f"(at most {max_num_cores(in_f, out_f)})", aliases)
-            sug_in, sug_out = choose_modes(in_f, out_f, d=d_eff, ranks=score if score is not None else DEFAULT_TT_RANKS)
+            try:
+                sug_in, sug_out = choose_modes(in_f, out_f, d=d_eff, ranks=score if score is not None else DEFAULT_TT_RANKS)
+            except (TypeError, ValueError) as exc:  # a full ranks tuple that does not fit this layer's cores
+                raise InputError("tt.ranks", f"{score!r} do not fit layer {name!r} ({in_f} -> {out_f}): {exc}") from None
             in_modes, out_modes = in_modes or sug_in, out_modes or sug_out
         try:
             in_modes = validate_modes(in_modes, in_f, name="in_modes")
             out_modes = validate_modes(out_modes, out_f, name="out_modes", d=len(in_modes))
         except (TypeError, ValueError) as exc:
             raise InputError(f"layer {name!r}", f"({in_f} -> {out_f}): {exc}") from None
+        if isinstance(ranks, Sequence) and len(ranks) != len(in_modes) + 1:
+            raise InputError("tt.ranks", f"{tuple(ranks)!r} do not fit layer {name!r} ({in_f} -> {out_f}): "
+                             f"{len(in_modes)} cores need {len(in_modes) + 1} entries (1, r_1, ..., 1)")
         options: dict[str, Any] = {"ranks": list(ranks) if isinstance(ranks, tuple) else ranks, "eps": eps,
                                    "in_modes": list(in_modes), "out_modes": list(out_modes)}
         if len(in_modes) < 2:

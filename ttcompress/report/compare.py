@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ttcompress.modtree import eval_mode
-from ttcompress.errors import UserInputError, refused_input
+from ttcompress.errors import InputError, UserInputError
 from ttcompress.checkpoint.usercode import import_callable
 from ttcompress.formats import format_of, layer_classes
 from ttcompress.fsutil import strip_model_suffix
@@ -268,9 +268,7 @@ def _input_shape(model: nn.Module, data: Any | None, input_shape: Sequence[int] 
     shape = read_meta(model).info.get("input_shape")
     if shape:
         return tuple(int(s) for s in shape)
-    raise UserInputError(
-        "the input shape is unknown: the baseline does not record one; pass data or the input shape (--input-shape)"
-    )
+    raise InputError("input_shape", "is unknown: the baseline does not record one; pass data or the input shape")
 
 
 def build_report(
@@ -572,8 +570,7 @@ def report_files(
                 kwargs.update(arch=arch)  # a file that records no arch, or the user named this one
         label = labels[len(taken)] if labels is not None else _label(p, taken)
         taken.add(label)
-        with refused_input():
-            return ModelEntry(label=label, model=load(p, **kwargs), path=p)
+        return ModelEntry(label=label, model=load(p, **kwargs), path=p)
 
     taken: set[str] = set()
     base = entry(baseline, taken)

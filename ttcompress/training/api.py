@@ -12,7 +12,7 @@ from torch import nn
 
 from ttcompress.checkpoint import io as tio
 from ttcompress.data import DatasetBundle, load_dataset, text_tokenizer
-from ttcompress.errors import UserInputError, refused_input
+from ttcompress.errors import UserInputError
 from ttcompress.fsutil import check_not_inputs
 from ttcompress.checkpoint.models import build_arch
 from ttcompress.checkpoint.teacher import load_teacher
@@ -105,13 +105,11 @@ def train_arch(
     cfg = config or TrainConfig()
     bundle = load_dataset(data, root=data_root, download=download, image_size=image_size)
     torch.manual_seed(cfg.seed)
-    with refused_input():
-        model = build_arch(arch, kwargs=fit_arch_kwargs(arch, arch_kwargs, bundle))
+    model = build_arch(arch, kwargs=fit_arch_kwargs(arch, arch_kwargs, bundle))
     teacher_model = None
     if teacher is not None:  # a state-dict teacher gets the student's architecture
-        with refused_input():
-            teacher_model = load_teacher(teacher, student=model, student_arch=arch, trust_pickle=trust_pickle,
-                                         trust_code=trust_code)
+        teacher_model = load_teacher(teacher, student=model, student_arch=arch, trust_pickle=trust_pickle,
+                                     trust_code=trust_code)
     return fit(model, bundle, output=output, config=cfg, teacher=teacher_model, progress=progress,
                resume=resume, mode="train")  # fmt: skip
 
@@ -155,9 +153,8 @@ def finetune_file(
         raise UserInputError("teacher_arch and teacher_arch_kwargs need a teacher")
     teacher_model = None
     if teacher is not None:
-        with refused_input():
-            teacher_model = load_teacher(teacher, student=net, arch=teacher_arch, arch_kwargs=teacher_arch_kwargs,
-                                         student_arch=arch, trust_pickle=trust_pickle, trust_code=trust_code)
+        teacher_model = load_teacher(teacher, student=net, arch=teacher_arch, arch_kwargs=teacher_arch_kwargs,
+                                     student_arch=arch, trust_pickle=trust_pickle, trust_code=trust_code)
     return fit(net, bundle, output=output, config=cfg, teacher=teacher_model, progress=progress,
                resume=resume, mode="finetune")  # fmt: skip
 
@@ -174,5 +171,4 @@ def _load_model(
     if arch is not None:
         kwargs["arch"] = arch
         kwargs["arch_kwargs"] = dict(arch_kwargs) if arch_kwargs else None  # none with a model file as arch
-    with refused_input():
-        return tio.load(path, **kwargs)
+    return tio.load(path, **kwargs)
