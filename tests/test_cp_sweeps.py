@@ -62,3 +62,49 @@ def test_cp_error_curve_is_reused_while_the_weight_is_unchanged():
     with torch.no_grad():
         w.mul_(0.5).add_(torch.randn(8, 6, 3, 3))  # changed in place: computed again
     assert cp_format.cp_error_curve(w, 20) == cp_format._error_curve(w, 20) != first
+
+
+def test_solve_into_the_runs_buffers_matches_a_float64_solve():
+    from ttcompress.decompose.cp_sweeps import _solve
+
+    g = torch.Generator().manual_seed(2)
+    operands: dict = {}
+    results = []
+    for mode in (0, 1, 0):  # mode 0's buffer is rewritten by its next update only
+        a = torch.randn(40, 12, generator=g, dtype=torch.float64)
+        v = a.T @ a
+        m = torch.randn(7, 12, generator=g, dtype=torch.float64)
+        got = _solve(v, m, operands, mode)
+        torch.testing.assert_close(got, torch.linalg.solve(v, m.T).T, rtol=1e-10, atol=1e-12)
+        results.append((mode, got.clone(), got))
+    assert torch.equal(results[1][1], results[1][2])  # mode 1's result survived mode 0's update
+    # not positive definite: the LU fallback, same answer
+    v = torch.diag(torch.tensor([2.0, -1.0, 3.0], dtype=torch.float64))
+    m = torch.ones(5, 3, dtype=torch.float64)
+    torch.testing.assert_close(_solve(v, m, operands, 2), torch.linalg.solve(v, m.T).T, rtol=1e-12, atol=0)
+
+
+def test_steady_sweeps_reuse_their_buffers(monkeypatch):
+    # the run's large temporaries are allocated once: a later sweep adds no buffer
+    from ttcompress.decompose import cp_sweeps
+
+    g = torch.Generator().manual_seed(3)
+    kernel = torch.randn(10, 12, 5, 1, generator=g, dtype=torch.float64)
+    kernel = kernel / kernel.norm()
+    start = svd_start(kernel, 8, seed=0)
+    seen: list[int] = []
+    real = cp_sweeps.scratch
+
+    def counting(cache, tag, shape, dtype, device):
+        before = len(cache) if cache is not None else 0
+        out = real(cache, tag, shape, dtype, device)
+        seen.append(len(cache) - before if cache is not None else 1)
+        return out
+
+    import ttcompress.decompose.cp_lean as cp_lean
+
+    monkeypatch.setattr(cp_sweeps, "scratch", counting)
+    monkeypatch.setattr(cp_lean, "scratch", counting)
+    per_sweep: list[int] = []
+    cp_sweeps.als_sweeps(kernel, start, 4, lambda i, _e: per_sweep.append(sum(seen)) and False)
+    assert per_sweep[2] == per_sweep[3] == per_sweep[4]  # sweeps 2-4 allocated nothing new

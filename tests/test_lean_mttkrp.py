@@ -30,3 +30,30 @@ def test_lean_mttkrp_matches_the_dense_khatri_rao_product(shape, weighted):
         want = _reference(t, factors, mode) * (weights if weighted else 1.0)
         got = lean_mttkrp(t, (weights, factors), mode)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(4, 10, 3, 1), (7, 5, 3, 2), (2, 6)])
+@pytest.mark.parametrize("float32", [False, True])
+def test_buffers_kept_between_calls_give_fresh_results(shape, float32, monkeypatch):
+    # one run's cache (unfoldings + scratch buffers) across "sweeps" with changing factors: every
+    # result matches the float64 reference, and no result is overwritten by a later call
+    from ttcompress.decompose import cp_lean
+
+    if float32:  # the float32 products and their casts too
+        monkeypatch.setattr(cp_lean, "FLOAT32_MIN_WORK", 1)
+    torch.manual_seed(1)
+    rank = 4
+    t = torch.randn(*shape, dtype=torch.float64)
+    cache: dict = {}
+    kept = []
+    for _sweep in range(3):
+        factors = [torch.randn(n, rank, dtype=torch.float64) for n in shape]
+        for mode in range(len(shape)):
+            got = lean_mttkrp(t, (None, factors), mode, cache)
+            want = _reference(t, factors, mode)
+            tol = 1e-5 if float32 else 1e-12
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+            kept.append((got.clone(), got))
+    assert any(key[0] == "buf" for key in cache)  # buffers were kept for reuse
+    for copy, result in kept:
+        assert torch.equal(copy, result)

@@ -27,6 +27,7 @@ __all__ = [
     "balance_factors",
     "contract_pair",
     "lean_mttkrp",
+    "scratch",
     "slice_svd_upper_bound",
     "svd_init_bytes",
     "svd_start",
@@ -42,18 +43,53 @@ __all__ = [
 FLOAT32_MIN_WORK = 1_000_000_000
 
 
-def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` (2-D) in float64, computed in float32 when ``a`` is float32 (a cached :func:`_left`)
-    or a float64 product of at least :data:`FLOAT32_MIN_WORK`."""
-    if a.dtype == torch.float32 and b.dtype == torch.float64:
-        return (a @ b.to(torch.float32)).to(torch.float64)
-    if a.dtype == torch.float64 and a.shape[0] * a.shape[1] * b.shape[1] >= FLOAT32_MIN_WORK:
-        return (a.to(torch.float32) @ b.to(torch.float32)).to(torch.float64)
-    return a @ b
-
-
-#: Left operands of the MTTKRP products of one ALS run, by key (see :func:`_left`).
+#: Left operands of the MTTKRP products of one ALS run, by key (see :func:`_left`), and the
+#: run's scratch buffers (keys ``("buf", ...)``, see :func:`scratch`).
 Operands = dict[tuple[Any, ...], torch.Tensor]
+
+
+def scratch(cache: Operands | None, tag: str, shape: tuple[int, ...], dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+    """An uninitialised buffer of ``shape`` kept in ``cache`` for the next sweep of the run.
+
+    Each sweep of a large fit makes the same few large temporaries (the MTTKRP products, 46-270 MB
+    at ranks 1,411-2,060 on CREPE's big convs); fresh ones are fresh pages from the kernel every
+    time (130 M minor page faults, 206 s of system time in the 22 M-parameter run,
+    docs/benchmarks.md). A buffer is keyed by ``tag``, shape and dtype: callers share a tag only
+    where the buffer is dead before the next use.
+    """
+    shape = tuple(shape)
+    if cache is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    key = ("buf", tag, shape, dtype)
+    buf = cache.get(key)
+    if buf is None:
+        buf = cache[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buf
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, cache: Operands | None = None) -> torch.Tensor:
+    """``a @ b`` (2-D), computed in float32 when ``a`` is float32 (a cached :func:`_left`) or a
+    float64 product of at least :data:`FLOAT32_MIN_WORK`; the result is float32 then (exact in
+    float64: the caller's next product promotes it), written into a :func:`scratch` buffer."""
+    if a.dtype == torch.float64 and a.shape[0] * a.shape[1] * b.shape[1] >= FLOAT32_MIN_WORK:
+        a = a.to(torch.float32)
+    if a.dtype == torch.float32 and b.dtype == torch.float64:
+        b = b.to(torch.float32)
+    return torch.matmul(a, b, out=scratch(cache, "product", (a.shape[0], b.shape[1]), a.dtype, a.device))
+
+
+def _weighted_sum(partial: torch.Tensor, factor: torch.Tensor, axis: int, cache: Operands | None) -> torch.Tensor:
+    """``(partial * factor).sum(axis, keepdim=True)`` in float64 (``factor`` of ``partial``'s
+    shape but 1 along the other axes); the product goes into a :func:`scratch` buffer.
+
+    ``partial`` may be float32: it is copied into the float64 buffer first (exact), so the result
+    equals the float64 product's; ``torch.mul`` of mixed dtypes would cast it into a fresh
+    temporary first (270 MB a call at rank 2,060 on a 512x256x64x1 kernel).
+    """
+    prod = scratch(cache, "weighted", partial.shape, torch.float64, partial.device)
+    prod.copy_(partial).mul_(factor)
+    return prod.sum(dim=axis, keepdim=True)
 
 
 def _left(cache: Operands | None, key: tuple[Any, ...], build: Callable[[], torch.Tensor], rank: int) -> torch.Tensor:
@@ -94,13 +130,16 @@ def lean_mttkrp(tensor: torch.Tensor, cp_tensor: Any, mode: int, cache: Operands
         left = _left(cache, ("unfold", mode),
                      lambda: torch.movedim(tensor, mode, 0).reshape(tensor.shape[mode], -1), rank)
         kr = factors[others[0]].to(left.dtype)  # formed in the product's precision
-        for m in others[1:]:
-            kr = (kr[:, None, :] * factors[m].to(left.dtype)[None, :, :]).reshape(-1, rank)
-        result = (left @ kr).to(tensor.dtype)
+        for step, m in enumerate(others[1:]):
+            rows = kr.shape[0] * tensor.shape[m]
+            out = scratch(cache, f"kr{step % 2}", (kr.shape[0], tensor.shape[m], rank), left.dtype, left.device)
+            kr = torch.mul(kr[:, None, :], factors[m].to(left.dtype)[None, :, :], out=out).reshape(rows, rank)
+        result = torch.matmul(left, kr, out=scratch(cache, "product", (left.shape[0], rank), left.dtype,
+                                                     left.device)).to(tensor.dtype, copy=True)
         return result * weights.reshape(1, -1) if weights is not None else result
     # (..., n_big) @ (n_big, R) -> remaining dims in order + R
     left = _left(cache, ("last", big), lambda: torch.movedim(tensor, big, -1).reshape(-1, tensor.shape[big]), rank)
-    partial = _product(left, factors[big])
+    partial = _product(left, factors[big], cache)
     rest = [m for m in range(ndim) if m != big]
     partial = partial.reshape(*[tensor.shape[m] for m in rest], rank)
     # multiply the small remaining factors in and sum them out
@@ -111,8 +150,8 @@ def lean_mttkrp(tensor: torch.Tensor, cp_tensor: Any, mode: int, cache: Operands
         shape = [1] * (len(rest) + 1)
         shape[axis] = tensor.shape[m]
         shape[-1] = rank
-        partial = (partial * factors[m].reshape(shape)).sum(dim=axis, keepdim=True)
-    result = partial.reshape(tensor.shape[mode], rank)
+        partial = _weighted_sum(partial, factors[m].reshape(shape), axis, cache)
+    result = partial.reshape(tensor.shape[mode], rank).to(tensor.dtype, copy=True)
     if weights is not None:
         result = result * weights.reshape(1, -1)
     return result
@@ -133,14 +172,14 @@ def contract_pair(
     n = tensor.shape
     if n[0] >= n[1]:
         left = _left(cache, ("unfold", 0), lambda: tensor.reshape(n[0], -1), rank).T  # shared with lean_mttkrp
-        part = _product(left, factors[0])  # (n1 n2 n3, R)
+        part = _product(left, factors[0], cache)  # (n1 n2 n3, R)
         part = part.reshape(n[1], n[2] * n[3], rank)
-        part = (part * factors[1][:, None, :]).sum(dim=0)
+        part = _weighted_sum(part, factors[1][:, None, :], 0, cache)[0]
     else:
         left = _left(cache, ("unfold", 1), lambda: torch.movedim(tensor, 1, 0).reshape(n[1], -1), rank).T
-        part = _product(left, factors[1])  # (n0 n2 n3, R)
+        part = _product(left, factors[1], cache)  # (n0 n2 n3, R)
         part = part.reshape(n[0], n[2] * n[3], rank)
-        part = (part * factors[0][:, None, :]).sum(dim=0)
+        part = _weighted_sum(part, factors[0][:, None, :], 0, cache)[0]
     return part.T.reshape(rank, n[2], n[3]).contiguous()
 
 

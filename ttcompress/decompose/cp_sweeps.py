@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 import torch
 
-from ttcompress.decompose.cp_lean import Operands, contract_pair, lean_mttkrp
+from ttcompress.decompose.cp_lean import Operands, contract_pair, lean_mttkrp, scratch
 
 __all__ = ["DIRECT_ERROR_BELOW", "als_sweeps", "cp_reconstruct"]
 
@@ -73,21 +73,42 @@ def _mttkrp(target: torch.Tensor, factors: list[torch.Tensor], mode: int,
     return torch.bmm(factors[2].T.unsqueeze(1), pair).squeeze(1).T
 
 
-def _solve(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``A`` with ``A v = m`` for symmetric ``v`` (Cholesky; LU where ``v`` is not numerically positive definite)."""
-    chol, info = torch.linalg.cholesky_ex(v)
+def _hadamard(grams: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """The elementwise product of ``grams`` (at least two), written into ``out``."""
+    torch.mul(grams[0], grams[1], out=out)
+    for g in grams[2:]:
+        out.mul_(g)
+    return out
+
+
+def _solve(v: torch.Tensor, m: torch.Tensor, operands: Operands, mode: int) -> torch.Tensor:
+    """``A`` with ``A v = m`` for symmetric ``v`` (Cholesky; LU where ``v`` is not numerically
+    positive definite).
+
+    The Cholesky factor and both triangular solves write into column-major buffers of the run
+    (``operands``; the result is mode ``mode``'s, rewritten by its next update): LAPACK works in
+    place there, where ``cholesky_ex`` into a row-major buffer and ``cholesky_solve`` each copied
+    an ``R x R`` matrix (34 MB at rank 2,060: 16,578 fresh pages a mode update).
+    """
+    rank, n = v.shape[0], m.shape[0]
+    chol = scratch(operands, "chol", v.shape, v.dtype, v.device).mT  # column-major
+    info = scratch(operands, "info", (), torch.int32, v.device)
+    torch.linalg.cholesky_ex(v, out=(chol, info))
     if int(info) == 0:
-        return torch.cholesky_solve(m.T, chol).T
+        half = scratch(operands, "half", (n, rank), v.dtype, v.device).mT  # (R, n), column-major
+        torch.linalg.solve_triangular(chol, m.T, upper=False, out=half)
+        out = scratch(operands, f"factor{mode}", (n, rank), v.dtype, v.device)
+        return torch.linalg.solve_triangular(chol.mT, half, upper=True, out=out.mT).T
     return torch.linalg.solve(v, m.T).T
 
 
-def _squared_error(norm2: float, grams: list[torch.Tensor], mttkrp: torch.Tensor, factor: torch.Tensor) -> float:
+def _squared_error(norm2: float, grams: list[torch.Tensor], mttkrp: torch.Tensor, factor: torch.Tensor,
+                   operands: Operands) -> float:
     """``||T - T^||^2`` from the Gram matrices and the MTTKRP ``M_n`` of the mode whose factor is ``factor``."""
-    product = grams[0].clone()
-    for g in grams[1:]:
-        product.mul_(g)
-    model2 = float(product.sum())
-    inner = float((mttkrp * factor).sum())
+    model2 = float(_hadamard(grams, scratch(operands, "hadamard", grams[0].shape, grams[0].dtype,
+                                            grams[0].device)).sum())
+    inner = float(torch.mul(mttkrp, factor, out=scratch(operands, "inner", mttkrp.shape, mttkrp.dtype,
+                                                          mttkrp.device)).sum())
     return norm2 - 2.0 * inner + model2
 
 
@@ -117,7 +138,7 @@ def als_sweeps(target: torch.Tensor, factors: list[torch.Tensor], n_iter_max: in
     shared: dict[str, torch.Tensor] = {}
     operands: Operands = {}
     mttkrp = _mttkrp(target, factors, 0, shared, operands)
-    sq = _squared_error(norm2, grams, mttkrp, factors[0])
+    sq = _squared_error(norm2, grams, mttkrp, factors[0], operands)
     start = _final_error(target, norm2, factors, sq)  # as parafac: exact where small (a warm start)
     if watch(0, start):
         return factors, 0, start
@@ -127,12 +148,11 @@ def als_sweeps(target: torch.Tensor, factors: list[torch.Tensor], n_iter_max: in
             if mode or sweep > 1:
                 mttkrp = _mttkrp(target, factors, mode, shared, operands)
             others = [g for m, g in enumerate(grams) if m != mode]
-            v = others[0]
-            for g in others[1:]:
-                v = v * g
-            factors[mode] = _solve(v, mttkrp)
-            grams[mode] = factors[mode].T @ factors[mode]
-        sq = _squared_error(norm2, grams, mttkrp, factors[-1])
+            v = _hadamard(others, scratch(operands, "hadamard", grams[0].shape, grams[0].dtype,
+                                          grams[0].device)) if len(others) > 1 else others[0]
+            factors[mode] = _solve(v, mttkrp, operands, mode)
+            torch.matmul(factors[mode].T, factors[mode], out=grams[mode])  # its own buffer, rewritten in place
+        sq = _squared_error(norm2, grams, mttkrp, factors[-1], operands)
         if not math.isfinite(sq):
             watch(sweep, math.inf)
             break
