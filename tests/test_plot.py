@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -166,3 +167,26 @@ def test_ticks_bracket_every_point_and_the_front_is_drawn_above_the_markers(rows
     labels = {t.get_text() for t in fig.findobj(Annotation)}
     assert BASELINE_LABEL in labels and "model" not in labels  # the baseline by its role, not its file name
     assert all(r.model in labels for r in rows if not r.is_baseline)  # a cluster is labelled, not keyed
+
+
+def _ppl_report(ppls: list[float]) -> Report:
+    rows = [dataclasses.replace(_row("dense" if i == 0 else f"m{i}", 1 if i == 0 else 2.0 * i, None, base=i == 0),
+                                metric=p) for i, p in enumerate(ppls)]
+    return Report(rows=tuple(rows), dataset="text:corpus", device="cpu", batch_size=64, eval_samples=875,
+                  metric_name="perplexity")
+
+
+def test_perplexity_spanning_a_decade_is_drawn_on_a_log_axis_with_readable_ticks() -> None:
+    fig = tradeoff_figure(_ppl_report([58.5, 60.1, 75.0, 330.0, 1900.0]))
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and "log scale" in ax.get_ylabel()
+    lo, hi = ax.get_ylim()
+    assert lo < 58.5 and hi > 1900.0
+    ticks = [t.get_text() for t in ax.get_yticklabels() if lo <= t.get_position()[1] <= hi]
+    assert {"100", "200", "500", "1000"} <= set(ticks)  # 1-2-5 ticks as plain numbers, no minor ones
+    assert set(ticks) <= {"50", "100", "200", "500", "1000", "2000"}
+
+
+def test_perplexity_in_a_narrow_band_stays_on_a_linear_axis() -> None:
+    ax = tradeoff_figure(_ppl_report([58.5, 59.0, 61.0, 70.0])).axes[0]
+    assert ax.get_yscale() == "linear" and "log" not in ax.get_ylabel()

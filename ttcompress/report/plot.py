@@ -9,7 +9,8 @@ What the marks mean (the legend repeats it):
 * dashed red line: the Pareto front.
 
 The y axis is top-1 accuracy, or, for a report of ``--metric perplexity`` (a language model), the
-perplexity: lower is better there, and the Pareto front is the models that no other model beats
+perplexity (on a log scale when its largest value is over 4 times its smallest): lower is better
+there, and the Pareto front is the models that no other model beats
 in both compression and perplexity.
 
 Labels are placed by measuring their rendered extents: each label tries a ring of offsets around
@@ -148,6 +149,27 @@ def _y_limits(points: Sequence[_Point]) -> tuple[float, float]:
     lo, hi = min(ys), max(ys)
     pad = max(0.12 * (hi - lo), 0.5)
     return max(lo - pad, 0.0), min(hi + pad, 100.0 + pad)
+
+
+# A lower-is-better metric (perplexity) whose largest value is this many times its smallest is drawn
+# on a log axis: a data-free model 30x worse than dense would otherwise flatten every other point.
+_LOG_Y_SPREAD = 4.0
+
+
+def _set_log_y(ax: Any, points: Sequence[_Point]) -> None:
+    """A log y axis with plain-number ticks at 1, 2, 5 × 10^k (50, 100, 200, ...) and room around the points."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    ys = [p.y for p in points]
+    lo, hi = min(ys), max(ys)
+    pad = 10 ** (0.06 * math.log10(hi / lo))
+    ax.set_yscale("log")
+    ax.set_ylim(lo / pad, hi * pad)
+    ax.yaxis.set_major_locator(FixedLocator(_nice_ticks(lo / pad, hi * pad)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _pos=None: f"{value:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylabel(ax.get_ylabel() + ", log scale")
 
 
 def _overlaps(a: Any, b: Any) -> bool:
@@ -431,6 +453,8 @@ def tradeoff_figure(report: Report, *, x: XAxis = "params", title: str | None = 
     ylabel = f"{quantity} (lower is better)" if lower else "top-1 accuracy (%)"
     fig, ax = _new_figure(points, x, title or f"{quantity.capitalize()} vs compression — {report.dataset or 'model'}",
                           ylabel)  # fmt: skip
+    if lower and max(p.y for p in points) > _LOG_Y_SPREAD * min(p.y for p in points) > 0:
+        _set_log_y(ax, points)
     _draw_marks(ax, points, front)
     handles = _legend_handles(points, front)
     names = [BASELINE_LABEL if p.row.is_baseline else p.row.model for p in points]
