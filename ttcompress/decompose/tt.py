@@ -216,6 +216,7 @@ def tt_svd(
     a, norm = _interleaved_float64(weight, out_modes_t, in_modes_t)
     delta = None if eps is None else float(eps) * norm / math.sqrt(max(len(in_modes_t) - 1, 1))
     cores, ranks_out, err2 = _tt_sweep(a, out_modes_t, in_modes_t, caps=caps, delta=delta)
+    del a  # the float64 copy of the weight: not alive while the error check rebuilds the matrix
     return TTMatrix(
         cores=tuple(core.to(weight.dtype) for core in cores),
         ranks=tuple(ranks_out),
