@@ -14,6 +14,8 @@ from ttcompress.calibration import fit
 from ttcompress.calibration.data import calib_batches, gather_in_place
 from ttcompress.calibration.fit import lowrank_output_errors, whitened_lowrank
 from ttcompress.calibration.stats import layer_stats
+from ttcompress.decompose import tt
+from ttcompress.decompose.tt import tt_to_matrix
 from ttcompress.errors import DataError
 
 
@@ -82,3 +84,18 @@ def test_row_blocks_sized_by_fan_in_give_the_one_block_result(monkeypatch, sketc
     blocks = run()
     torch.testing.assert_close(blocks[0] @ blocks[1], one[0] @ one[1], rtol=1e-5, atol=1e-6)
     assert blocks[2] == pytest.approx(one[2], rel=1e-9)
+
+
+def test_tt_to_matrix_by_blocks_equals_one_block(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    cores = [torch.randn(1, 4, 3, 5, generator=gen, dtype=torch.float64),
+             torch.randn(5, 2, 5, 3, generator=gen, dtype=torch.float64),
+             torch.randn(3, 3, 2, 1, generator=gen, dtype=torch.float64)]
+    one = tt_to_matrix(cores)
+    want = torch.einsum("amnb,bpqc,crsd->mprnqs", *cores).reshape(24, 30)
+    torch.testing.assert_close(one, want, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(tt, "_MERGE_VALUES", 40)  # a block of one or a few rows of M at each merge
+    torch.testing.assert_close(tt_to_matrix(cores), one, rtol=1e-12, atol=1e-12)
+    grads = [c.clone().requires_grad_() for c in cores]
+    tt_to_matrix(grads).square().sum().backward()  # differentiated: one block, autograd's graph
+    assert all(g.grad is not None for g in grads)

@@ -143,11 +143,22 @@ def tt_to_matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     for core in cores[1:]:
         r_left, big_m, big_n, rank = result.shape
         _, m, n, r_right = core.shape
-        merged = result.reshape(-1, rank) @ core.reshape(rank, -1)  # (1*M*N, m*n*r')
-        result = (merged.reshape(r_left, big_m, big_n, m, n, r_right)
-                  .permute(0, 1, 3, 2, 4, 5)
-                  .reshape(r_left, big_m * m, big_n * n, r_right))
+        # (r, M, N) x (m, n, r') -> (r, M, m, N, n, r'), written by blocks of M: no second full-size
+        # temporary for the permutation (a 4,096 x 11,008 float64 matrix is 360 MB)
+        step = max(1, _MERGE_VALUES // max(1, r_left * big_n * m * n * r_right))
+        if step >= big_m or (torch.is_grad_enabled() and (result.requires_grad or core.requires_grad)):
+            step = big_m  # one block (and autograd's own graph) where it is small or differentiated
+        out = result.new_empty(r_left, big_m, m, big_n, n, r_right)
+        for i in range(0, big_m, step):
+            part = result[:, i:i + step]
+            merged = part.reshape(-1, rank) @ core.reshape(rank, -1)  # (r * M_block * N, m * n * r')
+            out[:, i:i + step] = merged.reshape(r_left, part.shape[1], big_n, m, n, r_right).permute(0, 1, 3, 2, 4, 5)
+        result = out.reshape(r_left, big_m * m, big_n * n, r_right)
     return result[0, :, :, 0]
+
+
+#: Values of one block of :func:`tt_to_matrix`'s merge (16 MB of float64).
+_MERGE_VALUES = 1 << 21
 
 
 def tt_svd(
