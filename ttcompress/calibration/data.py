@@ -12,13 +12,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from ttcompress.errors import DataError
 from ttcompress.inputs import batch_size_of, main_tensor, take_rows
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_CALIB_SAMPLES", "calib_batches", "dataset_targets", "named_calibration",
-           "sample_calibration_set"]
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_CALIB_SAMPLES", "calib_batches", "dataset_targets", "gather_in_place",
+           "named_calibration", "sample_calibration_set"]
 
 #: Rows per batch when ``calib_data`` is one big tensor or a map-style ``Dataset``.
 DEFAULT_BATCH_SIZE = 128
@@ -26,6 +26,9 @@ DEFAULT_BATCH_SIZE = 128
 #: Calibration samples that ``decompose --data``, ``sweep`` and the demo draw from a training split
 #: (docs/results.md compares 128 / 512 / 2048).
 DEFAULT_CALIB_SAMPLES = 512
+
+#: Values checked for NaN / Inf at a time (bounds the check's temporaries, whatever the batch's size).
+_FINITE_BLOCK = 1 << 22
 
 
 def calib_batches(calib_data: Any, *, max_samples: int | None = None) -> Iterator[Any]:
@@ -104,7 +107,11 @@ def _check_finite(x: torch.Tensor, start: int, subset: Subset | None) -> None:
     """
     if not (x.is_floating_point() or x.is_complex()):
         return
-    finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    # by blocks of samples: the mask of a whole batch (a byte per value) and isfinite's temporaries
+    # would be as large as the batch itself (1.4 GB for 16,384 rows of 11,008 features)
+    per_sample = max(1, x[0].numel())
+    step = max(1, _FINITE_BLOCK // per_sample)
+    finite = torch.cat([torch.isfinite(block.reshape(block.shape[0], -1)).all(dim=1) for block in x.split(step)])
     if bool(finite.all()):
         return
     k = start + int((~finite).nonzero()[0, 0])
@@ -115,6 +122,33 @@ def _check_finite(x: torch.Tensor, start: int, subset: Subset | None) -> None:
         if subset is not None:
             where = f" (sample {index} of the dataset it was drawn from)"
     raise DataError(f"calib_data sample {k}{where} has NaN or Inf values; calibration needs finite inputs")
+
+
+def gather_in_place(subset: Subset) -> torch.Tensor | None:
+    """The inputs of ``subset`` as one tensor, gathered in place: no copy of the calibration data.
+
+    For a ``Subset`` (of a ``Subset``, ...) of a :class:`~torch.utils.data.TensorDataset` whose
+    indices into it increase (:func:`sample_calibration_set` and the seeded train/test splits sort
+    theirs), row ``i`` of the dataset's input tensor is overwritten by the ``i``-th chosen row (a
+    chosen row ``j >= i`` is read before anything overwrites it) and its first ``len(subset)`` rows
+    are returned as a view: the batches of :func:`calib_batches` are then views too, the same values
+    as the ``Subset``'s in the same order. The dataset underneath is **destroyed**: only for data the
+    caller loaded itself and reads no more (``decompose --data tensors:FILE``). Its samples are
+    checked for NaN / Inf, named by their index in the dataset as for the ``Subset``. None (nothing
+    changed) for any other dataset.
+    """
+    indices, ds = list(range(len(subset))), subset
+    while isinstance(ds, Subset):
+        indices, ds = [int(ds.indices[i]) for i in indices], ds.dataset
+    if type(ds) is not TensorDataset or not indices or any(b <= a for a, b in zip(indices, indices[1:])):
+        return None
+    x = ds.tensors[0]
+    for i, j in enumerate(indices):
+        if i != j:
+            x[i].copy_(x[j])
+    rows = x[:len(indices)]
+    _check_finite(rows, 0, subset)
+    return rows
 
 
 @contextlib.contextmanager

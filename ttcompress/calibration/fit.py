@@ -74,8 +74,16 @@ __all__ = [
 DAMPING = 1e-4
 # Eigenvalues of G~ below this fraction of the largest are treated as zero (pseudo-inverse).
 _EIG_RTOL = 1e-12
-# Rows of a weight taken at a time where a float64 copy of all of it is not needed.
+# Rows of a weight taken at a time where a float64 copy of all of it is not needed: at most 2048, and
+# at most _BLOCK_VALUES values, so that the float64 temporaries of a block stay ~16 MB each whatever
+# the fan-in (2048 rows of an 11,008-wide weight were 180 MB each, six of them alive at once).
 _ROW_BLOCK = 2048
+_BLOCK_VALUES = 1 << 21
+
+
+def _row_block(width: int) -> int:
+    """Rows of a ``width``-wide weight per block (see ``_BLOCK_VALUES``)."""
+    return max(1, min(_ROW_BLOCK, _BLOCK_VALUES // max(1, int(width))))
 # Ridge on the ALS normal equations, relative to their mean diagonal (only for solvability).
 _SOLVE_RIDGE = 1e-12
 
@@ -177,8 +185,8 @@ def _objective_fn(w: torch.Tensor, stats: LayerStats, damping: float, *, residua
         total = w_hat.new_zeros(()) + const
         for i, (_rd, rc) in enumerate(factors):
             total = total + ((targets[i] - rc @ w_hat[i].T) ** 2).sum()
-            for rows in range(0, w.shape[1], _ROW_BLOCK):  # no out x K temporary
-                diff = w_hat[i, rows:rows + _ROW_BLOCK] - a[i] * w[i, rows:rows + _ROW_BLOCK]
+            for rows in range(0, w.shape[1], _row_block(w.shape[-1])):  # no out x K temporary
+                diff = w_hat[i, rows:rows + _row_block(w.shape[-1])] - a[i] * w[i, rows:rows + _row_block(w.shape[-1])]
                 total = total + s_c[i] * (diff ** 2).sum()
         return total
 
@@ -255,17 +263,17 @@ def lowrank_output_errors(weight: torch.Tensor, candidates: Sequence[tuple[torch
                      else t.detach().to("cpu", torch.float64).reshape(-1))
     b0 = vec(bias)
     facs = [(a.detach().to("cpu", torch.float64), b.detach().to("cpu", torch.float64)) for a, b, _nb in candidates]
-    wmu = torch.cat([blk.to(torch.float64) @ stats.dense_mean[0] for blk in w.split(_ROW_BLOCK)])
+    wmu = torch.cat([blk.to(torch.float64) @ stats.dense_mean[0] for blk in w.split(_row_block(w.shape[-1]))])
     if stats.sketched:
         rd, rc = stats.factors(0)
-        target = torch.cat([rd @ blk.to(torch.float64).T for blk in w.split(_ROW_BLOCK)], dim=1)  # R W^T
+        target = torch.cat([rd @ blk.to(torch.float64).T for blk in w.split(_row_block(w.shape[-1]))], dim=1)  # R W^T
         s_c, scale, c = (float(t[0]) for t in _shift_form(_shifts(stats, 0.0)))
-        norm = sum(float(blk.to(torch.float64).square().sum()) for blk in w.split(_ROW_BLOCK))
+        norm = sum(float(blk.to(torch.float64).square().sum()) for blk in w.split(_row_block(w.shape[-1])))
         ref = float(target.square().sum()) + float(_shifts(stats, 0.0)[0][0]) * norm
         errw = []
         for a, b in facs:  # + s~ ||A B - a W||^2 + c ||W||^2, through the factors
-            inner = sum(float(((blk.to(torch.float64) @ b.T) * a[i:i + _ROW_BLOCK]).sum())
-                        for i, blk in zip(range(0, out, _ROW_BLOCK), w.split(_ROW_BLOCK))) if s_c else 0.0
+            inner = sum(float(((blk.to(torch.float64) @ b.T) * a[i:i + _row_block(w.shape[-1])]).sum())
+                        for i, blk in zip(range(0, out, _row_block(w.shape[-1])), w.split(_row_block(w.shape[-1])))) if s_c else 0.0
             lost = s_c * (float(((a.T @ a) * (b @ b.T)).sum()) - 2 * scale * inner + scale ** 2 * norm) + c * norm
             errw.append(float((target - (rc @ b.T) @ a.T).square().sum()) + lost)
     else:
@@ -276,12 +284,12 @@ def lowrank_output_errors(weight: torch.Tensor, candidates: Sequence[tuple[torch
         gram = g.to(torch.float32 if big else torch.float64)
         ref = 0.0
         cross = [0.0] * len(facs)
-        for rows in range(0, out, _ROW_BLOCK):
-            block = w[rows:rows + _ROW_BLOCK].to(gram.dtype)
+        for rows in range(0, out, _row_block(w.shape[-1])):
+            block = w[rows:rows + _row_block(w.shape[-1])].to(gram.dtype)
             ref += float(((block @ gram) * block).sum(dtype=torch.float64))
             block = block.to(torch.float64)
             for i, (a, _b) in enumerate(facs):
-                cross[i] += float(((block @ cbt[i]) * a[rows:rows + _ROW_BLOCK]).sum())
+                cross[i] += float(((block @ cbt[i]) * a[rows:rows + _row_block(w.shape[-1])]).sum())
             del block
         errw = [ref - 2 * cr + float(((b @ gt @ b.T) * (a.T @ a)).sum()) for (a, b), cr in zip(facs, cross)]
     ref_b = ref + 2 * n * float(wmu @ b0) + n * float(b0 @ b0)
@@ -409,9 +417,9 @@ def _whitened_lowrank_cholesky(w: torch.Tensor, stats: LayerStats, rank: int, da
     else:
         c = _damped_block(stats.cross[0], lam).to(torch.float32)  # type: ignore[index]
         m = torch.empty_like(w32)
-        for rows in range(0, m.shape[0], _ROW_BLOCK):  # float64 solves by blocks of rows
-            wc = (w32[rows:rows + _ROW_BLOCK] @ c).to(torch.float64)
-            m[rows:rows + _ROW_BLOCK] = torch.linalg.solve_triangular(chol, wc.T, upper=False).T
+        for rows in range(0, m.shape[0], _row_block(w.shape[-1])):  # float64 solves by blocks of rows
+            wc = (w32[rows:rows + _row_block(w.shape[-1])] @ c).to(torch.float64)
+            m[rows:rows + _row_block(w.shape[-1])] = torch.linalg.solve_triangular(chol, wc.T, upper=False).T
         del c, wc
     del w32
     u, s, vh = _lowrank(m, rank)
@@ -447,9 +455,9 @@ def _whitened_lowrank_rows(w: torch.Tensor, stats: LayerStats, rank: int, dampin
 
     # the whitened target by blocks of rows (float32 when the SVD is randomized: its products are)
     m = torch.empty(w.shape, dtype=w.dtype)
-    for rows in range(0, w.shape[0], _ROW_BLOCK):
-        block = w[rows:rows + _ROW_BLOCK].to(torch.float64)
-        m[rows:rows + _ROW_BLOCK] = whiten((block @ rd.T) @ rc + s_x * block)
+    for rows in range(0, w.shape[0], _row_block(w.shape[-1])):
+        block = w[rows:rows + _row_block(w.shape[-1])].to(torch.float64)
+        m[rows:rows + _row_block(w.shape[-1])] = whiten((block @ rd.T) @ rc + s_x * block)
     del block
     u_m, s, vh = _lowrank(m, rank)
     del m
@@ -643,8 +651,8 @@ def refine_tt_cores(
     if stats.sketched:
         rd, rc = stats.factors(0)
         gt_pad[:in_f, :in_f].addmm_(rc.T.to(work), rc.to(work))  # in place: no K x K temporary
-        for rows in range(0, out_f, _ROW_BLOCK):  # no out x K float64 temporaries
-            block = w[0, rows:rows + _ROW_BLOCK]
+        for rows in range(0, out_f, _row_block(w.shape[-1])):  # no out x K float64 temporaries
+            block = w[0, rows:rows + _row_block(w.shape[-1])]
             d_pad[rows:rows + block.shape[0], :in_f] = (block @ rd.T) @ rc + s_x * block
         del rd, rc
     else:

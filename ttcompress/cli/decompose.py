@@ -41,7 +41,7 @@ from ttcompress.cli.options import (
     plan_from_flags,
 )
 from ttcompress.calibration.budget import check_calib_memory
-from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES
+from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES, gather_in_place, named_calibration
 from ttcompress.calibration.progress import calib_progress
 from ttcompress.cli.train import DataRootOpt, SeqLenOpt, TokenizerOpt, check_text_options
 from ttcompress.data import balanced_subset, load_dataset, text_tokenizer
@@ -75,8 +75,11 @@ def calibration_set(data: str, *, root: Any,  samples: int, seed: int, tokenizer
     if len(bundle.train) == 0:
         raise DataError(f"dataset {data!r} has an empty training split; nothing to calibrate on")
     subset = balanced_subset(bundle.train, min(samples, len(bundle.train)), seed=seed)
-    return subset, {"dataset": bundle.name, "samples": len(subset), "seed": seed, "split": "train",
-                    "balanced": bundle.has_labels}
+    info = {"dataset": bundle.name, "samples": len(subset), "seed": seed, "split": "train",
+            "balanced": bundle.has_labels}
+    with named_calibration(info):  # the data are ours: gathered where they lie, not copied into batches
+        rows = gather_in_place(subset)
+    return (subset if rows is None else rows), info
 
 def default_calibration(model: Path, *, root: Any, samples: int, seed: int
                         ) -> tuple[Any, dict[str, Any] | None, str | None]:

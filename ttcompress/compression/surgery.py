@@ -201,10 +201,12 @@ def build_calibrated(model: nn.Module, todo: list[LayerDecision], collector: Sta
     the next layers see its exact outputs. Returns ``name -> (build result, seconds)``, or ``name ->
     reason`` for layers the calibration data never reach. Layers that are not ``nn.Linear`` /
     ``nn.Conv2d`` (attention modules, embeddings) are built data-free, and so are layers whose
-    statistics do not fit the collector's memory budget (with a note). Memory: the copy of the model,
-    the calibration inputs and one layer's statistics at a time.
+    statistics do not fit the collector's memory budget (with a note). Memory: a copy of the model's
+    modules (sharing its parameters), the calibration inputs and one layer's statistics at a time.
     """
-    work = copy.deepcopy(model)
+    # the copy's modules are new, their parameters and buffers those of ``model``: layers are only swapped
+    # in the copy, never written to, and a 7B layer's weights are not held twice
+    work = copy.deepcopy(model, {id(t): t for t in (*model.parameters(), *model.buffers())})
     fitted = [d for d in todo if isinstance(get_submodule(model, d.name), (nn.Linear, nn.Conv2d))]
     by_name = {d.name: d for d in fitted}
     total = count_params(model) if total is None else total

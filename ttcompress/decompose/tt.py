@@ -143,11 +143,22 @@ def tt_to_matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     for core in cores[1:]:
         r_left, big_m, big_n, rank = result.shape
         _, m, n, r_right = core.shape
-        merged = result.reshape(-1, rank) @ core.reshape(rank, -1)  # (1*M*N, m*n*r')
-        result = (merged.reshape(r_left, big_m, big_n, m, n, r_right)
-                  .permute(0, 1, 3, 2, 4, 5)
-                  .reshape(r_left, big_m * m, big_n * n, r_right))
+        # (r, M, N) x (m, n, r') -> (r, M, m, N, n, r'), written by blocks of M: no second full-size
+        # temporary for the permutation (a 4,096 x 11,008 float64 matrix is 360 MB)
+        step = max(1, _MERGE_VALUES // max(1, r_left * big_n * m * n * r_right))
+        if step >= big_m or (torch.is_grad_enabled() and (result.requires_grad or core.requires_grad)):
+            step = big_m  # one block (and autograd's own graph) where it is small or differentiated
+        out = result.new_empty(r_left, big_m, m, big_n, n, r_right)
+        for i in range(0, big_m, step):
+            part = result[:, i:i + step]
+            merged = part.reshape(-1, rank) @ core.reshape(rank, -1)  # (r * M_block * N, m * n * r')
+            out[:, i:i + step] = merged.reshape(r_left, part.shape[1], big_n, m, n, r_right).permute(0, 1, 3, 2, 4, 5)
+        result = out.reshape(r_left, big_m * m, big_n * n, r_right)
     return result[0, :, :, 0]
+
+
+#: Values of one block of :func:`tt_to_matrix`'s merge (16 MB of float64).
+_MERGE_VALUES = 1 << 21
 
 
 def tt_svd(
@@ -216,6 +227,7 @@ def tt_svd(
     a, norm = _interleaved_float64(weight, out_modes_t, in_modes_t)
     delta = None if eps is None else float(eps) * norm / math.sqrt(max(len(in_modes_t) - 1, 1))
     cores, ranks_out, err2 = _tt_sweep(a, out_modes_t, in_modes_t, caps=caps, delta=delta)
+    del a  # the float64 copy of the weight: not alive while the error check rebuilds the matrix
     return TTMatrix(
         cores=tuple(core.to(weight.dtype) for core in cores),
         ranks=tuple(ranks_out),

@@ -1,0 +1,101 @@
+"""Bounded-memory paths of calibration (issue 25): the CLI's in-place gather of ``tensors:`` data,
+the NaN check by blocks, and the fits' row blocks sized by fan-in. Each must give what the copying /
+one-block path gave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Subset, TensorDataset
+
+from ttcompress.calibration import data as calib_data
+from ttcompress.calibration import fit
+from ttcompress.calibration.data import calib_batches, gather_in_place
+from ttcompress.calibration.fit import lowrank_output_errors, whitened_lowrank
+from ttcompress.calibration.stats import layer_stats
+from ttcompress.decompose import tt
+from ttcompress.decompose.tt import tt_to_matrix
+from ttcompress.errors import DataError
+
+
+def _nested(x: torch.Tensor, y: torch.Tensor | None = None) -> Subset:
+    """A seeded split of a TensorDataset, then a sorted sample of it (what ``decompose --data`` draws)."""
+    full = TensorDataset(x) if y is None else TensorDataset(x, y)
+    split = Subset(full, [0, 2, 3, 5, 6, 7, 9, 11, 12, 13, 14, 17, 18])
+    return Subset(split, [1, 2, 4, 7, 8, 12])
+
+
+def test_gather_in_place_gives_the_subsets_batches_without_a_copy():
+    x = torch.randn(20, 3, 5)
+    sample = _nested(x.clone(), torch.arange(20))
+    want = [b.clone() for b in calib_batches(sample)]
+    rows = gather_in_place(sample)
+    assert rows is not None and rows.data_ptr() == sample.dataset.dataset.tensors[0].data_ptr()
+    got = list(calib_batches(rows))
+    assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want))
+    assert all(g.data_ptr() >= rows.data_ptr() and g._base is not None for g in got)  # views, not copies
+
+
+def test_gather_in_place_leaves_other_data_alone():
+    x = torch.randn(10, 4)
+    unsorted = Subset(TensorDataset(x), [3, 1, 5])
+    assert gather_in_place(unsorted) is None and torch.equal(unsorted.dataset.tensors[0], x)
+
+    class Other(TensorDataset):
+        pass
+
+    assert gather_in_place(Subset(Other(x.clone()), [1, 2])) is None
+
+
+def test_gather_in_place_names_a_bad_sample_by_its_index_in_the_dataset():
+    x = torch.randn(20, 3, 5)
+    x[6, 1, 2] = float("nan")  # position 4 of the split, 2 of the sample
+    with pytest.raises(DataError, match=r"sample 2 \(sample 6 of the dataset it was drawn from\)"):
+        gather_in_place(_nested(x))
+
+
+def test_finite_check_by_blocks_finds_the_first_bad_sample(monkeypatch):
+    monkeypatch.setattr(calib_data, "_FINITE_BLOCK", 7)  # blocks of one sample of 12 values
+    x = torch.randn(9, 3, 4)
+    x[5, 2, 1], x[7, 0, 0] = float("inf"), float("nan")
+    with pytest.raises(DataError, match="calib_data sample 5 has"):
+        list(calib_batches(x))
+    list(calib_batches(x[:5]))
+
+
+@pytest.mark.parametrize("sketch", [None, 48], ids=["exact", "sketched"])
+def test_row_blocks_sized_by_fan_in_give_the_one_block_result(monkeypatch, sketch):
+    gen = torch.Generator().manual_seed(0)
+    k, out = 96, 70
+    x = torch.randn(400, k, generator=gen) @ torch.randn(k, k, generator=gen) / k ** 0.5 + 0.1
+    lin = nn.Linear(k, out)
+    stats = layer_stats(lin, x + 0.01 * torch.randn(x.shape, generator=gen), dense_inputs=x, sketch_rows=sketch)
+    stats = stats.centered()
+    cands = [(torch.randn(out, r, generator=gen), torch.randn(r, k, generator=gen), None) for r in (3, 8)]
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        a, b = whitened_lowrank(lin.weight.detach(), stats, 10)
+        return a, b, lowrank_output_errors(lin.weight.detach(), cands, stats, bias=lin.bias.detach())
+
+    one = run()
+    monkeypatch.setattr(fit, "_BLOCK_VALUES", 3 * k)  # 3 rows per block, the last one short
+    assert fit._row_block(k) == 3
+    blocks = run()
+    torch.testing.assert_close(blocks[0] @ blocks[1], one[0] @ one[1], rtol=1e-5, atol=1e-6)
+    assert blocks[2] == pytest.approx(one[2], rel=1e-9)
+
+
+def test_tt_to_matrix_by_blocks_equals_one_block(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    cores = [torch.randn(1, 4, 3, 5, generator=gen, dtype=torch.float64),
+             torch.randn(5, 2, 5, 3, generator=gen, dtype=torch.float64),
+             torch.randn(3, 3, 2, 1, generator=gen, dtype=torch.float64)]
+    one = tt_to_matrix(cores)
+    want = torch.einsum("amnb,bpqc,crsd->mprnqs", *cores).reshape(24, 30)
+    torch.testing.assert_close(one, want, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(tt, "_MERGE_VALUES", 40)  # a block of one or a few rows of M at each merge
+    torch.testing.assert_close(tt_to_matrix(cores), one, rtol=1e-12, atol=1e-12)
+    grads = [c.clone().requires_grad_() for c in cores]
+    tt_to_matrix(grads).square().sum().backward()  # differentiated: one block, autograd's graph
+    assert all(g.grad is not None for g in grads)
