@@ -126,7 +126,8 @@ def test_values_the_library_interprets_are_one_line_exit_2_in_every_command(cnn_
     _one_error_line(runner.invoke(load_command("finetune"), [*teacher[1:], "--teacher-arch", "seed-cnn", "--teacher-arch-kwargs",
                                                              '{"bogus": 1}']), "teacher_arch_kwargs (--teacher-arch-kwargs)")
     for args, match in [(["--tt-ranks", "4", "--set", "tt.in_modes=[7,7]"], "layer 'classifier.1' (490 -> 128): in_modes"),
-                        (["--target-ratios", "1e9"], "target_ratio (--target-ratio) 1e+09 is out of reach")]:
+                        (["--target-ratios", "1e9"], "target_ratios (--target-ratios) 1e+09 is out of reach"),
+                        (["--target-ratios", "4,0.5"], "target_ratios (--target-ratios) must be a compression factor > 1")]:
         # checked against the baseline before any setting's directory is made
         sweep = [str(cnn_file), "--arch", "seed-cnn", *args, "--data", "mnist-5k", "-o", str(out)]
         _one_error_line(runner.invoke(load_command("sweep"), sweep), match)

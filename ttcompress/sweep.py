@@ -42,6 +42,7 @@ from ttcompress.calibration.budget import check_calib_memory
 from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES, calib_batches, named_calibration
 from ttcompress.data import DatasetBundle, balanced_subset, check_model_fits
 from ttcompress.errors import DataError, InputError, UserInputError
+from ttcompress.formats.checks import check_ratio
 from ttcompress.compression.plan import Plan, plan_layers
 from ttcompress.compression.planfile import (
     NONE,
@@ -202,6 +203,9 @@ def sweep_settings(
     for e in tt_eps:
         if e is not None and e != NONE and (isinstance(e, bool) or not (isinstance(e, (int, float)) and 0 < e < 1)):
             raise InputError("tt_eps", f"values must be in (0, 1), got {e!r}")
+    for t in target_ratios:
+        if t is not None and t != NONE:
+            check_ratio(t, "target_ratios")
 
     def dense(v: Any) -> Any:
         return NONE if v is None else v
@@ -447,7 +451,12 @@ def run_sweep(
     check_finite_parameters(base_model)
     check_model_fits(base_model, bundle, what=f"baseline {baseline.name!r}")
     for setting in settings:  # a plan that does not fit the model's layers fails before anything is written
-        plan_layers(base_model, setting.plan(base_plan, **dict(plan_options or {})))
+        try:
+            plan_layers(base_model, setting.plan(base_plan, **dict(plan_options or {})))
+        except InputError as exc:  # one setting's target ratio: the sweep's flag is --target-ratios
+            if exc.param != "target_ratio":
+                raise
+            raise InputError("target_ratios", exc.problem) from exc
     out.mkdir(parents=True, exist_ok=True)
     run = _SweepRun(
         baseline=baseline, bundle=bundle, config=config, base_plan=base_plan, plan_options=dict(plan_options or {}), out=out, digest=digest,
