@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ttcompress.calibration.data import calib_batches
+from ttcompress.calibration.data import HandedOverBatches, calib_batches
 from ttcompress.errors import InputError, UserInputError
 from ttcompress.formats import DENSE
 from ttcompress.formats.structure import Preparation, finish_model, parent_reason
@@ -79,7 +79,10 @@ def calibration_batches(model: nn.Module, calib_data: Any, calib_samples: int | 
     """The calibration inputs as a list of batches (None without calibration data), checked on ``model``."""
     if calib_data is None:
         return None
-    batches = list(calib_batches(calib_data, max_samples=calib_samples))
+    if isinstance(calib_data, HandedOverBatches) and calib_samples is None and calib_data:
+        batches: list[torch.Tensor] = calib_data  # checked by its maker; the collector empties it when done
+    else:
+        batches = list(calib_batches(calib_data, max_samples=calib_samples))
     if not batches:
         raise InputError("calib_data", "holds no samples")
     check_calib_fits(model, batches[0])
