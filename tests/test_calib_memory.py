@@ -5,6 +5,7 @@ one-block path gave."""
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -150,18 +151,23 @@ def test_handed_over_batches_are_released_after_the_last_statistics():
     model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6))
     x = torch.randn(40, 12)
     seen: list[int] = []
+    freed: list[bool] = []
+    data = [x.clone()]  # what the handed-over batches are views of: nothing else holds it
+    ref = weakref.ref(data[0])
 
     def build(collector):
         def run(name, dense, stats):
             seen.append(len(collector.batches))
+            freed.append(ref() is None)
             w = dense.weight.detach()
             start = nn.Sequential(nn.Linear(w.shape[1], 3, bias=False), nn.Linear(3, w.shape[0]))
             return fit_layer(dense, start, stats)
         return run
 
     results = []
-    for batches in (list(x.split(16)), HandedOverBatches(x.split(16))):
+    for batches in (list(x.split(16)), HandedOverBatches(data.pop().split(16))):
         seen.clear()
+        freed.clear()
         collector = StatsCollector(batches, memory="64M")
         work = copy.deepcopy(model)
         done = calibrate_sequentially(model, work, ["0", "2"], build(collector), None, collector=collector)
@@ -169,6 +175,7 @@ def test_handed_over_batches_are_released_after_the_last_statistics():
     (plain, seen_plain, left_plain, work_plain), (handed, seen_handed, left_handed, work_handed) = results
     assert seen_plain == [3, 3] and left_plain == 3  # a plain list: untouched
     assert seen_handed == [3, 0] and left_handed == 0  # released before the last layer's fit
+    assert freed == [False, True]  # and the data freed then (no other reference held on the way)
     # the same fits (to rounding: the two runs' thread schedules may sum in another order)
     assert [r.error_after for r in plain.values()] == pytest.approx([r.error_after for r in handed.values()], rel=1e-9)
     torch.testing.assert_close(work_plain(x), work_handed(x), rtol=1e-5, atol=1e-6)

@@ -215,6 +215,7 @@ def calibrate_sequentially(
         first = collector.batches[0]
         # one sample is enough to see which layers run, and in what order
         calls = forward_calls(model, names, take_rows(first, 1) if main_tensor(first).dim() > 1 else first)
+        del first  # no reference here to the batches: the collector may release them (StatsCollector.release)
         order = list(calls)
         alias_of = _first_names(model, order)  # before any swap: module identities of the original model
         last = [n for n in order if alias_of[n] == n][-1:]
