@@ -181,3 +181,27 @@ def test_handed_over_batches_are_released_after_the_last_statistics():
     torch.testing.assert_close(work_plain(x), work_handed(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(RuntimeError, match="released"):
         collector.layer_stats(model, work_handed, "0")
+
+
+def test_sketched_errors_take_float32_weights_by_blocks_as_float64(monkeypatch):
+    """On sketched statistics the output error, the corrected bias and the TT fit take the weights by
+    float64 row blocks instead of float64 copies: the same values as float64 weights (to rounding)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(40, 24)
+    x = torch.randn(500, 40) @ torch.randn(40, 40)
+    st = layer_stats(layer, x, sketch_rows=16)
+    assert st.sketched and not st.exact
+    w = layer.weight.detach()
+    w_hat = w + 0.1 * torch.randn_like(w)
+    b, b_hat = layer.bias.detach(), torch.zeros(24)
+    monkeypatch.setattr(fit, "_BLOCK_VALUES", 5 * 40)  # 5 rows per block, the last one short
+    got = fit.output_error(w, w_hat, st, bias=b, new_bias=b_hat)
+    want = fit.output_error(w.double(), w_hat.double(), st, bias=b, new_bias=b_hat)
+    assert got == pytest.approx(want, rel=1e-12)
+    torch.testing.assert_close(fit.corrected_bias(w, b, w_hat, st).double(),
+                               fit.corrected_bias(w.double(), b, w_hat.double(), st), rtol=1e-6, atol=1e-6)
+    res = tt.tt_svd(w, ranks=3, in_modes=(4, 2, 5), out_modes=(2, 3, 4))
+    got_cores = fit.refine_tt_cores(res.cores, res.in_modes, res.out_modes, w, st)
+    want_cores = fit.refine_tt_cores(res.cores, res.in_modes, res.out_modes, w.double(), st)
+    for a, c in zip(got_cores, want_cores):
+        torch.testing.assert_close(a.double(), c.double(), rtol=1e-5, atol=1e-6)
