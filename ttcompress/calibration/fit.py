@@ -499,9 +499,9 @@ def _whitened_lowrank_rows(w: torch.Tensor, stats: LayerStats, rank: int, dampin
 # --------------------------------------------------------------------------------------------------
 # ALS for TT-matrix cores
 # --------------------------------------------------------------------------------------------------
-def _merge_left(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+def _merge_left(cores: Sequence[torch.Tensor], dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Cores ``G_1 .. G_{k-1}`` contracted to ``(M_<, N_<, r_{k-1})``."""
-    result = torch.ones(1, 1, 1, dtype=torch.float64)
+    result = torch.ones(1, 1, 1, dtype=dtype)
     for core in cores:
         big_m, big_n, _ = result.shape
         _, m, n, r_right = core.shape
@@ -509,9 +509,9 @@ def _merge_left(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     return result
 
 
-def _merge_right(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+def _merge_right(cores: Sequence[torch.Tensor], dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Cores ``G_{k+1} .. G_d`` contracted to ``(r_k, M_>, N_>)``."""
-    result = torch.ones(1, 1, 1, dtype=torch.float64)
+    result = torch.ones(1, 1, 1, dtype=dtype)
     for core in reversed(cores):
         _, big_m, big_n = result.shape
         r_left, m, n, _ = core.shape
@@ -596,7 +596,11 @@ def _normal_equations(cores: Sequence[torch.Tensor], k: int, gt: torch.Tensor | 
     the same map, so ``H = sum_{i<, i>} Phi^T G~ Phi`` is shared by all ``i``. ``gt`` is the
     ``K x K`` metric, or its rows (:class:`_RowsMetric`, :func:`_rows_normal_matrix`).
     """
-    left, right = _merge_left(cores[:k]).to(gt.dtype), _merge_right(cores[k + 1:]).to(gt.dtype)
+    if isinstance(gt, _RowsMetric):  # merged in the metric's dtype (no float64 copy of the merged cores)
+        left = _merge_left([c.to(gt.dtype) for c in cores[:k]], gt.dtype)
+        right = _merge_right([c.to(gt.dtype) for c in cores[k + 1:]], gt.dtype)
+    else:
+        left, right = _merge_left(cores[:k]).to(gt.dtype), _merge_right(cores[k + 1:]).to(gt.dtype)
     r_l, m, n, r_r = cores[k].shape
     n_l, n_r = left.shape[1], right.shape[2]
     m_l, m_r = left.shape[0], right.shape[1]
@@ -611,8 +615,14 @@ def _normal_equations(cores: Sequence[torch.Tensor], k: int, gt: torch.Tensor | 
         del t1
     d6 = d.reshape(m_l, m, m_r, n_l, n, n_r)
     if isinstance(gt, _RowsMetric):  # one output index at a time: temporaries of M / m_k x K values
-        rhs = torch.stack([torch.einsum("aopz,boz->apb", torch.einsum("ioxpz,ixa->aopz", d6[:, s], left), right)
-                           .reshape(-1) for s in range(m)], dim=1)
+        lt = left.reshape(m_l * n_l, r_l).T  # (a, (i, x))
+        rt = right.reshape(r_r, m_r * n_r).T  # ((o, z), b)
+        cols = []
+        for s in range(m):
+            t = lt @ d6[:, s].permute(0, 2, 1, 3, 4).reshape(m_l * n_l, -1)  # (a, (o, p, z))
+            t = t.reshape(r_l, m_r, n, n_r).permute(0, 2, 1, 3).reshape(r_l * n, m_r * n_r)  # ((a, p), (o, z))
+            cols.append((t @ rt).reshape(-1))  # (a, p, b)
+        rhs = torch.stack(cols, dim=1)
     else:
         t2 = torch.einsum("isoxpz,ixa->asopz", d6, left)
         rhs = torch.einsum("asopz,boz->apbs", t2, right).reshape(r_l * n * r_r, m)
