@@ -205,3 +205,19 @@ def test_sketched_errors_take_float32_weights_by_blocks_as_float64(monkeypatch):
     want_cores = fit.refine_tt_cores(res.cores, res.in_modes, res.out_modes, w.double(), st)
     for a, c in zip(got_cores, want_cores):
         torch.testing.assert_close(a.double(), c.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_finite_parameter_check_by_blocks(monkeypatch):
+    """``check_finite_parameters`` checks a weight by blocks of values (bounded temporaries) and still
+    finds a NaN or Inf anywhere in it."""
+    from ttcompress.compression.surgery_checks import check_finite_parameters
+    from ttcompress.errors import UserInputError
+
+    monkeypatch.setattr(calib_data, "_FINITE_BLOCK", 7)
+    layer = nn.Linear(6, 5)
+    check_finite_parameters(layer)
+    assert calib_data.all_finite(torch.randn(3, 7)) and not calib_data.all_finite(torch.tensor([1.0, float("inf")]))
+    with torch.no_grad():
+        layer.weight[4, 5] = float("nan")  # the last value, in the last (short) block
+    with pytest.raises(UserInputError, match="layer '' has NaN or Inf weight values|NaN or Inf"):
+        check_finite_parameters(layer)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, Tenso
 from ttcompress.errors import DataError
 from ttcompress.inputs import batch_size_of, main_tensor, take_rows
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_CALIB_SAMPLES", "HandedOverBatches", "calib_batches", "dataset_targets",
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_CALIB_SAMPLES", "HandedOverBatches", "all_finite", "calib_batches", "dataset_targets",
            "gather_in_place", "named_calibration", "sample_calibration_set"]
 
 #: Rows per batch when ``calib_data`` is one big tensor or a map-style ``Dataset``.
@@ -98,6 +98,12 @@ def _batches(items: Iterable[Any], max_samples: int | None, subset: Subset | Non
             break
     if seen == 0:
         raise ValueError("calib_data is empty: it holds no input samples")
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True when ``x`` holds no NaN / Inf, checked by blocks of :data:`_FINITE_BLOCK` values (``isfinite``'s
+    temporaries of a whole 4,096 x 11,008 weight were 0.2 GB)."""
+    return all(bool(torch.isfinite(block).all()) for block in x.reshape(-1).split(_FINITE_BLOCK))
 
 
 def _check_finite(x: torch.Tensor, start: int, subset: Subset | None) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ttcompress.calibration.data import HandedOverBatches, calib_batches
+from ttcompress.calibration.data import HandedOverBatches, all_finite, calib_batches
 from ttcompress.errors import InputError, UserInputError
 from ttcompress.formats import DENSE
 from ttcompress.formats.structure import Preparation, finish_model, parent_reason
@@ -69,7 +69,7 @@ def check_finite_parameters(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if p.device.type == "meta" or not (p.is_floating_point() or p.is_complex()):
             continue
-        if not bool(torch.isfinite(p.detach()).all()):
+        if not all_finite(p.detach()):
             layer, _, what = name.rpartition(".")
             where = f"layer {layer!r} has NaN or Inf {what} values" if layer else f"parameter {name!r} has NaN or Inf values"
             raise UserInputError(f"{where}; a model with non-finite weights cannot be compressed")
