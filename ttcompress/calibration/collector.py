@@ -28,7 +28,7 @@ from torch import nn
 
 from ttcompress.modtree import eval_mode
 from ttcompress.calibration.budget import check_calib_memory, exact_bytes, format_bytes, sketch_bytes
-from ttcompress.calibration.data import calib_batches
+from ttcompress.calibration.data import HandedOverBatches, calib_batches
 from ttcompress.calibration.progress import report_batch
 from ttcompress.errors import InputError
 from ttcompress.inputs import batch_size_of, call_model, input_mask, main_tensor, move_inputs
@@ -171,6 +171,8 @@ class StatsCollector:
         self.batches = [move_inputs(x, self.device) for x in batches] if self.device is not None else batches
         self.max_positions = max_positions
         self.progress = progress
+        #: True once :meth:`release` dropped the batches.
+        self.released = False
         #: Samples in all batches (the first dimension of each).
         self.samples = sum(batch_size_of(x) if main_tensor(x).dim() > 1 else 1 for x in self.batches)
 
@@ -202,6 +204,18 @@ class StatsCollector:
                                  device=self.device, memory=self.memory, max_rows=max_rows,
                                  samples=self.samples if max_rows is not None else None)
 
+    def release(self) -> None:
+        """No more statistics will be asked for: batches handed over
+        (:class:`~ttcompress.calibration.data.HandedOverBatches`) are dropped, that list emptied, so
+        that the data are freed before the last layer is fitted. Other batches are left alone."""
+        if isinstance(self.batches, HandedOverBatches):
+            self.batches.clear()
+            self.released = True
+
+    def _check_held(self) -> None:
+        if self.released:
+            raise RuntimeError("the calibration batches were released: no more statistics can be taken")
+
     def _step(self, done: int, total: int, label: str) -> None:
         if self.progress is not None:
             self.progress(done, total, label)
@@ -216,6 +230,7 @@ class StatsCollector:
         was spent, or the batches never reach it) is left out of the first and, when it was for
         the budget, noted in the second.
         """
+        self._check_held()
         accs: dict[str, StatsAccumulator | SketchAccumulator] = {}
         notes: dict[str, str] = {}
         left = self.memory
@@ -275,6 +290,7 @@ class StatsCollector:
         ValueError
             The layer is called a different number of times by the two models on one batch.
         """
+        self._check_held()
         dense_layer, layer = dense_model.get_submodule(name), model.get_submodule(name)
         choice = self.choose(dense_layer, rank=rank)
         if choice.kind == "none":

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -176,21 +176,48 @@ def _objective_fn(w: torch.Tensor, stats: LayerStats, damping: float, *, residua
     shifts = _shifts(stats, damping, residual=residual)
     s_c, a, c = _shift_form(shifts)
     factors = [stats.factors(i) for i in range(stats.groups)]
-    targets = [rd @ w[i].T for i, (rd, _rc) in enumerate(factors)]
-    norms = (w * w).sum(dim=(1, 2))
+    targets = [torch.cat([rd @ blk.T for blk in _blocks64(w[i])], dim=1) for i, (rd, _rc) in enumerate(factors)]
+    norms = torch.stack([sum(((blk * blk).sum() for blk in _blocks64(w[i])), torch.zeros((), dtype=torch.float64))
+                         for i in range(w.shape[0])])
     ref = float(sum((t * t).sum() for t in targets)) + float((shifts[0] * norms).sum())
     const = float((c * norms).sum())
 
     def f(w_hat: torch.Tensor) -> torch.Tensor:
-        total = w_hat.new_zeros(()) + const
-        for i, (_rd, rc) in enumerate(factors):
-            total = total + ((targets[i] - rc @ w_hat[i].T) ** 2).sum()
-            for rows in range(0, w.shape[1], _row_block(w.shape[-1])):  # no out x K temporary
-                diff = w_hat[i, rows:rows + _row_block(w.shape[-1])] - a[i] * w[i, rows:rows + _row_block(w.shape[-1])]
-                total = total + s_c[i] * (diff ** 2).sum()
+        total = torch.zeros((), dtype=torch.float64) + const
+        for i, (_rd, rc) in enumerate(factors):  # by blocks of rows: no out x K temporary
+            total = total + ((targets[i] - torch.cat([rc @ blk.T for blk in _blocks64(w_hat[i])], dim=1)) ** 2).sum()
+            for blk_hat, blk in zip(_blocks64(w_hat[i]), _blocks64(w[i])):
+                total = total + s_c[i] * ((blk_hat - a[i] * blk) ** 2).sum()
         return total
 
     return f, ref
+
+
+def _lean(stats: object, weight: object) -> bool:
+    """True when ``weight`` is taken in its own float dtype by float64 row blocks (sketched statistics)."""
+    return (isinstance(stats, LayerStats) and stats.sketched and isinstance(weight, torch.Tensor)
+            and weight.is_floating_point())
+
+
+def _checked_pair(weight: torch.Tensor, new_weight: torch.Tensor, stats: LayerStats
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_check` of both weights: float64, or (sketched statistics) each in its own float dtype."""
+    dtype = lambda t: t.dtype if _lean(stats, t) else torch.float64  # noqa: E731
+    return _check(weight, stats, dtype=dtype(weight)), _check(new_weight, stats, "new_weight", dtype=dtype(new_weight))
+
+
+def _blocks64(w: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The rows of ``w`` (``(out, K)``, any float dtype) by blocks of :func:`_row_block` rows, in float64."""
+    for blk in w.split(_row_block(w.shape[-1])):
+        yield blk.to(torch.float64)
+
+
+def _mean_products(w: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``W mu`` per group, flattened (``w`` ``(groups, out/g, K)``, ``mean`` ``(groups, K)``), in float64;
+    a weight in another dtype is taken by float64 row blocks."""
+    if w.dtype == torch.float64:
+        return (w @ mean[:, :, None]).reshape(-1)
+    return torch.cat([torch.cat([blk @ mean[i] for blk in _blocks64(w[i])]) for i in range(w.shape[0])])
 
 
 def objective(weight: torch.Tensor, new_weight: torch.Tensor, stats: LayerStats, *,
@@ -222,7 +249,8 @@ def output_error(weight: torch.Tensor, new_weight: torch.Tensor, stats: LayerSta
     isotropic residual (:meth:`LayerStats.residual`): ``rho ||W||^2 - 2 rho_x <W, W^> + rho~
     ||W^||^2`` in the error and ``rho ||W||^2`` in the reference.
     """
-    w, w_hat = _check(weight, stats), _check(new_weight, stats, "new_weight")
+    # sketched statistics take the weights by float64 row blocks (no float64 copy of an out x K weight)
+    w, w_hat = _checked_pair(weight, new_weight, stats)
     n = float(stats.count)
     out = w.shape[0] * w.shape[1]
     zero = torch.zeros(out, dtype=torch.float64)
@@ -232,8 +260,8 @@ def output_error(weight: torch.Tensor, new_weight: torch.Tensor, stats: LayerSta
         raise ValueError(f"bias and new_bias must have {out} entries")
     f, ref_w = _objective_fn(w, stats, 0.0)
     err = f(w_hat)
-    wmu = (w @ stats.dense_mean[:, :, None]).reshape(-1)
-    wmu_hat = (w_hat @ stats.mean[:, :, None]).reshape(-1)
+    wmu = _mean_products(w, stats.dense_mean)
+    wmu_hat = _mean_products(w_hat, stats.mean)
     db = b - b_hat
     err = err + 2 * n * ((wmu - wmu_hat) @ db) + n * (db @ db)
     ref = ref_w + 2 * n * (wmu @ b) + n * (b @ b)
@@ -311,8 +339,11 @@ def corrected_bias(weight: torch.Tensor, bias: torch.Tensor | None, new_weight: 
     Correction", ICCV 2019, use the same correction with expected inputs). Returned in
     ``new_weight``'s dtype; a missing ``bias`` counts as zero.
     """
-    w, w_hat = _check(weight, stats), _check(new_weight, stats, "new_weight")
-    shift = (w @ stats.dense_mean[:, :, None] - w_hat @ stats.mean[:, :, None]).reshape(-1)
+    w, w_hat = _checked_pair(weight, new_weight, stats)
+    if w.dtype == w_hat.dtype == torch.float64:
+        shift = (w @ stats.dense_mean[:, :, None] - w_hat @ stats.mean[:, :, None]).reshape(-1)
+    else:  # by float64 row blocks (sketched statistics: no float64 copy of the weights)
+        shift = _mean_products(w, stats.dense_mean) - _mean_products(w_hat, stats.mean)
     if bias is not None:
         shift = shift + bias.detach().to("cpu", torch.float64).reshape(-1)
     return shift.to(device=new_weight.device, dtype=new_weight.dtype)
@@ -468,9 +499,9 @@ def _whitened_lowrank_rows(w: torch.Tensor, stats: LayerStats, rank: int, dampin
 # --------------------------------------------------------------------------------------------------
 # ALS for TT-matrix cores
 # --------------------------------------------------------------------------------------------------
-def _merge_left(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+def _merge_left(cores: Sequence[torch.Tensor], dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Cores ``G_1 .. G_{k-1}`` contracted to ``(M_<, N_<, r_{k-1})``."""
-    result = torch.ones(1, 1, 1, dtype=torch.float64)
+    result = torch.ones(1, 1, 1, dtype=dtype)
     for core in cores:
         big_m, big_n, _ = result.shape
         _, m, n, r_right = core.shape
@@ -478,9 +509,9 @@ def _merge_left(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     return result
 
 
-def _merge_right(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+def _merge_right(cores: Sequence[torch.Tensor], dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Cores ``G_{k+1} .. G_d`` contracted to ``(r_k, M_>, N_>)``."""
-    result = torch.ones(1, 1, 1, dtype=torch.float64)
+    result = torch.ones(1, 1, 1, dtype=dtype)
     for core in reversed(cores):
         _, big_m, big_n = result.shape
         r_left, m, n, _ = core.shape
@@ -488,30 +519,117 @@ def _merge_right(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     return result
 
 
-def _normal_equations(cores: Sequence[torch.Tensor], k: int, gt: torch.Tensor, d: torch.Tensor
+@dataclass(frozen=True, eq=False)
+class _RowsMetric:
+    """The TT solve's metric ``R^T R + shift I`` (``K x K``) kept as its ``l`` rows ``R`` (``(l, K)``,
+    padded with zero columns to the product of the input modes) and the scalar ``shift``: sketched
+    statistics' ``G~ + s~ I`` without any ``K x K`` array (:func:`_normal_equations`)."""
+
+    rows: torch.Tensor
+    shift: float
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rows.dtype
+
+
+#: Values of one block of the sketch-row contractions in :func:`_rows_normal_matrix` (16 MB of float32).
+_ROWS_BLOCK_VALUES = 1 << 22
+
+
+def _rows_normal_matrix(metric: _RowsMetric, left: torch.Tensor, right: torch.Tensor, n: int) -> torch.Tensor:
+    """``H = sum_{i<, i>} Phi^T (R^T R + shift I) Phi`` (see :func:`_normal_equations`) through the rows ``R``.
+
+    With ``L`` the left cores merged (``(M<, N<, r_{k-1})``) and ``Rt`` the right ones (``(r_k, M>,
+    N>)``), the low-rank part is contracted on the larger side first, through the rows: on the right,
+    ``Q[s, o, (x, p, b)] = sum_z R[s, x, p, z] Rt[b, o, z]`` and ``T = sum_{s, o} Q^T Q`` (``(N< n r_k)^2``),
+    then ``H = sum_{x, y} T[x p b, y q d] (sum_i L[i, x, a] L[i, y, c])``; mirrored on the left. The
+    shift adds ``shift delta_pq (L^T L)[a, c] (Rt Rt^T)[b, d]``. Blocks of sketch rows bound the
+    temporaries (:data:`_ROWS_BLOCK_VALUES`): nothing of size ``K x K`` is formed.
+    """
+    rows = metric.rows
+    ell = rows.shape[0]
+    m_l, n_l, r_l = left.shape
+    r_r, m_r, n_r = right.shape
+    r6 = rows.reshape(ell, n_l, n, n_r)
+    if n_l * r_r <= r_l * n_r:  # the right side is the larger one: reduce it first
+        width = n_l * n * r_r
+        rt = right.permute(2, 0, 1).reshape(n_r, r_r * m_r)  # (z, (b, o))
+        t = rows.new_zeros(width, width)
+        step = max(1, _ROWS_BLOCK_VALUES // max(1, width * m_r))
+        for s0 in range(0, ell, step):
+            q = (r6[s0:s0 + step].reshape(-1, n_r) @ rt).reshape(-1, n_l * n, r_r, m_r)
+            q = q.permute(0, 3, 1, 2).reshape(-1, width)  # ((s, o), (x, p, b))
+            t.addmm_(q.T, q)
+        pl = torch.einsum("ixa,iyc->xyac", left, left).reshape(n_l * n_l, r_l * r_l)
+        t6 = t.reshape(n_l, n, r_r, n_l, n, r_r).permute(1, 2, 4, 5, 0, 3).reshape(-1, n_l * n_l)
+        h = (t6 @ pl).reshape(n, r_r, n, r_r, r_l, r_l).permute(4, 0, 1, 5, 2, 3)  # (a, p, b, c, q, d)
+    else:  # the left side is the larger one
+        width = r_l * n * n_r
+        lt = left.permute(1, 0, 2).reshape(n_l, m_l * r_l)  # (x, (i, a))
+        t = rows.new_zeros(width, width)
+        step = max(1, _ROWS_BLOCK_VALUES // max(1, width * m_l))
+        for s0 in range(0, ell, step):
+            blk = r6[s0:s0 + step]
+            q = (lt.T @ blk.reshape(-1, n_l, n * n_r))  # (s, (i, a), (p, z))
+            q = q.reshape(-1, width)  # ((s, i), (a, p, z))
+            t.addmm_(q.T, q)
+        pr = torch.einsum("boz,dow->zwbd", right, right).reshape(n_r * n_r, r_r * r_r)
+        t6 = t.reshape(r_l, n, n_r, r_l, n, n_r).permute(0, 1, 3, 4, 2, 5).reshape(-1, n_r * n_r)
+        h = (t6 @ pr).reshape(r_l, n, r_l, n, r_r, r_r).permute(0, 1, 4, 2, 3, 5)  # (a, p, b, c, q, d)
+    p = r_l * n * r_r
+    h = h.reshape(p, p).to(torch.float64)
+    if metric.shift:
+        gl = torch.einsum("ixa,ixc->ac", left, left).to(torch.float64)
+        gr = torch.einsum("boz,doz->bd", right, right).to(torch.float64)
+        eye = torch.eye(n, dtype=torch.float64)
+        h += metric.shift * torch.einsum("ac,pq,bd->apbcqd", gl, eye, gr).reshape(p, p)
+    return h
+
+
+def _normal_equations(cores: Sequence[torch.Tensor], k: int, gt: torch.Tensor | _RowsMetric, d: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``H`` (``p x p``, ``p = r_{k-1} n_k r_k``) and the right-hand sides ``(p, m_k)`` for core ``k``.
 
     ``W^[(i<, i, i>), (j<, j, j>)] = sum L[i<, j<, a] G_k[a, i, j, b] R[b, i>, j>]``: for each
     output index ``i`` of the core, the rows it touches are linear in ``G_k[:, i, :, :]`` through
-    the same map, so ``H = sum_{i<, i>} Phi^T G~ Phi`` is shared by all ``i``.
+    the same map, so ``H = sum_{i<, i>} Phi^T G~ Phi`` is shared by all ``i``. ``gt`` is the
+    ``K x K`` metric, or its rows (:class:`_RowsMetric`, :func:`_rows_normal_matrix`).
     """
-    left, right = _merge_left(cores[:k]).to(gt.dtype), _merge_right(cores[k + 1:]).to(gt.dtype)
+    if isinstance(gt, _RowsMetric):  # merged in the metric's dtype (no float64 copy of the merged cores)
+        left = _merge_left([c.to(gt.dtype) for c in cores[:k]], gt.dtype)
+        right = _merge_right([c.to(gt.dtype) for c in cores[k + 1:]], gt.dtype)
+    else:
+        left, right = _merge_left(cores[:k]).to(gt.dtype), _merge_right(cores[k + 1:]).to(gt.dtype)
     r_l, m, n, r_r = cores[k].shape
     n_l, n_r = left.shape[1], right.shape[2]
     m_l, m_r = left.shape[0], right.shape[1]
-    g6 = gt.reshape(n_l, n, n_r, n_l, n, n_r)
-    pl = torch.einsum("ixa,iyc->xayc", left, left)
-    pr = torch.einsum("boz,dow->bzdw", right, right)
-    t1 = torch.einsum("xpzyqw,xayc->apzcqw", g6, pl)
-    h = torch.einsum("apzcqw,bzdw->apbcqd", t1, pr).reshape(r_l * n * r_r, r_l * n * r_r)
+    if isinstance(gt, _RowsMetric):
+        h = _rows_normal_matrix(gt, left, right, n)
+    else:
+        g6 = gt.reshape(n_l, n, n_r, n_l, n, n_r)
+        pl = torch.einsum("ixa,iyc->xayc", left, left)
+        pr = torch.einsum("boz,dow->bzdw", right, right)
+        t1 = torch.einsum("xpzyqw,xayc->apzcqw", g6, pl)
+        h = torch.einsum("apzcqw,bzdw->apbcqd", t1, pr).reshape(r_l * n * r_r, r_l * n * r_r)
+        del t1
     d6 = d.reshape(m_l, m, m_r, n_l, n, n_r)
-    t2 = torch.einsum("isoxpz,ixa->asopz", d6, left)
-    rhs = torch.einsum("asopz,boz->apbs", t2, right).reshape(r_l * n * r_r, m)
+    if isinstance(gt, _RowsMetric):  # one output index at a time: temporaries of M / m_k x K values
+        lt = left.reshape(m_l * n_l, r_l).T  # (a, (i, x))
+        rt = right.reshape(r_r, m_r * n_r).T  # ((o, z), b)
+        cols = []
+        for s in range(m):
+            t = lt @ d6[:, s].permute(0, 2, 1, 3, 4).reshape(m_l * n_l, -1)  # (a, (o, p, z))
+            t = t.reshape(r_l, m_r, n, n_r).permute(0, 2, 1, 3).reshape(r_l * n, m_r * n_r)  # ((a, p), (o, z))
+            cols.append((t @ rt).reshape(-1))  # (a, p, b)
+        rhs = torch.stack(cols, dim=1)
+    else:
+        t2 = torch.einsum("isoxpz,ixa->asopz", d6, left)
+        rhs = torch.einsum("asopz,boz->apbs", t2, right).reshape(r_l * n * r_r, m)
     return h.to(torch.float64), rhs.to(torch.float64)
 
 
-def _solve_core(cores: list[torch.Tensor], k: int, gt: torch.Tensor, d: torch.Tensor) -> None:
+def _solve_core(cores: list[torch.Tensor], k: int, gt: torch.Tensor | _RowsMetric, d: torch.Tensor) -> None:
     """Replace core ``k`` by the least-squares optimum unless that does not lower the objective."""
     h, rhs = _normal_equations(cores, k, gt, d)
     r_l, m, n, r_r = cores[k].shape
@@ -546,7 +664,7 @@ def _right_orthogonalize(cores: list[torch.Tensor], k: int) -> None:
 
 
 def _tt_als_sweeps(
-    work: list[torch.Tensor], sweeps: int, gt_pad: torch.Tensor, d_pad: torch.Tensor
+    work: list[torch.Tensor], sweeps: int, gt_pad: torch.Tensor | _RowsMetric, d_pad: torch.Tensor
 ) -> list[torch.Tensor]:
     """``sweeps`` left-to-right-and-back ALS sweeps over the float64 cores ``work`` (in place).
 
@@ -575,7 +693,7 @@ TT_FLOAT32_FEATURES = 1024
 
 def tt_metric_bytes(features: int) -> int:
     """Bytes of the ``K x K`` float64 metric (and its padded copy) that :func:`refine_tt_cores` solves
-    with; on sketched statistics it is formed only when it fits :attr:`LayerStats.memory`."""
+    with on exact statistics (sketched statistics keep their rows: no ``K x K`` array)."""
     return 2 * features * features * 8
 
 
@@ -626,7 +744,8 @@ def refine_tt_cores(
     """
     if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
         raise ValueError(f"sweeps must be a non-negative int, got {sweeps!r}")
-    w = _check(weight, stats)
+    # sketched statistics take the weight by float64 row blocks (no float64 copy of it is held)
+    w = _check(weight, stats, dtype=weight.dtype if _lean(stats, weight) else torch.float64)
     if stats.groups != 1:
         raise ValueError("TT cores need statistics with a single group")
     ins, outs = tuple(in_modes), tuple(out_modes)
@@ -637,25 +756,24 @@ def refine_tt_cores(
     out_f, in_f = weight.shape
     if big_m < out_f or big_n < in_f:
         raise ValueError(f"modes {outs} x {ins} are smaller than weight's shape {tuple(weight.shape)}")
-    need = tt_metric_bytes(big_n)
-    if stats.sketched and stats.memory is not None and need > stats.memory:
-        raise ValueError(f"the TT solve needs a {big_n} x {big_n} metric ({need} bytes), over the memory "
-                         f"budget of {stats.memory} bytes")
     _s, s_x, s_c = (float(t[0]) for t in _shifts(stats, damping, residual=FIT_RESIDUAL))
     # the metric and the targets the solves contract: float32 for a large layer (the contractions
     # are the cost; each solve and the final check stay float64)
     work = torch.float32 if big_n >= TT_FLOAT32_FEATURES else torch.float64
-    gt_pad = torch.zeros(big_n, big_n, dtype=work)
-    gt_pad.diagonal().fill_(s_c)
     d_pad = torch.zeros(big_m, big_n, dtype=work)
-    if stats.sketched:
+    gt_pad: torch.Tensor | _RowsMetric
+    if stats.sketched:  # the metric stays its sketch rows (no K x K array: _rows_normal_matrix)
         rd, rc = stats.factors(0)
-        gt_pad[:in_f, :in_f].addmm_(rc.T.to(work), rc.to(work))  # in place: no K x K temporary
+        rows_pad = torch.zeros(rc.shape[0], big_n, dtype=work)
+        rows_pad[:, :in_f] = rc
+        gt_pad = _RowsMetric(rows_pad, s_c)
         for rows in range(0, out_f, _row_block(w.shape[-1])):  # no out x K float64 temporaries
-            block = w[0, rows:rows + _row_block(w.shape[-1])]
+            block = w[0, rows:rows + _row_block(w.shape[-1])].to(torch.float64)
             d_pad[rows:rows + block.shape[0], :in_f] = (block @ rd.T) @ rc + s_x * block
         del rd, rc
     else:
+        gt_pad = torch.zeros(big_n, big_n, dtype=work)
+        gt_pad.diagonal().fill_(s_c)
         gt_pad[:in_f, :in_f] = _damped_block(stats.gram[0], s_c)  # type: ignore[index]
         c = _damped_block(stats.cross[0], s_x)  # type: ignore[index]
         d_pad[:out_f, :in_f] = w[0] @ c
@@ -769,9 +887,8 @@ class FitResult:
     error_before, error_after : float
         Relative output error (:func:`output_error`, bias included) of the start and the fit.
     method : str
-        ``"whitened-svd"``, ``"tt-als"``, ``"gradient"``, ``"bias"`` (only the bias was
-        corrected: the TT solve's ``K x K`` metric did not fit the memory budget of sketched
-        statistics) or ``"none"`` (the fit was not better and the start was kept).
+        ``"whitened-svd"``, ``"tt-als"``, ``"gradient"`` or ``"none"`` (the fit was not better
+        and the start was kept).
     """
 
     module: nn.Module
@@ -792,12 +909,6 @@ def _tt_matrix_cores(module: nn.Module) -> tuple[Sequence[torch.Tensor], tuple[i
     return method() if callable(method) else None
 
 
-def _tt_over_budget(in_modes: Sequence[int], stats: LayerStats) -> bool:
-    """True when sketched statistics' budget has no room for the TT solve's ``K x K`` metric."""
-    return (stats.sketched and stats.memory is not None
-            and tt_metric_bytes(math.prod(in_modes)) > stats.memory)
-
-
 def fit_layer(
     dense: nn.Module,
     start: nn.Module,
@@ -812,9 +923,7 @@ def fit_layer(
     The weight is fitted by the closed form when there is one -- :func:`whitened_lowrank` for a
     two-factor ``nn.Sequential(Linear(K, r, bias=False), Linear(r, out))`` and
     :func:`refine_tt_cores` for a layer whose weight is one TT-matrix (it has ``tt_matrix_cores()``)
-    -- and otherwise by :func:`refine_by_gradient` (e.g. a CP convolution). On sketched statistics
-    whose ``memory`` has no room for the TT solve's ``K x K`` metric, a TT layer only gets its bias
-    corrected (method ``"bias"``). With a bias the weight is fitted on centred statistics
+    -- and otherwise by :func:`refine_by_gradient` (e.g. a CP convolution). With a bias the weight is fitted on centred statistics
     and the bias set by :func:`corrected_bias`, the joint optimum. ``start`` is modified in place;
     if the fit does not lower the output error the original parameters are restored.
     """
@@ -831,14 +940,12 @@ def fit_layer(
             start[0].weight.copy_(bb)  # type: ignore[index]
             start[1].weight.copy_(a)  # type: ignore[index]
             method = "whitened-svd"
-        elif (tt := _tt_matrix_cores(start)) is not None and not _tt_over_budget(tt[1], stats):
+        elif (tt := _tt_matrix_cores(start)) is not None:
             cores, in_modes, out_modes = tt
             new = refine_tt_cores(list(cores), in_modes, out_modes, w, fit_stats, sweeps=sweeps, damping=damping)
             for param, core in zip(cores, new):
                 param.copy_(core)
             method = "tt-als"
-        elif tt is not None:
-            method = "bias"
         else:
             method = "gradient"
     if method == "gradient":

@@ -4,7 +4,8 @@ already-compressed model gives it, against the dense model's outputs (GPTQ, SVD-
 Only one layer's statistics are held at a time (exact Gram matrices for narrow layers, a sketch of
 ``O(l K)`` for wide ones, within the collector's memory budget:
 :class:`~ttcompress.calibration.collector.StatsCollector`) and the activations of one batch; the
-calibration inputs themselves are kept in memory so that they can be replayed for every layer.
+calibration inputs themselves are kept in memory so that they can be replayed for every layer
+(batches handed over by their maker are released once the last layer's statistics are taken).
 
 References
 ----------
@@ -214,8 +215,10 @@ def calibrate_sequentially(
         first = collector.batches[0]
         # one sample is enough to see which layers run, and in what order
         calls = forward_calls(model, names, take_rows(first, 1) if main_tensor(first).dim() > 1 else first)
+        del first  # no reference here to the batches: the collector may release them (StatsCollector.release)
         order = list(calls)
         alias_of = _first_names(model, order)  # before any swap: module identities of the original model
+        last = [n for n in order if alias_of[n] == n][-1:]
         for index, name in enumerate(order):
             if alias_of[name] != name:
                 results[name] = LayerCalibration(name, reached=True, alias_of=alias_of[name])
@@ -223,7 +226,7 @@ def calibrate_sequentially(
             if progress is not None:
                 progress(name, index, len(order))
             results[name] = _calibrate_one(dense_model, model, name, build, collector, hints.get(name),
-                                           once=calls[name] == 1)
+                                           once=calls[name] == 1, last=[name] == last)
     for name in names:
         if name not in results:
             results[name] = LayerCalibration(name, reached=False)
@@ -231,12 +234,15 @@ def calibrate_sequentially(
 
 
 def _calibrate_one(dense_model: nn.Module, model: nn.Module, name: str, build: BuildFn,
-                   collector: StatsCollector, rank: int | None, *, once: bool = False) -> LayerCalibration:
+                   collector: StatsCollector, rank: int | None, *, once: bool = False,
+                   last: bool = False) -> LayerCalibration:
     start = time.perf_counter()
     layer = model.get_submodule(name)
     if not isinstance(layer, (nn.Linear, nn.Conv2d)):
         raise TypeError(f"layer {name!r} must be an nn.Linear or nn.Conv2d, got {type(layer).__name__}")
     stats, choice = collector.layer_stats(dense_model, model, name, rank=rank, once=once)
+    if last:  # the last statistics: handed-over batches are freed before this layer is fitted
+        collector.release()
     if stats is None and choice.kind != "none":
         raise ValueError(f"no calibration rows reached layer {name!r}")
     dense_layer = dense_model.get_submodule(name)

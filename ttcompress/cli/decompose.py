@@ -41,7 +41,8 @@ from ttcompress.cli.options import (
     plan_from_flags,
 )
 from ttcompress.calibration.budget import check_calib_memory
-from ttcompress.calibration.data import DEFAULT_CALIB_SAMPLES, gather_in_place, named_calibration
+from ttcompress.calibration.data import (DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SAMPLES, HandedOverBatches, gather_in_place,
+                                         named_calibration)
 from ttcompress.calibration.progress import calib_progress
 from ttcompress.cli.train import DataRootOpt, SeqLenOpt, TokenizerOpt, check_text_options
 from ttcompress.data import balanced_subset, load_dataset, text_tokenizer
@@ -79,7 +80,11 @@ def calibration_set(data: str, *, root: Any,  samples: int, seed: int, tokenizer
             "balanced": bundle.has_labels}
     with named_calibration(info):  # the data are ours: gathered where they lie, not copied into batches
         rows = gather_in_place(subset)
-    return (subset if rows is None else rows), info
+    if rows is None:
+        return subset, info
+    # handed over: the batches (views of the loaded file, the only references to it once this returns)
+    # are dropped after the last layer's statistics, before it is fitted
+    return HandedOverBatches(rows.split(DEFAULT_BATCH_SIZE)), info
 
 def default_calibration(model: Path, *, root: Any, samples: int, seed: int
                         ) -> tuple[Any, dict[str, Any] | None, str | None]:

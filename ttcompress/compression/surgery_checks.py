@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ttcompress.calibration.data import calib_batches
+from ttcompress.calibration.data import HandedOverBatches, all_finite, calib_batches
 from ttcompress.errors import InputError, UserInputError
 from ttcompress.formats import DENSE
 from ttcompress.formats.structure import Preparation, finish_model, parent_reason
@@ -69,7 +69,7 @@ def check_finite_parameters(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if p.device.type == "meta" or not (p.is_floating_point() or p.is_complex()):
             continue
-        if not bool(torch.isfinite(p.detach()).all()):
+        if not all_finite(p.detach()):
             layer, _, what = name.rpartition(".")
             where = f"layer {layer!r} has NaN or Inf {what} values" if layer else f"parameter {name!r} has NaN or Inf values"
             raise UserInputError(f"{where}; a model with non-finite weights cannot be compressed")
@@ -79,7 +79,10 @@ def calibration_batches(model: nn.Module, calib_data: Any, calib_samples: int | 
     """The calibration inputs as a list of batches (None without calibration data), checked on ``model``."""
     if calib_data is None:
         return None
-    batches = list(calib_batches(calib_data, max_samples=calib_samples))
+    if isinstance(calib_data, HandedOverBatches) and calib_samples is None and calib_data:
+        batches: list[torch.Tensor] = calib_data  # checked by its maker; the collector empties it when done
+    else:
+        batches = list(calib_batches(calib_data, max_samples=calib_samples))
     if not batches:
         raise InputError("calib_data", "holds no samples")
     check_calib_fits(model, batches[0])
