@@ -58,7 +58,8 @@ def inspect(
 ) -> None:
     """Show MODEL's layers: shapes, parameter share, what is compressible and what the plan would build.
 
-    For a compressed ttcompress checkpoint, show its plan: format, modes and ranks of each layer. A sharded Llama-style directory is read one transformer block at a time.
+    For a compressed ttcompress checkpoint, show its plan: format, modes and ranks of each layer. A sharded
+    Llama-style directory is read one transformer block at a time.
     """
     check_inputs(model, plan)
     the_plan = plan_from_flags(

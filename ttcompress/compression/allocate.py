@@ -58,7 +58,8 @@ from ttcompress.formats import DENSE, LayerDecision, get_format
 from ttcompress.formats.base import Ladder
 from ttcompress.errors import InputError
 
-__all__ = ["MIN_LAYER_RATIO", "Slot", "allocate", "allocate_ladders", "allocate_levels", "greedy", "input_grams", "slot_ladders", "whitened"]
+__all__ = ["MIN_LAYER_RATIO", "Slot", "allocate", "allocate_ladders", "allocate_levels", "greedy", "input_grams",
+           "slot_ladders", "whitened"]
 
 #: Below this compression of its own weights a layer stays dense under a whole-model target ratio
 #: without calibration data: a factorized layer keeping more than 80 % of its parameters costs at
