@@ -12,6 +12,8 @@ to do with memory use.) The peak RSS reported is the kernel's high-water mark of
 
     python benchmarks/lm_large.py --workdir /tmp/lm_large            # data-free
     python benchmarks/lm_large.py --workdir /tmp/lm_large --calib 16 # calibrated on 16 x 128 tokens
+    python benchmarks/lm_large.py --workdir /tmp/lm_large -- --dry-run --target-ratio 4   # a dry run
+    python benchmarks/lm_large.py --workdir /tmp/lm_large --command inspect              # inspect
 
 Prints one JSON line: model size, limit, peak RSS, wall and CPU time, exit status.
 """
@@ -124,7 +126,9 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=0, help="calibration samples (0: data-free)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--keep", action="store_true", help="keep the compressed directory")
-    ap.add_argument("decompose_args", nargs="*", help="more options for ttcompress decompose (after --)")
+    ap.add_argument("--command", choices=("decompose", "inspect"), default="decompose",
+                    help="the ttcompress command measured")
+    ap.add_argument("decompose_args", nargs="*", help="more options for the command (after --)")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     src, out = args.workdir / "llama", args.workdir / "llama.tt"
@@ -133,13 +137,16 @@ def main() -> None:
                                               vocab=args.vocab, shard=args.shard))
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "ttcompress", "decompose", str(src), "-o", str(out), "--json", *args.decompose_args]
-    if args.calib:
+    if args.command == "inspect":
+        cmd = [sys.executable, "-m", "ttcompress", "inspect", str(src), "--json", *args.decompose_args]
+    elif args.calib:
         calib = calibration_file(args.workdir / "calib.pt", samples=args.calib, tokens=args.tokens, vocab=args.vocab)
         cmd += ["--data", f"tensors:{calib}", "--calib-samples", str(args.calib)]
     else:
         cmd += ["--no-calib"]
     limit = int(size * args.limit_fraction)
-    result = run_limited(cmd + ["--device", "cpu"], limit, args.workdir / "decompose.json")
+    device = ["--device", "cpu"] if args.command == "decompose" else []
+    result = run_limited(cmd + device, limit, args.workdir / f"{args.command}.json")
     written = sum(f.stat().st_size for f in out.glob("*.safetensors")) if out.is_dir() else None
     print(json.dumps({"model_bytes": size, "limit_bytes": limit, "written_bytes": written,
                       "layers": args.layers, "calib_samples": args.calib, "tokens": args.tokens, **result,

@@ -146,3 +146,116 @@ def test_an_existing_output_directory_needs_overwrite(llama_dir: Path, tmp_path:
     res = CliRunner().invoke(app, ["decompose", str(llama_dir), "-o", str(dest), "--no-calib", "--overwrite"])
     assert res.exit_code == 0, res.output
     assert (dest / "model.safetensors.index.ttcompress.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# dry run and inspect one block at a time; one rank allocation over the whole model
+# --------------------------------------------------------------------------------------------------
+class _OneBlockAtATime:
+    """Counts the shards open at once and the blocks still in memory when the next one loads."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real_open, real_load = safetensors.safe_open, blockwise._load_block
+        monkeypatch.setattr(safetensors, "safe_open", lambda path, **kw: _Tracked(real_open, path, **kw))
+        _Tracked.open_now = _Tracked.most = 0
+        _Tracked.opened = []
+        self.blocks: list[weakref.ref] = []
+        self.resident: list[int] = []
+
+        def load_block(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.resident.append(sum(r() is not None for r in self.blocks))
+            block = real_load(*args, **kwargs)
+            self.blocks.append(weakref.ref(block))
+            return block
+
+        monkeypatch.setattr(blockwise, "_load_block", load_block)
+
+    def check(self, loads: int) -> None:
+        assert _Tracked.most == 1 and _Tracked.open_now == 0  # never two shards open at once
+        assert self.resident == [0] * loads  # never two blocks in memory at once
+
+
+_PLANS = {"default": {}, "svd": {"formats": ["svd"], "svd": {"rank": 6}},
+          "one-block": {"layers": ["model.layers.0.*"]}, "ratio": {"target_ratio": 2.5}}
+
+
+@pytest.mark.parametrize("plan", list(_PLANS.values()), ids=list(_PLANS))
+def test_the_dry_run_reads_one_block_at_a_time_and_agrees_with_the_run(
+        llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plan: dict) -> None:
+    from ttcompress.compression.blockwise_preview import preview_sharded
+    from ttcompress.compression.dryrun import preview_plan
+
+    the_plan = Plan.from_dict(plan)
+    tracker = _OneBlockAtATime(monkeypatch)
+    preview = preview_sharded(llama_dir, the_plan)
+    tracker.check(3 if the_plan.target_ratio is None else 6)  # a target ratio reads the blocks twice
+    monkeypatch.undo()
+    assert preview.to_dict() == preview_plan(load(llama_dir), the_plan).to_dict()  # as the whole model's
+
+    result = blockwise.compress_sharded(llama_dir, tmp_path / "out", plan=the_plan)
+    shown = {lp.decision.name: (lp.format, lp.params_after) for lp in preview.layers}
+    done = {r.name: (r.format, r.params_after) for r in result.records}
+    assert shown == done and any(f != "dense" for f, _p in done.values())
+    assert (preview.params_before, preview.params_after) == (result.params_before, result.params_after)
+
+
+def test_the_cli_dry_run_and_inspect_of_a_sharded_directory(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ttcompress.compression.summary import inspect_file
+
+    tracker = _OneBlockAtATime(monkeypatch)
+    res = CliRunner().invoke(app, ["decompose", str(llama_dir), "--dry-run", "--json", "--target-ratio", "2"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output[res.output.index("{"):res.output.rindex("}") + 1])["ratio"] >= 2
+    res = CliRunner().invoke(app, ["inspect", str(llama_dir), "--json", "--layers", "model.layers.2.*"])
+    assert res.exit_code == 0, res.output
+    tracker.check(9)  # dry run: 2 passes, inspect: 1
+    monkeypatch.undo()
+    shown = json.loads(res.output)
+    assert shown == json.loads(json.dumps(inspect_file(llama_dir, plan=Plan(layers=("model.layers.2.*",))).to_dict()))
+    res = CliRunner().invoke(app, ["inspect", str(llama_dir), "--layers", "model.nothing.*"])
+    assert res.exit_code == 2 and "matches no layer" in res.output
+
+
+def _save_uneven_llama(path: Path) -> None:
+    """The tiny Llama with block 1's projections of rank 2: the blocks' spectra differ, so one
+    allocation over the whole model is not the per-block one."""
+    model = _save_llama(path)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("model.layers.1.") and p.dim() == 2:
+                u, s, vh = torch.linalg.svd(p, full_matrices=False)
+                p.copy_((u[:, :2] * s[:2]) @ vh[:2])
+    model.save_pretrained(path, max_shard_size="20KB")
+
+
+def test_a_data_free_target_ratio_is_one_allocation_over_the_whole_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _save_uneven_llama(tmp_path / "llama")
+    plan = Plan(target_ratio=3.0)
+    tracker = _OneBlockAtATime(monkeypatch)
+    result = blockwise.compress_sharded(tmp_path / "llama", tmp_path / "out", plan=plan)
+    tracker.check(6)  # the ladders, then the build: one block at a time in both passes
+    monkeypatch.undo()
+    assert 3.0 <= result.ratio <= 3.0 * 1.1  # the whole model at the target (the greedy stops within a step)
+
+    whole = compress_with_report(load(tmp_path / "llama"), plan)
+    ours = {r.name: (r.format, r.params_after, r.ranks) for r in result.records}
+    assert ours == {r.name: (r.format, r.params_after, r.ranks) for r in whole.records}
+    blocks = [sum(r.params_after for r in result.records if r.name.startswith(f"model.layers.{i}."))
+              for i in range(3)]
+    assert blocks[1] < min(blocks[0], blocks[2])  # the budget went where the spectra need it
+
+    per_block = [compress_with_report(_block_of(load(tmp_path / "llama"), i), plan).params_after for i in range(3)]
+    assert per_block[1] > blocks[1]  # at 3x per block, the rank-2 block would have kept more
+
+
+def _block_of(model: torch.nn.Module, index: int) -> torch.nn.Module:
+    return torch.nn.ModuleDict({"block": model.model.layers[index]})
+
+
+def test_a_calibrated_target_ratio_says_it_is_met_block_by_block(llama_dir: Path, tmp_path: Path) -> None:
+    torch.save(_batch(), tmp_path / "calib.pt")
+    res = CliRunner().invoke(app, ["decompose", str(llama_dir), "-o", str(tmp_path / "small"), "--target-ratio", "2",
+                                   "--data", f"tensors:{tmp_path / 'calib.pt'}"])
+    assert res.exit_code == 0, res.output
+    assert "met block by block" in res.output

@@ -34,6 +34,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "PathLike",
     "TensorReader",
+    "release_shard",
     "check_fit",
     "copy_weights",
     "few",
@@ -173,18 +174,35 @@ def open_weights(d: Path, *, trust_pickle: bool) -> Iterator[tuple[dict[str, tup
     # shard by shard (``shapes`` is in shard order), so each shard is mapped once and alone.
     current: list[Any] = [None, None, contextlib.ExitStack()]  # path, handle, its exit
 
+    def release() -> None:
+        current[2].close()
+        current[:] = [None, None, contextlib.ExitStack()]
+
     def read(key: str) -> torch.Tensor:
         if current[0] != owner[key]:
-            current[2].close()
-            current[2] = contextlib.ExitStack()
+            release()
             current[1] = current[2].enter_context(safe_open(str(owner[key]), framework="pt", device="cpu"))
             current[0] = owner[key]
         return current[1].get_tensor(key)
 
+    read.release = release  # type: ignore[attr-defined]  # see release_shard
     try:
         yield shapes, read
     finally:
         current[2].close()
+
+
+def release_shard(read: TensorReader) -> None:
+    """Close the shard a reader of :func:`open_weights` holds open, if any (the next read opens it again).
+
+    A shard is memory-mapped while it is open, and the pages of the tensors read from it stay in the
+    process's resident set until it is closed: a caller that keeps only part of the model (one
+    transformer block, :mod:`ttcompress.compression.blockwise`) releases the shard after each part,
+    so that what is resident is that part, not the rest of a shard that can be many parts long.
+    """
+    release = getattr(read, "release", None)
+    if callable(release):
+        release()
 
 
 def open_pickle(path: Path) -> Iterator[tuple[dict[str, tuple[int, ...]], TensorReader]]:

@@ -54,7 +54,13 @@ from ttcompress.compression.plan import Plan
 from ttcompress.checkpoint.io import load_checkpoint
 from ttcompress.cli.recorded import recorded_dataset
 from ttcompress.compression.pipeline import DecomposeResult, decompose_file, default_output_path
-from ttcompress.compression.blockwise import decompose_sharded, default_sharded_output, is_blockwise_dir
+from ttcompress.compression.blockwise import (
+    PER_BLOCK_RATIO,
+    decompose_sharded,
+    default_sharded_output,
+    is_blockwise_dir,
+)
+from ttcompress.compression.blockwise_preview import preview_sharded
 
 app = command_app()
 
@@ -139,7 +145,10 @@ def _decompose_with_progress(model: Path, *, output: Optional[Path], plan: Plan,
 
 
 def preview_file(model: Path, *, plan: Plan, **load_options: Any) -> PlanPreview:
-    """Load ``model`` and preview ``plan`` on it (nothing is decomposed or written)."""
+    """Load ``model`` and preview ``plan`` on it (nothing is decomposed or written); a sharded
+    Llama-style directory one transformer block at a time (:func:`preview_sharded`)."""
+    if is_blockwise_dir(model) and load_options.get("arch") is None:
+        return preview_sharded(model, plan)
     return preview_plan(load_checkpoint(model, **load_options).model, plan)
 
 
@@ -227,6 +236,8 @@ def decompose(
         return
     if note is not None:
         err.print(note)
+    if calib is not None and the_plan.target_ratio is not None and is_blockwise_dir(model) and arch is None:
+        err.print(f"note: {PER_BLOCK_RATIO}")
     if json_:
         out.print_json(json.dumps(result.to_dict()))
         return

@@ -27,6 +27,8 @@ from ttcompress.cli.options import (
     parse_arch_kwargs,
     plan_from_flags,
 )
+from ttcompress.compression.blockwise import is_blockwise_dir
+from ttcompress.compression.blockwise_preview import inspect_sharded
 from ttcompress.compression.summary import inspect_file
 
 app = command_app()
@@ -56,17 +58,21 @@ def inspect(
 ) -> None:
     """Show MODEL's layers: shapes, parameter share, what is compressible and what the plan would build.
 
-    For a compressed ttcompress checkpoint, show its plan: format, modes and ranks of each layer.
+    For a compressed ttcompress checkpoint, show its plan: format, modes and ranks of each layer. A sharded
+    Llama-style directory is read one transformer block at a time.
     """
     check_inputs(model, plan)
     the_plan = plan_from_flags(
         plan=plan, **(format_flags or {}),
         layers=layers, exclude=exclude, target_ratio=target_ratio, formats=formats,
     )
-    summary = inspect_file(
-        model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle, trust_code=trust_code,
-        plan=the_plan,
-    )
+    if is_blockwise_dir(model) and arch is None:  # one transformer block in memory at a time
+        summary = inspect_sharded(model, the_plan)
+    else:
+        summary = inspect_file(
+            model, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs), trust_pickle=trust_pickle,
+            trust_code=trust_code, plan=the_plan,
+        )
     if json_:
         out.print_json(json.dumps(summary.to_dict()))
         return

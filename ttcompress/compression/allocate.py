@@ -46,7 +46,7 @@ from __future__ import annotations
 import copy
 import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -58,7 +58,8 @@ from ttcompress.formats import DENSE, LayerDecision, get_format
 from ttcompress.formats.base import Ladder
 from ttcompress.errors import InputError
 
-__all__ = ["MIN_LAYER_RATIO", "Slot", "allocate", "greedy", "input_grams", "whitened"]
+__all__ = ["MIN_LAYER_RATIO", "Slot", "allocate", "allocate_ladders", "allocate_levels", "greedy", "input_grams",
+           "slot_ladders", "whitened"]
 
 #: Below this compression of its own weights a layer stays dense under a whole-model target ratio
 #: without calibration data: a factorized layer keeping more than 80 % of its parameters costs at
@@ -173,8 +174,12 @@ def whitened(module: nn.Module, gram: torch.Tensor | InputStats) -> nn.Module:
     return twin
 
 
-def _ladders(slots: Sequence[Slot], decisions: list[LayerDecision],
-             sensitivity: Mapping[str, torch.Tensor] | None) -> dict[int, Ladder]:
+def slot_ladders(slots: Sequence[Slot], sensitivity: Mapping[str, torch.Tensor] | None = None,
+                 ) -> tuple[list[LayerDecision], dict[int, Ladder]]:
+    """Every free slot's rank ladder (index -> :class:`~ttcompress.formats.base.Ladder`), and the slots'
+    decisions with each laddered one at the ladder's lowest level: what :func:`allocate_ladders` needs,
+    small per layer (the modules are not kept). ``sensitivity`` as for :func:`allocate`."""
+    decisions = [s.decision for s in slots]
     ladders: dict[int, Ladder] = {}
     for idx, slot in enumerate(slots):
         dec = slot.decision
@@ -187,7 +192,7 @@ def _ladders(slots: Sequence[Slot], decisions: list[LayerDecision],
         if ladder is not None and ladder.params:
             ladders[idx] = ladder
             decisions[idx] = replace(dec, options=ladder.options[0], params_after=ladder.params[0])
-    return ladders
+    return decisions, ladders
 
 
 def allocate(slots: Sequence[Slot], *, total: int, target_ratio: float,
@@ -227,45 +232,77 @@ def allocate(slots: Sequence[Slot], *, total: int, target_ratio: float,
     on the layer whose next step buys the largest decrease of the estimated error per added
     parameter (:func:`greedy`, errors counted as :func:`lost_energy`), as long as the step fits
     the budget. A layer never
-    grows to a rank at which it would not shrink.
+    grows to a rank at which it would not shrink. The same as :func:`slot_ladders` then
+    :func:`allocate_ladders`.
+    """
+    decisions, ladders = slot_ladders(slots, sensitivity)
+    return allocate_ladders(decisions, ladders, total=total, target_ratio=target_ratio,
+                            measured=frozenset(sensitivity or ()), min_saving=min_saving, max_error=max_error)
+
+
+def allocate_ladders(decisions: Sequence[LayerDecision], ladders: Mapping[int, Ladder], *, total: int,
+                     target_ratio: float, measured: Container[str] = frozenset(), min_saving: float = 0.0,
+                     max_error: float = 1.0) -> list[LayerDecision]:
+    """:func:`allocate` from the ladders :func:`slot_ladders` gave: :func:`allocate_levels`, then each
+    layer's decision at its level.
+
+    ``decisions`` are every compressible layer's (laddered ones at their lowest level), in module
+    order; ``ladders`` by index into them; ``measured`` the names whose ladders estimate output
+    errors on calibration data (the ``sensitivity`` of :func:`allocate`). Other arguments, the
+    result and the errors as for :func:`allocate`.
+    """
+    levels, dense = allocate_levels(decisions, ladders, total=total, target_ratio=target_ratio, measured=measured,
+                                    min_saving=min_saving, max_error=max_error)
+    return [dense[i] if i in dense else
+            replace(d, options=ladders[i].options[levels[i]], params_after=ladders[i].params[levels[i]])
+            if i in levels else d for i, d in enumerate(decisions)]
+
+
+def allocate_levels(decisions: Sequence[LayerDecision], ladders: Mapping[int, Ladder], *, total: int,
+                    target_ratio: float, measured: Container[str] = frozenset(), min_saving: float = 0.0,
+                    max_error: float = 1.0) -> tuple[dict[int, int], dict[int, LayerDecision]]:
+    """The allocation of :func:`allocate_ladders` as levels: ``(levels, dense)``, the level of every
+    layer compressed at a ladder's level (index -> level) and the decision of every laddered layer put
+    back to dense (index -> decision, with the reason). Only the ladders' ``params`` and ``errors``
+    are read: a model too large for memory is allocated from the ladders' numbers gathered one block
+    at a time, and each layer's options at its level are computed again when its block is built.
     """
     budget = total / target_ratio
-    slots = list(slots)
-    for _ in range(len(slots) + 1):
-        decisions = [s.decision for s in slots]
-        ladders = _ladders(slots, decisions, sensitivity)
-        fixed_params = total - sum(d.params_before for d in decisions) + sum(
+    dense: dict[int, LayerDecision] = {}  # layers the loop put back to dense, with the reason
+    decisions = list(decisions)
+    levels: dict[int, int] = {}
+    for _ in range(len(decisions) + 1):  # each pass but the last puts at least one more layer back to dense
+        current = [dense.get(i, d) for i, d in enumerate(decisions)]
+        free = {i: ladder for i, ladder in ladders.items() if i not in dense}
+        fixed_params = total - sum(d.params_before for d in current) + sum(
             (d.params_after if d.skipped is None and d.params_after is not None else d.params_before)
-            for d in decisions)
+            for d in current)
         if fixed_params > budget:
             raise InputError(
                 "target_ratio", f"{target_ratio:g} is out of reach: rank 1 in every compressible "
                 f"layer gives {total / fixed_params:.2f}x ({fixed_params} of {total} params)"
             )
-        levels = greedy(ladders, fixed_params, budget)
+        levels = greedy(free, fixed_params, budget)
         dropped = False
         for idx, k in levels.items():
-            ladder = ladders[idx]
-            decisions[idx] = replace(decisions[idx], options=ladder.options[k], params_after=ladder.params[k])
-            dec = decisions[idx]
+            ladder, dec = free[idx], current[idx]
             saved = dec.params_before - ladder.params[k]
             error = math.sqrt(max(ladder.errors[k], 0.0))
             reason = None
             if saved < min_saving * total and error > max_error:
-                kind = "output" if sensitivity is not None and dec.name in sensitivity else "weight"
+                kind = "output" if dec.name in measured else "weight"
                 reason = (f"kept dense: saves only {saved:,} params ({saved / total:.2%} of the model) at estimated "
                           f"{kind} error {error:.2f} (min_saving {min_saving:g}, max_error {max_error:g})")
             elif (dec.params_before < MIN_LAYER_RATIO * ladder.params[k]
-                  and (sensitivity is None or dec.name not in sensitivity)
+                  and dec.name not in measured
                   and fixed_params + dec.params_before - ladder.params[0] <= budget):
                 reason = (f"kept dense: the ranks the budget allows would shrink it only "
                           f"{dec.params_before / ladder.params[k]:.2f}x (< {MIN_LAYER_RATIO:g}x): more kernels and "
                           "error for almost no saving")
             if reason is not None:
-                slots[idx] = replace(slots[idx], decision=replace(dec, format=DENSE, options={},
-                                                                  params_after=dec.params_before, skipped=reason))
+                dense[idx] = replace(dec, format=DENSE, options={}, params_after=dec.params_before, skipped=reason)
                 dropped = True
                 fixed_params += dec.params_before - ladder.params[0]
         if not dropped:
-            return decisions
-    return decisions
+            break
+    return {i: k for i, k in levels.items() if i not in dense}, dense

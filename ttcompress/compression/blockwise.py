@@ -26,9 +26,20 @@ writes, so it loads with :func:`ttcompress.load` (and transformers' ``trust_remo
 The layers keep their whole-model names (``model.layers.3.mlp.up_proj``), so a plan's patterns
 select what they select in the whole model, and fixed-rank plans give the layers the whole-model
 compression gives, data-free or calibrated (identical outputs in tests/test_blockwise.py; the
-same computations in the same order). A ``target_ratio``
-plan is met block by block (each block, and the rest, at the ratio), not by one allocation over
-the whole model.
+same computations in the same order). A ``target_ratio`` plan without calibration data is met by
+one allocation over the whole model, as the whole-model compression makes it
+(:func:`whole_model_allocation`): a first pass reads the blocks one at a time and keeps only the
+numbers of each layer's rank ladder (parameters and estimated errors per rank step:
+:func:`~ttcompress.compression.allocate.slot_ladders`),
+:func:`~ttcompress.compression.allocate.allocate_levels` allocates the ranks of every layer at
+once, then each block is compressed at its layers' levels (the ladders of the block computed
+again for their build options, :meth:`Allocation.for_part`). With calibration data the ranks
+follow each block's measured output errors, which depend on the blocks compressed before it:
+such a plan is met block by block (each block, and the rest, at the ratio), not by one
+allocation over the whole model (:data:`PER_BLOCK_RATIO` says so).
+
+The plan's layer patterns are checked once against the whole model's layer names (a pattern
+that selects layers of one block only is no error in the other blocks).
 
 Supported: the decoders whose blocks take ``(hidden_states, attention_mask=..., position_embeddings=...)``
 and whose head is ``lm_head(norm(h))``: :data:`BLOCKWISE_MODEL_TYPES`. Any other directory is
@@ -41,7 +52,7 @@ import copy
 import gc
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +87,13 @@ from ttcompress.checkpoint.hf_files import (
     key_map,
     open_weights,
     read_json,
+    release_shard,
     single_weights,
     state_groups,
 )
 from ttcompress.checkpoint.hf_remote import MODELING_FILE, modeling_source, remote_config
-from ttcompress.compression.plan import Plan
+from ttcompress.compression.allocate import allocate_levels, slot_ladders
+from ttcompress.compression.plan import LayerDecision, Plan, allocation_slots, check_patterns_match, pattern_names
 from ttcompress.compression.pipeline import (
     CompressionResult,
     DecomposeResult,
@@ -89,14 +102,17 @@ from ttcompress.compression.pipeline import (
     target_device,
 )
 from ttcompress.compression.surgery import as_plan
+from ttcompress.compression.surgery_checks import check_finite_parameters, guard_reasons
+from ttcompress.formats.base import Ladder
+from ttcompress.formats.structure import preview_preparation
 from ttcompress.errors import CheckpointError, InputError, UserInputError
 from ttcompress.fsutil import atomic_dir, check_not_inputs, strip_model_suffix
 from ttcompress.inputs import MASK_KEY, call_model, input_mask
 from ttcompress.layer_report import LayerReport, count_params
 from ttcompress.modtree import get_submodule, set_submodule
 
-__all__ = ["BLOCKWISE_MODEL_TYPES", "BlockProgressFn", "compress_sharded", "decompose_sharded", "default_sharded_output",
-           "is_blockwise_dir"]
+__all__ = ["Allocation", "BLOCKWISE_MODEL_TYPES", "PER_BLOCK_RATIO", "BlockProgressFn", "compress_sharded",
+           "decompose_sharded", "default_sharded_output", "for_each_part", "is_blockwise_dir", "whole_model_allocation"]
 
 #: ``model_type`` values whose sharded directories are compressed block by block.
 BLOCKWISE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
@@ -104,6 +120,10 @@ BLOCKWISE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 BlockProgressFn = Callable[[int, int, str], None]
 
 _SHARD = "model.ttcompress-{:05d}-of-{:05d}.safetensors"
+
+#: Said where a calibrated ``target_ratio`` run is made block by block.
+PER_BLOCK_RATIO = ("with calibration data the target ratio is met block by block (each block and the layers "
+                   "outside the blocks at the ratio), not by one allocation over the whole model")
 
 
 def is_blockwise_dir(path: str | Path) -> bool:
@@ -245,6 +265,7 @@ def _rest_model(parts: _Parts, read: TensorReader, where: str) -> nn.Module:
     config.num_hidden_layers = 0
     rest = _instantiate(parts.cls, config, device="cpu", where=where)
     copy_weights(rest, parts.rest_keys(), read, where)
+    release_shard(read)
     return rest.eval()
 
 
@@ -265,6 +286,7 @@ def _load_block(parts: _Parts, index: int, read: TensorReader, where: str) -> nn
             raise CheckpointError(f"{where}: block {index}: tensor {prefix}{missing[0]} is not stored")
         for stored, key in local.items():
             state[key].copy_(read(stored))
+    release_shard(read)  # the shard's mapped pages leave memory: one block resident, not one shard
     return block.eval()
 
 
@@ -341,6 +363,92 @@ def _outputs(shell: _Shell, stream: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------------
+# The whole model, one part at a time: previews and the rank allocation
+# --------------------------------------------------------------------------------------------------
+def for_each_part(parts: _Parts, rest: nn.Module, read: TensorReader, where: str,
+                  visit: Callable[[nn.Module], None]) -> None:
+    """``visit(shell)`` for the layers outside the blocks (of ``rest``), then for each block with its
+    stored weights: one block in memory at a time (loaded, visited, freed before the next loads;
+    ``visit`` must keep no reference to the shell)."""
+    visit(_Shell(_rest_modules(parts, rest), _no_run))
+    for index in range(parts.count):
+        path = f"{parts.blocks_path}.{index}"
+        shell = _Shell({path: _load_block(parts, index, read, where)}, _no_run)
+        visit(shell)
+        del shell
+        gc.collect()
+
+
+def _part_ladders(shell: nn.Module, plan: Plan) -> tuple[list[LayerDecision], dict[int, Ladder]]:
+    """The allocator's view of one part: its layers' lowest-rank decisions and rank ladders."""
+    prep = preview_preparation(shell)
+    return slot_ladders(allocation_slots(prep.model, plan, guard_reasons(prep)))
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """A whole-model rank allocation of a model read one part at a time (:func:`whole_model_allocation`).
+
+    Attributes
+    ----------
+    plan : Plan
+        The plan, with its ``target_ratio``.
+    levels : dict of str to int
+        The level of each layer compressed at a step of its rank ladder.
+    decided : dict of str to LayerDecision
+        The decisions of the other layers (kept dense, not selected, or with ranks a rule fixed).
+    """
+
+    plan: Plan
+    levels: dict[str, int]
+    decided: dict[str, LayerDecision]
+
+    def for_part(self, shell: nn.Module) -> dict[str, LayerDecision]:
+        """The decisions of the part ``shell``'s layers: its ladders are computed again (the same
+        numbers as in the first pass) for each laddered layer's options at its level."""
+        decisions, ladders = _part_ladders(shell, self.plan)
+        out = {}
+        for i, d in enumerate(decisions):
+            k = self.levels.get(d.name)
+            if k is not None and i in ladders:
+                out[d.name] = replace(d, options=ladders[i].options[k], params_after=ladders[i].params[k])
+            else:
+                out[d.name] = self.decided.get(d.name, d)
+        return out
+
+
+def whole_model_allocation(parts: _Parts, rest: nn.Module, read: TensorReader, where: str,
+                           plan: Plan) -> Allocation | None:
+    """The data-free allocation of ``plan.target_ratio`` over the whole model (None without a target
+    ratio), from one pass over its parts (:func:`for_each_part`) that keeps each layer's ladder
+    numbers (parameters and estimated errors per rank step, ~45 kB for a 2,816 x 1,024
+    layer), never its weights or the
+    ladder's build options; the ranks of every layer are then allocated at once, in the whole
+    model's layer order, as :func:`~ttcompress.compression.plan.plan_layers` allocates them on the
+    whole model (:func:`~ttcompress.compression.allocate.allocate_levels`)."""
+    if plan.target_ratio is None:
+        return None
+    gathered: list[tuple[LayerDecision, Ladder | None]] = []
+
+    def visit(shell: nn.Module) -> None:
+        check_finite_parameters(shell)  # as compress does, before any spectrum
+        decisions, ladders = _part_ladders(shell, plan)
+        gathered.extend((d, None if i not in ladders else Ladder(ladders[i].params, ladders[i].errors, ()))
+                        for i, d in enumerate(decisions))
+
+    for_each_part(parts, rest, read, where, visit)
+    order = {name: i for i, name in enumerate(pattern_names(parts.probe))}
+    gathered.sort(key=lambda item: order.get(item[0].name, len(order)))
+    decisions = [d for d, _l in gathered]
+    ladders = {i: ladder for i, (_d, ladder) in enumerate(gathered) if ladder is not None}
+    levels, dense = allocate_levels(decisions, ladders, total=count_params(parts.probe),
+                                    target_ratio=float(plan.target_ratio), min_saving=plan.saving_floor(False),
+                                    max_error=plan.max_error)
+    return Allocation(plan, {decisions[i].name: k for i, k in levels.items()},
+                      {d.name: dense.get(i, d) for i, d in enumerate(decisions) if i not in levels})
+
+
+# --------------------------------------------------------------------------------------------------
 # The pipeline
 # --------------------------------------------------------------------------------------------------
 @dataclass
@@ -362,10 +470,12 @@ def _write_shard(tmp: Path, name: str, state: Mapping[str, torch.Tensor], writte
 
 
 def _compress_part(shell: _Shell, plan: Plan, streams: _Streams | None, total: int, *, device: Any,
-                   calib_memory: Any, written: _Written) -> nn.Module:
-    """Compress the shell's layers (calibrated on the streams when there are any); record them."""
+                   calib_memory: Any, written: _Written, allocation: Allocation | None) -> nn.Module:
+    """Compress the shell's layers (calibrated on the streams when there are any; with its decisions
+    in the whole-model ``allocation`` when there is one); record them."""
     result = compress_with_report(shell, plan, calib_data=streams.batches() if streams is not None else None,
-                                  device=device, calib_memory=calib_memory, total_params=total)
+                                  device=device, calib_memory=calib_memory, total_params=total,
+                                  decisions=None if allocation is None else allocation.for_part(shell))
     written.records.extend(result.records)
     records = _layer_records(result.model)
     written.layer_meta.update(records)
@@ -397,7 +507,8 @@ def compress_sharded(
         The directory to write, atomically (nothing is there unless everything succeeded).
     plan : Plan
         As for :func:`~ttcompress.compression.pipeline.compress_with_report`; layer names are the
-        whole model's. ``target_ratio`` is met block by block.
+        whole model's. A ``target_ratio`` is met by one allocation over the whole model without
+        calibration data (two passes over the shards), block by block with it (module docstring).
     calib_data, calib_samples : optional
         Calibration inputs of the whole model (token ids, or mappings with ``input_ids`` and
         ``attention_mask``), as for :func:`~ttcompress.compression.pipeline.compress_with_report`.
@@ -429,12 +540,14 @@ def compress_sharded(
     where = str(src)
     with open_weights(src, trust_pickle=False) as (shapes, read):
         parts = _parts(src, shapes)
+        check_patterns_match(plan, pattern_names(parts.probe))
         total = count_params(parts.probe)
         rest = _rest_model(parts, read, where)
         batches = None if calib_data is None else list(calib_batches(calib_data, max_samples=calib_samples))
         if batches is not None and not batches:
             raise InputError("calib_data", "holds no samples")
         streams = _capture(rest, parts, batches) if batches else None
+        allocation = None if batches else whole_model_allocation(parts, rest, read, where, plan)
         count = parts.count
         written = _Written({}, [], {})
         with atomic_dir(Path(dest), overwrite=overwrite) as tmp:
@@ -443,12 +556,12 @@ def compress_sharded(
                 if progress is not None:
                     progress(index, count + 1, name)
                 _block_step(parts, index, read, where, streams, plan, total, tmp, written, count + 1,
-                            device=device, calib_memory=calib_memory)
+                            device=device, calib_memory=calib_memory, allocation=allocation)
             if progress is not None:
                 progress(count, count + 1, "head")
             has_head = isinstance(getattr(rest, "lm_head", None), nn.Module)
             rest = _head_step(parts, rest, has_head, streams, plan, total, tmp, written, count + 1,
-                              device=device, calib_memory=calib_memory)
+                              device=device, calib_memory=calib_memory, allocation=allocation)
             result = CompressionResult(rest, tuple(written.records), total, written.params_after, plan)
             reason = require(result) if require is not None else None
             if reason is not None:
@@ -460,7 +573,8 @@ def compress_sharded(
 
 
 def _block_step(parts: _Parts, index: int, read: TensorReader, where: str, streams: _Streams | None, plan: Plan,
-                total: int, tmp: Path, written: _Written, shards: int, *, device: Any, calib_memory: Any) -> None:
+                total: int, tmp: Path, written: _Written, shards: int, *, device: Any, calib_memory: Any,
+                allocation: Allocation | None) -> None:
     """Load block ``index``, carry the dense stream through it, compress it, carry the compressed
     stream, write its shard; the block is freed when this returns."""
     path = f"{parts.blocks_path}.{index}"
@@ -468,7 +582,8 @@ def _block_step(parts: _Parts, index: int, read: TensorReader, where: str, strea
     shell = _Shell({path: block}, _run_block(streams, path) if streams is not None else _no_run)
     del block
     dense_next = _outputs(shell, streams.dense) if streams is not None else None  # the dense block's
-    shell = _compress_part(shell, plan, streams, total, device=device, calib_memory=calib_memory, written=written)
+    shell = _compress_part(shell, plan, streams, total, device=device, calib_memory=calib_memory, written=written,
+                           allocation=allocation)
     if streams is not None and dense_next is not None:
         streams.compressed = _outputs(shell, streams.compressed)
         streams.dense = dense_next
@@ -482,17 +597,25 @@ def _no_run(shell: nn.Module, x: torch.Tensor, index: int) -> torch.Tensor:
     raise RuntimeError("a data-free shell is never run")
 
 
-def _head_step(parts: _Parts, rest: nn.Module, has_head: bool, streams: _Streams | None, plan: Plan, total: int,
-               tmp: Path, written: _Written, shards: int, *, device: Any, calib_memory: Any) -> nn.Module:
-    """Compress the layers outside the blocks (the output layer on the final hidden states), write
-    their shard; return the model without blocks, compressed."""
+def _rest_modules(parts: _Parts, rest: nn.Module) -> dict[str, nn.Module]:
+    """The layers outside the blocks under their whole-model names (the base model's children but
+    not its empty block list, and the head)."""
     modules = {n: m for n, m in rest.named_children() if count_params(m) or n == parts.base_path}
-    if parts.base_path:  # the base model's children, but not its (empty) block list
+    if parts.base_path:
         base = get_submodule(rest, parts.base_path)
         modules.pop(parts.base_path)
         modules.update({f"{parts.base_path}.{n}": m for n, m in base.named_children() if n != "layers"})
-    shell = _Shell(modules, _run_head(parts, has_head))
-    shell = _compress_part(shell, plan, streams, total, device=device, calib_memory=calib_memory, written=written)
+    return modules
+
+
+def _head_step(parts: _Parts, rest: nn.Module, has_head: bool, streams: _Streams | None, plan: Plan, total: int,
+               tmp: Path, written: _Written, shards: int, *, device: Any, calib_memory: Any,
+               allocation: Allocation | None) -> nn.Module:
+    """Compress the layers outside the blocks (the output layer on the final hidden states), write
+    their shard; return the model without blocks, compressed."""
+    shell = _Shell(_rest_modules(parts, rest), _run_head(parts, has_head))
+    shell = _compress_part(shell, plan, streams, total, device=device, calib_memory=calib_memory, written=written,
+                           allocation=allocation)
     for name in written.layer_meta:  # the new layers of the shell go back into the model
         if not name.startswith(f"{parts.blocks_path}."):
             rest = set_submodule(rest, name, get_submodule(shell, name))

@@ -20,6 +20,7 @@ choice as the real run), else by comparing the candidates' previews.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,12 +134,15 @@ def _preview_layer(module: nn.Module, decision: LayerDecision, budget: float) ->
     return LayerPreview(decision, p.error, p.kind, p.format, p.note, p.params)
 
 
-def preview_plan(model: nn.Module, plan: Plan, *, budget: float = PREVIEW_BUDGET) -> PlanPreview:
+def preview_plan(model: nn.Module, plan: Plan, *, budget: float = PREVIEW_BUDGET, patterns_checked: bool = False,
+                 decided: Mapping[str, LayerDecision] | None = None) -> PlanPreview:
     """What :func:`ttcompress.compression.pipeline.compress` would do to ``model`` under ``plan``, without writing it.
 
     Layers whose decomposition costs at most ``budget`` multiply-adds are decomposed one at a time
     (and dropped) to give their exact data-free weight error; others get a bound or an estimate
-    (module docstring). ``budget=0`` decomposes nothing.
+    (module docstring). ``budget=0`` decomposes nothing. ``patterns_checked`` and ``decided``: ``model``
+    is a part of a larger model (one transformer block) that the plan's patterns were checked against
+    and, under a target ratio, whose ranks were allocated (:func:`~ttcompress.compression.surgery_checks.guarded_plan`).
 
     Raises
     ------
@@ -156,7 +160,8 @@ def preview_plan(model: nn.Module, plan: Plan, *, budget: float = PREVIEW_BUDGET
     modules = dict(prep.model.named_modules(remove_duplicate=False))
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
         raise ValueError(f"budget must be a non-negative number, got {budget!r}")
-    layers = tuple(_preview_layer(modules[d.name], d, float(budget)) for d in guarded_plan(prep, plan))
+    decisions = guarded_plan(prep, plan, patterns_checked=patterns_checked, decided=decided)
+    layers = tuple(_preview_layer(modules[d.name], d, float(budget)) for d in decisions)
     before = count_params(model)
     saved = sum(lp.decision.params_before - lp.params_after for lp in layers
                 if lp.decision.format != DENSE and lp.params_after is not None)  # fmt: skip

@@ -42,7 +42,7 @@ from ttcompress.calibration.data import named_calibration
 from ttcompress.checkpoint.io import load_checkpoint, save
 from ttcompress.checkpoint.meta import copy_meta, has_meta, update_meta
 from ttcompress.checkpoint.teacher import source_record
-from ttcompress.compression.plan import Plan
+from ttcompress.compression.plan import LayerDecision, Plan
 from ttcompress.compression.scaleout import process_group
 from ttcompress.compression.surgery import FilterFn, ProgressFn, as_plan, prepare_and_build, swap_in
 from ttcompress.compression.surgery_checks import (
@@ -129,7 +129,12 @@ class CompressOptions:
     total_params : int, optional
         The parameters of the whole model that ``model`` is a part of (one transformer block
         compressed at a time, :mod:`ttcompress.compression.blockwise`): ``plan.min_saving`` is a
-        share of this many. Default: ``model``'s own.
+        share of this many. Default: ``model``'s own. When given, ``model`` is
+        a part of the model the plan is for: the plan's patterns are not checked against ``model``
+        (the caller checks them against the whole model's layers).
+    decisions : mapping of str to LayerDecision, optional
+        The decisions for ``model``'s layers, by name, taken for the whole model it is a part of
+        (one rank allocation over a model compressed block by block): used instead of planning.
     """
 
     plan: Plan | Mapping[str, Any] | None = None
@@ -143,6 +148,7 @@ class CompressOptions:
     device: str | torch.device | None = None
     source: str | os.PathLike[str] | None = None
     total_params: int | None = None
+    decisions: Mapping[str, LayerDecision] | None = None
 
     def calibration_record(self) -> dict[str, Any]:
         """What the metadata records under ``info["calibration"]``."""
@@ -236,7 +242,8 @@ def run_compress(model: nn.Module, options: CompressOptions) -> CompressionResul
         collector = None if batches is None else StatsCollector(batches, memory=memory)
         reference = None if check_input is None else reference_output(model, check_input)
         prep, decisions, built = prepare_and_build(model, plan, options.filter_fn, options.progress, collector,
-                                                   device, total)
+                                                   device, total, part=options.total_params is not None,
+                                                   decided=options.decisions)
     records, meta_layers, swapped = swap_in(prep, decisions, built, plan, total)
     root, records, error = finish_checked(prep, swapped, records, meta_layers, check_input=check_input,
                                           reference=reference)

@@ -85,6 +85,8 @@ __all__ = [
     "compressible_layers",
     "cp_params",
     "cp_rank_for",
+    "allocation_slots",
+    "pattern_names",
     "plan_layers",
     "suggest_modes",
     "tt_params",
@@ -580,8 +582,17 @@ def check_patterns_match(plan: Plan, names: Sequence[str]) -> None:
             raise PatternError(f"{what} pattern {p!r} matches no layer; {hint}")
 
 
+def pattern_names(model: nn.Module) -> list[str]:
+    """The names a plan's patterns are matched against (:func:`check_patterns_match`): every layer some
+    format compresses and every compressed layer, aliases included."""
+    done = layer_classes()
+    inner = _inside_factorized(model)
+    return [n for n, m in model.named_modules(remove_duplicate=False)
+            if id(m) not in inner and (compressible(m) or isinstance(m, done))]
+
+
 def plan_layers(model: nn.Module, plan: Plan, *, sensitivity: Mapping[str, Any] | None = None,
-                keep_dense: Mapping[str, str] | None = None) -> list[LayerDecision]:
+                keep_dense: Mapping[str, str] | None = None, patterns_checked: bool = False) -> list[LayerDecision]:
     """Decide, for every layer of ``model`` a registered format compresses, what the plan does with it.
 
     Parameters
@@ -599,6 +610,10 @@ def plan_layers(model: nn.Module, plan: Plan, *, sensitivity: Mapping[str, Any] 
         :func:`ttcompress.compression.surgery_checks.guard_reasons`), with the reason. A selected one keeps the
         reason as its ``skipped``; under ``target_ratio`` it holds its dense parameters, so the budget goes to
         the layers that can take it.
+    patterns_checked : bool, default False
+        The caller checked that every pattern of the plan matches a layer (:func:`check_patterns_match`)
+        of the larger model that ``model`` is a part of (one transformer block,
+        :mod:`ttcompress.compression.blockwise`): they are not checked against ``model``.
 
     Returns
     -------
@@ -622,30 +637,35 @@ def plan_layers(model: nn.Module, plan: Plan, *, sensitivity: Mapping[str, Any] 
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a Plan, got {type(plan).__name__}")
-    cands = compressible_layers(model)
-    done = layer_classes()
-    inner = _inside_factorized(model)
-    names = [n for n, m in model.named_modules(remove_duplicate=False)
-             if id(m) not in inner and (compressible(m) or isinstance(m, done))]
-    check_patterns_match(plan, names)
+    if not patterns_checked:
+        check_patterns_match(plan, pattern_names(model))
     guards = dict(keep_dense or {})
     if plan.target_ratio is None:
-        return [_decide(n, m, a, plan, guard=guards.get(n)) for n, m, a in cands]
-    return _allocate(model, cands, plan, sensitivity, guards)
+        return [_decide(n, m, a, plan, guard=guards.get(n)) for n, m, a in compressible_layers(model)]
+    return _allocate(model, plan, sensitivity, guards)
 
 
-def _allocate(model: nn.Module, cands: list[Candidate], plan: Plan,
-              sensitivity: Mapping[str, Any] | None, guards: Mapping[str, str]) -> list[LayerDecision]:
-    """The decisions of :func:`ttcompress.compression.allocate.allocate` for ``plan.target_ratio``."""
+def allocation_slots(model: nn.Module, plan: Plan, keep_dense: Mapping[str, str] | None = None) -> list[Slot]:
+    """What :func:`ttcompress.compression.allocate.allocate` is offered for ``plan.target_ratio``: one
+    :class:`~ttcompress.compression.allocate.Slot` per compressible layer of ``model``, at its lowest
+    rank unless a rule fixes its ranks (``keep_dense`` as for :func:`plan_layers`; patterns unchecked)."""
     # types the plan's formats do not cover get the target-ratio default (auto)
     extra = () if plan.others == DENSE else tuple(
         f.name for f in _formats() if f.default_under_target_ratio and f.name not in plan.formats)
     base = replace(plan, target_ratio=None, formats=plan.formats + extra)
+    guards = dict(keep_dense or {})
     slots = []
-    for name, module, aliases in cands:
+    for name, module, aliases in compressible_layers(model):
         rule = plan.merged_rule(name)
         fixed = rule is not None and rule.get("ranks") is not None
         slots.append(Slot(module, _decide(name, module, aliases, base, lowest=not fixed, guard=guards.get(name)), fixed))
+    return slots
+
+
+def _allocate(model: nn.Module, plan: Plan, sensitivity: Mapping[str, Any] | None,
+              guards: Mapping[str, str]) -> list[LayerDecision]:
+    """The decisions of :func:`ttcompress.compression.allocate.allocate` for ``plan.target_ratio``."""
+    slots = allocation_slots(model, plan, guards)
     total = sum(p.numel() for p in model.parameters())
     return allocate(slots, total=total, target_ratio=float(plan.target_ratio),  # type: ignore[arg-type]
                     sensitivity=sensitivity, min_saving=plan.saving_floor(sensitivity is not None),

@@ -45,25 +45,34 @@ class ModelSummary:
                 "layers": [x.to_dict() for x in self.layers], "info": self.info}
 
 
-def summarize(model: nn.Module, *, plan: Plan | None = None, kind: str = "model") -> ModelSummary:
+def summarize(model: nn.Module, *, plan: Plan | None = None, kind: str = "model", total: int | None = None,
+              decided: Mapping[str, LayerDecision] | None = None) -> ModelSummary:
     """Describe ``model``: every compressible and compressed layer with its parameter share.
 
     Dense layers say whether ``plan`` (default ``Plan()``) would compress them, with what the
     plan's format would build (the format's ``suggest``); compressed layers show their format,
     modes and ranks (the format's ``describe``).
+
+    ``total``: the parameters of the larger model that ``model`` is a part of (one transformer
+    block): shares are of this many, the plan's patterns are not checked against ``model`` (the
+    caller checked them on the whole model), and ``decided`` holds the whole model's decisions
+    under a target ratio (:func:`~ttcompress.compression.surgery_checks.guarded_plan`). The
+    summary's ``total_params`` is then ``total`` and its ``other_params`` are ``model``'s own.
     """
     plan = as_plan(plan)
     meta = read_meta(model)
-    total = count_params(model)
+    own = count_params(model)
+    part = total is not None
+    total = own if total is None else total
     rows: list[LayerReport] = []
     counted: dict[int, int] = {}  # id -> elements of the parameters in some row: a tied one counts once
     owner: dict[int, str] = {}  # id -> the first row holding that parameter
     done = layer_classes()
     # what decompose would see: attention split into projections, Conv1D as Linear, tied layers dense
-    if plan.target_ratio is not None:  # allocating ranks needs every layer's spectrum
+    if plan.target_ratio is not None and decided is None:  # allocating ranks needs every layer's spectrum
         check_finite_parameters(model)
     prep = preview_preparation(model)
-    decisions = {d.name: d for d in guarded_plan(prep, plan)}
+    decisions = {d.name: d for d in guarded_plan(prep, plan, patterns_checked=part, decided=decided)}
     for name, m in prep.model.named_modules():
         if isinstance(m, done):
             row = _compressed_row(name, m, meta.layers.get(name), total)
@@ -80,7 +89,7 @@ def summarize(model: nn.Module, *, plan: Plan | None = None, kind: str = "model"
             owner.setdefault(id(p), name)
     info = {k: v for k, v in meta.info.items() if k != "history"}
     arch = None if meta.arch is None else meta.arch.to_dict()
-    return ModelSummary(kind, arch, total, total - sum(counted.values()), tuple(rows), bool(meta.layers), info)
+    return ModelSummary(kind, arch, total, own - sum(counted.values()), tuple(rows), bool(meta.layers), info)
 
 
 def _compressed_row(name: str, layer: nn.Module, record: LayerReport | None, total: int) -> LayerReport:

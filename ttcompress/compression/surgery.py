@@ -105,12 +105,17 @@ def as_plan(plan: Plan | Mapping[str, Any] | None) -> Plan:
 
 def prepare_and_build(
     model: nn.Module, plan: Plan, filter_fn: FilterFn | None, progress: ProgressFn | None,
-    collector: StatsCollector | None, device: torch.device | None = None, total: int | None = None,
+    collector: StatsCollector | None, device: torch.device | None = None, total: int | None = None, *,
+    part: bool = False, decided: Mapping[str, LayerDecision] | None = None,
 ) -> tuple[Preparation, list[LayerDecision], Built]:
-    """:func:`prepare_model`, then :func:`_plan_and_build`; the preparation is undone if that fails."""
+    """:func:`prepare_model`, then :func:`_plan_and_build`; the preparation is undone if that fails.
+
+    ``part``: ``model`` is a part of the model the plan is for (its patterns are not checked against
+    it); ``decided``: decisions taken for that model, by layer name (:func:`guarded_plan`)."""
     prep = prepare_model(model)
     try:
-        decisions, built = _plan_and_build(prep, plan, filter_fn, progress, collector, device, total)
+        decisions, built = _plan_and_build(prep, plan, filter_fn, progress, collector, device, total,
+                                           part=part, decided=decided)
     except BaseException:
         prep.undo()
         raise
@@ -123,7 +128,8 @@ Built = dict[str, "tuple[BuildResult, float] | str"]
 
 def _plan_and_build(
     prep: Preparation, plan: Plan, filter_fn: FilterFn | None, progress: ProgressFn | None,
-    collector: StatsCollector | None = None, device: torch.device | None = None, total: int | None = None,
+    collector: StatsCollector | None = None, device: torch.device | None = None, total: int | None = None, *,
+    part: bool = False, decided: Mapping[str, LayerDecision] | None = None,
 ) -> tuple[list[LayerDecision], Built]:
     """The plan's decisions for the prepared model, and the replacement of every layer it compresses
     (name -> (layer, seconds), or name -> reason it stays dense); nothing is swapped in yet.
@@ -131,10 +137,10 @@ def _plan_and_build(
     With calibration data (``collector``), a ``target_ratio`` plan allocates ranks by the output
     error the data measure, and the layers are fitted one after the other in forward order."""
     sensitivity = None
-    if collector is not None and plan.target_ratio is not None:
+    if collector is not None and plan.target_ratio is not None and decided is None:
         names = [n for n, m, _a in compressible_layers(prep.model) if isinstance(m, (nn.Linear, nn.Conv2d))]
         sensitivity = collector.input_stats(prep.model, names)[0]
-    decisions = guarded_plan(prep, plan, sensitivity)
+    decisions = guarded_plan(prep, plan, sensitivity, patterns_checked=part, decided=decided)
     if filter_fn is not None:
         decisions = [
             LayerDecision(d.name, d.type, d.shape, DENSE, {}, d.params_before, d.params_before,

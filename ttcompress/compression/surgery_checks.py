@@ -120,14 +120,27 @@ def guard_reasons(prep: Preparation) -> dict[str, str]:
     return reasons
 
 
-def guarded_plan(prep: Preparation, plan: Plan, sensitivity: Any = None) -> list[LayerDecision]:
+def guarded_plan(prep: Preparation, plan: Plan, sensitivity: Any = None, *, patterns_checked: bool = False,
+                 decided: Mapping[str, LayerDecision] | None = None) -> list[LayerDecision]:
     """The plan's decisions for the prepared model, in one pass of :func:`plan_layers`, with the layers a
     replacement would break (:func:`guard_reasons`) kept dense. Under a ``target_ratio`` those layers hold
     their dense parameters while the ranks are allocated, so that the budget goes to the layers that can take
     it (tied embeddings would otherwise hold a share the model never gets, and the target would be missed).
     Allocating ranks needs every layer's spectrum: callers refuse a model with non-finite weights first
-    (:func:`check_finite_parameters`)."""
-    return plan_layers(prep.model, plan, sensitivity=sensitivity, keep_dense=guard_reasons(prep))
+    (:func:`check_finite_parameters`).
+
+    ``patterns_checked`` as for :func:`plan_layers`. ``decided``: the decisions, by layer name, taken
+    for a larger model that the prepared one is a part of (a whole-model rank allocation made one
+    block at a time, :mod:`ttcompress.compression.blockwise`): returned for the model's layers, in
+    order, instead of planning."""
+    if decided is not None:
+        names = [name for name, _m, _a in compressible_layers(prep.model)]
+        missing = [n for n in names if n not in decided]
+        if missing:
+            raise ValueError(f"decided has no decision for layer {missing[0]!r}")
+        return [decided[n] for n in names]
+    return plan_layers(prep.model, plan, sensitivity=sensitivity, keep_dense=guard_reasons(prep),
+                       patterns_checked=patterns_checked)
 
 
 def tied_reason(module: nn.Module, names: tuple[str, ...], owners: Mapping[int, list[str]]) -> str | None:
