@@ -6,9 +6,13 @@ is sketched (fewer rows), and one whose smallest sketch does not fit is fitted d
 :class:`ttcompress.calibration.collector.StatsCollector`). Nothing is allocated before it is
 known to fit, so a wide layer can never exhaust memory.
 
-The default budget is :data:`DEFAULT_FRACTION` of the memory available now: ``MemAvailable`` of
+The default budget is :data:`DEFAULT_FRACTION` of the memory available now (``MemAvailable`` of
 ``/proc/meminfo`` for statistics on the CPU, the free memory of the device for statistics on a
-GPU. Budgets below :data:`MIN_CALIB_MEMORY` are refused.
+GPU), at most :data:`DEFAULT_MAX_CALIB_MEMORY`: on a large machine a quarter of the free memory
+would let one layer's statistics (and the fit's work arrays on them) take tens of GB, while no
+layer needs more than the cap for its full sketch up to ``K`` = 52,428 (see the constant). A
+``--calib-memory`` given explicitly is not capped. Budgets below :data:`MIN_CALIB_MEMORY` are
+refused.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ttcompress.errors import InputError
 
 __all__ = [
     "DEFAULT_FRACTION",
+    "DEFAULT_MAX_CALIB_MEMORY",
     "MIN_CALIB_MEMORY",
     "available_memory",
     "check_calib_memory",
@@ -34,6 +39,14 @@ __all__ = [
 
 #: Fraction of the available memory that calibration statistics may use by default.
 DEFAULT_FRACTION = 0.25
+#: The most the default budget takes (2 GiB), whatever the free memory. Exact statistics are chosen
+#: only for ``K <= 4 l <= 4,096`` (``ttcompress.calibration.collector``), 0.94 GB at most, so they
+#: never reach it; a sketch at the most rows (``l`` = 1,024) fits it up to ``K`` = 52,428. Every
+#: layer of ``benchmarks/bench_scale.py``'s calibrated cases gets the same statistics under the cap
+#: as under a 5 GB budget, at any rank (the largest: 0.94 GB, the exact Grams of ``Linear(4096,
+#: 11008)``; 0.67 GB, CREPE's widest sketches; docs/benchmarks.md, issue 25), so their fits are
+#: unchanged. On the 24 GB benchmark machine the quarter of the free memory was about 5 GB.
+DEFAULT_MAX_CALIB_MEMORY = 2 * 2**30
 #: The smallest budget accepted (16 MiB): below it even small layers would be fitted data-free.
 MIN_CALIB_MEMORY = 16 * 2**20
 #: Used when the available memory cannot be read (no ``/proc/meminfo``).
@@ -95,8 +108,10 @@ def available_memory(device: torch.device | str | None = None) -> int:
 
 
 def default_calib_memory(device: torch.device | str | None = None) -> int:
-    """:data:`DEFAULT_FRACTION` of :func:`available_memory`, at least :data:`MIN_CALIB_MEMORY`."""
-    return max(MIN_CALIB_MEMORY, int(DEFAULT_FRACTION * available_memory(device)))
+    """:data:`DEFAULT_FRACTION` of :func:`available_memory`, at most :data:`DEFAULT_MAX_CALIB_MEMORY`
+    and at least :data:`MIN_CALIB_MEMORY`."""
+    share = min(int(DEFAULT_FRACTION * available_memory(device)), DEFAULT_MAX_CALIB_MEMORY)
+    return max(MIN_CALIB_MEMORY, share)
 
 
 def check_calib_memory(value: str | int | float | None, device: torch.device | str | None = None) -> int:

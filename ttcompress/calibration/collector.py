@@ -142,7 +142,7 @@ class StatsCollector:
     memory : int or str, optional
         Budget in bytes (or a size such as ``"4G"``) for one layer's statistics (for the
         allocator's pass: all layers' together); default a quarter of the memory available on
-        ``device`` (:func:`~ttcompress.calibration.budget.check_calib_memory`).
+        ``device``, at most 2 GiB (:func:`~ttcompress.calibration.budget.check_calib_memory`).
     device : torch.device or str, optional
         Where the batches and the statistics live (default: where each layer's inputs are).
     max_positions : int, default MAX_POSITIONS

@@ -220,7 +220,7 @@ CalibSamplesOpt = Annotated[int, typer.Option(
     metavar="INT", rich_help_panel=_CALIB)]
 CalibMemoryOpt = Annotated[Optional[str], typer.Option(
     "--calib-memory", help="Memory budget of one layer's calibration statistics, e.g. 4G or 512M (at least "
-    "16M; default: a quarter of the available memory). Wider layers are sketched to fit, or fitted data-free "
+    "16M; default: a quarter of the available memory, at most 2G). Wider layers are sketched to fit, or fitted data-free "
     "when even the smallest sketch does not fit (the layer's note says which).", show_default=False,
     metavar="SIZE", rich_help_panel=_CALIB)]
 NoCalibOpt = Annotated[bool, typer.Option(

@@ -102,7 +102,7 @@ class CompressOptions:
         Use at most this many samples of ``calib_data``.
     calib_memory : int or str, optional
         Memory budget of one layer's calibration statistics, in bytes or as a size such as
-        ``"4G"`` (default: a quarter of the available memory;
+        ``"4G"`` (default: a quarter of the available memory, at most 2 GiB;
         :mod:`ttcompress.calibration.budget`). Wide layers are sketched to fit it, and a layer
         whose smallest sketch does not fit is fitted data-free; the layer's note says which.
     calib_info : mapping, optional

@@ -141,6 +141,7 @@ def _plan_and_build(
         names = [n for n, m, _a in compressible_layers(prep.model) if isinstance(m, (nn.Linear, nn.Conv2d))]
         sensitivity = collector.input_stats(prep.model, names)[0]
     decisions = guarded_plan(prep, plan, sensitivity, patterns_checked=part, decided=decided)
+    del sensitivity  # every layer's input statistics: not held while the layers are fitted (issue 25)
     if filter_fn is not None:
         decisions = [
             LayerDecision(d.name, d.type, d.shape, DENSE, {}, d.params_before, d.params_before,

@@ -33,6 +33,7 @@ from torch import nn
 from ttcompress.decompose.cp import cp_als, cp_param_count
 from ttcompress.layers._conv_args import conv_pair, positive_int
 from ttcompress.layers._autograd import plain_ops_only
+from ttcompress.layers._cp_kernel import LEAN_MIN_VALUES, cp_kernel_matrix
 from ttcompress.layers._export import keeping_factors
 from ttcompress.layers._pointwise import nchw_only, pointwise_to_channels_last, pointwise_to_nchw, switches_layout
 from ttcompress.layers._weight import DenseWeightAttribute
@@ -346,8 +347,20 @@ class CPConv2d(DenseWeightAttribute, nn.Module):
         return k.reshape(self.out_channels, cin, kh, kw)
 
     def dense_weight(self) -> torch.Tensor:
-        """The kernel as a ``(C_out, C_in/groups * kh * kw)`` matrix (differentiable)."""
-        return self.kernel().reshape(self.out_channels, -1)
+        """The kernel as a ``(C_out, C_in/groups * kh * kw)`` matrix (differentiable).
+
+        Above :data:`~ttcompress.layers._cp_kernel.LEAN_MIN_VALUES` rank-1 terms (``R K``) it is
+        built by blocks (:func:`~ttcompress.layers._cp_kernel.cp_kernel_matrix`): the calibrated
+        fit's gradient then holds no ``R K`` tensor (issue 25); below, it is ``kernel()``'s.
+        """
+        g, r = self.groups, self.rank
+        kh, kw = self.kernel_size
+        cin, cout = self.in_channels // g, self.out_channels // g
+        if r * cin * kh * kw <= LEAN_MIN_VALUES:
+            return self.kernel().reshape(self.out_channels, -1)
+        return cp_kernel_matrix(self.out_factor.reshape(g, cout, r), self.in_factor.reshape(g, r, cin),
+                                self.kh_factor.reshape(g, r, kh), self.kw_factor.reshape(g, r, kw)
+                                ).reshape(self.out_channels, -1)
 
     def to_conv(self) -> nn.Conv2d:
         """Return the equivalent ``nn.Conv2d`` (same attributes, reconstructed kernel)."""
