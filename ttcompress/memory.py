@@ -10,9 +10,13 @@ module does not import torch: the CLI's error handler uses it, and ``--help`` st
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import re
+import sys
 
-__all__ = ["available_bytes", "check_allocation", "out_of_memory_message"]
+__all__ = ["available_bytes", "check_allocation", "out_of_memory_message", "release_freed", "RELEASE_AFTER_VALUES"]
 
 _TRIED = re.compile(r"tried to allocate\s+([\d.]+)\s*(bytes|[KMGTP]i?B)", re.IGNORECASE)
 _UNITS = {"bytes": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30,
@@ -34,6 +38,36 @@ def available_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+_LIBC: list = []
+#: Layers with at least this many weights hand their freed memory back after a fit (a garbage
+#: collection costs tens of milliseconds: not worth it after every small layer).
+RELEASE_AFTER_VALUES = 2**20
+
+
+def release_freed() -> bool:
+    """Collect garbage and hand the C heap's freed memory back to the system; whether it could.
+
+    glibc keeps the memory of freed small and medium blocks in its heap for reuse, so after one
+    large layer's fit (L-BFGS histories, trial builds) the process's resident size stays at its high
+    mark and the next layer's work adds on top. ``malloc_trim(0)`` returns those pages. On other C
+    libraries (macOS, musl) only the garbage collection runs (False).
+    """
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return False
+    if not _LIBC:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.append(libc if hasattr(libc, "malloc_trim") else None)
+        except OSError:
+            _LIBC.append(None)
+    libc = _LIBC[0]
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 def check_allocation(nbytes: int, what: str) -> None:

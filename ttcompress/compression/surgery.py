@@ -29,6 +29,7 @@ from ttcompress.calibration.stats import LayerStats
 from ttcompress.formats import DENSE, format_of, get_format
 from ttcompress.formats.base import BuildResult
 from ttcompress.layer_report import LayerReport, count_params, format_label
+from ttcompress.memory import RELEASE_AFTER_VALUES, release_freed
 from ttcompress.modtree import get_submodule, set_submodule
 from ttcompress.formats.structure import Preparation, prepare_model
 from ttcompress.compression.plan import LayerDecision, Plan, compressible_layers
@@ -222,6 +223,8 @@ def build_calibrated(model: nn.Module, todo: list[LayerDecision], collector: Sta
     def build(name: str, dense: nn.Module, stats: LayerStats | None) -> nn.Module | FitResult:
         new = build_replacement(dense, by_name[name], calib=stats, device=device)
         layers[name] = new
+        if dense.weight.numel() >= RELEASE_AFTER_VALUES:
+            release_freed()  # the fit's temporaries, before the next layer's statistics
         if keep_dense_reason(by_name[name], new, plan, total) is not None:
             return FitResult(copy.deepcopy(dense), 0.0, 0.0, "none")
         return new.fit if new.fit is not None else new.layer

@@ -34,6 +34,7 @@ from typing import Any
 from torch import nn
 
 from ttcompress.errors import InputError
+from ttcompress.memory import RELEASE_AFTER_VALUES, release_freed
 from ttcompress.formats.base import (
     EXACT,
     BuildResult,
@@ -182,6 +183,8 @@ class AutoFormat(CompressionFormat):
             fmt = get_format(fmt_name)
             built[fmt_name] = fmt.build_trial(module, opts, calib=calib, name=name)
             results.append(_trial(fmt, built[fmt_name]))
+            if module.weight.numel() >= RELEASE_AFTER_VALUES:
+                release_freed()  # the trial's temporaries, before the next candidate's add on top
         winner, _ = choose(results, tie_tol=float(options.get("tie_tol", AutoSettings().tie_tol)))
         fmt = get_format(winner.format)
         done = fmt.finish_trial(module, built[winner.format], trials[winner.format], calib=calib, name=name)
