@@ -243,6 +243,8 @@ class StatsCollector:
             left -= choice.bytes
             rows = None if choice.rows is None else INPUT_ROWS_PER_SKETCH_ROW * choice.rows
             accs[name] = self._accumulator(module, choice, paired=False, max_rows=rows)
+        if not accs:  # no layer to collect (none given, or none within the budget): no forward pass
+            return {}, notes
 
         calls: list[str] = []
         last: list[str | None] = [None]  # once batch 0 showed every layer called once: the last one
