@@ -12,8 +12,8 @@
 #   PY: the Python that runs the setup script (default: python)
 #   JOBS: how many compressions / fine-tunings run at once (default 1).
 #   An existing WORKDIR/trained.pt is reused (the 400-step training is skipped).
-# CPU; on 2 busy cores about 12 min training, then 1-4 min per compression and about 5 min per
-# fine-tuning (JOBS=3: about 40 min in all).
+# CPU; measured 6 Dec 2026 on 2 shared cores: training 8 min (load 6-9), then 47 min with JOBS=2
+# for the compressions, fine-tunings and both reports (load 4-12).
 set -e
 TTC=${TTC:-ttcompress}
 PY=${PY:-python}   # with torch, transformers and tokenizers (for the setup script)
