@@ -112,7 +112,8 @@ from ttcompress.layer_report import LayerReport, count_params
 from ttcompress.modtree import get_submodule, set_submodule
 
 __all__ = ["Allocation", "BLOCKWISE_MODEL_TYPES", "PER_BLOCK_RATIO", "BlockProgressFn", "compress_sharded",
-           "decompose_sharded", "default_sharded_output", "for_each_part", "is_blockwise_dir", "whole_model_allocation"]
+           "decompose_sharded", "default_sharded_output", "for_each_part", "is_blockwise_dir", "model_parts", "rest_model",
+           "whole_model_allocation"]
 
 #: ``model_type`` values whose sharded directories are compressed block by block.
 BLOCKWISE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
@@ -237,7 +238,7 @@ class _Parts:
         return {s: k for s, k in self.keys.items() if not k.startswith(prefix)}
 
 
-def _parts(d: Path, shapes: Mapping[str, tuple[int, ...]]) -> _Parts:
+def model_parts(d: Path, shapes: Mapping[str, tuple[int, ...]]) -> _Parts:
     """Check the directory's config and tensors (shapes against a meta skeleton) and find the blocks."""
     config_dict = read_json(d / CONFIG_FILE, "config.json")
     check_layer_counts(config_dict, len(shapes), str(d / CONFIG_FILE))
@@ -258,7 +259,7 @@ def _parts(d: Path, shapes: Mapping[str, tuple[int, ...]]) -> _Parts:
     return _Parts(cls, config, config_dict, probe, blocks_path, base_path, keys)
 
 
-def _rest_model(parts: _Parts, read: TensorReader, where: str) -> nn.Module:
+def rest_model(parts: _Parts, read: TensorReader, where: str) -> nn.Module:
     """The model without its blocks, on the CPU, with the stored weights (built from the config with
     no blocks, so that buffers computed at construction, e.g. rotary tables, are right)."""
     config = copy.deepcopy(parts.config)
@@ -539,10 +540,10 @@ def compress_sharded(
     src = Path(source)
     where = str(src)
     with open_weights(src, trust_pickle=False) as (shapes, read):
-        parts = _parts(src, shapes)
+        parts = model_parts(src, shapes)
         check_patterns_match(plan, pattern_names(parts.probe))
         total = count_params(parts.probe)
-        rest = _rest_model(parts, read, where)
+        rest = rest_model(parts, read, where)
         batches = None if calib_data is None else list(calib_batches(calib_data, max_samples=calib_samples))
         if batches is not None and not batches:
             raise InputError("calib_data", "holds no samples")

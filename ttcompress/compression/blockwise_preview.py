@@ -24,7 +24,7 @@ from torch import nn
 
 from ttcompress.checkpoint.hf import hf_arch
 from ttcompress.checkpoint.hf_files import open_weights
-from ttcompress.compression.blockwise import _parts, _rest_model, for_each_part, whole_model_allocation
+from ttcompress.compression.blockwise import model_parts, rest_model, for_each_part, whole_model_allocation
 from ttcompress.compression.dryrun import PREVIEW_BUDGET, PlanPreview, preview_plan
 from ttcompress.compression.plan import Plan, check_patterns_match, pattern_names
 from ttcompress.compression.summary import ModelSummary, summarize
@@ -44,10 +44,10 @@ def _by_part(source: str | Path, plan: Plan, look: Callable[[nn.Module, int, Any
     where = str(src)
     out: list[_T] = []
     with open_weights(src, trust_pickle=False) as (shapes, read):
-        parts = _parts(src, shapes)
+        parts = model_parts(src, shapes)
         check_patterns_match(plan, pattern_names(parts.probe))
         total = count_params(parts.probe)
-        rest = _rest_model(parts, read, where)
+        rest = rest_model(parts, read, where)
         allocation = whole_model_allocation(parts, rest, read, where, plan)
         for_each_part(parts, rest, read, where, lambda shell: out.append(
             look(shell, total, None if allocation is None else allocation.for_part(shell))))
